@@ -255,6 +255,15 @@ def peek_type_name(data: bytes) -> str:
         return f"type {data[3]}"
 
 
+def describe_datagram(data: bytes) -> str:
+    """Return a datagram's header in words, for traces: type, seq, ack, size."""
+    if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+        return f"? {len(data)} B"
+    seq, ack = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
+    retransmit = " retransmitted" if int.from_bytes(data[4:6], "big") & FLAG_RETRANSMIT else ""
+    return f"{peek_type_name(data)} seq={seq} ack={ack} {len(data)} B{retransmit}"
+
+
 # --- Fields inside a payload ---------------------------------------------------------
 
 

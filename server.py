@@ -48,9 +48,26 @@ import time
 
 import auth
 from encryption_helper import (
-    BITMAP, CIPHER_NAMES, DEFAULT_CIPHER, FLAG_RETRANSMIT, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
-    MAX_TEXT_BYTES, MIN_HELLO_SIZE, RECV_BUFFER, LossySocket, Packet, PacketError, PacketType,
-    RtoEstimator, decode_packet, encode_packet, make_cipher, pack_fields, peek_type_name,
+    BITMAP,
+    CIPHER_NAMES,
+    DEFAULT_CIPHER,
+    FLAG_RETRANSMIT,
+    MAGIC,
+    MAX_PAYLOAD,
+    MAX_TEXT_BYTES,
+    MIN_HELLO_SIZE,
+    RECV_BUFFER,
+    LossySocket,
+    Packet,
+    PacketError,
+    PacketType,
+    RtoEstimator,
+    decode_packet,
+    describe_datagram,
+    encode_packet,
+    make_cipher,
+    pack_fields,
+    peek_type_name,
     unpack_fields,
 )
 
@@ -505,13 +522,14 @@ class ChatServer:
             return None
         return name, password
 
-    def answer_stranger(self, packet: Packet, address: Address, size: int, fields, token=None, ok=False) -> None:
+    def answer_stranger(self, packet: Packet, address: Address, size: int, fields, user: str,
+                        token=None, ok=False) -> None:
         """Send a reply to a proven address and remember it for retries of the request."""
         answer = self.reply(packet, PacketType.OK if ok else PacketType.ERROR, fields, token or packet.token)
         self.recent_replies[(address, packet.seq)] = answer
         while len(self.recent_replies) > self.config.reply_cache:
             self.recent_replies.popitem(last=False)
-        self.log(address, "", packet.type.name, size, ("ok: " if ok else "refused: ") + fields[-1])
+        self.log(address, user, packet.type.name, size, ("ok: " if ok else "refused: ") + fields[-1])
         self.send(answer, address)
 
     def check_capacity(self, address: Address, now: float) -> None:
@@ -538,11 +556,11 @@ class ChatServer:
                 raise Refusal("slow-down", f"Too many registrations from your address; try again in {wait:.0f} s.")
             self.check_capacity(address, now)
         except Refusal as refusal:
-            self.answer_stranger(packet, address, size, refusal.fields[:2])
+            self.answer_stranger(packet, address, size, refusal.fields[:2], name)
             return
         self.registrations.add(address[0], now)
         self.registering.add(name.lower())
-        self.start_slow_job(packet, address, size,
+        self.start_slow_job(packet, address, size, name,
                             lambda: auth.new_record(name, password, self.config.kdf_iterations),
                             lambda record, now: self.finish_register(packet, address, size, record))
 
@@ -552,9 +570,10 @@ class ChatServer:
             self.users.add(record)  # on disk before we say so
         except OSError as error:
             self.problem(f"could not save the users file: {error}")
-            self.answer_stranger(packet, address, size, ["server-error", "The server could not save your account; try again."])
+            self.answer_stranger(packet, address, size,
+                                 ["server-error", "The server could not save your account; try again."], record["name"])
             return
-        self.answer_stranger(packet, address, size, ["Registration successful."], ok=True)
+        self.answer_stranger(packet, address, size, ["Registration successful."], record["name"], ok=True)
 
     def handle_login(self, packet: Packet, address: Address, size: int, now: float) -> None:
         credentials = self.parse_credentials(packet, address, size, now)
@@ -569,37 +588,40 @@ class ChatServer:
                 raise Refusal("already-logged-in", "This client is logged in already; log out first.")
             self.check_capacity(address, now)
         except Refusal as refusal:
-            self.answer_stranger(packet, address, size, refusal.fields[:2])
+            self.answer_stranger(packet, address, size, refusal.fields[:2], name)
             return
-        record = self.users.get(name)
-        self.start_slow_job(packet, address, size,
-                            lambda: auth.check_password(password, record or auth.dummy_record(self.config.kdf_iterations)),
-                            lambda matches, now: self.finish_login(packet, address, size, name, matches and record, now))
+        record = self.users.get(name) or auth.dummy_record(self.config.kdf_iterations)
+        self.start_slow_job(packet, address, size, name,
+                            lambda: auth.check_password(password, record) and bool(record["name"]),
+                            lambda matches, now: self.finish_login(packet, address, size, name,
+                                                                   matches and record, now))
 
     def finish_login(self, packet: Packet, address: Address, size: int, name: str, record, now: float) -> None:
         if not record:
             self.failed_logins.add(name.lower(), now)
-            self.answer_stranger(packet, address, size, ["invalid-login", "Invalid username or password."])
+            self.answer_stranger(packet, address, size, ["invalid-login", "Invalid username or password."], name)
             return
         name = record["name"]  # as registered, whatever the case typed
         if name.lower() in self.online:
             self.answer_stranger(packet, address, size, ["already-logged-in", (
                 f"{name} is logged in already. A client that vanished is forgotten "
-                f"after {self.config.session_timeout:.0f} s.")])
+                f"after {self.config.session_timeout:.0f} s.")], name)
         elif len(self.sessions) >= self.config.max_sessions:
-            self.answer_stranger(packet, address, size, ["full", "Server full; try again later."])
+            self.answer_stranger(packet, address, size, ["full", "Server full; try again later."], name)
         elif address in self.sessions:
-            self.answer_stranger(packet, address, size, ["already-logged-in", "This client is logged in already."])
+            refusal = ["already-logged-in", "This client is logged in already."]
+            self.answer_stranger(packet, address, size, refusal, name)
         else:
             session = self.open_session(name, address, packet.seq, now)
-            self.answer_stranger(packet, address, size, [name, LOBBY, f"Welcome, {name}."], session.token, ok=True)
+            welcome = [name, LOBBY, f"Welcome, {name}."]
+            self.answer_stranger(packet, address, size, welcome, name, session.token, ok=True)
             session.last_reply = self.recent_replies[(address, packet.seq)]
 
-    def start_slow_job(self, packet: Packet, address: Address, size: int, work, then) -> None:
+    def start_slow_job(self, packet: Packet, address: Address, size: int, user: str, work, then) -> None:
         """Run `work` on the hash worker; `then(result, now)` runs on the loop afterwards."""
         self.recent_replies[(address, packet.seq)] = None  # retries now wait, not repeat
         self.pending_by_ip[address[0]] += 1
-        self.log(address, "", packet.type.name, size, "checking password...")
+        self.log(address, user, packet.type.name, size, "checking password...")
 
         def finish(result, now):
             self.pending_by_ip[address[0]] -= 1
@@ -701,6 +723,8 @@ class ChatServer:
         when = self.wall_clock()
         room.history.append((when, session.name, text))
         self.history.append(when, room.name, session.name, text)
+        if not self.config.quiet:  # the assignment: the server prints every message it relays
+            self.emit(f"{timestamp()} [{room.name}] {session.name}: {text!r}")
         self.publish(room, "chat", session.name, text, now, exclude=session)
         return [f"to {room.name}, {len(room.members) - 1} others"]
 
@@ -862,15 +886,6 @@ def timestamp() -> str:
     return time.strftime("%H:%M:%S")
 
 
-def describe_datagram(data: bytes) -> str:
-    """Return a datagram's header in words, for traces: type, seq, ack, size."""
-    if len(data) < HEADER_SIZE or data[:2] != MAGIC:
-        return f"? {len(data)} B"
-    seq, ack = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
-    retransmit = " retransmitted" if int.from_bytes(data[4:6], "big") & FLAG_RETRANSMIT else ""
-    return f"{peek_type_name(data)} seq={seq} ack={ack} {len(data)} B{retransmit}"
-
-
 # --- The network layer ---------------------------------------------------------------
 
 
@@ -1013,11 +1028,21 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
 
 def lan_addresses() -> list[str]:
     """Return this PC's IPv4 addresses other than loopback, as best the OS tells."""
+    found = set()
     try:
         infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_DGRAM)
+        found.update(info[4][0] for info in infos)
     except OSError:
-        return []
-    return sorted({info[4][0] for info in infos if not info[4][0].startswith("127.")})
+        pass
+    # connect() on a UDP socket sends nothing; it only makes the OS pick the interface
+    # it would route through, whose address getsockname() then tells.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))
+            found.add(probe.getsockname()[0])
+        except OSError:
+            pass
+    return sorted(address for address in found if not address.startswith(("127.", "0.")))
 
 
 def parse_args(argv: list[str]) -> ServerConfig:
@@ -1038,7 +1063,8 @@ def parse_args(argv: list[str]) -> ServerConfig:
     parser.add_argument("--key", help="cipher key; must match the clients' (default: the cipher's built-in key)")
     parser.add_argument("--quiet", action="store_true", help="log only problems, not every action")
     parser.add_argument("--verbose", action="store_true", help="also trace every packet in and out")
-    parser.add_argument("--loss", type=float, default=0.0, help="simulate a lossy network: drop this share of datagrams, e.g. 0.3")
+    parser.add_argument("--loss", type=float, default=0.0,
+                        help="simulate a lossy network: drop this share of datagrams, e.g. 0.3")
     parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
     parser.add_argument("--session-timeout", type=float, default=defaults.session_timeout,
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
