@@ -105,11 +105,11 @@ class UserStore:
         try:
             with open(self.path, encoding="utf-8") as file:
                 content = json.load(file)
+            return {record["name"].lower(): record for record in content["users"]}
         except FileNotFoundError:
             return {}
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"users file {self.path} is damaged ({error}); move it away") from None
-        return {record["name"].lower(): record for record in content["users"]}
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"users file {self.path} is damaged ({error!r}); move it away") from None
 
     def save(self) -> None:
         """Write every record to the users file, atomically and durably."""

@@ -1,0 +1,133 @@
+"""Shared fixtures: a real server on 127.0.0.1 port 0, and clients that clean up after themselves.
+
+Everything here is fast on purpose: a low password-hash cost and short timeouts. No test
+waits a fixed time to synchronise; each waits for the reply or event it expects.
+"""
+
+import queue
+import sys
+import time
+
+import pytest
+
+import client
+import server
+
+FAST_HASH = 1000  # PBKDF2 iterations in tests; the real default is 600,000
+EVENT_WAIT = 10.0  # seconds before a missing event fails a test (a bound, not a sleep)
+
+
+def fast_timing(**changes) -> client.Timing:
+    """Client timeouts short enough for tests, long enough for a loaded CI machine."""
+    settings = dict(connect_timeout=5.0, heartbeat_every=1.0, lost_contact_after=3.0, give_up_after=8.0,
+                    min_rto=0.05, max_rto=0.5, goodbye_timeout=1.0)
+    settings.update(changes)
+    return client.Timing(**settings)
+
+
+def fast_config(data_dir, **changes) -> server.ServerConfig:
+    settings = dict(host="127.0.0.1", port=0, data_dir=str(data_dir), kdf_iterations=FAST_HASH, min_rto=0.05)
+    settings.update(changes)
+    return server.ServerConfig(**settings)
+
+
+class ServerHandle:
+    """A server on a background thread, with the lines it logged."""
+
+    def __init__(self, config: server.ServerConfig):
+        self.config = config
+        self.log: list[str] = []
+        self.loop = server.start_server(config, log=self.log.append)
+        self.address = self.loop.address
+
+    @property
+    def chat(self) -> server.ChatServer:
+        return self.loop.chat
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Return a function that starts a server (several may run); all are stopped afterwards."""
+    handles = []
+
+    def start(**changes) -> ServerHandle:
+        handle = ServerHandle(fast_config(changes.pop("data_dir", tmp_path / "data"), **changes))
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture
+def chat_server(start_server) -> ServerHandle:
+    return start_server()
+
+
+@pytest.fixture
+def make_client():
+    """Return a function that makes a ChatClient; all are closed afterwards."""
+    clients = []
+
+    def make(address, **options) -> client.ChatClient:
+        options.setdefault("timing", fast_timing())
+        made = client.ChatClient(address[0], address[1], **options)
+        clients.append(made)
+        return made
+
+    yield make
+    for made in clients:
+        made.close()
+
+
+def member(make_client, address, name: str, password: str = "pw", room: str = "lobby",
+           room_password: str = "juara", **options) -> client.ChatClient:
+    """Return a client registered, logged in and in `room`."""
+    made = make_client(address, **options)
+    made.register(name, password)
+    made.login(name, password)
+    made.join(room, room_password)
+    return made
+
+
+def next_event(made: client.ChatClient, kind: str | None = None, timeout: float = EVENT_WAIT) -> client.Event:
+    """Return the client's next event (of `kind`, skipping others); fail if none comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            event = made.events.get(timeout=max(deadline - time.monotonic(), 0.001))
+        except queue.Empty:
+            pytest.fail(f"{made.name} got no {kind or ''} event within {timeout} s")
+        if kind is None or event.kind == kind:
+            return event
+
+
+def no_more_events(made: client.ChatClient, probe: client.ChatClient) -> list[client.Event]:
+    """Return events `made` still has, after a round trip proves nothing is in flight.
+
+    `probe` (another member of the room) says a marker message; once `made` receives the
+    marker, everything sent before it has arrived (the server delivers in order).
+    """
+    probe.say("--marker--")
+    extra = []
+    while True:
+        event = next_event(made)
+        if event.kind == "chat" and event.text == "--marker--":
+            return extra
+        extra.append(event)
+
+
+def wait_until(condition, timeout: float = EVENT_WAIT, what: str = "condition") -> None:
+    """Poll `condition` until true; fail the test if it never is. For server-side state."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+PYTHON = sys.executable
