@@ -516,6 +516,10 @@ class ChatClient:
         self.closed.set()
         if reason:
             self.on_notice(f"[WARN] {reason}")
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the receiver now, not at its timeout
+        except OSError:
+            pass  # not every system allows it on UDP; the receiver's timeout will do
         self.sock.close()
         for thread in self.threads:
             if thread is not threading.current_thread():
