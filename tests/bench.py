@@ -1,0 +1,638 @@
+"""Benchmark: what the chat server delivers, how fast, how late, in how much memory.
+
+    python tests/bench.py            # the full run: about 3 minutes on 2 cores
+    python tests/bench.py --quick    # a smaller run: under a minute
+
+Everything runs on loopback (127.0.0.1) in one go and ends in ONE markdown table, each row
+measured in this run:
+
+* our server (server.py in a child process, so that its peak memory can be read from
+  /proc/<pid>/status) with 20 receiving ChatClients and one sending ChatClient: a sender
+  at a human pace, a sender flat out, 20% loss at every client, 200 receivers, and the
+  human pace again while other sockets flood the server with wrong-password LOGINs (each
+  one a real PBKDF2 check at the default 600,000 iterations): does chat wait for the hash?
+* for comparison, a fire-and-forget relay of a few lines, the naive solution: it receives
+  a datagram and sends it to every other address it has heard from. It gets the same
+  traffic (flat out, then paced at the rate our server's flat-out sender reached).
+
+The receivers of our server are real protocol clients (client.ChatClient): they log in,
+join the lobby and acknowledge every EVENT, so the server's retransmission is exercised.
+Every message is "n=<counter> t=<send time>"; each receiver notes which counters it got,
+how often and in which order, and how long each took (sender and receivers share one
+clock, time.monotonic, in this process).
+
+Columns: messages sent; delivered % = distinct messages a receiver got / messages sent
+(mean over receivers, and the worst receiver); duplicates and out-of-order arrivals summed
+over receivers; deliveries/s = distinct deliveries over all receivers / (first send to last
+arrival); latency p50 and p99 over all deliveries; peak memory (VmHWM) of the process that
+relays, "n/a" where /proc is missing.
+
+Setup, not measured: the accounts are written into users.json before the server starts,
+with 1,000-iteration hashes, so that 200 logins take a moment; every client still logs in
+through the protocol (HELLO, LOGIN, JOIN). The server otherwise runs the default
+ServerConfig, except: quiet; message_rate and message_burst raised to 1,000,000 (the flood
+control, 5 messages a second per member, would otherwise pace the flat-out sender).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import auth  # noqa: E402  (after the path is set: the chat's modules live one folder up)
+import client  # noqa: E402
+import server  # noqa: E402
+from encryption_helper import (  # noqa: E402
+    HEADER_SIZE,
+    MIN_HELLO_SIZE,
+    LossySocket,
+    Packet,
+    PacketError,
+    PacketType,
+    decode_packet,
+    encode_packet,
+    make_cipher,
+    pack_fields,
+    unpack_fields,
+)
+
+PASSWORD = "bench-password"
+ROOM_PASSWORD = server.ServerConfig.room_password  # the lobby's
+CHEAP_HASH = 1_000  # PBKDF2 iterations of the bench accounts' stored hashes
+SENDER = "sender"
+SETUP_TIMEOUT = 60.0  # seconds for every receiver to be logged in and ready
+SETTLE = 5.0  # seconds without a new arrival after which a row stops waiting
+
+# The server as a child process: the settings come as JSON, the chosen port goes to stdout.
+SERVER_LAUNCHER = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import server
+config = server.ServerConfig(**json.loads(sys.argv[1]))
+chat = server.ChatServer(config)
+loop = server.ServerLoop(chat, server.wrap_socket(server.open_socket(config.host, config.port), config, chat))
+print("PORT", loop.address[1], flush=True)
+try:
+    loop.serve_forever()
+except KeyboardInterrupt:
+    pass
+"""
+
+# The naive relay, complete: every datagram goes to every other address heard from.
+RELAY = """
+import socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 0))
+print("PORT", sock.getsockname()[1], flush=True)
+members = []
+try:
+    while True:
+        data, sender = sock.recvfrom(65535)
+        if sender not in members:
+            members.append(sender)
+        for member in members:
+            if member != sender:
+                sock.sendto(data, member)
+except KeyboardInterrupt:
+    pass
+"""
+
+
+# --- Child processes -----------------------------------------------------------------
+
+
+def read_memory(pid: int) -> dict[str, float] | None:
+    """Return {"VmRSS": MB, "VmHWM": MB} of a process, or None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            lines = status.read().splitlines()
+    except OSError:
+        return None
+    sizes = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            sizes[key] = int(value.split()[0]) / 1024  # the kernel counts in kB
+    return sizes or None
+
+
+def megabytes(memory: dict[str, float] | None, key: str = "VmHWM") -> str:
+    return f"{memory[key]:.1f}" if memory and key in memory else "n/a"
+
+
+class ChildProcess:
+    """`python -c code args...` that prints "PORT n" once it listens; output goes to files."""
+
+    def __init__(self, code: str, *args: str, workdir: str, name: str):
+        self.stdout_path = os.path.join(workdir, f"{name}.out")
+        self.stderr_path = os.path.join(workdir, f"{name}.err")
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=ROOT)
+        self.port = self.wait_for_port()
+        self.address = ("127.0.0.1", self.port)
+
+    def wait_for_port(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stdout().splitlines():
+                if line.startswith("PORT "):
+                    return int(line.split()[1])
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"the child process did not start:\n{self.stderr()}")
+
+    def stdout(self) -> str:
+        with open(self.stdout_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def memory(self) -> dict[str, float] | None:
+        return read_memory(self.process.pid)
+
+    def stop(self) -> None:
+        """Ask the process to stop as Ctrl+C would; kill it if it does not."""
+        if self.alive():
+            self.process.send_signal(signal.SIGINT if os.name == "posix" else signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def bench_settings(data_dir: str, **changes) -> dict:
+    """The server's settings for a bench row: the defaults, but quiet and no flood control."""
+    settings = dict(host="127.0.0.1", port=0, data_dir=data_dir, quiet=True,
+                    message_rate=1_000_000.0, message_burst=1_000_000)
+    settings.update(changes)
+    server.ServerConfig(**settings)  # a misspelt setting fails here, not in the child
+    return settings
+
+
+def start_server(workdir: str, settings: dict, name: str = "server") -> ChildProcess:
+    return ChildProcess(SERVER_LAUNCHER, json.dumps(settings), ROOT, workdir=workdir, name=name)
+
+
+def create_accounts(data_dir: str, names: list[str], iterations: int = CHEAP_HASH) -> None:
+    """Write users.json with an account for each name, as the server would have stored it."""
+    os.makedirs(data_dir, exist_ok=True)
+    records = [auth.new_record(name, PASSWORD, iterations) for name in names]
+    content = {"version": auth.FILE_VERSION, "users": records}
+    auth.write_atomically(os.path.join(data_dir, server.USERS_FILE), json.dumps(content))
+
+
+# --- Messages and what each receiver got ---------------------------------------------
+
+
+def make_message(number: int) -> str:
+    return f"n={number} t={time.monotonic():.6f}"
+
+
+def parse_message(text: str) -> tuple[int, float] | None:
+    """Return (number, send time) of a bench message, None for anything else."""
+    try:
+        number, sent = text.split()
+        return int(number.removeprefix("n=")), float(sent.removeprefix("t="))
+    except ValueError:
+        return None
+
+
+class Tally:
+    """One receiver's record: which messages came, duplicates, reorderings, latencies."""
+
+    def __init__(self):
+        self.seen: set[int] = set()
+        self.duplicates = 0
+        self.out_of_order = 0
+        self.highest = -1
+        self.latencies: list[float] = []  # seconds, for the first arrival of each message
+        self.last_arrival = 0.0
+
+    def record(self, text: str) -> None:
+        now = time.monotonic()
+        parsed = parse_message(text)
+        if parsed is None:
+            return
+        number, sent = parsed
+        self.last_arrival = now
+        if number in self.seen:
+            self.duplicates += 1
+            return
+        if number < self.highest:
+            self.out_of_order += 1
+        self.highest = max(self.highest, number)
+        self.seen.add(number)
+        self.latencies.append(now - sent)
+
+
+def wait_for_delivery(tallies: list[Tally], count: int, settle: float = SETTLE) -> None:
+    """Return when every receiver has all `count` messages, or none came for `settle` s."""
+    progress, last_change = -1, time.monotonic()
+    while True:
+        total = sum(len(tally.seen) for tally in tallies)
+        if total >= count * len(tallies):
+            return
+        now = time.monotonic()
+        if total != progress:
+            progress, last_change = total, now
+        elif now - last_change > settle:
+            return
+        time.sleep(0.02)
+
+
+def send_messages(send, count: int, rate: float | None) -> float:
+    """Send `count` messages, `rate` a second or flat out (None); return when it started."""
+    started = time.monotonic()
+    for number in range(count):
+        if rate:
+            delay = started + number / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        send(make_message(number))
+    return started
+
+
+# --- Receivers and senders -------------------------------------------------------------
+
+
+class ChatReceiver:
+    """A real ChatClient in the lobby, tallying the messages it is pushed (and ACKs)."""
+
+    def __init__(self, address, name: str, loss: float, seed: int):
+        self.tally = Tally()
+        self.sender_joined = threading.Event()  # after it, every earlier EVENT has arrived
+        self.client = client.ChatClient(address[0], address[1], loss=loss, seed=seed if loss else None,
+                                        on_event=self.on_event)
+        self.client.login(name, PASSWORD)
+        self.client.join(server.LOBBY, ROOM_PASSWORD)
+
+    def on_event(self, event: client.Event) -> None:
+        if event.kind == "chat":
+            self.tally.record(event.text)
+        elif event.kind == "join" and event.user == SENDER:
+            self.sender_joined.set()
+
+
+class RelayReceiver:
+    """A plain socket of the naive protocol: one datagram to be known, then it listens."""
+
+    def __init__(self, address, loss: float, seed: int):
+        self.tally = Tally()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(address)
+        sock.settimeout(0.2)
+        self.sock = LossySocket(sock, loss, seed) if loss else sock
+        self.heard_sender = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.receive_forever, daemon=True)
+        self.thread.start()
+        self.sock.send(b"join")
+
+    def receive_forever(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+            text = data.decode("utf-8", errors="replace")
+            if text == f"join {SENDER}":
+                self.heard_sender.set()
+            else:
+                self.tally.record(text)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.sock.close()
+
+
+class LoginFlood:
+    """Wrong-password LOGINs for unknown names from other sockets, as fast as the server takes them.
+
+    Each socket sends one LOGIN, waits for its answer and sends the next: the server checks
+    at most `max_pending_per_address` (2) per IP address at once, so 3 sockets keep its
+    hash worker busy all the time. A "busy" answer costs the server no hash; the socket
+    tries again 20 ms later. Unknown names are checked against a dummy record at the
+    server's kdf_iterations (600,000), as slow as a real one, and never lock an account.
+    """
+
+    def __init__(self, address, sockets: int = 3):
+        self.address = address
+        self.cipher = make_cipher("xor")
+        self.stopping = threading.Event()
+        self.answers: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.flood, args=(index,), daemon=True) for index in range(sockets)]
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+        self.elapsed = time.monotonic() - self.started
+
+    def ask(self, sock, seq: int, ptype: PacketType, *fields: str) -> list[str]:
+        """Send one request until its answer comes; return [code-or-first-field, ...]."""
+        data = encode_packet(Packet(ptype, seq, payload=pack_fields(*fields)), self.cipher)
+        while not self.stopping.is_set():
+            sock.send(data)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    reply = decode_packet(sock.recv(65535), self.cipher)
+                except (TimeoutError, PacketError, ConnectionRefusedError):
+                    continue
+                if reply.ack == seq:
+                    return unpack_fields(reply.payload)
+        return ["stopped"]
+
+    def flood(self, index: int) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(self.address)
+            sock.settimeout(0.1)
+            seq = 1
+            cookie = self.ask(sock, seq, PacketType.HELLO, "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2))[0]
+            while not self.stopping.is_set():
+                seq += 1
+                answer = self.ask(sock, seq, PacketType.LOGIN, cookie, f"nobody{index}x{seq}", "wrong")[0]
+                with self.lock:
+                    self.answers[answer] = self.answers.get(answer, 0) + 1
+                if answer == "busy":
+                    time.sleep(0.02)
+                elif answer == "stale-cookie":
+                    seq += 1
+                    cookie = self.ask(sock, seq, PacketType.HELLO, "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2))[0]
+
+    def summary(self) -> str:
+        checked = self.answers.get("invalid-login", 0)
+        busy = self.answers.get("busy", 0)
+        return (f"{checked} wrong-password LOGINs checked in {self.elapsed:.1f} s ({checked / self.elapsed:.1f}/s, "
+                f"each 600,000 PBKDF2 iterations), {busy} more refused as busy")
+
+
+def close_all(clients) -> None:
+    """Close many clients at once: each close waits up to half a second for its threads."""
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        list(pool.map(lambda made: made.close(), clients))
+
+
+# --- Rows ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Scenario:
+    label: str
+    relay: bool = False  # the naive relay instead of our server
+    receivers: int = 20
+    messages: int = 1000
+    rate: float | None = None  # messages a second; None: flat out
+    loss: float = 0.0  # at every client, each way
+    login_flood: bool = False
+
+
+@dataclasses.dataclass
+class Row:
+    label: str
+    sent: int
+    delivered_mean: float
+    delivered_worst: float
+    duplicates: int
+    out_of_order: int
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+    memory: str
+    send_rate: float  # messages a second the sender achieved
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value with q% of them at or below it."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
+
+def summarize(scenario: Scenario, tallies: list[Tally], started: float, sent_by: float, memory) -> Row:
+    delivered = [len(tally.seen) / scenario.messages for tally in tallies]
+    latencies = [latency for tally in tallies for latency in tally.latencies]
+    last = max((tally.last_arrival for tally in tallies), default=started)
+    elapsed = max(last - started, 1e-9)
+    return Row(
+        label=scenario.label, sent=scenario.messages,
+        delivered_mean=100 * sum(delivered) / len(delivered), delivered_worst=100 * min(delivered),
+        duplicates=sum(tally.duplicates for tally in tallies),
+        out_of_order=sum(tally.out_of_order for tally in tallies),
+        per_second=sum(len(tally.seen) for tally in tallies) / elapsed,
+        p50_ms=1000 * percentile(latencies, 50), p99_ms=1000 * percentile(latencies, 99),
+        memory=megabytes(memory), send_rate=scenario.messages / max(sent_by - started, 1e-9),
+    )
+
+
+def wait_all(events: list[threading.Event], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    for event in events:
+        if not event.wait(max(deadline - time.monotonic(), 0)):
+            raise RuntimeError(f"timed out waiting for {what}")
+
+
+def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
+    """One row with our server: receivers log in and join, the sender talks, we count."""
+    data_dir = os.path.join(workdir, "data")
+    names = [f"r{index}" for index in range(scenario.receivers)]
+    create_accounts(data_dir, names + [SENDER])
+    receivers, sender, flood = [], None, None
+    with start_server(workdir, bench_settings(data_dir)) as process:
+        try:
+            # Logged in one after another: max_pending_per_address (2) allows no stampede.
+            receivers = [ChatReceiver(process.address, name, scenario.loss, index) for index, name in enumerate(names)]
+            sender = client.ChatClient(*process.address, loss=scenario.loss,
+                                       seed=10_000 if scenario.loss else None)
+            sender.login(SENDER, PASSWORD)
+            sender.join(server.LOBBY, ROOM_PASSWORD)
+            wait_all([receiver.sender_joined for receiver in receivers], SETUP_TIMEOUT, "the receivers")
+            if scenario.login_flood:
+                flood = LoginFlood(process.address)
+                flood.start()
+                time.sleep(1.0)  # the hash worker is busy before the first message
+            started = send_messages(sender.say, scenario.messages, scenario.rate)
+            sent_by = time.monotonic()
+            tallies = [receiver.tally for receiver in receivers]
+            wait_for_delivery(tallies, scenario.messages)
+            if flood:
+                flood.stop()
+                notes.append(f"{scenario.label}: {flood.summary()}.")
+            memory = process.memory()
+        finally:
+            if flood and not flood.stopping.is_set():
+                flood.stop()
+            close_all([receiver.client for receiver in receivers] + ([sender] if sender else []))
+        if not process.alive() or "Traceback" in process.stderr():
+            notes.append(f"{scenario.label}: THE SERVER FAILED:\n{process.stderr()}")
+    return summarize(scenario, tallies, started, sent_by, memory)
+
+
+def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
+    """One row with the naive relay, the same receivers' count and messages."""
+    with ChildProcess(RELAY, workdir=workdir, name="relay") as process:
+        receivers = [RelayReceiver(process.address, scenario.loss, index) for index in range(scenario.receivers)]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+                raw.connect(process.address)
+                sender = LossySocket(raw, scenario.loss, 10_000) if scenario.loss else raw
+                # The relay knows the sender by its first datagram; say who it is until heard.
+                deadline = time.monotonic() + SETUP_TIMEOUT
+                while not all(receiver.heard_sender.is_set() for receiver in receivers):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the relay's receivers never heard the sender")
+                    sender.send(f"join {SENDER}".encode())
+                    time.sleep(0.1)
+                started = send_messages(lambda text: sender.send(text.encode()), scenario.messages, scenario.rate)
+                sent_by = time.monotonic()
+                tallies = [receiver.tally for receiver in receivers]
+                wait_for_delivery(tallies, scenario.messages, settle=1.0)
+                memory = process.memory()
+        finally:
+            for receiver in receivers:
+                receiver.close()
+    return summarize(scenario, tallies, started, sent_by, memory)
+
+
+def run_row(scenario: Scenario, notes: list[str]) -> Row:
+    print(f"  running: {scenario.label} ...", file=sys.stderr, flush=True)
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="chat-bench-") as workdir:
+        runner = run_relay_row if scenario.relay else run_server_row
+        row = runner(scenario, workdir, notes)
+    print(f"           {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+    return row
+
+
+# --- The table -----------------------------------------------------------------------
+
+
+HEADER = ("| situation | messages sent | delivered % (mean / worst receiver) | duplicates | out of order "
+          "| deliveries/s | latency p50 ms | latency p99 ms | peak memory MB |")
+
+
+def format_row(row: Row) -> str:
+    delivered = f"{row.delivered_mean:.1f} / {row.delivered_worst:.1f}"
+    return (f"| {row.label} | {row.sent} | {delivered} | {row.duplicates} | {row.out_of_order} "
+            f"| {row.per_second:,.0f} | {row.p50_ms:.1f} | {row.p99_ms:.1f} | {row.memory} |")
+
+
+def print_table(rows: list[Row]) -> None:
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    for row in rows:
+        print(format_row(row))
+
+
+def machine() -> str:
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()} ({platform.python_implementation()})")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer messages and 50 instead of 200 receivers")
+    parser.add_argument("--many", type=int, help="receivers of the big row (default: 200, or 50 with --quick)")
+    return parser.parse_args(argv)
+
+
+def scenarios(quick: bool, many: int) -> tuple[list[Scenario], Scenario]:
+    """Return the rows of our server, and the relay's flat-out row (its paced row follows)."""
+    scale = 0.2 if quick else 1.0
+
+    def count(n: int) -> int:
+        return max(int(n * scale), 20)
+
+    paced_seconds = 3 if quick else 10
+    ours = [
+        Scenario("our server, 20 receivers, sender paced 20 msg/s", messages=20 * paced_seconds, rate=20),
+        Scenario("our server, 20 receivers, sender flat out", messages=count(5000)),
+        Scenario("our server, 20 receivers, 20% loss at every client, sender flat out", messages=count(300), loss=0.2),
+        Scenario(f"our server, {many} receivers, sender flat out", receivers=many, messages=count(1000)),
+        Scenario("our server, 20 receivers, sender paced 20 msg/s, during a LOGIN flood",
+                 messages=20 * paced_seconds, rate=20, login_flood=True),
+    ]
+    relay = Scenario("naive relay, 20 receivers, sender flat out", relay=True, messages=count(5000))
+    return ours, relay
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    many = args.many or (50 if args.quick else 200)
+    ours, relay = scenarios(args.quick, many)
+    notes: list[str] = []
+    began = time.monotonic()
+    print(f"Benchmark on {machine()}", file=sys.stderr)
+    our_rows = [run_row(scenario, notes) for scenario in ours]
+    flat_out = our_rows[1]
+    relay_rows = [run_row(relay, notes)]
+    same_rate = dataclasses.replace(relay, rate=round(flat_out.send_rate),
+                                    label=f"naive relay, 20 receivers, paced at our flat-out rate "
+                                          f"({flat_out.send_rate:,.0f} msg/s)")
+    relay_rows.append(run_row(same_rate, notes))
+    idle = idle_server_memory()
+
+    print()
+    print_table(relay_rows + our_rows)
+    print()
+    print(f"Peak memory: VmHWM of the server's (or relay's) process; an idle server peaks at {idle} MB.")
+    for row in our_rows:
+        if row.label.endswith("flat out"):
+            print(f"{row.label}: the sender (stop-and-wait, one SAY at a time) reached {row.send_rate:,.0f} msg/s.")
+    for note in notes:
+        print(note)
+    print("Server settings: default ServerConfig (kdf_iterations 600,000, window 32, max_queue 1000, min_rto 0.2 s)"
+          " except quiet and message_rate/message_burst raised to 1,000,000; bench accounts pre-created with"
+          f" {CHEAP_HASH:,}-iteration hashes; server in a child process (python -c launcher), clients in this one.")
+    print(f"Loss: client.ChatClient(loss=0.2, seed=i) at every receiver and the sender, each way; the relay's"
+          f" clients drop the same way (encryption_helper.LossySocket).")
+    print(f"Machine: {machine()}")
+    print(f"Command: python tests/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    print(f"Run time: {time.monotonic() - began:.0f} s")
+    return 0
+
+
+def idle_server_memory() -> str:
+    with tempfile.TemporaryDirectory(prefix="chat-bench-") as workdir:
+        with start_server(workdir, bench_settings(os.path.join(workdir, "data"))) as process:
+            time.sleep(0.5)
+            return megabytes(process.memory())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

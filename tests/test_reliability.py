@@ -1,0 +1,355 @@
+"""Reliable delivery: the two windows without sockets, then real clients through a bad network.
+
+The bad network is `LossyRelay`, a UDP relay between each client and the server that
+drops, duplicates, delays and reorders datagrams in both directions, driven by a seeded
+random generator so that a failure repeats.
+"""
+
+import heapq
+import itertools
+import random
+import selectors
+import socket
+import threading
+import time
+
+import pytest
+
+import client
+import server
+from conftest import fast_timing, member, next_event
+from encryption_helper import RtoEstimator
+
+# --- The receiving window -------------------------------------------------------------------
+
+
+def test_in_order_arrival_is_delivered_at_once():
+    window = client.InboundWindow(size=8)
+    assert window.receive(1, "a") == ("in order", ["a"])
+    assert window.receive(2, "b") == ("in order", ["b"])
+    assert window.ack() == (2, 0)
+
+
+def test_out_of_order_arrival_is_held_until_the_gap_fills():
+    window = client.InboundWindow(size=8)
+    assert window.receive(3, "c") == ("buffered out of order", [])
+    assert window.receive(2, "b") == ("buffered out of order", [])
+    assert window.ack() == (0, 0b11)  # holds 2 and 3: bits for cumulative + 2 and + 3
+    assert window.receive(1, "a") == ("in order", ["a", "b", "c"])
+    assert window.ack() == (3, 0)
+
+
+def test_duplicates_are_dropped():
+    window = client.InboundWindow(size=8)
+    window.receive(1, "a")
+    window.receive(3, "c")
+    assert window.receive(1, "a") == ("duplicate", [])
+    assert window.receive(3, "c") == ("duplicate", [])
+
+
+def test_nothing_beyond_the_window_is_accepted():
+    window = client.InboundWindow(size=4)
+    assert window.receive(5, "e") == ("outside the window", [])
+    assert window.receive(4, "d") == ("buffered out of order", [])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_any_arrival_order_with_duplicates_delivers_each_once_in_order(seed):
+    rng = random.Random(seed)
+    window = client.InboundWindow(size=32)
+    delivered = []
+    pending = list(range(1, 33))
+    while pending:  # what is not delivered yet keeps arriving, shuffled and doubled
+        arrivals = pending + rng.sample(pending, len(pending) // 3)
+        rng.shuffle(arrivals)
+        for seq in arrivals[: rng.randint(1, len(arrivals))]:
+            delivered += window.receive(seq, seq)[1]
+        pending = [seq for seq in pending if seq >= window.expected and seq not in window.held]
+    assert delivered == list(range(1, 33))
+
+
+# --- The sending window ---------------------------------------------------------------------
+
+
+def outbound(size=4, max_queue=10, rto=None) -> server.OutboundWindow:
+    return server.OutboundWindow(size, max_queue, rto or RtoEstimator(initial=1.0, floor=0.2))
+
+
+def test_at_most_a_window_is_in_flight():
+    window = outbound(size=4)
+    for number in range(10):
+        window.offer(b"%d" % number, b"")
+    assert [seq for seq, _ in window.release(0.0)] == [1, 2, 3, 4]
+    assert window.release(0.0) == []  # full until something is acknowledged
+    window.acknowledge(2, 0, 0.1)
+    assert [seq for seq, _ in window.release(0.1)] == [5, 6]
+
+
+def test_selective_ack_frees_what_arrived_beyond_a_gap():
+    window = outbound(size=8)
+    for number in range(6):
+        window.offer(b"x", b"")
+    window.release(0.0)
+    assert window.acknowledge(1, 0b101, 0.1) == 3  # 1 by cumulative; 3 and 5 by the bitmap
+    assert list(window.in_flight) == [2, 4, 6]
+    assert window.base() == 2
+
+
+def test_the_queue_behind_the_window_is_bounded():
+    window = outbound(size=2, max_queue=3)
+    assert all(window.offer(b"x", b"") for _ in range(3))
+    assert not window.offer(b"x", b"")
+    window.release(0.0)
+    assert window.offer(b"x", b"")
+
+
+def test_timer_resends_one_packet_with_the_wait_doubled():
+    window = outbound(size=4)
+    window.offer(b"x", b"")
+    ((seq, entry),) = window.release(0.0)
+    assert entry.deadline == 1.0
+    assert window.expire(seq, 0.5) is None  # not yet
+    assert window.expire(seq, 1.0) is entry and entry.attempts == 2 and entry.deadline == 3.0
+    assert window.expire(seq, 3.0).deadline == 7.0  # 1 s, 2 s, 4 s...
+
+
+def test_karn_no_round_trip_sample_from_a_resent_packet():
+    rto = RtoEstimator(initial=1.0, floor=0.01)
+    window = outbound(rto=rto)
+    window.offer(b"x", b"")
+    window.offer(b"y", b"")
+    window.release(0.0)
+    window.expire(1, 1.0)  # packet 1 was resent
+    window.acknowledge(1, 0, 1.05)
+    assert rto.srtt is None  # which copy was that the answer to? Nobody knows: no sample
+    window.acknowledge(2, 0, 1.2)
+    assert rto.srtt == pytest.approx(1.2)  # packet 2, sent once at 0.0
+
+
+def test_acknowledged_packet_timer_does_nothing():
+    window = outbound()
+    window.offer(b"x", b"")
+    window.release(0.0)
+    window.acknowledge(1, 0, 0.1)
+    assert window.expire(1, 5.0) is None
+
+
+def simulate(loss: float, seed: int, messages: int = 200, window_size: int = 8) -> tuple[list, int]:
+    """Send `messages` through both windows over a lossy, duplicating, reordering channel."""
+    rng = random.Random(seed)
+    sender = outbound(size=window_size, max_queue=messages, rto=RtoEstimator(initial=0.1, floor=0.1))
+    receiver = client.InboundWindow(size=window_size)
+    for number in range(messages):
+        sender.offer(number, b"")
+    now, delivered, sends, channel = 0.0, [], 0, []  # channel: heap of (arrival, n, kind, data)
+    counter = itertools.count()
+
+    def transmit(kind, data):
+        nonlocal sends
+        sends += kind == "data"
+        for _ in range(2 if rng.random() < 0.1 else 1):  # 10% duplicated
+            if rng.random() >= loss:
+                heapq.heappush(channel, (now + rng.uniform(0.001, 0.05), next(counter), kind, data))
+
+    while len(delivered) < messages and now < 1000:
+        for seq, entry in sender.release(now):
+            transmit("data", (seq, entry.payload))
+        for seq in list(sender.in_flight):
+            entry = sender.expire(seq, now)
+            if entry:
+                transmit("data", (seq, entry.payload))
+        now += 0.01
+        while channel and channel[0][0] <= now:
+            _, _, kind, data = heapq.heappop(channel)
+            if kind == "data":
+                delivered += receiver.receive(*data)[1]
+                transmit("ack", receiver.ack())
+            else:
+                sender.acknowledge(*data, now)
+    return delivered, sends
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.1, 0.3, 0.5])
+def test_both_windows_deliver_everything_once_in_order_over_a_bad_channel(loss):
+    delivered, sends = simulate(loss, seed=7)
+    assert delivered == list(range(200))
+    assert (sends > 200) == (loss > 0)  # loss costs retransmissions, nothing else
+
+
+# --- A bad network between real programs ----------------------------------------------------
+
+
+class LossyRelay:
+    """A UDP relay that mistreats datagrams both ways: drops, duplicates, delays, reorders.
+
+    Each client talks to its own front port; the relay forwards from a back socket of
+    its own, so the server sees one address per client. One thread does all the work.
+    """
+
+    def __init__(self, server_address, loss=0.3, duplicate=0.1, reorder=0.1, seed=1):
+        self.server_address = server_address
+        self.loss, self.duplicate, self.reorder = loss, duplicate, reorder
+        self.random = random.Random(seed)
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.held = []  # heap of (release time, n, socket, data, address): delayed datagrams
+        self.counter = itertools.count()
+        self.stats = {"forwarded": 0, "dropped": 0, "duplicated": 0, "delayed": 0}
+        self.stopping = False
+        self.sockets = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def new_port(self) -> tuple[str, int]:
+        """Return a fresh front address for one client."""
+        front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        front.bind(("127.0.0.1", 0))
+        back.bind(("127.0.0.1", 0))
+        link = {"front": front, "back": back, "client": None}
+        with self.lock:
+            self.selector.register(front, selectors.EVENT_READ, ("front", link))
+            self.selector.register(back, selectors.EVENT_READ, ("back", link))
+            self.sockets += [front, back]
+        return front.getsockname()
+
+    def run(self):
+        while not self.stopping:
+            with self.lock:
+                ready = self.selector.select(0.005) if self.sockets else []
+            for key, _ in ready:
+                side, link = key.data
+                try:
+                    data, address = key.fileobj.recvfrom(65535)
+                except OSError:
+                    continue
+                if side == "front":
+                    link["client"] = address
+                    self.mistreat(link["back"], data, self.server_address)
+                elif link["client"]:
+                    self.mistreat(link["front"], data, link["client"])
+            if not self.sockets:
+                time.sleep(0.005)
+            self.release_held()
+
+    def mistreat(self, sock, data, address):
+        if self.random.random() < self.loss:
+            self.stats["dropped"] += 1
+            return
+        copies = 2 if self.random.random() < self.duplicate else 1
+        self.stats["duplicated"] += copies - 1
+        for _ in range(copies):
+            if self.random.random() < self.reorder:  # held back a little: later ones overtake it
+                self.stats["delayed"] += 1
+                delay = self.random.uniform(0.001, 0.01)
+                heapq.heappush(self.held, (time.monotonic() + delay, next(self.counter), sock, data, address))
+            else:
+                self.send(sock, data, address)
+
+    def release_held(self):
+        while self.held and self.held[0][0] <= time.monotonic():
+            _, _, sock, data, address = heapq.heappop(self.held)
+            self.send(sock, data, address)
+
+    def send(self, sock, data, address):
+        self.stats["forwarded"] += 1
+        try:
+            sock.sendto(data, address)
+        except OSError:
+            pass
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(timeout=5)
+        for sock in self.sockets:
+            sock.close()
+
+
+LOSSY_SERVER = dict(message_rate=10_000.0, message_burst=10_000, max_retransmits=60, min_rto=0.005)
+
+
+def lossy_timing():
+    return fast_timing(min_rto=0.005, max_rto=0.2, lost_contact_after=10.0, give_up_after=30.0)
+
+
+@pytest.fixture
+def relay(chat_server_lossy):
+    made = LossyRelay(chat_server_lossy.address, loss=0.3, duplicate=0.1, reorder=0.1, seed=2120)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def chat_server_lossy(start_server):
+    return start_server(**LOSSY_SERVER)
+
+
+def through(relay, make_client, name, **options):
+    return member(make_client, relay.new_port(), name, timing=lossy_timing(), **options)
+
+
+def test_registration_and_login_survive_the_bad_network(relay, make_client):
+    alice = make_client(relay.new_port(), timing=lossy_timing())
+    assert alice.register("alice", "pw") == "Registration successful."
+    with pytest.raises(client.Refused, match="Username already taken."):
+        alice.register("alice", "pw")
+    with pytest.raises(client.Refused, match="Invalid username or password."):
+        alice.login("alice", "wrong")
+    assert alice.login("alice", "pw") == "Welcome, alice."
+
+
+def test_300_messages_reach_every_member_once_and_in_order(relay, make_client):
+    alice = through(relay, make_client, "alice")
+    bob = through(relay, make_client, "bob")
+    carol = through(relay, make_client, "carol")
+    sent = [f"message {number}" for number in range(300)]
+    for text in sent:
+        alice.say(text)
+    for receiver in (bob, carol):
+        received = []
+        while len(received) < len(sent):
+            event = next_event(receiver, timeout=30)
+            if event.kind == "chat":
+                received.append(event.text)
+        assert received == sent
+    assert relay.stats["dropped"] > 100 and relay.stats["duplicated"] > 20 and relay.stats["delayed"] > 20
+
+
+def test_private_messages_survive_the_bad_network(relay, make_client):
+    alice = through(relay, make_client, "alice")
+    bob = through(relay, make_client, "bob")
+    for number in range(50):
+        alice.private("bob", f"secret {number}")
+    received = []
+    while len(received) < 50:
+        event = next_event(bob, timeout=30)
+        if event.kind == "private":
+            received.append(event.text)
+    assert received == [f"secret {number}" for number in range(50)]
+
+
+def test_loss_switch_on_both_ends(start_server, make_client):
+    running = start_server(loss=0.15, seed=5, **LOSSY_SERVER)  # lost at either end: about 30% in all
+    alice = member(make_client, running.address, "alice", loss=0.15, seed=6, timing=lossy_timing())
+    bob = member(make_client, running.address, "bob", loss=0.15, seed=7, timing=lossy_timing())
+    for number in range(30):
+        alice.say(f"n{number}")
+    texts = []
+    while len(texts) < 30:
+        event = next_event(bob, timeout=30)
+        if event.kind == "chat":
+            texts.append(event.text)
+    assert texts == [f"n{number}" for number in range(30)]
+    assert running.loop.sock.dropped > 0 and alice.sock.dropped > 0
+
+
+def test_verbose_trace_marks_retransmissions_and_losses(start_server, make_client):
+    running = start_server(loss=0.15, seed=5, verbose=True, **LOSSY_SERVER)
+    lines = []
+    alice = member(make_client, running.address, "alice", loss=0.15, seed=8, timing=lossy_timing(),
+                   trace=lines.append)
+    for number in range(10):
+        alice.say(f"n{number}")
+    assert any("LOST (simulated)" in line for line in lines)
+    assert any("retransmitted" in line for line in lines)
+    assert any("[trace] in " in line and "SAY" in line for line in running.log)
