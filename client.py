@@ -356,7 +356,7 @@ class ChatClient:
                     if attempt == 0 and ptype not in (PacketType.REGISTER, PacketType.LOGIN):
                         self.rto.observe(time.monotonic() - sent_at)
                     return self.check_reply(reply)
-                self.check_contact(started, give_up_after)
+                self.check_contact(started, give_up_after, attempt)
             raise AssertionError("unreachable")
 
     def wait_for_reply(self, seq: int, deadline: float) -> Packet | None:
@@ -382,11 +382,12 @@ class ChatClient:
             raise Refused(*fields) if len(fields) >= 2 else Refused("error", "The server refused that.")
         return reply
 
-    def check_contact(self, started: float, give_up_after: float | None) -> None:
+    def check_contact(self, started: float, give_up_after: float | None, attempt: int) -> None:
         """After a try went unanswered: warn, or give up, if the server has gone quiet."""
         now = time.monotonic()
         if give_up_after is not None:
-            if now - started >= give_up_after:
+            # Twice told "port unreachable" by the server's PC: no need to wait longer.
+            if now - started >= give_up_after or (self.nobody_listening and attempt >= 1):
                 raise ServerNotResponding(self.not_responding_text())
             return
         silence = now - max(self.last_heard, started)

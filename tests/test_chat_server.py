@@ -8,12 +8,22 @@ is locked out, floods are slowed, tables are bounded.
 import collections
 
 import pytest
+from conftest import fast_config
 
 import server
-from conftest import fast_config
 from encryption_helper import (
-    BITMAP, FLAG_RETRANSMIT, MAX_TEXT_BYTES, MIN_HELLO_SIZE, NO_TOKEN, Packet, PacketType, decode_packet,
-    encode_packet, make_cipher, pack_fields, unpack_fields,
+    BITMAP,
+    FLAG_RETRANSMIT,
+    MAX_TEXT_BYTES,
+    MIN_HELLO_SIZE,
+    NO_TOKEN,
+    Packet,
+    PacketType,
+    decode_packet,
+    encode_packet,
+    make_cipher,
+    pack_fields,
+    unpack_fields,
 )
 
 CIPHER = make_cipher("xor")
@@ -182,7 +192,7 @@ def test_replay_from_another_address_does_nothing(harness):
 
 
 def test_old_request_replayed_later_does_nothing(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
+    alice = Peer(harness, 1).member("alice")
     alice.send(PacketType.SAY, "first")
     captured = alice.last_request
     alice.send(PacketType.SAY, "second")
@@ -306,7 +316,8 @@ def test_member_leaving_is_announced(harness):
 
 
 def test_silent_member_times_out_and_the_name_is_free(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
+    Peer(harness, 1).member("alice")
+    bob = Peer(harness, 2).member("bob")
     harness.now += harness.config.session_timeout / 2
     bob.reply(PacketType.PING)
     out = harness.advance(harness.config.session_timeout / 2 + 2)
@@ -397,7 +408,8 @@ def test_acknowledged_events_are_not_resent(harness):
 
 def test_a_member_who_falls_too_far_behind_is_dropped_alone(tmp_path):
     harness = Harness(tmp_path, max_queue=5, window=2, message_burst=100)
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
+    alice = Peer(harness, 1).member("alice")
+    Peer(harness, 2).member("bob")
     carol = Peer(harness, 3).member("carol")
     for number in range(2 + 5 + 1):  # window, queue, one more: bob never acknowledges
         out = alice.send(PacketType.SAY, f"m{number}")

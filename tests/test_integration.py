@@ -3,9 +3,9 @@
 import socket
 
 import pytest
+from conftest import fast_timing, member, next_event, no_more_events, wait_until
 
 import client
-from conftest import fast_timing, member, next_event, no_more_events, wait_until
 from encryption_helper import Packet, PacketType, encode_packet, make_cipher, pack_fields
 
 

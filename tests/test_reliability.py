@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
+from conftest import fast_timing, member, next_event
 
 import client
 import server
-from conftest import fast_timing, member, next_event
 from encryption_helper import RtoEstimator
 
 # --- The receiving window -------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_at_most_a_window_is_in_flight():
 
 def test_selective_ack_frees_what_arrived_beyond_a_gap():
     window = outbound(size=8)
-    for number in range(6):
+    for _ in range(6):
         window.offer(b"x", b"")
     window.release(0.0)
     assert window.acknowledge(1, 0b101, 0.1) == 3  # 1 by cumulative; 3 and 5 by the bitmap

@@ -1,0 +1,223 @@
+"""The real scripts as a user runs them: client.py in its scripted mode, server.py from the shell."""
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+from conftest import wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WAIT = 20.0  # seconds before a missing line fails a test (a bound, not a sleep)
+
+
+class Program:
+    """A script running in a subprocess; its output read line by line on a thread."""
+
+    def __init__(self, *args, stdin=subprocess.PIPE):
+        environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        self.process = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, encoding="utf-8", env=environment,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def type(self, *lines: str) -> None:
+        self.process.stdin.write("".join(line + "\n" for line in lines))
+        self.process.stdin.flush()
+
+    def expect(self, text: str) -> str:
+        """Return the first new output line containing `text`; fail if none comes."""
+        while True:
+            try:
+                line = self.lines.get(timeout=WAIT)
+            except queue.Empty:
+                pytest.fail(f"no line with {text!r}; output so far: {self.seen}")
+            if line is None:
+                pytest.fail(f"program ended without {text!r}; output: {self.seen}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def finish(self) -> int:
+        try:
+            return self.process.wait(timeout=WAIT)
+        finally:
+            self.stop()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream:
+                stream.close()
+
+
+@pytest.fixture
+def programs():
+    started = []
+
+    def start(*args, **options) -> Program:
+        program = Program(*args, **options)
+        started.append(program)
+        return program
+
+    yield start
+    for program in started:
+        program.stop()
+
+
+def client_args(address):
+    return ["client.py", "--host", address[0], "--port", str(address[1])]
+
+
+def test_two_scripted_clients_exchange_messages(chat_server, programs):
+    alice = programs(*client_args(chat_server.address))
+    alice.type("/register", "alice", "secret", "/login", "alice", "secret", "wrong", "juara")
+    alice.expect("Registration successful.")
+    alice.expect("Wrong room password.")
+    alice.expect("joined lobby")
+    bob = programs(*client_args(chat_server.address))
+    bob.type("/register", "bob", "pw", "/login", "bob", "pw", "juara")
+    bob.expect("joined lobby")
+    alice.expect("bob joined")
+    bob.type("hello alice: café ☕ | ok")
+    assert alice.expect("bob:").endswith("] bob: hello alice: café ☕ | ok")
+    alice.type("hi bob", "/msg bob just us", "exit")
+    assert bob.expect("alice:").endswith("] alice: hi bob")
+    assert bob.expect("(private)").endswith("] alice (private): just us")
+    assert alice.expect("[INFO] Connection closed.") == "[INFO] Connection closed."
+    assert alice.finish() == 0
+    bob.expect("alice left")
+    bob.process.stdin.close()  # end of input means exit
+    bob.expect("[INFO] Connection closed.")
+    assert bob.finish() == 0
+
+
+def test_the_readme_example_line_works(chat_server, programs):
+    first = programs(*client_args(chat_server.address))
+    first.type("/register", "alice", "secret", "exit")
+    first.expect("Registration successful.")
+    script = "/login\nalice\nsecret\njuara\nhello\nexit\n"
+    result = subprocess.run([sys.executable, *client_args(chat_server.address)], input=script, cwd=ROOT,
+                            capture_output=True, text=True, encoding="utf-8", timeout=WAIT)
+    assert "Welcome, alice." in result.stdout and result.stdout.endswith("[INFO] Connection closed.\n")
+    assert result.returncode == 0 and result.stderr == ""
+
+
+def test_client_commands(chat_server, programs):
+    alice = programs(*client_args(chat_server.address))
+    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara", "/help", "/who", "/rooms",
+               "/nonsense", "/msg", "/join kelas", "rahasia", "/who", "//slash at the start", "exit")
+    alice.expect("/msg USER TEXT")
+    alice.expect("In lobby: alice")
+    alice.expect("lobby  (1 here)")
+    alice.expect("Unknown command /nonsense; type /help for the list.")
+    alice.expect("Usage: /msg USER TEXT")
+    alice.expect("joined kelas (new room)")
+    alice.expect("In kelas: alice")
+    assert alice.finish() == 0
+    wait_until(lambda: any("'/slash at the start'" in line for line in chat_server.log), what="the // message")
+
+
+def test_client_asks_for_ip_and_port_with_defaults(chat_server, programs):
+    host, port = chat_server.address
+    alice = programs("client.py")
+    alice.type(host, "not a port", str(port), "exit")
+    alice.expect("A port is a whole number from 1 to 65535.")
+    alice.expect(f"Connected to the chat server at {host}:{port}.")
+    assert alice.finish() == 0
+
+
+def test_client_reports_a_missing_server_without_a_traceback(programs):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # closed again: nothing listens there
+    alice = programs("client.py", "--host", "127.0.0.1", "--port", str(port))
+    alice.expect(f"[ERROR] Server not responding at 127.0.0.1:{port}")
+    alice.expect("[INFO] Connection closed.")
+    assert alice.finish() == 1
+    assert not any("Traceback" in line for line in alice.seen)
+
+
+def test_client_reports_a_wrong_key(chat_server, programs):
+    alice = programs(*client_args(chat_server.address), "--key", "guess")
+    alice.expect("same --cipher and --key")
+    assert alice.finish() == 1
+
+
+@pytest.mark.parametrize("script", ["server.py", "client.py"])
+def test_help_explains_the_options(script):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=WAIT)
+    assert result.returncode == 0
+    for option in ["--host", "--port", "--cipher", "--key", "--verbose", "--loss", "--seed"]:
+        assert option in result.stdout
+    if script == "server.py":
+        for option in ["--data-dir", "--room-password", "--quiet"]:
+            assert option in result.stdout
+    assert "toy" in result.stdout
+
+
+def test_server_refuses_a_busy_port(chat_server, programs):
+    server = programs("server.py", "--host", "127.0.0.1", "--port", str(chat_server.address[1]))
+    server.expect("Is another server running there?")
+    assert server.finish() == 1
+
+
+def start_server_process(programs, tmp_path, *more):
+    server = programs("server.py", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path), *more)
+    line = server.expect("UDP chat server listening on")
+    return server, ("127.0.0.1", int(line.rsplit(":", 1)[1]))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs a console group on Windows")
+def test_ctrl_c_stops_the_server_cleanly(programs, tmp_path):
+    server, _ = start_server_process(programs, tmp_path)
+    server.expect("Press Ctrl+C to stop.")
+    server.process.send_signal(signal.SIGINT)
+    server.expect("[INFO] Server stopped.")
+    assert server.finish() == 0
+    assert not any("Traceback" in line for line in server.seen)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs a console group on Windows")
+def test_ctrl_c_stops_the_client_cleanly(chat_server, programs):
+    alice = programs(*client_args(chat_server.address))
+    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.expect("joined lobby")
+    alice.process.send_signal(signal.SIGINT)  # waiting for the next line, like a student at the prompt
+    alice.expect("[INFO] Connection closed.")
+    assert alice.finish() == 0
+    wait_until(lambda: "alice" not in chat_server.chat.online, what="the server to see alice leave")
+
+
+def test_server_banner_tells_clients_what_to_type(programs, tmp_path):
+    server, address = start_server_process(programs, tmp_path, "--room-password", "rahasia")
+    server.expect(f"Server IP 127.0.0.1   port {address[1]}")
+    server.expect("Lobby room password: rahasia")
+    server.expect("teaching toy")
+    server.expect("Accounts and history kept in:")
+
+
+def test_server_process_serves_a_client(programs, tmp_path):
+    server, address = start_server_process(programs, tmp_path)
+    alice = programs(*client_args(address))
+    alice.type("/register", "alice", "pw", "exit")
+    alice.expect("Registration successful.")
+    assert alice.finish() == 0
+    server.expect("REGISTER")
+    assert os.path.exists(tmp_path / "users.json")

@@ -1,0 +1,182 @@
+"""What only Windows does, simulated so that it is tested on every system.
+
+* recvfrom() raises ConnectionResetError (WinError 10054) when an earlier sendto() hit a
+  closed port; the server and the client must read on.
+* Ctrl+C is only noticed when a blocking call returns, so no loop may block for long.
+* There is no readline module.
+"""
+
+import io
+import queue
+
+import pytest
+from conftest import fast_config, member, next_event
+
+import client
+import server
+from encryption_helper import MIN_HELLO_SIZE, Packet, PacketType, decode_packet, encode_packet, make_cipher, pack_fields
+
+CIPHER = make_cipher("xor")
+
+
+class WindowsLikeSocket:
+    """A non-blocking server socket whose reads go: reset, a datagram, reset, nothing."""
+
+    def __init__(self, datagram, address):
+        self.reads = [ConnectionResetError(10054, "An existing connection was forcibly closed"),
+                      (datagram, address), ConnectionResetError(10054, "again"), BlockingIOError()]
+        self.sent = []
+
+    def recvfrom(self, size):
+        result = self.reads.pop(0) if self.reads else BlockingIOError()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def sendto(self, data, address):
+        self.sent.append((data, address))
+        return len(data)
+
+
+def test_server_loop_reads_on_after_connection_reset(tmp_path):
+    chat = server.ChatServer(fast_config(tmp_path), log=lambda line: None)
+    hello = encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields("." * (MIN_HELLO_SIZE - 30))), CIPHER)
+    fake = WindowsLikeSocket(hello, ("10.0.0.5", 5000))
+    loop = server.ServerLoop.__new__(server.ServerLoop)  # just the parts receive_all uses
+    loop.chat, loop.sock = chat, fake
+    loop.receive_all(now=1.0)
+    (reply, to), = fake.sent
+    assert to == ("10.0.0.5", 5000) and decode_packet(reply, CIPHER).type == PacketType.OK
+    chat.close()
+
+
+def test_udp_connreset_reports_are_switched_off_where_they_exist(monkeypatch):
+    calls = []
+
+    class FakeSocket:
+        def __init__(self, *args):
+            pass
+
+        def ioctl(self, control, value):
+            calls.append((control, value))
+
+        def bind(self, address):
+            calls.append(("bind", address))
+
+    monkeypatch.setattr(server.socket, "SIO_UDP_CONNRESET", 0x9800000C, raising=False)
+    monkeypatch.setattr(server.socket, "socket", FakeSocket)
+    server.open_socket("127.0.0.1", 0)
+    assert calls == [(0x9800000C, False), ("bind", ("127.0.0.1", 0))]
+
+
+class ResettingSocket:
+    """Wraps the client's socket; its next two reads raise ConnectionResetError first."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.resets = 2
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def recv(self, size):
+        if self.resets:
+            self.resets -= 1
+            raise ConnectionResetError(10054, "An existing connection was forcibly closed")
+        return self.sock.recv(size)
+
+
+def test_client_reads_on_after_connection_reset(chat_server, make_client):
+    alice = member(make_client, chat_server.address, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+    alice.sock = ResettingSocket(alice.sock)
+    bob.say("after the resets")
+    assert next_event(alice, "chat").text == "after the resets"
+    assert alice.sock.resets == 0
+
+
+def test_server_loop_never_blocks_longer_than_max_wait(tmp_path, monkeypatch):
+    loop = server.ServerLoop(server.ChatServer(fast_config(tmp_path), log=lambda line: None),
+                             server.open_socket("127.0.0.1", 0))
+    waits = []
+    real_select = loop.selector.select
+
+    def select(timeout):
+        waits.append(timeout)
+        if len(waits) == 5:
+            raise KeyboardInterrupt  # what Ctrl+C does on Windows, once select() returns
+        return real_select(0)
+
+    monkeypatch.setattr(loop.selector, "select", select)
+    with pytest.raises(KeyboardInterrupt):
+        loop.serve_forever()
+    assert all(0 <= wait <= server.MAX_WAIT for wait in waits)
+    assert loop.sock.fileno() == -1  # closed on the way out
+
+
+def test_server_main_ends_cleanly_on_ctrl_c(tmp_path, monkeypatch, capsys):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server.ServerLoop, "serve_forever", interrupted)
+    status = server.main(["--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path)])
+    assert status == 0
+    assert capsys.readouterr().out.rstrip().endswith("[INFO] Server stopped.")
+
+
+def test_client_threads_never_block_longer_than_max_wait(chat_server, make_client):
+    alice = make_client(chat_server.address)
+    assert alice.sock.gettimeout() == client.MAX_WAIT
+
+
+def test_client_main_ends_cleanly_on_ctrl_c(chat_server, monkeypatch, capsys):
+    def interrupted(self, prompt, secret=False, alive=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client.Terminal, "ask", interrupted)
+    monkeypatch.setattr(client.sys, "stdin", io.StringIO(""))
+    host, port = chat_server.address
+    assert client.main(["--host", host, "--port", str(port)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("[INFO] Connection closed.")
+
+
+def test_terminal_waits_in_short_steps_and_can_be_stopped(monkeypatch):
+    monkeypatch.setattr(client.sys, "stdin", io.StringIO(""))
+    terminal = client.Terminal(interactive=False)
+    terminal.answers = _SlowQueue()
+    calls = []
+
+    def alive():
+        calls.append(1)
+        if len(calls) == 3:
+            raise client.ConnectionClosed("gone")
+
+    with pytest.raises(client.ConnectionClosed):
+        terminal.ask("> ", alive=alive)
+    assert terminal.answers.timeouts == [client.MAX_WAIT, client.MAX_WAIT]
+
+
+class _SlowQueue:
+    """A queue that is always empty, and remembers how long it was asked to wait."""
+
+    def __init__(self):
+        self.timeouts = []
+
+    def get(self, timeout):
+        self.timeouts.append(timeout)
+        raise queue.Empty
+
+    def put(self, item):
+        pass  # the keyboard's answer is never seen
+
+
+def test_printing_above_the_prompt_without_readline(monkeypatch):
+    monkeypatch.setattr(client, "readline", None)
+    output = io.StringIO()
+    monkeypatch.setattr(client.sys, "stdout", output)
+    monkeypatch.setattr(client.sys, "stdin", io.StringIO(""))
+    terminal = client.Terminal(interactive=True)
+    terminal.prompt = "> "
+    terminal.show("[12:00] bob: hi")
+    assert output.getvalue() == "\r  \r[12:00] bob: hi\n> "
+
