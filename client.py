@@ -73,6 +73,10 @@ try:  # Linux and macOS: lets a message printed above the prompt redraw what was
     import readline
 except ImportError:  # Windows has no readline, and needs none
     readline = None
+try:  # Linux and macOS: to give the terminal back as we found it (echo on) after Ctrl+C
+    import termios
+except ImportError:
+    termios = None
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
@@ -118,6 +122,9 @@ class Refused(ChatError):
     def __init__(self, code: str, text: str, *extra: str):
         super().__init__(text)
         self.code, self.text, self.extra = code, text, extra
+
+
+SESSION_LOST = "The server does not know this session (was it restarted?). Log in again."
 
 
 class ServerNotResponding(ChatError):
@@ -376,7 +383,7 @@ class ChatClient:
     def check_reply(self, reply: Packet) -> Packet:
         if reply.type == PacketType.RESET:
             self.token, self.room = NO_TOKEN, None
-            raise SessionLost("The server does not know this session (was it restarted?). Log in again.")
+            raise SessionLost(SESSION_LOST)
         if reply.type == PacketType.ERROR:
             fields = unpack_fields(reply.payload)
             raise Refused(*fields) if len(fields) >= 2 else Refused("error", "The server refused that.")
@@ -501,8 +508,8 @@ class ChatClient:
             self.request_lock.release()
             try:
                 self.ping()
-            except SessionLost as error:
-                self.on_notice(f"[WARN] {error}")
+            except SessionLost:
+                pass  # the token is gone now, which is how the user interface learns of it
             except ChatError as error:  # gave up on the server; close() told everyone
                 if not self.closed.is_set():
                     self.close(str(error))
@@ -559,7 +566,14 @@ class Terminal:
         self.answers: queue.Queue = queue.Queue()
         self.print_lock = threading.Lock()
         self.prompt = ""  # shown now, waiting for the user
+        self.outstanding = False  # a question is with the keyboard thread, not answered yet
         self.ended = False
+        self.saved_mode = None
+        if interactive and termios:
+            try:
+                self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
+            except (termios.error, OSError, ValueError):
+                pass
         threading.Thread(target=self.read_lines, name="keyboard", daemon=True).start()
 
     def read_lines(self) -> None:
@@ -594,17 +608,39 @@ class Terminal:
         """
         if self.ended:
             raise EndOfInput
-        self.asks.put((prompt, secret))
+        if self.outstanding:  # an earlier question was abandoned: its line answers this one
+            self.show_prompt(prompt)
+        else:
+            self.asks.put((prompt, secret))
+            self.outstanding = True
         while True:
             alive()
             try:
                 answer = self.answers.get(timeout=MAX_WAIT)
             except queue.Empty:
                 continue
+            self.outstanding = False
             if answer is None:
                 self.ended = True
                 raise EndOfInput
             return answer
+
+    def show_prompt(self, prompt: str) -> None:
+        """Replace the prompt shown while the keyboard thread keeps waiting for a line."""
+        with self.print_lock:
+            if self.interactive:
+                sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + prompt)
+                sys.stdout.flush()
+                self.prompt = prompt
+
+    def restore(self) -> None:
+        """Give the terminal back as we found it: Ctrl+C during a password prompt must not
+        leave typing invisible."""
+        if self.saved_mode is not None:
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
+            except (termios.error, OSError, ValueError):
+                pass
 
     def show(self, text: str) -> None:
         """Print a line above the prompt, without garbling what the user is typing."""
@@ -660,6 +696,7 @@ class Conversation:
     def __init__(self, client: ChatClient, terminal: Terminal):
         self.client = client
         self.terminal = terminal
+        self.chatting = False
         self.commands = {"/help": self.show_help, "/rooms": self.show_rooms, "/who": self.show_who,
                          "/join": self.join_room, "/msg": self.send_private}
 
@@ -669,6 +706,8 @@ class Conversation:
     def check_alive(self) -> None:
         if self.client.closed.is_set():
             raise ConnectionClosed(self.client.closed_reason)
+        if self.chatting and self.client.token == NO_TOKEN:  # a heartbeat was told: no session
+            raise SessionLost(SESSION_LOST)
 
     def run(self) -> None:
         """Ask /register or /login until the user logs in, chats and leaves."""
@@ -710,6 +749,7 @@ class Conversation:
 
     def chat(self) -> bool:
         """Read lines and act on them; True when the user leaves, False to log in again."""
+        self.chatting = True
         try:
             while True:
                 line = self.ask("> ")
@@ -723,6 +763,8 @@ class Conversation:
         except SessionLost as error:
             self.terminal.show(f"[WARN] {error}")
             return False
+        finally:
+            self.chatting = False
 
     def handle_line(self, line: str) -> None:
         if line.startswith("//"):
@@ -838,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         with terminal.print_lock:
             terminal.prompt = ""
+        terminal.restore()
         print("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.", flush=True)
     return status
 

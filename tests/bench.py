@@ -285,6 +285,25 @@ def send_messages(send, count: int, rate: float | None) -> float:
 # --- Receivers and senders -------------------------------------------------------------
 
 
+def enter_lobby(made: client.ChatClient, name: str) -> None:
+    """Log in and join the lobby; when the server's hash queue is busy, try again."""
+    while True:
+        try:
+            made.login(name, PASSWORD)
+            break
+        except client.Refused as refusal:
+            if refusal.code != "busy":
+                raise
+            time.sleep(0.05)
+    made.join(server.LOBBY, ROOM_PASSWORD)
+
+
+def connect_receivers(address, names: list[str], loss: float) -> list["ChatReceiver"]:
+    """Return a logged-in ChatReceiver for each name, several logging in at once."""
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        return list(pool.map(lambda pair: ChatReceiver(address, pair[1], loss, pair[0]), enumerate(names)))
+
+
 class ChatReceiver:
     """A real ChatClient in the lobby, tallying the messages it is pushed (and ACKs)."""
 
@@ -293,8 +312,7 @@ class ChatReceiver:
         self.sender_joined = threading.Event()  # after it, every earlier EVENT has arrived
         self.client = client.ChatClient(address[0], address[1], loss=loss, seed=seed if loss else None,
                                         timing=TIMING, on_event=self.on_event)
-        self.client.login(name, PASSWORD)
-        self.client.join(server.LOBBY, ROOM_PASSWORD)
+        enter_lobby(self.client, name)
 
     def on_event(self, event: client.Event) -> None:
         if event.kind == "chat":
@@ -478,12 +496,10 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
     receivers, sender, flood = [], None, None
     with start_server(workdir, bench_settings(data_dir)) as process:
         try:
-            # Logged in one after another: max_pending_per_address (2) allows no stampede.
-            receivers = [ChatReceiver(process.address, name, scenario.loss, index) for index, name in enumerate(names)]
+            receivers = connect_receivers(process.address, names, scenario.loss)
             sender = client.ChatClient(*process.address, loss=scenario.loss,
                                        seed=10_000 if scenario.loss else None, timing=TIMING)
-            sender.login(SENDER, PASSWORD)
-            sender.join(server.LOBBY, ROOM_PASSWORD)
+            enter_lobby(sender, SENDER)
             wait_all([receiver.sender_joined for receiver in receivers], SETUP_TIMEOUT, "the receivers")
             if scenario.login_flood:
                 flood = LoginFlood(process.address)
@@ -576,21 +592,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def scenarios(quick: bool, many: int) -> tuple[list[Scenario], Scenario]:
     """Return the rows of our server, and the relay's flat-out row (its paced row follows)."""
-    scale = 0.2 if quick else 1.0
-
-    def count(n: int) -> int:
-        return max(int(n * scale), 20)
-
-    paced_seconds = 3 if quick else 10
+    paced = 60 if quick else 200  # 3 or 10 seconds at 20 messages a second
+    flat_out = 1000 if quick else 5000
+    lossy = 40 if quick else 100  # at 20% loss the stop-and-wait sender manages about 4 a second
+    crowd = 200 if quick else 1000
     ours = [
-        Scenario("our server, 20 receivers, sender paced 20 msg/s", messages=20 * paced_seconds, rate=20),
-        Scenario("our server, 20 receivers, sender flat out", messages=count(5000)),
-        Scenario("our server, 20 receivers, 20% loss at every client, sender flat out", messages=count(300), loss=0.2),
-        Scenario(f"our server, {many} receivers, sender flat out", receivers=many, messages=count(1000)),
+        Scenario("our server, 20 receivers, sender paced 20 msg/s", messages=paced, rate=20),
+        Scenario("our server, 20 receivers, sender flat out", messages=flat_out),
+        Scenario("our server, 20 receivers, 20% loss at every client, sender flat out", messages=lossy, loss=0.2),
+        Scenario(f"our server, {many} receivers, sender flat out", receivers=many, messages=crowd),
         Scenario("our server, 20 receivers, sender paced 20 msg/s, during a LOGIN flood",
-                 messages=20 * paced_seconds, rate=20, login_flood=True),
+                 messages=paced, rate=20, login_flood=True),
     ]
-    relay = Scenario("naive relay, 20 receivers, sender flat out", relay=True, messages=count(5000))
+    relay = Scenario("naive relay, 20 receivers, sender flat out", relay=True, messages=flat_out)
     return ours, relay
 
 
