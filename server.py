@@ -922,6 +922,7 @@ class ServerLoop:
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.closed = False
 
     def serve_forever(self) -> None:
         try:
@@ -1000,6 +1001,10 @@ class ServerLoop:
             self.thread.join(timeout=10)
 
     def close(self) -> None:
+        """Release the socket, the worker and the files; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
         self.hasher.shutdown(wait=True)
         self.selector.close()
         self.sock.close()
@@ -1096,20 +1101,25 @@ def print_banner(config: ServerConfig, address: Address) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        chat = ChatServer(config)
-        sock = wrap_socket(open_socket(config.host, config.port), config, chat)
-    except ValueError as error:  # a bad key, a damaged users file
-        print(f"[ERROR] {error}")
-        return 1
-    except OSError as error:
-        print(f"[ERROR] Cannot listen on {config.host}:{config.port}: {error.strerror or error}. "
-              "Is another server running there? Choose another port with --port.")
-        return 1
-    loop = ServerLoop(chat, sock)
-    print_banner(config, loop.address)
-    try:
-        loop.serve_forever()
-    except KeyboardInterrupt:
+        try:
+            chat = ChatServer(config)
+        except (ValueError, OSError) as error:  # a bad key, a damaged or unwritable data folder
+            print(f"[ERROR] {error}")
+            return 1
+        try:
+            sock = wrap_socket(open_socket(config.host, config.port), config, chat)
+        except OSError as error:
+            chat.close()
+            print(f"[ERROR] Cannot listen on {config.host}:{config.port}: {error.strerror or error}. "
+                  "Is another server running there? Choose another port with --port.")
+            return 1
+        loop = ServerLoop(chat, sock)
+        try:
+            print_banner(config, loop.address)
+            loop.serve_forever()
+        finally:
+            loop.close()
+    except KeyboardInterrupt:  # Ctrl+C, at any moment: the normal way to stop
         pass
     print("[INFO] Server stopped.")
     return 0

@@ -132,6 +132,22 @@ def read_memory(pid: int) -> dict[str, float] | None:
     return sizes or None
 
 
+def kernel_drops(ports) -> int | None:
+    """Datagrams Linux dropped at these UDP ports because their receive buffer was full."""
+    try:
+        with open("/proc/net/udp", encoding="ascii") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return None
+    wanted = set(ports)
+    total = 0
+    for line in lines:
+        fields = line.split()  # sl local_address rem_address ... drops (the last column)
+        if int(fields[1].split(":")[1], 16) in wanted:
+            total += int(fields[-1])
+    return total
+
+
 def megabytes(memory: dict[str, float] | None, key: str = "VmHWM") -> str:
     return f"{memory[key]:.1f}" if memory and key in memory else "n/a"
 
@@ -454,6 +470,7 @@ class Row:
     p50_ms: float
     p99_ms: float
     memory: str
+    drops: str  # "server socket / client sockets": datagrams the kernel dropped, buffers full
     send_rate: float  # messages a second the sender achieved
 
 
@@ -465,7 +482,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
 
 
-def summarize(scenario: Scenario, tallies: list[Tally], started: float, sent_by: float, memory) -> Row:
+def summarize(scenario: Scenario, tallies: list[Tally], started: float, sent_by: float, memory, drops) -> Row:
     delivered = [len(tally.seen) / scenario.messages for tally in tallies]
     latencies = [latency for tally in tallies for latency in tally.latencies]
     last = max((tally.last_arrival for tally in tallies), default=started)
@@ -477,7 +494,7 @@ def summarize(scenario: Scenario, tallies: list[Tally], started: float, sent_by:
         out_of_order=sum(tally.out_of_order for tally in tallies),
         per_second=sum(len(tally.seen) for tally in tallies) / elapsed,
         p50_ms=1000 * percentile(latencies, 50), p99_ms=1000 * percentile(latencies, 99),
-        memory=megabytes(memory), send_rate=scenario.messages / max(sent_by - started, 1e-9),
+        memory=megabytes(memory), drops=drops, send_rate=scenario.messages / max(sent_by - started, 1e-9),
     )
 
 
@@ -513,13 +530,21 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 flood.stop()
                 notes.append(f"{scenario.label}: {flood.summary()}.")
             memory = process.memory()
+            drops = count_drops(process.port, [receiver.client.sock for receiver in receivers] + [sender.sock])
         finally:
             if flood and not flood.stopping.is_set():
                 flood.stop()
             close_all([receiver.client for receiver in receivers] + ([sender] if sender else []))
         if not process.alive() or "Traceback" in process.stderr():
             notes.append(f"{scenario.label}: THE SERVER FAILED:\n{process.stderr()}")
-    return summarize(scenario, tallies, started, sent_by, memory)
+    return summarize(scenario, tallies, started, sent_by, memory, drops)
+
+
+def count_drops(server_port: int, client_sockets) -> str:
+    """Return "server / clients": datagrams the kernel dropped at those sockets, or n/a."""
+    at_server = kernel_drops([server_port])
+    at_clients = kernel_drops(sock.getsockname()[1] for sock in client_sockets)
+    return "n/a" if at_server is None else f"{at_server} / {at_clients}"
 
 
 def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
@@ -542,10 +567,11 @@ def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 tallies = [receiver.tally for receiver in receivers]
                 wait_for_delivery(tallies, scenario.messages, settle=1.0)
                 memory = process.memory()
+                drops = count_drops(process.port, [receiver.sock for receiver in receivers] + [sender])
         finally:
             for receiver in receivers:
                 receiver.close()
-    return summarize(scenario, tallies, started, sent_by, memory)
+    return summarize(scenario, tallies, started, sent_by, memory, drops)
 
 
 def run_row(scenario: Scenario, notes: list[str]) -> Row:
@@ -562,13 +588,13 @@ def run_row(scenario: Scenario, notes: list[str]) -> Row:
 
 
 HEADER = ("| situation | messages sent | delivered % (mean / worst receiver) | duplicates | out of order "
-          "| deliveries/s | latency p50 ms | latency p99 ms | peak memory MB |")
+          "| deliveries/s | latency p50 ms | latency p99 ms | peak memory MB | kernel drops (server / clients) |")
 
 
 def format_row(row: Row) -> str:
     delivered = f"{row.delivered_mean:.1f} / {row.delivered_worst:.1f}"
     return (f"| {row.label} | {row.sent} | {delivered} | {row.duplicates} | {row.out_of_order} "
-            f"| {row.per_second:,.0f} | {row.p50_ms:.1f} | {row.p99_ms:.1f} | {row.memory} |")
+            f"| {row.per_second:,.0f} | {row.p50_ms:.1f} | {row.p99_ms:.1f} | {row.memory} | {row.drops} |")
 
 
 def print_table(rows: list[Row]) -> None:
