@@ -23,9 +23,9 @@ Design, in the spirit of the standard library's socketserver:
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
-    55 43 01 05 00 00 00 07 00 00 00 07 00 00 00 00  UC v1 SAY len=7 seq=7 ack=0
-    3e 1a 2c 5e 5e 77 90 12 b4 e1 3f 26 b8 4e 21 99  token, CRC-32
-    49 49 7a 72 33 18 1c                              scrambled [5]"hi :)"
+    55 43 01 05 00 00 00 07 00 00 00 07 00 00 00 00  "UC" v1 SAY flags=0 len=7 seq=7 ack=0
+    3e 1a 2c 5e 5e 77 90 12 ab 7f 38 ae 49 4c 5a 58  token, CRC-32, then the payload:
+    12 0a 60                                          [5]"hi :)" XORed with the key "II2120"
 
 The packet format is defined once, in encryption_helper.py; accounts live in auth.py.
 """

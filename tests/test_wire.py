@@ -1,6 +1,7 @@
 """The wire format, the toy ciphers and the RTO estimator: pure functions, no sockets."""
 
 import binascii
+import re
 import struct
 
 import pytest
@@ -235,3 +236,13 @@ def test_lossy_socket_receive_skips_dropped_datagrams():
     received = [lossy.recvfrom(100)[0] for _ in range(40)]
     assert received == sorted(set(received), key=incoming.index)  # in order, none twice
     assert lossy.dropped > 0
+
+
+def test_the_datagram_shown_in_the_docstrings_is_real():
+    import client
+    import server
+
+    packet = Packet(PacketType.SAY, seq=7, token=bytes.fromhex("3e1a2c5e5e779012"), payload=pack_fields("hi :)"))
+    for module in (server, client):
+        hex_lines = re.findall(r"^    ((?:[0-9a-f]{2} )*[0-9a-f]{2})  ", module.__doc__, re.MULTILINE)
+        assert bytes.fromhex(" ".join(hex_lines)) == encode_packet(packet, XOR)
