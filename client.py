@@ -83,13 +83,17 @@ DEFAULT_PORT = 9999
 LOBBY = "lobby"
 WINDOW = 32  # EVENTs the server may have in flight to us; the same as the server's
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
+FIRST_CONTACT_RETRY = 1.0  # seconds between tries of HELLO and BYE, whatever the backoff
 
 
 @dataclasses.dataclass
 class Timing:
     """How patient the client is. Tests shorten these; the defaults suit a lab."""
 
-    connect_timeout: float = 6.0  # first contact: then "Server not responding"
+    # First contact: try once a second at most (nothing is measured yet to do better),
+    # for this long; then "Server not responding". Ten tries get through even a link
+    # that loses three datagrams in four.
+    connect_timeout: float = 10.0
     heartbeat_every: float = 5.0  # say PING after this much quiet, so the server keeps us
     lost_contact_after: float = 15.0  # nothing heard this long: warn the user...
     give_up_after: float = 45.0  # ...and this long: give up and close
@@ -356,7 +360,10 @@ class ChatClient:
             for attempt in range(1_000_000):
                 sent_at = time.monotonic()
                 self.send_packet(dataclasses.replace(packet, flags=FLAG_RETRANSMIT if attempt else 0))
-                reply = self.wait_for_reply(packet.seq, sent_at + self.rto.timeout(attempt))
+                wait = self.rto.timeout(attempt)
+                if give_up_after is not None:  # a short deadline: keep trying often
+                    wait = min(wait, FIRST_CONTACT_RETRY)
+                reply = self.wait_for_reply(packet.seq, sent_at + wait)
                 if reply is not None:
                     # Karn's rule: after a resend we cannot tell which copy was answered.
                     # Logins are not timed either: their answer waits for a slow hash.

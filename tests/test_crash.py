@@ -134,21 +134,26 @@ class Progress:
 
 
 def chat_burst(port: int, prefix: str, progress: Progress, stop: threading.Event) -> None:
-    """Register account after account; log in with the first and say a line after each."""
+    """Register account after account; log in with the first and say a line after each.
+
+    Two clients: requests of a logged-in client carry the session's sequence numbers,
+    so registering goes through one that never logs in.
+    """
     try:
-        with ChatClient("127.0.0.1", port, timing=BURST_TIMING) as chat:
+        with ChatClient("127.0.0.1", port, timing=BURST_TIMING) as registrar, \
+                ChatClient("127.0.0.1", port, timing=BURST_TIMING) as talker:
             for number in itertools.count():
                 if stop.is_set():
                     return
                 name = f"{prefix}n{number}"
-                if chat.register(name, PASSWORD) == "Registration successful.":
+                if registrar.register(name, PASSWORD) == "Registration successful.":
                     progress.confirm(progress.users, name)
                 if number == 0:
-                    chat.login(name, PASSWORD)
-                    chat.join("lobby", LOBBY_PASSWORD)
+                    talker.login(name, PASSWORD)
+                    talker.join("lobby", LOBBY_PASSWORD)
                 else:
                     text = f"{name} was here"
-                    chat.say(text)  # returns only when the server said OK
+                    talker.say(text)  # returns only when the server said OK
                     progress.confirm(progress.messages, text)
     except ChatError as error:  # the server was killed under us: what this test is about
         if not stop.is_set():
@@ -199,9 +204,9 @@ def test_killed_server_keeps_every_confirmed_account_and_message(tmp_path, start
         try:
             kill_after = rng.randint(1, MOST_CONFIRMATIONS)
             assert progress.wait_for(kill_after), f"cycle {cycle}: no progress; {progress.errors}"
-            process.kill()
         finally:
-            stop.set()
+            stop.set()  # first, so that the clients take what follows for the crash it is
+            process.kill()
             for worker in workers:
                 worker.join()
         assert not progress.errors, f"cycle {cycle}: a client failed before the kill: {progress.errors}"
