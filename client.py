@@ -244,6 +244,7 @@ class ChatClient:
             reason = getattr(error, "strerror", None) or error
             raise ServerNotResponding(f"Cannot reach {host}:{port}: {reason}") from None
         sock.settimeout(MAX_WAIT)
+        self.loss = loss
         self.sock = LossySocket(sock, loss, seed, self.trace_drop) if loss else sock
         self.threads = [threading.Thread(target=self.receive_forever, name="chat-receiver", daemon=True),
                         threading.Thread(target=self.keep_alive, name="chat-heartbeat", daemon=True)]
@@ -316,7 +317,9 @@ class ChatClient:
     def hello(self) -> str:
         """Ask for a cookie: proof for the server that we really are at our address."""
         padding = "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)  # see MIN_HELLO_SIZE
-        return self.request(PacketType.HELLO, padding, give_up_after=self.timing.connect_timeout)[0]
+        # A simulated loss (--loss) makes each try less likely to get through: try longer.
+        patience = self.timing.connect_timeout / (1 - self.loss) ** 2
+        return self.request(PacketType.HELLO, padding, give_up_after=patience)[0]
 
     @staticmethod
     def check_length(text: str) -> None:
