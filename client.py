@@ -97,6 +97,7 @@ class Timing:
     heartbeat_every: float = 5.0  # say PING after this much quiet, so the server keeps us
     lost_contact_after: float = 15.0  # nothing heard this long: warn the user...
     give_up_after: float = 45.0  # ...and this long: give up and close
+    initial_rto: float = RtoEstimator.INITIAL
     min_rto: float = RtoEstimator.FLOOR
     max_rto: float = RtoEstimator.CEILING
     goodbye_timeout: float = 3.0  # how long `exit` waits for the server's goodbye
@@ -219,7 +220,7 @@ class ChatClient:
         self.events: queue.Queue = queue.Queue()
         self.on_notice = on_notice or (lambda text: None)
         self.trace_to = trace  # a function taking a line, or None for no packet trace
-        self.rto = RtoEstimator(floor=self.timing.min_rto, ceiling=self.timing.max_rto)
+        self.rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
         # A random first sequence number, as TCP does: a new client at an address that
         # an old one used is never mistaken for it.
         self.seq = secrets.randbelow(1 << 30)
@@ -245,7 +246,7 @@ class ChatClient:
             raise ServerNotResponding(f"Cannot reach {host}:{port}: {reason}") from None
         sock.settimeout(MAX_WAIT)
         self.loss = loss
-        self.sock = LossySocket(sock, loss, seed, self.trace_drop) if loss else sock
+        self.sock = LossySocket(sock, loss, seed, self.trace_drop, side="client") if loss else sock
         self.threads = [threading.Thread(target=self.receive_forever, name="chat-receiver", daemon=True),
                         threading.Thread(target=self.keep_alive, name="chat-heartbeat", daemon=True)]
         for thread in self.threads:

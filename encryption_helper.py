@@ -155,7 +155,7 @@ class XorCipher:
 
 
 class CaesarCipher:
-    """Caesar's shift applied to bytes - a TEACHING TOY, broken by trying all 256 shifts.
+    """Caesar's shift applied to bytes - a TEACHING TOY, broken by trying all 255 shifts.
 
     Every byte value b becomes (b + shift) mod 256; decryption shifts back. A
     translation table does the whole payload in one C-level call.
@@ -319,8 +319,11 @@ class RtoEstimator:
     # RFC 6298 asks for at least 1 s, chosen for the Internet of 2000. On a LAN round
     # trips are below 10 ms; Linux's TCP uses 200 ms, and so do we.
     FLOOR = 0.2
-    # Backoff stops growing here: a chat waiting longer than 5 s per try feels dead.
-    CEILING = 5.0
+    # Backoff stops growing here. RFC 6298 allows 60 s, for the Internet; on a LAN 2 s is
+    # a hundred round trips, and a chat waiting longer per try feels dead. A short
+    # ceiling also matters on a very lossy link, where most tries fail: more tries a
+    # minute means less time lost.
+    CEILING = 2.0
 
     def __init__(self, initial: float = INITIAL, floor: float = FLOOR, ceiling: float = CEILING):
         self.floor = floor
@@ -351,15 +354,19 @@ class LossySocket:
 
     With a fixed `seed` the same datagrams are dropped on every run, so a class can
     watch retransmission recover from loss on one machine, and a failing test repeats.
+    Each direction draws from its own generator, and `side` ("server", "client") tells
+    the two ends apart: a server and a client given the same seed must not drop in
+    lockstep (they would lose every reply to a request that got through).
     Everything but sending and receiving passes through to the real socket.
     """
 
-    def __init__(self, sock, loss: float, seed: int | None = None, on_drop=None):
+    def __init__(self, sock, loss: float, seed: int | None = None, on_drop=None, side: str = ""):
         if not 0.0 <= loss < 1.0:
             raise ValueError("loss must be at least 0 and below 1")
         self.sock = sock
         self.loss = loss
-        self.random = random.Random(seed)
+        self.randoms = {direction: random.Random(None if seed is None else f"{side}/{seed}/{direction}")
+                        for direction in ("in", "out")}
         self.on_drop = on_drop or (lambda direction, data: None)
         self.dropped = 0
 
@@ -368,7 +375,7 @@ class LossySocket:
 
     def lost(self, direction: str, data: bytes) -> bool:
         """Decide whether this datagram is lost; count and report it if so."""
-        if self.random.random() >= self.loss:
+        if self.randoms[direction].random() >= self.loss:
             return False
         self.dropped += 1
         self.on_drop(direction, data)

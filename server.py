@@ -444,6 +444,9 @@ class ChatServer:
         if packet.type in STRANGER_HANDLERS:
             self.handle_stranger(packet, address, len(data), now)
         elif session is None or not hmac.compare_digest(session.token, packet.token):
+            if packet.type == PacketType.ACK:  # e.g. the last ACK of a client that said BYE
+                self.stats["no-session"] += 1
+                return
             self.handle_unknown_session(packet, address, session)
         elif packet.type == PacketType.ACK:
             self.handle_ack(session, packet, now)
@@ -669,7 +672,8 @@ class ChatServer:
             return
         try:
             fields = MEMBER_HANDLERS[packet.type](self, session, packet, now)
-            ptype, outcome = PacketType.OK, "ok" + (f": {fields[-1]}" if fields else "")
+            summary = fields[-1] if packet.type in TEXT_REPLIES else f"{len(fields)} fields"
+            ptype, outcome = PacketType.OK, f"ok: {summary}"
         except Refusal as refusal:
             fields, ptype, outcome = refusal.fields, PacketType.ERROR, f"refused: {refusal.fields[1]}"
         except PacketError as error:
@@ -726,7 +730,8 @@ class ChatServer:
         if not self.config.quiet:  # the assignment: the server prints every message it relays
             self.emit(f"{timestamp()} [{room.name}] {session.name}: {text!r}")
         self.publish(room, "chat", session.name, text, now, exclude=session)
-        return [f"to {room.name}, {len(room.members) - 1} others"]
+        others = len(room.members) - 1
+        return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
 
     def handle_private(self, session: Session, packet: Packet, now: float) -> list[str]:
         target_name, text = unpack_fields(packet.payload, 2)
@@ -854,6 +859,9 @@ class ChatServer:
     def close(self) -> None:
         self.history.close()
 
+
+# Requests whose OK reply ends with a sentence for the user (the others carry data).
+TEXT_REPLIES = {PacketType.JOIN, PacketType.SAY, PacketType.PRIVATE, PacketType.BYE}
 
 # One table each: which method handles which packet type.
 STRANGER_HANDLERS = {
@@ -1025,7 +1033,7 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
         return sock
     def on_drop(direction, data):
         chat.trace("LOST" if direction == "out" else "lost", data, ("simulated", 0), " (simulated loss)")
-    return LossySocket(sock, config.loss, config.seed, on_drop)
+    return LossySocket(sock, config.loss, config.seed, on_drop, side="server")
 
 
 # --- Starting from the command line --------------------------------------------------

@@ -27,7 +27,13 @@ pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine,
+    initialize,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import auth  # noqa: E402
 import server  # noqa: E402
@@ -192,7 +198,7 @@ HONEST_ROOMS = ["lobby", "lab", "Lab", "x.y", "z"]
 PASSWORD = "secret"  # every honest account's, and (for rooms but the lobby) every honest room's
 START = 1000.0  # the fake monotonic clock at the first step
 WALL_CLOCK = 1_700_000_000.0  # the fake unix time at the first step
-STEP = 0.01  # seconds the clock moves with every datagram
+STEP = 0.05  # seconds the clock moves with every datagram
 HELLO_PADDING = "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)
 # Built once: PBKDF2 even at 1000 iterations is worth not repeating for every example.
 RECORDS = [auth.new_record(name, "secret", 1000) for name in ACCOUNTS]
@@ -203,7 +209,7 @@ def fuzz_config(data_dir: str) -> server.ServerConfig:
     queues, full server, evicted reply cache, lockouts."""
     return server.ServerConfig(
         data_dir=data_dir, kdf_iterations=1000, quiet=True, room_password=LOBBY_PASSWORD,
-        window=3, max_queue=8, max_sessions=2, max_rooms=3, reply_cache=2, message_burst=4,
+        window=3, max_queue=8, max_sessions=2, max_rooms=3, reply_cache=2, message_burst=8,
         login_failures=3, registrations_per_address=4, max_pending_hashes=3, max_pending_per_address=2,
         history_on_join=3, max_retransmits=4, session_timeout=30.0,
     )
@@ -239,6 +245,7 @@ member_seqs = st.tuples(st.sampled_from(["next"] * 6 + ["repeat", "stale", "ahea
                         st.integers(0, 2**32 - 1))
 token_choices = st.tuples(st.sampled_from(["own"] * 6 + ["other", "seen", "random", "none"]), tokens)
 cookie_choices = st.sampled_from(["own"] * 5 + ["other", "garbage", "missing"])
+REQUIRE_TOKEN = frozenset(PacketType) - {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN}
 MEMBER_TYPES = [PacketType.JOIN, PacketType.SAY, PacketType.PRIVATE, PacketType.ROOMS, PacketType.WHO,
                 PacketType.PING, PacketType.BYE]
 
@@ -281,6 +288,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.made: dict[bytes, int] = {}  # token -> EVENTs made for that session so far
         self.event_payloads: dict = {}  # (token, seq) -> the payload that EVENT was made with
         self.delivered: set = set()  # (token, kind, text) of chat and private EVENTs made
+        self.room_passwords = {server.LOBBY: LOBBY_PASSWORD}  # room key -> the password it was made with
         self.highest_sent: dict[bytes, int] = {}  # token -> highest EVENT seq seen on the wire
         self.messages = 0
 
@@ -351,6 +359,13 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     # --- Honest clients: what ChatClient does, in the right order ---
 
+    @initialize(members=st.sampled_from([2, 2, 2, 1, 0]), room=st.sampled_from(HONEST_ROOMS))
+    def start_with_members(self, members, room):
+        """Most runs start with people logged in and in a room, where the interesting bugs live."""
+        for number in range(members):
+            self.log_in(number, ACCOUNTS[number], True)
+            self.join(ADDRESSES[number], room, True)
+
     @rule(a=addresses, name=st.sampled_from(HONEST_NAMES), run=run_now)
     def log_in(self, a, name, run):
         """HELLO for a cookie, then LOGIN with it (a wrong password if the name is new)."""
@@ -370,8 +385,10 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.chat.sessions)
     @rule(pick=st.integers(0, 2**16), room=st.sampled_from(HONEST_ROOMS), right=st.sampled_from([True] * 5 + [False]))
-    def join(self, pick, room, right):
-        address = self.pick_member(pick)
+    def join_room(self, pick, room, right):
+        self.join(self.pick_member(pick), room, right)
+
+    def join(self, address, room: str, right: bool) -> None:
         password = (LOBBY_PASSWORD if room.lower() == server.LOBBY else PASSWORD) if right else "wrong"
         self.send_as_member(address, PacketType.JOIN, room, password)
 
@@ -491,7 +508,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.run_deferred()
         self.after_step(before)
 
-    @rule(seconds=st.sampled_from([0.05, 0.3, 1.0, 2.0, 6.0, 31.0, 65.0]))
+    @rule(seconds=st.sampled_from([0.05, 0.05, 0.3, 0.3, 1.0, 2.0, 6.0, 31.0, 65.0]))
     def time_passes(self, seconds):
         self.now += seconds
         before = self.snapshot()
@@ -505,12 +522,13 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def deliver(self, data: bytes, address, run: bool) -> None:
         self.now += STEP
-        before = self.snapshot()
+        before, rooms_before = self.snapshot(), set(self.chat.rooms)
         self.sent.append(data)
         self.chat.handle_datagram(data, address, self.now)
         packet = try_decode(data, self.cipher)
         self.check_no_amplification(data, address, packet, before)
-        self.follow_join(packet, address, before)
+        self.check_wrong_token_changes_nothing(packet, address, before)
+        self.follow_join(packet, address, before, rooms_before)
         self.deferred.extend(self.chat.slow_jobs)
         self.chat.slow_jobs.clear()
         if run:
@@ -524,8 +542,8 @@ class ChatServerMachine(RuleBasedStateMachine):
             then(work(), self.now)
 
     def snapshot(self) -> dict:
-        """Return, for each address with a session, (token, room, last request seq)."""
-        return {address: (session.token, session.room, session.last_seq)
+        """Return, for each address with a session, (token, room, last request seq, user name)."""
+        return {address: (session.token, session.room, session.last_seq, session.name)
                 for address, session in self.chat.sessions.items()}
 
     def after_step(self, before: dict) -> None:
@@ -537,6 +555,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             outbox.append((packet, to))
         self.chat.outbox.clear()
         self.learn(outbox)
+        self.room_passwords = {key: password for key, password in self.room_passwords.items() if key in self.chat.rooms}
         self.check_sessions()
         self.check_rooms()
         self.check_new_events()
@@ -555,22 +574,38 @@ class ChatServerMachine(RuleBasedStateMachine):
                 if len(fields) == 1 and len(fields[0]) == 32 and fields[0].isalnum():
                     self.cookies[to].append(fields[0])
 
-    def follow_join(self, packet: Packet | None, address, before: dict) -> None:
-        """If this datagram was a JOIN the server took as new, note the room it granted."""
+    def follow_join(self, packet: Packet | None, address, before: dict, rooms_before: set) -> None:
+        """If this datagram was a JOIN the server took as new, note the room it granted.
+
+        Also checks that only the right password opens a room: the one it was made with.
+        """
         held = before.get(address)
         if packet is None or packet.type != PacketType.JOIN or held is None:
             return
-        token, _, last_seq = held
+        token, room_before, last_seq, _ = held
         if packet.token != token or packet.seq != last_seq + 1:
             return  # not a new request of that session: dropped, or answered from memory
         answers = [reply for reply in (try_decode(data, self.cipher) for data, to in self.chat.outbox if to == address)
                    if reply.type in (PacketType.OK, PacketType.ERROR) and reply.ack == packet.seq]
         assert len(answers) == 1, f"a JOIN got {len(answers)} answers"
         if answers[0].type == PacketType.OK:
-            asked = unpack_fields(packet.payload, 2)[0]
+            asked, password = unpack_fields(packet.payload, 2)
             granted = unpack_fields(answers[0].payload)[0]
-            assert granted.lower() == asked.lower(), f"asked to join {asked!r}, was put in {granted!r}"
-            self.expected_room[token] = granted.lower()
+            key = granted.lower()
+            assert key == asked.lower(), f"asked to join {asked!r}, was put in {granted!r}"
+            if key not in rooms_before:
+                self.room_passwords[key] = password
+            elif key != room_before:
+                assert password == self.room_passwords[key], f"{granted} opened with a wrong password"
+            self.expected_room[token] = key
+
+    def check_wrong_token_changes_nothing(self, packet: Packet | None, address, before: dict) -> None:
+        held = before.get(address)
+        if packet is None or held is None or packet.token == held[0] or packet.type not in REQUIRE_TOKEN:
+            return
+        session = self.chat.sessions.get(address)
+        assert session is not None and (session.token, session.room, session.last_seq, session.name) == held, (
+            f"a {packet.type.name} with a wrong token changed the session at {address}")
 
     # --- The invariants ---
 
@@ -622,21 +657,23 @@ class ChatServerMachine(RuleBasedStateMachine):
             made = session.outbound.next_seq - 1 + len(session.outbound.waiting)
             for seq in range(self.made.get(session.token, 0) + 1, made + 1):
                 assert seq in events, f"EVENT {seq} for {session.name} was acknowledged before it was sent"
-                kind, _, room, user, text = unpack_fields(events[seq], 5)
-                if kind == "private":
-                    assert room == ""
-                else:
-                    assert kind in ("chat", "join", "leave", "history"), kind
-                    assert room.lower() == session.room, (
-                        f"{kind} EVENT of room {room!r} made for {session.name}, who is in {session.room!r}")
-                if kind == "chat":
-                    assert user.lower() != session.name.lower(), "a member was sent its own message"
-                if kind in ("chat", "private"):
-                    key = (session.token, kind, text)
-                    assert key not in self.delivered, f"{kind} message {text!r} made twice for {session.name}"
-                    self.delivered.add(key)
-                self.event_payloads[(session.token, seq)] = events[seq]
+                self.check_event(session.token, session.name, session.room, seq, events[seq])
             self.made[session.token] = made
+
+    def check_event(self, token: bytes, name: str, room_key: str | None, seq: int, payload: bytes) -> None:
+        """Check a new EVENT for `name`, who is in `room_key`, and remember it."""
+        kind, _, room, user, text = unpack_fields(payload, 5)
+        if kind == "private":
+            assert room == ""
+        else:
+            assert kind in ("chat", "join", "leave", "history"), kind
+            assert room.lower() == room_key, f"{kind} EVENT of room {room!r} made for {name}, who is in {room_key!r}"
+        if kind == "chat":
+            assert user.lower() != name.lower(), "a member was sent its own message"
+        if kind in ("chat", "private"):
+            assert (token, kind, text) not in self.delivered, f"{kind} message {text!r} made twice for {name}"
+            self.delivered.add((token, kind, text))
+        self.event_payloads[(token, seq)] = payload
 
     def check_event_datagrams(self, outbox, before: dict) -> None:
         """EVENTs go only to the address holding their token, with the content they were made with."""
@@ -647,7 +684,12 @@ class ChatServerMachine(RuleBasedStateMachine):
             holders = {before[to][0] if to in before else None, after.get(to)}
             assert packet.token in holders, f"an EVENT went to {to}, which holds no session with its token"
             made = self.event_payloads.get((packet.token, packet.seq))
-            assert made == packet.payload, f"EVENT {packet.seq} on the wire differs from the one made"
+            if made is None:  # made in this step for a session that also ended in it (time out, BYE)
+                assert packet.token not in after.values(), f"EVENT {packet.seq} on the wire was never made"
+                token, room_key, _, name = before[to]
+                self.check_event(token, name, room_key, packet.seq, packet.payload)
+            else:
+                assert made == packet.payload, f"EVENT {packet.seq} on the wire differs from the one made"
 
     def check_messages_stored_once(self) -> None:
         """However often a SAY is replayed, its message is stored once at most."""

@@ -72,7 +72,7 @@ def test_any_arrival_order_with_duplicates_delivers_each_once_in_order(seed):
 
 
 def outbound(size=4, max_queue=10, rto=None) -> server.OutboundWindow:
-    return server.OutboundWindow(size, max_queue, rto or RtoEstimator(initial=1.0, floor=0.2))
+    return server.OutboundWindow(size, max_queue, rto or RtoEstimator(initial=1.0, floor=0.2, ceiling=10.0))
 
 
 def test_at_most_a_window_is_in_flight():
