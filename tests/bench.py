@@ -75,9 +75,6 @@ CHEAP_HASH = 1_000  # PBKDF2 iterations of the bench accounts' stored hashes
 SENDER = "sender"
 SETUP_TIMEOUT = 60.0  # seconds for every receiver to be logged in and ready
 SETTLE = 5.0  # seconds without a new arrival after which a row stops waiting
-# The client's defaults, except a longer wait for the first answer: with 20% loss each way
-# the default 6 s (tries after 0, 1 and 3 s) fails one HELLO in 21, about one row in two.
-TIMING = client.Timing(connect_timeout=30.0)
 
 # The server as a child process: the settings come as JSON, the chosen port goes to stdout.
 SERVER_LAUNCHER = """
@@ -327,7 +324,7 @@ class ChatReceiver:
         self.tally = Tally()
         self.sender_joined = threading.Event()  # after it, every earlier EVENT has arrived
         self.client = client.ChatClient(address[0], address[1], loss=loss, seed=seed if loss else None,
-                                        timing=TIMING, on_event=self.on_event)
+                                        on_event=self.on_event)
         enter_lobby(self.client, name)
 
     def on_event(self, event: client.Event) -> None:
@@ -515,7 +512,7 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
         try:
             receivers = connect_receivers(process.address, names, scenario.loss)
             sender = client.ChatClient(*process.address, loss=scenario.loss,
-                                       seed=10_000 if scenario.loss else None, timing=TIMING)
+                                       seed=10_000 if scenario.loss else None)
             enter_lobby(sender, SENDER)
             wait_all([receiver.sender_joined for receiver in receivers], SETUP_TIMEOUT, "the receivers")
             if scenario.login_flood:

@@ -641,7 +641,8 @@ def fuzz(count: int, seed: int, max_crashes: int, workdir: str) -> dict:
                 drops_before = kernel_drops([arena.process.port]) or 0
             batch = []
             if sent % 20_000 < SYNC_EVERY:
-                print(f"  {sent:,} datagrams sent, {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+                print(f"  {sent:,} datagrams sent, {time.monotonic() - started:.1f} s, server VmRSS "
+                      f"{megabytes(arena.process.memory(), 'VmRSS')} MB", file=sys.stderr, flush=True)
     elapsed = time.monotonic() - started
     if arena is not None:
         dropped += (kernel_drops([arena.process.port]) or 0) - drops_before
