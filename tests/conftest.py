@@ -106,6 +106,11 @@ def next_event(made: client.ChatClient, kind: str | None = None, timeout: float 
             return event
 
 
+def texts_of(made: client.ChatClient, kind: str, count: int, timeout: float = 30.0) -> list[str]:
+    """Return the texts of the next `count` events of `kind` (others skipped), in arrival order."""
+    return [next_event(made, kind, timeout).text for _ in range(count)]
+
+
 def no_more_events(made: client.ChatClient, probe: client.ChatClient) -> list[client.Event]:
     """Return events `made` still has, after a round trip proves nothing is in flight.
 

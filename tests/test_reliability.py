@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import fast_timing, member, next_event
+from conftest import fast_timing, member, texts_of
 
 import client
 import server
@@ -306,12 +306,7 @@ def test_300_messages_reach_every_member_once_and_in_order(relay, make_client):
     for text in sent:
         alice.say(text)
     for receiver in (bob, carol):
-        received = []
-        while len(received) < len(sent):
-            event = next_event(receiver, timeout=30)
-            if event.kind == "chat":
-                received.append(event.text)
-        assert received == sent
+        assert texts_of(receiver, "chat", len(sent)) == sent
     assert relay.stats["dropped"] > 100 and relay.stats["duplicated"] > 20 and relay.stats["delayed"] > 20
 
 
@@ -320,12 +315,7 @@ def test_private_messages_survive_the_bad_network(relay, make_client):
     bob = through(relay, make_client, "bob")
     for number in range(50):
         alice.private("bob", f"secret {number}")
-    received = []
-    while len(received) < 50:
-        event = next_event(bob, timeout=30)
-        if event.kind == "private":
-            received.append(event.text)
-    assert received == [f"secret {number}" for number in range(50)]
+    assert texts_of(bob, "private", 50) == [f"secret {number}" for number in range(50)]
 
 
 def test_loss_switch_on_both_ends(start_server, make_client):
@@ -334,12 +324,7 @@ def test_loss_switch_on_both_ends(start_server, make_client):
     bob = member(make_client, running.address, "bob", loss=0.15, seed=7, timing=lossy_timing())
     for number in range(30):
         alice.say(f"n{number}")
-    texts = []
-    while len(texts) < 30:
-        event = next_event(bob, timeout=30)
-        if event.kind == "chat":
-            texts.append(event.text)
-    assert texts == [f"n{number}" for number in range(30)]
+    assert texts_of(bob, "chat", 30) == [f"n{number}" for number in range(30)]
     assert running.loop.sock.dropped > 0 and alice.sock.dropped > 0
 
 
