@@ -309,7 +309,11 @@ class HistoryLog:
 
     def __init__(self, path: str):
         self.path = path
+        torn = ends_inside_a_line(path)
         self.file = open(path, "a", encoding="utf-8", newline="\n")
+        if torn:  # killed mid-write last time: end that line, so the next one stands alone
+            self.file.write("\n")
+            self.file.flush()
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
@@ -319,6 +323,19 @@ class HistoryLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def ends_inside_a_line(path: str) -> bool:
+    """Does the file at `path` end without a final newline (a line torn by a crash)?"""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            if file.tell() == 0:
+                return False
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def read_history(path: str, room: str, keep: int, warn) -> collections.deque:
@@ -360,6 +377,8 @@ class ChatServer:
         self.cipher = make_cipher(config.cipher, config.key)
         self.emit = log
         self.wall_clock = wall_clock
+        self.problems_this_second = 0  # set first: reading the history may report problems
+        self.problem_second = 0
         os.makedirs(config.data_dir, exist_ok=True)
         self.users = auth.UserStore(os.path.join(config.data_dir, USERS_FILE), config.kdf_iterations)
         history_path = os.path.join(config.data_dir, HISTORY_FILE)
@@ -382,8 +401,6 @@ class ChatServer:
         # Work for the network layer:
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams to send
         self.slow_jobs: list = []  # (work, then): work() off the loop, then(result, now) on it
-        self.problems_this_second = 0
-        self.problem_second = 0
         self.stats = collections.Counter()
 
     # --- Logging: every action on one line (who, what, size, outcome) ---
@@ -526,14 +543,17 @@ class ChatServer:
         return name, password
 
     def answer_stranger(self, packet: Packet, address: Address, size: int, fields, user: str,
-                        token=None, ok=False) -> None:
+                        token=None, ok=False) -> bytes:
         """Send a reply to a proven address and remember it for retries of the request."""
         answer = self.reply(packet, PacketType.OK if ok else PacketType.ERROR, fields, token or packet.token)
-        self.recent_replies[(address, packet.seq)] = answer
+        key = (address, packet.seq)
+        self.recent_replies[key] = answer
+        self.recent_replies.move_to_end(key)  # it may have waited there, as None, for the hash
         while len(self.recent_replies) > self.config.reply_cache:
             self.recent_replies.popitem(last=False)
         self.log(address, user, packet.type.name, size, ("ok: " if ok else "refused: ") + fields[-1])
         self.send(answer, address)
+        return answer
 
     def check_capacity(self, address: Address, now: float) -> None:
         """Refuse work for the hash worker when it already has enough."""
@@ -617,8 +637,7 @@ class ChatServer:
         else:
             session = self.open_session(name, address, packet.seq, now)
             welcome = [name, LOBBY, f"Welcome, {name}."]
-            self.answer_stranger(packet, address, size, welcome, name, session.token, ok=True)
-            session.last_reply = self.recent_replies[(address, packet.seq)]
+            session.last_reply = self.answer_stranger(packet, address, size, welcome, name, session.token, ok=True)
 
     def start_slow_job(self, packet: Packet, address: Address, size: int, user: str, work, then) -> None:
         """Run `work` on the hash worker; `then(result, now)` runs on the loop afterwards."""

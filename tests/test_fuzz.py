@@ -191,7 +191,7 @@ ACCOUNTS = ["alice", "bob", "carol"]  # exist before the first step
 NAMES = ["alice", "Alice", "bob", "carol", "dave", "erin", "x" * 21, "bad name", ""]
 PASSWORDS = ["secret", "wrong", ""]
 ROOMS = ["lobby", "LOBBY", "lab", "Lab", "x.y", "z", "bad room", ""]
-ROOM_PASSWORDS = ["juara", "pw", ""]
+ROOM_PASSWORDS = ["juara", "secret", "pw", ""]
 LOBBY_PASSWORD = "juara"
 HONEST_NAMES = ["alice", "bob", "carol", "dave", "Dave", "erin"]  # dave and erin must register first
 HONEST_ROOMS = ["lobby", "lab", "Lab", "x.y", "z"]
@@ -288,6 +288,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.made: dict[bytes, int] = {}  # token -> EVENTs made for that session so far
         self.event_payloads: dict = {}  # (token, seq) -> the payload that EVENT was made with
         self.delivered: set = set()  # (token, kind, text) of chat and private EVENTs made
+        self.answers: dict = {}  # (address, token, seq) -> the datagram that answered that request
         self.room_passwords = {server.LOBBY: LOBBY_PASSWORD}  # room key -> the password it was made with
         self.highest_sent: dict[bytes, int] = {}  # token -> highest EVENT seq seen on the wire
         self.messages = 0
@@ -384,7 +385,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             self.send(Packet(PacketType.REGISTER, self.fresh_seq(address), payload=payload), address, run)
 
     @precondition(lambda self: self.chat.sessions)
-    @rule(pick=st.integers(0, 2**16), room=st.sampled_from(HONEST_ROOMS), right=st.sampled_from([True] * 5 + [False]))
+    @rule(pick=st.integers(0, 2**16), room=st.sampled_from(HONEST_ROOMS), right=st.sampled_from([True, True, False]))
     def join_room(self, pick, room, right):
         self.join(self.pick_member(pick), room, right)
 
@@ -447,24 +448,21 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.send(packet, address, run)
 
     @rule(a=addresses, ptype=st.sampled_from(MEMBER_TYPES), token=token_choices, seq=member_seqs,
-          pick=st.integers(0, 2**16), damaged=st.sampled_from([False] * 4 + [True]))
-    def send_request(self, a, ptype, token, seq, pick, damaged):
+          room=st.sampled_from(ROOMS), password=st.sampled_from(ROOM_PASSWORDS), to=st.sampled_from(NAMES),
+          text=st.sampled_from(["new"] * 3 + ["", "   ", "x" * 1001, "\U0001f600 a:b|c\n"]),
+          damaged=st.sampled_from([None] * 6 + [pack_fields("x", "y", "z"), b"\x00", b"\x00\x05ab",
+                                                 b"\x00\x02\xff\xfe"]))
+    def send_request(self, a, ptype, token, seq, room, password, to, text, damaged):
+        """Any request, any token, any sequence number; sometimes fields that make no sense."""
         address = ADDRESSES[a]
-        payload = self.request_payload(ptype, pick)
-        if damaged:  # a wrong number of fields, or not fields at all
-            payload = [pack_fields("x", "y", "z"), b"\x00", b"\x00\x05ab", b"\x00\x02\xff\xfe"][pick % 4]
+        if text == "new":
+            text = self.new_text()
+        elif text.startswith("\U0001f600"):
+            text = f"{self.new_text()} {text}"
+        fields = {PacketType.JOIN: [room, password], PacketType.SAY: [text], PacketType.PRIVATE: [to, text]}
+        payload = pack_fields(*fields.get(ptype, [])) if damaged is None else damaged
         packet = Packet(ptype, self.member_seq(address, seq), 0, self.token_for(address, token), 0, payload)
         self.send(packet, address, True)
-
-    def request_payload(self, ptype: PacketType, pick: int) -> bytes:
-        if ptype == PacketType.JOIN:
-            return pack_fields(ROOMS[pick % len(ROOMS)], ROOM_PASSWORDS[pick // 8 % len(ROOM_PASSWORDS)])
-        if ptype in (PacketType.SAY, PacketType.PRIVATE):
-            text = self.new_text()
-            texts = [text, "", "   ", "x" * 1001, f"{text} \U0001f600 a:b|c\n"]
-            fields = [NAMES[pick % 5]] if ptype == PacketType.PRIVATE else []
-            return pack_fields(*fields, texts[pick % len(texts)])
-        return b""
 
     @rule(a=addresses, token=token_choices, how=st.sampled_from(["some", "random", "bad"]),
           value=st.integers(0, 2**32 - 1), bitmap=st.integers(0, 2**32 - 1))
@@ -528,6 +526,8 @@ class ChatServerMachine(RuleBasedStateMachine):
         packet = try_decode(data, self.cipher)
         self.check_no_amplification(data, address, packet, before)
         self.check_wrong_token_changes_nothing(packet, address, before)
+        self.check_repeat_answered_alike(packet, address, before)
+        self.remember_answer(packet, address, before)
         self.follow_join(packet, address, before, rooms_before)
         self.deferred.extend(self.chat.slow_jobs)
         self.chat.slow_jobs.clear()
@@ -555,6 +555,11 @@ class ChatServerMachine(RuleBasedStateMachine):
             outbox.append((packet, to))
         self.chat.outbox.clear()
         self.learn(outbox)
+        for packet, to in outbox:  # a login's answer is what its session repeats, too
+            session = self.chat.sessions.get(to)
+            if session and packet.type == PacketType.OK and (packet.token, packet.ack) == (session.token,
+                                                                                          session.last_seq):
+                self.answers.setdefault((to, packet.token, packet.ack), encode_packet(packet, self.cipher))
         self.room_passwords = {key: password for key, password in self.room_passwords.items() if key in self.chat.rooms}
         self.check_sessions()
         self.check_rooms()
@@ -598,6 +603,29 @@ class ChatServerMachine(RuleBasedStateMachine):
             elif key != room_before:
                 assert password == self.room_passwords[key], f"{granted} opened with a wrong password"
             self.expected_room[token] = key
+
+    def remember_answer(self, packet: Packet | None, address, before: dict) -> None:
+        """Keep the answer to a member's new request, to compare with answers to its repeats."""
+        held = before.get(address)
+        if packet is None or held is None or packet.token != held[0] or packet.type not in MEMBER_TYPES:
+            return
+        if packet.seq == held[2] + 1:
+            answers = [data for data, to in self.chat.outbox
+                       if to == address and decode_packet(data, self.cipher).type in (PacketType.OK, PacketType.ERROR)
+                       and decode_packet(data, self.cipher).ack == packet.seq]
+            assert len(answers) == 1, f"a {packet.type.name} got {len(answers)} answers"
+            self.answers[(address, packet.token, packet.seq)] = answers[0]
+
+    def check_repeat_answered_alike(self, packet: Packet | None, address, before: dict) -> None:
+        """A request sent again (its answer was lost) gets the same answer, and changes nothing."""
+        held = before.get(address)
+        if packet is None or held is None or packet.token != held[0] or packet.type not in MEMBER_TYPES:
+            return
+        expected = self.answers.get((address, packet.token, packet.seq))
+        if packet.seq == held[2] and expected is not None:
+            assert self.chat.outbox == [(expected, address)], f"a repeated {packet.type.name} got another answer"
+            session = self.chat.sessions.get(address)
+            assert (session.token, session.room, session.last_seq, session.name) == held
 
     def check_wrong_token_changes_nothing(self, packet: Packet | None, address, before: dict) -> None:
         held = before.get(address)
