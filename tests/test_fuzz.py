@@ -307,6 +307,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         session = self.session_at(address)
         seq = max(self.counter[address], session.last_seq if session else 0) + 1
         self.counter[address] = seq
+        self.used_seqs[address].append(seq)
         return seq
 
     def stranger_seq(self, address, choice) -> int:
@@ -315,9 +316,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             return self.used_seqs[address][value % len(self.used_seqs[address])]
         if kind == "random":
             return value
-        seq = self.fresh_seq(address)
-        self.used_seqs[address].append(seq)
-        return seq
+        return self.fresh_seq(address)
 
     def member_seq(self, address, choice) -> int:
         kind, value = choice
@@ -735,26 +734,98 @@ def test_chat_server_keeps_its_invariants_under_random_traffic():
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
 
+# --- What the state machine found, kept as plain examples --------------------------
+
+
+def small_server(data_dir, **changes) -> server.ChatServer:
+    """Return a ChatServer on `data_dir` where alice and bob (password "pw") exist."""
+    config = server.ServerConfig(data_dir=str(data_dir), kdf_iterations=1000, quiet=True, **changes)
+    chat = server.ChatServer(config, log=lambda line: None)
+    chat.users.add(auth.new_record("alice", "pw", 1000))
+    chat.users.add(auth.new_record("bob", "pw", 1000))
+    return chat
+
+
+def get_cookie(chat: server.ChatServer, address, seq: int = 1) -> str:
+    hello = Packet(PacketType.HELLO, seq, payload=pack_fields(HELLO_PADDING))
+    chat.handle_datagram(encode_packet(hello, chat.cipher), address, START)
+    (reply, to), = chat.outbox
+    chat.outbox.clear()
+    return unpack_fields(decode_packet(reply, chat.cipher).payload)[0]
+
+
 def test_login_answer_survives_reply_cache_eviction(tmp_path):
     """A login finishing while the reply cache is over-full must not crash the server.
 
-    Shrunk from the state machine: with the default cache of 4096 the same happens when
+    Found by the state machine. With the default cache of 4096 the same happens when
     4095 refused requests arrive while one password is being hashed.
     """
-    chat = server.ChatServer(server.ServerConfig(data_dir=str(tmp_path), kdf_iterations=1000, quiet=True,
-                                                 reply_cache=1), log=lambda line: None)
+    chat = small_server(tmp_path, reply_cache=1)
     try:
-        chat.users.add(auth.new_record("alice", "pw", 1000))
-        chat.users.add(auth.new_record("bob", "pw", 1000))
-        for ip, name in (("10.0.0.1", "alice"), ("10.0.0.2", "bob")):
-            address = (ip, 40000)
-            chat.handle_datagram(encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields(HELLO_PADDING)),
-                                               chat.cipher), address, START)
-            cookie = unpack_fields(decode_packet(chat.outbox.pop()[0], chat.cipher).payload)[0]
-            login = Packet(PacketType.LOGIN, 2, payload=pack_fields(cookie, name, "pw"))
+        for address, name in ((("10.0.0.1", 40001), "alice"), (("10.0.0.2", 40001), "bob")):
+            login = Packet(PacketType.LOGIN, 2, payload=pack_fields(get_cookie(chat, address), name, "pw"))
             chat.handle_datagram(encode_packet(login, chat.cipher), address, START)
         for work, then in chat.slow_jobs:  # both hashes were queued before either finished
             then(work(), START)
-        assert {session.name for session in chat.sessions.values()} == {"alice", "bob"}
+        assert sorted(session.name for session in chat.sessions.values()) == ["alice", "bob"]
+    finally:
+        chat.close()
+
+
+def test_remembered_answer_is_not_sent_for_a_smaller_different_request(tmp_path):
+    """The reply cache must not answer a stranger with more bytes than it sent.
+
+    Found by the state machine: the answer to a REGISTER is remembered by (address, seq)
+    so that a retry gets it again; but any packet of a stranger's type with that address
+    and seq got it - here an unpadded 30-byte HELLO earns a 60-byte answer.
+    """
+    chat = small_server(tmp_path)
+    address = ("10.0.0.1", 40001)
+    try:
+        register = Packet(PacketType.REGISTER, 2, payload=pack_fields(get_cookie(chat, address), "alice", "pw"))
+        chat.handle_datagram(encode_packet(register, chat.cipher), address, START)
+        assert [decode_packet(data, chat.cipher).type for data, _ in chat.outbox] == [PacketType.ERROR]  # taken
+        chat.outbox.clear()
+        small = encode_packet(Packet(PacketType.HELLO, 2, payload=pack_fields("")), chat.cipher)
+        chat.handle_datagram(small, address, START)
+        assert all(len(reply) <= len(small) for reply, _ in chat.outbox), [len(reply) for reply, _ in chat.outbox]
+    finally:
+        chat.close()
+
+
+def request(chat: server.ChatServer, address, ptype: PacketType, *fields: str) -> Packet:
+    """Send the next request of the session at `address`; return the server's answer."""
+    session = chat.sessions[address]
+    packet = Packet(ptype, session.last_seq + 1, 0, session.token, 0, pack_fields(*fields))
+    chat.handle_datagram(encode_packet(packet, chat.cipher), address, START)
+    answers = [decode_packet(data, chat.cipher) for data, to in chat.outbox if to == address]
+    chat.outbox.clear()
+    return next(answer for answer in answers if answer.type != PacketType.EVENT)
+
+
+def test_two_members_too_slow_at_once_do_not_crash_the_server(tmp_path):
+    """When the last two members of a room both fall too far behind, the room just ends.
+
+    Found by the state machine: ending one member's session sends its "leave" to the
+    other, whose queue is full too, so that session ends inside the first one's
+    leave_room; the inner call deletes the empty room and the outer one deleted it again
+    (KeyError out of handle_datagram, which stops a real server). Clients that never
+    ACK, as here, are all it takes.
+    """
+    chat = small_server(tmp_path, window=1, max_queue=1)
+    alice, bob = ("10.0.0.1", 40001), ("10.0.0.2", 40001)
+    try:
+        for address, name in ((alice, "alice"), (bob, "bob")):
+            login = Packet(PacketType.LOGIN, 2, payload=pack_fields(get_cookie(chat, address), name, "pw"))
+            chat.handle_datagram(encode_packet(login, chat.cipher), address, START)
+            for work, then in chat.slow_jobs:
+                then(work(), START)
+            chat.slow_jobs.clear()
+            assert request(chat, address, PacketType.JOIN, "lab", "pw").type == PacketType.OK
+        # alice holds bob's "join" in flight; neither ever acknowledges anything.
+        request(chat, bob, PacketType.SAY, "b1")  # alice's queue is now full
+        for text in ("a1", "a2", "a3"):  # bob's window, then his queue, then one too many
+            request(chat, alice, PacketType.SAY, text)
+        assert chat.sessions == {} and "lab" not in chat.rooms
     finally:
         chat.close()
