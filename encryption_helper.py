@@ -397,6 +397,12 @@ class LossySocket:
             if not self.lost("in", data):
                 return data, address
 
+    def recvfrom_into(self, buffer):
+        while True:
+            size, address = self.sock.recvfrom_into(buffer)
+            if not self.lost("in", bytes(buffer[:size])):
+                return size, address
+
     def recv(self, size: int) -> bytes:
         while True:
             data = self.sock.recv(size)

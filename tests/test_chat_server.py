@@ -463,3 +463,21 @@ def test_quiet_logs_only_problems(tmp_path):
 def test_stats_count_what_happened(harness):
     harness.deliver(b"junk", ("10.0.0.1", 9))
     assert harness.chat.stats == collections.Counter(datagrams=1, bad=1)
+
+
+def test_a_cookie_of_any_text_is_refused_not_fatal(harness):
+    peer = Peer(harness, 1)
+    assert peer.text(PacketType.REGISTER, "kué 🙂", "alice", "a long password") == "Say HELLO again."
+
+
+def test_a_huge_unknown_name_is_not_echoed(harness):
+    alice = Peer(harness, 1).member("alice")
+    answer = alice.reply(PacketType.PRIVATE, "x" * 1100, "hi")
+    assert unpack_fields(answer.payload)[1] == "That user is not online."
+
+
+def test_a_reply_too_big_for_a_packet_becomes_an_error(harness):
+    alice = Peer(harness, 1).member("alice")
+    request = Packet(PacketType.WHO, 5)
+    answer = decode_packet(harness.chat.reply(request, PacketType.OK, ["x" * 2000], alice.token), CIPHER)
+    assert answer.type == PacketType.ERROR and unpack_fields(answer.payload)[0] == "too-long"

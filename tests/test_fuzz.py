@@ -260,6 +260,9 @@ class ChatServerMachine(RuleBasedStateMachine):
       every session belongs to a registered account;
     * rooms: every member is a live session whose `room` is that room, and a session's
       room is exactly the one its last successful JOIN named (tracked by this test);
+      only the password a room was made with opens it;
+    * a request with a wrong token changes nothing; a request sent again gets the very
+      same answer and changes nothing;
     * every EVENT is made for a member of the room it names (or is private), and goes
       on the wire only to the address holding its token, with the content it was made
       with: nothing reaches a non-member;
@@ -368,7 +371,7 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     @rule(a=addresses, name=st.sampled_from(HONEST_NAMES), run=run_now)
     def log_in(self, a, name, run):
-        """HELLO for a cookie, then LOGIN with it (a wrong password if the name is new)."""
+        """HELLO for a cookie, then LOGIN with it (refused while the name has no account)."""
         address = ADDRESSES[a]
         self.send(Packet(PacketType.HELLO, self.fresh_seq(address), payload=pack_fields(HELLO_PADDING)), address, True)
         if self.cookies[address]:
@@ -377,6 +380,7 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     @rule(a=addresses, name=st.sampled_from(HONEST_NAMES), run=run_now)
     def register(self, a, name, run):
+        """HELLO for a cookie, then REGISTER with it (refused if the name is taken)."""
         address = ADDRESSES[a]
         self.send(Packet(PacketType.HELLO, self.fresh_seq(address), payload=pack_fields(HELLO_PADDING)), address, True)
         if self.cookies[address]:
@@ -554,11 +558,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             outbox.append((packet, to))
         self.chat.outbox.clear()
         self.learn(outbox)
-        for packet, to in outbox:  # a login's answer is what its session repeats, too
-            session = self.chat.sessions.get(to)
-            if session and packet.type == PacketType.OK and (packet.token, packet.ack) == (session.token,
-                                                                                          session.last_seq):
-                self.answers.setdefault((to, packet.token, packet.ack), encode_packet(packet, self.cipher))
+        self.remember_login_answers(outbox)
         self.room_passwords = {key: password for key, password in self.room_passwords.items() if key in self.chat.rooms}
         self.check_sessions()
         self.check_rooms()
@@ -577,6 +577,15 @@ class ChatServerMachine(RuleBasedStateMachine):
                 fields = unpack_fields(packet.payload)
                 if len(fields) == 1 and len(fields[0]) == 32 and fields[0].isalnum():
                     self.cookies[to].append(fields[0])
+
+    def remember_login_answers(self, outbox) -> None:
+        """A login's answer is also what its session repeats, until its next request."""
+        for packet, to in outbox:
+            session = self.chat.sessions.get(to)
+            if session is None or packet.type != PacketType.OK or packet.token != session.token:
+                continue
+            if packet.ack == session.last_seq:
+                self.answers.setdefault((to, packet.token, packet.ack), encode_packet(packet, self.cipher))
 
     def follow_join(self, packet: Packet | None, address, before: dict, rooms_before: set) -> None:
         """If this datagram was a JOIN the server took as new, note the room it granted.

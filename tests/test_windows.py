@@ -27,11 +27,13 @@ class WindowsLikeSocket:
                       (datagram, address), ConnectionResetError(10054, "again"), BlockingIOError()]
         self.sent = []
 
-    def recvfrom(self, size):
+    def recvfrom_into(self, buffer):
         result = self.reads.pop(0) if self.reads else BlockingIOError()
         if isinstance(result, BaseException):
             raise result
-        return result
+        data, address = result
+        buffer[:len(data)] = data
+        return len(data), address
 
     def sendto(self, data, address):
         self.sent.append((data, address))
@@ -44,6 +46,8 @@ def test_server_loop_reads_on_after_connection_reset(tmp_path):
     fake = WindowsLikeSocket(hello, ("10.0.0.5", 5000))
     loop = server.ServerLoop.__new__(server.ServerLoop)  # just the parts receive_all uses
     loop.chat, loop.sock = chat, fake
+    loop.buffer = bytearray(server.RECV_BUFFER)
+    loop.view = memoryview(loop.buffer)
     loop.receive_all(now=1.0)
     (reply, to), = fake.sent
     assert to == ("10.0.0.5", 5000) and decode_packet(reply, CIPHER).type == PacketType.OK
@@ -59,6 +63,9 @@ def test_udp_connreset_reports_are_switched_off_where_they_exist(monkeypatch):
 
         def ioctl(self, control, value):
             calls.append((control, value))
+
+        def setsockopt(self, level, option, value):
+            pass
 
         def bind(self, address):
             calls.append(("bind", address))
@@ -180,3 +187,22 @@ def test_printing_above_the_prompt_without_readline(monkeypatch):
     terminal.show("[12:00] bob: hi")
     assert output.getvalue() == "\r  \r[12:00] bob: hi\n> "
 
+
+
+def test_server_loop_survives_a_bug_in_the_protocol(tmp_path):
+    chat = server.ChatServer(fast_config(tmp_path), log=lambda line: None)
+    problems = []
+    chat.problem = problems.append
+
+    def buggy(data, address, now):
+        raise ZeroDivisionError("a bug")
+
+    chat.handle_datagram = buggy
+    loop = server.ServerLoop.__new__(server.ServerLoop)
+    loop.chat, loop.sock = chat, WindowsLikeSocket(b"any", ("10.0.0.5", 5000))
+    loop.buffer = bytearray(server.RECV_BUFFER)
+    loop.view = memoryview(loop.buffer)
+    loop.receive_all(now=1.0)  # does not raise
+    assert chat.stats["internal-errors"] == 1
+    assert "10.0.0.5:5000" in problems[0] and "ZeroDivisionError" in problems[0]
+    chat.close()
