@@ -390,7 +390,8 @@ class ChatServer:
         self.sessions: dict[Address, Session] = {}  # address -> session
         self.online: dict[str, Session] = {}  # lower-case user name -> session
         self.rooms: dict[str, Room] = {LOBBY: Room(LOBBY, config.room_password, {}, lobby_history)}
-        self.recent_replies = collections.OrderedDict()  # (address, seq) -> datagram or None
+        # (address, seq) -> (fingerprint of the request, its answer, or None while hashing)
+        self.recent_replies = collections.OrderedDict()
         self.registering: set[str] = set()  # names whose registration is being hashed
         self.pending_by_ip: collections.Counter = collections.Counter()
         self.failed_logins = EventCounter(config.login_failures, config.failure_period)
@@ -501,9 +502,9 @@ class ChatServer:
     # --- Strangers: HELLO, REGISTER, LOGIN ---
 
     def handle_stranger(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        key = (address, packet.seq)
-        if key in self.recent_replies:  # a retry: same answer, nothing done twice
-            answer = self.recent_replies[key]
+        remembered = self.recent_replies.get((address, packet.seq))
+        if remembered and remembered[0] == fingerprint(packet):  # a retry: same answer, nothing done twice
+            answer = remembered[1]
             self.log(address, "", packet.type.name, size, "repeat: same reply" if answer else "repeat: still working")
             if answer is not None:
                 self.send(answer, address, " (repeat reply)")
@@ -553,7 +554,7 @@ class ChatServer:
         """Send a reply to a proven address and remember it for retries of the request."""
         answer = self.reply(packet, PacketType.OK if ok else PacketType.ERROR, fields, token or packet.token)
         key = (address, packet.seq)
-        self.recent_replies[key] = answer
+        self.recent_replies[key] = (fingerprint(packet), answer)
         self.recent_replies.move_to_end(key)  # it may have waited there, as None, for the hash
         while len(self.recent_replies) > self.config.reply_cache:
             self.recent_replies.popitem(last=False)
@@ -647,7 +648,7 @@ class ChatServer:
 
     def start_slow_job(self, packet: Packet, address: Address, size: int, user: str, work, then) -> None:
         """Run `work` on the hash worker; `then(result, now)` runs on the loop afterwards."""
-        self.recent_replies[(address, packet.seq)] = None  # retries now wait, not repeat
+        self.recent_replies[(address, packet.seq)] = (fingerprint(packet), None)  # retries wait, not repeat
         self.pending_by_ip[address[0]] += 1
         self.log(address, user, packet.type.name, size, "checking password...")
 
@@ -690,11 +691,13 @@ class ChatServer:
             self.log(session.address, session.name, packet.type.name, size, "repeat: same reply")
             self.send(session.last_reply, session.address, " (repeat reply)")
             return
-        if packet.seq != session.last_seq + 1:
+        if packet.seq < session.last_seq:  # an old request replayed: never act on it again
             self.stats["stale"] += 1
             self.problem(f"{describe(session.address)} {session.name}: {packet.type.name} seq {packet.seq} "
-                         f"is not the next request ({session.last_seq + 1}); dropped")
+                         f"is older than the last request ({session.last_seq}); dropped")
             return
+        # A newer number is a new request. Usually it is last_seq + 1; a client that sent
+        # a HELLO or REGISTER meanwhile has used numbers the session never saw.
         try:
             fields = MEMBER_HANDLERS[packet.type](self, session, packet, now)
             summary = fields[-1] if packet.type in TEXT_REPLIES else f"{len(fields)} fields"
@@ -822,7 +825,8 @@ class ChatServer:
         session.room = None
         self.publish(room, "leave", session.name, reason, now)
         if not room.members and room.name != LOBBY:
-            del self.rooms[room.name.lower()]  # a room lives while it has members
+            self.rooms.pop(room.name.lower(), None)  # a room lives while it has members (this
+            # leave may have ended another session, which closed the room already)
 
     def publish(self, room: Room, kind: str, user: str, text: str, now: float, exclude=None) -> None:
         members = [member for member in room.members.values() if member is not exclude]
@@ -914,6 +918,11 @@ def fit_fields(fields: list[str], step: int = 1) -> list[str]:
             end -= step
             return fields[:end] + [f"+{(len(fields) - end) // step}"]
     return fields
+
+
+def fingerprint(packet: Packet) -> int:
+    """Return a short digest of a request, to tell a true retry from another packet."""
+    return hash((packet.type, packet.payload))
 
 
 def timestamp() -> str:

@@ -227,3 +227,11 @@ def test_server_log_names_peer_type_and_size(chat_server, make_client):
     wait_until(lambda: any("[lobby] alice: 'logged'" in line for line in chat_server.log), what="the log")
     say = [line for line in chat_server.log if " SAY " in line]
     assert "127.0.0.1:" in say[0] and "alice" in say[0] and " B " in say[0]
+
+
+def test_registering_while_logged_in_does_not_break_the_session(chat_server, make_client):
+    alice = member(make_client, chat_server.address, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+    assert alice.register("carol", "pw") == "Registration successful."  # uses up request numbers
+    alice.say("still heard")
+    assert next_event(bob, "chat").text == "still heard"
