@@ -385,8 +385,8 @@ class ChatClient:
             except queue.Empty:
                 return None
             if isinstance(item, PacketError):
-                raise KeyMismatch("The server's reply fails its checksum: do the server and client use "
-                                  "the same --cipher and --key? (The server could not read us either.)")
+                raise KeyMismatch("The server's reply fails its checksum: server and client keys differ? "
+                                  "Both must use the same --cipher and --key.")
             if item.ack == seq:
                 return item
             # else: a late reply to an earlier request, already answered; ignore it

@@ -155,7 +155,7 @@ def test_client_reports_a_missing_server_without_a_traceback(programs):
 
 def test_client_reports_a_wrong_key(chat_server, programs):
     alice = programs(*client_args(chat_server.address), "--key", "guess")
-    alice.expect("same --cipher and --key")
+    alice.expect("server and client keys differ? Both must use the same --cipher and --key.")
     assert alice.finish() == 1
 
 

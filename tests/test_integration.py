@@ -155,7 +155,7 @@ def test_malformed_battery_leaves_the_server_working(chat_server, make_client):
 
 def test_wrong_key_is_reported_as_such(chat_server, make_client):
     stranger = make_client(chat_server.address, key="not the key")
-    with pytest.raises(client.KeyMismatch, match="same --cipher and --key"):
+    with pytest.raises(client.KeyMismatch, match="server and client keys differ"):
         stranger.register("alice", "pw")
 
 
