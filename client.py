@@ -656,13 +656,16 @@ class Terminal:
     def show(self, text: str) -> None:
         """Print a line above the prompt, without garbling what the user is typing."""
         with self.print_lock:
-            if not self.prompt:
-                print(text, flush=True)
-                return
-            typed = readline.get_line_buffer() if readline else ""
-            width = len(self.prompt) + len(typed)
-            sys.stdout.write("\r" + " " * width + "\r" + text + "\n" + self.prompt + typed)
-            sys.stdout.flush()
+            try:
+                if not self.prompt:
+                    print(text, flush=True)
+                    return
+                typed = readline.get_line_buffer() if readline else ""
+                width = len(self.prompt) + len(typed)
+                sys.stdout.write("\r" + " " * width + "\r" + text + "\n" + self.prompt + typed)
+                sys.stdout.flush()
+            except BrokenPipeError:  # output piped into a program that stopped reading
+                pass
 
 
 # --- The conversation -----------------------------------------------------------------
@@ -892,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         with terminal.print_lock:
             terminal.prompt = ""
         terminal.restore()
-        print("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.", flush=True)
+        terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
     return status
 
 
