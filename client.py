@@ -36,6 +36,7 @@ A SAY datagram, as this client sends it (XOR-scrambled payload, readable header)
 import argparse
 import dataclasses
 import getpass
+import itertools
 import queue
 import secrets
 import select
@@ -56,6 +57,7 @@ from encryption_helper import (
     MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
+    WINDOW,
     LossySocket,
     Packet,
     PacketError,
@@ -81,7 +83,6 @@ except ImportError:
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
 LOBBY = "lobby"
-WINDOW = 32  # EVENTs the server may have in flight to us; the same as the server's
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries of HELLO and BYE, whatever the backoff
 
@@ -91,8 +92,8 @@ class Timing:
     """How patient the client is. Tests shorten these; the defaults suit a lab."""
 
     # First contact: try once a second at most (nothing is measured yet to do better),
-    # for this long; then "Server not responding". Ten tries get through even a link
-    # that loses three datagrams in four.
+    # for this long; then "Server not responding". At 30% loss each way a try fails half
+    # the time, and all ten fail once in a thousand.
     connect_timeout: float = 10.0
     heartbeat_every: float = 5.0  # say PING after this much quiet, so the server keeps us
     lost_contact_after: float = 15.0  # nothing heard this long: warn the user...
@@ -226,7 +227,6 @@ class ChatClient:
         self.seq = secrets.randbelow(1 << 30)
         self.token = NO_TOKEN
         self.name: str | None = None
-        self.room: str | None = None
         self.inbound = InboundWindow()
         self.replies: queue.Queue = queue.Queue()
         self.request_lock = threading.Lock()
@@ -270,15 +270,13 @@ class ChatClient:
         cookie = self.hello()
         reply = self.request_packet(PacketType.LOGIN, cookie, name, password)
         fields = unpack_fields(reply.payload)
-        self.token, self.name, self.room = reply.token, fields[0], None
         self.inbound = InboundWindow()  # a new session numbers its EVENTs from 1
+        self.token, self.name = reply.token, fields[0]
         return fields[-1]
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
-        fields = self.request(PacketType.JOIN, room, password)
-        self.room = fields[0]
-        return fields[-1]
+        return self.request(PacketType.JOIN, room, password)[-1]
 
     def say(self, text: str) -> str:
         """Send a message to everyone else in the room; wait out the flood limit if hit."""
@@ -300,6 +298,8 @@ class ChatClient:
     def who(self) -> tuple[str, list[str]]:
         """Return your room's name and its members."""
         room, *members = self.request(PacketType.WHO)
+        if members and members[-1][1:].isdigit() and members[-1].startswith("+"):  # did not all fit
+            members[-1] = f"... and {members[-1][1:]} more"
         return room, members
 
     def ping(self) -> None:
@@ -352,33 +352,43 @@ class ChatClient:
         with each try. A reply to an earlier try of the same request is as good as any:
         the server answers a repeated request with the same reply and acts only once.
         """
-        with self.request_lock:
-            if self.closed.is_set():
-                raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-            payload = pack_fields(*fields)
-            if len(payload) > MAX_PAYLOAD:
-                raise Refused("too-long", "That is too long to send in one packet; not sent.")
-            self.seq += 1
-            packet = Packet(ptype, self.seq, 0, self.token, 0, payload)
-            started = time.monotonic()
-            for attempt in range(1_000_000):
-                sent_at = time.monotonic()
-                self.send_packet(dataclasses.replace(packet, flags=FLAG_RETRANSMIT if attempt else 0))
-                wait = self.rto.timeout(attempt)
-                if give_up_after is not None:  # a short deadline: keep trying often
-                    wait = min(wait, FIRST_CONTACT_RETRY)
-                reply = self.wait_for_reply(packet.seq, sent_at + wait)
-                if reply is not None:
-                    # Karn's rule: after a resend we cannot tell which copy was answered.
-                    # Logins are not timed either: their answer waits for a slow hash.
-                    if attempt == 0 and ptype not in (PacketType.REGISTER, PacketType.LOGIN):
-                        self.rto.observe(time.monotonic() - sent_at)
-                    return self.check_reply(reply)
-                self.check_contact(started, give_up_after, attempt)
-            raise AssertionError("unreachable")
+        # A request with a deadline (HELLO, BYE) does not wait long for another to finish.
+        if not self.request_lock.acquire(timeout=-1 if give_up_after is None else give_up_after):
+            raise ServerNotResponding(self.not_responding_text())
+        try:
+            return self.send_until_answered(ptype, fields, give_up_after)
+        finally:
+            self.request_lock.release()
 
-    def wait_for_reply(self, seq: int, deadline: float) -> Packet | None:
-        """Return the reply to request `seq`, or None if none came by `deadline`."""
+    def send_until_answered(self, ptype: PacketType, fields, give_up_after: float | None) -> Packet:
+        """The loop of request_packet, run while holding the request lock."""
+        if self.closed.is_set():
+            raise ConnectionClosed(self.closed_reason or "The connection is closed.")
+        while not self.replies.empty():  # what came while no request waited is stale
+            self.replies.get_nowait()
+        payload = pack_fields(*fields)
+        if len(payload) > MAX_PAYLOAD:
+            raise Refused("too-long", "That is too long to send in one packet; not sent.")
+        self.seq += 1
+        packet = Packet(ptype, self.seq, 0, self.token, 0, payload)
+        started = time.monotonic()
+        for attempt in itertools.count():
+            sent_at = time.monotonic()
+            self.send_packet(dataclasses.replace(packet, flags=FLAG_RETRANSMIT if attempt else 0))
+            wait = self.rto.timeout(attempt)
+            if give_up_after is not None:  # a short deadline: keep trying often
+                wait = min(wait, FIRST_CONTACT_RETRY)
+            reply = self.wait_for_reply(packet, sent_at + wait)
+            if reply is not None:
+                # Karn's rule: after a resend we cannot tell which copy was answered.
+                # Logins are not timed either: their answer waits for a slow hash.
+                if attempt == 0 and ptype not in (PacketType.REGISTER, PacketType.LOGIN):
+                    self.rto.observe(time.monotonic() - sent_at)
+                return self.check_reply(reply)
+            self.check_contact(started, give_up_after, attempt)
+
+    def wait_for_reply(self, request: Packet, deadline: float) -> Packet | None:
+        """Return the reply to `request`, or None if none came by `deadline`."""
         while True:
             try:
                 item = self.replies.get(timeout=max(deadline - time.monotonic(), 0))
@@ -387,13 +397,13 @@ class ChatClient:
             if isinstance(item, PacketError):
                 raise KeyMismatch("The server's reply fails its checksum: server and client keys differ? "
                                   "Both must use the same --cipher and --key.")
-            if item.ack == seq:
+            if item.ack == request.seq and (item.type != PacketType.RESET or item.token == request.token):
                 return item
-            # else: a late reply to an earlier request, already answered; ignore it
+            # else: a late reply to an earlier request, or a RESET not about our session
 
     def check_reply(self, reply: Packet) -> Packet:
         if reply.type == PacketType.RESET:
-            self.token, self.room = NO_TOKEN, None
+            self.token = NO_TOKEN
             raise SessionLost(SESSION_LOST)
         if reply.type == PacketType.ERROR:
             fields = unpack_fields(reply.payload)
@@ -403,6 +413,8 @@ class ChatClient:
     def check_contact(self, started: float, give_up_after: float | None, attempt: int) -> None:
         """After a try went unanswered: warn, or give up, if the server has gone quiet."""
         now = time.monotonic()
+        if self.closed.is_set():
+            raise ConnectionClosed(self.closed_reason or "The connection is closed.")
         if give_up_after is not None:
             # Twice told "port unreachable" by the server's PC: no need to wait longer.
             if now - started >= give_up_after or (self.nobody_listening and attempt >= 1):
@@ -845,6 +857,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def safe_output() -> None:
+    """Let any message print: a Windows console with a legacy code page cannot show every
+    character, and must show a replacement rather than crash."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]:
     """Return the server's (host, port): from the command line, or asked."""
     host = args.host
@@ -862,6 +881,7 @@ def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    safe_output()
     terminal = Terminal(interactive=sys.stdin.isatty())
     client = None
     status = 0

@@ -77,14 +77,14 @@ class PacketType(enum.IntEnum):
 
     HELLO = 1  # request: "are you there?" -> OK [cookie]; padded, see MIN_HELLO_SIZE
     REGISTER = 2  # request: [cookie, username, password]
-    LOGIN = 3  # request: [cookie, username, password] -> OK, token in the header
+    LOGIN = 3  # request: [cookie, username, password] -> OK [name, room, text], token in the header
     JOIN = 4  # request: [room, room password]
     SAY = 5  # request: [text] for everyone else in the room
     PRIVATE = 6  # request: [username, text] for one user
     ROOMS = 7  # request: [] -> OK [room, count, room, count, ...]
     WHO = 8  # request: [] -> OK [room, member, member, ...]
     PING = 9  # request: [] -> OK []; the heartbeat of an idle client
-    BYE = 10  # request: [] -> OK []; the session ends
+    BYE = 10  # request: [] -> OK [text]; the session ends
     ACK = 11  # client -> server: which EVENTs arrived (ack field + bitmap payload)
     OK = 20  # reply: the request succeeded; fields depend on the request
     ERROR = 21  # reply: [code, text] - the request failed, or the packet was bad
@@ -92,7 +92,9 @@ class PacketType(enum.IntEnum):
     RESET = 23  # reply with no payload: "I have no session for you" (like TCP's RST)
 
 
-REQUESTS = frozenset(range(PacketType.HELLO, PacketType.BYE + 1))
+# EVENTs the server may have in flight to one client: the receiver's buffer holds as many,
+# and the ACK's 32-bit bitmap covers them.
+WINDOW = 32
 FLAG_RETRANSMIT = 0x0001  # set on a packet sent again; lets a trace mark it
 # A HELLO is padded to this size so that the server's reply is never larger than the
 # request: then nobody can forge our source address and use the server as an amplifier.

@@ -58,6 +58,7 @@ from encryption_helper import (
     MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     RECV_BUFFER,
+    WINDOW,
     LossySocket,
     Packet,
     PacketError,
@@ -102,7 +103,7 @@ class ServerConfig:
     seed: int | None = None  # makes --loss drop the same datagrams every run
     # A client sends a heartbeat after 5 s of quiet; six missed in a row means it is gone.
     session_timeout: float = 30.0
-    window: int = 32  # EVENTs in flight per session; must match the client's window
+    window: int = WINDOW  # EVENTs in flight per session; at most the client's WINDOW
     # Give up on a client that acknowledges nothing after this many sends of one packet.
     # At 30% loss each way a try fails about half the time: 0.5**20 is one in a million.
     max_retransmits: int = 20
@@ -276,9 +277,6 @@ class OutboundWindow:
         entry.deadline = now + self.rto.timeout(entry.attempts - 1)
         return entry
 
-    def pending(self) -> int:
-        return len(self.in_flight) + len(self.waiting)
-
 
 # --- State ---------------------------------------------------------------------------
 
@@ -404,11 +402,15 @@ class ChatServer:
         # Work for the network layer:
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams to send
         self.slow_jobs: list = []  # (work, then): work() off the loop, then(result, now) on it
+        self.too_slow: dict[Address, Session] = {}  # to be ended once the current work is done
+        self.checking: dict = {}  # (address, seq) -> fingerprint of a request being hashed
         self.stats = collections.Counter()
 
     # --- Logging: every action on one line (who, what, size, outcome) ---
 
     def log(self, address: Address, user: str, what: str, size: int, outcome: str) -> None:
+        if not auth.valid_username(user or "-"):  # a stranger's name may hold anything
+            user = repr(user[:20])
         if not self.config.quiet:
             self.emit(f"{timestamp()} {describe(address):>21} {user or '-':<12} {what:<8} {size:>4} B  {outcome}")
 
@@ -463,9 +465,17 @@ class ChatServer:
         except PacketError as error:
             self.refuse_datagram(data, address, error)
             return
+        self.dispatch(packet, address, len(data), now)
+        self.end_slow_sessions(now)
+
+    def dispatch(self, packet: Packet, address: Address, size: int, now: float) -> None:
+        """Hand a valid packet to the handler its type and its sender's session call for."""
         session = self.sessions.get(address)
-        if packet.type in STRANGER_HANDLERS:
-            self.handle_stranger(packet, address, len(data), now)
+        if packet.type in SERVER_ONLY:
+            self.stats["bad"] += 1
+            self.problem(f"{describe(address)} sent {packet.type.name}, which only servers send; dropped")
+        elif packet.type in STRANGER_HANDLERS:
+            self.handle_stranger(packet, address, size, now)
         elif session is None or not hmac.compare_digest(session.token, packet.token):
             if packet.type == PacketType.ACK:  # e.g. the last ACK of a client that said BYE
                 self.stats["no-session"] += 1
@@ -473,11 +483,8 @@ class ChatServer:
             self.handle_unknown_session(packet, address, session)
         elif packet.type == PacketType.ACK:
             self.handle_ack(session, packet, now)
-        elif packet.type in MEMBER_HANDLERS:
-            self.handle_request(session, packet, len(data), now)
         else:
-            self.stats["bad"] += 1
-            self.problem(f"{describe(address)} sent {packet.type.name}, which only servers send; dropped")
+            self.handle_request(session, packet, size, now)
 
     def refuse_datagram(self, data: bytes, address: Address, error: PacketError) -> None:
         """Log a malformed datagram, and answer if it looks like ours (it may be a bad key)."""
@@ -502,14 +509,21 @@ class ChatServer:
     # --- Strangers: HELLO, REGISTER, LOGIN ---
 
     def handle_stranger(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        remembered = self.recent_replies.get((address, packet.seq))
+        key = (address, packet.seq)
+        if self.checking.get(key) == fingerprint(packet):  # a retry while the hash runs
+            self.log(address, "", packet.type.name, size, "repeat: still working")
+            return
+        remembered = self.recent_replies.get(key)
+        session = self.sessions.get(address)
         if remembered and remembered[0] == fingerprint(packet):  # a retry: same answer, nothing done twice
             answer = remembered[1]
-            self.log(address, "", packet.type.name, size, "repeat: same reply" if answer else "repeat: still working")
-            if answer is not None:
-                self.send(answer, address, " (repeat reply)")
+        elif packet.type == PacketType.LOGIN and session and session.last_seq == packet.seq:
+            answer = session.last_reply  # the welcome was lost, and has left the cache since
+        else:
+            STRANGER_HANDLERS[packet.type](self, packet, address, size, now)
             return
-        STRANGER_HANDLERS[packet.type](self, packet, address, size, now)
+        self.log(address, "", packet.type.name, size, "repeat: same reply")
+        self.send(answer, address, " (repeat reply)")
 
     def make_cookie(self, address: Address, period: int) -> str:
         message = f"{address[0]}|{address[1]}|{period}".encode()
@@ -554,8 +568,8 @@ class ChatServer:
         """Send a reply to a proven address and remember it for retries of the request."""
         answer = self.reply(packet, PacketType.OK if ok else PacketType.ERROR, fields, token or packet.token)
         key = (address, packet.seq)
+        self.checking.pop(key, None)
         self.recent_replies[key] = (fingerprint(packet), answer)
-        self.recent_replies.move_to_end(key)  # it may have waited there, as None, for the hash
         while len(self.recent_replies) > self.config.reply_cache:
             self.recent_replies.popitem(last=False)
         self.log(address, user, packet.type.name, size, ("ok: " if ok else "refused: ") + fields[-1])
@@ -648,7 +662,7 @@ class ChatServer:
 
     def start_slow_job(self, packet: Packet, address: Address, size: int, user: str, work, then) -> None:
         """Run `work` on the hash worker; `then(result, now)` runs on the loop afterwards."""
-        self.recent_replies[(address, packet.seq)] = (fingerprint(packet), None)  # retries wait, not repeat
+        self.checking[(address, packet.seq)] = fingerprint(packet)  # retries now wait, not repeat
         self.pending_by_ip[address[0]] += 1
         self.log(address, user, packet.type.name, size, "checking password...")
 
@@ -753,8 +767,12 @@ class ChatServer:
         room = self.require_room(session)
         self.check_message(session, text, now)
         when = self.wall_clock()
+        try:
+            self.history.append(when, room.name, session.name, text)  # on file before anything else
+        except OSError as error:
+            self.problem(f"could not write {HISTORY_FILE}: {error}")
+            raise Refusal("server-error", "The server could not save your message; not sent.") from None
         room.history.append((when, session.name, text))
-        self.history.append(when, room.name, session.name, text)
         if not self.config.quiet:  # the assignment: the server prints every message it relays
             self.emit(f"{timestamp()} [{room.name}] {session.name}: {text!r}")
         self.publish(room, "chat", session.name, text, now, exclude=session)
@@ -842,11 +860,18 @@ class ChatServer:
     def push(self, session: Session, payload: bytes, scrambled: bytes, now: float) -> None:
         """Queue an EVENT for one session and send what its window allows."""
         if not session.outbound.offer(payload, scrambled):
-            self.problem(f"{session.name} at {describe(session.address)} fell {self.config.max_queue} "
-                         "messages behind; session ended")
-            self.end_session(session, "too slow", now)
-            return
+            self.too_slow[session.address] = session  # ended by end_slow_sessions, not here:
+            return  # its "left" would be pushed to others, who may be full too, and so on
         self.pump(session, now)
+
+    def end_slow_sessions(self, now: float) -> None:
+        """End the sessions that fell max_queue EVENTs behind, one after another."""
+        while self.too_slow:
+            _, session = self.too_slow.popitem()
+            if self.sessions.get(session.address) is session:
+                self.problem(f"{session.name} at {describe(session.address)} fell {self.config.max_queue} "
+                             "messages behind; session ended")
+                self.end_session(session, "too slow", now)
 
     def pump(self, session: Session, now: float) -> None:
         """Send the EVENTs that now fit in the session's window."""
@@ -885,10 +910,14 @@ class ChatServer:
             for session in list(self.sessions.values()):
                 if now - session.last_heard > self.config.session_timeout:
                     self.end_session(session, "timed out", now)
+        self.end_slow_sessions(now)
 
     def close(self) -> None:
         self.history.close()
 
+
+# Packets a server sends and never receives.
+SERVER_ONLY = {PacketType.OK, PacketType.ERROR, PacketType.EVENT, PacketType.RESET}
 
 # Requests whose OK reply ends with a sentence for the user (the others carry data).
 TEXT_REPLIES = {PacketType.JOIN, PacketType.SAY, PacketType.PRIVATE, PacketType.BYE}
@@ -1065,7 +1094,7 @@ class ServerLoop:
         if self.closed:
             return
         self.closed = True
-        self.hasher.shutdown(wait=True)
+        self.hasher.shutdown(wait=True, cancel_futures=True)  # queued checks are not waited for
         self.selector.close()
         self.sock.close()
         self.wake_reader.close()
@@ -1160,6 +1189,8 @@ def print_banner(config: ServerConfig, address: Address) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a legacy Windows code page must not crash the log
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         try:
             chat = ChatServer(config)

@@ -481,3 +481,30 @@ def test_a_reply_too_big_for_a_packet_becomes_an_error(harness):
     request = Packet(PacketType.WHO, 5)
     answer = decode_packet(harness.chat.reply(request, PacketType.OK, ["x" * 2000], alice.token), CIPHER)
     assert answer.type == PacketType.ERROR and unpack_fields(answer.payload)[0] == "too-long"
+
+
+def test_many_members_too_slow_at_once_are_all_dropped_calmly(tmp_path):
+    harness = Harness(tmp_path, max_queue=2, window=1, message_burst=1000, registrations_per_address=1000)
+    members = [Peer(harness, 1000 + number).member(f"m{number}") for number in range(200)]  # none ever ACKs
+    for number in range(4):  # never raises, however long the chain of "left" messages grows
+        members[-1].reply(PacketType.SAY, f"filling {number}")
+    assert len(harness.chat.online) < 10
+    lobby = harness.chat.rooms["lobby"]
+    assert all(harness.chat.online.get(name) is session for name, session in lobby.members.items())
+
+
+def test_a_lost_welcome_is_sent_again_even_after_the_reply_cache_forgot_it(tmp_path):
+    harness = Harness(tmp_path, reply_cache=1)
+    alice = Peer(harness, 1)
+    alice.register("alice")
+    welcome = alice.login("alice")
+    login = alice.last_request
+    Peer(harness, 2).register("bob")  # pushes alice's answer out of the one-entry cache
+    (again, _, _), = harness.deliver(login, alice.address)
+    assert again == welcome and again.token == alice.token
+
+
+def test_a_strangers_odd_name_is_logged_quoted(harness):
+    peer = Peer(harness, 1)
+    peer.register("evil\nFAKE LOG LINE")
+    assert not any(line.startswith("FAKE") for line in "\n".join(harness.log).split("\n"))
