@@ -1011,7 +1011,7 @@ class ServerLoop:
                 now = time.monotonic()
                 self.receive_all(now)
                 self.finish_slow_jobs(now)
-                self.chat.on_timers(now)
+                self.survive(self.chat.on_timers, now, where="the timers")
                 self.start_slow_jobs()
                 self.flush()
         finally:
@@ -1030,16 +1030,21 @@ class ServerLoop:
                 # it says nothing about the datagram we are reading, so read on.
                 continue
             data = bytes(self.view[:size])
-            try:
-                self.chat.handle_datagram(data, address, now)
-            except Exception:  # the one place a server must survive its own bug
-                # ChatServer validates everything a client sends, and the tests and fuzzers
-                # try hard to make it raise. Should a bug slip through anyway, one sender
-                # must not stop the chat for everyone: report it, as socketserver does.
-                self.chat.stats["internal-errors"] += 1
-                self.chat.problem(f"internal error on a datagram from {describe(address)}:\n"
-                                  f"{traceback.format_exc()}")
+            self.survive(self.chat.handle_datagram, data, address, now, where=f"a datagram from {describe(address)}")
             self.flush()
+
+    def survive(self, work, *args, where: str) -> None:
+        """Run `work(*args)`; if it raises, report the error and carry on.
+
+        ChatServer validates everything a client sends, and the tests and fuzzers try hard
+        to make it raise. Should a bug slip through anyway, one sender must not stop the
+        chat for everyone: report it with its cause, as socketserver does, and go on.
+        """
+        try:
+            work(*args)
+        except Exception:  # the one place a server must survive its own bug
+            self.chat.stats["internal-errors"] += 1
+            self.chat.problem(f"internal error on {where}:\n{traceback.format_exc()}")
 
     def start_slow_jobs(self) -> None:
         for work, then in self.chat.slow_jobs:
@@ -1063,7 +1068,11 @@ class ServerLoop:
             pass
         while not self.finished.empty():
             future, then = self.finished.get()
-            then(future.result(), now)
+            self.survive(self.finish_job, future, then, now, where="a finished password check")
+
+    @staticmethod
+    def finish_job(future, then, now: float) -> None:
+        then(future.result(), now)
 
     def flush(self) -> None:
         for data, address in self.chat.outbox:

@@ -206,3 +206,23 @@ def test_server_loop_survives_a_bug_in_the_protocol(tmp_path):
     assert chat.stats["internal-errors"] == 1
     assert "10.0.0.5:5000" in problems[0] and "ZeroDivisionError" in problems[0]
     chat.close()
+
+
+def test_server_loop_survives_a_bug_in_the_timers(tmp_path, monkeypatch):
+    loop = server.ServerLoop(server.ChatServer(fast_config(tmp_path), log=lambda line: None),
+                             server.open_socket("127.0.0.1", 0))
+    problems = []
+    monkeypatch.setattr(loop.chat, "problem", problems.append)
+    monkeypatch.setattr(loop.chat, "on_timers", lambda now: 1 / 0)
+    turns = []
+
+    def select(timeout):
+        turns.append(timeout)
+        if len(turns) == 3:
+            loop.stopping.set()
+        return []
+
+    monkeypatch.setattr(loop.selector, "select", select)
+    loop.serve_forever()  # three turns of the loop, each with a failing timer pass
+    assert len(turns) == 3 and loop.chat.stats["internal-errors"] == 3
+    assert "ZeroDivisionError" in problems[0]
