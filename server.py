@@ -509,13 +509,13 @@ class ChatServer:
     # --- Strangers: HELLO, REGISTER, LOGIN ---
 
     def handle_stranger(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        key = (address, packet.seq)
-        if self.checking.get(key) == fingerprint(packet):  # a retry while the hash runs
+        key, digest = (address, packet.seq), fingerprint(packet)
+        if self.checking.get(key) == digest:  # a retry while the hash runs
             self.log(address, "", packet.type.name, size, "repeat: still working")
             return
         remembered = self.recent_replies.get(key)
         session = self.sessions.get(address)
-        if remembered and remembered[0] == fingerprint(packet):  # a retry: same answer, nothing done twice
+        if remembered and remembered[0] == digest:  # a retry: same answer, nothing done twice
             answer = remembered[1]
         elif packet.type == PacketType.LOGIN and session and session.last_seq == packet.seq:
             answer = session.last_reply  # the welcome was lost, and has left the cache since
@@ -576,7 +576,7 @@ class ChatServer:
         self.send(answer, address)
         return answer
 
-    def check_capacity(self, address: Address, now: float) -> None:
+    def check_capacity(self, address: Address) -> None:
         """Refuse work for the hash worker when it already has enough."""
         if sum(self.pending_by_ip.values()) >= self.config.max_pending_hashes:
             raise Refusal("busy", "Server busy; try again in a moment.")
@@ -598,7 +598,7 @@ class ChatServer:
             wait = self.registrations.blocked_for(address[0], now)
             if wait:
                 raise Refusal("slow-down", f"Too many registrations from your address; try again in {wait:.0f} s.")
-            self.check_capacity(address, now)
+            self.check_capacity(address)
         except Refusal as refusal:
             self.answer_stranger(packet, address, size, refusal.fields[:2], name)
             return
@@ -630,7 +630,7 @@ class ChatServer:
                 raise Refusal("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
             if address in self.sessions:
                 raise Refusal("already-logged-in", "This client is logged in already; log out first.")
-            self.check_capacity(address, now)
+            self.check_capacity(address)
         except Refusal as refusal:
             self.answer_stranger(packet, address, size, refusal.fields[:2], name)
             return
