@@ -374,7 +374,7 @@ class ChatClient:
         started = time.monotonic()
         for attempt in itertools.count():
             sent_at = time.monotonic()
-            self.send_packet(dataclasses.replace(packet, flags=FLAG_RETRANSMIT if attempt else 0))
+            self.send_packet(packet._replace(flags=FLAG_RETRANSMIT if attempt else 0))
             wait = self.rto.timeout(attempt)
             if give_up_after is not None:  # a short deadline: keep trying often
                 wait = min(wait, FIRST_CONTACT_RETRY)
@@ -466,7 +466,7 @@ class ChatClient:
         try:
             packet = decode_packet(data, self.cipher)
         except PacketError as error:
-            self.trace(f"in  {describe_datagram(data)}: bad datagram, dropped ({error})")
+            self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
             if data[:2] == MAGIC and "checksum" in str(error):
                 self.replies.put(error)
             return
@@ -478,17 +478,17 @@ class ChatClient:
         if packet.type == PacketType.EVENT:
             self.receive_event(packet, data)
         elif packet.type in (PacketType.OK, PacketType.ERROR, PacketType.RESET):
-            self.trace(f"in  {describe_datagram(data)}")
+            self.trace_packet("in ", data)
             self.replies.put(packet)
         else:
-            self.trace(f"in  {describe_datagram(data)}: not for a client, dropped")
+            self.trace_packet("in ", data, ": not for a client, dropped")
 
     def receive_event(self, packet: Packet, data: bytes) -> None:
         if self.token == NO_TOKEN or packet.token != self.token:
-            self.trace(f"in  {describe_datagram(data)}: from an old session, dropped")
+            self.trace_packet("in ", data, ": from an old session, dropped")
             return
         outcome, ready = self.inbound.receive(packet.seq, packet.payload)
-        self.trace(f"in  {describe_datagram(data)}{'' if outcome == 'in order' else ': ' + outcome}")
+        self.trace_packet("in ", data, "" if outcome == "in order" else ": " + outcome)
         self.ack_due = True
         for payload in ready:
             try:
@@ -509,7 +509,7 @@ class ChatClient:
 
     def send_packet(self, packet: Packet) -> None:
         data = encode_packet(packet, self.cipher)
-        self.trace(f"out {describe_datagram(data)}")
+        self.trace_packet("out", data)
         with self.send_lock:
             self.last_sent = time.monotonic()
             try:
@@ -562,8 +562,13 @@ class ChatClient:
         if self.trace_to:
             self.trace_to(f"[trace] {text}")
 
+    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
+        """Trace one datagram; the line is only put together when someone reads it."""
+        if self.trace_to:
+            self.trace_to(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
+
     def trace_drop(self, direction: str, data: bytes) -> None:
-        self.trace(f"{direction:<3} {describe_datagram(data)}: LOST (simulated)")
+        self.trace_packet(direction, data, ": LOST (simulated)")
 
 
 # --- The terminal ---------------------------------------------------------------------

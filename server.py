@@ -432,9 +432,10 @@ class ChatServer:
 
     # --- Sending ---
 
-    def send(self, data: bytes, address: Address, note: str = "") -> None:
+    def send(self, data: bytes, address: Address, note: str = "", at: int | None = None) -> None:
+        """Queue a datagram for the loop to send: last, or at position `at` of the outbox."""
         self.trace("out", data, address, note)
-        self.outbox.append((data, address))
+        self.outbox.insert(len(self.outbox) if at is None else at, (data, address))
 
     def send_to_stranger(self, data: bytes, address: Address, received: int) -> None:
         """Answer an address nobody has proven, never with more bytes than it sent.
@@ -712,6 +713,7 @@ class ChatServer:
             return
         # A newer number is a new request. Usually it is last_seq + 1; a client that sent
         # a HELLO or REGISTER meanwhile has used numbers the session never saw.
+        events_from = len(self.outbox)  # the EVENTs this request causes are queued after here
         try:
             fields = MEMBER_HANDLERS[packet.type](self, session, packet, now)
             summary = fields[-1] if packet.type in TEXT_REPLIES else f"{len(fields)} fields"
@@ -723,7 +725,7 @@ class ChatServer:
         session.last_seq = packet.seq
         session.last_reply = self.reply(packet, ptype, fields, session.token)
         self.log(session.address, session.name, packet.type.name, size, outcome)
-        self.send(session.last_reply, session.address)
+        self.send(session.last_reply, session.address, at=events_from)  # the asker can go on meanwhile
 
     def handle_ack(self, session: Session, packet: Packet, now: float) -> None:
         session.last_heard = now
@@ -1030,19 +1032,22 @@ class ServerLoop:
                 # it says nothing about the datagram we are reading, so read on.
                 continue
             data = bytes(self.view[:size])
-            self.survive(self.chat.handle_datagram, data, address, now, where=f"a datagram from {describe(address)}")
+            self.survive(self.chat.handle_datagram, data, address, now, where=("a datagram from", address))
             self.flush()
 
-    def survive(self, work, *args, where: str) -> None:
+    def survive(self, work, *args, where: str | tuple[str, Address]) -> None:
         """Run `work(*args)`; if it raises, report the error and carry on.
 
         ChatServer validates everything a client sends, and the tests and fuzzers try hard
         to make it raise. Should a bug slip through anyway, one sender must not stop the
         chat for everyone: report it with its cause, as socketserver does, and go on.
+        `where` names the work, possibly as (words, address): put into words only if needed.
         """
         try:
             work(*args)
         except Exception:  # the one place a server must survive its own bug
+            if isinstance(where, tuple):
+                where = f"{where[0]} {describe(where[1])}"
             self.chat.stats["internal-errors"] += 1
             self.chat.problem(f"internal error on {where}:\n{traceback.format_exc()}")
 

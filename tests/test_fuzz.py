@@ -16,7 +16,6 @@ Three layers, from the bottom up:
   time - and after every step checks what must always hold (see ChatServerMachine).
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -524,7 +523,7 @@ class ChatServerMachine(RuleBasedStateMachine):
     def send(self, packet: Packet, address, run: bool) -> None:
         """Encode and deliver a packet; one too long for a datagram goes out cut short."""
         if len(packet.payload) > MAX_PAYLOAD:
-            packet = dataclasses.replace(packet, payload=packet.payload[:MAX_PAYLOAD])
+            packet = packet._replace(payload=packet.payload[:MAX_PAYLOAD])
         self.deliver(encode_packet(packet, self.cipher), address, run)
 
     def deliver(self, data: bytes, address, run: bool) -> None:
