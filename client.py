@@ -39,7 +39,6 @@ import getpass
 import itertools
 import queue
 import secrets
-import select
 import socket
 import sys
 import threading
@@ -85,6 +84,11 @@ DEFAULT_PORT = 9999
 LOBBY = "lobby"
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries of HELLO and BYE, whatever the backoff
+# Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): one ACK for every second EVENT, or
+# once no more has come for ACK_DELAY - half the ACKs for the server to read when busy.
+# Out-of-order EVENTs and duplicates are acknowledged at once: the server is missing news.
+ACK_EVERY = 2
+ACK_DELAY = 0.02  # seconds; far below the server's smallest retransmission timeout (0.2 s)
 
 
 @dataclasses.dataclass
@@ -233,7 +237,7 @@ class ChatClient:
         self.send_lock = threading.Lock()
         self.last_heard = self.last_sent = time.monotonic()
         self.out_of_contact = False
-        self.ack_due = False  # EVENTs arrived since our last ACK
+        self.unacked = 0  # EVENTs arrived since our last ACK
         self.nobody_listening = False  # the OS reported "port unreachable"
         self.closed = threading.Event()
         self.closed_reason = ""
@@ -435,10 +439,17 @@ class ChatClient:
     # --- The network thread: the only reader of the socket ---
 
     def receive_forever(self) -> None:
+        waiting = MAX_WAIT  # the socket's timeout, set in __init__
         while not self.closed.is_set():
+            wanted = ACK_DELAY if self.unacked else MAX_WAIT  # an ACK is due soon: wake up for it
+            if wanted != waiting:
+                self.sock.settimeout(wanted)
+                waiting = wanted
             try:
                 data = self.sock.recv(RECV_BUFFER)
             except TimeoutError:
+                if self.unacked:  # quiet for ACK_DELAY: acknowledge what has come
+                    self.send_ack()
                 continue
             except (ConnectionRefusedError, ConnectionResetError):
                 # An ICMP "port unreachable" for something we sent: nobody listens there
@@ -448,19 +459,6 @@ class ChatClient:
             except OSError:
                 return  # the socket was closed: we are shutting down
             self.handle_datagram(data)
-            while self.readable_now():  # take the whole burst, then ACK once
-                try:
-                    self.handle_datagram(self.sock.recv(RECV_BUFFER))
-                except OSError:
-                    break
-            if self.ack_due:
-                self.send_ack()
-
-    def readable_now(self) -> bool:
-        try:
-            return bool(select.select([self.sock], [], [], 0)[0])
-        except (OSError, ValueError):
-            return False
 
     def handle_datagram(self, data: bytes) -> None:
         try:
@@ -489,7 +487,7 @@ class ChatClient:
             return
         outcome, ready = self.inbound.receive(packet.seq, packet.payload)
         self.trace_packet("in ", data, "" if outcome == "in order" else ": " + outcome)
-        self.ack_due = True
+        self.unacked += 1
         for payload in ready:
             try:
                 kind, when, room, user, text = unpack_fields(payload, 5)
@@ -501,9 +499,12 @@ class ChatClient:
                 self.on_event(event)
             else:
                 self.events.put(event)
+        # A gap just filled (more than one ready) or a new one opened: ACK now, as TCP does.
+        if self.unacked >= ACK_EVERY or outcome != "in order" or len(ready) > 1:
+            self.send_ack()
 
     def send_ack(self) -> None:
-        self.ack_due = False
+        self.unacked = 0
         cumulative, bitmap = self.inbound.ack()
         self.send_packet(Packet(PacketType.ACK, 0, cumulative, self.token, 0, BITMAP.pack(bitmap)))
 

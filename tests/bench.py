@@ -16,10 +16,13 @@ measured in this run:
   traffic (flat out, then paced at the rate our server's flat-out sender reached).
 
 The receivers of our server are real protocol clients (client.ChatClient): they log in,
-join the lobby and acknowledge every EVENT, so the server's retransmission is exercised.
-Every message is "n=<counter> t=<send time>"; each receiver notes which counters it got,
-how often and in which order, and how long each took (sender and receivers share one
-clock, time.monotonic, in this process).
+join the lobby and acknowledge the EVENTs, so the server's retransmission is exercised.
+Each receiver is a program of its own, as on its own PC: the receivers are spread over
+up to RECEIVER_PROCESSES child processes, one receiver each for the rows of 20, and the
+relay's receivers the same way. The sender runs in this process. Every message is
+"n=<counter> t=<send time>"; each receiver notes which counters it got, how often and
+in which order, and how long each took (time.monotonic is one clock for every process
+of a machine).
 
 Columns: messages sent; delivered % = distinct messages a receiver got / messages sent
 (mean over receivers, and the worst receiver); duplicates and out-of-order arrivals summed
@@ -39,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import signal
@@ -48,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -76,6 +80,7 @@ CHEAP_HASH = 1_000  # PBKDF2 iterations of the bench accounts' stored hashes
 SENDER = "sender"
 SETUP_TIMEOUT = 60.0  # seconds for every receiver to be logged in and ready
 SETTLE = 5.0  # seconds without a new arrival after which a row stops waiting
+RECEIVER_PROCESSES = 20  # the receivers are spread over at most this many child processes
 
 # The server as a child process: the settings come as JSON, the chosen port goes to stdout.
 SERVER_LAUNCHER = """
@@ -320,12 +325,6 @@ def enter_lobby(made: client.ChatClient, name: str) -> None:
     made.join(server.LOBBY, ROOM_PASSWORD)
 
 
-def connect_receivers(address, names: list[str], loss: float) -> list["ChatReceiver"]:
-    """Return a logged-in ChatReceiver for each name, several logging in at once."""
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        return list(pool.map(lambda pair: ChatReceiver(address, pair[1], loss, pair[0]), enumerate(names)))
-
-
 class ChatReceiver:
     """A real ChatClient in the lobby, tallying the messages it is pushed (and ACKs)."""
 
@@ -374,6 +373,94 @@ class RelayReceiver:
         self.stopping.set()
         self.thread.join()
         self.sock.close()
+
+
+def run_receivers(kind: str, address, loss: float, seeds: list[int], pipe) -> None:
+    """A child process's work: the receivers numbered `seeds`, talking to the parent over `pipe`.
+
+    The conversation: we send our sockets' ports once every receiver is connected, then
+    "heard" once each has heard the sender; the parent sends (count, settle) when it has
+    sent everything, we answer with the tallies, and end when the parent says "close".
+    """
+    receivers = []
+    try:
+        if kind == "chat":
+            receivers = [ChatReceiver(address, f"r{seed}", loss, seed) for seed in seeds]
+            heard = [receiver.sender_joined for receiver in receivers]
+            ports = [receiver.client.sock.getsockname()[1] for receiver in receivers]
+        else:
+            receivers = [RelayReceiver(address, loss, seed) for seed in seeds]
+            heard = [receiver.heard_sender for receiver in receivers]
+            ports = [receiver.sock.getsockname()[1] for receiver in receivers]
+        pipe.send(ports)
+        wait_all(heard, SETUP_TIMEOUT, "the sender")
+        pipe.send("heard")
+        count, settle = pipe.recv()
+        tallies = [receiver.tally for receiver in receivers]
+        wait_for_delivery(tallies, count, settle)
+        pipe.send(tallies)
+        pipe.recv()  # "close"
+    except Exception:
+        pipe.send(RuntimeError(f"a receiver process failed:\n{traceback.format_exc()}"))
+    finally:
+        for receiver in receivers:
+            (receiver.client if kind == "chat" else receiver).close()
+
+
+class Receivers:
+    """The receivers of one row, in child processes; `kind` is "chat" or "relay"."""
+
+    def __init__(self, kind: str, address, count: int, loss: float):
+        context = multiprocessing.get_context("spawn")  # the same on Linux, macOS and Windows
+        processes = min(count, RECEIVER_PROCESSES)
+        self.pipes, self.processes = [], []
+        for index in range(processes):
+            ours, theirs = context.Pipe()
+            seeds = list(range(index, count, processes))
+            process = context.Process(target=run_receivers, args=(kind, address, loss, seeds, theirs), daemon=True)
+            process.start()
+            self.pipes.append(ours)
+            self.processes.append(process)
+        self.ports = [port for pipe in self.pipes for port in self.expect(pipe, SETUP_TIMEOUT)]
+        self.unheard = list(self.pipes)  # processes whose receivers have not all heard the sender
+
+    @staticmethod
+    def expect(pipe, timeout: float):
+        """The next thing a child process says; raise what it raised, or if it says nothing."""
+        if not pipe.poll(timeout):
+            raise RuntimeError("a receiver process did not answer")
+        said = pipe.recv()
+        if isinstance(said, Exception):
+            raise said
+        return said
+
+    def all_heard(self, timeout: float = 0.0) -> bool:
+        """Has every process said its receivers all heard the sender? Waits `timeout` for each."""
+        self.unheard = [pipe for pipe in self.unheard if not (pipe.poll(timeout) and self.expect(pipe, 0) == "heard")]
+        return not self.unheard
+
+    def tallies(self, count: int, settle: float) -> list[Tally]:
+        """Tell every process that `count` messages were sent; collect what each receiver got."""
+        for pipe in self.pipes:
+            pipe.send((count, settle))
+        return [tally for pipe in self.pipes for tally in self.expect(pipe, SETUP_TIMEOUT + count)]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send("close")
+            except OSError:
+                pass  # that process has ended already
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 class LoginFlood:
@@ -444,12 +531,6 @@ class LoginFlood:
                 f"each {server.ServerConfig.kdf_iterations:,} PBKDF2 iterations), {busy} more refused as busy")
 
 
-def close_all(clients) -> None:
-    """Close many clients at once: each close waits up to half a second for its threads."""
-    with ThreadPoolExecutor(max_workers=50) as pool:
-        list(pool.map(lambda made: made.close(), clients))
-
-
 # --- Rows ----------------------------------------------------------------------------
 
 
@@ -516,67 +597,63 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
     data_dir = os.path.join(workdir, "data")
     names = [f"r{index}" for index in range(scenario.receivers)]
     create_accounts(data_dir, names + [SENDER])
-    receivers, sender, flood = [], None, None
-    with start_server(workdir, bench_settings(data_dir)) as process:
+    sender, flood = None, None
+    with start_server(workdir, bench_settings(data_dir)) as process, \
+            Receivers("chat", process.address, scenario.receivers, scenario.loss) as receivers:
         try:
-            receivers = connect_receivers(process.address, names, scenario.loss)
             sender = client.ChatClient(*process.address, loss=scenario.loss,
                                        seed=10_000 if scenario.loss else None)
             enter_lobby(sender, SENDER)
-            wait_all([receiver.sender_joined for receiver in receivers], SETUP_TIMEOUT, "the receivers")
+            if not receivers.all_heard(SETUP_TIMEOUT):
+                raise RuntimeError("the receivers never heard the sender join")
             if scenario.login_flood:
                 flood = LoginFlood(process.address)
                 flood.start()
                 time.sleep(1.0)  # the hash worker is busy before the first message
             started = send_messages(sender.say, scenario.messages, scenario.rate)
             sent_by = time.monotonic()
-            tallies = [receiver.tally for receiver in receivers]
-            wait_for_delivery(tallies, scenario.messages)
+            tallies = receivers.tallies(scenario.messages, SETTLE)
             if flood:
                 flood.stop()
                 notes.append(f"{scenario.label}: {flood.summary()}.")
             memory = process.memory()
-            drops = count_drops(process.port, [receiver.client.sock for receiver in receivers] + [sender.sock])
+            drops = count_drops(process.port, receivers.ports + [sender.sock.getsockname()[1]])
         finally:
             if flood and not flood.stopping.is_set():
                 flood.stop()
-            close_all([receiver.client for receiver in receivers] + ([sender] if sender else []))
+            if sender:
+                sender.close()
         if not process.alive() or "Traceback" in process.stderr():
             notes.append(f"{scenario.label}: THE SERVER FAILED:\n{process.stderr()}")
     return summarize(scenario, tallies, started, sent_by, memory, drops)
 
 
-def count_drops(server_port: int, client_sockets) -> str:
-    """Return "server / clients": datagrams the kernel dropped at those sockets, or n/a."""
+def count_drops(server_port: int, client_ports: list[int]) -> str:
+    """Return "server / clients": datagrams the kernel dropped at those ports, or n/a."""
     at_server = kernel_drops([server_port])
-    at_clients = kernel_drops(sock.getsockname()[1] for sock in client_sockets)
+    at_clients = kernel_drops(client_ports)
     return "n/a" if at_server is None else f"{at_server} / {at_clients}"
 
 
 def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
     """One row with the naive relay, the same receivers' count and messages."""
-    with ChildProcess(RELAY, workdir=workdir, name="relay") as process:
-        receivers = [RelayReceiver(process.address, scenario.loss, index) for index in range(scenario.receivers)]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
-                raw.connect(process.address)
-                sender = LossySocket(raw, scenario.loss, 10_000) if scenario.loss else raw
-                # The relay knows the sender by its first datagram; say who it is until heard.
-                deadline = time.monotonic() + SETUP_TIMEOUT
-                while not all(receiver.heard_sender.is_set() for receiver in receivers):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the relay's receivers never heard the sender")
-                    sender.send(f"join {SENDER}".encode())
-                    time.sleep(0.1)
-                started = send_messages(lambda text: sender.send(text.encode()), scenario.messages, scenario.rate)
-                sent_by = time.monotonic()
-                tallies = [receiver.tally for receiver in receivers]
-                wait_for_delivery(tallies, scenario.messages, settle=1.0)
-                memory = process.memory()
-                drops = count_drops(process.port, [receiver.sock for receiver in receivers] + [sender])
-        finally:
-            for receiver in receivers:
-                receiver.close()
+    with ChildProcess(RELAY, workdir=workdir, name="relay") as process, \
+            Receivers("relay", process.address, scenario.receivers, scenario.loss) as receivers, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        raw.connect(process.address)
+        sender = LossySocket(raw, scenario.loss, 10_000) if scenario.loss else raw
+        # The relay knows the sender by its first datagram; say who it is until heard.
+        deadline = time.monotonic() + SETUP_TIMEOUT
+        while not receivers.all_heard():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the relay's receivers never heard the sender")
+            sender.send(f"join {SENDER}".encode())
+            time.sleep(0.1)
+        started = send_messages(lambda text: sender.send(text.encode()), scenario.messages, scenario.rate)
+        sent_by = time.monotonic()
+        tallies = receivers.tallies(scenario.messages, settle=1.0)
+        memory = process.memory()
+        drops = count_drops(process.port, receivers.ports + [raw.getsockname()[1]])
     return summarize(scenario, tallies, started, sent_by, memory, drops)
 
 
@@ -676,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{defaults.max_pending_per_address}) except quiet, and message_rate/message_burst raised to 1,000,000 "
           f"(flood control off); the bench accounts are written to users.json beforehand with {CHEAP_HASH:,}-"
           "iteration hashes, and log in over the protocol. The server runs in a child process (a python -c "
-          "launcher), all clients in this one.")
+          f"launcher); the receivers in child processes, at most {RECEIVER_PROCESSES} (one each in the rows of 20), "
+          "the sender in this one.")
     print("Loss: client.ChatClient(loss=0.2, seed=i) at every receiver and at the sender, each way; the "
           "relay's clients drop the same way (encryption_helper.LossySocket). At 20% each way a SAY and its "
           "reply both get through 64% of the time, so the stop-and-wait sender often waits out a retry "

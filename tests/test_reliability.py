@@ -14,11 +14,22 @@ import threading
 import time
 
 import pytest
-from conftest import fast_timing, member, texts_of
+from conftest import fast_timing, member, texts_of, wait_until
 
 import client
 import server
-from encryption_helper import RtoEstimator
+from encryption_helper import (
+    BITMAP,
+    DEFAULT_CIPHER,
+    RECV_BUFFER,
+    Packet,
+    PacketType,
+    RtoEstimator,
+    decode_packet,
+    encode_packet,
+    make_cipher,
+    pack_fields,
+)
 
 # --- The receiving window -------------------------------------------------------------------
 
@@ -132,6 +143,82 @@ def test_acknowledged_packet_timer_does_nothing():
     window.release(0.0)
     window.acknowledge(1, 0, 0.1)
     assert window.expire(1, 5.0) is None
+
+
+# --- Delayed ACKs: the client's side of acknowledging -----------------------------------------
+
+TOKEN = b"sessiont"
+
+
+class FakeServer:
+    """A plain UDP socket standing in for the server: sends EVENTs, collects the ACKs."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.address = self.sock.getsockname()
+
+    def event(self, seq: int) -> bytes:
+        payload = pack_fields("chat", "0", "lobby", "bob", f"m{seq}")
+        return encode_packet(Packet(PacketType.EVENT, seq, 0, TOKEN, 0, payload), make_cipher(DEFAULT_CIPHER))
+
+    def acks(self) -> list[tuple[int, int]]:
+        """(cumulative, bitmap) of every ACK that has come so far."""
+        got = []
+        while True:
+            try:
+                packet = decode_packet(self.sock.recv(RECV_BUFFER), make_cipher(DEFAULT_CIPHER))
+            except TimeoutError:
+                return got
+            if packet.type == PacketType.ACK:
+                got.append((packet.ack, BITMAP.unpack(packet.payload)[0]))
+
+
+@pytest.fixture
+def fake_server():
+    fake = FakeServer()
+    yield fake
+    fake.sock.close()
+
+
+def quiet_client(fake_server, make_client) -> client.ChatClient:
+    """A client in a session whose threads are stopped: only the test hands it datagrams."""
+    made = make_client(fake_server.address, on_event=lambda event: None)
+    made.token = TOKEN
+    made.closed.set()
+    for thread in made.threads:
+        thread.join()
+    made.closed.clear()
+    return made
+
+
+def test_one_ack_for_every_second_event(fake_server, make_client):
+    made = quiet_client(fake_server, make_client)
+    for seq in range(1, 7):
+        made.handle_datagram(fake_server.event(seq))
+    assert fake_server.acks() == [(2, 0), (4, 0), (6, 0)]
+
+
+def test_out_of_order_duplicate_and_filled_gap_are_acknowledged_at_once(fake_server, make_client):
+    made = quiet_client(fake_server, make_client)
+    made.handle_datagram(fake_server.event(1))
+    assert fake_server.acks() == []  # one in order: the ACK may wait for the next
+    made.handle_datagram(fake_server.event(3))  # 2 is missing: tell the server now
+    assert fake_server.acks() == [(1, 0b1)]
+    made.handle_datagram(fake_server.event(3))  # a duplicate: our ACK may have been lost
+    assert fake_server.acks() == [(1, 0b1)]
+    made.handle_datagram(fake_server.event(2))  # the gap fills: 1, 2, 3 all here
+    assert fake_server.acks() == [(3, 0)]
+
+
+def test_a_lone_event_is_acknowledged_when_nothing_follows(fake_server, make_client):
+    made = make_client(fake_server.address, on_event=lambda event: None)
+    made.token = TOKEN
+    fake_server.sock.sendto(fake_server.event(1), made.sock.getsockname())
+    got = []
+    wait_until(lambda: got.extend(fake_server.acks()) or got, what="the delayed ACK")
+    assert got == [(1, 0)]
 
 
 def simulate(loss: float, seed: int, messages: int = 200, window_size: int = 8) -> tuple[list, int]:
