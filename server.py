@@ -1009,10 +1009,12 @@ class ServerLoop:
             while not self.stopping.is_set():
                 now = time.monotonic()
                 wait = min(max(self.chat.next_deadline() - now, 0.0), MAX_WAIT)
-                self.selector.select(wait)
+                ready = {key.fileobj for key, _ in self.selector.select(wait)}
                 now = time.monotonic()
-                self.receive_all(now)
-                self.finish_slow_jobs(now)
+                if self.sock in ready:
+                    self.receive_all(now)
+                if self.wake_reader in ready:
+                    self.finish_slow_jobs(now)
                 self.survive(self.chat.on_timers, now, where="the timers")
                 self.start_slow_jobs()
                 self.flush()
