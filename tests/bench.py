@@ -135,6 +135,16 @@ def read_memory(pid: int) -> dict[str, float] | None:
     return sizes or None
 
 
+def read_cpu_seconds(pid: int) -> float | None:
+    """Return the CPU time (user + system) a process has used, or None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (name)"
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def kernel_drops(ports) -> int | None:
     """Datagrams Linux dropped at these UDP ports because their receive buffer was full."""
     try:
@@ -199,6 +209,9 @@ class ChildProcess:
 
     def memory(self) -> dict[str, float] | None:
         return read_memory(self.process.pid)
+
+    def cpu_seconds(self) -> float | None:
+        return read_cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         """Ask the process to stop as Ctrl+C would; kill it if it does not."""
@@ -380,7 +393,8 @@ def run_receivers(kind: str, address, loss: float, seeds: list[int], pipe) -> No
 
     The conversation: we send our sockets' ports once every receiver is connected, then
     "heard" once each has heard the sender; the parent sends (count, settle) when it has
-    sent everything, we answer with the tallies, and end when the parent says "close".
+    sent everything, we answer with the tallies and the CPU time this process used since
+    "heard", and end when the parent says "close".
     """
     receivers = []
     try:
@@ -395,10 +409,11 @@ def run_receivers(kind: str, address, loss: float, seeds: list[int], pipe) -> No
         pipe.send(ports)
         wait_all(heard, SETUP_TIMEOUT, "the sender")
         pipe.send("heard")
+        cpu_before = time.process_time()
         count, settle = pipe.recv()
         tallies = [receiver.tally for receiver in receivers]
         wait_for_delivery(tallies, count, settle)
-        pipe.send(tallies)
+        pipe.send((tallies, time.process_time() - cpu_before))
         pipe.recv()  # "close"
     except Exception:
         pipe.send(RuntimeError(f"a receiver process failed:\n{traceback.format_exc()}"))
@@ -439,11 +454,13 @@ class Receivers:
         self.unheard = [pipe for pipe in self.unheard if not (pipe.poll(timeout) and self.expect(pipe, 0) == "heard")]
         return not self.unheard
 
-    def tallies(self, count: int, settle: float) -> list[Tally]:
-        """Tell every process that `count` messages were sent; collect what each receiver got."""
+    def tallies(self, count: int, settle: float) -> tuple[list[Tally], float]:
+        """Tell every process that `count` messages were sent; return what each receiver got,
+        and the CPU seconds all the receivers' processes used meanwhile."""
         for pipe in self.pipes:
             pipe.send((count, settle))
-        return [tally for pipe in self.pipes for tally in self.expect(pipe, SETUP_TIMEOUT + count)]
+        answers = [self.expect(pipe, SETUP_TIMEOUT + count) for pipe in self.pipes]
+        return [tally for tallies, _ in answers for tally in tallies], sum(cpu for _, cpu in answers)
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -559,6 +576,7 @@ class Row:
     memory: str
     drops: str  # "server socket / client sockets": datagrams the kernel dropped, buffers full
     send_rate: float  # messages a second the sender achieved
+    cpu: str  # "relaying process / receivers": CPU microseconds per distinct delivery
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -569,8 +587,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
 
 
-def summarize(scenario: Scenario, tallies: list[Tally], started: float, sent_by: float, memory, drops) -> Row:
+def summarize(scenario: Scenario, tallies: list[Tally], started: float, sent_by: float, memory, drops,
+              cpu: tuple[float | None, float]) -> Row:
     delivered = [len(tally.seen) / scenario.messages for tally in tallies]
+    deliveries = max(sum(len(tally.seen) for tally in tallies), 1)
+    relaying, receiving = (f"{1e6 * seconds / deliveries:.0f}" if seconds is not None else "n/a" for seconds in cpu)
     latencies = [latency for tally in tallies for latency in tally.latencies]
     last = max((tally.last_arrival for tally in tallies), default=started)
     elapsed = max(last - started, 1e-9)
@@ -582,6 +603,7 @@ def summarize(scenario: Scenario, tallies: list[Tally], started: float, sent_by:
         per_second=sum(len(tally.seen) for tally in tallies) / elapsed,
         p50_ms=1000 * percentile(latencies, 50), p99_ms=1000 * percentile(latencies, 99),
         memory=megabytes(memory), drops=drops, send_rate=scenario.messages / max(sent_by - started, 1e-9),
+        cpu=f"{relaying} / {receiving}",
     )
 
 
@@ -610,9 +632,11 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 flood = LoginFlood(process.address)
                 flood.start()
                 time.sleep(1.0)  # the hash worker is busy before the first message
+            cpu_before = process.cpu_seconds()
             started = send_messages(sender.say, scenario.messages, scenario.rate)
             sent_by = time.monotonic()
-            tallies = receivers.tallies(scenario.messages, SETTLE)
+            tallies, receivers_cpu = receivers.tallies(scenario.messages, SETTLE)
+            cpu = (process_cpu(process, cpu_before), receivers_cpu)
             if flood:
                 flood.stop()
                 notes.append(f"{scenario.label}: {flood.summary()}.")
@@ -625,7 +649,13 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 sender.close()
         if not process.alive() or "Traceback" in process.stderr():
             notes.append(f"{scenario.label}: THE SERVER FAILED:\n{process.stderr()}")
-    return summarize(scenario, tallies, started, sent_by, memory, drops)
+    return summarize(scenario, tallies, started, sent_by, memory, drops, cpu)
+
+
+def process_cpu(process: ChildProcess, before: float | None) -> float | None:
+    """CPU seconds the child process used since `before`, or None where that is unknown."""
+    after = process.cpu_seconds()
+    return None if before is None or after is None else after - before
 
 
 def count_drops(server_port: int, client_ports: list[int]) -> str:
@@ -649,12 +679,14 @@ def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 raise RuntimeError("the relay's receivers never heard the sender")
             sender.send(f"join {SENDER}".encode())
             time.sleep(0.1)
+        cpu_before = process.cpu_seconds()
         started = send_messages(lambda text: sender.send(text.encode()), scenario.messages, scenario.rate)
         sent_by = time.monotonic()
-        tallies = receivers.tallies(scenario.messages, settle=1.0)
+        tallies, receivers_cpu = receivers.tallies(scenario.messages, settle=1.0)
+        cpu = (process_cpu(process, cpu_before), receivers_cpu)
         memory = process.memory()
         drops = count_drops(process.port, receivers.ports + [raw.getsockname()[1]])
-    return summarize(scenario, tallies, started, sent_by, memory, drops)
+    return summarize(scenario, tallies, started, sent_by, memory, drops, cpu)
 
 
 def run_row(scenario: Scenario, notes: list[str]) -> Row:
@@ -671,13 +703,14 @@ def run_row(scenario: Scenario, notes: list[str]) -> Row:
 
 
 HEADER = ("| situation | messages sent | delivered % (mean / worst receiver) | duplicates | out of order "
-          "| deliveries/s | latency p50 ms | latency p99 ms | peak memory MB | kernel drops (server / clients) |")
+          "| deliveries/s | CPU µs per delivery (server / receivers) | latency p50 ms | latency p99 ms "
+          "| peak memory MB | kernel drops (server / clients) |")
 
 
 def format_row(row: Row) -> str:
     delivered = f"{row.delivered_mean:.1f} / {row.delivered_worst:.1f}"
     return (f"| {row.label} | {row.sent} | {delivered} | {row.duplicates} | {row.out_of_order} "
-            f"| {row.per_second:,.0f} | {row.p50_ms:.1f} | {row.p99_ms:.1f} | {row.memory} | {row.drops} |")
+            f"| {row.per_second:,.0f} | {row.cpu} | {row.p50_ms:.1f} | {row.p99_ms:.1f} | {row.memory} | {row.drops} |")
 
 
 def print_table(rows: list[Row]) -> None:
@@ -740,7 +773,10 @@ def main(argv: list[str] | None = None) -> int:
           "deliveries/s: distinct deliveries, all receivers, from the first send to the last arrival. "
           "Latency: from the sender's say() call to the receiver's event. Peak memory: VmHWM of the "
           f"server's (or relay's) process; an idle server peaks at {idle} MB. Kernel drops: datagrams Linux "
-          "discarded because a socket's receive buffer was full; our server sends those again, the relay cannot.")
+          "discarded because a socket's receive buffer was full; our server sends those again, the relay cannot. "
+          "CPU per delivery: the CPU time the server's (or relay's) process, and all the receivers' processes, "
+          "used from the first send until every receiver was done, over the distinct deliveries (the server's "
+          "is n/a where /proc is missing; in the LOGIN flood row it includes the password hashing).")
     for row in (flat_out, lossy, crowd):
         print(f"{row.label}: the sender (stop-and-wait, one SAY at a time) reached {row.send_rate:,.1f} msg/s.")
     print(f"LOGIN flood: latency p50 / p99 {flood.p50_ms:.1f} / {flood.p99_ms:.1f} ms during the flood, "
