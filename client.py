@@ -499,7 +499,8 @@ class ChatClient:
                 self.on_event(event)
             else:
                 self.events.put(event)
-        # A gap just filled (more than one ready) or a new one opened: ACK now, as TCP does.
+        # Every second EVENT; and at once, as TCP does, when a gap opens or fills (more than
+        # one ready), or for a duplicate: the ACK that covered it was lost.
         if self.unacked >= ACK_EVERY or outcome != "in order" or len(ready) > 1:
             self.send_ack()
 
