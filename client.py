@@ -85,8 +85,8 @@ LOBBY = "lobby"
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries of HELLO and BYE, whatever the backoff
 # Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): one ACK for every second EVENT, or
-# once no more has come for ACK_DELAY - half the ACKs for the server to read when busy.
-# Out-of-order EVENTs and duplicates are acknowledged at once: the server is missing news.
+# ACK_DELAY after the first one not yet acknowledged - half the ACKs for a busy server to
+# read. Anything out of order or duplicated is acknowledged at once: the server lacks news.
 ACK_EVERY = 2
 ACK_DELAY = 0.02  # seconds; far below the server's smallest retransmission timeout (0.2 s)
 
@@ -237,7 +237,8 @@ class ChatClient:
         self.send_lock = threading.Lock()
         self.last_heard = self.last_sent = time.monotonic()
         self.out_of_contact = False
-        self.unacked = 0  # EVENTs arrived since our last ACK
+        self.unacked = 0  # EVENTs arrived since our last ACK...
+        self.ack_by = 0.0  # ...which must leave by then (time.monotonic), if any
         self.nobody_listening = False  # the OS reported "port unreachable"
         self.closed = threading.Event()
         self.closed_reason = ""
@@ -439,17 +440,15 @@ class ChatClient:
     # --- The network thread: the only reader of the socket ---
 
     def receive_forever(self) -> None:
-        waiting = MAX_WAIT  # the socket's timeout, set in __init__
+        timeout = MAX_WAIT  # the socket's, as set in __init__
         while not self.closed.is_set():
-            wanted = ACK_DELAY if self.unacked else MAX_WAIT  # an ACK is due soon: wake up for it
-            if wanted != waiting:
-                self.sock.settimeout(wanted)
-                waiting = wanted
             try:
+                wanted = self.ack_or_wait()
+                if wanted != timeout:
+                    self.sock.settimeout(wanted)
+                    timeout = wanted
                 data = self.sock.recv(RECV_BUFFER)
             except TimeoutError:
-                if self.unacked:  # quiet for ACK_DELAY: acknowledge what has come
-                    self.send_ack()
                 continue
             except (ConnectionRefusedError, ConnectionResetError):
                 # An ICMP "port unreachable" for something we sent: nobody listens there
@@ -459,6 +458,16 @@ class ChatClient:
             except OSError:
                 return  # the socket was closed: we are shutting down
             self.handle_datagram(data)
+
+    def ack_or_wait(self) -> float:
+        """Send the delayed ACK if its time has come; return how long to wait for a datagram."""
+        if not self.unacked:
+            return MAX_WAIT
+        left = self.ack_by - time.monotonic()
+        if left > 0:
+            return left
+        self.send_ack()
+        return MAX_WAIT
 
     def handle_datagram(self, data: bytes) -> None:
         try:
@@ -487,6 +496,8 @@ class ChatClient:
             return
         outcome, ready = self.inbound.receive(packet.seq, packet.payload)
         self.trace_packet("in ", data, "" if outcome == "in order" else ": " + outcome)
+        if not self.unacked:
+            self.ack_by = time.monotonic() + ACK_DELAY  # the latest this EVENT's ACK may leave
         self.unacked += 1
         for payload in ready:
             try:
@@ -499,13 +510,17 @@ class ChatClient:
                 self.on_event(event)
             else:
                 self.events.put(event)
-        # Every second EVENT; and at once, as TCP does, when a gap opens or fills (more than
-        # one ready), or for a duplicate: the ACK that covered it was lost.
-        if self.unacked >= ACK_EVERY or outcome != "in order" or len(ready) > 1:
+        # The ACK may wait only in the plain case: the EVENT expected next, nothing held
+        # behind a gap. A gap opening, partly or wholly filling, or a duplicate (the ACK that
+        # covered it was lost) is acknowledged at once, as TCP does.
+        plain = outcome == "in order" and len(ready) == 1 and not self.inbound.held
+        if self.unacked >= ACK_EVERY or not plain:
             self.send_ack()
 
     def send_ack(self) -> None:
         self.unacked = 0
+        if self.token == NO_TOKEN:
+            return  # the session ended (BYE): nobody is waiting for it
         cumulative, bitmap = self.inbound.ack()
         self.send_packet(Packet(PacketType.ACK, 0, cumulative, self.token, 0, BITMAP.pack(bitmap)))
 

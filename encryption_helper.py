@@ -289,13 +289,14 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
     fields = []
     offset, end = 0, len(payload)
     while offset < end:
-        start = offset + FIELD_LENGTH.size
-        if start > end:
+        text_starts = offset + FIELD_LENGTH.size
+        if text_starts > end:
             raise PacketError("payload ends inside a field's length")
-        offset = start + (payload[offset] << 8 | payload[offset + 1])  # the 2-byte length, big-endian
+        length = payload[offset] << 8 | payload[offset + 1]  # 2 bytes, big-endian (FIELD_LENGTH)
+        offset = text_starts + length  # where the next field begins
         if offset > end:
-            raise PacketError(f"field of {offset - start} bytes runs past the end of the payload")
-        fields.append(payload[start:offset])
+            raise PacketError(f"field of {length} bytes runs past the end of the payload")
+        fields.append(payload[text_starts:offset])
     if count is not None and len(fields) != count:
         raise PacketError(f"expected {count} fields, got {len(fields)}")
     try:

@@ -403,6 +403,7 @@ class ChatServer:
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams to send
         self.slow_jobs: list = []  # (work, then): work() off the loop, then(result, now) on it
         self.too_slow: dict[Address, Session] = {}  # to be ended once the current work is done
+        self.news: dict[Address, Session] = {}  # sessions with EVENTs queued, sent by send_news
         self.checking: dict = {}  # (address, seq) -> fingerprint of a request being hashed
         self.stats = collections.Counter()
 
@@ -432,10 +433,9 @@ class ChatServer:
 
     # --- Sending ---
 
-    def send(self, data: bytes, address: Address, note: str = "", at: int | None = None) -> None:
-        """Queue a datagram for the loop to send: last, or at position `at` of the outbox."""
+    def send(self, data: bytes, address: Address, note: str = "") -> None:
         self.trace("out", data, address, note)
-        self.outbox.insert(len(self.outbox) if at is None else at, (data, address))
+        self.outbox.append((data, address))
 
     def send_to_stranger(self, data: bytes, address: Address, received: int) -> None:
         """Answer an address nobody has proven, never with more bytes than it sent.
@@ -468,6 +468,7 @@ class ChatServer:
             return
         self.dispatch(packet, address, len(data), now)
         self.end_slow_sessions(now)
+        self.send_news(now)
 
     def dispatch(self, packet: Packet, address: Address, size: int, now: float) -> None:
         """Hand a valid packet to the handler its type and its sender's session call for."""
@@ -713,7 +714,6 @@ class ChatServer:
             return
         # A newer number is a new request. Usually it is last_seq + 1; a client that sent
         # a HELLO or REGISTER meanwhile has used numbers the session never saw.
-        events_from = len(self.outbox)  # the EVENTs this request causes are queued after here
         try:
             fields = MEMBER_HANDLERS[packet.type](self, session, packet, now)
             summary = fields[-1] if packet.type in TEXT_REPLIES else f"{len(fields)} fields"
@@ -725,7 +725,7 @@ class ChatServer:
         session.last_seq = packet.seq
         session.last_reply = self.reply(packet, ptype, fields, session.token)
         self.log(session.address, session.name, packet.type.name, size, outcome)
-        self.send(session.last_reply, session.address, at=events_from)  # the asker can go on meanwhile
+        self.send(session.last_reply, session.address)
 
     def handle_ack(self, session: Session, packet: Packet, now: float) -> None:
         session.last_heard = now
@@ -789,7 +789,7 @@ class ChatServer:
             raise Refusal("unknown-user", f"{shown} is not online.")
         self.check_message(session, text, now)
         payload = pack_fields("private", str(int(self.wall_clock())), "", session.name, text)
-        self.push(target, payload, self.cipher.encrypt(payload), now)
+        self.push(target, payload, self.cipher.encrypt(payload))
         return [f"private to {target.name}"]
 
     def handle_rooms(self, session: Session, packet: Packet, now: float) -> list[str]:
@@ -836,7 +836,7 @@ class ChatServer:
         session.room = room.name.lower()
         for when, user, text in room.history:
             payload = pack_fields("history", str(int(when)), room.name, user, text)
-            self.push(session, payload, self.cipher.encrypt(payload), now)
+            self.push(session, payload, self.cipher.encrypt(payload))
         self.publish_to(others, room, "join", session.name, "", now)
 
     def leave_room(self, session: Session, reason: str, now: float) -> None:
@@ -857,14 +857,25 @@ class ChatServer:
         payload = pack_fields(kind, str(int(self.wall_clock())), room.name, user, text)
         scrambled = self.cipher.encrypt(payload)
         for member in members:
-            self.push(member, payload, scrambled, now)
+            self.push(member, payload, scrambled)
 
-    def push(self, session: Session, payload: bytes, scrambled: bytes, now: float) -> None:
-        """Queue an EVENT for one session and send what its window allows."""
+    def push(self, session: Session, payload: bytes, scrambled: bytes) -> None:
+        """Queue an EVENT for one session; send_news sends it, after the reply to the request."""
         if not session.outbound.offer(payload, scrambled):
             self.too_slow[session.address] = session  # ended by end_slow_sessions, not here:
             return  # its "left" would be pushed to others, who may be full too, and so on
-        self.pump(session, now)
+        self.news[session.address] = session
+
+    def send_news(self, now: float) -> None:
+        """Send the EVENTs queued while handling a packet or the timers, as windows allow.
+
+        They go out after the reply to the request that caused them, so the member who
+        spoke hears "OK" first and can go on while the room is being told.
+        """
+        for address, session in self.news.items():
+            if self.sessions.get(address) is session:  # not ended meanwhile
+                self.pump(session, now)
+        self.news.clear()
 
     def end_slow_sessions(self, now: float) -> None:
         """End the sessions that fell max_queue EVENTs behind, one after another."""
@@ -913,6 +924,7 @@ class ChatServer:
                 if now - session.last_heard > self.config.session_timeout:
                     self.end_session(session, "timed out", now)
         self.end_slow_sessions(now)
+        self.send_news(now)  # "left (timed out)" and the like
 
     def close(self) -> None:
         self.history.close()
@@ -1034,22 +1046,22 @@ class ServerLoop:
                 # it says nothing about the datagram we are reading, so read on.
                 continue
             data = bytes(self.view[:size])
-            self.survive(self.chat.handle_datagram, data, address, now, where=("a datagram from", address))
+            self.survive(self.chat.handle_datagram, data, address, now, where="a datagram from", peer=address)
             self.flush()
 
-    def survive(self, work, *args, where: str | tuple[str, Address]) -> None:
+    def survive(self, work, *args, where: str, peer: Address | None = None) -> None:
         """Run `work(*args)`; if it raises, report the error and carry on.
 
         ChatServer validates everything a client sends, and the tests and fuzzers try hard
         to make it raise. Should a bug slip through anyway, one sender must not stop the
         chat for everyone: report it with its cause, as socketserver does, and go on.
-        `where` names the work, possibly as (words, address): put into words only if needed.
+        `where` (and `peer`, if it concerns one) say what was being done.
         """
         try:
             work(*args)
         except Exception:  # the one place a server must survive its own bug
-            if isinstance(where, tuple):
-                where = f"{where[0]} {describe(where[1])}"
+            if peer:
+                where = f"{where} {describe(peer)}"
             self.chat.stats["internal-errors"] += 1
             self.chat.problem(f"internal error on {where}:\n{traceback.format_exc()}")
 

@@ -392,9 +392,9 @@ def run_receivers(kind: str, address, loss: float, seeds: list[int], pipe) -> No
     """A child process's work: the receivers numbered `seeds`, talking to the parent over `pipe`.
 
     The conversation: we send our sockets' ports once every receiver is connected, then
-    "heard" once each has heard the sender; the parent sends (count, settle) when it has
-    sent everything, we answer with the tallies and the CPU time this process used since
-    "heard", and end when the parent says "close".
+    "heard" once each has heard the sender; the parent says "go" as it starts sending, and
+    (count, settle) when it has sent everything; we answer with the tallies and the CPU
+    time this process used since "go", and end when the parent says "close".
     """
     receivers = []
     try:
@@ -409,6 +409,7 @@ def run_receivers(kind: str, address, loss: float, seeds: list[int], pipe) -> No
         pipe.send(ports)
         wait_all(heard, SETUP_TIMEOUT, "the sender")
         pipe.send("heard")
+        pipe.recv()  # "go": the first message is on its way
         cpu_before = time.process_time()
         count, settle = pipe.recv()
         tallies = [receiver.tally for receiver in receivers]
@@ -453,6 +454,11 @@ class Receivers:
         """Has every process said its receivers all heard the sender? Waits `timeout` for each."""
         self.unheard = [pipe for pipe in self.unheard if not (pipe.poll(timeout) and self.expect(pipe, 0) == "heard")]
         return not self.unheard
+
+    def go(self) -> None:
+        """Tell every process that sending starts: their CPU time counts from now."""
+        for pipe in self.pipes:
+            pipe.send("go")
 
     def tallies(self, count: int, settle: float) -> tuple[list[Tally], float]:
         """Tell every process that `count` messages were sent; return what each receiver got,
@@ -632,6 +638,7 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 flood = LoginFlood(process.address)
                 flood.start()
                 time.sleep(1.0)  # the hash worker is busy before the first message
+            receivers.go()
             cpu_before = process.cpu_seconds()
             started = send_messages(sender.say, scenario.messages, scenario.rate)
             sent_by = time.monotonic()
@@ -679,6 +686,7 @@ def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 raise RuntimeError("the relay's receivers never heard the sender")
             sender.send(f"join {SENDER}".encode())
             time.sleep(0.1)
+        receivers.go()
         cpu_before = process.cpu_seconds()
         started = send_messages(lambda text: sender.send(text.encode()), scenario.messages, scenario.rate)
         sent_by = time.monotonic()

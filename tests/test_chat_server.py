@@ -129,6 +129,20 @@ def test_register_login_join_say(harness):
     assert events_to(harness, alice, out) == []  # everyone but the sender
 
 
+def test_the_reply_goes_out_before_the_events_the_request_causes(harness):
+    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
+    alice.send(PacketType.SAY, "for the history")
+    said = [(packet.type, to) for packet, to, _ in alice.send(PacketType.SAY, "hello")]
+    assert said == [(PacketType.OK, alice.address), (PacketType.EVENT, bob.address)]
+    carol = Peer(harness, 3)
+    carol.register("carol")
+    carol.login("carol")
+    joined = [(packet.type, to) for packet, to, _ in carol.send(PacketType.JOIN, "lobby", "juara")]
+    assert joined[0] == (PacketType.OK, carol.address)
+    # then the two messages of history to her, and "carol joined" to alice and bob
+    assert sorted(to[1] for ptype, to in joined[1:] if ptype == PacketType.EVENT) == [1, 2, 3, 3]
+
+
 def test_exact_reply_texts(harness):
     peer = Peer(harness, 1)
     assert peer.register("alice") == "Registration successful."

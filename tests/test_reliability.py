@@ -186,10 +186,10 @@ def quiet_client(fake_server, make_client) -> client.ChatClient:
     """A client in a session whose threads are stopped: only the test hands it datagrams."""
     made = make_client(fake_server.address, on_event=lambda event: None)
     made.token = TOKEN
-    made.closed.set()
+    made.closed.set()  # the threads see this within MAX_WAIT and end...
     for thread in made.threads:
         thread.join()
-    made.closed.clear()
+    made.closed.clear()  # ...while the socket stays open, for the test to use
     return made
 
 
@@ -210,6 +210,19 @@ def test_out_of_order_duplicate_and_filled_gap_are_acknowledged_at_once(fake_ser
     assert fake_server.acks() == [(1, 0b1)]
     made.handle_datagram(fake_server.event(2))  # the gap fills: 1, 2, 3 all here
     assert fake_server.acks() == [(3, 0)]
+    made.handle_datagram(fake_server.event(6))  # 4 and 5 are missing...
+    made.handle_datagram(fake_server.event(4))  # ...and 4 fills half the gap: say so at once
+    assert fake_server.acks() == [(3, 0b10), (4, 0b1)]
+
+
+def test_other_datagrams_do_not_put_off_a_delayed_ack(fake_server, make_client):
+    made = quiet_client(fake_server, make_client)
+    made.handle_datagram(fake_server.event(1))
+    due = made.ack_by
+    reply = encode_packet(Packet(PacketType.OK, 0, made.seq, TOKEN), make_cipher(DEFAULT_CIPHER))
+    for _ in range(3):
+        made.handle_datagram(reply)  # replies to our own requests, coming while the ACK waits
+    assert made.ack_by == due and made.unacked == 1
 
 
 def test_a_lone_event_is_acknowledged_when_nothing_follows(fake_server, make_client):
@@ -217,7 +230,12 @@ def test_a_lone_event_is_acknowledged_when_nothing_follows(fake_server, make_cli
     made.token = TOKEN
     fake_server.sock.sendto(fake_server.event(1), made.sock.getsockname())
     got = []
-    wait_until(lambda: got.extend(fake_server.acks()) or got, what="the delayed ACK")
+
+    def acknowledged() -> bool:
+        got.extend(fake_server.acks())
+        return bool(got)
+
+    wait_until(acknowledged, what="the delayed ACK")  # one EVENT alone never reaches ACK_EVERY
     assert got == [(1, 0)]
 
 
