@@ -27,9 +27,12 @@ of a machine).
 Columns: messages sent; delivered % = distinct messages a receiver got / messages sent
 (mean over receivers, and the worst receiver); duplicates and out-of-order arrivals summed
 over receivers; deliveries/s = distinct deliveries over all receivers / (first send to last
-arrival); latency p50 and p99 over all deliveries; peak memory (VmHWM) of the process that
-relays, "n/a" where /proc is missing; kernel drops, from /proc/net/udp: datagrams Linux
-discarded at the relaying socket and at the clients' because the receive buffer was full.
+arrival); CPU per delivery = CPU time of the relaying process (from /proc) and of all the
+receivers' processes (time.process_time) from the first send until every receiver was
+done, over the distinct deliveries; latency p50 and p99 over all deliveries; peak memory
+(VmHWM) of the process that relays, "n/a" where /proc is missing; kernel drops, from
+/proc/net/udp: datagrams Linux discarded at the relaying socket and at the clients'
+because the receive buffer was full.
 
 Setup, not measured: the accounts are written into users.json before the server starts,
 with 1,000-iteration hashes, so that 200 logins take a moment; every client still logs in
