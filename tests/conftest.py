@@ -4,8 +4,11 @@ Everything here is fast on purpose: a low password-hash cost and short timeouts.
 waits a fixed time to synchronise; each waits for the reply or event it expects.
 """
 
+import os
 import queue
+import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,6 +18,8 @@ import server
 
 FAST_HASH = 1000  # PBKDF2 iterations in tests; the real default is 600,000
 EVENT_WAIT = 10.0  # seconds before a missing event fails a test (a bound, not a sleep)
+PROGRAM_WAIT = 20.0  # seconds before a missing line of a program's output fails a test
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def fast_timing(**changes) -> client.Timing:
@@ -136,3 +141,61 @@ def wait_until(condition, timeout: float = EVENT_WAIT, what: str = "condition") 
 
 
 PYTHON = sys.executable
+
+
+class Program:
+    """A Python program in a subprocess, run from the repository; its output read on a thread.
+
+    The thread keeps the pipe drained (a full pipe would stall the program) and collects
+    every line in `output`; `expect` waits for a line, but never longer than a bound.
+    """
+
+    def __init__(self, *args, stdin=subprocess.PIPE):
+        environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        self.process = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, encoding="utf-8", env=environment,
+        )
+        self.output: list[str] = []  # every line so far
+        self.lines: queue.Queue = queue.Queue()  # the lines `expect` has not looked at yet
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line.rstrip("\n"))
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)  # end of output: the program has ended
+
+    def type(self, *lines: str) -> None:
+        self.process.stdin.write("".join(line + "\n" for line in lines))
+        self.process.stdin.flush()
+
+    def expect(self, text: str, wait: float = PROGRAM_WAIT) -> str:
+        """Return the next output line containing `text`; fail if none comes within `wait` s."""
+        while True:
+            try:
+                line = self.lines.get(timeout=wait)
+            except queue.Empty:
+                pytest.fail(f"no line with {text!r} within {wait} s; output so far: {self.output}")
+            if line is None:
+                pytest.fail(f"program ended without {text!r}; output: {self.output}")
+            if text in line:
+                return line
+
+    def finish(self) -> int:
+        """Wait for the program to end by itself; return its exit code."""
+        try:
+            return self.process.wait(timeout=PROGRAM_WAIT)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Kill the program if it still runs (SIGKILL, TerminateProcess on Windows: no cleanup runs)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.reader.join(timeout=10)  # the output ends with the program
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream:
+                stream.close()

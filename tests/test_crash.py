@@ -22,15 +22,14 @@ import os
 import queue
 import random
 import subprocess
-import sys
 import threading
 
 import pytest
+from conftest import Program
 
 import server
 from client import ChatClient, ChatError, Timing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # server.py's command line has no option for the hash cost, and 600,000 PBKDF2
 # iterations per registration would make a burst slow; so start the same ServerLoop
 # with a cheap hash, and with no per-address limits on registering (every client here
@@ -59,45 +58,14 @@ BURST_TIMING = Timing(connect_timeout=2.0, heartbeat_every=5.0, lost_contact_aft
 CHECK_TIMING = Timing(connect_timeout=10.0, give_up_after=10.0, min_rto=0.05, max_rto=0.5, goodbye_timeout=1.0)
 
 
-class ServerProcess:
-    """`python -c LAUNCHER data_dir`, run from the repository, with its output in a queue."""
+class ServerProcess(Program):
+    """`python -c LAUNCHER data_dir`: a server that can be killed without warning."""
 
     def __init__(self, data_dir: str):
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, data_dir], cwd=REPO, text=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        self.output: list[str] = []
-        self.lines: queue.Queue = queue.Queue()
-        self.reader = threading.Thread(target=self.read_output, daemon=True)
-        self.reader.start()
-        self.port = self.wait_for_port()
+        super().__init__("-c", LAUNCHER, data_dir, stdin=subprocess.DEVNULL)
+        self.port = int(self.expect("listening on port", wait=STARTUP_WAIT).split()[-1])
 
-    def read_output(self) -> None:
-        """Keep the pipe drained (a full pipe would stall the server), line by line."""
-        for line in self.process.stdout:
-            self.output.append(line.rstrip("\n"))
-            self.lines.put(line)
-        self.lines.put(None)  # end of output: the process is gone
-
-    def wait_for_port(self) -> int:
-        while True:
-            try:
-                line = self.lines.get(timeout=STARTUP_WAIT)
-            except queue.Empty:
-                pytest.fail(f"the server did not start within {STARTUP_WAIT} s; it said: {self.output}")
-            if line is None:
-                pytest.fail(f"the server exited at startup; it said: {self.output}")
-            if line.startswith("listening on port"):
-                return int(line.split()[-1])
-
-    def kill(self) -> None:
-        """SIGKILL on POSIX, TerminateProcess on Windows: no cleanup code runs."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-        self.reader.join(timeout=10)  # the output ends with the process
-        self.process.stdout.close()
+    kill = Program.stop  # SIGKILL on POSIX, TerminateProcess on Windows: no cleanup code runs
 
 
 @pytest.fixture

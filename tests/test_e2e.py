@@ -1,67 +1,12 @@
 """The real scripts as a user runs them: client.py in its scripted mode, server.py from the shell."""
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
-from conftest import wait_until
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WAIT = 20.0  # seconds before a missing line fails a test (a bound, not a sleep)
-
-
-class Program:
-    """A script running in a subprocess; its output read line by line on a thread."""
-
-    def __init__(self, *args, stdin=subprocess.PIPE):
-        environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-        self.process = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, encoding="utf-8", env=environment,
-        )
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self.read, daemon=True).start()
-
-    def read(self):
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def type(self, *lines: str) -> None:
-        self.process.stdin.write("".join(line + "\n" for line in lines))
-        self.process.stdin.flush()
-
-    def expect(self, text: str) -> str:
-        """Return the first new output line containing `text`; fail if none comes."""
-        while True:
-            try:
-                line = self.lines.get(timeout=WAIT)
-            except queue.Empty:
-                pytest.fail(f"no line with {text!r}; output so far: {self.seen}")
-            if line is None:
-                pytest.fail(f"program ended without {text!r}; output: {self.seen}")
-            self.seen.append(line)
-            if text in line:
-                return line
-
-    def finish(self) -> int:
-        try:
-            return self.process.wait(timeout=WAIT)
-        finally:
-            self.stop()
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream:
-                stream.close()
+from conftest import PROGRAM_WAIT, ROOT, Program, wait_until
 
 
 @pytest.fixture
@@ -111,7 +56,7 @@ def test_the_readme_example_line_works(chat_server, programs):
     first.expect("Registration successful.")
     script = "/login\nalice\nsecret\njuara\nhello\nexit\n"
     result = subprocess.run([sys.executable, *client_args(chat_server.address)], input=script, cwd=ROOT,
-                            capture_output=True, text=True, encoding="utf-8", timeout=WAIT)
+                            capture_output=True, text=True, encoding="utf-8", timeout=PROGRAM_WAIT)
     assert "Welcome, alice." in result.stdout and result.stdout.endswith("[INFO] Connection closed.\n")
     assert result.returncode == 0 and result.stderr == ""
 
@@ -150,7 +95,7 @@ def test_client_reports_a_missing_server_without_a_traceback(programs):
     alice.expect(f"[ERROR] Server not responding at 127.0.0.1:{port}")
     alice.expect("[INFO] Connection closed.")
     assert alice.finish() == 1
-    assert not any("Traceback" in line for line in alice.seen)
+    assert not any("Traceback" in line for line in alice.output)
 
 
 def test_client_reports_a_wrong_key(chat_server, programs):
@@ -162,7 +107,7 @@ def test_client_reports_a_wrong_key(chat_server, programs):
 @pytest.mark.parametrize("script", ["server.py", "client.py"])
 def test_help_explains_the_options(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=WAIT)
+                            timeout=PROGRAM_WAIT)
     assert result.returncode == 0
     for option in ["--host", "--port", "--cipher", "--key", "--verbose", "--loss", "--seed"]:
         assert option in result.stdout
@@ -191,7 +136,7 @@ def test_ctrl_c_stops_the_server_cleanly(programs, tmp_path):
     server.process.send_signal(signal.SIGINT)
     server.expect("[INFO] Server stopped.")
     assert server.finish() == 0
-    assert not any("Traceback" in line for line in server.seen)
+    assert not any("Traceback" in line for line in server.output)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs a console group on Windows")
