@@ -641,12 +641,7 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 flood = LoginFlood(process.address)
                 flood.start()
                 time.sleep(1.0)  # the hash worker is busy before the first message
-            receivers.go()
-            cpu_before = process.cpu_seconds()
-            started = send_messages(sender.say, scenario.messages, scenario.rate)
-            sent_by = time.monotonic()
-            tallies, receivers_cpu = receivers.tallies(scenario.messages, SETTLE)
-            cpu = (process_cpu(process, cpu_before), receivers_cpu)
+            started, sent_by, tallies, cpu = send_and_count(scenario, sender.say, process, receivers, SETTLE)
             if flood:
                 flood.stop()
                 notes.append(f"{scenario.label}: {flood.summary()}.")
@@ -662,10 +657,20 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
     return summarize(scenario, tallies, started, sent_by, memory, drops, cpu)
 
 
-def process_cpu(process: ChildProcess, before: float | None) -> float | None:
-    """CPU seconds the child process used since `before`, or None where that is unknown."""
-    after = process.cpu_seconds()
-    return None if before is None or after is None else after - before
+def send_and_count(scenario: Scenario, send, process: ChildProcess, receivers: Receivers, settle: float):
+    """Send the row's messages through `send`, then collect what the receivers got.
+
+    Return (when sending started, when it ended, the tallies, (CPU seconds of the relaying
+    process or None where /proc is missing, CPU seconds of the receivers' processes)).
+    """
+    receivers.go()
+    cpu_before = process.cpu_seconds()
+    started = send_messages(send, scenario.messages, scenario.rate)
+    sent_by = time.monotonic()
+    tallies, receivers_cpu = receivers.tallies(scenario.messages, settle)
+    cpu_after = process.cpu_seconds()
+    relaying_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return started, sent_by, tallies, (relaying_cpu, receivers_cpu)
 
 
 def count_drops(server_port: int, client_ports: list[int]) -> str:
@@ -689,12 +694,8 @@ def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 raise RuntimeError("the relay's receivers never heard the sender")
             sender.send(f"join {SENDER}".encode())
             time.sleep(0.1)
-        receivers.go()
-        cpu_before = process.cpu_seconds()
-        started = send_messages(lambda text: sender.send(text.encode()), scenario.messages, scenario.rate)
-        sent_by = time.monotonic()
-        tallies, receivers_cpu = receivers.tallies(scenario.messages, settle=1.0)
-        cpu = (process_cpu(process, cpu_before), receivers_cpu)
+        started, sent_by, tallies, cpu = send_and_count(scenario, lambda text: sender.send(text.encode()),
+                                                        process, receivers, settle=1.0)
         memory = process.memory()
         drops = count_drops(process.port, receivers.ports + [raw.getsockname()[1]])
     return summarize(scenario, tallies, started, sent_by, memory, drops, cpu)
