@@ -10,45 +10,49 @@ line and end of input means exit, so a session can be scripted:
 
     printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' | python client.py --host 127.0.0.1 --port 9999
 
-Design:
+How it is built:
 
-* `ChatClient` is the protocol without the terminal, usable from tests and the notebook.
-  Its UDP socket is connect()ed to the server, so the operating system drops datagrams
-  from anyone else. One network thread is the only reader of the socket.
-* Requests go to the server one at a time, stop-and-wait: each is sent again, after a
-  timeout learned from measured round trips, until its reply arrives. Lines typed
-  meanwhile wait their turn.
-* Everything the server pushes (messages, joins, leaves) arrives numbered; `InboundWindow`
-  puts it back in order, drops duplicates and acknowledges it (Selective Repeat).
+* `ClientProtocol` is the protocol with no socket and no thread: it is fed datagrams and
+  the time, and says what to send. Tests and the notebook drive it directly.
+* Before login there is no session, so requests (HELLO, REGISTER, LOGIN) go one at a
+  time, each sent again once a second until answered: stop-and-wait, which is the
+  reliable `Channel` with a window of 1. After login every request - a line typed, a
+  paste of twenty, /who - goes on the session's channel with a window of 32: lines flow
+  without waiting for each other's replies, in the order typed, each delivered once.
+  Each reply names the request it answers. What the server pushes (messages, joins,
+  leaves) comes back on the same channel, in order.
+* `ChatClient` wraps the protocol with the socket and one network thread, the only
+  reader of the socket. Its UDP socket is connect()ed to the server, so the operating
+  system drops datagrams from anyone else.
 * `Terminal` keeps the keyboard on its own thread, so that arriving messages are printed
   above the line being typed and Ctrl+C works on Windows too.
 
-The packet format and the toy ciphers are defined once, in encryption_helper.py. The XOR
-and Caesar ciphers only hide text from a casual glance: they are teaching toys.
+The packet format, the channel and the toy ciphers are defined once, in
+encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
+they are teaching toys.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
-    55 43 01 05 00 00 00 07 00 00 00 07 00 00 00 00  "UC" v1 SAY flags=0 len=7 seq=7 ack=0
-    3e 1a 2c 5e 5e 77 90 12 ab 7f 38 ae 49 4c 5a 58  token, CRC-32, then the payload:
-    12 0a 60                                          [5]"hi :)" XORed with the key "II2120"
+    55 43 02 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v2 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 .. .. .. ..   sack=0, token, CRC-32, then the payload:
+    12 0a 60 ..                                        [5]"hi :)" XORed with the key "II2120"
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import getpass
-import itertools
+import math
 import queue
-import secrets
+import selectors
 import socket
 import sys
 import threading
 import time
 
 from encryption_helper import (
-    BITMAP,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
-    FLAG_RETRANSMIT,
     HEADER_SIZE,
     MAGIC,
     MAX_PAYLOAD,
@@ -56,7 +60,7 @@ from encryption_helper import (
     MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
-    WINDOW,
+    Channel,
     LossySocket,
     Packet,
     PacketError,
@@ -64,7 +68,6 @@ from encryption_helper import (
     RtoEstimator,
     decode_packet,
     describe_datagram,
-    encode_packet,
     make_cipher,
     pack_fields,
     unpack_fields,
@@ -83,24 +86,23 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
 LOBBY = "lobby"
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
-FIRST_CONTACT_RETRY = 1.0  # seconds between tries of HELLO and BYE, whatever the backoff
-# Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): one ACK for every second EVENT, or
+FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
+# Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): one ACK for every second packet, or
 # ACK_DELAY after the first one not yet acknowledged - half the ACKs for a busy server to
 # read. Anything out of order or duplicated is acknowledged at once: the server lacks news.
 ACK_EVERY = 2
-ACK_DELAY = 0.02  # seconds; far below the server's smallest retransmission timeout (0.2 s)
+ACK_DELAY = 0.02  # seconds; far below the smallest retransmission timeout (0.2 s)
 
 
 @dataclasses.dataclass
 class Timing:
     """How patient the client is. Tests shorten these; the defaults suit a lab."""
 
-    # First contact: try once a second at most (nothing is measured yet to do better),
-    # for this long; then "Server not responding". At 30% loss each way a try fails half
-    # the time, and all ten fail once in a thousand.
+    # Before login: try once a second, for this long; then "Server not responding". At
+    # 30% loss each way a try fails about half the time, and all ten fail once in a thousand.
     connect_timeout: float = 10.0
     heartbeat_every: float = 5.0  # say PING after this much quiet, so the server keeps us
-    lost_contact_after: float = 15.0  # nothing heard this long: warn the user...
+    lost_contact_after: float = 15.0  # nothing heard this long while waiting: warn the user...
     give_up_after: float = 45.0  # ...and this long: give up and close
     initial_rto: float = RtoEstimator.INITIAL
     min_rto: float = RtoEstimator.FLOOR
@@ -127,14 +129,16 @@ class ChatError(Exception):
 
 
 class Refused(ChatError):
-    """The server said no: an ERROR reply [code, text, *extra]."""
+    """The server said no: an ERROR reply [re, code, text]."""
 
-    def __init__(self, code: str, text: str, *extra: str):
+    def __init__(self, code: str, text: str):
         super().__init__(text)
-        self.code, self.text, self.extra = code, text, extra
+        self.code, self.text = code, text
 
 
 SESSION_LOST = "The server does not know this session (was it restarted?). Log in again."
+KEY_MISMATCH = ("The server's reply fails its checksum: server and client keys differ? "
+                "Both must use the same --cipher and --key.")
 
 
 class ServerNotResponding(ChatError):
@@ -153,60 +157,226 @@ class ConnectionClosed(ChatError):
     pass
 
 
-# --- Receiving in order ---------------------------------------------------------------
+# --- The protocol, without sockets or threads -------------------------------------------
 
 
-class InboundWindow:
-    """Selective Repeat, the receiving half: deliver each EVENT once, in order.
+class ClientProtocol:
+    """One user's side of the chat protocol: datagrams and the time in, datagrams out.
 
-    The server numbers the EVENTs it sends us 1, 2, 3, ... Some get lost, some arrive
-    twice, some overtake others. We keep `expected`, the next number to deliver:
-    an EVENT numbered below it, or one we already hold, is a duplicate and is dropped;
-    one above it is held until the gap before it fills; then everything in order is
-    delivered at once. Nothing beyond expected + size is accepted: the server never
-    has more than `size` in flight, so such a packet cannot be genuine.
-
-    Our ACK tells the server two things: `cumulative`, the number up to which we have
-    everything, and a 32-bit bitmap of what we hold beyond the gap (bit i stands for
-    cumulative + 2 + i), so it resends only what is really missing.
+    `request` queues a request and returns its number; `receive` takes a datagram from
+    the server; `poll` returns what to send now (and runs the heartbeat and the give-up);
+    `next_wakeup` says when to call poll again. What happened is left for the caller in
+    three lists: `answers` ((request number, fields or ChatError)), `events` and `notices`.
     """
 
-    def __init__(self, size: int = WINDOW):
-        self.size = size
-        self.expected = 1
-        self.held: dict[int, object] = {}
+    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
+                 trace=None, server: str = "the server"):
+        self.cipher = cipher
+        self.server = server  # "host:port", for messages
+        self.timing = timing or Timing()
+        # Simulated loss (--loss) makes each try less likely to get through: try longer.
+        self.connect_tries = max(1, math.ceil(self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2))
+        self.trace = trace  # a function taking a line, or None for no packet trace
+        self.token = NO_TOKEN
+        self.name: str | None = None
+        self.channel = self.stranger_channel()
+        self.pending: dict[int, PacketType] = {}  # request number -> its type, until answered
+        self.answers: list[tuple[int, object]] = []
+        self.events: list[Event] = []
+        self.notices: list[str] = []
+        self.last_heard = self.last_sent = now
+        self.out_of_contact = False
+        self.unreachable = 0  # "port unreachable" reports since the server last spoke
+        self.closed_reason = ""  # set when the protocol gave up on the server
 
-    def receive(self, seq: int, item) -> tuple[str, list]:
-        """Take EVENT `seq`; return what happened to it and the items now deliverable."""
-        if seq < self.expected or seq in self.held:
-            return "duplicate", []
-        if seq >= self.expected + self.size:
-            return "outside the window", []
-        self.held[seq] = item
-        ready = []
-        while self.expected in self.held:
-            ready.append(self.held.pop(self.expected))
-            self.expected += 1
-        return ("in order" if ready else "buffered out of order"), ready
+    def stranger_channel(self) -> Channel:
+        """Before login: stop-and-wait, a try a second - the channel with a window of 1."""
+        rto = RtoEstimator(FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY)
+        return Channel(self.cipher, window=1, max_sends=self.connect_tries, rto=rto)
 
-    def ack(self) -> tuple[int, int]:
-        """Return (cumulative, bitmap) for the ACK to send now."""
-        bitmap = 0
-        for seq in self.held:
-            bitmap |= 1 << (seq - self.expected - 1)
-        return self.expected - 1, bitmap
+    def session_channel(self, token: bytes) -> Channel:
+        rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
+        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY)
+
+    @property
+    def logged_in(self) -> bool:
+        return self.token != NO_TOKEN
+
+    # --- Requests ---
+
+    def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
+        """Queue a request; return its number, which its answer will name."""
+        if self.closed_reason:
+            raise ConnectionClosed(self.closed_reason)
+        if ptype == PacketType.HELLO:
+            fields = ["." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)]  # padding, see MIN_HELLO_SIZE
+        payload = pack_fields(*fields)
+        if len(payload) > MAX_PAYLOAD:
+            raise Refused("too-long", "That is too long to send in one packet; not sent.")
+        if self.channel.idle():
+            self.last_heard = max(self.last_heard, now)  # silence counts from when we start waiting
+        seq = self.channel.send(ptype, payload)
+        if not seq:
+            raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
+        self.pending[seq] = ptype
+        return seq
+
+    # --- What the server sends ---
+
+    def receive(self, data: bytes, now: float) -> None:
+        """Take one datagram from the server."""
+        try:
+            packet = decode_packet(data, self.cipher)
+        except PacketError as error:
+            self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
+            if data[:2] == MAGIC and "checksum" in str(error) and not self.logged_in:
+                self.fail_pending(KeyMismatch(KEY_MISMATCH))  # the reply to our HELLO is unreadable
+            return
+        self.heard_from_server(now)
+        if packet.type == PacketType.RESET:
+            self.receive_reset(packet, data)
+            return
+        if self.logged_in and packet.token != self.token:
+            self.trace_packet("in ", data, ": from an old session, dropped")
+            return
+        outcome, ready = self.channel.receive(packet, now)
+        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
+        for delivered in ready:
+            if delivered.type == PacketType.EVENT:
+                self.receive_event(delivered)
+            elif delivered.type in (PacketType.OK, PacketType.ERROR):
+                self.receive_answer(delivered)
+
+    def heard_from_server(self, now: float) -> None:
+        self.last_heard = now
+        self.unreachable = 0
+        if self.out_of_contact:
+            self.out_of_contact = False
+            self.notices.append("[INFO] In contact with the server again.")
+
+    def receive_reset(self, packet: Packet, data: bytes) -> None:
+        """RESET: the server has no session for the token it echoes - believed only if it is ours."""
+        if not self.logged_in or packet.token != self.token:
+            self.trace_packet("in ", data, ": not about our session, dropped")
+            return
+        self.trace_packet("in ", data)
+        goodbye = [seq for seq, ptype in self.pending.items() if ptype == PacketType.BYE]
+        self.end_session()
+        for seq in goodbye:  # the server had already ended it: that is what BYE asked for
+            self.pending.pop(seq)
+            self.answers.append((seq, ["goodbye"]))
+        self.fail_pending(SessionLost(SESSION_LOST))
+
+    def receive_answer(self, packet: Packet) -> None:
+        """An OK or ERROR: find the request it answers by the number in its first field."""
+        try:
+            fields = unpack_fields(packet.payload)
+            ptype = self.pending.pop(int(fields[0]))
+        except (PacketError, ValueError, IndexError, KeyError):
+            return  # unreadable, or a late answer to something given up on
+        seq, fields = int(fields[0]), fields[1:]
+        if packet.type == PacketType.ERROR:
+            self.answers.append((seq, Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")))
+            return
+        if ptype == PacketType.LOGIN:
+            self.start_session(packet.token, fields[0])
+        elif ptype == PacketType.BYE:
+            self.end_session()
+        self.answers.append((seq, fields))
+
+    def receive_event(self, packet: Packet) -> None:
+        try:
+            kind, when, room, user, text = unpack_fields(packet.payload, 5)
+            self.events.append(Event(kind, float(when), room, user, text))
+        except (PacketError, ValueError) as error:
+            self.note(f"an EVENT could not be read ({error}); skipped")
+
+    def start_session(self, token: bytes, name: str) -> None:
+        """Logged in: from now on, everything goes on the session's channel."""
+        self.token, self.name = token, name
+        self.channel = self.session_channel(token)
+
+    def end_session(self) -> None:
+        """Back to no session: nothing more to acknowledge, nothing to keep alive."""
+        self.token, self.name = NO_TOKEN, None
+        self.channel = self.stranger_channel()
+
+    def fail_pending(self, error: ChatError) -> None:
+        """Every request still waiting gets `error` as its answer."""
+        self.answers.extend((seq, error) for seq in self.pending)
+        self.pending.clear()
+        if not self.logged_in:
+            self.channel = self.stranger_channel()  # nothing left to send again
+
+    def port_unreachable(self) -> None:
+        """The OS reported an ICMP "port unreachable": nobody listens there (yet)."""
+        self.unreachable += 1
+        if self.unreachable >= 2 and not self.logged_in and self.pending:
+            self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
+                                                  "(nothing is listening on that port)"))
+
+    # --- Time ---
+
+    def poll(self, now: float) -> list[bytes]:
+        """Return the datagrams to send now; warn, keep alive or give up as time says."""
+        if self.closed_reason:
+            return []
+        if self.logged_in and now - self.last_sent >= self.timing.heartbeat_every and self.channel.idle():
+            self.request(PacketType.PING, (), now)  # so the server knows we are still here
+        out = self.channel.poll(now)
+        for data in out:
+            self.trace_packet("out", data)
+        if out:
+            self.last_sent = now
+        self.check_contact(now)
+        return out
+
+    def check_contact(self, now: float) -> None:
+        """Warn when the server has gone quiet while we wait for it; give up after a while."""
+        if self.channel.failed and not self.logged_in:
+            self.fail_pending(ServerNotResponding(f"Server not responding at {self.server}"))
+            return
+        silence = now - self.last_heard
+        if self.channel.idle():
+            return
+        if self.channel.failed or silence >= self.timing.give_up_after:
+            self.give_up(f"Lost contact with the server for {silence:.0f} s; giving up.")
+        elif silence >= self.timing.lost_contact_after and not self.out_of_contact and self.logged_in:
+            self.out_of_contact = True
+            self.notices.append("[WARN] Lost contact with the server... still trying.")
+
+    def give_up(self, reason: str) -> None:
+        self.closed_reason = reason
+        self.fail_pending(ConnectionClosed(reason))
+
+    def next_wakeup(self) -> float:
+        """Return when poll() next has work to do."""
+        heartbeat = self.last_sent + self.timing.heartbeat_every if self.logged_in else float("inf")
+        return min(self.channel.next_wakeup(), heartbeat)
+
+    # --- Tracing (--verbose) ---
+
+    def note(self, text: str) -> None:
+        if self.trace:
+            self.trace(f"[trace] {text}")
+
+    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
+        """Trace one datagram; the line is only put together when someone reads it."""
+        if self.trace:
+            self.trace(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
 
 
-# --- The protocol, headless -----------------------------------------------------------
+# --- The network layer: the socket and one thread ----------------------------------------
 
 
 class ChatClient:
-    """One user's connection to the chat server, without any terminal.
+    """One user's connection to the chat server: ClientProtocol, a socket and a thread.
 
-    Each method sends one request and returns the server's answer, or raises a
-    ChatError saying in plain words what went wrong. What the server pushes arrives as
-    `Event`s: passed to `on_event` if given (on the network thread), else put in
-    `self.events`, a queue. Warnings such as lost contact go to `on_notice`.
+    Each blocking method sends one request and returns the server's answer, or raises a
+    ChatError saying in plain words what went wrong; `submit` sends one without waiting
+    and returns a Future. What the server pushes arrives as `Event`s: passed to
+    `on_event` if given (on the network thread), else put in `self.events`, a queue.
+    Warnings such as lost contact go to `on_notice`.
 
         client = ChatClient("127.0.0.1", 9999)
         client.login("alice", "secret")
@@ -219,27 +389,15 @@ class ChatClient:
                  timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
                  on_event=None, on_notice=None, trace=None):
         self.host, self.port = host, port
-        self.cipher = make_cipher(cipher, key)
         self.timing = timing or Timing()
         self.on_event = on_event
         self.events: queue.Queue = queue.Queue()
         self.on_notice = on_notice or (lambda text: None)
-        self.trace_to = trace  # a function taking a line, or None for no packet trace
-        self.rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        # A random first sequence number, as TCP does: a new client at an address that
-        # an old one used is never mistaken for it.
-        self.seq = secrets.randbelow(1 << 30)
-        self.token = NO_TOKEN
-        self.name: str | None = None
-        self.inbound = InboundWindow()
-        self.replies: queue.Queue = queue.Queue()
-        self.request_lock = threading.Lock()
-        self.send_lock = threading.Lock()
-        self.last_heard = self.last_sent = time.monotonic()
-        self.out_of_contact = False
-        self.unacked = 0  # EVENTs arrived since our last ACK...
-        self.ack_by = 0.0  # ...which must leave by then (time.monotonic), if any
-        self.nobody_listening = False  # the OS reported "port unreachable"
+        self.trace = trace
+        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss, trace,
+                                       server=f"{host}:{port}")
+        self.lock = threading.Lock()  # the protocol is shared by the caller's thread and ours
+        self.futures: dict[int, concurrent.futures.Future] = {}
         self.closed = threading.Event()
         self.closed_reason = ""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -249,13 +407,15 @@ class ChatClient:
             sock.close()
             reason = getattr(error, "strerror", None) or error
             raise ServerNotResponding(f"Cannot reach {host}:{port}: {reason}") from None
-        sock.settimeout(MAX_WAIT)
-        self.loss = loss
+        sock.setblocking(False)
         self.sock = LossySocket(sock, loss, seed, self.trace_drop, side="client") if loss else sock
-        self.threads = [threading.Thread(target=self.receive_forever, name="chat-receiver", daemon=True),
-                        threading.Thread(target=self.keep_alive, name="chat-heartbeat", daemon=True)]
-        for thread in self.threads:
-            thread.start()
+        self.wake_reader, self.wake_writer = socket.socketpair()  # to wake the network thread
+        self.wake_reader.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(sock, selectors.EVENT_READ)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        self.thread = threading.Thread(target=self.run_network, name="chat-network", daemon=True)
+        self.thread.start()
 
     def __enter__(self):
         return self
@@ -263,329 +423,218 @@ class ChatClient:
     def __exit__(self, *exc_info):
         self.close()
 
+    @property
+    def name(self) -> str | None:
+        return self.protocol.name
+
+    @property
+    def logged_in(self) -> bool:
+        return self.protocol.logged_in
+
     # --- Requests: what the user can do ---
 
     def register(self, name: str, password: str) -> str:
         """Create an account; return the server's "Registration successful."."""
-        cookie = self.hello()
-        return self.request(PacketType.REGISTER, cookie, name, password)[-1]
+        return self.with_cookie(PacketType.REGISTER, name, password)[-1]
 
     def login(self, name: str, password: str) -> str:
-        """Log in; return the welcome text. Later requests carry the session token."""
-        cookie = self.hello()
-        reply = self.request_packet(PacketType.LOGIN, cookie, name, password)
-        fields = unpack_fields(reply.payload)
-        self.inbound = InboundWindow()  # a new session numbers its EVENTs from 1
-        self.token, self.name = reply.token, fields[0]
-        return fields[-1]
+        """Log in; return the welcome text. Later requests go on the session's channel."""
+        return self.with_cookie(PacketType.LOGIN, name, password)[-1]
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
-        return self.request(PacketType.JOIN, room, password)[-1]
+        return self.call(PacketType.JOIN, room, password)[-1]
 
     def say(self, text: str) -> str:
-        """Send a message to everyone else in the room; wait out the flood limit if hit."""
-        self.check_length(text)
-        return self.request_patiently(PacketType.SAY, text)[-1]
+        """Send a message to everyone else in the room; return the server's words."""
+        return self.call(PacketType.SAY, check_length(text))[-1]
 
     def private(self, user: str, text: str) -> str:
         """Send a message that only `user` sees."""
-        self.check_length(text)
-        return self.request_patiently(PacketType.PRIVATE, user, text)[-1]
+        return self.call(PacketType.PRIVATE, user, check_length(text))[-1]
 
     def rooms(self) -> list[tuple[str, int]]:
         """Return every room and how many are in it."""
-        fields = self.request(PacketType.ROOMS)
+        fields = self.call(PacketType.ROOMS)
         more = fields.pop() if len(fields) % 2 else ""
         pairs = [(fields[i], int(fields[i + 1])) for i in range(0, len(fields), 2)]
         return pairs + ([(f"... and {more[1:]} more", 0)] if more else [])
 
     def who(self) -> tuple[str, list[str]]:
         """Return your room's name and its members."""
-        room, *members = self.request(PacketType.WHO)
+        room, *members = self.call(PacketType.WHO)
         if members and members[-1][1:].isdigit() and members[-1].startswith("+"):  # did not all fit
             members[-1] = f"... and {members[-1][1:]} more"
         return room, members
 
     def ping(self) -> None:
-        self.request(PacketType.PING)
-
-    def bye(self) -> None:
-        """End the session politely; a server that is gone or has forgotten us is fine."""
-        if self.token == NO_TOKEN or self.closed.is_set():
-            return
-        try:
-            self.request(PacketType.BYE, give_up_after=self.timing.goodbye_timeout)
-        except (ServerNotResponding, SessionLost, KeyMismatch):
-            pass
-        self.token = NO_TOKEN
+        self.call(PacketType.PING)
 
     def hello(self) -> str:
         """Ask for a cookie: proof for the server that we really are at our address."""
-        padding = "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)  # see MIN_HELLO_SIZE
-        # A simulated loss (--loss) makes each try less likely to get through: try longer.
-        patience = self.timing.connect_timeout / (1 - self.loss) ** 2
-        return self.request(PacketType.HELLO, padding, give_up_after=patience)[0]
+        return self.call(PacketType.HELLO)[0]
 
-    @staticmethod
-    def check_length(text: str) -> None:
-        size = len(text.encode("utf-8"))
-        if size > MAX_TEXT_BYTES:
-            raise Refused("too-long", f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent.")
-
-    # --- Stop-and-wait ---
-
-    def request(self, ptype: PacketType, *fields: str, give_up_after: float | None = None) -> list[str]:
-        """Send a request until its reply comes; return the reply's fields."""
-        return unpack_fields(self.request_packet(ptype, *fields, give_up_after=give_up_after).payload)
-
-    def request_patiently(self, ptype: PacketType, *fields: str) -> list[str]:
-        """Like request, but when told to slow down, wait as long as asked and send again."""
-        while True:
-            try:
-                return self.request(ptype, *fields)
-            except Refused as refusal:
-                if refusal.code != "slow-down" or not refusal.extra:
-                    raise
-                self.on_notice(f"[INFO] {refusal.text}")
-                time.sleep(min(float(refusal.extra[0]), self.timing.give_up_after))
-
-    def request_packet(self, ptype: PacketType, *fields: str, give_up_after: float | None = None) -> Packet:
-        """Stop-and-wait (rdt 3.0): send, wait a timeout, send again until answered.
-
-        The timeout comes from the round trips measured so far (RFC 6298) and doubles
-        with each try. A reply to an earlier try of the same request is as good as any:
-        the server answers a repeated request with the same reply and acts only once.
-        """
-        # A request with a deadline (HELLO, BYE) does not wait long for another to finish.
-        if not self.request_lock.acquire(timeout=-1 if give_up_after is None else give_up_after):
-            raise ServerNotResponding(self.not_responding_text())
-        try:
-            return self.send_until_answered(ptype, fields, give_up_after)
-        finally:
-            self.request_lock.release()
-
-    def send_until_answered(self, ptype: PacketType, fields, give_up_after: float | None) -> Packet:
-        """The loop of request_packet, run while holding the request lock."""
-        if self.closed.is_set():
-            raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-        while not self.replies.empty():  # what came while no request waited is stale
-            self.replies.get_nowait()
-        payload = pack_fields(*fields)
-        if len(payload) > MAX_PAYLOAD:
-            raise Refused("too-long", "That is too long to send in one packet; not sent.")
-        self.seq += 1
-        packet = Packet(ptype, self.seq, 0, self.token, 0, payload)
-        started = time.monotonic()
-        for attempt in itertools.count():
-            sent_at = time.monotonic()
-            self.send_packet(packet._replace(flags=FLAG_RETRANSMIT if attempt else 0))
-            wait = self.rto.timeout(attempt)
-            if give_up_after is not None:  # a short deadline: keep trying often
-                wait = min(wait, FIRST_CONTACT_RETRY)
-            reply = self.wait_for_reply(packet, sent_at + wait)
-            if reply is not None:
-                # Karn's rule: after a resend we cannot tell which copy was answered.
-                # Logins are not timed either: their answer waits for a slow hash.
-                if attempt == 0 and ptype not in (PacketType.REGISTER, PacketType.LOGIN):
-                    self.rto.observe(time.monotonic() - sent_at)
-                return self.check_reply(reply)
-            self.check_contact(started, give_up_after, attempt)
-
-    def wait_for_reply(self, request: Packet, deadline: float) -> Packet | None:
-        """Return the reply to `request`, or None if none came by `deadline`."""
-        while True:
-            try:
-                item = self.replies.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                return None
-            if isinstance(item, PacketError):
-                raise KeyMismatch("The server's reply fails its checksum: server and client keys differ? "
-                                  "Both must use the same --cipher and --key.")
-            if item.ack == request.seq and (item.type != PacketType.RESET or item.token == request.token):
-                return item
-            # else: a late reply to an earlier request, or a RESET not about our session
-
-    def check_reply(self, reply: Packet) -> Packet:
-        if reply.type == PacketType.RESET:
-            self.token = NO_TOKEN
-            raise SessionLost(SESSION_LOST)
-        if reply.type == PacketType.ERROR:
-            fields = unpack_fields(reply.payload)
-            raise Refused(*fields) if len(fields) >= 2 else Refused("error", "The server refused that.")
-        return reply
-
-    def check_contact(self, started: float, give_up_after: float | None, attempt: int) -> None:
-        """After a try went unanswered: warn, or give up, if the server has gone quiet."""
-        now = time.monotonic()
-        if self.closed.is_set():
-            raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-        if give_up_after is not None:
-            # Twice told "port unreachable" by the server's PC: no need to wait longer.
-            if now - started >= give_up_after or (self.nobody_listening and attempt >= 1):
-                raise ServerNotResponding(self.not_responding_text())
+    def bye(self) -> None:
+        """End the session politely; a server that is gone or has forgotten us is fine."""
+        if not self.logged_in or self.closed.is_set():
             return
-        silence = now - max(self.last_heard, started)
-        if silence >= self.timing.give_up_after:
-            self.close(f"Lost contact with the server for {silence:.0f} s; giving up.")
-            raise ServerNotResponding(self.closed_reason)
-        if silence >= self.timing.lost_contact_after and not self.out_of_contact:
-            self.out_of_contact = True
-            self.on_notice("[WARN] Lost contact with the server... still trying.")
+        try:
+            self.submit(PacketType.BYE).result(timeout=self.timing.goodbye_timeout)
+        except (ChatError, concurrent.futures.TimeoutError):
+            pass
+        with self.lock:
+            self.protocol.end_session()
+
+    def with_cookie(self, ptype: PacketType, name: str, password: str) -> list[str]:
+        """HELLO, then the request with the cookie; once more if the cookie went stale."""
+        for attempt in range(2):
+            try:
+                return self.call(ptype, self.hello(), name, password)
+            except Refused as refusal:
+                if refusal.code != "stale-cookie" or attempt:
+                    raise
+        raise AssertionError("not reached")
+
+    def call(self, ptype: PacketType, *fields: str) -> list[str]:
+        """Send a request and wait for its answer; return its fields or raise its error."""
+        patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # it answers before this
+        try:
+            return self.submit(ptype, *fields).result(timeout=patience)
+        except concurrent.futures.TimeoutError:
+            raise ServerNotResponding(self.not_responding_text()) from None
+
+    def submit(self, ptype: PacketType, *fields: str) -> concurrent.futures.Future:
+        """Queue a request without waiting; the Future gets its fields, or its ChatError."""
+        future = concurrent.futures.Future()
+        with self.lock:
+            if self.closed.is_set():
+                raise ConnectionClosed(self.closed_reason or "The connection is closed.")
+            seq = self.protocol.request(ptype, fields, time.monotonic())
+            self.futures[seq] = future
+        self.wake()
+        return future
 
     def not_responding_text(self) -> str:
-        why = " (nothing is listening on that port)" if self.nobody_listening else ""
-        return f"Server not responding at {self.host}:{self.port}{why}"
+        return f"Server not responding at {self.host}:{self.port}"
 
     # --- The network thread: the only reader of the socket ---
 
-    def receive_forever(self) -> None:
-        timeout = MAX_WAIT  # the socket's, as set in __init__
+    def run_network(self) -> None:
         while not self.closed.is_set():
+            with self.lock:
+                outgoing = self.protocol.poll(time.monotonic())
+                wait = min(max(self.protocol.next_wakeup() - time.monotonic(), 0.0), MAX_WAIT)
+            for data in outgoing:
+                self.send_datagram(data)
+            self.settle()
             try:
-                wanted = self.ack_or_wait()
-                if wanted != timeout:
-                    self.sock.settimeout(wanted)
-                    timeout = wanted
+                ready = self.selector.select(wait)
+            except (OSError, ValueError):
+                return  # closed under us: we are shutting down
+            for key, _ in ready:
+                if key.fileobj is self.wake_reader:
+                    self.drain_wake_ups()
+                else:
+                    self.receive_all()
+            self.settle()
+
+    def receive_all(self) -> None:
+        while True:
+            try:
                 data = self.sock.recv(RECV_BUFFER)
-            except TimeoutError:
-                continue
+            except BlockingIOError:
+                return
             except (ConnectionRefusedError, ConnectionResetError):
                 # An ICMP "port unreachable" for something we sent: nobody listens there
                 # (yet). On Windows it shows up as ConnectionResetError. Not fatal.
-                self.nobody_listening = True
+                with self.lock:
+                    self.protocol.port_unreachable()
                 continue
             except OSError:
                 return  # the socket was closed: we are shutting down
-            self.handle_datagram(data)
+            with self.lock:
+                self.protocol.receive(data, time.monotonic())
 
-    def ack_or_wait(self) -> float:
-        """Send the delayed ACK if its time has come; return how long to wait for a datagram."""
-        if not self.unacked:
-            return MAX_WAIT
-        left = self.ack_by - time.monotonic()
-        if left > 0:
-            return left
-        self.send_ack()
-        return MAX_WAIT
-
-    def handle_datagram(self, data: bytes) -> None:
+    def send_datagram(self, data: bytes) -> None:
         try:
-            packet = decode_packet(data, self.cipher)
-        except PacketError as error:
-            self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
-            if data[:2] == MAGIC and "checksum" in str(error):
-                self.replies.put(error)
-            return
-        self.last_heard = time.monotonic()
-        self.nobody_listening = False
-        if self.out_of_contact:
-            self.out_of_contact = False
-            self.on_notice("[INFO] In contact with the server again.")
-        if packet.type == PacketType.EVENT:
-            self.receive_event(packet, data)
-        elif packet.type in (PacketType.OK, PacketType.ERROR, PacketType.RESET):
-            self.trace_packet("in ", data)
-            self.replies.put(packet)
-        else:
-            self.trace_packet("in ", data, ": not for a client, dropped")
+            self.sock.send(data)
+        except (ConnectionRefusedError, ConnectionResetError):
+            with self.lock:
+                self.protocol.port_unreachable()
+        except OSError as error:  # e.g. no route to the host for now: as if lost
+            if self.trace:
+                self.trace(f"[trace] sending failed: {error}")
 
-    def receive_event(self, packet: Packet, data: bytes) -> None:
-        if self.token == NO_TOKEN or packet.token != self.token:
-            self.trace_packet("in ", data, ": from an old session, dropped")
-            return
-        outcome, ready = self.inbound.receive(packet.seq, packet.payload)
-        self.trace_packet("in ", data, "" if outcome == "in order" else ": " + outcome)
-        if not self.unacked:
-            self.ack_by = time.monotonic() + ACK_DELAY  # the latest this EVENT's ACK may leave
-        self.unacked += 1
-        for payload in ready:
-            try:
-                kind, when, room, user, text = unpack_fields(payload, 5)
-                event = Event(kind, float(when), room, user, text)
-            except (PacketError, ValueError) as error:
-                self.trace(f"an EVENT could not be read ({error}); skipped")
-                continue
-            if self.on_event:
-                self.on_event(event)
+    def settle(self) -> None:
+        """Hand what the protocol produced to its takers, outside the lock."""
+        with self.lock:
+            protocol = self.protocol
+            answers, protocol.answers = protocol.answers, []
+            events, protocol.events = protocol.events, []
+            notices, protocol.notices = protocol.notices, []
+            futures = [(self.futures.pop(seq, None), result) for seq, result in answers]
+            gave_up = protocol.closed_reason
+        for future, result in futures:
+            if future is None:
+                continue  # a heartbeat's answer: nobody waits for it
+            if isinstance(result, ChatError):
+                future.set_exception(result)
             else:
-                self.events.put(event)
-        # The ACK may wait only in the plain case: the EVENT expected next, nothing held
-        # behind a gap. A gap opening, partly or wholly filling, or a duplicate (the ACK that
-        # covered it was lost) is acknowledged at once, as TCP does.
-        plain = outcome == "in order" and len(ready) == 1 and not self.inbound.held
-        if self.unacked >= ACK_EVERY or not plain:
-            self.send_ack()
+                future.set_result(result)
+        for event in events:
+            self.on_event(event) if self.on_event else self.events.put(event)
+        for notice in notices:
+            self.on_notice(notice)
+        if gave_up and not self.closed.is_set():
+            self.close(gave_up)
 
-    def send_ack(self) -> None:
-        self.unacked = 0
-        if self.token == NO_TOKEN:
-            return  # the session ended (BYE): nobody is waiting for it
-        cumulative, bitmap = self.inbound.ack()
-        self.send_packet(Packet(PacketType.ACK, 0, cumulative, self.token, 0, BITMAP.pack(bitmap)))
+    def wake(self) -> None:
+        try:
+            self.wake_writer.send(b"!")
+        except OSError:
+            pass  # closing
 
-    def send_packet(self, packet: Packet) -> None:
-        data = encode_packet(packet, self.cipher)
-        self.trace_packet("out", data)
-        with self.send_lock:
-            self.last_sent = time.monotonic()
-            try:
-                self.sock.send(data)
-            except OSError as error:  # e.g. "port unreachable" reported late; as if lost
-                self.nobody_listening |= isinstance(error, (ConnectionRefusedError, ConnectionResetError))
-                self.trace(f"sending failed: {error}")
-
-    # --- Heartbeat ---
-
-    def keep_alive(self) -> None:
-        """PING when we have been quiet a while, so the server knows we are still here."""
-        while not self.closed.wait(MAX_WAIT):
-            quiet = time.monotonic() - self.last_sent
-            if self.token == NO_TOKEN or quiet < self.timing.heartbeat_every:
-                continue
-            if not self.request_lock.acquire(blocking=False):
-                continue  # a request is under way: that says we are alive
-            self.request_lock.release()
-            try:
-                self.ping()
-            except SessionLost:
-                pass  # the token is gone now, which is how the user interface learns of it
-            except ChatError as error:  # gave up on the server; close() told everyone
-                if not self.closed.is_set():
-                    self.close(str(error))
+    def drain_wake_ups(self) -> None:
+        try:
+            while self.wake_reader.recv(1024):
+                pass
+        except OSError:
+            pass
 
     # --- Shutting down ---
 
     def close(self, reason: str = "") -> None:
-        """Close the socket and stop the threads; `reason` says why, if not by choice."""
+        """Close the socket and stop the thread; `reason` says why, if not by choice."""
         if self.closed.is_set():
             return
         self.closed_reason = reason
         self.closed.set()
         if reason:
             self.on_notice(f"[WARN] {reason}")
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the receiver now, not at its timeout
-        except OSError:
-            pass  # not every system allows it on UDP; the receiver's timeout will do
+        self.wake()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=2 * MAX_WAIT + 1)
+        with self.lock:
+            for future in self.futures.values():
+                if not future.done():
+                    future.set_exception(ConnectionClosed(reason or "The connection is closed."))
+            self.futures.clear()
+        self.selector.close()
         self.sock.close()
-        for thread in self.threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout=2 * MAX_WAIT + 1)
-
-    # --- Tracing (--verbose) ---
-
-    def trace(self, text: str) -> None:
-        if self.trace_to:
-            self.trace_to(f"[trace] {text}")
-
-    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
-        """Trace one datagram; the line is only put together when someone reads it."""
-        if self.trace_to:
-            self.trace_to(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
+        self.wake_reader.close()
+        self.wake_writer.close()
 
     def trace_drop(self, direction: str, data: bytes) -> None:
-        self.trace_packet(direction, data, ": LOST (simulated)")
+        if self.trace:
+            self.trace(f"[trace] {direction:<3} {describe_datagram(data)}: LOST (simulated)")
+
+
+def check_length(text: str) -> str:
+    """Return `text`, or refuse it here if the server would: no need to send it."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_TEXT_BYTES:
+        raise Refused("too-long", f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent.")
+    return text
 
 
 # --- The terminal ---------------------------------------------------------------------
@@ -754,7 +803,7 @@ class Conversation:
     def check_alive(self) -> None:
         if self.client.closed.is_set():
             raise ConnectionClosed(self.client.closed_reason)
-        if self.chatting and self.client.token == NO_TOKEN:  # a heartbeat was told: no session
+        if self.chatting and not self.client.logged_in:  # the server said RESET: no session
             raise SessionLost(SESSION_LOST)
 
     def run(self) -> None:
@@ -816,7 +865,7 @@ class Conversation:
 
     def handle_line(self, line: str) -> None:
         if line.startswith("//"):
-            self.client.say(line[1:])
+            self.send_line(line[1:])
         elif line.startswith("/"):
             command, _, rest = line.partition(" ")
             action = self.commands.get(command.lower())
@@ -825,7 +874,19 @@ class Conversation:
             else:
                 action(rest.strip())
         elif line.strip():
-            self.client.say(line)
+            self.send_line(line)
+
+    def send_line(self, text: str) -> None:
+        """Send a line without waiting for its answer: pasted lines flow, in order."""
+        future = self.client.submit(PacketType.SAY, check_length(text))
+        future.add_done_callback(lambda done: self.report_if_refused(done, text))
+
+    def report_if_refused(self, done, text: str) -> None:
+        """Runs when the server answered a line: say so if it was not sent."""
+        error = done.exception()
+        if isinstance(error, ChatError) and not isinstance(error, (SessionLost, ConnectionClosed)):
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            self.terminal.show(f"not sent: {printable(shown)} ({error})")
 
     def show_help(self, rest: str) -> None:
         self.terminal.show(HELP)

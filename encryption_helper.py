@@ -1,15 +1,21 @@
-"""The wire: what the chat server and client share, defined once.
+"""What the chat server and client share, defined once: ciphers, wire format, reliable channel.
 
-Both `server.py` and `client.py` import this module, so the packet format, the toy
-ciphers and the round-trip-time estimator exist in exactly one place.
+Both `server.py` and `client.py` import this module. It has four parts, in this order:
 
-WARNING - the XOR and Caesar ciphers here are TEACHING TOYS. They hide text from a
-casual glance at a packet capture and nothing more: `walkthrough.ipynb` breaks both in a
-few lines. Real systems use TLS or DTLS (authenticated encryption such as AES-GCM).
+1. **Toy ciphers** - XOR and Caesar. WARNING: they are TEACHING TOYS. They hide text
+   from a casual glance at a packet capture and nothing more: `walkthrough.ipynb` breaks
+   both in a few lines. Real systems use TLS or DTLS (authenticated encryption).
+2. **The wire format** - one packet per UDP datagram: a 32-byte header packed with
+   `struct` in network byte order (big-endian), then the payload. Only the payload is
+   scrambled; the header stays readable, as IP and UDP headers do.
+3. **The reliable channel** - `Channel`, Selective Repeat in both directions with
+   cumulative and selective acknowledgements, timers from measured round trips (RFC 6298)
+   and a give-up. The server keeps one per session, the client one to the server. It
+   opens no socket and reads no clock: it is fed packets and the time, and says what to
+   send and when it next wants to be woken.
+4. **A lossy socket** - drops datagrams on purpose, repeatably, for lessons and tests.
 
-One packet travels in one UDP datagram: a fixed 28-byte header, packed with `struct`
-in network byte order (big-endian), followed by the payload. Only the payload is
-scrambled by the cipher; the header stays readable, as IP and UDP headers do.
+The header, 32 bytes:
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -18,112 +24,41 @@ scrambled by the cipher; the header stays readable, as IP and UDP headers do.
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
     |             flags             |        payload length         |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |                        sequence number                        |
+    |          sequence number (0: not on the reliable channel)     |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |                     acknowledgement number                    |
+    |   acknowledgement: everything up to this number has arrived   |
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+    |  selective ack bitmap: bit i set = number ack + 2 + i arrived |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
     |                                                               |
     +                   session token (8 bytes)                     +
     |                                                               |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |        CRC-32 of the header (this field zero) and the         |
-    |                   payload before scrambling                   |
+    |   CRC-32 of the plain payload, then of the header (CRC zero)  |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
     |        payload: length-prefixed fields, scrambled ...         |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 
 The payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so
 any text survives the trip - a name or message may hold ":", "|", spaces, newlines or
-emoji, and nothing ever needs escaping. For example, a SAY packet carrying "hi :)" is
+emoji, and nothing ever needs escaping. A SAY carrying "hi :)" ends in
 
-    55 43 01 05 00 00 00 07 ...header...  00 05 68 69 20 3a 29
-    magic   SAY        len=7             field of 5 bytes: "hi :)"
+    00 05 68 69 20 3a 29      a field of 5 bytes: "hi :)"
 
 Because the checksum covers the payload *before* scrambling, a receiver whose key
 differs from the sender's computes a different CRC and can say so, instead of printing
-garbage.
+garbage. The CRC runs over the payload first and the header after, so a message sent to
+a whole room is checksummed once, not once per member (only the header differs).
 """
 
 import binascii
+import collections
 import enum
 import random
 import struct
 import typing
 
-# --- Sizes ---------------------------------------------------------------------------
-
-HEADER_FORMAT = "!2sBBHHII8sI"  # magic, version, type, flags, length, seq, ack, token, crc
-HEADER_SIZE = struct.calcsize(HEADER_FORMAT)  # 28 bytes
-MAGIC = b"UC"  # "UDP Chat": a datagram that does not start with it is not ours
-VERSION = 1
-# 1200 bytes fits the smallest path MTU seen in practice (IPv6 guarantees 1280, minus
-# its headers), so our datagrams are never split into IP fragments; QUIC uses the same.
-MAX_DATAGRAM = 1200
-MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
-# recvfrom() must be given room for the largest possible UDP datagram: on Windows a
-# smaller buffer raises WinError 10040, on Linux the datagram is silently cut.
-RECV_BUFFER = 65535
-# Message text limit, in UTF-8 bytes, leaving room in MAX_PAYLOAD for the other fields
-# of the EVENT that carries it (kind, time, room, user).
-MAX_TEXT_BYTES = 1000
-NO_TOKEN = bytes(8)
-
-FIELD_LENGTH = struct.Struct("!H")
-BITMAP = struct.Struct("!I")  # the selective-acknowledgement bitmap of an ACK
-
-
-class PacketType(enum.IntEnum):
-    """What a packet asks or tells. Requests go client -> server, one at a time."""
-
-    HELLO = 1  # request: "are you there?" -> OK [cookie]; padded, see MIN_HELLO_SIZE
-    REGISTER = 2  # request: [cookie, username, password]
-    LOGIN = 3  # request: [cookie, username, password] -> OK [name, room, text], token in the header
-    JOIN = 4  # request: [room, room password]
-    SAY = 5  # request: [text] for everyone else in the room
-    PRIVATE = 6  # request: [username, text] for one user
-    ROOMS = 7  # request: [] -> OK [room, count, room, count, ...]
-    WHO = 8  # request: [] -> OK [room, member, member, ...]
-    PING = 9  # request: [] -> OK []; the heartbeat of an idle client
-    BYE = 10  # request: [] -> OK [text]; the session ends
-    ACK = 11  # client -> server: which EVENTs arrived (ack field + bitmap payload)
-    OK = 20  # reply: the request succeeded; fields depend on the request
-    ERROR = 21  # reply: [code, text] - the request failed, or the packet was bad
-    EVENT = 22  # server -> client, reliable: [kind, unix time, room, user, text]
-    RESET = 23  # reply with no payload: "I have no session for you" (like TCP's RST)
-
-
-PACKET_TYPES = {member.value: member for member in PacketType}  # number -> type, for decoding
-
-
-# EVENTs the server may have in flight to one client: the receiver's buffer holds as many,
-# and the ACK's 32-bit bitmap covers them.
-WINDOW = 32
-FLAG_RETRANSMIT = 0x0001  # set on a packet sent again; lets a trace mark it
-# A HELLO is padded to this size so that the server's reply is never larger than the
-# request: then nobody can forge our source address and use the server as an amplifier.
-MIN_HELLO_SIZE = 128
-
-
-class PacketError(ValueError):
-    """A datagram that is not a valid packet; the message says what is wrong with it."""
-
-
-class Packet(typing.NamedTuple):
-    """One packet, payload in plain text (scrambling happens in encode/decode).
-
-    A named tuple: read-only like the datagram it stands for, and quick to make - a
-    busy server makes tens of thousands a second.
-    """
-
-    type: PacketType
-    seq: int = 0
-    ack: int = 0
-    token: bytes = NO_TOKEN
-    flags: int = 0
-    payload: bytes = b""
-
-
-# --- Toy ciphers ---------------------------------------------------------------------
+# === 1. Toy ciphers ==================================================================
 
 
 class NoCipher:
@@ -151,8 +86,8 @@ class XorCipher:
     def __init__(self, key: bytes):
         if not key:
             raise ValueError("the xor cipher needs a non-empty key")
-        # The key stream for the longest datagram, computed once.
-        self.stream = (key * (RECV_BUFFER // len(key) + 1))[:RECV_BUFFER]
+        longest = 65535  # the largest UDP datagram: the key stream for any payload, computed once
+        self.stream = (key * (longest // len(key) + 1))[:longest]
 
     def encrypt(self, data: bytes) -> bytes:
         n = len(data)
@@ -192,7 +127,7 @@ DEFAULT_KEYS = {"xor": "II2120", "caesar": "3", "none": ""}
 
 
 def make_cipher(name: str, key: str | None = None):
-    """Return the cipher called `name` with `key` (its default key when None)."""
+    """Return the (toy) cipher called `name` with `key` (its default key when None)."""
     if key is None:
         key = DEFAULT_KEYS[name]
     if name == "xor":
@@ -206,25 +141,101 @@ def make_cipher(name: str, key: str | None = None):
     raise ValueError(f"unknown cipher {name!r}; choose one of {', '.join(CIPHER_NAMES)}")
 
 
-# --- Packets <-> bytes ---------------------------------------------------------------
+# === 2. The wire format ==============================================================
+
+HEADER_FORMAT = "!2sBBHHIII8sI"  # magic, version, type, flags, length, seq, ack, sack, token, crc
+HEADER = struct.Struct(HEADER_FORMAT)
+HEADER_SIZE = HEADER.size  # 32 bytes
+MAGIC = b"UC"  # "UDP Chat": a datagram that does not start with it is not ours
+VERSION = 2  # 2: every header carries a selective acknowledgement; replies name their request
+# 1200 bytes fits the smallest path MTU seen in practice (IPv6 guarantees 1280, minus
+# its headers), so our datagrams are never split into IP fragments; QUIC uses the same.
+MAX_DATAGRAM = 1200
+MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
+# recvfrom() must be given room for the largest possible UDP datagram: on Windows a
+# smaller buffer raises WinError 10040, on Linux the datagram is silently cut.
+RECV_BUFFER = 65535
+# Message text limit, in UTF-8 bytes, leaving room in MAX_PAYLOAD for the other fields
+# of the EVENT that carries it (kind, time, room, user).
+MAX_TEXT_BYTES = 1000
+NO_TOKEN = bytes(8)
+FIELD_LENGTH = struct.Struct("!H")
+FLAG_RETRANSMIT = 0x0001  # set on a packet sent again; lets a trace mark it
+# A HELLO is padded to this size so that the server's reply is never larger than the
+# request: then nobody can forge our source address and use the server as an amplifier.
+MIN_HELLO_SIZE = 128
 
 
-def encode_packet(packet: Packet, cipher, scrambled: bytes | None = None) -> bytes:
-    """Return the datagram for `packet`.
+class PacketType(enum.IntEnum):
+    """What a packet asks or tells. OK and ERROR answer a request and name it (field 0)."""
 
-    `scrambled` may carry `cipher.encrypt(packet.payload)` already computed, so that a
-    message sent to a whole room is scrambled once, not once per member.
+    HELLO = 1  # request: "are you there?" -> OK [re, cookie]; padded, see MIN_HELLO_SIZE
+    REGISTER = 2  # request: [cookie, username, password]
+    LOGIN = 3  # request: [cookie, username, password] -> OK [re, name, room, text], token in the header
+    JOIN = 4  # request: [room, room password]
+    SAY = 5  # request: [text] for everyone else in the room
+    PRIVATE = 6  # request: [username, text] for one user
+    ROOMS = 7  # request: [] -> OK [re, room, count, room, count, ...]
+    WHO = 8  # request: [] -> OK [re, room, member, member, ...]
+    PING = 9  # request: [] -> OK [re]; the heartbeat of an idle client
+    BYE = 10  # request: [] -> OK [re, text]; the session ends
+    ACK = 11  # either way: nothing but the acknowledgement fields of the header
+    OK = 20  # reply [re, ...]: request number `re` succeeded; more fields depend on the request
+    ERROR = 21  # reply [re, code, text]: the request failed, or (re 0) the packet was bad
+    EVENT = 22  # server -> client: [kind, unix time, room, user, text]
+    RESET = 23  # reply with no payload: "I have no session for you" (like TCP's RST)
+
+
+PACKET_TYPES = {member.value: member for member in PacketType}  # number -> type, for decoding
+
+
+class PacketError(ValueError):
+    """A datagram that is not a valid packet; the message says what is wrong with it."""
+
+
+class Packet(typing.NamedTuple):
+    """One packet, payload in plain text (scrambling happens in encode/decode).
+
+    A named tuple: read-only like the datagram it stands for, and quick to make - a
+    busy server makes tens of thousands a second.
     """
-    if len(packet.payload) > MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(packet.payload)} bytes exceeds {MAX_PAYLOAD}")
-    if scrambled is None:
-        scrambled = cipher.encrypt(packet.payload)
-    header = struct.pack(
-        HEADER_FORMAT, MAGIC, VERSION, packet.type, packet.flags, len(packet.payload),
-        packet.seq, packet.ack, packet.token, 0,
-    )
-    crc = binascii.crc32(packet.payload, binascii.crc32(header))
-    return header[:-4] + crc.to_bytes(4, "big") + scrambled
+
+    type: PacketType
+    seq: int = 0
+    ack: int = 0
+    sack: int = 0
+    token: bytes = NO_TOKEN
+    flags: int = 0
+    payload: bytes = b""
+
+
+class Body(typing.NamedTuple):
+    """A payload made ready for the wire once: scrambled, and its CRC computed.
+
+    A message to a room of forty is prepared once and sent forty times, each time
+    behind another header.
+    """
+
+    plain: bytes
+    scrambled: bytes
+    crc: int
+
+
+def prepare_body(payload: bytes, cipher) -> Body:
+    """Return `payload` scrambled by `cipher`, with the CRC-32 of its plain bytes."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return Body(payload, cipher.encrypt(payload), binascii.crc32(payload))
+
+
+def encode_packet(packet: Packet, cipher, body: Body | None = None) -> bytes:
+    """Return the datagram for `packet`; `body` may carry its payload already prepared."""
+    if body is None:
+        body = prepare_body(packet.payload, cipher)
+    header = HEADER.pack(MAGIC, VERSION, packet.type, packet.flags, len(body.plain),
+                         packet.seq, packet.ack, packet.sack, packet.token, 0)
+    crc = binascii.crc32(header, body.crc)  # the payload's CRC, continued over the header
+    return header[:-4] + crc.to_bytes(4, "big") + body.scrambled
 
 
 def decode_packet(data: bytes, cipher) -> Packet:
@@ -233,9 +244,7 @@ def decode_packet(data: bytes, cipher) -> Packet:
         raise PacketError(f"too short: {len(data)} bytes, the header alone is {HEADER_SIZE}")
     if len(data) > MAX_DATAGRAM:
         raise PacketError(f"too long: {len(data)} bytes, the limit is {MAX_DATAGRAM}")
-    magic, version, ptype, flags, length, seq, ack, token, crc = struct.unpack_from(
-        HEADER_FORMAT, data
-    )
+    magic, version, ptype, flags, length, seq, ack, sack, token, crc = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise PacketError(f"not a chat packet: starts with {magic!r}, not {MAGIC!r}")
     if version != VERSION:
@@ -244,34 +253,30 @@ def decode_packet(data: bytes, cipher) -> Packet:
         raise PacketError(f"length field says {length}, datagram holds {len(data) - HEADER_SIZE}")
     payload = cipher.decrypt(data[HEADER_SIZE:])
     zeroed_header = data[: HEADER_SIZE - 4] + bytes(4)
-    if binascii.crc32(payload, binascii.crc32(zeroed_header)) != crc:
+    if binascii.crc32(zeroed_header, binascii.crc32(payload)) != crc:
         raise PacketError("bad checksum: damaged on the way, or the ends use different keys")
     known = PACKET_TYPES.get(ptype)
     if known is None:
         raise PacketError(f"unknown packet type {ptype}")
-    return Packet(known, seq, ack, token, flags, payload)
+    return Packet(known, seq, ack, sack, token, flags, payload)
 
 
 def peek_type_name(data: bytes) -> str:
     """Return the packet type named in a datagram's header, even if the rest is bad."""
     if len(data) < 4 or data[:2] != MAGIC:
         return "?"
-    try:
-        return PacketType(data[3]).name
-    except ValueError:
-        return f"type {data[3]}"
+    known = PACKET_TYPES.get(data[3])
+    return known.name if known else f"type {data[3]}"
 
 
 def describe_datagram(data: bytes) -> str:
     """Return a datagram's header in words, for traces: type, seq, ack, size."""
     if len(data) < HEADER_SIZE or data[:2] != MAGIC:
         return f"? {len(data)} B"
-    seq, ack = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
-    retransmit = " retransmitted" if int.from_bytes(data[4:6], "big") & FLAG_RETRANSMIT else ""
-    return f"{peek_type_name(data)} seq={seq} ack={ack} {len(data)} B{retransmit}"
-
-
-# --- Fields inside a payload ---------------------------------------------------------
+    _, _, _, flags, _, seq, ack, sack, _, _ = HEADER.unpack_from(data)
+    sack_text = f" sack={sack:#b}" if sack else ""
+    retransmit = " retransmitted" if flags & FLAG_RETRANSMIT else ""
+    return f"{peek_type_name(data)} seq={seq} ack={ack}{sack_text} {len(data)} B{retransmit}"
 
 
 def pack_fields(*fields: str) -> bytes:
@@ -305,19 +310,19 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
         raise PacketError("a field is not valid UTF-8") from None
 
 
-# --- Timing, shared by both ends -----------------------------------------------------
+# === 3. The reliable channel =========================================================
 
 
 class RtoEstimator:
-    """How long to wait for an answer before sending again (RFC 6298).
+    """How long to wait for an acknowledgement before sending again (RFC 6298).
 
     Every round-trip time measured updates a smoothed average (SRTT) and a smoothed
     mean deviation (RTTVAR); the retransmission timeout is SRTT + 4 * RTTVAR: long
     enough that a late answer is rarely mistaken for a lost one, short enough to
     recover quickly. Karn's rule: a packet sent more than once gives no sample,
     because nobody can tell which copy the answer belongs to - the caller simply does
-    not call `observe` for it. Each further attempt doubles the wait (exponential
-    backoff), so a congested or dead peer is not hammered.
+    not call `observe` for it. Each further timeout doubles the wait (exponential
+    backoff) up to a ceiling, so a congested or dead peer is not hammered.
     """
 
     ALPHA = 1 / 8  # weight of a new sample in SRTT (RFC 6298)
@@ -327,9 +332,7 @@ class RtoEstimator:
     # trips are below 10 ms; Linux's TCP uses 200 ms, and so do we.
     FLOOR = 0.2
     # Backoff stops growing here. RFC 6298 allows 60 s, for the Internet; on a LAN 2 s is
-    # a hundred round trips, and a chat waiting longer per try feels dead. A short
-    # ceiling also matters on a very lossy link, where most tries fail: more tries a
-    # minute means less time lost.
+    # a hundred round trips, and a chat waiting longer per try feels dead.
     CEILING = 2.0
 
     def __init__(self, initial: float = INITIAL, floor: float = FLOOR, ceiling: float = CEILING):
@@ -348,12 +351,230 @@ class RtoEstimator:
             self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
         self.rto = min(max(self.srtt + 4 * self.rttvar, self.floor), self.ceiling)
 
-    def timeout(self, attempt: int = 0) -> float:
-        """Return the wait before retry number `attempt` (0 = the first send)."""
-        return min(self.rto * 2 ** min(attempt, 16), self.ceiling)
+    def timeout(self, timeouts: int = 0) -> float:
+        """Return the wait after a packet's send, once it has timed out `timeouts` times."""
+        return min(self.rto * 2 ** min(timeouts, 16), self.ceiling)
 
 
-# --- A lossy network, for teaching and testing ---------------------------------------
+def sack_bitmap(cumulative: int, held) -> int:
+    """Return the selective-ack bitmap for the numbers `held` beyond `cumulative` + 1.
+
+    Bit i stands for number cumulative + 2 + i (cumulative + 1 is, by definition, the
+    one missing). Numbers beyond the 32 bits are left out; they are acknowledged later.
+    """
+    bitmap = 0
+    for seq in held:
+        if 0 <= seq - cumulative - 2 < 32:
+            bitmap |= 1 << (seq - cumulative - 2)
+    return bitmap
+
+
+def acknowledged(seq: int, cumulative: int, bitmap: int) -> bool:
+    """Does an acknowledgement (cumulative, bitmap) say that number `seq` arrived?"""
+    return seq <= cumulative or (0 <= seq - cumulative - 2 < 32 and bool(bitmap >> (seq - cumulative - 2) & 1))
+
+
+class InFlight:
+    """A packet sent and not yet acknowledged: its timer and its history."""
+
+    __slots__ = ("ptype", "body", "sent_at", "deadline", "sends", "timeouts", "order", "passed")
+
+    def __init__(self, ptype: PacketType, body: Body):
+        self.ptype, self.body = ptype, body
+        self.sent_at = self.deadline = 0.0
+        self.sends = self.timeouts = 0  # how often sent; how often its timer fired
+        self.order = 0  # when sent, counted in transmissions: later ones have bigger orders
+        self.passed = 0  # acknowledgements that covered a packet sent after this one
+
+
+class Channel:
+    """A reliable, ordered channel to one peer over UDP: Selective Repeat, both halves.
+
+    **Sending.** `send` queues a packet; it gets the channel's next sequence number (1,
+    2, 3, ...). At most `window` are in flight - sent, not yet acknowledged - counted from
+    the oldest unacknowledged one; the rest wait in a bounded queue. Every packet in
+    flight has its own timer: when it fires, that packet alone is sent again, and its
+    next wait is doubled. A packet that two later-sent packets have overtaken - the
+    peer acknowledged them, not it - is sent again at once, before its timer (fast
+    retransmit). One sent `max_sends` times unacknowledged means the peer is gone:
+    `failed` becomes true.
+
+    **Receiving.** A packet numbered below the next one expected, or one already held,
+    is a duplicate and is dropped; one above it is held until the gap before it fills;
+    then everything in order is delivered at once. Nothing beyond `window` numbers
+    ahead is accepted: the peer never has more in flight, so it cannot be genuine.
+
+    **Acknowledging.** Every packet either way carries the highest number up to which
+    everything has arrived (cumulative) and a 32-bit bitmap of what is held beyond the
+    gap (selective), so only what is really missing is resent. The acknowledgement
+    rides on whatever goes the other way; if nothing does, a bare ACK is sent -
+    `ack_delay` seconds after a packet arrives, or after `ack_every` packets, and at
+    once for anything out of order or duplicated, because then the sender lacks news.
+
+    Round trips are measured on packets sent exactly once (Karn's rule) and feed the
+    RtoEstimator that sets the timers. Stop-and-wait is this class with a window of 1.
+
+        channel = Channel(make_cipher("none"))
+        channel.send(PacketType.SAY, pack_fields("hi"))
+        datagrams = channel.poll(now=0.0)     # what to send now
+        channel.next_wakeup()                 # when to call poll again, at the latest
+    """
+
+    WINDOW = 32  # the bitmap is 32 bits: it can speak for 32 packets beyond a gap
+    MAX_QUEUE = 1000  # packets waiting behind a full window; then send() says no
+    # A peer that acknowledges none of 20 sends of one packet is gone: at 30% loss each
+    # way one send in two fails, and all of 20 fail once in a million.
+    MAX_SENDS = 20
+    FAST_RETRANSMIT_AFTER = 2  # overtaken this often: lost, not late (KCP's "fastresend 2")
+
+    def __init__(self, cipher, token: bytes = NO_TOKEN, *, window: int = WINDOW, max_queue: int = MAX_QUEUE,
+                 max_sends: int = MAX_SENDS, rto: RtoEstimator | None = None,
+                 ack_delay: float = 0.0, ack_every: int = 1):
+        if not 1 <= window <= self.WINDOW:
+            raise ValueError(f"the window must be from 1 to {self.WINDOW}")
+        self.cipher, self.token = cipher, token
+        self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
+        self.rto = rto or RtoEstimator()
+        self.ack_delay, self.ack_every = ack_delay, ack_every
+        # Sending half
+        self.next_seq = 1
+        self.in_flight: dict[int, InFlight] = {}  # by number, oldest first (dicts keep order)
+        self.waiting: collections.deque = collections.deque()  # InFlight entries not yet sent
+        self.transmissions = 0
+        self.failed = False
+        # Receiving half
+        self.expected = 1  # the next number to deliver
+        self.held: dict[int, Packet] = {}  # arrived early, waiting for the gap to fill
+        self.unacked = 0  # packets arrived since our last acknowledgement...
+        self.ack_due = float("inf")  # ...which must leave by then
+        self.stats = collections.Counter()  # sent, retransmitted, fast retransmits, duplicates...
+
+    # --- Sending half ---
+
+    def send(self, ptype: PacketType, payload: bytes | Body) -> int:
+        """Queue a packet for the peer; return the number it will carry, 0 if the queue is full."""
+        if len(self.waiting) >= self.max_queue:
+            return 0
+        body = payload if isinstance(payload, Body) else prepare_body(payload, self.cipher)
+        self.waiting.append(InFlight(ptype, body))
+        return self.next_seq + len(self.waiting) - 1
+
+    def idle(self) -> bool:
+        """Is everything sent acknowledged, with nothing waiting?"""
+        return not self.in_flight and not self.waiting
+
+    def on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
+        """Mark what the peer acknowledged as delivered; note what it passed over."""
+        done = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
+        if not done:
+            return
+        latest = 0  # the latest transmission the peer has confirmed
+        for seq in done:
+            entry = self.in_flight.pop(seq)
+            latest = max(latest, entry.order)
+            if entry.sends == 1:  # Karn's rule: only unambiguous round trips count
+                self.rto.observe(now - entry.sent_at)
+        for entry in self.in_flight.values():  # sent before `latest` and still missing
+            if entry.order < latest:
+                entry.passed += 1
+                if entry.passed == self.FAST_RETRANSMIT_AFTER:
+                    entry.deadline = now  # lost, not late: poll() sends it again now
+                    self.stats["fast retransmits"] += 1
+
+    # --- Receiving half ---
+
+    def receive(self, packet: Packet, now: float) -> tuple[str, list[Packet]]:
+        """Take a packet from the peer; return what happened to it and what is now deliverable.
+
+        Its acknowledgement fields are read first. A packet numbered 0 is not on the
+        channel (an ACK, or an answer to a stranger's request) and is delivered at once.
+        """
+        self.on_acknowledgement(packet.ack, packet.sack, now)
+        seq = packet.seq
+        if seq == 0:
+            return "unsequenced", [packet]
+        if seq < self.expected or seq in self.held:
+            self.stats["duplicates"] += 1
+            self.ack_due = now  # the acknowledgement that covered it was lost: repeat it
+            return "duplicate", []
+        if seq >= self.expected + self.window:
+            self.stats["outside the window"] += 1
+            return "outside the window", []
+        self.held[seq] = packet
+        ready = []
+        while self.expected in self.held:
+            ready.append(self.held.pop(self.expected))
+            self.expected += 1
+        self.unacked += 1
+        if len(ready) != 1 or self.held or self.unacked >= self.ack_every:
+            self.ack_due = now  # a gap opened or filled, or enough have come: tell the peer now
+        else:
+            self.ack_due = min(self.ack_due, now + self.ack_delay)
+        return ("in order" if ready else "held: a gap before it"), ready
+
+    def acknowledgement(self) -> tuple[int, int]:
+        """Return (cumulative, bitmap): what to tell the peer we have."""
+        cumulative = self.expected - 1
+        return cumulative, sack_bitmap(cumulative, self.held)
+
+    # --- Time: what to send now ---
+
+    def poll(self, now: float) -> list[bytes]:
+        """Return the datagrams to send now: retransmissions, new packets, or a bare ACK."""
+        if self.failed:
+            return []
+        out = [self.transmit(seq, entry, now) for seq, entry in self.expired(now)]
+        while self.waiting and self.next_seq < self.base() + self.window:
+            entry = self.waiting.popleft()
+            self.in_flight[self.next_seq] = entry
+            out.append(self.transmit(self.next_seq, entry, now))
+            self.next_seq += 1
+        if self.ack_due <= now and not out:
+            cumulative, bitmap = self.acknowledgement()
+            out.append(encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token), self.cipher))
+            self.stats["bare acks"] += 1
+        if out:
+            self.unacked, self.ack_due = 0, float("inf")  # every datagram carried the acknowledgement
+        return [data for data in out if data is not None]
+
+    def expired(self, now: float) -> list[tuple[int, InFlight]]:
+        """Return the packets in flight whose timers fired, counting a timeout for each."""
+        due = [(seq, entry) for seq, entry in self.in_flight.items() if entry.deadline <= now]
+        for _, entry in due:
+            if entry.passed < self.FAST_RETRANSMIT_AFTER:
+                entry.timeouts += 1  # a fast retransmit is not a timeout: no backoff
+            entry.passed = 0
+        return due
+
+    def transmit(self, seq: int, entry: InFlight, now: float) -> bytes | None:
+        """Return the datagram for packet `seq`, and start its timer; None if we give up."""
+        if entry.sends >= self.max_sends:
+            self.failed = True
+            return None
+        flags = FLAG_RETRANSMIT if entry.sends else 0
+        self.stats["retransmitted" if entry.sends else "sent"] += 1
+        entry.sends += 1
+        self.transmissions += 1
+        entry.order = self.transmissions
+        entry.sent_at = now
+        entry.deadline = now + self.rto.timeout(entry.timeouts)
+        cumulative, bitmap = self.acknowledgement()
+        packet = Packet(entry.ptype, seq, cumulative, bitmap, self.token, flags)
+        return encode_packet(packet, self.cipher, entry.body)
+
+    def base(self) -> int:
+        """Return the oldest unacknowledged number (the window's left edge)."""
+        return next(iter(self.in_flight), self.next_seq)
+
+    def next_wakeup(self) -> float:
+        """Return the time poll() next has work to do (inf: nothing until a packet comes)."""
+        if self.failed:
+            return float("inf")
+        first_timer = min((entry.deadline for entry in self.in_flight.values()), default=float("inf"))
+        return min(first_timer, self.ack_due)
+
+
+# === 4. A lossy network, for teaching and testing ====================================
 
 
 class LossySocket:

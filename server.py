@@ -5,29 +5,31 @@ Run it on one PC of the lab network, then `python client.py` on the others:
     python server.py                          # all interfaces, port 9999, lobby password "juara"
     python server.py --port 5000 --room-password rahasia --cipher caesar --key 7
 
-Design, in the spirit of the standard library's socketserver:
+How it is built, in the spirit of the standard library's socketserver:
 
 * One loop owns the one UDP socket (`ServerLoop`). UDP has no connections and needs no
   listen() or accept(): every datagram arrives on the same socket, tagged with its
   sender's (ip, port). No thread per datagram, no two readers of one socket.
-* The protocol - parse, decide, reply - lives in `ChatServer`, which never touches a
-  socket: it is handed datagrams and collects the datagrams to send in `outbox`, so
-  tests and the notebook can drive it without a network.
-* The slow password hash runs on a worker thread, so that a flood of logins never stalls
-  the chat; its result comes back to the loop, which alone changes any state.
-* Every client request carries a sequence number and is answered exactly once: a
-  repeated request (the reply was lost, so the client sent it again) gets the same reply
-  again, and nothing happens twice. Everything the server pushes to a client (messages,
-  joins, leaves) goes through a Selective Repeat window (`OutboundWindow`), which resends
-  each packet until the client acknowledges it.
+* The protocol - parse, decide, answer - is `ChatServer`, which never touches a socket:
+  it is handed datagrams and the time, and collects the datagrams to send in `outbox`,
+  so tests and the notebook drive it without a network. One table maps each packet
+  type to its handler; one method, `answer`, sends every reply.
+* A logged-in member talks over a reliable `Channel` (encryption_helper.py): requests
+  one way, replies and EVENTs (messages, joins, leaves) the other, each delivered once
+  and in order. Before login there is no channel: a stranger's REGISTER or LOGIN that
+  comes again gets the remembered answer (`StrangerReplies`), never a second account.
+* Small helpers do one job each: `AbuseControl` (lockouts, limits, flood control),
+  `Delivery` (the channels' timers), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
+  the thread that runs the slow password hash so that a flood of logins never stalls
+  the chat. Only the loop's thread changes any state.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
-    55 43 01 05 00 00 00 07 00 00 00 07 00 00 00 00  "UC" v1 SAY flags=0 len=7 seq=7 ack=0
-    3e 1a 2c 5e 5e 77 90 12 ab 7f 38 ae 49 4c 5a 58  token, CRC-32, then the payload:
-    12 0a 60                                          [5]"hi :)" XORed with the key "II2120"
+    55 43 02 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v2 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 .. .. .. ..   sack=0, token, CRC-32, then the payload:
+    12 0a 60 ..                                        [5]"hi :)" XORed with the key "II2120"
 
-The packet format is defined once, in encryption_helper.py; accounts live in auth.py.
+The packet format and the channel are defined once, in encryption_helper.py; accounts in auth.py.
 """
 
 import argparse
@@ -49,27 +51,25 @@ import traceback
 
 import auth
 from encryption_helper import (
-    BITMAP,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
-    FLAG_RETRANSMIT,
     MAGIC,
     MAX_PAYLOAD,
     MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     RECV_BUFFER,
-    WINDOW,
+    Channel,
     LossySocket,
     Packet,
     PacketError,
     PacketType,
-    RtoEstimator,
     decode_packet,
     describe_datagram,
     encode_packet,
     make_cipher,
     pack_fields,
     peek_type_name,
+    prepare_body,
     unpack_fields,
 )
 
@@ -80,16 +80,17 @@ HISTORY_FILE = "chat_history.txt"
 USERS_FILE = "users.json"
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_data")
 COOKIE_PERIOD = 30.0  # seconds; a HELLO cookie stays valid for one to two periods
+HISTORY_ON_JOIN = 20  # past messages shown to whoever joins a room
+MAX_BACKLOG = 100  # a member's requests held by flood control; past that they are refused
 MAX_WAIT = 0.5  # seconds the loop may sleep: on Windows, Ctrl+C waits for select() to return
 RECEIVE_BUFFER_BYTES = 4 << 20  # the kernel's queue for our socket, asked for, not promised
 RECEIVE_BATCH = 256  # datagrams read per wake-up, so timers still run during a flood
 HOUSEKEEPING_EVERY = 1.0  # seconds between sweeps for silent sessions
-PROBLEMS_PER_SECOND = 20  # log lines about bad packets; a flood must not flood the log
 
 
 @dataclasses.dataclass
 class ServerConfig:
-    """Everything that can be tuned, with the defaults a lab uses and why."""
+    """What the command line can change, with the defaults a lab uses."""
 
     host: str = "0.0.0.0"  # all interfaces: reachable from the other lab PCs
     port: int = 9999
@@ -98,90 +99,596 @@ class ServerConfig:
     cipher: str = DEFAULT_CIPHER
     key: str | None = None  # None: the cipher's default key, the same as the client's
     quiet: bool = False  # log only problems, not every action
-    verbose: bool = False  # also trace every packet in and out
+    verbose: bool = False  # also log heartbeats and trace every packet in and out
     loss: float = 0.0  # drop this share of datagrams in and out, to watch recovery
     seed: int | None = None  # makes --loss drop the same datagrams every run
     # A client sends a heartbeat after 5 s of quiet; six missed in a row means it is gone.
     session_timeout: float = 30.0
-    window: int = WINDOW  # EVENTs in flight per session; at most the client's WINDOW
-    # Give up on a client that acknowledges nothing after this many sends of one packet.
-    # At 30% loss each way a try fails about half the time: 0.5**20 is one in a million.
-    max_retransmits: int = 20
-    min_rto: float = RtoEstimator.FLOOR
-    max_sessions: int = 500  # a lab of 40 PCs with room to spare; then "Server full"
-    max_rooms: int = 50
-    max_queue: int = 1000  # EVENTs waiting behind a full window; a slower member is dropped
-    message_rate: float = 5.0  # messages a second per member, as IRC servers limit...
-    message_burst: int = 20  # ...after a burst: pasting a short paragraph is fine
-    login_failures: int = 5  # failed logins per account in `failure_period` before lockout
-    failure_period: float = 60.0
-    registrations_per_address: int = 20  # per `failure_period`, from one IP address
-    max_pending_hashes: int = 16  # password checks waiting for the worker; then "busy"
-    max_pending_per_address: int = 2  # one address cannot fill the hash queue alone
-    kdf_iterations: int = auth.DEFAULT_ITERATIONS
-    history_on_join: int = 20  # past messages shown to whoever joins a room
-    reply_cache: int = 4096  # answers to recent logins and registrations, for retries
+    kdf_iterations: int = auth.DEFAULT_ITERATIONS  # tests lower it: they need no slow hash
 
 
-# --- Replies -------------------------------------------------------------------------
+# --- State -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Session:
+    """A logged-in member, known by address and proven by the token it carries."""
+
+    token: bytes
+    address: Address
+    name: str
+    channel: Channel  # the reliable channel to this member's client
+    bucket: "TokenBucket"  # flood control
+    last_heard: float
+    room: str | None = None  # key of the room in ChatServer.rooms
+    backlog: collections.deque = dataclasses.field(default_factory=collections.deque)  # requests held
+    news: list = dataclasses.field(default_factory=list)  # EVENT bodies, sent after the current reply
+    wake_at: float = float("inf")  # when Delivery next looks at this session
+
+
+@dataclasses.dataclass
+class Room:
+    name: str
+    password: str
+    members: dict  # lower-case name -> Session
+    history: collections.deque  # (unix time, user, text), the last few messages
+
+
+@dataclasses.dataclass
+class Request:
+    """One packet to handle, with what the handlers need to know about it."""
+
+    packet: Packet
+    address: Address
+    size: int  # bytes received: an unproven sender never gets more back
+    now: float
+    session: Session | None = None  # None: a stranger (HELLO, REGISTER, LOGIN)
+    proven: bool = False  # the sender showed it is really at its address (cookie or token)
 
 
 class Refusal(Exception):
-    """A request the server turns down; becomes an ERROR reply [code, text, *extra]."""
+    """A request the server turns down; becomes an ERROR reply [re, code, text]."""
 
-    def __init__(self, code: str, text: str, *extra: str):
+    def __init__(self, code: str, text: str):
         super().__init__(text)
-        self.fields = (code, text, *extra)
+        self.code, self.text = code, text
 
 
-# --- Bookkeeping ---------------------------------------------------------------------
+# --- The protocol: handlers by packet type ---------------------------------------------
+
+
+class ChatServer:
+    """The chat protocol: takes datagrams and the time, changes state, fills `outbox`.
+
+    It opens no socket and starts no thread, so a test can drive it with plain bytes and
+    a fake clock. Password checks it wants done are left in `password_jobs`, and handed
+    back with `finish_password_job`; `ServerLoop` below runs them on a worker thread.
+    """
+
+    def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
+        self.config = config
+        self.cipher = make_cipher(config.cipher, config.key)
+        self.wall_clock = wall_clock
+        self.log = ServerLog(log, quiet=config.quiet, verbose=config.verbose)
+        os.makedirs(config.data_dir, exist_ok=True)
+        self.users = auth.UserStore(os.path.join(config.data_dir, USERS_FILE), config.kdf_iterations)
+        history_path = os.path.join(config.data_dir, HISTORY_FILE)
+        lobby_history = read_history(history_path, LOBBY, HISTORY_ON_JOIN, self.log.problem)
+        self.history = HistoryLog(history_path)
+        # Shared state, changed only by the loop's thread:
+        self.sessions: dict[Address, Session] = {}  # address -> session
+        self.online: dict[str, Session] = {}  # lower-case user name -> session
+        self.rooms: dict[str, Room] = {LOBBY: Room(LOBBY, config.room_password, {}, lobby_history)}
+        self.registering: set[str] = set()  # names whose registration is being hashed
+        self.cookie_secret = secrets.token_bytes(16)
+        self.guard = AbuseControl()
+        self.strangers = StrangerReplies()
+        self.delivery = Delivery()
+        self.next_housekeeping = 0.0
+        self.outbox: list[tuple[bytes, Address]] = []  # datagrams for the network layer to send
+        self.password_jobs: list[PasswordJob] = []  # checks for the network layer to run
+        self.stats = collections.Counter()
+
+    # --- Entry points: a datagram, a finished password check, the time ---
+
+    def handle_datagram(self, data: bytes, address: Address, now: float) -> None:
+        """Handle one datagram from `address`. Nothing it contains can raise out of here."""
+        self.stats["datagrams"] += 1
+        self.log.trace("in ", data, address)
+        try:
+            packet = decode_packet(data, self.cipher)
+        except PacketError as error:
+            self.refuse_datagram(data, address, error)
+        else:
+            request = Request(packet, address, len(data), now)
+            if packet.type in STRANGER_TYPES:
+                self.handle_stranger(request)
+            else:
+                self.handle_member_packet(request)
+        self.flush(now)
+
+    def finish_password_job(self, job: "PasswordJob", now: float) -> None:
+        """A password check the worker finished: answer its request."""
+        self.guard.hash_finished(job.request.address[0])
+        job.request.now = now
+        finish = self.finish_register if job.request.packet.type == PacketType.REGISTER else self.finish_login
+        self.answer(job.request, self.outcome(finish, job))
+        self.flush(now)
+
+    def on_timers(self, now: float) -> None:
+        """Resend what the channels want resent, serve held requests, end silent sessions."""
+        for session in self.delivery.due(now):
+            if self.sessions.get(session.address) is session:
+                self.serve_backlog(session, now)
+                self.delivery.touch(session)
+        if now >= self.next_housekeeping:
+            self.next_housekeeping = now + HOUSEKEEPING_EVERY
+            for session in list(self.sessions.values()):
+                if now - session.last_heard > self.config.session_timeout:
+                    self.end_session(session, "timed out", now)
+        self.flush(now)
+
+    def next_deadline(self) -> float:
+        """Return when `on_timers` next has work to do."""
+        return min(self.delivery.next_deadline(), self.next_housekeeping)
+
+    # --- Dispatch ---
+
+    def handle_stranger(self, request: Request) -> None:
+        """HELLO, REGISTER, LOGIN: answered without a session; a retry gets the same answer."""
+        remembered = self.strangers.look_up(request)
+        if remembered is StrangerReplies.WORKING:
+            self.log.verbose(request, "still checking the password (the client asked again)")
+        elif remembered is not None:
+            self.log.verbose(request, "answered again (the client did not hear the first answer)")
+            self.send(remembered, request.address, " (repeat)")
+        else:
+            self.answer(request, self.outcome(HANDLERS[request.packet.type], self, request))
+
+    def handle_member_packet(self, request: Request) -> None:
+        """A packet on a member's channel: acknowledgements first, then requests in order."""
+        packet, address = request.packet, request.address
+        session = self.sessions.get(address)
+        if session is None or not hmac.compare_digest(session.token, packet.token):
+            self.refuse_unknown_session(request, session)
+            return
+        session.last_heard = request.now
+        outcome, ready = session.channel.receive(packet, request.now)
+        if outcome != "in order":
+            self.log.trace("   ", b"", address, f" {packet.type.name} seq={packet.seq}: {outcome}")
+        for delivered in ready:
+            if not delivered.seq:
+                continue  # an unnumbered ACK: its header said all it had to say
+            held = Request(delivered, address, request.size, request.now, session, proven=True)
+            if len(session.backlog) < MAX_BACKLOG:
+                session.backlog.append(held)
+            else:  # a real flood: refuse rather than hold without end
+                self.answer(held, Refusal("slow-down", "Slow down: too many messages at once; not sent."))
+        self.serve_backlog(session, request.now)
+        self.delivery.touch(session)
+
+    def serve_backlog(self, session: Session, now: float) -> None:
+        """Handle the member's requests in order; flood control may hold the rest for later."""
+        while session.backlog and self.sessions.get(session.address) is session:
+            request = session.backlog[0]
+            if request.packet.type in FLOOD_CONTROLLED:
+                wait = session.bucket.take(now)
+                if wait:
+                    self.delivery.wake(session, now + wait)  # served then, in its turn
+                    return
+            session.backlog.popleft()
+            request.now = now
+            self.answer(request, self.outcome(HANDLERS[request.packet.type], self, request))
+
+    @staticmethod
+    def outcome(handler, *args):
+        """Run a handler; return its OK fields, None (no answer yet), or the Refusal."""
+        try:
+            return handler(*args)
+        except Refusal as refusal:
+            return refusal
+        except PacketError as error:
+            return Refusal("bad-request", str(error))
+
+    # --- The one place that answers ---
+
+    def answer(self, request: Request, result, token: bytes | None = None) -> None:
+        """Answer `request` with OK [re, *result] or, for a Refusal, ERROR [re, code, text].
+
+        A member's answer goes on its channel; a stranger's straight to its address,
+        remembered for retries. None means: no answer now (a password check is running).
+        """
+        if result is None:
+            return
+        if isinstance(result, Refusal):
+            ptype, fields = PacketType.ERROR, [result.code, result.text]
+        else:
+            ptype, fields = PacketType.OK, list(result)
+        payload = pack_fields(str(request.packet.seq), *fields)
+        if len(payload) > MAX_PAYLOAD:  # never expected; but a reply must never crash the server
+            ptype, payload = PacketType.ERROR, pack_fields(str(request.packet.seq), "too-long", "Answer too long.")
+        self.log.outcome(request, ptype, fields)
+        if request.session is not None:
+            request.session.channel.send(ptype, payload)
+            return
+        token = token or request.packet.token
+        data = encode_packet(Packet(ptype, 0, request.packet.seq, 0, token, 0, payload), self.cipher)
+        if request.proven:
+            self.strangers.remember(request, data)
+        self.send_to_stranger(data, request)
+
+    def send(self, data: bytes, address: Address, note: str = "") -> None:
+        self.log.trace("out", data, address, note)
+        self.outbox.append((data, address))
+
+    def send_to_stranger(self, data: bytes, request: Request) -> None:
+        """Answer an address, never with more bytes than it sent unless it proved itself.
+
+        UDP source addresses can be forged: if a small request could earn a big reply,
+        anyone could aim our replies at a victim (a reflection attack).
+        """
+        if request.proven or len(data) <= request.size:
+            self.send(data, request.address)
+        else:
+            self.stats["withheld"] += 1
+
+    def refuse_datagram(self, data: bytes, address: Address, error: PacketError) -> None:
+        """Log a malformed datagram, and answer if it looks like ours (it may be a bad key)."""
+        self.stats["bad"] += 1
+        self.log.problem(f"{describe(address)} sent a bad datagram ({peek_type_name(data)}, {len(data)} B): {error}")
+        if data[:2] == MAGIC:
+            answer = encode_packet(Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error))),
+                                   self.cipher)
+            self.send_to_stranger(answer, Request(Packet(PacketType.ERROR), address, len(data), 0.0))
+
+    def refuse_unknown_session(self, request: Request, session: Session | None) -> None:
+        """A member packet without a valid session: RESET if we know nobody at that address."""
+        self.stats["no-session"] += 1
+        packet, address = request.packet, request.address
+        if packet.type == PacketType.ACK:
+            return  # e.g. the last ACK of a client that said BYE: nothing to answer
+        if session is not None:  # someone else's address with a wrong token: forged
+            self.log.problem(f"{describe(address)} sent {packet.type.name} with a wrong session token; dropped")
+            return
+        self.log.problem(f"{describe(address)} sent {packet.type.name} but has no session; told to log in")
+        # RESET is a bare header, never larger than any packet, and echoes the token, so
+        # a client believes it only if it carried that token itself.
+        self.send(encode_packet(Packet(PacketType.RESET, 0, packet.seq, 0, packet.token), self.cipher), address)
+
+    # --- Strangers: HELLO, REGISTER, LOGIN ---
+
+    def handle_hello(self, request: Request) -> list[str] | None:
+        """HELLO -> OK [re, cookie]: proves the client really is at its address, as DTLS does.
+
+        The reply goes to the address the HELLO claims; only someone who is really there
+        sees the cookie and can send it back in REGISTER or LOGIN.
+        """
+        if request.size < MIN_HELLO_SIZE:
+            self.log.problem(f"{describe(request.address)} sent an unpadded HELLO ({request.size} B); dropped")
+            return None
+        return [self.make_cookie(request.address, int(request.now // COOKIE_PERIOD))]
+
+    def make_cookie(self, address: Address, period: int) -> str:
+        message = f"{address[0]}|{address[1]}|{period}".encode()
+        return hmac.new(self.cookie_secret, message, "sha256").hexdigest()[:32]
+
+    def check_credentials(self, request: Request) -> tuple[str, str]:
+        """Return (username, password) of a REGISTER or LOGIN whose cookie is good."""
+        cookie, name, password = unpack_fields(request.packet.payload, 3)
+        period = int(request.now // COOKIE_PERIOD)
+        given = cookie.encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
+        if not any(hmac.compare_digest(given, self.make_cookie(request.address, p).encode())
+                   for p in (period, period - 1)):
+            raise Refusal("stale-cookie", "Say HELLO again.")
+        request.proven = True
+        return name, password
+
+    def handle_register(self, request: Request) -> None:
+        name, password = self.check_credentials(request)
+        if not auth.valid_username(name):
+            raise Refusal("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+        if not password:
+            raise Refusal("bad-password", "The password must not be empty.")
+        if self.users.exists(name) or name.lower() in self.registering:
+            raise Refusal("taken", "Username already taken.")
+        self.guard.check_registration(request.address[0], request.now)
+        self.start_password_job(PasswordJob(request, name, password, None, self.config.kdf_iterations))
+        self.guard.registered(request.address[0], request.now)
+        self.registering.add(name.lower())
+
+    def finish_register(self, job: "PasswordJob") -> list[str]:
+        self.registering.discard(job.name.lower())
+        try:
+            self.users.add(job.result)  # on disk before we say so
+        except OSError as error:
+            self.log.problem(f"could not save the users file: {error}")
+            raise Refusal("server-error", "The server could not save your account; try again.") from None
+        return ["Registration successful."]
+
+    def handle_login(self, request: Request) -> None:
+        name, password = self.check_credentials(request)
+        self.guard.check_login(name.lower(), request.now)  # before hashing: guessing costs the guesser
+        record = self.users.get(name) or auth.dummy_record(self.config.kdf_iterations)
+        self.start_password_job(PasswordJob(request, name, password, record))
+
+    def finish_login(self, job: "PasswordJob") -> list[str] | None:
+        request = job.request
+        if not (job.result and job.record["name"]):
+            self.guard.login_failed(job.name.lower(), request.now)
+            raise Refusal("invalid-login", "Invalid username or password.")
+        name = job.record["name"]  # as registered, whatever the case typed
+        here = self.sessions.get(request.address)
+        elsewhere = self.online.get(name.lower())
+        if elsewhere and elsewhere is not here:
+            raise Refusal("already-logged-in", f"{name} is logged in already. A client that vanished is "
+                                               f"forgotten after {self.config.session_timeout:.0f} s.")
+        if here and here.name.lower() != name.lower():
+            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
+        if here:  # the same login again: its welcome was lost and forgotten; start afresh
+            self.end_session(here, "", request.now)
+        self.guard.check_sessions(len(self.sessions))
+        session = self.open_session(name, request.address, request.now)
+        self.answer(request, [name, LOBBY, f"Welcome, {name}."], token=session.token)
+        return None
+
+    def start_password_job(self, job: "PasswordJob") -> None:
+        """Hand a password check to the worker; retries of the request now wait for it."""
+        self.guard.hash_started(job.request.address[0])
+        self.strangers.working(job.request)
+        self.password_jobs.append(job)
+        self.log.outcome(job.request, None, ["checking password..."])
+
+    # --- Member requests: each returns the OK fields or raises Refusal ---
+
+    def handle_join(self, request: Request) -> list[str]:
+        session = request.session
+        name, password = unpack_fields(request.packet.payload, 2)
+        key = name.lower()
+        room = self.rooms.get(key)
+        if not auth.valid_username(name):
+            raise Refusal("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
+        if session.room == key:
+            return [room.name, str(len(room.members)), f"You are in {room.name} already."]
+        self.guard.check_room_password(session.token, request.now)
+        if room is None:
+            self.guard.check_rooms(len(self.rooms))
+            room = self.rooms[key] = Room(name, password, {}, collections.deque(maxlen=HISTORY_ON_JOIN))
+            created = " (new room)"
+        elif hmac.compare_digest(password.encode(), room.password.encode()):
+            created = ""
+        else:
+            self.guard.wrong_room_password(session.token, request.now)
+            raise Refusal("wrong-room-password", "Wrong room password.")
+        if session.room:
+            self.leave_room(session, "", request.now)
+        self.enter_room(session, room)
+        return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]
+
+    def handle_say(self, request: Request) -> list[str]:
+        session = request.session
+        (text,) = unpack_fields(request.packet.payload, 1)
+        room = self.require_room(session)
+        check_text(text)
+        when = self.wall_clock()
+        try:
+            self.history.append(when, room.name, session.name, text)  # on file before anything else
+        except OSError as error:
+            self.log.problem(f"could not write {HISTORY_FILE}: {error}")
+            raise Refusal("server-error", "The server could not save your message; not sent.") from None
+        room.history.append((when, session.name, text))
+        self.log.message(room.name, session.name, text)  # the assignment: print every message relayed
+        self.publish(room, "chat", session.name, text, exclude=session)
+        others = len(room.members) - 1
+        return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
+
+    def handle_private(self, request: Request) -> list[str]:
+        target_name, text = unpack_fields(request.packet.payload, 2)
+        target = self.online.get(target_name.lower())
+        if target is None:
+            shown = target_name if auth.valid_username(target_name) else "That user"  # never echo junk
+            raise Refusal("unknown-user", f"{shown} is not online.")
+        check_text(text)
+        self.push(target, "private", "", request.session.name, text)
+        return [f"private to {target.name}"]
+
+    def handle_rooms(self, request: Request) -> list[str]:
+        unpack_fields(request.packet.payload, 0)
+        pairs = [[room.name, str(len(room.members))] for room in self.rooms.values()]
+        return fit_fields([field for pair in pairs for field in pair], step=2)
+
+    def handle_who(self, request: Request) -> list[str]:
+        unpack_fields(request.packet.payload, 0)
+        room = self.require_room(request.session)
+        return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
+
+    def handle_ping(self, request: Request) -> list[str]:
+        unpack_fields(request.packet.payload, 0)
+        return []
+
+    def handle_bye(self, request: Request) -> list[str]:
+        unpack_fields(request.packet.payload, 0)
+        self.end_session(request.session, "", request.now)
+        return ["goodbye"]
+
+    def handle_ack(self, request: Request) -> None:
+        raise Refusal("bad-request", "An ACK carries no sequence number.")  # a numbered ACK is not one
+
+    def handle_server_only(self, request: Request) -> None:
+        self.stats["bad"] += 1
+        self.log.problem(f"{describe(request.address)} sent {request.packet.type.name}, "
+                         "which only servers send; dropped")
+
+    def require_room(self, session: Session) -> Room:
+        if session.room is None:
+            raise Refusal("not-in-room", "Join a room first: /join ROOM")
+        return self.rooms[session.room]
+
+    # --- Sessions, rooms and delivery ---
+
+    def open_session(self, name: str, address: Address, now: float) -> Session:
+        token = secrets.token_bytes(8)
+        session = Session(token, address, name, Channel(self.cipher, token), self.guard.new_bucket(now), now)
+        self.sessions[address] = session
+        self.online[name.lower()] = session
+        return session
+
+    def end_session(self, session: Session, reason: str, now: float) -> None:
+        """Forget a session; its room hears that the user left, and why.
+
+        Its channel is sent once more (the goodbye, after a BYE), then nothing: a
+        client that did not hear the goodbye asks again and is told RESET, which it
+        takes as the end it asked for.
+        """
+        if self.sessions.get(session.address) is not session:
+            return  # ended already
+        del self.sessions[session.address]
+        del self.online[session.name.lower()]
+        session.backlog.clear()
+        if session.room:
+            self.leave_room(session, reason, now)
+        self.delivery.touch(session)
+        self.log.event(session.address, session.name, f"session ended{': ' + reason if reason else ''}")
+
+    def enter_room(self, session: Session, room: Room) -> None:
+        others = list(room.members.values())
+        room.members[session.name.lower()] = session
+        session.room = room.name.lower()
+        for when, user, text in room.history:
+            self.push(session, "history", room.name, user, text, when)
+        self.publish_to(others, room, "join", session.name, "")
+
+    def leave_room(self, session: Session, reason: str, now: float) -> None:
+        room = self.rooms[session.room]
+        del room.members[session.name.lower()]
+        session.room = None
+        self.publish(room, "leave", session.name, reason)
+        if not room.members and room.name != LOBBY:
+            self.rooms.pop(room.name.lower(), None)  # a room lives while it has members
+
+    def publish(self, room: Room, kind: str, user: str, text: str, exclude=None) -> None:
+        members = [member for member in room.members.values() if member is not exclude]
+        self.publish_to(members, room, kind, user, text)
+
+    def publish_to(self, members, room: Room, kind: str, user: str, text: str) -> None:
+        """Queue one EVENT for each member, prepared once for them all."""
+        body = prepare_body(pack_fields(kind, str(int(self.wall_clock())), room.name, user, text), self.cipher)
+        for member in members:
+            member.news.append(body)
+            self.delivery.touch(member)
+
+    def push(self, session: Session, kind: str, room: str, user: str, text: str, when: float | None = None) -> None:
+        """Queue one EVENT for one member."""
+        when = self.wall_clock() if when is None else when
+        session.news.append(prepare_body(pack_fields(kind, str(int(when)), room, user, text), self.cipher))
+        self.delivery.touch(session)
+
+    def flush(self, now: float) -> None:
+        """Send what the touched sessions' channels have for the wire: replies, then EVENTs."""
+        for session in self.delivery.flush(now, self.outbox, self.log.trace):
+            if self.sessions.get(session.address) is session:  # fell too far behind, or gave up
+                reason = "not responding" if session.channel.failed else "too slow"
+                self.log.problem(f"{session.name} at {describe(session.address)}: {reason}; session ended")
+                self.end_session(session, reason, now)
+        if self.delivery.touched:  # the room was told of those leaving
+            self.flush(now)
+
+    def close(self) -> None:
+        self.history.close()
+
+
+# Packet types a stranger may send; every other type needs a session.
+STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN}
+# Requests that flood control counts: messages.
+FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE}
+
+# Which method handles which packet type: one table, one signature (request -> OK fields).
+HANDLERS = {
+    PacketType.HELLO: ChatServer.handle_hello,
+    PacketType.REGISTER: ChatServer.handle_register,
+    PacketType.LOGIN: ChatServer.handle_login,
+    PacketType.JOIN: ChatServer.handle_join,
+    PacketType.SAY: ChatServer.handle_say,
+    PacketType.PRIVATE: ChatServer.handle_private,
+    PacketType.ROOMS: ChatServer.handle_rooms,
+    PacketType.WHO: ChatServer.handle_who,
+    PacketType.PING: ChatServer.handle_ping,
+    PacketType.BYE: ChatServer.handle_bye,
+    PacketType.ACK: ChatServer.handle_ack,
+    PacketType.OK: ChatServer.handle_server_only,
+    PacketType.ERROR: ChatServer.handle_server_only,
+    PacketType.EVENT: ChatServer.handle_server_only,
+    PacketType.RESET: ChatServer.handle_server_only,
+}
+
+
+def check_text(text: str) -> None:
+    """Refuse an empty message, or one too long for an EVENT."""
+    size = len(text.encode("utf-8"))
+    if not text.strip():
+        raise Refusal("empty", "Empty message; nothing sent.")
+    if size > MAX_TEXT_BYTES:
+        raise Refusal("too-long", f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent.")
+
+
+def fit_fields(fields: list[str], step: int = 1) -> list[str]:
+    """Return as many whole groups of `step` fields as fit in one reply, then '+N'."""
+    budget = MAX_PAYLOAD - 64  # room for the request number, the '+N' marker and length prefixes
+    for end in range(0, len(fields) + 1, step):
+        if len(pack_fields(*fields[:end])) > budget:
+            end -= step
+            return fields[:end] + [f"+{(len(fields) - end) // step}"]
+    return fields
+
+
+def describe(address: Address) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def timestamp() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+# --- Helper classes: one job each --------------------------------------------------------
 
 
 class EventCounter:
     """Counts events per key over a sliding period; the table of keys is bounded.
 
-    Used for failed logins per account, registrations per address and wrong room
-    passwords per session. When the table is full the least recently used key is
-    forgotten, so a stranger's flood of new keys cannot grow memory without bound.
+    When the table is full the least recently used key is forgotten, so a stranger's
+    flood of new keys cannot grow memory without bound.
     """
 
-    def __init__(self, limit: int, period: float, max_keys: int = 10_000):
-        self.limit = limit
-        self.period = period
-        self.max_keys = max_keys
+    MAX_KEYS = 10_000
+
+    def __init__(self, limit: int, period: float):
+        self.limit, self.period = limit, period
         self.events: collections.OrderedDict = collections.OrderedDict()
 
     def recent(self, key, now: float) -> collections.deque:
         """Return the times of `key`'s events within the period, oldest first."""
-        times = self.events.get(key)
-        if times is None:
-            return collections.deque()
+        times = self.events.get(key, collections.deque())
         while times and times[0] <= now - self.period:
             times.popleft()
         return times
 
     def add(self, key, now: float) -> None:
-        times = self.recent(key, now)
-        times.append(now)
-        self.events[key] = times
+        self.events[key] = self.recent(key, now)
+        self.events[key].append(now)
         self.events.move_to_end(key)
-        while len(self.events) > self.max_keys:
+        while len(self.events) > self.MAX_KEYS:
             self.events.popitem(last=False)
 
     def blocked_for(self, key, now: float) -> float:
         """Return how many seconds `key` must wait, 0 if it has not reached the limit."""
         times = self.recent(key, now)
-        if len(times) < self.limit:
-            return 0.0
-        return times[-self.limit] + self.period - now
+        return 0.0 if len(times) < self.limit else times[-self.limit] + self.period - now
 
 
 class TokenBucket:
     """Flood control: `burst` messages at once, then `rate` a second (as IRC servers do)."""
 
     def __init__(self, rate: float, burst: int, now: float):
-        self.rate = rate
-        self.burst = burst
+        self.rate, self.burst = rate, burst
         self.tokens = float(burst)
         self.updated = now
 
@@ -195,113 +702,238 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-@dataclasses.dataclass
-class InFlight:
-    """An EVENT sent and not yet acknowledged."""
+class AbuseControl:
+    """Lockouts, limits and capacity: what keeps one student from spoiling the lab."""
 
-    payload: bytes
-    scrambled: bytes
-    sent_at: float
-    deadline: float
-    attempts: int = 1
+    LOGIN_FAILURES = 5  # failed logins per account in FAILURE_PERIOD before it is locked
+    FAILURE_PERIOD = 60.0
+    REGISTRATIONS_PER_ADDRESS = 20  # per FAILURE_PERIOD, from one IP address
+    MAX_PENDING_HASHES = 16  # password checks waiting for the worker; then "busy"
+    MAX_PENDING_PER_ADDRESS = 2  # one address cannot fill the hash queue alone
+    MAX_SESSIONS = 500  # a lab of 40 PCs with room to spare; then "Server full"
+    MAX_ROOMS = 50
+    MESSAGE_RATE = 5.0  # messages a second per member, as IRC servers limit...
+    MESSAGE_BURST = 20  # ...after a burst: pasting a short paragraph is fine
+
+    def __init__(self):
+        self.failed_logins = EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
+        self.registrations = EventCounter(self.REGISTRATIONS_PER_ADDRESS, self.FAILURE_PERIOD)
+        self.wrong_room_passwords = EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
+        self.pending: collections.Counter = collections.Counter()  # ip -> password checks waiting
+
+    def check_login(self, name: str, now: float) -> None:
+        wait = self.failed_logins.blocked_for(name, now)
+        if wait:
+            raise Refusal("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
+
+    def login_failed(self, name: str, now: float) -> None:
+        self.failed_logins.add(name, now)
+
+    def check_registration(self, ip: str, now: float) -> None:
+        wait = self.registrations.blocked_for(ip, now)
+        if wait:
+            raise Refusal("slow-down", f"Too many registrations from your address; try again in {wait:.0f} s.")
+
+    def registered(self, ip: str, now: float) -> None:
+        self.registrations.add(ip, now)
+
+    def check_room_password(self, token: bytes, now: float) -> None:
+        wait = self.wrong_room_passwords.blocked_for(token, now)
+        if wait:
+            raise Refusal("locked", f"Too many wrong room passwords; try again in {wait:.0f} s.")
+
+    def wrong_room_password(self, token: bytes, now: float) -> None:
+        self.wrong_room_passwords.add(token, now)
+
+    def hash_started(self, ip: str) -> None:
+        """Count a password check for the worker, or refuse it when there are enough."""
+        if sum(self.pending.values()) >= self.MAX_PENDING_HASHES:
+            raise Refusal("busy", "Server busy; try again in a moment.")
+        if self.pending[ip] >= self.MAX_PENDING_PER_ADDRESS:
+            raise Refusal("busy", "Your previous request is still being checked; wait for it.")
+        self.pending[ip] += 1
+
+    def hash_finished(self, ip: str) -> None:
+        self.pending[ip] -= 1
+        if not self.pending[ip]:
+            del self.pending[ip]
+
+    def check_sessions(self, count: int) -> None:
+        if count >= self.MAX_SESSIONS:
+            raise Refusal("full", "Server full; try again later.")
+
+    def check_rooms(self, count: int) -> None:
+        if count >= self.MAX_ROOMS:
+            raise Refusal("full", "Server full: no more rooms can be made.")
+
+    def new_bucket(self, now: float) -> TokenBucket:
+        return TokenBucket(self.MESSAGE_RATE, self.MESSAGE_BURST, now)
 
 
-class OutboundWindow:
-    """Selective Repeat, the sending half: everything the server pushes to one client.
+class StrangerReplies:
+    """Answers to recent REGISTER and LOGIN requests, for their retries; bounded.
 
-    Each EVENT gets the session's next sequence number. At most `size` of them are in
-    flight - sent, not yet acknowledged - counted from the oldest unacknowledged one (the
-    window's base); the rest wait in a bounded queue. Every packet in flight has its own
-    timer: when it fires, that packet alone is sent again, with the wait doubled each time.
-    The client answers with an ACK holding the highest sequence number up to which it has
-    everything (cumulative), plus a 32-bit bitmap of what it holds beyond a gap; whatever
-    either covers is done, and the window slides on.
-
-    Round trips are measured on packets sent exactly once (Karn's rule), and feed the
-    RtoEstimator that sets the timers.
+    A stranger has no channel, so when its answer is lost it asks again with the same
+    request number. It must get the same answer - not "Username already taken." for
+    the account just made for it. Keyed by (address, request number), with a digest of
+    the request, so that a different request that reuses the number is not mistaken
+    for a retry.
     """
 
-    def __init__(self, size: int, max_queue: int, rto: RtoEstimator):
-        self.size = size
-        self.max_queue = max_queue
-        self.rto = rto
-        self.next_seq = 1
-        self.in_flight: dict[int, InFlight] = {}  # by seq, oldest first
-        self.waiting: collections.deque = collections.deque()  # (payload, scrambled)
+    SIZE = 4096  # least recently used forgotten first: a flood cannot grow it
+    WORKING = "working"  # the password check is still running
 
-    def offer(self, payload: bytes, scrambled: bytes) -> bool:
-        """Queue an EVENT payload; False if the queue is full (the client is too slow)."""
-        if len(self.waiting) >= self.max_queue:
-            return False
-        self.waiting.append((payload, scrambled))
-        return True
+    def __init__(self):
+        self.answers: collections.OrderedDict = collections.OrderedDict()
 
-    def base(self) -> int:
-        """Return the oldest unacknowledged sequence number (dicts keep insertion order)."""
-        return next(iter(self.in_flight), self.next_seq)
+    @staticmethod
+    def key(request: Request) -> tuple:
+        packet = request.packet
+        return request.address, packet.seq, hash((packet.type, packet.payload))
 
-    def release(self, now: float) -> list[tuple[int, InFlight]]:
-        """Move waiting EVENTs into flight while the window has room; return them."""
-        released = []
-        while self.waiting and self.next_seq < self.base() + self.size:
-            payload, scrambled = self.waiting.popleft()
-            entry = InFlight(payload, scrambled, now, now + self.rto.timeout())
-            self.in_flight[self.next_seq] = entry
-            released.append((self.next_seq, entry))
-            self.next_seq += 1
-        return released
+    def look_up(self, request: Request):
+        """Return the remembered answer (bytes), WORKING, or None for a new request."""
+        return self.answers.get(self.key(request))
 
-    def acknowledge(self, cumulative: int, bitmap: int, now: float) -> int:
-        """Mark what an ACK covers as delivered; return how many packets it freed.
+    def working(self, request: Request) -> None:
+        self.store(self.key(request), self.WORKING)
 
-        Bit i of the bitmap stands for sequence number cumulative + 2 + i (cumulative + 1
-        is, by definition, the one missing).
-        """
-        done = [
-            seq for seq in self.in_flight
-            if seq <= cumulative or (seq >= cumulative + 2 and bitmap >> (seq - cumulative - 2) & 1)
-        ]
-        for seq in done:
-            entry = self.in_flight.pop(seq)
-            if entry.attempts == 1:  # Karn's rule: only unambiguous round trips count
-                self.rto.observe(now - entry.sent_at)
-        return len(done)
+    def remember(self, request: Request, data: bytes) -> None:
+        self.store(self.key(request), data)
 
-    def expire(self, seq: int, now: float) -> InFlight | None:
-        """Packet `seq`'s timer fired: return it to send again, or None if it is done."""
-        entry = self.in_flight.get(seq)
-        if entry is None or entry.deadline > now:
-            return None  # acknowledged meanwhile, or this was an old timer
-        entry.attempts += 1
-        entry.sent_at = now
-        entry.deadline = now + self.rto.timeout(entry.attempts - 1)
-        return entry
+    def store(self, key: tuple, value) -> None:
+        self.answers[key] = value
+        self.answers.move_to_end(key)
+        while len(self.answers) > self.SIZE:
+            self.answers.popitem(last=False)
 
 
-# --- State ---------------------------------------------------------------------------
+class Delivery:
+    """When each session's channel next needs the loop, and sending what it has.
+
+    A heap of (time, session) wake-ups: a retransmission timer, a delayed ACK, or a
+    request that flood control holds. `touch` marks a session whose channel may have
+    something to send after the packet being handled.
+    """
+
+    def __init__(self):
+        self.timers: list = []  # heap of (when, tiebreak, session)
+        self.count = 0
+        self.touched: dict[int, Session] = {}
+
+    def touch(self, session: Session) -> None:
+        self.touched[id(session)] = session
+
+    def wake(self, session: Session, when: float) -> None:
+        if when < session.wake_at:
+            session.wake_at = when
+            self.count += 1
+            heapq.heappush(self.timers, (when, self.count, session))
+
+    def due(self, now: float) -> list[Session]:
+        """Return the sessions whose wake-up time has come."""
+        sessions = []
+        while self.timers and self.timers[0][0] <= now:
+            when, _, session = heapq.heappop(self.timers)
+            if when == session.wake_at:  # else a later wake-up replaced this one
+                session.wake_at = float("inf")
+                sessions.append(session)
+        return sessions
+
+    def next_deadline(self) -> float:
+        return self.timers[0][0] if self.timers else float("inf")
+
+    def flush(self, now: float, outbox: list, trace) -> list[Session]:
+        """Move news onto the touched channels and send; return sessions to end (too slow, gone)."""
+        to_end = []
+        touched, self.touched = self.touched, {}
+        for session in touched.values():
+            channel = session.channel
+            if not all(channel.send(PacketType.EVENT, body) for body in session.news):
+                to_end.append(session)  # max_queue EVENTs behind: it cannot keep up
+            session.news.clear()
+            for data in channel.poll(now):
+                trace("out", data, session.address)
+                outbox.append((data, session.address))
+            if channel.failed:
+                to_end.append(session)
+            else:
+                self.wake(session, channel.next_wakeup())
+        return to_end
 
 
-@dataclasses.dataclass
-class Session:
-    """A logged-in user, known by address and proven by the token it carries."""
+class ServerLog:
+    """Every action on one line: time, peer, user, packet type, size, outcome."""
 
-    token: bytes
-    address: Address
-    name: str
-    outbound: OutboundWindow
-    bucket: TokenBucket
-    last_seq: int  # the last request handled...
-    last_reply: bytes  # ...and its answer, sent again if the request comes again
-    last_heard: float
-    room: str | None = None  # key of the room in ChatServer.rooms
+    PROBLEMS_PER_SECOND = 20  # log lines about bad packets: a flood must not flood the log
+    QUIET_TYPES = {PacketType.PING}  # heartbeats: logged only with --verbose
+
+    def __init__(self, emit, quiet: bool = False, verbose: bool = False):
+        self.emit, self.quiet, self.verbose_on = emit, quiet, verbose
+        self.problem_second, self.problems_this_second = 0, 0
+
+    def line(self, address: Address, user: str, what: str, size: int, outcome: str) -> None:
+        if not auth.valid_username(user or "-"):  # a stranger's name may hold anything
+            user = repr(user[:20])
+        if not self.quiet:
+            self.emit(f"{timestamp()} {describe(address):>21} {user or '-':<12} {what:<8} {size:>4} B  {outcome}")
+
+    def outcome(self, request: Request, ptype: PacketType | None, fields: list[str]) -> None:
+        """Log how a request was answered (None: not yet)."""
+        packet = request.packet
+        if packet.type in self.QUIET_TYPES and not self.verbose_on:
+            return
+        user = request.session.name if request.session else user_named_in(packet)
+        if ptype == PacketType.ERROR:
+            said = f"refused: {fields[1]}"
+        elif ptype == PacketType.OK:
+            said = f"ok: {fields[-1]}" if packet.type in TEXT_REPLIES else "ok"
+        else:
+            said = fields[-1]
+        self.line(request.address, user, packet.type.name, request.size, said)
+
+    def verbose(self, request: Request, text: str) -> None:
+        if self.verbose_on:
+            self.line(request.address, user_named_in(request.packet), request.packet.type.name, request.size, text)
+
+    def event(self, address: Address, user: str, text: str) -> None:
+        self.line(address, user, "END", 0, text)
+
+    def message(self, room: str, user: str, text: str) -> None:
+        if not self.quiet:
+            self.emit(f"{timestamp()} [{room}] {user}: {text!r}")
+
+    def problem(self, text: str) -> None:
+        """Log something wrong, at most PROBLEMS_PER_SECOND lines a second."""
+        second = int(time.monotonic())
+        if second != self.problem_second:
+            if self.problems_this_second > self.PROBLEMS_PER_SECOND:
+                hidden = self.problems_this_second - self.PROBLEMS_PER_SECOND
+                self.emit(f"{timestamp()} [WARN] ... and {hidden} more problems not shown")
+            self.problem_second, self.problems_this_second = second, 0
+        self.problems_this_second += 1
+        if self.problems_this_second <= self.PROBLEMS_PER_SECOND:
+            self.emit(f"{timestamp()} [WARN] {text}")
+
+    def trace(self, direction: str, data: bytes, address: Address, note: str = "") -> None:
+        if self.verbose_on:
+            described = describe_datagram(data) if data else ""
+            self.emit(f"{timestamp()} [trace] {direction} {describe(address)} {described}{note}")
 
 
-@dataclasses.dataclass
-class Room:
-    name: str
-    password: str
-    members: dict  # lower-case name -> Session
-    history: collections.deque  # (unix time, user, text), the last few messages
+# Requests whose OK reply ends with a sentence for the user (the others carry data).
+TEXT_REPLIES = {PacketType.REGISTER, PacketType.LOGIN, PacketType.JOIN, PacketType.SAY,
+                PacketType.PRIVATE, PacketType.BYE}
+
+
+def user_named_in(packet: Packet) -> str:
+    """Return the username a REGISTER or LOGIN names, for the log ('' if none can be read)."""
+    if packet.type not in (PacketType.REGISTER, PacketType.LOGIN):
+        return ""
+    try:
+        return unpack_fields(packet.payload, 3)[1]
+    except PacketError:
+        return ""
 
 
 class HistoryLog:
@@ -358,621 +990,72 @@ def read_history(path: str, room: str, keep: int, warn) -> collections.deque:
     return history
 
 
-def describe(address: Address) -> str:
-    return f"{address[0]}:{address[1]}"
+@dataclasses.dataclass
+class PasswordJob:
+    """A slow password hash for the worker thread: a new account's record, or a login check."""
+
+    request: Request
+    name: str
+    password: str
+    record: dict | None  # LOGIN: the stored record, or a dummy one so strangers wait as long
+    iterations: int = 0  # REGISTER: the hash's cost
+    result: object = None  # set by run(): the new record, or whether the password matched
+
+    def run(self) -> "PasswordJob":
+        """Runs on the worker thread; touches nothing but this job."""
+        if self.record is None:
+            self.result = auth.new_record(self.name, self.password, self.iterations)
+        else:
+            self.result = auth.check_password(self.password, self.record)
+        return self
 
 
-# --- The protocol --------------------------------------------------------------------
+class PasswordWorker:
+    """One thread that runs password hashes, and wakes the loop when one is done.
 
-
-class ChatServer:
-    """The chat protocol: takes datagrams, changes state, puts replies in `outbox`.
-
-    It opens no socket and starts no thread, so a test can drive it with plain bytes and
-    a fake clock. `ServerLoop` below connects it to a real socket.
+    The loop sleeps in select(), which waits on sockets only (on Windows, not even on
+    pipes). So the worker wakes it by sending a byte into a socket pair, a classic trick.
     """
 
-    def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
-        self.config = config
-        self.cipher = make_cipher(config.cipher, config.key)
-        self.emit = log
-        self.wall_clock = wall_clock
-        self.problems_this_second = 0  # set first: reading the history may report problems
-        self.problem_second = 0
-        os.makedirs(config.data_dir, exist_ok=True)
-        self.users = auth.UserStore(os.path.join(config.data_dir, USERS_FILE), config.kdf_iterations)
-        history_path = os.path.join(config.data_dir, HISTORY_FILE)
-        lobby_history = read_history(history_path, LOBBY, config.history_on_join, self.problem)
-        self.history = HistoryLog(history_path)
-        # Shared state, changed only by the loop's thread:
-        self.sessions: dict[Address, Session] = {}  # address -> session
-        self.online: dict[str, Session] = {}  # lower-case user name -> session
-        self.rooms: dict[str, Room] = {LOBBY: Room(LOBBY, config.room_password, {}, lobby_history)}
-        # (address, seq) -> (fingerprint of the request, its answer, or None while hashing)
-        self.recent_replies = collections.OrderedDict()
-        self.registering: set[str] = set()  # names whose registration is being hashed
-        self.pending_by_ip: collections.Counter = collections.Counter()
-        self.failed_logins = EventCounter(config.login_failures, config.failure_period)
-        self.registrations = EventCounter(config.registrations_per_address, config.failure_period)
-        self.wrong_room_passwords = EventCounter(config.login_failures, config.failure_period)
-        self.cookie_secret = secrets.token_bytes(16)
-        self.timers: list = []  # heap of (deadline, tiebreak, address, seq)
-        self.timer_count = 0
-        self.next_housekeeping = 0.0
-        # Work for the network layer:
-        self.outbox: list[tuple[bytes, Address]] = []  # datagrams to send
-        self.slow_jobs: list = []  # (work, then): work() off the loop, then(result, now) on it
-        self.too_slow: dict[Address, Session] = {}  # to be ended once the current work is done
-        self.news: dict[Address, Session] = {}  # sessions with EVENTs queued, sent by send_news
-        self.checking: dict = {}  # (address, seq) -> fingerprint of a request being hashed
-        self.stats = collections.Counter()
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-hasher")
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
 
-    # --- Logging: every action on one line (who, what, size, outcome) ---
+    def submit(self, job: PasswordJob) -> None:
+        self.pool.submit(job.run).add_done_callback(self.finished)
 
-    def log(self, address: Address, user: str, what: str, size: int, outcome: str) -> None:
-        if not auth.valid_username(user or "-"):  # a stranger's name may hold anything
-            user = repr(user[:20])
-        if not self.config.quiet:
-            self.emit(f"{timestamp()} {describe(address):>21} {user or '-':<12} {what:<8} {size:>4} B  {outcome}")
+    def finished(self, future) -> None:
+        """Runs on the worker thread: hand the job over, and wake the loop."""
+        self.done.put(future)
+        self.wake()
 
-    def problem(self, text: str) -> None:
-        """Log something wrong, at most PROBLEMS_PER_SECOND lines a second."""
-        second = int(time.monotonic())
-        if second != self.problem_second:
-            if self.problems_this_second > PROBLEMS_PER_SECOND:
-                hidden = self.problems_this_second - PROBLEMS_PER_SECOND
-                self.emit(f"{timestamp()} [WARN] ... and {hidden} more problems not shown")
-            self.problem_second, self.problems_this_second = second, 0
-        self.problems_this_second += 1
-        if self.problems_this_second <= PROBLEMS_PER_SECOND:
-            self.emit(f"{timestamp()} [WARN] {text}")
-
-    def trace(self, direction: str, data: bytes, address: Address, note: str = "") -> None:
-        if self.config.verbose:
-            self.emit(f"{timestamp()} [trace] {direction} {describe(address)} {describe_datagram(data)}{note}")
-
-    # --- Sending ---
-
-    def send(self, data: bytes, address: Address, note: str = "") -> None:
-        self.trace("out", data, address, note)
-        self.outbox.append((data, address))
-
-    def send_to_stranger(self, data: bytes, address: Address, received: int) -> None:
-        """Answer an address nobody has proven, never with more bytes than it sent.
-
-        UDP source addresses can be forged: if a small request could earn a big reply,
-        anyone could aim our replies at a victim (a reflection attack).
-        """
-        if len(data) <= received:
-            self.send(data, address)
-        else:
-            self.stats["withheld"] += 1
-
-    def reply(self, request: Packet, ptype: PacketType, fields, token: bytes) -> bytes:
-        """Return the datagram answering `request`: its ack field names the request."""
-        payload = pack_fields(*fields)
-        if len(payload) > MAX_PAYLOAD:  # never expected; but a reply must never crash the server
-            ptype, payload = PacketType.ERROR, pack_fields("too-long", "The answer does not fit in one packet.")
-        return encode_packet(Packet(ptype, 0, request.seq, token, 0, payload), self.cipher)
-
-    # --- Entry point for every datagram ---
-
-    def handle_datagram(self, data: bytes, address: Address, now: float) -> None:
-        """Handle one datagram from `address`. Nothing it contains can raise out of here."""
-        self.stats["datagrams"] += 1
-        self.trace("in ", data, address)
+    def wake(self) -> None:
         try:
-            packet = decode_packet(data, self.cipher)
-        except PacketError as error:
-            self.refuse_datagram(data, address, error)
-            return
-        self.dispatch(packet, address, len(data), now)
-        self.end_slow_sessions(now)
-        self.send_news(now)
+            self.wake_writer.send(b"!")
+        except OSError:
+            pass  # the loop is closing; nobody needs waking
 
-    def dispatch(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        """Hand a valid packet to the handler its type and its sender's session call for."""
-        session = self.sessions.get(address)
-        if packet.type in SERVER_ONLY:
-            self.stats["bad"] += 1
-            self.problem(f"{describe(address)} sent {packet.type.name}, which only servers send; dropped")
-        elif packet.type in STRANGER_HANDLERS:
-            self.handle_stranger(packet, address, size, now)
-        elif session is None or not hmac.compare_digest(session.token, packet.token):
-            if packet.type == PacketType.ACK:  # e.g. the last ACK of a client that said BYE
-                self.stats["no-session"] += 1
-                return
-            self.handle_unknown_session(packet, address, session)
-        elif packet.type == PacketType.ACK:
-            self.handle_ack(session, packet, now)
-        else:
-            self.handle_request(session, packet, size, now)
-
-    def refuse_datagram(self, data: bytes, address: Address, error: PacketError) -> None:
-        """Log a malformed datagram, and answer if it looks like ours (it may be a bad key)."""
-        self.stats["bad"] += 1
-        self.problem(f"{describe(address)} sent a bad datagram ({peek_type_name(data)}, {len(data)} B): {error}")
-        if data[:2] == MAGIC:
-            answer = encode_packet(Packet(PacketType.ERROR, payload=pack_fields("bad-packet", str(error))), self.cipher)
-            self.send_to_stranger(answer, address, len(data))
-
-    def handle_unknown_session(self, packet: Packet, address: Address, session: Session | None) -> None:
-        """A member packet without a valid session: RESET if we know nobody there."""
-        self.stats["no-session"] += 1
-        if session is not None:  # someone else's address with a wrong token: forged
-            self.problem(f"{describe(address)} sent {packet.type.name} with a wrong session token; dropped")
-            return
-        self.problem(f"{describe(address)} sent {packet.type.name} but has no session; told to log in")
-        # RESET is a bare header, never larger than any packet, and echoes the token, so
-        # a client believes it only if it carried that token itself.
-        reset = encode_packet(Packet(PacketType.RESET, 0, packet.seq, packet.token), self.cipher)
-        self.send(reset, address)
-
-    # --- Strangers: HELLO, REGISTER, LOGIN ---
-
-    def handle_stranger(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        key, digest = (address, packet.seq), fingerprint(packet)
-        if self.checking.get(key) == digest:  # a retry while the hash runs
-            self.log(address, "", packet.type.name, size, "repeat: still working")
-            return
-        remembered = self.recent_replies.get(key)
-        session = self.sessions.get(address)
-        if remembered and remembered[0] == digest:  # a retry: same answer, nothing done twice
-            answer = remembered[1]
-        elif packet.type == PacketType.LOGIN and session and session.last_seq == packet.seq:
-            answer = session.last_reply  # the welcome was lost, and has left the cache since
-        else:
-            STRANGER_HANDLERS[packet.type](self, packet, address, size, now)
-            return
-        self.log(address, "", packet.type.name, size, "repeat: same reply")
-        self.send(answer, address, " (repeat reply)")
-
-    def make_cookie(self, address: Address, period: int) -> str:
-        message = f"{address[0]}|{address[1]}|{period}".encode()
-        return hmac.new(self.cookie_secret, message, "sha256").hexdigest()[:32]
-
-    def cookie_valid(self, cookie: str, address: Address, now: float) -> bool:
-        period = int(now // COOKIE_PERIOD)
-        given = cookie.encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
-        return any(hmac.compare_digest(given, self.make_cookie(address, p).encode()) for p in (period, period - 1))
-
-    def handle_hello(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        """HELLO -> OK [cookie]: proves the client really is at its address, as DTLS does.
-
-        The reply goes to the address the HELLO claims; only someone who is really there
-        sees the cookie and can send it back in REGISTER or LOGIN.
-        """
-        if size < MIN_HELLO_SIZE:
-            self.problem(f"{describe(address)} sent an unpadded HELLO ({size} B); dropped")
-            return
-        cookie = self.make_cookie(address, int(now // COOKIE_PERIOD))
-        self.log(address, "", "HELLO", size, "ok: cookie sent")
-        self.send_to_stranger(self.reply(packet, PacketType.OK, [cookie], packet.token), address, size)
-
-    def parse_credentials(self, packet: Packet, address: Address, size: int, now: float):
-        """Return (username, password) of a REGISTER or LOGIN, or None if refused."""
+    def collect(self) -> list:
+        """Return the futures of the jobs finished since the last call (on the loop's thread)."""
         try:
-            cookie, name, password = unpack_fields(packet.payload, 3)
-        except PacketError as error:
-            self.log(address, "", packet.type.name, size, f"refused: {error}")
-            answer = self.reply(packet, PacketType.ERROR, ["bad-request", str(error)], packet.token)
-            self.send_to_stranger(answer, address, size)
-            return None
-        if not self.cookie_valid(cookie, address, now):
-            self.log(address, name[:20], packet.type.name, size, "refused: stale or forged cookie")
-            answer = self.reply(packet, PacketType.ERROR, ["stale-cookie", "Say HELLO again."], packet.token)
-            self.send_to_stranger(answer, address, size)
-            return None
-        return name, password
-
-    def answer_stranger(self, packet: Packet, address: Address, size: int, fields, user: str,
-                        token=None, ok=False) -> bytes:
-        """Send a reply to a proven address and remember it for retries of the request."""
-        answer = self.reply(packet, PacketType.OK if ok else PacketType.ERROR, fields, token or packet.token)
-        key = (address, packet.seq)
-        self.checking.pop(key, None)
-        self.recent_replies[key] = (fingerprint(packet), answer)
-        while len(self.recent_replies) > self.config.reply_cache:
-            self.recent_replies.popitem(last=False)
-        self.log(address, user, packet.type.name, size, ("ok: " if ok else "refused: ") + fields[-1])
-        self.send(answer, address)
-        return answer
-
-    def check_capacity(self, address: Address) -> None:
-        """Refuse work for the hash worker when it already has enough."""
-        if sum(self.pending_by_ip.values()) >= self.config.max_pending_hashes:
-            raise Refusal("busy", "Server busy; try again in a moment.")
-        if self.pending_by_ip[address[0]] >= self.config.max_pending_per_address:
-            raise Refusal("busy", "Your previous request is still being checked; wait for it.")
-
-    def handle_register(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        credentials = self.parse_credentials(packet, address, size, now)
-        if credentials is None:
-            return
-        name, password = credentials
-        try:
-            if not auth.valid_username(name):
-                raise Refusal("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-            if not password:
-                raise Refusal("bad-password", "The password must not be empty.")
-            if self.users.exists(name) or name.lower() in self.registering:
-                raise Refusal("taken", "Username already taken.")
-            wait = self.registrations.blocked_for(address[0], now)
-            if wait:
-                raise Refusal("slow-down", f"Too many registrations from your address; try again in {wait:.0f} s.")
-            self.check_capacity(address)
-        except Refusal as refusal:
-            self.answer_stranger(packet, address, size, refusal.fields[:2], name)
-            return
-        self.registrations.add(address[0], now)
-        self.registering.add(name.lower())
-        self.start_slow_job(packet, address, size, name,
-                            lambda: auth.new_record(name, password, self.config.kdf_iterations),
-                            lambda record, now: self.finish_register(packet, address, size, record))
-
-    def finish_register(self, packet: Packet, address: Address, size: int, record) -> None:
-        self.registering.discard(record["name"].lower())
-        try:
-            self.users.add(record)  # on disk before we say so
-        except OSError as error:
-            self.problem(f"could not save the users file: {error}")
-            self.answer_stranger(packet, address, size,
-                                 ["server-error", "The server could not save your account; try again."], record["name"])
-            return
-        self.answer_stranger(packet, address, size, ["Registration successful."], record["name"], ok=True)
-
-    def handle_login(self, packet: Packet, address: Address, size: int, now: float) -> None:
-        credentials = self.parse_credentials(packet, address, size, now)
-        if credentials is None:
-            return
-        name, password = credentials
-        try:
-            wait = self.failed_logins.blocked_for(name.lower(), now)
-            if wait:  # refused before hashing: guessing costs the guesser, not us
-                raise Refusal("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
-            if address in self.sessions:
-                raise Refusal("already-logged-in", "This client is logged in already; log out first.")
-            self.check_capacity(address)
-        except Refusal as refusal:
-            self.answer_stranger(packet, address, size, refusal.fields[:2], name)
-            return
-        record = self.users.get(name) or auth.dummy_record(self.config.kdf_iterations)
-        self.start_slow_job(packet, address, size, name,
-                            lambda: auth.check_password(password, record) and bool(record["name"]),
-                            lambda matches, now: self.finish_login(packet, address, size, name,
-                                                                   matches and record, now))
-
-    def finish_login(self, packet: Packet, address: Address, size: int, name: str, record, now: float) -> None:
-        if not record:
-            self.failed_logins.add(name.lower(), now)
-            self.answer_stranger(packet, address, size, ["invalid-login", "Invalid username or password."], name)
-            return
-        name = record["name"]  # as registered, whatever the case typed
-        if name.lower() in self.online:
-            self.answer_stranger(packet, address, size, ["already-logged-in", (
-                f"{name} is logged in already. A client that vanished is forgotten "
-                f"after {self.config.session_timeout:.0f} s.")], name)
-        elif len(self.sessions) >= self.config.max_sessions:
-            self.answer_stranger(packet, address, size, ["full", "Server full; try again later."], name)
-        elif address in self.sessions:
-            refusal = ["already-logged-in", "This client is logged in already."]
-            self.answer_stranger(packet, address, size, refusal, name)
-        else:
-            session = self.open_session(name, address, packet.seq, now)
-            welcome = [name, LOBBY, f"Welcome, {name}."]
-            session.last_reply = self.answer_stranger(packet, address, size, welcome, name, session.token, ok=True)
-
-    def start_slow_job(self, packet: Packet, address: Address, size: int, user: str, work, then) -> None:
-        """Run `work` on the hash worker; `then(result, now)` runs on the loop afterwards."""
-        self.checking[(address, packet.seq)] = fingerprint(packet)  # retries now wait, not repeat
-        self.pending_by_ip[address[0]] += 1
-        self.log(address, user, packet.type.name, size, "checking password...")
-
-        def finish(result, now):
-            self.pending_by_ip[address[0]] -= 1
-            if not self.pending_by_ip[address[0]]:
-                del self.pending_by_ip[address[0]]
-            then(result, now)
-
-        self.slow_jobs.append((work, finish))
-
-    # --- Sessions ---
-
-    def open_session(self, name: str, address: Address, seq: int, now: float) -> Session:
-        rto = RtoEstimator(floor=self.config.min_rto)
-        session = Session(
-            token=secrets.token_bytes(8), address=address, name=name,
-            outbound=OutboundWindow(self.config.window, self.config.max_queue, rto),
-            bucket=TokenBucket(self.config.message_rate, self.config.message_burst, now),
-            last_seq=seq, last_reply=b"", last_heard=now,
-        )
-        self.sessions[address] = session
-        self.online[name.lower()] = session
-        return session
-
-    def end_session(self, session: Session, reason: str, now: float) -> None:
-        """Forget a session; its room hears that the user left, and why."""
-        if self.sessions.get(session.address) is not session:
-            return  # ended already
-        del self.sessions[session.address]
-        del self.online[session.name.lower()]
-        if session.room:
-            self.leave_room(session, reason, now)
-        self.log(session.address, session.name, "END", 0, f"session ended{': ' + reason if reason else ''}")
-
-    def handle_request(self, session: Session, packet: Packet, size: int, now: float) -> None:
-        """A member's request: answered once, and the same answer again if repeated."""
-        session.last_heard = now
-        if packet.seq == session.last_seq:
-            self.log(session.address, session.name, packet.type.name, size, "repeat: same reply")
-            self.send(session.last_reply, session.address, " (repeat reply)")
-            return
-        if packet.seq < session.last_seq:  # an old request replayed: never act on it again
-            self.stats["stale"] += 1
-            self.problem(f"{describe(session.address)} {session.name}: {packet.type.name} seq {packet.seq} "
-                         f"is older than the last request ({session.last_seq}); dropped")
-            return
-        # A newer number is a new request. Usually it is last_seq + 1; a client that sent
-        # a HELLO or REGISTER meanwhile has used numbers the session never saw.
-        try:
-            fields = MEMBER_HANDLERS[packet.type](self, session, packet, now)
-            summary = fields[-1] if packet.type in TEXT_REPLIES else f"{len(fields)} fields"
-            ptype, outcome = PacketType.OK, f"ok: {summary}"
-        except Refusal as refusal:
-            fields, ptype, outcome = refusal.fields, PacketType.ERROR, f"refused: {refusal.fields[1]}"
-        except PacketError as error:
-            fields, ptype, outcome = ("bad-request", str(error)), PacketType.ERROR, f"refused: {error}"
-        session.last_seq = packet.seq
-        session.last_reply = self.reply(packet, ptype, fields, session.token)
-        self.log(session.address, session.name, packet.type.name, size, outcome)
-        self.send(session.last_reply, session.address)
-
-    def handle_ack(self, session: Session, packet: Packet, now: float) -> None:
-        session.last_heard = now
-        if len(packet.payload) != BITMAP.size:
-            self.problem(f"{describe(session.address)} sent an ACK without its bitmap; dropped")
-            return
-        (bitmap,) = BITMAP.unpack(packet.payload)
-        session.outbound.acknowledge(packet.ack, bitmap, now)
-        self.pump(session, now)
-
-    # --- Member requests: each returns the OK fields or raises Refusal ---
-
-    def handle_join(self, session: Session, packet: Packet, now: float) -> list[str]:
-        name, password = unpack_fields(packet.payload, 2)
-        key = name.lower()
-        room = self.rooms.get(key)
-        if not auth.valid_username(name):
-            raise Refusal("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
-        if session.room == key:
-            return [room.name, str(len(room.members)), f"You are in {room.name} already."]
-        wait = self.wrong_room_passwords.blocked_for(session.token, now)
-        if wait:
-            raise Refusal("locked", f"Too many wrong room passwords; try again in {wait:.0f} s.")
-        if room is None:
-            if len(self.rooms) >= self.config.max_rooms:
-                raise Refusal("full", "Server full: no more rooms can be made.")
-            room = self.rooms[key] = Room(name, password, {}, collections.deque(maxlen=self.config.history_on_join))
-            created = " (new room)"
-        elif hmac.compare_digest(password.encode(), room.password.encode()):
-            created = ""
-        else:
-            self.wrong_room_passwords.add(session.token, now)
-            raise Refusal("wrong-room-password", "Wrong room password.")
-        if session.room:
-            self.leave_room(session, "", now)
-        self.enter_room(session, room, now)
-        return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]
-
-    def handle_say(self, session: Session, packet: Packet, now: float) -> list[str]:
-        (text,) = unpack_fields(packet.payload, 1)
-        room = self.require_room(session)
-        self.check_message(session, text, now)
-        when = self.wall_clock()
-        try:
-            self.history.append(when, room.name, session.name, text)  # on file before anything else
-        except OSError as error:
-            self.problem(f"could not write {HISTORY_FILE}: {error}")
-            raise Refusal("server-error", "The server could not save your message; not sent.") from None
-        room.history.append((when, session.name, text))
-        if not self.config.quiet:  # the assignment: the server prints every message it relays
-            self.emit(f"{timestamp()} [{room.name}] {session.name}: {text!r}")
-        self.publish(room, "chat", session.name, text, now, exclude=session)
-        others = len(room.members) - 1
-        return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
-
-    def handle_private(self, session: Session, packet: Packet, now: float) -> list[str]:
-        target_name, text = unpack_fields(packet.payload, 2)
-        target = self.online.get(target_name.lower())
-        if target is None:
-            shown = target_name if auth.valid_username(target_name) else "That user"  # never echo junk
-            raise Refusal("unknown-user", f"{shown} is not online.")
-        self.check_message(session, text, now)
-        payload = pack_fields("private", str(int(self.wall_clock())), "", session.name, text)
-        self.push(target, payload, self.cipher.encrypt(payload))
-        return [f"private to {target.name}"]
-
-    def handle_rooms(self, session: Session, packet: Packet, now: float) -> list[str]:
-        unpack_fields(packet.payload, 0)
-        pairs = [[room.name, str(len(room.members))] for room in self.rooms.values()]
-        return fit_fields([field for pair in pairs for field in pair], step=2)
-
-    def handle_who(self, session: Session, packet: Packet, now: float) -> list[str]:
-        unpack_fields(packet.payload, 0)
-        room = self.require_room(session)
-        return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
-
-    def handle_ping(self, session: Session, packet: Packet, now: float) -> list[str]:
-        unpack_fields(packet.payload, 0)
-        return []
-
-    def handle_bye(self, session: Session, packet: Packet, now: float) -> list[str]:
-        unpack_fields(packet.payload, 0)
-        self.end_session(session, "", now)
-        return ["goodbye"]
-
-    def require_room(self, session: Session) -> Room:
-        if session.room is None:
-            raise Refusal("not-in-room", "Join a room first: /join ROOM")
-        return self.rooms[session.room]
-
-    def check_message(self, session: Session, text: str, now: float) -> None:
-        """Refuse an empty or oversize message, or one over the member's rate."""
-        size = len(text.encode("utf-8"))
-        if not text.strip():
-            raise Refusal("empty", "Empty message; nothing sent.")
-        if size > MAX_TEXT_BYTES:
-            raise Refusal("too-long", f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent.")
-        wait = session.bucket.take(now)
-        if wait:
-            raise Refusal("slow-down", f"Slow down: at most {self.config.message_rate:g} messages a second. "
-                                       "Not sent; your client sends it again shortly.", f"{wait:.3f}")
-
-    # --- Rooms and delivery ---
-
-    def enter_room(self, session: Session, room: Room, now: float) -> None:
-        others = list(room.members.values())
-        room.members[session.name.lower()] = session
-        session.room = room.name.lower()
-        for when, user, text in room.history:
-            payload = pack_fields("history", str(int(when)), room.name, user, text)
-            self.push(session, payload, self.cipher.encrypt(payload))
-        self.publish_to(others, room, "join", session.name, "", now)
-
-    def leave_room(self, session: Session, reason: str, now: float) -> None:
-        room = self.rooms[session.room]
-        del room.members[session.name.lower()]
-        session.room = None
-        self.publish(room, "leave", session.name, reason, now)
-        if not room.members and room.name != LOBBY:
-            self.rooms.pop(room.name.lower(), None)  # a room lives while it has members (this
-            # leave may have ended another session, which closed the room already)
-
-    def publish(self, room: Room, kind: str, user: str, text: str, now: float, exclude=None) -> None:
-        members = [member for member in room.members.values() if member is not exclude]
-        self.publish_to(members, room, kind, user, text, now)
-
-    def publish_to(self, members, room: Room, kind: str, user: str, text: str, now: float) -> None:
-        """Queue one EVENT for each member, scrambled once for them all."""
-        payload = pack_fields(kind, str(int(self.wall_clock())), room.name, user, text)
-        scrambled = self.cipher.encrypt(payload)
-        for member in members:
-            self.push(member, payload, scrambled)
-
-    def push(self, session: Session, payload: bytes, scrambled: bytes) -> None:
-        """Queue an EVENT for one session; send_news sends it, after the reply to the request."""
-        if not session.outbound.offer(payload, scrambled):
-            self.too_slow[session.address] = session  # ended by end_slow_sessions, not here:
-            return  # its "left" would be pushed to others, who may be full too, and so on
-        self.news[session.address] = session
-
-    def send_news(self, now: float) -> None:
-        """Send the EVENTs queued while handling a packet or the timers, as windows allow.
-
-        They go out after the reply to the request that caused them, so the member who
-        spoke hears "OK" first and can go on while the room is being told.
-        """
-        for address, session in self.news.items():
-            if self.sessions.get(address) is session:  # not ended meanwhile
-                self.pump(session, now)
-        self.news.clear()
-
-    def end_slow_sessions(self, now: float) -> None:
-        """End the sessions that fell max_queue EVENTs behind, one after another."""
-        while self.too_slow:
-            _, session = self.too_slow.popitem()
-            if self.sessions.get(session.address) is session:
-                self.problem(f"{session.name} at {describe(session.address)} fell {self.config.max_queue} "
-                             "messages behind; session ended")
-                self.end_session(session, "too slow", now)
-
-    def pump(self, session: Session, now: float) -> None:
-        """Send the EVENTs that now fit in the session's window."""
-        for seq, entry in session.outbound.release(now):
-            self.send_event(session, seq, entry, 0)
-
-    def send_event(self, session: Session, seq: int, entry: InFlight, flags: int) -> None:
-        packet = Packet(PacketType.EVENT, seq, 0, session.token, flags, entry.payload)
-        self.send(encode_packet(packet, self.cipher, entry.scrambled), session.address,
-                  " (retransmit)" if flags else "")
-        self.timer_count += 1
-        heapq.heappush(self.timers, (entry.deadline, self.timer_count, session.address, seq))
-
-    # --- Time ---
-
-    def next_deadline(self) -> float:
-        """Return when `on_timers` next has work to do."""
-        first_timer = self.timers[0][0] if self.timers else float("inf")
-        return min(first_timer, self.next_housekeeping)
-
-    def on_timers(self, now: float) -> None:
-        """Resend EVENTs whose timers fired; end sessions that fell silent."""
-        while self.timers and self.timers[0][0] <= now:
-            _, _, address, seq = heapq.heappop(self.timers)
-            session = self.sessions.get(address)
-            entry = session and session.outbound.expire(seq, now)
-            if not entry:
-                continue
-            if entry.attempts > self.config.max_retransmits:
-                self.end_session(session, "not responding", now)
-                continue
-            self.stats["retransmits"] += 1
-            self.send_event(session, seq, entry, FLAG_RETRANSMIT)
-        if now >= self.next_housekeeping:
-            self.next_housekeeping = now + HOUSEKEEPING_EVERY
-            for session in list(self.sessions.values()):
-                if now - session.last_heard > self.config.session_timeout:
-                    self.end_session(session, "timed out", now)
-        self.end_slow_sessions(now)
-        self.send_news(now)  # "left (timed out)" and the like
+            while self.wake_reader.recv(1024):
+                pass
+        except OSError:  # BlockingIOError: nothing more to read
+            pass
+        futures = []
+        while not self.done.empty():
+            futures.append(self.done.get())
+        return futures
 
     def close(self) -> None:
-        self.history.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)  # queued checks are not waited for
+        self.wake_reader.close()
+        self.wake_writer.close()
 
 
-# Packets a server sends and never receives.
-SERVER_ONLY = {PacketType.OK, PacketType.ERROR, PacketType.EVENT, PacketType.RESET}
-
-# Requests whose OK reply ends with a sentence for the user (the others carry data).
-TEXT_REPLIES = {PacketType.JOIN, PacketType.SAY, PacketType.PRIVATE, PacketType.BYE}
-
-# One table each: which method handles which packet type.
-STRANGER_HANDLERS = {
-    PacketType.HELLO: ChatServer.handle_hello,
-    PacketType.REGISTER: ChatServer.handle_register,
-    PacketType.LOGIN: ChatServer.handle_login,
-}
-MEMBER_HANDLERS = {
-    PacketType.JOIN: ChatServer.handle_join,
-    PacketType.SAY: ChatServer.handle_say,
-    PacketType.PRIVATE: ChatServer.handle_private,
-    PacketType.ROOMS: ChatServer.handle_rooms,
-    PacketType.WHO: ChatServer.handle_who,
-    PacketType.PING: ChatServer.handle_ping,
-    PacketType.BYE: ChatServer.handle_bye,
-}
-
-
-def fit_fields(fields: list[str], step: int = 1) -> list[str]:
-    """Return as many whole groups of `step` fields as fit in one reply, then '+N'."""
-    budget = MAX_PAYLOAD - 64  # room for the '+N' marker and the length prefixes
-    for end in range(0, len(fields) + 1, step):
-        if len(pack_fields(*fields[:end])) > budget:
-            end -= step
-            return fields[:end] + [f"+{(len(fields) - end) // step}"]
-    return fields
-
-
-def fingerprint(packet: Packet) -> int:
-    """Return a short digest of a request, to tell a true retry from another packet."""
-    return hash((packet.type, packet.payload))
-
-
-def timestamp() -> str:
-    return time.strftime("%H:%M:%S")
-
-
-# --- The network layer ---------------------------------------------------------------
+# --- The network layer ---------------------------------------------------------------------
 
 
 def open_socket(host: str, port: int) -> socket.socket:
@@ -1004,14 +1087,10 @@ class ServerLoop:
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.address: Address = sock.getsockname()
+        self.worker = PasswordWorker()
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
-        # The hash worker wakes the loop by writing a byte into this pair of sockets.
-        self.wake_reader, self.wake_writer = socket.socketpair()
-        self.wake_reader.setblocking(False)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ)
-        self.hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-hasher")
-        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+        self.selector.register(self.worker.wake_reader, selectors.EVENT_READ)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.closed = False
@@ -1019,16 +1098,15 @@ class ServerLoop:
     def serve_forever(self) -> None:
         try:
             while not self.stopping.is_set():
-                now = time.monotonic()
-                wait = min(max(self.chat.next_deadline() - now, 0.0), MAX_WAIT)
+                wait = min(max(self.chat.next_deadline() - time.monotonic(), 0.0), MAX_WAIT)
                 ready = {key.fileobj for key, _ in self.selector.select(wait)}
                 now = time.monotonic()
                 if self.sock in ready:
                     self.receive_all(now)
-                if self.wake_reader in ready:
-                    self.finish_slow_jobs(now)
+                if self.worker.wake_reader in ready:
+                    for future in self.worker.collect():
+                        self.survive(self.finish_job, future, now, where="a finished password check")
                 self.survive(self.chat.on_timers, now, where="the timers")
-                self.start_slow_jobs()
                 self.flush()
         finally:
             self.close()
@@ -1049,13 +1127,15 @@ class ServerLoop:
             self.survive(self.chat.handle_datagram, data, address, now, where="a datagram from", peer=address)
             self.flush()
 
+    def finish_job(self, future, now: float) -> None:
+        self.chat.finish_password_job(future.result(), now)
+
     def survive(self, work, *args, where: str, peer: Address | None = None) -> None:
         """Run `work(*args)`; if it raises, report the error and carry on.
 
         ChatServer validates everything a client sends, and the tests and fuzzers try hard
         to make it raise. Should a bug slip through anyway, one sender must not stop the
         chat for everyone: report it with its cause, as socketserver does, and go on.
-        `where` (and `peer`, if it concerns one) say what was being done.
         """
         try:
             work(*args)
@@ -1063,43 +1143,19 @@ class ServerLoop:
             if peer:
                 where = f"{where} {describe(peer)}"
             self.chat.stats["internal-errors"] += 1
-            self.chat.problem(f"internal error on {where}:\n{traceback.format_exc()}")
-
-    def start_slow_jobs(self) -> None:
-        for work, then in self.chat.slow_jobs:
-            future = self.hasher.submit(work)
-            future.add_done_callback(lambda done, then=then: self.job_done(done, then))
-        self.chat.slow_jobs.clear()
-
-    def job_done(self, future, then) -> None:
-        """Runs on the worker thread: hand the result to the loop and wake it."""
-        self.finished.put((future, then))
-        try:
-            self.wake_writer.send(b"!")
-        except OSError:
-            pass  # the loop is closing; nobody needs waking
-
-    def finish_slow_jobs(self, now: float) -> None:
-        try:
-            while self.wake_reader.recv(1024):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-        while not self.finished.empty():
-            future, then = self.finished.get()
-            self.survive(self.finish_job, future, then, now, where="a finished password check")
-
-    @staticmethod
-    def finish_job(future, then, now: float) -> None:
-        then(future.result(), now)
+            self.chat.log.problem(f"internal error on {where}:\n{traceback.format_exc()}")
 
     def flush(self) -> None:
+        """Send the outbox, and hand new password checks to the worker."""
         for data, address in self.chat.outbox:
             try:
                 self.sock.sendto(data, address)
             except OSError as error:  # e.g. no route to that host: that client's problem
-                self.chat.problem(f"sending to {describe(address)} failed: {error}")
+                self.chat.log.problem(f"sending to {describe(address)} failed: {error}")
         self.chat.outbox.clear()
+        for job in self.chat.password_jobs:
+            self.worker.submit(job)
+        self.chat.password_jobs.clear()
 
     def start(self) -> "ServerLoop":
         """Serve on a background thread (for tests and the notebook)."""
@@ -1110,10 +1166,7 @@ class ServerLoop:
     def stop(self) -> None:
         """Stop serving and wait for the loop to finish; safe from any thread."""
         self.stopping.set()
-        try:
-            self.wake_writer.send(b"!")
-        except OSError:
-            pass
+        self.worker.wake()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
 
@@ -1122,11 +1175,9 @@ class ServerLoop:
         if self.closed:
             return
         self.closed = True
-        self.hasher.shutdown(wait=True, cancel_futures=True)  # queued checks are not waited for
+        self.worker.close()
         self.selector.close()
         self.sock.close()
-        self.wake_reader.close()
-        self.wake_writer.close()
         self.chat.close()
 
 
@@ -1140,12 +1191,14 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
     """Return the socket, or a lossy one if --loss asks for it."""
     if not config.loss:
         return sock
+
     def on_drop(direction, data):
-        chat.trace("LOST" if direction == "out" else "lost", data, ("simulated", 0), " (simulated loss)")
+        chat.log.trace("LOST" if direction == "out" else "lost", data, ("simulated", 0), " (simulated loss)")
+
     return LossySocket(sock, config.loss, config.seed, on_drop, side="server")
 
 
-# --- Starting from the command line --------------------------------------------------
+# --- Starting from the command line ----------------------------------------------------------
 
 
 def lan_addresses() -> list[str]:
@@ -1184,7 +1237,7 @@ def parse_args(argv: list[str]) -> ServerConfig:
                         help="toy cipher for packet payloads; must match the clients' (default: %(default)s)")
     parser.add_argument("--key", help="cipher key; must match the clients' (default: the cipher's built-in key)")
     parser.add_argument("--quiet", action="store_true", help="log only problems, not every action")
-    parser.add_argument("--verbose", action="store_true", help="also trace every packet in and out")
+    parser.add_argument("--verbose", action="store_true", help="also log heartbeats and trace every packet")
     parser.add_argument("--loss", type=float, default=0.0,
                         help="simulate a lossy network: drop this share of datagrams, e.g. 0.3")
     parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")

@@ -31,7 +31,7 @@ def fast_timing(**changes) -> client.Timing:
 
 
 def fast_config(data_dir, **changes) -> server.ServerConfig:
-    settings = dict(host="127.0.0.1", port=0, data_dir=str(data_dir), kdf_iterations=FAST_HASH, min_rto=0.05)
+    settings = dict(host="127.0.0.1", port=0, data_dir=str(data_dir), kdf_iterations=FAST_HASH)
     settings.update(changes)
     return server.ServerConfig(**settings)
 
