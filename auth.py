@@ -5,6 +5,10 @@ PBKDF2-HMAC-SHA256 of the password with that salt, run many thousands of times s
 each guess costs an attacker who stole the file real time. The iteration count is kept in
 every record, so it can be raised later without breaking old accounts.
 
+The hash is slow on purpose, so the server runs it on a worker thread
+(`PasswordWorker`), never on the loop that serves the chat; and it counts failed
+attempts (`EventCounter`), so that guessing is slow for the guesser too.
+
 The users file is JSON and is replaced atomically: the new content goes to a temporary
 file, which is flushed and fsync'ed to disk, then renamed over the old one with
 `os.replace` (atomic on Windows and POSIX). A crash at any moment leaves either the old
@@ -18,11 +22,16 @@ after its record is on disk.
     (True, False)
 """
 
+import collections
+import concurrent.futures
+import dataclasses
 import hashlib
 import hmac
 import json
 import os
+import queue
 import secrets
+import socket
 import string
 
 KDF_NAME = "pbkdf2_sha256"
@@ -149,3 +158,104 @@ class UserStore:
         record = self.get(name)
         matches = check_password(password, record or dummy_record(self.iterations))
         return matches and record is not None
+
+
+# --- Slow work off the server's loop, and counting attempts ---
+
+
+@dataclasses.dataclass
+class PasswordJob:
+    """A slow password hash for the worker thread: a new account's record, or a login check."""
+
+    request: object  # what the server needs to answer once the check is done
+    name: str
+    password: str
+    record: dict | None  # LOGIN: the stored record, or a dummy one so strangers wait as long
+    iterations: int = 0  # REGISTER: the hash's cost
+    result: object = None  # set by run(): the new record, or whether the password matched
+
+    def run(self) -> "PasswordJob":
+        """Runs on the worker thread; touches nothing but this job."""
+        if self.record is None:
+            self.result = new_record(self.name, self.password, self.iterations)
+        else:
+            self.result = check_password(self.password, self.record)
+        return self
+
+
+class PasswordWorker:
+    """One thread that runs password hashes, and wakes the loop when one is done.
+
+    The loop sleeps in select(), which waits on sockets only (on Windows, not even on
+    pipes). So the worker wakes it by sending a byte into a socket pair, a classic trick.
+    """
+
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-hasher")
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+
+    def submit(self, job: PasswordJob) -> None:
+        self.pool.submit(job.run).add_done_callback(self.finished)
+
+    def finished(self, future) -> None:
+        """Runs on the worker thread: hand the job over, and wake the loop."""
+        self.done.put(future)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            self.wake_writer.send(b"!")
+        except OSError:
+            pass  # the loop is closing; nobody needs waking
+
+    def collect(self) -> list:
+        """Return the futures of the jobs finished since the last call (on the loop's thread)."""
+        try:
+            while self.wake_reader.recv(1024):
+                pass
+        except OSError:  # BlockingIOError: nothing more to read
+            pass
+        futures = []
+        while not self.done.empty():
+            futures.append(self.done.get())
+        return futures
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)  # queued checks are not waited for
+        self.wake_reader.close()
+        self.wake_writer.close()
+
+
+class EventCounter:
+    """Counts events per key over a sliding period; the table of keys is bounded.
+
+    When the table is full the least recently used key is forgotten, so a stranger's
+    flood of new keys cannot grow memory without bound.
+    """
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, limit: int, period: float):
+        self.limit, self.period = limit, period
+        self.events: collections.OrderedDict = collections.OrderedDict()
+
+    def recent(self, key, now: float) -> collections.deque:
+        """Return the times of `key`'s events within the period, oldest first."""
+        times = self.events.get(key, collections.deque())
+        while times and times[0] <= now - self.period:
+            times.popleft()
+        return times
+
+    def add(self, key, now: float) -> None:
+        self.events[key] = self.recent(key, now)
+        self.events[key].append(now)
+        self.events.move_to_end(key)
+        while len(self.events) > self.MAX_KEYS:
+            self.events.popitem(last=False)
+
+    def blocked_for(self, key, now: float) -> float:
+        """Return how many seconds `key` must wait, 0 if it has not reached the limit."""
+        times = self.recent(key, now)
+        return 0.0 if len(times) < self.limit else times[-self.limit] + self.period - now

@@ -34,13 +34,11 @@ The packet format and the channel are defined once, in encryption_helper.py; acc
 
 import argparse
 import collections
-import concurrent.futures
 import dataclasses
 import heapq
 import hmac
 import json
 import os
-import queue
 import secrets
 import selectors
 import socket
@@ -186,7 +184,7 @@ class ChatServer:
         self.delivery = Delivery()
         self.next_housekeeping = 0.0
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams for the network layer to send
-        self.password_jobs: list[PasswordJob] = []  # checks for the network layer to run
+        self.password_jobs: list[auth.PasswordJob] = []  # checks for the network layer to run
         self.stats = collections.Counter()
 
     # --- Entry points: a datagram, a finished password check, the time ---
@@ -207,7 +205,7 @@ class ChatServer:
                 self.handle_member_packet(request)
         self.flush(now)
 
-    def finish_password_job(self, job: "PasswordJob", now: float) -> None:
+    def finish_password_job(self, job: "auth.PasswordJob", now: float) -> None:
         """A password check the worker finished: answer its request."""
         self.guard.hash_finished(job.request.address[0])
         job.request.now = now
@@ -392,11 +390,11 @@ class ChatServer:
         if self.users.exists(name) or name.lower() in self.registering:
             raise Refusal("taken", "Username already taken.")
         self.guard.check_registration(request.address[0], request.now)
-        self.start_password_job(PasswordJob(request, name, password, None, self.config.kdf_iterations))
+        self.start_password_job(auth.PasswordJob(request, name, password, None, self.config.kdf_iterations))
         self.guard.registered(request.address[0], request.now)
         self.registering.add(name.lower())
 
-    def finish_register(self, job: "PasswordJob") -> list[str]:
+    def finish_register(self, job: "auth.PasswordJob") -> list[str]:
         self.registering.discard(job.name.lower())
         try:
             self.users.add(job.result)  # on disk before we say so
@@ -409,9 +407,9 @@ class ChatServer:
         name, password = self.check_credentials(request)
         self.guard.check_login(name.lower(), request.now)  # before hashing: guessing costs the guesser
         record = self.users.get(name) or auth.dummy_record(self.config.kdf_iterations)
-        self.start_password_job(PasswordJob(request, name, password, record))
+        self.start_password_job(auth.PasswordJob(request, name, password, record))
 
-    def finish_login(self, job: "PasswordJob") -> list[str] | None:
+    def finish_login(self, job: "auth.PasswordJob") -> list[str] | None:
         request = job.request
         if not (job.result and job.record["name"]):
             self.guard.login_failed(job.name.lower(), request.now)
@@ -431,7 +429,7 @@ class ChatServer:
         self.answer(request, [name, LOBBY, f"Welcome, {name}."], token=session.token)
         return None
 
-    def start_password_job(self, job: "PasswordJob") -> None:
+    def start_password_job(self, job: "auth.PasswordJob") -> None:
         """Hand a password check to the worker; retries of the request now wait for it."""
         self.guard.hash_started(job.request.address[0])
         self.strangers.working(job.request)
@@ -651,39 +649,6 @@ def timestamp() -> str:
 # --- Helper classes: one job each --------------------------------------------------------
 
 
-class EventCounter:
-    """Counts events per key over a sliding period; the table of keys is bounded.
-
-    When the table is full the least recently used key is forgotten, so a stranger's
-    flood of new keys cannot grow memory without bound.
-    """
-
-    MAX_KEYS = 10_000
-
-    def __init__(self, limit: int, period: float):
-        self.limit, self.period = limit, period
-        self.events: collections.OrderedDict = collections.OrderedDict()
-
-    def recent(self, key, now: float) -> collections.deque:
-        """Return the times of `key`'s events within the period, oldest first."""
-        times = self.events.get(key, collections.deque())
-        while times and times[0] <= now - self.period:
-            times.popleft()
-        return times
-
-    def add(self, key, now: float) -> None:
-        self.events[key] = self.recent(key, now)
-        self.events[key].append(now)
-        self.events.move_to_end(key)
-        while len(self.events) > self.MAX_KEYS:
-            self.events.popitem(last=False)
-
-    def blocked_for(self, key, now: float) -> float:
-        """Return how many seconds `key` must wait, 0 if it has not reached the limit."""
-        times = self.recent(key, now)
-        return 0.0 if len(times) < self.limit else times[-self.limit] + self.period - now
-
-
 class TokenBucket:
     """Flood control: `burst` messages at once, then `rate` a second (as IRC servers do)."""
 
@@ -716,9 +681,9 @@ class AbuseControl:
     MESSAGE_BURST = 20  # ...after a burst: pasting a short paragraph is fine
 
     def __init__(self):
-        self.failed_logins = EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
-        self.registrations = EventCounter(self.REGISTRATIONS_PER_ADDRESS, self.FAILURE_PERIOD)
-        self.wrong_room_passwords = EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
+        self.failed_logins = auth.EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
+        self.registrations = auth.EventCounter(self.REGISTRATIONS_PER_ADDRESS, self.FAILURE_PERIOD)
+        self.wrong_room_passwords = auth.EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
         self.pending: collections.Counter = collections.Counter()  # ip -> password checks waiting
 
     def check_login(self, name: str, now: float) -> None:
@@ -990,71 +955,6 @@ def read_history(path: str, room: str, keep: int, warn) -> collections.deque:
     return history
 
 
-@dataclasses.dataclass
-class PasswordJob:
-    """A slow password hash for the worker thread: a new account's record, or a login check."""
-
-    request: Request
-    name: str
-    password: str
-    record: dict | None  # LOGIN: the stored record, or a dummy one so strangers wait as long
-    iterations: int = 0  # REGISTER: the hash's cost
-    result: object = None  # set by run(): the new record, or whether the password matched
-
-    def run(self) -> "PasswordJob":
-        """Runs on the worker thread; touches nothing but this job."""
-        if self.record is None:
-            self.result = auth.new_record(self.name, self.password, self.iterations)
-        else:
-            self.result = auth.check_password(self.password, self.record)
-        return self
-
-
-class PasswordWorker:
-    """One thread that runs password hashes, and wakes the loop when one is done.
-
-    The loop sleeps in select(), which waits on sockets only (on Windows, not even on
-    pipes). So the worker wakes it by sending a byte into a socket pair, a classic trick.
-    """
-
-    def __init__(self):
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-hasher")
-        self.done: queue.SimpleQueue = queue.SimpleQueue()
-        self.wake_reader, self.wake_writer = socket.socketpair()
-        self.wake_reader.setblocking(False)
-
-    def submit(self, job: PasswordJob) -> None:
-        self.pool.submit(job.run).add_done_callback(self.finished)
-
-    def finished(self, future) -> None:
-        """Runs on the worker thread: hand the job over, and wake the loop."""
-        self.done.put(future)
-        self.wake()
-
-    def wake(self) -> None:
-        try:
-            self.wake_writer.send(b"!")
-        except OSError:
-            pass  # the loop is closing; nobody needs waking
-
-    def collect(self) -> list:
-        """Return the futures of the jobs finished since the last call (on the loop's thread)."""
-        try:
-            while self.wake_reader.recv(1024):
-                pass
-        except OSError:  # BlockingIOError: nothing more to read
-            pass
-        futures = []
-        while not self.done.empty():
-            futures.append(self.done.get())
-        return futures
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)  # queued checks are not waited for
-        self.wake_reader.close()
-        self.wake_writer.close()
-
-
 # --- The network layer ---------------------------------------------------------------------
 
 
@@ -1087,7 +987,7 @@ class ServerLoop:
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.address: Address = sock.getsockname()
-        self.worker = PasswordWorker()
+        self.worker = auth.PasswordWorker()
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
         self.selector.register(self.worker.wake_reader, selectors.EVENT_READ)
