@@ -56,6 +56,7 @@ from encryption_helper import (
     MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     RECV_BUFFER,
+    Body,
     Channel,
     LossySocket,
     Packet,
@@ -159,8 +160,8 @@ class ChatServer:
     """The chat protocol: takes datagrams and the time, changes state, fills `outbox`.
 
     It opens no socket and starts no thread, so a test can drive it with plain bytes and
-    a fake clock. Password checks it wants done are left in `password_jobs`, and handed
-    back with `finish_password_job`; `ServerLoop` below runs them on a worker thread.
+    a fake clock. Password checks it wants are left in `password_jobs` for the loop's
+    worker thread, and come back through `finish_password_job`.
     """
 
     def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
@@ -176,16 +177,17 @@ class ChatServer:
         # Shared state, changed only by the loop's thread:
         self.sessions: dict[Address, Session] = {}  # address -> session
         self.online: dict[str, Session] = {}  # lower-case user name -> session
-        self.rooms: dict[str, Room] = {LOBBY: Room(LOBBY, config.room_password, {}, lobby_history)}
-        self.registering: set[str] = set()  # names whose registration is being hashed
-        self.cookie_secret = secrets.token_bytes(16)
         self.guard = AbuseControl()
         self.strangers = StrangerReplies()
         self.delivery = Delivery()
+        lobby = Room(LOBBY, config.room_password, {}, lobby_history)
+        self.rooms = Rooms(lobby, self.cipher, self.delivery, wall_clock)  # lower-case name -> Room
         self.next_housekeeping = 0.0
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams for the network layer to send
         self.password_jobs: list[auth.PasswordJob] = []  # checks for the network layer to run
         self.stats = collections.Counter()
+        self.reception = Reception(self)
+        self.handlers = handler_table(self, self.reception)
 
     # --- Entry points: a datagram, a finished password check, the time ---
 
@@ -200,7 +202,7 @@ class ChatServer:
         else:
             request = Request(packet, address, len(data), now)
             if packet.type in STRANGER_TYPES:
-                self.handle_stranger(request)
+                self.reception.handle_stranger(request)
             else:
                 self.handle_member_packet(request)
         self.flush(now)
@@ -209,8 +211,9 @@ class ChatServer:
         """A password check the worker finished: answer its request."""
         self.guard.hash_finished(job.request.address[0])
         job.request.now = now
-        finish = self.finish_register if job.request.packet.type == PacketType.REGISTER else self.finish_login
-        self.answer(job.request, self.outcome(finish, job))
+        reception = self.reception
+        finish = reception.finish_register if job.request.packet.type == PacketType.REGISTER else reception.finish_login
+        self.answer(job.request, run_handler(finish, job))
         self.flush(now)
 
     def on_timers(self, now: float) -> None:
@@ -231,17 +234,6 @@ class ChatServer:
         return min(self.delivery.next_deadline(), self.next_housekeeping)
 
     # --- Dispatch ---
-
-    def handle_stranger(self, request: Request) -> None:
-        """HELLO, REGISTER, LOGIN: answered without a session; a retry gets the same answer."""
-        remembered = self.strangers.look_up(request)
-        if remembered is StrangerReplies.WORKING:
-            self.log.verbose(request, "still checking the password (the client asked again)")
-        elif remembered is not None:
-            self.log.verbose(request, "answered again (the client did not hear the first answer)")
-            self.send(remembered, request.address, " (repeat)")
-        else:
-            self.answer(request, self.outcome(HANDLERS[request.packet.type], self, request))
 
     def handle_member_packet(self, request: Request) -> None:
         """A packet on a member's channel: acknowledgements first, then requests in order."""
@@ -276,17 +268,7 @@ class ChatServer:
                     return
             session.backlog.popleft()
             request.now = now
-            self.answer(request, self.outcome(HANDLERS[request.packet.type], self, request))
-
-    @staticmethod
-    def outcome(handler, *args):
-        """Run a handler; return its OK fields, None (no answer yet), or the Refusal."""
-        try:
-            return handler(*args)
-        except Refusal as refusal:
-            return refusal
-        except PacketError as error:
-            return Refusal("bad-request", str(error))
+            self.answer(request, run_handler(self.handlers[request.packet.type], request))
 
     # --- The one place that answers ---
 
@@ -353,89 +335,6 @@ class ChatServer:
         # a client believes it only if it carried that token itself.
         self.send(encode_packet(Packet(PacketType.RESET, 0, packet.seq, 0, packet.token), self.cipher), address)
 
-    # --- Strangers: HELLO, REGISTER, LOGIN ---
-
-    def handle_hello(self, request: Request) -> list[str] | None:
-        """HELLO -> OK [re, cookie]: proves the client really is at its address, as DTLS does.
-
-        The reply goes to the address the HELLO claims; only someone who is really there
-        sees the cookie and can send it back in REGISTER or LOGIN.
-        """
-        if request.size < MIN_HELLO_SIZE:
-            self.log.problem(f"{describe(request.address)} sent an unpadded HELLO ({request.size} B); dropped")
-            return None
-        return [self.make_cookie(request.address, int(request.now // COOKIE_PERIOD))]
-
-    def make_cookie(self, address: Address, period: int) -> str:
-        message = f"{address[0]}|{address[1]}|{period}".encode()
-        return hmac.new(self.cookie_secret, message, "sha256").hexdigest()[:32]
-
-    def check_credentials(self, request: Request) -> tuple[str, str]:
-        """Return (username, password) of a REGISTER or LOGIN whose cookie is good."""
-        cookie, name, password = unpack_fields(request.packet.payload, 3)
-        period = int(request.now // COOKIE_PERIOD)
-        given = cookie.encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
-        if not any(hmac.compare_digest(given, self.make_cookie(request.address, p).encode())
-                   for p in (period, period - 1)):
-            raise Refusal("stale-cookie", "Say HELLO again.")
-        request.proven = True
-        return name, password
-
-    def handle_register(self, request: Request) -> None:
-        name, password = self.check_credentials(request)
-        if not auth.valid_username(name):
-            raise Refusal("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-        if not password:
-            raise Refusal("bad-password", "The password must not be empty.")
-        if self.users.exists(name) or name.lower() in self.registering:
-            raise Refusal("taken", "Username already taken.")
-        self.guard.check_registration(request.address[0], request.now)
-        self.start_password_job(auth.PasswordJob(request, name, password, None, self.config.kdf_iterations))
-        self.guard.registered(request.address[0], request.now)
-        self.registering.add(name.lower())
-
-    def finish_register(self, job: "auth.PasswordJob") -> list[str]:
-        self.registering.discard(job.name.lower())
-        try:
-            self.users.add(job.result)  # on disk before we say so
-        except OSError as error:
-            self.log.problem(f"could not save the users file: {error}")
-            raise Refusal("server-error", "The server could not save your account; try again.") from None
-        return ["Registration successful."]
-
-    def handle_login(self, request: Request) -> None:
-        name, password = self.check_credentials(request)
-        self.guard.check_login(name.lower(), request.now)  # before hashing: guessing costs the guesser
-        record = self.users.get(name) or auth.dummy_record(self.config.kdf_iterations)
-        self.start_password_job(auth.PasswordJob(request, name, password, record))
-
-    def finish_login(self, job: "auth.PasswordJob") -> list[str] | None:
-        request = job.request
-        if not (job.result and job.record["name"]):
-            self.guard.login_failed(job.name.lower(), request.now)
-            raise Refusal("invalid-login", "Invalid username or password.")
-        name = job.record["name"]  # as registered, whatever the case typed
-        here = self.sessions.get(request.address)
-        elsewhere = self.online.get(name.lower())
-        if elsewhere and elsewhere is not here:
-            raise Refusal("already-logged-in", f"{name} is logged in already. A client that vanished is "
-                                               f"forgotten after {self.config.session_timeout:.0f} s.")
-        if here and here.name.lower() != name.lower():
-            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
-        if here:  # the same login again: its welcome was lost and forgotten; start afresh
-            self.end_session(here, "", request.now)
-        self.guard.check_sessions(len(self.sessions))
-        session = self.open_session(name, request.address, request.now)
-        self.answer(request, [name, LOBBY, f"Welcome, {name}."], token=session.token)
-        return None
-
-    def start_password_job(self, job: "auth.PasswordJob") -> None:
-        """Hand a password check to the worker; retries of the request now wait for it."""
-        self.guard.hash_started(job.request.address[0])
-        self.strangers.working(job.request)
-        self.password_jobs.append(job)
-        self.log.outcome(job.request, None, ["checking password..."])
-
     # --- Member requests: each returns the OK fields or raises Refusal ---
 
     def handle_join(self, request: Request) -> list[str]:
@@ -450,16 +349,15 @@ class ChatServer:
         self.guard.check_room_password(session.token, request.now)
         if room is None:
             self.guard.check_rooms(len(self.rooms))
-            room = self.rooms[key] = Room(name, password, {}, collections.deque(maxlen=HISTORY_ON_JOIN))
-            created = " (new room)"
+            room, created = self.rooms.create(name, password), " (new room)"
         elif hmac.compare_digest(password.encode(), room.password.encode()):
             created = ""
         else:
             self.guard.wrong_room_password(session.token, request.now)
             raise Refusal("wrong-room-password", "Wrong room password.")
         if session.room:
-            self.leave_room(session, "", request.now)
-        self.enter_room(session, room)
+            self.rooms.leave(session, "")
+        self.rooms.enter(session, room)
         return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]
 
     def handle_say(self, request: Request) -> list[str]:
@@ -475,7 +373,7 @@ class ChatServer:
             raise Refusal("server-error", "The server could not save your message; not sent.") from None
         room.history.append((when, session.name, text))
         self.log.message(room.name, session.name, text)  # the assignment: print every message relayed
-        self.publish(room, "chat", session.name, text, exclude=session)
+        self.rooms.publish(room, "chat", session.name, text, exclude=session)
         others = len(room.members) - 1
         return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
 
@@ -486,7 +384,7 @@ class ChatServer:
             shown = target_name if auth.valid_username(target_name) else "That user"  # never echo junk
             raise Refusal("unknown-user", f"{shown} is not online.")
         check_text(text)
-        self.push(target, "private", "", request.session.name, text)
+        self.delivery.push(target, self.rooms.event("private", "", request.session.name, text))
         return [f"private to {target.name}"]
 
     def handle_rooms(self, request: Request) -> list[str]:
@@ -521,7 +419,7 @@ class ChatServer:
             raise Refusal("not-in-room", "Join a room first: /join ROOM")
         return self.rooms[session.room]
 
-    # --- Sessions, rooms and delivery ---
+    # --- Sessions ---
 
     def open_session(self, name: str, address: Address, now: float) -> Session:
         token = secrets.token_bytes(8)
@@ -543,42 +441,9 @@ class ChatServer:
         del self.online[session.name.lower()]
         session.backlog.clear()
         if session.room:
-            self.leave_room(session, reason, now)
+            self.rooms.leave(session, reason)
         self.delivery.touch(session)
         self.log.event(session.address, session.name, f"session ended{': ' + reason if reason else ''}")
-
-    def enter_room(self, session: Session, room: Room) -> None:
-        others = list(room.members.values())
-        room.members[session.name.lower()] = session
-        session.room = room.name.lower()
-        for when, user, text in room.history:
-            self.push(session, "history", room.name, user, text, when)
-        self.publish_to(others, room, "join", session.name, "")
-
-    def leave_room(self, session: Session, reason: str, now: float) -> None:
-        room = self.rooms[session.room]
-        del room.members[session.name.lower()]
-        session.room = None
-        self.publish(room, "leave", session.name, reason)
-        if not room.members and room.name != LOBBY:
-            self.rooms.pop(room.name.lower(), None)  # a room lives while it has members
-
-    def publish(self, room: Room, kind: str, user: str, text: str, exclude=None) -> None:
-        members = [member for member in room.members.values() if member is not exclude]
-        self.publish_to(members, room, kind, user, text)
-
-    def publish_to(self, members, room: Room, kind: str, user: str, text: str) -> None:
-        """Queue one EVENT for each member, prepared once for them all."""
-        body = prepare_body(pack_fields(kind, str(int(self.wall_clock())), room.name, user, text), self.cipher)
-        for member in members:
-            member.news.append(body)
-            self.delivery.touch(member)
-
-    def push(self, session: Session, kind: str, room: str, user: str, text: str, when: float | None = None) -> None:
-        """Queue one EVENT for one member."""
-        when = self.wall_clock() if when is None else when
-        session.news.append(prepare_body(pack_fields(kind, str(int(when)), room, user, text), self.cipher))
-        self.delivery.touch(session)
 
     def flush(self, now: float) -> None:
         """Send what the touched sessions' channels have for the wire: replies, then EVENTs."""
@@ -599,24 +464,141 @@ STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN}
 # Requests that flood control counts: messages.
 FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE}
 
-# Which method handles which packet type: one table, one signature (request -> OK fields).
-HANDLERS = {
-    PacketType.HELLO: ChatServer.handle_hello,
-    PacketType.REGISTER: ChatServer.handle_register,
-    PacketType.LOGIN: ChatServer.handle_login,
-    PacketType.JOIN: ChatServer.handle_join,
-    PacketType.SAY: ChatServer.handle_say,
-    PacketType.PRIVATE: ChatServer.handle_private,
-    PacketType.ROOMS: ChatServer.handle_rooms,
-    PacketType.WHO: ChatServer.handle_who,
-    PacketType.PING: ChatServer.handle_ping,
-    PacketType.BYE: ChatServer.handle_bye,
-    PacketType.ACK: ChatServer.handle_ack,
-    PacketType.OK: ChatServer.handle_server_only,
-    PacketType.ERROR: ChatServer.handle_server_only,
-    PacketType.EVENT: ChatServer.handle_server_only,
-    PacketType.RESET: ChatServer.handle_server_only,
-}
+class Reception:
+    """The door: HELLO, REGISTER and LOGIN, from senders who have no session yet.
+
+    Nothing a stranger says is believed until it proves it is at its address, by
+    sending back the cookie its HELLO earned. Password checks are slow, so they are
+    queued as jobs for the worker thread and finished when the result comes back.
+    """
+
+    def __init__(self, server: "ChatServer"):
+        self.server = server
+        self.cookie_secret = secrets.token_bytes(16)
+        self.registering: set[str] = set()  # names whose registration is being hashed
+
+    def handle_stranger(self, request: Request) -> None:
+        """HELLO, REGISTER, LOGIN: answered without a session; a retry gets the same answer."""
+        remembered = self.server.strangers.look_up(request)
+        if remembered is StrangerReplies.WORKING:
+            self.server.log.verbose(request, "still checking the password (the client asked again)")
+        elif remembered is not None:
+            self.server.log.verbose(request, "answered again (the client did not hear the first answer)")
+            self.server.send(remembered, request.address, " (repeat)")
+        else:
+            self.server.answer(request, run_handler(self.server.handlers[request.packet.type], request))
+
+    def handle_hello(self, request: Request) -> list[str] | None:
+        """HELLO -> OK [re, cookie]: proves the client really is at its address, as DTLS does.
+
+        The reply goes to the address the HELLO claims; only someone who is really there
+        sees the cookie and can send it back in REGISTER or LOGIN.
+        """
+        if request.size < MIN_HELLO_SIZE:
+            self.server.log.problem(f"{describe(request.address)} sent an unpadded HELLO ({request.size} B); dropped")
+            return None
+        return [self.make_cookie(request.address, int(request.now // COOKIE_PERIOD))]
+
+    def make_cookie(self, address: Address, period: int) -> str:
+        message = f"{address[0]}|{address[1]}|{period}".encode()
+        return hmac.new(self.cookie_secret, message, "sha256").hexdigest()[:32]
+
+    def check_credentials(self, request: Request) -> tuple[str, str]:
+        """Return (username, password) of a REGISTER or LOGIN whose cookie is good."""
+        cookie, name, password = unpack_fields(request.packet.payload, 3)
+        period = int(request.now // COOKIE_PERIOD)
+        given = cookie.encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
+        if not any(hmac.compare_digest(given, self.make_cookie(request.address, p).encode())
+                   for p in (period, period - 1)):
+            raise Refusal("stale-cookie", "Say HELLO again.")
+        request.proven = True
+        return name, password
+
+    def handle_register(self, request: Request) -> None:
+        name, password = self.check_credentials(request)
+        if not auth.valid_username(name):
+            raise Refusal("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+        if not password:
+            raise Refusal("bad-password", "The password must not be empty.")
+        if self.server.users.exists(name) or name.lower() in self.registering:
+            raise Refusal("taken", "Username already taken.")
+        self.server.guard.check_registration(request.address[0], request.now)
+        self.start_password_job(auth.PasswordJob(request, name, password, None, self.server.config.kdf_iterations))
+        self.server.guard.registered(request.address[0], request.now)
+        self.registering.add(name.lower())
+
+    def finish_register(self, job: "auth.PasswordJob") -> list[str]:
+        self.registering.discard(job.name.lower())
+        try:
+            self.server.users.add(job.result)  # on disk before we say so
+        except OSError as error:
+            self.server.log.problem(f"could not save the users file: {error}")
+            raise Refusal("server-error", "The server could not save your account; try again.") from None
+        return ["Registration successful."]
+
+    def handle_login(self, request: Request) -> None:
+        name, password = self.check_credentials(request)
+        self.server.guard.check_login(name.lower(), request.now)  # before hashing: guessing costs the guesser
+        record = self.server.users.get(name) or auth.dummy_record(self.server.config.kdf_iterations)
+        self.start_password_job(auth.PasswordJob(request, name, password, record))
+
+    def finish_login(self, job: "auth.PasswordJob") -> list[str] | None:
+        request = job.request
+        if not (job.result and job.record["name"]):
+            self.server.guard.login_failed(job.name.lower(), request.now)
+            raise Refusal("invalid-login", "Invalid username or password.")
+        name = job.record["name"]  # as registered, whatever the case typed
+        here = self.server.sessions.get(request.address)
+        elsewhere = self.server.online.get(name.lower())
+        if elsewhere and elsewhere is not here:
+            raise Refusal("already-logged-in", f"{name} is logged in already. A client that vanished is "
+                                               f"forgotten after {self.server.config.session_timeout:.0f} s.")
+        if here and here.name.lower() != name.lower():
+            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
+        if here:  # the same login again: its welcome was lost and forgotten; start afresh
+            self.server.end_session(here, "", request.now)
+        self.server.guard.check_sessions(len(self.server.sessions))
+        session = self.server.open_session(name, request.address, request.now)
+        self.server.answer(request, [name, LOBBY, f"Welcome, {name}."], token=session.token)
+        return None
+
+    def start_password_job(self, job: "auth.PasswordJob") -> None:
+        """Hand a password check to the worker; retries of the request now wait for it."""
+        self.server.guard.hash_started(job.request.address[0])
+        self.server.strangers.working(job.request)
+        self.server.password_jobs.append(job)
+        self.server.log.outcome(job.request, None, ["checking password..."])
+
+
+def handler_table(chat: ChatServer, door: "Reception") -> dict:
+    """Which method handles which packet type: one table, one signature (request -> OK fields)."""
+    return {
+        PacketType.HELLO: door.handle_hello,
+        PacketType.REGISTER: door.handle_register,
+        PacketType.LOGIN: door.handle_login,
+        PacketType.JOIN: chat.handle_join,
+        PacketType.SAY: chat.handle_say,
+        PacketType.PRIVATE: chat.handle_private,
+        PacketType.ROOMS: chat.handle_rooms,
+        PacketType.WHO: chat.handle_who,
+        PacketType.PING: chat.handle_ping,
+        PacketType.BYE: chat.handle_bye,
+        PacketType.ACK: chat.handle_ack,
+        PacketType.OK: chat.handle_server_only,
+        PacketType.ERROR: chat.handle_server_only,
+        PacketType.EVENT: chat.handle_server_only,
+        PacketType.RESET: chat.handle_server_only,
+    }
+
+
+def run_handler(handler, *args):
+    """Run a handler; return its OK fields, None (no answer yet), or the Refusal."""
+    try:
+        return handler(*args)
+    except Refusal as refusal:
+        return refusal
+    except PacketError as error:
+        return Refusal("bad-request", str(error))
 
 
 def check_text(text: str) -> None:
@@ -773,6 +755,53 @@ class StrangerReplies:
             self.answers.popitem(last=False)
 
 
+class Rooms(dict):
+    """The rooms by lower-case name, with their members; and telling members what happens.
+
+    A dict, so `rooms[key]` finds a room. Whoever enters a room is shown its last
+    messages, and the others hear of it; whoever leaves, the same. A room other than
+    the lobby lives while it has members.
+    """
+
+    def __init__(self, lobby: Room, cipher, delivery: "Delivery", wall_clock):
+        super().__init__({LOBBY: lobby})
+        self.cipher, self.delivery, self.wall_clock = cipher, delivery, wall_clock
+
+    def create(self, name: str, password: str) -> Room:
+        room = self[name.lower()] = Room(name, password, {}, collections.deque(maxlen=HISTORY_ON_JOIN))
+        return room
+
+    def enter(self, session: Session, room: Room) -> None:
+        others = list(room.members.values())
+        room.members[session.name.lower()] = session
+        session.room = room.name.lower()
+        for when, user, text in room.history:
+            self.delivery.push(session, self.event("history", room.name, user, text, when))
+        self.tell(others, self.event("join", room.name, session.name, ""))
+
+    def leave(self, session: Session, reason: str) -> None:
+        room = self[session.room]
+        del room.members[session.name.lower()]
+        session.room = None
+        self.publish(room, "leave", session.name, reason)
+        if not room.members and room.name != LOBBY:
+            self.pop(room.name.lower(), None)
+
+    def publish(self, room: Room, kind: str, user: str, text: str, exclude=None) -> None:
+        """Tell every member of `room` (but `exclude`) what `user` did or said."""
+        self.tell([member for member in room.members.values() if member is not exclude],
+                  self.event(kind, room.name, user, text))
+
+    def tell(self, members, body: Body) -> None:
+        for member in members:  # one body, prepared once for them all
+            self.delivery.push(member, body)
+
+    def event(self, kind: str, room: str, user: str, text: str, when: float | None = None) -> Body:
+        """Return an EVENT's payload [kind, unix time, room, user, text], ready for the wire."""
+        when = self.wall_clock() if when is None else when
+        return prepare_body(pack_fields(kind, str(int(when)), room, user, text), self.cipher)
+
+
 class Delivery:
     """When each session's channel next needs the loop, and sending what it has.
 
@@ -788,6 +817,11 @@ class Delivery:
 
     def touch(self, session: Session) -> None:
         self.touched[id(session)] = session
+
+    def push(self, session: Session, body: Body) -> None:
+        """Queue an EVENT for a member; it goes out after the reply being made now."""
+        session.news.append(body)
+        self.touch(session)
 
     def wake(self, session: Session, when: float) -> None:
         if when < session.wake_at:
