@@ -34,8 +34,8 @@ they are teaching toys.
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
     55 43 02 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v2 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 .. .. .. ..   sack=0, token, CRC-32, then the payload:
-    12 0a 60 ..                                        [5]"hi :)" XORed with the key "II2120"
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 5c 03 a8 d8   sack=0, token, CRC-32, then the payload:
+    49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 """
 
 import argparse

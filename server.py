@@ -26,8 +26,8 @@ How it is built, in the spirit of the standard library's socketserver:
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
     55 43 02 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v2 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 .. .. .. ..   sack=0, token, CRC-32, then the payload:
-    12 0a 60 ..                                        [5]"hi :)" XORed with the key "II2120"
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 5c 03 a8 d8   sack=0, token, CRC-32, then the payload:
+    49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 
 The packet format and the channel are defined once, in encryption_helper.py; accounts in auth.py.
 """
@@ -1180,11 +1180,7 @@ def parse_args(argv: list[str]) -> ServerConfig:
     args = parser.parse_args(argv)
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
-    return ServerConfig(
-        host=args.host, port=args.port, data_dir=args.data_dir, room_password=args.room_password,
-        cipher=args.cipher, key=args.key, quiet=args.quiet, verbose=args.verbose,
-        loss=args.loss, seed=args.seed, session_timeout=args.session_timeout,
-    )
+    return ServerConfig(**vars(args))  # every option is named as its ServerConfig field
 
 
 def print_banner(config: ServerConfig, address: Address) -> None:

@@ -1,6 +1,6 @@
 """Benchmark: what the chat server delivers, how fast, how late, in how much memory.
 
-    python tests/bench.py            # the full run: about 2 minutes on 2 cores
+    python tests/bench.py            # the full run: one to two minutes on 2 cores
     python tests/bench.py --quick    # a smaller run: under a minute
 
 Everything runs on loopback (127.0.0.1) in one go and ends in ONE markdown table, each row
@@ -11,6 +11,10 @@ measured in this run:
   at a human pace, a sender flat out, 20% loss at every client, 200 receivers, and the
   human pace again while other sockets flood the server with wrong-password LOGINs (each
   one a real PBKDF2 check at the default 600,000 iterations): does chat wait for the hash?
+  The sender pipelines: it submits each SAY (ChatClient.submit) without waiting for its
+  reply, with at most a channel window (32) of them unanswered, so its queue never
+  overflows; flat out, the next SAY goes as soon as one of those 32 is answered. Every
+  reply is checked, and a refused SAY is reported.
 * for comparison, a fire-and-forget relay of a few lines, the naive solution: it receives
   a datagram and sends it to every other address it has heard from. It gets the same
   traffic (flat out, then paced at the rate our server's flat-out sender reached).
@@ -20,7 +24,7 @@ join the lobby and acknowledge the EVENTs, so the server's retransmission is exe
 Each receiver is a program of its own, as on its own PC: the receivers are spread over
 up to RECEIVER_PROCESSES child processes, one receiver each for the rows of 20, and the
 relay's receivers the same way. The sender runs in this process. Every message is
-"n=<counter> t=<send time>"; each receiver notes which counters it got, how often and
+"n=<counter> t=<submit time>"; each receiver notes which counters it got, how often and
 in which order, and how long each took (time.monotonic is one clock for every process
 of a machine).
 
@@ -37,8 +41,10 @@ because the receive buffer was full.
 Setup, not measured: the accounts are written into users.json before the server starts,
 with 1,000-iteration hashes, so that 200 logins take a moment; every client still logs in
 through the protocol (HELLO, LOGIN, JOIN). The server otherwise runs the default
-ServerConfig, except: quiet; message_rate and message_burst raised to 1,000,000 (the flood
-control, 5 messages a second per member, would otherwise pace the flat-out sender).
+ServerConfig, except: quiet; and in the server's process, before it starts,
+server.AbuseControl.MESSAGE_RATE and MESSAGE_BURST raised to 1,000,000 (the flood control,
+5 messages a second per member after a burst of 20, would otherwise hold the flat-out
+sender's SAYs back and pace it).
 """
 
 import argparse
@@ -66,10 +72,12 @@ import server  # noqa: E402
 from encryption_helper import (  # noqa: E402
     HEADER_SIZE,
     MIN_HELLO_SIZE,
+    Channel,
     LossySocket,
     Packet,
     PacketError,
     PacketType,
+    RtoEstimator,
     decode_packet,
     encode_packet,
     make_cipher,
@@ -85,11 +93,19 @@ SETUP_TIMEOUT = 60.0  # seconds for every receiver to be logged in and ready
 SETTLE = 5.0  # seconds without a new arrival after which a row stops waiting
 RECEIVER_PROCESSES = 20  # the receivers are spread over at most this many child processes
 
-# The server as a child process: the settings come as JSON, the chosen port goes to stdout.
+# Flood control off, so that the flat-out sender is paced by the protocol, not held back.
+NO_FLOOD_CONTROL = {"AbuseControl.MESSAGE_RATE": 1_000_000.0, "AbuseControl.MESSAGE_BURST": 1_000_000}
+
+# The server as a child process: the settings come as JSON, then the folder of server.py,
+# then (JSON) the server module's constants to change before it starts, as {"Class.NAME":
+# value} or {"NAME": value}; the chosen port goes to stdout.
 SERVER_LAUNCHER = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
 import server
+for name, value in json.loads(sys.argv[3]).items():
+    owner, _, attribute = name.rpartition(".")
+    setattr(getattr(server, owner) if owner else server, attribute, value)
 config = server.ServerConfig(**json.loads(sys.argv[1]))
 chat = server.ChatServer(config)
 loop = server.ServerLoop(chat, server.wrap_socket(server.open_socket(config.host, config.port), config, chat))
@@ -234,16 +250,22 @@ class ChildProcess:
 
 
 def bench_settings(data_dir: str, **changes) -> dict:
-    """The server's settings for a bench row: the defaults, but quiet and no flood control."""
-    settings = dict(host="127.0.0.1", port=0, data_dir=data_dir, quiet=True,
-                    message_rate=1_000_000.0, message_burst=1_000_000)
+    """The server's settings for a bench row: the defaults, but quiet."""
+    settings = dict(host="127.0.0.1", port=0, data_dir=data_dir, quiet=True)
     settings.update(changes)
     server.ServerConfig(**settings)  # a misspelt setting fails here, not in the child
     return settings
 
 
-def start_server(workdir: str, settings: dict, name: str = "server") -> ChildProcess:
-    return ChildProcess(SERVER_LAUNCHER, json.dumps(settings), ROOT, workdir=workdir, name=name)
+def start_server(workdir: str, settings: dict, name: str = "server", constants: dict | None = None) -> ChildProcess:
+    """server.py in a child process with `settings` (ServerConfig fields) and `constants`
+    ({"AbuseControl.MESSAGE_RATE": 1e6, ...}: the server module's names to change first)."""
+    constants = constants or {}
+    for name_given in constants:  # a misspelt constant fails here, not in the child
+        owner, _, attribute = name_given.rpartition(".")
+        if not hasattr(getattr(server, owner) if owner else server, attribute):
+            raise AttributeError(f"server has no {name_given}")
+    return ChildProcess(SERVER_LAUNCHER, json.dumps(settings), ROOT, json.dumps(constants), workdir=workdir, name=name)
 
 
 def create_accounts(data_dir: str, names: list[str], iterations: int = CHEAP_HASH) -> None:
@@ -314,14 +336,18 @@ def wait_for_delivery(tallies: list[Tally], count: int, settle: float = SETTLE) 
 
 
 def send_messages(send, count: int, rate: float | None) -> float:
-    """Send `count` messages, `rate` a second or flat out (None); return when it started."""
+    """Send messages 0 .. count-1, `rate` a second or flat out (None); return when it started.
+
+    `send(number)` sends one; it makes the message (and so stamps its time) itself, when
+    it is ready to send it.
+    """
     started = time.monotonic()
     for number in range(count):
         if rate:
             delay = started + number / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        send(make_message(number))
+        send(number)
     return started
 
 
@@ -356,6 +382,63 @@ class ChatReceiver:
             self.tally.record(event.text)
         elif event.kind == "join" and event.user == SENDER:
             self.sender_joined.set()
+
+
+class PipelinedSender:
+    """Our sender: SAYs submitted without waiting for their replies, a bounded number at once.
+
+    At most `outstanding` SAYs are unanswered at any time (the channel's window, 32, so none
+    waits in the client's queue, which therefore never overflows); `send` waits for a
+    free place, then stamps and submits the message. Every reply is looked at: a SAY the
+    server refused, or that failed, is counted by its reason.
+    """
+
+    def __init__(self, chat: client.ChatClient, outstanding: int | None = None):
+        self.chat = chat
+        self.outstanding = outstanding or chat.protocol.channel.window  # logged in: the session's
+        self.places = threading.BoundedSemaphore(self.outstanding)
+        self.lock = threading.Lock()
+        self.answered = 0
+        self.failed: dict[str, int] = {}  # reason -> how many SAYs it stopped
+        self.most_unanswered = 0
+        self.unanswered = 0
+
+    def send(self, number: int) -> None:
+        self.places.acquire()
+        with self.lock:
+            self.unanswered += 1
+            self.most_unanswered = max(self.most_unanswered, self.unanswered)
+        try:
+            future = self.chat.submit(PacketType.SAY, make_message(number))
+        except client.ChatError as error:
+            self.settle(error)
+            return
+        future.add_done_callback(lambda done: self.settle(done.exception()))
+
+    def settle(self, error: BaseException | None) -> None:
+        """One SAY is answered (or failed): note how, and free its place."""
+        with self.lock:
+            self.unanswered -= 1
+            if error is None:
+                self.answered += 1
+            else:
+                reason = f"{type(error).__name__} {getattr(error, 'code', '')}".rstrip() + f": {error}"
+                self.failed[reason] = self.failed.get(reason, 0) + 1
+        self.places.release()
+
+    def wait_for_answers(self, timeout: float) -> None:
+        """Return once every SAY submitted has its answer (every place is free again)."""
+        deadline = time.monotonic() + timeout
+        for _ in range(self.outstanding):
+            if not self.places.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                raise RuntimeError(f"the server did not answer {self.unanswered} SAYs in {timeout:.0f} s")
+        for _ in range(self.outstanding):
+            self.places.release()
+
+    def summary(self) -> str:
+        failed = "; ".join(f"{count} {reason}" for reason, count in sorted(self.failed.items()))
+        return (f"{self.answered} SAYs answered OK, at most {self.most_unanswered} unanswered at once"
+                + (f"; NOT SENT: {failed}" if failed else ""))
 
 
 class RelayReceiver:
@@ -477,8 +560,9 @@ class Receivers:
                 pipe.send("close")
             except OSError:
                 pass  # that process has ended already
+        deadline = time.monotonic() + 10  # for them all: one stuck after a failure must not cost 10 s each
         for process in self.processes:
-            process.join(timeout=10)
+            process.join(timeout=max(deadline - time.monotonic(), 0))
             if process.is_alive():
                 process.terminate()
 
@@ -493,7 +577,7 @@ class LoginFlood:
     """Wrong-password LOGINs for unknown names from other sockets, as fast as the server takes them.
 
     Each socket sends one LOGIN, waits for its answer and sends the next: the server checks
-    at most `max_pending_per_address` (2) per IP address at once, so 3 sockets keep its
+    at most AbuseControl.MAX_PENDING_PER_ADDRESS (2) per IP address at once, so 3 sockets keep its
     hash worker busy all the time. A "busy" answer costs the server no hash; the socket
     tries again 20 ms later. Unknown names are checked against a dummy record at the
     server's kdf_iterations (600,000), as slow as a real one, and never lock an account.
@@ -519,7 +603,11 @@ class LoginFlood:
         self.elapsed = time.monotonic() - self.started
 
     def ask(self, sock, seq: int, ptype: PacketType, *fields: str) -> list[str]:
-        """Send one request until its answer comes; return [code-or-first-field, ...]."""
+        """Send one request until its answer comes; return [code-or-first-field, ...].
+
+        A stranger's answer is unsequenced, acknowledges the request's number, and names it
+        in its field 0 ("re"): OK [re, ...] or ERROR [re, code, text]; we return what follows.
+        """
         data = encode_packet(Packet(ptype, seq, payload=pack_fields(*fields)), self.cipher)
         while not self.stopping.is_set():
             sock.send(data)
@@ -527,10 +615,11 @@ class LoginFlood:
             while time.monotonic() < deadline:
                 try:
                     reply = decode_packet(sock.recv(65535), self.cipher)
+                    answer = unpack_fields(reply.payload)
                 except (TimeoutError, PacketError, ConnectionRefusedError):
                     continue
-                if reply.ack == seq:
-                    return unpack_fields(reply.payload)
+                if reply.ack == seq and answer[:1] == [str(seq)]:
+                    return answer[1:] or [""]
         return ["stopped"]
 
     def flood(self, index: int) -> None:
@@ -629,19 +718,22 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
     names = [f"r{index}" for index in range(scenario.receivers)]
     create_accounts(data_dir, names + [SENDER])
     sender, flood = None, None
-    with start_server(workdir, bench_settings(data_dir)) as process, \
+    with start_server(workdir, bench_settings(data_dir), constants=NO_FLOOD_CONTROL) as process, \
             Receivers("chat", process.address, scenario.receivers, scenario.loss) as receivers:
         try:
             sender = client.ChatClient(*process.address, loss=scenario.loss,
                                        seed=10_000 if scenario.loss else None)
             enter_lobby(sender, SENDER)
+            pipeline = PipelinedSender(sender)
             if not receivers.all_heard(SETUP_TIMEOUT):
                 raise RuntimeError("the receivers never heard the sender join")
             if scenario.login_flood:
                 flood = LoginFlood(process.address)
                 flood.start()
                 time.sleep(1.0)  # the hash worker is busy before the first message
-            started, sent_by, tallies, cpu = send_and_count(scenario, sender.say, process, receivers, SETTLE)
+            started, sent_by, tallies, cpu = send_and_count(scenario, pipeline.send, process, receivers, SETTLE,
+                                                            drain=pipeline.wait_for_answers)
+            notes.append(f"{scenario.label}: {pipeline.summary()}.")
             if flood:
                 flood.stop()
                 notes.append(f"{scenario.label}: {flood.summary()}.")
@@ -657,15 +749,20 @@ def run_server_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
     return summarize(scenario, tallies, started, sent_by, memory, drops, cpu)
 
 
-def send_and_count(scenario: Scenario, send, process: ChildProcess, receivers: Receivers, settle: float):
+def send_and_count(scenario: Scenario, send, process: ChildProcess, receivers: Receivers, settle: float,
+                   drain=None):
     """Send the row's messages through `send`, then collect what the receivers got.
 
+    `drain(timeout)`, if given, waits until the server has answered every message: then
+    sending ends there, not at the last submit.
     Return (when sending started, when it ended, the tallies, (CPU seconds of the relaying
     process or None where /proc is missing, CPU seconds of the receivers' processes)).
     """
     receivers.go()
     cpu_before = process.cpu_seconds()
     started = send_messages(send, scenario.messages, scenario.rate)
+    if drain:
+        drain(SETUP_TIMEOUT + 2 * client.Timing.give_up_after)
     sent_by = time.monotonic()
     tallies, receivers_cpu = receivers.tallies(scenario.messages, settle)
     cpu_after = process.cpu_seconds()
@@ -694,7 +791,8 @@ def run_relay_row(scenario: Scenario, workdir: str, notes: list[str]) -> Row:
                 raise RuntimeError("the relay's receivers never heard the sender")
             sender.send(f"join {SENDER}".encode())
             time.sleep(0.1)
-        started, sent_by, tallies, cpu = send_and_count(scenario, lambda text: sender.send(text.encode()),
+        started, sent_by, tallies, cpu = send_and_count(scenario,
+                                                        lambda number: sender.send(make_message(number).encode()),
                                                         process, receivers, settle=1.0)
         memory = process.memory()
         drops = count_drops(process.port, receivers.ports + [raw.getsockname()[1]])
@@ -748,7 +846,7 @@ def scenarios(quick: bool, many: int) -> tuple[list[Scenario], Scenario]:
     """Return the rows of our server, and the relay's flat-out row (its paced row follows)."""
     paced = 60 if quick else 200  # 3 or 10 seconds at 20 messages a second
     flat_out = 1000 if quick else 5000
-    lossy = 40 if quick else 100  # at 20% loss the stop-and-wait sender manages about 4 a second
+    lossy = 40 if quick else 100
     crowd = 200 if quick else 1000
     ours = [
         Scenario("our server, 20 receivers, sender paced 20 msg/s", messages=paced, rate=20),
@@ -783,30 +881,36 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("delivered %: distinct messages a receiver got / sent, mean over receivers / worst receiver. "
           "deliveries/s: distinct deliveries, all receivers, from the first send to the last arrival. "
-          "Latency: from the sender's say() call to the receiver's event. Peak memory: VmHWM of the "
+          "Latency: from the sender's submit() of the SAY to the receiver's event (flat out, that includes "
+          "the wait behind the earlier SAYs still unanswered, up to a window of them). Peak memory: VmHWM of the "
           f"server's (or relay's) process; an idle server peaks at {idle} MB. Kernel drops: datagrams Linux "
           "discarded because a socket's receive buffer was full; our server sends those again, the relay cannot. "
           "CPU per delivery: the CPU time the server's (or relay's) process, and all the receivers' processes, "
           "used from the first send until every receiver was done, over the distinct deliveries (the server's "
           "is n/a where /proc is missing; in the LOGIN flood row it includes the password hashing).")
     for row in (flat_out, lossy, crowd):
-        print(f"{row.label}: the sender (stop-and-wait, one SAY at a time) reached {row.send_rate:,.1f} msg/s.")
+        print(f"{row.label}: the sender (pipelined, up to a window of SAYs unanswered) reached "
+              f"{row.send_rate:,.1f} msg/s, from the first submit to the last reply.")
     print(f"LOGIN flood: latency p50 / p99 {flood.p50_ms:.1f} / {flood.p99_ms:.1f} ms during the flood, "
           f"{paced.p50_ms:.1f} / {paced.p99_ms:.1f} ms without it (same pace, same receivers).")
     for note in notes:
         print(note)
     defaults = server.ServerConfig()
-    print(f"Server settings: default ServerConfig (kdf_iterations {defaults.kdf_iterations:,}, window "
-          f"{defaults.window}, max_queue {defaults.max_queue}, min_rto {defaults.min_rto} s, max_pending_per_address "
-          f"{defaults.max_pending_per_address}) except quiet, and message_rate/message_burst raised to 1,000,000 "
-          f"(flood control off); the bench accounts are written to users.json beforehand with {CHEAP_HASH:,}-"
+    print(f"Server settings: default ServerConfig (kdf_iterations {defaults.kdf_iterations:,}) and constants "
+          f"(Channel window {Channel.WINDOW}, max_queue {Channel.MAX_QUEUE}, RTO floor {RtoEstimator.FLOOR} s, "
+          f"AbuseControl.MAX_PENDING_PER_ADDRESS {server.AbuseControl.MAX_PENDING_PER_ADDRESS}) except quiet, and "
+          f"AbuseControl.MESSAGE_RATE/MESSAGE_BURST raised to {NO_FLOOD_CONTROL['AbuseControl.MESSAGE_RATE']:,.0f} "
+          "in the server's process (flood control "
+          f"off, from {server.AbuseControl.MESSAGE_RATE:g}/s after {server.AbuseControl.MESSAGE_BURST}); "
+          f"the bench accounts are written to users.json beforehand with {CHEAP_HASH:,}-"
           "iteration hashes, and log in over the protocol. The server runs in a child process (a python -c "
           f"launcher); the receivers in child processes, at most {RECEIVER_PROCESSES} (one each in the rows of 20), "
           "the sender in this one.")
     print("Loss: client.ChatClient(loss=0.2, seed=i) at every receiver and at the sender, each way; the "
-          "relay's clients drop the same way (encryption_helper.LossySocket). At 20% each way a SAY and its "
-          "reply both get through 64% of the time, so the stop-and-wait sender often waits out a retry "
-          "timeout (200 ms, doubling): that waiting is in the latency.")
+          "relay's clients drop the same way (encryption_helper.LossySocket). A SAY, or an EVENT, lost on "
+          "the way is sent again by its channel (after a timeout of at least 200 ms, doubling, or at once "
+          "when two later packets overtake it), and the receiver holds whatever comes after it until the "
+          "gap fills: that waiting is in the latency.")
     print(f"Machine: {machine()}")
     print(f"Command: python tests/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"Run time: {time.monotonic() - began:.0f} s")

@@ -3,15 +3,18 @@
 import binascii
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
 from encryption_helper import (
+    HEADER,
     HEADER_FORMAT,
     HEADER_SIZE,
     MAX_DATAGRAM,
     MAX_PAYLOAD,
     NO_TOKEN,
+    VERSION,
     CaesarCipher,
     LossySocket,
     NoCipher,
@@ -20,36 +23,70 @@ from encryption_helper import (
     PacketType,
     RtoEstimator,
     XorCipher,
+    acknowledged,
     decode_packet,
     describe_datagram,
     encode_packet,
     make_cipher,
     pack_fields,
     peek_type_name,
+    prepare_body,
+    sack_bitmap,
     unpack_fields,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 XOR = make_cipher("xor")
-SAY = Packet(PacketType.SAY, seq=7, ack=3, token=b"12345678", flags=1, payload=pack_fields("hi :)"))
+SAY = Packet(PacketType.SAY, seq=7, ack=3, sack=0b101, token=b"12345678", flags=1, payload=pack_fields("hi :)"))
+# The SAY the README and the docstrings of server.py and client.py show, byte by byte.
+DOCUMENTED_SAY = Packet(PacketType.SAY, seq=7, ack=2, token=bytes.fromhex("3e1a2c5e5e779012"),
+                        payload=pack_fields("hi :)"))
 
 
-def test_header_is_28_bytes_in_network_byte_order():
-    assert HEADER_SIZE == struct.calcsize(HEADER_FORMAT) == 28
+def forge(version: int = VERSION, ptype: int = PacketType.OK, payload: bytes = b"", cipher=XOR) -> bytes:
+    """Return a datagram with any version and type number, and a checksum that matches."""
+    header = HEADER.pack(b"UC", version, ptype, 0, len(payload), 0, 0, 0, NO_TOKEN, 0)
+    crc = binascii.crc32(header, binascii.crc32(payload))
+    return header[:-4] + crc.to_bytes(4, "big") + cipher.encrypt(payload)
+
+
+def test_header_is_32_bytes_in_network_byte_order():
+    assert HEADER_SIZE == struct.calcsize(HEADER_FORMAT) == 32
     data = encode_packet(SAY, NoCipher())
-    assert data[:2] == b"UC" and data[2] == 1 and data[3] == PacketType.SAY
+    assert data[:2] == b"UC" and data[2] == VERSION == 2 and data[3] == PacketType.SAY
     assert data[4:6] == b"\x00\x01"  # flags
     assert data[6:8] == b"\x00\x07"  # payload length
     assert data[8:12] == b"\x00\x00\x00\x07"  # seq, big-endian
     assert data[12:16] == b"\x00\x00\x00\x03"  # ack
-    assert data[16:24] == b"12345678"
-    assert data[28:] == b"\x00\x05hi :)"
+    assert data[16:20] == b"\x00\x00\x00\x05"  # sack
+    assert data[20:28] == b"12345678"  # token
+    assert data[32:] == b"\x00\x05hi :)"
 
 
-def test_checksum_is_crc32_of_zeroed_header_and_plain_payload():
+def test_checksum_is_crc32_of_plain_payload_then_zeroed_header():
     data = encode_packet(SAY, XOR)
-    zeroed = data[:24] + bytes(4)
-    plain = XOR.decrypt(data[28:])
-    assert int.from_bytes(data[24:28], "big") == binascii.crc32(zeroed + plain)
+    zeroed = data[:28] + bytes(4)
+    plain = XOR.decrypt(data[32:])
+    crc = int.from_bytes(data[28:32], "big")
+    assert crc == binascii.crc32(zeroed, binascii.crc32(plain)) == binascii.crc32(plain + zeroed)
+    assert crc != binascii.crc32(zeroed + plain)  # the order matters: payload first
+
+
+def test_prepared_body_is_the_payload_scrambled_with_the_crc_of_its_plain_bytes():
+    body = prepare_body(SAY.payload, XOR)
+    assert body.plain == SAY.payload
+    assert body.scrambled == XOR.encrypt(SAY.payload) != SAY.payload
+    assert body.crc == binascii.crc32(SAY.payload)
+    with pytest.raises(ValueError):
+        prepare_body(bytes(MAX_PAYLOAD + 1), XOR)
+
+
+def test_one_prepared_body_serves_many_headers():
+    body = prepare_body(SAY.payload, XOR)
+    assert encode_packet(SAY, XOR, body) == encode_packet(SAY, XOR)
+    for seq, token in ((1, b"aaaaaaaa"), (900, b"bbbbbbbb")):
+        packet = SAY._replace(seq=seq, token=token)
+        assert decode_packet(encode_packet(packet, XOR, body), XOR) == packet
 
 
 @pytest.mark.parametrize("cipher", ["xor", "caesar", "none"])
@@ -60,7 +97,7 @@ def test_round_trip_with_every_cipher(cipher):
 
 def test_only_the_payload_is_scrambled():
     data = encode_packet(SAY, XOR)
-    assert data[:24] == encode_packet(SAY, NoCipher())[:24]
+    assert data[:HEADER_SIZE] == encode_packet(SAY, NoCipher())[:HEADER_SIZE]  # the CRC too: it is of plain bytes
     assert b"hi :)" not in data
 
 
@@ -75,35 +112,46 @@ def flip_bit(data: bytes, position: int) -> bytes:
     return data[:position] + bytes([data[position] ^ 1]) + data[position + 1:]
 
 
+GOOD = encode_packet(SAY, XOR)
+# Each malformed datagram, and the words of the check that must catch it.
 MALFORMED = {
-    "empty": b"",
-    "shorter than a header": encode_packet(SAY, XOR)[:27],
-    "over 1200 bytes": encode_packet(SAY, XOR) + bytes(1200),
-    "wrong magic": b"XX" + encode_packet(SAY, XOR)[2:],
-    "wrong version": encode_packet(SAY, XOR)[:2] + b"\x09" + encode_packet(SAY, XOR)[3:],
-    "length field too big": encode_packet(SAY, XOR)[:6] + b"\x00\x08" + encode_packet(SAY, XOR)[8:],
-    "length field too small": encode_packet(SAY, XOR)[:6] + b"\x00\x06" + encode_packet(SAY, XOR)[8:],
-    "payload bit flipped": flip_bit(encode_packet(SAY, XOR), 30),
-    "seq bit flipped": flip_bit(encode_packet(SAY, XOR), 11),
-    "token bit flipped": flip_bit(encode_packet(SAY, XOR), 20),
-    "checksum bit flipped": flip_bit(encode_packet(SAY, XOR), 27),
-    "unknown type": b"UC\x01\x63" + encode_packet(Packet(PacketType.OK), XOR)[4:],
-    "text, not a packet": b"alice:hello",
-    "random bytes": bytes(range(256)),
+    "empty": (b"", "too short"),
+    "shorter than a header": (GOOD[:31], "too short"),
+    "over 1200 bytes": (GOOD + bytes(1200), "too long"),
+    "wrong magic": (b"XX" + GOOD[2:], "not a chat packet"),
+    "wrong version": (forge(version=1), "protocol version 1"),
+    "length field too big": (GOOD[:6] + b"\x00\x08" + GOOD[8:], "length field says 8"),
+    "length field too small": (GOOD[:6] + b"\x00\x06" + GOOD[8:], "length field says 6"),
+    "payload bit flipped": (flip_bit(GOOD, 34), "checksum"),
+    "seq bit flipped": (flip_bit(GOOD, 11), "checksum"),
+    "ack bit flipped": (flip_bit(GOOD, 15), "checksum"),
+    "sack bit flipped": (flip_bit(GOOD, 19), "checksum"),
+    "token bit flipped": (flip_bit(GOOD, 24), "checksum"),
+    "checksum bit flipped": (flip_bit(GOOD, 31), "checksum"),
+    "unknown type": (forge(ptype=99), "unknown packet type 99"),
+    "text, not a packet": (b"alice:hello", "too short"),
+    "random bytes": (bytes(range(256)), "not a chat packet"),
 }
 
 
 @pytest.mark.parametrize("name", MALFORMED)
 def test_malformed_datagram_raises_packet_error(name):
-    with pytest.raises(PacketError):
-        decode_packet(MALFORMED[name], XOR)
+    data, reason = MALFORMED[name]
+    with pytest.raises(PacketError, match=reason):
+        decode_packet(data, XOR)
+
+
+def test_the_forged_datagrams_are_valid_but_for_what_they_change():
+    assert decode_packet(forge(), XOR) == Packet(PacketType.OK)
+    assert decode_packet(forge(payload=pack_fields("0")), XOR).payload == pack_fields("0")
 
 
 def test_unknown_type_is_caught_after_the_checksum():
-    header = struct.pack(HEADER_FORMAT, b"UC", 1, 99, 0, 0, 0, 0, NO_TOKEN, 0)
-    data = header[:-4] + binascii.crc32(header).to_bytes(4, "big")
+    data = forge(ptype=99)
     with pytest.raises(PacketError, match="unknown packet type 99"):
         decode_packet(data, XOR)
+    with pytest.raises(PacketError, match="checksum"):  # a damaged one never gets as far
+        decode_packet(flip_bit(data, 31), XOR)
 
 
 def test_wrong_key_fails_the_checksum():
@@ -173,9 +221,25 @@ def test_default_keys_let_both_ends_agree():
 def test_peek_and_describe_read_the_header_only():
     data = encode_packet(SAY, XOR)
     assert peek_type_name(data) == "SAY"
-    assert describe_datagram(data) == "SAY seq=7 ack=3 35 B retransmitted"
+    assert peek_type_name(forge(ptype=99)) == "type 99"
+    assert describe_datagram(data) == "SAY seq=7 ack=3 sack=0b101 39 B retransmitted"
     assert peek_type_name(b"junk") == "?"
     assert describe_datagram(b"junk") == "? 4 B"
+
+
+def test_describe_leaves_out_an_empty_sack():
+    data = encode_packet(Packet(PacketType.ACK, ack=4), XOR)
+    assert describe_datagram(data) == "ACK seq=0 ack=4 32 B"
+
+
+def test_sack_bit_i_stands_for_number_ack_plus_2_plus_i():
+    assert sack_bitmap(1, {3, 4}) == 0b11
+    assert sack_bitmap(2, {4, 5, 7}) == 0b1011
+    assert sack_bitmap(0, {2, 33, 34}) == 1 << 31 | 1  # 2 and 33 take bits 0 and 31; 34 is beyond them
+    assert sack_bitmap(5, set()) == 0
+    assert [seq for seq in range(1, 40) if acknowledged(seq, 2, 0b1011)] == [1, 2, 4, 5, 7]
+    assert not acknowledged(3, 2, 0xFFFFFFFF)  # ack + 1 is, by definition, the one missing
+    assert acknowledged(35, 2, 1 << 31) and not acknowledged(36, 2, 0xFFFFFFFF)
 
 
 def test_rto_starts_at_one_second_and_follows_rfc_6298():
@@ -200,7 +264,7 @@ def test_rto_has_a_floor_and_a_ceiling():
 
 def test_rto_backs_off_exponentially_up_to_the_ceiling():
     rto = RtoEstimator(initial=0.25, floor=0.2, ceiling=5.0)
-    assert [rto.timeout(attempt) for attempt in range(6)] == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0]
+    assert [rto.timeout(timeouts) for timeouts in range(6)] == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0]
     assert rto.timeout(1000) == 5.0
 
 
@@ -238,11 +302,24 @@ def test_lossy_socket_receive_skips_dropped_datagrams():
     assert lossy.dropped > 0
 
 
+# A line of a hex dump: bytes in hex (or ".." for a byte left out), one or two spaces apart.
+DUMP_LINE = re.compile(r"^ *((?:[0-9a-f]{2}|\.\.)(?: {1,2}(?:[0-9a-f]{2}|\.\.))*)(?: {2,}|$)", re.MULTILINE)
+
+
+def dumped_bytes(text: str) -> str:
+    """Return the bytes of every hex dump line in `text`, one space apart."""
+    return " ".join(" ".join(match.split()) for match in DUMP_LINE.findall(text))
+
+
 def test_the_datagram_shown_in_the_docstrings_is_real():
     import client
     import server
 
-    packet = Packet(PacketType.SAY, seq=7, token=bytes.fromhex("3e1a2c5e5e779012"), payload=pack_fields("hi :)"))
+    expected = encode_packet(DOCUMENTED_SAY, XOR).hex(" ")
     for module in (server, client):
-        hex_lines = re.findall(r"^    ((?:[0-9a-f]{2} )*[0-9a-f]{2})  ", module.__doc__, re.MULTILINE)
-        assert bytes.fromhex(" ".join(hex_lines)) == encode_packet(packet, XOR)
+        assert dumped_bytes(module.__doc__) == expected, f"the SAY in {module.__name__}.py's docstring"
+
+
+def test_the_datagram_shown_in_the_readme_is_real():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert encode_packet(DOCUMENTED_SAY, XOR).hex(" ") in dumped_bytes(readme)
