@@ -220,8 +220,8 @@ class ChatServer:
         """Resend what the channels want resent, serve held requests, end silent sessions."""
         for session in self.delivery.due(now):
             if self.sessions.get(session.address) is session:
-                self.serve_backlog(session, now)
                 self.delivery.touch(session)
+                self.serve_backlog(session, now)
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_EVERY
             for session in list(self.sessions.values()):
@@ -254,8 +254,8 @@ class ChatServer:
                 session.backlog.append(held)
             else:  # a real flood: refuse rather than hold without end
                 self.answer(held, Refusal("slow-down", "Slow down: too many messages at once; not sent."))
+        self.delivery.touch(session)  # first: its replies go out before the EVENTs they cause
         self.serve_backlog(session, request.now)
-        self.delivery.touch(session)
 
     def serve_backlog(self, session: Session, now: float) -> None:
         """Handle the member's requests in order; flood control may hold the rest for later."""
@@ -286,7 +286,8 @@ class ChatServer:
             ptype, fields = PacketType.OK, list(result)
         payload = pack_fields(str(request.packet.seq), *fields)
         if len(payload) > MAX_PAYLOAD:  # never expected; but a reply must never crash the server
-            ptype, payload = PacketType.ERROR, pack_fields(str(request.packet.seq), "too-long", "Answer too long.")
+            ptype, fields = PacketType.ERROR, ["too-long", "Answer too long."]
+            payload = pack_fields(str(request.packet.seq), *fields)
         self.log.outcome(request, ptype, fields)
         if request.session is not None:
             request.session.channel.send(ptype, payload)
@@ -555,7 +556,10 @@ class Reception:
                                                f"forgotten after {self.server.config.session_timeout:.0f} s.")
         if here and here.name.lower() != name.lower():
             raise Refusal("already-logged-in", "This client is logged in already; log out first.")
-        if here:  # the same login again: its welcome was lost and forgotten; start afresh
+        if here and here.channel.expected > 1:  # in use: a duplicate or replay of its LOGIN; it stands
+            self.server.answer(request, [name, LOBBY, f"Welcome, {name}."], token=here.token)
+            return None
+        if here:  # the same login again, never used: its welcome was lost and forgotten; start afresh
             self.server.end_session(here, "", request.now)
         self.server.guard.check_sessions(len(self.server.sessions))
         session = self.server.open_session(name, request.address, request.now)
@@ -643,8 +647,8 @@ class TokenBucket:
         """Spend one token and return 0, or return the seconds until one is there."""
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= 1 - 1e-9:  # a hair short of 1 is rounding: else now + wait == now, for ever
+            self.tokens = max(self.tokens - 1, 0.0)
             return 0.0
         return (1 - self.tokens) / self.rate
 

@@ -8,21 +8,21 @@
    and logs two ChatClients, alice and bob, into the lobby. alice's socket is recorded:
    every datagram she sends (HELLO, LOGIN, JOIN, SAY, ACK, PING) or receives can be replayed.
 2. Sends the datagrams (kinds in KINDS below) from several sockets: strangers that never
-   log in; members logged in by a bare-socket client, so that fuzzed requests can carry a
-   real token and the next sequence number and reach every request handler; and alice's
-   own socket, for exact replays from the same address. Strangers and members send from
-   127.0.0.2 and up where the system allows (Linux), so their registrations do not use up
-   the per-address limits of 127.0.0.1, where the final check's clients live (elsewhere
-   registrations_per_address is raised instead). Every 200 datagrams a HELLO round trip
-   checks that the server still answers, which also keeps the fuzzer from overrunning the
-   server's socket buffer.
+   log in; members logged in by a bare-socket client, whose fuzzed requests mostly go on
+   the session's own Channel (the real token and the next number) and so reach every
+   request handler; and alice's own socket, for exact replays from the same address.
+   Strangers and members send from 127.0.0.2 and up where the system allows (Linux), so
+   their registrations do not use up the per-address limits of 127.0.0.1, where the final
+   check's clients live (elsewhere AbuseControl.REGISTRATIONS_PER_ADDRESS is raised
+   instead). Every 200 datagrams a HELLO round trip checks that the server still answers,
+   which also keeps the fuzzer from overrunning the server's socket buffer.
 3. Afterwards: is the process alive, with no Traceback in its stderr? Did bob get alice's
    message from before the fuzz exactly once? Is alice still heard? Can new users carol
    and dave register, log in, join the lobby and hear each other? Server memory (VmRSS,
    VmHWM) before and after.
 4. The server's memory with 1,000 idle logged-in sessions (a second server, with
-   max_sessions 1,100, registrations_per_address 5,000 and session_timeout 600 s), and what
-   the default limit of 500 sessions says to the 501st (a third server).
+   AbuseControl.MAX_SESSIONS 1,100, REGISTRATIONS_PER_ADDRESS 5,000 and session_timeout
+   600 s), and what the default limit of 500 sessions says to the 501st (a third server).
 
 A crash - the process died or wrote a Traceback - is counted and its traceback shown; the
 datagrams since the last answered HELLO are replayed one by one into an in-process
@@ -37,7 +37,6 @@ import os
 import random
 import socket
 import string
-import struct
 import sys
 import tempfile
 import time
@@ -51,8 +50,7 @@ sys.path.insert(0, ROOT)
 import client  # noqa: E402  (after the path is set: the chat's modules live one folder up)
 import server  # noqa: E402
 from encryption_helper import (  # noqa: E402
-    BITMAP,
-    HEADER_FORMAT,
+    HEADER,
     HEADER_SIZE,
     MAGIC,
     MAX_DATAGRAM,
@@ -60,6 +58,7 @@ from encryption_helper import (  # noqa: E402
     MIN_HELLO_SIZE,
     NO_TOKEN,
     VERSION,
+    Channel,
     Packet,
     PacketError,
     PacketType,
@@ -74,6 +73,7 @@ CIPHER = make_cipher(server.ServerConfig.cipher)  # the default cipher and key, 
 FAST_HASH = 1_000  # PBKDF2 iterations: the fuzzer's REGISTERs and LOGINs cost little
 PASSWORD = "fuzz-password"
 LOBBY_PASSWORD = server.ServerConfig.room_password
+OK, ERROR, RESET = PacketType.OK, PacketType.ERROR, PacketType.RESET
 SYNC_EVERY = 200  # datagrams between HELLO round trips that check the server answers
 MEMBERS = 3
 STRANGERS = 4
@@ -109,32 +109,33 @@ def open_socket(server_address, ip: str = "127.0.0.1") -> socket.socket:
 
 
 class BareClient:
-    """The protocol over a bare socket, one request at a time: log in, acknowledge EVENTs."""
+    """The protocol over a bare socket: before login one request at a time, sent until
+    answered; after it, the session's Channel, which also acknowledges the EVENTs."""
 
     def __init__(self, server_address, ip: str = "127.0.0.1"):
         self.sock = open_socket(server_address, ip)
         self.address = self.sock.getsockname()
-        self.seq = random.randrange(1 << 30)
-        self.answered = self.seq  # the highest request the server has answered
+        self.seq = 0  # requests before login are numbered 1, 2, 3...
         self.token = NO_TOKEN
         self.name = ""
-        self.inbound = client.InboundWindow()
+        self.channel: Channel | None = None  # the session's, once logged in
 
-    def request(self, ptype: PacketType, *fields: str, tries: int = 8) -> Packet:
-        """Send a request until its answer (OK, ERROR or RESET) comes; return it."""
+    def ask(self, ptype: PacketType, *fields: str, tries: int = 8) -> Packet:
+        """A request before login: send it until its answer (OK or ERROR naming it) comes."""
         self.seq += 1
-        data = encode_packet(Packet(ptype, self.seq, 0, self.token, 0, pack_fields(*fields)), CIPHER)
+        data = encode_packet(Packet(ptype, self.seq, payload=pack_fields(*fields)), CIPHER)
         for attempt in range(tries):
             self.sock.send(data)
             deadline = time.monotonic() + 0.2 * 2 ** min(attempt, 3)
             while (reply := self.receive(deadline)) is not None:
-                if reply.ack == self.seq:
+                if reply.seq == 0 and reply.ack == self.seq and reply.type in (OK, ERROR):
                     return reply
         raise TimeoutError(f"no answer to {ptype.name} after {tries} tries")
 
     def receive(self, deadline: float | None) -> Packet | None:
-        """Return the next answer (OK, ERROR or RESET), acknowledging EVENTs on the way; None
-        once `deadline` passes, or at once when nothing is waiting and deadline is None."""
+        """Return the next datagram from the server, decoded; None once `deadline` passes, or
+        at once when nothing is waiting and deadline is None. The session's channel reads
+        it first, and sends what it has to (acknowledgements, retransmissions)."""
         while True:
             if deadline is None:
                 self.sock.setblocking(False)
@@ -149,44 +150,46 @@ class BareClient:
                 return None
             except PacketError:
                 continue
-            if packet.type == PacketType.EVENT:
-                self.acknowledge(packet)
-            elif packet.type in (PacketType.OK, PacketType.ERROR, PacketType.RESET):
-                if packet.type == PacketType.RESET and packet.token == self.token:
-                    self.token = NO_TOKEN  # the server has forgotten this session
-                elif packet.token == self.token:
-                    self.answered = max(self.answered, packet.ack)
-                return packet
+            if packet.type == RESET and packet.token == self.token != NO_TOKEN:
+                self.end_session()  # the server has forgotten this session
+            elif self.channel is not None and packet.token == self.token:
+                self.channel.receive(packet, time.monotonic())
+                self.send_due()
+            return packet
 
-    def acknowledge(self, event: Packet) -> None:
-        if event.token == self.token != NO_TOKEN:
-            self.inbound.receive(event.seq, None)
-            cumulative, bitmap = self.inbound.ack()
-            self.sock.send(encode_packet(Packet(PacketType.ACK, 0, cumulative, self.token, 0, BITMAP.pack(bitmap)),
-                                         CIPHER))
+    def send_due(self) -> None:
+        """Send what the session's channel has for the wire now."""
+        if self.channel is None:
+            return
+        for data in self.channel.poll(time.monotonic()):
+            self.sock.send(data)
+        if self.channel.failed:  # 20 sends unacknowledged: as good as gone
+            self.end_session()
+
+    def end_session(self) -> None:
+        self.token, self.channel = NO_TOKEN, None
 
     def drain(self) -> None:
-        """Read whatever has arrived; afterwards the next request follows the last answered one."""
+        """Read whatever has arrived, and send what the channel owes (its ACKs, mostly)."""
         try:
             while self.receive(None) is not None:
                 pass
+            self.send_due()
         except OSError:  # "connection refused": the server is gone, which the caller finds out
             pass
-        self.seq = self.answered
 
     def hello(self, tries: int = 8) -> str:
-        return unpack_fields(self.request(PacketType.HELLO, HELLO_PADDING, tries=tries).payload)[0]
+        return unpack_fields(self.ask(PacketType.HELLO, HELLO_PADDING, tries=tries).payload)[1]
 
     def register(self, name: str, password: str = PASSWORD) -> list[str]:
-        reply = self.request(PacketType.REGISTER, self.hello(), name, password)
-        return [reply.type.name] + unpack_fields(reply.payload)
+        reply = self.ask(PacketType.REGISTER, self.hello(), name, password)
+        return [reply.type.name] + unpack_fields(reply.payload)[1:]
 
     def login(self, name: str, password: str = PASSWORD) -> list[str]:
-        reply = self.request(PacketType.LOGIN, self.hello(), name, password)
-        if reply.type == PacketType.OK:
-            self.token, self.name, self.inbound = reply.token, name, client.InboundWindow()
-            self.answered = self.seq
-        return [reply.type.name] + unpack_fields(reply.payload)
+        reply = self.ask(PacketType.LOGIN, self.hello(), name, password)
+        if reply.type == OK:
+            self.token, self.name, self.channel = reply.token, name, Channel(CIPHER, reply.token)
+        return [reply.type.name] + unpack_fields(reply.payload)[1:]
 
     def close(self) -> None:
         self.sock.close()
@@ -235,9 +238,9 @@ class Arena:
         self.ips = [fuzz_ip(index) for index in range(MEMBERS + STRANGERS)]
         # Where the fuzzers must share 127.0.0.1 with the final check, their REGISTERs
         # would use up its per-address limit: then lift it.
-        shared = {"registrations_per_address": 100_000} if "127.0.0.1" in self.ips else {}
+        shared = {"AbuseControl.REGISTRATIONS_PER_ADDRESS": 100_000} if "127.0.0.1" in self.ips else {}
         self.data_dir = os.path.join(workdir, f"data{number}")
-        self.process = start_server(workdir, fuzz_settings(self.data_dir, **shared), name=f"server{number}")
+        self.process = start_server(workdir, fuzz_settings(self.data_dir), name=f"server{number}", constants=shared)
         self.bob_events: list[client.Event] = []
         self.alice = self.chat_client("alice", on_event=None)
         self.alice.sock = self.recorder = Recorder(self.alice.sock)
@@ -313,13 +316,14 @@ class Arena:
 # --- Making datagrams ------------------------------------------------------------------
 
 
-def build(ptype: int, seq: int = 0, ack: int = 0, token: bytes = NO_TOKEN, flags: int = 0, payload: bytes = b"",
-          *, magic: bytes = MAGIC, version: int = VERSION, length: int | None = None, crc_error: int = 0) -> bytes:
+def build(ptype: int, seq: int = 0, ack: int = 0, sack: int = 0, token: bytes = NO_TOKEN, flags: int = 0,
+          payload: bytes = b"", *, magic: bytes = MAGIC, version: int = VERSION, length: int | None = None,
+          crc_error: int = 0) -> bytes:
     """A datagram as encode_packet makes it, but of any type number and size, and with any
     header field wrong on request (the checksum still matches unless crc_error is set)."""
-    header = struct.pack(HEADER_FORMAT, magic, version, ptype, flags, len(payload) if length is None else length,
-                         seq, ack, token, 0)
-    crc = (binascii.crc32(payload, binascii.crc32(header)) ^ crc_error) & 0xFFFFFFFF
+    header = HEADER.pack(magic, version, ptype, flags, len(payload) if length is None else length,
+                         seq, ack, sack, token, 0)
+    crc = (binascii.crc32(header, binascii.crc32(payload)) ^ crc_error) & 0xFFFFFFFF
     return header[:-4] + crc.to_bytes(4, "big") + CIPHER.encrypt(payload)
 
 
@@ -343,11 +347,14 @@ class Fuzzer:
         self.kinds = [(kind, weight, getattr(self, method)) for kind, (weight, method) in KINDS.items()]
         self.weights = [weight for _, weight, _ in self.kinds]
 
-    def next(self) -> tuple[str, Endpoint, bytes]:
+    def next(self) -> tuple[str, Endpoint, list[bytes]]:
+        """Return the kind, the socket to send from, and the datagrams (one, but for a
+        member's channel, which may also resend or acknowledge)."""
         kind, _, make = self.rng.choices(self.kinds, self.weights)[0]
         endpoint, data = make()
-        self.counts[kind] += 1
-        return kind, endpoint, data
+        datagrams = data if isinstance(data, list) else [data]
+        self.counts[kind] += len(datagrams)
+        return kind, endpoint, datagrams
 
     # --- Random material ---
 
@@ -402,32 +409,37 @@ class Fuzzer:
         fields = self.fields()
         if ptype == PacketType.HELLO and rng.random() < 0.5:
             fields.append(HELLO_PADDING)
-        data = build(ptype, rng.randrange(1 << 32), rng.randrange(1 << 32), self.token(), rng.randrange(1 << 16),
-                     self.payload(fields))
+        data = build(ptype, rng.randrange(1 << 32), rng.randrange(1 << 32), rng.randrange(1 << 32), self.token(),
+                     rng.randrange(1 << 16), self.payload(fields))
         return self.sender(), self.remember(data)
 
     def member_request(self):
-        """A request with a member's real token, mostly with the next sequence number."""
+        """A request with a member's real token: mostly on its own channel (the next number,
+        the acknowledgements it owes), else with made-up numbers, or another type."""
         members = self.arena.logged_in_members()
         if not members:
             return self.any_type_random_fields()
         rng = self.rng
         member = rng.choice(members)
         ptype = rng.choices(MEMBER_TYPES, MEMBER_WEIGHTS)[0]
+        payload = self.payload(self.request_fields(ptype)) if ptype != PacketType.ACK else b""
+        if ptype in CHANNEL_TYPES and rng.random() < 0.7:
+            member.drain()  # what the server sent meanwhile: its channel acknowledges it
+            if member.channel is not None and member.channel.send(ptype, payload):
+                datagrams = member.channel.poll(time.monotonic())
+                if datagrams:
+                    return member, [self.remember(data) for data in datagrams]
+        channel = member.channel
+        expected = channel.expected if channel else 0
+        next_seq = channel.next_seq if channel else 0
         if ptype == PacketType.ACK:
-            payload = BITMAP.pack(rng.randrange(1 << 32)) if rng.random() < 0.9 else rng.randbytes(rng.randint(0, 8))
-            seq, ack = rng.randrange(1 << 32), rng.choice((member.inbound.expected - 1, rng.randrange(1 << 32)))
+            seq = 0 if rng.random() < 0.9 else rng.randrange(1 << 32)
+            payload = b"" if rng.random() < 0.9 else rng.randbytes(rng.randint(1, 8))
         else:
-            payload = self.payload(self.request_fields(ptype))
-            roll = rng.random()
-            if roll < 0.7:
-                member.seq += 1
-                seq = member.seq
-            else:
-                seq = member.seq if roll < 0.85 else rng.randrange(1 << 32)
-            ack = rng.randrange(1 << 32)
+            seq = rng.choice((next_seq, max(next_seq - 1, 0), next_seq + rng.randrange(1, 40), rng.randrange(1 << 32)))
+        ack = rng.choice((max(expected - 1, 0), rng.randrange(1 << 32)))
         token = member.token if rng.random() < 0.9 else self.token()
-        return member, self.remember(build(ptype, seq, ack, token, 0, payload))
+        return member, self.remember(build(ptype, seq, ack, rng.randrange(1 << 32), token, 0, payload))
 
     def request_fields(self, ptype: PacketType) -> list[str]:
         """Fields that are often what the request needs, and often not."""
@@ -455,7 +467,8 @@ class Fuzzer:
         if rng.random() < 0.2:
             fields = fields[: rng.randrange(3)] + self.fields(rng.randint(0, 2))
         ptype = rng.choice((PacketType.REGISTER, PacketType.LOGIN))
-        return endpoint, self.remember(build(ptype, rng.randrange(1 << 32), 0, self.token(), 0, self.payload(fields)))
+        data = build(ptype, rng.randrange(1 << 32), 0, 0, self.token(), 0, self.payload(fields))
+        return endpoint, self.remember(data)
 
     def mutated_payload(self):
         """A packet whose plain payload has bytes changed, then encoded with a matching
@@ -467,7 +480,8 @@ class Fuzzer:
         payload = bytearray(packet.payload or b"\x00\x00")
         for _ in range(rng.randint(1, 4)):
             payload[rng.randrange(len(payload))] = rng.randrange(256)
-        return self.sender(), build(packet.type, packet.seq, packet.ack, packet.token, packet.flags, bytes(payload))
+        return self.sender(), build(packet.type, packet.seq, packet.ack, packet.sack, packet.token, packet.flags,
+                                    bytes(payload))
 
     def bit_flips(self):
         data = bytearray(self.a_valid_datagram())
@@ -487,19 +501,19 @@ class Fuzzer:
         which = rng.choice(("magic", "version", "length", "checksum", "type"))
         changes = {
             "magic": dict(magic=rng.randbytes(2)),
-            "version": dict(version=rng.choice((0, 2, 255, rng.randrange(256)))),
+            "version": dict(version=rng.choice((0, VERSION - 1, VERSION + 1, 255, rng.randrange(256)))),
             "length": dict(length=rng.randrange(1 << 16)),
             "checksum": dict(crc_error=rng.randrange(1, 1 << 32)),
             "type": {},
         }[which]
         ptype = rng.choice((0, 12, 19, 24, 255, rng.randrange(24, 256))) if which == "type" else packet.type
-        return self.sender(), build(ptype, packet.seq, packet.ack, packet.token, packet.flags, packet.payload,
-                                    **changes)
+        return self.sender(), build(ptype, packet.seq, packet.ack, packet.sack, packet.token, packet.flags,
+                                    packet.payload, **changes)
 
     def too_long(self):
         rng = self.rng
         payload = pack_fields(*(self.text() for _ in range(3))) + rng.randbytes(rng.randint(MAX_PAYLOAD, 1800))
-        return self.sender(), build(rng.choice(list(PacketType)), rng.randrange(1 << 32), 0, NO_TOKEN, 0, payload)
+        return self.sender(), build(rng.choice(list(PacketType)), rng.randrange(1 << 32), 0, 0, NO_TOKEN, 0, payload)
 
     def replay_elsewhere(self):
         return self.sender(), self.rng.choice(self.arena.recorder.sent + self.arena.recorder.received)
@@ -512,15 +526,17 @@ class Fuzzer:
     def captured_with_random_numbers(self):
         rng = self.rng
         packet = self.decoded(rng.choice(self.arena.recorder.sent))
-        seq, ack, token = packet.seq, packet.ack, packet.token
-        for field in rng.sample(("seq", "ack", "token"), rng.randint(1, 3)):
+        seq, ack, sack, token = packet.seq, packet.ack, packet.sack, packet.token
+        for field in rng.sample(("seq", "ack", "sack", "token"), rng.randint(1, 4)):
             if field == "seq":
                 seq = rng.choice((rng.randrange(1 << 32), seq + 1, seq - 1, 0, (1 << 32) - 1)) % (1 << 32)
             elif field == "ack":
                 ack = rng.randrange(1 << 32)
+            elif field == "sack":
+                sack = rng.randrange(1 << 32)
             else:
                 token = self.token()
-        return self.sender(), build(packet.type, seq, ack, token, packet.flags, packet.payload)
+        return self.sender(), build(packet.type, seq, ack, sack, token, packet.flags, packet.payload)
 
     @staticmethod
     def decoded(data: bytes) -> Packet | None:
@@ -534,7 +550,7 @@ KINDS = {  # kind: (weight, Fuzzer method)
     "random bytes, 0-2000 long": (10, "random_bytes"),
     "valid magic and version, then random bytes": (5, "magic_then_random"),
     "valid packet of any type, random fields and numbers": (15, "any_type_random_fields"),
-    "request with a member's real token (mostly the next seq)": (15, "member_request"),
+    "request with a member's real token (mostly on its channel)": (15, "member_request"),
     "REGISTER/LOGIN with a real or damaged cookie": (8, "credentials"),
     "payload bytes changed, checksum recomputed": (10, "mutated_payload"),
     "bit flips in a valid datagram": (8, "bit_flips"),
@@ -548,6 +564,7 @@ KINDS = {  # kind: (weight, Fuzzer method)
 MEMBER_TYPES = (PacketType.JOIN, PacketType.SAY, PacketType.PRIVATE, PacketType.ROOMS, PacketType.WHO,
                 PacketType.PING, PacketType.BYE, PacketType.ACK, PacketType.OK, PacketType.EVENT)
 MEMBER_WEIGHTS = (20, 25, 15, 5, 5, 5, 1, 20, 2, 2)
+CHANNEL_TYPES = frozenset(MEMBER_TYPES[:7])  # the requests a member's channel carries
 
 
 # --- Crashes ---------------------------------------------------------------------------
@@ -562,9 +579,9 @@ def find_culprit(batch, data_dir: str) -> str:
         for kind, address, data in batch:
             try:
                 chat.handle_datagram(data, address, time.monotonic())
-                for work, then in chat.slow_jobs:
-                    then(work(), time.monotonic())
-                chat.slow_jobs.clear()
+                for job in chat.password_jobs:
+                    chat.finish_password_job(job.run(), time.monotonic())
+                chat.password_jobs.clear()
                 chat.outbox.clear()
             except Exception:
                 lines = traceback.format_exc().strip().splitlines()
@@ -624,14 +641,15 @@ def fuzz(count: int, seed: int, max_crashes: int, workdir: str) -> dict:
     sent = send_errors = dropped = 0
     started = time.monotonic()
     while sent < count:
-        kind, endpoint, data = fuzzer.next()
-        try:
-            endpoint.sock.send(data)
-        except OSError:
-            send_errors += 1  # e.g. "connection refused": nobody listens any more
-        batch.append((kind, endpoint.address, data))
-        sent += 1
-        if len(batch) >= SYNC_EVERY or sent == count:
+        kind, endpoint, datagrams = fuzzer.next()
+        for data in datagrams:
+            try:
+                endpoint.sock.send(data)
+            except OSError:
+                send_errors += 1  # e.g. "connection refused": nobody listens any more
+            batch.append((kind, endpoint.address, data))
+            sent += 1
+        if len(batch) >= SYNC_EVERY or sent >= count:
             answered = arena.process.alive() and arena.sync()
             if not crashes.check(arena, answered, batch, workdir):
                 dropped += max((kernel_drops([arena.process.port]) or 0) - drops_before, 0)
@@ -713,9 +731,9 @@ def log_in_many(address, count: int, first_name: str = "idle") -> tuple[collecti
 
 def idle_sessions(workdir: str, count: int = 1000) -> str:
     """The server's memory with `count` idle logged-in sessions."""
-    settings = fuzz_settings(os.path.join(workdir, "idle"), max_sessions=count + 100,
-                             registrations_per_address=5 * count, session_timeout=600.0)
-    with start_server(workdir, settings, name="idle") as process:
+    settings = fuzz_settings(os.path.join(workdir, "idle"), session_timeout=600.0)
+    constants = {"AbuseControl.MAX_SESSIONS": count + 100, "AbuseControl.REGISTRATIONS_PER_ADDRESS": 5 * count}
+    with start_server(workdir, settings, name="idle", constants=constants) as process:
         before = process.memory()
         began = time.monotonic()
         outcomes, clients = log_in_many(process.address, count)
@@ -727,22 +745,23 @@ def idle_sessions(workdir: str, count: int = 1000) -> str:
         return f"{count:,} idle sessions: {dict(outcomes)}; memory n/a (no /proc)"
     per_session = (after["VmRSS"] - before["VmRSS"]) * 1024 / count
     return (f"Memory with {count:,} idle logged-in sessions: VmRSS {before['VmRSS']:.1f} MB before, "
-            f"{after['VmRSS']:.1f} MB after ({per_session:.1f} kB a session, its account record and cached replies "
-            f"included), VmHWM {after['VmHWM']:.1f} MB; {outcomes['ok']:,} logged in of {count:,}; "
+            f"{after['VmRSS']:.1f} MB after ({per_session:.1f} kB a session, its account record, channel and "
+            f"remembered answers included), VmHWM {after['VmHWM']:.1f} MB; {outcomes['ok']:,} logged in of {count:,}; "
             f"{count:,} REGISTER + LOGIN over the protocol, one after another, took {took:.1f} s "
-            f"(max_sessions {count + 100:,}, registrations_per_address {5 * count:,}, session_timeout 600 s).")
+            f"(MAX_SESSIONS {count + 100:,}, REGISTRATIONS_PER_ADDRESS {5 * count:,}, session_timeout 600 s).")
 
 
 def session_limit(workdir: str) -> str:
-    """What the default max_sessions (500) tells the 501st client."""
-    limit = server.ServerConfig.max_sessions
-    settings = fuzz_settings(os.path.join(workdir, "limit"), registrations_per_address=5 * limit)
-    with start_server(workdir, settings, name="limit") as process:
+    """What the default MAX_SESSIONS (500) tells the 501st client."""
+    limit = server.AbuseControl.MAX_SESSIONS
+    constants = {"AbuseControl.REGISTRATIONS_PER_ADDRESS": 5 * limit}
+    settings = fuzz_settings(os.path.join(workdir, "limit"))
+    with start_server(workdir, settings, name="limit", constants=constants) as process:
         outcomes, clients = log_in_many(process.address, limit + 1, "user")
         for bare in clients:
             bare.close()
     refusals = ", ".join(f'{count} got "{text}"' for text, count in outcomes.items() if text != "ok")
-    return f"Default max_sessions {limit}: {outcomes['ok']} of {limit + 1} logged in; {refusals or 'none refused'}."
+    return f"Default MAX_SESSIONS {limit}: {outcomes['ok']} of {limit + 1} logged in; {refusals or 'none refused'}."
 
 
 def report(figures: dict, problems: list[str], memory_after, extra: list[str]) -> None:
@@ -802,6 +821,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    sample = Packet(PacketType.SAY, 7, 2, 5, b"token123", 1, pack_fields("hi :)"))
+    assert build(*sample) == encode_packet(sample, CIPHER), "build() no longer makes the real wire format"
     raise_file_limit()
     began = time.monotonic()
     print(f"Fuzzing the chat server: {args.count:,} datagrams, seed {args.seed}, on {machine()}", file=sys.stderr)

@@ -2,21 +2,31 @@
 
 Here live the promises about what any sender can and cannot do: replies to strangers are
 never larger than what they sent, tokens cannot be forged or replayed, guessing passwords
-is locked out, floods are slowed, tables are bounded.
+is locked out, floods are held back, tables are bounded.
+
+A stranger (`Peer`) sends HELLO, REGISTER and LOGIN by hand, numbered 1, 2, 3...; a
+member (`Member`) talks over a `Channel` numbered from 1, as client.py does after login.
+Password checks run in line: `job.run()`, then `finish_password_job`.
 """
 
-import collections
+import binascii
+import types
 
 import pytest
 from conftest import fast_config
 
+import auth
 import server
 from encryption_helper import (
-    BITMAP,
     FLAG_RETRANSMIT,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
     MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     NO_TOKEN,
+    VERSION,
+    Channel,
     Packet,
     PacketType,
     decode_packet,
@@ -28,6 +38,9 @@ from encryption_helper import (
 
 CIPHER = make_cipher("xor")
 WALL_CLOCK = 1_700_000_000.0
+STAMP = str(int(WALL_CLOCK))  # the time field of every EVENT here
+HELLO_PADDING = "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)
+OK, ERROR, EVENT = PacketType.OK, PacketType.ERROR, PacketType.EVENT
 
 
 class Harness:
@@ -38,445 +51,260 @@ class Harness:
         self.config = fast_config(data_dir, **changes)
         self.chat = server.ChatServer(self.config, log=self.log.append, wall_clock=lambda: WALL_CLOCK)
         self.now = 1000.0
-        self.sent: list[tuple[bytes, tuple]] = []
+        self.wire: list[tuple[Packet, tuple, int]] = []  # everything the server sent, in order
+        self.members: dict[tuple, Member] = {}  # address -> the member there, who reads what is sent to it
 
-    def deliver(self, data: bytes, address) -> list[tuple[Packet, tuple, int]]:
+    def deliver(self, data: bytes, address, run_jobs: bool = True) -> list[tuple[Packet, tuple, int]]:
         """Hand the server one datagram; return what it sends as (packet, to, size)."""
         self.chat.handle_datagram(data, address, self.now)
-        for work, then in self.chat.slow_jobs[:]:  # the hash worker, run in line
-            self.chat.slow_jobs.remove((work, then))
-            then(work(), self.now)
-        return self.collect()
-
-    def collect(self):
-        out = [(decode_packet(data, CIPHER), to, len(data)) for data, to in self.chat.outbox]
-        self.sent.extend(self.chat.outbox)
-        self.chat.outbox.clear()
+        out = self.collect()
+        if run_jobs:
+            out += self.run_jobs()
         return out
 
-    def advance(self, seconds: float):
-        self.now += seconds
-        self.chat.on_timers(self.now)
+    def run_jobs(self) -> list[tuple[Packet, tuple, int]]:
+        """The password worker, in line: run every job waiting, and hand it back."""
+        jobs, self.chat.password_jobs[:] = list(self.chat.password_jobs), []
+        for job in jobs:
+            self.chat.finish_password_job(job.run(), self.now)
         return self.collect()
+
+    def collect(self) -> list[tuple[Packet, tuple, int]]:
+        out = [(decode_packet(data, CIPHER), to, len(data)) for data, to in self.chat.outbox]
+        self.chat.outbox.clear()
+        self.wire.extend(out)
+        for packet, to, _ in out:
+            if to in self.members:
+                self.members[to].hear(packet)
+        return out
+
+    def settle(self) -> None:
+        """Let every member that hears send what its channel has (acknowledgements, mostly)."""
+        for _ in range(1000):
+            out = [(data, member.address) for member in list(self.members.values()) if not member.deaf
+                   for data in member.channel.poll(self.now)]
+            if not out:
+                return
+            for data, address in out:
+                self.deliver(data, address)
+        raise AssertionError("the traffic never settled")
+
+    def advance(self, seconds: float) -> list[tuple[Packet, tuple, int]]:
+        """Move the clock on, running the timers at each deadline on the way (as ServerLoop does,
+        whose clock has moved on by at least a millisecond when it looks again)."""
+        end = self.now + seconds
+        out = []
+        while self.now < end:
+            self.now = min(max(self.chat.next_deadline(), self.now + 0.001), end)
+            self.chat.on_timers(self.now)
+            out += self.collect()
+            self.settle()
+        return out
 
 
 class Peer:
-    """A hand-driven client at one address."""
+    """A client before login, at one address: requests numbered by hand, answered unsequenced."""
 
     def __init__(self, harness: Harness, port: int, ip: str = "10.0.0.1"):
         self.harness = harness
         self.address = (ip, port)
-        self.seq = 100
-        self.token = NO_TOKEN
+        self.seq = 0
         self.last_request = b""
 
-    def send(self, ptype, *fields, seq=None, token=None, raw_payload=None) -> list:
+    def send(self, ptype, *fields, seq=None, token=NO_TOKEN, run_jobs=True) -> list:
         if seq is None:
             self.seq += 1
             seq = self.seq
-        payload = pack_fields(*fields) if raw_payload is None else raw_payload
         if ptype == PacketType.HELLO:
-            payload = pack_fields("." * (MIN_HELLO_SIZE - 30))
-        packet = Packet(ptype, seq, 0, self.token if token is None else token, 0, payload)
-        self.last_request = encode_packet(packet, CIPHER)
-        return self.harness.deliver(self.last_request, self.address)
+            fields = (HELLO_PADDING,)
+        self.last_request = encode_packet(Packet(ptype, seq, token=token, payload=pack_fields(*fields)), CIPHER)
+        return self.harness.deliver(self.last_request, self.address, run_jobs)
 
-    def reply(self, ptype, *fields, **options) -> Packet:
-        """Send a request and return the server's reply to it."""
-        answers = [packet for packet, to, _ in self.send(ptype, *fields, **options)
-                   if to == self.address and packet.type != PacketType.EVENT]
+    def answer(self, ptype, *fields, **options) -> Packet:
+        """Send a request and return the server's one answer to it."""
+        answers = [packet for packet, to, _ in self.send(ptype, *fields, **options) if to == self.address]
         assert len(answers) == 1, answers
         return answers[0]
 
+    def fields(self, ptype, *fields, **options) -> list[str]:
+        """The answer's fields after the request number, which must name this request."""
+        answer = self.answer(ptype, *fields, **options)
+        re, *rest = unpack_fields(answer.payload)
+        assert answer.seq == 0 and int(re) == answer.ack == options.get("seq", self.seq)
+        return rest
+
     def text(self, ptype, *fields, **options) -> str:
-        return unpack_fields(self.reply(ptype, *fields, **options).payload)[-1]
+        return self.fields(ptype, *fields, **options)[-1]
 
     def cookie(self) -> str:
-        return unpack_fields(self.reply(PacketType.HELLO).payload)[0]
+        return self.fields(PacketType.HELLO, run_jobs=False)[0]  # leaves the worker's queue alone
 
-    def register(self, name, password="pw") -> str:
+    def register(self, name: str, password: str = "pw") -> str:
         return self.text(PacketType.REGISTER, self.cookie(), name, password)
 
-    def login(self, name, password="pw") -> Packet:
-        answer = self.reply(PacketType.LOGIN, self.cookie(), name, password)
-        if answer.type == PacketType.OK:
-            self.token = answer.token
+    def login(self, name: str, password: str = "pw") -> Packet:
+        """LOGIN; on OK a Member starts reading this address, on the token the answer carries."""
+        answer = self.answer(PacketType.LOGIN, self.cookie(), name, password)
+        if answer.type == OK:
+            self.harness.members[self.address] = Member(self.harness, self.address, answer.token)
         return answer
 
-    def member(self, name, room="lobby", password="juara"):
-        self.register(name)
-        assert self.login(name).type == PacketType.OK
-        assert self.reply(PacketType.JOIN, room, password).type == PacketType.OK
-        return self
+
+class Member:
+    """A logged-in client: its requests and the server's replies and EVENTs on one Channel."""
+
+    def __init__(self, harness: Harness, address, token: bytes):
+        self.harness, self.address, self.token = harness, address, token
+        self.channel = Channel(CIPHER, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
+                               max_sends=Channel.MAX_SENDS)
+        self.replies: dict[int, tuple[PacketType, list[str]]] = {}  # request number -> (OK/ERROR, fields after re)
+        self.heard: list[tuple] = []  # in the order delivered: (OK/ERROR, re) or (EVENT, fields)
+        self.deaf = False  # True: hears nothing, so acknowledges nothing
+
+    def hear(self, packet: Packet) -> None:
+        if self.deaf or packet.token != self.token:
+            return
+        _, ready = self.channel.receive(packet, self.harness.now)
+        for delivered in ready:
+            fields = unpack_fields(delivered.payload)
+            if delivered.type in (OK, ERROR):
+                re = int(fields[0])
+                assert re not in self.replies, f"request {re} answered twice"
+                self.replies[re] = (delivered.type, fields[1:])
+                self.heard.append((delivered.type, re))
+            elif delivered.type == EVENT:
+                self.heard.append((EVENT, fields))
+
+    def send(self, ptype, *fields, raw: bytes | None = None) -> int:
+        """Queue a request without sending it; return its number."""
+        return self.channel.send(ptype, pack_fields(*fields) if raw is None else raw)
+
+    def flush(self) -> list[bytes]:
+        """Send what the channel has, let the traffic settle; return the datagrams sent."""
+        datagrams = self.channel.poll(self.harness.now)
+        for data in datagrams:
+            self.harness.deliver(data, self.address)
+        self.harness.settle()
+        return datagrams
+
+    def ask(self, ptype, *fields, raw: bytes | None = None) -> tuple[PacketType, list[str]]:
+        """Send one request and return its answer: (OK or ERROR, the fields after re)."""
+        seq = self.send(ptype, *fields, raw=raw)
+        self.flush()
+        assert seq in self.replies, f"no answer to {ptype.name} {seq}"
+        return self.replies[seq]
+
+    def text(self, ptype, *fields) -> str:
+        return self.ask(ptype, *fields)[1][-1]
+
+    def events(self) -> list[list[str]]:
+        return [fields for kind, fields in self.heard if kind == EVENT]
+
+    def texts(self, kind: str = "chat") -> list[str]:
+        return [fields[4] for fields in self.events() if fields[0] == kind]
+
+
+def member(harness: Harness, port: int, name: str, room: str = "lobby", password: str = "juara",
+           ip: str = "10.0.0.1") -> Member:
+    """Return a member registered, logged in and in `room`."""
+    peer = Peer(harness, port, ip)
+    assert peer.register(name) == "Registration successful."
+    assert peer.login(name).type == OK
+    made = harness.members[peer.address]
+    assert made.ask(PacketType.JOIN, room, password)[0] == OK
+    return made
 
 
 @pytest.fixture
-def harness(tmp_path):
-    made = Harness(tmp_path / "data")
-    yield made
-    made.chat.close()
+def make_harness(tmp_path):
+    """Return a function that makes a Harness (after the test has set its limits); all closed afterwards."""
+    made = []
+
+    def make(data_dir=None, **changes) -> Harness:
+        made.append(Harness(data_dir or tmp_path / "data", **changes))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.chat.close()
 
 
-def events_to(harness: Harness, peer: Peer, outgoing) -> list[list[str]]:
-    return [unpack_fields(packet.payload) for packet, to, _ in outgoing
-            if to == peer.address and packet.type == PacketType.EVENT]
+@pytest.fixture
+def harness(make_harness):
+    return make_harness()
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """Every PBKDF2 hash computed, counted where it is computed."""
+    calls = []
+    real = auth.hash_password
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(auth, "hash_password", counting)
+    return calls
+
+
+def channel_defaults(monkeypatch, **values) -> None:
+    """Change the defaults of every Channel made from now on (the server's, per session)."""
+    for name, value in values.items():
+        monkeypatch.setitem(Channel.__init__.__kwdefaults__, name, value)
+
+
+def datagram(ptype: int, payload: bytes = b"", seq: int = 1, token: bytes = NO_TOKEN) -> bytes:
+    """A datagram as encode_packet makes it, with a valid checksum, but of any type number."""
+    header = HEADER.pack(MAGIC, VERSION, ptype, 0, len(payload), seq, 0, 0, token, 0)
+    crc = binascii.crc32(header, binascii.crc32(payload))
+    return header[:-4] + crc.to_bytes(4, "big") + CIPHER.encrypt(payload)
+
+
+def sent_to(harness: Harness, member_or_peer, out=None) -> list[Packet]:
+    return [packet for packet, to, _ in (harness.wire if out is None else out) if to == member_or_peer.address]
+
+
+# --- Accounts and logging in ----------------------------------------------------------------------
 
 
 def test_register_login_join_say(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    out = alice.send(PacketType.SAY, "hello, bob")
-    assert events_to(harness, bob, out) == [["chat", str(int(WALL_CLOCK)), "lobby", "alice", "hello, bob"]]
-    assert events_to(harness, alice, out) == []  # everyone but the sender
-
-
-def test_the_reply_goes_out_before_the_events_the_request_causes(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    alice.send(PacketType.SAY, "for the history")
-    said = [(packet.type, to) for packet, to, _ in alice.send(PacketType.SAY, "hello")]
-    assert said == [(PacketType.OK, alice.address), (PacketType.EVENT, bob.address)]
-    carol = Peer(harness, 3)
-    carol.register("carol")
-    carol.login("carol")
-    joined = [(packet.type, to) for packet, to, _ in carol.send(PacketType.JOIN, "lobby", "juara")]
-    assert joined[0] == (PacketType.OK, carol.address)
-    # then the two messages of history to her, and "carol joined" to alice and bob
-    assert sorted(to[1] for ptype, to in joined[1:] if ptype == PacketType.EVENT) == [1, 2, 3, 3]
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    assert alice.ask(PacketType.SAY, "hello, bob") == (OK, ["to lobby, 1 other"])
+    assert bob.events()[-1] == ["chat", STAMP, "lobby", "alice", "hello, bob"]
+    assert "hello, bob" not in alice.texts()  # everyone but the sender
 
 
 def test_exact_reply_texts(harness):
     peer = Peer(harness, 1)
     assert peer.register("alice") == "Registration successful."
     assert peer.register("ALICE") == "Username already taken."
-    assert unpack_fields(peer.login("alice", "wrong").payload)[1] == "Invalid username or password."
-    assert unpack_fields(peer.login("nobody").payload)[1] == "Invalid username or password."
+    assert unpack_fields(peer.login("alice", "wrong").payload)[1:] == ["invalid-login", "Invalid username or password."]
+    assert unpack_fields(peer.login("nobody").payload)[1:] == ["invalid-login", "Invalid username or password."]
+    assert unpack_fields(peer.login("Alice").payload)[1:] == ["alice", "lobby", "Welcome, alice."]
 
 
 def test_login_issues_a_random_token(harness):
     alice, bob = Peer(harness, 1), Peer(harness, 2)
     alice.register("alice")
     bob.register("bob")
-    alice.login("alice")
-    bob.login("bob")
-    assert NO_TOKEN != alice.token != bob.token != NO_TOKEN
+    tokens = [alice.login("alice").token, bob.login("bob").token]
+    assert NO_TOKEN not in tokens and tokens[0] != tokens[1]
+    assert {session.token for session in harness.chat.sessions.values()} == set(tokens)
 
 
 def test_same_account_twice_is_refused(harness):
-    Peer(harness, 1).member("alice")
+    member(harness, 1, "alice")
     answer = Peer(harness, 2).login("alice")
-    assert answer.type == PacketType.ERROR
-    assert "logged in already" in unpack_fields(answer.payload)[1]
-
-
-def test_chat_before_login_is_answered_with_reset(harness):
-    stranger = Peer(harness, 1)
-    answer = stranger.reply(PacketType.SAY, "hi")
-    assert answer.type == PacketType.RESET and answer.payload == b""
-    assert not harness.chat.sessions
-
-
-def test_forged_token_from_a_members_address_is_dropped(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    out = alice.send(PacketType.SAY, "forged", token=b"guessed!")
-    assert out == [] and events_to(harness, bob, out) == []
-
-
-def test_token_from_another_address_is_useless(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    thief = Peer(harness, 3)
-    thief.token = alice.token  # sniffed, but sent from elsewhere
-    out = thief.send(PacketType.SAY, "I am alice")
-    assert events_to(harness, bob, out) == []
-    assert [packet.type for packet, _, _ in out] == [PacketType.RESET]
-
-
-def test_repeated_request_gets_the_same_reply_and_acts_once(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    first = alice.send(PacketType.SAY, "once")
-    again = harness.deliver(alice.last_request, alice.address)  # our reply was lost; resent
-    assert len(events_to(harness, bob, first)) == 1
-    assert events_to(harness, bob, again) == []
-    assert [p for p, to, _ in again if to == alice.address] == [p for p, to, _ in first if to == alice.address]
-
-
-def test_replay_from_another_address_does_nothing(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    alice.send(PacketType.SAY, "captured")
-    out = harness.deliver(alice.last_request, ("10.9.9.9", 4444))
-    assert events_to(harness, bob, out) == []
-
-
-def test_old_request_replayed_later_does_nothing(harness):
-    alice = Peer(harness, 1).member("alice")
-    alice.send(PacketType.SAY, "first")
-    captured = alice.last_request
-    alice.send(PacketType.SAY, "second")
-    out = harness.deliver(captured, alice.address)
-    assert out == [] and harness.chat.stats["stale"] == 1
-
-
-def test_login_replayed_from_another_address_is_refused(harness):
-    alice = Peer(harness, 1)
-    alice.register("alice")
-    alice.login("alice")
-    thief = Peer(harness, 2)
-    answer = harness.deliver(alice.last_request, thief.address)
-    assert [unpack_fields(p.payload)[0] for p, _, _ in answer] == ["stale-cookie"]
+    assert answer.type == ERROR
+    assert unpack_fields(answer.payload)[1] == "already-logged-in"
 
 
 def test_cookie_expires(harness):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
     harness.now += 2 * server.COOKIE_PERIOD + 1
-    assert peer.text(PacketType.REGISTER, cookie, "alice", "pw") == "Say HELLO again."
-
-
-def test_five_failures_lock_the_account_without_hashing(harness):
-    peer = Peer(harness, 1)
-    peer.register("alice")
-    for _ in range(5):
-        peer.login("alice", "guess")
-    hashes_before = harness.chat.stats["datagrams"]
-    answer = Peer(harness, 2, ip="10.0.0.2").login("alice", "pw")  # the right one, from anywhere
-    code, text = unpack_fields(answer.payload)
-    assert code == "locked"
-    assert text == "Too many failed attempts; try again in 60 s."
-    assert not any("checking password" in line for line in harness.log[-2:])
-    assert harness.chat.stats["datagrams"] == hashes_before + 2  # HELLO and LOGIN, no more
-    harness.now += 61
-    assert Peer(harness, 3).login("alice").type == PacketType.OK
-
-
-def test_registrations_per_address_are_limited(tmp_path):
-    harness = Harness(tmp_path, registrations_per_address=3)
-    peer = Peer(harness, 1)
-    texts = [peer.register(f"user{number}") for number in range(4)]
-    assert texts[:3] == ["Registration successful."] * 3
-    assert texts[3].startswith("Too many registrations from your address")
-    assert Peer(harness, 2, ip="10.0.0.2").register("other") == "Registration successful."
-
-
-def test_hash_queue_is_bounded_per_address(harness):
-    peer = Peer(harness, 1)
-    peer.register("alice")
-    harness.chat.pending_by_ip["10.0.0.1"] = harness.config.max_pending_per_address  # two still hashing
-    assert "still being checked" in unpack_fields(peer.login("alice").payload)[1]
-
-
-def test_stranger_never_gets_more_bytes_than_it_sent(harness):
-    peer = Peer(harness, 1)
-    small_hello = encode_packet(Packet(PacketType.HELLO, 1), CIPHER)
-    assert harness.deliver(small_hello, peer.address) == []  # an unpadded HELLO earns nothing
-    for data in [encode_packet(Packet(PacketType.REGISTER, 2, payload=b"\x00"), CIPHER),
-                 b"UC" + bytes(30), encode_packet(Packet(PacketType.HELLO, 3, payload=bytes(100)), CIPHER),
-                 encode_packet(Packet(PacketType.SAY, 4, token=b"forged!!"), CIPHER)]:
-        for _, _, size in harness.deliver(data, peer.address):
-            assert size <= len(data)
-
-
-def test_server_full(tmp_path):
-    harness = Harness(tmp_path, max_sessions=2)
-    Peer(harness, 1).member("a")
-    Peer(harness, 2).member("b")
-    third = Peer(harness, 3)
-    third.register("c")
-    assert unpack_fields(third.login("c").payload)[1] == "Server full; try again later."
-
-
-def test_rooms_are_bounded(tmp_path):
-    harness = Harness(tmp_path, max_rooms=2)
-    peer = Peer(harness, 1).member("alice")
-    assert peer.reply(PacketType.JOIN, "second", "pw").type == PacketType.OK
-    assert "Server full" in peer.text(PacketType.JOIN, "third", "pw")
-
-
-def test_flood_is_slowed_and_told_when_to_resend(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    answers = [alice.reply(PacketType.SAY, f"line {n}") for n in range(harness.config.message_burst + 1)]
-    assert all(answer.type == PacketType.OK for answer in answers[:-1])
-    code, text, retry_after = unpack_fields(answers[-1].payload)
-    assert code == "slow-down" and "Slow down" in text and float(retry_after) > 0
-    harness.now += float(retry_after)
-    assert alice.reply(PacketType.SAY, "line again").type == PacketType.OK
-    assert bob.reply(PacketType.SAY, "bob is not slowed").type == PacketType.OK
-
-
-def test_message_limits(harness):
-    alice = Peer(harness, 1).member("alice")
-    assert alice.text(PacketType.SAY, "x" * (MAX_TEXT_BYTES + 1)).startswith("Message too long (1001 bytes")
-    assert alice.text(PacketType.SAY, "   ") == "Empty message; nothing sent."
-    assert alice.reply(PacketType.SAY, "é" * (MAX_TEXT_BYTES // 2)).type == PacketType.OK
-
-
-def test_wrong_room_password_and_new_rooms(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    assert alice.text(PacketType.JOIN, "lobby", "juara") == "You are in lobby already."
-    assert "(new room)" in alice.text(PacketType.JOIN, "kelas", "rahasia")
-    assert bob.text(PacketType.JOIN, "kelas", "wrong") == "Wrong room password."
-    assert bob.reply(PacketType.JOIN, "KELAS", "rahasia").type == PacketType.OK
-
-
-def test_rooms_are_kept_apart(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    carol = Peer(harness, 3).member("carol", room="other", password="pw")
-    out = alice.send(PacketType.SAY, "lobby only")
-    assert len(events_to(harness, bob, out)) == 1 and events_to(harness, carol, out) == []
-
-
-def test_member_leaving_is_announced(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    out = alice.send(PacketType.BYE)
-    assert events_to(harness, bob, out) == [["leave", str(int(WALL_CLOCK)), "lobby", "alice", ""]]
-    assert "alice" not in harness.chat.online
-
-
-def test_silent_member_times_out_and_the_name_is_free(harness):
-    Peer(harness, 1).member("alice")
-    bob = Peer(harness, 2).member("bob")
-    harness.now += harness.config.session_timeout / 2
-    bob.reply(PacketType.PING)
-    out = harness.advance(harness.config.session_timeout / 2 + 2)
-    assert ["leave", str(int(WALL_CLOCK)), "lobby", "alice", "timed out"] in events_to(harness, bob, out)
-    assert Peer(harness, 3).login("alice").type == PacketType.OK
-
-
-def test_private_message_reaches_only_its_target(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    carol = Peer(harness, 3).member("carol")
-    out = alice.send(PacketType.PRIVATE, "BOB", "psst")
-    assert events_to(harness, bob, out) == [["private", str(int(WALL_CLOCK)), "", "alice", "psst"]]
-    assert events_to(harness, carol, out) == []
-    assert alice.text(PacketType.PRIVATE, "nobody", "hi") == "nobody is not online."
-
-
-def test_rooms_and_who(harness):
-    alice = Peer(harness, 1).member("alice")
-    Peer(harness, 2).member("bob")
-    assert unpack_fields(alice.reply(PacketType.ROOMS).payload) == ["lobby", "2"]
-    assert unpack_fields(alice.reply(PacketType.WHO).payload) == ["lobby", "alice", "bob"]
-
-
-def test_bad_payload_in_a_request_is_refused_not_fatal(harness):
-    alice = Peer(harness, 1).member("alice")
-    answer = alice.reply(PacketType.SAY, raw_payload=b"\x00\x09abc")
-    assert answer.type == PacketType.ERROR and unpack_fields(answer.payload)[0] == "bad-request"
-    assert alice.reply(PacketType.SAY, "still fine").type == PacketType.OK
-
-
-def test_packets_only_servers_send_are_dropped(harness):
-    alice = Peer(harness, 1).member("alice")
-    for ptype in (PacketType.OK, PacketType.ERROR, PacketType.EVENT, PacketType.RESET):
-        assert alice.send(ptype) == []
-
-
-def test_history_is_shown_on_join_and_kept_across_restarts(tmp_path):
-    first = Harness(tmp_path)
-    alice = Peer(first, 1).member("alice")
-    for number in range(25):
-        first.now += 1
-        alice.send(PacketType.SAY, f"message {number}")
-    first.chat.close()
-    second = Harness(tmp_path)  # the server restarted
-    bob = Peer(second, 2)
-    assert bob.login("alice").type == PacketType.OK  # the account survived
-    out = bob.send(PacketType.JOIN, "lobby", "juara")
-    history = events_to(second, bob, out)
-    assert [event[0] for event in history] == ["history"] * 20
-    assert [event[4] for event in history] == [f"message {number}" for number in range(5, 25)]
-
-
-def test_no_password_in_history_or_log(harness, tmp_path):
-    alice = Peer(harness, 1)
-    alice.register("alice", "hunter2-secret")
-    alice.login("alice", "hunter2-secret")
-    alice.reply(PacketType.JOIN, "lobby", "juara")
-    alice.send(PacketType.SAY, "hello")
-    harness.chat.history.file.flush()
-    written = "\n".join(harness.log) + (tmp_path / "data" / "chat_history.txt").read_text(encoding="utf-8")
-    written += (tmp_path / "data" / "users.json").read_text(encoding="utf-8")
-    assert "hello" in written
-    assert "hunter2" not in written and "juara" not in written
-
-
-def test_unacknowledged_events_are_resent_then_the_member_is_dropped(tmp_path):
-    harness = Harness(tmp_path, max_retransmits=4)
-    bob, alice = Peer(harness, 2).member("bob"), Peer(harness, 1).member("alice")  # alice gets no events
-    alice.send(PacketType.SAY, "are you there?")
-    resent = []
-    while "bob" in harness.chat.online and len(resent) < 10:
-        out = harness.advance(harness.config.min_rto * 40)
-        resent += [p for p, to, _ in out if to == bob.address and p.payload.startswith(b"\x00\x04chat")]
-        alice.reply(PacketType.PING)  # alice keeps talking; only bob is silent
-    assert len(resent) == 3 and all(p.flags & FLAG_RETRANSMIT for p in resent)
-    assert "bob" not in harness.chat.online and "alice" in harness.chat.online
-    assert any("not responding" in line for line in harness.log)
-
-
-def test_acknowledged_events_are_not_resent(harness):
-    alice, bob = Peer(harness, 1).member("alice"), Peer(harness, 2).member("bob")
-    out = alice.send(PacketType.SAY, "hello")
-    (event,) = [p for p, to, _ in out if to == bob.address]
-    harness.deliver(encode_packet(Packet(PacketType.ACK, 0, event.seq, bob.token, 0, BITMAP.pack(0)), CIPHER),
-                    bob.address)
-    assert all(to != bob.address for _, to, _ in harness.advance(10.0))
-
-
-def test_a_member_who_falls_too_far_behind_is_dropped_alone(tmp_path):
-    harness = Harness(tmp_path, max_queue=5, window=2, message_burst=100)
-    alice = Peer(harness, 1).member("alice")
-    Peer(harness, 2).member("bob")
-    carol = Peer(harness, 3).member("carol")
-    for number in range(2 + 5 + 1):  # window, queue, one more: bob never acknowledges
-        out = alice.send(PacketType.SAY, f"m{number}")
-        for packet, to, _ in out:  # carol acknowledges everything
-            if to == carol.address and packet.type == PacketType.EVENT:
-                harness.deliver(encode_packet(Packet(PacketType.ACK, 0, packet.seq, carol.token, 0,
-                                                     BITMAP.pack(0)), CIPHER), carol.address)
-    assert "bob" not in harness.chat.online and "carol" in harness.chat.online
-
-
-def test_every_request_type_has_one_handler():
-    handled = set(server.STRANGER_HANDLERS) | set(server.MEMBER_HANDLERS)
-    requests = {t for t in PacketType if t.value <= PacketType.BYE}
-    assert handled == requests and not set(server.STRANGER_HANDLERS) & set(server.MEMBER_HANDLERS)
-
-
-def test_problem_log_is_throttled(harness):
-    for number in range(500):
-        harness.deliver(b"garbage %d" % number, ("10.0.0.1", 1))
-    assert len(harness.log) <= server.PROBLEMS_PER_SECOND + 2
-    assert harness.chat.stats["bad"] == 500
-
-
-def test_throttling_tables_are_bounded():
-    counter = server.EventCounter(limit=5, period=60, max_keys=100)
-    for number in range(10_000):
-        counter.add(f"10.0.{number // 256}.{number % 256}", now=1.0)
-    assert len(counter.events) == 100
-
-
-def test_token_bucket_allows_a_burst_then_the_rate():
-    bucket = server.TokenBucket(rate=5, burst=3, now=0.0)
-    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert bucket.take(0.0) == pytest.approx(0.2)
-    assert bucket.take(0.2) == 0.0
-
-
-def test_actions_are_logged_one_line_each_with_address_user_type_size(harness):
-    Peer(harness, 1).member("alice")
-    join = [line for line in harness.log if " JOIN " in line]
-    assert len(join) == 1 and "10.0.0.1:1" in join[0] and "alice" in join[0] and " B " in join[0]
-
-
-def test_quiet_logs_only_problems(tmp_path):
-    harness = Harness(tmp_path, quiet=True)
-    Peer(harness, 1).member("alice")
-    harness.deliver(b"junk", ("10.0.0.1", 9))
-    assert len(harness.log) == 1 and "[WARN]" in harness.log[0]
-
-
-def test_stats_count_what_happened(harness):
-    harness.deliver(b"junk", ("10.0.0.1", 9))
-    assert harness.chat.stats == collections.Counter(datagrams=1, bad=1)
+    assert peer.fields(PacketType.REGISTER, cookie, "alice", "pw") == ["stale-cookie", "Say HELLO again."]
 
 
 def test_a_cookie_of_any_text_is_refused_not_fatal(harness):
@@ -484,41 +312,608 @@ def test_a_cookie_of_any_text_is_refused_not_fatal(harness):
     assert peer.text(PacketType.REGISTER, "kué 🙂", "alice", "a long password") == "Say HELLO again."
 
 
+def test_login_replayed_from_another_address_is_refused(harness):
+    alice = Peer(harness, 1)
+    alice.register("alice")
+    alice.login("alice")
+    (answer, to, _), = harness.deliver(alice.last_request, ("10.0.0.2", 1))  # the cookie is for alice's address
+    assert to == ("10.0.0.2", 1) and unpack_fields(answer.payload)[1] == "stale-cookie"
+    assert len(harness.chat.sessions) == 1
+
+
+def test_five_failures_lock_the_account_without_hashing(harness, hashes):
+    peer = Peer(harness, 1)
+    peer.register("alice")
+    for _ in range(5):
+        peer.login("alice", "guess")
+    assert len(hashes) == 1 + 5  # the registration, and every guess
+    answer = Peer(harness, 2, ip="10.0.0.2").login("alice", "pw")  # the right one, from anywhere
+    assert unpack_fields(answer.payload)[1:] == ["locked", "Too many failed attempts; try again in 60 s."]
+    assert len(hashes) == 6 and not harness.chat.password_jobs
+    harness.now += 61
+    assert Peer(harness, 3).login("alice").type == OK
+
+
+def test_registrations_per_address_are_limited(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "REGISTRATIONS_PER_ADDRESS", 3)
+    harness = make_harness()
+    peer = Peer(harness, 1)
+    texts = [peer.register(f"user{number}") for number in range(4)]
+    assert texts[:3] == ["Registration successful."] * 3
+    assert texts[3].startswith("Too many registrations from your address")
+    assert Peer(harness, 2, ip="10.0.0.2").register("other") == "Registration successful."
+
+
+def test_hash_queue_is_bounded_per_address(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MAX_PENDING_PER_ADDRESS", 2)
+    harness = make_harness()
+    peer = Peer(harness, 1)
+    peer.register("alice")
+    cookie = peer.cookie()
+    for _ in range(2):  # two checks queued, the worker busy
+        assert peer.send(PacketType.LOGIN, cookie, "alice", "guess", run_jobs=False) == []
+    third = peer.fields(PacketType.LOGIN, cookie, "alice", "pw", run_jobs=False)
+    assert third == ["busy", "Your previous request is still being checked; wait for it."]
+    assert len(harness.chat.password_jobs) == 2
+    other = Peer(harness, 1, ip="10.0.0.2")  # another address still gets its check queued
+    assert other.send(PacketType.LOGIN, other.cookie(), "alice", "pw", run_jobs=False) == []
+    assert len(harness.chat.password_jobs) == 3
+
+
+def test_hash_queue_is_bounded_overall(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MAX_PENDING_HASHES", 3)
+    harness = make_harness()
+    Peer(harness, 1).register("alice")
+    for number in range(3):
+        peer = Peer(harness, 1, ip=f"10.0.1.{number}")
+        assert peer.send(PacketType.LOGIN, peer.cookie(), "alice", "guess", run_jobs=False) == []
+    late = Peer(harness, 1, ip="10.0.2.1")
+    assert late.fields(PacketType.LOGIN, late.cookie(), "alice", "pw", run_jobs=False) == [
+        "busy", "Server busy; try again in a moment."]
+    assert len(harness.run_jobs()) == 3  # each queued check is answered once it is done
+    assert late.fields(PacketType.LOGIN, late.cookie(), "alice", "pw")[0] == "alice"  # the queue has room again
+
+
+def test_server_full(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MAX_SESSIONS", 2)
+    harness = make_harness()
+    member(harness, 1, "a")
+    member(harness, 2, "b")
+    third = Peer(harness, 3)
+    third.register("c")
+    assert unpack_fields(third.login("c").payload)[1:] == ["full", "Server full; try again later."]
+
+
+def test_a_strangers_odd_name_is_logged_quoted(harness):
+    Peer(harness, 1).register("evil\nFAKE LOG LINE")
+    assert harness.log and not any(line.startswith("FAKE") for line in "\n".join(harness.log).split("\n"))
+
+
+# --- Strangers' retries: the same answer, never a second account or hash ---------------------------
+
+
+def test_a_retried_register_gets_the_same_answer_and_makes_one_account(harness, hashes):
+    peer = Peer(harness, 1)
+    assert peer.register("alice") == "Registration successful."
+    first = harness.wire[-1]
+    again = harness.deliver(peer.last_request, peer.address)  # the answer was lost; the client asks again
+    assert again == [first]
+    assert len(harness.chat.users) == 1 and len(hashes) == 1
+
+
+def test_a_retry_while_the_hash_runs_starts_no_second_hash(harness, hashes):
+    peer = Peer(harness, 1)
+    assert peer.send(PacketType.REGISTER, peer.cookie(), "alice", "pw", run_jobs=False) == []
+    assert harness.deliver(peer.last_request, peer.address, run_jobs=False) == []  # still checking
+    assert len(harness.chat.password_jobs) == 1
+    (answer, _, _), = harness.run_jobs()
+    assert unpack_fields(answer.payload)[1] == "Registration successful."
+    assert len(hashes) == 1 and len(harness.chat.users) == 1
+
+
+def test_a_retried_login_gets_the_same_welcome_and_token(harness):
+    peer = Peer(harness, 1)
+    peer.register("alice")
+    welcome = peer.login("alice")
+    session = harness.chat.sessions[peer.address]
+    (again, _, _), = harness.deliver(peer.last_request, peer.address)
+    assert again == welcome and again.token == session.token
+    assert harness.chat.sessions == {peer.address: session}
+
+
+def test_a_lost_welcome_forgotten_by_the_server_starts_a_fresh_session(make_harness, monkeypatch):
+    monkeypatch.setattr(server.StrangerReplies, "SIZE", 1)
+    harness = make_harness()
+    alice = Peer(harness, 1)
+    alice.register("alice")
+    old = alice.login("alice").token
+    login = alice.last_request
+    Peer(harness, 2).register("bob")  # pushes alice's welcome out of the one remembered answer
+    (again, _, _), = harness.deliver(login, alice.address)
+    assert again.type == OK and again.token not in (NO_TOKEN, old)
+    assert [session.token for session in harness.chat.sessions.values()] == [again.token]
+
+
+def test_a_login_replayed_against_a_session_in_use_does_not_silently_cut_it_off(make_harness, monkeypatch):
+    monkeypatch.setattr(server.StrangerReplies, "SIZE", 1)
+    harness = make_harness()
+    peer = Peer(harness, 1)
+    peer.register("alice")
+    peer.login("alice")
+    login = peer.last_request
+    alice = harness.members[peer.address]
+    assert alice.ask(PacketType.JOIN, "lobby", "juara")[0] == OK  # the session is in use
+    Peer(harness, 2).register("bob")  # alice's welcome is forgotten
+    harness.deliver(login, peer.address)  # a network duplicate, or a replay from her address
+    seq = alice.send(PacketType.PING)
+    (data,) = alice.channel.poll(harness.now)
+    out = harness.deliver(data, peer.address)
+    harness.settle()
+    told = [packet.type for packet in sent_to(harness, peer, out) if packet.type == PacketType.RESET]
+    assert seq in alice.replies or told, "alice's requests are dropped as forged, and nobody tells her"
+
+
+def test_a_different_request_reusing_a_number_is_not_taken_for_a_retry(harness):
+    peer = Peer(harness, 1)
+    cookie = peer.cookie()
+    assert peer.text(PacketType.REGISTER, cookie, "alice", "pw", seq=7) == "Registration successful."
+    assert peer.text(PacketType.REGISTER, cookie, "bob", "pw", seq=7) == "Registration successful."
+    assert harness.chat.users.exists("alice") and harness.chat.users.exists("bob")
+
+
+def test_stranger_replies_are_bounded(make_harness, monkeypatch):
+    monkeypatch.setattr(server.StrangerReplies, "SIZE", 8)
+    harness = make_harness()
+    peer = Peer(harness, 1)
+    cookie = peer.cookie()
+    for number in range(50):
+        assert peer.text(PacketType.REGISTER, cookie, "bad name", str(number)).startswith("Usernames are")
+    assert len(harness.chat.strangers.answers) == 8
+
+
+# --- What a stranger can make the server send -------------------------------------------------------
+
+
+def test_stranger_never_gets_more_bytes_than_it_sent(harness):
+    address = ("10.0.0.1", 1)
+    small_hello = encode_packet(Packet(PacketType.HELLO, 1), CIPHER)
+    assert harness.deliver(small_hello, address) == []  # an unpadded HELLO earns nothing
+    tries = [encode_packet(Packet(PacketType.REGISTER, 2, payload=b"\x00"), CIPHER),
+             b"UC" + bytes(HEADER_SIZE - 2),
+             encode_packet(Packet(PacketType.HELLO, 3, payload=bytes(100)), CIPHER),
+             encode_packet(Packet(PacketType.SAY, 4, token=b"forged!!"), CIPHER),
+             datagram(99)]
+    answered = 0
+    for data in tries:
+        for _, to, size in harness.deliver(data, address):
+            answered += 1
+            assert to == address and size <= len(data)
+    assert answered  # some were answered (a RESET at least), none with more than it sent
+
+
+@pytest.mark.parametrize("bad, says", [(datagram(99, bytes(100)), "unknown packet type 99"),
+                                       (encode_packet(Packet(PacketType.PING, 1, payload=bytes(100)),
+                                                      make_cipher("xor", "other key")), "bad checksum")])
+def test_a_bad_datagram_that_looks_like_ours_is_told_what_is_wrong(harness, bad, says):
+    assert datagram(PacketType.PING, bytes(100)) == encode_packet(Packet(PacketType.PING, 1, payload=bytes(100)),
+                                                                  CIPHER)  # the checksum is a valid one
+    (answer, _, size), = harness.deliver(bad, ("10.0.0.1", 1))
+    re, code, text = unpack_fields(answer.payload)
+    assert (answer.type, re, code) == (ERROR, "0", "bad-packet") and says in text and size <= len(bad)
+    assert harness.chat.stats["bad"] == 1 and says in harness.log[-1]
+
+
+def test_chat_before_login_is_answered_with_reset(harness):
+    (answer, to, size), = Peer(harness, 1).send(PacketType.SAY, "hi", seq=5, token=b"tokenXYZ")
+    assert answer.type == PacketType.RESET and answer.payload == b"" and size == HEADER_SIZE
+    assert (answer.ack, answer.token) == (5, b"tokenXYZ")  # names the request and the token it came with
+    assert not harness.chat.sessions
+
+
+def test_a_stray_ack_without_a_session_is_not_answered(harness):
+    assert harness.deliver(encode_packet(Packet(PacketType.ACK, 0, 3, 0, b"tokenXYZ"), CIPHER), ("10.0.0.1", 1)) == []
+    assert harness.chat.stats["no-session"] == 1
+
+
+def test_problem_log_is_throttled(harness, monkeypatch):
+    clock = types.SimpleNamespace(now=5.0)  # the log counts problems per second of time.monotonic()
+    real = server.time
+    monkeypatch.setattr(server, "time", types.SimpleNamespace(monotonic=lambda: clock.now, strftime=real.strftime,
+                                                              gmtime=real.gmtime, time=real.time))
+    for number in range(500):
+        harness.deliver(b"garbage %d" % number, ("10.0.0.1", 1))
+    assert len(harness.log) == server.ServerLog.PROBLEMS_PER_SECOND
+    clock.now = 6.0  # the next second: one line says how many were not shown
+    harness.deliver(b"garbage", ("10.0.0.1", 1))
+    assert f"... and {500 - server.ServerLog.PROBLEMS_PER_SECOND} more problems not shown" in harness.log[-2]
+    assert harness.chat.stats["bad"] == 501
+
+
+def test_throttling_tables_are_bounded(monkeypatch):
+    monkeypatch.setattr(auth.EventCounter, "MAX_KEYS", 100)
+    counter = auth.EventCounter(limit=5, period=60)
+    for number in range(10_000):
+        counter.add(f"10.0.{number // 256}.{number % 256}", now=1.0)
+    assert len(counter.events) == 100
+
+
+# --- Tokens and replays ------------------------------------------------------------------------------
+
+
+def test_forged_token_from_a_members_address_changes_nothing(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    forged = Packet(PacketType.SAY, alice.channel.next_seq, token=b"guessed!", payload=pack_fields("forged"))
+    assert harness.deliver(encode_packet(forged, CIPHER), alice.address) == []
+    assert alice.ask(PacketType.SAY, "real")[0] == OK  # the number the forgery used is still alice's
+    assert bob.texts() == ["real"]
+
+
+def test_a_request_captured_and_sent_from_another_address_is_reset(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    alice.send(PacketType.SAY, "captured")
+    (captured,) = alice.flush()
+    out = harness.deliver(captured, ("10.9.9.9", 4444))  # alice's token, from elsewhere
+    assert [(packet.type, to) for packet, to, _ in out] == [(PacketType.RESET, ("10.9.9.9", 4444))]
+    assert bob.texts() == ["captured"]
+
+
+def test_a_replayed_request_acts_once_however_late(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    alice.send(PacketType.SAY, "once")
+    (first,) = alice.flush()
+    again = harness.deliver(first, alice.address)  # at once, as a network duplicates
+    assert [packet.type for packet, _, _ in again] == [PacketType.ACK]  # "I have it", no second answer
+    alice.ask(PacketType.SAY, "twice")
+    harness.deliver(first, alice.address)  # much later
+    assert bob.texts() == ["once", "twice"]
+    assert [text for _, _, text in harness.chat.rooms["lobby"].history] == ["once", "twice"]
+
+
+# --- Member requests ---------------------------------------------------------------------------------
+
+
+def test_pipelined_requests_are_answered_in_order_each_reply_naming_its_request(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    seqs = [alice.send(PacketType.SAY, "one"), alice.send(PacketType.WHO), alice.send(PacketType.SAY, "two"),
+            alice.send(PacketType.PRIVATE, "nobody", "hi"), alice.send(PacketType.SAY, "three")]
+    assert len(alice.flush()) == 5  # all sent at once, none waiting for an answer
+    assert [alice.replies[seq] for seq in seqs] == [
+        (OK, ["to lobby, 1 other"]), (OK, ["lobby", "alice", "bob"]), (OK, ["to lobby, 1 other"]),
+        (ERROR, ["unknown-user", "nobody is not online."]), (OK, ["to lobby, 1 other"])]
+    assert [re for kind, re in alice.heard if kind != EVENT][-5:] == seqs
+    assert bob.texts() == ["one", "two", "three"]
+
+
+def test_requests_arriving_out_of_order_are_handled_in_the_order_sent(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    for text in ("first", "second", "third"):
+        alice.send(PacketType.SAY, text)
+    datagrams = alice.channel.poll(harness.now)
+    harness.deliver(datagrams[2], alice.address)
+    harness.deliver(datagrams[1], alice.address)
+    assert bob.texts() == []  # held until the first arrives
+    harness.deliver(datagrams[0], alice.address)
+    assert bob.texts() == ["first", "second", "third"]
+
+
+def test_the_reply_goes_out_before_the_events_the_request_causes(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    alice.send(PacketType.SAY, "hello")
+    (data,) = alice.channel.poll(harness.now)
+    said = [(packet.type, to) for packet, to, _ in harness.deliver(data, alice.address)]
+    assert said == [(OK, alice.address), (EVENT, bob.address)]
+
+
+def test_join_ok_comes_before_the_history_on_the_joiners_channel(harness):
+    alice = member(harness, 1, "alice")
+    alice.ask(PacketType.SAY, "for the history")
+    carol = Peer(harness, 3)
+    carol.register("carol")
+    carol.login("carol")
+    joiner = harness.members[carol.address]
+    seq = joiner.send(PacketType.JOIN, "lobby", "juara")
+    joiner.flush()
+    assert joiner.heard == [(OK, seq), (EVENT, ["history", STAMP, "lobby", "alice", "for the history"])]
+    assert alice.events()[-1] == ["join", STAMP, "lobby", "carol", ""]
+
+
+def test_message_limits(harness):
+    alice = member(harness, 1, "alice")
+    assert alice.text(PacketType.SAY, "x" * (MAX_TEXT_BYTES + 1)).startswith("Message too long (1001 bytes")
+    assert alice.ask(PacketType.SAY, "   ") == (ERROR, ["empty", "Empty message; nothing sent."])
+    assert alice.ask(PacketType.SAY, "é" * (MAX_TEXT_BYTES // 2))[0] == OK
+
+
+def test_wrong_room_password_and_new_rooms(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    assert alice.text(PacketType.JOIN, "lobby", "juara") == "You are in lobby already."
+    assert "(new room)" in alice.text(PacketType.JOIN, "kelas", "rahasia")
+    assert bob.ask(PacketType.JOIN, "kelas", "wrong") == (ERROR, ["wrong-room-password", "Wrong room password."])
+    assert bob.ask(PacketType.JOIN, "KELAS", "rahasia") == (OK, ["kelas", "2", "joined kelas, 2 here"])
+
+
+def test_wrong_room_passwords_are_locked_out(harness):
+    alice = member(harness, 1, "alice")
+    alice.ask(PacketType.JOIN, "kelas", "rahasia")
+    bob = member(harness, 2, "bob")
+    for _ in range(server.AbuseControl.LOGIN_FAILURES):
+        assert bob.ask(PacketType.JOIN, "kelas", "guess")[1][0] == "wrong-room-password"
+    assert bob.ask(PacketType.JOIN, "kelas", "rahasia")[1][0] == "locked"  # even the right one, for now
+
+
+def test_rooms_are_bounded(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 2)
+    harness = make_harness()
+    alice = member(harness, 1, "alice")
+    assert alice.ask(PacketType.JOIN, "second", "pw")[0] == OK
+    assert alice.ask(PacketType.JOIN, "third", "pw") == (ERROR, ["full", "Server full: no more rooms can be made."])
+
+
+def test_rooms_are_kept_apart(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    carol = member(harness, 3, "carol", room="other", password="pw")
+    alice.ask(PacketType.SAY, "lobby only")
+    assert bob.texts() == ["lobby only"] and carol.events() == []
+
+
+def test_private_message_reaches_only_its_target(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    carol = member(harness, 3, "carol")
+    assert alice.text(PacketType.PRIVATE, "BOB", "psst") == "private to bob"
+    assert bob.events()[-1] == ["private", STAMP, "", "alice", "psst"]
+    assert carol.texts("private") == []
+    assert alice.text(PacketType.PRIVATE, "nobody", "hi") == "nobody is not online."
+
+
 def test_a_huge_unknown_name_is_not_echoed(harness):
-    alice = Peer(harness, 1).member("alice")
-    answer = alice.reply(PacketType.PRIVATE, "x" * 1100, "hi")
-    assert unpack_fields(answer.payload)[1] == "That user is not online."
+    alice = member(harness, 1, "alice")
+    assert alice.text(PacketType.PRIVATE, "x" * 1100, "hi") == "That user is not online."
+
+
+def test_rooms_and_who(harness):
+    alice = member(harness, 1, "alice")
+    member(harness, 2, "bob")
+    assert alice.ask(PacketType.ROOMS) == (OK, ["lobby", "2"])
+    assert alice.ask(PacketType.WHO) == (OK, ["lobby", "alice", "bob"])
+
+
+def test_bad_payload_in_a_request_is_refused_not_fatal(harness):
+    alice = member(harness, 1, "alice")
+    answer = alice.ask(PacketType.SAY, raw=b"\x00\x09abc")
+    assert answer == (ERROR, ["bad-request", "field of 9 bytes runs past the end of the payload"])
+    assert alice.ask(PacketType.SAY, "still fine")[0] == OK
+
+
+def test_a_numbered_ack_is_refused_as_a_bad_request(harness):
+    alice = member(harness, 1, "alice")
+    assert alice.ask(PacketType.ACK) == (ERROR, ["bad-request", "An ACK carries no sequence number."])
+
+
+def test_packets_only_servers_send_are_dropped(harness):
+    alice = member(harness, 1, "alice")
+    dropped = [alice.send(ptype) for ptype in (OK, ERROR, EVENT, PacketType.RESET)]
+    assert alice.ask(PacketType.PING) == (OK, [])  # the channel goes on past them
+    assert not set(dropped) & set(alice.replies)
+    assert harness.chat.stats["bad"] == 4
 
 
 def test_a_reply_too_big_for_a_packet_becomes_an_error(harness):
-    alice = Peer(harness, 1).member("alice")
-    request = Packet(PacketType.WHO, 5)
-    answer = decode_packet(harness.chat.reply(request, PacketType.OK, ["x" * 2000], alice.token), CIPHER)
-    assert answer.type == PacketType.ERROR and unpack_fields(answer.payload)[0] == "too-long"
+    alice = member(harness, 1, "alice")
+    session = harness.chat.sessions[alice.address]
+    request = server.Request(Packet(PacketType.WHO, 7, token=alice.token), alice.address, HEADER_SIZE, harness.now,
+                             session, proven=True)
+    harness.chat.answer(request, ["x" * 2000])  # no handler makes one; but one must never crash the server
+    harness.chat.delivery.touch(session)
+    harness.chat.flush(harness.now)
+    harness.collect()
+    assert alice.replies[7] == (ERROR, ["too-long", "Answer too long."])
 
 
-def test_many_members_too_slow_at_once_are_all_dropped_calmly(tmp_path):
-    harness = Harness(tmp_path, max_queue=2, window=1, message_burst=1000, registrations_per_address=1000)
-    members = [Peer(harness, 1000 + number).member(f"m{number}") for number in range(200)]  # none ever ACKs
-    for number in range(4):  # never raises, however long the chain of "left" messages grows
-        members[-1].reply(PacketType.SAY, f"filling {number}")
+def test_every_packet_type_has_one_handler(harness):
+    assert set(harness.chat.handlers) == set(PacketType)
+    assert server.STRANGER_TYPES == {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN}
+
+
+# --- Flood control -----------------------------------------------------------------------------------
+
+
+def test_flood_control_holds_messages_over_the_burst_and_serves_them_in_order(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 3)
+    harness = make_harness()
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    seqs = [alice.send(PacketType.SAY, f"line {number}") for number in range(6)]
+    alice.flush()
+    assert [seq in alice.replies for seq in seqs] == [True] * 3 + [False] * 3  # held, not refused
+    assert bob.texts() == ["line 0", "line 1", "line 2"]
+    assert bob.ask(PacketType.SAY, "bob is not slowed")[0] == OK
+    harness.advance(0.5 / server.AbuseControl.MESSAGE_RATE)
+    assert len(bob.texts()) == 3  # a token takes 1 / MESSAGE_RATE seconds to come back
+    harness.advance(3 / server.AbuseControl.MESSAGE_RATE)
+    assert bob.texts() == [f"line {number}" for number in range(6)]
+    assert [alice.replies[seq] for seq in seqs] == [(OK, ["to lobby, 1 other"])] * 6
+
+
+def test_past_max_backlog_the_newest_is_refused_with_slow_down(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 2)
+    monkeypatch.setattr(server, "MAX_BACKLOG", 3)
+    harness = make_harness()
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    seqs = [alice.send(PacketType.SAY, f"line {number}") for number in range(2 + 3)]  # the burst, the backlog
+    alice.flush()
+    assert all(alice.replies.get(seq, (OK,))[0] == OK for seq in seqs)  # answered or held, nothing refused
+    newest = alice.send(PacketType.SAY, "one too many")
+    alice.flush()
+    code, text = alice.replies[newest][1]
+    assert code == "slow-down" and text.startswith("Slow down") and text.endswith("not sent.")
+    harness.advance(10.0)
+    assert bob.texts() == [f"line {number}" for number in range(5)]
+
+
+def test_a_held_message_is_served_when_the_timers_run_at_their_deadline(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 3)
+    harness = make_harness()
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    for number in range(6):
+        alice.send(PacketType.SAY, f"line {number}")
+    alice.flush()
+    deadlines = []
+    for _ in range(100):  # a loop that sleeps until next_deadline(), then runs the timers
+        harness.now = max(harness.now, harness.chat.next_deadline())
+        deadlines.append(harness.now)
+        harness.chat.on_timers(harness.now)
+        harness.collect()
+        harness.settle()
+        if len(bob.texts()) == 6:
+            break
+    assert bob.texts() == [f"line {number}" for number in range(6)], (
+        f"stuck at {deadlines[-1]!r}: the last deadlines were {deadlines[-3:]}")
+
+
+# --- Leaving, timing out, falling behind --------------------------------------------------------------
+
+
+def test_member_leaving_is_announced(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    assert alice.ask(PacketType.BYE) == (OK, ["goodbye"])
+    assert bob.events()[-1] == ["leave", STAMP, "lobby", "alice", ""]
+    assert "alice" not in harness.chat.online
+
+
+def test_a_bye_sent_again_after_the_session_ended_gets_reset(harness):
+    alice = member(harness, 1, "alice")
+    alice.send(PacketType.BYE)
+    (bye,) = alice.channel.poll(harness.now)
+    harness.deliver(bye, alice.address)  # the goodbye was lost: the client says BYE again
+    (answer, _, _), = harness.deliver(bye, alice.address)
+    assert answer.type == PacketType.RESET and answer.token == alice.token
+
+
+def test_silent_member_times_out_and_the_name_is_free(harness):
+    member(harness, 1, "alice")
+    bob = member(harness, 2, "bob")
+    harness.advance(harness.config.session_timeout / 2)
+    bob.ask(PacketType.PING)
+    harness.advance(harness.config.session_timeout / 2 + 2)
+    assert bob.events()[-1] == ["leave", STAMP, "lobby", "alice", "timed out"]
+    assert "bob" in harness.chat.online
+    assert Peer(harness, 3).login("alice").type == OK
+
+
+def test_unacknowledged_events_are_resent_then_the_member_is_ended_not_responding(make_harness, monkeypatch):
+    channel_defaults(monkeypatch, max_sends=4)
+    harness = make_harness()
+    bob, alice = member(harness, 2, "bob"), member(harness, 1, "alice")
+    bob.deaf = True  # bob's client has gone: nothing he is sent is acknowledged
+    alice.ask(PacketType.SAY, "are you there?")
+    harness.advance(harness.config.session_timeout - 1)  # it gives up before the session times out
+    copies = [packet for packet in sent_to(harness, bob) if packet.payload.startswith(b"\x00\x04chat")]
+    assert len(copies) == 4 and [bool(packet.flags & FLAG_RETRANSMIT) for packet in copies] == [False] + [True] * 3
+    assert "bob" not in harness.chat.online and "alice" in harness.chat.online
+    assert alice.events()[-1] == ["leave", STAMP, "lobby", "bob", "not responding"]
+    assert any("bob" in line and "not responding" in line for line in harness.log)
+
+
+def test_acknowledged_events_are_not_resent(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    alice.ask(PacketType.SAY, "hello")
+    assert bob.texts() == ["hello"] and harness.chat.sessions[bob.address].channel.idle()  # acknowledged
+    sent = len(sent_to(harness, bob))
+    harness.advance(10.0)
+    assert len(sent_to(harness, bob)) == sent
+
+
+def test_a_member_who_falls_too_far_behind_is_dropped_alone(make_harness, monkeypatch):
+    channel_defaults(monkeypatch, window=2, max_queue=5)
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 100)
+    harness = make_harness()
+    alice, bob, carol = member(harness, 1, "alice"), member(harness, 2, "bob"), member(harness, 3, "carol")
+    bob.deaf = True
+    for number in range(2 + 5 + 1):  # window, queue, one more
+        alice.ask(PacketType.SAY, f"m{number}")
+    assert "bob" not in harness.chat.online and {"alice", "carol"} <= set(harness.chat.online)
+    assert carol.events()[-1] == ["leave", STAMP, "lobby", "bob", "too slow"]
+    assert carol.texts() == [f"m{number}" for number in range(8)]
+
+
+def test_many_members_too_slow_at_once_are_all_dropped_calmly(make_harness, monkeypatch):
+    channel_defaults(monkeypatch, window=1, max_queue=2)
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 1000)
+    monkeypatch.setattr(server.AbuseControl, "REGISTRATIONS_PER_ADDRESS", 1000)
+    harness = make_harness()
+    members = []
+    for number in range(200):  # none ever acknowledges anything
+        peer = Peer(harness, 1000 + number)
+        peer.register(f"m{number}")
+        peer.login(f"m{number}")
+        made = harness.members[peer.address]
+        made.deaf = True
+        made.send(PacketType.JOIN, "lobby", "juara")
+        made.flush()  # never raises, however long the chain of "left" messages grows
+        members.append(made)
+    for number in range(4):
+        members[-1].send(PacketType.SAY, f"filling {number}")
+        members[-1].flush()
     assert len(harness.chat.online) < 10
     lobby = harness.chat.rooms["lobby"]
     assert all(harness.chat.online.get(name) is session for name, session in lobby.members.items())
 
 
-def test_a_lost_welcome_is_sent_again_even_after_the_reply_cache_forgot_it(tmp_path):
-    harness = Harness(tmp_path, reply_cache=1)
+# --- History ---------------------------------------------------------------------------------------------
+
+
+def test_history_is_shown_on_join_and_kept_across_restarts(make_harness, tmp_path):
+    first = make_harness(tmp_path)
+    alice = member(first, 1, "alice")
+    for number in range(25):
+        first.advance(1.0)  # at a human pace: no flood control
+        alice.ask(PacketType.SAY, f"message {number}")
+    first.chat.close()
+    second = make_harness(tmp_path)  # the server restarted
+    bob = Peer(second, 2)
+    assert bob.login("alice").type == OK  # the account survived
+    joined = second.members[bob.address]
+    joined.ask(PacketType.JOIN, "lobby", "juara")
+    assert joined.texts("history") == [f"message {number}" for number in range(25 - server.HISTORY_ON_JOIN, 25)]
+
+
+def test_no_password_in_history_or_log(harness, tmp_path):
     alice = Peer(harness, 1)
-    alice.register("alice")
-    welcome = alice.login("alice")
-    login = alice.last_request
-    Peer(harness, 2).register("bob")  # pushes alice's answer out of the one-entry cache
-    (again, _, _), = harness.deliver(login, alice.address)
-    assert again == welcome and again.token == alice.token
+    alice.register("alice", "hunter2-secret")
+    alice.login("alice", "hunter2-secret")
+    joined = harness.members[alice.address]
+    joined.ask(PacketType.JOIN, "lobby", "juara")
+    joined.ask(PacketType.SAY, "hello")
+    written = "\n".join(harness.log) + (tmp_path / "data" / "chat_history.txt").read_text(encoding="utf-8")
+    written += (tmp_path / "data" / "users.json").read_text(encoding="utf-8")
+    assert "hello" in written
+    assert "hunter2" not in written and "juara" not in written
 
 
-def test_a_strangers_odd_name_is_logged_quoted(harness):
-    peer = Peer(harness, 1)
-    peer.register("evil\nFAKE LOG LINE")
-    assert not any(line.startswith("FAKE") for line in "\n".join(harness.log).split("\n"))
+# --- The log -----------------------------------------------------------------------------------------
+
+
+def test_actions_are_logged_one_line_each_with_address_user_type_size(harness):
+    member(harness, 1, "alice")
+    join = [line for line in harness.log if " JOIN " in line]
+    assert len(join) == 1 and "10.0.0.1:1" in join[0] and "alice" in join[0] and " B " in join[0]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_heartbeat_pings_are_logged_only_when_verbose(make_harness, verbose):
+    harness = make_harness(verbose=verbose)
+    alice = member(harness, 1, "alice")
+    alice.ask(PacketType.PING)
+    pings = [line for line in harness.log if " PING " in line and "[trace]" not in line]
+    assert len(pings) == (1 if verbose else 0)
+
+
+def test_quiet_logs_only_problems(make_harness):
+    harness = make_harness(quiet=True)
+    member(harness, 1, "alice")
+    harness.deliver(b"junk", ("10.0.0.1", 9))
+    assert len(harness.log) == 1 and "[WARN]" in harness.log[0]
+
+
+def test_stats_count_what_happened(harness):
+    harness.deliver(b"junk", ("10.0.0.1", 9))
+    assert dict(harness.chat.stats) == {"datagrams": 1, "bad": 1}
