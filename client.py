@@ -239,6 +239,9 @@ class ClientProtocol:
         if self.logged_in and packet.token != self.token:
             self.trace_packet("in ", data, ": from an old session, dropped")
             return
+        if self.logged_in and packet.seq == 0 and packet.type != PacketType.ACK:
+            self.trace_packet("in ", data, ": an answer from before the session, dropped")
+            return  # its ack field numbers a stranger's request, not this channel's
         outcome, ready = self.channel.receive(packet, now)
         self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
         for delivered in ready:

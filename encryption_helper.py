@@ -524,6 +524,8 @@ class Channel:
         if self.failed:
             return []
         out = [self.transmit(seq, entry, now) for seq, entry in self.expired(now)]
+        if self.failed:
+            return []  # the peer is gone: nothing new goes out either
         while self.waiting and self.next_seq < self.base() + self.window:
             entry = self.waiting.popleft()
             self.in_flight[self.next_seq] = entry

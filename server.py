@@ -55,6 +55,7 @@ from encryption_helper import (
     MAX_PAYLOAD,
     MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
+    NO_TOKEN,
     RECV_BUFFER,
     Body,
     Channel,
@@ -201,7 +202,7 @@ class ChatServer:
             self.refuse_datagram(data, address, error)
         else:
             request = Request(packet, address, len(data), now)
-            if packet.type in STRANGER_TYPES:
+            if packet.type in STRANGER_TYPES and packet.token == NO_TOKEN:
                 self.reception.handle_stranger(request)
             else:
                 self.handle_member_packet(request)
@@ -250,7 +251,7 @@ class ChatServer:
             if not delivered.seq:
                 continue  # an unnumbered ACK: its header said all it had to say
             held = Request(delivered, address, request.size, request.now, session, proven=True)
-            if len(session.backlog) < MAX_BACKLOG:
+            if len(session.backlog) < MAX_BACKLOG + (delivered.type == PacketType.BYE):  # room kept for a goodbye
                 session.backlog.append(held)
             else:  # a real flood: refuse rather than hold without end
                 self.answer(held, Refusal("slow-down", "Slow down: too many messages at once; not sent."))
@@ -291,6 +292,7 @@ class ChatServer:
         self.log.outcome(request, ptype, fields)
         if request.session is not None:
             request.session.channel.send(ptype, payload)
+            self.delivery.touch(request.session)  # a password check may finish between packets
             return
         token = token or request.packet.token
         data = encode_packet(Packet(ptype, 0, request.packet.seq, 0, token, 0, payload), self.cipher)
@@ -495,7 +497,7 @@ class Reception:
         The reply goes to the address the HELLO claims; only someone who is really there
         sees the cookie and can send it back in REGISTER or LOGIN.
         """
-        if request.size < MIN_HELLO_SIZE:
+        if request.session is None and request.size < MIN_HELLO_SIZE:
             self.server.log.problem(f"{describe(request.address)} sent an unpadded HELLO ({request.size} B); dropped")
             return None
         return [self.make_cookie(request.address, int(request.now // COOKIE_PERIOD))]
@@ -538,6 +540,8 @@ class Reception:
         return ["Registration successful."]
 
     def handle_login(self, request: Request) -> None:
+        if request.session is not None:
+            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
         name, password = self.check_credentials(request)
         self.server.guard.check_login(name.lower(), request.now)  # before hashing: guessing costs the guesser
         record = self.server.users.get(name) or auth.dummy_record(self.server.config.kdf_iterations)

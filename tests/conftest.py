@@ -15,6 +15,7 @@ import pytest
 
 import client
 import server
+from encryption_helper import Channel, RtoEstimator
 
 FAST_HASH = 1000  # PBKDF2 iterations in tests; the real default is 600,000
 EVENT_WAIT = 10.0  # seconds before a missing event fails a test (a bound, not a sleep)
@@ -28,6 +29,33 @@ def fast_timing(**changes) -> client.Timing:
                     min_rto=0.05, max_rto=0.5, goodbye_timeout=1.0)
     settings.update(changes)
     return client.Timing(**settings)
+
+
+def lossy_timing(**changes) -> client.Timing:
+    """Client timeouts for a link that loses about a third of all datagrams: quick to resend, slow to give up."""
+    settings = dict(connect_timeout=10.0, min_rto=0.005, max_rto=0.2, lost_contact_after=10.0, give_up_after=30.0)
+    settings.update(changes)
+    return fast_timing(**settings)
+
+
+def patient_channel(cipher, token) -> Channel:
+    """The server's Channel for a session, with timers as short as lossy_timing's and more patience."""
+    return Channel(cipher, token, rto=RtoEstimator(floor=0.005, ceiling=0.2), max_sends=60)
+
+
+@pytest.fixture
+def quick_recovery(monkeypatch):
+    """Make a lossy link quick to recover from, for tests of what survives loss.
+
+    The server's session timers become as short as lossy_timing's (a lost reply would
+    cost 0.2 s at least, times a hundred), tries before login ten a second instead of
+    one, and flood control, which would hold a few hundred quick messages for a minute,
+    steps aside.
+    """
+    monkeypatch.setattr(server, "Channel", patient_channel)
+    monkeypatch.setattr(client, "FIRST_CONTACT_RETRY", 0.1)
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 10_000)
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_RATE", 10_000.0)
 
 
 def fast_config(data_dir, **changes) -> server.ServerConfig:

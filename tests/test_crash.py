@@ -37,8 +37,9 @@ from client import ChatClient, ChatError, Timing
 LAUNCHER = """
 import sys
 import server
-config = server.ServerConfig(host="127.0.0.1", port=0, data_dir=sys.argv[1], quiet=True, kdf_iterations=1000,
-                             registrations_per_address=1_000_000, max_pending_per_address=16)
+server.AbuseControl.REGISTRATIONS_PER_ADDRESS = 1_000_000
+server.AbuseControl.MAX_PENDING_PER_ADDRESS = 16
+config = server.ServerConfig(host="127.0.0.1", port=0, data_dir=sys.argv[1], quiet=True, kdf_iterations=1000)
 loop = server.ServerLoop(server.ChatServer(config), server.open_socket(config.host, config.port))
 print("listening on port", loop.address[1], flush=True)
 loop.serve_forever()
@@ -202,7 +203,7 @@ def test_killed_server_keeps_every_confirmed_account_and_message(tmp_path, start
 
 def check_restarted_server(process: ServerProcess, name: str, texts: list[str]) -> None:
     """An account confirmed before a crash logs in; the lobby shows the last messages on file."""
-    shown = texts[-server.ServerConfig.history_on_join:]
+    shown = texts[-server.HISTORY_ON_JOIN:]
     assert lobby_history_after_restart(process.port, name, len(shown)) == shown
 
 

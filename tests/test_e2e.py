@@ -1,12 +1,15 @@
 """The real scripts as a user runs them: client.py in its scripted mode, server.py from the shell."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 from conftest import PROGRAM_WAIT, ROOT, Program, wait_until
+
+import server
 
 
 @pytest.fixture
@@ -76,6 +79,20 @@ def test_client_commands(chat_server, programs):
     wait_until(lambda: any("'/slash at the start'" in line for line in chat_server.log), what="the // message")
 
 
+def test_a_line_the_server_refuses_is_reported_as_not_sent(start_server, programs, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 1)  # one line at once, then one a second...
+    monkeypatch.setattr(server.AbuseControl, "MESSAGE_RATE", 1.0)
+    monkeypatch.setattr(server, "MAX_BACKLOG", 1)  # ...and one held back: the rest of a paste is refused
+    running = start_server()
+    alice = programs(*client_args(running.address))
+    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.expect("joined lobby")
+    alice.type(*[f"pasted line {number}" for number in range(5)])
+    refused = alice.expect("not sent: ")
+    assert re.fullmatch(r"not sent: pasted line [2-4] \(Slow down: too many messages at once; not sent\.\)", refused)
+    wait_until(lambda: any("'pasted line 1'" in line for line in running.log), what="the line held back")
+
+
 def test_client_asks_for_ip_and_port_with_defaults(chat_server, programs):
     host, port = chat_server.address
     alice = programs("client.py")
@@ -117,8 +134,9 @@ def test_help_explains_the_options(script):
     assert "toy" in result.stdout
 
 
-def test_server_refuses_a_busy_port(chat_server, programs):
-    server = programs("server.py", "--host", "127.0.0.1", "--port", str(chat_server.address[1]))
+def test_server_refuses_a_busy_port(chat_server, programs, tmp_path):
+    server = programs("server.py", "--host", "127.0.0.1", "--port", str(chat_server.address[1]),
+                      "--data-dir", str(tmp_path / "second"))  # not the repository's chat_data
     server.expect("Is another server running there?")
     assert server.finish() == 1
 

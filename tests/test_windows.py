@@ -7,10 +7,11 @@
 """
 
 import io
+import itertools
 import queue
 
 import pytest
-from conftest import fast_config, member, next_event, wait_until
+from conftest import fast_config, fast_timing, member, next_event, wait_until
 
 import client
 import server
@@ -51,7 +52,7 @@ def bare_loop(chat, sock) -> server.ServerLoop:
 
 def test_server_loop_reads_on_after_connection_reset(tmp_path):
     chat = server.ChatServer(fast_config(tmp_path), log=lambda line: None)
-    hello = encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields("." * (MIN_HELLO_SIZE - 30))), CIPHER)
+    hello = encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields("." * (MIN_HELLO_SIZE - 34))), CIPHER)
     fake = WindowsLikeSocket(hello, ("10.0.0.5", 5000))
     bare_loop(chat, fake).receive_all(now=1.0)
     (reply, to), = fake.sent
@@ -136,9 +137,50 @@ def test_server_main_ends_cleanly_on_ctrl_c(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.rstrip().endswith("[INFO] Server stopped.")
 
 
-def test_client_threads_never_block_longer_than_max_wait(chat_server, make_client):
-    alice = make_client(chat_server.address)
-    assert alice.sock.gettimeout() == client.MAX_WAIT
+class ResetOnSend:
+    """Wraps the client's socket: every send is lost, and reported as Windows reports an
+    ICMP "port unreachable" for an earlier one, with ConnectionResetError."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def send(self, data):
+        raise ConnectionResetError(10054, "An existing connection was forcibly closed")
+
+
+def test_client_backs_off_its_resends_through_resets_in_steps_of_max_wait(chat_server, make_client, monkeypatch):
+    alice = member(make_client, chat_server.address, "alice", timing=fast_timing(min_rto=0.1, max_rto=2.0))
+    protocol = alice.protocol
+    sends, waits = [], []  # (time, sequence numbers) of each poll that sent; every wait in select()
+    real_poll, real_select = protocol.poll, alice.selector.select
+
+    def poll(now):
+        datagrams = real_poll(now)
+        if datagrams:
+            sends.append((now, [decode_packet(data, CIPHER).seq for data in datagrams]))
+        return datagrams
+
+    def select(timeout):
+        waits.append(timeout)
+        return real_select(timeout)
+
+    monkeypatch.setattr(protocol, "poll", poll)
+    monkeypatch.setattr(alice.selector, "select", select)
+    alice.sock = ResetOnSend(alice.sock)
+    future = alice.submit(PacketType.SAY, "is anyone there?")
+    with alice.lock:
+        say = next(seq for seq, waiting in alice.futures.items() if waiting is future)
+    wait_until(lambda: sum(say in seqs for _, seqs in sends) >= 5, what="four resends")
+    first_wait = protocol.channel.rto.timeout(0)  # nothing got through to measure: as it was
+    times = [now for now, seqs in sends if say in seqs][:5]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert all(gap >= first_wait * 2 ** number for number, gap in enumerate(gaps)), (first_wait, gaps)
+    assert first_wait * 2 ** 3 > client.MAX_WAIT  # the last wait was longer than one step of the loop...
+    assert max(waits) <= client.MAX_WAIT  # ...yet the network thread never blocked for longer
+    assert not alice.closed.is_set()  # the resets did not end anything
 
 
 def test_client_main_ends_cleanly_on_ctrl_c(chat_server, monkeypatch, capsys):
@@ -197,7 +239,7 @@ def test_printing_above_the_prompt_without_readline(monkeypatch):
 def test_server_loop_survives_a_bug_in_the_protocol(tmp_path):
     chat = server.ChatServer(fast_config(tmp_path), log=lambda line: None)
     problems = []
-    chat.problem = problems.append
+    chat.log.problem = problems.append
 
     def buggy(data, address, now):
         raise ZeroDivisionError("a bug")
@@ -213,7 +255,7 @@ def test_server_loop_survives_a_bug_in_the_timers(tmp_path, monkeypatch):
     loop = server.ServerLoop(server.ChatServer(fast_config(tmp_path), log=lambda line: None),
                              server.open_socket("127.0.0.1", 0))
     problems = []
-    monkeypatch.setattr(loop.chat, "problem", problems.append)
+    monkeypatch.setattr(loop.chat.log, "problem", problems.append)
     monkeypatch.setattr(loop.chat, "on_timers", lambda now: 1 / 0)
     turns = []
 
