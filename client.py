@@ -91,7 +91,7 @@ FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is meas
 # ACK_DELAY after the first one not yet acknowledged - half the ACKs for a busy server to
 # read. Anything out of order or duplicated is acknowledged at once: the server lacks news.
 ACK_EVERY = 2
-ACK_DELAY = 0.02  # seconds; far below the smallest retransmission timeout (0.2 s)
+ACK_DELAY = 0.01  # seconds; well below the smallest retransmission timeout (RtoEstimator.FLOOR, 30 ms)
 
 
 @dataclasses.dataclass

@@ -321,16 +321,22 @@ class RtoEstimator:
     enough that a late answer is rarely mistaken for a lost one, short enough to
     recover quickly. Karn's rule: a packet sent more than once gives no sample,
     because nobody can tell which copy the answer belongs to - the caller simply does
-    not call `observe` for it. Each further timeout doubles the wait (exponential
-    backoff) up to a ceiling, so a congested or dead peer is not hammered.
+    not call `observe` for it. Each further timeout multiplies the wait by BACKOFF up
+    to a ceiling, so a congested or dead peer is not hammered.
     """
 
     ALPHA = 1 / 8  # weight of a new sample in SRTT (RFC 6298)
     BETA = 1 / 4  # weight of a new sample in RTTVAR (RFC 6298)
     INITIAL = 1.0  # seconds, before any measurement (RFC 6298 section 2.1)
-    # RFC 6298 asks for at least 1 s, chosen for the Internet of 2000. On a LAN round
-    # trips are below 10 ms; Linux's TCP uses 200 ms, and so do we.
-    FLOOR = 0.2
+    # RFC 6298 asks for at least 1 s, chosen for the Internet of 2000; Linux's TCP uses
+    # 200 ms, because its receivers delay ACKs by 40 ms and more. A LAN round trip is
+    # well under 10 ms and our ACKs wait at most 10 ms (client.ACK_DELAY), so a timer
+    # of 30 ms is rarely early - and on a bad Wi-Fi a lost line is resent at once.
+    FLOOR = 0.03
+    # TCP doubles the wait after each timeout; KCP multiplies by 1.5. Gentler backoff
+    # recovers sooner from random loss, and the ceiling and the give-up still stop a
+    # dead peer from being hammered.
+    BACKOFF = 1.5
     # Backoff stops growing here. RFC 6298 allows 60 s, for the Internet; on a LAN 2 s is
     # a hundred round trips, and a chat waiting longer per try feels dead.
     CEILING = 2.0
@@ -353,7 +359,7 @@ class RtoEstimator:
 
     def timeout(self, timeouts: int = 0) -> float:
         """Return the wait after a packet's send, once it has timed out `timeouts` times."""
-        return min(self.rto * 2 ** min(timeouts, 16), self.ceiling)
+        return min(self.rto * self.BACKOFF ** min(timeouts, 32), self.ceiling)
 
 
 def sack_bitmap(cumulative: int, held) -> int:
@@ -397,7 +403,11 @@ class Channel:
     next wait is doubled. A packet that two later-sent packets have overtaken - the
     peer acknowledged them, not it - is sent again at once, before its timer (fast
     retransmit). One sent `max_sends` times unacknowledged means the peer is gone:
-    `failed` becomes true.
+    `failed` becomes true. How much is in flight is bounded twice: by the window the
+    receiver can hold, and by a congestion window that halves when a timer fires (a
+    burst of loss, or a link that cannot keep up) and grows by one with each packet
+    acknowledged - but does not shrink for a packet merely overtaken (random loss, which
+    fast retransmit repairs). So random loss costs retransmissions, not speed.
 
     **Receiving.** A packet numbered below the next one expected, or one already held,
     is a duplicate and is dropped; one above it is held until the gap before it fills;
@@ -426,6 +436,7 @@ class Channel:
     # way one send in two fails, and all of 20 fail once in a million.
     MAX_SENDS = 20
     FAST_RETRANSMIT_AFTER = 2  # overtaken this often: lost, not late (KCP's "fastresend 2")
+    MIN_CONGESTION_WINDOW = 2  # after a run of timeouts, still probe with two packets at once
 
     def __init__(self, cipher, token: bytes = NO_TOKEN, *, window: int = WINDOW, max_queue: int = MAX_QUEUE,
                  max_sends: int = MAX_SENDS, rto: RtoEstimator | None = None,
@@ -441,6 +452,8 @@ class Channel:
         self.in_flight: dict[int, InFlight] = {}  # by number, oldest first (dicts keep order)
         self.waiting: collections.deque = collections.deque()  # InFlight entries not yet sent
         self.transmissions = 0
+        self.congestion_window = window  # chat bursts go out at once; timeouts halve it
+        self.timer_at = float("inf")  # the earliest timer of a packet in flight, or earlier
         self.failed = False
         # Receiving half
         self.expected = 1  # the next number to deliver
@@ -465,7 +478,13 @@ class Channel:
 
     def on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
         """Mark what the peer acknowledged as delivered; note what it passed over."""
-        done = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
+        done = []
+        for seq in self.in_flight:  # oldest first: the cumulative part is at the front
+            if seq > cumulative:
+                break
+            done.append(seq)
+        if bitmap:
+            done += [seq for seq in self.in_flight if seq > cumulative and acknowledged(seq, cumulative, bitmap)]
         if not done:
             return
         latest = 0  # the latest transmission the peer has confirmed
@@ -474,11 +493,16 @@ class Channel:
             latest = max(latest, entry.order)
             if entry.sends == 1:  # Karn's rule: only unambiguous round trips count
                 self.rto.observe(now - entry.sent_at)
-        for entry in self.in_flight.values():  # sent before `latest` and still missing
+        self.congestion_window = min(self.window, self.congestion_window + len(done))
+        if bitmap:  # a gap: what was sent before `latest` and is still missing was passed over
+            self.count_passed_over(latest, now)
+
+    def count_passed_over(self, latest: int, now: float) -> None:
+        for entry in self.in_flight.values():
             if entry.order < latest:
                 entry.passed += 1
                 if entry.passed == self.FAST_RETRANSMIT_AFTER:
-                    entry.deadline = now  # lost, not late: poll() sends it again now
+                    entry.deadline = self.timer_at = now  # lost, not late: poll() sends it again now
                     self.stats["fast retransmits"] += 1
 
     # --- Receiving half ---
@@ -523,10 +547,11 @@ class Channel:
         """Return the datagrams to send now: retransmissions, new packets, or a bare ACK."""
         if self.failed:
             return []
-        out = [self.transmit(seq, entry, now) for seq, entry in self.expired(now)]
+        timers_ran = self.timer_at <= now
+        out = [self.transmit(seq, entry, now) for seq, entry in self.expired(now)] if timers_ran else []
         if self.failed:
             return []  # the peer is gone: nothing new goes out either
-        while self.waiting and self.next_seq < self.base() + self.window:
+        while self.waiting and self.next_seq < self.base() + min(self.window, self.congestion_window):
             entry = self.waiting.popleft()
             self.in_flight[self.next_seq] = entry
             out.append(self.transmit(self.next_seq, entry, now))
@@ -537,15 +562,21 @@ class Channel:
             self.stats["bare acks"] += 1
         if out:
             self.unacked, self.ack_due = 0, float("inf")  # every datagram carried the acknowledgement
+        if out or timers_ran:
+            self.timer_at = min((entry.deadline for entry in self.in_flight.values()), default=float("inf"))
         return [data for data in out if data is not None]
 
     def expired(self, now: float) -> list[tuple[int, InFlight]]:
         """Return the packets in flight whose timers fired, counting a timeout for each."""
         due = [(seq, entry) for seq, entry in self.in_flight.items() if entry.deadline <= now]
+        timed_out = False
         for _, entry in due:
             if entry.passed < self.FAST_RETRANSMIT_AFTER:
                 entry.timeouts += 1  # a fast retransmit is not a timeout: no backoff
+                timed_out = True
             entry.passed = 0
+        if timed_out:  # a burst of loss, or the peer cannot keep up: slow down
+            self.congestion_window = max(self.MIN_CONGESTION_WINDOW, self.congestion_window // 2)
         return due
 
     def transmit(self, seq: int, entry: InFlight, now: float) -> bytes | None:
@@ -572,8 +603,7 @@ class Channel:
         """Return the time poll() next has work to do (inf: nothing until a packet comes)."""
         if self.failed:
             return float("inf")
-        first_timer = min((entry.deadline for entry in self.in_flight.values()), default=float("inf"))
-        return min(first_timer, self.ack_due)
+        return min(self.timer_at, self.ack_due)  # timer_at may be early (acknowledged since): harmless
 
 
 # === 4. A lossy network, for teaching and testing ====================================

@@ -165,17 +165,17 @@ def test_a_timeout_resends_only_what_was_not_acknowledged():
     assert all(packet.flags & FLAG_RETRANSMIT for packet in resent)
 
 
-def test_each_timeout_doubles_the_wait_up_to_the_ceiling():
+def test_each_timeout_multiplies_the_wait_by_one_and_a_half_up_to_the_ceiling():
     channel = queued(1, rto=RtoEstimator(initial=0.25, floor=0.1, ceiling=2.0))
     channel.poll(0.0)
     sends = [0.0]
-    while len(sends) < 7:
+    while len(sends) < 9:
         due = channel.next_wakeup()
         assert channel.poll(due - 1e-6) == []  # not a moment early
         assert data_seqs(channel.poll(due)) == [1]
         sends.append(due)
     waits = [later - earlier for earlier, later in itertools.pairwise(sends)]
-    assert waits == pytest.approx([0.25, 0.5, 1.0, 2.0, 2.0, 2.0])
+    assert waits == pytest.approx([0.25, 0.375, 0.5625, 0.84375, 1.265625, 1.8984375, 2.0, 2.0])
 
 
 def test_gives_up_after_max_sends():
@@ -208,6 +208,34 @@ def test_fast_retransmit_when_two_later_packets_are_acknowledged():
     assert data_seqs(channel.poll(0.11)) == [1]
     assert channel.stats["fast retransmits"] == 1
     assert channel.next_wakeup() == pytest.approx(0.11 + channel.rto.timeout(0))  # not backed off
+
+
+def test_a_timeout_halves_what_may_be_in_flight_and_acknowledgements_grow_it_back():
+    channel = queued(40, window=8)
+    assert data_seqs(channel.poll(0.0)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert data_seqs(channel.poll(channel.next_wakeup())) == [1, 2, 3, 4, 5, 6, 7, 8]  # all timed out
+    assert channel.congestion_window == 4
+    channel.receive(ack(8), 2.0)  # all eight acknowledged: the window opens again, up to its bound
+    assert data_seqs(channel.poll(2.0)) == [9, 10, 11, 12, 13, 14, 15, 16]
+    channel.receive(ack(16), 2.1)
+    assert channel.congestion_window == 8
+
+
+def test_a_timeout_never_shuts_the_window_below_two():
+    channel = queued(10, window=8)
+    channel.poll(0.0)
+    for _ in range(6):
+        channel.poll(channel.next_wakeup())
+    assert channel.congestion_window == Channel.MIN_CONGESTION_WINDOW == 2
+
+
+def test_a_fast_retransmit_leaves_the_window_as_it_was():
+    channel = queued(4)
+    channel.poll(0.0)
+    channel.receive(ack(0, 0b1), 0.10)
+    channel.receive(ack(0, 0b11), 0.11)  # 1 passed over twice: random loss, not congestion
+    assert data_seqs(channel.poll(0.11)) == [1]
+    assert channel.congestion_window == Channel.WINDOW
 
 
 def test_karn_no_round_trip_sample_from_a_resent_packet():
