@@ -400,9 +400,9 @@ class Channel:
     2, 3, ...). At most `window` are in flight - sent, not yet acknowledged - counted from
     the oldest unacknowledged one; the rest wait in a bounded queue. Every packet in
     flight has its own timer: when it fires, that packet alone is sent again, and its
-    next wait is doubled. A packet that two later-sent packets have overtaken - the
-    peer acknowledged them, not it - is sent again at once, before its timer (fast
-    retransmit). One sent `max_sends` times unacknowledged means the peer is gone:
+    next wait is longer (RtoEstimator.BACKOFF). A packet that two later-sent packets
+    have overtaken - the peer acknowledged them, not it - is sent again at once, before
+    its timer (fast retransmit). One sent `max_sends` times unacknowledged means the peer is gone:
     `failed` becomes true. How much is in flight is bounded twice: by the window the
     receiver can hold, and by a congestion window that halves when a timer fires (a
     burst of loss, or a link that cannot keep up) and grows by one with each packet
