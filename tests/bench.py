@@ -2,6 +2,8 @@
 
     python tests/bench.py            # the full run: one to two minutes on 2 cores
     python tests/bench.py --quick    # a smaller run: under a minute
+    python tests/bench.py --no-lossy     # without the lossy-network rows at the end
+    python tests/bench.py --lossy-only   # only those (tests/bench_lossy.py: root, nftables)
 
 Everything runs on loopback (127.0.0.1) in one go and ends in ONE markdown table, each row
 measured in this run:
@@ -839,7 +841,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages and 50 instead of 200 receivers")
     parser.add_argument("--many", type=int, help="receivers of the big row (default: 200, or 50 with --quick)")
+    lossy = parser.add_mutually_exclusive_group()
+    lossy.add_argument("--lossy-only", action="store_true",
+                       help="only the rows on a lossy network, beside TCP (tests/bench_lossy.py; needs root)")
+    lossy.add_argument("--no-lossy", action="store_true", help="skip the rows on a lossy network")
     return parser.parse_args(argv)
+
+
+def run_lossy_rows(quick: bool, argv: list[str]) -> int:
+    """The lossy-network rows (tests/bench_lossy.py): our chat and bulk channel beside TCP, in a namespace."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_lossy
+
+    return bench_lossy.main(["--quick"] if quick else [],
+                            command=f"python tests/bench.py {' '.join(argv)}".rstrip())
 
 
 def scenarios(quick: bool, many: int) -> tuple[list[Scenario], Scenario]:
@@ -861,7 +876,10 @@ def scenarios(quick: bool, many: int) -> tuple[list[Scenario], Scenario]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.lossy_only:
+        return run_lossy_rows(args.quick, argv)
     many = args.many or (50 if args.quick else 200)
     ours, relay = scenarios(args.quick, many)
     notes: list[str] = []
@@ -912,8 +930,10 @@ def main(argv: list[str] | None = None) -> int:
           "when two later packets overtake it), and the receiver holds whatever comes after it until the "
           "gap fills: that waiting is in the latency.")
     print(f"Machine: {machine()}")
-    print(f"Command: python tests/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    print(f"Command: python tests/bench.py {' '.join(argv)}".rstrip())
     print(f"Run time: {time.monotonic() - began:.0f} s")
+    if not args.no_lossy:
+        return run_lossy_rows(args.quick, argv)
     return 0
 
 
