@@ -337,6 +337,7 @@ class RtoEstimator:
     # recovers sooner from random loss, and the ceiling and the give-up still stop a
     # dead peer from being hammered.
     BACKOFF = 1.5
+    GAP_FLOOR = 0.002  # seconds: the wait for a packet the peer reported missing (gap_timeout)
     # Backoff stops growing here. RFC 6298 allows 60 s, for the Internet; on a LAN 2 s is
     # a hundred round trips, and a chat waiting longer per try feels dead.
     CEILING = 2.0
@@ -360,6 +361,18 @@ class RtoEstimator:
     def timeout(self, timeouts: int = 0) -> float:
         """Return the wait after a packet's send, once it has timed out `timeouts` times."""
         return min(self.rto * self.BACKOFF ** min(timeouts, 32), self.ceiling)
+
+    def gap_timeout(self, timeouts: int = 0) -> float:
+        """Return the wait for a packet the peer is known to be missing.
+
+        The peer acknowledges at once whatever fills a gap - it never delays that ACK -
+        so this wait needs no room for a delayed one: SRTT + 4 RTTVAR, with no FLOOR
+        but GAP_FLOOR. Without it, a resend lost again would wait the full floor.
+        """
+        if self.srtt is None:
+            return self.timeout(timeouts)
+        wait = max(self.srtt + 4 * self.rttvar, self.GAP_FLOOR) * self.BACKOFF ** min(timeouts, 32)
+        return min(wait, self.timeout(timeouts))
 
 
 def sack_bitmap(cumulative: int, held) -> int:
@@ -453,6 +466,7 @@ class Channel:
         self.waiting: collections.deque = collections.deque()  # InFlight entries not yet sent
         self.transmissions = 0
         self.congestion_window = window  # chat bursts go out at once; timeouts halve it
+        self.highest_sacked = 0  # the highest number the peer reported beyond a gap
         self.timer_at = float("inf")  # the earliest timer of a packet in flight, or earlier
         self.failed = False
         # Receiving half
@@ -495,6 +509,7 @@ class Channel:
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
         if bitmap:  # a gap: what was sent before `latest` and is still missing was passed over
+            self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
             self.count_passed_over(latest, now)
 
     def count_passed_over(self, latest: int, now: float) -> None:
@@ -569,13 +584,15 @@ class Channel:
     def expired(self, now: float) -> list[tuple[int, InFlight]]:
         """Return the packets in flight whose timers fired, counting a timeout for each."""
         due = [(seq, entry) for seq, entry in self.in_flight.items() if entry.deadline <= now]
-        timed_out = False
-        for _, entry in due:
+        congested = False
+        for seq, entry in due:
             if entry.passed < self.FAST_RETRANSMIT_AFTER:
                 entry.timeouts += 1  # a fast retransmit is not a timeout: no backoff
-                timed_out = True
+                # Silence with no sign of a gap beyond it: a burst of loss, or a peer that
+                # cannot keep up. A packet the peer reported missing is random loss.
+                congested |= seq > self.highest_sacked
             entry.passed = 0
-        if timed_out:  # a burst of loss, or the peer cannot keep up: slow down
+        if congested:  # slow down
             self.congestion_window = max(self.MIN_CONGESTION_WINDOW, self.congestion_window // 2)
         return due
 
@@ -590,7 +607,8 @@ class Channel:
         self.transmissions += 1
         entry.order = self.transmissions
         entry.sent_at = now
-        entry.deadline = now + self.rto.timeout(entry.timeouts)
+        missing = entry.sends > 1 and seq < self.highest_sacked  # known to be missing at the peer
+        entry.deadline = now + (self.rto.gap_timeout if missing else self.rto.timeout)(entry.timeouts)
         cumulative, bitmap = self.acknowledgement()
         packet = Packet(entry.ptype, seq, cumulative, bitmap, self.token, flags)
         return encode_packet(packet, self.cipher, entry.body)
@@ -603,6 +621,8 @@ class Channel:
         """Return the time poll() next has work to do (inf: nothing until a packet comes)."""
         if self.failed:
             return float("inf")
+        if self.waiting and self.next_seq < self.base() + min(self.window, self.congestion_window):
+            return 0.0  # room in the window for a waiting packet: now
         return min(self.timer_at, self.ack_due)  # timer_at may be early (acknowledged since): harmless
 
 

@@ -194,9 +194,32 @@ def test_gives_up_after_max_sends():
 def test_nothing_is_sent_in_the_poll_that_gives_up():
     channel = queued(1, max_sends=1)
     channel.poll(0.0)
+    deadline = channel.next_wakeup()  # the timer of the one packet sent
     channel.send(PacketType.SAY, pack_fields("queued as the peer is found gone"))
-    assert channel.poll(channel.next_wakeup()) == []
+    assert channel.poll(deadline) == []
     assert channel.failed
+
+
+def test_a_waiting_packet_with_room_in_the_window_wants_polling_now():
+    channel = Channel(CIPHER)
+    assert channel.next_wakeup() == float("inf")  # nothing to do
+    channel.send(PacketType.SAY, pack_fields("hi"))
+    assert channel.next_wakeup() == 0.0
+    channel.poll(5.0)
+    assert channel.next_wakeup() == pytest.approx(5.0 + channel.rto.timeout(0))
+
+
+def test_a_resend_the_peer_is_known_to_miss_waits_srtt_not_the_floor():
+    channel = queued(3)
+    channel.poll(0.0)
+    channel.receive(ack(0, 0b1), 0.001)  # 2 arrived (a 1 ms round trip), 1 did not
+    channel.receive(ack(0, 0b11), 0.002)  # 3 too: 1 was passed over twice
+    assert data_seqs(channel.poll(0.002)) == [1]  # fast retransmit
+    gap_wait = channel.next_wakeup() - 0.002
+    assert gap_wait < RtoEstimator.FLOOR  # no room kept for a delayed ACK: a gap is acknowledged at once
+    assert gap_wait == pytest.approx(channel.rto.gap_timeout(0))
+    assert data_seqs(channel.poll(0.002 + gap_wait)) == [1]  # lost again: resent after SRTT-ish, not 30 ms
+    assert channel.congestion_window == Channel.WINDOW  # random loss, not congestion
 
 
 def test_fast_retransmit_when_two_later_packets_are_acknowledged():
