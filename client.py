@@ -51,6 +51,8 @@ import threading
 import time
 
 from encryption_helper import (
+    ACK_DELAY,
+    ACK_EVERY,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
     HEADER_SIZE,
@@ -87,11 +89,7 @@ DEFAULT_PORT = 9999
 LOBBY = "lobby"
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
-# Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): one ACK for every second packet, or
-# ACK_DELAY after the first one not yet acknowledged - half the ACKs for a busy server to
-# read. Anything out of order or duplicated is acknowledged at once: the server lacks news.
-ACK_EVERY = 2
-ACK_DELAY = 0.01  # seconds; well below the smallest retransmission timeout (RtoEstimator.FLOOR, 30 ms)
+
 
 
 @dataclasses.dataclass

@@ -52,6 +52,7 @@ a whole room is checksummed once, not once per member (only the header differs).
 """
 
 import binascii
+import bisect
 import collections
 import enum
 import random
@@ -329,10 +330,12 @@ class RtoEstimator:
     BETA = 1 / 4  # weight of a new sample in RTTVAR (RFC 6298)
     INITIAL = 1.0  # seconds, before any measurement (RFC 6298 section 2.1)
     # RFC 6298 asks for at least 1 s, chosen for the Internet of 2000; Linux's TCP uses
-    # 200 ms, because its receivers delay ACKs by 40 ms and more. A LAN round trip is
-    # well under 10 ms and our ACKs wait at most 10 ms (client.ACK_DELAY), so a timer
-    # of 30 ms is rarely early - and on a bad Wi-Fi a lost line is resent at once.
-    FLOOR = 0.03
+    # 200 ms, because its receivers delay ACKs by 40 ms and more. Here the time a peer
+    # may hold its ACK is added where it applies (`peer_ack_delay`, as QUIC adds its
+    # max_ack_delay), so the floor need only be a timer every system keeps: Windows'
+    # clock ticks every 15.6 ms, and a LAN round trip is well under 10 ms.
+    FLOOR = 0.01
+    GRANULARITY = 0.001  # the least room kept for variation (QUIC's kGranularity)
     # TCP doubles the wait after each timeout; KCP multiplies by 1.5. Gentler backoff
     # recovers sooner from random loss, and the ceiling and the give-up still stop a
     # dead peer from being hammered.
@@ -342,9 +345,11 @@ class RtoEstimator:
     # a hundred round trips, and a chat waiting longer per try feels dead.
     CEILING = 2.0
 
-    def __init__(self, initial: float = INITIAL, floor: float = FLOOR, ceiling: float = CEILING):
+    def __init__(self, initial: float = INITIAL, floor: float = FLOOR, ceiling: float = CEILING,
+                 peer_ack_delay: float = 0.0):
         self.floor = floor
         self.ceiling = ceiling
+        self.peer_ack_delay = peer_ack_delay  # how long the peer may hold an ACK back
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = min(max(initial, floor), ceiling)
@@ -356,7 +361,8 @@ class RtoEstimator:
         else:
             self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - rtt)
             self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
-        self.rto = min(max(self.srtt + 4 * self.rttvar, self.floor), self.ceiling)
+        wait = self.srtt + max(4 * self.rttvar, self.GRANULARITY) + self.peer_ack_delay
+        self.rto = min(max(wait, self.floor), self.ceiling)
 
     def timeout(self, timeouts: int = 0) -> float:
         """Return the wait after a packet's send, once it has timed out `timeouts` times."""
@@ -366,13 +372,23 @@ class RtoEstimator:
         """Return the wait for a packet the peer is known to be missing.
 
         The peer acknowledges at once whatever fills a gap - it never delays that ACK -
-        so this wait needs no room for a delayed one: SRTT + 4 RTTVAR, with no FLOOR
-        but GAP_FLOOR. Without it, a resend lost again would wait the full floor.
+        so this wait needs no room for a delayed one: SRTT + 4 RTTVAR, with GAP_FLOOR
+        for a floor. Without it, a resend lost again would wait the full timeout.
         """
         if self.srtt is None:
             return self.timeout(timeouts)
-        wait = max(self.srtt + 4 * self.rttvar, self.GAP_FLOOR) * self.BACKOFF ** min(timeouts, 32)
+        wait = self.srtt + max(4 * self.rttvar, self.GRANULARITY)
+        wait = max(wait, self.GAP_FLOOR) * self.BACKOFF ** min(timeouts, 32)
         return min(wait, self.timeout(timeouts))
+
+
+# Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): a client acknowledges every second
+# packet at once, a lone one at most ACK_DELAY later - half the ACKs for a busy server to
+# read; anything out of order or duplicated at once, because then the server lacks news.
+# The server acknowledges at once (its replies carry the acknowledgement), and its timers
+# allow for the client's delay (RtoEstimator's peer_ack_delay).
+ACK_EVERY = 2
+ACK_DELAY = 0.01  # seconds
 
 
 def sack_bitmap(cumulative: int, held) -> int:
@@ -403,7 +419,7 @@ class InFlight:
         self.sent_at = self.deadline = 0.0
         self.sends = self.timeouts = 0  # how often sent; how often its timer fired
         self.order = 0  # when sent, counted in transmissions: later ones have bigger orders
-        self.passed = 0  # acknowledgements that covered a packet sent after this one
+        self.passed = 0  # packets sent after this one that the peer has confirmed
 
 
 class Channel:
@@ -448,7 +464,7 @@ class Channel:
     # A peer that acknowledges none of 20 sends of one packet is gone: at 30% loss each
     # way one send in two fails, and all of 20 fail once in a million.
     MAX_SENDS = 20
-    FAST_RETRANSMIT_AFTER = 2  # overtaken this often: lost, not late (KCP's "fastresend 2")
+    FAST_RETRANSMIT_AFTER = 2  # overtaken by this many packets: lost, not late (KCP's "fastresend 2")
     MIN_CONGESTION_WINDOW = 2  # after a run of timeouts, still probe with two packets at once
 
     def __init__(self, cipher, token: bytes = NO_TOKEN, *, window: int = WINDOW, max_queue: int = MAX_QUEUE,
@@ -491,7 +507,7 @@ class Channel:
         return not self.in_flight and not self.waiting
 
     def on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
-        """Mark what the peer acknowledged as delivered; note what it passed over."""
+        """Mark what the peer acknowledged as delivered; count what overtook what is missing."""
         done = []
         for seq in self.in_flight:  # oldest first: the cumulative part is at the front
             if seq > cumulative:
@@ -501,24 +517,28 @@ class Channel:
             done += [seq for seq in self.in_flight if seq > cumulative and acknowledged(seq, cumulative, bitmap)]
         if not done:
             return
-        latest = 0  # the latest transmission the peer has confirmed
+        orders = []  # when each packet now confirmed was sent, in transmissions
         for seq in done:
             entry = self.in_flight.pop(seq)
-            latest = max(latest, entry.order)
+            orders.append(entry.order)
             if entry.sends == 1:  # Karn's rule: only unambiguous round trips count
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
-        if bitmap:  # a gap: what was sent before `latest` and is still missing was passed over
+        if bitmap:  # a gap: what is still missing may have been overtaken
             self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
-            self.count_passed_over(latest, now)
+            self.count_overtaking(sorted(orders), now)
 
-    def count_passed_over(self, latest: int, now: float) -> None:
+    def count_overtaking(self, orders: list[int], now: float) -> None:
+        """Count, for each packet still missing, the confirmed packets that were sent after it.
+
+        Packets, not acknowledgements, as RFC 6675 counts: one ACK may confirm twenty.
+        """
         for entry in self.in_flight.values():
-            if entry.order < latest:
-                entry.passed += 1
-                if entry.passed == self.FAST_RETRANSMIT_AFTER:
-                    entry.deadline = self.timer_at = now  # lost, not late: poll() sends it again now
-                    self.stats["fast retransmits"] += 1
+            before = entry.passed
+            entry.passed += len(orders) - bisect.bisect_right(orders, entry.order)
+            if before < self.FAST_RETRANSMIT_AFTER <= entry.passed:
+                entry.deadline = self.timer_at = now  # lost, not late: poll() sends it again now
+                self.stats["fast retransmits"] += 1
 
     # --- Receiving half ---
 

@@ -49,6 +49,7 @@ import traceback
 
 import auth
 from encryption_helper import (
+    ACK_DELAY,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
     MAGIC,
@@ -63,6 +64,7 @@ from encryption_helper import (
     Packet,
     PacketError,
     PacketType,
+    RtoEstimator,
     decode_packet,
     describe_datagram,
     encode_packet,
@@ -426,7 +428,8 @@ class ChatServer:
 
     def open_session(self, name: str, address: Address, now: float) -> Session:
         token = secrets.token_bytes(8)
-        session = Session(token, address, name, Channel(self.cipher, token), self.guard.new_bucket(now), now)
+        channel = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY))  # clients delay ACKs
+        session = Session(token, address, name, channel, self.guard.new_bucket(now), now)
         self.sessions[address] = session
         self.online[name.lower()] = session
         return session

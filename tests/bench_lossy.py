@@ -14,7 +14,7 @@ drops a share of every TCP and UDP packet, both directions, in the kernel - on t
 hook, so that a send never fails, the packet is just lost:
 
     ip netns add udpchat-bench-<pid>
-    ip netns exec udpchat-bench-<pid> ip link set lo up
+    ip netns exec udpchat-bench-<pid> ip link set lo up mtu 1500
     ip netns exec udpchat-bench-<pid> nft add table inet lab
     ip netns exec udpchat-bench-<pid> nft 'add chain inet lab in { type filter hook input priority 0; }'
     ip netns exec udpchat-bench-<pid> nft add rule inet lab in \
@@ -117,6 +117,8 @@ BULK_SEED = 11
 SETUP_TIMEOUT = 30.0
 SETTLE = 30.0  # after the last line is sent, how long the receivers may take for the rest
 BULK_TIMEOUT = 120.0
+TCP_BULK_LIMIT = 60.0  # seconds: a TCP transfer not done by then is recorded as unfinished
+TCP_BULK_RUNS = 3  # at 20% loss; TCP's time varies a lot from run to run
 JSON_PATH = os.path.join(ROOT, "docs", "bench_lossy.json")
 # The header's fields, to match on the wire: byte offsets into the UDP payload.
 TYPE_OFFSET = struct.calcsize(HEADER_FORMAT[:4])  # "!2sB": magic, version
@@ -135,21 +137,26 @@ def unavailable_reason() -> str | None:
         return "needs root (network namespaces and nftables); run as root to measure them"
     if not shutil.which("ip"):
         return "needs the `ip` command (Debian package iproute2)"
-    if not shutil.which("nft"):
-        installed = False
-        try:  # the package lists may be missing on a fresh machine: then update them, and try again
-            for commands in ([["apt-get", "install", "-y", "-qq", "nftables"]],
-                             [["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "nftables"]]):
-                for command in commands:
-                    subprocess.run(command, capture_output=True, timeout=300)
-                installed = bool(shutil.which("nft"))
-                if installed:
-                    break
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        if not installed:
-            return "needs `nft` (Debian package nftables); `apt-get install -y nftables` did not work here"
+    if not install_if_missing("nft", "nftables"):
+        return "needs `nft` (Debian package nftables); `apt-get install -y nftables` did not work here"
+    install_if_missing("ethtool", "ethtool")  # without it TCP's rows are marked not comparable
     return None
+
+
+def install_if_missing(command: str, package: str) -> bool:
+    """Is `command` there, after trying apt-get (updating its lists if need be)?"""
+    if shutil.which(command):
+        return True
+    try:  # the package lists may be missing on a fresh machine: then update them, and try again
+        for steps in ([["apt-get", "install", "-y", "-qq", package]],
+                      [["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]]):
+            for step in steps:
+                subprocess.run(step, capture_output=True, timeout=300)
+            if shutil.which(command):
+                return True
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return False
 
 
 LIVE_NAMESPACES: set[str] = set()
@@ -168,6 +175,9 @@ def clean_up_everything() -> None:
 atexit.register(clean_up_everything)
 
 
+
+LAN_MTU = 1500  # bytes: Ethernet's, as on a lab network
+
 class NamespaceUnavailable(Exception):
     """The namespace or its nftables rules could not be made here."""
 
@@ -183,6 +193,7 @@ class Namespace:
 
     def __init__(self, name: str | None = None):
         self.name = name or f"udpchat-bench-{os.getpid()}"
+        self.offloads_off = False
         self.percent = 0
         self.previous_sigterm = None
 
@@ -192,7 +203,12 @@ class Namespace:
         try:
             run(["ip", "netns", "add", self.name])
             LIVE_NAMESPACES.add(self.name)
-            self.inside(["ip", "link", "set", "lo", "up"])
+            # Ethernet's MTU, as on a lab network: with the loopback's 64 KB, TCP would move
+            # bulk data in a few dozen giant segments that no LAN carries.
+            self.inside(["ip", "link", "set", "lo", "up", "mtu", str(LAN_MTU)])
+            # ...and no offloads: else the kernel hands TCP 64 KB super-segments past the
+            # MTU (TSO/GSO), and the loss rule drops or keeps 44 packets' worth at once.
+            self.offloads_off = self.switch_off_offloads()
             self.inside(["nft", "add", "table", "inet", "lab"])
             self.inside(["nft", "add chain inet lab in { type filter hook input priority 0; }"])
             self.nft_script(self.counting_rules())
@@ -239,6 +255,15 @@ class Namespace:
 
     def command(self, args: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *args]
+
+    def switch_off_offloads(self) -> bool:
+        if not shutil.which("ethtool"):
+            return False
+        try:
+            self.inside(["ethtool", "-K", "lo", "tso", "off", "gso", "off", "gro", "off"])
+        except RuntimeError:
+            return False
+        return True
 
     def inside(self, args: list[str]) -> str:
         return run(self.command(args))
@@ -658,15 +683,19 @@ def role_bulk_receiver(args) -> None:
         say("PORT", str(listener.getsockname()[1]))
         listener.settimeout(BULK_TIMEOUT)
         sock, _ = listener.accept()
+        sock.settimeout(TCP_BULK_LIMIT + SETUP_TIMEOUT)  # the sender gives up first
         digest, got, first = hashlib.sha256(), 0, None
         while got < args.size:
-            data = sock.recv(1 << 20)
+            try:
+                data = sock.recv(1 << 20)
+            except TimeoutError:
+                break
             if not data:
                 break
             first = first or time.monotonic()
             digest.update(data)
             got += len(data)
-        done = time.monotonic()
+        done = time.monotonic() if got == args.size else None
         info = tcp_info(sock)
         sock.close()  # the sender waits for this: then it knows everything arrived
         say("RESULT", {"done": done, "first": first, "bytes": got, "tcp": info,
@@ -721,12 +750,16 @@ def role_bulk_sender(args) -> None:
         sock = tcp_socket()
         connect(sock, args.port)
         started = time.monotonic()
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(BULK_TIMEOUT)
-        while sock.recv(65536):  # until the receiver closes: it has every byte
-            pass
-        finished = time.monotonic()
+        finished = None
+        try:
+            sock.settimeout(TCP_BULK_LIMIT)  # for all of sendall (Python 3.5+), then for the end
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # until the receiver closes: it has every byte
+                pass
+            finished = time.monotonic()
+        except TimeoutError:
+            pass  # not done within TCP_BULK_LIMIT: recorded as unfinished
         say("RESULT", {"started": started, "finished": finished, "tcp": tcp_info(sock)})
         sock.close()
         return
@@ -906,9 +939,9 @@ def bulk_run(namespace: Namespace, workdir: str, percent: int, proto: str, size:
         stop_all([child for child in (sender, receiver) if child])
     counted = difference(namespace.measure(), before)
     namespace.set_loss(0)
-    seconds = (got["done"] - sent["started"]) if got.get("done") else math.nan
+    seconds = (got["done"] - sent["started"]) if got.get("done") else math.inf  # inf: did not finish
     row = {"loss": percent, "proto": proto, "bytes": got["bytes"], "intact": got["intact"], "seconds": seconds,
-           "mb_per_s": size / 1e6 / seconds if seconds == seconds else 0.0}
+           "mb_per_s": size / 1e6 / seconds if 0 < seconds < math.inf else 0.0}
     if proto == "tcp":
         info: dict[str, int] = {}
         add_info(info, sent.get("tcp", {}))
@@ -934,11 +967,15 @@ def ms(value: float) -> str:
 
 
 def seconds(value: float) -> str:
+    if value == math.inf:
+        return f"unfinished in {TCP_BULK_LIMIT:.0f}"
     return f"{value:.3f}" if value < 1 else f"{value:.2f}"
 
 
 def times(value: float) -> str:
     """A factor: 3.1x, 0.05x."""
+    if value == math.inf:
+        return f"over {TCP_BULK_LIMIT:.0f} s / ours"
     return f"{value:.2f}x" if value < 1 else f"{value:.1f}x"
 
 
@@ -1100,7 +1137,8 @@ def write_json(path: str, chat: list[dict], bulk: list[dict], command: str) -> N
         "chat": [{"loss_percent": row["loss"], "ours_ms": [round_ms(v) for v in row["ours_ms"]],
                   "tcp_ms": [[round_ms(v) for v in run] for run in row["tcp_ms"]],
                   "ours": row["ours"], "tcp": row["tcp"]} for row in chat],
-        "bulk": [{key: row[key] for key in ("loss", "proto", "bytes", "seconds", "mb_per_s", "intact")}
+        "bulk": [{**{key: row[key] for key in ("loss", "proto", "bytes", "mb_per_s", "intact")},
+                  "seconds": row["seconds"] if row["seconds"] < math.inf else None}  # None: unfinished
                  for row in bulk],
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1141,12 +1179,12 @@ def run_benchmark(args, command: str) -> int:
                 chat.append(chat_row(namespace, workdir, percent, lines,
                                      runs + (2 if percent == max(args.losses) else 0)))
             for percent in BULK_LOSSES:
-                for proto, times in (("ours", 1), ("tcp", 1 if percent == 0 else 2 if args.quick else 5)):
+                for proto, times in (("ours", 1), ("tcp", 1 if percent == 0 else 2 if args.quick else TCP_BULK_RUNS)):
                     for index in range(times):
                         print(f"  running: bulk {proto} at {percent}% loss ...", file=sys.stderr, flush=True)
                         bulk.append(bulk_run(namespace, workdir, percent, proto, args.bytes, str(index)))
             extra = notes(chat, bulk)
-            name = namespace.name
+            name, offloads_off = namespace.name, namespace.offloads_off
     except NamespaceUnavailable as error:
         print(f"Lossy-network rows skipped: could not set up the network namespace ({error}).")
         return 0
@@ -1171,9 +1209,10 @@ def run_benchmark(args, command: str) -> int:
     print("Notes:")
     print("\n".join(extra))
     print(f"- Loss: nftables in network namespace {name}, `meta l4proto {{ tcp, udp }} numgen random mod 100 < P "
-          "drop` on the input hook of its loopback, both directions; the loopback keeps its MTU (65536), so TCP "
-          "moves bulk data in segments of up to 64 KB where ours are at most 1200 bytes: counted per packet, "
-          "TCP's bulk rows are not comparable to ours, their bytes and times are.")
+          f"drop` on the input hook of its loopback, both directions; the loopback's MTU set to {LAN_MTU} bytes, "
+          "Ethernet's, " + ("and its segmentation offloads off (ethtool), so TCP's segments are at most 1448 bytes of "
+          "data and ours 1168, as on a lab network." if offloads_off else "but ethtool is missing, so its offloads "
+          "stay on: TCP's bulk packets are 64 KB super-segments, and TCP's bulk rows are NOT comparable."))
     print(f"- Our channel (the tree as it is): window {constant(Channel, 'WINDOW')}, RTO floor "
           f"{constant(RtoEstimator, 'FLOOR')} s, backoff x{constant(RtoEstimator, 'BACKOFF')}, initial "
           f"{constant(RtoEstimator, 'INITIAL')} s, ceiling "

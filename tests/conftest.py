@@ -38,9 +38,10 @@ def lossy_timing(**changes) -> client.Timing:
     return fast_timing(**settings)
 
 
-def patient_channel(cipher, token) -> Channel:
+def patient_channel(cipher, token, rto: RtoEstimator) -> Channel:
     """The server's Channel for a session, with timers as short as lossy_timing's and more patience."""
-    return Channel(cipher, token, rto=RtoEstimator(floor=0.005, ceiling=0.2), max_sends=60)
+    return Channel(cipher, token, rto=RtoEstimator(floor=0.005, ceiling=0.2, peer_ack_delay=rto.peer_ack_delay),
+                   max_sends=60)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def quick_recovery(monkeypatch):
     """Make a lossy link quick to recover from, for tests of what survives loss.
 
     The server's session timers become as short as lossy_timing's (a lost reply would
-    cost 0.2 s at least, times a hundred), tries before login ten a second instead of
+    cost a timeout each, times a hundred), tries before login ten a second instead of
     one, and flood control, which would hold a few hundred quick messages for a minute,
     steps aside.
     """
