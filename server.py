@@ -453,13 +453,12 @@ class ChatServer:
 
     def flush(self, now: float) -> None:
         """Send what the touched sessions' channels have for the wire: replies, then EVENTs."""
-        for session in self.delivery.flush(now, self.outbox, self.log.trace):
-            if self.sessions.get(session.address) is session:  # fell too far behind, or gave up
-                reason = "not responding" if session.channel.failed else "too slow"
-                self.log.problem(f"{session.name} at {describe(session.address)}: {reason}; session ended")
-                self.end_session(session, reason, now)
-        if self.delivery.touched:  # the room was told of those leaving
-            self.flush(now)
+        while self.delivery.touched:  # again while ending a session told its room something
+            for session in self.delivery.flush(now, self.outbox, self.log.trace):
+                if self.sessions.get(session.address) is session:  # fell too far behind, or gave up
+                    reason = "not responding" if session.channel.failed else "too slow"
+                    self.log.problem(f"{session.name} at {describe(session.address)}: {reason}; session ended")
+                    self.end_session(session, reason, now)
 
     def close(self) -> None:
         self.history.close()
