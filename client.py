@@ -391,9 +391,8 @@ class ChatClient:
                  on_event=None, on_notice=None, trace=None):
         self.host, self.port = host, port
         self.timing = timing or Timing()
-        self.on_event = on_event
-        self.events: queue.Queue = queue.Queue()
-        self.on_notice = on_notice or (lambda text: None)
+        self.on_event, self.on_notice = on_event, on_notice or (lambda text: None)
+        self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
         self.trace = trace
         self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss, trace,
                                        server=f"{host}:{port}")
@@ -983,25 +982,26 @@ def main(argv: list[str] | None = None) -> int:
         pass  # leaving the usual way
     except ConnectionClosed:
         status = 1  # the reason was shown when it happened
-    except ChatError as error:
-        terminal.show(f"[ERROR] {error}")
-        status = 1
-    except ValueError as error:  # a key the cipher cannot use
+    except (ChatError, ValueError) as error:  # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {error}")
         status = 1
     finally:
-        try:
-            if client is not None:
-                client.bye()
-                client.close()
-        except KeyboardInterrupt:
-            pass
-        with terminal.print_lock:
-            terminal.prompt = ""
-        terminal.restore()
-        terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
+        say_goodbye(client, terminal)
     return status
 
+
+def say_goodbye(client: ChatClient | None, terminal: Terminal) -> None:
+    """Log out if logged in, close the socket, and give the terminal back."""
+    try:
+        if client is not None:
+            client.bye()
+            client.close()
+    except KeyboardInterrupt:
+        pass
+    with terminal.print_lock:
+        terminal.prompt = ""
+    terminal.restore()
+    terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -162,9 +162,8 @@ class Refusal(Exception):
 class ChatServer:
     """The chat protocol: takes datagrams and the time, changes state, fills `outbox`.
 
-    It opens no socket and starts no thread, so a test can drive it with plain bytes and
-    a fake clock. Password checks it wants are left in `password_jobs` for the loop's
-    worker thread, and come back through `finish_password_job`.
+    It opens no socket and starts no thread, so a test can drive it with plain bytes and a
+    fake clock. Password checks wait in `password_jobs` for the loop's worker thread.
     """
 
     def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
@@ -183,8 +182,7 @@ class ChatServer:
         self.guard = AbuseControl()
         self.strangers = StrangerReplies()
         self.delivery = Delivery()
-        lobby = Room(LOBBY, config.room_password, {}, lobby_history)
-        self.rooms = Rooms(lobby, self.cipher, self.delivery, wall_clock)  # lower-case name -> Room
+        self.rooms = Rooms(Room(LOBBY, config.room_password, {}, lobby_history), self.cipher, self.delivery, wall_clock)
         self.next_housekeeping = 0.0
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams for the network layer to send
         self.password_jobs: list[auth.PasswordJob] = []  # checks for the network layer to run
@@ -233,8 +231,7 @@ class ChatServer:
         self.flush(now)
 
     def next_deadline(self) -> float:
-        """Return when `on_timers` next has work to do."""
-        return min(self.delivery.next_deadline(), self.next_housekeeping)
+        return min(self.delivery.next_deadline(), self.next_housekeeping)  # when on_timers has work
 
     # --- Dispatch ---
 
@@ -411,8 +408,8 @@ class ChatServer:
         self.end_session(request.session, "", request.now)
         return ["goodbye"]
 
-    def handle_ack(self, request: Request) -> None:
-        raise Refusal("bad-request", "An ACK carries no sequence number.")  # a numbered ACK is not one
+    def handle_ack(self, request: Request) -> None:  # a numbered ACK is not one
+        raise Refusal("bad-request", "An ACK carries no sequence number.")
 
     def handle_server_only(self, request: Request) -> None:
         self.stats["bad"] += 1
@@ -437,9 +434,8 @@ class ChatServer:
     def end_session(self, session: Session, reason: str, now: float) -> None:
         """Forget a session; its room hears that the user left, and why.
 
-        Its channel is sent once more (the goodbye, after a BYE), then nothing: a
-        client that did not hear the goodbye asks again and is told RESET, which it
-        takes as the end it asked for.
+        Its channel is sent once more (the goodbye, after a BYE), then never: a client
+        that missed the goodbye asks again, is told RESET, and takes that as the end.
         """
         if self.sessions.get(session.address) is not session:
             return  # ended already

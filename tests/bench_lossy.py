@@ -90,6 +90,8 @@ sys.path.insert(0, ROOT)
 import client  # noqa: E402  (after the path is set: the chat's modules live one folder up)
 import server  # noqa: E402
 from encryption_helper import (  # noqa: E402
+    ACK_DELAY,
+    ACK_EVERY,
     FLAG_RETRANSMIT,
     HEADER_FORMAT,
     MAGIC,
@@ -673,7 +675,7 @@ def udp_socket() -> socket.socket:
 
 def receiving_channel(cipher) -> Channel:
     """The receiver acknowledges as our client does: every second packet, or after ACK_DELAY."""
-    return Channel(cipher, ack_delay=getattr(client, "ACK_DELAY", 0.0), ack_every=getattr(client, "ACK_EVERY", 1))
+    return Channel(cipher, ack_delay=ACK_DELAY, ack_every=ACK_EVERY)
 
 
 def role_bulk_receiver(args) -> None:
@@ -767,11 +769,16 @@ def role_bulk_sender(args) -> None:
     sock = udp_socket()
     sock.connect(("127.0.0.1", args.port))
     sock.setblocking(False)
-    channel = Channel(cipher)
+    channel = Channel(cipher, rto=RtoEstimator(peer_ack_delay=ACK_DELAY))  # as the server's: its peer delays ACKs
     offset, datagrams, wire, local_drops = 0, 0, 0, 0
     started = time.monotonic()
     while not channel.failed and time.monotonic() - started < BULK_TIMEOUT:
-        while offset < len(data) and channel.send(PacketType.EVENT, data[offset:offset + MAX_PAYLOAD]):
+        # The first chunk goes alone, and the rest once it is acknowledged: that round trip is
+        # the channel's first measurement, as TCP's handshake (outside TCP's time here) is TCP's.
+        # Without one, a lost first ACK would stall everything for the initial 1 s timeout.
+        measured = channel.rto.srtt is not None
+        while offset < len(data) and (measured or offset == 0) and channel.send(
+                PacketType.EVENT, data[offset:offset + MAX_PAYLOAD]):
             offset += MAX_PAYLOAD
         for datagram in channel.poll(time.monotonic()):
             try:
