@@ -173,13 +173,17 @@ class PasswordJob:
     record: dict | None  # LOGIN: the stored record, or a dummy one so strangers wait as long
     iterations: int = 0  # REGISTER: the hash's cost
     result: object = None  # set by run(): the new record, or whether the password matched
+    error: str = ""  # set by run() if the check itself failed (a damaged record, say)
 
     def run(self) -> "PasswordJob":
         """Runs on the worker thread; touches nothing but this job."""
-        if self.record is None:
-            self.result = new_record(self.name, self.password, self.iterations)
-        else:
-            self.result = check_password(self.password, self.record)
+        try:
+            if self.record is None:
+                self.result = new_record(self.name, self.password, self.iterations)
+            else:
+                self.result = check_password(self.password, self.record)
+        except Exception as error:  # reported by the server's loop, which must still answer
+            self.error = repr(error)
         return self
 
 

@@ -56,13 +56,13 @@ from encryption_helper import (
     CIPHER_NAMES,
     DEFAULT_CIPHER,
     HEADER_SIZE,
-    MAGIC,
     MAX_PAYLOAD,
     MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
     Channel,
+    ChecksumError,
     LossySocket,
     Packet,
     PacketError,
@@ -177,6 +177,7 @@ class ClientProtocol:
         self.trace = trace  # a function taking a line, or None for no packet trace
         self.token = NO_TOKEN
         self.name: str | None = None
+        self.next_stranger_seq = 1  # numbers before login go on across tries: a late answer never matches anew
         self.channel = self.stranger_channel()
         self.pending: dict[int, PacketType] = {}  # request number -> its type, until answered
         self.answers: list[tuple[int, object]] = []
@@ -190,7 +191,7 @@ class ClientProtocol:
     def stranger_channel(self) -> Channel:
         """Before login: stop-and-wait, a try a second - the channel with a window of 1."""
         rto = RtoEstimator(FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY)
-        return Channel(self.cipher, window=1, max_sends=self.connect_tries, rto=rto)
+        return Channel(self.cipher, window=1, max_sends=self.connect_tries, rto=rto, first_seq=self.next_stranger_seq)
 
     def session_channel(self, token: bytes) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
@@ -217,6 +218,8 @@ class ClientProtocol:
         if not seq:
             raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
         self.pending[seq] = ptype
+        if not self.logged_in:
+            self.next_stranger_seq = seq + 1
         return seq
 
     # --- What the server sends ---
@@ -227,19 +230,19 @@ class ClientProtocol:
             packet = decode_packet(data, self.cipher)
         except PacketError as error:
             self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
-            if data[:2] == MAGIC and "checksum" in str(error) and not self.logged_in:
-                self.fail_pending(KeyMismatch(KEY_MISMATCH))  # the reply to our HELLO is unreadable
+            if isinstance(error, ChecksumError) and not self.logged_in:
+                self.fail_pending(KeyMismatch(KEY_MISMATCH))  # an answer before login is unreadable
             return
         self.heard_from_server(now)
         if packet.type == PacketType.RESET:
             self.receive_reset(packet, data)
             return
-        if self.logged_in and packet.token != self.token:
-            self.trace_packet("in ", data, ": from an old session, dropped")
+        if not self.logged_in and (packet.seq or packet.type not in (PacketType.OK, PacketType.ERROR)):
+            self.trace_packet("in ", data, ": from an old session, dropped")  # before login: answers only
             return
-        if self.logged_in and packet.seq == 0 and packet.type != PacketType.ACK:
-            self.trace_packet("in ", data, ": an answer from before the session, dropped")
-            return  # its ack field numbers a stranger's request, not this channel's
+        if self.logged_in and (packet.token != self.token or (packet.seq == 0 and packet.type != PacketType.ACK)):
+            self.trace_packet("in ", data, ": from an old session or from before it, dropped")
+            return  # an answer from before the session: its ack field numbers a stranger's request
         outcome, ready = self.channel.receive(packet, now)
         self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
         for delivered in ready:
@@ -261,33 +264,32 @@ class ClientProtocol:
             self.trace_packet("in ", data, ": not about our session, dropped")
             return
         self.trace_packet("in ", data)
-        goodbye = [seq for seq, ptype in self.pending.items() if ptype == PacketType.BYE]
-        self.end_session()
-        for seq in goodbye:  # the server had already ended it: that is what BYE asked for
-            self.pending.pop(seq)
-            self.answers.append((seq, ["goodbye"]))
-        self.fail_pending(SessionLost(SESSION_LOST))
+        self.end_session(SessionLost(SESSION_LOST))
 
     def receive_answer(self, packet: Packet) -> None:
         """An OK or ERROR: find the request it answers by the number in its first field."""
         try:
-            fields = unpack_fields(packet.payload)
-            ptype = self.pending.pop(int(fields[0]))
-        except (PacketError, ValueError, IndexError, KeyError):
+            seq, *fields = unpack_fields(packet.payload)
+            ptype = self.pending.pop(int(seq))
+        except (PacketError, ValueError, KeyError):
             return  # unreadable, or a late answer to something given up on
-        seq, fields = int(fields[0]), fields[1:]
+        seq = int(seq)
         if packet.type == PacketType.ERROR:
             self.answers.append((seq, Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")))
-            return
-        if ptype == PacketType.LOGIN:
-            self.start_session(packet.token, fields[0])
-        elif ptype == PacketType.BYE:
-            self.end_session()
-        self.answers.append((seq, fields))
+        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
+            self.answers.append((seq, Refused("bad-reply", "The server's welcome could not be read.")))
+        else:
+            self.answers.append((seq, fields))
+            if ptype == PacketType.LOGIN:
+                self.start_session(packet.token, fields[0])
+            elif ptype == PacketType.BYE:
+                self.end_session(Refused("not-sent", "Logged out; not sent."))
 
     def receive_event(self, packet: Packet) -> None:
         try:
             kind, when, room, user, text = unpack_fields(packet.payload, 5)
+            if not -1e10 < float(when) < 1e10:  # nan and inf fail too; a clock cannot show such times
+                raise ValueError(f"time {when!r} out of range")
             self.events.append(Event(kind, float(when), room, user, text))
         except (PacketError, ValueError) as error:
             self.note(f"an EVENT could not be read ({error}); skipped")
@@ -295,19 +297,26 @@ class ClientProtocol:
     def start_session(self, token: bytes, name: str) -> None:
         """Logged in: from now on, everything goes on the session's channel."""
         self.token, self.name = token, name
-        self.channel = self.session_channel(token)
+        self.switch_channel(self.session_channel(token), Refused("not-sent", "Sent while logging in; not sent."))
 
-    def end_session(self) -> None:
+    def end_session(self, error: ChatError | None = None) -> None:
         """Back to no session: nothing more to acknowledge, nothing to keep alive."""
         self.token, self.name = NO_TOKEN, None
-        self.channel = self.stranger_channel()
+        self.switch_channel(self.stranger_channel(), error or Refused("not-sent", "Logged out; not sent."))
 
     def fail_pending(self, error: ChatError) -> None:
         """Every request still waiting gets `error` as its answer."""
-        self.answers.extend((seq, error) for seq in self.pending)
+        self.switch_channel(self.channel if self.logged_in else self.stranger_channel(), error)
+
+    def switch_channel(self, channel: Channel, error: ChatError) -> None:
+        """Go on with `channel`; whatever waited on the old one is answered now, never left waiting.
+
+        A BYE counts as answered: the session is over, as it asked.
+        """
+        for seq, ptype in self.pending.items():
+            self.answers.append((seq, ["goodbye"] if ptype == PacketType.BYE else error))
         self.pending.clear()
-        if not self.logged_in:
-            self.channel = self.stranger_channel()  # nothing left to send again
+        self.channel = channel
 
     def port_unreachable(self) -> None:
         """The OS reported an ICMP "port unreachable": nobody listens there (yet)."""
@@ -478,6 +487,7 @@ class ChatClient:
         """End the session politely; a server that is gone or has forgotten us is fine."""
         if not self.logged_in or self.closed.is_set():
             return
+        self.check_not_network_thread()
         try:
             self.submit(PacketType.BYE).result(timeout=self.timing.goodbye_timeout)
         except (ChatError, concurrent.futures.TimeoutError):
@@ -497,6 +507,7 @@ class ChatClient:
 
     def call(self, ptype: PacketType, *fields: str) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
+        self.check_not_network_thread()
         patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # it answers before this
         try:
             return self.submit(ptype, *fields).result(timeout=patience)
@@ -514,12 +525,23 @@ class ChatClient:
         self.wake()
         return future
 
+    def check_not_network_thread(self) -> None:
+        """Refuse to wait on the network thread: only it could bring the answer (use submit)."""
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("a blocking ChatClient call from its own network thread would wait for ever")
+
     def not_responding_text(self) -> str:
         return f"Server not responding at {self.host}:{self.port}"
 
     # --- The network thread: the only reader of the socket ---
 
     def run_network(self) -> None:
+        try:
+            self.serve_network()
+        except Exception as error:  # a bug, ours or a callback's: say so and stop, never hang
+            self.close(f"Internal error in the client: {error!r}")
+
+    def serve_network(self) -> None:
         while not self.closed.is_set():
             with self.lock:
                 outgoing = self.protocol.poll(time.monotonic())
@@ -575,8 +597,8 @@ class ChatClient:
             futures = [(self.futures.pop(seq, None), result) for seq, result in answers]
             gave_up = protocol.closed_reason
         for future, result in futures:
-            if future is None:
-                continue  # a heartbeat's answer: nobody waits for it
+            if future is None or not future.set_running_or_notify_cancel():
+                continue  # a heartbeat's answer, or one its asker cancelled: nobody waits for it
             if isinstance(result, ChatError):
                 future.set_exception(result)
             else:
@@ -615,10 +637,10 @@ class ChatClient:
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=2 * MAX_WAIT + 1)
         with self.lock:
-            for future in self.futures.values():
-                if not future.done():
-                    future.set_exception(ConnectionClosed(reason or "The connection is closed."))
-            self.futures.clear()
+            waiting, self.futures = list(self.futures.values()), {}
+        for future in waiting:  # outside the lock: a done-callback may call us
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ConnectionClosed(reason or "The connection is closed."))
         self.selector.close()
         self.sock.close()
         self.wake_reader.close()

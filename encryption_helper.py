@@ -194,6 +194,10 @@ class PacketError(ValueError):
     """A datagram that is not a valid packet; the message says what is wrong with it."""
 
 
+class ChecksumError(PacketError):
+    """A datagram damaged on the way - or scrambled with another key than ours."""
+
+
 class Packet(typing.NamedTuple):
     """One packet, payload in plain text (scrambling happens in encode/decode).
 
@@ -255,7 +259,7 @@ def decode_packet(data: bytes, cipher) -> Packet:
     payload = cipher.decrypt(data[HEADER_SIZE:])
     zeroed_header = data[: HEADER_SIZE - 4] + bytes(4)
     if binascii.crc32(zeroed_header, binascii.crc32(payload)) != crc:
-        raise PacketError("bad checksum: damaged on the way, or the ends use different keys")
+        raise ChecksumError("bad checksum: damaged on the way, or the ends use different keys")
     known = PACKET_TYPES.get(ptype)
     if known is None:
         raise PacketError(f"unknown packet type {ptype}")
@@ -332,8 +336,9 @@ class RtoEstimator:
     # RFC 6298 asks for at least 1 s, chosen for the Internet of 2000; Linux's TCP uses
     # 200 ms, because its receivers delay ACKs by 40 ms and more. Here the time a peer
     # may hold its ACK is added where it applies (`peer_ack_delay`, as QUIC adds its
-    # max_ack_delay), so the floor need only be a timer every system keeps: Windows'
-    # clock ticks every 15.6 ms, and a LAN round trip is well under 10 ms.
+    # max_ack_delay), so the floor need only keep a timer from racing a LAN round trip
+    # (well under 10 ms). Where the clock is coarse (Windows ticks every 15.6 ms), timers
+    # fire late, never early.
     FLOOR = 0.01
     GRANULARITY = 0.001  # the least room kept for variation (QUIC's kGranularity)
     # TCP doubles the wait after each timeout; KCP multiplies by 1.5. Gentler backoff
@@ -433,8 +438,9 @@ class Channel:
     have overtaken - the peer acknowledged them, not it - is sent again at once, before
     its timer (fast retransmit). One sent `max_sends` times unacknowledged means the peer is gone:
     `failed` becomes true. How much is in flight is bounded twice: by the window the
-    receiver can hold, and by a congestion window that halves when a timer fires (a
-    burst of loss, or a link that cannot keep up) and grows by one with each packet
+    receiver can hold, and by a congestion window that halves when a timer fires with no
+    sign of a gap beyond it (a burst of loss, or a link that cannot keep up; never below
+    MIN_CONGESTION_WINDOW) and grows by one with each packet
     acknowledged - but does not shrink for a packet merely overtaken (random loss, which
     fast retransmit repairs). So random loss costs retransmissions, not speed.
 
@@ -469,7 +475,7 @@ class Channel:
 
     def __init__(self, cipher, token: bytes = NO_TOKEN, *, window: int = WINDOW, max_queue: int = MAX_QUEUE,
                  max_sends: int = MAX_SENDS, rto: RtoEstimator | None = None,
-                 ack_delay: float = 0.0, ack_every: int = 1):
+                 ack_delay: float = 0.0, ack_every: int = 1, first_seq: int = 1):
         if not 1 <= window <= self.WINDOW:
             raise ValueError(f"the window must be from 1 to {self.WINDOW}")
         self.cipher, self.token = cipher, token
@@ -477,7 +483,7 @@ class Channel:
         self.rto = rto or RtoEstimator()
         self.ack_delay, self.ack_every = ack_delay, ack_every
         # Sending half
-        self.next_seq = 1
+        self.next_seq = first_seq  # 1 on a session; a stranger's tries go on counting
         self.in_flight: dict[int, InFlight] = {}  # by number, oldest first (dicts keep order)
         self.waiting: collections.deque = collections.deque()  # InFlight entries not yet sent
         self.transmissions = 0

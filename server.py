@@ -13,7 +13,7 @@ How it is built, in the spirit of the standard library's socketserver:
 * The protocol - parse, decide, answer - is `ChatServer`, which never touches a socket:
   it is handed datagrams and the time, and collects the datagrams to send in `outbox`,
   so tests and the notebook drive it without a network. One table maps each packet
-  type to its handler; one method, `answer`, sends every reply.
+  type to its handler; one method, `answer`, answers every request.
 * A logged-in member talks over a reliable `Channel` (encryption_helper.py): requests
   one way, replies and EVENTs (messages, joins, leaves) the other, each delivered once
   and in order. Before login there is no channel: a stranger's REGISTER or LOGIN that
@@ -214,6 +214,10 @@ class ChatServer:
         job.request.now = now
         reception = self.reception
         finish = reception.finish_register if job.request.packet.type == PacketType.REGISTER else reception.finish_login
+        if job.error:  # the check itself failed: the request still gets an answer
+            self.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
+            reception.registering.discard(job.name.lower())
+            finish = reception.refuse_failed_check
         self.answer(job.request, run_handler(finish, job))
         self.flush(now)
 
@@ -290,7 +294,8 @@ class ChatServer:
             payload = pack_fields(str(request.packet.seq), *fields)
         self.log.outcome(request, ptype, fields)
         if request.session is not None:
-            request.session.channel.send(ptype, payload)
+            if not request.session.channel.send(ptype, payload):
+                self.delivery.give_up_on(request.session)  # its queue is full: it cannot keep up
             self.delivery.touch(request.session)  # a password check may finish between packets
             return
         token = token or request.packet.token
@@ -568,6 +573,9 @@ class Reception:
         self.server.answer(request, [name, LOBBY, f"Welcome, {name}."], token=session.token)
         return None
 
+    def refuse_failed_check(self, job: "auth.PasswordJob") -> None:
+        raise Refusal("server-error", "The server could not check that; try again.")
+
     def start_password_job(self, job: "auth.PasswordJob") -> None:
         """Hand a password check to the worker; retries of the request now wait for it."""
         self.server.guard.hash_started(job.request.address[0])
@@ -820,9 +828,13 @@ class Delivery:
         self.timers: list = []  # heap of (when, tiebreak, session)
         self.count = 0
         self.touched: dict[int, Session] = {}
+        self.overfull: list[Session] = []  # sessions whose channel refused a reply
 
     def touch(self, session: Session) -> None:
         self.touched[id(session)] = session
+
+    def give_up_on(self, session: Session) -> None:
+        self.overfull.append(session)
 
     def push(self, session: Session, body: Body) -> None:
         """Queue an EVENT for a member; it goes out after the reply being made now."""
@@ -850,7 +862,7 @@ class Delivery:
 
     def flush(self, now: float, outbox: list, trace) -> list[Session]:
         """Move news onto the touched channels and send; return sessions to end (too slow, gone)."""
-        to_end = []
+        to_end, self.overfull = self.overfull, []
         touched, self.touched = self.touched, {}
         for session in touched.values():
             channel = session.channel

@@ -360,6 +360,19 @@ def test_hash_queue_is_bounded_per_address(make_harness, monkeypatch):
     assert len(harness.chat.password_jobs) == 3
 
 
+def test_a_password_check_that_fails_is_answered_and_frees_its_place(harness, monkeypatch):
+    def broken(*args):
+        raise KeyError("hash")  # as a damaged record in users.json would
+
+    monkeypatch.setattr(auth, "new_record", broken)
+    peer = Peer(harness, 1)
+    assert peer.fields(PacketType.REGISTER, peer.cookie(), "alice", "pw") == [
+        "server-error", "The server could not check that; try again."]
+    assert not harness.chat.guard.pending and not harness.chat.reception.registering  # nothing held
+    monkeypatch.undo()
+    assert peer.register("alice") == "Registration successful."  # the name was not left taken
+
+
 def test_hash_queue_is_bounded_overall(make_harness, monkeypatch):
     monkeypatch.setattr(server.AbuseControl, "MAX_PENDING_HASHES", 3)
     harness = make_harness()
@@ -833,6 +846,18 @@ def test_a_member_who_falls_too_far_behind_is_dropped_alone(make_harness, monkey
     assert "bob" not in harness.chat.online and {"alice", "carol"} <= set(harness.chat.online)
     assert carol.events()[-1] == ["leave", STAMP, "lobby", "bob", "too slow"]
     assert carol.texts() == [f"m{number}" for number in range(8)]
+
+
+def test_a_member_whose_replies_cannot_be_queued_is_dropped_not_left_waiting(make_harness, monkeypatch):
+    channel_defaults(monkeypatch, window=2, max_queue=5)
+    harness = make_harness()
+    bob, carol = member(harness, 2, "bob"), member(harness, 3, "carol")
+    bob.deaf = True  # hears nothing, so acknowledges none of the replies to what he asks
+    for _ in range(2 + 5 + 1):  # window, queue, and one reply more than fits
+        bob.send(PacketType.PING)
+    bob.flush()
+    assert "bob" not in harness.chat.online
+    assert carol.events()[-1] == ["leave", STAMP, "lobby", "bob", "too slow"]
 
 
 def test_many_members_too_slow_at_once_are_all_dropped_calmly(make_harness, monkeypatch):

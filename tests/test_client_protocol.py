@@ -204,3 +204,60 @@ def test_a_repeated_login_answer_acknowledges_nothing_on_the_session():
     protocol.receive(welcome, 0.03)  # the answer to a retry of the LOGIN: its ack field is a stranger's number
     resent = [decode_packet(data, CIPHER) for data in protocol.poll(protocol.timing.initial_rto + 0.02)]
     assert [(packet.type, packet.seq) for packet in resent] == [(PacketType.JOIN, 1)]
+
+
+# --- Nothing is left waiting, and nothing old is taken for new -----------------------------
+
+
+def test_a_request_queued_behind_the_login_is_answered_not_lost():
+    protocol = client.ClientProtocol(CIPHER)
+    login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
+    behind = protocol.request(PacketType.WHO, (), 0.0)  # waits: before login, one request at a time
+    protocol.poll(0.0)
+    protocol.receive(answer(login, "alice", "lobby", "Welcome, alice.", token=TOKEN), 0.0)
+    answered = dict(protocol.answers)
+    assert answered[login] == ["alice", "lobby", "Welcome, alice."]
+    assert isinstance(answered[behind], client.Refused) and answered[behind].code == "not-sent"
+    assert not protocol.pending
+
+
+def test_requests_after_a_bye_are_answered_when_the_goodbye_comes():
+    protocol, server = logged_in()
+    bye = protocol.request(PacketType.BYE, (), 1.0)
+    late = protocol.request(PacketType.SAY, ("one more",), 1.0)
+    requests = server.take(protocol.poll(1.0), 1.0)
+    server.answer(requests[0].seq, "goodbye")  # the server ends the session at the BYE
+    server.tell(protocol, 1.1)
+    answered = dict(protocol.answers)
+    assert answered[bye] == ["goodbye"] and answered[late].code == "not-sent"
+    assert not protocol.logged_in and not protocol.pending
+
+
+def test_a_late_answer_to_a_given_up_request_is_not_taken_for_a_new_one():
+    protocol = client.ClientProtocol(CIPHER, client.Timing(connect_timeout=2.0))
+    register = protocol.request(PacketType.REGISTER, ["cookie", "bob", "pw"], 0.0)
+    for now in (0.0, 1.0, 2.0, 3.0):  # unanswered: given up on
+        protocol.poll(now)
+    assert isinstance(dict(protocol.answers)[register], client.ServerNotResponding)
+    protocol.answers.clear()
+    login = protocol.request(PacketType.LOGIN, ["cookie", "bob", "pw"], 4.0)
+    assert login != register  # numbers before login go on counting
+    protocol.receive(answer(register, "Registration successful."), 4.1)  # the first answer, at last
+    assert protocol.answers == [] and protocol.pending == {login: PacketType.LOGIN}
+
+
+def test_a_welcome_without_fields_or_token_is_refused_not_fatal():
+    protocol = client.ClientProtocol(CIPHER)
+    login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
+    protocol.poll(0.0)
+    protocol.receive(answer(login, token=TOKEN), 0.0)  # nothing but its number
+    assert dict(protocol.answers)[login].code == "bad-reply" and not protocol.logged_in
+
+
+@pytest.mark.parametrize("when", ["inf", "nan", "1e300", "-1e300"])
+def test_an_event_with_an_impossible_time_is_skipped(when):
+    protocol, server = logged_in()
+    server.channel.send(PacketType.EVENT, pack_fields("chat", when, "lobby", "mallory", "boom"))
+    server.channel.send(PacketType.EVENT, pack_fields("chat", "1767225600", "lobby", "bob", "hi"))
+    server.tell(protocol, 1.0)
+    assert [event.text for event in protocol.events] == ["hi"]
