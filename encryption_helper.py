@@ -592,7 +592,7 @@ class Channel:
         out = [self.transmit(seq, entry, now) for seq, entry in self.expired(now)] if timers_ran else []
         if self.failed:
             return []  # the peer is gone: nothing new goes out either
-        while self.waiting and self.next_seq < self.base() + min(self.window, self.congestion_window):
+        while self.has_room():
             entry = self.waiting.popleft()
             self.in_flight[self.next_seq] = entry
             out.append(self.transmit(self.next_seq, entry, now))
@@ -639,6 +639,10 @@ class Channel:
         packet = Packet(entry.ptype, seq, cumulative, bitmap, self.token, flags)
         return encode_packet(packet, self.cipher, entry.body)
 
+    def has_room(self) -> bool:
+        """May a waiting packet go now? Both windows must have room for it."""
+        return bool(self.waiting) and self.next_seq < self.base() + min(self.window, self.congestion_window)
+
     def base(self) -> int:
         """Return the oldest unacknowledged number (the window's left edge)."""
         return next(iter(self.in_flight), self.next_seq)
@@ -647,8 +651,8 @@ class Channel:
         """Return the time poll() next has work to do (inf: nothing until a packet comes)."""
         if self.failed:
             return float("inf")
-        if self.waiting and self.next_seq < self.base() + min(self.window, self.congestion_window):
-            return 0.0  # room in the window for a waiting packet: now
+        if self.has_room():
+            return 0.0  # a waiting packet may go: now
         return min(self.timer_at, self.ack_due)  # timer_at may be early (acknowledged since): harmless
 
 

@@ -212,13 +212,7 @@ class ChatServer:
         """A password check the worker finished: answer its request."""
         self.guard.hash_finished(job.request.address[0])
         job.request.now = now
-        reception = self.reception
-        finish = reception.finish_register if job.request.packet.type == PacketType.REGISTER else reception.finish_login
-        if job.error:  # the check itself failed: the request still gets an answer
-            self.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
-            reception.registering.discard(job.name.lower())
-            finish = reception.refuse_failed_check
-        self.answer(job.request, run_handler(finish, job))
+        self.answer(job.request, run_handler(self.reception.finish_password_job, job))
         self.flush(now)
 
     def on_timers(self, now: float) -> None:
@@ -573,8 +567,14 @@ class Reception:
         self.server.answer(request, [name, LOBBY, f"Welcome, {name}."], token=session.token)
         return None
 
-    def refuse_failed_check(self, job: "auth.PasswordJob") -> None:
-        raise Refusal("server-error", "The server could not check that; try again.")
+    def finish_password_job(self, job: "auth.PasswordJob") -> list[str] | None:
+        """A password check came back: finish the REGISTER or LOGIN it was for."""
+        if job.error:  # the check itself failed: the request still gets an answer
+            self.server.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
+            self.registering.discard(job.name.lower())
+            raise Refusal("server-error", "The server could not check that; try again.")
+        register = job.request.packet.type == PacketType.REGISTER
+        return self.finish_register(job) if register else self.finish_login(job)
 
     def start_password_job(self, job: "auth.PasswordJob") -> None:
         """Hand a password check to the worker; retries of the request now wait for it."""
