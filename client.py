@@ -57,7 +57,6 @@ from encryption_helper import (
     DEFAULT_CIPHER,
     HEADER_SIZE,
     MAX_PAYLOAD,
-    MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
@@ -71,6 +70,7 @@ from encryption_helper import (
     decode_packet,
     describe_datagram,
     make_cipher,
+    oversize_text,
     pack_fields,
     unpack_fields,
 )
@@ -497,13 +497,12 @@ class ChatClient:
 
     def with_cookie(self, ptype: PacketType, name: str, password: str) -> list[str]:
         """HELLO, then the request with the cookie; once more if the cookie went stale."""
-        for attempt in range(2):
-            try:
-                return self.call(ptype, self.hello(), name, password)
-            except Refused as refusal:
-                if refusal.code != "stale-cookie" or attempt:
-                    raise
-        raise AssertionError("not reached")
+        try:
+            return self.call(ptype, self.hello(), name, password)
+        except Refused as refusal:
+            if refusal.code != "stale-cookie":
+                raise
+        return self.call(ptype, self.hello(), name, password)  # with a fresh cookie
 
     def call(self, ptype: PacketType, *fields: str) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
@@ -653,9 +652,8 @@ class ChatClient:
 
 def check_length(text: str) -> str:
     """Return `text`, or refuse it here if the server would: no need to send it."""
-    size = len(text.encode("utf-8"))
-    if size > MAX_TEXT_BYTES:
-        raise Refused("too-long", f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent.")
+    if oversize_text(text):
+        raise Refused("too-long", oversize_text(text))
     return text
 
 

@@ -159,6 +159,14 @@ RECV_BUFFER = 65535
 # Message text limit, in UTF-8 bytes, leaving room in MAX_PAYLOAD for the other fields
 # of the EVENT that carries it (kind, time, room, user).
 MAX_TEXT_BYTES = 1000
+
+
+def oversize_text(text: str) -> str:
+    """Return why `text` is too long for one message, or "" if it fits (both ends check)."""
+    size = len(text.encode("utf-8"))
+    return f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent." if size > MAX_TEXT_BYTES else ""
+
+
 NO_TOKEN = bytes(8)
 FIELD_LENGTH = struct.Struct("!H")
 FLAG_RETRANSMIT = 0x0001  # set on a packet sent again; lets a trace mark it
@@ -358,6 +366,7 @@ class RtoEstimator:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = min(max(initial, floor), ceiling)
+        self.round_trip_wait = self.rto  # SRTT + 4 RTTVAR: the wait with no room for a delayed ACK
 
     def observe(self, rtt: float) -> None:
         """Take one round-trip sample, in seconds, and update the timeout."""
@@ -366,8 +375,8 @@ class RtoEstimator:
         else:
             self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - rtt)
             self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
-        wait = self.srtt + max(4 * self.rttvar, self.GRANULARITY) + self.peer_ack_delay
-        self.rto = min(max(wait, self.floor), self.ceiling)
+        self.round_trip_wait = self.srtt + max(4 * self.rttvar, self.GRANULARITY)
+        self.rto = min(max(self.round_trip_wait + self.peer_ack_delay, self.floor), self.ceiling)
 
     def timeout(self, timeouts: int = 0) -> float:
         """Return the wait after a packet's send, once it has timed out `timeouts` times."""
@@ -380,10 +389,7 @@ class RtoEstimator:
         so this wait needs no room for a delayed one: SRTT + 4 RTTVAR, with GAP_FLOOR
         for a floor. Without it, a resend lost again would wait the full timeout.
         """
-        if self.srtt is None:
-            return self.timeout(timeouts)
-        wait = self.srtt + max(4 * self.rttvar, self.GRANULARITY)
-        wait = max(wait, self.GAP_FLOOR) * self.BACKOFF ** min(timeouts, 32)
+        wait = max(self.round_trip_wait, self.GAP_FLOOR) * self.BACKOFF ** min(timeouts, 32)
         return min(wait, self.timeout(timeouts))
 
 
@@ -436,11 +442,11 @@ class Channel:
     flight has its own timer: when it fires, that packet alone is sent again, and its
     next wait is longer (RtoEstimator.BACKOFF). A packet that two later-sent packets
     have overtaken - the peer acknowledged them, not it - is sent again at once, before
-    its timer (fast retransmit). One sent `max_sends` times unacknowledged means the peer is gone:
-    `failed` becomes true. How much is in flight is bounded twice: by the window the
-    receiver can hold, and by a congestion window that halves when a timer fires with no
-    sign of a gap beyond it (a burst of loss, or a link that cannot keep up; never below
-    MIN_CONGESTION_WINDOW) and grows by one with each packet
+    its timer (fast retransmit). One sent `max_sends` times unacknowledged means the
+    peer is gone: `failed` becomes true. How much is in flight is bounded twice: by the
+    window the receiver can hold, and by a congestion window that halves when a timer
+    fires with no sign of a gap beyond it (a burst of loss, or a link that cannot keep
+    up; never below MIN_CONGESTION_WINDOW) and grows by one with each packet
     acknowledged - but does not shrink for a packet merely overtaken (random loss, which
     fast retransmit repairs). So random loss costs retransmissions, not speed.
 

@@ -54,7 +54,6 @@ from encryption_helper import (
     DEFAULT_CIPHER,
     MAGIC,
     MAX_PAYLOAD,
-    MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
@@ -69,6 +68,7 @@ from encryption_helper import (
     describe_datagram,
     encode_packet,
     make_cipher,
+    oversize_text,
     pack_fields,
     peek_type_name,
     prepare_body,
@@ -617,11 +617,10 @@ def run_handler(handler, *args):
 
 def check_text(text: str) -> None:
     """Refuse an empty message, or one too long for an EVENT."""
-    size = len(text.encode("utf-8"))
     if not text.strip():
         raise Refusal("empty", "Empty message; nothing sent.")
-    if size > MAX_TEXT_BYTES:
-        raise Refusal("too-long", f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent.")
+    if oversize_text(text):
+        raise Refusal("too-long", oversize_text(text))
 
 
 def fit_fields(fields: list[str], step: int = 1) -> list[str]:
@@ -682,26 +681,26 @@ class AbuseControl:
         self.wrong_room_passwords = auth.EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
         self.pending: collections.Counter = collections.Counter()  # ip -> password checks waiting
 
-    def check_login(self, name: str, now: float) -> None:
-        wait = self.failed_logins.blocked_for(name, now)
+    @staticmethod
+    def refuse_if_blocked(counter: "auth.EventCounter", key, now: float, code: str, why: str) -> None:
+        wait = counter.blocked_for(key, now)
         if wait:
-            raise Refusal("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
+            raise Refusal(code, f"{why}; try again in {wait:.0f} s.")
+
+    def check_login(self, name: str, now: float) -> None:
+        self.refuse_if_blocked(self.failed_logins, name, now, "locked", "Too many failed attempts")
 
     def login_failed(self, name: str, now: float) -> None:
         self.failed_logins.add(name, now)
 
     def check_registration(self, ip: str, now: float) -> None:
-        wait = self.registrations.blocked_for(ip, now)
-        if wait:
-            raise Refusal("slow-down", f"Too many registrations from your address; try again in {wait:.0f} s.")
+        self.refuse_if_blocked(self.registrations, ip, now, "slow-down", "Too many registrations from your address")
 
     def registered(self, ip: str, now: float) -> None:
         self.registrations.add(ip, now)
 
     def check_room_password(self, token: bytes, now: float) -> None:
-        wait = self.wrong_room_passwords.blocked_for(token, now)
-        if wait:
-            raise Refusal("locked", f"Too many wrong room passwords; try again in {wait:.0f} s.")
+        self.refuse_if_blocked(self.wrong_room_passwords, token, now, "locked", "Too many wrong room passwords")
 
     def wrong_room_password(self, token: bytes, now: float) -> None:
         self.wrong_room_passwords.add(token, now)
