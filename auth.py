@@ -1,13 +1,9 @@
-"""Accounts for the chat server: usernames and salted, slow password hashes.
+"""Who may come in, and how often: accounts, the door, and the limits.
 
 Passwords are never stored. For each account the users file keeps a random salt and
 PBKDF2-HMAC-SHA256 of the password with that salt, run many thousands of times so that
 each guess costs an attacker who stole the file real time. The iteration count is kept in
 every record, so it can be raised later without breaking old accounts.
-
-The hash is slow on purpose, so the server runs it on a worker thread
-(`PasswordWorker`), never on the loop that serves the chat; and it counts failed
-attempts (`EventCounter`), so that guessing is slow for the guesser too.
 
 The users file is JSON and is replaced atomically: the new content goes to a temporary
 file, which is flushed and fsync'ed to disk, then renamed over the old one with
@@ -20,6 +16,11 @@ after its record is on disk.
     True
     >>> store.verify("alice", "secret"), store.verify("alice", "guess")
     (True, False)
+
+The server's door is here too (`Reception`): HELLO, REGISTER and LOGIN, from senders
+who have no session yet. The hash is slow on purpose, so it runs on a worker thread
+(`PasswordWorker`), never on the loop that serves the chat; and `AbuseControl` counts
+failed attempts, so that guessing is slow for the guesser too.
 """
 
 import collections
@@ -33,6 +34,24 @@ import queue
 import secrets
 import socket
 import string
+import typing
+
+from encryption_helper import (
+    MAGIC,
+    MIN_HELLO_SIZE,
+    Address,
+    Packet,
+    PacketError,
+    PacketType,
+    describe_address,
+    encode_packet,
+    pack_fields,
+    peek_type_name,
+    unpack_fields,
+)
+
+if typing.TYPE_CHECKING:  # only for the type hints: server.py imports this module
+    from server import ChatServer, Request
 
 KDF_NAME = "pbkdf2_sha256"
 # OWASP's 2023 advice for PBKDF2-HMAC-SHA256: about a quarter of a second per guess on a
@@ -42,6 +61,7 @@ SALT_BYTES = 16  # 128 random bits: no two accounts share a salt, so no shared t
 USERNAME_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_.-")
 MAX_USERNAME = 20
 FILE_VERSION = 1
+COOKIE_PERIOD = 30.0  # seconds; a HELLO cookie stays valid for one to two periods
 
 Record = dict  # {"name", "kdf", "iterations", "salt", "hash"}; salt and hash in hex
 
@@ -160,7 +180,222 @@ class UserStore:
         return matches and record is not None
 
 
-# --- Slow work off the server's loop, and counting attempts ---
+# --- The door: HELLO, REGISTER and LOGIN, before a session exists ---
+
+
+class Refusal(Exception):
+    """A request the server turns down; becomes an ERROR reply [re, code, text]."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+class Reception:
+    """The door: HELLO, REGISTER and LOGIN, from senders who have no session yet.
+
+    Nothing a stranger says is believed until it proves it is at its address, by
+    sending back the cookie its HELLO earned. Password checks are slow, so they are
+    queued as jobs for the worker thread and finished when the result comes back.
+    """
+
+    def __init__(self, server: "ChatServer"):
+        self.server = server
+        self.cookie_secret = secrets.token_bytes(16)
+        self.registering: set[str] = set()  # names whose registration is being hashed
+        self.replies = StrangerReplies()
+
+    def handle_stranger(self, request: "Request") -> None:
+        """HELLO, REGISTER, LOGIN: answered without a session; a retry gets the same answer."""
+        remembered = self.replies.look_up(request)
+        if remembered is StrangerReplies.WORKING:
+            self.server.log.verbose(request, "still checking the password (the client asked again)")
+        elif remembered is not None:
+            self.server.log.verbose(request, "answered again (the client did not hear the first answer)")
+            self.server.send(remembered, request.address, " (repeat)")
+        else:
+            self.server.handle_request(request)
+
+    def handle_hello(self, request: "Request") -> list[str] | None:
+        """HELLO -> OK [re, cookie]: proves the client really is at its address, as DTLS does.
+
+        The reply goes to the address the HELLO claims; only someone who is really there
+        sees the cookie and can send it back in REGISTER or LOGIN.
+        """
+        if request.session is None and request.size < MIN_HELLO_SIZE:
+            self.server.log.problem(f"{describe_address(request.address)} sent an unpadded HELLO "
+                                    f"({request.size} B); dropped")
+            return None
+        return [self.make_cookie(request.address, int(request.now // COOKIE_PERIOD))]
+
+    def make_cookie(self, address: Address, period: int) -> str:
+        message = f"{address[0]}|{address[1]}|{period}".encode()
+        return hmac.new(self.cookie_secret, message, "sha256").hexdigest()[:32]
+
+    def check_credentials(self, request: "Request") -> tuple[str, str]:
+        """Return (username, password) of a REGISTER or LOGIN whose cookie is good."""
+        cookie, name, password = unpack_fields(request.packet.payload, 3)
+        period = int(request.now // COOKIE_PERIOD)
+        given = cookie.encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
+        if not any(hmac.compare_digest(given, self.make_cookie(request.address, p).encode())
+                   for p in (period, period - 1)):
+            raise Refusal("stale-cookie", "Say HELLO again.")
+        request.proven = True
+        return name, password
+
+    def handle_register(self, request: "Request") -> None:
+        name, password = self.check_credentials(request)
+        if not valid_username(name):
+            raise Refusal("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+        if not password:
+            raise Refusal("bad-password", "The password must not be empty.")
+        if self.server.users.exists(name) or name.lower() in self.registering:
+            raise Refusal("taken", "Username already taken.")
+        self.server.guard.check("registrations", request.address[0], request.now)
+        self.start_password_job(PasswordJob(request, name, password, None, self.server.users.iterations))
+        self.server.guard.count("registrations", request.address[0], request.now)
+        self.registering.add(name.lower())
+
+    def finish_register(self, job: "PasswordJob") -> list[str]:
+        self.registering.discard(job.name.lower())
+        try:
+            self.server.users.add(job.result)  # on disk before we say so
+        except OSError as error:
+            self.server.log.problem(f"could not save the users file: {error}")
+            raise Refusal("server-error", "The server could not save your account; try again.") from None
+        return ["Registration successful."]
+
+    def handle_login(self, request: "Request") -> None:
+        if request.session is not None:
+            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
+        name, password = self.check_credentials(request)
+        self.server.guard.check("failed logins", name.lower(), request.now)  # before hashing: guessing costs
+        record = self.server.users.get(name) or dummy_record(self.server.users.iterations)
+        self.start_password_job(PasswordJob(request, name, password, record))
+
+    def finish_login(self, job: "PasswordJob") -> list[str] | None:
+        request = job.request
+        if not (job.result and job.record["name"]):
+            self.server.guard.count("failed logins", job.name.lower(), request.now)
+            raise Refusal("invalid-login", "Invalid username or password.")
+        name = job.record["name"]  # as registered, whatever the case typed
+        here = self.server.sessions.get(request.address)
+        elsewhere = self.server.online.get(name.lower())
+        if elsewhere and elsewhere is not here:
+            raise Refusal("already-logged-in", f"{name} is logged in already. A client that vanished is "
+                                               f"forgotten after {self.server.config.session_timeout:.0f} s.")
+        if here and here.name.lower() != name.lower():
+            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
+        if here and here.channel.expected > 1:  # in use: a duplicate or replay of its LOGIN; it stands
+            self.server.welcome(request, here)
+            return None
+        if here:  # the same login again, never used: its welcome was lost and forgotten; start afresh
+            self.server.end_session(here, "", request.now)
+        self.server.guard.check_sessions(len(self.server.sessions))
+        self.server.welcome(request, self.server.open_session(name, request.address, request.now))
+        return None
+
+    def finish_password_job(self, job: "PasswordJob") -> list[str] | None:
+        """A password check came back: finish the REGISTER or LOGIN it was for."""
+        self.server.guard.hash_finished(job.request.address[0])
+        if job.error:  # the check itself failed: the request still gets an answer
+            self.server.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
+            self.registering.discard(job.name.lower())
+            raise Refusal("server-error", "The server could not check that; try again.")
+        register = job.request.packet.type == PacketType.REGISTER
+        return self.finish_register(job) if register else self.finish_login(job)
+
+    def start_password_job(self, job: "PasswordJob") -> None:
+        """Hand a password check to the worker; retries of the request now wait for it."""
+        self.server.guard.hash_started(job.request.address[0])
+        self.replies.working(job.request)
+        self.server.password_jobs.append(job)
+        self.server.log.outcome(job.request, None, ["checking password..."])
+
+    def answer_stranger(self, request: "Request", packet: Packet) -> None:
+        """Send an answer straight to the address; remember it if a retry may come."""
+        data = encode_packet(packet, self.server.cipher)
+        if request.proven:
+            self.replies.remember(request, data)
+        self.send_to_stranger(data, request.address, request.size, request.proven)
+
+    def send_to_stranger(self, data: bytes, address: Address, size: int, proven: bool = False) -> None:
+        """Answer an address, never with more bytes than it sent unless it proved itself.
+
+        UDP source addresses can be forged: if a small request could earn a big reply,
+        anyone could aim our replies at a victim (a reflection attack).
+        """
+        if proven or len(data) <= size:
+            self.server.send(data, address)
+        else:
+            self.server.stats["withheld"] += 1
+
+    def refuse_datagram(self, data: bytes, address: Address, error: PacketError) -> None:
+        """Log a malformed datagram, and answer if it looks like ours (it may be a bad key)."""
+        self.server.stats["bad"] += 1
+        what = f"{peek_type_name(data)}, {len(data)} B"
+        self.server.log.problem(f"{describe_address(address)} sent a bad datagram ({what}): {error}")
+        if data[:2] == MAGIC:
+            answer = encode_packet(Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error))),
+                                   self.server.cipher)
+            self.send_to_stranger(answer, address, len(data))
+
+    def refuse_unknown_session(self, request: "Request", session) -> None:
+        """A member packet without a valid session: RESET if we know nobody at that address."""
+        self.server.stats["no-session"] += 1
+        packet, address = request.packet, request.address
+        if packet.type == PacketType.ACK:
+            return  # e.g. the last ACK of a client that said BYE: nothing to answer
+        sender = f"{describe_address(address)} sent {packet.type.name}"
+        if session is not None:  # someone else's address with a wrong token: forged
+            self.server.log.problem(f"{sender} with a wrong session token; dropped")
+            return
+        self.server.log.problem(f"{sender} but has no session; told to log in")
+        # RESET is a bare header, never larger than any packet, and echoes the token, so
+        # a client believes it only if it carried that token itself.
+        reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
+        self.server.send(encode_packet(reset, self.server.cipher), address)
+
+
+class StrangerReplies:
+    """Answers to recent REGISTER and LOGIN requests, for their retries; bounded.
+
+    A stranger has no channel, so when its answer is lost it asks again with the same
+    request number. It must get the same answer - not "Username already taken." for
+    the account just made for it. Keyed by (address, request number), with a digest of
+    the request, so that a different request that reuses the number is not mistaken
+    for a retry.
+    """
+
+    SIZE = 4096  # least recently used forgotten first: a flood cannot grow it
+    WORKING = "working"  # the password check is still running
+
+    def __init__(self):
+        self.answers: collections.OrderedDict = collections.OrderedDict()
+
+    @staticmethod
+    def key(request: "Request") -> tuple:
+        packet = request.packet
+        return request.address, packet.seq, hash((packet.type, packet.payload))
+
+    def look_up(self, request: "Request"):
+        """Return the remembered answer (bytes), WORKING, or None for a new request."""
+        return self.answers.get(self.key(request))
+
+    def working(self, request: "Request") -> None:
+        self.store(self.key(request), self.WORKING)
+
+    def remember(self, request: "Request", data: bytes) -> None:
+        self.store(self.key(request), data)
+
+    def store(self, key: tuple, value) -> None:
+        self.answers[key] = value
+        self.answers.move_to_end(key)
+        while len(self.answers) > self.SIZE:
+            self.answers.popitem(last=False)
+
+
+# --- Slow work off the server's loop ---
 
 
 @dataclasses.dataclass
@@ -263,3 +498,84 @@ class EventCounter:
         """Return how many seconds `key` must wait, 0 if it has not reached the limit."""
         times = self.recent(key, now)
         return 0.0 if len(times) < self.limit else times[-self.limit] + self.period - now
+
+
+# --- The limits: what keeps one student from spoiling the lab ---
+
+
+class TokenBucket:
+    """Flood control: `burst` messages at once, then `rate` a second (as IRC servers do)."""
+
+    def __init__(self, rate: float, burst: int, now: float):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.updated = now
+
+    def take(self, now: float) -> float:
+        """Spend one token and return 0, or return the seconds until one is there."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1 - 1e-9:  # a hair short of 1 is rounding: else now + wait == now, for ever
+            self.tokens = max(self.tokens - 1, 0.0)
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class AbuseControl:
+    """Lockouts, limits and capacity, each with a named bound that tests may lower."""
+
+    LOGIN_FAILURES = 5  # failed logins per account in FAILURE_PERIOD before it is locked
+    FAILURE_PERIOD = 60.0
+    REGISTRATIONS_PER_ADDRESS = 20  # per FAILURE_PERIOD, from one IP address
+    MAX_PENDING_HASHES = 16  # password checks waiting for the worker; then "busy"
+    MAX_PENDING_PER_ADDRESS = 2  # one address cannot fill the hash queue alone
+    MAX_SESSIONS = 500  # a lab of 40 PCs with room to spare; then "Server full"
+    MAX_ROOMS = 50
+    MESSAGE_RATE = 5.0  # messages a second per member, as IRC servers limit...
+    MESSAGE_BURST = 20  # ...after a burst: pasting a short paragraph is fine
+
+    def __init__(self):
+        # What is counted -> (its counter, keyed by account, IP address or session; the refusal)
+        self.limits = {
+            "failed logins": (EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD),
+                              "locked", "Too many failed attempts"),
+            "registrations": (EventCounter(self.REGISTRATIONS_PER_ADDRESS, self.FAILURE_PERIOD),
+                              "slow-down", "Too many registrations from your address"),
+            "wrong room passwords": (EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD),
+                                     "locked", "Too many wrong room passwords"),
+        }
+        self.pending: collections.Counter = collections.Counter()  # ip -> password checks waiting
+
+    def check(self, what: str, key, now: float) -> None:
+        """Refuse, with the wait, if `key` has had too many of `what` lately."""
+        counter, code, why = self.limits[what]
+        wait = counter.blocked_for(key, now)
+        if wait:
+            raise Refusal(code, f"{why}; try again in {wait:.0f} s.")
+
+    def count(self, what: str, key, now: float) -> None:
+        self.limits[what][0].add(key, now)
+
+    def hash_started(self, ip: str) -> None:
+        """Count a password check for the worker, or refuse it when there are enough."""
+        if sum(self.pending.values()) >= self.MAX_PENDING_HASHES:
+            raise Refusal("busy", "Server busy; try again in a moment.")
+        if self.pending[ip] >= self.MAX_PENDING_PER_ADDRESS:
+            raise Refusal("busy", "Your previous request is still being checked; wait for it.")
+        self.pending[ip] += 1
+
+    def hash_finished(self, ip: str) -> None:
+        self.pending[ip] -= 1
+        if not self.pending[ip]:
+            del self.pending[ip]
+
+    def check_sessions(self, count: int) -> None:
+        if count >= self.MAX_SESSIONS:
+            raise Refusal("full", "Server full; try again later.")
+
+    def check_rooms(self, count: int) -> None:
+        if count >= self.MAX_ROOMS:
+            raise Refusal("full", "Server full: no more rooms can be made.")
+
+    def new_bucket(self, now: float) -> TokenBucket:
+        return TokenBucket(self.MESSAGE_RATE, self.MESSAGE_BURST, now)

@@ -167,6 +167,14 @@ def oversize_text(text: str) -> str:
     return f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent." if size > MAX_TEXT_BYTES else ""
 
 
+Address = tuple[str, int]  # (ip, port): who sent a datagram, where to send one
+
+
+def describe_address(address: Address) -> str:
+    """Return an address as a user types it: ip:port."""
+    return f"{address[0]}:{address[1]}"
+
+
 NO_TOKEN = bytes(8)
 FIELD_LENGTH = struct.Struct("!H")
 FLAG_RETRANSMIT = 0x0001  # set on a packet sent again; lets a trace mark it

@@ -48,15 +48,15 @@ import time
 import traceback
 
 import auth
+from auth import AbuseControl, Reception, Refusal, TokenBucket
 from encryption_helper import (
     ACK_DELAY,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
-    MAGIC,
     MAX_PAYLOAD,
-    MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
+    Address,
     Body,
     Channel,
     LossySocket,
@@ -65,23 +65,19 @@ from encryption_helper import (
     PacketType,
     RtoEstimator,
     decode_packet,
+    describe_address,
     describe_datagram,
-    encode_packet,
     make_cipher,
     oversize_text,
     pack_fields,
-    peek_type_name,
     prepare_body,
     unpack_fields,
 )
-
-Address = tuple[str, int]  # (ip, port): who sent a datagram, where to send one
 
 LOBBY = "lobby"
 HISTORY_FILE = "chat_history.txt"
 USERS_FILE = "users.json"
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_data")
-COOKIE_PERIOD = 30.0  # seconds; a HELLO cookie stays valid for one to two periods
 HISTORY_ON_JOIN = 20  # past messages shown to whoever joins a room
 MAX_BACKLOG = 100  # a member's requests held by flood control; past that they are refused
 MAX_WAIT = 0.5  # seconds the loop may sleep: on Windows, Ctrl+C waits for select() to return
@@ -148,14 +144,6 @@ class Request:
     proven: bool = False  # the sender showed it is really at its address (cookie or token)
 
 
-class Refusal(Exception):
-    """A request the server turns down; becomes an ERROR reply [re, code, text]."""
-
-    def __init__(self, code: str, text: str):
-        super().__init__(text)
-        self.code, self.text = code, text
-
-
 # --- The protocol: handlers by packet type ---------------------------------------------
 
 
@@ -180,7 +168,6 @@ class ChatServer:
         self.sessions: dict[Address, Session] = {}  # address -> session
         self.online: dict[str, Session] = {}  # lower-case user name -> session
         self.guard = AbuseControl()
-        self.strangers = StrangerReplies()
         self.delivery = Delivery()
         self.rooms = Rooms(Room(LOBBY, config.room_password, {}, lobby_history), self.cipher, self.delivery, wall_clock)
         self.next_housekeeping = 0.0
@@ -199,7 +186,7 @@ class ChatServer:
         try:
             packet = decode_packet(data, self.cipher)
         except PacketError as error:
-            self.refuse_datagram(data, address, error)
+            self.reception.refuse_datagram(data, address, error)
         else:
             request = Request(packet, address, len(data), now)
             if packet.type in STRANGER_TYPES and packet.token == NO_TOKEN:
@@ -210,7 +197,6 @@ class ChatServer:
 
     def finish_password_job(self, job: "auth.PasswordJob", now: float) -> None:
         """A password check the worker finished: answer its request."""
-        self.guard.hash_finished(job.request.address[0])
         job.request.now = now
         self.answer(job.request, run_handler(self.reception.finish_password_job, job))
         self.flush(now)
@@ -238,7 +224,7 @@ class ChatServer:
         packet, address = request.packet, request.address
         session = self.sessions.get(address)
         if session is None or not hmac.compare_digest(session.token, packet.token):
-            self.refuse_unknown_session(request, session)
+            self.reception.refuse_unknown_session(request, session)
             return
         session.last_heard = request.now
         outcome, ready = session.channel.receive(packet, request.now)
@@ -266,7 +252,11 @@ class ChatServer:
                     return
             session.backlog.popleft()
             request.now = now
-            self.answer(request, run_handler(self.handlers[request.packet.type], request))
+            self.handle_request(request)
+
+    def handle_request(self, request: Request) -> None:
+        """Run the packet type's handler, and answer with what it returns."""
+        self.answer(request, run_handler(self.handlers[request.packet.type], request))
 
     # --- The one place that answers ---
 
@@ -292,49 +282,12 @@ class ChatServer:
                 self.delivery.give_up_on(request.session)  # its queue is full: it cannot keep up
             self.delivery.touch(request.session)  # a password check may finish between packets
             return
-        token = token or request.packet.token
-        data = encode_packet(Packet(ptype, 0, request.packet.seq, 0, token, 0, payload), self.cipher)
-        if request.proven:
-            self.strangers.remember(request, data)
-        self.send_to_stranger(data, request)
+        self.reception.answer_stranger(request, Packet(ptype, 0, request.packet.seq, 0, token or request.packet.token,
+                                                      0, payload))
 
     def send(self, data: bytes, address: Address, note: str = "") -> None:
         self.log.trace("out", data, address, note)
         self.outbox.append((data, address))
-
-    def send_to_stranger(self, data: bytes, request: Request) -> None:
-        """Answer an address, never with more bytes than it sent unless it proved itself.
-
-        UDP source addresses can be forged: if a small request could earn a big reply,
-        anyone could aim our replies at a victim (a reflection attack).
-        """
-        if request.proven or len(data) <= request.size:
-            self.send(data, request.address)
-        else:
-            self.stats["withheld"] += 1
-
-    def refuse_datagram(self, data: bytes, address: Address, error: PacketError) -> None:
-        """Log a malformed datagram, and answer if it looks like ours (it may be a bad key)."""
-        self.stats["bad"] += 1
-        self.log.problem(f"{describe(address)} sent a bad datagram ({peek_type_name(data)}, {len(data)} B): {error}")
-        if data[:2] == MAGIC:
-            answer = encode_packet(Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error))),
-                                   self.cipher)
-            self.send_to_stranger(answer, Request(Packet(PacketType.ERROR), address, len(data), 0.0))
-
-    def refuse_unknown_session(self, request: Request, session: Session | None) -> None:
-        """A member packet without a valid session: RESET if we know nobody at that address."""
-        self.stats["no-session"] += 1
-        packet, address = request.packet, request.address
-        if packet.type == PacketType.ACK:
-            return  # e.g. the last ACK of a client that said BYE: nothing to answer
-        if session is not None:  # someone else's address with a wrong token: forged
-            self.log.problem(f"{describe(address)} sent {packet.type.name} with a wrong session token; dropped")
-            return
-        self.log.problem(f"{describe(address)} sent {packet.type.name} but has no session; told to log in")
-        # RESET is a bare header, never larger than any packet, and echoes the token, so
-        # a client believes it only if it carried that token itself.
-        self.send(encode_packet(Packet(PacketType.RESET, 0, packet.seq, 0, packet.token), self.cipher), address)
 
     # --- Member requests: each returns the OK fields or raises Refusal ---
 
@@ -347,14 +300,14 @@ class ChatServer:
             raise Refusal("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
         if session.room == key:
             return [room.name, str(len(room.members)), f"You are in {room.name} already."]
-        self.guard.check_room_password(session.token, request.now)
+        self.guard.check("wrong room passwords", session.token, request.now)
         if room is None:
             self.guard.check_rooms(len(self.rooms))
             room, created = self.rooms.create(name, password), " (new room)"
         elif hmac.compare_digest(password.encode(), room.password.encode()):
             created = ""
         else:
-            self.guard.wrong_room_password(session.token, request.now)
+            self.guard.count("wrong room passwords", session.token, request.now)
             raise Refusal("wrong-room-password", "Wrong room password.")
         if session.room:
             self.rooms.leave(session, "")
@@ -412,7 +365,7 @@ class ChatServer:
 
     def handle_server_only(self, request: Request) -> None:
         self.stats["bad"] += 1
-        self.log.problem(f"{describe(request.address)} sent {request.packet.type.name}, "
+        self.log.problem(f"{describe_address(request.address)} sent {request.packet.type.name}, "
                          "which only servers send; dropped")
 
     def require_room(self, session: Session) -> Room:
@@ -429,6 +382,10 @@ class ChatServer:
         self.sessions[address] = session
         self.online[name.lower()] = session
         return session
+
+    def welcome(self, request: Request, session: Session) -> None:
+        """Answer a LOGIN: OK [re, name, room, text], with the session's token in the header."""
+        self.answer(request, [session.name, LOBBY, f"Welcome, {session.name}."], token=session.token)
 
     def end_session(self, session: Session, reason: str, now: float) -> None:
         """Forget a session; its room hears that the user left, and why.
@@ -452,7 +409,7 @@ class ChatServer:
             for session in self.delivery.flush(now, self.outbox, self.log.trace):
                 if self.sessions.get(session.address) is session:  # fell too far behind, or gave up
                     reason = "not responding" if session.channel.failed else "too slow"
-                    self.log.problem(f"{session.name} at {describe(session.address)}: {reason}; session ended")
+                    self.log.problem(f"{session.name} at {describe_address(session.address)}: {reason}; session ended")
                     self.end_session(session, reason, now)
 
     def close(self) -> None:
@@ -463,126 +420,6 @@ class ChatServer:
 STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN}
 # Requests that flood control counts: messages.
 FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE}
-
-class Reception:
-    """The door: HELLO, REGISTER and LOGIN, from senders who have no session yet.
-
-    Nothing a stranger says is believed until it proves it is at its address, by
-    sending back the cookie its HELLO earned. Password checks are slow, so they are
-    queued as jobs for the worker thread and finished when the result comes back.
-    """
-
-    def __init__(self, server: "ChatServer"):
-        self.server = server
-        self.cookie_secret = secrets.token_bytes(16)
-        self.registering: set[str] = set()  # names whose registration is being hashed
-
-    def handle_stranger(self, request: Request) -> None:
-        """HELLO, REGISTER, LOGIN: answered without a session; a retry gets the same answer."""
-        remembered = self.server.strangers.look_up(request)
-        if remembered is StrangerReplies.WORKING:
-            self.server.log.verbose(request, "still checking the password (the client asked again)")
-        elif remembered is not None:
-            self.server.log.verbose(request, "answered again (the client did not hear the first answer)")
-            self.server.send(remembered, request.address, " (repeat)")
-        else:
-            self.server.answer(request, run_handler(self.server.handlers[request.packet.type], request))
-
-    def handle_hello(self, request: Request) -> list[str] | None:
-        """HELLO -> OK [re, cookie]: proves the client really is at its address, as DTLS does.
-
-        The reply goes to the address the HELLO claims; only someone who is really there
-        sees the cookie and can send it back in REGISTER or LOGIN.
-        """
-        if request.session is None and request.size < MIN_HELLO_SIZE:
-            self.server.log.problem(f"{describe(request.address)} sent an unpadded HELLO ({request.size} B); dropped")
-            return None
-        return [self.make_cookie(request.address, int(request.now // COOKIE_PERIOD))]
-
-    def make_cookie(self, address: Address, period: int) -> str:
-        message = f"{address[0]}|{address[1]}|{period}".encode()
-        return hmac.new(self.cookie_secret, message, "sha256").hexdigest()[:32]
-
-    def check_credentials(self, request: Request) -> tuple[str, str]:
-        """Return (username, password) of a REGISTER or LOGIN whose cookie is good."""
-        cookie, name, password = unpack_fields(request.packet.payload, 3)
-        period = int(request.now // COOKIE_PERIOD)
-        given = cookie.encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
-        if not any(hmac.compare_digest(given, self.make_cookie(request.address, p).encode())
-                   for p in (period, period - 1)):
-            raise Refusal("stale-cookie", "Say HELLO again.")
-        request.proven = True
-        return name, password
-
-    def handle_register(self, request: Request) -> None:
-        name, password = self.check_credentials(request)
-        if not auth.valid_username(name):
-            raise Refusal("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-        if not password:
-            raise Refusal("bad-password", "The password must not be empty.")
-        if self.server.users.exists(name) or name.lower() in self.registering:
-            raise Refusal("taken", "Username already taken.")
-        self.server.guard.check_registration(request.address[0], request.now)
-        self.start_password_job(auth.PasswordJob(request, name, password, None, self.server.config.kdf_iterations))
-        self.server.guard.registered(request.address[0], request.now)
-        self.registering.add(name.lower())
-
-    def finish_register(self, job: "auth.PasswordJob") -> list[str]:
-        self.registering.discard(job.name.lower())
-        try:
-            self.server.users.add(job.result)  # on disk before we say so
-        except OSError as error:
-            self.server.log.problem(f"could not save the users file: {error}")
-            raise Refusal("server-error", "The server could not save your account; try again.") from None
-        return ["Registration successful."]
-
-    def handle_login(self, request: Request) -> None:
-        if request.session is not None:
-            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
-        name, password = self.check_credentials(request)
-        self.server.guard.check_login(name.lower(), request.now)  # before hashing: guessing costs the guesser
-        record = self.server.users.get(name) or auth.dummy_record(self.server.config.kdf_iterations)
-        self.start_password_job(auth.PasswordJob(request, name, password, record))
-
-    def finish_login(self, job: "auth.PasswordJob") -> list[str] | None:
-        request = job.request
-        if not (job.result and job.record["name"]):
-            self.server.guard.login_failed(job.name.lower(), request.now)
-            raise Refusal("invalid-login", "Invalid username or password.")
-        name = job.record["name"]  # as registered, whatever the case typed
-        here = self.server.sessions.get(request.address)
-        elsewhere = self.server.online.get(name.lower())
-        if elsewhere and elsewhere is not here:
-            raise Refusal("already-logged-in", f"{name} is logged in already. A client that vanished is "
-                                               f"forgotten after {self.server.config.session_timeout:.0f} s.")
-        if here and here.name.lower() != name.lower():
-            raise Refusal("already-logged-in", "This client is logged in already; log out first.")
-        if here and here.channel.expected > 1:  # in use: a duplicate or replay of its LOGIN; it stands
-            self.server.answer(request, [name, LOBBY, f"Welcome, {name}."], token=here.token)
-            return None
-        if here:  # the same login again, never used: its welcome was lost and forgotten; start afresh
-            self.server.end_session(here, "", request.now)
-        self.server.guard.check_sessions(len(self.server.sessions))
-        session = self.server.open_session(name, request.address, request.now)
-        self.server.answer(request, [name, LOBBY, f"Welcome, {name}."], token=session.token)
-        return None
-
-    def finish_password_job(self, job: "auth.PasswordJob") -> list[str] | None:
-        """A password check came back: finish the REGISTER or LOGIN it was for."""
-        if job.error:  # the check itself failed: the request still gets an answer
-            self.server.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
-            self.registering.discard(job.name.lower())
-            raise Refusal("server-error", "The server could not check that; try again.")
-        register = job.request.packet.type == PacketType.REGISTER
-        return self.finish_register(job) if register else self.finish_login(job)
-
-    def start_password_job(self, job: "auth.PasswordJob") -> None:
-        """Hand a password check to the worker; retries of the request now wait for it."""
-        self.server.guard.hash_started(job.request.address[0])
-        self.server.strangers.working(job.request)
-        self.server.password_jobs.append(job)
-        self.server.log.outcome(job.request, None, ["checking password..."])
-
 
 def handler_table(chat: ChatServer, door: "Reception") -> dict:
     """Which method handles which packet type: one table, one signature (request -> OK fields)."""
@@ -633,139 +470,11 @@ def fit_fields(fields: list[str], step: int = 1) -> list[str]:
     return fields
 
 
-def describe(address: Address) -> str:
-    return f"{address[0]}:{address[1]}"
-
-
 def timestamp() -> str:
     return time.strftime("%H:%M:%S")
 
 
 # --- Helper classes: one job each --------------------------------------------------------
-
-
-class TokenBucket:
-    """Flood control: `burst` messages at once, then `rate` a second (as IRC servers do)."""
-
-    def __init__(self, rate: float, burst: int, now: float):
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.updated = now
-
-    def take(self, now: float) -> float:
-        """Spend one token and return 0, or return the seconds until one is there."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1 - 1e-9:  # a hair short of 1 is rounding: else now + wait == now, for ever
-            self.tokens = max(self.tokens - 1, 0.0)
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
-class AbuseControl:
-    """Lockouts, limits and capacity: what keeps one student from spoiling the lab."""
-
-    LOGIN_FAILURES = 5  # failed logins per account in FAILURE_PERIOD before it is locked
-    FAILURE_PERIOD = 60.0
-    REGISTRATIONS_PER_ADDRESS = 20  # per FAILURE_PERIOD, from one IP address
-    MAX_PENDING_HASHES = 16  # password checks waiting for the worker; then "busy"
-    MAX_PENDING_PER_ADDRESS = 2  # one address cannot fill the hash queue alone
-    MAX_SESSIONS = 500  # a lab of 40 PCs with room to spare; then "Server full"
-    MAX_ROOMS = 50
-    MESSAGE_RATE = 5.0  # messages a second per member, as IRC servers limit...
-    MESSAGE_BURST = 20  # ...after a burst: pasting a short paragraph is fine
-
-    def __init__(self):
-        self.failed_logins = auth.EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
-        self.registrations = auth.EventCounter(self.REGISTRATIONS_PER_ADDRESS, self.FAILURE_PERIOD)
-        self.wrong_room_passwords = auth.EventCounter(self.LOGIN_FAILURES, self.FAILURE_PERIOD)
-        self.pending: collections.Counter = collections.Counter()  # ip -> password checks waiting
-
-    @staticmethod
-    def refuse_if_blocked(counter: "auth.EventCounter", key, now: float, code: str, why: str) -> None:
-        wait = counter.blocked_for(key, now)
-        if wait:
-            raise Refusal(code, f"{why}; try again in {wait:.0f} s.")
-
-    def check_login(self, name: str, now: float) -> None:
-        self.refuse_if_blocked(self.failed_logins, name, now, "locked", "Too many failed attempts")
-
-    def login_failed(self, name: str, now: float) -> None:
-        self.failed_logins.add(name, now)
-
-    def check_registration(self, ip: str, now: float) -> None:
-        self.refuse_if_blocked(self.registrations, ip, now, "slow-down", "Too many registrations from your address")
-
-    def registered(self, ip: str, now: float) -> None:
-        self.registrations.add(ip, now)
-
-    def check_room_password(self, token: bytes, now: float) -> None:
-        self.refuse_if_blocked(self.wrong_room_passwords, token, now, "locked", "Too many wrong room passwords")
-
-    def wrong_room_password(self, token: bytes, now: float) -> None:
-        self.wrong_room_passwords.add(token, now)
-
-    def hash_started(self, ip: str) -> None:
-        """Count a password check for the worker, or refuse it when there are enough."""
-        if sum(self.pending.values()) >= self.MAX_PENDING_HASHES:
-            raise Refusal("busy", "Server busy; try again in a moment.")
-        if self.pending[ip] >= self.MAX_PENDING_PER_ADDRESS:
-            raise Refusal("busy", "Your previous request is still being checked; wait for it.")
-        self.pending[ip] += 1
-
-    def hash_finished(self, ip: str) -> None:
-        self.pending[ip] -= 1
-        if not self.pending[ip]:
-            del self.pending[ip]
-
-    def check_sessions(self, count: int) -> None:
-        if count >= self.MAX_SESSIONS:
-            raise Refusal("full", "Server full; try again later.")
-
-    def check_rooms(self, count: int) -> None:
-        if count >= self.MAX_ROOMS:
-            raise Refusal("full", "Server full: no more rooms can be made.")
-
-    def new_bucket(self, now: float) -> TokenBucket:
-        return TokenBucket(self.MESSAGE_RATE, self.MESSAGE_BURST, now)
-
-
-class StrangerReplies:
-    """Answers to recent REGISTER and LOGIN requests, for their retries; bounded.
-
-    A stranger has no channel, so when its answer is lost it asks again with the same
-    request number. It must get the same answer - not "Username already taken." for
-    the account just made for it. Keyed by (address, request number), with a digest of
-    the request, so that a different request that reuses the number is not mistaken
-    for a retry.
-    """
-
-    SIZE = 4096  # least recently used forgotten first: a flood cannot grow it
-    WORKING = "working"  # the password check is still running
-
-    def __init__(self):
-        self.answers: collections.OrderedDict = collections.OrderedDict()
-
-    @staticmethod
-    def key(request: Request) -> tuple:
-        packet = request.packet
-        return request.address, packet.seq, hash((packet.type, packet.payload))
-
-    def look_up(self, request: Request):
-        """Return the remembered answer (bytes), WORKING, or None for a new request."""
-        return self.answers.get(self.key(request))
-
-    def working(self, request: Request) -> None:
-        self.store(self.key(request), self.WORKING)
-
-    def remember(self, request: Request, data: bytes) -> None:
-        self.store(self.key(request), data)
-
-    def store(self, key: tuple, value) -> None:
-        self.answers[key] = value
-        self.answers.move_to_end(key)
-        while len(self.answers) > self.SIZE:
-            self.answers.popitem(last=False)
 
 
 class Rooms(dict):
@@ -892,7 +601,8 @@ class ServerLog:
         if not auth.valid_username(user or "-"):  # a stranger's name may hold anything
             user = repr(user[:20])
         if not self.quiet:
-            self.emit(f"{timestamp()} {describe(address):>21} {user or '-':<12} {what:<8} {size:>4} B  {outcome}")
+            peer = describe_address(address)
+            self.emit(f"{timestamp()} {peer:>21} {user or '-':<12} {what:<8} {size:>4} B  {outcome}")
 
     def outcome(self, request: Request, ptype: PacketType | None, fields: list[str]) -> None:
         """Log how a request was answered (None: not yet)."""
@@ -934,7 +644,7 @@ class ServerLog:
     def trace(self, direction: str, data: bytes, address: Address, note: str = "") -> None:
         if self.verbose_on:
             described = describe_datagram(data) if data else ""
-            self.emit(f"{timestamp()} [trace] {direction} {describe(address)} {described}{note}")
+            self.emit(f"{timestamp()} [trace] {direction} {describe_address(address)} {described}{note}")
 
 
 # Requests whose OK reply ends with a sentence for the user (the others carry data).
@@ -1092,7 +802,7 @@ class ServerLoop:
             work(*args)
         except Exception:  # the one place a server must survive its own bug
             if peer:
-                where = f"{where} {describe(peer)}"
+                where = f"{where} {describe_address(peer)}"
             self.chat.stats["internal-errors"] += 1
             self.chat.log.problem(f"internal error on {where}:\n{traceback.format_exc()}")
 
@@ -1102,7 +812,7 @@ class ServerLoop:
             try:
                 self.sock.sendto(data, address)
             except OSError as error:  # e.g. no route to that host: that client's problem
-                self.chat.log.problem(f"sending to {describe(address)} failed: {error}")
+                self.chat.log.problem(f"sending to {describe_address(address)} failed: {error}")
         self.chat.outbox.clear()
         for job in self.chat.password_jobs:
             self.worker.submit(job)
@@ -1203,7 +913,7 @@ def parse_args(argv: list[str]) -> ServerConfig:
 def print_banner(config: ServerConfig, address: Address) -> None:
     port = address[1]
     addresses = lan_addresses() if config.host in ("0.0.0.0", "") else [config.host]
-    print(f"UDP chat server listening on {describe(address)}")
+    print(f"UDP chat server listening on {describe_address(address)}")
     if addresses:
         print(f"Clients on other PCs answer:  Server IP {' or '.join(addresses)}   port {port}")
     else:

@@ -303,7 +303,7 @@ def test_same_account_twice_is_refused(harness):
 def test_cookie_expires(harness):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
-    harness.now += 2 * server.COOKIE_PERIOD + 1
+    harness.now += 2 * auth.COOKIE_PERIOD + 1
     assert peer.fields(PacketType.REGISTER, cookie, "alice", "pw") == ["stale-cookie", "Say HELLO again."]
 
 
@@ -435,7 +435,7 @@ def test_a_retried_login_gets_the_same_welcome_and_token(harness):
 
 
 def test_a_lost_welcome_forgotten_by_the_server_starts_a_fresh_session(make_harness, monkeypatch):
-    monkeypatch.setattr(server.StrangerReplies, "SIZE", 1)
+    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 1)
     harness = make_harness()
     alice = Peer(harness, 1)
     alice.register("alice")
@@ -448,7 +448,7 @@ def test_a_lost_welcome_forgotten_by_the_server_starts_a_fresh_session(make_harn
 
 
 def test_a_login_replayed_against_a_session_in_use_does_not_silently_cut_it_off(make_harness, monkeypatch):
-    monkeypatch.setattr(server.StrangerReplies, "SIZE", 1)
+    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 1)
     harness = make_harness()
     peer = Peer(harness, 1)
     peer.register("alice")
@@ -475,13 +475,13 @@ def test_a_different_request_reusing_a_number_is_not_taken_for_a_retry(harness):
 
 
 def test_stranger_replies_are_bounded(make_harness, monkeypatch):
-    monkeypatch.setattr(server.StrangerReplies, "SIZE", 8)
+    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 8)
     harness = make_harness()
     peer = Peer(harness, 1)
     cookie = peer.cookie()
     for number in range(50):
         assert peer.text(PacketType.REGISTER, cookie, "bad name", str(number)).startswith("Usernames are")
-    assert len(harness.chat.strangers.answers) == 8
+    assert len(harness.chat.reception.replies.answers) == 8
 
 
 # --- What a stranger can make the server send -------------------------------------------------------

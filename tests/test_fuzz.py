@@ -214,7 +214,7 @@ def small_limits(monkeypatch):
     for name, value in dict(MAX_SESSIONS=2, MAX_ROOMS=3, MESSAGE_BURST=2, MESSAGE_RATE=0.5, LOGIN_FAILURES=3,
                             REGISTRATIONS_PER_ADDRESS=4, MAX_PENDING_HASHES=3, MAX_PENDING_PER_ADDRESS=2).items():
         monkeypatch.setattr(server.AbuseControl, name, value)
-    monkeypatch.setattr(server.StrangerReplies, "SIZE", 2)
+    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 2)
     monkeypatch.setattr(server, "HISTORY_ON_JOIN", 3)
     monkeypatch.setattr(server, "MAX_BACKLOG", 3)
     for name, value in dict(window=WINDOW, max_queue=3, max_sends=4).items():  # the server's session channels
@@ -850,7 +850,7 @@ def test_login_answer_survives_stranger_replies_eviction(tmp_path, monkeypatch):
     Found by the state machine. With the default size of 4096 the same happens when
     4095 refused requests arrive while one password is being hashed.
     """
-    monkeypatch.setattr(server.StrangerReplies, "SIZE", 1)
+    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 1)
     chat = small_server(tmp_path)
     try:
         for address, name in ((("10.0.0.1", 40001), "alice"), (("10.0.0.2", 40001), "bob")):
