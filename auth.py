@@ -122,10 +122,14 @@ def write_atomically(path: str, text: str) -> None:
 
 
 class UserStore:
-    """The accounts, kept in memory and in a JSON file; usernames are case-insensitive."""
+    """The accounts, kept in memory and in a JSON file; usernames are case-insensitive.
 
-    def __init__(self, path: str, iterations: int = DEFAULT_ITERATIONS):
-        self.path = path
+    The server keeps its rooms in a second one (`kind="rooms"`): a room's password is
+    stored as an account's is, salted and slow to guess.
+    """
+
+    def __init__(self, path: str, iterations: int = DEFAULT_ITERATIONS, kind: str = "users"):
+        self.path, self.kind = path, kind
         self.iterations = iterations
         self.records: dict[str, Record] = self.load()
 
@@ -134,15 +138,15 @@ class UserStore:
         try:
             with open(self.path, encoding="utf-8") as file:
                 content = json.load(file)
-            return {record["name"].lower(): record for record in content["users"]}
+            return {record["name"].lower(): record for record in content[self.kind]}
         except FileNotFoundError:
             return {}
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"users file {self.path} is damaged ({error!r}); move it away") from None
+            raise ValueError(f"{self.kind} file {self.path} is damaged ({error!r}); move it away") from None
 
     def save(self) -> None:
         """Write every record to the users file, atomically and durably."""
-        content = {"version": FILE_VERSION, "users": list(self.records.values())}
+        content = {"version": FILE_VERSION, self.kind: list(self.records.values())}
         write_atomically(self.path, json.dumps(content, indent=1, ensure_ascii=False) + "\n")
 
     def __len__(self) -> int:
@@ -234,7 +238,10 @@ class Reception:
 
     def check_credentials(self, request: "Request") -> tuple[str, str]:
         """Return (username, password) of a REGISTER or LOGIN whose cookie is good."""
-        cookie, name, password = unpack_fields(request.packet.payload, 3)
+        fields = unpack_fields(request.packet.payload)
+        if fields[3:] not in ([], ["rejoin"]) or len(fields) < 3:  # a client back after losing its session
+            raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', got {len(fields)} fields")
+        cookie, name, password = fields[:3]
         period = int(request.now // COOKIE_PERIOD)
         given = cookie.encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
         if not any(hmac.compare_digest(given, self.make_cookie(request.address, p).encode())
@@ -252,7 +259,7 @@ class Reception:
         if self.server.users.exists(name) or name.lower() in self.registering:
             raise Refusal("taken", "Username already taken.")
         self.server.guard.check("registrations", request.address[0], request.now)
-        self.start_password_job(PasswordJob(request, name, password, None, self.server.users.iterations))
+        self.server.start_password_job(PasswordJob(request, name, password, None, self.server.users.iterations))
         self.server.guard.count("registrations", request.address[0], request.now)
         self.registering.add(name.lower())
 
@@ -271,7 +278,7 @@ class Reception:
         name, password = self.check_credentials(request)
         self.server.guard.check("failed logins", name.lower(), request.now)  # before hashing: guessing costs
         record = self.server.users.get(name) or dummy_record(self.server.users.iterations)
-        self.start_password_job(PasswordJob(request, name, password, record))
+        self.server.start_password_job(PasswordJob(request, name, password, record))
 
     def finish_login(self, job: "PasswordJob") -> list[str] | None:
         request = job.request
@@ -282,8 +289,9 @@ class Reception:
         here = self.server.sessions.get(request.address)
         elsewhere = self.server.online.get(name.lower())
         if elsewhere and elsewhere is not here:
-            raise Refusal("already-logged-in", f"{name} is logged in already. A client that vanished is "
-                                               f"forgotten after {self.server.config.session_timeout:.0f} s.")
+            if unpack_fields(request.packet.payload)[3:]:  # a client coming back never pushes a newer one out
+                raise Refusal("logged-in-elsewhere", f"{name} logged in elsewhere.")
+            self.server.end_session(elsewhere, "logged in elsewhere", request.now, tell="replaced")
         if here and here.name.lower() != name.lower():
             raise Refusal("already-logged-in", "This client is logged in already; log out first.")
         if here and here.channel.expected > 1:  # in use: a duplicate or replay of its LOGIN; it stands
@@ -294,23 +302,6 @@ class Reception:
         self.server.guard.check_sessions(len(self.server.sessions))
         self.server.welcome(request, self.server.open_session(name, request.address, request.now))
         return None
-
-    def finish_password_job(self, job: "PasswordJob") -> list[str] | None:
-        """A password check came back: finish the REGISTER or LOGIN it was for."""
-        self.server.guard.hash_finished(job.request.address[0])
-        if job.error:  # the check itself failed: the request still gets an answer
-            self.server.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
-            self.registering.discard(job.name.lower())
-            raise Refusal("server-error", "The server could not check that; try again.")
-        register = job.request.packet.type == PacketType.REGISTER
-        return self.finish_register(job) if register else self.finish_login(job)
-
-    def start_password_job(self, job: "PasswordJob") -> None:
-        """Hand a password check to the worker; retries of the request now wait for it."""
-        self.server.guard.hash_started(job.request.address[0])
-        self.replies.working(job.request)
-        self.server.password_jobs.append(job)
-        self.server.log.outcome(job.request, None, ["checking password..."])
 
     def answer_stranger(self, request: "Request", packet: Packet) -> None:
         """Send an answer straight to the address; remember it if a retry may come."""

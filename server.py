@@ -33,12 +33,13 @@ The packet format and the channel are defined once, in encryption_helper.py; acc
 """
 
 import argparse
+import calendar
 import collections
 import dataclasses
 import heapq
 import hmac
-import json
 import os
+import re
 import secrets
 import selectors
 import socket
@@ -77,6 +78,7 @@ from encryption_helper import (
 LOBBY = "lobby"
 HISTORY_FILE = "chat_history.txt"
 USERS_FILE = "users.json"
+ROOMS_FILE = "rooms.json"
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_data")
 HISTORY_ON_JOIN = 20  # past messages shown to whoever joins a room
 MAX_BACKLOG = 100  # a member's requests held by flood control; past that they are refused
@@ -84,6 +86,7 @@ MAX_WAIT = 0.5  # seconds the loop may sleep: on Windows, Ctrl+C waits for selec
 RECEIVE_BUFFER_BYTES = 4 << 20  # the kernel's queue for our socket, asked for, not promised
 RECEIVE_BATCH = 256  # datagrams read per wake-up, so timers still run during a flood
 HOUSEKEEPING_EVERY = 1.0  # seconds between sweeps for silent sessions
+STOP_GRACE = 2.0  # seconds a stopping server waits for its members to hear that it stops
 
 
 @dataclasses.dataclass
@@ -122,14 +125,15 @@ class Session:
     backlog: collections.deque = dataclasses.field(default_factory=collections.deque)  # requests held
     news: list = dataclasses.field(default_factory=list)  # EVENT bodies, sent after the current reply
     wake_at: float = float("inf")  # when Delivery next looks at this session
+    checking: bool = False  # a password check for its JOIN is running: later requests wait
 
 
 @dataclasses.dataclass
 class Room:
     name: str
-    password: str
-    members: dict  # lower-case name -> Session
-    history: collections.deque  # (unix time, user, text), the last few messages
+    record: dict | None  # its password, salted and hashed (auth.py); None for the lobby
+    members: dict = dataclasses.field(default_factory=dict)  # lower-case name -> Session
+    history: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=HISTORY_ON_JOIN))
 
 
 @dataclasses.dataclass
@@ -161,16 +165,18 @@ class ChatServer:
         self.log = ServerLog(log, quiet=config.quiet, verbose=config.verbose)
         os.makedirs(config.data_dir, exist_ok=True)
         self.users = auth.UserStore(os.path.join(config.data_dir, USERS_FILE), config.kdf_iterations)
+        room_store = auth.UserStore(os.path.join(config.data_dir, ROOMS_FILE), config.kdf_iterations, kind="rooms")
         history_path = os.path.join(config.data_dir, HISTORY_FILE)
-        lobby_history = read_history(history_path, LOBBY, HISTORY_ON_JOIN, self.log.problem)
-        self.history = HistoryLog(history_path)
         # Shared state, changed only by the loop's thread:
         self.sessions: dict[Address, Session] = {}  # address -> session
         self.online: dict[str, Session] = {}  # lower-case user name -> session
         self.guard = AbuseControl()
         self.delivery = Delivery()
-        self.rooms = Rooms(Room(LOBBY, config.room_password, {}, lobby_history), self.cipher, self.delivery, wall_clock)
+        self.rooms = Rooms(room_store, self.cipher, self.delivery, wall_clock)
+        self.rooms.load_history(HistoryLog.read(history_path, self.log.problem))
+        self.history = HistoryLog(history_path)
         self.next_housekeeping = 0.0
+        self.stopping = False  # the server is stopping: it only waits for members to hear so
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams for the network layer to send
         self.password_jobs: list[auth.PasswordJob] = []  # checks for the network layer to run
         self.stats = collections.Counter()
@@ -190,15 +196,22 @@ class ChatServer:
         else:
             request = Request(packet, address, len(data), now)
             if packet.type in STRANGER_TYPES and packet.token == NO_TOKEN:
+                if self.stopping:
+                    return  # no new sessions now: the client tries again, and finds the server restarted
+
                 self.reception.handle_stranger(request)
             else:
                 self.handle_member_packet(request)
         self.flush(now)
 
     def finish_password_job(self, job: "auth.PasswordJob", now: float) -> None:
-        """A password check the worker finished: answer its request."""
-        job.request.now = now
-        self.answer(job.request, run_handler(self.reception.finish_password_job, job))
+        """A password check the worker finished: answer its request, then serve what waited."""
+        request, request.now = job.request, now
+        self.guard.hash_finished(request.address[0])
+        self.answer(request, run_handler(self.finish_check, job))
+        if request.session:
+            request.session.checking = False
+            self.serve_backlog(request.session, now)
         self.flush(now)
 
     def on_timers(self, now: float) -> None:
@@ -217,6 +230,18 @@ class ChatServer:
     def next_deadline(self) -> float:
         return min(self.delivery.next_deadline(), self.next_housekeeping)  # when on_timers has work
 
+    def announce_stop(self, now: float) -> None:
+        """The server is stopping: tell every member, and take no more requests."""
+        self.stopping = True
+        for session in self.sessions.values():
+            session.backlog.clear()  # never handled: the client sends them again after the restart
+            self.delivery.push(session, self.rooms.event("stop", "", session.name, "The server was stopped."))
+        self.flush(now)
+
+    def stop_heard(self) -> bool:
+        """Has every member acknowledged all it was sent, the stop included?"""
+        return all(session.channel.idle() for session in self.sessions.values())
+
     # --- Dispatch ---
 
     def handle_member_packet(self, request: Request) -> None:
@@ -231,8 +256,8 @@ class ChatServer:
         if outcome != "in order":
             self.log.trace("   ", b"", address, f" {packet.type.name} seq={packet.seq}: {outcome}")
         for delivered in ready:
-            if not delivered.seq:
-                continue  # an unnumbered ACK: its header said all it had to say
+            if not delivered.seq or self.stopping:
+                continue  # an unnumbered ACK; or too late: the client sends it again after the restart
             held = Request(delivered, address, request.size, request.now, session, proven=True)
             if len(session.backlog) < MAX_BACKLOG + (delivered.type == PacketType.BYE):  # room kept for a goodbye
                 session.backlog.append(held)
@@ -243,7 +268,7 @@ class ChatServer:
 
     def serve_backlog(self, session: Session, now: float) -> None:
         """Handle the member's requests in order; flood control may hold the rest for later."""
-        while session.backlog and self.sessions.get(session.address) is session:
+        while session.backlog and not session.checking and self.sessions.get(session.address) is session:
             request = session.backlog[0]
             if request.packet.type in FLOOD_CONTROLLED:
                 wait = session.bucket.take(now)
@@ -257,6 +282,28 @@ class ChatServer:
     def handle_request(self, request: Request) -> None:
         """Run the packet type's handler, and answer with what it returns."""
         self.answer(request, run_handler(self.handlers[request.packet.type], request))
+
+    # --- Slow password checks, on the worker thread ---
+
+    def start_password_job(self, job: "auth.PasswordJob") -> None:
+        """Hand a password check to the worker; what comes after its request waits for it."""
+        self.guard.hash_started(job.request.address[0])
+        if job.request.session:
+            job.request.session.checking = True  # a member's next requests wait, in order
+        else:
+            self.reception.replies.working(job.request)  # a stranger's retries wait for it
+        self.password_jobs.append(job)
+        self.log.outcome(job.request, None, ["checking password..."])
+
+    def finish_check(self, job: "auth.PasswordJob") -> list[str] | None:
+        """Finish the REGISTER, LOGIN or JOIN a password check was for."""
+        if job.error:  # the check itself failed: the request still gets an answer
+            self.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
+            self.reception.registering.discard(job.name.lower())
+            raise Refusal("server-error", "The server could not check that; try again.")
+        finish = {PacketType.REGISTER: self.reception.finish_register, PacketType.LOGIN: self.reception.finish_login,
+                  PacketType.JOIN: self.finish_join}
+        return finish[job.request.packet.type](job)
 
     # --- The one place that answers ---
 
@@ -291,22 +338,44 @@ class ChatServer:
 
     # --- Member requests: each returns the OK fields or raises Refusal ---
 
-    def handle_join(self, request: Request) -> list[str]:
+    def handle_join(self, request: Request) -> list[str] | None:
         session = request.session
         name, password = unpack_fields(request.packet.payload, 2)
-        key = name.lower()
-        room = self.rooms.get(key)
         if not auth.valid_username(name):
             raise Refusal("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
-        if session.room == key:
+        room = self.rooms.get(name.lower())
+        if room and session.room == name.lower():
             return [room.name, str(len(room.members)), f"You are in {room.name} already."]
         self.guard.check("wrong room passwords", session.token, request.now)
         if room is None:
             self.guard.check_rooms(len(self.rooms))
-            room, created = self.rooms.create(name, password), " (new room)"
-        elif hmac.compare_digest(password.encode(), room.password.encode()):
-            created = ""
-        else:
+            self.start_password_job(auth.PasswordJob(request, name, password, None, self.users.iterations))
+        elif room.record is None:  # the lobby: its password is the one given on the command line
+            matches = hmac.compare_digest(password.encode(), self.config.room_password.encode())
+            return self.enter_room(request, room, matches)
+        else:  # a room's password is hashed like an account's, so checking it is slow too
+            self.start_password_job(auth.PasswordJob(request, name, password, room.record))
+        return None
+
+    def finish_join(self, job: "auth.PasswordJob") -> list[str] | None:
+        """The password check of a JOIN came back: enter the room, or make it."""
+        request, room = job.request, self.rooms.get(job.name.lower())
+        if self.sessions.get(request.address) is not request.session:
+            return None  # the session ended while the password was checked
+        if job.record is not None:
+            return self.enter_room(request, room, job.result)
+        if room is not None:
+            raise Refusal("taken", f"{room.name} was made a moment ago; /join it with its password.")
+        try:
+            room = self.rooms.create(job.result)  # on disk before we say so
+        except OSError as error:
+            self.log.problem(f"could not save {ROOMS_FILE}: {error}")
+            raise Refusal("server-error", "The server could not save the room; try again.") from None
+        return self.enter_room(request, room, True, " (new room)")
+
+    def enter_room(self, request: Request, room: Room, password_ok: bool, created: str = "") -> list[str]:
+        session = request.session
+        if not password_ok:
             self.guard.count("wrong room passwords", session.token, request.now)
             raise Refusal("wrong-room-password", "Wrong room password.")
         if session.room:
@@ -387,14 +456,16 @@ class ChatServer:
         """Answer a LOGIN: OK [re, name, room, text], with the session's token in the header."""
         self.answer(request, [session.name, LOBBY, f"Welcome, {session.name}."], token=session.token)
 
-    def end_session(self, session: Session, reason: str, now: float) -> None:
+    def end_session(self, session: Session, reason: str, now: float, tell: str = "") -> None:
         """Forget a session; its room hears that the user left, and why.
 
-        Its channel is sent once more (the goodbye, after a BYE), then never: a client
-        that missed the goodbye asks again, is told RESET, and takes that as the end.
+        Its channel is sent once more (the goodbye after a BYE, or the EVENT `tell`), then
+        never: a client that missed it asks again, is told RESET, and takes that as the end.
         """
         if self.sessions.get(session.address) is not session:
             return  # ended already
+        if tell:
+            self.delivery.push(session, self.rooms.event(tell, "", session.name, reason))
         del self.sessions[session.address]
         del self.online[session.name.lower()]
         session.backlog.clear()
@@ -481,16 +552,24 @@ class Rooms(dict):
     """The rooms by lower-case name, with their members; and telling members what happens.
 
     A dict, so `rooms[key]` finds a room. Whoever enters a room is shown its last
-    messages, and the others hear of it; whoever leaves, the same. A room other than
-    the lobby lives while it has members.
+    messages, and the others hear of it; whoever leaves, the same. Rooms are kept in
+    rooms.json, so that a restart loses none, nor lets anyone take one with a new password.
     """
 
-    def __init__(self, lobby: Room, cipher, delivery: "Delivery", wall_clock):
-        super().__init__({LOBBY: lobby})
-        self.cipher, self.delivery, self.wall_clock = cipher, delivery, wall_clock
+    def __init__(self, store: "auth.UserStore", cipher, delivery: "Delivery", wall_clock):
+        super().__init__({LOBBY: Room(LOBBY, None)})
+        self.update((key, Room(record["name"], record)) for key, record in store.records.items() if key != LOBBY)
+        self.store, self.cipher, self.delivery, self.wall_clock = store, cipher, delivery, wall_clock
 
-    def create(self, name: str, password: str) -> Room:
-        room = self[name.lower()] = Room(name, password, {}, collections.deque(maxlen=HISTORY_ON_JOIN))
+    def load_history(self, messages) -> None:
+        """Keep the last messages of each room from (unix time, room, user, text) on file."""
+        for when, room, user, text in messages:
+            if room.lower() in self:
+                self[room.lower()].history.append((when, user, text))
+
+    def create(self, record: dict) -> Room:
+        self.store.add(record)
+        room = self[record["name"].lower()] = Room(record["name"], record)
         return room
 
     def enter(self, session: Session, room: Room) -> None:
@@ -506,8 +585,6 @@ class Rooms(dict):
         del room.members[session.name.lower()]
         session.room = None
         self.publish(room, "leave", session.name, reason)
-        if not room.members and room.name != LOBBY:
-            self.pop(room.name.lower(), None)
 
     def publish(self, room: Room, kind: str, user: str, text: str, exclude=None) -> None:
         """Tell every member of `room` (but `exclude`) what `user` did or said."""
@@ -663,7 +740,16 @@ def user_named_in(packet: Packet) -> str:
 
 
 class HistoryLog:
-    """chat_history.txt: one JSON line per accepted message, appended and flushed."""
+    """chat_history.txt: one line a person can read per accepted message, appended and flushed.
+
+        2026-12-01 07:46:05 UTC  #lobby  alice: two lines:\\nthe second
+
+    A backslash or line break in a message is written escaped (`\\\\`, `\\n`, `\\r`), so each
+    message stays one line and reads back exactly as it was said.
+    """
+
+    LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC  #(\S+)  (\S+?): (.*)")
+    ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
 
     def __init__(self, path: str):
         self.path = path
@@ -674,10 +760,30 @@ class HistoryLog:
             self.file.flush()
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
-                 "unix": round(when, 3), "room": room, "user": user, "text": text}
-        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+        escaped = "".join(self.ESCAPES.get(c, c) for c in text)
+        self.file.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n")
         self.file.flush()  # in the OS's hands now: survives the server being killed
+
+    @classmethod
+    def read(cls, path: str, warn=print):
+        """Yield (unix time, room, user, text) for each message on file; warn of damaged lines."""
+        try:
+            with open(path, encoding="utf-8", errors="replace") as file:
+                for number, line in enumerate(file, 1):
+                    found = cls.LINE.fullmatch(line.rstrip("\n"))
+                    if found:
+                        stamp, room, user, text = found.groups()
+                        when = calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+                        yield float(when), room, user, re.sub(r"\\(.)", cls.unescape, text)
+                    elif line.strip():
+                        warn(f"{path} line {number} is damaged (a crash mid-write?); skipped")
+        except FileNotFoundError:
+            return
+
+    @staticmethod
+    def unescape(found: re.Match) -> str:
+        return {"n": "\n", "r": "\r"}.get(found[1], found[1])
 
     def close(self) -> None:
         self.file.close()
@@ -694,26 +800,6 @@ def ends_inside_a_line(path: str) -> bool:
             return file.read(1) != b"\n"
     except FileNotFoundError:
         return False
-
-
-def read_history(path: str, room: str, keep: int, warn) -> collections.deque:
-    """Return the last `keep` messages of `room` in the history file, skipping torn lines."""
-    history = collections.deque(maxlen=keep)
-    try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            lines = file.read().split("\n")
-    except FileNotFoundError:
-        return history
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            if entry["room"] == room:
-                history.append((float(entry["unix"]), entry["user"], entry["text"]))
-        except (ValueError, KeyError, TypeError):
-            warn(f"{path} line {number} is damaged (a crash mid-write?); skipped")
-    return history
 
 
 # --- The network layer ---------------------------------------------------------------------
@@ -757,20 +843,29 @@ class ServerLoop:
         self.closed = False
 
     def serve_forever(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                wait = min(max(self.chat.next_deadline() - time.monotonic(), 0.0), MAX_WAIT)
-                ready = {key.fileobj for key, _ in self.selector.select(wait)}
-                now = time.monotonic()
-                if self.sock in ready:
-                    self.receive_all(now)
-                if self.worker.wake_reader in ready:
-                    for future in self.worker.collect():
-                        self.survive(self.finish_job, future, now, where="a finished password check")
-                self.survive(self.chat.on_timers, now, where="the timers")
-                self.flush()
-        finally:
-            self.close()
+        while not self.stopping.is_set():
+            self.serve_once(MAX_WAIT)
+
+    def serve_once(self, longest: float) -> None:
+        """Wait for a datagram, a finished password check or a timer, and handle it."""
+        wait = min(max(self.chat.next_deadline() - time.monotonic(), 0.0), longest)
+        ready = {key.fileobj for key, _ in self.selector.select(wait)}
+        now = time.monotonic()
+        if self.sock in ready:
+            self.receive_all(now)
+        if self.worker.wake_reader in ready:
+            for future in self.worker.collect():
+                self.survive(self.finish_job, future, now, where="a finished password check")
+        self.survive(self.chat.on_timers, now, where="the timers")
+        self.flush()
+
+    def shut_down(self, grace: float = STOP_GRACE) -> None:
+        """Tell every member that the server stops, and wait up to `grace` seconds till all heard."""
+        deadline = time.monotonic() + grace
+        self.survive(self.chat.announce_stop, time.monotonic(), where="stopping")
+        self.flush()
+        while not self.chat.stop_heard() and time.monotonic() < deadline:
+            self.serve_once(deadline - time.monotonic())
 
     def receive_all(self, now: float) -> None:
         for _ in range(RECEIVE_BATCH):
@@ -820,9 +915,15 @@ class ServerLoop:
 
     def start(self) -> "ServerLoop":
         """Serve on a background thread (for tests and the notebook)."""
-        self.thread = threading.Thread(target=self.serve_forever, name="chat-server", daemon=True)
+        self.thread = threading.Thread(target=self.serve_then_close, name="chat-server", daemon=True)
         self.thread.start()
         return self
+
+    def serve_then_close(self) -> None:
+        try:
+            self.serve_forever()
+        finally:
+            self.close()
 
     def stop(self) -> None:
         """Stop serving and wait for the loop to finish; safe from any thread."""
@@ -945,7 +1046,11 @@ def main(argv: list[str] | None = None) -> int:
         loop = ServerLoop(chat, sock)
         try:
             print_banner(config, loop.address)
-            loop.serve_forever()
+            try:
+                loop.serve_forever()
+            except KeyboardInterrupt:  # Ctrl+C: the normal way to stop; a second one stops at once
+                print(f"[INFO] Stopping: telling {len(chat.sessions)} members...")
+                loop.shut_down()
         finally:
             loop.close()
     except KeyboardInterrupt:  # Ctrl+C, at any moment: the normal way to stop

@@ -63,10 +63,11 @@ class Harness:
         return out
 
     def run_jobs(self) -> list[tuple[Packet, tuple, int]]:
-        """The password worker, in line: run every job waiting, and hand it back."""
-        jobs, self.chat.password_jobs[:] = list(self.chat.password_jobs), []
-        for job in jobs:
-            self.chat.finish_password_job(job.run(), self.now)
+        """The password worker, in line: run every job waiting (and any they queue), and hand it back."""
+        while self.chat.password_jobs:
+            jobs, self.chat.password_jobs[:] = list(self.chat.password_jobs), []
+            for job in jobs:
+                self.chat.finish_password_job(job.run(), self.now)
         return self.collect()
 
     def collect(self) -> list[tuple[Packet, tuple, int]]:
@@ -293,11 +294,23 @@ def test_login_issues_a_random_token(harness):
     assert {session.token for session in harness.chat.sessions.values()} == set(tokens)
 
 
-def test_same_account_twice_is_refused(harness):
+def test_a_new_login_takes_the_account_over_and_the_old_session_is_told(harness):
+    old = member(harness, 1, "alice")
+    bob = member(harness, 2, "bob")
+    answer = Peer(harness, 3).login("alice")
+    assert answer.type == OK
+    assert [session.address for session in harness.chat.sessions.values()] == [bob.address, ("10.0.0.1", 3)]
+    assert old.events()[-1][0] == "replaced" and old.events()[-1][4] == "logged in elsewhere"
+    assert ["leave", "lobby", "alice", "logged in elsewhere"] in [[e[0], *e[2:]] for e in bob.events()]
+
+
+def test_a_client_logging_in_again_never_takes_over_a_newer_session(harness):
     member(harness, 1, "alice")
-    answer = Peer(harness, 2).login("alice")
+    peer = Peer(harness, 2)
+    answer = peer.answer(PacketType.LOGIN, peer.cookie(), "alice", "pw", "rejoin")
     assert answer.type == ERROR
-    assert unpack_fields(answer.payload)[1] == "already-logged-in"
+    assert unpack_fields(answer.payload)[1:] == ["logged-in-elsewhere", "alice logged in elsewhere."]
+    assert len(harness.chat.sessions) == 1
 
 
 def test_cookie_expires(harness):
@@ -899,6 +912,60 @@ def test_history_is_shown_on_join_and_kept_across_restarts(make_harness, tmp_pat
     joined = second.members[bob.address]
     joined.ask(PacketType.JOIN, "lobby", "juara")
     assert joined.texts("history") == [f"message {number}" for number in range(25 - server.HISTORY_ON_JOIN, 25)]
+
+
+def test_rooms_and_their_history_survive_a_restart_and_the_password_stands(make_harness, tmp_path):
+    first = make_harness(tmp_path)
+    alice = member(first, 1, "alice", room="games", password="dadu")
+    alice.ask(PacketType.SAY, "gg")
+    first.chat.close()
+    stored = (tmp_path / server.ROOMS_FILE).read_text(encoding="utf-8")
+    assert "games" in stored and "dadu" not in stored  # salted and hashed, as accounts are
+    second = make_harness(tmp_path)  # the server restarted
+    bob = member(second, 2, "bob")
+    assert bob.ask(PacketType.JOIN, "games", "mine now") == (ERROR, ["wrong-room-password", "Wrong room password."])
+    assert bob.ask(PacketType.JOIN, "games", "dadu")[0] == OK
+    assert bob.texts("history") == ["gg"]
+
+
+def test_requests_after_a_join_wait_for_its_password_check(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    alice.ask(PacketType.JOIN, "games", "dadu")
+    joined = bob.send(PacketType.JOIN, "games", "dadu")
+    said = bob.send(PacketType.SAY, "in games, not in the lobby")
+    for data in bob.channel.poll(harness.now):
+        harness.deliver(data, bob.address, run_jobs=False)
+    assert joined not in bob.replies and said not in bob.replies  # the room's password is being checked
+    assert len(harness.chat.password_jobs) == 1
+    harness.run_jobs()
+    harness.settle()
+    assert [bob.replies[joined][0], bob.replies[said][0]] == [OK, OK]
+    assert alice.texts() == ["in games, not in the lobby"]
+
+
+def test_history_is_one_readable_line_a_message_and_reads_back_exactly(tmp_path):
+    path = str(tmp_path / "history.txt")
+    history = server.HistoryLog(path)
+    tricky = "two lines\nand a \\n that is not one, \\ alone, a tab\there, \r, 👩‍💻"
+    history.append(1764575165.0, "lobby", "alice", tricky)
+    history.close()
+    (line,) = open(path, encoding="utf-8").read().splitlines()
+    assert line.startswith("2025-12-01 07:46:05 UTC  #lobby  alice: two lines\\nand a \\\\n")
+    assert list(server.HistoryLog.read(path)) == [(1764575165.0, "lobby", "alice", tricky)]
+
+
+def test_a_stopping_server_tells_every_member_and_handles_nothing_more(harness):
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
+    harness.chat.announce_stop(harness.now)
+    harness.collect()
+    assert not harness.chat.stop_heard()  # sent, not yet acknowledged
+    harness.settle()
+    assert harness.chat.stop_heard()
+    assert alice.events()[-1][0] == "stop" and bob.events()[-1][0] == "stop"
+    late = alice.send(PacketType.SAY, "too late")
+    alice.flush()
+    assert late not in alice.replies and bob.texts() == []  # never handled: sent again after the restart
+    assert Peer(harness, 3).send(PacketType.HELLO) == []  # no new sessions either
 
 
 def test_no_password_in_history_or_log(harness, tmp_path):

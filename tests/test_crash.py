@@ -4,7 +4,7 @@ The server promises two things about its files:
 
 * users.json is replaced atomically and durably, and a registration is confirmed only
   after its record is on disk - so a confirmed account survives any crash;
-* chat_history.txt gets one JSON line per accepted message, flushed to the operating
+* chat_history.txt gets one line per accepted message, flushed to the operating
   system before the sender hears OK - so a confirmed message survives the process being
   killed (a power cut may still tear the last line, which a restart must skip).
 
@@ -139,14 +139,12 @@ def read_data_files(data_dir) -> tuple[set[str], list[str], bool]:
     """
     with open(os.path.join(data_dir, server.USERS_FILE), encoding="utf-8") as file:
         names = {record["name"] for record in json.load(file)["users"]}
-    try:
-        with open(os.path.join(data_dir, server.HISTORY_FILE), encoding="utf-8") as file:
-            lines = file.read().split("\n")
-    except FileNotFoundError:
-        lines = [""]
-    *whole, last = lines  # after the final newline comes "", unless a write was torn
-    texts = [json.loads(line)["text"] for line in whole]
-    return names, texts, last != ""
+    path = os.path.join(data_dir, server.HISTORY_FILE)
+    damaged: list[str] = []
+    texts = [text for _, _, _, text in server.HistoryLog.read(path, damaged.append)]
+    torn = server.ends_inside_a_line(path)
+    assert len(damaged) <= torn, f"a history line other than the last is damaged: {damaged}"
+    return names, texts, torn
 
 
 def lobby_history_after_restart(port: int, name: str, count: int) -> list[str]:
@@ -210,17 +208,17 @@ def check_restarted_server(process: ServerProcess, name: str, texts: list[str]) 
 # --- A torn last line, as a power cut mid-write leaves it ----------------------------
 
 WHOLE_LINES = [
-    {"time": "2024-06-11T08:00:00Z", "unix": 1718092800.0, "room": "lobby", "user": "alice", "text": "first"},
-    {"time": "2024-06-11T08:00:01Z", "unix": 1718092801.0, "room": "lobby", "user": "bob", "text": "second"},
+    "2024-06-11 08:00:00 UTC  #lobby  alice: first",
+    "2024-06-11 08:00:01 UTC  #lobby  bob: second",
 ]
 
 
 def write_torn_history(data_dir) -> None:
     """Write two whole lines, then the first half of a third, without its newline."""
     os.makedirs(data_dir, exist_ok=True)
-    third = json.dumps({**WHOLE_LINES[1], "text": "third, never finished"})
+    third = "2024-06-11 08:00:02 UTC  #lobby  carol: third, never finished"
     with open(os.path.join(data_dir, server.HISTORY_FILE), "w", encoding="utf-8", newline="\n") as file:
-        file.write("".join(json.dumps(line) + "\n" for line in WHOLE_LINES) + third[: len(third) // 2])
+        file.write("".join(line + "\n" for line in WHOLE_LINES) + third[:12])
 
 
 def open_chat_server(data_dir, log: list[str]) -> server.ChatServer:

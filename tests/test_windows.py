@@ -131,7 +131,7 @@ def test_server_loop_never_blocks_longer_than_max_wait(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop.selector, "select", select)
     with pytest.raises(KeyboardInterrupt):
-        loop.serve_forever()
+        loop.serve_then_close()
     assert all(0 <= wait <= server.MAX_WAIT for wait in waits)
     assert loop.sock.fileno() == -1  # closed on the way out
 
