@@ -40,11 +40,13 @@ A SAY datagram, as this client sends it (XOR-scrambled payload, readable header)
 
 import argparse
 import concurrent.futures
+import ctypes
 import dataclasses
 import getpass
 import math
 import queue
 import selectors
+import signal
 import socket
 import sys
 import threading
@@ -69,6 +71,7 @@ from encryption_helper import (
     RtoEstimator,
     decode_packet,
     describe_datagram,
+    encode_packet,
     make_cipher,
     oversize_text,
     pack_fields,
@@ -89,6 +92,7 @@ DEFAULT_PORT = 9999
 LOBBY = "lobby"
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
+REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
 
 
 
@@ -155,6 +159,14 @@ class ConnectionClosed(ChatError):
     pass
 
 
+class ServerStopped(SessionLost):
+    """The server said it stops: what it had not answered, it never handled."""
+
+
+class LoggedInElsewhere(SessionLost):
+    """The same account logged in from another client, which took the session over."""
+
+
 # --- The protocol, without sockets or threads -------------------------------------------
 
 
@@ -187,6 +199,8 @@ class ClientProtocol:
         self.out_of_contact = False
         self.unreachable = 0  # "port unreachable" reports since the server last spoke
         self.closed_reason = ""  # set when the protocol gave up on the server
+        self.lost: SessionLost | None = None  # why the last session ended, if not by our choice
+        self.farewell: list[bytes] = []  # a last ACK on the ended session's channel, to send next
 
     def stranger_channel(self) -> Channel:
         """Before login: stop-and-wait, a try a second - the channel with a window of 1."""
@@ -290,9 +304,22 @@ class ClientProtocol:
             kind, when, room, user, text = unpack_fields(packet.payload, 5)
             if not -1e10 < float(when) < 1e10:  # nan and inf fail too; a clock cannot show such times
                 raise ValueError(f"time {when!r} out of range")
-            self.events.append(Event(kind, float(when), room, user, text))
         except (PacketError, ValueError) as error:
             self.note(f"an EVENT could not be read ({error}); skipped")
+            return
+        if kind == "stop":
+            self.say_last_ack()  # so the server need not wait to know we heard
+            self.notices.append("[INFO] The server was stopped.")
+            self.end_session(ServerStopped("The server was stopped."))
+        elif kind == "replaced":
+            self.notices.append("[INFO] You logged in elsewhere; this client is logged out.")
+            self.end_session(LoggedInElsewhere("You logged in elsewhere."))
+        else:
+            self.events.append(Event(kind, float(when), room, user, text))
+
+    def say_last_ack(self) -> None:
+        cumulative, bitmap = self.channel.acknowledgement()
+        self.farewell.append(encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token), self.cipher))
 
     def start_session(self, token: bytes, name: str) -> None:
         """Logged in: from now on, everything goes on the session's channel."""
@@ -301,6 +328,8 @@ class ClientProtocol:
 
     def end_session(self, error: ChatError | None = None) -> None:
         """Back to no session: nothing more to acknowledge, nothing to keep alive."""
+        if self.logged_in and isinstance(error, SessionLost):
+            self.lost = error
         self.token, self.name = NO_TOKEN, None
         self.switch_channel(self.stranger_channel(), error or Refused("not-sent", "Logged out; not sent."))
 
@@ -333,7 +362,7 @@ class ClientProtocol:
             return []
         if self.logged_in and now - self.last_sent >= self.timing.heartbeat_every and self.channel.idle():
             self.request(PacketType.PING, (), now)  # so the server knows we are still here
-        out = self.channel.poll(now)
+        out, self.farewell = self.farewell + self.channel.poll(now), []
         for data in out:
             self.trace_packet("out", data)
         if out:
@@ -350,14 +379,19 @@ class ClientProtocol:
         if self.channel.idle():
             return
         if self.channel.failed or silence >= self.timing.give_up_after:
-            self.give_up(f"Lost contact with the server for {silence:.0f} s; giving up.")
+            self.give_up(f"Lost contact with the server for {silence:.0f} s")
         elif silence >= self.timing.lost_contact_after and not self.out_of_contact and self.logged_in:
             self.out_of_contact = True
             self.notices.append("[WARN] Lost contact with the server... still trying.")
 
     def give_up(self, reason: str) -> None:
-        self.closed_reason = reason
-        self.fail_pending(ConnectionClosed(reason))
+        """No answer for too long: a session ends (its client may log in again); else close."""
+        if self.logged_in:
+            self.notices.append(f"[WARN] {reason}.")
+            self.end_session(SessionLost(f"{reason}."))
+        else:
+            self.closed_reason = f"{reason}; giving up."
+            self.fail_pending(ConnectionClosed(self.closed_reason))
 
     def next_wakeup(self) -> float:
         """Return when poll() next has work to do."""
@@ -388,6 +422,11 @@ class ChatClient:
     `on_event` if given (on the network thread), else put in `self.events`, a queue.
     Warnings such as lost contact go to `on_notice`.
 
+    When the session is lost (the server stopped, restarted or went quiet), the client
+    logs back in and rejoins its room by itself, with the name and passwords it keeps in
+    memory for this run. What is asked for meanwhile waits and is sent once back in, in
+    order; so are the requests a stopping server said it never handled.
+
         client = ChatClient("127.0.0.1", 9999)
         client.login("alice", "secret")
         client.join("lobby", "juara")
@@ -397,8 +436,14 @@ class ChatClient:
 
     def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None, *,
                  timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
-                 on_event=None, on_notice=None, trace=None):
+                 on_event=None, on_notice=None, trace=None, rejoin: bool = True):
         self.host, self.port = host, port
+        # To get back in after losing the session: kept in memory for this run only, never on disk.
+        self.rejoin_with: list[str] | None = [] if rejoin else None  # [name, password, room, room password]
+        self.rejoiner: threading.Thread | None = None  # logging back in, while the user types on
+        self.held: list[tuple] = []  # (type, fields, future) asked for while logged out, sent once back in
+        self.asked: dict[int, tuple] = {}  # request number -> (type, fields), to send again after a stop
+        self.session_over = threading.Event()  # the session ended and no rejoin follows
         self.timing = timing or Timing()
         self.on_event, self.on_notice = on_event, on_notice or (lambda text: None)
         self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
@@ -448,11 +493,18 @@ class ChatClient:
 
     def login(self, name: str, password: str) -> str:
         """Log in; return the welcome text. Later requests go on the session's channel."""
-        return self.with_cookie(PacketType.LOGIN, name, password)[-1]
+        welcome = self.with_cookie(PacketType.LOGIN, name, password)[-1]
+        self.session_over.clear()
+        if self.rejoin_with is not None:
+            self.rejoin_with = [name, password]
+        return welcome
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
-        return self.call(PacketType.JOIN, room, password)[-1]
+        joined = self.call(PacketType.JOIN, room, password)[-1]
+        if self.rejoin_with:
+            self.rejoin_with[2:] = [room, password]
+        return joined
 
     def say(self, text: str) -> str:
         """Send a message to everyone else in the room; return the server's words."""
@@ -495,14 +547,14 @@ class ChatClient:
         with self.lock:
             self.protocol.end_session()
 
-    def with_cookie(self, ptype: PacketType, name: str, password: str) -> list[str]:
+    def with_cookie(self, ptype: PacketType, name: str, password: str, *more: str) -> list[str]:
         """HELLO, then the request with the cookie; once more if the cookie went stale."""
         try:
-            return self.call(ptype, self.hello(), name, password)
+            return self.call(ptype, self.hello(), name, password, *more)
         except Refused as refusal:
             if refusal.code != "stale-cookie":
                 raise
-        return self.call(ptype, self.hello(), name, password)  # with a fresh cookie
+        return self.call(ptype, self.hello(), name, password, *more)  # with a fresh cookie
 
     def call(self, ptype: PacketType, *fields: str) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
@@ -519,8 +571,14 @@ class ChatClient:
         with self.lock:
             if self.closed.is_set():
                 raise ConnectionClosed(self.closed_reason or "The connection is closed.")
+            if self.rejoiner and threading.current_thread() is not self.rejoiner and ptype in RESENDABLE:
+                self.held.append((ptype, fields, future))  # sent once back in, in order
+                return future
+            if self.session_over.is_set() and ptype in RESENDABLE:
+                raise SessionLost(SESSION_LOST)
             seq = self.protocol.request(ptype, fields, time.monotonic())
             self.futures[seq] = future
+            self.asked[seq] = (ptype, fields)
         self.wake()
         return future
 
@@ -593,9 +651,16 @@ class ChatClient:
             answers, protocol.answers = protocol.answers, []
             events, protocol.events = protocol.events, []
             notices, protocol.notices = protocol.notices, []
-            futures = [(self.futures.pop(seq, None), result) for seq, result in answers]
+            futures = [(self.futures.pop(seq, None), result, self.asked.pop(seq, None)) for seq, result in answers]
             gave_up = protocol.closed_reason
-        for future, result in futures:
+            lost, protocol.lost = protocol.lost, None
+            if lost:
+                self.after_session_lost(lost)
+        for future, result, asked in futures:
+            if isinstance(result, ServerStopped) and self.rejoiner and asked and asked[0] in RESENDABLE:
+                with self.lock:  # never handled by the server: send it again once back in
+                    self.held.append((*asked, future))
+                continue
             if future is None or not future.set_running_or_notify_cancel():
                 continue  # a heartbeat's answer, or one its asker cancelled: nobody waits for it
             if isinstance(result, ChatError):
@@ -608,6 +673,58 @@ class ChatClient:
             self.on_notice(notice)
         if gave_up and not self.closed.is_set():
             self.close(gave_up)
+
+    # --- Back in after losing the session ---
+
+    def after_session_lost(self, why: SessionLost) -> None:
+        """Under the lock: start logging back in, if we can; else the session is over."""
+        if self.rejoin_with and len(self.rejoin_with) >= 2 and not isinstance(why, LoggedInElsewhere):
+            self.rejoiner = threading.Thread(target=self.rejoin, name="chat-rejoin", daemon=True)
+            self.protocol.notices.append("[INFO] Trying to get back in (type exit to stop)...")
+            self.rejoiner.start()
+        else:
+            self.session_over.set()
+
+    def rejoin(self) -> None:
+        """Log in again and go back to the room; then send what was typed meanwhile, in order."""
+        name, password, *room = self.rejoin_with
+        while not self.closed.is_set():
+            try:
+                self.with_cookie(PacketType.LOGIN, name, password, "rejoin")
+                back = f"[INFO] Back in as {name}."
+                if room:
+                    self.call(PacketType.JOIN, *room)
+                    back = f"[INFO] Back in as {name}, in {room[0]} again."
+                self.on_notice(back)
+                break
+            except (ServerNotResponding, KeyMismatch):
+                self.closed.wait(REJOIN_EVERY)  # not back yet
+            except Refused as refusal:
+                if refusal.code in ("busy", "full", "stale-cookie", "slow-down"):
+                    self.closed.wait(REJOIN_EVERY)
+                    continue
+                self.on_notice(f"[WARN] Could not get back in: {refusal.text}")
+                break
+            except ChatError:
+                break  # closed meanwhile
+        self.send_held()
+
+    def send_held(self) -> None:
+        """Send what waited for the rejoin (or, if we are not back in, tell its askers)."""
+        with self.lock:
+            held, self.held = self.held, []
+            self.rejoiner = None
+            back = self.protocol.logged_in and not self.closed.is_set()
+            for ptype, fields, future in held:
+                if back:
+                    seq = self.protocol.request(ptype, fields, time.monotonic())
+                    self.futures[seq], self.asked[seq] = future, (ptype, fields)
+            if not back:
+                self.session_over.set()
+        for *_, future in ([] if back else held):
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Refused("not-sent", "Not back in the chat; not sent."))
+        self.wake()
 
     def wake(self) -> None:
         try:
@@ -637,6 +754,8 @@ class ChatClient:
             self.thread.join(timeout=2 * MAX_WAIT + 1)
         with self.lock:
             waiting, self.futures = list(self.futures.values()), {}
+            waiting += [future for *_, future in self.held]
+            self.held = []
         for future in waiting:  # outside the lock: a done-callback may call us
             if future.set_running_or_notify_cancel():
                 future.set_exception(ConnectionClosed(reason or "The connection is closed."))
@@ -648,6 +767,10 @@ class ChatClient:
     def trace_drop(self, direction: str, data: bytes) -> None:
         if self.trace:
             self.trace(f"[trace] {direction:<3} {describe_datagram(data)}: LOST (simulated)")
+
+
+# Requests that may wait for a rejoin, or be sent again after a stop: the server never did them.
+RESENDABLE = {PacketType.SAY, PacketType.PRIVATE, PacketType.JOIN, PacketType.ROOMS, PacketType.WHO}
 
 
 def check_length(text: str) -> str:
@@ -823,7 +946,7 @@ class Conversation:
     def check_alive(self) -> None:
         if self.client.closed.is_set():
             raise ConnectionClosed(self.client.closed_reason)
-        if self.chatting and not self.client.logged_in:  # the server said RESET: no session
+        if self.chatting and self.client.session_over.is_set():  # lost, and not getting back in
             raise SessionLost(SESSION_LOST)
 
     def run(self) -> None:
@@ -904,9 +1027,11 @@ class Conversation:
     def report_if_refused(self, done, text: str) -> None:
         """Runs when the server answered a line: say so if it was not sent."""
         error = done.exception()
-        if isinstance(error, ChatError) and not isinstance(error, (SessionLost, ConnectionClosed)):
-            shown = text if len(text) <= 40 else text[:37] + "..."
-            self.terminal.show(f"not sent: {printable(shown)} ({error})")
+        shown = printable(text if len(text) <= 40 else text[:37] + "...")
+        if isinstance(error, SessionLost):  # the server may have had it before it went
+            self.terminal.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
+        elif isinstance(error, ChatError) and not isinstance(error, ConnectionClosed):
+            self.terminal.show(f"not sent: {shown} ({error})")
 
     def show_help(self, rest: str) -> None:
         self.terminal.show(HELP)
@@ -982,11 +1107,50 @@ def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]
     return host, port
 
 
+def log_out_when_the_window_closes(current: list) -> object:
+    """Closing the terminal window logs out, as `exit` does: the room sees us leave at once.
+
+    POSIX sends SIGHUP (the "hang-up" of the serial-line days); we turn it into the
+    KeyboardInterrupt that main already handles. Windows calls a console handler instead.
+    `current` holds the ChatClient, once there is one.
+    """
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, hang_up)
+    if hasattr(ctypes, "windll"):
+        return log_out_on_console_close(current, ctypes.windll.kernel32)
+    return None
+
+
+def hang_up(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+CONSOLE_CLOSE_EVENTS = {2, 5, 6}  # Windows: CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT
+
+
+def log_out_on_console_close(current: list, kernel32) -> object:
+    """Windows: say goodbye when the console closes (the OS waits up to 5 s for the handler)."""
+    handler_type = getattr(ctypes, "WINFUNCTYPE", ctypes.CFUNCTYPE)(ctypes.c_int, ctypes.c_uint)
+
+    def on_console_event(event: int) -> int:
+        if event not in CONSOLE_CLOSE_EVENTS:
+            return 0  # Ctrl+C, Ctrl+Break: Python's own handling
+        for made in current:
+            made.bye()
+        return 1
+
+    handler = handler_type(on_console_event)
+    kernel32.SetConsoleCtrlHandler(handler, True)
+    return handler  # the caller keeps it: were it freed, Windows would call freed memory
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     safe_output()
     terminal = Terminal(interactive=sys.stdin.isatty())
     client = None
+    current: list[ChatClient] = []
+    console_handler = log_out_when_the_window_closes(current)  # noqa: F841 (kept alive while we run)
     status = 0
     try:
         host, port = ask_address(args, terminal)
@@ -995,6 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
             on_event=lambda event: terminal.show(format_event(event)),
             on_notice=terminal.show, trace=terminal.show if args.verbose else None,
         )
+        current.append(client)
         client.hello()  # is anyone there? Better to know before asking for a password
         terminal.show(f"Connected to the chat server at {host}:{port}.")
         Conversation(client, terminal).run()

@@ -840,6 +840,7 @@ class ServerLoop:
         self.selector.register(self.worker.wake_reader, selectors.EVENT_READ)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.grace = 0.0  # seconds to wait, once stopped, for members to hear it
         self.closed = False
 
     def serve_forever(self) -> None:
@@ -922,11 +923,14 @@ class ServerLoop:
     def serve_then_close(self) -> None:
         try:
             self.serve_forever()
+            if self.grace:
+                self.shut_down(self.grace)
         finally:
             self.close()
 
-    def stop(self) -> None:
-        """Stop serving and wait for the loop to finish; safe from any thread."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop serving (telling the members, if `grace`) and wait for the loop; safe from any thread."""
+        self.grace = grace
         self.stopping.set()
         self.worker.wake()
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -1049,7 +1053,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 loop.serve_forever()
             except KeyboardInterrupt:  # Ctrl+C: the normal way to stop; a second one stops at once
-                print(f"[INFO] Stopping: telling {len(chat.sessions)} members...")
+                count = len(chat.sessions)
+                print(f"[INFO] Stopping: telling {count} member{'' if count == 1 else 's'}...")
                 loop.shut_down()
         finally:
             loop.close()

@@ -157,25 +157,45 @@ def test_a_ping_goes_out_after_heartbeat_every_of_quiet():
     assert [(packet.type, packet.seq, packet.token) for packet in sent] == [(PacketType.PING, 2, TOKEN)]
 
 
-def test_silence_brings_a_warning_then_the_give_up():
+def test_silence_brings_a_warning_then_ends_the_session():
     timing = client.Timing(lost_contact_after=3.0, give_up_after=8.0)
     protocol, _ = logged_in(timing)
     say = protocol.request(PacketType.SAY, ("anyone?",), 1.0)
-    warned = closed = None
+    warned = ended = None
     for tick in range(10, 200):  # every 100 ms; the server never answers
         now = tick / 10
         protocol.poll(now)
         if protocol.notices and warned is None:
             warned = now
-        if protocol.closed_reason:
-            closed = now
+        if not protocol.logged_in:
+            ended = now
             break
-    assert (warned, closed) == (4.0, 9.0)  # 3 s and 8 s after the request, the last thing heard
-    assert protocol.notices == ["[WARN] Lost contact with the server... still trying."]
-    assert protocol.closed_reason == "Lost contact with the server for 8 s; giving up."
+    assert (warned, ended) == (4.0, 9.0)  # 3 s and 8 s after the request, the last thing heard
+    assert protocol.notices == ["[WARN] Lost contact with the server... still trying.",
+                                "[WARN] Lost contact with the server for 8 s."]
+    assert isinstance(protocol.lost, client.SessionLost) and not protocol.closed_reason  # it may log in again
     ((seq, error),) = protocol.answers
-    assert seq == say and isinstance(error, client.ConnectionClosed)
-    assert protocol.poll(100.0) == []
+    assert seq == say and isinstance(error, client.SessionLost)
+
+
+def test_a_stop_ends_the_session_and_is_acknowledged_at_once():
+    protocol, server_end = logged_in()
+    said = protocol.request(PacketType.SAY, ("never handled",), 1.0)
+    server_end.take(protocol.poll(1.0), 1.0)
+    server_end.channel.send(PacketType.EVENT, pack_fields("stop", "0", "", "alice", "The server was stopped."))
+    server_end.tell(protocol, 1.1)
+    assert protocol.notices == ["[INFO] The server was stopped."] and not protocol.logged_in
+    assert protocol.answers == [(said, protocol.lost)] and isinstance(protocol.lost, client.ServerStopped)
+    server_end.take(protocol.poll(1.1), 1.1)
+    assert server_end.channel.idle()  # the stop is acknowledged: the server need not wait for us
+
+
+def test_replaced_ends_the_session_for_good():
+    protocol, server_end = logged_in()
+    server_end.channel.send(PacketType.EVENT, pack_fields("replaced", "0", "", "alice", "logged in elsewhere"))
+    server_end.tell(protocol, 1.0)
+    assert protocol.notices == ["[INFO] You logged in elsewhere; this client is logged out."]
+    assert isinstance(protocol.lost, client.LoggedInElsewhere)
 
 
 def test_events_are_shown_as_the_user_sees_them():

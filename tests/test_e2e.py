@@ -168,6 +168,29 @@ def test_ctrl_c_stops_the_client_cleanly(chat_server, programs):
     wait_until(lambda: "alice" not in chat_server.chat.online, what="the server to see alice leave")
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here (Windows: a console handler, tested apart)")
+def test_closing_the_terminal_logs_the_client_out(chat_server, programs):
+    alice = programs(*client_args(chat_server.address))
+    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.expect("joined lobby")
+    alice.process.send_signal(signal.SIGHUP)  # what the terminal sends when its window closes
+    wait_until(lambda: "alice" not in chat_server.chat.online, what="the server to see alice leave")
+    assert alice.finish() == 0
+
+
+def test_ctrl_c_on_the_server_tells_its_clients_at_once(programs, tmp_path):
+    server, address = start_server_process(programs, tmp_path)
+    alice = programs(*client_args(address))
+    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.expect("joined lobby")
+    server.process.send_signal(signal.SIGINT)
+    server.expect("[INFO] Stopping: telling 1 member...")
+    alice.expect("[INFO] The server was stopped.")
+    alice.expect("[INFO] Trying to get back in")
+    server.expect("[INFO] Server stopped.")
+    assert server.finish() == 0
+
+
 def test_server_banner_tells_clients_what_to_type(programs, tmp_path):
     server, address = start_server_process(programs, tmp_path, "--room-password", "rahasia")
     server.expect(f"Server IP 127.0.0.1   port {address[1]}")

@@ -95,26 +95,42 @@ def test_no_server_is_reported(make_client):
 def test_idle_client_notices_a_killed_server(start_server, make_client):
     running = start_server()
     notices = []
-    alice = member(make_client, running.address, "alice", on_notice=notices.append,
+    alice = member(make_client, running.address, "alice", on_notice=notices.append, rejoin=False,
                    timing=fast_timing(heartbeat_every=0.1, lost_contact_after=0.5, give_up_after=1.5))
     running.stop()
-    assert alice.closed.wait(10)  # nobody typed anything: the heartbeat found out
-    assert alice.closed_reason.startswith("Lost contact with the server for")
-    assert notices[-1] == f"[WARN] {alice.closed_reason}"
-    with pytest.raises(client.ConnectionClosed):
+    assert alice.session_over.wait(10)  # nobody typed anything: the heartbeat found out
+    assert notices[-1].startswith("[WARN] Lost contact with the server for")
+    with pytest.raises(client.SessionLost, match="Log in again"):
         alice.say("anyone?")
 
 
-def test_after_a_server_restart_the_client_is_told_to_log_in_again(start_server, make_client, tmp_path):
+def test_after_a_crash_and_restart_the_client_gets_back_in_by_itself(start_server, make_client, tmp_path):
     first = start_server(data_dir=tmp_path / "kept")
-    alice = member(make_client, first.address, "alice")
-    first.stop()
-    start_server(data_dir=tmp_path / "kept", port=first.address[1])
-    with pytest.raises(client.SessionLost, match="Log in again"):
+    notices = []
+    alice = member(make_client, first.address, "alice", on_notice=notices.append)
+    alice.join("games", "dadu")
+    first.stop()  # as if killed: nobody is told
+    second = start_server(data_dir=tmp_path / "kept", port=first.address[1])
+    with pytest.raises(client.SessionLost):  # RESET: the new server never knew this session
         alice.say("hello?")
-    alice.login("alice", "pw")
-    alice.join("lobby", "juara")
+    wait_until(lambda: "[INFO] Back in as alice, in games again." in notices, what="alice to get back in")
+    bob = member(make_client, second.address, "bob", room="games", room_password="dadu")
     alice.say("back again")
+    assert next_event(bob, "chat").text == "back again"
+
+
+def test_a_stopped_server_loses_no_line_typed_while_it_was_down(start_server, make_client, tmp_path):
+    first = start_server(data_dir=tmp_path / "kept")
+    notices = []
+    alice = member(make_client, first.address, "alice", on_notice=notices.append)
+    bob = member(make_client, first.address, "bob")
+    first.loop.stop(grace=5.0)  # as Ctrl+C does: every member is told
+    assert first.chat.stop_heard()  # both clients acknowledged it
+    assert "[INFO] The server was stopped." in notices
+    typed = [alice.submit(PacketType.SAY, f"typed while down {number}") for number in range(3)]
+    start_server(data_dir=tmp_path / "kept", port=first.address[1])
+    assert [future.result(timeout=30)[-1] for future in typed] == ["to lobby, 1 other"] * 3
+    assert texts_of(bob, "chat", 3) == [f"typed while down {number}" for number in range(3)]
 
 
 def test_registering_while_logged_in_does_not_break_the_session(chat_server, make_client):

@@ -279,3 +279,36 @@ def test_server_loop_survives_a_bug_in_the_timers(tmp_path, monkeypatch):
     loop.serve_forever()  # three turns of the loop, each with a failing timer pass
     assert len(turns) == 3 and loop.chat.stats["internal-errors"] == 3
     assert "ZeroDivisionError" in problems[0]
+
+
+class FakeKernel32:
+    """Stands in for Windows' kernel32: keeps the console handler the client installs."""
+
+    def __init__(self):
+        self.handlers = []
+
+    def SetConsoleCtrlHandler(self, handler, add):  # noqa: N802 (the Windows API's name)
+        self.handlers.append((handler, add))
+        return 1
+
+
+class Goodbyes:
+    def __init__(self):
+        self.said = 0
+
+    def bye(self):
+        self.said += 1
+
+
+def test_closing_the_console_window_logs_out_first():
+    kernel32, client_now = FakeKernel32(), Goodbyes()
+    kept = client.log_out_on_console_close([client_now], kernel32)
+    ((handler, add),) = kernel32.handlers
+    assert add and handler is kept
+    assert handler(0) == 0 and client_now.said == 0  # Ctrl+C: left to Python
+    assert handler(2) == 1 and client_now.said == 1  # CTRL_CLOSE_EVENT: goodbye, then Windows ends us
+
+
+def test_a_hang_up_ends_the_client_as_ctrl_c_does():
+    with pytest.raises(KeyboardInterrupt):
+        client.hang_up(1, None)
