@@ -173,7 +173,8 @@ def test_the_banner_names_the_servers_lan_address(lan, tmp_path):
 def test_find_on_another_host_lists_the_server(lan, tmp_path):
     start_chat_server(lan, tmp_path)
     finder = lan.start("client1", "client.py", "--find")
-    assert finder.expect(f"{lan.address('server')}:{PORT}") == f"{lan.address('server')}:{PORT}  {SERVER_NAME}  0 online"
+    where = f"{lan.address('server')}:{PORT}"
+    assert finder.expect(where) == f"{where}  {SERVER_NAME}  0 online"
     assert finder.finish() == 0
 
 
