@@ -19,7 +19,8 @@ How it is built, in the spirit of the standard library's socketserver:
   and in order. Before login there is no channel: a stranger's REGISTER or LOGIN that
   comes again gets the remembered answer (`StrangerReplies`), never a second account.
 * Small helpers do one job each: `AbuseControl` (lockouts, limits, flood control),
-  `Delivery` (the channels' timers), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
+  `Delivery` (the channels' timers), `Discovery` (answers a client's search of the
+  network, FIND), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
   the thread that runs the slow password hash so that a flood of logins never stalls
   the chat. Only the loop's thread changes any state.
 
@@ -1202,6 +1203,13 @@ def lan_addresses() -> list[str]:
     return list(dict.fromkeys(interface.address for interface in local_interfaces()))
 
 
+def server_name(text: str) -> str:
+    """Check --name: printable, and short enough that FIND's answer stays smaller than a FIND."""
+    if len(text.encode("utf-8")) > MAX_NAME_BYTES or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8")
+    return text
+
+
 def parse_args(argv: list[str]) -> ServerConfig:
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(
@@ -1225,13 +1233,11 @@ def parse_args(argv: list[str]) -> ServerConfig:
     parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
     parser.add_argument("--session-timeout", type=float, default=defaults.session_timeout,
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
-    parser.add_argument("--name", default=defaults.name,
+    parser.add_argument("--name", type=server_name, default=defaults.name,
                         help="the name clients see when they search the network with ? (default: this PC's name)")
     args = parser.parse_args(argv)
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
-    if len(args.name.encode("utf-8")) > MAX_NAME_BYTES or not args.name.isprintable():
-        parser.error(f"--name must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8")
     return ServerConfig(**vars(args))  # every option is named as its ServerConfig field
 
 

@@ -110,7 +110,7 @@ def test_the_default_name_is_the_host_name_cut_to_whole_characters(monkeypatch):
 def test_a_name_too_long_for_an_answer_is_refused(capsys):
     with pytest.raises(SystemExit):
         server.parse_args(["--name", "x" * (server.MAX_NAME_BYTES + 1)])
-    assert "--name must be printable" in capsys.readouterr().err
+    assert "argument --name: must be printable" in capsys.readouterr().err
     assert server.parse_args(["--name", "lab-pc-07"]).name == "lab-pc-07"
 
 
@@ -254,6 +254,49 @@ def test_find_option_with_nothing_found_says_so(fake_network, capsys):
     assert client.main(["--find", "--port", "5000"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and client.NOTHING_FOUND in err and fake_network.searched[0][1] == 5000
+
+
+class ScriptedSocket:
+    """A UDP socket that sends nothing: what recvfrom() gives is scripted, and sending to
+    255.255.255.255 fails as it does where there is no default route."""
+
+    def __init__(self, received: list):
+        self.received, self.sent, self.options = received, [], {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+    def setsockopt(self, level, option, value):
+        self.options[option] = value
+
+    def settimeout(self, seconds):
+        pass
+
+    def sendto(self, data, address):
+        if address[0] == "255.255.255.255":
+            raise OSError(101, "Network is unreachable")
+        self.sent.append(address)
+
+    def recvfrom(self, size):
+        if not self.received:
+            raise TimeoutError
+        result = self.received.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeypatch):
+    search = client.ServerSearch(CIPHER, number=9)
+    fake = ScriptedSocket([ConnectionResetError(10054, "WinError 10054"),  # an ICMP "port unreachable"
+                           (answer_to(search, "lab-pc-07", "9999", "1"), ("10.77.0.1", 9999))])
+    monkeypatch.setattr(client.socket, "socket", lambda *args: fake)
+    client.search_network(search, ["10.77.0.255", "255.255.255.255"], 9999)
+    assert [str(found) for found in search.servers()] == ["lab-pc-07  10.77.0.1:9999  1 online"]
+    assert fake.options[socket.SO_BROADCAST] == 1 and fake.sent == [("10.77.0.255", 9999)] * client.SEARCH_TRIES
 
 
 # --- One real exchange, on loopback --------------------------------------------------------
