@@ -4,6 +4,10 @@ Start the server on one PC (`python server.py`), then on each other PC:
 
     python client.py                                   # asks for the server's IP and port
     python client.py --host 192.168.1.10 --port 9999   # asks neither
+    python client.py --find                            # lists the servers on this network
+
+At the `Server IP` prompt, `?` searches the network: one FIND datagram broadcast to every
+host, and a list of the servers that answered.
 
 When standard input is not a terminal, every answer (the password too) is read as a plain
 line and end of input means exit, so a session can be scripted:
@@ -33,8 +37,8 @@ they are teaching toys.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
-    55 43 02 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v2 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 5c 03 a8 d8   sack=0, token, CRC-32, then the payload:
+    55 43 03 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v3 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 60 63 4b d0   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 """
 
@@ -45,6 +49,7 @@ import dataclasses
 import getpass
 import math
 import queue
+import secrets
 import selectors
 import signal
 import socket
@@ -58,7 +63,9 @@ from encryption_helper import (
     CIPHER_NAMES,
     DEFAULT_CIPHER,
     HEADER_SIZE,
+    LIMITED_BROADCAST,
     MAX_PAYLOAD,
+    MIN_FIND_SIZE,
     MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
@@ -72,6 +79,7 @@ from encryption_helper import (
     decode_packet,
     describe_datagram,
     encode_packet,
+    local_interfaces,
     make_cipher,
     oversize_text,
     pack_fields,
@@ -1059,6 +1067,142 @@ class Conversation:
         self.client.private(user, text)
 
 
+# --- Finding a server: one question to the whole network -------------------------------
+
+# A datagram sent to a broadcast address reaches every host on the network, which TCP
+# cannot do: a connection has exactly two ends. So a client that does not know the
+# server's address asks everyone, and whoever runs a chat server answers. Only when
+# asked: on many networks a broadcast is noticed.
+SEARCH_TIME = 1.0  # seconds a search listens: a LAN answers within milliseconds
+SEARCH_TRIES = 3  # FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
+NOTHING_FOUND = "no server answered on this network; type its IP"
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundServer:
+    """A chat server that answered a FIND."""
+
+    address: str  # the IP its answer came from: the one to type, or to connect to
+    port: int
+    name: str
+    online: int  # members logged in
+
+    def __str__(self) -> str:
+        return f"{printable(self.name)}  {self.address}:{self.port}  {self.online} online"
+
+
+class ServerSearch:
+    """One search of the network, without sockets: the FIND to send, and what answers say.
+
+    The FIND carries a number drawn for this search, and an answer must name it (in its
+    ack field and its first field): answers to an earlier search, and stray datagrams,
+    are not taken for servers. A server that hears the FIND more than once - on two of
+    our networks, or sent again - is listed once.
+    """
+
+    def __init__(self, cipher, number: int | None = None):
+        self.cipher = cipher
+        self.number = number or 1 + secrets.randbelow(2**32 - 1)  # any but 0: a request's number
+        self.found: dict[tuple[str, int], FoundServer] = {}  # in the order they answered
+        self.other_key: set[tuple[str, int]] = set()  # answered, but scrambled with another cipher or key
+
+    def request(self) -> bytes:
+        """Return the FIND datagram, padded to MIN_FIND_SIZE (the server drops it otherwise)."""
+        padding = "." * (MIN_FIND_SIZE - HEADER_SIZE - 2)  # the field's 2-byte length, then the dots
+        return encode_packet(Packet(PacketType.FIND, self.number, payload=pack_fields(padding)), self.cipher)
+
+    def receive(self, data: bytes, address: tuple[str, int]) -> FoundServer | None:
+        """Take a datagram that came back; return the server it tells of, if it is a new one."""
+        try:
+            packet = decode_packet(data, self.cipher)
+            number, name, port, online = unpack_fields(packet.payload, 4)
+        except ChecksumError:  # a chat server whose key differs from ours (its ERROR is unreadable)
+            self.other_key.add(address)
+            return None
+        except PacketError:
+            return None
+        if (packet.type != PacketType.OK or packet.ack != self.number or number != str(self.number)
+                or not (whole_number(port) and 0 < int(port) < 65536 and whole_number(online))):
+            return None
+        server = FoundServer(address[0], int(port), name, int(online))
+        if (server.address, server.port) in self.found:
+            return None
+        self.found[server.address, server.port] = server
+        return server
+
+    def servers(self) -> list[FoundServer]:
+        return list(self.found.values())
+
+
+def whole_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # "²" is a digit to str.isdigit, not to int()
+
+
+def broadcast_addresses(interfaces) -> list[str]:
+    """Return where a search is sent: each network's broadcast address, then 255.255.255.255."""
+    return list(dict.fromkeys([interface.broadcast for interface in interfaces if interface.broadcast]
+                              + [LIMITED_BROADCAST]))
+
+
+def search_network(search: ServerSearch, targets: list[str], port: int, wait: float = SEARCH_TIME,
+                   tries: int = SEARCH_TRIES) -> ServerSearch:
+    """Send the search's FIND to each target `tries` times within `wait` s, and collect the answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # Without SO_BROADCAST the system refuses to send to a broadcast address (EACCES):
+        # asking every host at once has to be meant.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        start = time.monotonic()
+        for attempt in range(tries):
+            for target in targets:
+                try:
+                    sock.sendto(search.request(), (target, port))
+                except OSError:  # e.g. 255.255.255.255 with no default route: "network unreachable"
+                    pass
+            collect_answers(sock, search, start + wait * (attempt + 1) / tries)
+    return search
+
+
+def collect_answers(sock: socket.socket, search: ServerSearch, until: float) -> None:
+    """Hand the search every datagram that arrives before `until` (a time.monotonic() value)."""
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        sock.settimeout(left)
+        try:
+            data, address = sock.recvfrom(RECV_BUFFER)
+        except TimeoutError:  # socket.timeout: nothing more came
+            return
+        except ConnectionResetError:  # Windows: "port unreachable" came back for one of our FINDs
+            continue
+        search.receive(data, address)
+
+
+def find_servers(port: int, cipher, show) -> list[FoundServer]:
+    """Search every network this PC is on; show what answered, or that nothing did."""
+    show(f"Searching this network for chat servers on port {port}...")
+    search = search_network(ServerSearch(cipher), broadcast_addresses(local_interfaces()), port)
+    for address, other_port in sorted(search.other_key):
+        show(f"{address}:{other_port} answered, but uses another --cipher or --key")
+    if not search.found:
+        show(NOTHING_FOUND)
+    return search.servers()
+
+
+def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
+    """Return (host, port if known) for an answer to the Server IP prompt; None if it is no choice.
+
+    Enter takes the first server found (127.0.0.1 if none), a number one from the list,
+    anything else is an address.
+    """
+    if not answer:
+        return (found[0].address, found[0].port) if found else (DEFAULT_HOST, None)
+    if found and whole_number(answer):
+        return (found[int(answer) - 1].address, found[int(answer) - 1].port) if 0 < int(answer) <= len(found) else None
+    ports = [server.port for server in found if server.address == answer]
+    return answer, ports[0] if ports else None
+
+
 # --- Starting from the command line ---------------------------------------------------
 
 
@@ -1077,6 +1221,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loss", type=float, default=0.0,
                         help="simulate a lossy network: drop this share of datagrams, e.g. 0.3")
     parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
+    parser.add_argument("--find", action="store_true",
+                        help="list the chat servers on this network (on --port), one per line, and exit")
     args = parser.parse_args(argv)
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
@@ -1094,12 +1240,12 @@ def safe_output() -> None:
 
 def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]:
     """Return the server's (host, port): from the command line, or asked."""
-    host = args.host
+    host, found_port = args.host, None
     if host is None:
-        host = terminal.ask(f"Server IP [{DEFAULT_HOST}]: ").strip() or DEFAULT_HOST
-    port = args.port
+        host, found_port = ask_host(args, terminal)
+    port, default_port = args.port, found_port or DEFAULT_PORT
     while port is None:
-        answer = terminal.ask(f"Server port [{DEFAULT_PORT}]: ").strip() or str(DEFAULT_PORT)
+        answer = terminal.ask(f"Server port [{default_port}]: ").strip() or str(default_port)
         if answer.isdigit() and 0 < int(answer) < 65536:
             port = int(answer)
         else:
@@ -1144,9 +1290,44 @@ def log_out_on_console_close(current: list, kernel32) -> object:
     return handler  # the caller keeps it: were it freed, Windows would call freed memory
 
 
+def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | None]:
+    """Ask for the server's IP until there is one; `?` searches the network (on --port) first."""
+    found: list[FoundServer] = []
+    while True:
+        default = found[0].address if found else DEFAULT_HOST
+        hint = "" if found else " (? searches the network)"
+        answer = terminal.ask(f"Server IP [{default}]{hint}: ").strip()
+        if answer == "?":
+            found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key), terminal.show)
+            for number, server in enumerate(found, 1):
+                terminal.show(f"{number}) {server}")
+            continue
+        chosen = pick_server(answer, found)
+        if chosen:
+            return chosen
+        terminal.show(f"Type a number from 1 to {len(found)}, an IP address, or ? to search again.")
+
+
+def print_servers_found(args: argparse.Namespace) -> int:
+    """--find: one line per server that answers, `IP:PORT  name  N online`; the rest on stderr."""
+    def show(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    try:
+        found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key), show)
+    except (ValueError, OSError) as error:  # a key the cipher cannot use; no network at all
+        show(f"[ERROR] {error}")
+        return 1
+    for server in found:
+        print(f"{server.address}:{server.port}  {printable(server.name)}  {server.online} online")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     safe_output()
+    if args.find:
+        return print_servers_found(args)
     terminal = Terminal(interactive=sys.stdin.isatty())
     client = None
     current: list[ChatClient] = []

@@ -1,6 +1,6 @@
 """What the chat server and client share, defined once: ciphers, wire format, reliable channel.
 
-Both `server.py` and `client.py` import this module. It has four parts, in this order:
+Both `server.py` and `client.py` import this module. It has five parts, in this order:
 
 1. **Toy ciphers** - XOR and Caesar. WARNING: they are TEACHING TOYS. They hide text
    from a casual glance at a packet capture and nothing more: `walkthrough.ipynb` breaks
@@ -14,6 +14,9 @@ Both `server.py` and `client.py` import this module. It has four parts, in this 
    opens no socket and reads no clock: it is fed packets and the time, and says what to
    send and when it next wants to be woken.
 4. **A lossy socket** - drops datagrams on purpose, repeatably, for lessons and tests.
+5. **The local network** - this machine's IPv4 addresses and their broadcast
+   addresses: what the server's banner tells other PCs to type, and where a client's
+   search for a server (FIND) is sent.
 
 The header, 32 bytes:
 
@@ -56,8 +59,15 @@ import bisect
 import collections
 import enum
 import random
+import socket
 import struct
+import sys
 import typing
+
+try:  # Unix only: asking the kernel for an interface's addresses (section 5)
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 # === 1. Toy ciphers ==================================================================
 
@@ -148,7 +158,9 @@ HEADER_FORMAT = "!2sBBHHIII8sI"  # magic, version, type, flags, length, seq, ack
 HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size  # 32 bytes
 MAGIC = b"UC"  # "UDP Chat": a datagram that does not start with it is not ours
-VERSION = 2  # 2: every header carries a selective acknowledgement; replies name their request
+# 2: every header carries a selective acknowledgement; replies name their request.
+# 3: FIND, a client's search for servers on the local network.
+VERSION = 3
 # 1200 bytes fits the smallest path MTU seen in practice (IPv6 guarantees 1280, minus
 # its headers), so our datagrams are never split into IP fragments; QUIC uses the same.
 MAX_DATAGRAM = 1200
@@ -181,6 +193,9 @@ FLAG_RETRANSMIT = 0x0001  # set on a packet sent again; lets a trace mark it
 # A HELLO is padded to this size so that the server's reply is never larger than the
 # request: then nobody can forge our source address and use the server as an amplifier.
 MIN_HELLO_SIZE = 128
+# A FIND is padded for the same reason: it may come from anyone, even a forged address,
+# and its answer (name, port, members online) must never be the larger of the two.
+MIN_FIND_SIZE = 128
 
 
 class PacketType(enum.IntEnum):
@@ -197,6 +212,7 @@ class PacketType(enum.IntEnum):
     PING = 9  # request: [] -> OK [re]; the heartbeat of an idle client
     BYE = 10  # request: [] -> OK [re, text]; the session ends
     ACK = 11  # either way: nothing but the acknowledgement fields of the header
+    FIND = 12  # request, often broadcast: "which chat servers are here?" -> OK [re, name, port, online]; padded
     OK = 20  # reply [re, ...]: request number `re` succeeded; more fields depend on the request
     ERROR = 21  # reply [re, code, text]: the request failed, or (re 0) the packet was bad
     EVENT = 22  # server -> client: [kind, unix time, room, user, text]
@@ -732,3 +748,100 @@ class LossySocket:
             data = self.sock.recv(size)
             if not self.lost("in", data):
                 return data
+
+
+# === 5. The local network ============================================================
+
+
+class Interface(typing.NamedTuple):
+    """One IPv4 address of this machine, and the network it is on."""
+
+    name: str  # "eth0", "wlan0"; "?" where the system does not say
+    address: str  # "192.168.1.10": what other PCs type to reach this one
+    netmask: str  # "255.255.255.0": the bits of the address that name the network
+    broadcast: str  # "192.168.1.255": a datagram sent here reaches every host on that network; "" if none
+
+
+# A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
+# forwards it. A network's own broadcast address (its host bits all ones) works the same way.
+LIMITED_BROADCAST = "255.255.255.255"
+# Where the system does not tell the netmask: the /24 of most lab, office and home networks.
+ASSUMED_NETMASK = "255.255.255.0"
+# Linux's requests for an interface's settings (<linux/sockios.h>) and its flags (<net/if.h>).
+SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFBRDADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x8919, 0x891B
+IFF_UP, IFF_BROADCAST, IFF_LOOPBACK = 0x1, 0x2, 0x8
+IFREQ = struct.Struct("16s24x")  # struct ifreq: the interface's name, then room for the kernel's answer
+
+
+def local_interfaces() -> list[Interface]:
+    """Return this machine's IPv4 interfaces that are up, loopback left out.
+
+    Read from the machine itself, never learned from the network, so it works on a lab
+    network with no default route and no Internet. On Linux the kernel is asked, interface
+    by interface; elsewhere (Windows, macOS) the addresses the host's own name resolves to
+    are taken, each assumed to be on a /24 network.
+    """
+    found = linux_interfaces() if sys.platform.startswith("linux") and fcntl is not None else []
+    return found or guessed_interfaces()
+
+
+def linux_interfaces() -> list[Interface]:
+    """Ask the Linux kernel for each interface's flags, address, netmask and broadcast address."""
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # the kernel wants a socket; nothing is sent
+        for _, name in socket.if_nameindex():
+            try:
+                flags = struct.unpack_from("H", ask_interface(sock, SIOCGIFFLAGS, name))[0]
+                if not flags & IFF_UP or flags & IFF_LOOPBACK:
+                    continue
+                address, netmask, broadcast = (socket.inet_ntoa(ask_interface(sock, request, name)[4:8])
+                                               for request in (SIOCGIFADDR, SIOCGIFNETMASK, SIOCGIFBRDADDR))
+            except OSError:  # no IPv4 address on it (EADDRNOTAVAIL), or it went away meanwhile
+                continue
+            if not flags & IFF_BROADCAST:  # a point-to-point link (a VPN): nobody else to reach
+                broadcast = ""
+            elif broadcast == "0.0.0.0":  # set up without one (`ip addr add` without `brd +`)
+                broadcast = broadcast_of(address, netmask)
+            found.append(Interface(name, address, netmask, broadcast))
+    return found
+
+
+def ask_interface(sock: socket.socket, request: int, name: str) -> bytes:
+    """Return what the kernel answers about interface `name`: a struct ifreq past its name."""
+    return fcntl.ioctl(sock.fileno(), request, IFREQ.pack(name.encode()[:15]))[16:]
+
+
+def guessed_interfaces() -> list[Interface]:
+    """Where the system cannot be asked: this host's IPv4 addresses, each on an assumed /24."""
+    addresses = {routed_address()}
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_DGRAM)
+        addresses.update(info[4][0] for info in infos)
+    except (OSError, UnicodeError):  # a host name that does not resolve, or cannot be encoded
+        pass
+    usable = sorted((address for address in addresses if address and not address.startswith(("127.", "0."))),
+                    key=socket.inet_aton)
+    return [Interface("?", address, ASSUMED_NETMASK, broadcast_of(address, ASSUMED_NETMASK)) for address in usable]
+
+
+def routed_address() -> str:
+    """Return the address of the interface a default route leaves by ("" if there is none).
+
+    connect() on a UDP socket sends nothing: it only makes the system choose the
+    interface it would send through, whose address getsockname() then tells.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))
+            return probe.getsockname()[0]
+        except OSError:  # no route at all
+            return ""
+
+
+def broadcast_of(address: str, netmask: str) -> str:
+    """Return the broadcast address of `address`'s network: its host bits all set to one."""
+    host_bits = ~int.from_bytes(socket.inet_aton(netmask), "big") & 0xFFFFFFFF
+    if host_bits <= 1:  # a /31 or /32 has no broadcast address
+        return ""
+    network = int.from_bytes(socket.inet_aton(address), "big")
+    return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))

@@ -19,14 +19,15 @@ How it is built, in the spirit of the standard library's socketserver:
   and in order. Before login there is no channel: a stranger's REGISTER or LOGIN that
   comes again gets the remembered answer (`StrangerReplies`), never a second account.
 * Small helpers do one job each: `AbuseControl` (lockouts, limits, flood control),
-  `Delivery` (the channels' timers), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
+  `Delivery` (the channels' timers), `Discovery` (answers a client's search of the
+  network, FIND), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
   the thread that runs the slow password hash so that a flood of logins never stalls
   the chat. Only the loop's thread changes any state.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
-    55 43 02 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v2 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 5c 03 a8 d8   sack=0, token, CRC-32, then the payload:
+    55 43 03 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v3 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 60 63 4b d0   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 
 The packet format and the channel are defined once, in encryption_helper.py; accounts in auth.py.
@@ -55,6 +56,7 @@ from encryption_helper import (
     CIPHER_NAMES,
     DEFAULT_CIPHER,
     MAX_PAYLOAD,
+    MIN_FIND_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
     Address,
@@ -68,6 +70,7 @@ from encryption_helper import (
     decode_packet,
     describe_address,
     describe_datagram,
+    local_interfaces,
     make_cipher,
     oversize_text,
     pack_fields,
@@ -87,6 +90,7 @@ RECEIVE_BUFFER_BYTES = 4 << 20  # the kernel's queue for our socket, asked for, 
 RECEIVE_BATCH = 256  # datagrams read per wake-up, so timers still run during a flood
 HOUSEKEEPING_EVERY = 1.0  # seconds between sweeps for silent sessions
 STOP_GRACE = 2.0  # seconds a stopping server waits for its members to hear that it stops
+MAX_NAME_BYTES = 64  # the name a FIND is answered with: so that the answer stays smaller than the FIND
 
 
 @dataclasses.dataclass
@@ -106,6 +110,7 @@ class ServerConfig:
     # A client sends a heartbeat after 5 s of quiet; six missed in a row means it is gone.
     session_timeout: float = 30.0
     kdf_iterations: int = auth.DEFAULT_ITERATIONS  # tests lower it: they need no slow hash
+    name: str = ""  # what clients searching the network (FIND) are told; "": this PC's host name
 
 
 # --- State -----------------------------------------------------------------------------
@@ -181,6 +186,7 @@ class ChatServer:
         self.password_jobs: list[auth.PasswordJob] = []  # checks for the network layer to run
         self.stats = collections.Counter()
         self.reception = Reception(self)
+        self.discovery = Discovery(self)
         self.handlers = handler_table(self, self.reception)
 
     # --- Entry points: a datagram, a finished password check, the time ---
@@ -488,7 +494,7 @@ class ChatServer:
 
 
 # Packet types a stranger may send; every other type needs a session.
-STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN}
+STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 # Requests that flood control counts: messages.
 FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE}
 
@@ -506,6 +512,7 @@ def handler_table(chat: ChatServer, door: "Reception") -> dict:
         PacketType.PING: chat.handle_ping,
         PacketType.BYE: chat.handle_bye,
         PacketType.ACK: chat.handle_ack,
+        PacketType.FIND: chat.discovery.handle_find,
         PacketType.OK: chat.handle_server_only,
         PacketType.ERROR: chat.handle_server_only,
         PacketType.EVENT: chat.handle_server_only,
@@ -546,6 +553,44 @@ def timestamp() -> str:
 
 
 # --- Helper classes: one job each --------------------------------------------------------
+
+
+class Discovery:
+    """Answers FIND, a client's search of the network: this server's name, port and members online.
+
+    A FIND is usually a broadcast, and may come from anyone - even from a forged address.
+    So it is answered only when padded to MIN_FIND_SIZE (the answer is never the larger:
+    nobody can use us to flood a victim), and only FIND_BURST at once, then FIND_RATE a
+    second, for the whole server: a flood of searches costs a few answers, never the chat.
+    """
+
+    FIND_RATE = 10.0  # answers a second, server-wide, after...
+    FIND_BURST = 50  # ...a burst: a class of forty all searching at once is answered
+
+    def __init__(self, server: "ChatServer"):
+        self.server = server
+        self.name = server.config.name or host_name()
+        self.port = server.config.port  # ServerLoop says which one, when the system chose it (port 0)
+        self.bucket = TokenBucket(self.FIND_RATE, self.FIND_BURST, 0.0)
+
+    def handle_find(self, request: Request) -> list[str] | None:
+        """FIND -> OK [re, name, port, members online]; unpadded, or over the rate, it is dropped."""
+        if request.size < MIN_FIND_SIZE:
+            return self.drop(request, f"unpadded ({request.size} B)")
+        unpack_fields(request.packet.payload, 1)  # the padding, and nothing else
+        if self.bucket.take(request.now):
+            return self.drop(request, "over the server's rate of answers")
+        return [self.name, str(self.port), str(len(self.server.sessions))]
+
+    def drop(self, request: Request, why: str) -> None:
+        self.server.stats["finds dropped"] += 1
+        self.server.log.problem(f"{describe_address(request.address)} sent a FIND, {why}; dropped")
+
+
+def host_name() -> str:
+    """Return this PC's host name, cut to MAX_NAME_BYTES: the name FIND answers with by default."""
+    name = socket.gethostname() or "chat server"
+    return str(name.encode("utf-8")[:MAX_NAME_BYTES], "utf-8", "ignore")  # never half a character
 
 
 class Rooms(dict):
@@ -834,6 +879,7 @@ class ServerLoop:
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.address: Address = sock.getsockname()
+        chat.discovery.port = self.address[1]  # the port clients are told of when they search
         self.worker = auth.PasswordWorker()
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
@@ -968,22 +1014,15 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
 
 
 def lan_addresses() -> list[str]:
-    """Return this PC's IPv4 addresses other than loopback, as best the OS tells."""
-    found = set()
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_DGRAM)
-        found.update(info[4][0] for info in infos)
-    except OSError:
-        pass
-    # connect() on a UDP socket sends nothing; it only makes the OS pick the interface
-    # it would route through, whose address getsockname() then tells.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("10.255.255.255", 9))
-            found.add(probe.getsockname()[0])
-        except OSError:
-            pass
-    return sorted(address for address in found if not address.startswith(("127.", "0.")))
+    """Return this PC's IPv4 addresses other than loopback, read from its interfaces."""
+    return list(dict.fromkeys(interface.address for interface in local_interfaces()))
+
+
+def server_name(text: str) -> str:
+    """Check --name: printable, and short enough that FIND's answer stays smaller than a FIND."""
+    if len(text.encode("utf-8")) > MAX_NAME_BYTES or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8")
+    return text
 
 
 def parse_args(argv: list[str]) -> ServerConfig:
@@ -1009,21 +1048,27 @@ def parse_args(argv: list[str]) -> ServerConfig:
     parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
     parser.add_argument("--session-timeout", type=float, default=defaults.session_timeout,
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
+    parser.add_argument("--name", type=server_name, default=defaults.name,
+                        help="the name clients see when they search the network with ? (default: this PC's name)")
     args = parser.parse_args(argv)
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
     return ServerConfig(**vars(args))  # every option is named as its ServerConfig field
 
 
-def print_banner(config: ServerConfig, address: Address) -> None:
+def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     port = address[1]
-    addresses = lan_addresses() if config.host in ("0.0.0.0", "") else [config.host]
+    everywhere = config.host in ("0.0.0.0", "")
+    addresses = lan_addresses() if everywhere else [config.host]
     print(f"UDP chat server listening on {describe_address(address)}")
     if addresses:
         print(f"Clients on other PCs answer:  Server IP {' or '.join(addresses)}   port {port}")
     else:
-        print(f"Clients answer: Server IP <this PC's address> port {port} (find it with ipconfig or 'ip addr')")
+        print("Clients on other PCs: this PC has no network address (is it connected?); "
+              "check with ipconfig or 'ip addr'")
     print(f"Clients on this PC answer:    Server IP 127.0.0.1   port {port}")
+    if everywhere:  # a socket bound to one address hears no broadcasts
+        print(f"Clients who answer ? at the Server IP prompt find this server as: {name}")
     print(f"Lobby room password: {config.room_password}")
     print(f"Cipher: {config.cipher} (a teaching toy, not real security; clients must use the same)")
     print(f"Accounts and history kept in: {config.data_dir}")
@@ -1049,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         loop = ServerLoop(chat, sock)
         try:
-            print_banner(config, loop.address)
+            print_banner(config, loop.address, chat.discovery.name)
             try:
                 loop.serve_forever()
             except KeyboardInterrupt:  # Ctrl+C: the normal way to stop; a second one stops at once

@@ -179,10 +179,10 @@ class Program:
     every line in `output`; `expect` waits for a line, but never longer than a bound.
     """
 
-    def __init__(self, *args, stdin=subprocess.PIPE):
+    def __init__(self, *args, stdin=subprocess.PIPE, inside: tuple = ()):
         environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-        self.process = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(  # `inside`: a command to run it in, e.g. ("ip", "netns", "exec", NAME)
+            [*inside, sys.executable, *args], cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, encoding="utf-8", env=environment,
         )
         self.output: list[str] = []  # every line so far

@@ -737,7 +737,7 @@ def test_a_reply_too_big_for_a_packet_becomes_an_error(harness):
 
 def test_every_packet_type_has_one_handler(harness):
     assert set(harness.chat.handlers) == set(PacketType)
-    assert server.STRANGER_TYPES == {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN}
+    assert server.STRANGER_TYPES == {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 
 
 # --- Flood control -----------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ member_seqs = st.tuples(st.sampled_from(["next"] * 4 + ["repeat", "stale", "ahea
                         st.integers(0, 2**32 - 1))
 token_choices = st.tuples(st.sampled_from(["own"] * 6 + ["other", "seen", "random", "none"]), tokens)
 cookie_choices = st.sampled_from(["own"] * 5 + ["other", "garbage", "non-ascii", "missing"])
-STRANGER_TYPES = frozenset({PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN})
+STRANGER_TYPES = frozenset({PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND})
 MEMBER_TYPES = [PacketType.JOIN, PacketType.SAY, PacketType.PRIVATE, PacketType.ROOMS, PacketType.WHO,
                 PacketType.PING, PacketType.BYE]
 SERVER_SENDS = (PacketType.OK, PacketType.ERROR, PacketType.EVENT, PacketType.RESET, PacketType.ACK)
