@@ -38,6 +38,7 @@ import typing
 
 from encryption_helper import (
     MAGIC,
+    MIN_FIND_SIZE,
     MIN_HELLO_SIZE,
     Address,
     Packet,
@@ -61,6 +62,7 @@ SALT_BYTES = 16  # 128 random bits: no two accounts share a salt, so no shared t
 USERNAME_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_.-")
 MAX_USERNAME = 20
 FILE_VERSION = 1
+MAX_NAME_BYTES = 64  # the name a FIND is answered with: so that the answer stays smaller than the FIND
 COOKIE_PERIOD = 30.0  # seconds; a HELLO cookie stays valid for one to two periods
 
 Record = dict  # {"name", "kdf", "iterations", "salt", "hash"}; salt and hash in hex
@@ -259,7 +261,7 @@ class Reception:
         if self.server.users.exists(name) or name.lower() in self.registering:
             raise Refusal("taken", "Username already taken.")
         self.server.guard.check("registrations", request.address[0], request.now)
-        self.server.start_password_job(PasswordJob(request, name, password, None, self.server.users.iterations))
+        self.start_password_job(PasswordJob(request, name, password, None, self.server.users.iterations))
         self.server.guard.count("registrations", request.address[0], request.now)
         self.registering.add(name.lower())
 
@@ -278,7 +280,7 @@ class Reception:
         name, password = self.check_credentials(request)
         self.server.guard.check("failed logins", name.lower(), request.now)  # before hashing: guessing costs
         record = self.server.users.get(name) or dummy_record(self.server.users.iterations)
-        self.server.start_password_job(PasswordJob(request, name, password, record))
+        self.start_password_job(PasswordJob(request, name, password, record))
 
     def finish_login(self, job: "PasswordJob") -> list[str] | None:
         request = job.request
@@ -302,6 +304,26 @@ class Reception:
         self.server.guard.check_sessions(len(self.server.sessions))
         self.server.welcome(request, self.server.open_session(name, request.address, request.now))
         return None
+
+    def start_password_job(self, job: "PasswordJob") -> None:
+        """Hand a password check to the worker; what comes after its request waits for it."""
+        self.server.guard.hash_started(job.request.address[0])
+        if job.request.session:
+            job.request.session.checking = True  # a member's next requests wait, in order
+        else:
+            self.replies.working(job.request)  # a stranger's retries wait for it
+        self.server.password_jobs.append(job)
+        self.server.log.outcome(job.request, None, ["checking password..."])
+
+    def finish_check(self, job: "PasswordJob") -> list[str] | None:
+        """Finish the REGISTER, LOGIN or JOIN a password check was for."""
+        if job.error:  # the check itself failed: the request still gets an answer
+            self.server.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
+            self.registering.discard(job.name.lower())
+            raise Refusal("server-error", "The server could not check that; try again.")
+        finish = {PacketType.REGISTER: self.finish_register, PacketType.LOGIN: self.finish_login,
+                  PacketType.JOIN: self.server.finish_join}
+        return finish[job.request.packet.type](job)
 
     def answer_stranger(self, request: "Request", packet: Packet) -> None:
         """Send an answer straight to the address; remember it if a retry may come."""
@@ -346,6 +368,44 @@ class Reception:
         # a client believes it only if it carried that token itself.
         reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
         self.server.send(encode_packet(reset, self.server.cipher), address)
+
+
+class Discovery:
+    """Answers FIND, a client's search of the network: this server's name, port and members online.
+
+    A FIND is usually a broadcast, and may come from anyone - even from a forged address.
+    So it is answered only when padded to MIN_FIND_SIZE (the answer is never the larger:
+    nobody can use us to flood a victim), and only FIND_BURST at once, then FIND_RATE a
+    second, for the whole server: a flood of searches costs a few answers, never the chat.
+    """
+
+    FIND_RATE = 10.0  # answers a second, server-wide, after...
+    FIND_BURST = 50  # ...a burst: a class of forty all searching at once is answered
+
+    def __init__(self, server: "ChatServer"):
+        self.server = server
+        self.name = server.config.name or host_name()
+        self.port = server.config.port  # ServerLoop says which one, when the system chose it (port 0)
+        self.bucket = TokenBucket(self.FIND_RATE, self.FIND_BURST, 0.0)
+
+    def handle_find(self, request: "Request") -> list[str] | None:
+        """FIND -> OK [re, name, port, members online]; unpadded, or over the rate, it is dropped."""
+        if request.size < MIN_FIND_SIZE:
+            return self.drop(request, f"unpadded ({request.size} B)")
+        unpack_fields(request.packet.payload, 1)  # the padding, and nothing else
+        if self.bucket.take(request.now):
+            return self.drop(request, "over the server's rate of answers")
+        return [self.name, str(self.port), str(len(self.server.sessions))]
+
+    def drop(self, request: "Request", why: str) -> None:
+        self.server.stats["finds dropped"] += 1
+        self.server.log.problem(f"{describe_address(request.address)} sent a FIND, {why}; dropped")
+
+
+def host_name() -> str:
+    """Return this PC's host name, cut to MAX_NAME_BYTES: the name FIND answers with by default."""
+    name = socket.gethostname() or "chat server"
+    return str(name.encode("utf-8")[:MAX_NAME_BYTES], "utf-8", "ignore")  # never half a character
 
 
 class StrangerReplies:

@@ -50,13 +50,12 @@ import time
 import traceback
 
 import auth
-from auth import AbuseControl, Reception, Refusal, TokenBucket
+from auth import MAX_NAME_BYTES, AbuseControl, Discovery, Reception, Refusal
 from encryption_helper import (
     ACK_DELAY,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
     MAX_PAYLOAD,
-    MIN_FIND_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
     Address,
@@ -90,7 +89,6 @@ RECEIVE_BUFFER_BYTES = 4 << 20  # the kernel's queue for our socket, asked for, 
 RECEIVE_BATCH = 256  # datagrams read per wake-up, so timers still run during a flood
 HOUSEKEEPING_EVERY = 1.0  # seconds between sweeps for silent sessions
 STOP_GRACE = 2.0  # seconds a stopping server waits for its members to hear that it stops
-MAX_NAME_BYTES = 64  # the name a FIND is answered with: so that the answer stays smaller than the FIND
 
 
 @dataclasses.dataclass
@@ -124,7 +122,7 @@ class Session:
     address: Address
     name: str
     channel: Channel  # the reliable channel to this member's client
-    bucket: "TokenBucket"  # flood control
+    bucket: "auth.TokenBucket"  # flood control
     last_heard: float
     room: str | None = None  # key of the room in ChatServer.rooms
     backlog: collections.deque = dataclasses.field(default_factory=collections.deque)  # requests held
@@ -214,7 +212,7 @@ class ChatServer:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, request.now = job.request, now
         self.guard.hash_finished(request.address[0])
-        self.answer(request, run_handler(self.finish_check, job))
+        self.answer(request, run_handler(self.reception.finish_check, job))
         if request.session:
             request.session.checking = False
             self.serve_backlog(request.session, now)
@@ -289,28 +287,6 @@ class ChatServer:
         """Run the packet type's handler, and answer with what it returns."""
         self.answer(request, run_handler(self.handlers[request.packet.type], request))
 
-    # --- Slow password checks, on the worker thread ---
-
-    def start_password_job(self, job: "auth.PasswordJob") -> None:
-        """Hand a password check to the worker; what comes after its request waits for it."""
-        self.guard.hash_started(job.request.address[0])
-        if job.request.session:
-            job.request.session.checking = True  # a member's next requests wait, in order
-        else:
-            self.reception.replies.working(job.request)  # a stranger's retries wait for it
-        self.password_jobs.append(job)
-        self.log.outcome(job.request, None, ["checking password..."])
-
-    def finish_check(self, job: "auth.PasswordJob") -> list[str] | None:
-        """Finish the REGISTER, LOGIN or JOIN a password check was for."""
-        if job.error:  # the check itself failed: the request still gets an answer
-            self.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
-            self.reception.registering.discard(job.name.lower())
-            raise Refusal("server-error", "The server could not check that; try again.")
-        finish = {PacketType.REGISTER: self.reception.finish_register, PacketType.LOGIN: self.reception.finish_login,
-                  PacketType.JOIN: self.finish_join}
-        return finish[job.request.packet.type](job)
-
     # --- The one place that answers ---
 
     def answer(self, request: Request, result, token: bytes | None = None) -> None:
@@ -355,12 +331,12 @@ class ChatServer:
         self.guard.check("wrong room passwords", session.token, request.now)
         if room is None:
             self.guard.check_rooms(len(self.rooms))
-            self.start_password_job(auth.PasswordJob(request, name, password, None, self.users.iterations))
+            self.reception.start_password_job(auth.PasswordJob(request, name, password, None, self.users.iterations))
         elif room.record is None:  # the lobby: its password is the one given on the command line
             matches = hmac.compare_digest(password.encode(), self.config.room_password.encode())
             return self.enter_room(request, room, matches)
         else:  # a room's password is hashed like an account's, so checking it is slow too
-            self.start_password_job(auth.PasswordJob(request, name, password, room.record))
+            self.reception.start_password_job(auth.PasswordJob(request, name, password, room.record))
         return None
 
     def finish_join(self, job: "auth.PasswordJob") -> list[str] | None:
@@ -553,44 +529,6 @@ def timestamp() -> str:
 
 
 # --- Helper classes: one job each --------------------------------------------------------
-
-
-class Discovery:
-    """Answers FIND, a client's search of the network: this server's name, port and members online.
-
-    A FIND is usually a broadcast, and may come from anyone - even from a forged address.
-    So it is answered only when padded to MIN_FIND_SIZE (the answer is never the larger:
-    nobody can use us to flood a victim), and only FIND_BURST at once, then FIND_RATE a
-    second, for the whole server: a flood of searches costs a few answers, never the chat.
-    """
-
-    FIND_RATE = 10.0  # answers a second, server-wide, after...
-    FIND_BURST = 50  # ...a burst: a class of forty all searching at once is answered
-
-    def __init__(self, server: "ChatServer"):
-        self.server = server
-        self.name = server.config.name or host_name()
-        self.port = server.config.port  # ServerLoop says which one, when the system chose it (port 0)
-        self.bucket = TokenBucket(self.FIND_RATE, self.FIND_BURST, 0.0)
-
-    def handle_find(self, request: Request) -> list[str] | None:
-        """FIND -> OK [re, name, port, members online]; unpadded, or over the rate, it is dropped."""
-        if request.size < MIN_FIND_SIZE:
-            return self.drop(request, f"unpadded ({request.size} B)")
-        unpack_fields(request.packet.payload, 1)  # the padding, and nothing else
-        if self.bucket.take(request.now):
-            return self.drop(request, "over the server's rate of answers")
-        return [self.name, str(self.port), str(len(self.server.sessions))]
-
-    def drop(self, request: Request, why: str) -> None:
-        self.server.stats["finds dropped"] += 1
-        self.server.log.problem(f"{describe_address(request.address)} sent a FIND, {why}; dropped")
-
-
-def host_name() -> str:
-    """Return this PC's host name, cut to MAX_NAME_BYTES: the name FIND answers with by default."""
-    name = socket.gethostname() or "chat server"
-    return str(name.encode("utf-8")[:MAX_NAME_BYTES], "utf-8", "ignore")  # never half a character
 
 
 class Rooms(dict):

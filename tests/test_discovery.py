@@ -14,6 +14,7 @@ import types
 import pytest
 from test_chat_server import Harness, member
 
+import auth
 import client
 import encryption_helper
 import server
@@ -75,8 +76,8 @@ def test_an_unpadded_find_is_dropped_counted_and_logged(make_harness):
 
 
 def test_finds_over_the_servers_rate_are_dropped_until_it_refills(make_harness, monkeypatch):
-    monkeypatch.setattr(server.Discovery, "FIND_BURST", 3)
-    monkeypatch.setattr(server.Discovery, "FIND_RATE", 1.0)
+    monkeypatch.setattr(auth.Discovery, "FIND_BURST", 3)
+    monkeypatch.setattr(auth.Discovery, "FIND_RATE", 1.0)
     harness = make_harness()
     answered = [harness.deliver(find(seq), ("10.0.0.9", 40000 + seq)) for seq in range(1, 6)]  # five senders
     assert [len(out) for out in answered] == [1, 1, 1, 0, 0]  # the bucket is the server's, not a sender's
@@ -104,7 +105,7 @@ def test_a_find_that_is_not_only_padding_is_refused_no_larger(make_harness):
 
 def test_the_default_name_is_the_host_name_cut_to_whole_characters(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "ü" * 40)  # 80 bytes of UTF-8
-    assert server.host_name() == "ü" * 32
+    assert auth.host_name() == "ü" * 32
 
 
 def test_a_name_too_long_for_an_answer_is_refused(capsys):
