@@ -454,7 +454,8 @@ class ChatServer:
         if session.room:
             self.rooms.leave(session, reason)
         self.delivery.touch(session)
-        self.log.event(session.address, session.name, f"session ended{': ' + reason if reason else ''}")
+        if reason:  # after a BYE, its own line says goodbye
+            self.log.event(session.address, session.name, f"session ended: {reason}")
 
     def flush(self, now: float) -> None:
         """Send what the touched sessions' channels have for the wire: replies, then EVENTs."""
@@ -651,7 +652,9 @@ class ServerLog:
     """Every action on one line: time, peer, user, packet type, size, outcome."""
 
     PROBLEMS_PER_SECOND = 20  # log lines about bad packets: a flood must not flood the log
-    QUIET_TYPES = {PacketType.PING}  # heartbeats: logged only with --verbose
+    # Plumbing, logged only with --verbose: heartbeats (40 students: 8 lines a second), the
+    # cookie each login asks for first, and searches of the network.
+    QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND}
 
     def __init__(self, emit, quiet: bool = False, verbose: bool = False):
         self.emit, self.quiet, self.verbose_on = emit, quiet, verbose

@@ -991,12 +991,17 @@ def test_actions_are_logged_one_line_each_with_address_user_type_size(harness):
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_heartbeat_pings_are_logged_only_when_verbose(make_harness, verbose):
+def test_heartbeats_cookies_and_repeats_are_logged_only_when_verbose(make_harness, verbose):
     harness = make_harness(verbose=verbose)
     alice = member(harness, 1, "alice")
     alice.ask(PacketType.PING)
-    pings = [line for line in harness.log if " PING " in line and "[trace]" not in line]
-    assert len(pings) == (1 if verbose else 0)
+    peer = Peer(harness, 2)
+    peer.register("bob")
+    harness.deliver(peer.last_request, peer.address)  # its answer was lost: the client asks again
+    logged = [line for line in harness.log if "[trace]" not in line]
+    plumbing = [line for line in logged if " PING " in line or " HELLO " in line or "answered again" in line]
+    assert len(plumbing) == (5 if verbose else 0)  # PING; HELLO for alice's REGISTER, LOGIN, bob's; a repeat
+    assert any("REGISTER" in line and "ok: Registration successful." in line for line in logged)
 
 
 def test_quiet_logs_only_problems(make_harness):
