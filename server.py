@@ -37,6 +37,7 @@ import argparse
 import calendar
 import collections
 import dataclasses
+import functools
 import heapq
 import hmac
 import os
@@ -167,17 +168,17 @@ class ChatServer:
         self.wall_clock = wall_clock
         self.log = ServerLog(log, quiet=config.quiet, verbose=config.verbose)
         os.makedirs(config.data_dir, exist_ok=True)
-        self.users = auth.UserStore(os.path.join(config.data_dir, USERS_FILE), config.kdf_iterations)
-        room_store = auth.UserStore(os.path.join(config.data_dir, ROOMS_FILE), config.kdf_iterations, kind="rooms")
-        history_path = os.path.join(config.data_dir, HISTORY_FILE)
+        in_data_dir = functools.partial(os.path.join, config.data_dir)
+        self.users = auth.UserStore(in_data_dir(USERS_FILE), config.kdf_iterations)
         # Shared state, changed only by the loop's thread:
         self.sessions: dict[Address, Session] = {}  # address -> session
         self.online: dict[str, Session] = {}  # lower-case user name -> session
         self.guard = AbuseControl()
         self.delivery = Delivery()
-        self.rooms = Rooms(room_store, self.cipher, self.delivery, wall_clock)
-        self.rooms.load_history(HistoryLog.read(history_path, self.log.problem))
-        self.history = HistoryLog(history_path)
+        rooms_on_file = auth.UserStore(in_data_dir(ROOMS_FILE), config.kdf_iterations, kind="rooms")
+        self.rooms = Rooms(rooms_on_file, self.cipher, self.delivery, wall_clock)
+        self.rooms.load_history(HistoryLog.read(in_data_dir(HISTORY_FILE), self.log.problem))
+        self.history = HistoryLog(in_data_dir(HISTORY_FILE))
         self.next_housekeeping = 0.0
         self.stopping = False  # the server is stopping: it only waits for members to hear so
         self.outbox: list[tuple[bytes, Address]] = []  # datagrams for the network layer to send
@@ -360,15 +361,13 @@ class ChatServer:
         if not password_ok:
             self.guard.count("wrong room passwords", session.token, request.now)
             raise Refusal("wrong-room-password", "Wrong room password.")
-        if session.room:
-            self.rooms.leave(session, "")
-        self.rooms.enter(session, room)
+        self.rooms.move(session, room)
         return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]
 
     def handle_say(self, request: Request) -> list[str]:
         session = request.session
         (text,) = unpack_fields(request.packet.payload, 1)
-        room = self.require_room(session)
+        room = self.rooms.of(session)
         check_text(text)
         when = self.wall_clock()
         try:
@@ -399,7 +398,7 @@ class ChatServer:
 
     def handle_who(self, request: Request) -> list[str]:
         unpack_fields(request.packet.payload, 0)
-        room = self.require_room(request.session)
+        room = self.rooms.of(request.session)
         return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
 
     def handle_ping(self, request: Request) -> list[str]:
@@ -411,18 +410,10 @@ class ChatServer:
         self.end_session(request.session, "", request.now)
         return ["goodbye"]
 
-    def handle_ack(self, request: Request) -> None:  # a numbered ACK is not one
-        raise Refusal("bad-request", "An ACK carries no sequence number.")
-
     def handle_server_only(self, request: Request) -> None:
         self.stats["bad"] += 1
         self.log.problem(f"{describe_address(request.address)} sent {request.packet.type.name}, "
                          "which only servers send; dropped")
-
-    def require_room(self, session: Session) -> Room:
-        if session.room is None:
-            raise Refusal("not-in-room", "Join a room first: /join ROOM")
-        return self.rooms[session.room]
 
     # --- Sessions ---
 
@@ -488,13 +479,17 @@ def handler_table(chat: ChatServer, door: "Reception") -> dict:
         PacketType.WHO: chat.handle_who,
         PacketType.PING: chat.handle_ping,
         PacketType.BYE: chat.handle_bye,
-        PacketType.ACK: chat.handle_ack,
+        PacketType.ACK: refuse_numbered_ack,
         PacketType.FIND: chat.discovery.handle_find,
         PacketType.OK: chat.handle_server_only,
         PacketType.ERROR: chat.handle_server_only,
         PacketType.EVENT: chat.handle_server_only,
         PacketType.RESET: chat.handle_server_only,
     }
+
+
+def refuse_numbered_ack(request: Request) -> None:
+    raise Refusal("bad-request", "An ACK carries no sequence number.")  # an ACK numbered is not one
 
 
 def run_handler(handler, *args):
@@ -551,10 +546,21 @@ class Rooms(dict):
             if room.lower() in self:
                 self[room.lower()].history.append((when, user, text))
 
+    def of(self, session: Session) -> Room:
+        """Return the member's room; refuse if it is in none."""
+        if session.room is None:
+            raise Refusal("not-in-room", "Join a room first: /join ROOM")
+        return self[session.room]
+
     def create(self, record: dict) -> Room:
         self.store.add(record)
         room = self[record["name"].lower()] = Room(record["name"], record)
         return room
+
+    def move(self, session: Session, room: Room) -> None:
+        if session.room:
+            self.leave(session, "")
+        self.enter(session, room)
 
     def enter(self, session: Session, room: Room) -> None:
         others = list(room.members.values())
@@ -1016,6 +1022,20 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     print("Press Ctrl+C to stop.")
 
 
+def serve_until_stopped(loop: ServerLoop, config: ServerConfig) -> None:
+    """Serve until Ctrl+C, then tell the members; a second Ctrl+C stops at once."""
+    try:
+        print_banner(config, loop.address, loop.chat.discovery.name)
+        try:
+            loop.serve_forever()
+        except KeyboardInterrupt:  # the normal way to stop
+            count = len(loop.chat.sessions)
+            print(f"[INFO] Stopping: telling {count} member{'' if count == 1 else 's'}...")
+            loop.shut_down()
+    finally:
+        loop.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     if hasattr(sys.stdout, "reconfigure"):  # a legacy Windows code page must not crash the log
@@ -1033,17 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ERROR] Cannot listen on {config.host}:{config.port}: {error.strerror or error}. "
                   "Is another server running there? Choose another port with --port.")
             return 1
-        loop = ServerLoop(chat, sock)
-        try:
-            print_banner(config, loop.address, chat.discovery.name)
-            try:
-                loop.serve_forever()
-            except KeyboardInterrupt:  # Ctrl+C: the normal way to stop; a second one stops at once
-                count = len(chat.sessions)
-                print(f"[INFO] Stopping: telling {count} member{'' if count == 1 else 's'}...")
-                loop.shut_down()
-        finally:
-            loop.close()
+        serve_until_stopped(ServerLoop(chat, sock), config)
     except KeyboardInterrupt:  # Ctrl+C, at any moment: the normal way to stop
         pass
     print("[INFO] Server stopped.")
