@@ -25,7 +25,8 @@ How it is built:
   reader of the socket. Its UDP socket is connect()ed to the server, so the operating
   system drops datagrams from anyone else.
 * `Terminal` keeps the keyboard on its own thread, so that arriving messages are printed
-  above the line being typed and Ctrl+C works on Windows too.
+  above the line being typed and Ctrl+C works on Windows too. `Screen` decides how each
+  message looks (one's own, private, naming the user); `Conversation` asks and commands.
 
 The packet format, the channel and the toy ciphers are defined once, in
 encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
