@@ -704,6 +704,7 @@ class Terminal:
         self.outstanding = False  # a question is with the keyboard thread, not answered yet
         self.ended = False
         self.saved_mode = None
+        self.given_back = False  # restore() was called: leave the terminal's settings alone
         self.readline_cursor = readline_cursor() if interactive and readline else None
         if interactive and termios:
             try:
@@ -777,23 +778,26 @@ class Terminal:
 
     def set_echo(self, on: bool) -> None:
         """Let the terminal show the keys typed (as it did when we started), or not."""
-        if self.saved_mode is None:
-            return
-        mode = list(self.saved_mode)
-        mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO  # [3]: the local flags
-        try:
-            termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)  # NOW: keep what was typed ahead
-        except (termios.error, OSError, ValueError):
-            pass
-
-    def restore(self) -> None:
-        """Give the terminal back as we found it: Ctrl+C during a password prompt must not
-        leave typing invisible."""
-        if self.saved_mode is not None:
+        with self.print_lock:
+            if self.saved_mode is None or self.given_back:
+                return
+            mode = list(self.saved_mode)
+            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO  # [3]: the local flags
             try:
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)  # NOW: keep what was typed ahead
             except (termios.error, OSError, ValueError):
                 pass
+
+    def restore(self) -> None:
+        """Give the terminal back as we found it, for good: Ctrl+C during a password prompt
+        must not leave typing invisible."""
+        with self.print_lock:
+            self.given_back = True
+            if self.saved_mode is not None:
+                try:
+                    termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
+                except (termios.error, OSError, ValueError):
+                    pass
 
     def show(self, text: str) -> None:
         """Print a line above the prompt, without garbling what the user is typing."""

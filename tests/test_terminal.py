@@ -449,6 +449,28 @@ def test_display_width_counts_wide_characters_twice_and_joiners_not_at_all():
 
 pty_only = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
 
+
+@pty_only
+def test_echo_is_off_between_questions_and_back_for_good_once_the_terminal_is_given_back(monkeypatch):
+    import termios
+
+    master, follower = os.openpty()
+    with open(follower, "r", closefd=True) as keyboard:
+        monkeypatch.setattr(client.sys, "stdin", keyboard)
+        terminal = client.Terminal(interactive=True)
+
+        def echoing() -> bool:
+            return bool(termios.tcgetattr(follower)[3] & termios.ECHO)
+
+        assert echoing()
+        terminal.set_echo(False)  # as the keyboard thread does after each answer
+        assert not echoing()
+        terminal.restore()
+        assert echoing()
+        terminal.set_echo(False)  # a last answer read while the client ends
+        assert echoing()
+    os.close(master)
+
 # Become the session's controlling terminal (getpass opens /dev/tty), then run client.py.
 CONTROLLING_TERMINAL = ("import os, sys; os.close(os.open(os.ttyname(0), os.O_RDWR)); "
                         "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
