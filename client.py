@@ -689,8 +689,9 @@ class Terminal:
 
     Between two questions, keys typed ahead are not echoed (POSIX terminals): they may be
     the password the next prompt asks for. readline shows them once an ordinary prompt is
-    up; getpass reads them unseen. A Windows console echoes nothing until a program reads
-    the keys, so there typeahead is hidden already.
+    up; getpass drops them, so a password is typed when its prompt is there. A Windows
+    console echoes no key before a program reads it: there typeahead is hidden already
+    (and getpass takes it as the password).
     """
 
     def __init__(self, interactive: bool):

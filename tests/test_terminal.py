@@ -455,7 +455,7 @@ def test_echo_is_off_between_questions_and_back_for_good_once_the_terminal_is_gi
     import termios
 
     master, follower = os.openpty()
-    with open(follower, "r", closefd=True) as keyboard:
+    with open(follower) as keyboard:  # closes the follower too
         monkeypatch.setattr(client.sys, "stdin", keyboard)
         terminal = client.Terminal(interactive=True)
 
