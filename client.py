@@ -29,7 +29,8 @@ How it is built:
   reader of the socket. Its UDP socket is connect()ed to the server, so the operating
   system drops datagrams from anyone else.
 * `Terminal` keeps the keyboard on its own thread, so that arriving messages are printed
-  above the line being typed and Ctrl+C works on Windows too.
+  above the line being typed and Ctrl+C works on Windows too. `Screen` decides how each
+  message looks (one's own, private, naming the user); `Conversation` asks and commands.
 
 The packet format, the channel and the toy ciphers are defined once, in
 encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
@@ -48,15 +49,20 @@ import ctypes
 import dataclasses
 import getpass
 import math
+import os
 import queue
+import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
+import unicodedata
 
+import auth
 from encryption_helper import (
     ACK_DELAY,
     ACK_EVERY,
@@ -65,6 +71,7 @@ from encryption_helper import (
     HEADER_SIZE,
     LIMITED_BROADCAST,
     MAX_PAYLOAD,
+    MAX_TEXT_BYTES,
     MIN_FIND_SIZE,
     MIN_HELLO_SIZE,
     NO_TOKEN,
@@ -101,6 +108,7 @@ LOBBY = "lobby"
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
 REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
+MIN_PASSWORD = 4  # characters this client asks of a new account's password (the server takes any)
 
 
 
@@ -446,10 +454,7 @@ class ChatClient:
                  timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
                  on_event=None, on_notice=None, trace=None, rejoin: bool = True):
         self.host, self.port = host, port
-        # To get back in after losing the session: kept in memory for this run only, never on disk.
-        self.rejoin_with: list[str] | None = [] if rejoin else None  # [name, password, room, room password]
-        self.rejoiner: threading.Thread | None = None  # logging back in, while the user types on
-        self.held: list[tuple] = []  # (type, fields, future) asked for while logged out, sent once back in
+        self.rejoin = Rejoin(self) if rejoin else None  # getting back in when the session is lost
         self.asked: dict[int, tuple] = {}  # request number -> (type, fields), to send again after a stop
         self.session_over = threading.Event()  # the session ended and no rejoin follows
         self.timing = timing or Timing()
@@ -462,14 +467,7 @@ class ChatClient:
         self.futures: dict[int, concurrent.futures.Future] = {}
         self.closed = threading.Event()
         self.closed_reason = ""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.connect((host, port))  # UDP: sends nothing, just fixes the peer
-        except (OSError, OverflowError) as error:
-            sock.close()
-            reason = getattr(error, "strerror", None) or error
-            raise ServerNotResponding(f"Cannot reach {host}:{port}: {reason}") from None
-        sock.setblocking(False)
+        sock = connect_udp(host, port)
         self.sock = LossySocket(sock, loss, seed, self.trace_drop, side="client") if loss else sock
         self.wake_reader, self.wake_writer = socket.socketpair()  # to wake the network thread
         self.wake_reader.setblocking(False)
@@ -503,15 +501,15 @@ class ChatClient:
         """Log in; return the welcome text. Later requests go on the session's channel."""
         welcome = self.with_cookie(PacketType.LOGIN, name, password)[-1]
         self.session_over.clear()
-        if self.rejoin_with is not None:
-            self.rejoin_with = [name, password]
+        if self.rejoin:
+            self.rejoin.login, self.rejoin.room = [name, password], []
         return welcome
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
         joined = self.call(PacketType.JOIN, room, password)[-1]
-        if self.rejoin_with:
-            self.rejoin_with[2:] = [room, password]
+        if self.rejoin:
+            self.rejoin.room = [room, password]
         return joined
 
     def say(self, text: str) -> str:
@@ -579,8 +577,8 @@ class ChatClient:
         with self.lock:
             if self.closed.is_set():
                 raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-            if self.rejoiner and threading.current_thread() is not self.rejoiner and ptype in RESENDABLE:
-                self.held.append((ptype, fields, future))  # sent once back in, in order
+            if self.rejoin and self.rejoin.holds(ptype):
+                self.rejoin.held.append((ptype, fields, future))  # sent once back in, in order
                 return future
             if self.session_over.is_set() and ptype in RESENDABLE:
                 raise SessionLost(SESSION_LOST)
@@ -662,12 +660,12 @@ class ChatClient:
             futures = [(self.futures.pop(seq, None), result, self.asked.pop(seq, None)) for seq, result in answers]
             gave_up = protocol.closed_reason
             lost, protocol.lost = protocol.lost, None
-            if lost:
-                self.after_session_lost(lost)
+            if lost and not (self.rejoin and self.rejoin.start(lost)):
+                self.session_over.set()
         for future, result, asked in futures:
-            if isinstance(result, ServerStopped) and self.rejoiner and asked and asked[0] in RESENDABLE:
+            if isinstance(result, ServerStopped) and asked and self.rejoin and self.rejoin.holds(asked[0]):
                 with self.lock:  # never handled by the server: send it again once back in
-                    self.held.append((*asked, future))
+                    self.rejoin.held.append((*asked, future))
                 continue
             if future is None or not future.set_running_or_notify_cancel():
                 continue  # a heartbeat's answer, or one its asker cancelled: nobody waits for it
@@ -681,58 +679,6 @@ class ChatClient:
             self.on_notice(notice)
         if gave_up and not self.closed.is_set():
             self.close(gave_up)
-
-    # --- Back in after losing the session ---
-
-    def after_session_lost(self, why: SessionLost) -> None:
-        """Under the lock: start logging back in, if we can; else the session is over."""
-        if self.rejoin_with and len(self.rejoin_with) >= 2 and not isinstance(why, LoggedInElsewhere):
-            self.rejoiner = threading.Thread(target=self.rejoin, name="chat-rejoin", daemon=True)
-            self.protocol.notices.append("[INFO] Trying to get back in (type exit to stop)...")
-            self.rejoiner.start()
-        else:
-            self.session_over.set()
-
-    def rejoin(self) -> None:
-        """Log in again and go back to the room; then send what was typed meanwhile, in order."""
-        name, password, *room = self.rejoin_with
-        while not self.closed.is_set():
-            try:
-                self.with_cookie(PacketType.LOGIN, name, password, "rejoin")
-                back = f"[INFO] Back in as {name}."
-                if room:
-                    self.call(PacketType.JOIN, *room)
-                    back = f"[INFO] Back in as {name}, in {room[0]} again."
-                self.on_notice(back)
-                break
-            except (ServerNotResponding, KeyMismatch):
-                self.closed.wait(REJOIN_EVERY)  # not back yet
-            except Refused as refusal:
-                if refusal.code in ("busy", "full", "stale-cookie", "slow-down"):
-                    self.closed.wait(REJOIN_EVERY)
-                    continue
-                self.on_notice(f"[WARN] Could not get back in: {refusal.text}")
-                break
-            except ChatError:
-                break  # closed meanwhile
-        self.send_held()
-
-    def send_held(self) -> None:
-        """Send what waited for the rejoin (or, if we are not back in, tell its askers)."""
-        with self.lock:
-            held, self.held = self.held, []
-            self.rejoiner = None
-            back = self.protocol.logged_in and not self.closed.is_set()
-            for ptype, fields, future in held:
-                if back:
-                    seq = self.protocol.request(ptype, fields, time.monotonic())
-                    self.futures[seq], self.asked[seq] = future, (ptype, fields)
-            if not back:
-                self.session_over.set()
-        for *_, future in ([] if back else held):
-            if future.set_running_or_notify_cancel():
-                future.set_exception(Refused("not-sent", "Not back in the chat; not sent."))
-        self.wake()
 
     def wake(self) -> None:
         try:
@@ -762,8 +708,9 @@ class ChatClient:
             self.thread.join(timeout=2 * MAX_WAIT + 1)
         with self.lock:
             waiting, self.futures = list(self.futures.values()), {}
-            waiting += [future for *_, future in self.held]
-            self.held = []
+            if self.rejoin:
+                waiting += [future for *_, future in self.rejoin.held]
+                self.rejoin.held = []
         for future in waiting:  # outside the lock: a done-callback may call us
             if future.set_running_or_notify_cancel():
                 future.set_exception(ConnectionClosed(reason or "The connection is closed."))
@@ -775,6 +722,91 @@ class ChatClient:
     def trace_drop(self, direction: str, data: bytes) -> None:
         if self.trace:
             self.trace(f"[trace] {direction:<3} {describe_datagram(data)}: LOST (simulated)")
+
+
+class Rejoin:
+    """Getting back in when the session is lost: the server stopped, restarted or went quiet.
+
+    It keeps the last login's name and password and the last JOIN's room and password,
+    in memory for this run only, never on disk. While its thread logs back in, what the
+    user asks for waits in `held`, and is sent, in order, once back in.
+    """
+
+    def __init__(self, client: "ChatClient"):
+        self.client = client
+        self.login: list[str] = []  # [name, password]
+        self.room: list[str] = []  # [room, password]
+        self.thread: threading.Thread | None = None  # logging back in, while the user types on
+        self.held: list[tuple] = []  # (type, fields, future)
+
+    def holds(self, ptype: PacketType) -> bool:
+        """Under the client's lock: must a request wait for the rejoin?"""
+        logging_in = threading.current_thread() is self.thread
+        return self.thread is not None and not logging_in and ptype in RESENDABLE
+
+    def start(self, why: SessionLost) -> bool:
+        """Under the client's lock: start logging back in; False if it cannot be done."""
+        if not self.login or isinstance(why, LoggedInElsewhere):
+            return False
+        self.thread = threading.Thread(target=self.run, name="chat-rejoin", daemon=True)
+        self.client.protocol.notices.append("[INFO] Trying to get back in (type exit to stop)...")
+        self.thread.start()
+        return True
+
+    def run(self) -> None:
+        """Log in again and go back to the room, until it works or cannot; then send what waited."""
+        client, closed = self.client, self.client.closed
+        while not closed.is_set():
+            try:
+                client.with_cookie(PacketType.LOGIN, *self.login, "rejoin")
+                if self.room:
+                    client.call(PacketType.JOIN, *self.room)
+                client.on_notice(f"[INFO] Back in as {self.login[0]}" + (f", in {self.room[0]} again." if self.room
+                                                                         else "."))
+                break
+            except (ServerNotResponding, KeyMismatch):
+                closed.wait(REJOIN_EVERY)  # not back yet
+            except Refused as refusal:
+                if refusal.code not in ("busy", "full", "stale-cookie", "slow-down"):
+                    client.on_notice(f"[WARN] Could not get back in: {refusal.text}")
+                    break
+                closed.wait(REJOIN_EVERY)
+            except ChatError:
+                break  # closed meanwhile
+        self.send_held()
+
+    def send_held(self) -> None:
+        """Send what waited (or, if we are not back in, tell its askers it was not sent)."""
+        client = self.client
+        with client.lock:
+            held, self.held, self.thread = self.held, [], None
+            back = client.protocol.logged_in and not client.closed.is_set()
+            for ptype, fields, future in held if back else []:
+                seq = client.protocol.request(ptype, fields, time.monotonic())
+                client.futures[seq], client.asked[seq] = future, (ptype, fields)
+            if not back:
+                client.session_over.set()
+        for *_, future in [] if back else held:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Refused("not-sent", "Not back in the chat; not sent."))
+        client.wake()
+
+
+def connect_udp(host: str, port: int) -> socket.socket:
+    """Return a non-blocking UDP socket connect()ed to the server.
+
+    connect() on a UDP socket sends nothing: it fixes the peer, so that send() needs no
+    address and the operating system drops datagrams from anyone else.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((host, port))
+    except (OSError, OverflowError) as error:
+        sock.close()
+        reason = getattr(error, "strerror", None) or error
+        raise ServerNotResponding(f"Cannot reach {host}:{port}: {reason}") from None
+    sock.setblocking(False)
+    return sock
 
 
 # Requests that may wait for a rejoin, or be sent again after a stop: the server never did them.
@@ -790,6 +822,9 @@ def check_length(text: str) -> str:
 
 # --- The terminal ---------------------------------------------------------------------
 
+ERASE_DOWN = "\x1b[J"  # ANSI: clear from the cursor to the end of the screen
+ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufe0e\ufe0f")  # joiners and emoji variation selectors
+
 
 class EndOfInput(Exception):
     """The user pressed Ctrl+D / Ctrl+Z, or the script ran out of lines."""
@@ -802,7 +837,15 @@ class Terminal:
     reads each line and hands it over through a queue. The main thread waits on that
     queue a little at a time: Ctrl+C always gets through, and a client that lost its
     server can end without waiting for Enter. Lines printed while the user types go
-    above the prompt, which is then drawn again.
+    above the prompt; with readline (Linux, macOS) the line being typed is then drawn
+    again as it was, cursor and all. Without it (Windows) only the prompt is: what was
+    typed is still in the line, and Enter sends it, but it is not shown again.
+
+    Between two questions, keys typed ahead are not echoed (POSIX terminals): they may be
+    the password the next prompt asks for. readline shows them once an ordinary prompt is
+    up; getpass drops them, so a password is typed when its prompt is there. A Windows
+    console echoes no key before a program reads it: there typeahead is hidden already
+    (and getpass takes it as the password).
     """
 
     def __init__(self, interactive: bool):
@@ -811,9 +854,13 @@ class Terminal:
         self.answers: queue.Queue = queue.Queue()
         self.print_lock = threading.Lock()
         self.prompt = ""  # shown now, waiting for the user
+        self.asked = ""  # the prompt the keyboard thread was given (readline draws that one)
+        self.secret = False  # the question shown is a password: nothing typed is on screen
         self.outstanding = False  # a question is with the keyboard thread, not answered yet
         self.ended = False
         self.saved_mode = None
+        self.given_back = False  # restore() was called: leave the terminal's settings alone
+        self.readline_cursor = readline_cursor() if interactive and readline else None
         if interactive and termios:
             try:
                 self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
@@ -825,26 +872,32 @@ class Terminal:
         while True:
             prompt, secret = self.asks.get()
             with self.print_lock:
-                self.prompt = prompt if self.interactive else ""
+                self.prompt = self.asked = prompt if self.interactive else ""
+                self.secret = secret
             try:
-                if not self.interactive:
-                    line = sys.stdin.readline()
-                    if not line:
-                        raise EOFError
-                    answer = line.rstrip("\r\n")
-                elif secret:
-                    answer = getpass.getpass(prompt)
-                else:
-                    answer = input(prompt)
+                answer = self.read_answer(prompt, secret)
             except (EOFError, OSError, ValueError):
                 answer = None
             except KeyboardInterrupt:  # reaches this thread on some systems; main handles it
                 answer = None
             with self.print_lock:
                 self.prompt = ""
+            self.set_echo(False)  # until the next question: what is typed now may be its password
             self.answers.put(answer)
             if answer is None:
                 return
+
+    def read_answer(self, prompt: str, secret: bool) -> str:
+        """Return one line from the keyboard (or the script); raise EOFError at the end."""
+        if not self.interactive:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\r\n")
+        if secret:
+            return getpass.getpass(prompt)
+        self.set_echo(True)
+        return input(prompt)
 
     def ask(self, prompt: str, secret: bool = False, alive=lambda: None) -> str:
         """Return the next line the user types; raise EndOfInput at its end.
@@ -878,14 +931,28 @@ class Terminal:
                 sys.stdout.flush()
                 self.prompt = prompt
 
-    def restore(self) -> None:
-        """Give the terminal back as we found it: Ctrl+C during a password prompt must not
-        leave typing invisible."""
-        if self.saved_mode is not None:
+    def set_echo(self, on: bool) -> None:
+        """Let the terminal show the keys typed (as it did when we started), or not."""
+        with self.print_lock:
+            if self.saved_mode is None or self.given_back:
+                return
+            mode = list(self.saved_mode)
+            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO  # [3]: the local flags
             try:
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)  # NOW: keep what was typed ahead
             except (termios.error, OSError, ValueError):
                 pass
+
+    def restore(self) -> None:
+        """Give the terminal back as we found it, for good: Ctrl+C during a password prompt
+        must not leave typing invisible."""
+        with self.print_lock:
+            self.given_back = True
+            if self.saved_mode is not None:
+                try:
+                    termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
+                except (termios.error, OSError, ValueError):
+                    pass
 
     def show(self, text: str) -> None:
         """Print a line above the prompt, without garbling what the user is typing."""
@@ -893,26 +960,87 @@ class Terminal:
             try:
                 if not self.prompt:
                     print(text, flush=True)
-                    return
-                typed = readline.get_line_buffer() if readline else ""
-                width = len(self.prompt) + len(typed)
-                sys.stdout.write("\r" + " " * width + "\r" + text + "\n" + self.prompt + typed)
-                sys.stdout.flush()
+                elif readline and not self.secret and self.prompt == self.asked:
+                    self.show_above_readline(text)
+                else:  # a password's prompt (what is typed is not shown), or no readline
+                    sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + text + "\n" + self.prompt)
+                    sys.stdout.flush()
             except BrokenPipeError:  # output piped into a program that stopped reading
                 pass
+
+    def show_above_readline(self, text: str) -> None:
+        """Clear the rows the line being typed covers, print `text`, draw the line again below
+        it, and put the cursor back where readline has it: the screen is then what readline
+        believes it is, and the next key edits the right place."""
+        typed = readline.get_line_buffer()
+        before_cursor = typed[:readline_point(typed, self.readline_cursor)]
+        columns = shutil.get_terminal_size().columns
+        row, _ = divmod(display_width(self.prompt + before_cursor), columns)
+        sys.stdout.write("\r" + cursor_up(row) + ERASE_DOWN + text + "\n" + self.prompt + typed)
+        end_row, end_column = divmod(display_width(self.prompt + typed), columns)
+        if end_row and not end_column:
+            sys.stdout.write(" \r")  # the line fills its last row: step onto the next, as readline does
+        target_row, target_column = divmod(display_width(self.prompt + before_cursor), columns)
+        sys.stdout.write(cursor_up(end_row - target_row) + "\r" + (f"\x1b[{target_column}C" if target_column else ""))
+        sys.stdout.flush()
+
+
+def cursor_up(rows: int) -> str:
+    return f"\x1b[{rows}A" if rows > 0 else ""  # ANSI: cursor up that many rows
+
+
+def readline_cursor():
+    """Return readline's cursor position, a C int in its library (through ctypes), or None.
+
+    Python's readline module gives the line typed but not where the cursor is in it; GNU
+    readline and libedit keep that in `rl_point`. Reading it changes nothing, so it is
+    safe while the keyboard thread is inside readline.
+    """
+    try:
+        return ctypes.c_int.in_dll(ctypes.CDLL(readline.__file__), "rl_point")
+    except (OSError, ValueError, AttributeError):  # readline built into Python, or no such symbol
+        return None
+
+
+def readline_point(typed: str, cursor) -> int:
+    """Return how many characters of `typed` are before the cursor (rl_point counts bytes)."""
+    if cursor is None:
+        return len(typed)  # cannot tell: at the end, where it usually is
+    return len(typed.encode("utf-8")[:max(cursor.value, 0)].decode("utf-8", "ignore"))
+
+
+def display_width(text: str) -> int:
+    """Return how many columns `text` takes on a terminal: most emoji and CJK take two,
+    combining marks and joiners none."""
+    width = 0
+    for character in text:
+        if unicodedata.combining(character) or character in ZERO_WIDTH:
+            continue
+        width += 2 if unicodedata.east_asian_width(character) in "WF" else 1
+    return width
 
 
 # --- The conversation -----------------------------------------------------------------
 
 
-HELP = """Commands:
+HELP = f"""Commands:
   /help              this list
   /rooms             rooms and how many are in each
   /who               who is in your room
   /join ROOM         go to another room (asks its password; a new room gets the one you give)
   /msg USER TEXT     a private message to one user
   exit  or  /quit    leave (Ctrl+C does the same)
-Anything else is sent to everyone in your room. Start a line with // to send one beginning with /."""
+Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
+several messages, cut between words. Start a line with // to send one beginning with /."""
+
+TAB_AS = "    "  # a tab is shown as spaces: its width would depend on where the line starts
+# Characters that reorder the text after them on screen (bidi embeddings, overrides and
+# isolates): a name or message could make what follows read backwards ("Trojan Source").
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")  # each shown as a new, indented line
+# Emoji are sequences: a skin tone after a hand, 👩 ZWJ 💻, a flag's tag characters.
+EMOJI_MODIFIERS = ("\U0001f3fb", "\U0001f3ff")  # the five skin tones, first and last
+TAGS = ("\U000e0020", "\U000e007f")
 
 
 def format_event(event: Event) -> str:
@@ -933,18 +1061,193 @@ def format_event(event: Event) -> str:
 
 
 def printable(text: str) -> str:
-    """Return `text` safe for a terminal: no escape codes; line breaks indented."""
-    text = "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
+    """Return `text` safe for a terminal, every printable sequence kept (emoji with their
+    joiners too): what could move the cursor or change the terminal becomes '?', a tab
+    spaces, and a line break starts an indented line."""
+    for line_break in LINE_BREAKS:
+        text = text.replace(line_break, "\n")
+    text = "".join("?" if could_move_cursor(c) else c for c in text.replace("\t", TAB_AS))
     return text.replace("\n", "\n    ")
+
+
+def could_move_cursor(character: str) -> bool:
+    """Is it a control character (ESC starts every escape sequence; C1, DEL), half of a
+    character (a lone surrogate), or a bidi control? A line break is not one here."""
+    if character == "\n":
+        return False
+    return unicodedata.category(character) in ("Cc", "Cs") or character in BIDI_CONTROLS
+
+
+def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
+    """Return `text` as messages of at most `limit` bytes of UTF-8, in order, cut between
+    words where a word boundary is near (else between characters); the spaces at a cut are
+    dropped. A text that fits is returned whole."""
+    if limit < 4:
+        raise ValueError("a limit under 4 bytes cannot hold every character")
+    parts = []
+    while len(text.encode("utf-8")) > limit:
+        cut = cut_point(text, limit)
+        part, text = text[:cut].rstrip(), text[cut:].lstrip()
+        if part:
+            parts.append(part)
+    if text.strip():
+        parts.append(text)
+    return parts
+
+
+def cut_point(text: str, limit: int) -> int:
+    """Return where to cut `text` so that the first piece fits in `limit` bytes: after
+    the last whole word that fits, else after the last whole character (emoji and all)."""
+    fits = text.encode("utf-8")[:limit].decode("utf-8", "ignore")  # never half a character
+    if text[len(fits)].isspace():
+        return len(fits)  # the cut falls between words already
+    space = max((index for index, c in enumerate(fits) if c.isspace()), default=-1)
+    if space > 0 and fits[:space].strip():
+        return space
+    end = len(fits)
+    while end > 1 and joins_previous(text, end):
+        end -= 1
+    return end if end > 1 else len(fits)  # one "character" longer than the limit: cut it anyway
+
+
+def joins_previous(text: str, index: int) -> bool:
+    """Does text[index] belong to the character before it (an accent, a joiner, a skin tone)?"""
+    character = text[index]
+    return (unicodedata.category(character).startswith("M") or character in ZERO_WIDTH
+            or text[index - 1] == "\u200d" or EMOJI_MODIFIERS[0] <= character <= EMOJI_MODIFIERS[1]
+            or TAGS[0] <= character <= TAGS[1])
+
+
+def names_me(text: str, name: str | None) -> bool:
+    """Does `text` mention `name` as a word, in any case ("hi Alice!", "@alice")?"""
+    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
+    """Return `joined lobby: alice, bob and 3 others here`, from the JOIN reply and WHO's list."""
+    more = 0
+    if members and members[-1].startswith("... and "):  # WHO's list did not all fit
+        more = int(members.pop().split()[2])
+    others = [printable(name) for name in members if name.lower() != (me or "").lower()]
+    named = others if len(others) + more <= 3 else others[:2]
+    unnamed = len(others) - len(named) + more
+    if unnamed:
+        who = ", ".join(named) + f" and {unnamed} other{'s' if unnamed > 1 else ''}"
+    elif named:
+        who = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
+    else:
+        who = "nobody else"
+    return f"{joined.split(',')[0]}: {who} here"
+
+
+# --- Colours: ANSI escape codes (SGR), where the terminal shows them ---
+
+BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
+MENTION_COLOR = BOLD_YELLOW  # a line that names me
+PRIVATE_COLOR = MAGENTA  # a private message, to me or from me
+BELL = "\a"  # the terminal beeps, or flashes its window, when it prints this
+STD_OUTPUT_HANDLE = -11  # Windows: GetStdHandle's name for standard output
+ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004  # Windows 10+: the console interprets ANSI codes
+
+
+def use_color(stream, environ, platform: str = sys.platform, kernel32=None) -> bool:
+    """May we colour what goes to `stream`? Only a terminal, never with NO_COLOR set
+    (no-color.org) or TERM=dumb; on Windows only a console that takes ANSI codes."""
+    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb" or not is_terminal(stream):
+        return False
+    return enable_windows_ansi(kernel32) if platform == "win32" else True
+
+
+def is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or closed
+        return False
+
+
+def enable_windows_ansi(kernel32=None) -> bool:
+    """Ask the Windows console to interpret ANSI escape codes (Windows 10 and later can);
+    return whether it now does. `kernel32` is for tests: by default, the real one."""
+    if kernel32 is None:
+        kernel32 = getattr(ctypes, "windll", None) and ctypes.windll.kernel32  # Windows only
+        if not kernel32:
+            return False
+    handle = kernel32.GetStdHandle(STD_OUTPUT_HANDLE)
+    mode = ctypes.c_uint32()  # a DWORD of flags
+    if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+        return False  # not a console: output redirected
+    return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
+
+
+class Screen:
+    """What the user is shown of the chat: events and one's own lines, coloured where the
+    terminal allows; a line that names the user highlighted, with the bell.
+
+    While a JOIN is answered, what the room sends (its history first) is held back, and
+    shown after the line that says who is here.
+    """
+
+    def __init__(self, terminal: Terminal, color: bool = False, bell: bool = False):
+        self.terminal, self.color, self.bell = terminal, color, bell
+        self.me: str | None = None  # the user's name once logged in: to find mentions
+        self.lock = threading.Lock()  # lines from the network thread and the main thread, in order
+        self.held: list[str] | None = None
+
+    @classmethod
+    def for_stdout(cls, terminal: Terminal) -> "Screen":
+        color = use_color(sys.stdout, os.environ)
+        return cls(terminal, color, bell=terminal.interactive and is_terminal(sys.stdout))
+
+    def show_event(self, event: Event) -> None:
+        """Show what the server pushed (called on the network thread)."""
+        line = format_event(event)
+        if event.kind == "private":
+            line = self.paint(line, PRIVATE_COLOR) + self.ring()
+        elif event.kind == "chat" and names_me(event.text, self.me) and event.user.lower() != self.me.lower():
+            line = self.paint(line, MENTION_COLOR) + self.ring()
+        self.put(line)
+
+    def show_own(self, text: str, to: str | None = None) -> None:
+        """Show a line of ours that the server accepted: `[HH:MM] you: text`, or `-> bob: text`."""
+        line = f"[{time.strftime('%H:%M')}] {'-> ' + printable(to) if to else 'you'}: {printable(text)}"
+        self.put(self.paint(line, PRIVATE_COLOR) if to else line)
+
+    def paint(self, line: str, color: str) -> str:
+        return f"{color}{line}{PLAIN}" if self.color else line
+
+    def ring(self) -> str:
+        return BELL if self.bell else ""
+
+    def put(self, line: str) -> None:
+        with self.lock:
+            if self.held is not None:
+                self.held.append(line)
+            else:
+                self.terminal.show(line)
+
+    def hold(self) -> None:
+        """Keep what arrives for now; `release` shows it."""
+        with self.lock:
+            self.held = []
+
+    def release(self, first: str | None = None) -> None:
+        """Show `first` (if any), then what was held back, in the order it came."""
+        with self.lock:
+            held, self.held = self.held or [], None
+            for line in ([first] if first else []) + held:
+                self.terminal.show(line)
 
 
 class Conversation:
     """The flow a user goes through: choose, log in, enter the lobby, chat, leave."""
 
-    def __init__(self, client: ChatClient, terminal: Terminal):
+    def __init__(self, client: ChatClient, terminal: Terminal, screen: Screen | None = None):
         self.client = client
         self.terminal = terminal
+        self.screen = screen or Screen.for_stdout(terminal)
+        client.on_event = self.screen.show_event  # what the server pushes is shown by the Screen
         self.chatting = False
+        self.room: str | None = None  # the room we are in, once in one
         self.commands = {"/help": self.show_help, "/rooms": self.show_rooms, "/who": self.show_who,
                          "/join": self.join_room, "/msg": self.send_private}
 
@@ -972,28 +1275,65 @@ class Conversation:
                 self.terminal.show("Please type /register or /login.")
 
     def register(self) -> None:
+        """Username (an empty one goes back), then a new password, typed twice."""
         name = self.ask("Username: ").strip()
-        password = self.ask("Password: ", secret=True)
+        if not name:
+            return
+        if not auth.valid_username(name):
+            self.terminal.show("Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+            return
+        password = self.ask_new_password()
+        if password is None:
+            return
         try:
             self.terminal.show(self.client.register(name, password))
         except Refused as refusal:
             self.terminal.show(refusal.text)
 
+    def ask_new_password(self) -> str | None:
+        """Return a password typed twice alike and long enough; None if left empty."""
+        while True:
+            password = self.ask(f"Password (at least {MIN_PASSWORD} characters): ", secret=True)
+            if not password:
+                return None
+            if len(password) < MIN_PASSWORD:
+                self.terminal.show(f"Too short: a password has at least {MIN_PASSWORD} characters.")
+            elif self.ask("Password again: ", secret=True) == password:
+                return password
+            else:
+                self.terminal.show("The two passwords differ; type it again.")
+
     def login(self) -> bool:
+        """Username (an empty one goes back), password, then the lobby's password."""
         name = self.ask("Username: ").strip()
+        if not name:
+            return False
         password = self.ask("Password: ", secret=True)
         try:
             self.terminal.show(self.client.login(name, password))
         except Refused as refusal:
             self.terminal.show(refusal.text)
             return False
+        self.screen.me, self.room = self.client.name, None
         while True:  # the lobby's password, until it is right
             password = self.ask(f"Room password for {LOBBY}: ", secret=True)
             try:
-                self.terminal.show(self.client.join(LOBBY, password) + ". Type /help for commands.")
+                self.enter_room(LOBBY, password, then=" Type /help for commands.")
                 return True
             except Refused as refusal:
                 self.terminal.show(refusal.text)
+
+    def enter_room(self, room: str, password: str, then: str = "") -> None:
+        """JOIN, then WHO: say where we are and who is here; then the room's history and news."""
+        self.screen.hold()
+        line = None
+        try:
+            line = self.client.join(room, password)
+            if line.startswith("joined"):
+                self.room, members = self.client.who()
+                line = describe_arrival(line, members, self.client.name) + "." + then
+        finally:
+            self.screen.release(line)
 
     def chat(self) -> bool:
         """Read lines and act on them; True when the user leaves, False to log in again."""
@@ -1028,18 +1368,28 @@ class Conversation:
             self.send_line(line)
 
     def send_line(self, text: str) -> None:
-        """Send a line without waiting for its answer: pasted lines flow, in order."""
-        future = self.client.submit(PacketType.SAY, check_length(text))
-        future.add_done_callback(lambda done: self.report_if_refused(done, text))
+        """Send a line without waiting for its answer: pasted lines flow, in order. A line
+        too long for one message goes as several."""
+        parts = split_message(text)
+        answered: list[bool] = []  # one entry per part answered: was it accepted?
+        for part in parts:
+            future = self.client.submit(PacketType.SAY, part)
+            future.add_done_callback(lambda done, part=part: self.report_said(done, part, answered, len(parts)))
 
-    def report_if_refused(self, done, text: str) -> None:
-        """Runs when the server answered a line: say so if it was not sent."""
+    def report_said(self, done, text: str, answered: list[bool], parts: int) -> None:
+        """Runs when the server answered a line (or part): show it as ours, or say it was not sent."""
         error = done.exception()
+        answered.append(error is None)
         shown = printable(text if len(text) <= 40 else text[:37] + "...")
-        if isinstance(error, SessionLost):  # the server may have had it before it went
+        if error is None:
+            self.screen.show_own(text)
+        elif isinstance(error, SessionLost):  # the server may have had it before it went
             self.terminal.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
         elif isinstance(error, ChatError) and not isinstance(error, ConnectionClosed):
             self.terminal.show(f"not sent: {shown} ({error})")
+        if parts > 1 and len(answered) == parts:  # replies come in order: this was the last
+            self.terminal.show(f"sent in {parts} parts" if all(answered) else
+                               f"{sum(answered)} of {parts} parts sent")
 
     def show_help(self, rest: str) -> None:
         self.terminal.show(HELP)
@@ -1053,18 +1403,42 @@ class Conversation:
         self.terminal.show(f"In {room}: {', '.join(members)}")
 
     def join_room(self, rest: str) -> None:
+        """/join ROOM: say what is wrong before asking a password, and whether the room is new."""
         if not rest:
             self.terminal.show("Usage: /join ROOM")
-            return
-        password = self.ask(f"Room password for {rest}: ", secret=True)
-        self.terminal.show(self.client.join(rest, password))
+        elif not auth.valid_username(rest):
+            self.terminal.show("Room names are 1-20 letters, digits, '_', '.' or '-' (no spaces).")
+        elif rest.lower() == (self.room or "").lower():
+            self.terminal.show(f"You are in {self.room} already.")
+        else:
+            self.enter_room(rest, self.ask(self.room_password_prompt(rest), secret=True))
+
+    def room_password_prompt(self, room: str) -> str:
+        """`Password for games: `, or `Password for new room games: ` if no such room exists."""
+        names = [name.lower() for name, _ in self.client.rooms()]
+        if room.lower() in names:
+            return f"Password for {room}: "
+        if names and names[-1].startswith("... and "):  # the list did not all fit: cannot tell
+            return f"Password for {room} (a new room gets this one): "
+        return f"Password for new room {room}: "
 
     def send_private(self, rest: str) -> None:
+        """/msg USER TEXT, in several messages if long; `-> bob: text` once each is accepted."""
         user, _, text = rest.partition(" ")
         if not user or not text.strip():
             self.terminal.show("Usage: /msg USER TEXT")
             return
-        self.client.private(user, text)
+        parts = split_message(text)
+        try:
+            for part in parts:
+                self.client.private(user, part)
+                self.screen.show_own(part, to=user)
+        except Refused as refusal:
+            if refusal.code == "unknown-user":
+                raise Refused(refusal.code, f"No such user: {printable(user)}.") from None
+            raise  # "not-online" and others say it in the server's words
+        if len(parts) > 1:
+            self.terminal.show(f"sent in {len(parts)} parts")
 
 
 # --- Finding a server: one question to the whole network -------------------------------
@@ -1323,6 +1697,14 @@ def print_servers_found(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_client(args: argparse.Namespace, terminal: Terminal) -> ChatClient:
+    """Ask where the server is, and return a ChatClient for it that prints to the terminal."""
+    host, port = ask_address(args, terminal)
+    return ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
+                      on_event=lambda event: terminal.show(format_event(event)),
+                      on_notice=terminal.show, trace=terminal.show if args.verbose else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     safe_output()
@@ -1333,16 +1715,13 @@ def main(argv: list[str] | None = None) -> int:
     current: list[ChatClient] = []
     console_handler = log_out_when_the_window_closes(current)  # noqa: F841 (kept alive while we run)
     status = 0
+    connected = False  # did the server ever answer? Only then is there a connection to close
     try:
-        host, port = ask_address(args, terminal)
-        client = ChatClient(
-            host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
-            on_event=lambda event: terminal.show(format_event(event)),
-            on_notice=terminal.show, trace=terminal.show if args.verbose else None,
-        )
+        client = open_client(args, terminal)
         current.append(client)
         client.hello()  # is anyone there? Better to know before asking for a password
-        terminal.show(f"Connected to the chat server at {host}:{port}.")
+        connected = True
+        terminal.show(f"Connected to the chat server at {client.host}:{client.port}.")
         Conversation(client, terminal).run()
     except (EndOfInput, KeyboardInterrupt):
         pass  # leaving the usual way
@@ -1352,11 +1731,11 @@ def main(argv: list[str] | None = None) -> int:
         terminal.show(f"[ERROR] {error}")
         status = 1
     finally:
-        say_goodbye(client, terminal)
+        say_goodbye(client, terminal, connected)
     return status
 
 
-def say_goodbye(client: ChatClient | None, terminal: Terminal) -> None:
+def say_goodbye(client: ChatClient | None, terminal: Terminal, connected: bool = True) -> None:
     """Log out if logged in, close the socket, and give the terminal back."""
     try:
         if client is not None:
@@ -1367,7 +1746,10 @@ def say_goodbye(client: ChatClient | None, terminal: Terminal) -> None:
     with terminal.print_lock:
         terminal.prompt = ""
     terminal.restore()
-    terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
+    if connected:
+        terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
+    elif terminal.interactive:
+        terminal.show("")  # off the line of the prompt
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -21,6 +22,19 @@ FAST_HASH = 1000  # PBKDF2 iterations in tests; the real default is 600,000
 EVENT_WAIT = 10.0  # seconds before a missing event fails a test (a bound, not a sleep)
 PROGRAM_WAIT = 20.0  # seconds before a missing line of a program's output fails a test
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+# The test run writes into temporary folders only, never into the checkout: hypothesis keeps
+# its examples (replayed on the next run) in the system's temporary folder, not in .hypothesis/.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "udp-chat-hypothesis"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def checkout_stays_clean():
+    """Fail the run if a test wrote the server's data folder into the checkout (use tmp_path)."""
+    data = os.path.join(ROOT, "chat_data")
+    existed = os.path.exists(data)
+    yield
+    assert existed or not os.path.exists(data), "a test wrote chat_data/ into the checkout"
 
 
 def fast_timing(**changes) -> client.Timing:

@@ -32,18 +32,21 @@ def client_args(address):
 
 def test_two_scripted_clients_exchange_messages(chat_server, programs):
     alice = programs(*client_args(chat_server.address))
-    alice.type("/register", "alice", "secret", "/login", "alice", "secret", "wrong", "juara")
+    alice.type("/register", "alice", "secret", "secret", "/login", "alice", "secret", "wrong", "juara")
     alice.expect("Registration successful.")
     alice.expect("Wrong room password.")
     alice.expect("joined lobby")
     bob = programs(*client_args(chat_server.address))
-    bob.type("/register", "bob", "pw", "/login", "bob", "pw", "juara")
+    bob.type("/register", "bob", "pass", "pass", "/login", "bob", "pass", "juara")
     bob.expect("joined lobby")
     alice.expect("bob joined")
     bob.type("hello alice: café ☕ | ok")
+    assert bob.expect("] you:").endswith("] you: hello alice: café ☕ | ok")  # once the server took it
     assert alice.expect("bob:").endswith("] bob: hello alice: café ☕ | ok")
     alice.type("hi bob", "/msg bob just us", "exit")
-    assert bob.expect("alice:").endswith("] alice: hi bob")
+    assert alice.expect("] you:").endswith("] you: hi bob")
+    assert alice.expect("] -> bob:").endswith("] -> bob: just us")
+    assert bob.expect("] alice:").endswith("] alice: hi bob")
     assert bob.expect("(private)").endswith("] alice (private): just us")
     assert alice.expect("[INFO] Connection closed.") == "[INFO] Connection closed."
     assert alice.finish() == 0
@@ -55,7 +58,7 @@ def test_two_scripted_clients_exchange_messages(chat_server, programs):
 
 def test_the_readme_example_line_works(chat_server, programs):
     first = programs(*client_args(chat_server.address))
-    first.type("/register", "alice", "secret", "exit")
+    first.type("/register", "alice", "secret", "secret", "exit")
     first.expect("Registration successful.")
     script = "/login\nalice\nsecret\njuara\nhello\nexit\n"
     result = subprocess.run([sys.executable, *client_args(chat_server.address)], input=script, cwd=ROOT,
@@ -66,7 +69,7 @@ def test_the_readme_example_line_works(chat_server, programs):
 
 def test_client_commands(chat_server, programs):
     alice = programs(*client_args(chat_server.address))
-    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara", "/help", "/who", "/rooms",
+    alice.type("/register", "alice", "pass", "pass", "/login", "alice", "pass", "juara", "/help", "/who", "/rooms",
                "/nonsense", "/msg", "/join kelas", "rahasia", "/who", "//slash at the start", "exit")
     alice.expect("/msg USER TEXT")
     alice.expect("In lobby: alice")
@@ -85,7 +88,7 @@ def test_a_line_the_server_refuses_is_reported_as_not_sent(start_server, program
     monkeypatch.setattr(server, "MAX_BACKLOG", 1)  # ...and one held back: the rest of a paste is refused
     running = start_server()
     alice = programs(*client_args(running.address))
-    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.type("/register", "alice", "pass", "pass", "/login", "alice", "pass", "juara")
     alice.expect("joined lobby")
     alice.type(*[f"pasted line {number}" for number in range(5)])
     refused = alice.expect("not sent: ")
@@ -102,7 +105,7 @@ def test_client_asks_for_ip_and_port_with_defaults(chat_server, programs):
     assert alice.finish() == 0
 
 
-def test_client_reports_a_missing_server_without_a_traceback(programs):
+def test_client_reports_a_missing_server_without_a_traceback_or_a_closed_connection(programs):
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
@@ -110,9 +113,9 @@ def test_client_reports_a_missing_server_without_a_traceback(programs):
         port = unused.getsockname()[1]  # closed again: nothing listens there
     alice = programs("client.py", "--host", "127.0.0.1", "--port", str(port))
     alice.expect(f"[ERROR] Server not responding at 127.0.0.1:{port}")
-    alice.expect("[INFO] Connection closed.")
     assert alice.finish() == 1
     assert not any("Traceback" in line for line in alice.output)
+    assert "[INFO] Connection closed." not in alice.output  # there never was a connection
 
 
 def test_client_reports_a_wrong_key(chat_server, programs):
@@ -160,7 +163,7 @@ def test_ctrl_c_stops_the_server_cleanly(programs, tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs a console group on Windows")
 def test_ctrl_c_stops_the_client_cleanly(chat_server, programs):
     alice = programs(*client_args(chat_server.address))
-    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.type("/register", "alice", "pass", "pass", "/login", "alice", "pass", "juara")
     alice.expect("joined lobby")
     alice.process.send_signal(signal.SIGINT)  # waiting for the next line, like a student at the prompt
     alice.expect("[INFO] Connection closed.")
@@ -171,7 +174,7 @@ def test_ctrl_c_stops_the_client_cleanly(chat_server, programs):
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here (Windows: a console handler, tested apart)")
 def test_closing_the_terminal_logs_the_client_out(chat_server, programs):
     alice = programs(*client_args(chat_server.address))
-    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.type("/register", "alice", "secret", "secret", "/login", "alice", "secret", "juara")
     alice.expect("joined lobby")
     alice.process.send_signal(signal.SIGHUP)  # what the terminal sends when its window closes
     wait_until(lambda: "alice" not in chat_server.chat.online, what="the server to see alice leave")
@@ -181,7 +184,7 @@ def test_closing_the_terminal_logs_the_client_out(chat_server, programs):
 def test_ctrl_c_on_the_server_tells_its_clients_at_once(programs, tmp_path):
     server, address = start_server_process(programs, tmp_path)
     alice = programs(*client_args(address))
-    alice.type("/register", "alice", "pw", "/login", "alice", "pw", "juara")
+    alice.type("/register", "alice", "secret", "secret", "/login", "alice", "secret", "juara")
     alice.expect("joined lobby")
     server.process.send_signal(signal.SIGINT)
     server.expect("[INFO] Stopping: telling 1 member...")
@@ -202,7 +205,7 @@ def test_server_banner_tells_clients_what_to_type(programs, tmp_path):
 def test_server_process_serves_a_client(programs, tmp_path):
     server, address = start_server_process(programs, tmp_path)
     alice = programs(*client_args(address))
-    alice.type("/register", "alice", "pw", "exit")
+    alice.type("/register", "alice", "pass", "pass", "exit")
     alice.expect("Registration successful.")
     assert alice.finish() == 0
     server.expect("REGISTER")

@@ -157,7 +157,7 @@ def start_chat_server(lan: Lan, tmp_path, *more: str) -> Program:
 
 
 def join_chat(client: Program, name: str) -> None:
-    client.type("/register", name, "pw", "/login", name, "pw", "juara")
+    client.type("/register", name, "secret", "secret", "/login", name, "secret", "juara")
     client.expect("joined lobby")
 
 

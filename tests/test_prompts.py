@@ -1,0 +1,171 @@
+"""What the user is asked and told: the Conversation with a real server, and client.py scripted.
+
+The Conversation tests give it a RecordingTerminal (answers in, prompts and lines out) and a
+real ChatClient, so they see the prompts, which a scripted client.py does not print.
+"""
+
+import re
+
+import pytest
+from conftest import member, next_event
+from test_e2e import client_args, programs  # noqa: F401 - programs is a fixture
+from test_terminal import RecordingTerminal
+
+import client
+
+
+def conversation(make_client, address, *answers: str):
+    """Return a Conversation that will get `answers`, and its terminal."""
+    terminal = RecordingTerminal(*answers)
+    return client.Conversation(make_client(address), terminal, client.Screen(terminal)), terminal
+
+
+def run(chat: client.Conversation) -> None:
+    """Run the conversation until it leaves, or its answers run out (then it stays logged in)."""
+    try:
+        chat.run()
+    except client.EndOfInput:
+        pass
+
+
+def registered(make_client, address, *names: str) -> None:
+    for name in names:
+        make_client(address).register(name, "pass")
+
+
+# --- Registration and login -------------------------------------------------------------------
+
+
+def test_registration_asks_the_password_twice_and_refuses_a_short_one(chat_server, make_client):
+    chat, terminal = conversation(make_client, chat_server.address,
+                                  "/register", "alice", "abc", "abcd", "abce", "abcd", "abcd")
+    run(chat)
+    assert terminal.shown == ["Too short: a password has at least 4 characters.",
+                              "The two passwords differ; type it again.", "Registration successful."]
+    assert terminal.prompts[2:7] == ["Password (at least 4 characters): "] * 2 + ["Password again: ",
+                                     "Password (at least 4 characters): ", "Password again: "]
+
+
+@pytest.mark.parametrize("answers", [["/register", ""], ["/register", "alice", ""], ["/login", ""]])
+def test_an_empty_answer_goes_back_to_the_choice(chat_server, make_client, answers):
+    chat, terminal = conversation(make_client, chat_server.address, *answers)
+    run(chat)
+    assert terminal.shown == []
+    assert terminal.prompts[-1] == "Type /register or /login (exit to quit): "
+
+
+def test_a_bad_username_is_refused_before_the_password_is_asked(chat_server, make_client):
+    chat, terminal = conversation(make_client, chat_server.address, "/register", "al ice")
+    run(chat)
+    assert terminal.shown == ["Usernames are 1-20 letters, digits, '_', '.' or '-'."]
+    assert not any("Password" in prompt for prompt in terminal.prompts)
+
+
+# --- Joining: who is here, and the room's history after that ---------------------------------
+
+
+def test_joining_says_who_is_here(chat_server, make_client):
+    for name in ["ann", "ben", "cat", "dan", "eve"]:
+        member(make_client, chat_server.address, name)
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address, "/login", "alice", "pass", "juara")
+    run(chat)
+    assert terminal.shown[-1] == "joined lobby: ann, ben and 3 others here. Type /help for commands."
+
+
+def test_history_is_shown_after_the_joined_line(chat_server, make_client, programs):  # noqa: F811
+    member(make_client, chat_server.address, "alice").say("earlier words")
+    registered(make_client, chat_server.address, "bob")
+    bob = programs(*client_args(chat_server.address))
+    bob.type("/login", "bob", "pass", "juara")
+    bob.expect("joined lobby: alice here.")
+    assert bob.expect("[history]").endswith("alice: earlier words")
+
+
+def test_join_names_a_new_room_and_an_existing_one_in_its_prompt(chat_server, make_client):
+    registered(make_client, chat_server.address, "alice", "bob")
+    alice, alice_sees = conversation(make_client, chat_server.address,
+                                     "/login", "alice", "pass", "juara", "/join games", "rahasia")
+    run(alice)  # its answers run out in games: alice stays there
+    assert "Password for new room games: " in alice_sees.prompts
+    assert alice_sees.shown[-1] == "joined games (new room): nobody else here."
+    bob, bob_sees = conversation(make_client, chat_server.address,
+                                 "/login", "bob", "pass", "juara", "/join Games", "rahasia")
+    run(bob)
+    assert "Password for Games: " in bob_sees.prompts
+    assert bob_sees.shown[-1] == "joined games: alice here."
+
+
+def test_join_says_what_is_wrong_before_asking_a_password(chat_server, make_client):
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address,
+                                  "/login", "alice", "pass", "juara", "/join BAD NAME", "/join LOBBY", "/join")
+    run(chat)
+    assert terminal.shown[-3:] == ["Room names are 1-20 letters, digits, '_', '.' or '-' (no spaces).",
+                                   "You are in lobby already.", "Usage: /join ROOM"]
+    assert not any(prompt.startswith("Password for") for prompt in terminal.prompts)
+
+
+# --- Private messages ----------------------------------------------------------------------------
+
+
+def test_a_private_message_to_nobody_says_no_such_user(chat_server, make_client):
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address,
+                                  "/login", "alice", "pass", "juara", "/msg zed hello?")
+    run(chat)
+    assert terminal.shown[-1] == "No such user: zed."
+
+
+def test_a_private_message_to_someone_offline_says_not_online(chat_server, make_client, monkeypatch):
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address,
+                                  "/login", "alice", "pass", "juara", "/msg bob hello?")
+
+    def offline(user, text):  # the server's refusal when bob has an account but is not here
+        raise client.Refused("not-online", "bob is not online.")
+
+    monkeypatch.setattr(chat.client, "private", offline)
+    run(chat)
+    assert terminal.shown[-1] == "bob is not online."
+
+
+def test_a_private_message_is_confirmed(chat_server, make_client):
+    bob = member(make_client, chat_server.address, "bob")
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address,
+                                  "/login", "alice", "pass", "juara", "/msg bob just us")
+    run(chat)
+    assert re.fullmatch(r"\[\d\d:\d\d\] -> bob: just us", terminal.shown[-1])
+    assert next_event(bob, "private").text == "just us"
+
+
+# --- Long lines ----------------------------------------------------------------------------------
+
+LONG_LINE = " ".join(f"word{n:04}" for n in range(222))[:2000]  # 2,000 characters, 2 messages
+
+
+def test_help_gives_the_length_limit(chat_server, make_client):
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address, "/login", "alice", "pass", "juara", "/help")
+    run(chat)
+    assert f"A line over {client.MAX_TEXT_BYTES} bytes (UTF-8) goes as" in terminal.shown[-1]
+
+
+def test_a_long_line_is_sent_in_parts_in_order(chat_server, make_client, programs):  # noqa: F811
+    bob = member(make_client, chat_server.address, "bob")
+    registered(make_client, chat_server.address, "alice")
+    alice = programs(*client_args(chat_server.address))
+    alice.type("/login", "alice", "pass", "juara", LONG_LINE)
+    alice.expect("sent in 2 parts")
+    assert " ".join([next_event(bob, "chat").text, next_event(bob, "chat").text]) == LONG_LINE
+
+
+def test_a_long_private_message_is_sent_in_parts_in_order(chat_server, make_client, programs):  # noqa: F811
+    bob = member(make_client, chat_server.address, "bob")
+    registered(make_client, chat_server.address, "alice")
+    alice = programs(*client_args(chat_server.address))
+    alice.type("/login", "alice", "pass", "juara", "/msg bob " + LONG_LINE)
+    alice.expect("] -> bob: word0000")
+    alice.expect("sent in 2 parts")
+    assert " ".join([next_event(bob, "private").text, next_event(bob, "private").text]) == LONG_LINE
