@@ -1124,6 +1124,8 @@ class Worker:
 class LoginView:
     """The first screen: the server's address, a username and a password; Register or Log in."""
 
+    sticky = "n"  # a form keeps its size in a big window, at the top, in the middle
+
     def __init__(self, parent, window: "ChatWindow", host: str, port: int):
         self.window = window
         self.frame = tk.Frame(parent, padx=24, pady=18)
@@ -1187,6 +1189,8 @@ class LoginView:
 class RoomPasswordView:
     """The second screen: the lobby's password, asked once the server has welcomed us."""
 
+    sticky = "n"
+
     def __init__(self, parent, window: "ChatWindow"):
         self.window = window
         self.frame = tk.Frame(parent, padx=24, pady=18)
@@ -1219,6 +1223,8 @@ class RoomPasswordView:
 
 class ChatView:
     """The chat screen: the messages, the input line, and a panel of rooms and members."""
+
+    sticky = "nsew"  # the chat fills the window: the messages take what room there is
 
     def __init__(self, parent, window: "ChatWindow"):
         self.window = window
@@ -1446,13 +1452,21 @@ class ChatWindow:
         if self.view is not None:
             self.view.frame.grid_remove()
         self.view = view
-        view.frame.grid(row=0, column=0, sticky="nsew")
+        view.frame.grid(row=0, column=0, sticky=view.sticky)
         view.focus()
 
     def run(self) -> int:
         """Show the window until it is closed; return the exit status."""
-        self.root.mainloop()
-        return 0
+        while True:
+            try:
+                self.root.mainloop()  # returns once finish() has destroyed the window
+            except KeyboardInterrupt:  # Ctrl+C in the terminal that started us: leave as if closed
+                self.root.after_cancel(self.poll_id)  # it may have struck poll() before it looked again
+                self.poll_id = self.root.after(POLL_EVERY, self.poll)
+                self.close()
+                continue
+            print("[INFO] Connection closed.")
+            return 0
 
     # --- What the screens ask for (Tk thread) ---
 

@@ -98,8 +98,8 @@ def open_window(display):
     """Return a function that opens a ChatWindow on a server; each is closed and checked afterwards."""
     windows = []
 
-    def open_on(address) -> client.ChatWindow:
-        window = client.ChatWindow(address[0], address[1], {"timing": fast_timing()})
+    def open_on(address, **timing) -> client.ChatWindow:
+        window = client.ChatWindow(address[0], address[1], {"timing": fast_timing(**timing)})
         windows.append(window)
         pump(window, lambda: window.root.winfo_viewable(), "the window to show")
         return window
@@ -252,6 +252,32 @@ def test_closing_the_window_says_goodbye(chat_server, make_client, open_window):
     event = next_event(bob, "leave")
     assert event.user == "alice"
     assert event.text == ""  # said goodbye: not a timeout
+
+
+def test_the_status_bar_follows_a_server_that_goes_away(chat_server, open_window):
+    window = open_window(chat_server.address, heartbeat_every=0.2, lost_contact_after=0.5, give_up_after=1.5)
+    log_in(window, "alice")
+    chat_server.stop()
+    type_into(window, window.chat.entry, "anyone there?")
+    pump(window, lambda: window.status.cget("text").startswith("Lost contact with 127.0.0.1"), "lost contact")
+    pump(window, lambda: window.view is window.login, "the first screen again")
+    assert window.login.reply.cget("text").endswith("giving up.")
+    assert window.status.cget("text").startswith("Closed: Lost contact with the server")
+
+
+def test_ctrl_c_in_the_terminal_closes_the_window_and_says_goodbye(chat_server, make_client, open_window, capsys):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+
+    def press_ctrl_c():
+        raise KeyboardInterrupt  # where Python delivers Ctrl+C: in whatever runs on the Tk thread
+
+    window.root.after(0, press_ctrl_c)
+    assert window.run() == 0  # the loop a user's window runs in; it ends once the window is gone
+    assert window.finished
+    assert next_event(bob, "leave").user == "alice"
+    assert "[INFO] Connection closed." in capsys.readouterr().out
 
 
 def test_slash_commands_work_in_the_input_line(chat_server, make_client, open_window):
