@@ -4,6 +4,7 @@ Start the server on one PC (`python server.py`), then on each other PC:
 
     python client.py                                   # asks for the server's IP and port
     python client.py --host 192.168.1.10 --port 9999   # asks neither
+    python client.py --gui                             # the same chat in a window (tkinter)
 
 When standard input is not a terminal, every answer (the password too) is read as a plain
 line and end of input means exit, so a session can be scripted:
@@ -26,6 +27,9 @@ How it is built:
   system drops datagrams from anyone else.
 * `Terminal` keeps the keyboard on its own thread, so that arriving messages are printed
   above the line being typed and Ctrl+C works on Windows too.
+* `ChatWindow` (--gui) is the same client with Tk widgets for a face: its `Conversation`
+  and `ChatClient` are the terminal's. Only the Tk thread touches a widget; the others
+  post what they have on a queue that the window empties with after().
 
 The packet format, the channel and the toy ciphers are defined once, in
 encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
@@ -861,7 +865,7 @@ class Conversation:
         """Ask /register or /login until the user logs in, chats and leaves."""
         while True:
             choice = self.ask("Type /register or /login (exit to quit): ").strip().lower()
-            if choice in ("exit", "/quit", "/exit"):
+            if choice in EXIT_WORDS:
                 return
             if choice in ("/register", "register"):
                 self.register()
@@ -901,7 +905,7 @@ class Conversation:
         try:
             while True:
                 line = self.ask("> ")
-                if line.strip().lower() in ("exit", "/quit", "/exit"):
+                if line.strip().lower() in EXIT_WORDS:
                     self.client.bye()
                     return True
                 try:
@@ -1570,7 +1574,8 @@ class ChatWindow:
         self.status.configure(text=status_text(self.client))
         if state in ("closed", "not logged in") and self.view is not self.login and not self.closing:
             self.show_view(self.login)
-            self.login.show_reply(self.client.closed_reason if state == "closed" else SESSION_LOST)
+            lost = (self.client.closed_reason or "The connection is closed.") if state == "closed" else SESSION_LOST
+            self.login.show_reply(lost)
 
     def show_reply(self, text: str) -> None:
         self.view.show_reply(text)
@@ -1590,6 +1595,8 @@ class ChatWindow:
         self.show_view(self.room_view)
 
     def joined(self, text: str) -> None:
+        if self.chat.asking:  # a question from a session that has since ended
+            self.chat.stop_asking()
         self.room_view.show_reply("")
         self.show_view(self.chat)
         self.chat.show_reply(text + ". Type /help for commands.")
