@@ -5,6 +5,7 @@ Start the server on one PC (`python server.py`), then on each other PC:
     python client.py                                   # asks for the server's IP and port
     python client.py --host 192.168.1.10 --port 9999   # asks neither
     python client.py --find                            # lists the servers on this network
+    python client.py --gui                             # the same chat in a window (tkinter)
 
 At the `Server IP` prompt, `?` searches the network: one FIND datagram broadcast to every
 host, and a list of the servers that answered.
@@ -31,6 +32,9 @@ How it is built:
 * `Terminal` keeps the keyboard on its own thread, so that arriving messages are printed
   above the line being typed and Ctrl+C works on Windows too. `Screen` decides how each
   message looks (one's own, private, naming the user); `Conversation` asks and commands.
+* `ChatWindow` (--gui) is the same client with Tk widgets for a face: its `Conversation`
+  and `ChatClient` are the terminal's. Only the Tk thread touches a widget; the others
+  post what they have on a queue that the window empties with after().
 
 The packet format, the channel and the toy ciphers are defined once, in
 encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
@@ -44,6 +48,7 @@ A SAY datagram, as this client sends it (XOR-scrambled payload, readable header)
 """
 
 import argparse
+import binascii
 import concurrent.futures
 import ctypes
 import dataclasses
@@ -1045,7 +1050,7 @@ TAGS = ("\U000e0020", "\U000e007f")
 
 def format_event(event: Event) -> str:
     """Return how an event is shown: `[HH:MM] alice: text` and the like."""
-    clock = time.strftime("%H:%M", time.localtime(event.time))
+    clock = event_clock(event)
     user, text = printable(event.user), printable(event.text)
     if event.kind == "chat":
         return f"[{clock}] {user}: {text}"
@@ -1238,6 +1243,36 @@ class Screen:
                 self.terminal.show(line)
 
 
+def event_clock(event: Event) -> str:
+    """Return the event's time as the chat shows it, HH:MM on this PC's clock."""
+    return time.strftime("%H:%M", time.localtime(event.time))
+
+
+EXIT_WORDS = ("exit", "/quit", "/exit")  # what leaves the chat, typed alone on a line
+
+
+def parse_line(line: str) -> tuple[str, str]:
+    """Return what a typed line asks for: ("say", text), (command, the rest) or ("", "") for nothing.
+
+    The terminal and the window both read lines with this, so a command means the same in each.
+
+    >>> parse_line("/join games"), parse_line("//etc is a folder"), parse_line("hi")
+    (('/join', 'games'), ('say', '/etc is a folder'), ('say', 'hi'))
+    """
+    if line.startswith("//"):
+        return "say", line[1:]
+    if line.startswith("/"):
+        command, _, rest = line.partition(" ")
+        return command.lower(), rest.strip()
+    return ("say", line) if line.strip() else ("", "")
+
+
+def private_args(rest: str) -> tuple[str, str] | None:
+    """Return (user, text) from what follows /msg, or None when either is missing."""
+    user, _, text = rest.partition(" ")
+    return (user, text) if user and text.strip() else None
+
+
 class Conversation:
     """The flow a user goes through: choose, log in, enter the lobby, chat, leave."""
 
@@ -1264,7 +1299,7 @@ class Conversation:
         """Ask /register or /login until the user logs in, chats and leaves."""
         while True:
             choice = self.ask("Type /register or /login (exit to quit): ").strip().lower()
-            if choice in ("exit", "/quit", "/exit"):
+            if choice in EXIT_WORDS:
                 return
             if choice in ("/register", "register"):
                 self.register()
@@ -1341,7 +1376,7 @@ class Conversation:
         try:
             while True:
                 line = self.ask("> ")
-                if line.strip().lower() in ("exit", "/quit", "/exit"):
+                if line.strip().lower() in EXIT_WORDS:
                     self.client.bye()
                     return True
                 try:
@@ -1355,17 +1390,15 @@ class Conversation:
             self.chatting = False
 
     def handle_line(self, line: str) -> None:
-        if line.startswith("//"):
-            self.send_line(line[1:])
-        elif line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            action = self.commands.get(command.lower())
+        command, rest = parse_line(line)
+        if command == "say":
+            self.send_line(rest)
+        elif command:
+            action = self.commands.get(command)
             if action is None:
                 self.terminal.show(f"Unknown command {command}; type /help for the list.")
             else:
-                action(rest.strip())
-        elif line.strip():
-            self.send_line(line)
+                action(rest)
 
     def send_line(self, text: str) -> None:
         """Send a line without waiting for its answer: pasted lines flow, in order. A line
@@ -1577,6 +1610,723 @@ def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None]
     return answer, ports[0] if ports else None
 
 
+# --- The window: python client.py --gui -----------------------------------------------
+#
+# The same ChatClient and Conversation as the terminal, drawn with Tk instead of print().
+# Tk is not thread-safe: only the thread that made the window may touch a widget. So no
+# other thread does. The network thread and a worker thread (which makes the blocking
+# ChatClient calls, so the window never freezes while the server is slow) put what they
+# have on one queue, and the Tk thread empties it every POLL_EVERY ms, using after().
+
+tk = None  # the tkinter module, imported by load_tkinter() only when a window is wanted
+NO_TKINTER = ("The window needs tkinter, which this Python lacks (Debian/Ubuntu: sudo apt install python3-tk; "
+              "Fedora: sudo dnf install python3-tkinter). Using the terminal instead.")
+POLL_EVERY = 50  # ms between looks at the queue: quick to the eye, idle for the CPU
+MAX_PER_POLL = 200  # items drawn per look, so a flood of messages cannot freeze the window
+MAX_LINES = 5000  # the message list forgets its oldest lines beyond this
+NAME_COLOURS = ("#1f5fbf", "#b0401f", "#2e7d32", "#8e24aa", "#00838f", "#c2185b", "#6d4c41", "#5d6d00")
+STATUS_TEXTS = {  # what the status bar says in each state (see connection_state)
+    "no server": "Not connected. Type the server's address, then Register or Log in.",
+    "not logged in": "Server {server}: not logged in",
+    "connected": "Connected to {server} as {name}",
+    "lost contact": "Lost contact with {server}... still trying",
+    "reconnecting": "The session ended; getting back in to {server}...",
+    "closed": "Closed: {reason}",
+}
+
+
+def load_tkinter() -> None:
+    """Import tkinter, or raise ImportError where this Python has none."""
+    global tk
+    import tkinter
+    import tkinter.font  # noqa: F401 - a submodule: importing it makes tk.font usable
+
+    tk = tkinter
+    if sys.platform == "win32":
+        try:  # else Windows draws the window small and scales it up, blurred, on a high-DPI screen
+            import ctypes
+
+            ctypes.windll.shcore.SetProcessDpiAwareness(1)
+        except (ImportError, AttributeError, OSError):
+            pass  # Windows before 8.1: blurred, but it works
+
+
+def connection_state(client: ChatClient | None) -> str:
+    """Return how things stand with the server, one of STATUS_TEXTS' keys.
+
+    UDP has no connection: "connected" means the server answers.
+    """
+    if client is None:
+        return "no server"
+    if client.closed.is_set():
+        return "closed"
+    if client.rejoin and client.rejoin.thread is not None:
+        return "reconnecting"
+    if client.protocol.out_of_contact:
+        return "lost contact"
+    return "connected" if client.logged_in else "not logged in"
+
+
+def status_text(client: ChatClient | None) -> str:
+    state = connection_state(client)
+    if client is None:
+        return STATUS_TEXTS[state]
+    return STATUS_TEXTS[state].format(server=f"{client.host}:{client.port}", name=client.name,
+                                      reason=client.closed_reason or "the connection is closed.")
+
+
+def mentions(text: str, name: str | None) -> bool:
+    """True if `text` holds `name` as a word: "alice", "@alice" and "Alice!" all do."""
+    if not name:
+        return False
+    return name.lower() in (word.strip(".,:;!?()[]'\"@") for word in text.lower().split())
+
+
+def name_colour(name: str) -> str:
+    """Return the colour a name is drawn in: always the same one, on every PC."""
+    return NAME_COLOURS[binascii.crc32(name.encode()) % len(NAME_COLOURS)]
+
+
+Piece = tuple[str, tuple[str, ...]]  # some text of a line and the Tk tags it is drawn with
+
+
+def event_pieces(event: Event) -> list[Piece]:
+    """Return a chat, private or history message as pieces: the time, the name, the text."""
+    said = {"chat": ": ", "private": " (private): ", "history": ": "}[event.kind]
+    stamp = ("[history] " if event.kind == "history" else "") + f"[{event_clock(event)}] "
+    return [(stamp, ("time",)), (printable(event.user), ("name", name_colour(event.user))),
+            (said, ()), (printable(event.text), ())]
+
+
+def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
+    """Return the tags that colour a whole message line: mine, private, naming me, old."""
+    marks = {"own": event.user == me, "history": event.kind == "history",
+             "mention": event.user != me and mentions(event.text, me), "private": event.kind == "private"}
+    return tuple(tag for tag, applies in marks.items() if applies)
+
+
+class WindowBridge:
+    """The queue from the other threads to the Tk thread, and Conversation's terminal.
+
+    Any thread may `post` (what, detail) for the Tk thread. Conversation, which runs on
+    the worker thread, calls `show` and `ask` as it would a Terminal's; the window
+    answers a question by calling `answer` (None cancels it).
+    """
+
+    def __init__(self):
+        self.inbox: queue.Queue = queue.Queue()
+        self.answers: queue.Queue = queue.Queue()
+
+    def post(self, what: str, detail=None) -> None:
+        self.inbox.put((what, detail))
+
+    def show(self, text: str) -> None:
+        self.post("line", text)
+
+    def ask(self, prompt: str, secret: bool = False, alive=lambda: None) -> str:
+        """Return what the user types into the window for `prompt`; Refused if cancelled."""
+        while not self.answers.empty():  # left over from a question given up on
+            self.answers.get_nowait()
+        self.post("ask", (prompt, secret))
+        while True:
+            alive()
+            try:
+                answer = self.answers.get(timeout=MAX_WAIT)
+            except queue.Empty:
+                continue
+            if answer is None:
+                raise Refused("cancelled", "Cancelled.")
+            return answer
+
+    def answer(self, text: str | None) -> None:
+        self.answers.put(text)
+
+
+class WindowScreen(Screen):
+    """The Screen of the window: events and one's own lines go to the Tk thread, which
+    draws them with colours of its own (tags), never with a terminal's escape codes."""
+
+    def __init__(self, bridge: WindowBridge):
+        super().__init__(bridge)
+
+    def show_event(self, event: Event) -> None:
+        self.terminal.post("event", event)
+
+    def show_own(self, text: str, to: str | None = None) -> None:
+        self.terminal.post("own", (text, to))
+
+
+class Worker:
+    """A thread for the calls that wait for the server, one at a time, in the order asked.
+
+    What a job has to tell comes back through the bridge; so does the error it raises.
+    """
+
+    def __init__(self, bridge: WindowBridge):
+        self.bridge = bridge
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self.run, name="chat-worker", daemon=True)
+        self.thread.start()
+
+    def do(self, job, *args) -> None:
+        self.jobs.put((job, args))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            job, args = item
+            try:
+                job(*args)
+            except (ChatError, ValueError) as error:  # ValueError: a key the cipher cannot use
+                self.bridge.post("reply", str(error))
+            except Exception as error:  # a bug: say so in the window, and keep the window alive
+                self.bridge.post("internal error", repr(error))
+
+
+class LoginView:
+    """The first screen: the server's address, a username and a password; Register or Log in."""
+
+    sticky = "n"  # a form keeps its size in a big window, at the top, in the middle
+
+    def __init__(self, parent, window: "ChatWindow", host: str, port: int):
+        self.window = window
+        self.frame = tk.Frame(parent, padx=24, pady=18)
+        self.frame.columnconfigure(1, weight=1)
+        tk.Label(self.frame, text="UDP chat room", font="TkHeadingFont").grid(row=0, column=0, columnspan=2, pady=8)
+        self.host = self.add_field(1, "Server IP", host)
+        self.port = self.add_field(2, "Port", str(port))
+        self.name = self.add_field(3, "Username", "")
+        self.password = self.add_field(4, "Password", "", secret=True)
+        buttons = tk.Frame(self.frame)
+        buttons.grid(row=5, column=0, columnspan=2, pady=10)
+        self.register_button = tk.Button(buttons, text="Register", command=self.register)
+        self.login_button = tk.Button(buttons, text="Log in", command=self.log_in, default="active")
+        for button in (self.register_button, self.login_button):
+            button.pack(side="left", padx=6)
+            button.bind("<Return>", lambda event: event.widget.invoke())
+        self.reply = tk.Label(self.frame, wraplength=420, justify="left")  # the server's answer
+        self.reply.grid(row=6, column=0, columnspan=2, sticky="w")
+
+    def add_field(self, row: int, label: str, value: str, secret: bool = False):
+        """Return a labelled entry; Enter in it logs in, the usual choice."""
+        tk.Label(self.frame, text=label + ":").grid(row=row, column=0, sticky="e", padx=6, pady=3)
+        entry = tk.Entry(self.frame, width=28, show="*" if secret else "")
+        entry.insert(0, value)
+        entry.grid(row=row, column=1, sticky="ew", pady=3)
+        entry.bind("<Return>", lambda event: self.log_in())
+        entry.bind("<KP_Enter>", lambda event: self.log_in())
+        return entry
+
+    def register(self) -> None:
+        self.send(self.window.register, "Registering...")
+
+    def log_in(self) -> None:
+        self.send(self.window.log_in, "Logging in...")
+
+    def send(self, action, doing: str) -> None:
+        """Check the port here (the server cannot answer a wrong one), then hand over to `action`."""
+        port = parse_port(self.port.get().strip())
+        if port is None:
+            self.show_reply(PORT_RULE)
+            return
+        self.busy(doing)
+        action(self.host.get().strip() or DEFAULT_HOST, port, self.name.get().strip(), self.password.get())
+
+    def busy(self, doing: str) -> None:
+        """Say what is happening, and take no second click until the server answers."""
+        self.reply.configure(text=doing)
+        for button in (self.register_button, self.login_button):
+            button.configure(state="disabled")
+
+    def show_reply(self, text: str) -> None:
+        self.reply.configure(text=text)
+        for button in (self.register_button, self.login_button):
+            button.configure(state="normal")
+
+    def focus(self) -> None:
+        empty = [entry for entry in (self.host, self.port, self.name, self.password) if not entry.get()]
+        (empty[0] if empty else self.password).focus_set()
+
+
+class RoomPasswordView:
+    """The second screen: the lobby's password, asked once the server has welcomed us."""
+
+    sticky = "n"
+
+    def __init__(self, parent, window: "ChatWindow"):
+        self.window = window
+        self.frame = tk.Frame(parent, padx=24, pady=18)
+        self.welcome = tk.Label(self.frame, font="TkHeadingFont")
+        self.welcome.grid(row=0, column=0, columnspan=2)
+        tk.Label(self.frame, text=f"Room password for {LOBBY}:").grid(row=1, column=0, padx=6, pady=10)
+        self.password = tk.Entry(self.frame, width=20, show="*")
+        self.password.grid(row=1, column=1, pady=10)
+        self.password.bind("<Return>", lambda event: self.join())
+        self.password.bind("<KP_Enter>", lambda event: self.join())
+        self.join_button = tk.Button(self.frame, text="Join", command=self.join, default="active")
+        self.join_button.grid(row=2, column=0, columnspan=2)
+        self.join_button.bind("<Return>", lambda event: self.join())
+        self.reply = tk.Label(self.frame, wraplength=420)
+        self.reply.grid(row=3, column=0, columnspan=2, pady=8)
+
+    def join(self) -> None:
+        self.reply.configure(text="Joining...")
+        self.join_button.configure(state="disabled")
+        self.window.join_lobby(self.password.get())
+
+    def show_reply(self, text: str) -> None:
+        self.reply.configure(text=text)
+        self.join_button.configure(state="normal")
+        self.password.delete(0, "end")
+
+    def focus(self) -> None:
+        self.password.focus_set()
+
+
+class ChatView:
+    """The chat screen: the messages, the input line, and a panel of rooms and members."""
+
+    sticky = "nsew"  # the chat fills the window: the messages take what room there is
+
+    def __init__(self, parent, window: "ChatWindow"):
+        self.window = window
+        self.frame = tk.Frame(parent)
+        self.frame.columnconfigure(0, weight=1)  # the messages take what room the window has
+        self.frame.rowconfigure(0, weight=1)
+        self.typed: list[str] = []  # lines sent, for Up and Down
+        self.recalled = 0  # where Up and Down are in `typed`
+        self.asking = False  # the input line answers a question (a room password), not the chat
+        self.kept_typing = ""  # what was being typed when the question came
+        self.room_names: list[str] = []  # the rooms panel's lines, as names
+        self.member_names: list[str] = []
+        self.make_messages()
+        self.make_input()
+        self.make_panel()
+        # Row 2 is kept free for more controls under the input line (files, say).
+
+    def make_messages(self) -> None:
+        base = tk.font.nametofont("TkDefaultFont").actual()  # the desktop's font, at the desktop's scale
+        bold, italic = (base["family"], base["size"], "bold"), (base["family"], base["size"], "italic")
+        self.messages = tk.Text(self.frame, width=64, height=22, wrap="word", state="disabled", font="TkDefaultFont",
+                                takefocus=0, padx=6, pady=4)
+        scrollbar = tk.Scrollbar(self.frame, command=self.messages.yview)
+        self.messages.configure(yscrollcommand=scrollbar.set)
+        self.messages.grid(row=0, column=0, sticky="nsew")
+        scrollbar.grid(row=0, column=1, sticky="ns")
+        tags = {"time": {"foreground": "#808080"}, "name": {"font": bold},
+                "grey": {"foreground": "#808080"}, "info": {"foreground": "#404040"},
+                "warn": {"foreground": "#b00020"}, "own": {"background": "#eaf1fb"},
+                "history": {"foreground": "#707070", "font": italic},
+                "mention": {"background": "#fff1b8"}, "private": {"background": "#fde0ef"}}
+        for tag, options in tags.items():  # later tags win: a private line mine is still pink
+            self.messages.tag_configure(tag, **options)
+        for colour in NAME_COLOURS:
+            self.messages.tag_configure(colour, foreground=colour)
+
+    def make_input(self) -> None:
+        line = tk.Frame(self.frame)
+        line.grid(row=1, column=0, columnspan=2, sticky="ew", pady=4)
+        line.columnconfigure(1, weight=1)
+        self.prompt = tk.Label(line, text=">")
+        self.prompt.grid(row=0, column=0, padx=4)
+        self.entry = tk.Entry(line)
+        self.entry.grid(row=0, column=1, sticky="ew")
+        self.send_button = tk.Button(line, text="Send", command=self.submit)
+        self.send_button.grid(row=0, column=2, padx=4)
+        keys = {"<Return>": self.submit, "<KP_Enter>": self.submit, "<Escape>": self.cancel,
+                "<Up>": lambda event: self.recall(-1), "<Down>": lambda event: self.recall(+1),
+                "<Prior>": lambda event: self.messages.yview_scroll(-1, "pages"),
+                "<Next>": lambda event: self.messages.yview_scroll(1, "pages")}
+        for key, action in keys.items():
+            self.entry.bind(key, action)
+
+    def make_panel(self) -> None:
+        panel = tk.Frame(self.frame, padx=6)
+        panel.grid(row=0, column=2, rowspan=2, sticky="ns")
+        panel.rowconfigure(1, weight=1)
+        panel.rowconfigure(3, weight=2)
+        tk.Label(panel, text="Rooms (click to join)").grid(row=0, column=0, sticky="w")
+        self.rooms = tk.Listbox(panel, width=22, height=6, exportselection=False)
+        self.rooms.grid(row=1, column=0, sticky="nsew")
+        tk.Label(panel, text="In this room (double-click: private)").grid(row=2, column=0, sticky="w")
+        self.members = tk.Listbox(panel, width=22, height=10, exportselection=False)
+        self.members.grid(row=3, column=0, sticky="nsew")
+        self.rooms.bind("<ButtonRelease-1>", self.pick_room)
+        self.rooms.bind("<Return>", self.pick_room)
+        self.members.bind("<Double-Button-1>", self.pick_member)
+        self.members.bind("<Return>", self.pick_member)
+
+    # --- Drawing ---
+
+    def add_line(self, pieces: list[Piece], marks: tuple[str, ...] = ()) -> None:
+        """Append one line to the messages; follow it if the user was reading the newest."""
+        following = self.messages.yview()[1] >= 0.999
+        self.messages.configure(state="normal")
+        for text, tags in pieces:
+            self.messages.insert("end", text, tags + marks)
+        self.messages.insert("end", "\n", marks)
+        excess = int(self.messages.index("end-1c").split(".")[0]) - MAX_LINES
+        if excess > 0:
+            self.messages.delete("1.0", f"{excess + 1}.0")
+        self.messages.configure(state="disabled")
+        if following:
+            self.messages.see("end")
+
+    def add_event(self, event: Event, me: str | None) -> None:
+        if event.kind in ("chat", "private", "history"):
+            self.add_line(event_pieces(event), line_marks(event, me))
+        else:  # joins and leaves, in the terminal's words
+            self.add_line([(format_event(event), ())], ("grey",))
+
+    def add_own_private(self, me: str, user: str, text: str) -> None:
+        clock = time.strftime("%H:%M")
+        self.add_line([(f"[{clock}] ", ("time",)), (printable(me), ("name", name_colour(me))),
+                       (f" to {printable(user)} (private): ", ()), (printable(text), ())], ("own", "private"))
+
+    def show_reply(self, text: str) -> None:
+        warning = text.startswith(("[WARN]", "[ERROR]", "not sent"))
+        self.add_line([(printable(text), ())], ("warn" if warning else "info",))
+
+    def show_panel(self, rooms: list[tuple[str, int]], room: str, members: list[str]) -> None:
+        """Fill the side panel; my own room is shaded."""
+        self.room_names = [name for name, _ in rooms]
+        self.rooms.delete(0, "end")
+        for index, (name, count) in enumerate(rooms):
+            self.rooms.insert("end", f"{name} ({count})" if count else name)
+            if name == room:
+                self.rooms.itemconfigure(index, background="#dde8f7")
+        self.member_names = list(members)
+        self.members.delete(0, "end")
+        for name in members:
+            self.members.insert("end", name)
+
+    def focus(self) -> None:
+        self.entry.focus_set()
+
+    # --- The input line ---
+
+    def submit(self, event=None) -> str:
+        """Enter: send the line, or answer the question being asked."""
+        line = self.entry.get()
+        self.entry.delete(0, "end")
+        if self.asking:
+            self.stop_asking()
+            self.window.answer(line)
+        else:
+            if line.strip():
+                self.typed.append(line)
+            self.recalled = len(self.typed)
+            self.window.send(line)
+        return "break"  # handled: no other binding for this key
+
+    def cancel(self, event=None) -> str:
+        """Escape: a question is answered with nothing."""
+        if self.asking:
+            self.stop_asking()
+            self.window.answer(None)
+        return "break"
+
+    def recall(self, step: int) -> str:
+        """Up and Down: bring back a line typed before (never an answer, which may be a password)."""
+        if not self.asking and self.typed:
+            self.recalled = min(max(self.recalled + step, 0), len(self.typed))
+            self.entry.delete(0, "end")
+            self.entry.insert(0, self.typed[self.recalled] if self.recalled < len(self.typed) else "")
+        return "break"
+
+    def ask(self, prompt: str, secret: bool) -> None:
+        """The input line becomes the answer to `prompt` (masked if secret) until Enter or Escape."""
+        self.asking = True
+        self.kept_typing = self.entry.get()
+        self.entry.delete(0, "end")
+        self.prompt.configure(text=prompt, foreground="#b00020")
+        self.entry.configure(show="*" if secret else "")
+        self.entry.focus_set()
+
+    def stop_asking(self) -> None:
+        self.asking = False
+        self.prompt.configure(text=">", foreground=self.entry.cget("foreground"))
+        self.entry.configure(show="")
+        self.entry.insert(0, self.kept_typing)
+
+    def prefill(self, text: str) -> None:
+        self.entry.delete(0, "end")
+        self.entry.insert(0, text)
+        self.entry.icursor("end")
+        self.entry.focus_set()
+
+    # --- The panel ---
+
+    def pick_room(self, event=None) -> None:
+        """A click (or Enter) on a room: go there, if it is a room and not mine."""
+        chosen = self.rooms.curselection()
+        if chosen and not self.room_names[chosen[0]].startswith("... and "):
+            self.window.join_room(self.room_names[chosen[0]])
+
+    def pick_member(self, event=None) -> None:
+        """A double-click (or Enter) on a member: start a private message to them."""
+        chosen = self.members.curselection()
+        if chosen and not self.member_names[chosen[0]].startswith("... and "):
+            self.prefill(f"/msg {self.member_names[chosen[0]]} ")
+
+
+class ChatWindow:
+    """The window: which screen shows, and the traffic between the Tk thread and the others.
+
+    Methods named in the "worker" part run on the worker thread and make the blocking
+    ChatClient calls; everything else runs on the Tk thread and never waits.
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, client_options: dict | None = None):
+        self.client_options = client_options or {}  # for ChatClient: cipher, key, timing, loss...
+        self.client: ChatClient | None = None
+        self.conversation: Conversation | None = None
+        self.bridge = WindowBridge()
+        self.worker = Worker(self.bridge)
+        self.closing = self.finished = False
+        self.goodbye: threading.Thread | None = None  # the thread that logs out, once closing
+        self.refresh_queued = False  # a panel refresh waits for the worker
+        self.state = "no server"
+        self.internal_errors: list[str] = []  # bugs, if any: shown, and kept for the tests
+        self.root = tk.Tk()
+        self.root.title("UDP chat")
+        self.root.protocol("WM_DELETE_WINDOW", self.close)
+        self.root.report_callback_exception = self.report_error
+        self.make_screens(host, port)
+        self.handlers = {"line": self.show_reply, "reply": self.show_reply, "event": self.show_event,
+                         "own": self.show_own, "notice": self.show_reply, "ask": self.ask, "logged in": self.logged_in,
+                         "joined": self.joined, "panel": self.fill_panel, "finished": self.finish,
+                         "internal error": self.internal_error}
+        self.poll_id = self.root.after(POLL_EVERY, self.poll)
+
+    def make_screens(self, host: str, port: int) -> None:
+        self.root.columnconfigure(0, weight=1)
+        self.root.rowconfigure(0, weight=1)  # the screen grows with the window; the status bar does not
+        self.login = LoginView(self.root, self, host, port)
+        self.room_view = RoomPasswordView(self.root, self)
+        self.chat = ChatView(self.root, self)
+        self.status = tk.Label(self.root, text=STATUS_TEXTS["no server"], anchor="w", relief="sunken", padx=4)
+        self.status.grid(row=1, column=0, sticky="ew")
+        self.view = None
+        self.show_view(self.login)
+
+    def show_view(self, view) -> None:
+        if self.view is not None:
+            self.view.frame.grid_remove()
+        self.view = view
+        view.frame.grid(row=0, column=0, sticky=view.sticky)
+        view.focus()
+
+    def run(self) -> int:
+        """Show the window until it is closed; return the exit status."""
+        while True:
+            try:
+                self.root.mainloop()  # returns once finish() has destroyed the window
+            except KeyboardInterrupt:  # Ctrl+C in the terminal that started us: leave as if closed
+                self.root.after_cancel(self.poll_id)  # it may have struck poll() before it looked again
+                self.poll_id = self.root.after(POLL_EVERY, self.poll)
+                self.close()
+                continue
+            print("[INFO] Connection closed.")
+            return 0
+
+    # --- What the screens ask for (Tk thread) ---
+
+    def register(self, host: str, port: int, name: str, password: str) -> None:
+        self.worker.do(self.register_account, host, port, name, password)
+
+    def log_in(self, host: str, port: int, name: str, password: str) -> None:
+        self.worker.do(self.log_in_account, host, port, name, password)
+
+    def join_lobby(self, password: str) -> None:
+        self.worker.do(self.enter_lobby, password)
+
+    def join_room(self, room: str) -> None:
+        self.worker.do(self.run_line, f"/join {room}")
+
+    def send(self, line: str) -> None:
+        """A line typed in the chat: shown at once if it is a message, then handled as in the terminal."""
+        if line.strip().lower() in EXIT_WORDS:
+            self.close()
+            return
+        self.worker.do(self.run_line, line)  # one's own line is shown once the server accepts it
+
+    def answer(self, text: str | None) -> None:
+        self.bridge.answer(text)
+
+    def refresh_panel_soon(self) -> None:
+        if not self.refresh_queued:
+            self.refresh_queued = True
+            self.worker.do(self.refresh_panel)
+
+    # --- The worker's part: calls that wait for the server ---
+
+    def connect(self, host: str, port: int) -> ChatClient:
+        """Return a client for host:port: the one we have, or a new one if it is closed or elsewhere."""
+        client = self.client
+        if client is not None and not client.closed.is_set() and (client.host, client.port) == (host, port):
+            return client
+        if client is not None:
+            client.bye()
+            client.close()
+        if self.closing:
+            raise ConnectionClosed("The window is closing.")
+        client = ChatClient(host, port, on_event=lambda event: self.bridge.post("event", event),
+                            on_notice=lambda text: self.bridge.post("notice", text), **self.client_options)
+        self.conversation = Conversation(client, self.bridge, WindowScreen(self.bridge))  # the terminal's commands
+        self.client = client
+        return client
+
+    def register_account(self, host: str, port: int, name: str, password: str) -> None:
+        self.bridge.post("reply", self.connect(host, port).register(name, password))
+
+    def log_in_account(self, host: str, port: int, name: str, password: str) -> None:
+        self.bridge.post("logged in", self.connect(host, port).login(name, password))
+
+    def enter_lobby(self, password: str) -> None:
+        self.bridge.post("joined", self.client.join(LOBBY, password))
+
+    def run_line(self, line: str) -> None:
+        """Handle a typed line just as the terminal does; after /join the panel is out of date."""
+        self.conversation.handle_line(line)
+        if parse_line(line)[0] == "/join":
+            self.refresh_panel()
+
+    def refresh_panel(self) -> None:
+        """Ask for the rooms and my room's members, for the side panel."""
+        self.refresh_queued = False
+        try:
+            rooms = self.client.rooms()
+            room, members = self.client.who()
+        except ChatError:
+            return  # nobody asked for this: a failure shows in the status bar, not here
+        self.bridge.post("panel", (rooms, room, members))
+
+    # --- The Tk thread's loop: what the others posted ---
+
+    def poll(self) -> None:
+        """Draw what the other threads posted, and the status; then look again in POLL_EVERY ms."""
+        self.poll_id = self.root.after(POLL_EVERY, self.poll)  # first: a bug below must not stop the polling
+        for _ in range(MAX_PER_POLL):
+            try:
+                what, detail = self.bridge.inbox.get_nowait()
+            except queue.Empty:
+                break
+            self.handlers[what](detail)
+            if self.finished:
+                return
+        self.update_status()
+
+    def update_status(self) -> None:
+        """Say how things stand; when the session is gone, go back to the login screen."""
+        state = connection_state(self.client)
+        if state == self.state:
+            return
+        self.state = state
+        self.status.configure(text=status_text(self.client))
+        if state in ("closed", "not logged in") and self.view is not self.login and not self.closing:
+            self.show_view(self.login)
+            lost = (self.client.closed_reason or "The connection is closed.") if state == "closed" else SESSION_LOST
+            self.login.show_reply(lost)
+
+    def show_reply(self, text: str) -> None:
+        self.view.show_reply(text)
+
+    def show_event(self, event: Event) -> None:
+        self.chat.add_event(event, self.client.name if self.client else None)
+        if event.kind in ("join", "leave"):
+            self.refresh_panel_soon()
+
+    def show_own(self, line: tuple[str, str | None]) -> None:
+        """A line of ours the server accepted: a message to the room, or a private one to `to`."""
+        text, to = line
+        me = self.client.name if self.client else None
+        if to:
+            self.chat.add_own_private(me or "", to, text)
+        else:
+            self.chat.add_event(Event("chat", time.time(), "", me or "", text), me)
+
+    def ask(self, question: tuple[str, bool]) -> None:
+        self.chat.ask(*question)
+
+    def logged_in(self, welcome: str) -> None:
+        self.login.show_reply("")
+        self.room_view.welcome.configure(text=welcome)
+        self.room_view.reply.configure(text="")
+        self.show_view(self.room_view)
+
+    def joined(self, text: str) -> None:
+        if self.chat.asking:  # a question from a session that has since ended
+            self.chat.stop_asking()
+        self.room_view.show_reply("")
+        self.show_view(self.chat)
+        self.chat.show_reply(text + ". Type /help for commands.")
+        self.root.title(f"UDP chat - {self.client.name}")
+        self.refresh_panel_soon()
+
+    def fill_panel(self, detail: tuple[list, str, list]) -> None:
+        rooms, room, members = detail
+        self.chat.show_panel(rooms, room, members)
+        self.root.title(f"UDP chat - {self.client.name} in {room}")
+
+    def internal_error(self, text: str) -> None:
+        self.internal_errors.append(text)
+        self.view.show_reply(f"[ERROR] Internal error in the window: {text}")
+
+    def report_error(self, kind, error, trace) -> None:
+        """Tk calls this for an exception in a callback: Ctrl+C leaves; a bug is shown, not a traceback."""
+        if isinstance(error, KeyboardInterrupt):
+            self.close()
+        else:
+            self.internal_error(repr(error))
+
+    # --- Closing ---
+
+    def close(self) -> None:
+        """The window's close button, exit or Ctrl+C: hide at once, log out, then end."""
+        if self.closing:
+            return
+        self.closing = True
+        self.root.withdraw()
+        self.goodbye = threading.Thread(target=self.say_goodbye, name="goodbye", daemon=True)
+        self.goodbye.start()
+
+    def say_goodbye(self) -> None:
+        """On its own thread, as the worker may be waiting for the server: BYE, close, done."""
+        self.worker.stop()
+        self.bridge.answer(None)  # a question still open is cancelled
+        client = self.client
+        if client is not None:
+            client.bye()  # the room sees us leave now, not when the server's timeout runs out
+            client.close()
+        self.bridge.post("finished")
+
+    def finish(self, _detail=None) -> None:
+        self.finished = True
+        self.root.after_cancel(self.poll_id)
+        self.root.destroy()
+
+
+def run_window(args: argparse.Namespace) -> int | None:
+    """Run the chat in a window; return None, having said why, when no window can open here."""
+    try:
+        load_tkinter()
+    except ImportError:
+        print(NO_TKINTER)
+        return None
+    options = dict(cipher=args.cipher, key=args.key, loss=args.loss, seed=args.seed)
+    try:
+        window = ChatWindow(args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, options)
+    except tk.TclError as error:  # no display: a remote login without X, say
+        print(f"No window can open here ({error}). Using the terminal instead.")
+        return None
+    if args.verbose:
+        window.client_options["trace"] = window.bridge.show
+    return window.run()
+
+
 # --- Starting from the command line ---------------------------------------------------
 
 
@@ -1597,6 +2347,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
     parser.add_argument("--find", action="store_true",
                         help="list the chat servers on this network (on --port), one per line, and exit")
+    parser.add_argument("--gui", action="store_true", help="chat in a window instead of the terminal (needs tkinter)")
     args = parser.parse_args(argv)
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
@@ -1620,11 +2371,18 @@ def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]
     port, default_port = args.port, found_port or DEFAULT_PORT
     while port is None:
         answer = terminal.ask(f"Server port [{default_port}]: ").strip() or str(default_port)
-        if answer.isdigit() and 0 < int(answer) < 65536:
-            port = int(answer)
-        else:
-            terminal.show("A port is a whole number from 1 to 65535.")
+        port = parse_port(answer)
+        if port is None:
+            terminal.show(PORT_RULE)
     return host, port
+
+
+PORT_RULE = "A port is a whole number from 1 to 65535."
+
+
+def parse_port(answer: str) -> int | None:
+    """Return the port typed, or None if `answer` is not one."""
+    return int(answer) if answer.isdigit() and 0 < int(answer) < 65536 else None
 
 
 def log_out_when_the_window_closes(current: list) -> object:
@@ -1710,6 +2468,10 @@ def main(argv: list[str] | None = None) -> int:
     safe_output()
     if args.find:
         return print_servers_found(args)
+    if args.gui:
+        status = run_window(args)
+        if status is not None:
+            return status
     terminal = Terminal(interactive=sys.stdin.isatty())
     client = None
     current: list[ChatClient] = []

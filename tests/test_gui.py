@@ -1,0 +1,350 @@
+"""The window (`python client.py --gui`): real Tk widgets on a virtual display, a real server on loopback.
+
+Each test types into the window's entries, presses its buttons and keys, and pumps Tk's
+event loop until what it expects is on screen - never longer than a bound. A scripted
+ChatClient sits in the same room to talk to the window and to watch what it sends.
+
+With no display, the tests start Xvfb (Debian: `apt install xvfb`) on a free display of
+their own. Where neither exists they are skipped - except in CI (the CI variable set),
+where a missing display is a failure.
+"""
+
+import builtins
+import gc
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from conftest import EVENT_WAIT, fast_timing, member, next_event
+
+import client
+
+
+def missing(reason: str):
+    """Skip for `reason`, or fail in CI, which must run these tests."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the window's tests")
+    pytest.skip(reason)
+
+
+def start_xvfb(log) -> tuple[subprocess.Popen, str, int]:
+    """Start Xvfb on a free display; return it, the display and its pipe, once it accepts connections.
+
+    -displayfd makes Xvfb choose a free display number itself and write it to a pipe
+    once it listens: no guessing numbers, no waiting a fixed time. The pipe stays open
+    while Xvfb runs (Xvfb stops if it cannot write there). What Xvfb says goes to `log`.
+    """
+    reader, writer = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(writer), "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp", "-noreset"], pass_fds=(writer,), stdout=log, stderr=log)
+    os.close(writer)
+    said = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(reader, selectors.EVENT_READ)
+        while not said.endswith(b"\n") and selector.select(EVENT_WAIT):
+            said += os.read(reader, 100) or b"\n"  # b"": Xvfb ended
+    number = said.decode().strip()
+    if not number.isdigit() or not accepts_connections(int(number)):
+        xvfb.kill()
+        xvfb.wait()
+        os.close(reader)
+        log.seek(0)
+        pytest.fail(f"Xvfb did not start a display: {log.read()!r}")
+    return xvfb, f":{number}", reader
+
+
+def accepts_connections(number: int) -> bool:
+    """True if the X server of display `number` takes a connection on its local socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(EVENT_WAIT)
+        try:
+            probe.connect(f"/tmp/.X11-unix/X{number}")
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def display():
+    """A display for the window: $DISPLAY if set, else an Xvfb started (and stopped) here."""
+    try:
+        client.load_tkinter()
+    except ImportError:
+        missing("this Python has no tkinter")
+    if os.environ.get("DISPLAY") or sys.platform in ("win32", "darwin"):
+        yield os.environ.get("DISPLAY")
+        return
+    if not shutil.which("Xvfb"):
+        missing("no display, and no Xvfb to make one (apt install xvfb)")
+    with tempfile.TemporaryFile("w+") as log, pytest.MonkeyPatch.context() as patch:
+        xvfb, name, pipe = start_xvfb(log)
+        patch.setenv("DISPLAY", name)
+        try:
+            yield name
+        finally:
+            xvfb.terminate()
+            xvfb.wait(timeout=10)
+            os.close(pipe)
+
+
+@pytest.fixture
+def open_window(display):
+    """Return a function that opens a ChatWindow on a server; each is closed and checked afterwards."""
+    windows = []
+
+    def open_on(address, **timing) -> client.ChatWindow:
+        window = client.ChatWindow(address[0], address[1], {"timing": fast_timing(**timing)})
+        windows.append(window)
+        pump(window, lambda: window.root.winfo_viewable(), "the window to show")
+        return window
+
+    yield open_on
+    for window in windows:
+        if not window.finished:
+            window.close()
+            pump(window, lambda w=window: w.finished, "the window to close")
+        window.goodbye.join(timeout=EVENT_WAIT)
+        window.worker.thread.join(timeout=EVENT_WAIT)
+        assert window.internal_errors == []
+    # A window is a web of objects pointing at each other, freed by Python's cycle collector
+    # on whichever thread happens to run it. Tk must be freed on its own thread: here, now.
+    windows.clear()
+    gc.collect()
+
+
+def pump(window: client.ChatWindow, condition, what: str, timeout: float = EVENT_WAIT):
+    """Run Tk's event loop until `condition()` is true; fail if it is not within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not window.finished:
+            window.root.update()
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)  # a breath for the other threads; the loop waits for the condition
+
+
+def type_into(window: client.ChatWindow, entry, text: str, key: str = "<Return>") -> None:
+    """Type `text` into an entry and press `key` there, as a user would."""
+    entry.focus_force()
+    window.root.update()
+    entry.delete(0, "end")
+    entry.insert(0, text)
+    entry.event_generate(key)
+
+
+def messages(window: client.ChatWindow) -> str:
+    return window.chat.messages.get("1.0", "end")
+
+
+def tags_at(window: client.ChatWindow, text: str) -> tuple[str, ...]:
+    """Return the tags on the first character of `text` in the message list."""
+    index = window.chat.messages.search(text, "1.0")
+    assert index, f"{text!r} is not in the messages: {messages(window)!r}"
+    return window.chat.messages.tag_names(index)
+
+
+def fill_login(window: client.ChatWindow, name: str, password: str = "pw") -> None:
+    for entry, text in ((window.login.name, name), (window.login.password, password)):
+        entry.delete(0, "end")
+        entry.insert(0, text)
+
+
+def log_in(window: client.ChatWindow, name: str, password: str = "pw") -> None:
+    """Register, log in and enter the lobby through the window's screens."""
+    fill_login(window, name, password)
+    window.login.register_button.invoke()
+    pump(window, lambda: window.login.reply.cget('text') == "Registration successful.", "the registration")
+    window.login.login_button.invoke()
+    pump(window, lambda: window.view is window.room_view, "the room password screen")
+    type_into(window, window.room_view.password, "juara")
+    pump(window, lambda: window.view is window.chat, "the chat screen")
+
+
+def members_shown(window: client.ChatWindow) -> list[str]:
+    return list(window.chat.members.get(0, "end"))
+
+
+def test_register_with_a_taken_name_shows_the_servers_words(chat_server, make_client, open_window):
+    member(make_client, chat_server.address, "alice")
+    window = open_window(chat_server.address)
+    assert window.login.host.get() == "127.0.0.1"
+    assert window.login.password.cget("show") == "*"
+    fill_login(window, "alice")
+    window.login.register_button.invoke()
+    pump(window, lambda: window.login.reply.cget('text') == "Username already taken.", "the refusal")
+    window.login.password.delete(0, "end")
+    window.login.password.insert(0, "wrong")
+    window.login.password.focus_force()
+    window.login.password.event_generate("<Return>")  # Enter logs in
+    pump(window, lambda: window.login.reply.cget('text') == "Invalid username or password.", "the refusal")
+
+
+def test_register_log_in_and_join_through_the_window(chat_server, open_window):
+    window = open_window(chat_server.address)
+    fill_login(window, "alice")
+    window.login.register_button.invoke()
+    pump(window, lambda: window.login.reply.cget('text') == "Registration successful.", "the registration")
+    window.login.login_button.invoke()
+    pump(window, lambda: window.view is window.room_view, "the room password screen")
+    assert window.room_view.welcome.cget('text') == "Welcome, alice."
+    type_into(window, window.room_view.password, "wrong")
+    pump(window, lambda: window.room_view.reply.cget('text') == "Wrong room password.", "the refusal")
+    type_into(window, window.room_view.password, "juara")
+    pump(window, lambda: window.view is window.chat, "the chat screen")
+    pump(window, lambda: "joined lobby, 1 here" in messages(window), "the join reply")
+    pump(window, lambda: members_shown(window) == ["alice"], "the member list")
+    assert window.status.cget('text') == f"Connected to 127.0.0.1:{chat_server.address[1]} as alice"
+
+
+def test_lines_go_both_ways_between_window_and_terminal_client(chat_server, make_client, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+    type_into(window, window.chat.entry, "hello bob: | café")
+    assert next_event(bob, "chat").text == "hello bob: | café"
+    pump(window, lambda: "hello bob" in messages(window), "alice's own line, once the server took it")
+    assert "own" in tags_at(window, "hello bob")
+    bob.say("hi there")
+    pump(window, lambda: "bob: hi there" in messages(window), "bob's line")
+    assert client.name_colour("bob") in tags_at(window, "bob: hi there")
+    assert "own" not in tags_at(window, "hi there")
+
+
+def test_private_messages_and_mentions_are_highlighted(chat_server, make_client, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+    bob.private("alice", "psst")
+    bob.say("where is Alice?")
+    pump(window, lambda: "where is Alice?" in messages(window), "bob's lines")
+    assert "private" in tags_at(window, "psst")
+    assert "mention" in tags_at(window, "where is Alice?")
+    type_into(window, window.chat.entry, "/msg bob back to you")
+    assert next_event(bob, "private").text == "back to you"
+    pump(window, lambda: "back to you" in messages(window), "alice's private line, once the server took it")
+    assert "private" in tags_at(window, "back to you")
+
+
+def test_member_list_follows_joins_and_leaves(chat_server, make_client, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+    pump(window, lambda: members_shown(window) == ["alice", "bob"], "bob in the member list")
+    pump(window, lambda: list(window.chat.rooms.get(0, "end")) == ["lobby (2)"], "the room's count")
+    assert "grey" in tags_at(window, "bob joined")
+    bob.bye()
+    pump(window, lambda: members_shown(window) == ["alice"], "bob gone from the member list")
+
+
+def test_closing_the_window_says_goodbye(chat_server, make_client, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+    window.root.tk.call(window.root.protocol("WM_DELETE_WINDOW"))  # what the window's close button runs
+    pump(window, lambda: window.finished, "the window to close")
+    event = next_event(bob, "leave")
+    assert event.user == "alice"
+    assert event.text == ""  # said goodbye: not a timeout
+
+
+def test_the_status_bar_follows_a_server_that_goes_away_and_comes_back(start_server, open_window, tmp_path):
+    first = start_server(data_dir=tmp_path / "kept")
+    window = open_window(first.address, heartbeat_every=0.2, lost_contact_after=0.5, give_up_after=1.5)
+    log_in(window, "alice")
+    first.stop()  # as if killed: nobody is told
+    type_into(window, window.chat.entry, "anyone there?")
+    pump(window, lambda: window.status.cget("text").startswith("Lost contact with 127.0.0.1"), "lost contact")
+    pump(window, lambda: window.status.cget("text").startswith("The session ended; getting back in"), "rejoining")
+    assert window.view is window.chat  # the chat stays on screen meanwhile
+    start_server(data_dir=tmp_path / "kept", port=first.address[1])
+    pump(window, lambda: window.status.cget("text").startswith("Connected to 127.0.0.1"), "back in")
+    pump(window, lambda: "Back in as alice, in lobby again." in messages(window), "the notice")
+
+
+def test_ctrl_c_in_the_terminal_closes_the_window_and_says_goodbye(chat_server, make_client, open_window, capsys):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+
+    def press_ctrl_c():
+        raise KeyboardInterrupt  # where Python delivers Ctrl+C: in whatever runs on the Tk thread
+
+    window.root.after(0, press_ctrl_c)
+    assert window.run() == 0  # the loop a user's window runs in; it ends once the window is gone
+    assert window.finished
+    assert next_event(bob, "leave").user == "alice"
+    assert "[INFO] Connection closed." in capsys.readouterr().out
+
+
+def test_slash_commands_work_in_the_input_line(chat_server, make_client, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    member(make_client, chat_server.address, "bob")
+    type_into(window, window.chat.entry, "/who")
+    pump(window, lambda: "In lobby: alice, bob" in messages(window), "the /who answer")
+    type_into(window, window.chat.entry, "/nonsense")
+    pump(window, lambda: "Unknown command /nonsense" in messages(window), "the unknown command")
+    window.chat.entry.event_generate("<Up>")
+    assert window.chat.entry.get() == "/nonsense"
+    type_into(window, window.chat.entry, "/join games")
+    pump(window, lambda: window.chat.asking, "the room password question")
+    assert window.chat.entry.cget("show") == "*"
+    type_into(window, window.chat.entry, "secret")
+    pump(window, lambda: "joined games" in messages(window), "the join")
+    pump(window, lambda: members_shown(window) == ["alice"], "the new room's members")
+
+
+def test_clicking_a_room_joins_it_and_double_clicking_a_member_starts_a_private_message(
+        chat_server, make_client, open_window):
+    member(make_client, chat_server.address, "carol", room="games", room_password="dice")
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    member(make_client, chat_server.address, "bob")
+    pump(window, lambda: members_shown(window) == ["alice", "bob"], "bob in the member list")
+    click(window, window.chat.members, members_shown(window).index("bob"), times=2)
+    assert window.chat.entry.get() == "/msg bob "
+    pump(window, lambda: "games (1)" in window.chat.rooms.get(0, "end"), "the games room")
+    click(window, window.chat.rooms, window.chat.room_names.index("games"))
+    pump(window, lambda: window.chat.asking, "the room password question")
+    type_into(window, window.chat.entry, "dice")
+    pump(window, lambda: members_shown(window) == ["alice", "carol"], "the games room's members")
+    assert window.chat.entry.get() == "/msg bob "  # what was being typed is back after the password
+
+
+def click(window: client.ChatWindow, listbox, index: int, times: int = 1) -> None:
+    """Click a listbox's line `index` with the mouse, `times` times in quick succession."""
+    listbox.see(index)
+    window.root.update()
+    x, y, _, height = listbox.bbox(index)
+    for _ in range(times):  # Tk sees a double-click in two clicks close in time and place
+        listbox.event_generate("<Button-1>", x=x + 2, y=y + height // 2)
+        listbox.event_generate("<ButtonRelease-1>", x=x + 2, y=y + height // 2)
+
+
+def test_a_missing_tkinter_is_explained_with_the_install_command(monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_tkinter(name, *args, **kwargs):
+        if name.startswith("tkinter"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tkinter)
+    assert client.run_window(client.parse_args(["--gui"])) is None  # main goes on in the terminal
+    assert "sudo apt install python3-tk" in capsys.readouterr().out
+
+
+def test_importing_the_client_needs_no_tkinter():
+    code = "import sys; sys.modules['tkinter'] = None; import client; print(client.tk)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "None")
