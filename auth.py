@@ -37,6 +37,7 @@ import string
 import typing
 
 from encryption_helper import (
+    LOBBY,
     MAGIC,
     MIN_FIND_SIZE,
     MIN_HELLO_SIZE,
@@ -297,13 +298,17 @@ class Reception:
         if here and here.name.lower() != name.lower():
             raise Refusal("already-logged-in", "This client is logged in already; log out first.")
         if here and here.channel.expected > 1:  # in use: a duplicate or replay of its LOGIN; it stands
-            self.server.welcome(request, here)
+            self.welcome(request, here)
             return None
         if here:  # the same login again, never used: its welcome was lost and forgotten; start afresh
             self.server.end_session(here, "", request.now)
         self.server.guard.check_sessions(len(self.server.sessions))
-        self.server.welcome(request, self.server.open_session(name, request.address, request.now))
+        self.welcome(request, self.server.open_session(name, request.address, request.now))
         return None
+
+    def welcome(self, request: "Request", session) -> None:
+        """Answer a LOGIN: OK [re, name, room, text], with the session's token in the header."""
+        self.server.answer(request, [session.name, LOBBY, f"Welcome, {session.name}."], token=session.token)
 
     def start_password_job(self, job: "PasswordJob") -> None:
         """Hand a password check to the worker; what comes after its request waits for it."""

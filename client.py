@@ -75,6 +75,7 @@ from encryption_helper import (
     DEFAULT_CIPHER,
     HEADER_SIZE,
     LIMITED_BROADCAST,
+    LOBBY,
     MAX_PAYLOAD,
     MAX_TEXT_BYTES,
     MIN_FIND_SIZE,
@@ -109,7 +110,6 @@ except ImportError:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
-LOBBY = "lobby"
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
 REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
@@ -2472,6 +2472,11 @@ def main(argv: list[str] | None = None) -> int:
         status = run_window(args)
         if status is not None:
             return status
+    return chat_in_terminal(args)
+
+
+def chat_in_terminal(args: argparse.Namespace) -> int:
+    """The terminal client, from the server's address to goodbye; return the exit status."""
     terminal = Terminal(interactive=sys.stdin.isatty())
     client = None
     current: list[ChatClient] = []

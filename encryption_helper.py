@@ -179,6 +179,7 @@ def oversize_text(text: str) -> str:
     return f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent." if size > MAX_TEXT_BYTES else ""
 
 
+LOBBY = "lobby"  # the room every member enters first; its password is the server's --room-password
 Address = tuple[str, int]  # (ip, port): who sent a datagram, where to send one
 
 

@@ -56,6 +56,7 @@ from encryption_helper import (
     ACK_DELAY,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
+    LOBBY,
     MAX_PAYLOAD,
     NO_TOKEN,
     RECV_BUFFER,
@@ -78,7 +79,6 @@ from encryption_helper import (
     unpack_fields,
 )
 
-LOBBY = "lobby"
 HISTORY_FILE = "chat_history.txt"
 USERS_FILE = "users.json"
 ROOMS_FILE = "rooms.json"
@@ -384,9 +384,10 @@ class ChatServer:
     def handle_private(self, request: Request) -> list[str]:
         target_name, text = unpack_fields(request.packet.payload, 2)
         target = self.online.get(target_name.lower())
-        if target is None:
-            shown = target_name if auth.valid_username(target_name) else "That user"  # never echo junk
-            raise Refusal("unknown-user", f"{shown} is not online.")
+        if target is None and self.users.exists(target_name):
+            raise Refusal("not-online", f"{target_name} is not online.")
+        if target is None:  # the name may be anything: never echoed
+            raise Refusal("unknown-user", "No such user.")
         check_text(text)
         self.delivery.push(target, self.rooms.event("private", "", request.session.name, text))
         return [f"private to {target.name}"]
@@ -400,10 +401,6 @@ class ChatServer:
         unpack_fields(request.packet.payload, 0)
         room = self.rooms.of(request.session)
         return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
-
-    def handle_ping(self, request: Request) -> list[str]:
-        unpack_fields(request.packet.payload, 0)
-        return []
 
     def handle_bye(self, request: Request) -> list[str]:
         unpack_fields(request.packet.payload, 0)
@@ -424,10 +421,6 @@ class ChatServer:
         self.sessions[address] = session
         self.online[name.lower()] = session
         return session
-
-    def welcome(self, request: Request, session: Session) -> None:
-        """Answer a LOGIN: OK [re, name, room, text], with the session's token in the header."""
-        self.answer(request, [session.name, LOBBY, f"Welcome, {session.name}."], token=session.token)
 
     def end_session(self, session: Session, reason: str, now: float, tell: str = "") -> None:
         """Forget a session; its room hears that the user left, and why.
@@ -477,7 +470,7 @@ def handler_table(chat: ChatServer, door: "Reception") -> dict:
         PacketType.PRIVATE: chat.handle_private,
         PacketType.ROOMS: chat.handle_rooms,
         PacketType.WHO: chat.handle_who,
-        PacketType.PING: chat.handle_ping,
+        PacketType.PING: answer_ping,
         PacketType.BYE: chat.handle_bye,
         PacketType.ACK: refuse_numbered_ack,
         PacketType.FIND: chat.discovery.handle_find,
@@ -486,6 +479,11 @@ def handler_table(chat: ChatServer, door: "Reception") -> dict:
         PacketType.EVENT: chat.handle_server_only,
         PacketType.RESET: chat.handle_server_only,
     }
+
+
+def answer_ping(request: Request) -> list[str]:
+    unpack_fields(request.packet.payload, 0)  # a heartbeat: "still here", with nothing more
+    return []
 
 
 def refuse_numbered_ack(request: Request) -> None:

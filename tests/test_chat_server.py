@@ -605,7 +605,7 @@ def test_pipelined_requests_are_answered_in_order_each_reply_naming_its_request(
     assert len(alice.flush()) == 5  # all sent at once, none waiting for an answer
     assert [alice.replies[seq] for seq in seqs] == [
         (OK, ["to lobby, 1 other"]), (OK, ["lobby", "alice", "bob"]), (OK, ["to lobby, 1 other"]),
-        (ERROR, ["unknown-user", "nobody is not online."]), (OK, ["to lobby, 1 other"])]
+        (ERROR, ["unknown-user", "No such user."]), (OK, ["to lobby, 1 other"])]
     assert [re for kind, re in alice.heard if kind != EVENT][-5:] == seqs
     assert bob.texts() == ["one", "two", "three"]
 
@@ -688,12 +688,14 @@ def test_private_message_reaches_only_its_target(harness):
     assert alice.text(PacketType.PRIVATE, "BOB", "psst") == "private to bob"
     assert bob.events()[-1] == ["private", STAMP, "", "alice", "psst"]
     assert carol.texts("private") == []
-    assert alice.text(PacketType.PRIVATE, "nobody", "hi") == "nobody is not online."
+    assert alice.text(PacketType.PRIVATE, "nobody", "hi") == "No such user."
+    bob.ask(PacketType.BYE)
+    assert alice.ask(PacketType.PRIVATE, "bob", "hi") == (ERROR, ["not-online", "bob is not online."])
 
 
 def test_a_huge_unknown_name_is_not_echoed(harness):
     alice = member(harness, 1, "alice")
-    assert alice.text(PacketType.PRIVATE, "x" * 1100, "hi") == "That user is not online."
+    assert alice.text(PacketType.PRIVATE, "x" * 1100, "hi") == "No such user."
 
 
 def test_rooms_and_who(harness):
