@@ -71,7 +71,6 @@ import auth
 from encryption_helper import (
     ACK_DELAY,
     ACK_EVERY,
-    CIPHER_NAMES,
     DEFAULT_CIPHER,
     HEADER_SIZE,
     LIMITED_BROADCAST,
@@ -89,6 +88,7 @@ from encryption_helper import (
     PacketError,
     PacketType,
     RtoEstimator,
+    add_shared_options,
     decode_packet,
     describe_datagram,
     encode_packet,
@@ -2338,19 +2338,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--host", help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
-    parser.add_argument("--cipher", choices=CIPHER_NAMES, default=DEFAULT_CIPHER,
-                        help="toy cipher for packet payloads (default: %(default)s)")
-    parser.add_argument("--key", help="cipher key (default: the cipher's built-in key, the same as the server's)")
+    add_shared_options(parser)  # --cipher, --key, --loss, --seed
     parser.add_argument("--verbose", action="store_true", help="trace every packet in and out")
-    parser.add_argument("--loss", type=float, default=0.0,
-                        help="simulate a lossy network: drop this share of datagrams, e.g. 0.3")
-    parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
     parser.add_argument("--find", action="store_true",
                         help="list the chat servers on this network (on --port), one per line, and exit")
     parser.add_argument("--gui", action="store_true", help="chat in a window instead of the terminal (needs tkinter)")
     args = parser.parse_args(argv)
-    if not 0 <= args.loss < 1:
-        parser.error("--loss must be at least 0 and below 1")
     if args.port is not None and not 0 < args.port < 65536:
         parser.error("--port must be from 1 to 65535")
     return args

@@ -54,6 +54,7 @@ garbage. The CRC runs over the payload first and the header after, so a message 
 a whole room is checksummed once, not once per member (only the header differs).
 """
 
+import argparse
 import binascii
 import bisect
 import collections
@@ -749,6 +750,26 @@ class LossySocket:
             data = self.sock.recv(size)
             if not self.lost("in", data):
                 return data
+
+
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options both ends take: the toy cipher they must agree on, and simulated loss."""
+    parser.add_argument("--cipher", choices=CIPHER_NAMES, default=DEFAULT_CIPHER,
+                        help="toy cipher for packet payloads; server and clients must use the same "
+                             "(default: %(default)s)")
+    parser.add_argument("--key", help="cipher key; server and clients must use the same "
+                                      "(default: the cipher's built-in key)")
+    parser.add_argument("--loss", type=loss_share, default=0.0,
+                        help="simulate a lossy network: drop this share of datagrams in and out, e.g. 0.3")
+    parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
+
+
+def loss_share(text: str) -> float:
+    """Read --loss: a share of datagrams, at least 0 and below 1 (1 would drop everything)."""
+    share = float(text)  # argparse turns a ValueError into "invalid loss_share value"
+    if not 0 <= share < 1:
+        raise argparse.ArgumentTypeError("must be at least 0 and below 1")
+    return share
 
 
 # === 5. The local network ============================================================

@@ -54,7 +54,6 @@ import auth
 from auth import MAX_NAME_BYTES, AbuseControl, Discovery, Reception, Refusal
 from encryption_helper import (
     ACK_DELAY,
-    CIPHER_NAMES,
     DEFAULT_CIPHER,
     LOBBY,
     MAX_PAYLOAD,
@@ -68,6 +67,7 @@ from encryption_helper import (
     PacketError,
     PacketType,
     RtoEstimator,
+    add_shared_options,
     decode_packet,
     describe_address,
     describe_datagram,
@@ -983,22 +983,14 @@ def parse_args(argv: list[str]) -> ServerConfig:
                         help="folder for users.json and chat_history.txt (default: chat_data beside server.py)")
     parser.add_argument("--room-password", default=defaults.room_password,
                         help="password of the lobby room (default: %(default)s)")
-    parser.add_argument("--cipher", choices=CIPHER_NAMES, default=defaults.cipher,
-                        help="toy cipher for packet payloads; must match the clients' (default: %(default)s)")
-    parser.add_argument("--key", help="cipher key; must match the clients' (default: the cipher's built-in key)")
+    add_shared_options(parser)  # --cipher, --key, --loss, --seed
     parser.add_argument("--quiet", action="store_true", help="log only problems, not every action")
     parser.add_argument("--verbose", action="store_true", help="also log heartbeats and trace every packet")
-    parser.add_argument("--loss", type=float, default=0.0,
-                        help="simulate a lossy network: drop this share of datagrams, e.g. 0.3")
-    parser.add_argument("--seed", type=int, help="random seed for --loss, to drop the same datagrams each run")
     parser.add_argument("--session-timeout", type=float, default=defaults.session_timeout,
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
     parser.add_argument("--name", type=server_name, default=defaults.name,
                         help="the name clients see when they search the network with ? (default: this PC's name)")
-    args = parser.parse_args(argv)
-    if not 0 <= args.loss < 1:
-        parser.error("--loss must be at least 0 and below 1")
-    return ServerConfig(**vars(args))  # every option is named as its ServerConfig field
+    return ServerConfig(**vars(parser.parse_args(argv)))  # every option is named as its ServerConfig field
 
 
 def print_banner(config: ServerConfig, address: Address, name: str) -> None:
