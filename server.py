@@ -724,9 +724,10 @@ def user_named_in(packet: Packet) -> str:
     if packet.type not in (PacketType.REGISTER, PacketType.LOGIN):
         return ""
     try:
-        return unpack_fields(packet.payload, 3)[1]
+        fields = unpack_fields(packet.payload)  # [cookie, name, password] and maybe "rejoin"
     except PacketError:
         return ""
+    return fields[1] if len(fields) >= 3 else ""
 
 
 class HistoryLog:

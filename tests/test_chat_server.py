@@ -311,6 +311,7 @@ def test_a_client_logging_in_again_never_takes_over_a_newer_session(harness):
     assert answer.type == ERROR
     assert unpack_fields(answer.payload)[1:] == ["logged-in-elsewhere", "alice logged in elsewhere."]
     assert len(harness.chat.sessions) == 1
+    assert "alice        LOGIN" in harness.log[-1]  # logged with the name it gave
 
 
 def test_cookie_expires(harness):
