@@ -174,6 +174,15 @@ class UserStore:
             raise
         return True
 
+    def remove(self, name: str) -> None:
+        """Forget a record, on disk too."""
+        record = self.records.pop(name.lower())
+        try:
+            self.save()
+        except OSError:
+            self.records[name.lower()] = record  # still on disk, so still here
+            raise
+
     def register(self, name: str, password: str) -> bool:
         """Create an account; False if the name is taken. Runs the slow hash."""
         if self.exists(name):
@@ -269,7 +278,8 @@ class Reception:
     def finish_register(self, job: "PasswordJob") -> list[str]:
         self.registering.discard(job.name.lower())
         try:
-            self.server.users.add(job.result)  # on disk before we say so
+            if not self.server.users.add(job.result):  # on disk before we say so
+                raise Refusal("taken", "Username already taken.")
         except OSError as error:
             self.server.log.problem(f"could not save the users file: {error}")
             raise Refusal("server-error", "The server could not save your account; try again.") from None
@@ -291,13 +301,16 @@ class Reception:
         name = job.record["name"]  # as registered, whatever the case typed
         here = self.server.sessions.get(request.address)
         elsewhere = self.server.online.get(name.lower())
-        if elsewhere and elsewhere is not here:
-            if unpack_fields(request.packet.payload)[3:]:  # a client coming back never pushes a newer one out
-                raise Refusal("logged-in-elsewhere", f"{name} logged in elsewhere.")
-            self.server.end_session(elsewhere, "logged in elsewhere", request.now, tell="replaced")
+        rejoining = unpack_fields(request.packet.payload)[3:] == ["rejoin"]  # a client back with a new channel
+        if self.server.stopping:
+            raise Refusal("stopping", "The server is stopping; try again in a moment.")
         if here and here.name.lower() != name.lower():
             raise Refusal("already-logged-in", "This client is logged in already; log out first.")
-        if here and here.channel.expected > 1:  # in use: a duplicate or replay of its LOGIN; it stands
+        if elsewhere and elsewhere is not here:
+            if rejoining:  # a client coming back never pushes a newer one out
+                raise Refusal("logged-in-elsewhere", f"{name} logged in elsewhere.")
+            self.server.end_session(elsewhere, "logged in elsewhere", request.now, tell="replaced")
+        if here and here.channel.expected > 1 and not rejoining:  # in use: a replay of its LOGIN; it stands
             self.welcome(request, here)
             return None
         if here:  # the same login again, never used: its welcome was lost and forgotten; start afresh
@@ -324,7 +337,8 @@ class Reception:
         """Finish the REGISTER, LOGIN or JOIN a password check was for."""
         if job.error:  # the check itself failed: the request still gets an answer
             self.server.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
-            self.registering.discard(job.name.lower())
+            if job.request.packet.type == PacketType.REGISTER:
+                self.registering.discard(job.name.lower())
             raise Refusal("server-error", "The server could not check that; try again.")
         finish = {PacketType.REGISTER: self.finish_register, PacketType.LOGIN: self.finish_login,
                   PacketType.JOIN: self.server.finish_join}
@@ -586,7 +600,7 @@ class AbuseControl:
     MAX_PENDING_HASHES = 16  # password checks waiting for the worker; then "busy"
     MAX_PENDING_PER_ADDRESS = 2  # one address cannot fill the hash queue alone
     MAX_SESSIONS = 500  # a lab of 40 PCs with room to spare; then "Server full"
-    MAX_ROOMS = 50
+    MAX_ROOMS = 50  # with the lobby; when full, the room quiet longest that nobody is in is forgotten
     MESSAGE_RATE = 5.0  # messages a second per member, as IRC servers limit...
     MESSAGE_BURST = 20  # ...after a burst: pasting a short paragraph is fine
 
@@ -628,10 +642,6 @@ class AbuseControl:
     def check_sessions(self, count: int) -> None:
         if count >= self.MAX_SESSIONS:
             raise Refusal("full", "Server full; try again later.")
-
-    def check_rooms(self, count: int) -> None:
-        if count >= self.MAX_ROOMS:
-            raise Refusal("full", "Server full: no more rooms can be made.")
 
     def new_bucket(self, now: float) -> TokenBucket:
         return TokenBucket(self.MESSAGE_RATE, self.MESSAGE_BURST, now)

@@ -571,9 +571,12 @@ class ChatClient:
         """Send a request and wait for its answer; return its fields or raise its error."""
         self.check_not_network_thread()
         patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # it answers before this
+        future = self.submit(ptype, *fields)
         try:
-            return self.submit(ptype, *fields).result(timeout=patience)
+            return future.result(timeout=patience)
         except concurrent.futures.TimeoutError:
+            if self.rejoin and self.rejoin.forget(future):  # it waited for a rejoin: now it never goes
+                raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
             raise ServerNotResponding(self.not_responding_text()) from None
 
     def submit(self, ptype: PacketType, *fields: str) -> concurrent.futures.Future:
@@ -589,7 +592,8 @@ class ChatClient:
                 raise SessionLost(SESSION_LOST)
             seq = self.protocol.request(ptype, fields, time.monotonic())
             self.futures[seq] = future
-            self.asked[seq] = (ptype, fields)
+            if not (self.rejoin and threading.current_thread() is self.rejoin.thread):
+                self.asked[seq] = (ptype, fields)  # the rejoin retries its own requests itself
         self.wake()
         return future
 
@@ -667,11 +671,9 @@ class ChatClient:
             lost, protocol.lost = protocol.lost, None
             if lost and not (self.rejoin and self.rejoin.start(lost)):
                 self.session_over.set()
-        for future, result, asked in futures:
-            if isinstance(result, ServerStopped) and asked and self.rejoin and self.rejoin.holds(asked[0]):
-                with self.lock:  # never handled by the server: send it again once back in
-                    self.rejoin.held.append((*asked, future))
-                continue
+            if self.rejoin:
+                futures = self.rejoin.take_back(futures)
+        for future, result, _ in futures:
             if future is None or not future.set_running_or_notify_cancel():
                 continue  # a heartbeat's answer, or one its asker cancelled: nobody waits for it
             if isinstance(result, ChatError):
@@ -745,14 +747,35 @@ class Rejoin:
         self.held: list[tuple] = []  # (type, fields, future)
 
     def holds(self, ptype: PacketType) -> bool:
-        """Under the client's lock: must a request wait for the rejoin?"""
-        logging_in = threading.current_thread() is self.thread
-        return self.thread is not None and not logging_in and ptype in RESENDABLE
+        """Under the client's lock: must a request wait for the rejoin (going, or about to start)?"""
+        if threading.current_thread() is self.thread or ptype not in RESENDABLE:
+            return False
+        return self.thread is not None or bool(self.login and self.client.protocol.lost)
+
+    def take_back(self, answered: list[tuple]) -> list[tuple]:
+        """Under the client's lock: hold again, before anything typed since, the requests a
+        stopping server never handled; return the other (future, result, asked) answers."""
+        if self.thread is None:
+            return answered
+        stopped = [(*asked, future) for future, result, asked in answered
+                   if isinstance(result, ServerStopped) and future and asked and asked[0] in RESENDABLE]
+        self.held[:0] = stopped
+        return [(future, result, asked) for future, result, asked in answered
+                if not any(future is held[2] for held in stopped)]
+
+    def forget(self, future) -> bool:
+        """Take a request out of those waiting (its asker stopped waiting); False if not there."""
+        with self.client.lock:
+            kept = [held for held in self.held if held[2] is not future]
+            found, self.held = len(kept) < len(self.held), kept
+        return found
 
     def start(self, why: SessionLost) -> bool:
         """Under the client's lock: start logging back in; False if it cannot be done."""
         if not self.login or isinstance(why, LoggedInElsewhere):
             return False
+        if self.thread is not None:
+            return True  # lost again half-way: the running one sees its request fail, and starts over
         self.thread = threading.Thread(target=self.run, name="chat-rejoin", daemon=True)
         self.client.protocol.notices.append("[INFO] Trying to get back in (type exit to stop)...")
         self.thread.start()
@@ -772,9 +795,13 @@ class Rejoin:
             except (ServerNotResponding, KeyMismatch):
                 closed.wait(REJOIN_EVERY)  # not back yet
             except Refused as refusal:
-                if refusal.code not in ("busy", "full", "stale-cookie", "slow-down"):
+                if refusal.code not in ("busy", "full", "stale-cookie", "slow-down", "stopping"):
                     client.on_notice(f"[WARN] Could not get back in: {refusal.text}")
                     break
+                closed.wait(REJOIN_EVERY)
+            except LoggedInElsewhere:
+                break
+            except SessionLost:  # lost again half-way: from the top
                 closed.wait(REJOIN_EVERY)
             except ChatError:
                 break  # closed meanwhile
@@ -783,17 +810,22 @@ class Rejoin:
     def send_held(self) -> None:
         """Send what waited (or, if we are not back in, tell its askers it was not sent)."""
         client = self.client
+        failed = []  # (future, why)
         with client.lock:
             held, self.held, self.thread = self.held, [], None
             back = client.protocol.logged_in and not client.closed.is_set()
             for ptype, fields, future in held if back else []:
-                seq = client.protocol.request(ptype, fields, time.monotonic())
-                client.futures[seq], client.asked[seq] = future, (ptype, fields)
+                try:
+                    seq = client.protocol.request(ptype, fields, time.monotonic())
+                    client.futures[seq], client.asked[seq] = future, (ptype, fields)
+                except ChatError as error:  # too long, or too many waiting: that one is not sent
+                    failed.append((future, error))
             if not back:
                 client.session_over.set()
-        for *_, future in [] if back else held:
+                failed = [(future, Refused("not-sent", "Not back in the chat; not sent.")) for *_, future in held]
+        for future, why in failed:
             if future.set_running_or_notify_cancel():
-                future.set_exception(Refused("not-sent", "Not back in the chat; not sent."))
+                future.set_exception(why)
         client.wake()
 
 
@@ -1381,8 +1413,8 @@ class Conversation:
                     return True
                 try:
                     self.handle_line(line)
-                except Refused as refusal:
-                    self.terminal.show(refusal.text)
+                except (Refused, ServerNotResponding) as refusal:  # that line failed; the chat goes on
+                    self.terminal.show(str(refusal))
         except SessionLost as error:
             self.terminal.show(f"[WARN] {error}")
             return False
@@ -1416,6 +1448,8 @@ class Conversation:
         shown = printable(text if len(text) <= 40 else text[:37] + "...")
         if error is None:
             self.screen.show_own(text)
+        elif isinstance(error, ServerStopped):  # it said it handled nothing more
+            self.terminal.show(f"not sent: {shown} (the server was stopped)")
         elif isinstance(error, SessionLost):  # the server may have had it before it went
             self.terminal.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
         elif isinstance(error, ChatError) and not isinstance(error, ConnectionClosed):

@@ -211,12 +211,16 @@ class ChatServer:
 
     def finish_password_job(self, job: "auth.PasswordJob", now: float) -> None:
         """A password check the worker finished: answer its request, then serve what waited."""
-        request, request.now = job.request, now
+        request, request.now, session = job.request, now, job.request.session
         self.guard.hash_finished(request.address[0])
-        self.answer(request, run_handler(self.reception.finish_check, job))
-        if request.session:
-            request.session.checking = False
-            self.serve_backlog(request.session, now)
+        try:
+            if session is None or self.sessions.get(session.address) is session:  # not ended meanwhile
+                self.answer(request, run_handler(self.reception.finish_check, job))
+        finally:  # even if a bug raised: the member's next requests must not wait for ever
+            if session:
+                session.checking = False
+        if session:
+            self.serve_backlog(session, now)
         self.flush(now)
 
     def on_timers(self, now: float) -> None:
@@ -331,7 +335,7 @@ class ChatServer:
             return [room.name, str(len(room.members)), f"You are in {room.name} already."]
         self.guard.check("wrong room passwords", session.token, request.now)
         if room is None:
-            self.guard.check_rooms(len(self.rooms))
+            self.rooms.make_room_for_one(self.guard.MAX_ROOMS)
             self.reception.start_password_job(auth.PasswordJob(request, name, password, None, self.users.iterations))
         elif room.record is None:  # the lobby: its password is the one given on the command line
             matches = hmac.compare_digest(password.encode(), self.config.room_password.encode())
@@ -343,12 +347,11 @@ class ChatServer:
     def finish_join(self, job: "auth.PasswordJob") -> list[str] | None:
         """The password check of a JOIN came back: enter the room, or make it."""
         request, room = job.request, self.rooms.get(job.name.lower())
-        if self.sessions.get(request.address) is not request.session:
-            return None  # the session ended while the password was checked
-        if job.record is not None:
+        if job.record is not None and room is not None and room.record is job.record:
             return self.enter_room(request, room, job.result)
         if room is not None:
             raise Refusal("taken", f"{room.name} was made a moment ago; /join it with its password.")
+        self.rooms.make_room_for_one(self.guard.MAX_ROOMS)
         try:
             room = self.rooms.create(job.result)  # on disk before we say so
         except OSError as error:
@@ -549,6 +552,21 @@ class Rooms(dict):
         if session.room is None:
             raise Refusal("not-in-room", "Join a room first: /join ROOM")
         return self[session.room]
+
+    def make_room_for_one(self, limit: int) -> None:
+        """Before a room is made: if there are `limit` already, forget the one quiet longest
+        that nobody is in; if every one is in use, refuse."""
+        if len(self) < limit:
+            return
+        empty = [room for key, room in self.items() if key != LOBBY and not room.members]
+        if not empty:
+            raise Refusal("full", "Server full: no more rooms can be made.")
+        quietest = min(empty, key=lambda room: room.history[-1][0] if room.history else 0.0)
+        try:
+            self.store.remove(quietest.name)
+        except OSError:
+            raise Refusal("server-error", f"The server could not save {ROOMS_FILE}; try again.") from None
+        del self[quietest.name.lower()]
 
     def create(self, record: dict) -> Room:
         self.store.add(record)
@@ -981,7 +999,8 @@ def parse_args(argv: list[str]) -> ServerConfig:
     parser.add_argument("--host", default=defaults.host, help="address to listen on (default: all interfaces)")
     parser.add_argument("--port", type=int, default=defaults.port, help="UDP port (default: %(default)s)")
     parser.add_argument("--data-dir", default=defaults.data_dir,
-                        help="folder for users.json and chat_history.txt (default: chat_data beside server.py)")
+                        help="folder for users.json, rooms.json and chat_history.txt "
+                             "(default: chat_data beside server.py)")
     parser.add_argument("--room-password", default=defaults.room_password,
                         help="password of the lobby room (default: %(default)s)")
     add_shared_options(parser)  # --cipher, --key, --loss, --seed

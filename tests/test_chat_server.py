@@ -676,6 +676,18 @@ def test_rooms_are_bounded(make_harness, monkeypatch):
     assert alice.ask(PacketType.JOIN, "third", "pw") == (ERROR, ["full", "Server full: no more rooms can be made."])
 
 
+def test_a_full_server_forgets_the_room_quiet_longest_that_nobody_is_in(make_harness, monkeypatch, tmp_path):
+    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 3)
+    harness = make_harness(tmp_path)
+    alice = member(harness, 1, "alice", room="old", password="pw")
+    alice.ask(PacketType.JOIN, "busy", "pw")
+    alice.ask(PacketType.SAY, "busy is newer")
+    alice.ask(PacketType.JOIN, "lobby", "juara")  # both rooms empty now; "old" quiet longest
+    assert alice.ask(PacketType.JOIN, "new", "pw")[0] == OK
+    assert sorted(harness.chat.rooms) == ["busy", "lobby", "new"]
+    assert "old" not in (tmp_path / server.ROOMS_FILE).read_text(encoding="utf-8")
+
+
 def test_rooms_are_kept_apart(harness):
     alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
     carol = member(harness, 3, "carol", room="other", password="pw")
@@ -944,6 +956,29 @@ def test_requests_after_a_join_wait_for_its_password_check(harness):
     harness.settle()
     assert [bob.replies[joined][0], bob.replies[said][0]] == [OK, OK]
     assert alice.texts() == ["in games, not in the lobby"]
+
+
+def test_a_password_check_that_breaks_never_leaves_the_member_waiting(harness, monkeypatch):
+    alice = member(harness, 1, "alice")
+    alice.send(PacketType.JOIN, "games", "dadu")
+    for data in alice.channel.poll(harness.now):
+        harness.deliver(data, alice.address, run_jobs=False)
+    session = harness.chat.sessions[alice.address]
+    assert session.checking
+    monkeypatch.setattr(harness.chat.reception, "finish_check", lambda job: 1 / 0)  # a bug, say
+    with pytest.raises(ZeroDivisionError):  # the loop reports it and goes on
+        harness.run_jobs()
+    assert not session.checking
+    assert alice.ask(PacketType.PING)[0] == OK  # its next requests are served
+
+
+def test_a_client_back_with_a_new_channel_gets_a_new_session_at_the_same_address(harness):
+    alice = member(harness, 1, "alice")  # its channel is in use: numbers past 1
+    old = harness.chat.sessions[alice.address].token
+    peer = Peer(harness, 1)
+    peer.seq = 100  # numbers before login go on counting
+    answer = peer.answer(PacketType.LOGIN, peer.cookie(), "alice", "pw", "rejoin")
+    assert answer.type == OK and answer.token != old  # not the old one, whose numbers it no longer follows
 
 
 def test_history_is_one_readable_line_a_message_and_reads_back_exactly(tmp_path):
