@@ -52,6 +52,7 @@ import binascii
 import concurrent.futures
 import ctypes
 import dataclasses
+import functools
 import getpass
 import math
 import os
@@ -462,6 +463,10 @@ class ChatClient:
         self.rejoin = Rejoin(self) if rejoin else None  # getting back in when the session is lost
         self.asked: dict[int, tuple] = {}  # request number -> (type, fields), to send again after a stop
         self.session_over = threading.Event()  # the session ended and no rejoin follows
+        self.lost_reason: SessionLost | None = None  # why, when it did
+        self.room: str | None = None  # the room we are in, as the server last said
+        # The newest event's time; and, after a rejoin, up to when the room's past was shown already.
+        self.last_event_time = self.seen_until = 0.0
         self.timing = timing or Timing()
         self.on_event, self.on_notice = on_event, on_notice or (lambda text: None)
         self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
@@ -473,7 +478,8 @@ class ChatClient:
         self.closed = threading.Event()
         self.closed_reason = ""
         sock = connect_udp(host, port)
-        self.sock = LossySocket(sock, loss, seed, self.trace_drop, side="client") if loss else sock
+        on_drop = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
+        self.sock = LossySocket(sock, loss, seed, on_drop, side="client") if loss else sock
         self.wake_reader, self.wake_writer = socket.socketpair()  # to wake the network thread
         self.wake_reader.setblocking(False)
         self.selector = selectors.DefaultSelector()
@@ -506,13 +512,16 @@ class ChatClient:
         """Log in; return the welcome text. Later requests go on the session's channel."""
         welcome = self.with_cookie(PacketType.LOGIN, name, password)[-1]
         self.session_over.clear()
+        self.room = None
         if self.rejoin:
             self.rejoin.login, self.rejoin.room = [name, password], []
         return welcome
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
-        joined = self.call(PacketType.JOIN, room, password)[-1]
+        self.seen_until = 0.0  # a room the user asked for: all its past messages are news
+        fields = self.call(PacketType.JOIN, room, password)
+        joined, self.room = fields[-1], fields[0]
         if self.rejoin:
             self.rejoin.room = [room, password]
         return joined
@@ -527,17 +536,11 @@ class ChatClient:
 
     def rooms(self) -> list[tuple[str, int]]:
         """Return every room and how many are in it."""
-        fields = self.call(PacketType.ROOMS)
-        more = fields.pop() if len(fields) % 2 else ""
-        pairs = [(fields[i], int(fields[i + 1])) for i in range(0, len(fields), 2)]
-        return pairs + ([(f"... and {more[1:]} more", 0)] if more else [])
+        return read_rooms(self.call(PacketType.ROOMS))
 
     def who(self) -> tuple[str, list[str]]:
         """Return your room's name and its members."""
-        room, *members = self.call(PacketType.WHO)
-        if members and members[-1][1:].isdigit() and members[-1].startswith("+"):  # did not all fit
-            members[-1] = f"... and {members[-1][1:]} more"
-        return room, members
+        return read_members(self.call(PacketType.WHO))
 
     def ping(self) -> None:
         self.call(PacketType.PING)
@@ -577,7 +580,7 @@ class ChatClient:
         except concurrent.futures.TimeoutError:
             if self.rejoin and self.rejoin.forget(future):  # it waited for a rejoin: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
-            raise ServerNotResponding(self.not_responding_text()) from None
+            raise ServerNotResponding(f"Server not responding at {self.host}:{self.port}") from None
 
     def submit(self, ptype: PacketType, *fields: str) -> concurrent.futures.Future:
         """Queue a request without waiting; the Future gets its fields, or its ChatError."""
@@ -601,9 +604,6 @@ class ChatClient:
         """Refuse to wait on the network thread: only it could bring the answer (use submit)."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("a blocking ChatClient call from its own network thread would wait for ever")
-
-    def not_responding_text(self) -> str:
-        return f"Server not responding at {self.host}:{self.port}"
 
     # --- The network thread: the only reader of the socket ---
 
@@ -670,6 +670,7 @@ class ChatClient:
             gave_up = protocol.closed_reason
             lost, protocol.lost = protocol.lost, None
             if lost and not (self.rejoin and self.rejoin.start(lost)):
+                self.lost_reason = lost
                 self.session_over.set()
             if self.rejoin:
                 futures = self.rejoin.take_back(futures)
@@ -680,12 +681,19 @@ class ChatClient:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        for event in events:
-            self.on_event(event) if self.on_event else self.events.put(event)
+        self.hand_out(events)
         for notice in notices:
             self.on_notice(notice)
         if gave_up and not self.closed.is_set():
             self.close(gave_up)
+
+    def hand_out(self, events: list[Event]) -> None:
+        """Give each event to on_event (or the queue), but past messages shown before a rejoin."""
+        for event in events:
+            if event.kind == "history" and event.time <= self.seen_until:
+                continue
+            self.last_event_time = max(self.last_event_time, event.time)
+            self.on_event(event) if self.on_event else self.events.put(event)
 
     def wake(self) -> None:
         try:
@@ -726,9 +734,6 @@ class ChatClient:
         self.wake_reader.close()
         self.wake_writer.close()
 
-    def trace_drop(self, direction: str, data: bytes) -> None:
-        if self.trace:
-            self.trace(f"[trace] {direction:<3} {describe_datagram(data)}: LOST (simulated)")
 
 
 class Rejoin:
@@ -787,10 +792,8 @@ class Rejoin:
         while not closed.is_set():
             try:
                 client.with_cookie(PacketType.LOGIN, *self.login, "rejoin")
-                if self.room:
-                    client.call(PacketType.JOIN, *self.room)
-                client.on_notice(f"[INFO] Back in as {self.login[0]}" + (f", in {self.room[0]} again." if self.room
-                                                                         else "."))
+                client.on_notice(f"[INFO] Back in as {self.login[0]}.")
+                self.go_back_to_the_room()
                 break
             except (ServerNotResponding, KeyMismatch):
                 closed.wait(REJOIN_EVERY)  # not back yet
@@ -806,6 +809,19 @@ class Rejoin:
             except ChatError:
                 break  # closed meanwhile
         self.send_held()
+
+    def go_back_to_the_room(self) -> None:
+        """JOIN the room we were in; if that is refused now (its password changed), say so."""
+        client, self.client.room = self.client, None
+        if not self.room:
+            return
+        client.seen_until = client.last_event_time  # the room's past messages: shown already
+        try:
+            client.room = client.call(PacketType.JOIN, *self.room)[0]
+            client.on_notice(f"[INFO] In {client.room} again.")
+        except Refused as refusal:
+            room, self.room = self.room[0], []
+            client.on_notice(f"[WARN] Not back in {room}: {refusal.text} Type /join {room} to try again.")
 
     def send_held(self) -> None:
         """Send what waited (or, if we are not back in, tell its askers it was not sent)."""
@@ -827,6 +843,21 @@ class Rejoin:
             if future.set_running_or_notify_cancel():
                 future.set_exception(why)
         client.wake()
+
+
+def read_rooms(fields: list[str]) -> list[tuple[str, int]]:
+    """Read ROOMS' answer: (room, members) pairs; a last '+N' says N more did not fit."""
+    more = fields.pop() if len(fields) % 2 else ""
+    pairs = [(fields[i], int(fields[i + 1])) for i in range(0, len(fields), 2)]
+    return pairs + ([(f"... and {more[1:]} more", 0)] if more else [])
+
+
+def read_members(fields: list[str]) -> tuple[str, list[str]]:
+    """Read WHO's answer: the room, then its members; a last '+N' says N more did not fit."""
+    room, *members = fields
+    if members and members[-1][1:].isdigit() and members[-1].startswith("+"):
+        members[-1] = f"... and {members[-1][1:]} more"
+    return room, members
 
 
 def connect_udp(host: str, port: int) -> socket.socket:
@@ -1017,8 +1048,14 @@ class Terminal:
         end_row, end_column = divmod(display_width(self.prompt + typed), columns)
         if end_row and not end_column:
             sys.stdout.write(" \r")  # the line fills its last row: step onto the next, as readline does
-        target_row, target_column = divmod(display_width(self.prompt + before_cursor), columns)
-        sys.stdout.write(cursor_up(end_row - target_row) + "\r" + (f"\x1b[{target_column}C" if target_column else ""))
+        after = typed[len(before_cursor):]
+        if end_row == row:  # one row: step back over what follows the cursor, as readline does, so
+            # that an emoji a terminal draws narrower than display_width says cannot shift it
+            sys.stdout.write(f"\x1b[{display_width(after)}D" if after else "")
+        else:
+            target_row, target_column = divmod(display_width(self.prompt + before_cursor), columns)
+            right = f"\x1b[{target_column}C" if target_column else ""
+            sys.stdout.write(cursor_up(end_row - target_row) + "\r" + right)
         sys.stdout.flush()
 
 
@@ -1299,12 +1336,6 @@ def parse_line(line: str) -> tuple[str, str]:
     return ("say", line) if line.strip() else ("", "")
 
 
-def private_args(rest: str) -> tuple[str, str] | None:
-    """Return (user, text) from what follows /msg, or None when either is missing."""
-    user, _, text = rest.partition(" ")
-    return (user, text) if user and text.strip() else None
-
-
 class Conversation:
     """The flow a user goes through: choose, log in, enter the lobby, chat, leave."""
 
@@ -1314,7 +1345,6 @@ class Conversation:
         self.screen = screen or Screen.for_stdout(terminal)
         client.on_event = self.screen.show_event  # what the server pushes is shown by the Screen
         self.chatting = False
-        self.room: str | None = None  # the room we are in, once in one
         self.commands = {"/help": self.show_help, "/rooms": self.show_rooms, "/who": self.show_who,
                          "/join": self.join_room, "/msg": self.send_private}
 
@@ -1325,7 +1355,7 @@ class Conversation:
         if self.client.closed.is_set():
             raise ConnectionClosed(self.client.closed_reason)
         if self.chatting and self.client.session_over.is_set():  # lost, and not getting back in
-            raise SessionLost(SESSION_LOST)
+            raise self.client.lost_reason or SessionLost(SESSION_LOST)
 
     def run(self) -> None:
         """Ask /register or /login until the user logs in, chats and leaves."""
@@ -1381,7 +1411,7 @@ class Conversation:
         except Refused as refusal:
             self.terminal.show(refusal.text)
             return False
-        self.screen.me, self.room = self.client.name, None
+        self.screen.me = self.client.name
         while True:  # the lobby's password, until it is right
             password = self.ask(f"Room password for {LOBBY}: ", secret=True)
             try:
@@ -1397,7 +1427,7 @@ class Conversation:
         try:
             line = self.client.join(room, password)
             if line.startswith("joined"):
-                self.room, members = self.client.who()
+                _, members = self.client.who()
                 line = describe_arrival(line, members, self.client.name) + "." + then
         finally:
             self.screen.release(line)
@@ -1416,7 +1446,8 @@ class Conversation:
                 except (Refused, ServerNotResponding) as refusal:  # that line failed; the chat goes on
                     self.terminal.show(str(refusal))
         except SessionLost as error:
-            self.terminal.show(f"[WARN] {error}")
+            if not isinstance(error, LoggedInElsewhere):  # that one was said already, as it came
+                self.terminal.show(f"[WARN] {error}")
             return False
         finally:
             self.chatting = False
@@ -1475,8 +1506,8 @@ class Conversation:
             self.terminal.show("Usage: /join ROOM")
         elif not auth.valid_username(rest):
             self.terminal.show("Room names are 1-20 letters, digits, '_', '.' or '-' (no spaces).")
-        elif rest.lower() == (self.room or "").lower():
-            self.terminal.show(f"You are in {self.room} already.")
+        elif rest.lower() == (self.client.room or "").lower():
+            self.terminal.show(f"You are in {self.client.room} already.")
         else:
             self.enter_room(rest, self.ask(self.room_password_prompt(rest), secret=True))
 
@@ -1709,13 +1740,6 @@ def status_text(client: ChatClient | None) -> str:
                                       reason=client.closed_reason or "the connection is closed.")
 
 
-def mentions(text: str, name: str | None) -> bool:
-    """True if `text` holds `name` as a word: "alice", "@alice" and "Alice!" all do."""
-    if not name:
-        return False
-    return name.lower() in (word.strip(".,:;!?()[]'\"@") for word in text.lower().split())
-
-
 def name_colour(name: str) -> str:
     """Return the colour a name is drawn in: always the same one, on every PC."""
     return NAME_COLOURS[binascii.crc32(name.encode()) % len(NAME_COLOURS)]
@@ -1735,7 +1759,7 @@ def event_pieces(event: Event) -> list[Piece]:
 def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
     """Return the tags that colour a whole message line: mine, private, naming me, old."""
     marks = {"own": event.user == me, "history": event.kind == "history",
-             "mention": event.user != me and mentions(event.text, me), "private": event.kind == "private"}
+             "mention": event.user != me and names_me(event.text, me), "private": event.kind == "private"}
     return tuple(tag for tag, applies in marks.items() if applies)
 
 
@@ -1854,6 +1878,9 @@ class LoginView:
         return entry
 
     def register(self) -> None:
+        if len(self.password.get()) < MIN_PASSWORD:  # as the terminal asks
+            self.show_reply(f"Too short: a password has at least {MIN_PASSWORD} characters.")
+            return
         self.send(self.window.register, "Registering...")
 
     def log_in(self) -> None:
@@ -2163,6 +2190,9 @@ class ChatWindow:
                 self.poll_id = self.root.after(POLL_EVERY, self.poll)
                 self.close()
                 continue
+            if not self.closing and self.client:  # destroyed outright, not closed: still log out
+                self.client.bye()
+                self.client.close()
             print("[INFO] Connection closed.")
             return 0
 
@@ -2262,7 +2292,8 @@ class ChatWindow:
         self.status.configure(text=status_text(self.client))
         if state in ("closed", "not logged in") and self.view is not self.login and not self.closing:
             self.show_view(self.login)
-            lost = (self.client.closed_reason or "The connection is closed.") if state == "closed" else SESSION_LOST
+            lost = (self.client.closed_reason or "The connection is closed.") if state == "closed" \
+                else str(self.client.lost_reason or SESSION_LOST)
             self.login.show_reply(lost)
 
     def show_reply(self, text: str) -> None:

@@ -575,7 +575,7 @@ class Rooms(dict):
 
     def move(self, session: Session, room: Room) -> None:
         if session.room:
-            self.leave(session, "")
+            self.leave(session, f"went to {room.name}")  # not gone: the others should know
         self.enter(session, room)
 
     def enter(self, session: Session, room: Room) -> None:

@@ -152,13 +152,13 @@ def tags_at(window: client.ChatWindow, text: str) -> tuple[str, ...]:
     return window.chat.messages.tag_names(index)
 
 
-def fill_login(window: client.ChatWindow, name: str, password: str = "pw") -> None:
+def fill_login(window: client.ChatWindow, name: str, password: str = "secret") -> None:
     for entry, text in ((window.login.name, name), (window.login.password, password)):
         entry.delete(0, "end")
         entry.insert(0, text)
 
 
-def log_in(window: client.ChatWindow, name: str, password: str = "pw") -> None:
+def log_in(window: client.ChatWindow, name: str, password: str = "secret") -> None:
     """Register, log in and enter the lobby through the window's screens."""
     fill_login(window, name, password)
     window.login.register_button.invoke()
@@ -173,8 +173,16 @@ def members_shown(window: client.ChatWindow) -> list[str]:
     return list(window.chat.members.get(0, "end"))
 
 
+def test_the_window_keeps_the_terminals_password_rule(chat_server, open_window):
+    window = open_window(chat_server.address)
+    fill_login(window, "alice", "abc")
+    window.login.register_button.invoke()
+    assert window.login.reply.cget("text") == f"Too short: a password has at least {client.MIN_PASSWORD} characters."
+    assert not chat_server.chat.users.exists("alice")
+
+
 def test_register_with_a_taken_name_shows_the_servers_words(chat_server, make_client, open_window):
-    member(make_client, chat_server.address, "alice")
+    member(make_client, chat_server.address, "alice", password="secret")
     window = open_window(chat_server.address)
     assert window.login.host.get() == "127.0.0.1"
     assert window.login.password.cget("show") == "*"
@@ -267,7 +275,7 @@ def test_the_status_bar_follows_a_server_that_goes_away_and_comes_back(start_ser
     assert window.view is window.chat  # the chat stays on screen meanwhile
     start_server(data_dir=tmp_path / "kept", port=first.address[1])
     pump(window, lambda: window.status.cget("text").startswith("Connected to 127.0.0.1"), "back in")
-    pump(window, lambda: "Back in as alice, in lobby again." in messages(window), "the notice")
+    pump(window, lambda: "In lobby again." in messages(window), "the notice")
 
 
 def test_ctrl_c_in_the_terminal_closes_the_window_and_says_goodbye(chat_server, make_client, open_window, capsys):

@@ -113,7 +113,7 @@ def test_after_a_crash_and_restart_the_client_gets_back_in_by_itself(start_serve
     second = start_server(data_dir=tmp_path / "kept", port=first.address[1])
     with pytest.raises(client.SessionLost):  # RESET: the new server never knew this session
         alice.say("hello?")
-    wait_until(lambda: "[INFO] Back in as alice, in games again." in notices, what="alice to get back in")
+    wait_until(lambda: "[INFO] In games again." in notices, what="alice to get back in")
     bob = member(make_client, second.address, "bob", room="games", room_password="dadu")
     alice.say("back again")
     assert next_event(bob, "chat").text == "back again"
@@ -133,6 +133,35 @@ def test_a_stopped_server_loses_no_line_typed_while_it_was_down(start_server, ma
     said = [text for _, user, text in second.chat.rooms["lobby"].history if user == "alice"]
     assert said == [f"typed while down {number}" for number in range(3)]  # each once, in order
     wait_until(lambda: bob.logged_in, what="bob to get back in too")
+
+
+def test_back_in_after_a_restart_the_rooms_past_is_not_shown_again(start_server, make_client, tmp_path):
+    first = start_server(data_dir=tmp_path / "kept")
+    notices = []
+    alice = member(make_client, first.address, "alice")
+    bob = member(make_client, first.address, "bob", on_notice=notices.append)
+    alice.say("said before the restart")
+    assert next_event(bob, "chat").text == "said before the restart"
+    first.loop.stop(grace=5.0)
+    start_server(data_dir=tmp_path / "kept", port=first.address[1])
+    wait_until(lambda: "[INFO] In lobby again." in notices, what="bob to get back in")
+    alice.say("said after it")
+    kinds = []
+    while not kinds or kinds[-1] != "chat":
+        kinds.append(next_event(bob).kind)
+    assert "history" not in kinds  # the first line was shown before, so it is not shown again
+
+
+def test_a_room_whose_password_changed_is_not_rejoined_and_says_so(start_server, make_client, tmp_path):
+    first = start_server(data_dir=tmp_path / "kept")
+    notices = []
+    alice = member(make_client, first.address, "alice", on_notice=notices.append)
+    first.loop.stop(grace=5.0)
+    start_server(data_dir=tmp_path / "kept", port=first.address[1], room_password="baru")
+    wait_until(lambda: any(line.startswith("[WARN] Not back in lobby") for line in notices), what="the warning")
+    assert notices[-1] == "[WARN] Not back in lobby: Wrong room password. Type /join lobby to try again."
+    assert alice.logged_in and alice.room is None
+    assert alice.join("lobby", "baru").startswith("joined lobby")
 
 
 def test_registering_while_logged_in_does_not_break_the_session(chat_server, make_client):
