@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "walkthrough.ipynb"
 CELL_TIMEOUT = 120  # seconds per cell; the whole notebook takes well under one minute
-SECTIONS_WITH_TESTS = 5
+SECTIONS_WITH_TESTS = 6
 
 # Run before the notebook's first cell: remember the threads already running, and every
 # socket the notebook opens from now on.
@@ -49,6 +49,45 @@ SOLUTIONS = {
     "find_xor_key": 'def find_xor_key(datagram):\n    return recover_xor_key(datagram, pack_fields("lobby"))',
     "sends_per_request": "sends_per_request = 1 / (0.7 * 0.7)",
     "stop_and_wait_seconds": "stop_and_wait_seconds = 100 * 0.2\nwindow_32_seconds = 4 * 0.2",
+    "ping": """
+def ping(address, count=10, timeout=0.2):
+    rtts, lost = [], 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        for number in range(1, count + 1):
+            sent_at = time.perf_counter()
+            sock.sendto(f"Ping {number} {sent_at}".encode(), address)
+            try:
+                sock.recvfrom(65535)
+                rtts.append(time.perf_counter() - sent_at)
+            except TimeoutError:
+                lost += 1
+    return rtts, lost
+""",
+    # Written from docs/PROTOCOL.md: HELLO for a cookie, LOGIN for a token, then the session's
+    # requests numbered from 1; each answer is found by its first field, re.
+    "log_in_and_say_hello": """
+def log_in_and_say_hello(server_address):
+    cipher = make_cipher("xor")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+
+        def ask(packet):
+            sock.sendto(encode_packet(packet, cipher), server_address)
+            while True:
+                answer = decode_packet(sock.recvfrom(65535)[0], cipher)
+                if answer.type in (PacketType.OK, PacketType.ERROR):
+                    fields = unpack_fields(answer.payload)
+                    if fields[0] == str(packet.seq):
+                        assert answer.type == PacketType.OK, fields
+                        return answer, fields
+
+        _, (_, cookie) = ask(Packet(PacketType.HELLO, 1, payload=pack_fields("." * 94)))
+        welcome, _ = ask(Packet(PacketType.LOGIN, 2, payload=pack_fields(cookie, "dana", "d4na-pass")))
+        ask(Packet(PacketType.JOIN, 1, token=welcome.token, payload=pack_fields("lobby", "juara")))
+        _, said = ask(Packet(PacketType.SAY, 2, token=welcome.token, payload=pack_fields("hello")))
+        return said[-1]
+""",
 }
 
 
@@ -89,7 +128,7 @@ def answer_exercises(notebook) -> int:
         if "exercise" not in cell.metadata.get("tags", []):
             continue
         name = next(name for name in SOLUTIONS if re.search(rf"^(def )?{name}\b", cell.source, re.MULTILINE))
-        cell.source = SOLUTIONS[name]
+        cell.source = SOLUTIONS[name].strip()
         answered += 1
     return answered
 
@@ -125,7 +164,8 @@ def test_committed_notebook_was_run_top_to_bottom():
 def test_committed_notebook_shows_its_plots_and_passing_section_tests():
     cells = code_cells(read_notebook())
     images = [output for cell in cells for output in cell.outputs if "image/png" in output.get("data", {})]
-    assert len(images) >= 2
+    assert len(images) >= 3
+    assert all(output.metadata["image/png"]["alt"] for output in images)  # a description for each
     text = "\n".join(text for cell in cells for text in output_texts(cell))
     for section in range(1, SECTIONS_WITH_TESTS + 1):
         assert f"section {section}: tests pass" in text
