@@ -42,8 +42,8 @@ they are teaching toys.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
-    55 43 03 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v3 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 60 63 4b d0   sack=0, token, CRC-32, then the payload:
+    55 43 04 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v4 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 d5 41 e2 e8   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 """
 
@@ -73,6 +73,8 @@ from encryption_helper import (
     ACK_EVERY,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
+    FILE_EVENTS,
+    FLAG_FILE_STREAM,
     HEADER_SIZE,
     LIMITED_BROADCAST,
     MAX_PAYLOAD,
@@ -97,6 +99,7 @@ from encryption_helper import (
     pack_fields,
     unpack_fields,
 )
+from file_transfer import FileTransfers, Transfer
 
 try:  # Linux and macOS: lets a message printed above the prompt redraw what was typed
     import readline
@@ -137,11 +140,12 @@ class Timing:
 class Event:
     """Something the server pushed: a message, a join or a leave."""
 
-    kind: str  # "chat", "private", "history", "join" or "leave"
+    kind: str  # "chat", "private", "history", "join", "leave", or one of FILE_EVENTS
     time: float  # unix time the server stamped it with
     room: str
     user: str
     text: str
+    more: tuple = ()  # the fields after the text: an EVENT about a file names it
 
 
 # --- What can go wrong, in words a student understands --------------------------------
@@ -201,8 +205,10 @@ class ClientProtocol:
     """
 
     def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
-                 trace=None, server: str = "the server"):
+                 trace=None, server: str = "the server", downloads: str = "downloads"):
         self.cipher = cipher
+        self.files = FileTransfers(downloads)  # files sent and received (file_transfer.py)
+        self.file_stream: Channel | None = None  # the session's second channel: file chunks
         self.server = server  # "host:port", for messages
         self.timing = timing or Timing()
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
@@ -228,9 +234,9 @@ class ClientProtocol:
         rto = RtoEstimator(FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY)
         return Channel(self.cipher, window=1, max_sends=self.connect_tries, rto=rto, first_seq=self.next_stranger_seq)
 
-    def session_channel(self, token: bytes) -> Channel:
+    def session_channel(self, token: bytes, flags: int = 0) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY)
+        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY, flags=flags)
 
     @property
     def logged_in(self) -> bool:
@@ -278,6 +284,9 @@ class ClientProtocol:
         if self.logged_in and (packet.token != self.token or (packet.seq == 0 and packet.type != PacketType.ACK)):
             self.trace_packet("in ", data, ": from an old session or from before it, dropped")
             return  # an answer from before the session: its ack field numbers a stranger's request
+        if packet.flags & FLAG_FILE_STREAM:
+            self.receive_file_stream(packet, data, now)
+            return
         outcome, ready = self.channel.receive(packet, now)
         self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
         for delivered in ready:
@@ -285,6 +294,16 @@ class ClientProtocol:
                 self.receive_event(delivered)
             elif delivered.type in (PacketType.OK, PacketType.ERROR):
                 self.receive_answer(delivered)
+
+    def receive_file_stream(self, packet: Packet, data: bytes, now: float) -> None:
+        """A packet on the file stream: its acknowledgements, and chunks of files coming to us."""
+        if self.file_stream is None:
+            return
+        outcome, ready = self.file_stream.receive(packet, now)
+        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
+        for delivered in ready:
+            if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                self.files.receive_chunk(delivered.payload)
 
     def heard_from_server(self, now: float) -> None:
         self.last_heard = now
@@ -311,10 +330,14 @@ class ClientProtocol:
         seq = int(seq)
         if packet.type == PacketType.ERROR:
             self.answers.append((seq, Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")))
+            if ptype == PacketType.FILE_OFFER:
+                self.files.answered(seq, self.answers[-1][1], self.last_heard)
         elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
             self.answers.append((seq, Refused("bad-reply", "The server's welcome could not be read.")))
         else:
             self.answers.append((seq, fields))
+            if ptype == PacketType.FILE_OFFER:
+                self.files.answered(seq, fields, self.last_heard)
             if ptype == PacketType.LOGIN:
                 self.start_session(packet.token, fields[0])
             elif ptype == PacketType.BYE:
@@ -322,7 +345,7 @@ class ClientProtocol:
 
     def receive_event(self, packet: Packet) -> None:
         try:
-            kind, when, room, user, text = unpack_fields(packet.payload, 5)
+            kind, when, room, user, text, *more = unpack_fields(packet.payload)
             if not -1e10 < float(when) < 1e10:  # nan and inf fail too; a clock cannot show such times
                 raise ValueError(f"time {when!r} out of range")
         except (PacketError, ValueError) as error:
@@ -336,7 +359,11 @@ class ClientProtocol:
             self.notices.append("[INFO] You logged in elsewhere; this client is logged out.")
             self.end_session(LoggedInElsewhere("You logged in elsewhere."))
         else:
-            self.events.append(Event(kind, float(when), room, user, text))
+            if kind == "file":
+                self.files.offer_arrived(user, more, self.last_heard)
+            elif kind in FILE_EVENTS:
+                self.files.event(kind, more)
+            self.events.append(Event(kind, float(when), room, user, text, tuple(more)))
 
     def say_last_ack(self) -> None:
         cumulative, bitmap = self.channel.acknowledgement()
@@ -346,6 +373,7 @@ class ClientProtocol:
         """Logged in: from now on, everything goes on the session's channel."""
         self.token, self.name = token, name
         self.switch_channel(self.session_channel(token), Refused("not-sent", "Sent while logging in; not sent."))
+        self.file_stream = self.session_channel(token, FLAG_FILE_STREAM)
 
     def end_session(self, error: ChatError | None = None) -> None:
         """Back to no session: nothing more to acknowledge, nothing to keep alive."""
@@ -353,6 +381,8 @@ class ClientProtocol:
             self.lost = error
         self.token, self.name = NO_TOKEN, None
         self.switch_channel(self.stranger_channel(), error or Refused("not-sent", "Logged out; not sent."))
+        self.files.end_all("the session ended")
+        self.file_stream = None
 
     def fail_pending(self, error: ChatError) -> None:
         """Every request still waiting gets `error` as its answer."""
@@ -384,12 +414,24 @@ class ClientProtocol:
         if self.logged_in and now - self.last_sent >= self.timing.heartbeat_every and self.channel.idle():
             self.request(PacketType.PING, (), now)  # so the server knows we are still here
         out, self.farewell = self.farewell + self.channel.poll(now), []
+        if self.file_stream is not None:
+            out += self.poll_files(now)
         for data in out:
             self.trace_packet("out", data)
         if out:
             self.last_sent = now
         self.check_contact(now)
         return out
+
+    def poll_files(self, now: float) -> list[bytes]:
+        """Fill the file stream from the files being sent; tell the server of transfers stopped."""
+        while self.files.cancels:
+            self.request(PacketType.FILE_CANCEL, [str(self.files.cancels.pop(0))], now)
+        self.files.fill(self.file_stream, now)
+        if self.file_stream.failed:
+            self.give_up("The server stopped acknowledging file chunks")
+            return []
+        return self.file_stream.poll(now)
 
     def check_contact(self, now: float) -> None:
         """Warn when the server has gone quiet while we wait for it; give up after a while."""
@@ -417,7 +459,8 @@ class ClientProtocol:
     def next_wakeup(self) -> float:
         """Return when poll() next has work to do."""
         heartbeat = self.last_sent + self.timing.heartbeat_every if self.logged_in else float("inf")
-        return min(self.channel.next_wakeup(), heartbeat)
+        files = self.file_stream.next_wakeup() if self.file_stream else float("inf")
+        return min(self.channel.next_wakeup(), heartbeat, files, 0.0 if self.files.cancels else float("inf"))
 
     # --- Tracing (--verbose) ---
 
@@ -457,8 +500,11 @@ class ChatClient:
 
     def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None, *,
                  timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
-                 on_event=None, on_notice=None, trace=None, rejoin: bool = True):
+                 on_event=None, on_notice=None, trace=None, rejoin: bool = True, downloads: str = "downloads",
+                 on_file=None):
         self.host, self.port = host, port
+        # What happens to files: (what, Transfer) to on_file (on the network thread), else into this queue.
+        self.on_file, self.file_news = on_file, queue.Queue()
         self.rejoin = Rejoin(self) if rejoin else None  # getting back in when the session is lost
         self.asked: dict[int, tuple] = {}  # request number -> (type, fields), to send again after a stop
         self.session_over = threading.Event()  # the session ended and no rejoin follows
@@ -467,7 +513,7 @@ class ChatClient:
         self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
         self.trace = trace
         self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss, trace,
-                                       server=f"{host}:{port}")
+                                       server=f"{host}:{port}", downloads=downloads)
         self.lock = threading.Lock()  # the protocol is shared by the caller's thread and ours
         self.futures: dict[int, concurrent.futures.Future] = {}
         self.closed = threading.Event()
@@ -541,6 +587,35 @@ class ChatClient:
 
     def ping(self) -> None:
         self.call(PacketType.PING)
+
+    def send_file(self, to: str, path: str) -> tuple[Transfer, concurrent.futures.Future]:
+        """Offer a file to `to` ('' = the room); the Future gets the server's answer.
+
+        The file is hashed here, on the caller's thread; once the offer is accepted, the
+        network thread sends it from disk, chunk by chunk. Raises FileProblem if it cannot go.
+        """
+        transfer = FileTransfers.prepare(to, path)
+        future = concurrent.futures.Future()
+        with self.lock:
+            if self.closed.is_set() or not self.protocol.logged_in:
+                raise ConnectionClosed(self.closed_reason or "Not in the chat; not sent.")
+            seq = self.protocol.request(PacketType.FILE_OFFER, FileTransfers.offer_fields(transfer), time.monotonic())
+            self.protocol.files.offered(seq, transfer)
+            self.futures[seq] = future
+        self.wake()
+        return transfer, future
+
+    def cancel_files(self, number: int = 0) -> list[Transfer]:
+        """Stop our transfers (all, or the one numbered); the server and the other side are told."""
+        with self.lock:
+            stopped = self.protocol.files.cancel(number)
+        self.wake()
+        return stopped
+
+    def transfers(self) -> list[Transfer]:
+        """Return this session's transfers: in progress first, then those finished."""
+        with self.lock:
+            return self.protocol.files.listing()
 
     def hello(self) -> str:
         """Ask for a cookie: proof for the server that we really are at our address."""
@@ -662,6 +737,7 @@ class ChatClient:
             answers, protocol.answers = protocol.answers, []
             events, protocol.events = protocol.events, []
             notices, protocol.notices = protocol.notices, []
+            file_news, protocol.files.news = protocol.files.news, []
             futures = [(self.futures.pop(seq, None), result, self.asked.pop(seq, None)) for seq, result in answers]
             gave_up = protocol.closed_reason
             lost, protocol.lost = protocol.lost, None
@@ -682,6 +758,8 @@ class ChatClient:
             self.on_event(event) if self.on_event else self.events.put(event)
         for notice in notices:
             self.on_notice(notice)
+        for item in file_news:
+            self.on_file(*item) if self.on_file else self.file_news.put(item)
         if gave_up and not self.closed.is_set():
             self.close(gave_up)
 

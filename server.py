@@ -20,14 +20,15 @@ How it is built, in the spirit of the standard library's socketserver:
   comes again gets the remembered answer (`StrangerReplies`), never a second account.
 * Small helpers do one job each: `AbuseControl` (lockouts, limits, flood control),
   `Delivery` (the channels' timers), `Discovery` (answers a client's search of the
-  network, FIND), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
+  network, FIND), `FileRelay` (file_transfer.py: files stored, then relayed to each
+  receiver on its own file stream), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
   the thread that runs the slow password hash so that a flood of logins never stalls
   the chat. Only the loop's thread changes any state.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
-    55 43 03 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v3 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 60 63 4b d0   sack=0, token, CRC-32, then the payload:
+    55 43 04 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v4 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 d5 41 e2 e8   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 
 The packet format and the channel are defined once, in encryption_helper.py; accounts in auth.py.
@@ -56,6 +57,7 @@ from encryption_helper import (
     ACK_DELAY,
     CIPHER_NAMES,
     DEFAULT_CIPHER,
+    FLAG_FILE_STREAM,
     MAX_PAYLOAD,
     NO_TOKEN,
     RECV_BUFFER,
@@ -77,6 +79,7 @@ from encryption_helper import (
     prepare_body,
     unpack_fields,
 )
+from file_transfer import DEFAULT_MAX_FILE_MB, FileRelay
 
 LOBBY = "lobby"
 HISTORY_FILE = "chat_history.txt"
@@ -110,6 +113,7 @@ class ServerConfig:
     session_timeout: float = 30.0
     kdf_iterations: int = auth.DEFAULT_ITERATIONS  # tests lower it: they need no slow hash
     name: str = ""  # what clients searching the network (FIND) are told; "": this PC's host name
+    max_file_mb: float = DEFAULT_MAX_FILE_MB  # the largest file a member may send; larger is refused
 
 
 # --- State -----------------------------------------------------------------------------
@@ -130,6 +134,7 @@ class Session:
     news: list = dataclasses.field(default_factory=list)  # EVENT bodies, sent after the current reply
     wake_at: float = float("inf")  # when Delivery next looks at this session
     checking: bool = False  # a password check for its JOIN is running: later requests wait
+    file_stream: Channel | None = None  # the second channel, for file chunks (FLAG_FILE_STREAM)
 
 
 @dataclasses.dataclass
@@ -186,6 +191,7 @@ class ChatServer:
         self.stats = collections.Counter()
         self.reception = Reception(self)
         self.discovery = Discovery(self)
+        self.files = FileRelay(self, config.max_file_mb)
         self.handlers = handler_table(self, self.reception)
 
     # --- Entry points: a datagram, a finished password check, the time ---
@@ -257,6 +263,9 @@ class ChatServer:
             self.reception.refuse_unknown_session(request, session)
             return
         session.last_heard = request.now
+        if packet.flags & FLAG_FILE_STREAM:  # the file stream: its own numbers, its own acknowledgements
+            self.files.receive_stream(session, packet, request.now)
+            return
         outcome, ready = session.channel.receive(packet, request.now)
         if outcome != "in order":
             self.log.trace("   ", b"", address, f" {packet.type.name} seq={packet.seq}: {outcome}")
@@ -421,6 +430,8 @@ class ChatServer:
         token = secrets.token_bytes(8)
         channel = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY))  # clients delay ACKs
         session = Session(token, address, name, channel, self.guard.new_bucket(now), now)
+        session.file_stream = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY),
+                                      flags=FLAG_FILE_STREAM)
         self.sessions[address] = session
         self.online[name.lower()] = session
         return session
@@ -442,6 +453,7 @@ class ChatServer:
         del self.sessions[session.address]
         del self.online[session.name.lower()]
         session.backlog.clear()
+        self.files.drop(session)
         if session.room:
             self.rooms.leave(session, reason)
         self.delivery.touch(session)
@@ -451,6 +463,7 @@ class ChatServer:
     def flush(self, now: float) -> None:
         """Send what the touched sessions' channels have for the wire: replies, then EVENTs."""
         while self.delivery.touched:  # again while ending a session told its room something
+            self.files.pump([s for s in self.delivery.touched.values() if self.sessions.get(s.address) is s], now)
             for session in self.delivery.flush(now, self.outbox, self.log.trace):
                 if self.sessions.get(session.address) is session:  # fell too far behind, or gave up
                     reason = "not responding" if session.channel.failed else "too slow"
@@ -481,6 +494,9 @@ def handler_table(chat: ChatServer, door: "Reception") -> dict:
         PacketType.BYE: chat.handle_bye,
         PacketType.ACK: refuse_numbered_ack,
         PacketType.FIND: chat.discovery.handle_find,
+        PacketType.FILE_OFFER: chat.files.handle_offer,
+        PacketType.FILE_CHUNK: chat.files.refuse_chunk,
+        PacketType.FILE_CANCEL: chat.files.handle_cancel,
         PacketType.OK: chat.handle_server_only,
         PacketType.ERROR: chat.handle_server_only,
         PacketType.EVENT: chat.handle_server_only,
@@ -644,13 +660,14 @@ class Delivery:
             if not all(channel.send(PacketType.EVENT, body) for body in session.news):
                 to_end.append(session)  # max_queue EVENTs behind: it cannot keep up
             session.news.clear()
-            for data in channel.poll(now):
-                trace("out", data, session.address)
-                outbox.append((data, session.address))
-            if channel.failed:
+            for stream in (channel, session.file_stream):  # the chat's first: a line never waits for a chunk
+                for data in stream.poll(now):
+                    trace("out", data, session.address)
+                    outbox.append((data, session.address))
+            if channel.failed or session.file_stream.failed:
                 to_end.append(session)
             else:
-                self.wake(session, channel.next_wakeup())
+                self.wake(session, min(channel.next_wakeup(), session.file_stream.next_wakeup()))
         return to_end
 
 
@@ -997,7 +1014,11 @@ def parse_args(argv: list[str]) -> ServerConfig:
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
     parser.add_argument("--name", type=server_name, default=defaults.name,
                         help="the name clients see when they search the network with ? (default: this PC's name)")
+    parser.add_argument("--max-file-mb", type=float, default=defaults.max_file_mb,
+                        help="the largest file members may send, in MB (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.max_file_mb < 0:
+        parser.error("--max-file-mb must be 0 or more")
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
     return ServerConfig(**vars(args))  # every option is named as its ServerConfig field
