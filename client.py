@@ -99,7 +99,7 @@ from encryption_helper import (
     pack_fields,
     unpack_fields,
 )
-from file_transfer import FileTransfers, Transfer
+from file_transfer import FileProblem, FileTransfers, Transfer, describe_size
 
 try:  # Linux and macOS: lets a message printed above the prompt redraw what was typed
     import readline
@@ -906,6 +906,7 @@ def check_length(text: str) -> str:
 # --- The terminal ---------------------------------------------------------------------
 
 ERASE_DOWN = "\x1b[J"  # ANSI: clear from the cursor to the end of the screen
+CLEAR_LINE_END = "\x1b[K"  # ANSI: clear from the cursor to the end of its line
 ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufe0e\ufe0f")  # joiners and emoji variation selectors
 
 
@@ -943,6 +944,7 @@ class Terminal:
         self.ended = False
         self.saved_mode = None
         self.given_back = False  # restore() was called: leave the terminal's settings alone
+        self.status_shown = False  # the last line printed is a progress line, to be drawn over
         self.readline_cursor = readline_cursor() if interactive and readline else None
         if interactive and termios:
             try:
@@ -1037,21 +1039,28 @@ class Terminal:
                 except (termios.error, OSError, ValueError):
                     pass
 
-    def show(self, text: str) -> None:
-        """Print a line above the prompt, without garbling what the user is typing."""
+    def show(self, text: str, status: bool = False) -> None:
+        """Print a line above the prompt, without garbling what the user is typing.
+
+        A `status` line (a progress bar; ANSI terminals only) is drawn over by the next line
+        printed: a bar redrawn in place, and chat lines that take its place, the bar below them.
+        """
         with self.print_lock:
+            lift = cursor_up(1) + "\r" if self.status_shown else ""  # back onto the last progress line
+            text += CLEAR_LINE_END if self.status_shown or status else ""
+            self.status_shown = status
             try:
                 if not self.prompt:
-                    print(text, flush=True)
+                    print(lift + text, flush=True)
                 elif readline and not self.secret and self.prompt == self.asked:
-                    self.show_above_readline(text)
+                    self.show_above_readline(text, lift)
                 else:  # a password's prompt (what is typed is not shown), or no readline
-                    sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + text + "\n" + self.prompt)
+                    sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + lift + text + "\n" + self.prompt)
                     sys.stdout.flush()
             except BrokenPipeError:  # output piped into a program that stopped reading
                 pass
 
-    def show_above_readline(self, text: str) -> None:
+    def show_above_readline(self, text: str, lift: str = "") -> None:
         """Clear the rows the line being typed covers, print `text`, draw the line again below
         it, and put the cursor back where readline has it: the screen is then what readline
         believes it is, and the next key edits the right place."""
@@ -1059,7 +1068,7 @@ class Terminal:
         before_cursor = typed[:readline_point(typed, self.readline_cursor)]
         columns = shutil.get_terminal_size().columns
         row, _ = divmod(display_width(self.prompt + before_cursor), columns)
-        sys.stdout.write("\r" + cursor_up(row) + ERASE_DOWN + text + "\n" + self.prompt + typed)
+        sys.stdout.write("\r" + cursor_up(row) + lift + ERASE_DOWN + text + "\n" + self.prompt + typed)
         end_row, end_column = divmod(display_width(self.prompt + typed), columns)
         if end_row and not end_column:
             sys.stdout.write(" \r")  # the line fills its last row: step onto the next, as readline does
@@ -1112,6 +1121,9 @@ HELP = f"""Commands:
   /who               who is in your room
   /join ROOM         go to another room (asks its password; a new room gets the one you give)
   /msg USER TEXT     a private message to one user
+  /send USER FILE    send a file to one user ("quotes" optional around a name with spaces)
+  /share FILE        send a file to everyone in your room
+  /files             files in progress and finished;  /cancel  stops yours (/cancel N: number N)
   exit  or  /quit    leave (Ctrl+C does the same)
 Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
 several messages, cut between words. Start a line with // to send one beginning with /."""
@@ -1140,6 +1152,8 @@ def format_event(event: Event) -> str:
         return f"[{clock}] {user} joined"
     if event.kind == "leave":
         return f"[{clock}] {user} left" + (f" ({text})" if text else "")
+    if event.kind in FILE_EVENTS:
+        return f"[{clock}] {text}"
     return f"[{clock}] {event.kind}: {user} {text}"
 
 
@@ -1362,7 +1376,10 @@ class Conversation:
         self.chatting = False
         self.room: str | None = None  # the room we are in, once in one
         self.commands = {"/help": self.show_help, "/rooms": self.show_rooms, "/who": self.show_who,
-                         "/join": self.join_room, "/msg": self.send_private}
+                         "/join": self.join_room, "/msg": self.send_private, "/send": self.send_file,
+                         "/share": self.share_file, "/files": self.list_files, "/cancel": self.cancel_files}
+        self.progress = FileProgress(terminal, in_place=terminal is not None and progress_in_place(terminal))
+        client.on_file = self.progress.update
 
     def ask(self, prompt: str, secret: bool = False) -> str:
         return self.terminal.ask(prompt, secret, alive=self.check_alive)
@@ -1550,6 +1567,132 @@ class Conversation:
             raise  # "not-online" and others say it in the server's words
         if len(parts) > 1:
             self.terminal.show(f"sent in {len(parts)} parts")
+
+
+    def send_file(self, rest: str) -> None:
+        """/send USER FILE"""
+        user, _, path = rest.partition(" ")
+        if not user or not path.strip():
+            self.terminal.show('Usage: /send USER FILE   (e.g. /send bob "my notes.pdf")')
+        else:
+            self.offer_file(user, unquote(path))
+
+    def share_file(self, rest: str) -> None:
+        """/share FILE: to everyone else in the room"""
+        if not rest:
+            self.terminal.show("Usage: /share FILE")
+        else:
+            self.offer_file("", unquote(rest))
+
+    def offer_file(self, to: str, path: str) -> None:
+        """Offer the file; once the server accepts, it goes, and its progress is shown."""
+        try:
+            transfer, future = self.client.send_file(to, path)
+        except FileProblem as problem:
+            self.terminal.show(str(problem))
+            return
+        future.add_done_callback(lambda done: done.exception() or self.terminal.show(
+            f"sending {printable(transfer.name)} ({describe_size(transfer.size)}) to {printable(transfer.peer)}"
+            f" as number {transfer.id}"))  # a refusal is shown by FileProgress
+
+    def list_files(self, rest: str) -> None:
+        transfers = self.client.transfers()
+        for transfer in transfers:
+            self.terminal.show("  " + describe_transfer(transfer))
+        if not transfers:
+            self.terminal.show("No files sent or received yet.")
+
+    def cancel_files(self, rest: str) -> None:
+        if not self.client.cancel_files(int(rest) if rest.isdigit() else 0):
+            self.terminal.show("No file of yours is on its way." if not rest else f"No transfer numbered {rest}.")
+
+
+def unquote(text: str) -> str:
+    """Return a path as typed: surrounding quotes dropped, ~ expanded; backslashes kept (Windows)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1]
+    return os.path.expanduser(text)
+
+
+def progress_in_place(terminal) -> bool:
+    """May a progress bar be drawn over itself? Only on a terminal that understands ANSI codes."""
+    if not getattr(terminal, "interactive", False) or not is_terminal(sys.stdout):
+        return False
+    return os.name != "nt" or enable_windows_ansi()
+
+
+def describe_transfer(transfer: Transfer) -> str:
+    """Return one line of /files: number, direction, name, size, how far."""
+    arrow = f"-> {transfer.peer}" if transfer.direction == "up" else f"<- {transfer.peer}"
+    how = f"{percent(transfer)}%" if transfer.active else transfer.state + (f" ({transfer.note})" if transfer.note
+                                                                               else "")
+    return printable(f"#{transfer.id} {transfer.name} {arrow}, {describe_size(transfer.size)}: {how}")
+
+
+def percent(transfer: Transfer) -> int:
+    return 100 if not transfer.size else transfer.done * 100 // transfer.size
+
+
+class FileProgress:
+    """How files on their way are shown: one bar for all, drawn over itself on a terminal
+    (percent, size, speed, time left); elsewhere a plain line at each quarter. Then a last line."""
+
+    REDRAW_EVERY = 0.1  # seconds: ten frames a second is smooth, and cheap
+    BAR = 20  # characters
+
+    def __init__(self, terminal, in_place: bool, clock=time.monotonic):
+        self.terminal, self.in_place, self.clock = terminal, in_place, clock
+        self.active: dict[int, Transfer] = {}  # id(transfer) -> transfer, while it moves
+        self.quarters: dict[int, int] = {}  # plain lines: the last quarter shown
+        self.drawn_at = -1.0
+
+    def update(self, what: str, transfer: Transfer) -> None:
+        """Called (on the network thread) with ("progress", "done", "failed" or "cancelled", transfer)."""
+        if what != "progress":
+            self.active.pop(id(transfer), None)
+            self.terminal.show(final_line(what, transfer))
+            if self.in_place and self.active:
+                self.draw(force=True)
+        elif self.in_place:
+            self.active[id(transfer)] = transfer
+            self.draw(force=transfer.done >= transfer.size)
+        elif transfer.size and 0 < percent(transfer) // 25 < 4 and percent(transfer) // 25 > self.quarters.get(
+                id(transfer), 0):
+            self.quarters[id(transfer)] = percent(transfer) // 25
+            self.terminal.show(printable(f"{transfer.name}: {percent(transfer)}% of {describe_size(transfer.size)}"))
+
+    def draw(self, force: bool = False) -> None:
+        now = self.clock()
+        if force or now - self.drawn_at >= self.REDRAW_EVERY:
+            self.drawn_at = now
+            line = "  |  ".join(self.bar(transfer, now) for transfer in self.active.values())
+            width = shutil.get_terminal_size().columns - 1
+            while display_width(line) > width:  # one row, or it could not be drawn over
+                line = line[:-2]
+            self.terminal.show(line, status=True)
+
+    def bar(self, transfer: Transfer, now: float) -> str:
+        filled = percent(transfer) * self.BAR // 100
+        elapsed = max(now - transfer.started, 1e-6)
+        speed = transfer.done / elapsed
+        left = (transfer.size - transfer.done) / speed if speed else 0
+        return printable(f"{transfer.name} [{'#' * filled}{'.' * (self.BAR - filled)}] {percent(transfer):3d}% "
+                         f"{describe_size(transfer.done)}/{describe_size(transfer.size)} "
+                         f"{describe_size(int(speed))}/s {left:.0f} s left")
+
+
+def final_line(what: str, transfer: Transfer) -> str:
+    """Return the line that ends a transfer: saved, sent, not sent, cancelled."""
+    name, size = transfer.name, describe_size(transfer.size)
+    if what == "done" and transfer.direction == "down":
+        return printable(f"saved {transfer.path} ({size}, {transfer.note})")
+    if what == "done":
+        return printable(f"sent {name} ({size}) to {transfer.peer}")
+    if what == "cancelled":
+        return printable(f"cancelled: {name} ({transfer.note})")
+    removed = "; the partial file was removed" if transfer.direction == "down" else ""
+    return printable(f"{name} not {'saved' if transfer.direction == 'down' else 'sent'}: {transfer.note}{removed}")
 
 
 # --- Finding a server: one question to the whole network -------------------------------
@@ -2394,7 +2537,7 @@ def run_window(args: argparse.Namespace) -> int | None:
     except ImportError:
         print(NO_TKINTER)
         return None
-    options = dict(cipher=args.cipher, key=args.key, loss=args.loss, seed=args.seed)
+    options = dict(cipher=args.cipher, key=args.key, loss=args.loss, seed=args.seed, downloads=args.downloads)
     try:
         window = ChatWindow(args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, options)
     except tk.TclError as error:  # no display: a remote login without X, say
@@ -2426,6 +2569,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--find", action="store_true",
                         help="list the chat servers on this network (on --port), one per line, and exit")
     parser.add_argument("--gui", action="store_true", help="chat in a window instead of the terminal (needs tkinter)")
+    parser.add_argument("--downloads", default="downloads",
+                        help="folder for the files others send you (default: downloads in the current folder)")
     args = parser.parse_args(argv)
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
@@ -2536,7 +2681,7 @@ def print_servers_found(args: argparse.Namespace) -> int:
 def open_client(args: argparse.Namespace, terminal: Terminal) -> ChatClient:
     """Ask where the server is, and return a ChatClient for it that prints to the terminal."""
     host, port = ask_address(args, terminal)
-    return ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
+    return ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed, downloads=args.downloads,
                       on_event=lambda event: terminal.show(format_event(event)),
                       on_notice=terminal.show, trace=terminal.show if args.verbose else None)
 

@@ -67,6 +67,7 @@ SAFE_NAME_BYTES = 200  # what a saved name is cut to: room left for " (12)" and 
 # Windows will not create a file with these names, with any extension ("con.txt" too).
 RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(10)), *(f"LPT{n}" for n in range(10))}
 FORBIDDEN = set('<>:"/\\|?*')  # characters Windows refuses in a file name
+UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}  # Unicode categories a file name loses
 HISTORY = 50  # finished transfers /files still lists
 
 
@@ -94,14 +95,19 @@ def safe_file_name(name: str) -> str:
     """
     name = unicodedata.normalize("NFC", name)
     name = re.split(r"[/\\]", name.replace("\0", ""))[-1]  # the last part: no folder, no "..", no drive
-    name = "".join("_" if ch in FORBIDDEN else ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf")
-                   or ch in "\u200d\ufe0f")  # controls and bidi overrides out; emoji joiners stay
+    name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
     name = name.strip(" .")  # Windows drops trailing dots and spaces; a leading dot hides a file
     if not name:
         return "file"
     if name.split(".")[0].upper().rstrip(" ") in RESERVED_NAMES:
         name = "_" + name
     return shorten(name, SAFE_NAME_BYTES)
+
+
+def unprintable(character: str) -> bool:
+    """Is it a control, a format character (bidi overrides...), unassigned, or a line break?
+    Emoji's zero-width joiner and variation selector are kept: they are part of the emoji."""
+    return unicodedata.category(character) in UNPRINTABLE and character not in "\u200d\ufe0f"
 
 
 def shorten(name: str, limit: int) -> str:
