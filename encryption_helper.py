@@ -675,7 +675,8 @@ class Channel:
             self.next_seq += 1
         if self.ack_due <= now and not out:
             cumulative, bitmap = self.acknowledgement()
-            out.append(encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token, self.flags), self.cipher))
+            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token, self.flags)
+            out.append(encode_packet(ack, self.cipher))
             self.stats["bare acks"] += 1
         if out:
             self.unacked, self.ack_due = 0, float("inf")  # every datagram carried the acknowledgement

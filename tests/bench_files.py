@@ -13,7 +13,6 @@ bytes the server held in memory at once (FileRelay.buffered_bytes, after every p
 
 import argparse
 import os
-import queue
 import sys
 import tempfile
 import time
@@ -69,7 +68,8 @@ def run(size_mb: float, loss: float, receivers: int, folder: str) -> tuple:
             assert news[0] == "done", news[1].note
         seconds = time.monotonic() - started
         stats = made[0].protocol.file_stream.stats
-        return seconds, size_mb * receivers / seconds, stats["retransmitted"] / max(stats["sent"], 1), MeasuredRelay.most
+        resent = stats["retransmitted"] / max(stats["sent"], 1)
+        return seconds, size_mb * receivers / seconds, resent, MeasuredRelay.most
     finally:
         for chat in made:
             chat.close()
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     server.FileRelay = MeasuredRelay
     sizes = [1] if args.quick else args.sizes
-    print("| file | loss | receivers | seconds | MB/s (all receivers) | resent per chunk | server's file bytes in memory, peak |")
+    print("| file | loss | receivers | seconds | MB/s (all receivers) | resent per chunk | "
+          "server's file bytes in memory, peak |")
     print("|---|---|---|---|---|---|---|")
     for loss in args.losses:
         for size in sizes:
