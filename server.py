@@ -989,6 +989,13 @@ def server_name(text: str) -> str:
     return text
 
 
+def megabytes(text: str) -> float:
+    """Check --max-file-mb: a size of 0 or more."""
+    if not re.fullmatch(r"\d+(\.\d*)?", text.strip()):
+        raise argparse.ArgumentTypeError("must be a number of megabytes, 0 or more")
+    return float(text)
+
+
 def parse_args(argv: list[str]) -> ServerConfig:
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(
@@ -1014,11 +1021,9 @@ def parse_args(argv: list[str]) -> ServerConfig:
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
     parser.add_argument("--name", type=server_name, default=defaults.name,
                         help="the name clients see when they search the network with ? (default: this PC's name)")
-    parser.add_argument("--max-file-mb", type=float, default=defaults.max_file_mb,
+    parser.add_argument("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
                         help="the largest file members may send, in MB (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.max_file_mb < 0:
-        parser.error("--max-file-mb must be 0 or more")
     if not 0 <= args.loss < 1:
         parser.error("--loss must be at least 0 and below 1")
     return ServerConfig(**vars(args))  # every option is named as its ServerConfig field
