@@ -42,18 +42,20 @@ they are teaching toys.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
-    55 43 03 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v3 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 60 63 4b d0   sack=0, token, CRC-32, then the payload:
+    55 43 04 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v4 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 d5 41 e2 e8   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 """
 
 import argparse
 import binascii
+import collections
 import concurrent.futures
 import ctypes
 import dataclasses
 import functools
 import getpass
+import hashlib
 import math
 import os
 import queue
@@ -72,16 +74,23 @@ import auth
 from encryption_helper import (
     ACK_DELAY,
     ACK_EVERY,
+    CHUNK_SIZE,
     DEFAULT_CIPHER,
+    FILE_EVENTS,
+    FILL,
+    FLAG_FILE_STREAM,
     HEADER_SIZE,
     LIMITED_BROADCAST,
     LOBBY,
+    MAX_FILE_NAME_BYTES,
     MAX_PAYLOAD,
     MAX_TEXT_BYTES,
+    MB,
     MIN_FIND_SIZE,
     MIN_HELLO_SIZE,
     NO_TOKEN,
     RECV_BUFFER,
+    SHA_HEX,
     Channel,
     ChecksumError,
     LossySocket,
@@ -90,13 +99,17 @@ from encryption_helper import (
     PacketType,
     RtoEstimator,
     add_shared_options,
+    chunk_length,
     decode_packet,
     describe_datagram,
+    describe_size,
     encode_packet,
     local_interfaces,
     make_cipher,
     oversize_text,
+    pack_chunk,
     pack_fields,
+    unpack_chunk,
     unpack_fields,
 )
 
@@ -138,11 +151,12 @@ class Timing:
 class Event:
     """Something the server pushed: a message, a join or a leave."""
 
-    kind: str  # "chat", "private", "history", "join" or "leave"
+    kind: str  # "chat", "private", "history", "join", "leave", or one of FILE_EVENTS
     time: float  # unix time the server stamped it with
     room: str
     user: str
     text: str
+    more: tuple = ()  # the fields after the text: an EVENT about a file names it
 
 
 # --- What can go wrong, in words a student understands --------------------------------
@@ -202,8 +216,10 @@ class ClientProtocol:
     """
 
     def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
-                 trace=None, server: str = "the server"):
+                 trace=None, server: str = "the server", downloads: str = "downloads"):
         self.cipher = cipher
+        self.files = FileTransfers(downloads)  # files sent and received
+        self.file_stream: Channel | None = None  # the session's second channel: file chunks
         self.server = server  # "host:port", for messages
         self.timing = timing or Timing()
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
@@ -229,9 +245,9 @@ class ClientProtocol:
         rto = RtoEstimator(FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY)
         return Channel(self.cipher, window=1, max_sends=self.connect_tries, rto=rto, first_seq=self.next_stranger_seq)
 
-    def session_channel(self, token: bytes) -> Channel:
+    def session_channel(self, token: bytes, flags: int = 0) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY)
+        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY, flags=flags)
 
     @property
     def logged_in(self) -> bool:
@@ -279,6 +295,9 @@ class ClientProtocol:
         if self.logged_in and (packet.token != self.token or (packet.seq == 0 and packet.type != PacketType.ACK)):
             self.trace_packet("in ", data, ": from an old session or from before it, dropped")
             return  # an answer from before the session: its ack field numbers a stranger's request
+        if packet.flags & FLAG_FILE_STREAM:
+            self.receive_file_stream(packet, data, now)
+            return
         outcome, ready = self.channel.receive(packet, now)
         self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
         for delivered in ready:
@@ -286,6 +305,16 @@ class ClientProtocol:
                 self.receive_event(delivered)
             elif delivered.type in (PacketType.OK, PacketType.ERROR):
                 self.receive_answer(delivered)
+
+    def receive_file_stream(self, packet: Packet, data: bytes, now: float) -> None:
+        """A packet on the file stream: its acknowledgements, and chunks of files coming to us."""
+        if self.file_stream is None:
+            return
+        outcome, ready = self.file_stream.receive(packet, now)
+        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
+        for delivered in ready:
+            if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                self.files.receive_chunk(delivered.payload)
 
     def heard_from_server(self, now: float) -> None:
         self.last_heard = now
@@ -312,10 +341,14 @@ class ClientProtocol:
         seq = int(seq)
         if packet.type == PacketType.ERROR:
             self.answers.append((seq, Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")))
+            if ptype == PacketType.FILE_OFFER:
+                self.files.answered(seq, self.answers[-1][1], self.last_heard)
         elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
             self.answers.append((seq, Refused("bad-reply", "The server's welcome could not be read.")))
         else:
             self.answers.append((seq, fields))
+            if ptype == PacketType.FILE_OFFER:
+                self.files.answered(seq, fields, self.last_heard)
             if ptype == PacketType.LOGIN:
                 self.start_session(packet.token, fields[0])
             elif ptype == PacketType.BYE:
@@ -323,7 +356,7 @@ class ClientProtocol:
 
     def receive_event(self, packet: Packet) -> None:
         try:
-            kind, when, room, user, text = unpack_fields(packet.payload, 5)
+            kind, when, room, user, text, *more = unpack_fields(packet.payload)
             if not -1e10 < float(when) < 1e10:  # nan and inf fail too; a clock cannot show such times
                 raise ValueError(f"time {when!r} out of range")
         except (PacketError, ValueError) as error:
@@ -337,7 +370,11 @@ class ClientProtocol:
             self.notices.append("[INFO] You logged in elsewhere; this client is logged out.")
             self.end_session(LoggedInElsewhere("You logged in elsewhere."))
         else:
-            self.events.append(Event(kind, float(when), room, user, text))
+            if kind == "file":
+                self.files.offer_arrived(user, more, self.last_heard)
+            elif kind in FILE_EVENTS:
+                self.files.event(kind, more)
+            self.events.append(Event(kind, float(when), room, user, text, tuple(more)))
 
     def say_last_ack(self) -> None:
         cumulative, bitmap = self.channel.acknowledgement()
@@ -347,6 +384,7 @@ class ClientProtocol:
         """Logged in: from now on, everything goes on the session's channel."""
         self.token, self.name = token, name
         self.switch_channel(self.session_channel(token), Refused("not-sent", "Sent while logging in; not sent."))
+        self.file_stream = self.session_channel(token, FLAG_FILE_STREAM)
 
     def end_session(self, error: ChatError | None = None) -> None:
         """Back to no session: nothing more to acknowledge, nothing to keep alive."""
@@ -354,6 +392,8 @@ class ClientProtocol:
             self.lost = error
         self.token, self.name = NO_TOKEN, None
         self.switch_channel(self.stranger_channel(), error or Refused("not-sent", "Logged out; not sent."))
+        self.files.end_all("the session ended")
+        self.file_stream = None
 
     def fail_pending(self, error: ChatError) -> None:
         """Every request still waiting gets `error` as its answer."""
@@ -385,12 +425,24 @@ class ClientProtocol:
         if self.logged_in and now - self.last_sent >= self.timing.heartbeat_every and self.channel.idle():
             self.request(PacketType.PING, (), now)  # so the server knows we are still here
         out, self.farewell = self.farewell + self.channel.poll(now), []
+        if self.file_stream is not None:
+            out += self.poll_files(now)
         for data in out:
             self.trace_packet("out", data)
         if out:
             self.last_sent = now
         self.check_contact(now)
         return out
+
+    def poll_files(self, now: float) -> list[bytes]:
+        """Fill the file stream from the files being sent; tell the server of transfers stopped."""
+        while self.files.cancels:
+            self.request(PacketType.FILE_CANCEL, [str(self.files.cancels.pop(0))], now)
+        self.files.fill(self.file_stream, now)
+        if self.file_stream.failed:
+            self.give_up("The server stopped acknowledging file chunks")
+            return []
+        return self.file_stream.poll(now)
 
     def check_contact(self, now: float) -> None:
         """Warn when the server has gone quiet while we wait for it; give up after a while."""
@@ -418,7 +470,8 @@ class ClientProtocol:
     def next_wakeup(self) -> float:
         """Return when poll() next has work to do."""
         heartbeat = self.last_sent + self.timing.heartbeat_every if self.logged_in else float("inf")
-        return min(self.channel.next_wakeup(), heartbeat)
+        files = self.file_stream.next_wakeup() if self.file_stream else float("inf")
+        return min(self.channel.next_wakeup(), heartbeat, files, 0.0 if self.files.cancels else float("inf"))
 
     # --- Tracing (--verbose) ---
 
@@ -430,6 +483,355 @@ class ClientProtocol:
         """Trace one datagram; the line is only put together when someone reads it."""
         if self.trace:
             self.trace(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
+
+
+# --- Files: sending and receiving, without sockets -----------------------------------
+#
+# Sending files through the chat: `/send bob notes.pdf`, `/share slides.pdf`.
+#
+# Both scripts import this module: the client's side is `FileTransfers`, the server's
+# `FileRelay`. Neither opens a socket or reads a clock; they are fed packets and the time,
+# and put what they have to send on the session's channels, so tests drive them directly.
+#
+# How a file travels, alice to bob:
+#
+#     alice                               server                                bob
+#       FILE_OFFER [bob, name, size, sha] ->
+#                                   <- OK [re, 7]   (or ERROR: too big, no such user...)
+#                                            EVENT "file" [..., 7, name, size, sha] ->
+#       FILE_CHUNK [7, 0, data]  ~~~~>  transfers/7.part  ~~~~>  FILE_CHUNK [7, 0, data]
+#       FILE_CHUNK [7, 1152, ...] ~~~>    (on disk)        ~~~>  downloads/name.part
+#          ...                                                   SHA-256 checked, renamed
+#                          <- EVENT "file-done" [..., 7]  (bob has every byte)
+#
+# * **Two streams.** Every session has two reliable channels (encryption_helper.Channel):
+#   the chat's, and the file stream, whose packets carry FLAG_FILE_STREAM in the header,
+#   ACKs too. Each has its own numbers, window and retransmissions. On one channel a chat
+#   line sent after a lost chunk would wait until that chunk is resent, because a channel
+#   delivers in order: head-of-line blocking, the reason HTTP/2 over TCP stalls on a loss.
+#   QUIC gives each stream its own numbering for the same reason; so does this chat.
+#   FILE_OFFER, FILE_CANCEL and the EVENTs about files go on the chat's channel.
+# * **Store and forward.** The server writes each upload to `DATA_DIR/transfers/ID.part`
+#   and reads each receiver's chunks back from that file, as fast as that receiver's file
+#   stream takes them - at most FILL chunks waiting per stream. So the server never holds
+#   a whole file in memory; a receiver that stalls or leaves holds back neither the sender
+#   nor the other receivers; and chunks are relayed while the upload still comes in. The
+#   file is deleted once every receiver has it or is gone.
+# * **Checked, then named.** The offer carries the whole file's SHA-256. The server
+#   checks it when the upload is complete; each receiver writes `NAME.part`, checks it
+#   once every byte is there, and only then renames it to NAME. A crash at any end leaves
+#   at most a `.part` file, never one named as if complete; a mismatch removes it.
+# * **Names made safe.** A name comes from another user, so it is treated as hostile:
+#   `safe_file_name` keeps no folder, drive, reserved Windows device name, control
+#   character or trailing dot, and `unused_path` never overwrites (`notes (1).pdf`).
+
+
+SAFE_NAME_BYTES = 200  # what a saved file's name is cut to: room left for " (12)" and ".part"
+# Windows will not create a file with these names, with any extension ("con.txt" too).
+RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(10)), *(f"LPT{n}" for n in range(10))}
+FORBIDDEN = set('<>:"/\\|?*')  # characters Windows refuses in a file name
+UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}  # Unicode categories a file name loses
+HISTORY = 50  # finished transfers /files still lists
+
+
+class FileProblem(Exception):
+    """A file that cannot be sent or saved; str() says why, in words a user understands."""
+
+
+def safe_file_name(name: str) -> str:
+    """Return `name` made safe to save: no folders, drives, devices, controls; not too long.
+
+    >>> safe_file_name("../../etc/passwd"), safe_file_name("C:\\\\Windows\\\\x"), safe_file_name("con.txt")
+    ('passwd', 'x', '_con.txt')
+    """
+    name = unicodedata.normalize("NFC", name)
+    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]  # the last part: no folder, no "..", no drive
+    name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
+    name = name.strip(" .")  # Windows drops trailing dots and spaces; a leading dot hides a file
+    if not name:
+        return "file"
+    if name.split(".")[0].upper().rstrip(" ") in RESERVED_NAMES:
+        name = "_" + name
+    return shorten(name, SAFE_NAME_BYTES)
+
+
+def unprintable(character: str) -> bool:
+    """Is it a control, a format character (bidi overrides...), unassigned, or a line break?
+    Emoji's zero-width joiner and variation selector are kept: they are part of the emoji."""
+    return unicodedata.category(character) in UNPRINTABLE and character not in "\u200d\ufe0f"
+
+
+def shorten(name: str, limit: int) -> str:
+    """Return `name` cut to `limit` UTF-8 bytes, its extension kept when it is short."""
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    stem, extension = os.path.splitext(name)
+    if len(extension.encode("utf-8")) > 20:
+        stem, extension = name, ""
+    room = limit - len(extension.encode("utf-8"))
+    stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore").rstrip(" .")
+    return (stem or "file") + extension
+
+
+def unused_path(folder: str, name: str) -> str:
+    """Return folder/name, or folder/name (1), (2)... : the first that does not exist yet."""
+    stem, extension = os.path.splitext(name)
+    candidate, number = os.path.join(folder, name), 0
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = os.path.join(folder, f"{stem} ({number}){extension}")
+    return candidate
+
+
+def file_sha256(path: str) -> str:
+    """Return the SHA-256 of a file, read in pieces (a big file is never all in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(MB), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Transfer:
+    """One file on its way, to or from us; what /files and the progress bar show."""
+
+    direction: str  # "up": we send it; "down": we receive it
+    peer: str  # to whom ("bob", or "the room"), or from whom
+    name: str  # the file's name as offered (shown with printable())
+    size: int
+    sha256: str
+    path: str  # up: the file we read; down: the .part file we write, then the final name
+    id: int = 0  # the server's number for it; 0 until the offer is accepted
+    done: int = 0  # bytes sent into the file stream, or received
+    state: str = "offered"  # offered, sending, checking, done, failed, cancelled
+    started: float = 0.0  # when bytes began to move (the time we are given, not read)
+    note: str = ""  # how it ended
+    file: object = None  # the open file, while bytes move
+    last_seq: int = 0  # up: the file stream's number of the last chunk
+    offsets: set = dataclasses.field(default_factory=set)  # down: the chunks that arrived
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("offered", "sending", "checking")
+
+
+class FileTransfers:
+    """A client's files, both ways: offers, chunks out of the file, reassembly, checks.
+
+    `fill` puts chunks of the files being sent into the file stream while it has room;
+    `receive_chunk` writes an arriving chunk where its offset says, so chunks may come
+    in any order; a download is checked once every chunk is there. What the user should
+    see is left in `news` as (what, transfer) pairs: "progress", "done", "failed". A
+    request the protocol must send (a FILE_CANCEL) is left in `cancels`.
+    """
+
+    def __init__(self, downloads: str = "downloads"):
+        self.downloads = downloads
+        self.offers: dict[int, Transfer] = {}  # request number -> offer not answered yet
+        self.uploads: dict[int, Transfer] = {}  # transfer id -> file we send
+        self.incoming: dict[int, Transfer] = {}  # transfer id -> file we receive
+        self.finished: collections.deque = collections.deque(maxlen=HISTORY)
+        self.news: list[tuple[str, Transfer]] = []
+        self.cancels: list[int] = []  # ids to tell the server about
+
+    # --- Sending ---
+
+    @staticmethod
+    def prepare(to: str, path: str) -> Transfer:
+        """Check a file we are asked to send and hash it; raise FileProblem if it cannot go."""
+        path = os.path.expanduser(path)
+        if not os.path.exists(path):
+            raise FileProblem(f"No such file: {path}")
+        if os.path.isdir(path):
+            raise FileProblem(f"{path} is a folder; send the files in it one by one (or a .zip of it).")
+        try:
+            size, sha = os.path.getsize(path), file_sha256(path)
+        except OSError as error:
+            raise FileProblem(f"Cannot read {path}: {error.strerror or error}") from None
+        name = shorten(os.path.basename(path), MAX_FILE_NAME_BYTES)
+        return Transfer("up", to or "the room", name, size, sha, path)
+
+    @staticmethod
+    def offer_fields(transfer: Transfer) -> list[str]:
+        """Return a FILE_OFFER's fields: [to ('' = the room), name, size, SHA-256]."""
+        to = "" if transfer.peer == "the room" else transfer.peer
+        return [to, transfer.name, str(transfer.size), transfer.sha256]
+
+    def offered(self, seq: int, transfer: Transfer) -> None:
+        self.offers[seq] = transfer
+
+    def answered(self, seq: int, fields, now: float) -> None:
+        """The server answered an offer: OK [id] starts the upload; a refusal ends it."""
+        transfer = self.offers.pop(seq, None)
+        if transfer is None:
+            return
+        if transfer.state != "offered":  # cancelled before the server answered
+            if isinstance(fields, list) and fields and fields[0].isdigit():
+                self.cancels.append(int(fields[0]))
+            return
+        if isinstance(fields, Exception) or not fields or not fields[0].isdigit():
+            self.end(transfer, "failed", str(fields) if isinstance(fields, Exception) else "refused")
+            return
+        transfer.id, transfer.started = int(fields[0]), now
+        try:
+            transfer.file = open(transfer.path, "rb")
+        except OSError as error:
+            self.end(transfer, "failed", f"cannot read it: {error.strerror or error}", tell=True)
+            return
+        transfer.state = "sending"
+        self.uploads[transfer.id] = transfer
+
+    def fill(self, stream, now: float) -> None:
+        """Put chunks of the files being sent into the file stream, in turn, while it has room."""
+        sending = [t for t in self.uploads.values() if t.state == "sending" and t.done < t.size]
+        while sending and len(stream.waiting) < FILL:
+            for transfer in list(sending):
+                if not self.send_chunk(stream, transfer) or transfer.done >= transfer.size:
+                    sending.remove(transfer)
+        for transfer in list(self.uploads.values()):
+            if transfer.state == "sending" and transfer.done >= transfer.size and stream.delivered(transfer.last_seq):
+                self.end(transfer, "done", "the server has it all")
+
+    def send_chunk(self, stream, transfer: Transfer) -> bool:
+        """Read the next chunk from disk and queue it; False if the file could not be read."""
+        want = chunk_length(transfer.size, transfer.done)
+        try:
+            data = transfer.file.read(want)
+        except OSError as error:
+            data, why = b"", f"cannot read it: {error.strerror or error}"
+        else:
+            why = "the file got shorter while it was sent"
+        if len(data) != want:
+            self.end(transfer, "failed", why, tell=True)
+            return False
+        transfer.last_seq = stream.send(PacketType.FILE_CHUNK, pack_chunk(transfer.id, transfer.done, data))
+        transfer.done += want
+        self.progress(transfer)
+        return True
+
+    # --- Receiving ---
+
+    def offer_arrived(self, sender: str, more: list[str], now: float) -> None:
+        """An EVENT "file" [id, name, size, sha]: make the .part file and wait for chunks."""
+        if len(more) != 4 or not more[0].isdigit() or not more[2].isdigit() or not SHA_HEX.fullmatch(more[3]):
+            return  # unreadable: no file is started, its chunks are ignored
+        transfer = Transfer("down", sender, more[1], int(more[2]), more[3], "", int(more[0]), started=now)
+        self.incoming[transfer.id] = transfer
+        try:
+            os.makedirs(self.downloads, exist_ok=True)
+            transfer.path = self.create_part(safe_file_name(transfer.name))
+            transfer.file = open(transfer.path, "r+b")
+        except OSError as error:
+            self.end(transfer, "failed", f"cannot save in {self.downloads}: {error.strerror or error}", tell=True)
+            return
+        transfer.state = "sending"
+        self.progress(transfer)
+        if transfer.size == 0:
+            self.check(transfer)
+
+    def create_part(self, name: str) -> str:
+        """Create NAME.part (or NAME (1).part...) exclusively; return its path."""
+        while True:
+            path = unused_path(self.downloads, name + ".part")
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)))
+                return path
+            except FileExistsError:
+                continue  # another download took that name a moment ago
+
+    def receive_chunk(self, payload: bytes) -> None:
+        """A FILE_CHUNK from the file stream: write it where its offset says."""
+        try:
+            number, offset, data = unpack_chunk(payload)
+        except PacketError:
+            return
+        transfer = self.incoming.get(number)
+        if transfer is None or transfer.state != "sending":
+            return  # cancelled, failed or unknown: its chunks still in flight are dropped
+        if offset >= transfer.size or offset % CHUNK_SIZE or len(data) != chunk_length(transfer.size, offset):
+            self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
+            return
+        if offset in transfer.offsets:
+            return  # had it already
+        transfer.file.seek(offset)
+        transfer.file.write(data)
+        transfer.offsets.add(offset)
+        transfer.done += len(data)
+        self.progress(transfer)
+        if transfer.done == transfer.size:
+            self.check(transfer)
+
+    def check(self, transfer: Transfer) -> None:
+        """Every byte is there: compare the SHA-256, then give the file its real name."""
+        transfer.state = "checking"
+        transfer.file.close()
+        if file_sha256(transfer.path) != transfer.sha256:
+            self.end(transfer, "failed", "its SHA-256 does not match: the file arrived damaged")
+            return
+        final = transfer.path[: -len(".part")]
+        while True:
+            final = unused_path(os.path.dirname(final), os.path.basename(final))
+            try:
+                os.rename(transfer.path, final)  # the name says "complete" only now
+                break
+            except FileExistsError:  # Windows: made a moment ago; take the next name
+                continue
+        transfer.path = final
+        self.end(transfer, "done", "SHA-256 checked")
+
+    # --- Ending ---
+
+    def end(self, transfer: Transfer, state: str, note: str, tell: bool = False) -> None:
+        """Finish a transfer; a receiver's partial file is removed unless it is done."""
+        if not transfer.active:
+            return
+        transfer.state, transfer.note = state, note
+        if transfer.file is not None:
+            transfer.file.close()
+        if transfer.direction == "down" and state != "done" and transfer.path.endswith(".part"):
+            try:
+                os.remove(transfer.path)
+            except OSError:
+                pass  # never made, or already gone
+        (self.uploads if transfer.direction == "up" else self.incoming).pop(transfer.id, None)
+        self.finished.append(transfer)
+        self.news.append((state, transfer))
+        if tell and transfer.id:
+            self.cancels.append(transfer.id)
+
+    def event(self, kind: str, more: list[str]) -> None:
+        """A "file-cancelled" EVENT [id]: the transfer ended for everyone."""
+        number = int(more[0]) if more and more[0].isdigit() else 0
+        transfer = self.uploads.get(number) or self.incoming.get(number)
+        if kind == "file-cancelled" and transfer:
+            self.end(transfer, "cancelled", "cancelled")
+
+    def cancel(self, number: int = 0) -> list[Transfer]:
+        """Stop our transfers (all, or the one numbered); return them. The server is told."""
+        stopped = [t for t in [*self.offers.values(), *self.uploads.values(), *self.incoming.values()]
+                   if t.active and number in (0, t.id)]
+        for transfer in stopped:
+            self.end(transfer, "cancelled", "you cancelled it", tell=True)
+        return stopped  # an offer stays in `offers`: its id, once answered, is cancelled too
+
+    def end_all(self, why: str) -> None:
+        """The session ended: every transfer with it (the server forgets them too)."""
+        for transfer in [*self.offers.values(), *self.uploads.values(), *self.incoming.values()]:
+            self.end(transfer, "failed", why)
+        self.offers.clear()
+        self.cancels.clear()
+
+    def progress(self, transfer: Transfer) -> None:
+        """Report progress each time another percent (or the whole file) is done."""
+        step = max(transfer.size // 100, 1)
+        if transfer.done >= transfer.size or transfer.done // step != (transfer.done - CHUNK_SIZE) // step:
+            self.news.append(("progress", transfer))
+
+    def listing(self) -> list[Transfer]:
+        """Every transfer of this session we know of: in progress, then finished."""
+        active = [*self.offers.values(), *self.uploads.values(), *self.incoming.values()]
+        return [t for t in active if t.active] + list(self.finished)
 
 
 # --- The network layer: the socket and one thread ----------------------------------------
@@ -458,8 +860,11 @@ class ChatClient:
 
     def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None, *,
                  timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
-                 on_event=None, on_notice=None, trace=None, rejoin: bool = True):
+                 on_event=None, on_notice=None, trace=None, rejoin: bool = True, downloads: str = "downloads",
+                 on_file=None):
         self.host, self.port = host, port
+        # What happens to files: (what, Transfer) to on_file (on the network thread), else into this queue.
+        self.on_file, self.file_news = on_file, queue.Queue()
         self.rejoin = Rejoin(self) if rejoin else None  # getting back in when the session is lost
         self.asked: dict[int, tuple] = {}  # request number -> (type, fields), to send again after a stop
         self.session_over = threading.Event()  # the session ended and no rejoin follows
@@ -472,7 +877,7 @@ class ChatClient:
         self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
         self.trace = trace
         self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss, trace,
-                                       server=f"{host}:{port}")
+                                       server=f"{host}:{port}", downloads=downloads)
         self.lock = threading.Lock()  # the protocol is shared by the caller's thread and ours
         self.futures: dict[int, concurrent.futures.Future] = {}
         self.closed = threading.Event()
@@ -544,6 +949,35 @@ class ChatClient:
 
     def ping(self) -> None:
         self.call(PacketType.PING)
+
+    def send_file(self, to: str, path: str) -> tuple[Transfer, concurrent.futures.Future]:
+        """Offer a file to `to` ('' = the room); the Future gets the server's answer.
+
+        The file is hashed here, on the caller's thread; once the offer is accepted, the
+        network thread sends it from disk, chunk by chunk. Raises FileProblem if it cannot go.
+        """
+        transfer = FileTransfers.prepare(to, path)
+        future = concurrent.futures.Future()
+        with self.lock:
+            if self.closed.is_set() or not self.protocol.logged_in:
+                raise ConnectionClosed(self.closed_reason or "Not in the chat; not sent.")
+            seq = self.protocol.request(PacketType.FILE_OFFER, FileTransfers.offer_fields(transfer), time.monotonic())
+            self.protocol.files.offered(seq, transfer)
+            self.futures[seq] = future
+        self.wake()
+        return transfer, future
+
+    def cancel_files(self, number: int = 0) -> list[Transfer]:
+        """Stop our transfers (all, or the one numbered); the server and the other side are told."""
+        with self.lock:
+            stopped = self.protocol.files.cancel(number)
+        self.wake()
+        return stopped
+
+    def transfers(self) -> list[Transfer]:
+        """Return this session's transfers: in progress first, then those finished."""
+        with self.lock:
+            return self.protocol.files.listing()
 
     def hello(self) -> str:
         """Ask for a cookie: proof for the server that we really are at our address."""
@@ -666,6 +1100,7 @@ class ChatClient:
             answers, protocol.answers = protocol.answers, []
             events, protocol.events = protocol.events, []
             notices, protocol.notices = protocol.notices, []
+            file_news, protocol.files.news = protocol.files.news, []
             futures = [(self.futures.pop(seq, None), result, self.asked.pop(seq, None)) for seq, result in answers]
             gave_up = protocol.closed_reason
             lost, protocol.lost = protocol.lost, None
@@ -684,6 +1119,8 @@ class ChatClient:
         self.hand_out(events)
         for notice in notices:
             self.on_notice(notice)
+        for item in file_news:
+            self.on_file(*item) if self.on_file else self.file_news.put(item)
         if gave_up and not self.closed.is_set():
             self.close(gave_up)
 
@@ -891,6 +1328,7 @@ def check_length(text: str) -> str:
 # --- The terminal ---------------------------------------------------------------------
 
 ERASE_DOWN = "\x1b[J"  # ANSI: clear from the cursor to the end of the screen
+CLEAR_LINE_END = "\x1b[K"  # ANSI: clear from the cursor to the end of its line
 ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufe0e\ufe0f")  # joiners and emoji variation selectors
 
 
@@ -928,6 +1366,7 @@ class Terminal:
         self.ended = False
         self.saved_mode = None
         self.given_back = False  # restore() was called: leave the terminal's settings alone
+        self.status_shown = False  # the last line printed is a progress line, to be drawn over
         self.readline_cursor = readline_cursor() if interactive and readline else None
         if interactive and termios:
             try:
@@ -1022,21 +1461,28 @@ class Terminal:
                 except (termios.error, OSError, ValueError):
                     pass
 
-    def show(self, text: str) -> None:
-        """Print a line above the prompt, without garbling what the user is typing."""
+    def show(self, text: str, status: bool = False) -> None:
+        """Print a line above the prompt, without garbling what the user is typing.
+
+        A `status` line (a progress bar; ANSI terminals only) is drawn over by the next line
+        printed: a bar redrawn in place, and chat lines that take its place, the bar below them.
+        """
         with self.print_lock:
+            lift = cursor_up(1) + "\r" if self.status_shown else ""  # back onto the last progress line
+            text += CLEAR_LINE_END if self.status_shown or status else ""
+            self.status_shown = status
             try:
                 if not self.prompt:
-                    print(text, flush=True)
+                    print(lift + text, flush=True)
                 elif readline and not self.secret and self.prompt == self.asked:
-                    self.show_above_readline(text)
+                    self.show_above_readline(text, lift)
                 else:  # a password's prompt (what is typed is not shown), or no readline
-                    sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + text + "\n" + self.prompt)
+                    sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + lift + text + "\n" + self.prompt)
                     sys.stdout.flush()
             except BrokenPipeError:  # output piped into a program that stopped reading
                 pass
 
-    def show_above_readline(self, text: str) -> None:
+    def show_above_readline(self, text: str, lift: str = "") -> None:
         """Clear the rows the line being typed covers, print `text`, draw the line again below
         it, and put the cursor back where readline has it: the screen is then what readline
         believes it is, and the next key edits the right place."""
@@ -1044,7 +1490,7 @@ class Terminal:
         before_cursor = typed[:readline_point(typed, self.readline_cursor)]
         columns = shutil.get_terminal_size().columns
         row, _ = divmod(display_width(self.prompt + before_cursor), columns)
-        sys.stdout.write("\r" + cursor_up(row) + ERASE_DOWN + text + "\n" + self.prompt + typed)
+        sys.stdout.write("\r" + cursor_up(row) + lift + ERASE_DOWN + text + "\n" + self.prompt + typed)
         end_row, end_column = divmod(display_width(self.prompt + typed), columns)
         if end_row and not end_column:
             sys.stdout.write(" \r")  # the line fills its last row: step onto the next, as readline does
@@ -1103,6 +1549,9 @@ HELP = f"""Commands:
   /who               who is in your room
   /join ROOM         go to another room (asks its password; a new room gets the one you give)
   /msg USER TEXT     a private message to one user
+  /send USER FILE    send a file to one user ("quotes" optional around a name with spaces)
+  /share FILE        send a file to everyone in your room
+  /files             files in progress and finished;  /cancel  stops yours (/cancel N: number N)
   exit  or  /quit    leave (Ctrl+C does the same)
 Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
 several messages, cut between words. Start a line with // to send one beginning with /."""
@@ -1131,6 +1580,8 @@ def format_event(event: Event) -> str:
         return f"[{clock}] {user} joined"
     if event.kind == "leave":
         return f"[{clock}] {user} left" + (f" ({text})" if text else "")
+    if event.kind in FILE_EVENTS:
+        return f"[{clock}] {text}"
     return f"[{clock}] {event.kind}: {user} {text}"
 
 
@@ -1346,7 +1797,10 @@ class Conversation:
         client.on_event = self.screen.show_event  # what the server pushes is shown by the Screen
         self.chatting = False
         self.commands = {"/help": self.show_help, "/rooms": self.show_rooms, "/who": self.show_who,
-                         "/join": self.join_room, "/msg": self.send_private}
+                         "/join": self.join_room, "/msg": self.send_private, "/send": self.send_file,
+                         "/share": self.share_file, "/files": self.list_files, "/cancel": self.cancel_files}
+        self.progress = FileProgress(terminal, in_place=terminal is not None and progress_in_place(terminal))
+        client.on_file = self.progress.update
 
     def ask(self, prompt: str, secret: bool = False) -> str:
         return self.terminal.ask(prompt, secret, alive=self.check_alive)
@@ -1537,6 +1991,132 @@ class Conversation:
             raise  # "not-online" and others say it in the server's words
         if len(parts) > 1:
             self.terminal.show(f"sent in {len(parts)} parts")
+
+
+    def send_file(self, rest: str) -> None:
+        """/send USER FILE"""
+        user, _, path = rest.partition(" ")
+        if not user or not path.strip():
+            self.terminal.show('Usage: /send USER FILE   (e.g. /send bob "my notes.pdf")')
+        else:
+            self.offer_file(user, unquote(path))
+
+    def share_file(self, rest: str) -> None:
+        """/share FILE: to everyone else in the room"""
+        if not rest:
+            self.terminal.show("Usage: /share FILE")
+        else:
+            self.offer_file("", unquote(rest))
+
+    def offer_file(self, to: str, path: str) -> None:
+        """Offer the file; once the server accepts, it goes, and its progress is shown."""
+        try:
+            transfer, future = self.client.send_file(to, path)
+        except FileProblem as problem:
+            self.terminal.show(str(problem))
+            return
+        future.add_done_callback(lambda done: done.exception() or self.terminal.show(
+            f"sending {printable(transfer.name)} ({describe_size(transfer.size)}) to {printable(transfer.peer)}"
+            f" as number {transfer.id}"))  # a refusal is shown by FileProgress
+
+    def list_files(self, rest: str) -> None:
+        transfers = self.client.transfers()
+        for transfer in transfers:
+            self.terminal.show("  " + describe_transfer(transfer))
+        if not transfers:
+            self.terminal.show("No files sent or received yet.")
+
+    def cancel_files(self, rest: str) -> None:
+        if not self.client.cancel_files(int(rest) if rest.isdigit() else 0):
+            self.terminal.show("No file of yours is on its way." if not rest else f"No transfer numbered {rest}.")
+
+
+def unquote(text: str) -> str:
+    """Return a path as typed: surrounding quotes dropped, ~ expanded; backslashes kept (Windows)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1]
+    return os.path.expanduser(text)
+
+
+def progress_in_place(terminal) -> bool:
+    """May a progress bar be drawn over itself? Only on a terminal that understands ANSI codes."""
+    if not getattr(terminal, "interactive", False) or not is_terminal(sys.stdout):
+        return False
+    return os.name != "nt" or enable_windows_ansi()
+
+
+def describe_transfer(transfer: Transfer) -> str:
+    """Return one line of /files: number, direction, name, size, how far."""
+    arrow = f"-> {transfer.peer}" if transfer.direction == "up" else f"<- {transfer.peer}"
+    how = f"{percent(transfer)}%" if transfer.active else transfer.state + (f" ({transfer.note})" if transfer.note
+                                                                               else "")
+    return printable(f"#{transfer.id} {transfer.name} {arrow}, {describe_size(transfer.size)}: {how}")
+
+
+def percent(transfer: Transfer) -> int:
+    return 100 if not transfer.size else transfer.done * 100 // transfer.size
+
+
+class FileProgress:
+    """How files on their way are shown: one bar for all, drawn over itself on a terminal
+    (percent, size, speed, time left); elsewhere a plain line at each quarter. Then a last line."""
+
+    REDRAW_EVERY = 0.1  # seconds: ten frames a second is smooth, and cheap
+    BAR = 20  # characters
+
+    def __init__(self, terminal, in_place: bool, clock=time.monotonic):
+        self.terminal, self.in_place, self.clock = terminal, in_place, clock
+        self.active: dict[int, Transfer] = {}  # id(transfer) -> transfer, while it moves
+        self.quarters: dict[int, int] = {}  # plain lines: the last quarter shown
+        self.drawn_at = -1.0
+
+    def update(self, what: str, transfer: Transfer) -> None:
+        """Called (on the network thread) with ("progress", "done", "failed" or "cancelled", transfer)."""
+        if what != "progress":
+            self.active.pop(id(transfer), None)
+            self.terminal.show(final_line(what, transfer))
+            if self.in_place and self.active:
+                self.draw(force=True)
+        elif self.in_place:
+            self.active[id(transfer)] = transfer
+            self.draw(force=transfer.done >= transfer.size)
+        elif transfer.size and 0 < percent(transfer) // 25 < 4 and percent(transfer) // 25 > self.quarters.get(
+                id(transfer), 0):
+            self.quarters[id(transfer)] = percent(transfer) // 25
+            self.terminal.show(printable(f"{transfer.name}: {percent(transfer)}% of {describe_size(transfer.size)}"))
+
+    def draw(self, force: bool = False) -> None:
+        now = self.clock()
+        if force or now - self.drawn_at >= self.REDRAW_EVERY:
+            self.drawn_at = now
+            line = "  |  ".join(self.bar(transfer, now) for transfer in self.active.values())
+            width = shutil.get_terminal_size().columns - 1
+            while display_width(line) > width:  # one row, or it could not be drawn over
+                line = line[:-2]
+            self.terminal.show(line, status=True)
+
+    def bar(self, transfer: Transfer, now: float) -> str:
+        filled = percent(transfer) * self.BAR // 100
+        elapsed = max(now - transfer.started, 1e-6)
+        speed = transfer.done / elapsed
+        left = (transfer.size - transfer.done) / speed if speed else 0
+        return printable(f"{transfer.name} [{'#' * filled}{'.' * (self.BAR - filled)}] {percent(transfer):3d}% "
+                         f"{describe_size(transfer.done)}/{describe_size(transfer.size)} "
+                         f"{describe_size(int(speed))}/s {left:.0f} s left")
+
+
+def final_line(what: str, transfer: Transfer) -> str:
+    """Return the line that ends a transfer: saved, sent, not sent, cancelled."""
+    name, size = transfer.name, describe_size(transfer.size)
+    if what == "done" and transfer.direction == "down":
+        return printable(f"saved {transfer.path} ({size}, {transfer.note})")
+    if what == "done":
+        return printable(f"sent {name} ({size}) to {transfer.peer}")
+    if what == "cancelled":
+        return printable(f"cancelled: {name} ({transfer.note})")
+    removed = "; the partial file was removed" if transfer.direction == "down" else ""
+    return printable(f"{name} not {'saved' if transfer.direction == 'down' else 'sent'}: {transfer.note}{removed}")
 
 
 # --- Finding a server: one question to the whole network -------------------------------
@@ -2381,7 +2961,7 @@ def run_window(args: argparse.Namespace) -> int | None:
     except ImportError:
         print(NO_TKINTER)
         return None
-    options = dict(cipher=args.cipher, key=args.key, loss=args.loss, seed=args.seed)
+    options = dict(cipher=args.cipher, key=args.key, loss=args.loss, seed=args.seed, downloads=args.downloads)
     try:
         window = ChatWindow(args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, options)
     except tk.TclError as error:  # no display: a remote login without X, say
@@ -2408,6 +2988,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--find", action="store_true",
                         help="list the chat servers on this network (on --port), one per line, and exit")
     parser.add_argument("--gui", action="store_true", help="chat in a window instead of the terminal (needs tkinter)")
+    parser.add_argument("--downloads", default="downloads",
+                        help="folder for the files others send you (default: downloads in the current folder)")
     args = parser.parse_args(argv)
     if args.port is not None and not 0 < args.port < 65536:
         parser.error("--port must be from 1 to 65535")
@@ -2516,7 +3098,7 @@ def print_servers_found(args: argparse.Namespace) -> int:
 def open_client(args: argparse.Namespace, terminal: Terminal) -> ChatClient:
     """Ask where the server is, and return a ChatClient for it that prints to the terminal."""
     host, port = ask_address(args, terminal)
-    return ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
+    return ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed, downloads=args.downloads,
                       on_event=lambda event: terminal.show(format_event(event)),
                       on_notice=terminal.show, trace=terminal.show if args.verbose else None)
 

@@ -60,6 +60,7 @@ import bisect
 import collections
 import enum
 import random
+import re
 import socket
 import struct
 import sys
@@ -161,7 +162,8 @@ HEADER_SIZE = HEADER.size  # 32 bytes
 MAGIC = b"UC"  # "UDP Chat": a datagram that does not start with it is not ours
 # 2: every header carries a selective acknowledgement; replies name their request.
 # 3: FIND, a client's search for servers on the local network.
-VERSION = 3
+# 4: files: FILE_OFFER, FILE_CHUNK, FILE_CANCEL, and a second stream (FLAG_FILE_STREAM).
+VERSION = 4
 # 1200 bytes fits the smallest path MTU seen in practice (IPv6 guarantees 1280, minus
 # its headers), so our datagrams are never split into IP fragments; QUIC uses the same.
 MAX_DATAGRAM = 1200
@@ -192,6 +194,10 @@ def describe_address(address: Address) -> str:
 NO_TOKEN = bytes(8)
 FIELD_LENGTH = struct.Struct("!H")
 FLAG_RETRANSMIT = 0x0001  # set on a packet sent again; lets a trace mark it
+# Set on every packet of a session's second reliable channel, the file stream, ACKs too: its
+# numbers, window and timers are its own, so a chat line never waits behind a lost file
+# chunk (no head-of-line blocking, as QUIC's streams avoid it). Clear: the chat's channel.
+FLAG_FILE_STREAM = 0x0002
 # A HELLO is padded to this size so that the server's reply is never larger than the
 # request: then nobody can forge our source address and use the server as an amplifier.
 MIN_HELLO_SIZE = 128
@@ -215,9 +221,12 @@ class PacketType(enum.IntEnum):
     BYE = 10  # request: [] -> OK [re, text]; the session ends
     ACK = 11  # either way: nothing but the acknowledgement fields of the header
     FIND = 12  # request, often broadcast: "which chat servers are here?" -> OK [re, name, port, online]; padded
+    FILE_OFFER = 13  # request: [to ('' = the room), file name, size, SHA-256 hex] -> OK [re, transfer id]
+    FILE_CHUNK = 14  # on the file stream, either way: binary [transfer id 8 B, offset 8 B, data] (FILE_CHUNK_HEAD)
+    FILE_CANCEL = 15  # request: [transfer id] -> OK [re, text]; the sender's stops it, a receiver's leaves it
     OK = 20  # reply [re, ...]: request number `re` succeeded; more fields depend on the request
     ERROR = 21  # reply [re, code, text]: the request failed, or (re 0) the packet was bad
-    EVENT = 22  # server -> client: [kind, unix time, room, user, text]
+    EVENT = 22  # server -> client: [kind, unix time, room, user, text, more...]; see FILE_EVENTS
     RESET = 23  # reply with no payload: "I have no session for you" (like TCP's RST)
 
 
@@ -315,7 +324,8 @@ def describe_datagram(data: bytes) -> str:
     _, _, _, flags, _, seq, ack, sack, _, _ = HEADER.unpack_from(data)
     sack_text = f" sack={sack:#b}" if sack else ""
     retransmit = " retransmitted" if flags & FLAG_RETRANSMIT else ""
-    return f"{peek_type_name(data)} seq={seq} ack={ack}{sack_text} {len(data)} B{retransmit}"
+    stream = " [file stream]" if flags & FLAG_FILE_STREAM else ""
+    return f"{peek_type_name(data)}{stream} seq={seq} ack={ack}{sack_text} {len(data)} B{retransmit}"
 
 
 def pack_fields(*fields: str) -> bytes:
@@ -347,6 +357,53 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
         return [field.decode("utf-8") for field in fields]
     except UnicodeDecodeError:
         raise PacketError("a field is not valid UTF-8") from None
+
+
+# A FILE_CHUNK's payload is binary, not text fields: the transfer's number and where the
+# data goes in the file, 8 bytes each in network byte order, then as much of the file as
+# fits. A file of 2.1 MB is about 1,900 chunks.
+FILE_CHUNK_HEAD = struct.Struct("!QQ")  # transfer id, offset
+CHUNK_SIZE = MAX_PAYLOAD - FILE_CHUNK_HEAD.size  # 1152 bytes of file per datagram
+# The EVENTs about files carry more fields after the text: "file" [..., id, name, size,
+# SHA-256] offers a file to its receiver; "file-done" [..., id] tells the sender that
+# `user` has every byte; "file-declined" [..., id] that `user` cancelled or left;
+# "file-cancelled" [..., id] that the transfer ended for everyone, the text says why.
+FILE_EVENTS = ("file", "file-done", "file-declined", "file-cancelled")
+
+
+def pack_chunk(transfer: int, offset: int, data: bytes) -> bytes:
+    """Return a FILE_CHUNK's payload: transfer id, offset, then the data."""
+    return FILE_CHUNK_HEAD.pack(transfer, offset) + data
+
+
+def unpack_chunk(payload: bytes) -> tuple[int, int, bytes]:
+    """Return (transfer id, offset, data) from a FILE_CHUNK's payload."""
+    if len(payload) < FILE_CHUNK_HEAD.size:
+        raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes, not {len(payload)}")
+    transfer, offset = FILE_CHUNK_HEAD.unpack_from(payload)
+    return transfer, offset, payload[FILE_CHUNK_HEAD.size:]
+
+
+MB = 1 << 20  # bytes in a megabyte, as the file limits count them
+MAX_FILE_NAME_BYTES = 255  # most file systems' limit on one name: the longest name a FILE_OFFER carries
+SHA_HEX = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as a FILE_OFFER carries it
+# Chunks kept waiting in a file stream beyond the ones in flight: enough to refill its
+# window at once when ACKs come, few enough that memory stays small (32 x 1.2 KB).
+FILL = 32
+
+
+def describe_size(size: int) -> str:
+    """Return a size as people read it: 512 B, 14.2 KB, 2.1 MB."""
+    if size < 1024:
+        return f"{size} B"
+    if size < MB:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / MB:.1f} MB"
+
+
+def chunk_length(size: int, offset: int) -> int:
+    """Return how long the chunk at `offset` is: CHUNK_SIZE, or what is left at the end."""
+    return min(CHUNK_SIZE, size - offset)
 
 
 # === 3. The reliable channel =========================================================
@@ -490,6 +547,8 @@ class Channel:
 
     Round trips are measured on packets sent exactly once (Karn's rule) and feed the
     RtoEstimator that sets the timers. Stop-and-wait is this class with a window of 1.
+    A session has two: the chat's, and the file stream, whose `flags` (FLAG_FILE_STREAM)
+    it stamps on every packet it sends, so the peer knows which channel a packet is for.
 
         channel = Channel(make_cipher("none"))
         channel.send(PacketType.SAY, pack_fields("hi"))
@@ -507,13 +566,14 @@ class Channel:
 
     def __init__(self, cipher, token: bytes = NO_TOKEN, *, window: int = WINDOW, max_queue: int = MAX_QUEUE,
                  max_sends: int = MAX_SENDS, rto: RtoEstimator | None = None,
-                 ack_delay: float = 0.0, ack_every: int = 1, first_seq: int = 1):
+                 ack_delay: float = 0.0, ack_every: int = 1, first_seq: int = 1, flags: int = 0):
         if not 1 <= window <= self.WINDOW:
             raise ValueError(f"the window must be from 1 to {self.WINDOW}")
         self.cipher, self.token = cipher, token
         self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
         self.rto = rto or RtoEstimator()
         self.ack_delay, self.ack_every = ack_delay, ack_every
+        self.flags = flags  # stamped on everything it sends: FLAG_FILE_STREAM names the file stream
         # Sending half
         self.next_seq = first_seq  # 1 on a session; a stranger's tries go on counting
         self.in_flight: dict[int, InFlight] = {}  # by number, oldest first (dicts keep order)
@@ -543,6 +603,15 @@ class Channel:
     def idle(self) -> bool:
         """Is everything sent acknowledged, with nothing waiting?"""
         return not self.in_flight and not self.waiting
+
+    def delivered(self, seq: int) -> bool:
+        """Has the peer acknowledged packet number `seq` (a number send() returned)?"""
+        return seq < self.base()  # everything below the window's left edge has arrived
+
+    def buffered_bytes(self) -> int:
+        """Return the payload bytes this channel holds: in flight, waiting, or held for a gap."""
+        entries = [*self.in_flight.values(), *self.waiting]
+        return sum(len(entry.body.plain) for entry in entries) + sum(len(p.payload) for p in self.held.values())
 
     def on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
         """Mark what the peer acknowledged as delivered; count what overtook what is missing."""
@@ -631,7 +700,8 @@ class Channel:
             self.next_seq += 1
         if self.ack_due <= now and not out:
             cumulative, bitmap = self.acknowledgement()
-            out.append(encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token), self.cipher))
+            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token, self.flags)
+            out.append(encode_packet(ack, self.cipher))
             self.stats["bare acks"] += 1
         if out:
             self.unacked, self.ack_due = 0, float("inf")  # every datagram carried the acknowledgement
@@ -659,7 +729,7 @@ class Channel:
         if entry.sends >= self.max_sends:
             self.failed = True
             return None
-        flags = FLAG_RETRANSMIT if entry.sends else 0
+        flags = self.flags | (FLAG_RETRANSMIT if entry.sends else 0)
         self.stats["retransmitted" if entry.sends else "sent"] += 1
         entry.sends += 1
         self.transmissions += 1

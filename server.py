@@ -20,14 +20,15 @@ How it is built, in the spirit of the standard library's socketserver:
   comes again gets the remembered answer (`StrangerReplies`), never a second account.
 * Small helpers do one job each: `AbuseControl` (lockouts, limits, flood control),
   `Delivery` (the channels' timers), `Discovery` (answers a client's search of the
-  network, FIND), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
+  network, FIND), `FileRelay` (file_transfer.py: files stored, then relayed to each
+  receiver on its own file stream), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
   the thread that runs the slow password hash so that a flood of logins never stalls
   the chat. Only the loop's thread changes any state.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
-    55 43 03 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v3 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 60 63 4b d0   sack=0, token, CRC-32, then the payload:
+    55 43 04 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v4 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 d5 41 e2 e8   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 
 The packet format and the channel are defined once, in encryption_helper.py; accounts in auth.py.
@@ -38,6 +39,7 @@ import calendar
 import collections
 import dataclasses
 import functools
+import hashlib
 import heapq
 import hmac
 import os
@@ -51,14 +53,19 @@ import time
 import traceback
 
 import auth
-from auth import MAX_NAME_BYTES, AbuseControl, Discovery, Reception, Refusal
+from auth import MAX_NAME_BYTES, AbuseControl, Discovery, Reception, Refusal, valid_username
 from encryption_helper import (
     ACK_DELAY,
     DEFAULT_CIPHER,
+    FILL,
+    FLAG_FILE_STREAM,
     LOBBY,
+    MAX_FILE_NAME_BYTES,
     MAX_PAYLOAD,
+    MB,
     NO_TOKEN,
     RECV_BUFFER,
+    SHA_HEX,
     Address,
     Body,
     Channel,
@@ -68,14 +75,18 @@ from encryption_helper import (
     PacketType,
     RtoEstimator,
     add_shared_options,
+    chunk_length,
     decode_packet,
     describe_address,
     describe_datagram,
+    describe_size,
     local_interfaces,
     make_cipher,
     oversize_text,
+    pack_chunk,
     pack_fields,
     prepare_body,
+    unpack_chunk,
     unpack_fields,
 )
 
@@ -83,6 +94,7 @@ HISTORY_FILE = "chat_history.txt"
 USERS_FILE = "users.json"
 ROOMS_FILE = "rooms.json"
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_data")
+DEFAULT_MAX_FILE_MB = 20  # the largest file a member may send, unless --max-file-mb says
 HISTORY_ON_JOIN = 20  # past messages shown to whoever joins a room
 MAX_BACKLOG = 100  # a member's requests held by flood control; past that they are refused
 MAX_WAIT = 0.5  # seconds the loop may sleep: on Windows, Ctrl+C waits for select() to return
@@ -110,6 +122,7 @@ class ServerConfig:
     session_timeout: float = 30.0
     kdf_iterations: int = auth.DEFAULT_ITERATIONS  # tests lower it: they need no slow hash
     name: str = ""  # what clients searching the network (FIND) are told; "": this PC's host name
+    max_file_mb: float = DEFAULT_MAX_FILE_MB  # the largest file a member may send; larger is refused
 
 
 # --- State -----------------------------------------------------------------------------
@@ -130,6 +143,7 @@ class Session:
     news: list = dataclasses.field(default_factory=list)  # EVENT bodies, sent after the current reply
     wake_at: float = float("inf")  # when Delivery next looks at this session
     checking: bool = False  # a password check for its JOIN is running: later requests wait
+    file_stream: Channel | None = None  # the second channel, for file chunks (FLAG_FILE_STREAM)
 
 
 @dataclasses.dataclass
@@ -186,6 +200,7 @@ class ChatServer:
         self.stats = collections.Counter()
         self.reception = Reception(self)
         self.discovery = Discovery(self)
+        self.files = FileRelay(self, config.max_file_mb)
         self.handlers = handler_table(self, self.reception)
 
     # --- Entry points: a datagram, a finished password check, the time ---
@@ -261,6 +276,9 @@ class ChatServer:
             self.reception.refuse_unknown_session(request, session)
             return
         session.last_heard = request.now
+        if packet.flags & FLAG_FILE_STREAM:  # the file stream: its own numbers, its own acknowledgements
+            self.files.receive_stream(session, packet, request.now)
+            return
         outcome, ready = session.channel.receive(packet, request.now)
         if outcome != "in order":
             self.log.trace("   ", b"", address, f" {packet.type.name} seq={packet.seq}: {outcome}")
@@ -421,6 +439,8 @@ class ChatServer:
         token = secrets.token_bytes(8)
         channel = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY))  # clients delay ACKs
         session = Session(token, address, name, channel, self.guard.new_bucket(now), now)
+        session.file_stream = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY),
+                                      flags=FLAG_FILE_STREAM)
         self.sessions[address] = session
         self.online[name.lower()] = session
         return session
@@ -438,6 +458,7 @@ class ChatServer:
         del self.sessions[session.address]
         del self.online[session.name.lower()]
         session.backlog.clear()
+        self.files.drop(session)
         if session.room:
             self.rooms.leave(session, reason)
         self.delivery.touch(session)
@@ -447,6 +468,7 @@ class ChatServer:
     def flush(self, now: float) -> None:
         """Send what the touched sessions' channels have for the wire: replies, then EVENTs."""
         while self.delivery.touched:  # again while ending a session told its room something
+            self.files.pump([s for s in self.delivery.touched.values() if self.sessions.get(s.address) is s], now)
             for session in self.delivery.flush(now, self.outbox, self.log.trace):
                 if self.sessions.get(session.address) is session:  # fell too far behind, or gave up
                     reason = "not responding" if session.channel.failed else "too slow"
@@ -477,6 +499,9 @@ def handler_table(chat: ChatServer, door: "Reception") -> dict:
         PacketType.BYE: chat.handle_bye,
         PacketType.ACK: refuse_numbered_ack,
         PacketType.FIND: chat.discovery.handle_find,
+        PacketType.FILE_OFFER: chat.files.handle_offer,
+        PacketType.FILE_CHUNK: chat.files.refuse_chunk,
+        PacketType.FILE_CANCEL: chat.files.handle_cancel,
         PacketType.OK: chat.handle_server_only,
         PacketType.ERROR: chat.handle_server_only,
         PacketType.EVENT: chat.handle_server_only,
@@ -660,13 +685,14 @@ class Delivery:
             if not all(channel.send(PacketType.EVENT, body) for body in session.news):
                 to_end.append(session)  # max_queue EVENTs behind: it cannot keep up
             session.news.clear()
-            for data in channel.poll(now):
-                trace("out", data, session.address)
-                outbox.append((data, session.address))
-            if channel.failed:
+            for stream in (channel, session.file_stream):  # the chat's first: a line never waits for a chunk
+                for data in stream.poll(now):
+                    trace("out", data, session.address)
+                    outbox.append((data, session.address))
+            if channel.failed or session.file_stream.failed:
                 to_end.append(session)
             else:
-                self.wake(session, channel.next_wakeup())
+                self.wake(session, min(channel.next_wakeup(), session.file_stream.next_wakeup()))
         return to_end
 
 
@@ -809,6 +835,311 @@ def ends_inside_a_line(path: str) -> bool:
             return file.read(1) != b"\n"
     except FileNotFoundError:
         return False
+
+
+# Files: a FILE_OFFER's upload is stored in DATA_DIR/transfers/ID.part, checked, and
+# relayed to each receiver from that file as its file stream has room (client.py's
+# files section tells the whole story, sender to receiver).
+
+def file_event_fields(kind: str, when: float, room: str, user: str, text: str, *more: str) -> bytes:
+    """Return an EVENT's payload about a file: the five usual fields, then the file's."""
+    return pack_fields(kind, str(int(when)), room, user, text, *more)
+
+
+@dataclasses.dataclass(eq=False)
+class Upload:
+    """A file coming in from its sender, kept in a temporary file until every receiver has it."""
+
+    id: int
+    sender: object  # the sender's server.Session
+    name: str
+    size: int
+    sha256: str
+    path: str  # DATA_DIR/transfers/ID.part
+    writer: object  # the temporary file, written as chunks come
+    reader: object  # the same file, read for each receiver
+    receivers: dict = dataclasses.field(default_factory=dict)  # id(session) -> Receiver, until done or gone
+    received: int = 0
+    checked: bool = False  # every byte is in, and the SHA-256 matched
+    digest: object = dataclasses.field(default_factory=hashlib.sha256)
+
+
+@dataclasses.dataclass(eq=False)
+class Receiver:
+    """Where one receiver is in one file: what has gone into its file stream."""
+
+    session: object  # server.Session
+    upload: Upload
+    offer_seq: int  # the "file" EVENT's number on its chat channel: no chunk goes before it arrives
+    sent: int = 0  # bytes put into its file stream
+    last_seq: int = 0  # the file stream's number of the last chunk put in
+
+
+class FileRelay:
+    """The server's part in sending files: offers, uploads to disk, relaying to each receiver.
+
+    Chunks go to a receiver only after it has acknowledged the "file" EVENT (the two
+    streams are independent, so a chunk could otherwise overtake its offer), and only
+    while its file stream holds fewer than FILL waiting: the relay buffers nothing itself.
+    """
+
+    # A member may send a few files at once; more would only share the same bandwidth.
+    MAX_PER_MEMBER = 3
+    # Files in transfer on the whole server: with --max-file-mb 20, at most 400 MB of disk.
+    MAX_TRANSFERS = 20
+
+    def __init__(self, chat, max_file_mb: float = DEFAULT_MAX_FILE_MB):
+        self.chat = chat
+        self.max_file_mb = max_file_mb
+        self.limit = int(max_file_mb * MB)
+        self.folder = os.path.join(chat.config.data_dir, "transfers")
+        self.uploads: dict[int, Upload] = {}  # transfer id -> upload
+        self.receiving: dict[int, list[Receiver]] = {}  # id(session) -> the files it is being sent
+        self.next_id = 1
+        self.clear_folder()
+
+    def clear_folder(self) -> None:
+        """Delete what a crash left in the transfers folder: files never completed."""
+        os.makedirs(self.folder, exist_ok=True)
+        for name in os.listdir(self.folder):
+            if name.endswith(".part"):
+                os.remove(os.path.join(self.folder, name))
+
+    # --- Requests: FILE_OFFER and FILE_CANCEL, on a member's chat channel ---
+
+    def handle_offer(self, request) -> list[str]:
+        """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; refused before any byte is sent."""
+        session = request.session
+        to, name, size, sha = unpack_fields(request.packet.payload, 4)
+        size = self.check_offer(session, name, size, sha)
+        members = self.receivers_for(session, to)
+        upload = self.open_upload(session, name, size, sha)
+        for member in members:
+            self.offer_to(upload, member)
+        if size == 0:
+            self.upload_complete(upload)
+        self.chat.log.event(session.address, session.name,
+                            f"offers {name!r} ({describe_size(size)}) to {to or 'the room'}: transfer {upload.id}")
+        return [str(upload.id)]
+
+    def check_offer(self, session, name: str, size: str, sha: str) -> int:
+        """Return the offered size; refuse a file too big, a bad offer, or one too many."""
+        if not size.isdigit() or not SHA_HEX.fullmatch(sha) or not name or len(name.encode()) > MAX_FILE_NAME_BYTES:
+            raise Refusal("bad-request", "A file offer is [to, name (1-255 bytes), size, SHA-256 in hex].")
+        if int(size) > self.limit:
+            raise Refusal("too-big", f"That file is {describe_size(int(size))}; the limit is {self.max_file_mb:g} MB.")
+        if sum(upload.sender is session for upload in self.uploads.values()) >= self.MAX_PER_MEMBER:
+            raise Refusal("too-many", f"You are sending {self.MAX_PER_MEMBER} files already; wait for one to finish.")
+        if len(self.uploads) >= self.MAX_TRANSFERS:
+            raise Refusal("busy", "The server is busy with other files; try again in a while.")
+        return int(size)
+
+    def receivers_for(self, session, to: str) -> list:
+        """Return who gets the file: the user named, or everyone else in the sender's room."""
+        if not to:
+            others = [m for m in self.chat.rooms.of(session).members.values() if m is not session]
+            if not others:
+                raise Refusal("nobody", "Nobody else is in the room to share it with.")
+            return others
+        member = self.chat.online.get(to.lower())
+        if member is None:
+            raise Refusal("unknown-user", f"{to if valid_username(to) else 'That user'} is not online.")
+        if member is session:
+            raise Refusal("to-self", "That is you; send it to someone else.")
+        return [member]
+
+    def open_upload(self, session, name: str, size: int, sha: str) -> Upload:
+        number, self.next_id = self.next_id, self.next_id + 1
+        path = os.path.join(self.folder, f"{number}.part")
+        try:
+            writer = open(path, "wb", buffering=0)  # unbuffered: what is written can be read back at once
+            reader = open(path, "rb")
+        except OSError as error:
+            self.chat.log.problem(f"cannot open {path}: {error}")
+            raise Refusal("server-error", "The server cannot store files now; try again later.") from None
+        upload = Upload(number, session, name, size, sha, path, writer, reader)
+        self.uploads[number] = upload
+        return upload
+
+    def offer_to(self, upload: Upload, member) -> None:
+        """Send a receiver the "file" EVENT; remember its number, to know when it has arrived."""
+        text = f"{upload.sender.name} is sending {upload.name} ({describe_size(upload.size)})"
+        room = self.chat.rooms.of(member).name if member.room else ""
+        body = self.event_body("file", room, upload.sender.name, text, upload.id, upload.name, upload.size,
+                               upload.sha256)
+        seq = member.channel.send(PacketType.EVENT, body)
+        if not seq:
+            self.chat.delivery.give_up_on(member)  # its queue is full: it cannot keep up
+            return
+        receiver = Receiver(member, upload, seq)
+        upload.receivers[id(member)] = receiver
+        self.receiving.setdefault(id(member), []).append(receiver)
+        self.chat.delivery.touch(member)
+
+    def handle_cancel(self, request) -> list[str]:
+        """FILE_CANCEL [id]: the sender's stops the transfer for all; a receiver's, for itself."""
+        (number,) = unpack_fields(request.packet.payload, 1)
+        session = request.session
+        upload = self.uploads.get(int(number)) if number.isdigit() else None
+        if upload is not None and upload.sender is session:
+            self.cancel(upload, f"{session.name} cancelled it", tell_sender=False)
+            return ["cancelled"]
+        receiver = upload.receivers.get(id(session)) if upload else None
+        if receiver is None:
+            raise Refusal("no-such-transfer", "No such transfer (finished already?).")
+        self.drop_receiver(receiver, f"{session.name} cancelled {upload.name}")
+        return ["cancelled"]
+
+    @staticmethod
+    def refuse_chunk(request) -> None:
+        raise Refusal("bad-request", "A FILE_CHUNK goes on the file stream (FLAG_FILE_STREAM), not the chat's.")
+
+    # --- The file stream ---
+
+    def receive_stream(self, session, packet, now: float) -> None:
+        """A packet on a member's file stream: acknowledgements, and chunks of its uploads."""
+        _, ready = session.file_stream.receive(packet, now)
+        for delivered in ready:
+            if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                self.take_chunk(session, delivered.payload)
+        self.chat.delivery.touch(session)
+
+    def take_chunk(self, session, payload: bytes) -> None:
+        """Write an upload's next chunk to its temporary file; chunks come in order, so at its end."""
+        try:
+            number, offset, data = unpack_chunk(payload)
+        except PacketError:
+            return
+        upload = self.uploads.get(number)
+        if upload is None or upload.sender is not session or upload.received == upload.size:
+            return  # cancelled meanwhile (its chunks in flight still come), or not the sender's
+        if offset != upload.received or len(data) != chunk_length(upload.size, offset):
+            self.cancel(upload, "its chunks did not fit the file")
+            return
+        try:
+            upload.writer.write(data)
+        except OSError as error:
+            self.chat.log.problem(f"cannot write {upload.path}: {error}")
+            self.cancel(upload, "the server could not store it")
+            return
+        upload.digest.update(data)
+        upload.received += len(data)
+        for receiver in upload.receivers.values():
+            self.chat.delivery.touch(receiver.session)  # more to relay
+        if upload.received == upload.size:
+            self.upload_complete(upload)
+
+    def upload_complete(self, upload: Upload) -> None:
+        if upload.digest.hexdigest() != upload.sha256:
+            self.cancel(upload, "it arrived damaged (SHA-256 mismatch)")
+            return
+        upload.checked = True
+        upload.writer.close()
+        self.release_if_unused(upload)
+
+    def pump(self, sessions, now: float) -> None:
+        """For each session: note the files it now has whole, and refill its file stream."""
+        for session in sessions:
+            for receiver in list(self.receiving.get(id(session), ())):
+                if self.has_it_all(receiver):
+                    self.delivered(receiver)
+            self.fill(session)
+
+    def fill(self, session) -> None:
+        """Put chunks into the session's file stream, one file after the other in turn, while it has room."""
+        stream = session.file_stream
+        ready = [r for r in self.receiving.get(id(session), ())
+                 if session.channel.delivered(r.offer_seq) and r.sent < r.upload.received]
+        while ready and len(stream.waiting) < FILL:
+            for receiver in list(ready):
+                upload = receiver.upload
+                upload.reader.seek(receiver.sent)
+                data = upload.reader.read(chunk_length(upload.size, receiver.sent))
+                receiver.last_seq = stream.send(PacketType.FILE_CHUNK, pack_chunk(upload.id, receiver.sent, data))
+                receiver.sent += len(data)
+                if receiver.sent >= upload.received or not data:
+                    ready.remove(receiver)
+
+    def has_it_all(self, receiver: Receiver) -> bool:
+        session, upload = receiver.session, receiver.upload
+        if not upload.checked or receiver.sent < upload.size:
+            return False
+        if upload.size == 0:
+            return session.channel.delivered(receiver.offer_seq)
+        return session.file_stream.delivered(receiver.last_seq)
+
+    def delivered(self, receiver: Receiver) -> None:
+        """A receiver acknowledged every chunk: tell the sender, and let the file go if it was the last."""
+        upload = receiver.upload
+        self.forget_receiver(receiver)
+        self.tell_sender(upload, "file-done", receiver.session.name, f"{receiver.session.name} has {upload.name}")
+        self.release_if_unused(upload)
+
+    # --- Ending ---
+
+    def drop_receiver(self, receiver: Receiver, why: str) -> None:
+        upload = receiver.upload
+        self.forget_receiver(receiver)
+        self.tell_sender(upload, "file-declined", receiver.session.name, why)
+        self.release_if_unused(upload)
+
+    def forget_receiver(self, receiver: Receiver) -> None:
+        receiver.upload.receivers.pop(id(receiver.session), None)
+        mine = self.receiving.get(id(receiver.session), [])
+        if receiver in mine:
+            mine.remove(receiver)
+        if not mine:
+            self.receiving.pop(id(receiver.session), None)
+
+    def release_if_unused(self, upload: Upload) -> None:
+        """Nobody left to receive it: delete the temporary file (and stop an upload still coming)."""
+        if upload.receivers:
+            return
+        if not upload.checked:
+            self.cancel(upload, "nobody is left to receive it")
+        else:
+            self.close(upload)
+
+    def cancel(self, upload: Upload, why: str, tell_sender: bool = True) -> None:
+        """End a transfer for everyone: its receivers and (unless it asked) its sender hear why."""
+        if tell_sender:
+            self.tell_sender(upload, "file-cancelled", upload.sender.name, f"{upload.name} not sent: {why}")
+        for receiver in list(upload.receivers.values()):
+            self.forget_receiver(receiver)
+            text = f"{upload.name} from {upload.sender.name} cancelled: {why}"
+            self.chat.delivery.push(receiver.session, self.event_body("file-cancelled", "", upload.sender.name,
+                                                                      text, upload.id))
+        self.close(upload)
+
+    def close(self, upload: Upload) -> None:
+        self.uploads.pop(upload.id, None)
+        upload.writer.close()
+        upload.reader.close()
+        try:
+            os.remove(upload.path)
+        except OSError as error:
+            self.chat.log.problem(f"cannot delete {upload.path}: {error}")
+
+    def drop(self, session) -> None:
+        """A session ended: its uploads stop, and it leaves the files it was receiving."""
+        for upload in [u for u in self.uploads.values() if u.sender is session]:
+            self.cancel(upload, f"{session.name} left", tell_sender=False)
+        for receiver in list(self.receiving.get(id(session), ())):
+            self.drop_receiver(receiver, f"{session.name} left before {receiver.upload.name} arrived")
+
+    def tell_sender(self, upload: Upload, kind: str, user: str, text: str) -> None:
+        sender = upload.sender
+        if self.chat.sessions.get(sender.address) is sender:
+            self.chat.delivery.push(sender, self.event_body(kind, "", user, text, upload.id))
+
+    def event_body(self, kind: str, room: str, user: str, text: str, *more):
+        """Return an EVENT about a file, ready for the wire: the five usual fields, then the file's."""
+        fields = file_event_fields(kind, self.chat.wall_clock(), room, user, text, *(str(m) for m in more))
+        return prepare_body(fields, self.chat.cipher)
+
+    def buffered_bytes(self) -> int:
+        """Return the file bytes the server holds in memory: those in its members' file streams."""
+        return sum(session.file_stream.buffered_bytes() for session in self.chat.sessions.values())
 
 
 # --- The network layer ---------------------------------------------------------------------
@@ -989,6 +1320,13 @@ def server_name(text: str) -> str:
     return text
 
 
+def megabytes(text: str) -> float:
+    """Check --max-file-mb: a size of 0 or more."""
+    if not re.fullmatch(r"\d+(\.\d*)?", text.strip()):
+        raise argparse.ArgumentTypeError("must be a number of megabytes, 0 or more")
+    return float(text)
+
+
 def parse_args(argv: list[str]) -> ServerConfig:
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(
@@ -1010,6 +1348,8 @@ def parse_args(argv: list[str]) -> ServerConfig:
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
     parser.add_argument("--name", type=server_name, default=defaults.name,
                         help="the name clients see when they search the network with ? (default: this PC's name)")
+    parser.add_argument("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
+                        help="the largest file members may send, in MB (default: %(default)s)")
     return ServerConfig(**vars(parser.parse_args(argv)))  # every option is named as its ServerConfig field
 
 

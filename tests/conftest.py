@@ -52,10 +52,10 @@ def lossy_timing(**changes) -> client.Timing:
     return fast_timing(**settings)
 
 
-def patient_channel(cipher, token, rto: RtoEstimator) -> Channel:
+def patient_channel(cipher, token, rto: RtoEstimator, **options) -> Channel:
     """The server's Channel for a session, with timers as short as lossy_timing's and more patience."""
     return Channel(cipher, token, rto=RtoEstimator(floor=0.005, ceiling=0.2, peer_ack_delay=rto.peer_ack_delay),
-                   max_sends=60)
+                   max_sends=60, **options)
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ import auth  # noqa: E402
 import server  # noqa: E402
 from encryption_helper import (  # noqa: E402
     CIPHER_NAMES,
+    FLAG_FILE_STREAM,
     HEADER_SIZE,
     MAGIC,
     MAX_DATAGRAM,
@@ -53,6 +54,7 @@ from encryption_helper import (  # noqa: E402
     decode_packet,
     encode_packet,
     make_cipher,
+    pack_chunk,
     pack_fields,
     unpack_fields,
 )
@@ -283,7 +285,8 @@ token_choices = st.tuples(st.sampled_from(["own"] * 6 + ["other", "seen", "rando
 cookie_choices = st.sampled_from(["own"] * 5 + ["other", "garbage", "non-ascii", "missing"])
 STRANGER_TYPES = frozenset({PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND})
 MEMBER_TYPES = [PacketType.JOIN, PacketType.SAY, PacketType.PRIVATE, PacketType.ROOMS, PacketType.WHO,
-                PacketType.PING, PacketType.BYE]
+                PacketType.PING, PacketType.BYE, PacketType.FILE_OFFER, PacketType.FILE_CANCEL, PacketType.FILE_CHUNK]
+SHA_OF_NOTHING = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 SERVER_SENDS = (PacketType.OK, PacketType.ERROR, PacketType.EVENT, PacketType.RESET, PacketType.ACK)
 
 
@@ -512,10 +515,22 @@ class ChatServerMachine(RuleBasedStateMachine):
             text = self.new_text()
         elif text.startswith("\U0001f600"):
             text = f"{self.new_text()} {text}"
-        fields = {PacketType.JOIN: [room, password], PacketType.SAY: [text], PacketType.PRIVATE: [to, text]}
+        fields = {PacketType.JOIN: [room, password], PacketType.SAY: [text], PacketType.PRIVATE: [to, text],
+                  PacketType.FILE_OFFER: [to if seq[0] != "next" else "", text[:20], str(seq[1] % 5000),
+                                          SHA_OF_NOTHING],
+                  PacketType.FILE_CANCEL: [str(seq[1] % 4)]}
         payload = pack_fields(*fields.get(ptype, [])) if damaged is None else damaged
         packet = Packet(ptype, self.member_seq(address, seq), 0, 0, self.token_for(address, token), 0, payload)
         self.send(packet, address, True)
+
+    @rule(a=addresses, token=token_choices, seq=st.integers(0, 40), transfer=st.integers(0, 4),
+          offset=st.sampled_from([0, 0, 1152, 7, 2**63]), data=st.binary(max_size=1200))
+    def send_file_chunk(self, a, token, seq, transfer, offset, data):
+        """A chunk on the file stream: for a transfer or none, at any offset, of any size."""
+        address = ADDRESSES[a]
+        payload = (pack_chunk(transfer, offset, data))[:MAX_PAYLOAD]
+        self.send(Packet(PacketType.FILE_CHUNK, seq, 0, 0, self.token_for(address, token), FLAG_FILE_STREAM, payload),
+                  address, True)
 
     @rule(a=addresses, token=token_choices, how=st.sampled_from(["some", "random", "bad"]),
           value=st.integers(0, 2**32 - 1), bitmap=st.integers(0, 2**32 - 1))
@@ -716,7 +731,10 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def check_pushed_events(self) -> None:
         """Every EVENT is made for a live member of the room it names, or is private."""
-        for session, live, room_then, (kind, _, room, user, text) in self.chat.pushed:
+        for session, live, room_then, (kind, _, room, user, text, *_more) in self.chat.pushed:
+            if kind.startswith("file"):
+                assert live, f"{kind} EVENT made for an ended session"
+                continue
             assert live, f"{kind} EVENT made for an ended session"
             if kind in ("private", "replaced", "stop"):  # to one member, whatever room it is in
                 assert room == ""

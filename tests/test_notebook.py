@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "walkthrough.ipynb"
 CELL_TIMEOUT = 120  # seconds per cell; the whole notebook takes well under one minute
-SECTIONS_WITH_TESTS = 6
+SECTIONS_WITH_TESTS = 7
 
 # Run before the notebook's first cell: remember the threads already running, and every
 # socket the notebook opens from now on.

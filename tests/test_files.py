@@ -1,0 +1,448 @@
+"""Sending files: safe names, chunking and reassembly, and whole transfers through a real server.
+
+Each transfer is waited for by its news ("done", "failed", "cancelled"), never by a sleep.
+Where a test needs a transfer caught in the middle, the sender's upload is held at a gate
+after a few chunks, so what is checked meanwhile does not depend on speed.
+"""
+
+import os
+import queue
+import random
+import signal
+import threading
+
+import pytest
+from conftest import EVENT_WAIT, Program, lossy_timing, member, next_event, wait_until
+from hypothesis import given
+from hypothesis import strategies as st
+
+import client
+import encryption_helper
+import server
+from client import FileProblem, FileTransfers, safe_file_name, unused_path
+from encryption_helper import CHUNK_SIZE, MAX_PAYLOAD, PacketType, unpack_chunk
+
+SIZES = [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 2_000_000]
+
+# --- Names made safe -------------------------------------------------------------------------
+
+HOSTILE_NAMES = [
+    ("../../x", "x"),
+    ("C:\\Windows\\x", "x"),
+    ("a/b", "b"),
+    ("CON", "_CON"),
+    ("nul.txt", "_nul.txt"),
+    ("com1", "_com1"),
+    ("a\0b.txt", "ab.txt"),
+    (".", "file"),
+    ("..", "file"),
+    ("", "file"),
+    ("notes. . ", "notes"),
+    (".bashrc", "bashrc"),
+    ("a\x1b[31mb", "a[31mb"),
+    ("\u202etxt.exe", "txt.exe"),
+    ("what?<>|*.pdf", "what_____.pdf"),
+    ("C:stream", "C_stream"),
+    ("📄 notes 👩\u200d💻.pdf", "📄 notes 👩\u200d💻.pdf"),
+]
+
+
+@pytest.mark.parametrize("hostile, safe", HOSTILE_NAMES)
+def test_hostile_names_are_made_safe(hostile, safe):
+    assert safe_file_name(hostile) == safe
+
+
+def test_a_long_name_is_shortened_and_keeps_its_extension():
+    name = safe_file_name("x" * 300 + ".pdf")
+    assert len(name.encode()) <= client.SAFE_NAME_BYTES and name.endswith(".pdf")
+    assert len(safe_file_name("é" * 300).encode()) <= client.SAFE_NAME_BYTES  # never cut inside a character
+
+
+@given(st.text(max_size=400))
+def test_any_name_becomes_one_plain_file_in_the_folder(name):
+    safe = safe_file_name(name)
+    assert safe and len(safe.encode()) <= client.SAFE_NAME_BYTES
+    assert not set(safe) & client.FORBIDDEN and not any(map(client.unprintable, safe))
+    assert safe[-1] not in ". " and safe[0] != "."
+    assert safe.split(".")[0].upper() not in client.RESERVED_NAMES
+    assert os.path.dirname(os.path.join("downloads", safe)) == "downloads"
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path):
+    assert unused_path(str(tmp_path), "notes.pdf") == str(tmp_path / "notes.pdf")
+    (tmp_path / "notes.pdf").write_bytes(b"mine")
+    (tmp_path / "notes (1).pdf").write_bytes(b"mine too")
+    assert unused_path(str(tmp_path), "notes.pdf") == str(tmp_path / "notes (2).pdf")
+
+
+def test_paths_as_typed_lose_their_quotes_and_expand_the_home_folder():
+    assert client.unquote(' "my notes.pdf" ') == "my notes.pdf"
+    assert client.unquote("'a b'") == "a b"
+    assert client.unquote("my notes.pdf") == "my notes.pdf"
+    assert client.unquote("~/x.pdf") == os.path.join(os.path.expanduser("~"), "x.pdf")
+    assert client.unquote("C:\\Users\\me\\x.pdf") == "C:\\Users\\me\\x.pdf"
+
+
+def test_a_missing_file_or_a_folder_gets_a_clear_message(tmp_path):
+    with pytest.raises(FileProblem, match="No such file"):
+        FileTransfers.prepare("bob", str(tmp_path / "nothing.pdf"))
+    with pytest.raises(FileProblem, match="is a folder"):
+        FileTransfers.prepare("bob", str(tmp_path))
+
+
+# --- Chunking and reassembly, no network ------------------------------------------------------
+
+
+class FakeStream:
+    """Stands in for the file stream: keeps what is sent, says everything was delivered."""
+
+    def __init__(self):
+        self.waiting, self.sent = [], []
+
+    def send(self, ptype, payload):
+        self.waiting.append(payload)
+        self.sent.append(payload)
+        return len(self.sent)
+
+    def delivered(self, seq):
+        return True
+
+
+def chunks_of(tmp_path, data: bytes) -> tuple[FileTransfers, list[str], list[bytes]]:
+    """Return a sender's FileTransfers, the offer it makes, and every chunk it sends."""
+    path = tmp_path / "original.bin"
+    path.write_bytes(data)
+    sender, stream = FileTransfers(str(tmp_path / "unused")), FakeStream()
+    transfer = sender.prepare("bob", str(path))
+    sender.offered(1, transfer)
+    sender.answered(1, ["7"], 0.0)
+    while transfer.state == "sending":
+        sender.fill(stream, 0.0)
+        stream.waiting.clear()
+    assert transfer.state == "done"
+    return sender, FileTransfers.offer_fields(transfer), stream.sent
+
+
+def receive(tmp_path, offer: list[str], chunks: list[bytes]) -> FileTransfers:
+    receiver = FileTransfers(str(tmp_path / "downloads"))
+    receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
+    for chunk in chunks:
+        receiver.receive_chunk(chunk)
+    return receiver
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_chunks_fill_the_payload_and_reassemble_in_any_order(tmp_path, size):
+    data = random.Random(size).randbytes(size)
+    _, offer, chunks = chunks_of(tmp_path, data)
+    assert len(chunks) == -(-size // CHUNK_SIZE)
+    assert all(len(chunk) == MAX_PAYLOAD for chunk in chunks[:-1])
+    random.Random(1).shuffle(chunks)
+    receiver = receive(tmp_path, offer, chunks + chunks[:3])  # a few twice, too
+    (what, transfer), = [news for news in receiver.news if news[0] != "progress"]
+    assert what == "done" and transfer.path == str(tmp_path / "downloads" / "original.bin")
+    assert open(transfer.path, "rb").read() == data
+    assert os.listdir(tmp_path / "downloads") == ["original.bin"]
+
+
+def test_a_damaged_file_is_removed_and_said_so(tmp_path):
+    _, offer, chunks = chunks_of(tmp_path, bytes(5000))
+    number, offset, data = unpack_chunk(chunks[1])
+    chunks[1] = chunks[1][:-1] + b"!"
+    receiver = receive(tmp_path, offer, chunks)
+    (what, transfer), = [news for news in receiver.news if news[0] != "progress"]
+    assert what == "failed" and "SHA-256" in transfer.note
+    assert os.listdir(tmp_path / "downloads") == []
+    assert "partial file was removed" in client.final_line(what, transfer)
+
+
+def test_a_chunk_that_does_not_fit_ends_the_download_and_tells_the_server(tmp_path):
+    _, offer, chunks = chunks_of(tmp_path, bytes(5000))
+    receiver = receive(tmp_path, offer, [chunks[0][:-1]])  # one byte short
+    assert receiver.news[-1][0] == "failed" and receiver.cancels == [7]
+    assert os.listdir(tmp_path / "downloads") == []
+
+
+def test_two_files_of_one_name_are_both_kept(tmp_path):
+    _, offer, chunks = chunks_of(tmp_path, b"same name")
+    first, second = receive(tmp_path, offer, chunks), receive(tmp_path, offer, chunks)
+    assert sorted(os.listdir(tmp_path / "downloads")) == ["original (1).bin", "original.bin"]
+    assert first.news[-1][0] == second.news[-1][0] == "done"
+
+
+def test_progress_is_reported_about_once_a_percent(tmp_path):
+    receiver = receive(tmp_path, *chunks_of(tmp_path, bytes(2_000_000))[1:])
+    assert 100 <= sum(what == "progress" for what, _ in receiver.news) <= 102
+
+
+def test_plain_progress_is_a_few_lines_and_a_last_one():
+    shown = []
+    progress = client.FileProgress(type("Plain", (), {"show": lambda self, text, status=False: shown.append(text)})(),
+                                   in_place=False)
+    transfer = client.Transfer("down", "alice", "x.bin", 100, "0" * 64, "downloads/x.bin", state="sending")
+    for transfer.done in range(0, 101):
+        progress.update("progress", transfer)
+    transfer.note = "SHA-256 checked"
+    progress.update("done", transfer)
+    assert shown == ["x.bin: 25% of 100 B", "x.bin: 50% of 100 B", "x.bin: 75% of 100 B",
+                     "saved downloads/x.bin (100 B, SHA-256 checked)"]
+
+
+def test_a_crashed_server_leaves_no_transfer_behind(tmp_path):
+    folder = tmp_path / "data" / "transfers"
+    folder.mkdir(parents=True)
+    (folder / "3.part").write_bytes(b"half a file")
+    server.ChatServer(server.ServerConfig(data_dir=str(tmp_path / "data"), kdf_iterations=1000)).close()
+    assert os.listdir(folder) == []
+
+
+# --- Through a real server --------------------------------------------------------------------
+
+
+def random_file(tmp_path, size: int, name: str = "data.bin") -> tuple[str, bytes]:
+    data = random.Random(size).randbytes(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path), data
+
+
+def outcome(made: client.ChatClient, timeout: float = 60.0) -> tuple[str, client.Transfer]:
+    """Return the next news of `made` that ends a transfer: done, failed or cancelled."""
+    while True:
+        try:
+            what, transfer = made.file_news.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"{made.name}: no transfer ended within {timeout} s")
+        if what != "progress":
+            return what, transfer
+
+
+def friends(make_client, chat_server, tmp_path, *names, **options) -> list[client.ChatClient]:
+    return [member(make_client, chat_server.address, name, downloads=str(tmp_path / name), **options)
+            for name in names]
+
+
+def transfers_folder(chat_server) -> list[str]:
+    return os.listdir(os.path.join(chat_server.config.data_dir, "transfers"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_file_reaches_one_member_byte_for_byte(chat_server, make_client, tmp_path, size):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    path, data = random_file(tmp_path, size)
+    transfer, offer = alice.send_file("bob", path)
+    assert offer.result(EVENT_WAIT) == [str(transfer.id)]
+    assert next_event(bob, "file").text == f"alice is sending data.bin ({encryption_helper.describe_size(size)})"
+    what, received = outcome(bob)
+    assert what == "done" and open(received.path, "rb").read() == data
+    assert outcome(alice)[0] == "done"
+    assert next_event(alice, "file-done").text == "bob has data.bin"
+    wait_until(lambda: not transfers_folder(chat_server), what="the server's copy deleted")
+
+
+def test_a_shared_file_reaches_everyone_else_in_the_room(chat_server, make_client, tmp_path):
+    alice, bob, carol = friends(make_client, chat_server, tmp_path, "alice", "bob", "carol")
+    path, data = random_file(tmp_path, 1 << 20)
+    alice.send_file("", path)[1].result(EVENT_WAIT)
+    for receiver in (bob, carol):
+        what, received = outcome(receiver)
+        assert what == "done" and open(received.path, "rb").read() == data
+    assert sorted(next_event(alice, "file-done").user for _ in range(2)) == ["bob", "carol"]
+
+
+def test_files_arrive_whole_through_thirty_percent_loss(start_server, make_client, tmp_path, quick_recovery):
+    lossy = start_server(loss=0.3, seed=13)
+    options = dict(timing=lossy_timing(), loss=0.3, seed=31)
+    alice, bob, carol = friends(make_client, lossy, tmp_path, "alice", "bob", "carol", **options)
+    path, data = random_file(tmp_path, 300_000)
+    alice.send_file("", path)[1].result(30)
+    for receiver in (bob, carol):
+        what, received = outcome(receiver)
+        assert what == "done" and open(received.path, "rb").read() == data
+    assert bob.protocol.file_stream.stats["duplicates"] + alice.protocol.file_stream.stats["retransmitted"] > 0
+
+
+def hold_upload(made: client.ChatClient, chunks: int) -> threading.Event:
+    """Let `made` send only `chunks` chunks of its files until the returned gate is set."""
+    files, gate, sent = made.protocol.files, threading.Event(), [0]
+    original = files.send_chunk
+
+    def send_chunk(stream, transfer):
+        if sent[0] >= chunks and not gate.is_set():
+            return False  # not now: fill() tries again on the next poll
+        sent[0] += 1
+        return original(stream, transfer)
+
+    files.send_chunk = send_chunk
+    return gate
+
+
+def download_of(made: client.ChatClient) -> client.Transfer:
+    """Wait until `made` is receiving a file and has some of it; return that transfer."""
+    wait_until(lambda: any(t.done for t in made.protocol.files.incoming.values()), what="a download under way")
+    return next(iter(made.protocol.files.incoming.values()))
+
+
+def test_chat_lines_arrive_while_a_file_is_on_its_way(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    gate = hold_upload(alice, 20)
+    path, data = random_file(tmp_path, 2_000_000)
+    alice.send_file("bob", path)
+    download = download_of(bob)
+    for line in ("one", "two", "three"):
+        alice.say(line)
+        bob.say(line.upper())
+    assert [next_event(bob, "chat").text for _ in range(3)] == ["one", "two", "three"]
+    assert [next_event(alice, "chat").text for _ in range(3)] == ["ONE", "TWO", "THREE"]
+    assert download.state == "sending" and download.done < download.size  # the file is still on its way
+    gate.set()
+    alice.wake()
+    what, received = outcome(bob)
+    assert what == "done" and open(received.path, "rb").read() == data
+
+
+def test_a_stalled_receiver_holds_back_neither_the_others_nor_the_chat(start_server, make_client, tmp_path,
+                                                                       monkeypatch):
+    most = [0]
+
+    class MeasuredRelay(server.FileRelay):
+        def pump(self, sessions, now):
+            super().pump(sessions, now)
+            most[0] = max(most[0], self.buffered_bytes())
+
+    monkeypatch.setattr(server, "FileRelay", MeasuredRelay)
+    alice, bob, carol = friends(make_client, start_server(), tmp_path, "alice", "bob", "carol")
+    path, data = random_file(tmp_path, 2_000_000)
+    with carol.lock:  # carol's network thread stops: she reads and acknowledges nothing
+        alice.send_file("", path)[1].result(EVENT_WAIT)
+        what, received = outcome(bob)
+        assert what == "done" and open(received.path, "rb").read() == data
+        alice.say("still here")
+        assert next_event(bob, "chat").text == "still here"
+    what, received = outcome(carol)  # once she reads again, she gets it too
+    assert what == "done" and open(received.path, "rb").read() == data
+    # Never a whole file in memory: at most a window and the FILL queue per receiver.
+    assert 0 < most[0] <= 2 * (32 + encryption_helper.FILL) * MAX_PAYLOAD
+
+
+def test_the_sender_cancelling_removes_the_receivers_partial_file(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    hold_upload(alice, 10)
+    alice.send_file("bob", random_file(tmp_path, 100_000)[0])
+    download = download_of(bob)
+    assert os.path.exists(download.path) and download.path.endswith(".part")
+    assert [t.state for t in alice.cancel_files()] == ["cancelled"]
+    assert outcome(bob)[0] == "cancelled"
+    assert os.listdir(tmp_path / "bob") == []
+    wait_until(lambda: not transfers_folder(chat_server), what="the server's copy deleted")
+
+
+def test_the_receiver_cancelling_stops_the_sender(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    hold_upload(alice, 10)
+    alice.send_file("bob", random_file(tmp_path, 100_000)[0])
+    download_of(bob)
+    bob.cancel_files()
+    assert outcome(bob)[0] == "cancelled" and os.listdir(tmp_path / "bob") == []
+    what, upload = outcome(alice)
+    assert what == "cancelled"
+    assert "bob cancelled data.bin" in next_event(alice, "file-declined").text
+    wait_until(lambda: not transfers_folder(chat_server), what="the server's copy deleted")
+
+
+def test_a_receiver_leaving_mid_transfer_ends_it_for_the_sender(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    hold_upload(alice, 10)
+    alice.send_file("bob", random_file(tmp_path, 100_000)[0])
+    download_of(bob)
+    bob.bye()
+    assert outcome(alice)[0] == "cancelled"
+    assert os.listdir(tmp_path / "bob") == []  # its session ended: the partial file went with it
+    wait_until(lambda: not transfers_folder(chat_server), what="the server's copy deleted")
+
+
+def test_a_file_over_the_limit_is_refused_before_any_of_it_is_sent(start_server, make_client, tmp_path):
+    small = start_server(max_file_mb=0.5)
+    alice, bob = friends(make_client, small, tmp_path, "alice", "bob")
+    _, offer = alice.send_file("bob", random_file(tmp_path, 600_000)[0])
+    with pytest.raises(client.Refused, match="the limit is 0.5 MB"):
+        offer.result(EVENT_WAIT)
+    what, transfer = outcome(alice)
+    assert what == "failed" and "limit" in client.final_line(what, transfer)
+    assert alice.protocol.file_stream.stats["sent"] == 0 and not transfers_folder(small)
+
+
+def test_offers_to_nobody_are_refused(chat_server, make_client, tmp_path):
+    alice, = friends(make_client, chat_server, tmp_path, "alice")
+    path = random_file(tmp_path, 10)[0]
+    for to, words in (("", "Nobody else"), ("zed", "zed is not online"), ("alice", "That is you")):
+        with pytest.raises(client.Refused, match=words):
+            alice.send_file(to, path)[1].result(EVENT_WAIT)
+
+
+def test_a_member_sends_only_a_few_files_at_once(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    hold_upload(alice, 0)
+    path = random_file(tmp_path, 10_000)[0]
+    for _ in range(server.FileRelay.MAX_PER_MEMBER):
+        alice.send_file("bob", path)[1].result(EVENT_WAIT)
+    with pytest.raises(client.Refused, match="wait for one to finish"):
+        alice.send_file("bob", path)[1].result(EVENT_WAIT)
+
+
+def test_chunks_on_the_chat_channel_or_for_no_transfer_harm_nothing(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    with pytest.raises(client.Refused, match="file stream"):
+        alice.call(PacketType.FILE_CHUNK, "x")
+    with pytest.raises(client.Refused, match="No such transfer"):
+        alice.call(PacketType.FILE_CANCEL, "99")
+    with alice.lock:
+        alice.protocol.file_stream.send(PacketType.FILE_CHUNK, b"\0" * 16 + b"junk")
+    alice.wake()
+    alice.say("fine")
+    assert next_event(bob, "chat").text == "fine"
+
+
+# --- The real client.py, scripted ------------------------------------------------------------
+
+
+def test_send_in_the_scripted_client_lands_in_the_downloads_folder(chat_server, tmp_path):
+    path, data = random_file(tmp_path, 300_000, "my notes.pdf")
+    address = ["--host", chat_server.address[0], "--port", str(chat_server.address[1])]
+    bob = Program("client.py", *address, "--downloads", str(tmp_path / "bob"))
+    alice = Program("client.py", *address)
+    try:
+        bob.type("/register", "bob", "pass", "pass", "/login", "bob", "pass", "juara")
+        bob.expect("joined lobby")
+        alice.type("/register", "alice", "pass", "pass", "/login", "alice", "pass", "juara")
+        alice.expect("joined lobby: bob here")
+        alice.type(f'/send bob "{path}"')
+        assert bob.expect("alice is sending").endswith("alice is sending my notes.pdf (293.0 KB)")
+        saved = bob.expect("saved ")
+        assert saved == f"saved {tmp_path / 'bob' / 'my notes.pdf'} (293.0 KB, SHA-256 checked)"
+        assert alice.expect("sent my notes.pdf") == "sent my notes.pdf (293.0 KB) to bob"
+        assert (tmp_path / "bob" / "my notes.pdf").read_bytes() == data
+        alice.type("/files", "/send bob", f"/send bob {tmp_path}")
+        assert "#1 my notes.pdf -> bob, 293.0 KB: done" in alice.expect("#1")
+        alice.expect("Usage: /send USER FILE")
+        alice.expect("is a folder")
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="kills a process the hard way")
+def test_a_receiver_killed_mid_transfer_leaves_only_a_part_file(chat_server, make_client, tmp_path):
+    address = ["--host", chat_server.address[0], "--port", str(chat_server.address[1])]
+    bob = Program("client.py", *address, "--downloads", str(tmp_path / "bob"))
+    try:
+        bob.type("/register", "bob", "pass", "pass", "/login", "bob", "pass", "juara")
+        bob.expect("joined lobby")
+        alice, = friends(make_client, chat_server, tmp_path, "alice")
+        hold_upload(alice, 30)
+        alice.send_file("bob", random_file(tmp_path, 200_000, "photo.jpg")[0])[1].result(EVENT_WAIT)
+        wait_until(lambda: os.path.exists(tmp_path / "bob" / "photo.jpg.part") and
+                   os.path.getsize(tmp_path / "bob" / "photo.jpg.part"), what="a partial download")
+    finally:
+        bob.stop()  # SIGKILL: nothing of the client runs after it
+    assert os.listdir(tmp_path / "bob") == ["photo.jpg.part"]
