@@ -45,6 +45,7 @@ from encryption_helper import (
     Packet,
     PacketError,
     PacketType,
+    WakeUp,
     describe_address,
     encode_packet,
     pack_fields,
@@ -372,6 +373,12 @@ class Reception:
                                    self.server.cipher)
             self.send_to_stranger(answer, address, len(data))
 
+    def refuse_server_only(self, request: "Request") -> None:
+        """OK, ERROR, EVENT or RESET sent to a server: never answered (two servers could loop)."""
+        self.server.stats["bad"] += 1
+        self.server.log.problem(f"{describe_address(request.address)} sent {request.packet.type.name}, "
+                                "which only servers send; dropped")
+
     def refuse_unknown_session(self, request: "Request", session) -> None:
         """A member packet without a valid session: RESET if we know nobody at that address."""
         self.server.stats["no-session"] += 1
@@ -493,17 +500,12 @@ class PasswordJob:
 
 
 class PasswordWorker:
-    """One thread that runs password hashes, and wakes the loop when one is done.
-
-    The loop sleeps in select(), which waits on sockets only (on Windows, not even on
-    pipes). So the worker wakes it by sending a byte into a socket pair, a classic trick.
-    """
+    """One thread that runs password hashes, and wakes the loop (`waker`) when one is done."""
 
     def __init__(self):
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-hasher")
         self.done: queue.SimpleQueue = queue.SimpleQueue()
-        self.wake_reader, self.wake_writer = socket.socketpair()
-        self.wake_reader.setblocking(False)
+        self.waker = WakeUp()
 
     def submit(self, job: PasswordJob) -> None:
         self.pool.submit(job.run).add_done_callback(self.finished)
@@ -511,21 +513,11 @@ class PasswordWorker:
     def finished(self, future) -> None:
         """Runs on the worker thread: hand the job over, and wake the loop."""
         self.done.put(future)
-        self.wake()
-
-    def wake(self) -> None:
-        try:
-            self.wake_writer.send(b"!")
-        except OSError:
-            pass  # the loop is closing; nobody needs waking
+        self.waker.wake()
 
     def collect(self) -> list:
         """Return the futures of the jobs finished since the last call (on the loop's thread)."""
-        try:
-            while self.wake_reader.recv(1024):
-                pass
-        except OSError:  # BlockingIOError: nothing more to read
-            pass
+        self.waker.drain()
         futures = []
         while not self.done.empty():
             futures.append(self.done.get())
@@ -533,8 +525,7 @@ class PasswordWorker:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)  # queued checks are not waited for
-        self.wake_reader.close()
-        self.wake_writer.close()
+        self.waker.close()
 
 
 class EventCounter:

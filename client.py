@@ -98,6 +98,7 @@ from encryption_helper import (
     PacketError,
     PacketType,
     RtoEstimator,
+    WakeUp,
     add_shared_options,
     chunk_length,
     decode_packet,
@@ -863,15 +864,12 @@ class ChatClient:
                  on_event=None, on_notice=None, trace=None, rejoin: bool = True, downloads: str = "downloads",
                  on_file=None):
         self.host, self.port = host, port
-        # What happens to files: (what, Transfer) to on_file (on the network thread), else into this queue.
-        self.on_file, self.file_news = on_file, queue.Queue()
+        self.on_file, self.file_news = on_file, queue.Queue()  # (what, Transfer): to on_file, else queued
         self.rejoin = Rejoin(self) if rejoin else None  # getting back in when the session is lost
         self.asked: dict[int, tuple] = {}  # request number -> (type, fields), to send again after a stop
         self.session_over = threading.Event()  # the session ended and no rejoin follows
         self.lost_reason: SessionLost | None = None  # why, when it did
         self.room: str | None = None  # the room we are in, as the server last said
-        # The newest event's time; and, after a rejoin, up to when the room's past was shown already.
-        self.last_event_time = self.seen_until = 0.0
         self.timing = timing or Timing()
         self.on_event, self.on_notice = on_event, on_notice or (lambda text: None)
         self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
@@ -880,16 +878,14 @@ class ChatClient:
                                        server=f"{host}:{port}", downloads=downloads)
         self.lock = threading.Lock()  # the protocol is shared by the caller's thread and ours
         self.futures: dict[int, concurrent.futures.Future] = {}
-        self.closed = threading.Event()
-        self.closed_reason = ""
+        self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
         on_drop = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
         self.sock = LossySocket(sock, loss, seed, on_drop, side="client") if loss else sock
-        self.wake_reader, self.wake_writer = socket.socketpair()  # to wake the network thread
-        self.wake_reader.setblocking(False)
+        self.waker = WakeUp()  # for the network thread, asleep in select()
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        self.selector.register(self.waker.reader, selectors.EVENT_READ)
         self.thread = threading.Thread(target=self.run_network, name="chat-network", daemon=True)
         self.thread.start()
 
@@ -924,11 +920,10 @@ class ChatClient:
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
-        self.seen_until = 0.0  # a room the user asked for: all its past messages are news
         fields = self.call(PacketType.JOIN, room, password)
         joined, self.room = fields[-1], fields[0]
         if self.rejoin:
-            self.rejoin.room = [room, password]
+            self.rejoin.room, self.rejoin.seen_until = [room, password], 0.0  # asked for: its past is news
         return joined
 
     def say(self, text: str) -> str:
@@ -951,11 +946,8 @@ class ChatClient:
         self.call(PacketType.PING)
 
     def send_file(self, to: str, path: str) -> tuple[Transfer, concurrent.futures.Future]:
-        """Offer a file to `to` ('' = the room); the Future gets the server's answer.
-
-        The file is hashed here, on the caller's thread; once the offer is accepted, the
-        network thread sends it from disk, chunk by chunk. Raises FileProblem if it cannot go.
-        """
+        """Offer a file to `to` ('' = the room), hashed here; the Future gets the server's answer.
+        Once accepted, the network thread sends it from disk. Raises FileProblem if it cannot go."""
         transfer = FileTransfers.prepare(to, path)
         future = concurrent.futures.Future()
         with self.lock:
@@ -1060,8 +1052,8 @@ class ChatClient:
             except (OSError, ValueError):
                 return  # closed under us: we are shutting down
             for key, _ in ready:
-                if key.fileobj is self.wake_reader:
-                    self.drain_wake_ups()
+                if key.fileobj is self.waker.reader:
+                    self.waker.drain()
                 else:
                     self.receive_all()
             self.settle()
@@ -1109,14 +1101,9 @@ class ChatClient:
                 self.session_over.set()
             if self.rejoin:
                 futures = self.rejoin.take_back(futures)
-        for future, result, _ in futures:
-            if future is None or not future.set_running_or_notify_cancel():
-                continue  # a heartbeat's answer, or one its asker cancelled: nobody waits for it
-            if isinstance(result, ChatError):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-        self.hand_out(events)
+        resolve([(future, result) for future, result, _ in futures])
+        for event in self.rejoin.not_seen(events) if self.rejoin else events:
+            self.on_event(event) if self.on_event else self.events.put(event)
         for notice in notices:
             self.on_notice(notice)
         for item in file_news:
@@ -1124,26 +1111,8 @@ class ChatClient:
         if gave_up and not self.closed.is_set():
             self.close(gave_up)
 
-    def hand_out(self, events: list[Event]) -> None:
-        """Give each event to on_event (or the queue), but past messages shown before a rejoin."""
-        for event in events:
-            if event.kind == "history" and event.time <= self.seen_until:
-                continue
-            self.last_event_time = max(self.last_event_time, event.time)
-            self.on_event(event) if self.on_event else self.events.put(event)
-
     def wake(self) -> None:
-        try:
-            self.wake_writer.send(b"!")
-        except OSError:
-            pass  # closing
-
-    def drain_wake_ups(self) -> None:
-        try:
-            while self.wake_reader.recv(1024):
-                pass
-        except OSError:
-            pass
+        self.waker.wake()
 
     # --- Shutting down ---
 
@@ -1163,13 +1132,11 @@ class ChatClient:
             if self.rejoin:
                 waiting += [future for *_, future in self.rejoin.held]
                 self.rejoin.held = []
-        for future in waiting:  # outside the lock: a done-callback may call us
-            if future.set_running_or_notify_cancel():
-                future.set_exception(ConnectionClosed(reason or "The connection is closed."))
+        closed = ConnectionClosed(reason or "The connection is closed.")
+        resolve([(future, closed) for future in waiting])  # outside the lock: a done-callback may call us
         self.selector.close()
         self.sock.close()
-        self.wake_reader.close()
-        self.wake_writer.close()
+        self.waker.close()
 
 
 
@@ -1187,6 +1154,14 @@ class Rejoin:
         self.room: list[str] = []  # [room, password]
         self.thread: threading.Thread | None = None  # logging back in, while the user types on
         self.held: list[tuple] = []  # (type, fields, future)
+        # The newest event's time; and, after a rejoin, up to when the room's past was shown already.
+        self.last_event_time = self.seen_until = 0.0
+
+    def not_seen(self, events: list[Event]) -> list[Event]:
+        """Return the events but the room's past messages shown before the session was lost."""
+        fresh = [event for event in events if not (event.kind == "history" and event.time <= self.seen_until)]
+        self.last_event_time = max([self.last_event_time] + [event.time for event in fresh])
+        return fresh
 
     def holds(self, ptype: PacketType) -> bool:
         """Under the client's lock: must a request wait for the rejoin (going, or about to start)?"""
@@ -1252,7 +1227,7 @@ class Rejoin:
         client, self.client.room = self.client, None
         if not self.room:
             return
-        client.seen_until = client.last_event_time  # the room's past messages: shown already
+        self.seen_until = self.last_event_time  # the room's past messages: shown already
         try:
             client.room = client.call(PacketType.JOIN, *self.room)[0]
             client.on_notice(f"[INFO] In {client.room} again.")
@@ -1280,6 +1255,17 @@ class Rejoin:
             if future.set_running_or_notify_cancel():
                 future.set_exception(why)
         client.wake()
+
+
+def resolve(answered: list[tuple]) -> None:
+    """Give each (future, answer) its answer: fields as its result, a ChatError as its error."""
+    for future, result in answered:
+        if future is None or not future.set_running_or_notify_cancel():
+            continue  # a heartbeat's answer, or one its asker cancelled: nobody waits for it
+        if isinstance(result, ChatError):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def read_rooms(fields: list[str]) -> list[tuple[str, int]]:

@@ -1,6 +1,6 @@
 """What the chat server and client share, defined once: ciphers, wire format, reliable channel.
 
-Both `server.py` and `client.py` import this module. It has five parts, in this order:
+Both `server.py` and `client.py` import this module. It has six parts, in this order:
 
 1. **Toy ciphers** - XOR and Caesar. WARNING: they are TEACHING TOYS. They hide text
    from a casual glance at a packet capture and nothing more: `walkthrough.ipynb` breaks
@@ -17,6 +17,7 @@ Both `server.py` and `client.py` import this module. It has five parts, in this 
 5. **The local network** - this machine's IPv4 addresses and their broadcast
    addresses: what the server's banner tells other PCs to type, and where a client's
    search for a server (FIND) is sent.
+6. **Waking a loop** - `WakeUp`, how another thread wakes a loop asleep in select().
 
 The header, 32 bytes:
 
@@ -937,3 +938,38 @@ def broadcast_of(address: str, netmask: str) -> str:
         return ""
     network = int.from_bytes(socket.inet_aton(address), "big")
     return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))
+
+
+# === 6. Waking a loop ================================================================
+
+
+class WakeUp:
+    """A way for any thread to wake a loop that sleeps in select().
+
+    select() waits on sockets only (on Windows, not even on pipes). So the loop also
+    waits on one end of a connected pair of sockets, and `wake()` sends a byte into the
+    other end: a classic trick. The server's loop is woken so by its password worker, the
+    client's network thread by whoever queues a request.
+    """
+
+    def __init__(self):
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self.writer.send(b"!")
+        except OSError:
+            pass  # the loop is closing, or woken many times over already: nobody needs more
+
+    def drain(self) -> None:
+        """Empty the pair, so that select() sleeps again until the next wake()."""
+        try:
+            while self.reader.recv(1024):
+                pass
+        except OSError:  # BlockingIOError: nothing more to read
+            pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()

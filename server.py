@@ -20,8 +20,8 @@ How it is built, in the spirit of the standard library's socketserver:
   comes again gets the remembered answer (`StrangerReplies`), never a second account.
 * Small helpers do one job each: `AbuseControl` (lockouts, limits, flood control),
   `Delivery` (the channels' timers), `Discovery` (answers a client's search of the
-  network, FIND), `FileRelay` (file_transfer.py: files stored, then relayed to each
-  receiver on its own file stream), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
+  network, FIND), `FileRelay` (files stored, then relayed to each receiver on its own
+  file stream), `ServerLog`, `HistoryLog`, and `PasswordWorker`,
   the thread that runs the slow password hash so that a flood of logins never stalls
   the chat. Only the loop's thread changes any state.
 
@@ -144,6 +144,14 @@ class Session:
     wake_at: float = float("inf")  # when Delivery next looks at this session
     checking: bool = False  # a password check for its JOIN is running: later requests wait
     file_stream: Channel | None = None  # the second channel, for file chunks (FLAG_FILE_STREAM)
+
+    @classmethod
+    def start(cls, name: str, address: Address, cipher, bucket, now: float) -> "Session":
+        """A new session: a random token, and its two channels (clients delay their ACKs)."""
+        token = secrets.token_bytes(8)
+        chat = Channel(cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY))
+        files = Channel(cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY), flags=FLAG_FILE_STREAM)
+        return cls(token, address, name, chat, bucket, now, file_stream=files)
 
 
 @dataclasses.dataclass
@@ -428,19 +436,10 @@ class ChatServer:
         self.end_session(request.session, "", request.now)
         return ["goodbye"]
 
-    def handle_server_only(self, request: Request) -> None:
-        self.stats["bad"] += 1
-        self.log.problem(f"{describe_address(request.address)} sent {request.packet.type.name}, "
-                         "which only servers send; dropped")
-
     # --- Sessions ---
 
     def open_session(self, name: str, address: Address, now: float) -> Session:
-        token = secrets.token_bytes(8)
-        channel = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY))  # clients delay ACKs
-        session = Session(token, address, name, channel, self.guard.new_bucket(now), now)
-        session.file_stream = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY),
-                                      flags=FLAG_FILE_STREAM)
+        session = Session.start(name, address, self.cipher, self.guard.new_bucket(now), now)
         self.sessions[address] = session
         self.online[name.lower()] = session
         return session
@@ -502,10 +501,10 @@ def handler_table(chat: ChatServer, door: "Reception") -> dict:
         PacketType.FILE_OFFER: chat.files.handle_offer,
         PacketType.FILE_CHUNK: chat.files.refuse_chunk,
         PacketType.FILE_CANCEL: chat.files.handle_cancel,
-        PacketType.OK: chat.handle_server_only,
-        PacketType.ERROR: chat.handle_server_only,
-        PacketType.EVENT: chat.handle_server_only,
-        PacketType.RESET: chat.handle_server_only,
+        PacketType.OK: door.refuse_server_only,
+        PacketType.ERROR: door.refuse_server_only,
+        PacketType.EVENT: door.refuse_server_only,
+        PacketType.RESET: door.refuse_server_only,
     }
 
 
@@ -1178,7 +1177,7 @@ class ServerLoop:
         self.worker = auth.PasswordWorker()
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
-        self.selector.register(self.worker.wake_reader, selectors.EVENT_READ)
+        self.selector.register(self.worker.waker.reader, selectors.EVENT_READ)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.grace = 0.0  # seconds to wait, once stopped, for members to hear it
@@ -1195,7 +1194,7 @@ class ServerLoop:
         now = time.monotonic()
         if self.sock in ready:
             self.receive_all(now)
-        if self.worker.wake_reader in ready:
+        if self.worker.waker.reader in ready:
             for future in self.worker.collect():
                 self.survive(self.finish_job, future, now, where="a finished password check")
         self.survive(self.chat.on_timers, now, where="the timers")
@@ -1273,7 +1272,7 @@ class ServerLoop:
         """Stop serving (telling the members, if `grace`) and wait for the loop; safe from any thread."""
         self.grace = grace
         self.stopping.set()
-        self.worker.wake()
+        self.worker.waker.wake()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
 
