@@ -736,7 +736,8 @@ class FileTransfers:
         while True:
             path = unused_path(self.downloads, name + ".part")
             try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)))
+                # 0o644 (less the umask): a file from someone else is never made executable
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o644))
                 return path
             except FileExistsError:
                 continue  # another download took that name a moment ago
@@ -1375,6 +1376,7 @@ class Terminal:
                 answer = None
             with self.print_lock:
                 self.prompt = ""
+                self.status_shown = False  # Enter moved the cursor on: the bar is no longer the last line
             self.set_echo(False)  # until the next question: what is typed now may be its password
             self.answers.put(answer)
             if answer is None:

@@ -240,6 +240,16 @@ def test_a_file_reaches_one_member_byte_for_byte(chat_server, make_client, tmp_p
     wait_until(lambda: not transfers_folder(chat_server), what="the server's copy deleted")
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX's")
+def test_a_received_file_is_never_made_executable(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    path, _ = random_file(tmp_path, 10)
+    os.chmod(path, 0o755)  # even if the sender's copy is
+    alice.send_file("bob", path)
+    what, received = outcome(bob)
+    assert what == "done" and not os.stat(received.path).st_mode & 0o111
+
+
 def test_a_shared_file_reaches_everyone_else_in_the_room(chat_server, make_client, tmp_path):
     alice, bob, carol = friends(make_client, chat_server, tmp_path, "alice", "bob", "carol")
     path, data = random_file(tmp_path, 1 << 20)
