@@ -2284,8 +2284,8 @@ STATUS_TEXTS = {  # what the status bar says in each state (see connection_state
 def load_tkinter() -> None:
     """Import tkinter, or raise ImportError where this Python has none."""
     global tk
+    # The submodules are imported too: only that makes tk.filedialog, tk.font and tk.ttk usable.
     import tkinter
-    # Submodules: importing them is what makes tk.filedialog, tk.font and tk.ttk usable.
     import tkinter.filedialog  # noqa: F401
     import tkinter.font  # noqa: F401
     import tkinter.ttk  # noqa: F401

@@ -24,7 +24,6 @@ import time
 
 import pytest
 from conftest import EVENT_WAIT, fast_timing, member, next_event
-from encryption_helper import describe_size
 
 import client
 
@@ -412,7 +411,8 @@ def test_send_to_member_sends_the_chosen_file_byte_for_byte(chat_server, make_cl
     assert asked[0]["title"] == "Send a file to bob"
     what, received = file_outcome(bob)
     assert what == "done" and open(received.path, "rb").read() == data
-    pump(window, lambda: f"sent photo.bin ({describe_size(len(data))}) to bob" in messages(window), "the last line")
+    last = f"sent photo.bin ({client.describe_size(len(data))}) to bob"
+    pump(window, lambda: last in messages(window), "the last line")
     assert "as number" in messages(window)  # the terminal's words when the server took the offer
     assert window.chat.files.bars == {}
 
@@ -424,10 +424,11 @@ def test_send_file_shares_with_the_room(chat_server, make_client, open_window, t
     path, data = random_file(tmp_path, 5000, "notes.txt")
     choose_file(monkeypatch, path)
     window.chat.files.buttons["Send file..."].invoke()
-    assert next_event(bob, "file").text == f"alice is sending notes.txt ({describe_size(5000)})"
+    assert next_event(bob, "file").text == f"alice is sending notes.txt ({client.describe_size(5000)})"
     what, received = file_outcome(bob)
     assert what == "done" and open(received.path, "rb").read() == data
-    pump(window, lambda: f"sent notes.txt ({describe_size(5000)}) to the room" in messages(window), "the last line")
+    last = f"sent notes.txt ({client.describe_size(5000)}) to the room"
+    pump(window, lambda: last in messages(window), "the last line")
 
 
 def test_a_cancelled_file_dialog_sends_nothing(chat_server, open_window, monkeypatch):
@@ -448,7 +449,7 @@ def test_a_file_sent_to_the_window_lands_in_its_downloads_folder(chat_server, ma
     transfer, offer = bob.send_file("alice", path)
     offer.result(EVENT_WAIT)
     saved = tmp_path / "alice" / "photo.bin"
-    pump(window, lambda: f"saved {saved} ({describe_size(len(data))}, SHA-256 checked)" in messages(window),
+    pump(window, lambda: f"saved {saved} ({client.describe_size(len(data))}, SHA-256 checked)" in messages(window),
          "the saved line")
     assert saved.read_bytes() == data
     assert window.chat.files.bars == {}
