@@ -65,6 +65,7 @@ import selectors
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -2271,8 +2272,11 @@ STATUS_TEXTS = {  # what the status bar says in each state (see connection_state
 def load_tkinter() -> None:
     """Import tkinter, or raise ImportError where this Python has none."""
     global tk
+    # The submodules are imported too: only that makes tk.filedialog, tk.font and tk.ttk usable.
     import tkinter
-    import tkinter.font  # noqa: F401 - a submodule: importing it makes tk.font usable
+    import tkinter.filedialog  # noqa: F401
+    import tkinter.font  # noqa: F401
+    import tkinter.ttk  # noqa: F401
 
     tk = tkinter
     if sys.platform == "win32":
@@ -2514,6 +2518,95 @@ class RoomPasswordView:
         self.password.focus_set()
 
 
+class FilesPanel:
+    """Under the chat's input line: send a file, cancel, open the downloads; a bar per transfer.
+
+    The bars follow the news about files that the ChatClient posts through the bridge, so
+    only the Tk thread draws them. A transfer that ends takes its bar away and leaves the
+    terminal's last line (`saved downloads/notes.pdf ...`) in the messages.
+    """
+
+    BAR_LENGTH = 160  # pixels
+
+    def __init__(self, parent, view: "ChatView"):
+        self.view = view
+        self.frame = tk.Frame(parent)
+        row = tk.Frame(self.frame)
+        row.pack(fill="x")
+        actions = {"Send file...": self.share, "Send to member...": self.send_to_member,
+                   "Cancel transfers": view.window.cancel_transfers, "Open downloads": self.open_downloads}
+        self.buttons = {}
+        for text, action in actions.items():
+            button = tk.Button(row, text=text, command=action)
+            button.pack(side="left", padx=4)
+            button.bind("<Return>", lambda event: event.widget.invoke())
+            self.buttons[text] = button
+        self.bars: dict[int, tuple] = {}  # id(transfer) -> (its row, label, progress bar)
+
+    def share(self) -> None:
+        """Send file...: to everyone else in the room, as /share does."""
+        self.pick_file("", "the room")
+
+    def send_to_member(self) -> None:
+        """Send to member...: to the member chosen in the panel (a click, or the arrow keys)."""
+        chosen = self.view.members.curselection()
+        names = self.view.member_names
+        if not chosen or names[chosen[0]].startswith("... and "):
+            self.view.show_reply("Choose a member in the list on the right first, then Send to member...")
+            return
+        self.pick_file(names[chosen[0]], names[chosen[0]])
+
+    def pick_file(self, to: str, whom: str) -> None:
+        """Ask which file, in the system's own dialog; send it to `to` ('' = the room)."""
+        path = tk.filedialog.askopenfilename(parent=self.frame, title=f"Send a file to {whom}")
+        if path:  # '' (or an empty tuple, on some systems) when the dialog was cancelled
+            self.view.window.send_file(to, path)
+        self.view.focus()
+
+    def show(self, what: str, transfer: Transfer) -> None:
+        """News of a transfer: move its bar; at the end remove it and say how it ended."""
+        key = id(transfer)
+        if what != "progress":
+            if key in self.bars:
+                self.bars.pop(key)[0].destroy()
+            self.view.show_reply(final_line(what, transfer))
+            return
+        if key not in self.bars:
+            self.bars[key] = self.add_bar()
+        _, label, bar = self.bars[key]
+        label.configure(text=describe_transfer(transfer))  # number, name, who, size, percent
+        bar.configure(value=percent(transfer))
+
+    def add_bar(self) -> tuple:
+        row = tk.Frame(self.frame)
+        row.pack(fill="x", padx=4, pady=1)
+        bar = tk.ttk.Progressbar(row, length=self.BAR_LENGTH, maximum=100)
+        bar.pack(side="left")
+        label = tk.Label(row, anchor="w")
+        label.pack(side="left", fill="x", expand=True, padx=6)
+        return row, label, bar
+
+    def open_downloads(self) -> None:
+        """Show the downloads folder in the system's file manager; where none opens, its path."""
+        folder = os.path.abspath(self.view.window.client_options.get("downloads", "downloads"))  # ChatClient's
+        try:
+            os.makedirs(folder, exist_ok=True)
+            open_folder(folder)
+        except OSError as error:
+            self.view.show_reply(f"No file manager opens here ({error.strerror or error}). Your files are in {folder}")
+            return
+        self.view.show_reply(f"Opening {folder}")
+
+
+def open_folder(folder: str) -> None:
+    """Open `folder` in the system's file manager; OSError if there is none to start."""
+    if sys.platform == "win32":
+        os.startfile(folder)  # Windows' own: Explorer
+    else:  # macOS has `open`; Linux and the BSDs' desktops `xdg-open`
+        subprocess.Popen(["open" if sys.platform == "darwin" else "xdg-open", folder],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class ChatView:
     """The chat screen: the messages, the input line, and a panel of rooms and members."""
 
@@ -2533,7 +2626,8 @@ class ChatView:
         self.make_messages()
         self.make_input()
         self.make_panel()
-        # Row 2 is kept free for more controls under the input line (files, say).
+        self.files = FilesPanel(self.frame, self)  # under the input line
+        self.files.frame.grid(row=2, column=0, columnspan=2, sticky="ew")
 
     def make_messages(self) -> None:
         base = tk.font.nametofont("TkDefaultFont").actual()  # the desktop's font, at the desktop's scale
@@ -2727,7 +2821,7 @@ class ChatWindow:
         self.handlers = {"line": self.show_reply, "reply": self.show_reply, "event": self.show_event,
                          "own": self.show_own, "notice": self.show_reply, "ask": self.ask, "logged in": self.logged_in,
                          "joined": self.joined, "panel": self.fill_panel, "finished": self.finish,
-                         "internal error": self.internal_error}
+                         "internal error": self.internal_error, "file": lambda news: self.chat.files.show(*news)}
         self.poll_id = self.root.after(POLL_EVERY, self.poll)
 
     def make_screens(self, host: str, port: int) -> None:
@@ -2785,6 +2879,13 @@ class ChatWindow:
             return
         self.worker.do(self.run_line, line)  # one's own line is shown once the server accepts it
 
+    def send_file(self, to: str, path: str) -> None:
+        """Offer a file as /send and /share do; the worker hashes it, so the window never waits."""
+        self.worker.do(lambda: self.conversation.offer_file(to, path))
+
+    def cancel_transfers(self) -> None:
+        self.worker.do(self.run_line, "/cancel")
+
     def answer(self, text: str | None) -> None:
         self.bridge.answer(text)
 
@@ -2808,6 +2909,7 @@ class ChatWindow:
         client = ChatClient(host, port, on_event=lambda event: self.bridge.post("event", event),
                             on_notice=lambda text: self.bridge.post("notice", text), **self.client_options)
         self.conversation = Conversation(client, self.bridge, WindowScreen(self.bridge))  # the terminal's commands
+        client.on_file = lambda what, transfer: self.bridge.post("file", (what, transfer))  # bars, not text
         self.client = client
         return client
 

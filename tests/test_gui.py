@@ -12,6 +12,8 @@ where a missing display is a failure.
 import builtins
 import gc
 import os
+import queue
+import random
 import selectors
 import shutil
 import socket
@@ -98,8 +100,11 @@ def open_window(display):
     """Return a function that opens a ChatWindow on a server; each is closed and checked afterwards."""
     windows = []
 
-    def open_on(address, **timing) -> client.ChatWindow:
-        window = client.ChatWindow(address[0], address[1], {"timing": fast_timing(**timing)})
+    def open_on(address, downloads=None, **timing) -> client.ChatWindow:
+        options = {"timing": fast_timing(**timing)}
+        if downloads is not None:
+            options["downloads"] = str(downloads)
+        window = client.ChatWindow(address[0], address[1], options)
         windows.append(window)
         pump(window, lambda: window.root.winfo_viewable(), "the window to show")
         return window
@@ -356,3 +361,126 @@ def test_importing_the_client_needs_no_tkinter():
     done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "None")
+
+
+# --- Files ---
+
+
+def random_file(folder, size: int, name: str = "photo.bin") -> tuple[str, bytes]:
+    data = random.Random(size).randbytes(size)
+    path = folder / name
+    path.write_bytes(data)
+    return str(path), data
+
+
+def file_outcome(made: client.ChatClient) -> tuple[str, client.Transfer]:
+    """Return the scripted client's next news that ends a transfer: done, failed or cancelled."""
+    while True:
+        try:
+            what, transfer = made.file_news.get(timeout=EVENT_WAIT)
+        except queue.Empty:
+            pytest.fail(f"{made.name}: no transfer ended within {EVENT_WAIT} s")
+        if what != "progress":
+            return what, transfer
+
+
+def choose_file(monkeypatch, path: str) -> list[dict]:
+    """The file dialog answers `path` at once; return what it was asked, one dict a call."""
+    asked = []
+
+    def answer(**options):
+        asked.append(options)
+        return path
+
+    monkeypatch.setattr(client.tk.filedialog, "askopenfilename", answer)
+    return asked
+
+
+def test_send_to_member_sends_the_chosen_file_byte_for_byte(chat_server, make_client, open_window, tmp_path,
+                                                            monkeypatch):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob", downloads=str(tmp_path / "bob"))
+    path, data = random_file(tmp_path, 300_000)
+    asked = choose_file(monkeypatch, path)
+    window.chat.files.buttons["Send to member..."].invoke()  # nobody chosen yet
+    assert "Choose a member in the list" in messages(window) and asked == []
+    pump(window, lambda: "bob" in members_shown(window), "bob in the member list")
+    window.chat.members.selection_set(members_shown(window).index("bob"))
+    window.chat.files.buttons["Send to member..."].invoke()
+    assert asked[0]["title"] == "Send a file to bob"
+    what, received = file_outcome(bob)
+    assert what == "done" and open(received.path, "rb").read() == data
+    last = f"sent photo.bin ({client.describe_size(len(data))}) to bob"
+    pump(window, lambda: last in messages(window), "the last line")
+    assert "as number" in messages(window)  # the terminal's words when the server took the offer
+    assert window.chat.files.bars == {}
+
+
+def test_send_file_shares_with_the_room(chat_server, make_client, open_window, tmp_path, monkeypatch):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob", downloads=str(tmp_path / "bob"))
+    path, data = random_file(tmp_path, 5000, "notes.txt")
+    choose_file(monkeypatch, path)
+    window.chat.files.buttons["Send file..."].invoke()
+    assert next_event(bob, "file").text == f"alice is sending notes.txt ({client.describe_size(5000)})"
+    what, received = file_outcome(bob)
+    assert what == "done" and open(received.path, "rb").read() == data
+    last = f"sent notes.txt ({client.describe_size(5000)}) to the room"
+    pump(window, lambda: last in messages(window), "the last line")
+
+
+def test_a_cancelled_file_dialog_sends_nothing(chat_server, open_window, monkeypatch):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    choose_file(monkeypatch, "")
+    window.chat.files.buttons["Send file..."].invoke()
+    window.chat.files.buttons["Cancel transfers"].invoke()
+    pump(window, lambda: "No file of yours is on its way." in messages(window), "the answer to cancel")
+    assert window.conversation.client.transfers() == []
+
+
+def test_a_file_sent_to_the_window_lands_in_its_downloads_folder(chat_server, make_client, open_window, tmp_path):
+    window = open_window(chat_server.address, downloads=tmp_path / "alice")
+    log_in(window, "alice")
+    bob = member(make_client, chat_server.address, "bob")
+    path, data = random_file(tmp_path, 200_000)
+    transfer, offer = bob.send_file("alice", path)
+    offer.result(EVENT_WAIT)
+    saved = tmp_path / "alice" / "photo.bin"
+    pump(window, lambda: f"saved {saved} ({client.describe_size(len(data))}, SHA-256 checked)" in messages(window),
+         "the saved line")
+    assert saved.read_bytes() == data
+    assert window.chat.files.bars == {}
+
+
+def test_a_transfer_has_a_bar_while_it_moves(chat_server, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    transfer = client.Transfer("down", "bob", "big.iso", 1000, "0" * 64, "downloads/big.iso.part", 7,
+                               done=420, state="sending")
+    window.chat.files.show("progress", transfer)
+    row, label, bar = window.chat.files.bars[id(transfer)]
+    assert (label.cget("text"), int(bar.cget("value"))) == (client.describe_transfer(transfer), 42)
+    assert "big.iso <- bob, 1000 B: 42%" in label.cget("text")
+    transfer.state, transfer.note = "cancelled", "cancelled"
+    window.chat.files.show("cancelled", transfer)
+    assert window.chat.files.bars == {} and not row.winfo_exists()
+    assert "cancelled: big.iso (cancelled)" in messages(window)
+
+
+def test_open_downloads_opens_the_folder_or_shows_where_it_is(chat_server, open_window, tmp_path, monkeypatch):
+    window = open_window(chat_server.address, downloads=tmp_path / "alice")
+    log_in(window, "alice")
+    opened = []
+    monkeypatch.setattr(client, "open_folder", opened.append)
+    window.chat.files.buttons["Open downloads"].invoke()
+    assert opened == [str(tmp_path / "alice")] and os.path.isdir(opened[0])
+
+    def no_file_manager(folder):
+        raise FileNotFoundError(2, "No such file or directory", "xdg-open")
+
+    monkeypatch.setattr(client, "open_folder", no_file_manager)
+    window.chat.files.buttons["Open downloads"].invoke()
+    assert f"Your files are in {tmp_path / 'alice'}" in messages(window)
