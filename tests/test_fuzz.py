@@ -230,6 +230,7 @@ class RecordingServer(server.ChatServer):
         super().__init__(*args, **options)
         self.answered: list = []  # (request, OK fields or Refusal), in the order made
         self.pushed: list = []  # (session, live then, its room then, EVENT fields), in the order made
+        self.opened: list = []  # sessions opened since the step began (one may end within it: taken over)
         push = self.delivery.push
 
         def recording_push(session, body):
@@ -238,6 +239,11 @@ class RecordingServer(server.ChatServer):
             push(session, body)
 
         self.delivery.push = recording_push
+
+    def open_session(self, name, address, now):
+        session = super().open_session(name, address, now)
+        self.opened.append(session)
+        return session
 
     def answer(self, request, result, token=None):
         if result is not None:
@@ -636,7 +642,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             assert packet.type in SERVER_SENDS, packet.type
             outbox.append((packet, to))
         self.chat.outbox.clear()
-        for session in self.chat.sessions.values():
+        for session in [*self.chat.sessions.values(), *self.chat.opened]:
             self.sessions_seen[session.token] = session
         self.learn(outbox)
         self.follow_answers()
@@ -647,6 +653,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.record_new_events(before)
         self.check_event_datagrams(outbox, before)
         self.check_messages_stored_once()
+        self.chat.opened.clear()
 
     def learn(self, outbox) -> None:
         """Keep what clients would see: cookies, welcomes (a client starts its channel),
@@ -780,6 +787,7 @@ class ChatServerMachine(RuleBasedStateMachine):
     def record_new_events(self, before: dict) -> None:
         """Note the payload of every EVENT put on a session's channel since the last step."""
         tokens = {held[0] for held in before.values()} | {session.token for session in self.chat.sessions.values()}
+        tokens |= {session.token for session in self.chat.opened}  # opened and ended within the step, too
         for token in tokens:
             channel = self.sessions_seen[token].channel
             entries = channel_entries(channel)
@@ -797,6 +805,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             if packet.type != PacketType.EVENT:
                 continue
             holders = {before[to][0] if to in before else None, after.get(to)}
+            holders |= {session.token for session in self.chat.opened if session.address == to}
             assert packet.token in holders, f"an EVENT went to {to}, which holds no session with its token"
             assert self.made.get((packet.token, packet.seq)) == packet.payload, (
                 f"EVENT {packet.seq} on the wire differs from the one made")
