@@ -320,12 +320,14 @@ class Child:
     and takes commands on stdin ("go", "report"); at end of input it ends.
     """
 
+    script = THIS_FILE  # the script whose --role it plays (tests/bench_lossy_files.py has roles of its own)
+
     def __init__(self, namespace: Namespace, workdir: str, name: str, role: str, *args: str):
         self.name = name
         self.stdout_path = os.path.join(workdir, f"{name}.out")
         self.stderr_path = os.path.join(workdir, f"{name}.err")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(namespace.command([sys.executable, THIS_FILE, "--role", role, *args]),
+            self.process = subprocess.Popen(namespace.command([sys.executable, self.script, "--role", role, *args]),
                                             stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=ROOT)
         LIVE_CHILDREN.add(self)
 
