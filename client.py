@@ -1407,17 +1407,12 @@ class Terminal:
         else:
             self.asks.put((prompt, secret))
             self.outstanding = True
-        while True:
-            alive()
-            try:
-                answer = self.answers.get(timeout=MAX_WAIT)
-            except queue.Empty:
-                continue
-            self.outstanding = False
-            if answer is None:
-                self.ended = True
-                raise EndOfInput
-            return answer
+        answer = wait_for(self.answers, alive)
+        self.outstanding = False
+        if answer is None:
+            self.ended = True
+            raise EndOfInput
+        return answer
 
     def show_prompt(self, prompt: str) -> None:
         """Replace the prompt shown while the keyboard thread keeps waiting for a line."""
@@ -1492,6 +1487,17 @@ class Terminal:
             right = f"\x1b[{target_column}C" if target_column else ""
             sys.stdout.write(cursor_up(end_row - target_row) + "\r" + right)
         sys.stdout.flush()
+
+
+def wait_for(answers: queue.Queue, alive):
+    """Return the next answer put in `answers`, calling `alive()` - which may raise to stop
+    the waiting - every MAX_WAIT seconds meanwhile: a Ctrl+C or a lost server gets through."""
+    while True:
+        alive()
+        try:
+            return answers.get(timeout=MAX_WAIT)
+        except queue.Empty:
+            continue
 
 
 def cursor_up(rows: int) -> str:
@@ -2358,15 +2364,10 @@ class WindowBridge:
         while not self.answers.empty():  # left over from a question given up on
             self.answers.get_nowait()
         self.post("ask", (prompt, secret))
-        while True:
-            alive()
-            try:
-                answer = self.answers.get(timeout=MAX_WAIT)
-            except queue.Empty:
-                continue
-            if answer is None:
-                raise Refused("cancelled", "Cancelled.")
-            return answer
+        answer = wait_for(self.answers, alive)
+        if answer is None:
+            raise Refused("cancelled", "Cancelled.")
+        return answer
 
     def answer(self, text: str | None) -> None:
         self.answers.put(text)
