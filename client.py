@@ -113,6 +113,7 @@ from encryption_helper import (
     pack_fields,
     unpack_chunk,
     unpack_fields,
+    whole_number,
 )
 
 try:  # Linux and macOS: lets a message printed above the prompt redraw what was typed
@@ -530,7 +531,8 @@ class ClientProtocol:
 
 SAFE_NAME_BYTES = 200  # what a saved file's name is cut to: room left for " (12)" and ".part"
 # Windows will not create a file with these names, with any extension ("con.txt" too).
-RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(10)), *(f"LPT{n}" for n in range(10))}
+RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                  *(f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3")}
 FORBIDDEN = set('<>:"/\\|?*')  # characters Windows refuses in a file name
 UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}  # Unicode categories a file name loses
 HISTORY = 50  # finished transfers /files still lists
@@ -575,11 +577,12 @@ def shorten(name: str, limit: int) -> str:
     return (stem or "file") + extension
 
 
-def unused_path(folder: str, name: str) -> str:
-    """Return folder/name, or folder/name (1), (2)... : the first that does not exist yet."""
+def unused_path(folder: str, name: str, also: str = "") -> str:
+    """Return folder/name, or folder/name (1), (2)... : the first that does not exist yet
+    (nor with `also` after it: a download's NAME.part)."""
     stem, extension = os.path.splitext(name)
     candidate, number = os.path.join(folder, name), 0
-    while os.path.lexists(candidate):
+    while os.path.lexists(candidate) or (also and os.path.lexists(candidate + also)):
         number += 1
         candidate = os.path.join(folder, f"{stem} ({number}){extension}")
     return candidate
@@ -735,7 +738,7 @@ class FileTransfers:
     def create_part(self, name: str) -> str:
         """Create NAME.part (or NAME (1).part...) exclusively; return its path."""
         while True:
-            path = unused_path(self.downloads, name + ".part")
+            path = unused_path(self.downloads, name, also=".part") + ".part"  # notes (1).pdf.part
             try:
                 # 0o644 (less the umask): a file from someone else is never made executable
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o644))
@@ -757,8 +760,12 @@ class FileTransfers:
             return
         if offset in transfer.offsets:
             return  # had it already
-        transfer.file.seek(offset)
-        transfer.file.write(data)
+        try:
+            transfer.file.seek(offset)
+            transfer.file.write(data)
+        except OSError as error:  # a full disk, say: this file fails, the chat goes on
+            self.end(transfer, "failed", f"cannot write it: {error.strerror or error}", tell=True)
+            return
         transfer.offsets.add(offset)
         transfer.done += len(data)
         self.progress(transfer)
@@ -768,20 +775,32 @@ class FileTransfers:
     def check(self, transfer: Transfer) -> None:
         """Every byte is there: compare the SHA-256, then give the file its real name."""
         transfer.state = "checking"
-        transfer.file.close()
-        if file_sha256(transfer.path) != transfer.sha256:
-            self.end(transfer, "failed", "its SHA-256 does not match: the file arrived damaged")
+        try:
+            transfer.file.close()
+            if file_sha256(transfer.path) != transfer.sha256:
+                self.end(transfer, "failed", "its SHA-256 does not match: the file arrived damaged", tell=True)
+                return
+            transfer.path = self.give_final_name(transfer.path)
+        except OSError as error:  # a full disk, or a virus scanner holding the file (Windows)
+            self.end(transfer, "failed", f"cannot save it: {error.strerror or error}", tell=True)
             return
-        final = transfer.path[: -len(".part")]
-        while True:
-            final = unused_path(os.path.dirname(final), os.path.basename(final))
-            try:
-                os.rename(transfer.path, final)  # the name says "complete" only now
-                break
-            except FileExistsError:  # Windows: made a moment ago; take the next name
-                continue
-        transfer.path = final
         self.end(transfer, "done", "SHA-256 checked")
+
+    @staticmethod
+    def give_final_name(part: str) -> str:
+        """Rename NAME.part to NAME (or NAME (1)...): the name says "complete" only now."""
+        folder, name = os.path.split(part[: -len(".part")])
+        while True:
+            final = unused_path(folder, name)
+            try:
+                os.link(part, final)  # unlike a rename on POSIX, a link never replaces a file
+            except FileExistsError:  # made a moment ago: take the next name
+                continue
+            except OSError:  # no hard links on this file system (FAT, say): a rename, then
+                os.rename(part, final)
+                return final
+            os.remove(part)
+            return final
 
     # --- Ending ---
 
@@ -944,17 +963,16 @@ class ChatClient:
         """Return your room's name and its members."""
         return read_members(self.call(PacketType.WHO))
 
-    def ping(self) -> None:
-        self.call(PacketType.PING)
-
     def send_file(self, to: str, path: str) -> tuple[Transfer, concurrent.futures.Future]:
         """Offer a file to `to` ('' = the room), hashed here; the Future gets the server's answer.
         Once accepted, the network thread sends it from disk. Raises FileProblem if it cannot go."""
         transfer = FileTransfers.prepare(to, path)
         future = concurrent.futures.Future()
         with self.lock:
-            if self.closed.is_set() or not self.protocol.logged_in:
-                raise ConnectionClosed(self.closed_reason or "Not in the chat; not sent.")
+            if self.closed.is_set():
+                raise ConnectionClosed(self.closed_reason or "The connection is closed.")
+            if not self.protocol.logged_in:  # getting back in, say: this is not sent, the chat goes on
+                raise Refused("not-sent", "Not in the chat right now; not sent.")
             seq = self.protocol.request(PacketType.FILE_OFFER, FileTransfers.offer_fields(transfer), time.monotonic())
             self.protocol.files.offered(seq, transfer)
             self.futures[seq] = future
@@ -1130,6 +1148,7 @@ class ChatClient:
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=2 * MAX_WAIT + 1)
         with self.lock:
+            self.protocol.files.end_all("the client was closed")  # no partial file left open, or behind
             waiting, self.futures = list(self.futures.values()), {}
             if self.rejoin:
                 waiting += [future for *_, future in self.rejoin.held]
@@ -2022,8 +2041,11 @@ class Conversation:
             self.terminal.show("No files sent or received yet.")
 
     def cancel_files(self, rest: str) -> None:
-        if not self.client.cancel_files(int(rest) if rest.isdigit() else 0):
-            self.terminal.show("No file of yours is on its way." if not rest else f"No transfer numbered {rest}.")
+        number = rest.strip().lstrip("#")  # /files shows them as #3
+        if number and not whole_number(number):
+            self.terminal.show("Usage: /cancel, or /cancel N with N as /files shows it")
+        elif not self.client.cancel_files(int(number) if number else 0):
+            self.terminal.show("No file of yours is on its way." if not number else f"No transfer numbered {number}.")
 
 
 def unquote(text: str) -> str:
@@ -2179,10 +2201,6 @@ class ServerSearch:
 
     def servers(self) -> list[FoundServer]:
         return list(self.found.values())
-
-
-def whole_number(text: str) -> bool:
-    return text.isascii() and text.isdigit()  # "²" is a digit to str.isdigit, not to int()
 
 
 def broadcast_addresses(interfaces) -> list[str]:

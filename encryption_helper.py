@@ -393,6 +393,11 @@ SHA_HEX = re.compile(r"[0-9a-f]{64}")  # a SHA-256 as a FILE_OFFER carries it
 FILL = 32
 
 
+def whole_number(text: str) -> bool:
+    """Is `text` a whole number written in ASCII digits? ("²" is a digit to str.isdigit, not to int.)"""
+    return text.isascii() and text.isdigit()
+
+
 def describe_size(size: int) -> str:
     """Return a size as people read it: 512 B, 14.2 KB, 2.1 MB."""
     if size < 1024:

@@ -53,7 +53,7 @@ import time
 import traceback
 
 import auth
-from auth import MAX_NAME_BYTES, AbuseControl, Discovery, Reception, Refusal, valid_username
+from auth import MAX_NAME_BYTES, AbuseControl, Discovery, Reception, Refusal
 from encryption_helper import (
     ACK_DELAY,
     DEFAULT_CIPHER,
@@ -88,6 +88,7 @@ from encryption_helper import (
     prepare_body,
     unpack_chunk,
     unpack_fields,
+    whole_number,
 )
 
 HISTORY_FILE = "chat_history.txt"
@@ -257,6 +258,7 @@ class ChatServer:
             for session in list(self.sessions.values()):
                 if now - session.last_heard > self.config.session_timeout:
                     self.end_session(session, "timed out", now)
+            self.files.expire(now)
         self.flush(now)
 
     def next_deadline(self) -> float:
@@ -412,11 +414,7 @@ class ChatServer:
 
     def handle_private(self, request: Request) -> list[str]:
         target_name, text = unpack_fields(request.packet.payload, 2)
-        target = self.online.get(target_name.lower())
-        if target is None and self.users.exists(target_name):
-            raise Refusal("not-online", f"{target_name} is not online.")
-        if target is None:  # the name may be anything: never echoed
-            raise Refusal("unknown-user", "No such user.")
+        target = find_member(self.online, self.users, target_name)
         check_text(text)
         self.delivery.push(target, self.rooms.event("private", "", request.session.name, text))
         return [f"private to {target.name}"]
@@ -476,12 +474,13 @@ class ChatServer:
 
     def close(self) -> None:
         self.history.close()
+        self.files.close_all()
 
 
 # Packet types a stranger may send; every other type needs a session.
 STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 # Requests that flood control counts: messages.
-FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE}
+FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE, PacketType.FILE_OFFER}  # each tells others something
 
 def handler_table(chat: ChatServer, door: "Reception") -> dict:
     """Which method handles which packet type: one table, one signature (request -> OK fields)."""
@@ -525,6 +524,15 @@ def run_handler(handler, *args):
         return refusal
     except PacketError as error:
         return Refusal("bad-request", str(error))
+
+
+def find_member(online: dict, users: "auth.UserStore", name: str) -> Session:
+    """Return the session of the user named; refuse if there is no such user, or not online."""
+    if name.lower() in online:
+        return online[name.lower()]
+    if users.exists(name):
+        raise Refusal("not-online", f"{name} is not online.")
+    raise Refusal("unknown-user", "No such user.")  # the name may be anything: never echoed
 
 
 def check_text(text: str) -> None:
@@ -859,6 +867,7 @@ class Upload:
     reader: object  # the same file, read for each receiver
     receivers: dict = dataclasses.field(default_factory=dict)  # id(session) -> Receiver, until done or gone
     received: int = 0
+    last_progress: float = 0.0  # when a byte last came (the server's clock)
     checked: bool = False  # every byte is in, and the SHA-256 matched
     digest: object = dataclasses.field(default_factory=hashlib.sha256)
 
@@ -886,6 +895,9 @@ class FileRelay:
     MAX_PER_MEMBER = 3
     # Files in transfer on the whole server: with --max-file-mb 20, at most 400 MB of disk.
     MAX_TRANSFERS = 20
+    # An upload that gains no byte for this long is cancelled, so that offers never sent
+    # cannot hold the server's places (and its files) for ever.
+    IDLE_LIMIT = 60.0
 
     def __init__(self, chat, max_file_mb: float = DEFAULT_MAX_FILE_MB):
         self.chat = chat
@@ -912,7 +924,7 @@ class FileRelay:
         to, name, size, sha = unpack_fields(request.packet.payload, 4)
         size = self.check_offer(session, name, size, sha)
         members = self.receivers_for(session, to)
-        upload = self.open_upload(session, name, size, sha)
+        upload = self.open_upload(session, name, size, sha, request.now)
         for member in members:
             self.offer_to(upload, member)
         if size == 0:
@@ -923,7 +935,7 @@ class FileRelay:
 
     def check_offer(self, session, name: str, size: str, sha: str) -> int:
         """Return the offered size; refuse a file too big, a bad offer, or one too many."""
-        if not size.isdigit() or not SHA_HEX.fullmatch(sha) or not name or len(name.encode()) > MAX_FILE_NAME_BYTES:
+        if not whole_number(size) or not SHA_HEX.fullmatch(sha) or not name or len(name.encode()) > MAX_FILE_NAME_BYTES:
             raise Refusal("bad-request", "A file offer is [to, name (1-255 bytes), size, SHA-256 in hex].")
         if int(size) > self.limit:
             raise Refusal("too-big", f"That file is {describe_size(int(size))}; the limit is {self.max_file_mb:g} MB.")
@@ -940,14 +952,12 @@ class FileRelay:
             if not others:
                 raise Refusal("nobody", "Nobody else is in the room to share it with.")
             return others
-        member = self.chat.online.get(to.lower())
-        if member is None:
-            raise Refusal("unknown-user", f"{to if valid_username(to) else 'That user'} is not online.")
+        member = find_member(self.chat.online, self.chat.users, to)
         if member is session:
             raise Refusal("to-self", "That is you; send it to someone else.")
         return [member]
 
-    def open_upload(self, session, name: str, size: int, sha: str) -> Upload:
+    def open_upload(self, session, name: str, size: int, sha: str, now: float) -> Upload:
         number, self.next_id = self.next_id, self.next_id + 1
         path = os.path.join(self.folder, f"{number}.part")
         try:
@@ -956,7 +966,7 @@ class FileRelay:
         except OSError as error:
             self.chat.log.problem(f"cannot open {path}: {error}")
             raise Refusal("server-error", "The server cannot store files now; try again later.") from None
-        upload = Upload(number, session, name, size, sha, path, writer, reader)
+        upload = Upload(number, session, name, size, sha, path, writer, reader, last_progress=now)
         self.uploads[number] = upload
         return upload
 
@@ -979,7 +989,7 @@ class FileRelay:
         """FILE_CANCEL [id]: the sender's stops the transfer for all; a receiver's, for itself."""
         (number,) = unpack_fields(request.packet.payload, 1)
         session = request.session
-        upload = self.uploads.get(int(number)) if number.isdigit() else None
+        upload = self.uploads.get(int(number)) if whole_number(number) else None
         if upload is not None and upload.sender is session:
             self.cancel(upload, f"{session.name} cancelled it", tell_sender=False)
             return ["cancelled"]
@@ -1000,10 +1010,10 @@ class FileRelay:
         _, ready = session.file_stream.receive(packet, now)
         for delivered in ready:
             if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
-                self.take_chunk(session, delivered.payload)
+                self.take_chunk(session, delivered.payload, now)
         self.chat.delivery.touch(session)
 
-    def take_chunk(self, session, payload: bytes) -> None:
+    def take_chunk(self, session, payload: bytes, now: float) -> None:
         """Write an upload's next chunk to its temporary file; chunks come in order, so at its end."""
         try:
             number, offset, data = unpack_chunk(payload)
@@ -1023,6 +1033,7 @@ class FileRelay:
             return
         upload.digest.update(data)
         upload.received += len(data)
+        upload.last_progress = now
         for receiver in upload.receivers.values():
             self.chat.delivery.touch(receiver.session)  # more to relay
         if upload.received == upload.size:
@@ -1119,9 +1130,21 @@ class FileRelay:
         except OSError as error:
             self.chat.log.problem(f"cannot delete {upload.path}: {error}")
 
+    def expire(self, now: float) -> None:
+        """Cancel the uploads that gained no byte for IDLE_LIMIT seconds (housekeeping)."""
+        for upload in list(self.uploads.values()):
+            if not upload.checked and now - upload.last_progress > self.IDLE_LIMIT:
+                self.cancel(upload, f"no part of it came for {self.IDLE_LIMIT:.0f} s")
+
+    def close_all(self) -> None:
+        """The server stops: close every temporary file (Windows cannot delete an open one)."""
+        for upload in list(self.uploads.values()):
+            self.close(upload)
+
     def drop(self, session) -> None:
-        """A session ended: its uploads stop, and it leaves the files it was receiving."""
-        for upload in [u for u in self.uploads.values() if u.sender is session]:
+        """A session ended: its unfinished uploads stop (a checked one the server has whole,
+        and goes on relaying), and it leaves the files it was receiving."""
+        for upload in [u for u in self.uploads.values() if u.sender is session and not u.checked]:
             self.cancel(upload, f"{session.name} left", tell_sender=False)
         for receiver in list(self.receiving.get(id(session), ())):
             self.drop_receiver(receiver, f"{session.name} left before {receiver.upload.name} arrived")

@@ -247,7 +247,7 @@ class Arena:
         self.bob = self.chat_client("bob", on_event=self.bob_events.append)
         self.marker = "a message from before the fuzz"
         self.alice.say(self.marker)
-        self.alice.ping()
+        self.alice.call(PacketType.PING)
         self.members = [BareClient(self.process.address, ip) for ip in self.ips[:MEMBERS]]
         for index, member in enumerate(self.members):
             member.register(f"member{index}")

@@ -10,6 +10,7 @@ import queue
 import random
 import signal
 import threading
+import types
 
 import pytest
 from conftest import EVENT_WAIT, Program, lossy_timing, member, next_event, wait_until
@@ -168,6 +169,32 @@ def test_two_files_of_one_name_are_both_kept(tmp_path):
     first, second = receive(tmp_path, offer, chunks), receive(tmp_path, offer, chunks)
     assert sorted(os.listdir(tmp_path / "downloads")) == ["original (1).bin", "original.bin"]
     assert first.news[-1][0] == second.news[-1][0] == "done"
+
+
+def test_two_downloads_of_one_name_at_once_keep_its_extension(tmp_path):
+    _, offer, chunks = chunks_of(tmp_path, b"same name")
+    first, second = FileTransfers(str(tmp_path / "downloads")), FileTransfers(str(tmp_path / "downloads"))
+    for receiver in (first, second):  # both under way before either is finished
+        receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
+    for receiver in (first, second):
+        for chunk in chunks:
+            receiver.receive_chunk(chunk)
+    assert sorted(os.listdir(tmp_path / "downloads")) == ["original (1).bin", "original.bin"]
+
+
+def test_a_download_that_cannot_be_written_fails_alone_and_says_why(tmp_path, monkeypatch):
+    _, offer, chunks = chunks_of(tmp_path, bytes(3 * CHUNK_SIZE))
+    receiver = FileTransfers(str(tmp_path / "downloads"))
+    receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
+    (transfer,) = receiver.incoming.values()
+
+    def full_disk(data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transfer.file, "write", full_disk)
+    receiver.receive_chunk(chunks[0])  # raises nothing: the client and its chat go on
+    assert receiver.news[-1] == ("failed", transfer) and transfer.note == "cannot write it: No space left on device"
+    assert receiver.cancels == [7] and os.listdir(tmp_path / "downloads") == []  # the sender is told
 
 
 def test_progress_is_reported_about_once_a_percent(tmp_path):
@@ -382,10 +409,56 @@ def test_a_file_over_the_limit_is_refused_before_any_of_it_is_sent(start_server,
     assert alice.protocol.file_stream.stats["sent"] == 0 and not transfers_folder(small)
 
 
+def test_an_upload_that_never_comes_is_cancelled_and_frees_its_place(tmp_path):
+    chat = server.ChatServer(server.ServerConfig(data_dir=str(tmp_path), kdf_iterations=1000, quiet=True),
+                             log=lambda line: None)
+    try:
+        relay = chat.files
+        gone = types.SimpleNamespace(name="alice", address=("10.0.0.1", 1))  # a sender no longer here
+        upload = relay.open_upload(gone, "x.bin", 10, "0" * 64, now=100.0)
+        relay.expire(100.0 + relay.IDLE_LIMIT - 1)
+        assert upload.id in relay.uploads
+        relay.expire(100.0 + relay.IDLE_LIMIT + 1)
+        assert upload.id not in relay.uploads and os.listdir(relay.folder) == []
+    finally:
+        chat.close()
+
+
+def test_a_stopped_server_closes_its_temporary_files(tmp_path):
+    chat = server.ChatServer(server.ServerConfig(data_dir=str(tmp_path), kdf_iterations=1000, quiet=True),
+                             log=lambda line: None)
+    upload = chat.files.open_upload(object(), "x.bin", 10, "0" * 64, now=0.0)
+    chat.close()
+    assert upload.writer.closed and upload.reader.closed  # Windows could not delete them otherwise
+
+
+def test_a_checked_upload_reaches_its_receivers_after_its_sender_leaves(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    path, data = random_file(tmp_path, 200_000)
+    with bob.lock:  # bob reads nothing for now: the server holds the file for him
+        transfer, offer = alice.send_file("bob", path)
+        offer.result(EVENT_WAIT)
+        assert outcome(alice)[0] == "done"  # the server has it all, checked
+        alice.bye()
+    what, received = outcome(bob)
+    assert what == "done" and open(received.path, "rb").read() == data
+
+
+def test_closing_a_client_mid_download_leaves_no_file_open_or_behind(chat_server, make_client, tmp_path):
+    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
+    hold_upload(alice, 10)
+    alice.send_file("bob", random_file(tmp_path, 100_000)[0])
+    download = download_of(bob)
+    bob.close()
+    assert download.file.closed and os.listdir(tmp_path / "bob") == []
+
+
 def test_offers_to_nobody_are_refused(chat_server, make_client, tmp_path):
     alice, = friends(make_client, chat_server, tmp_path, "alice")
     path = random_file(tmp_path, 10)[0]
-    for to, words in (("", "Nobody else"), ("zed", "zed is not online"), ("alice", "That is you")):
+    friends(make_client, chat_server, tmp_path, "bob")[0].bye()  # bob has an account, but is gone
+    for to, words in (("", "Nobody else"), ("zed", "No such user"), ("bob", "bob is not online"),
+                      ("alice", "That is you")):
         with pytest.raises(client.Refused, match=words):
             alice.send_file(to, path)[1].result(EVENT_WAIT)
 

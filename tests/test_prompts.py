@@ -169,3 +169,20 @@ def test_a_long_private_message_is_sent_in_parts_in_order(chat_server, make_clie
     alice.expect("] -> bob: word0000")
     alice.expect("sent in 2 parts")
     assert " ".join([next_event(bob, "private").text, next_event(bob, "private").text]) == LONG_LINE
+
+
+def test_cancel_takes_a_number_as_files_shows_it_and_refuses_anything_else(chat_server, make_client, monkeypatch):
+    chat, terminal = conversation(make_client, chat_server.address)
+    asked = []
+    monkeypatch.setattr(chat.client, "cancel_files", lambda number=0: asked.append(number) or [])
+    for typed in ("#3", "3", "", "²", "all of them"):
+        chat.handle_line(f"/cancel {typed}".strip())
+    assert asked == [3, 3, 0]  # "²" and words cancel nothing: a typo never stops every transfer
+    assert terminal.shown.count("Usage: /cancel, or /cancel N with N as /files shows it") == 2
+
+
+def test_sending_a_file_while_logged_out_says_not_sent(chat_server, make_client, tmp_path):
+    chat, terminal = conversation(make_client, chat_server.address)
+    (tmp_path / "notes.txt").write_text("hi", encoding="utf-8")
+    with pytest.raises(client.Refused, match="not sent"):  # shown by the chat loop, which goes on
+        chat.client.send_file("", str(tmp_path / "notes.txt"))
