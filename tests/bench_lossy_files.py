@@ -157,20 +157,13 @@ def role_file_receivers(args) -> None:
         chats.append(chat)
     say("READY")
     all_done.wait(args.limit + SETUP_TIMEOUT)
-    results = {name: {"at": at, "state": state, "note": note, "intact": state == "done" and sha256(path) == args.sha}
+    results = {name: {"at": at, "state": state, "note": note,
+                      "intact": state == "done" and client.file_sha256(path) == args.sha}
                for name, (at, state, note, path) in dict(done).items()}
     say("RESULT", {"receivers": results})
     bench_lossy.wait_for_command("report")
     for chat in chats:
         chat.close()
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for piece in iter(lambda: file.read(MB), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def role_tcp_file_relay(args) -> None:

@@ -12,7 +12,6 @@ where a missing display is a failure.
 import builtins
 import gc
 import os
-import queue
 import random
 import selectors
 import shutil
@@ -24,6 +23,7 @@ import time
 
 import pytest
 from conftest import EVENT_WAIT, fast_timing, member, next_event
+from test_files import outcome
 
 import client
 
@@ -373,17 +373,6 @@ def random_file(folder, size: int, name: str = "photo.bin") -> tuple[str, bytes]
     return str(path), data
 
 
-def file_outcome(made: client.ChatClient) -> tuple[str, client.Transfer]:
-    """Return the scripted client's next news that ends a transfer: done, failed or cancelled."""
-    while True:
-        try:
-            what, transfer = made.file_news.get(timeout=EVENT_WAIT)
-        except queue.Empty:
-            pytest.fail(f"{made.name}: no transfer ended within {EVENT_WAIT} s")
-        if what != "progress":
-            return what, transfer
-
-
 def choose_file(monkeypatch, path: str) -> list[dict]:
     """The file dialog answers `path` at once; return what it was asked, one dict a call."""
     asked = []
@@ -409,7 +398,7 @@ def test_send_to_member_sends_the_chosen_file_byte_for_byte(chat_server, make_cl
     window.chat.members.selection_set(members_shown(window).index("bob"))
     window.chat.files.buttons["Send to member..."].invoke()
     assert asked[0]["title"] == "Send a file to bob"
-    what, received = file_outcome(bob)
+    what, received = outcome(bob)
     assert what == "done" and open(received.path, "rb").read() == data
     last = f"sent photo.bin ({client.describe_size(len(data))}) to bob"
     pump(window, lambda: last in messages(window), "the last line")
@@ -425,7 +414,7 @@ def test_send_file_shares_with_the_room(chat_server, make_client, open_window, t
     choose_file(monkeypatch, path)
     window.chat.files.buttons["Send file..."].invoke()
     assert next_event(bob, "file").text == f"alice is sending notes.txt ({client.describe_size(5000)})"
-    what, received = file_outcome(bob)
+    what, received = outcome(bob)
     assert what == "done" and open(received.path, "rb").read() == data
     last = f"sent notes.txt ({client.describe_size(5000)}) to the room"
     pump(window, lambda: last in messages(window), "the last line")
