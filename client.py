@@ -1482,7 +1482,7 @@ class Terminal:
                 else:  # a password's prompt (what is typed is not shown), or no readline
                     sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + lift + text + "\n" + self.prompt)
                     sys.stdout.flush()
-            except BrokenPipeError:  # output piped into a program that stopped reading
+            except OSError:  # a program reading our output stopped, or the terminal closed (EIO)
                 pass
 
     def show_above_readline(self, text: str, lift: str = "") -> None:

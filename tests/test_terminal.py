@@ -645,3 +645,14 @@ def test_no_colour_in_a_terminal_with_no_color_set(chat_server, make_client, ter
     bob.say("lunch, Alice?")
     alice.wait_for_text("bob: lunch, Alice?")
     assert client.MENTION_COLOR not in alice.raw and client.BELL in alice.raw  # the bell still rings
+
+
+def test_a_closed_terminal_does_not_make_showing_a_line_fail(monkeypatch):
+    terminal = client.Terminal.__new__(client.Terminal)  # no keyboard thread: only show() is tried
+    terminal.print_lock, terminal.prompt, terminal.status_shown = threading.Lock(), "", False
+
+    def hung_up(*args, **options):
+        raise OSError(5, "Input/output error")  # what writing to a terminal whose window closed gives
+
+    monkeypatch.setattr("builtins.print", hung_up)
+    terminal.show("[INFO] Connection closed.")  # raises nothing: the goodbye was said before it
