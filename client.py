@@ -413,9 +413,18 @@ class ClientProtocol:
         self.channel = channel
 
     def port_unreachable(self) -> None:
-        """The OS reported an ICMP "port unreachable": nobody listens there (yet)."""
+        """The OS reported an ICMP "port unreachable": nobody listens there (yet).
+
+        One report may be left over from an earlier server; two with nothing heard between
+        mean the server is not running. In a session that is news at once (its process was
+        killed, say), not after the heartbeats have waited for answers in vain.
+        """
         self.unreachable += 1
-        if self.unreachable >= 2 and not self.logged_in and self.pending:
+        if self.unreachable < 2:
+            return
+        if self.logged_in:
+            self.give_up(f"The server at {self.server} has stopped (nothing is listening on its port)")
+        elif self.pending:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
 

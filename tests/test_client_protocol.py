@@ -138,6 +138,30 @@ def test_two_port_unreachable_reports_before_login_mean_no_server():
     assert str(error) == "Server not responding at 127.0.0.1:9 (nothing is listening on that port)"
 
 
+def test_two_port_unreachable_reports_in_a_session_end_it_at_once():
+    protocol, server = logged_in()
+    protocol.server = "10.0.0.5:9999"
+    say = protocol.request(PacketType.SAY, ("hello",), 1.0)
+    protocol.poll(1.0)
+    protocol.port_unreachable()
+    protocol.receive(server_says_something(server, 1.1), 1.1)  # the server spoke between: not gone
+    protocol.port_unreachable()
+    assert protocol.logged_in and protocol.answers == []
+    protocol.port_unreachable()  # a second report with nothing heard since: the process is gone
+    assert not protocol.logged_in and not protocol.closed_reason  # a session lost: it may log in again
+    reason = "The server at 10.0.0.5:9999 has stopped (nothing is listening on its port)"
+    assert protocol.notices == [f"[WARN] {reason}."]
+    ((seq, error),) = protocol.answers
+    assert seq == say and isinstance(error, client.SessionLost) and protocol.lost is error
+
+
+def server_says_something(server: SessionEnd, now: float) -> bytes:
+    """One datagram from the server's end of the session: an EVENT."""
+    server.channel.send(PacketType.EVENT, pack_fields("chat", "0", "lobby", "bob", "hi"))
+    (data,) = server.channel.poll(now)
+    return data
+
+
 def test_a_ping_goes_out_after_heartbeat_every_of_quiet():
     protocol, server = logged_in()
     say = protocol.request(PacketType.SAY, ("hello",), 2.0)
