@@ -615,7 +615,7 @@ class Rooms(dict):
         room.members[session.name.lower()] = session
         session.room = room.name.lower()
         for when, user, text in room.history:
-            self.delivery.push(session, self.event("history", room.name, user, text, when))
+            self.delivery.push(session, self.event("history", room.name, user, text, when=when))
         self.tell(others, self.event("join", room.name, session.name, ""))
 
     def leave(self, session: Session, reason: str) -> None:
@@ -633,10 +633,13 @@ class Rooms(dict):
         for member in members:  # one body, prepared once for them all
             self.delivery.push(member, body)
 
-    def event(self, kind: str, room: str, user: str, text: str, when: float | None = None) -> Body:
-        """Return an EVENT's payload [kind, unix time, room, user, text], ready for the wire."""
+    def event(self, kind: str, room: str, user: str, text: str, *more, when: float | None = None) -> Body:
+        """Return an EVENT's payload [kind, unix time, room, user, text, *more], ready for the wire.
+
+        Every EVENT has the five fields; one about a file adds its own (its id, name...).
+        """
         when = self.wall_clock() if when is None else when
-        return prepare_body(pack_fields(kind, str(int(when)), room, user, text), self.cipher)
+        return prepare_body(pack_fields(kind, str(int(when)), room, user, text, *map(str, more)), self.cipher)
 
 
 class Delivery:
@@ -848,11 +851,6 @@ def ends_inside_a_line(path: str) -> bool:
 # relayed to each receiver from that file as its file stream has room (client.py's
 # files section tells the whole story, sender to receiver).
 
-def file_event_fields(kind: str, when: float, room: str, user: str, text: str, *more: str) -> bytes:
-    """Return an EVENT's payload about a file: the five usual fields, then the file's."""
-    return pack_fields(kind, str(int(when)), room, user, text, *more)
-
-
 @dataclasses.dataclass(eq=False)
 class Upload:
     """A file coming in from its sender, kept in a temporary file until every receiver has it."""
@@ -905,7 +903,6 @@ class FileRelay:
         self.limit = int(max_file_mb * MB)
         self.folder = os.path.join(chat.config.data_dir, "transfers")
         self.uploads: dict[int, Upload] = {}  # transfer id -> upload
-        self.receiving: dict[int, list[Receiver]] = {}  # id(session) -> the files it is being sent
         self.next_id = 1
         self.clear_folder()
 
@@ -974,15 +971,13 @@ class FileRelay:
         """Send a receiver the "file" EVENT; remember its number, to know when it has arrived."""
         text = f"{upload.sender.name} is sending {upload.name} ({describe_size(upload.size)})"
         room = self.chat.rooms.of(member).name if member.room else ""
-        body = self.event_body("file", room, upload.sender.name, text, upload.id, upload.name, upload.size,
-                               upload.sha256)
+        body = self.chat.rooms.event("file", room, upload.sender.name, text, upload.id, upload.name, upload.size,
+                                     upload.sha256)
         seq = member.channel.send(PacketType.EVENT, body)
         if not seq:
             self.chat.delivery.give_up_on(member)  # its queue is full: it cannot keep up
             return
-        receiver = Receiver(member, upload, seq)
-        upload.receivers[id(member)] = receiver
-        self.receiving.setdefault(id(member), []).append(receiver)
+        upload.receivers[id(member)] = Receiver(member, upload, seq)
         self.chat.delivery.touch(member)
 
     def handle_cancel(self, request) -> list[str]:
@@ -1050,7 +1045,7 @@ class FileRelay:
     def pump(self, sessions, now: float) -> None:
         """For each session: note the files it now has whole, and refill its file stream."""
         for session in sessions:
-            for receiver in list(self.receiving.get(id(session), ())):
+            for receiver in self.receivers_of(session):
                 if self.has_it_all(receiver):
                     self.delivered(receiver)
             self.fill(session)
@@ -1058,7 +1053,7 @@ class FileRelay:
     def fill(self, session) -> None:
         """Put chunks into the session's file stream, one file after the other in turn, while it has room."""
         stream = session.file_stream
-        ready = [r for r in self.receiving.get(id(session), ())
+        ready = [r for r in self.receivers_of(session)
                  if session.channel.delivered(r.offer_seq) and r.sent < r.upload.received]
         while ready and len(stream.waiting) < FILL:
             for receiver in list(ready):
@@ -1095,11 +1090,10 @@ class FileRelay:
 
     def forget_receiver(self, receiver: Receiver) -> None:
         receiver.upload.receivers.pop(id(receiver.session), None)
-        mine = self.receiving.get(id(receiver.session), [])
-        if receiver in mine:
-            mine.remove(receiver)
-        if not mine:
-            self.receiving.pop(id(receiver.session), None)
+
+    def receivers_of(self, session) -> list[Receiver]:
+        """Return where `session` is in each file it is being sent, oldest file first."""
+        return [upload.receivers[id(session)] for upload in self.uploads.values() if id(session) in upload.receivers]
 
     def release_if_unused(self, upload: Upload) -> None:
         """Nobody left to receive it: delete the temporary file (and stop an upload still coming)."""
@@ -1117,8 +1111,8 @@ class FileRelay:
         for receiver in list(upload.receivers.values()):
             self.forget_receiver(receiver)
             text = f"{upload.name} from {upload.sender.name} cancelled: {why}"
-            self.chat.delivery.push(receiver.session, self.event_body("file-cancelled", "", upload.sender.name,
-                                                                      text, upload.id))
+            self.chat.delivery.push(receiver.session, self.chat.rooms.event("file-cancelled", "", upload.sender.name,
+                                                                            text, upload.id))
         self.close(upload)
 
     def close(self, upload: Upload) -> None:
@@ -1146,18 +1140,13 @@ class FileRelay:
         and goes on relaying), and it leaves the files it was receiving."""
         for upload in [u for u in self.uploads.values() if u.sender is session and not u.checked]:
             self.cancel(upload, f"{session.name} left", tell_sender=False)
-        for receiver in list(self.receiving.get(id(session), ())):
+        for receiver in self.receivers_of(session):
             self.drop_receiver(receiver, f"{session.name} left before {receiver.upload.name} arrived")
 
     def tell_sender(self, upload: Upload, kind: str, user: str, text: str) -> None:
         sender = upload.sender
         if self.chat.sessions.get(sender.address) is sender:
-            self.chat.delivery.push(sender, self.event_body(kind, "", user, text, upload.id))
-
-    def event_body(self, kind: str, room: str, user: str, text: str, *more):
-        """Return an EVENT about a file, ready for the wire: the five usual fields, then the file's."""
-        fields = file_event_fields(kind, self.chat.wall_clock(), room, user, text, *(str(m) for m in more))
-        return prepare_body(fields, self.chat.cipher)
+            self.chat.delivery.push(sender, self.chat.rooms.event(kind, "", user, text, upload.id))
 
     def buffered_bytes(self) -> int:
         """Return the file bytes the server holds in memory: those in its members' file streams."""
