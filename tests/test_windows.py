@@ -1,7 +1,7 @@
 """What only Windows does, simulated so that it is tested on every system.
 
 * recvfrom() raises ConnectionResetError (WinError 10054) when an earlier sendto() hit a
-  closed port; the server and the client must read on.
+  closed port; the server must read on. To a client it says the server has stopped.
 * Ctrl+C is only noticed when a blocking call returns, so no loop may block for long.
 * There is no readline module.
 """
@@ -146,9 +146,8 @@ def test_server_main_ends_cleanly_on_ctrl_c(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.rstrip().endswith("[INFO] Server stopped.")
 
 
-class ResetOnSend:
-    """Wraps the client's socket: every send is lost, and reported as Windows reports an
-    ICMP "port unreachable" for an earlier one, with ConnectionResetError."""
+class LoseOnSend:
+    """Wraps the client's socket: every datagram sent is lost, silently."""
 
     def __init__(self, sock):
         self.sock = sock
@@ -157,10 +156,18 @@ class ResetOnSend:
         return getattr(self.sock, name)
 
     def send(self, data):
+        return len(data)
+
+
+class ResetOnSend(LoseOnSend):
+    """Every send is lost, and reported as Windows reports an ICMP "port unreachable" for
+    an earlier one: with ConnectionResetError."""
+
+    def send(self, data):
         raise ConnectionResetError(10054, "An existing connection was forcibly closed")
 
 
-def test_client_backs_off_its_resends_through_resets_in_steps_of_max_wait(chat_server, make_client, monkeypatch):
+def test_client_backs_off_its_resends_in_steps_of_max_wait(chat_server, make_client, monkeypatch):
     alice = member(make_client, chat_server.address, "alice", timing=fast_timing(min_rto=0.1, max_rto=2.0))
     protocol = alice.protocol
     sends, waits = [], []  # (time, sequence numbers) of each poll that sent; every wait in select()
@@ -178,7 +185,7 @@ def test_client_backs_off_its_resends_through_resets_in_steps_of_max_wait(chat_s
 
     monkeypatch.setattr(protocol, "poll", poll)
     monkeypatch.setattr(alice.selector, "select", select)
-    alice.sock = ResetOnSend(alice.sock)
+    alice.sock = LoseOnSend(alice.sock)
     future = alice.submit(PacketType.SAY, "is anyone there?")
     with alice.lock:
         say = next(seq for seq, waiting in alice.futures.items() if waiting is future)
@@ -190,7 +197,17 @@ def test_client_backs_off_its_resends_through_resets_in_steps_of_max_wait(chat_s
     assert all(gap >= first_wait * backoff ** number for number, gap in enumerate(gaps)), (first_wait, gaps)
     assert first_wait * backoff ** 5 > client.MAX_WAIT  # the last wait was longer than one step of the loop...
     assert max(waits) <= client.MAX_WAIT  # ...yet the network thread never blocked for longer
-    assert not alice.closed.is_set()  # the resets did not end anything
+
+
+def test_resets_on_send_tell_the_client_that_the_server_has_stopped(chat_server, make_client):
+    notices = []
+    alice = member(make_client, chat_server.address, "alice", on_notice=notices.append, rejoin=False)
+    alice.sock = ResetOnSend(alice.sock)
+    with pytest.raises(client.SessionLost):
+        alice.say("is anyone there?")
+    host, port = chat_server.address
+    assert notices[-1] == f"[WARN] The server at {host}:{port} has stopped (nothing is listening on its port)."
+    assert not alice.closed.is_set()  # the network thread read on: the user may log in again
 
 
 def test_client_main_ends_cleanly_on_ctrl_c(chat_server, monkeypatch, capsys):
