@@ -41,6 +41,7 @@ from encryption_helper import (
     MAGIC,
     MIN_FIND_SIZE,
     MIN_HELLO_SIZE,
+    SERVER_ONLY,
     Address,
     Packet,
     PacketError,
@@ -385,6 +386,9 @@ class Reception:
         packet, address = request.packet, request.address
         if packet.type == PacketType.ACK:
             return  # e.g. the last ACK of a client that said BYE: nothing to answer
+        if packet.type in SERVER_ONLY:  # maybe another server, answering what we sent it: a
+            self.refuse_server_only(request)  # RESET back would be answered too, for ever
+            return
         sender = f"{describe_address(address)} sent {packet.type.name}"
         if session is not None:  # someone else's address with a wrong token: forged
             self.server.log.problem(f"{sender} with a wrong session token; dropped")

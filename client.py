@@ -1184,14 +1184,31 @@ class Rejoin:
         self.room: list[str] = []  # [room, password]
         self.thread: threading.Thread | None = None  # logging back in, while the user types on
         self.held: list[tuple] = []  # (type, fields, future)
-        # The newest event's time; and, after a rejoin, up to when the room's past was shown already.
-        self.last_event_time = self.seen_until = 0.0
+        # The newest event's time and what was said in that second; after a rejoin, the same
+        # for the room's past shown already. Times are whole seconds: within the last one,
+        # only what was said tells a message shown from one that never came.
+        self.last_event_time, self.last_second = 0.0, set()
+        self.seen_until, self.seen_last = 0.0, set()
 
     def not_seen(self, events: list[Event]) -> list[Event]:
         """Return the events but the room's past messages shown before the session was lost."""
-        fresh = [event for event in events if not (event.kind == "history" and event.time <= self.seen_until)]
-        self.last_event_time = max([self.last_event_time] + [event.time for event in fresh])
+        fresh = [event for event in events if not (event.kind == "history" and self.shown(event))]
+        for event in fresh:
+            if event.time > self.last_event_time:
+                self.last_event_time, self.last_second = event.time, set()
+            if event.time == self.last_event_time:
+                self.last_second.add((event.user, event.text))
         return fresh
+
+    def past_shown(self) -> None:
+        """Before the room is joined again: what has come so far was shown."""
+        self.seen_until, self.seen_last = self.last_event_time, set(self.last_second)
+
+    def shown(self, past: Event) -> bool:
+        """Was this message of the room's past shown before the session was lost?"""
+        if past.time == self.seen_until:
+            return (past.user, past.text) in self.seen_last
+        return past.time < self.seen_until
 
     def holds(self, ptype: PacketType) -> bool:
         """Under the client's lock: must a request wait for the rejoin (going, or about to start)?"""
@@ -1257,7 +1274,7 @@ class Rejoin:
         client, self.client.room = self.client, None
         if not self.room:
             return
-        self.seen_until = self.last_event_time  # the room's past messages: shown already
+        self.past_shown()
         try:
             client.room = client.call(PacketType.JOIN, *self.room)[0]
             client.on_notice(f"[INFO] In {client.room} again.")

@@ -232,6 +232,8 @@ class PacketType(enum.IntEnum):
 
 
 PACKET_TYPES = {member.value: member for member in PacketType}  # number -> type, for decoding
+# Types 20 and up only a server sends: a server never answers them, or two could loop.
+SERVER_ONLY = {PacketType.OK, PacketType.ERROR, PacketType.EVENT, PacketType.RESET}
 
 
 class PacketError(ValueError):

@@ -158,9 +158,17 @@ class Session:
 @dataclasses.dataclass
 class Room:
     name: str
-    record: dict | None  # its password, salted and hashed (auth.py); None for the lobby
+    record: dict | None  # its password, salted and hashed (auth.py), and when it was made; None for the lobby
     members: dict = dataclasses.field(default_factory=dict)  # lower-case name -> Session
     history: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=HISTORY_ON_JOIN))
+
+    @property
+    def made(self) -> float:
+        return self.record.get("created", 0.0) if self.record else 0.0  # rooms.json before v4: 0
+
+    def quiet_since(self) -> float:
+        """Return when something was last said in the room, or when it was made."""
+        return max(self.made, self.history[-1][0] if self.history else 0.0)
 
 
 @dataclasses.dataclass
@@ -238,7 +246,9 @@ class ChatServer:
         request, request.now, session = job.request, now, job.request.session
         self.guard.hash_finished(request.address[0])
         try:
-            if session is None or self.sessions.get(session.address) is session:  # not ended meanwhile
+            if session and self.stopping:
+                pass  # after EVENT stop nothing is handled: the client sends it again after the restart
+            elif session is None or self.sessions.get(session.address) is session:  # not ended meanwhile
                 self.answer(request, run_handler(self.reception.finish_check, job))
         finally:  # even if a bug raised: the member's next requests must not wait for ever
             if session:
@@ -414,6 +424,7 @@ class ChatServer:
 
     def handle_private(self, request: Request) -> list[str]:
         target_name, text = unpack_fields(request.packet.payload, 2)
+        self.rooms.of(request.session)  # the room password is the way into the chat: private messages too
         target = find_member(self.online, self.users, target_name)
         check_text(text)
         self.delivery.push(target, self.rooms.event("private", "", request.session.name, text))
@@ -574,9 +585,13 @@ class Rooms(dict):
         self.store, self.cipher, self.delivery, self.wall_clock = store, cipher, delivery, wall_clock
 
     def load_history(self, messages) -> None:
-        """Keep the last messages of each room from (unix time, room, user, text) on file."""
+        """Keep the last messages of each room from (unix time, room, user, text) on file.
+
+        A room forgotten when the server was full leaves its lines in the file: one made
+        later with that name starts without them, however its password was chosen.
+        """
         for when, room, user, text in messages:
-            if room.lower() in self:
+            if room.lower() in self and when >= self[room.lower()].made:
                 self[room.lower()].history.append((when, user, text))
 
     def of(self, session: Session) -> Room:
@@ -593,7 +608,7 @@ class Rooms(dict):
         empty = [room for key, room in self.items() if key != LOBBY and not room.members]
         if not empty:
             raise Refusal("full", "Server full: no more rooms can be made.")
-        quietest = min(empty, key=lambda room: room.history[-1][0] if room.history else 0.0)
+        quietest = min(empty, key=Room.quiet_since)
         try:
             self.store.remove(quietest.name)
         except OSError:
@@ -601,6 +616,7 @@ class Rooms(dict):
         del self[quietest.name.lower()]
 
     def create(self, record: dict) -> Room:
+        record = {**record, "created": int(self.wall_clock())}  # whole seconds, as the history's
         self.store.add(record)
         room = self[record["name"].lower()] = Room(record["name"], record)
         return room
@@ -944,8 +960,9 @@ class FileRelay:
 
     def receivers_for(self, session, to: str) -> list:
         """Return who gets the file: the user named, or everyone else in the sender's room."""
+        room = self.chat.rooms.of(session)  # a file too needs the way into the chat: a room's password
         if not to:
-            others = [m for m in self.chat.rooms.of(session).members.values() if m is not session]
+            others = [m for m in room.members.values() if m is not session]
             if not others:
                 raise Refusal("nobody", "Nobody else is in the room to share it with.")
             return others

@@ -58,16 +58,24 @@ def patient_channel(cipher, token, rto: RtoEstimator, **options) -> Channel:
                    max_sends=60, **options)
 
 
+def patient_client_channel(*args, **options) -> Channel:
+    """The client's Channel, as patient as patient_channel before it gives up."""
+    options.setdefault("max_sends", 60)
+    return Channel(*args, **options)
+
+
 @pytest.fixture
 def quick_recovery(monkeypatch):
     """Make a lossy link quick to recover from, for tests of what survives loss.
 
     The server's session timers become as short as lossy_timing's (a lost reply would
-    cost a timeout each, times a hundred), tries before login ten a second instead of
-    one, and flood control, which would hold a few hundred quick messages for a minute,
-    steps aside.
+    cost a timeout each, times a hundred), both ends try a packet 60 times before they
+    give up, not 20 (loss at both ends loses half of all datagrams each way), tries
+    before login are ten a second instead of one, and flood control, which would hold a
+    few hundred quick messages for a minute, steps aside.
     """
     monkeypatch.setattr(server, "Channel", patient_channel)
+    monkeypatch.setattr(client, "Channel", patient_client_channel)
     monkeypatch.setattr(client, "FIRST_CONTACT_RETRY", 0.1)
     monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 10_000)
     monkeypatch.setattr(server.AbuseControl, "MESSAGE_RATE", 10_000.0)

@@ -25,6 +25,7 @@ from encryption_helper import (
     MAX_TEXT_BYTES,
     MIN_HELLO_SIZE,
     NO_TOKEN,
+    SERVER_ONLY,
     VERSION,
     Channel,
     Packet,
@@ -537,6 +538,15 @@ def test_chat_before_login_is_answered_with_reset(harness):
     assert not harness.chat.sessions
 
 
+@pytest.mark.parametrize("ptype", sorted(SERVER_ONLY))
+def test_what_only_servers_send_is_never_answered_without_a_session(harness, ptype):
+    # Say another server at that address answered something sent in its name: a RESET
+    # back would be answered with a RESET, and the two would bounce for ever.
+    sent = encode_packet(Packet(ptype, 0, 3, 0, b"tokenXYZ", 0, pack_fields("0", "x", "y")), CIPHER)
+    assert harness.deliver(sent, ("10.0.0.9", 9999)) == []
+    assert harness.chat.stats["bad"] == 1
+
+
 def test_a_stray_ack_without_a_session_is_not_answered(harness):
     assert harness.deliver(encode_packet(Packet(PacketType.ACK, 0, 3, 0, b"tokenXYZ"), CIPHER), ("10.0.0.1", 1)) == []
     assert harness.chat.stats["no-session"] == 1
@@ -688,6 +698,43 @@ def test_a_full_server_forgets_the_room_quiet_longest_that_nobody_is_in(make_har
     assert "old" not in (tmp_path / server.ROOMS_FILE).read_text(encoding="utf-8")
 
 
+def set_wall_clock(harness, when: float) -> None:
+    harness.chat.wall_clock = harness.chat.rooms.wall_clock = lambda: when
+
+
+def test_a_room_just_made_is_not_taken_for_one_quiet_for_a_month(make_harness, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 3)
+    harness = make_harness()
+    alice = member(harness, 1, "alice", room="old", password="pw")
+    alice.ask(PacketType.SAY, "a month ago")
+    set_wall_clock(harness, WALL_CLOCK + 30 * 86400)
+    alice.ask(PacketType.JOIN, "fresh", "pw")  # nothing said in it yet
+    alice.ask(PacketType.JOIN, "lobby", "juara")
+    assert alice.ask(PacketType.JOIN, "third", "pw")[0] == OK
+    assert sorted(harness.chat.rooms) == ["fresh", "lobby", "third"]
+
+
+def test_a_room_made_again_after_it_was_forgotten_has_no_past(make_harness, monkeypatch, tmp_path):
+    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 3)
+    harness = make_harness(tmp_path)
+    alice = member(harness, 1, "alice", room="secret", password="alice's")
+    alice.ask(PacketType.SAY, "the exam answers are 42")
+    alice.ask(PacketType.JOIN, "lobby", "juara")
+    set_wall_clock(harness, WALL_CLOCK + 60)
+    mallory = member(harness, 2, "mallory", room="filler", password="pw")
+    mallory.ask(PacketType.JOIN, "more", "pw")  # the server is full: "secret", quiet longest, is forgotten
+    mallory.ask(PacketType.JOIN, "secret", "mallory's")  # and "filler" for this one
+    assert sorted(harness.chat.rooms) == ["lobby", "more", "secret"]
+    harness.chat.close()
+    assert "the exam answers are 42" in (tmp_path / server.HISTORY_FILE).read_text(encoding="utf-8")
+    restarted = make_harness(tmp_path)
+    peer = Peer(restarted, 2)
+    assert peer.login("mallory").type == OK
+    mallory = restarted.members[peer.address]
+    assert mallory.ask(PacketType.JOIN, "secret", "mallory's")[0] == OK
+    assert mallory.texts("history") == []
+
+
 def test_rooms_are_kept_apart(harness):
     alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
     carol = member(harness, 3, "carol", room="other", password="pw")
@@ -704,6 +751,17 @@ def test_private_message_reaches_only_its_target(harness):
     assert alice.text(PacketType.PRIVATE, "nobody", "hi") == "No such user."
     bob.ask(PacketType.BYE)
     assert alice.ask(PacketType.PRIVATE, "bob", "hi") == (ERROR, ["not-online", "bob is not online."])
+
+
+def test_without_a_room_password_nobody_can_be_messaged(harness):
+    member(harness, 1, "alice")
+    peer = Peer(harness, 2)
+    peer.register("eve")
+    assert peer.login("eve").type == OK  # an account anyone can make; but no room password
+    eve = harness.members[peer.address]
+    not_in_room = (ERROR, ["not-in-room", "Join a room first: /join ROOM"])
+    assert eve.ask(PacketType.PRIVATE, "alice", "hi") == not_in_room
+    assert eve.ask(PacketType.FILE_OFFER, "alice", "a.txt", "0", "0" * 64) == not_in_room
 
 
 def test_a_huge_unknown_name_is_not_echoed(harness):
@@ -1004,6 +1062,19 @@ def test_a_stopping_server_tells_every_member_and_handles_nothing_more(harness):
     alice.flush()
     assert late not in alice.replies and bob.texts() == []  # never handled: sent again after the restart
     assert Peer(harness, 3).send(PacketType.HELLO) == []  # no new sessions either
+
+
+def test_a_join_whose_password_check_outlasts_the_stop_is_never_handled(harness):
+    alice = member(harness, 1, "alice")
+    join = alice.send(PacketType.JOIN, "games", "dadu")  # a new room: its password is hashed first
+    for data in alice.channel.poll(harness.now):
+        harness.deliver(data, alice.address, run_jobs=False)
+    assert harness.chat.password_jobs  # the check is still running...
+    harness.chat.announce_stop(harness.now)  # ...when the server is stopped
+    harness.run_jobs()
+    harness.settle()
+    assert join not in alice.replies and alice.events()[-1][0] == "stop"
+    assert "games" not in harness.chat.rooms and harness.chat.stop_heard()
 
 
 def test_no_password_in_history_or_log(harness, tmp_path):

@@ -154,6 +154,18 @@ def test_back_in_after_a_restart_the_rooms_past_is_not_shown_again(start_server,
     assert "history" not in kinds  # the first line was shown before, so it is not shown again
 
 
+def test_back_in_a_message_of_the_last_second_seen_is_shown_if_it_never_came():
+    rejoin = client.Rejoin(client=None)  # its filter needs no network
+    second = 1_700_000_100.0  # the server stamps events in whole seconds
+    rejoin.not_seen([client.Event("chat", second - 1, "lobby", "bob", "earlier"),
+                     client.Event("chat", second, "lobby", "carol", "seen")])
+    rejoin.past_shown()  # the session is lost; alice's line of the same second never came
+    past = [client.Event("history", when, "lobby", user, text) for when, user, text in
+            [(second - 1, "bob", "earlier"), (second, "carol", "seen"), (second, "alice", "never came"),
+             (second + 1, "dave", "later")]]
+    assert [event.text for event in rejoin.not_seen(past)] == ["never came", "later"]
+
+
 def test_a_room_whose_password_changed_is_not_rejoined_and_says_so(start_server, make_client, tmp_path):
     first = start_server(data_dir=tmp_path / "kept")
     notices = []
