@@ -111,6 +111,7 @@ from encryption_helper import (
     oversize_text,
     pack_chunk,
     pack_fields,
+    port_number,
     unpack_chunk,
     unpack_fields,
     whole_number,
@@ -1010,7 +1011,7 @@ class ChatClient:
             return
         self.check_not_network_thread()
         try:
-            self.submit(PacketType.BYE).result(timeout=self.timing.goodbye_timeout)
+            result_within(self.submit(PacketType.BYE), self.timing.goodbye_timeout)
         except (ChatError, concurrent.futures.TimeoutError):
             pass
         with self.lock:
@@ -1031,7 +1032,7 @@ class ChatClient:
         patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # it answers before this
         future = self.submit(ptype, *fields)
         try:
-            return future.result(timeout=patience)
+            return result_within(future, patience)
         except concurrent.futures.TimeoutError:
             if self.rejoin and self.rejoin.forget(future):  # it waited for a rejoin: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
@@ -1328,6 +1329,18 @@ def read_members(fields: list[str]) -> tuple[str, list[str]]:
     if members and members[-1][1:].isdigit() and members[-1].startswith("+"):
         members[-1] = f"... and {members[-1][1:]} more"
     return room, members
+
+
+def result_within(future: concurrent.futures.Future, seconds: float):
+    """Return the future's result, waiting `seconds` at most - in steps of MAX_WAIT: on
+    Windows, before Python 3.14, Ctrl+C cannot interrupt a thread waiting for a lock."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return future.result(timeout=max(min(MAX_WAIT, deadline - time.monotonic()), 0.0))
+        except concurrent.futures.TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def connect_udp(host: str, port: int) -> socket.socket:
@@ -3117,7 +3130,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                "the traffic can read it. Server and client must use the same --cipher and --key.",
     )
     parser.add_argument("--host", help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=port_number,
+                        help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
     add_shared_options(parser)  # --cipher, --key, --loss, --seed
     parser.add_argument("--verbose", action="store_true", help="trace every packet in and out")
     parser.add_argument("--find", action="store_true",
@@ -3125,10 +3139,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gui", action="store_true", help="chat in a window instead of the terminal (needs tkinter)")
     parser.add_argument("--downloads", default="downloads",
                         help="folder for the files others send you (default: downloads in the current folder)")
-    args = parser.parse_args(argv)
-    if args.port is not None and not 0 < args.port < 65536:
-        parser.error("--port must be from 1 to 65535")
-    return args
+    return parser.parse_args(argv)
 
 
 def safe_output() -> None:
@@ -3157,7 +3168,7 @@ PORT_RULE = "A port is a whole number from 1 to 65535."
 
 def parse_port(answer: str) -> int | None:
     """Return the port typed, or None if `answer` is not one."""
-    return int(answer) if answer.isdigit() and 0 < int(answer) < 65536 else None
+    return int(answer) if whole_number(answer) and 0 < int(answer) < 65536 else None
 
 
 def log_out_when_the_window_closes(current: list) -> object:

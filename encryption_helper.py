@@ -850,6 +850,13 @@ def loss_share(text: str) -> float:
     return share
 
 
+def port_number(text: str) -> int:
+    """Read --port: a UDP port, a whole number from 1 to 65535 (the header field has 16 bits)."""
+    if not (whole_number(text) and 0 < int(text) < 65536):
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 65535")
+    return int(text)
+
+
 # === 5. The local network ============================================================
 
 
@@ -962,6 +969,7 @@ class WakeUp:
     def __init__(self):
         self.reader, self.writer = socket.socketpair()
         self.reader.setblocking(False)
+        self.writer.setblocking(False)  # a full pair means the loop is woken already: never wait for it
 
     def wake(self) -> None:
         try:

@@ -85,6 +85,7 @@ from encryption_helper import (
     oversize_text,
     pack_chunk,
     pack_fields,
+    port_number,
     prepare_body,
     unpack_chunk,
     unpack_fields,
@@ -974,10 +975,13 @@ class FileRelay:
     def open_upload(self, session, name: str, size: int, sha: str, now: float) -> Upload:
         number, self.next_id = self.next_id, self.next_id + 1
         path = os.path.join(self.folder, f"{number}.part")
+        writer = None
         try:
             writer = open(path, "wb", buffering=0)  # unbuffered: what is written can be read back at once
             reader = open(path, "rb")
-        except OSError as error:
+        except OSError as error:  # the disk, or too many files open
+            if writer:
+                writer.close()
             self.chat.log.problem(f"cannot open {path}: {error}")
             raise Refusal("server-error", "The server cannot store files now; try again later.") from None
         upload = Upload(number, session, name, size, sha, path, writer, reader, last_progress=now)
@@ -1348,6 +1352,11 @@ def server_name(text: str) -> str:
     return text
 
 
+def listening_port(text: str) -> int:
+    """Check --port: a UDP port from 1 to 65535, or 0 for any free one (the banner says which)."""
+    return 0 if text == "0" else port_number(text)
+
+
 def megabytes(text: str) -> float:
     """Check --max-file-mb: a size of 0 or more."""
     if not re.fullmatch(r"\d+(\.\d*)?", text.strip()):
@@ -1363,7 +1372,8 @@ def parse_args(argv: list[str]) -> ServerConfig:
                "captures the traffic can read it. Passwords are stored only as salted PBKDF2 hashes.",
     )
     parser.add_argument("--host", default=defaults.host, help="address to listen on (default: all interfaces)")
-    parser.add_argument("--port", type=int, default=defaults.port, help="UDP port (default: %(default)s)")
+    parser.add_argument("--port", type=listening_port, default=defaults.port,
+                        help="UDP port (default: %(default)s; 0: any free one)")
     parser.add_argument("--data-dir", default=defaults.data_dir,
                         help="folder for users.json, rooms.json and chat_history.txt "
                              "(default: chat_data beside server.py)")

@@ -764,6 +764,22 @@ def test_without_a_room_password_nobody_can_be_messaged(harness):
     assert eve.ask(PacketType.FILE_OFFER, "alice", "a.txt", "0", "0" * 64) == not_in_room
 
 
+def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_open(harness, monkeypatch):
+    alice, _ = member(harness, 1, "alice"), member(harness, 2, "bob")
+    opened = []
+
+    def open_for_writing_only(path, mode="r", **options):
+        if "r" in mode:
+            raise OSError(24, "Too many open files")
+        opened.append(open(path, mode, **options))
+        return opened[-1]
+
+    monkeypatch.setattr(server, "open", open_for_writing_only, raising=False)
+    answer = alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "5", "0" * 64)
+    assert answer == (ERROR, ["server-error", "The server cannot store files now; try again later."])
+    assert opened and all(file.closed for file in opened)
+
+
 def test_a_huge_unknown_name_is_not_echoed(harness):
     alice = member(harness, 1, "alice")
     assert alice.text(PacketType.PRIVATE, "x" * 1100, "hi") == "No such user."

@@ -99,7 +99,7 @@ def test_a_line_the_server_refuses_is_reported_as_not_sent(start_server, program
 def test_client_asks_for_ip_and_port_with_defaults(chat_server, programs):
     host, port = chat_server.address
     alice = programs("client.py")
-    alice.type(host, "not a port", str(port), "exit")
+    alice.type(host, "not a port", "²", str(port), "exit")  # "²" is a digit to str.isdigit, not to int
     alice.expect("A port is a whole number from 1 to 65535.")
     alice.expect(f"Connected to the chat server at {host}:{port}.")
     assert alice.finish() == 0
@@ -135,6 +135,16 @@ def test_help_explains_the_options(script):
         for option in ["--data-dir", "--room-password", "--quiet"]:
             assert option in result.stdout
     assert "toy" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["server.py", "client.py"])
+@pytest.mark.parametrize("port", ["70000", "-1", "²"])
+def test_a_port_out_of_range_is_refused_in_words(script, port, tmp_path):
+    more = ["--data-dir", str(tmp_path)] if script == "server.py" else []
+    result = subprocess.run([sys.executable, script, "--port", port, *more], cwd=ROOT, capture_output=True,
+                            text=True, timeout=PROGRAM_WAIT, encoding="utf-8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --port: must be a whole number from 1 to 65535" in result.stderr
 
 
 def test_server_refuses_a_busy_port(chat_server, programs, tmp_path):

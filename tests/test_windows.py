@@ -6,6 +6,7 @@
 * There is no readline module.
 """
 
+import concurrent.futures
 import io
 import itertools
 import queue
@@ -92,11 +93,12 @@ def test_udp_connreset_reports_are_switched_off_where_they_exist(monkeypatch):
 
 
 class ResettingSocket:
-    """Wraps the client's socket; its next two reads raise ConnectionResetError first."""
+    """Wraps the client's socket; its next read raises ConnectionResetError first, as a
+    report left over from an earlier server would (two in a row: the server is gone)."""
 
     def __init__(self, sock):
         self.sock = sock
-        self.resets = 2
+        self.resets = 1
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
@@ -112,9 +114,10 @@ def test_client_reads_on_after_connection_reset(chat_server, make_client):
     alice = member(make_client, chat_server.address, "alice")
     bob = member(make_client, chat_server.address, "bob")
     alice.sock = ResettingSocket(alice.sock)
-    wait_until(lambda: alice.sock.resets == 0, what="the receiver to meet both resets")
-    bob.say("after the resets")
-    assert next_event(alice, "chat").text == "after the resets"
+    wait_until(lambda: alice.sock.resets == 0, what="the receiver to meet the reset")
+    bob.say("after the reset")
+    assert next_event(alice, "chat").text == "after the reset"
+    assert alice.logged_in
 
 
 def test_server_loop_never_blocks_longer_than_max_wait(tmp_path, monkeypatch):
@@ -208,6 +211,19 @@ def test_resets_on_send_tell_the_client_that_the_server_has_stopped(chat_server,
     host, port = chat_server.address
     assert notices[-1] == f"[WARN] The server at {host}:{port} has stopped (nothing is listening on its port)."
     assert not alice.closed.is_set()  # the network thread read on: the user may log in again
+
+
+def test_waiting_for_an_answer_blocks_at_most_max_wait_at_a_time(monkeypatch):
+    waits = []
+
+    class Unanswered(concurrent.futures.Future):
+        def result(self, timeout=None):
+            waits.append(timeout)
+            return super().result(timeout=timeout)
+
+    with pytest.raises(concurrent.futures.TimeoutError):
+        client.result_within(Unanswered(), 1.2)
+    assert len(waits) >= 3 and max(waits) <= client.MAX_WAIT  # a Ctrl+C gets through between steps
 
 
 def test_client_main_ends_cleanly_on_ctrl_c(chat_server, monkeypatch, capsys):
