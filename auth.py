@@ -333,7 +333,8 @@ class Reception:
         else:
             self.replies.working(job.request)  # a stranger's retries wait for it
         self.server.password_jobs.append(job)
-        self.server.log.outcome(job.request, None, ["checking password..."])
+        slow_step = "hashing the new password..." if job.record is None else "checking password..."
+        self.server.log.outcome(job.request, None, [slow_step])
 
     def finish_check(self, job: "PasswordJob") -> list[str] | None:
         """Finish the REGISTER, LOGIN or JOIN a password check was for."""
@@ -626,7 +627,7 @@ class AbuseControl:
         if sum(self.pending.values()) >= self.MAX_PENDING_HASHES:
             raise Refusal("busy", "Server busy; try again in a moment.")
         if self.pending[ip] >= self.MAX_PENDING_PER_ADDRESS:
-            raise Refusal("busy", "Your previous request is still being checked; wait for it.")
+            raise Refusal("busy", "Other password checks from your address are running; try again in a moment.")
         self.pending[ip] += 1
 
     def hash_finished(self, ip: str) -> None:

@@ -266,6 +266,7 @@ class ChatServer:
                 self.serve_backlog(session, now)
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_EVERY
+            self.log.end_of_second()  # a flood's count of problems not shown: said now, not at the next
             for session in list(self.sessions.values()):
                 if now - session.last_heard > self.config.session_timeout:
                     self.end_session(session, "timed out", now)
@@ -760,8 +761,9 @@ class ServerLog:
         if self.verbose_on:
             self.line(request.address, user_named_in(request.packet), request.packet.type.name, request.size, text)
 
-    def event(self, address: Address, user: str, text: str) -> None:
-        self.line(address, user, "END", 0, text)
+    def event(self, address: Address, user: str, text: str, what: str = "END") -> None:
+        """Log what happened to a session (END) or a file (FILE), not the answer to a request."""
+        self.line(address, user, what, 0, text)
 
     def message(self, room: str, user: str, text: str) -> None:
         if not self.quiet:
@@ -769,15 +771,20 @@ class ServerLog:
 
     def problem(self, text: str) -> None:
         """Log something wrong, at most PROBLEMS_PER_SECOND lines a second."""
-        second = int(time.monotonic())
-        if second != self.problem_second:
-            if self.problems_this_second > self.PROBLEMS_PER_SECOND:
-                hidden = self.problems_this_second - self.PROBLEMS_PER_SECOND
-                self.emit(f"{timestamp()} [WARN] ... and {hidden} more problems not shown")
-            self.problem_second, self.problems_this_second = second, 0
+        self.end_of_second()
         self.problems_this_second += 1
         if self.problems_this_second <= self.PROBLEMS_PER_SECOND:
             self.emit(f"{timestamp()} [WARN] {text}")
+
+    def end_of_second(self) -> None:
+        """Once a second of problems is over, say how many of them were not shown."""
+        second = int(time.monotonic())
+        if second == self.problem_second:
+            return
+        if self.problems_this_second > self.PROBLEMS_PER_SECOND:
+            hidden = self.problems_this_second - self.PROBLEMS_PER_SECOND
+            self.emit(f"{timestamp()} [WARN] ... and {hidden} more problems in the second before, not shown")
+        self.problem_second, self.problems_this_second = second, 0
 
     def trace(self, direction: str, data: bytes, address: Address, note: str = "") -> None:
         if self.verbose_on:
@@ -939,12 +946,11 @@ class FileRelay:
         size = self.check_offer(session, name, size, sha)
         members = self.receivers_for(session, to)
         upload = self.open_upload(session, name, size, sha, request.now)
+        self.log_file(upload, f"offered to {to or 'the room'}, {describe_size(size)}")
         for member in members:
             self.offer_to(upload, member)
         if size == 0:
             self.upload_complete(upload)
-        self.chat.log.event(session.address, session.name,
-                            f"offers {name!r} ({describe_size(size)}) to {to or 'the room'}: transfer {upload.id}")
         return [str(upload.id)]
 
     def check_offer(self, session, name: str, size: str, sha: str) -> int:
@@ -952,12 +958,18 @@ class FileRelay:
         if not whole_number(size) or not SHA_HEX.fullmatch(sha) or not name or len(name.encode()) > MAX_FILE_NAME_BYTES:
             raise Refusal("bad-request", "A file offer is [to, name (1-255 bytes), size, SHA-256 in hex].")
         if int(size) > self.limit:
-            raise Refusal("too-big", f"That file is {describe_size(int(size))}; the limit is {self.max_file_mb:g} MB.")
+            raise Refusal("too-big", self.too_big(int(size)))
         if sum(upload.sender is session for upload in self.uploads.values()) >= self.MAX_PER_MEMBER:
             raise Refusal("too-many", f"You are sending {self.MAX_PER_MEMBER} files already; wait for one to finish.")
         if len(self.uploads) >= self.MAX_TRANSFERS:
             raise Refusal("busy", "The server is busy with other files; try again in a while.")
         return int(size)
+
+    def too_big(self, size: int) -> str:
+        """Say by how much a file is over the limit: in bytes, if in MB the two look the same."""
+        if describe_size(size) == describe_size(self.limit):
+            return f"That file is {size:,} bytes; the limit is {self.max_file_mb:g} MB ({self.limit:,} bytes)."
+        return f"That file is {describe_size(size)}; the limit is {self.max_file_mb:g} MB."
 
     def receivers_for(self, session, to: str) -> list:
         """Return who gets the file: the user named, or everyone else in the sender's room."""
@@ -1061,6 +1073,7 @@ class FileRelay:
             return
         upload.checked = True
         upload.writer.close()
+        self.log_file(upload, "arrived whole, SHA-256 checked")
         self.release_if_unused(upload)
 
     def pump(self, sessions, now: float) -> None:
@@ -1098,6 +1111,7 @@ class FileRelay:
         """A receiver acknowledged every chunk: tell the sender, and let the file go if it was the last."""
         upload = receiver.upload
         self.forget_receiver(receiver)
+        self.log_file(upload, f"{receiver.session.name} has it all")
         self.tell_sender(upload, "file-done", receiver.session.name, f"{receiver.session.name} has {upload.name}")
         self.release_if_unused(upload)
 
@@ -1106,6 +1120,7 @@ class FileRelay:
     def drop_receiver(self, receiver: Receiver, why: str) -> None:
         upload = receiver.upload
         self.forget_receiver(receiver)
+        self.log_file(upload, f"not for {receiver.session.name}: {why}")
         self.tell_sender(upload, "file-declined", receiver.session.name, why)
         self.release_if_unused(upload)
 
@@ -1127,6 +1142,7 @@ class FileRelay:
 
     def cancel(self, upload: Upload, why: str, tell_sender: bool = True) -> None:
         """End a transfer for everyone: its receivers and (unless it asked) its sender hear why."""
+        self.log_file(upload, f"cancelled: {why}")
         if tell_sender:
             self.tell_sender(upload, "file-cancelled", upload.sender.name, f"{upload.name} not sent: {why}")
         for receiver in list(upload.receivers.values()):
@@ -1168,6 +1184,9 @@ class FileRelay:
         sender = upload.sender
         if self.chat.sessions.get(sender.address) is sender:
             self.chat.delivery.push(sender, self.chat.rooms.event(kind, "", user, text, upload.id))
+
+    def log_file(self, upload: Upload, what: str) -> None:
+        self.chat.log.event(upload.sender.address, upload.sender.name, f"#{upload.id} {upload.name!r} {what}", "FILE")
 
     def buffered_bytes(self) -> int:
         """Return the file bytes the server holds in memory: those in its members' file streams."""

@@ -10,6 +10,7 @@ Password checks run in line: `job.run()`, then `finish_password_job`.
 """
 
 import binascii
+import hashlib
 import types
 
 import pytest
@@ -23,6 +24,7 @@ from encryption_helper import (
     HEADER_SIZE,
     MAGIC,
     MAX_TEXT_BYTES,
+    MB,
     MIN_HELLO_SIZE,
     NO_TOKEN,
     SERVER_ONLY,
@@ -368,7 +370,7 @@ def test_hash_queue_is_bounded_per_address(make_harness, monkeypatch):
     for _ in range(2):  # two checks queued, the worker busy
         assert peer.send(PacketType.LOGIN, cookie, "alice", "guess", run_jobs=False) == []
     third = peer.fields(PacketType.LOGIN, cookie, "alice", "pw", run_jobs=False)
-    assert third == ["busy", "Your previous request is still being checked; wait for it."]
+    assert third == ["busy", "Other password checks from your address are running; try again in a moment."]
     assert len(harness.chat.password_jobs) == 2
     other = Peer(harness, 1, ip="10.0.0.2")  # another address still gets its check queued
     assert other.send(PacketType.LOGIN, other.cookie(), "alice", "pw", run_jobs=False) == []
@@ -560,10 +562,11 @@ def test_problem_log_is_throttled(harness, monkeypatch):
     for number in range(500):
         harness.deliver(b"garbage %d" % number, ("10.0.0.1", 1))
     assert len(harness.log) == server.ServerLog.PROBLEMS_PER_SECOND
-    clock.now = 6.0  # the next second: one line says how many were not shown
-    harness.deliver(b"garbage", ("10.0.0.1", 1))
-    assert f"... and {500 - server.ServerLog.PROBLEMS_PER_SECOND} more problems not shown" in harness.log[-2]
-    assert harness.chat.stats["bad"] == 501
+    clock.now = 6.0  # the next second: one line says how many were not shown, with no new problem needed
+    harness.chat.on_timers(harness.now + server.HOUSEKEEPING_EVERY)
+    hidden = 500 - server.ServerLog.PROBLEMS_PER_SECOND
+    assert harness.log[-1].endswith(f"[WARN] ... and {hidden} more problems in the second before, not shown")
+    assert len(harness.log) == server.ServerLog.PROBLEMS_PER_SECOND + 1 and harness.chat.stats["bad"] == 500
 
 
 def test_throttling_tables_are_bounded(monkeypatch):
@@ -778,6 +781,25 @@ def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_open(har
     answer = alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "5", "0" * 64)
     assert answer == (ERROR, ["server-error", "The server cannot store files now; try again later."])
     assert opened and all(file.closed for file in opened)
+
+
+def test_the_log_follows_a_file_from_offer_to_receiver(harness):
+    alice, _ = member(harness, 1, "alice"), member(harness, 2, "bob")
+    empty = hashlib.sha256(b"").hexdigest()  # an empty file: complete as soon as it is offered
+    assert alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "0", empty) == (OK, ["1"])
+    harness.settle()
+    files = [line.split(" FILE ", 1)[1].split("B  ", 1)[1] for line in harness.log if " FILE " in line]
+    assert files == ["#1 'a.txt' offered to bob, 0 B", "#1 'a.txt' arrived whole, SHA-256 checked",
+                     "#1 'a.txt' bob has it all"]
+
+
+def test_a_file_just_over_the_limit_is_refused_in_bytes(harness):
+    alice, _ = member(harness, 1, "alice"), member(harness, 2, "bob")
+    limit = int(harness.config.max_file_mb * MB)
+    code, text = alice.ask(PacketType.FILE_OFFER, "bob", "big.bin", str(limit + 1), "0" * 64)[1]
+    assert code == "too-big"  # "20.0 MB; the limit is 20 MB" would read as no reason at all
+    megabytes = harness.config.max_file_mb
+    assert text == f"That file is {limit + 1:,} bytes; the limit is {megabytes:g} MB ({limit:,} bytes)."
 
 
 def test_a_huge_unknown_name_is_not_echoed(harness):
