@@ -131,6 +131,7 @@ DEFAULT_PORT = 9999
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
 REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
+OWN_LINES_KEPT = 50  # own lines remembered, not to show them again as the room's past after a rejoin
 MIN_PASSWORD = 4  # characters this client asks of a new account's password (the server takes any)
 
 
@@ -954,12 +955,15 @@ class ChatClient:
         fields = self.call(PacketType.JOIN, room, password)
         joined, self.room = fields[-1], fields[0]
         if self.rejoin:
-            self.rejoin.room, self.rejoin.seen_until = [room, password], 0.0  # asked for: its past is news
+            self.rejoin.joined(room, password)
         return joined
 
     def say(self, text: str) -> str:
         """Send a message to everyone else in the room; return the server's words."""
-        return self.call(PacketType.SAY, check_length(text))[-1]
+        said = self.call(PacketType.SAY, check_length(text))[-1]
+        if self.rejoin:
+            self.rejoin.own_lines.append(text)  # shown as "you: ..." already: not again when back in
+        return said
 
     def private(self, user: str, text: str) -> str:
         """Send a message that only `user` sees."""
@@ -1190,6 +1194,12 @@ class Rejoin:
         # only what was said tells a message shown from one that never came.
         self.last_event_time, self.last_second = 0.0, set()
         self.seen_until, self.seen_last = 0.0, set()
+        self.own_lines: collections.deque = collections.deque(maxlen=OWN_LINES_KEPT)  # said in this room
+
+    def joined(self, room: str, password: str) -> None:
+        """The user joined a room: its past is news, and nothing was said in it yet."""
+        self.room, self.seen_until = [room, password], 0.0
+        self.own_lines.clear()
 
     def not_seen(self, events: list[Event]) -> list[Event]:
         """Return the events but the room's past messages shown before the session was lost."""
@@ -1207,6 +1217,9 @@ class Rejoin:
 
     def shown(self, past: Event) -> bool:
         """Was this message of the room's past shown before the session was lost?"""
+        if self.login and past.user.lower() == self.login[0].lower() and past.text in self.own_lines:
+            self.own_lines.remove(past.text)  # once: the same words said twice are two lines
+            return True
         if past.time == self.seen_until:
             return (past.user, past.text) in self.seen_last
         return past.time < self.seen_until
@@ -1919,13 +1932,24 @@ class Conversation:
             self.terminal.show(refusal.text)
             return False
         self.screen.me = self.client.name
-        while True:  # the lobby's password, until it is right
+        return self.enter_lobby()
+
+    def enter_lobby(self) -> bool:
+        """Ask for the lobby's password until it is right; Enter alone goes on in no room."""
+        hint = "Try again, or press Enter alone to go on without a room."
+        while True:
             password = self.ask(f"Room password for {LOBBY}: ", secret=True)
             try:
                 self.enter_room(LOBBY, password, then=" Type /help for commands.")
                 return True
             except Refused as refusal:
                 self.terminal.show(refusal.text)
+                if not password or refusal.code == "locked":  # asking again would not help now
+                    self.terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
+                    return True
+                if hint:  # once
+                    self.terminal.show(hint)
+                    hint = ""
 
     def enter_room(self, room: str, password: str, then: str = "") -> None:
         """JOIN, then WHO: say where we are and who is here; then the room's history and news."""

@@ -6,6 +6,7 @@ that need both programs, their threads and their sockets.
 """
 
 import binascii
+import collections
 import socket
 
 import pytest
@@ -164,6 +165,15 @@ def test_back_in_a_message_of_the_last_second_seen_is_shown_if_it_never_came():
             [(second - 1, "bob", "earlier"), (second, "carol", "seen"), (second, "alice", "never came"),
              (second + 1, "dave", "later")]]
     assert [event.text for event in rejoin.not_seen(past)] == ["never came", "later"]
+
+
+def test_back_in_ones_own_lines_are_not_shown_again_as_the_rooms_past():
+    rejoin = client.Rejoin(client=None)
+    rejoin.login, rejoin.own_lines = ["alice", "pw"], collections.deque(["hello", "hello", "bye"])
+    rejoin.past_shown()  # alice saw no line from anyone else: her own lines were shown as "you: ..."
+    past = [client.Event("history", 1_700_000_000.0 + number, "lobby", user, text) for number, (user, text) in
+            enumerate([("ALICE", "hello"), ("bob", "hello"), ("alice", "hello"), ("alice", "hello"), ("alice", "bye")])]
+    assert [(event.user, event.text) for event in rejoin.not_seen(past)] == [("bob", "hello"), ("alice", "hello")]
 
 
 def test_a_room_whose_password_changed_is_not_rejoined_and_says_so(start_server, make_client, tmp_path):

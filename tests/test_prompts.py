@@ -61,6 +61,17 @@ def test_a_bad_username_is_refused_before_the_password_is_asked(chat_server, mak
     assert not any("Password" in prompt for prompt in terminal.prompts)
 
 
+def test_enter_alone_at_the_lobby_password_goes_on_without_a_room(chat_server, make_client):
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address,
+                                  "/login", "alice", "pass", "wrong", "also wrong", "")
+    run(chat)
+    assert terminal.shown[1:] == ["Wrong room password.", "Try again, or press Enter alone to go on without a room.",
+                                  "Wrong room password.", "Wrong room password.",
+                                  "You are in no room: /join ROOM enters one, /rooms lists them, exit leaves."]
+    assert terminal.prompts[-1] == "> "  # chatting, logged in
+
+
 # --- Joining: who is here, and the room's history after that ---------------------------------
 
 
