@@ -377,8 +377,8 @@ class ClientProtocol:
         else:
             if kind == "file":
                 self.files.offer_arrived(user, more, self.last_heard)
-            elif kind in FILE_EVENTS:
-                self.files.event(kind, more)
+            elif kind in FILE_EVENTS and self.files.event(kind, user, text, more):
+                return  # it ended a transfer of ours: the transfer's last line says it
             self.events.append(Event(kind, float(when), room, user, text, tuple(more)))
 
     def say_last_ack(self) -> None:
@@ -686,6 +686,8 @@ class FileTransfers:
             if isinstance(fields, list) and fields and fields[0].isdigit():
                 self.cancels.append(int(fields[0]))
             return
+        if isinstance(fields, Refused) and fields.code == "unknown-user":  # the server never echoes a name
+            fields = Refused(fields.code, f"No such user: {printable(transfer.peer)}.")
         if isinstance(fields, Exception) or not fields or not fields[0].isdigit():
             self.end(transfer, "failed", str(fields) if isinstance(fields, Exception) else "refused")
             return
@@ -833,12 +835,19 @@ class FileTransfers:
         if tell and transfer.id:
             self.cancels.append(transfer.id)
 
-    def event(self, kind: str, more: list[str]) -> None:
-        """A "file-cancelled" EVENT [id]: the transfer ended for everyone."""
-        number = int(more[0]) if more and more[0].isdigit() else 0
+    def event(self, kind: str, user: str, text: str, more: list[str]) -> bool:
+        """An EVENT about a file [id]: "file-cancelled" ends it for everyone (True: it was
+        ours, and is ended now); "file-done" says who has a file we sent."""
+        number = int(more[0]) if more and whole_number(more[0]) else 0
         transfer = self.uploads.get(number) or self.incoming.get(number)
         if kind == "file-cancelled" and transfer:
-            self.end(transfer, "cancelled", "cancelled")
+            self.end(transfer, "cancelled", text)  # the server's words name the file and say why
+            return True
+        sent = [t for t in self.finished if t.id == number and t.direction == "up" and t.state == "done"]
+        if kind == "file-done" and sent:
+            has_it = sent[-1].note.removeprefix("the server has it all")
+            sent[-1].note = f"{has_it}, {user}" if has_it else f"received by {user}"
+        return False
 
     def cancel(self, number: int = 0) -> list[Transfer]:
         """Stop our transfers (all, or the one numbered); return them. The server is told."""
@@ -2129,9 +2138,11 @@ def progress_in_place(terminal) -> bool:
 def describe_transfer(transfer: Transfer) -> str:
     """Return one line of /files: number, direction, name, size, how far."""
     arrow = f"-> {transfer.peer}" if transfer.direction == "up" else f"<- {transfer.peer}"
-    how = f"{percent(transfer)}%" if transfer.active else transfer.state + (f" ({transfer.note})" if transfer.note
-                                                                               else "")
-    return printable(f"#{transfer.id} {transfer.name} {arrow}, {describe_size(transfer.size)}: {how}")
+    how = f"{percent(transfer)}%" if transfer.active else transfer.state
+    if not transfer.active and transfer.note and transfer.note != transfer.state:
+        how += f" ({transfer.note})"
+    number = f"#{transfer.id} " if transfer.id else ""  # none yet: the server never took the offer
+    return printable(f"{number}{transfer.name} {arrow}, {describe_size(transfer.size)}: {how}")
 
 
 def percent(transfer: Transfer) -> int:
@@ -2193,6 +2204,8 @@ def final_line(what: str, transfer: Transfer) -> str:
         return printable(f"saved {transfer.path} ({size}, {transfer.note})")
     if what == "done":
         return printable(f"sent {name} ({size}) to {transfer.peer}")
+    if what == "cancelled" and name in transfer.note:  # the server's words: why, for whom
+        return printable(transfer.note)
     if what == "cancelled":
         return printable(f"cancelled: {name} ({transfer.note})")
     removed = "; the partial file was removed" if transfer.direction == "down" else ""
@@ -2208,6 +2221,7 @@ def final_line(what: str, transfer: Transfer) -> str:
 SEARCH_TIME = 1.0  # seconds a search listens: a LAN answers within milliseconds
 SEARCH_TRIES = 3  # FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
 NOTHING_FOUND = "no server answered on this network; type its IP"
+OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2313,7 +2327,7 @@ def find_servers(port: int, cipher, show) -> list[FoundServer]:
     for address, other_port in sorted(search.other_key):
         show(f"{address}:{other_port} answered, but uses another --cipher or --key")
     if not search.found:
-        show(NOTHING_FOUND)
+        show(OTHER_KEYS_ONLY if search.other_key else NOTHING_FOUND)
     return search.servers()
 
 
@@ -3159,7 +3173,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_shared_options(parser)  # --cipher, --key, --loss, --seed
     parser.add_argument("--verbose", action="store_true", help="trace every packet in and out")
     parser.add_argument("--find", action="store_true",
-                        help="list the chat servers on this network (on --port), one per line, and exit")
+                        help="list the chat servers on this network (on --port), one per line, and exit "
+                             "(status 1 if none answered)")
     parser.add_argument("--gui", action="store_true", help="chat in a window instead of the terminal (needs tkinter)")
     parser.add_argument("--downloads", default="downloads",
                         help="folder for the files others send you (default: downloads in the current folder)")
@@ -3262,7 +3277,7 @@ def print_servers_found(args: argparse.Namespace) -> int:
         return 1
     for server in found:
         print(f"{server.address}:{server.port}  {printable(server.name)}  {server.online} online")
-    return 0
+    return 0 if found else 1  # as ping does: a script can tell "none" from "some"
 
 
 def open_client(args: argparse.Namespace, terminal: Terminal) -> ChatClient:

@@ -252,9 +252,22 @@ def test_find_option_prints_one_server_a_line_starting_ip_port(fake_network, cap
 
 
 def test_find_option_with_nothing_found_says_so(fake_network, capsys):
-    assert client.main(["--find", "--port", "5000"]) == 0
+    assert client.main(["--find", "--port", "5000"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and client.NOTHING_FOUND in err and fake_network.searched[0][1] == 5000
+
+
+def test_find_option_with_only_other_keys_says_so_once(fake_network, monkeypatch, capsys):
+    def search_network(search, targets, port, *rest):
+        other = make_cipher("xor", "not our key")
+        search.receive(answer_to(search, "lab-pc-07", "9999", "0", cipher=other), ("10.77.0.1", 9999))
+        return search
+
+    monkeypatch.setattr(client, "search_network", search_network)
+    assert client.main(["--find"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "10.77.0.1:9999 answered, but uses another --cipher or --key" in err
+    assert client.OTHER_KEYS_ONLY in err and client.NOTHING_FOUND not in err
 
 
 class ScriptedSocket:

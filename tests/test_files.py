@@ -146,6 +146,28 @@ def test_chunks_fill_the_payload_and_reassemble_in_any_order(tmp_path, size):
     assert os.listdir(tmp_path / "downloads") == ["original.bin"]
 
 
+def test_files_lists_who_has_a_file_sent_and_numbers_only_what_the_server_took(tmp_path):
+    sender, _, _ = chunks_of(tmp_path, b"x")
+    (sent,) = sender.finished
+    assert not sender.event("file-done", "bob", "bob has original.bin", ["7"])
+    sender.event("file-done", "carol", "carol has original.bin", ["7"])
+    assert client.describe_transfer(sent) == "#7 original.bin -> bob, 1 B: done (received by bob, carol)"
+    refused = sender.prepare("dave", str(tmp_path / "original.bin"))
+    sender.offered(2, refused)
+    sender.answered(2, client.Refused("unknown-user", "No such user."), 0.0)
+    assert client.describe_transfer(refused) == "original.bin -> dave, 1 B: failed (No such user: dave.)"
+
+
+def test_a_file_the_server_cancels_is_said_once_in_its_words(tmp_path):
+    _, offer, chunks = chunks_of(tmp_path, bytes(5000))
+    receiver = receive(tmp_path, offer, chunks[:1])
+    words = "original.bin from alice cancelled: alice cancelled it"
+    assert receiver.event("file-cancelled", "alice", words, ["7"])  # True: no line of its own for the EVENT
+    (what, transfer), = [news for news in receiver.news if news[0] != "progress"]
+    assert client.final_line(what, transfer) == words
+    assert client.describe_transfer(transfer) == f"#7 original.bin <- alice, 4.9 KB: cancelled ({words})"
+
+
 def test_a_damaged_file_is_removed_and_said_so(tmp_path):
     _, offer, chunks = chunks_of(tmp_path, bytes(5000))
     number, offset, data = unpack_chunk(chunks[1])
