@@ -131,6 +131,7 @@ DEFAULT_PORT = 9999
 MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
 REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
+ELSEWHERE_PATIENCE = 60.0  # seconds a rejoin waits for an old session of ours (30 s of silence) to end
 OWN_LINES_KEPT = 50  # own lines remembered, not to show them again as the room's past after a rejoin
 MIN_PASSWORD = 4  # characters this client asks of a new account's password (the server takes any)
 
@@ -1270,7 +1271,7 @@ class Rejoin:
 
     def run(self) -> None:
         """Log in again and go back to the room, until it works or cannot; then send what waited."""
-        client, closed = self.client, self.client.closed
+        client, closed, started, told = self.client, self.client.closed, time.monotonic(), ""
         while not closed.is_set():
             try:
                 client.with_cookie(PacketType.LOGIN, *self.login, "rejoin")
@@ -1280,9 +1281,12 @@ class Rejoin:
             except (ServerNotResponding, KeyMismatch):
                 closed.wait(REJOIN_EVERY)  # not back yet
             except Refused as refusal:
-                if refusal.code not in ("busy", "full", "stale-cookie", "slow-down", "stopping"):
+                if not worth_waiting(refusal, time.monotonic() - started):
                     client.on_notice(f"[WARN] Could not get back in: {refusal.text}")
                     break
+                if refusal.code in ("locked", "logged-in-elsewhere") and refusal.code != told:
+                    told = refusal.code
+                    client.on_notice(f"[WARN] Not back in yet: {refusal.text} (still trying)")
                 closed.wait(REJOIN_EVERY)
             except LoggedInElsewhere:
                 break
@@ -1325,6 +1329,14 @@ class Rejoin:
             if future.set_running_or_notify_cancel():
                 future.set_exception(why)
         client.wake()
+
+
+def worth_waiting(refusal: Refused, waited: float) -> bool:
+    """Will logging back in work if tried again soon? A lockout ends, and so does the old
+    session the server keeps at our old address (a new Wi-Fi, say) until it times out."""
+    if refusal.code in ("busy", "full", "stale-cookie", "slow-down", "stopping", "locked"):
+        return True
+    return refusal.code == "logged-in-elsewhere" and waited < ELSEWHERE_PATIENCE
 
 
 def resolve(answered: list[tuple]) -> None:

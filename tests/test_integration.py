@@ -176,6 +176,24 @@ def test_back_in_ones_own_lines_are_not_shown_again_as_the_rooms_past():
     assert [(event.user, event.text) for event in rejoin.not_seen(past)] == [("bob", "hello"), ("alice", "hello")]
 
 
+def test_a_rejoin_waits_out_a_lockout_of_its_account(start_server, make_client, monkeypatch):
+    monkeypatch.setattr(server.AbuseControl, "FAILURE_PERIOD", 5.0)  # locked for 5 s, not 60
+    monkeypatch.setattr(client, "REJOIN_EVERY", 0.2)
+    running = start_server(session_timeout=1.0)
+    notices = []
+    alice = member(make_client, running.address, "alice", on_notice=notices.append,
+                   timing=fast_timing(heartbeat_every=60.0))  # silent: the server will time her out
+    mallory = make_client(running.address)
+    for _ in range(server.AbuseControl.LOGIN_FAILURES):  # guessing alice's password locks her account
+        with pytest.raises(client.Refused):
+            mallory.login("alice", "guess")
+    wait_until(lambda: "alice" not in running.loop.chat.online, what="alice's session to time out")
+    with pytest.raises(client.SessionLost):  # told RESET: she gets back in by herself...
+        alice.say("still here?")
+    wait_until(lambda: "[INFO] Back in as alice." in notices, what="alice back in")  # ...once the lock ends
+    assert any(notice.startswith("[WARN] Not back in yet: Too many failed attempts") for notice in notices), notices
+
+
 def test_a_room_whose_password_changed_is_not_rejoined_and_says_so(start_server, make_client, tmp_path):
     first = start_server(data_dir=tmp_path / "kept")
     notices = []
