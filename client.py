@@ -2679,10 +2679,12 @@ class ChatView:
         bold, italic = (base["family"], base["size"], "bold"), (base["family"], base["size"], "italic")
         self.messages = tk.Text(self.frame, width=64, height=22, wrap="word", state="disabled", font="TkDefaultFont",
                                 takefocus=0, padx=6, pady=4)
-        scrollbar = tk.Scrollbar(self.frame, command=self.messages.yview)
-        self.messages.configure(yscrollcommand=scrollbar.set)
+        self.scrollbar = tk.Scrollbar(self.frame, command=self.messages.yview)
+        self.messages.configure(yscrollcommand=self.view_moved)
+        self.following = True  # the newest line is in sight, so new lines scroll into view
+        self.size_seen = (0, 0)  # the messages' width and height when Tk last said where the view is
         self.messages.grid(row=0, column=0, sticky="nsew")
-        scrollbar.grid(row=0, column=1, sticky="ns")
+        self.scrollbar.grid(row=0, column=1, sticky="ns")
         tags = {"time": {"foreground": "#808080"}, "name": {"font": bold},
                 "grey": {"foreground": "#808080"}, "info": {"foreground": "#404040"},
                 "warn": {"foreground": "#b00020"}, "own": {"background": "#eaf1fb"},
@@ -2728,9 +2730,26 @@ class ChatView:
 
     # --- Drawing ---
 
+    def view_moved(self, first: str, last: str) -> None:
+        """Tk says which part of the messages shows: move the scrollbar; are we still following?
+
+        A Text widget that changes size keeps its top line where it was. When it gets shorter
+        (a progress bar comes; or the window, which had grown for the bar, shrinks back once
+        the bar goes) the newest line drops out of sight though nobody scrolled: that view
+        keeps following. Only a move at the same size is the user's (the wheel, the scrollbar).
+        """
+        self.scrollbar.set(first, last)
+        size = (self.messages.winfo_width(), self.messages.winfo_height())
+        if size != self.size_seen and self.following:
+            self.messages.see("end")  # Tk says where the view is once more, at this size
+        else:
+            self.following = float(last) >= 0.999
+        self.size_seen = size
+
     def add_line(self, pieces: list[Piece], marks: tuple[str, ...] = ()) -> None:
         """Append one line to the messages; follow it if the user was reading the newest."""
-        following = self.messages.yview()[1] >= 0.999
+        self.view_moved(*map(str, self.messages.yview()))  # Tk says so only when idle: a scroll may be news
+        following = self.following
         self.messages.configure(state="normal")
         for text, tags in pieces:
             self.messages.insert("end", text, tags + marks)

@@ -466,6 +466,79 @@ def test_a_transfer_has_a_bar_while_it_moves(chat_server, open_window):
     assert "cancelled: big.iso (cancelled)" in messages(window)
 
 
+def a_transfer_moving(name: str = "big.iso") -> client.Transfer:
+    return client.Transfer("down", "bob", name, 20_000_000, "0" * 64, f"downloads/{name}.part", 7,
+                           done=8_400_000, state="sending")
+
+
+def end_of(window: client.ChatWindow, transfer: client.Transfer) -> None:
+    transfer.state, transfer.note = "cancelled", "cancelled"
+    window.chat.files.show("cancelled", transfer)
+
+
+def fill_messages(window: client.ChatWindow, lines: int = 60) -> None:
+    """Add more lines than the messages can show, and wait until the newest is in sight."""
+    for number in range(lines):
+        window.chat.show_reply(f"line {number}")
+    pump(window, lambda: newest_line_in_sight(window), "the newest line in sight")
+
+
+def newest_line_in_sight(window: client.ChatWindow) -> bool:
+    """True if the view reaches the end and the last line shows whole, not cut at the bottom."""
+    text = window.chat.messages
+    box = text.dlineinfo("end-2c")  # the last line's own newline; "end-1c" is Tk's own, after it
+    return text.yview()[1] == 1.0 and box is not None and box[1] + box[3] <= text.winfo_height()
+
+
+def settle(window: client.ChatWindow) -> None:
+    """Let the window take the size its contents ask for, as a window nobody resized does."""
+    asked = lambda: (window.root.winfo_reqwidth(), window.root.winfo_reqheight())  # noqa: E731
+    pump(window, lambda: (window.root.winfo_width(), window.root.winfo_height()) == asked(), "the window's new size")
+
+
+def test_the_messages_follow_new_lines_after_a_progress_bar_came_and_went(chat_server, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    fill_messages(window)
+    transfer = a_transfer_moving()
+    window.chat.files.show("progress", transfer)  # the window grows by a bar...
+    settle(window)
+    end_of(window, transfer)  # ...and shrinks back: the messages were taller for a moment
+    settle(window)
+    window.chat.show_reply("the line after")
+    window.root.update()
+    assert newest_line_in_sight(window)
+
+
+def test_the_messages_follow_new_lines_while_a_bar_shows_in_a_window_of_fixed_size(chat_server, open_window):
+    window = open_window(chat_server.address)
+    window.root.geometry("800x450")  # a size of its own, as when the user resized it: a bar takes the messages' room
+    log_in(window, "alice")
+    fill_messages(window)
+    height = window.chat.messages.winfo_height()
+    window.chat.files.show("progress", a_transfer_moving())
+    pump(window, lambda: window.chat.messages.winfo_height() < height, "the messages to make room for the bar")
+    window.chat.show_reply("the line after")
+    window.root.update()
+    assert newest_line_in_sight(window)
+
+
+def test_scrolled_up_the_messages_stay_put_until_scrolled_back_down(chat_server, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    fill_messages(window)
+    window.chat.messages.yview_scroll(-5, "units")  # what the mouse wheel does
+    window.root.update()
+    window.chat.show_reply("while reading back")
+    window.root.update()
+    assert not newest_line_in_sight(window)
+    window.chat.messages.yview_moveto(1.0)  # the scrollbar dragged to the bottom
+    window.root.update()
+    window.chat.show_reply("back at the end")
+    window.root.update()
+    assert newest_line_in_sight(window)
+
+
 def test_open_downloads_opens_the_folder_or_shows_where_it_is(chat_server, open_window, tmp_path, monkeypatch):
     window = open_window(chat_server.address, downloads=tmp_path / "alice")
     log_in(window, "alice")
