@@ -2524,42 +2524,66 @@ class Worker:
 
 
 class LoginView:
-    """The first screen: the server's address, a username and a password; Register or Log in."""
+    """The first screen: the server's address, a username and a password; Register or Log in.
+
+    `?` as the Server IP (or Find servers) searches the network as the terminal does; the
+    servers that answer are listed, and a click on one fills in its IP and port.
+    """
 
     sticky = "n"  # a form keeps its size in a big window, at the top, in the middle
 
     def __init__(self, parent, window: "ChatWindow", host: str, port: int):
         self.window = window
+        self.found: list[FoundServer] = []  # the servers the last search listed
         self.frame = tk.Frame(parent, padx=24, pady=18)
         self.frame.columnconfigure(1, weight=1)
-        tk.Label(self.frame, text="UDP chat room", font="TkHeadingFont").grid(row=0, column=0, columnspan=2, pady=8)
+        tk.Label(self.frame, text="UDP chat room", font="TkHeadingFont").grid(row=0, column=0, columnspan=3, pady=8)
         self.host = self.add_field(1, "Server IP", host)
         self.port = self.add_field(2, "Port", str(port))
         self.name = self.add_field(3, "Username", "")
         self.password = self.add_field(4, "Password", "", secret=True)
-        buttons = tk.Frame(self.frame)
-        buttons.grid(row=5, column=0, columnspan=2, pady=10)
-        self.register_button = tk.Button(buttons, text="Register", command=self.register)
-        self.login_button = tk.Button(buttons, text="Log in", command=self.log_in, default="active")
-        for button in (self.register_button, self.login_button):
-            button.pack(side="left", padx=6)
-            button.bind("<Return>", lambda event: event.widget.invoke())
+        self.password_again = self.add_field(5, "Password again", "", secret=True, enter=self.register)
+        tk.Label(self.frame, text="(to register)", foreground="#808080").grid(row=5, column=2, sticky="w")
+        self.make_buttons()
         self.reply = tk.Label(self.frame, wraplength=420, justify="left")  # the server's answer
-        self.reply.grid(row=6, column=0, columnspan=2, sticky="w")
+        self.reply.grid(row=7, column=0, columnspan=3, sticky="w")
+        self.servers = tk.Listbox(self.frame, height=4, exportselection=False)  # shown once a search found some
+        self.servers.grid(row=8, column=0, columnspan=3, sticky="ew", pady=4)
+        self.servers.grid_remove()
+        self.servers.bind("<<ListboxSelect>>", self.choose_server)  # a click, or the arrow keys
 
-    def add_field(self, row: int, label: str, value: str, secret: bool = False):
-        """Return a labelled entry; Enter in it logs in, the usual choice."""
+    def add_field(self, row: int, label: str, value: str, secret: bool = False, enter=None):
+        """Return a labelled entry; Enter in it logs in (the usual choice) unless told otherwise."""
         tk.Label(self.frame, text=label + ":").grid(row=row, column=0, sticky="e", padx=6, pady=3)
         entry = tk.Entry(self.frame, width=28, show="*" if secret else "")
         entry.insert(0, value)
         entry.grid(row=row, column=1, sticky="ew", pady=3)
-        entry.bind("<Return>", lambda event: self.log_in())
-        entry.bind("<KP_Enter>", lambda event: self.log_in())
+        entry.bind("<Return>", lambda event: (enter or self.log_in)())
+        entry.bind("<KP_Enter>", lambda event: (enter or self.log_in)())
         return entry
 
+    def make_buttons(self) -> None:
+        self.find_button = tk.Button(self.frame, text="Find servers", command=self.search)
+        self.find_button.grid(row=1, column=2, sticky="w", padx=6)
+        buttons = tk.Frame(self.frame)
+        buttons.grid(row=6, column=0, columnspan=3, pady=10)
+        self.register_button = tk.Button(buttons, text="Register", command=self.register)
+        self.login_button = tk.Button(buttons, text="Log in", command=self.log_in, default="active")
+        for button in (self.register_button, self.login_button):
+            button.pack(side="left", padx=6)
+        for button in (self.find_button, self.register_button, self.login_button):
+            button.bind("<Return>", lambda event: event.widget.invoke())
+
     def register(self) -> None:
-        if len(self.password.get()) < MIN_PASSWORD:  # as the terminal asks
+        """Register: a password long enough, typed twice alike, as the terminal asks."""
+        if len(self.password.get()) < MIN_PASSWORD:
             self.show_reply(f"Too short: a password has at least {MIN_PASSWORD} characters.")
+            return
+        if self.password_again.get() != self.password.get():  # else a typo makes an account nobody can enter
+            for entry in (self.password, self.password_again):
+                entry.delete(0, "end")
+            self.show_reply("The two passwords differ; type it again.")
+            self.password.focus_set()
             return
         self.send(self.window.register, "Registering...")
 
@@ -2568,6 +2592,9 @@ class LoginView:
 
     def send(self, action, doing: str) -> None:
         """Check the port here (the server cannot answer a wrong one), then hand over to `action`."""
+        if self.host.get().strip() == "?":  # the terminal's way to search
+            self.search()
+            return
         port = parse_port(self.port.get().strip())
         if port is None:
             self.show_reply(PORT_RULE)
@@ -2575,15 +2602,50 @@ class LoginView:
         self.busy(doing)
         action(self.host.get().strip() or DEFAULT_HOST, port, self.name.get().strip(), self.password.get())
 
+    def search(self) -> None:
+        """Find servers, or `?`: ask the whole network for chat servers on the port given."""
+        port = parse_port(self.port.get().strip())
+        if port is None:
+            self.show_reply(PORT_RULE)
+            return
+        self.busy(f"Searching this network for chat servers on port {port}...")
+        self.window.search(port)
+
+    def show_servers(self, found: list[FoundServer], said: list[str]) -> None:
+        """The search's outcome: the servers that answered, the first one filled in; or nobody."""
+        self.found = found
+        self.servers.delete(0, "end")
+        for server in found:
+            self.servers.insert("end", str(server))
+        if found:
+            self.servers.grid()
+            self.servers.selection_set(0)
+            self.choose_server()
+            said = said + ["Click a server in the list to use it; the first is filled in."]
+        else:
+            self.servers.grid_remove()
+            self.host.delete(0, "end")  # the "?" goes: the server's IP is to be typed
+        self.show_reply("\n".join(said))
+        self.focus()
+
+    def choose_server(self, event=None) -> None:
+        """A server chosen in the list: its IP and port go into the fields."""
+        chosen = self.servers.curselection()
+        if chosen:
+            server = self.found[chosen[0]]
+            for entry, text in ((self.host, server.address), (self.port, str(server.port))):
+                entry.delete(0, "end")
+                entry.insert(0, text)
+
     def busy(self, doing: str) -> None:
         """Say what is happening, and take no second click until the server answers."""
         self.reply.configure(text=doing)
-        for button in (self.register_button, self.login_button):
+        for button in (self.register_button, self.login_button, self.find_button):
             button.configure(state="disabled")
 
     def show_reply(self, text: str) -> None:
         self.reply.configure(text=text)
-        for button in (self.register_button, self.login_button):
+        for button in (self.register_button, self.login_button, self.find_button):
             button.configure(state="normal")
 
     def focus(self) -> None:
@@ -2592,7 +2654,11 @@ class LoginView:
 
 
 class RoomPasswordView:
-    """The second screen: the lobby's password, asked once the server has welcomed us."""
+    """The second screen: the lobby's password, asked once the server has welcomed us.
+
+    Log out is the way back to the first screen: for a student who does not know the
+    password, or whom the server makes wait after too many wrong ones.
+    """
 
     sticky = "n"
 
@@ -2606,20 +2672,26 @@ class RoomPasswordView:
         self.password.grid(row=1, column=1, pady=10)
         self.password.bind("<Return>", lambda event: self.join())
         self.password.bind("<KP_Enter>", lambda event: self.join())
-        self.join_button = tk.Button(self.frame, text="Join", command=self.join, default="active")
-        self.join_button.grid(row=2, column=0, columnspan=2)
-        self.join_button.bind("<Return>", lambda event: self.join())
+        buttons = tk.Frame(self.frame)
+        buttons.grid(row=2, column=0, columnspan=2)
+        self.join_button = tk.Button(buttons, text="Join", command=self.join, default="active")
+        self.log_out_button = tk.Button(buttons, text="Log out", command=window.log_out)
+        for button in (self.join_button, self.log_out_button):
+            button.pack(side="left", padx=6)
+            button.bind("<Return>", lambda event: event.widget.invoke())
         self.reply = tk.Label(self.frame, wraplength=420)
         self.reply.grid(row=3, column=0, columnspan=2, pady=8)
 
     def join(self) -> None:
         self.reply.configure(text="Joining...")
-        self.join_button.configure(state="disabled")
+        for button in (self.join_button, self.log_out_button):  # no logging out while the server decides
+            button.configure(state="disabled")
         self.window.join_lobby(self.password.get())
 
     def show_reply(self, text: str) -> None:
         self.reply.configure(text=text)
-        self.join_button.configure(state="normal")
+        for button in (self.join_button, self.log_out_button):
+            button.configure(state="normal")
         self.password.delete(0, "end")
 
     def focus(self) -> None:
@@ -2742,10 +2814,12 @@ class ChatView:
         bold, italic = (base["family"], base["size"], "bold"), (base["family"], base["size"], "italic")
         self.messages = tk.Text(self.frame, width=64, height=22, wrap="word", state="disabled", font="TkDefaultFont",
                                 takefocus=0, padx=6, pady=4)
-        scrollbar = tk.Scrollbar(self.frame, command=self.messages.yview)
-        self.messages.configure(yscrollcommand=scrollbar.set)
+        self.scrollbar = tk.Scrollbar(self.frame, command=self.messages.yview)
+        self.messages.configure(yscrollcommand=self.view_moved)
+        self.following = True  # the newest line is in sight, so new lines scroll into view
+        self.size_seen = (0, 0)  # the messages' width and height when Tk last said where the view is
         self.messages.grid(row=0, column=0, sticky="nsew")
-        scrollbar.grid(row=0, column=1, sticky="ns")
+        self.scrollbar.grid(row=0, column=1, sticky="ns")
         tags = {"time": {"foreground": "#808080"}, "name": {"font": bold},
                 "grey": {"foreground": "#808080"}, "info": {"foreground": "#404040"},
                 "warn": {"foreground": "#b00020"}, "own": {"background": "#eaf1fb"},
@@ -2791,9 +2865,26 @@ class ChatView:
 
     # --- Drawing ---
 
+    def view_moved(self, first: str, last: str) -> None:
+        """Tk says which part of the messages shows: move the scrollbar; are we still following?
+
+        A Text widget that changes size keeps its top line where it was. When it gets shorter
+        (a progress bar comes; or the window, which had grown for the bar, shrinks back once
+        the bar goes) the newest line drops out of sight though nobody scrolled: that view
+        keeps following. Only a move at the same size is the user's (the wheel, the scrollbar).
+        """
+        self.scrollbar.set(first, last)
+        size = (self.messages.winfo_width(), self.messages.winfo_height())
+        if size != self.size_seen and self.following:
+            self.messages.see("end")  # Tk says where the view is once more, at this size
+        else:
+            self.following = float(last) >= 0.999
+        self.size_seen = size
+
     def add_line(self, pieces: list[Piece], marks: tuple[str, ...] = ()) -> None:
         """Append one line to the messages; follow it if the user was reading the newest."""
-        following = self.messages.yview()[1] >= 0.999
+        self.view_moved(*map(str, self.messages.yview()))  # Tk says so only when idle: a scroll may be news
+        following = self.following
         self.messages.configure(state="normal")
         for text, tags in pieces:
             self.messages.insert("end", text, tags + marks)
@@ -2929,7 +3020,8 @@ class ChatWindow:
         self.handlers = {"line": self.show_reply, "reply": self.show_reply, "event": self.show_event,
                          "own": self.show_own, "notice": self.show_reply, "ask": self.ask, "logged in": self.logged_in,
                          "joined": self.joined, "panel": self.fill_panel, "finished": self.finish,
-                         "internal error": self.internal_error, "file": lambda news: self.chat.files.show(*news)}
+                         "internal error": self.internal_error, "file": lambda news: self.chat.files.show(*news),
+                         "servers": lambda outcome: self.login.show_servers(*outcome)}
         self.poll_id = self.root.after(POLL_EVERY, self.poll)
 
     def make_screens(self, host: str, port: int) -> None:
@@ -2974,8 +3066,17 @@ class ChatWindow:
     def log_in(self, host: str, port: int, name: str, password: str) -> None:
         self.worker.do(self.log_in_account, host, port, name, password)
 
+    def search(self, port: int) -> None:
+        self.worker.do(self.search_servers, port)
+
     def join_lobby(self, password: str) -> None:
         self.worker.do(self.enter_lobby, password)
+
+    def log_out(self) -> None:
+        """Log out, from the room password screen: back to the first screen at once."""
+        self.show_view(self.login)
+        self.login.busy("Logging out...")
+        self.worker.do(self.leave_server)
 
     def join_room(self, room: str) -> None:
         self.worker.do(self.run_line, f"/join {room}")
@@ -3026,6 +3127,22 @@ class ChatWindow:
 
     def log_in_account(self, host: str, port: int, name: str, password: str) -> None:
         self.bridge.post("logged in", self.connect(host, port).login(name, password))
+
+    def search_servers(self, port: int) -> None:
+        """The terminal's search of the network; here, as it listens for a second, never on the Tk thread."""
+        cipher = make_cipher(self.client_options.get("cipher", DEFAULT_CIPHER), self.client_options.get("key"))
+        said: list[str] = []
+        try:
+            found = find_servers(port, cipher, said.append)
+        except OSError as error:  # no network at all: nowhere to ask
+            self.bridge.post("reply", f"The search failed: {error.strerror or error}")
+            return
+        self.bridge.post("servers", (found, said[1:]))  # its first line, "Searching...", shows already
+
+    def leave_server(self) -> None:
+        """BYE: the session ends now, not when the server's timeout runs out."""
+        self.client.bye()
+        self.bridge.post("reply", "Logged out.")
 
     def enter_lobby(self, password: str) -> None:
         self.bridge.post("joined", self.client.join(LOBBY, password))

@@ -19,13 +19,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import types
 
 import pytest
 from conftest import EVENT_WAIT, fast_timing, member, next_event
+from test_discovery import answer_to
 from test_files import outcome
 
 import client
+from encryption_helper import Interface
 
 
 def missing(reason: str):
@@ -157,8 +161,11 @@ def tags_at(window: client.ChatWindow, text: str) -> tuple[str, ...]:
     return window.chat.messages.tag_names(index)
 
 
-def fill_login(window: client.ChatWindow, name: str, password: str = "secret") -> None:
-    for entry, text in ((window.login.name, name), (window.login.password, password)):
+def fill_login(window: client.ChatWindow, name: str, password: str = "secret", again: str | None = None) -> None:
+    """Fill in the first screen: the password twice (Register asks for it again), alike unless told."""
+    fields = ((window.login.name, name), (window.login.password, password),
+              (window.login.password_again, password if again is None else again))
+    for entry, text in fields:
         entry.delete(0, "end")
         entry.insert(0, text)
 
@@ -184,6 +191,21 @@ def test_the_window_keeps_the_terminals_password_rule(chat_server, open_window):
     window.login.register_button.invoke()
     assert window.login.reply.cget("text") == f"Too short: a password has at least {client.MIN_PASSWORD} characters."
     assert not chat_server.chat.users.exists("alice")
+
+
+def test_register_takes_the_password_twice_and_refuses_two_that_differ(chat_server, open_window):
+    window = open_window(chat_server.address)
+    assert window.login.password_again.cget("show") == "*"
+    fill_login(window, "alice", "secret", again="secert")
+    window.login.register_button.invoke()
+    assert window.login.reply.cget("text") == "The two passwords differ; type it again."  # the terminal's words
+    assert (window.login.password.get(), window.login.password_again.get()) == ("", "")
+    assert not chat_server.chat.users.exists("alice")
+    fill_login(window, "alice", "secret")
+    type_into(window, window.login.password_again, "secret")  # Enter in the second field registers
+    pump(window, lambda: window.login.reply.cget('text') == "Registration successful.", "the registration")
+    window.login.login_button.invoke()  # Log in needs the password once
+    pump(window, lambda: window.view is window.room_view, "the room password screen")
 
 
 def test_register_with_a_taken_name_shows_the_servers_words(chat_server, make_client, open_window):
@@ -216,6 +238,93 @@ def test_register_log_in_and_join_through_the_window(chat_server, open_window):
     pump(window, lambda: "joined lobby, 1 here" in messages(window), "the join reply")
     pump(window, lambda: members_shown(window) == ["alice"], "the member list")
     assert window.status.cget('text') == f"Connected to 127.0.0.1:{chat_server.address[1]} as alice"
+
+
+# --- Finding a server: `?` at Server IP. Nothing here is broadcast: the search is sent to
+# 127.0.0.1 alone, or answered by the test itself.
+
+
+@pytest.fixture
+def searches(monkeypatch):
+    """The window's searches, sent to 127.0.0.1 instead of the networks' broadcast addresses.
+
+    Return `made`, one (targets asked for, the thread that searched) a search, and
+    `answers`: (address, [name, port, online]) put there are answered here, and nothing is sent.
+    """
+    real_search = client.search_network
+    searches = types.SimpleNamespace(made=[], answers=[])
+
+    def search_network(search, targets, port, *rest):
+        searches.made.append((targets, threading.current_thread()))
+        if not searches.answers:
+            return real_search(search, ["127.0.0.1"], port)
+        for address, fields in searches.answers:
+            search.receive(answer_to(search, *fields, cipher=search.cipher), address)
+        return search
+
+    monkeypatch.setattr(client, "search_network", search_network)
+    monkeypatch.setattr(client, "local_interfaces", lambda: [Interface("eth0", "10.77.0.2", "255.255.255.0",
+                                                                       "10.77.0.255")])
+    return searches
+
+
+def test_a_question_mark_at_server_ip_finds_the_server_and_fills_it_in(start_server, open_window, searches):
+    running = start_server(name="lab-pc-07")
+    window = open_window(running.address)
+    type_into(window, window.login.host, "?")  # Enter: as the terminal's "Server IP [...] (? searches the network)"
+    assert window.login.reply.cget("text") == f"Searching this network for chat servers on port {running.address[1]}..."
+    assert window.login.login_button.cget("state") == "disabled"
+    pump(window, lambda: "Click a server" in window.login.reply.cget("text"), "the search's outcome")
+    assert list(window.login.servers.get(0, "end")) == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
+    assert (window.login.host.get(), window.login.port.get()) == ("127.0.0.1", str(running.address[1]))
+    [(targets, thread)] = searches.made
+    assert targets == ["10.77.0.255", "255.255.255.255"] and thread is window.worker.thread  # never the Tk thread
+    fill_login(window, "alice")
+    window.login.register_button.invoke()
+    pump(window, lambda: window.login.reply.cget('text') == "Registration successful.", "the registration")
+
+
+def test_find_servers_lists_every_server_and_a_click_chooses_one(chat_server, open_window, searches):
+    searches.answers += [(("10.77.0.1", 5000), ["lab-pc-07", "5000", "2"]),
+                         (("10.77.0.8", 6000), ["kelas", "6000", "0"])]
+    window = open_window(chat_server.address)
+    window.login.find_button.invoke()
+    pump(window, lambda: window.login.servers.winfo_ismapped(), "the list of servers")
+    assert list(window.login.servers.get(0, "end")) == ["lab-pc-07  10.77.0.1:5000  2 online",
+                                                       "kelas  10.77.0.8:6000  0 online"]
+    assert (window.login.host.get(), window.login.port.get()) == ("10.77.0.1", "5000")  # the first, as Enter takes
+    click(window, window.login.servers, 1)
+    assert (window.login.host.get(), window.login.port.get()) == ("10.77.0.8", "6000")
+    assert searches.made[0][0] == ["10.77.0.255", "255.255.255.255"]
+
+
+def test_a_search_nobody_answers_says_so_and_leaves_the_ip_to_type(chat_server, open_window, searches):
+    searches.answers.append((("10.77.0.1", 9999), ["not a port", "x", "0"]))  # no server's answer: not listed
+    window = open_window(chat_server.address)
+    type_into(window, window.login.host, "?")
+    pump(window, lambda: client.NOTHING_FOUND in window.login.reply.cget("text"), "the outcome")
+    assert window.login.host.get() == "" and window.root.focus_get() is window.login.host
+    assert not window.login.servers.winfo_ismapped()
+    assert window.login.login_button.cget("state") == "normal"
+
+
+def test_log_out_leaves_the_room_password_screen_the_server_keeps_asking(chat_server, make_client, open_window):
+    member(make_client, chat_server.address, "alice", password="secret")
+    window = open_window(chat_server.address)
+    fill_login(window, "alice")
+    window.login.login_button.invoke()
+    pump(window, lambda: window.view is window.room_view, "the room password screen")
+    for _ in range(client.auth.AbuseControl.LOGIN_FAILURES + 1):
+        type_into(window, window.room_view.password, "wrong")
+        pump(window, lambda: window.room_view.join_button.cget("state") == "normal", "the refusal")
+    assert window.room_view.reply.cget("text").startswith("Too many wrong room passwords; try again in ")
+    window.room_view.log_out_button.invoke()
+    assert window.view is window.login  # at once: the BYE goes on the worker thread
+    pump(window, lambda: window.login.reply.cget("text") == "Logged out.", "the goodbye")
+    assert "alice" not in chat_server.chat.online  # the session ended, not left to time out
+    assert window.status.cget("text") == f"Server 127.0.0.1:{chat_server.address[1]}: not logged in"
+    window.login.login_button.invoke()  # the fields are still filled in: log in again, or as someone else
+    pump(window, lambda: window.view is window.room_view, "the room password screen again")
 
 
 def test_lines_go_both_ways_between_window_and_terminal_client(chat_server, make_client, open_window):
@@ -464,6 +573,79 @@ def test_a_transfer_has_a_bar_while_it_moves(chat_server, open_window):
     window.chat.files.show("cancelled", transfer)
     assert window.chat.files.bars == {} and not row.winfo_exists()
     assert "cancelled: big.iso (cancelled)" in messages(window)
+
+
+def a_transfer_moving(name: str = "big.iso") -> client.Transfer:
+    return client.Transfer("down", "bob", name, 20_000_000, "0" * 64, f"downloads/{name}.part", 7,
+                           done=8_400_000, state="sending")
+
+
+def end_of(window: client.ChatWindow, transfer: client.Transfer) -> None:
+    transfer.state, transfer.note = "cancelled", "cancelled"
+    window.chat.files.show("cancelled", transfer)
+
+
+def fill_messages(window: client.ChatWindow, lines: int = 60) -> None:
+    """Add more lines than the messages can show, and wait until the newest is in sight."""
+    for number in range(lines):
+        window.chat.show_reply(f"line {number}")
+    pump(window, lambda: newest_line_in_sight(window), "the newest line in sight")
+
+
+def newest_line_in_sight(window: client.ChatWindow) -> bool:
+    """True if the view reaches the end and the last line shows whole, not cut at the bottom."""
+    text = window.chat.messages
+    box = text.dlineinfo("end-2c")  # the last line's own newline; "end-1c" is Tk's own, after it
+    return text.yview()[1] == 1.0 and box is not None and box[1] + box[3] <= text.winfo_height()
+
+
+def settle(window: client.ChatWindow) -> None:
+    """Let the window take the size its contents ask for, as a window nobody resized does."""
+    asked = lambda: (window.root.winfo_reqwidth(), window.root.winfo_reqheight())  # noqa: E731
+    pump(window, lambda: (window.root.winfo_width(), window.root.winfo_height()) == asked(), "the window's new size")
+
+
+def test_the_messages_follow_new_lines_after_a_progress_bar_came_and_went(chat_server, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    fill_messages(window)
+    transfer = a_transfer_moving()
+    window.chat.files.show("progress", transfer)  # the window grows by a bar...
+    settle(window)
+    end_of(window, transfer)  # ...and shrinks back: the messages were taller for a moment
+    settle(window)
+    window.chat.show_reply("the line after")
+    window.root.update()
+    assert newest_line_in_sight(window)
+
+
+def test_the_messages_follow_new_lines_while_a_bar_shows_in_a_window_of_fixed_size(chat_server, open_window):
+    window = open_window(chat_server.address)
+    window.root.geometry("800x450")  # a size of its own, as when the user resized it: a bar takes the messages' room
+    log_in(window, "alice")
+    fill_messages(window)
+    height = window.chat.messages.winfo_height()
+    window.chat.files.show("progress", a_transfer_moving())
+    pump(window, lambda: window.chat.messages.winfo_height() < height, "the messages to make room for the bar")
+    window.chat.show_reply("the line after")
+    window.root.update()
+    assert newest_line_in_sight(window)
+
+
+def test_scrolled_up_the_messages_stay_put_until_scrolled_back_down(chat_server, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    fill_messages(window)
+    window.chat.messages.yview_scroll(-5, "units")  # what the mouse wheel does
+    window.root.update()
+    window.chat.show_reply("while reading back")
+    window.root.update()
+    assert not newest_line_in_sight(window)
+    window.chat.messages.yview_moveto(1.0)  # the scrollbar dragged to the bottom
+    window.root.update()
+    window.chat.show_reply("back at the end")
+    window.root.update()
+    assert newest_line_in_sight(window)
 
 
 def test_open_downloads_opens_the_folder_or_shows_where_it_is(chat_server, open_window, tmp_path, monkeypatch):
