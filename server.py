@@ -373,7 +373,7 @@ class ChatServer:
         room = self.rooms.get(name.lower())
         if room and session.room == name.lower():
             return [room.name, str(len(room.members)), f"You are in {room.name} already."]
-        self.guard.check("wrong room passwords", session.token, request.now)
+        self.guard.check("wrong room passwords", request.address[0], request.now)  # per PC: not reset by a new login
         if room is None:
             self.rooms.make_room_for_one(self.guard.MAX_ROOMS)
             self.reception.start_password_job(auth.PasswordJob(request, name, password, None, self.users.iterations))
@@ -402,7 +402,7 @@ class ChatServer:
     def enter_room(self, request: Request, room: Room, password_ok: bool, created: str = "") -> list[str]:
         session = request.session
         if not password_ok:
-            self.guard.count("wrong room passwords", session.token, request.now)
+            self.guard.count("wrong room passwords", request.address[0], request.now)
             raise Refusal("wrong-room-password", "Wrong room password.")
         self.rooms.move(session, room)
         return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]

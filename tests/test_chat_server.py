@@ -679,6 +679,10 @@ def test_wrong_room_passwords_are_locked_out(harness):
     for _ in range(server.AbuseControl.LOGIN_FAILURES):
         assert bob.ask(PacketType.JOIN, "kelas", "guess")[1][0] == "wrong-room-password"
     assert bob.ask(PacketType.JOIN, "kelas", "rahasia")[1][0] == "locked"  # even the right one, for now
+    bob.ask(PacketType.BYE)
+    again = Peer(harness, 2)  # a new login from the same PC starts no new count
+    assert again.login("bob").type == OK
+    assert harness.members[again.address].ask(PacketType.JOIN, "kelas", "rahasia")[1][0] == "locked"
 
 
 def test_rooms_are_bounded(make_harness, monkeypatch):
