@@ -884,15 +884,13 @@ class ChatClient:
     """One user's connection to the chat server: ClientProtocol, a socket and a thread.
 
     Each blocking method sends one request and returns the server's answer, or raises a
-    ChatError saying in plain words what went wrong; `submit` sends one without waiting
-    and returns a Future. What the server pushes arrives as `Event`s: passed to
-    `on_event` if given (on the network thread), else put in `self.events`, a queue.
-    Warnings such as lost contact go to `on_notice`.
+    ChatError saying in plain words what went wrong; `submit` sends one without waiting and
+    returns a Future. What the server pushes arrives as `Event`s: passed to `on_event` if
+    given (on the network thread), else put in `self.events`, a queue; warnings go to `on_notice`.
 
-    When the session is lost (the server stopped, restarted or went quiet), the client
-    logs back in and rejoins its room by itself, with the name and passwords it keeps in
-    memory for this run. What is asked for meanwhile waits and is sent once back in, in
-    order; so are the requests a stopping server said it never handled.
+    When the session is lost (the server stopped, restarted or went quiet), `Rejoin` logs
+    back in and rejoins the room by itself; what is asked for meanwhile waits, and is sent
+    once back in, in order.
 
         client = ChatClient("127.0.0.1", 9999)
         client.login("alice", "secret")

@@ -246,10 +246,9 @@ class ChatServer:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, request.now, session = job.request, now, job.request.session
         self.guard.hash_finished(request.address[0])
+        current = session is None or (self.sessions.get(session.address) is session and not self.stopping)
         try:
-            if session and self.stopping:
-                pass  # after EVENT stop nothing is handled: the client sends it again after the restart
-            elif session is None or self.sessions.get(session.address) is session:  # not ended meanwhile
+            if current:  # not a session ended meanwhile; nor after EVENT stop: the client sends it again
                 self.answer(request, run_handler(self.reception.finish_check, job))
         finally:  # even if a bug raised: the member's next requests must not wait for ever
             if session:
