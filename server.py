@@ -728,8 +728,9 @@ class ServerLog:
 
     PROBLEMS_PER_SECOND = 20  # log lines about bad packets: a flood must not flood the log
     # Plumbing, logged only with --verbose: heartbeats (40 students: 8 lines a second), the
-    # cookie each login asks for first, and searches of the network.
-    QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND}
+    # cookie each login asks for first, searches of the network, and questions that change
+    # nothing (a window asks ROOMS and WHO whenever someone comes or goes).
+    QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND, PacketType.ROOMS, PacketType.WHO}
 
     def __init__(self, emit, quiet: bool = False, verbose: bool = False):
         self.emit, self.quiet, self.verbose_on = emit, quiet, verbose

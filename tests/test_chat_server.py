@@ -1142,16 +1142,19 @@ def test_actions_are_logged_one_line_each_with_address_user_type_size(harness):
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_heartbeats_cookies_and_repeats_are_logged_only_when_verbose(make_harness, verbose):
+def test_heartbeats_cookies_questions_and_repeats_are_logged_only_when_verbose(make_harness, verbose):
     harness = make_harness(verbose=verbose)
     alice = member(harness, 1, "alice")
     alice.ask(PacketType.PING)
+    alice.ask(PacketType.ROOMS)
+    alice.ask(PacketType.WHO)
     peer = Peer(harness, 2)
     peer.register("bob")
     harness.deliver(peer.last_request, peer.address)  # its answer was lost: the client asks again
     logged = [line for line in harness.log if "[trace]" not in line]
-    plumbing = [line for line in logged if " PING " in line or " HELLO " in line or "answered again" in line]
-    assert len(plumbing) == (5 if verbose else 0)  # PING; HELLO for alice's REGISTER, LOGIN, bob's; a repeat
+    plumbing = [line for line in logged if any(f" {kind} " in line for kind in ("PING", "HELLO", "ROOMS", "WHO"))
+                or "answered again" in line]
+    assert len(plumbing) == (7 if verbose else 0)  # PING, ROOMS, WHO; 3 HELLOs (alice twice, bob); a repeat
     assert any("REGISTER" in line and "ok: Registration successful." in line for line in logged)
 
 
