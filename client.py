@@ -3143,7 +3143,9 @@ class ChatWindow:
         self.bridge.post("reply", "Logged out.")
 
     def enter_lobby(self, password: str) -> None:
-        self.bridge.post("joined", self.client.join(LOBBY, password))
+        """JOIN the lobby, then say who is here in the terminal's words ("nobody else here")."""
+        line = self.client.join(LOBBY, password)
+        self.bridge.post("joined", describe_arrival(line, self.client.who()[1], self.client.name))
 
     def run_line(self, line: str) -> None:
         """Handle a typed line just as the terminal does; after /join the panel is out of date."""

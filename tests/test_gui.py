@@ -235,7 +235,7 @@ def test_register_log_in_and_join_through_the_window(chat_server, open_window):
     pump(window, lambda: window.room_view.reply.cget('text') == "Wrong room password.", "the refusal")
     type_into(window, window.room_view.password, "juara")
     pump(window, lambda: window.view is window.chat, "the chat screen")
-    pump(window, lambda: "joined lobby, 1 here" in messages(window), "the join reply")
+    pump(window, lambda: "joined lobby: nobody else here. Type /help" in messages(window), "the join reply")
     pump(window, lambda: members_shown(window) == ["alice"], "the member list")
     assert window.status.cget('text') == f"Connected to 127.0.0.1:{chat_server.address[1]} as alice"
 
