@@ -627,6 +627,7 @@ class Transfer:
     file: object = None  # the open file, while bytes move
     last_seq: int = 0  # up: the file stream's number of the last chunk
     offsets: set = dataclasses.field(default_factory=set)  # down: the chunks that arrived
+    said: str = ""  # how the server said it ended (it cancelled it), in its own words
 
     @property
     def active(self) -> bool:
@@ -842,7 +843,8 @@ class FileTransfers:
         number = int(more[0]) if more and whole_number(more[0]) else 0
         transfer = self.uploads.get(number) or self.incoming.get(number)
         if kind == "file-cancelled" and transfer:
-            self.end(transfer, "cancelled", text)  # the server's words name the file and say why
+            transfer.said = text  # its words name the file, and say why
+            self.end(transfer, "cancelled", text)
             return True
         sent = [t for t in self.finished if t.id == number and t.direction == "up" and t.state == "done"]
         if kind == "file-done" and sent:
@@ -962,16 +964,11 @@ class ChatClient:
         """Enter a room (created with this password if new); return the server's words."""
         fields = self.call(PacketType.JOIN, room, password)
         joined, self.room = fields[-1], fields[0]
-        if self.rejoin:
-            self.rejoin.joined(room, password)
         return joined
 
     def say(self, text: str) -> str:
         """Send a message to everyone else in the room; return the server's words."""
-        said = self.call(PacketType.SAY, check_length(text))[-1]
-        if self.rejoin:
-            self.rejoin.own_lines.append(text)  # shown as "you: ..." already: not again when back in
-        return said
+        return self.call(PacketType.SAY, check_length(text))[-1]
 
     def private(self, user: str, text: str) -> str:
         """Send a message that only `user` sees."""
@@ -1142,9 +1139,9 @@ class ChatClient:
                 self.lost_reason = lost
                 self.session_over.set()
             if self.rejoin:
-                futures = self.rejoin.take_back(futures)
+                futures, events = self.rejoin.take_back(futures), self.rejoin.not_seen(events)
         resolve([(future, result) for future, result, _ in futures])
-        for event in self.rejoin.not_seen(events) if self.rejoin else events:
+        for event in events:
             self.on_event(event) if self.on_event else self.events.put(event)
         for notice in notices:
             self.on_notice(notice)
@@ -1200,37 +1197,51 @@ class Rejoin:
         # The newest event's time and what was said in that second; after a rejoin, the same
         # for the room's past shown already. Times are whole seconds: within the last one,
         # only what was said tells a message shown from one that never came.
-        self.last_event_time, self.last_second = 0.0, set()
-        self.seen_until, self.seen_last = 0.0, set()
-        self.own_lines: collections.deque = collections.deque(maxlen=OWN_LINES_KEPT)  # said in this room
-
-    def joined(self, room: str, password: str) -> None:
-        """The user joined a room: its past is news, and nothing was said in it yet."""
-        self.room, self.seen_until = [room, password], 0.0
-        self.own_lines.clear()
+        self.last_event_time, self.last_second = 0.0, collections.Counter()
+        self.seen_until, self.seen_last = 0.0, collections.Counter()
+        self.returning = False  # the room's past coming now is partly shown already: back in after a loss
+        self.own_lines: collections.deque = collections.deque(maxlen=OWN_LINES_KEPT)  # ours, in this room
 
     def not_seen(self, events: list[Event]) -> list[Event]:
-        """Return the events but the room's past messages shown before the session was lost."""
-        fresh = [event for event in events if not (event.kind == "history" and self.shown(event))]
+        """Under the client's lock: return the events but the room's past shown before the loss."""
+        fresh = [event for event in events if not (event.kind == "history" and self.returning and self.shown(event))]
         for event in fresh:
             if event.time > self.last_event_time:
-                self.last_event_time, self.last_second = event.time, set()
+                self.last_event_time, self.last_second = event.time, collections.Counter()
             if event.time == self.last_event_time:
-                self.last_second.add((event.user, event.text))
+                self.last_second[event.user, event.text] += 1
         return fresh
 
     def past_shown(self) -> None:
         """Before the room is joined again: what has come so far was shown."""
-        self.seen_until, self.seen_last = self.last_event_time, set(self.last_second)
+        with self.client.lock:
+            self.seen_until, self.seen_last = self.last_event_time, collections.Counter(self.last_second)
+            self.returning = True
 
     def shown(self, past: Event) -> bool:
-        """Was this message of the room's past shown before the session was lost?"""
-        if self.login and past.user.lower() == self.login[0].lower() and past.text in self.own_lines:
-            self.own_lines.remove(past.text)  # once: the same words said twice are two lines
+        """Was this message of the room's past shown before the session was lost? Each line
+        seen, or said by us, is taken for one line of the past: the same words twice are two."""
+        if past.time < self.seen_until:
             return True
-        if past.time == self.seen_until:
-            return (past.user, past.text) in self.seen_last
-        return past.time < self.seen_until
+        if past.time == self.seen_until and self.seen_last[past.user, past.text] > 0:
+            self.seen_last[past.user, past.text] -= 1
+            return True
+        if self.login and past.user.lower() == self.login[0].lower() and past.text in self.own_lines:
+            self.own_lines.remove(past.text)  # shown as "you: ..." when it was said
+            return True
+        return False
+
+    def note_answers(self, answered: list[tuple]) -> None:
+        """Under the client's lock: note our lines the server took, and a room the user joined
+        (not we, on the way back in): its past is news, and we said nothing in it yet."""
+        for _, result, asked in answered:
+            if not asked or isinstance(result, ChatError):
+                continue
+            if asked[0] == PacketType.SAY:
+                self.own_lines.append(asked[1][0])
+            elif asked[0] == PacketType.JOIN and self.thread is None:
+                self.room, self.returning = list(asked[1]), False
+                self.own_lines.clear()
 
     def holds(self, ptype: PacketType) -> bool:
         """Under the client's lock: must a request wait for the rejoin (going, or about to start)?"""
@@ -1241,6 +1252,7 @@ class Rejoin:
     def take_back(self, answered: list[tuple]) -> list[tuple]:
         """Under the client's lock: hold again, before anything typed since, the requests a
         stopping server never handled; return the other (future, result, asked) answers."""
+        self.note_answers(answered)
         if self.thread is None:
             return answered
         stopped = [(*asked, future) for future, result, asked in answered
@@ -1958,17 +1970,20 @@ class Conversation:
         hint = "Try again, or press Enter alone to go on without a room."
         while True:
             password = self.ask(f"Room password for {LOBBY}: ", secret=True)
+            if not password:  # not sent: an empty password would count as a wrong one
+                break
             try:
                 self.enter_room(LOBBY, password, then=" Type /help for commands.")
                 return True
             except Refused as refusal:
                 self.terminal.show(refusal.text)
-                if not password or refusal.code == "locked":  # asking again would not help now
-                    self.terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
-                    return True
-                if hint:  # once
-                    self.terminal.show(hint)
-                    hint = ""
+                if refusal.code == "locked":  # asking again would not help now
+                    break
+            if hint:  # once
+                self.terminal.show(hint)
+                hint = ""
+        self.terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
+        return True
 
     def enter_room(self, room: str, password: str, then: str = "") -> None:
         """JOIN, then WHO: say where we are and who is here; then the room's history and news."""
@@ -2214,8 +2229,8 @@ def final_line(what: str, transfer: Transfer) -> str:
         return printable(f"saved {transfer.path} ({size}, {transfer.note})")
     if what == "done":
         return printable(f"sent {name} ({size}) to {transfer.peer}")
-    if what == "cancelled" and name in transfer.note:  # the server's words: why, for whom
-        return printable(transfer.note)
+    if what == "cancelled" and transfer.said:
+        return printable(transfer.said)
     if what == "cancelled":
         return printable(f"cancelled: {name} ({transfer.note})")
     removed = "; the partial file was removed" if transfer.direction == "down" else ""
@@ -2622,7 +2637,8 @@ class LoginView:
             said = said + ["Click a server in the list to use it; the first is filled in."]
         else:
             self.servers.grid_remove()
-            self.host.delete(0, "end")  # the "?" goes: the server's IP is to be typed
+            if self.host.get().strip() == "?":
+                self.host.delete(0, "end")  # the "?" goes: the server's IP is to be typed (one typed stays)
         self.show_reply("\n".join(said))
         self.focus()
 

@@ -117,7 +117,7 @@ class ServerConfig:
     cipher: str = DEFAULT_CIPHER
     key: str | None = None  # None: the cipher's default key, the same as the client's
     quiet: bool = False  # log only problems, not every action
-    verbose: bool = False  # also log heartbeats and trace every packet in and out
+    verbose: bool = False  # also log heartbeats, HELLO, FIND, ROOMS and WHO, and trace every packet
     loss: float = 0.0  # drop this share of datagrams in and out, to watch recovery
     seed: int | None = None  # makes --loss drop the same datagrams every run
     # A client sends a heartbeat after 5 s of quiet; six missed in a row means it is gone.
@@ -372,7 +372,8 @@ class ChatServer:
         room = self.rooms.get(name.lower())
         if room and session.room == name.lower():
             return [room.name, str(len(room.members)), f"You are in {room.name} already."]
-        self.guard.check("wrong room passwords", request.address[0], request.now)  # per PC: not reset by a new login
+        guesser = (request.address[0], session.name.lower())  # not reset by logging in again
+        self.guard.check("wrong room passwords", guesser, request.now)
         if room is None:
             self.rooms.make_room_for_one(self.guard.MAX_ROOMS)
             self.reception.start_password_job(auth.PasswordJob(request, name, password, None, self.users.iterations))
@@ -401,7 +402,7 @@ class ChatServer:
     def enter_room(self, request: Request, room: Room, password_ok: bool, created: str = "") -> list[str]:
         session = request.session
         if not password_ok:
-            self.guard.count("wrong room passwords", request.address[0], request.now)
+            self.guard.count("wrong room passwords", (request.address[0], session.name.lower()), request.now)
             raise Refusal("wrong-room-password", "Wrong room password.")
         self.rooms.move(session, room)
         return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]
@@ -994,6 +995,7 @@ class FileRelay:
         except OSError as error:  # the disk, or too many files open
             if writer:
                 writer.close()
+                os.remove(path)
             self.chat.log.problem(f"cannot open {path}: {error}")
             raise Refusal("server-error", "The server cannot store files now; try again later.") from None
         upload = Upload(number, session, name, size, sha, path, writer, reader, last_progress=now)
@@ -1373,7 +1375,12 @@ def server_name(text: str) -> str:
 
 def listening_port(text: str) -> int:
     """Check --port: a UDP port from 1 to 65535, or 0 for any free one (the banner says which)."""
-    return 0 if text == "0" else port_number(text)
+    if text == "0":
+        return 0
+    try:
+        return port_number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 65535, or 0") from None
 
 
 def megabytes(text: str) -> float:
@@ -1400,7 +1407,8 @@ def parse_args(argv: list[str]) -> ServerConfig:
                         help="password of the lobby room (default: %(default)s)")
     add_shared_options(parser)  # --cipher, --key, --loss, --seed
     parser.add_argument("--quiet", action="store_true", help="log only problems, not every action")
-    parser.add_argument("--verbose", action="store_true", help="also log heartbeats and trace every packet")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also log heartbeats, HELLO, FIND, ROOMS and WHO, and trace every packet")
     parser.add_argument("--session-timeout", type=float, default=defaults.session_timeout,
                         help="seconds of silence before a client is considered gone (default: %(default)s)")
     parser.add_argument("--name", type=server_name, default=defaults.name,

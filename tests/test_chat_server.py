@@ -11,6 +11,7 @@ Password checks run in line: `job.run()`, then `finish_password_job`.
 
 import binascii
 import hashlib
+import os
 import types
 
 import pytest
@@ -549,6 +550,14 @@ def test_what_only_servers_send_is_never_answered_without_a_session(harness, pty
     assert harness.chat.stats["bad"] == 1
 
 
+@pytest.mark.parametrize("ptype", sorted(SERVER_ONLY))
+def test_what_only_servers_send_is_not_answered_even_when_unreadable(harness, ptype):
+    # Another server, with another key: our "bad-packet" ERROR would be unreadable to it too.
+    theirs = encode_packet(Packet(ptype, payload=pack_fields("0", "bad-packet", "x")), make_cipher("xor", "other"))
+    assert harness.deliver(theirs, ("10.0.0.9", 9999)) == []
+    assert harness.chat.stats["bad"] == 1
+
+
 def test_a_stray_ack_without_a_session_is_not_answered(harness):
     assert harness.deliver(encode_packet(Packet(PacketType.ACK, 0, 3, 0, b"tokenXYZ"), CIPHER), ("10.0.0.1", 1)) == []
     assert harness.chat.stats["no-session"] == 1
@@ -683,6 +692,8 @@ def test_wrong_room_passwords_are_locked_out(harness):
     again = Peer(harness, 2)  # a new login from the same PC starts no new count
     assert again.login("bob").type == OK
     assert harness.members[again.address].ask(PacketType.JOIN, "kelas", "rahasia")[1][0] == "locked"
+    carol = member(harness, 3, "carol")  # another account on that PC: not locked by bob's guesses
+    assert carol.ask(PacketType.JOIN, "kelas", "rahasia")[0] == OK
 
 
 def test_rooms_are_bounded(make_harness, monkeypatch):
@@ -785,6 +796,7 @@ def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_open(har
     answer = alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "5", "0" * 64)
     assert answer == (ERROR, ["server-error", "The server cannot store files now; try again later."])
     assert opened and all(file.closed for file in opened)
+    assert os.listdir(os.path.join(harness.config.data_dir, "transfers")) == []  # no N.part left behind
 
 
 def test_the_log_follows_a_file_from_offer_to_receiver(harness):

@@ -306,6 +306,12 @@ def test_a_search_nobody_answers_says_so_and_leaves_the_ip_to_type(chat_server, 
     assert window.login.host.get() == "" and window.root.focus_get() is window.login.host
     assert not window.login.servers.winfo_ismapped()
     assert window.login.login_button.cget("state") == "normal"
+    window.login.host.insert(0, "192.168.1.10")
+    window.login.reply.configure(text="")
+    window.login.find_button.invoke()  # a search with an address typed: that address stays
+    pump(window, lambda: len(searches.made) == 2 and client.NOTHING_FOUND in window.login.reply.cget("text"),
+         "the second outcome")
+    assert window.login.host.get() == "192.168.1.10"
 
 
 def test_log_out_leaves_the_room_password_screen_the_server_keeps_asking(chat_server, make_client, open_window):
@@ -569,10 +575,10 @@ def test_a_transfer_has_a_bar_while_it_moves(chat_server, open_window):
     row, label, bar = window.chat.files.bars[id(transfer)]
     assert (label.cget("text"), int(bar.cget("value"))) == (client.describe_transfer(transfer), 42)
     assert "big.iso <- bob, 1000 B: 42%" in label.cget("text")
-    transfer.state, transfer.note = "cancelled", "cancelled"
+    transfer.state, transfer.note = "cancelled", "you cancelled it"
     window.chat.files.show("cancelled", transfer)
     assert window.chat.files.bars == {} and not row.winfo_exists()
-    assert "cancelled: big.iso (cancelled)" in messages(window)
+    assert "cancelled: big.iso (you cancelled it)" in messages(window)
 
 
 def a_transfer_moving(name: str = "big.iso") -> client.Transfer:

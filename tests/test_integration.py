@@ -6,8 +6,10 @@ that need both programs, their threads and their sockets.
 """
 
 import binascii
-import collections
+import selectors
 import socket
+import threading
+import types
 
 import pytest
 from conftest import fast_timing, lossy_timing, member, next_event, texts_of, wait_until
@@ -155,25 +157,48 @@ def test_back_in_after_a_restart_the_rooms_past_is_not_shown_again(start_server,
     assert "history" not in kinds  # the first line was shown before, so it is not shown again
 
 
+def bare_rejoin() -> client.Rejoin:
+    """A Rejoin's filter of the room's past, on its own: it needs no network, only a lock."""
+    return client.Rejoin(client=types.SimpleNamespace(lock=threading.Lock()))
+
+
 def test_back_in_a_message_of_the_last_second_seen_is_shown_if_it_never_came():
-    rejoin = client.Rejoin(client=None)  # its filter needs no network
+    rejoin = bare_rejoin()
     second = 1_700_000_100.0  # the server stamps events in whole seconds
     rejoin.not_seen([client.Event("chat", second - 1, "lobby", "bob", "earlier"),
-                     client.Event("chat", second, "lobby", "carol", "seen")])
-    rejoin.past_shown()  # the session is lost; alice's line of the same second never came
+                     client.Event("chat", second, "lobby", "carol", "seen"),
+                     client.Event("chat", second, "lobby", "bob", "ok")])
+    rejoin.past_shown()  # the session is lost; alice's line and bob's second "ok" of that second never came
     past = [client.Event("history", when, "lobby", user, text) for when, user, text in
-            [(second - 1, "bob", "earlier"), (second, "carol", "seen"), (second, "alice", "never came"),
-             (second + 1, "dave", "later")]]
-    assert [event.text for event in rejoin.not_seen(past)] == ["never came", "later"]
+            [(second - 1, "bob", "earlier"), (second, "carol", "seen"), (second, "bob", "ok"),
+             (second, "alice", "never came"), (second, "bob", "ok"), (second + 1, "dave", "later")]]
+    assert [event.text for event in rejoin.not_seen(past)] == ["never came", "ok", "later"]
 
 
-def test_back_in_ones_own_lines_are_not_shown_again_as_the_rooms_past():
-    rejoin = client.Rejoin(client=None)
-    rejoin.login, rejoin.own_lines = ["alice", "pw"], collections.deque(["hello", "hello", "bye"])
-    rejoin.past_shown()  # alice saw no line from anyone else: her own lines were shown as "you: ..."
-    past = [client.Event("history", 1_700_000_000.0 + number, "lobby", user, text) for number, (user, text) in
-            enumerate([("ALICE", "hello"), ("bob", "hello"), ("alice", "hello"), ("alice", "hello"), ("alice", "bye")])]
-    assert [(event.user, event.text) for event in rejoin.not_seen(past)] == [("bob", "hello"), ("alice", "hello")]
+def test_a_room_joined_by_the_user_shows_all_its_past():
+    rejoin = bare_rejoin()
+    rejoin.not_seen([client.Event("chat", 1_700_000_100.0, "lobby", "bob", "seen")])
+    rejoin.past_shown()  # back in after a loss; then the user goes to another room
+    rejoin.note_answers([(None, ["games", "1", "joined games"], (PacketType.JOIN, ("games", "dadu")))])
+    past = [client.Event("history", 1_700_000_000.0, "games", "carol", "before it all")]
+    assert rejoin.not_seen(past) == past and rejoin.room == ["games", "dadu"]
+
+
+def test_back_in_ones_own_lines_are_not_shown_again_as_the_rooms_past(start_server, make_client, tmp_path):
+    first = start_server(data_dir=tmp_path / "kept")
+    notices = []
+    alice = member(make_client, first.address, "alice", on_notice=notices.append)
+    for text in ["hello", "hello", "bye"]:  # as the terminal and the window send them: without waiting
+        alice.submit(PacketType.SAY, text).result(timeout=10)
+    first.loop.stop(grace=5.0)
+    second = start_server(data_dir=tmp_path / "kept", port=first.address[1])
+    wait_until(lambda: "[INFO] In lobby again." in notices, what="alice to get back in")
+    bob = member(make_client, second.address, "bob")
+    bob.say("after it")
+    shown = []
+    while not shown or shown[-1].kind != "chat":
+        shown.append(next_event(alice))
+    assert [event for event in shown if event.kind == "history"] == []  # each was shown as "you: ..."
 
 
 def test_a_rejoin_waits_out_a_lockout_of_its_account(start_server, make_client, monkeypatch):
@@ -192,6 +217,25 @@ def test_a_rejoin_waits_out_a_lockout_of_its_account(start_server, make_client, 
         alice.say("still here?")
     wait_until(lambda: "[INFO] Back in as alice." in notices, what="alice back in")  # ...once the lock ends
     assert any(notice.startswith("[WARN] Not back in yet: Too many failed attempts") for notice in notices), notices
+
+
+def test_a_client_whose_address_changed_is_back_in_once_its_old_session_ends(start_server, make_client,
+                                                                             monkeypatch):
+    monkeypatch.setattr(client, "REJOIN_EVERY", 0.2)
+    running = start_server(session_timeout=2.0)
+    notices = []
+    alice = member(make_client, running.address, "alice", on_notice=notices.append,
+                   timing=fast_timing(heartbeat_every=60.0))
+    moved = client.connect_udp(*running.address)  # another port: as after a change of network
+    with alice.lock:
+        alice.selector.unregister(alice.sock)
+        alice.selector.register(moved, selectors.EVENT_READ)
+        old, alice.sock = alice.sock, moved
+    old.close()
+    with pytest.raises(client.SessionLost):  # no session at the new address: told RESET
+        alice.say("from my new address")
+    wait_until(lambda: "[INFO] Back in as alice." in notices, what="alice back in")  # once the old one timed out
+    assert "[WARN] Not back in yet: alice logged in elsewhere. (still trying)" in notices
 
 
 def test_a_room_whose_password_changed_is_not_rejoined_and_says_so(start_server, make_client, tmp_path):
