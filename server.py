@@ -372,8 +372,7 @@ class ChatServer:
         room = self.rooms.get(name.lower())
         if room and session.room == name.lower():
             return [room.name, str(len(room.members)), f"You are in {room.name} already."]
-        guesser = (request.address[0], session.name.lower())  # not reset by logging in again
-        self.guard.check("wrong room passwords", guesser, request.now)
+        self.guard.check("wrong room passwords", room_guesser(request), request.now)
         if room is None:
             self.rooms.make_room_for_one(self.guard.MAX_ROOMS)
             self.reception.start_password_job(auth.PasswordJob(request, name, password, None, self.users.iterations))
@@ -402,7 +401,7 @@ class ChatServer:
     def enter_room(self, request: Request, room: Room, password_ok: bool, created: str = "") -> list[str]:
         session = request.session
         if not password_ok:
-            self.guard.count("wrong room passwords", (request.address[0], session.name.lower()), request.now)
+            self.guard.count("wrong room passwords", room_guesser(request), request.now)
             raise Refusal("wrong-room-password", "Wrong room password.")
         self.rooms.move(session, room)
         return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]
@@ -546,6 +545,12 @@ def find_member(online: dict, users: "auth.UserStore", name: str) -> Session:
     if users.exists(name):
         raise Refusal("not-online", f"{name} is not online.")
     raise Refusal("unknown-user", "No such user.")  # the name may be anything: never echoed
+
+
+def room_guesser(request: Request) -> tuple[str, str]:
+    """Who wrong room passwords are counted for: the account on its PC (a new login starts
+    no new count; other accounts on that PC are not locked out with it)."""
+    return request.address[0], request.session.name.lower()
 
 
 def check_text(text: str) -> None:
