@@ -1054,7 +1054,7 @@ class ChatClient:
             if self.closed.is_set():
                 raise ConnectionClosed(self.closed_reason or "The connection is closed.")
             if self.rejoin and self.rejoin.holds(ptype):
-                self.rejoin.held.append((ptype, fields, future))  # sent once back in, in order
+                self.rejoin.hold(ptype, fields, future)
                 return future
             if self.session_over.is_set() and ptype in RESENDABLE:
                 raise SessionLost(SESSION_LOST)
@@ -1267,6 +1267,13 @@ class Rejoin:
             kept = [held for held in self.held if held[2] is not future]
             found, self.held = len(kept) < len(self.held), kept
         return found
+
+    def hold(self, ptype: PacketType, fields: tuple, future) -> None:
+        """Under the client's lock: keep a request to send once back in, in order; the first
+        one kept says so, or a line typed would seem to go nowhere (and be typed again)."""
+        if not self.held and ptype == PacketType.SAY:
+            self.client.protocol.notices.append("[INFO] Not back in yet: what you type waits, and goes once back in.")
+        self.held.append((ptype, fields, future))
 
     def start(self, why: SessionLost) -> bool:
         """Under the client's lock: start logging back in; False if it cannot be done."""
@@ -2074,7 +2081,11 @@ class Conversation:
         elif rest.lower() == (self.client.room or "").lower():
             self.terminal.show(f"You are in {self.client.room} already.")
         else:
-            self.enter_room(rest, self.ask(self.room_password_prompt(rest), secret=True))
+            password = self.ask(self.room_password_prompt(rest), secret=True)
+            if password:  # Enter alone sends nothing: an empty password would count as a wrong one
+                self.enter_room(rest, password)
+            else:
+                self.terminal.show(f"Not joined: {rest} needs its password.")
 
     def room_password_prompt(self, room: str) -> str:
         """`Password for games: `, or `Password for new room games: ` if no such room exists."""
@@ -2697,6 +2708,9 @@ class RoomPasswordView:
         self.reply.grid(row=3, column=0, columnspan=2, pady=8)
 
     def join(self) -> None:
+        if not self.password.get():  # nothing sent: an empty password would count as a wrong one
+            self.reply.configure(text=f"Type the room password of {LOBBY}, or Log out.")
+            return
         self.reply.configure(text="Joining...")
         for button in (self.join_button, self.log_out_button):  # no logging out while the server decides
             button.configure(state="disabled")
@@ -3088,6 +3102,8 @@ class ChatWindow:
 
     def log_out(self) -> None:
         """Log out, from the room password screen: back to the first screen at once."""
+        for entry in (self.login.password, self.login.password_again):
+            entry.delete(0, "end")  # a lab PC: the next student must not log in as this one
         self.show_view(self.login)
         self.login.busy("Logging out...")
         self.worker.do(self.leave_server)

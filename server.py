@@ -399,11 +399,11 @@ class ChatServer:
         return self.enter_room(request, room, True, " (new room)")
 
     def enter_room(self, request: Request, room: Room, password_ok: bool, created: str = "") -> list[str]:
-        session = request.session
         if not password_ok:
             self.guard.count("wrong room passwords", room_guesser(request), request.now)
+            self.guard.check("wrong room passwords", room_guesser(request), request.now)  # the last: say so now
             raise Refusal("wrong-room-password", "Wrong room password.")
-        self.rooms.move(session, room)
+        self.rooms.move(request.session, room)
         return [room.name, str(len(room.members)), f"joined {room.name}{created}, {len(room.members)} here"]
 
     def handle_say(self, request: Request) -> list[str]:
@@ -1428,7 +1428,9 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     everywhere = config.host in ("0.0.0.0", "")
     addresses = lan_addresses() if everywhere else [config.host]
     print(f"UDP chat server listening on {describe_address(address)}")
-    if addresses:
+    if config.host.startswith("127.") or config.host == "localhost":  # loopback never leaves this PC
+        print(f"Clients on other PCs cannot reach it: it listens on {config.host} only (leave out --host)")
+    elif addresses:
         print(f"Clients on other PCs answer:  Server IP {' or '.join(addresses)}   port {port}")
     else:
         print("Clients on other PCs: this PC has no network address (is it connected?); "

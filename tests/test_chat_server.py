@@ -685,8 +685,10 @@ def test_wrong_room_passwords_are_locked_out(harness):
     alice = member(harness, 1, "alice")
     alice.ask(PacketType.JOIN, "kelas", "rahasia")
     bob = member(harness, 2, "bob")
-    for _ in range(server.AbuseControl.LOGIN_FAILURES):
+    for _ in range(server.AbuseControl.LOGIN_FAILURES - 1):
         assert bob.ask(PacketType.JOIN, "kelas", "guess")[1][0] == "wrong-room-password"
+    code, text = bob.ask(PacketType.JOIN, "kelas", "guess")[1]  # the last one allowed says so, at once
+    assert code == "locked" and text.startswith("Too many wrong room passwords; try again in ")
     assert bob.ask(PacketType.JOIN, "kelas", "rahasia")[1][0] == "locked"  # even the right one, for now
     bob.ask(PacketType.BYE)
     again = Peer(harness, 2)  # a new login from the same PC starts no new count

@@ -391,6 +391,13 @@ def test_the_banner_names_the_interfaces_addresses(monkeypatch, capsys):
     assert "find this server as: lab-pc-07" in out
 
 
+def test_the_banner_of_a_server_on_loopback_says_other_pcs_cannot_reach_it(capsys):
+    server.print_banner(server.ServerConfig(host="127.0.0.1"), ("127.0.0.1", 9999), "lab-pc-07")
+    out = capsys.readouterr().out
+    assert "Clients on other PCs cannot reach it: it listens on 127.0.0.1 only (leave out --host)" in out
+    assert "Clients on other PCs answer" not in out and "Clients on this PC answer:    Server IP 127.0.0.1" in out
+
+
 def test_the_banner_without_a_network_says_so(monkeypatch, capsys):
     monkeypatch.setattr(server, "local_interfaces", lambda: [])
     server.print_banner(server.ServerConfig(), ("0.0.0.0", 9999), "lab-pc-07")

@@ -320,7 +320,9 @@ def test_log_out_leaves_the_room_password_screen_the_server_keeps_asking(chat_se
     fill_login(window, "alice")
     window.login.login_button.invoke()
     pump(window, lambda: window.view is window.room_view, "the room password screen")
-    for _ in range(client.auth.AbuseControl.LOGIN_FAILURES + 1):
+    window.room_view.join_button.invoke()  # nothing typed: nothing sent, so not a wrong password
+    assert window.room_view.reply.cget("text") == "Type the room password of lobby, or Log out."
+    for _ in range(client.auth.AbuseControl.LOGIN_FAILURES):
         type_into(window, window.room_view.password, "wrong")
         pump(window, lambda: window.room_view.join_button.cget("state") == "normal", "the refusal")
     assert window.room_view.reply.cget("text").startswith("Too many wrong room passwords; try again in ")
@@ -329,7 +331,9 @@ def test_log_out_leaves_the_room_password_screen_the_server_keeps_asking(chat_se
     pump(window, lambda: window.login.reply.cget("text") == "Logged out.", "the goodbye")
     assert "alice" not in chat_server.chat.online  # the session ended, not left to time out
     assert window.status.cget("text") == f"Server 127.0.0.1:{chat_server.address[1]}: not logged in"
-    window.login.login_button.invoke()  # the fields are still filled in: log in again, or as someone else
+    assert window.login.name.get() == "alice" and window.login.password.get() == ""  # a lab PC: not left to the next
+    fill_login(window, "alice")
+    window.login.login_button.invoke()
     pump(window, lambda: window.view is window.room_view, "the room password screen again")
 
 

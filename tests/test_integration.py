@@ -137,6 +137,7 @@ def test_a_stopped_server_loses_no_line_typed_while_it_was_down(start_server, ma
     assert all(future.result(timeout=30)[-1].startswith("to lobby") for future in typed)
     said = [text for _, user, text in second.chat.rooms["lobby"].history if user == "alice"]
     assert said == [f"typed while down {number}" for number in range(3)]  # each once, in order
+    assert notices.count("[INFO] Not back in yet: what you type waits, and goes once back in.") == 1
     wait_until(lambda: bob.logged_in, what="bob to get back in too")
 
 

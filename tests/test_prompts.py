@@ -107,6 +107,15 @@ def test_join_names_a_new_room_and_an_existing_one_in_its_prompt(chat_server, ma
     assert bob_sees.shown[-1] == "joined games: alice here."
 
 
+def test_enter_alone_at_a_rooms_password_joins_nothing_and_sends_nothing(chat_server, make_client):
+    registered(make_client, chat_server.address, "alice")
+    chat, terminal = conversation(make_client, chat_server.address,
+                                  "/login", "alice", "pass", "juara", "/join games", "")
+    run(chat)
+    assert terminal.shown[-1] == "Not joined: games needs its password."
+    assert "games" not in chat_server.chat.rooms  # not made with an empty password, nor counted as a guess
+
+
 def test_join_says_what_is_wrong_before_asking_a_password(chat_server, make_client):
     registered(make_client, chat_server.address, "alice")
     chat, terminal = conversation(make_client, chat_server.address,
