@@ -37,6 +37,7 @@ The packet format and the channel are defined once, in encryption_helper.py; acc
 import argparse
 import calendar
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -1000,7 +1001,8 @@ class FileRelay:
         except OSError as error:  # the disk, or too many files open
             if writer:
                 writer.close()
-                os.remove(path)
+                with contextlib.suppress(OSError):  # else the next start's clear_folder deletes it
+                    os.remove(path)
             self.chat.log.problem(f"cannot open {path}: {error}")
             raise Refusal("server-error", "The server cannot store files now; try again later.") from None
         upload = Upload(number, session, name, size, sha, path, writer, reader, last_progress=now)
