@@ -384,11 +384,16 @@ def test_a_stalled_receiver_holds_back_neither_the_others_nor_the_chat(start_ser
     assert 0 < most[0] <= 2 * (32 + encryption_helper.FILL) * MAX_PAYLOAD
 
 
-def test_the_sender_cancelling_removes_the_receivers_partial_file(chat_server, make_client, tmp_path):
+def a_download_under_way(make_client, chat_server, tmp_path):
+    """Return alice, bob, and bob's download of a file alice sends him, held half-way."""
     alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
     hold_upload(alice, 10)
     alice.send_file("bob", random_file(tmp_path, 100_000)[0])
-    download = download_of(bob)
+    return alice, bob, download_of(bob)
+
+
+def test_the_sender_cancelling_removes_the_receivers_partial_file(chat_server, make_client, tmp_path):
+    alice, bob, download = a_download_under_way(make_client, chat_server, tmp_path)
     assert os.path.exists(download.path) and download.path.endswith(".part")
     assert [t.state for t in alice.cancel_files()] == ["cancelled"]
     assert outcome(bob)[0] == "cancelled"
@@ -397,10 +402,7 @@ def test_the_sender_cancelling_removes_the_receivers_partial_file(chat_server, m
 
 
 def test_the_receiver_cancelling_stops_the_sender(chat_server, make_client, tmp_path):
-    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
-    hold_upload(alice, 10)
-    alice.send_file("bob", random_file(tmp_path, 100_000)[0])
-    download_of(bob)
+    alice, bob, _ = a_download_under_way(make_client, chat_server, tmp_path)
     bob.cancel_files()
     assert outcome(bob)[0] == "cancelled" and os.listdir(tmp_path / "bob") == []
     what, upload = outcome(alice)
@@ -410,10 +412,7 @@ def test_the_receiver_cancelling_stops_the_sender(chat_server, make_client, tmp_
 
 
 def test_a_receiver_leaving_mid_transfer_ends_it_for_the_sender(chat_server, make_client, tmp_path):
-    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
-    hold_upload(alice, 10)
-    alice.send_file("bob", random_file(tmp_path, 100_000)[0])
-    download_of(bob)
+    alice, bob, _ = a_download_under_way(make_client, chat_server, tmp_path)
     bob.bye()
     assert outcome(alice)[0] == "cancelled"
     assert os.listdir(tmp_path / "bob") == []  # its session ended: the partial file went with it
@@ -467,10 +466,7 @@ def test_a_checked_upload_reaches_its_receivers_after_its_sender_leaves(chat_ser
 
 
 def test_closing_a_client_mid_download_leaves_no_file_open_or_behind(chat_server, make_client, tmp_path):
-    alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
-    hold_upload(alice, 10)
-    alice.send_file("bob", random_file(tmp_path, 100_000)[0])
-    download = download_of(bob)
+    alice, bob, download = a_download_under_way(make_client, chat_server, tmp_path)
     bob.close()
     assert download.file.closed and os.listdir(tmp_path / "bob") == []
 
