@@ -67,9 +67,6 @@ MAX_USERNAME = 20
 FILE_VERSION = 1
 MAX_NAME_BYTES = 64  # the name a FIND is answered with: so that the answer stays smaller than the FIND
 COOKIE_PERIOD = 30.0  # seconds; a HELLO cookie stays valid for one to two periods
-# The type byte of a datagram (never scrambled): one only a server sends is never answered,
-# even one we cannot read (another key or version), or two servers could answer each other.
-SERVER_ONLY_BYTES = {bytes([ptype]) for ptype in SERVER_ONLY}
 
 Record = dict  # {"name", "kdf", "iterations", "salt", "hash"}; salt and hash in hex
 
@@ -373,7 +370,9 @@ class Reception:
         self.server.stats["bad"] += 1
         what = f"{peek_type_name(data)}, {len(data)} B"
         self.server.log.problem(f"{describe_address(address)} sent a bad datagram ({what}): {error}")
-        if data[:2] == MAGIC and data[3:4] not in SERVER_ONLY_BYTES:  # a server's ERROR back: never
+        # The type byte is never scrambled: a type only servers send is not answered even when
+        # the rest cannot be read (another key or version), or two servers would answer each other.
+        if data[:2] == MAGIC and len(data) > 3 and data[3] not in SERVER_ONLY:
             answer = encode_packet(Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error))),
                                    self.server.cipher)
             self.send_to_stranger(answer, address, len(data))

@@ -554,6 +554,14 @@ class FileProblem(Exception):
     """A file that cannot be sent or saved; str() says why, in words a user understands."""
 
 
+def naming_the_user(refusal: Refused, user: str) -> Refused:
+    """Return the refusal, naming the user if there is no such user: the server never echoes
+    a name it does not know (it may be anything), but the one who typed it may see it."""
+    if refusal.code == "unknown-user":
+        return Refused(refusal.code, f"No such user: {printable(user)}.")
+    return refusal
+
+
 def safe_file_name(name: str) -> str:
     """Return `name` made safe to save: no folders, drives, devices, controls; not too long.
 
@@ -688,8 +696,8 @@ class FileTransfers:
             if isinstance(fields, list) and fields and fields[0].isdigit():
                 self.cancels.append(int(fields[0]))
             return
-        if isinstance(fields, Refused) and fields.code == "unknown-user":  # the server never echoes a name
-            fields = Refused(fields.code, f"No such user: {printable(transfer.peer)}.")
+        if isinstance(fields, Refused):
+            fields = naming_the_user(fields, transfer.peer)
         if isinstance(fields, Exception) or not fields or not fields[0].isdigit():
             self.end(transfer, "failed", str(fields) if isinstance(fields, Exception) else "refused")
             return
@@ -2108,9 +2116,7 @@ class Conversation:
                 self.client.private(user, part)
                 self.screen.show_own(part, to=user)
         except Refused as refusal:
-            if refusal.code == "unknown-user":
-                raise Refused(refusal.code, f"No such user: {printable(user)}.") from None
-            raise  # "not-online" and others say it in the server's words
+            raise naming_the_user(refusal, user) from None  # "not-online" and others: the server's words
         if len(parts) > 1:
             self.terminal.show(f"sent in {len(parts)} parts")
 
