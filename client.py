@@ -1279,7 +1279,7 @@ class Rejoin:
     def hold(self, ptype: PacketType, fields: tuple, future) -> None:
         """Under the client's lock: keep a request to send once back in, in order; the first
         one kept says so, or a line typed would seem to go nowhere (and be typed again)."""
-        if not self.held and ptype == PacketType.SAY:
+        if ptype == PacketType.SAY and not any(held[0] == PacketType.SAY for held in self.held):
             self.client.protocol.notices.append("[INFO] Not back in yet: what you type waits, and goes once back in.")
         self.held.append((ptype, fields, future))
 
