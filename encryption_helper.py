@@ -236,6 +236,18 @@ PACKET_TYPES = {member.value: member for member in PacketType}  # number -> type
 SERVER_ONLY = {PacketType.OK, PacketType.ERROR, PacketType.EVENT, PacketType.RESET}
 
 
+class Refused(Exception):
+    """A request turned down, as an ERROR packet says it: `code` for programs, `text` for people.
+
+    Both ends use this one class: a server handler raises it and the server answers
+    ERROR [re, code, text]; the client raises it from the ERROR it receives.
+    """
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
 class PacketError(ValueError):
     """A datagram that is not a valid packet; the message says what is wrong with it."""
 
