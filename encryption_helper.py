@@ -13,8 +13,6 @@ so the wire is defined here, once. Its sections, in reading order:
 4. Lab tools - a socket that loses datagrams on purpose; the options both scripts share.
 5. and 6. - this machine's network interfaces; waking a loop asleep in select().
 
-The header, 32 bytes:
-
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
@@ -38,14 +36,10 @@ The header, 32 bytes:
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 
 The payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so
-any text survives the trip - a name or message may hold ":", "|", spaces, newlines or
-emoji, and nothing ever needs escaping. A SAY carrying "hi :)" ends in
-
-    00 05 68 69 20 3a 29      a field of 5 bytes: "hi :)"
-
-Because the checksum covers the payload *before* scrambling, a receiver whose key
-differs from the sender's computes a different CRC and can say so, instead of printing
-garbage. The CRC runs over the payload first and the header after, so a message sent to
+any text survives the trip and nothing needs escaping: a SAY of "hi :)" ends in
+`00 05 68 69 20 3a 29`. The checksum covers the payload *before* scrambling, so a
+receiver whose key differs from the sender's gets another CRC and can say so, instead of
+printing garbage; and it runs over the payload first, the header after, so a message to
 a whole room is checksummed once, not once per member (only the header differs).
 docs/PROTOCOL.md gives every packet type, its fields and its answers.
 """
@@ -84,15 +78,14 @@ class NoCipher:
 class XorCipher:
     """Repeating-key XOR - a TEACHING TOY, broken by one known plaintext.
 
-    Payload byte i is XORed with key byte i mod len(key). XOR is its own inverse, so
-    decrypting is encrypting again.
+    Payload byte i is XORed with key byte i mod len(key); XOR undoes itself. Payload and
+    key stream are XORed as two big integers: one C-level step, not a loop over bytes.
     """
 
     def __init__(self, key: bytes):
         if not key:
             raise ValueError("the xor cipher needs a non-empty key")
-        # The key stream for the largest UDP datagram, made once. The payload and the
-        # stream are XORed as two big integers: one C-level step, not a loop over bytes.
+        # The key stream for the largest UDP datagram, made once.
         self.stream = (key * (65535 // len(key) + 1))[:65535]
 
     def encrypt(self, data: bytes) -> bytes:
@@ -103,10 +96,9 @@ class XorCipher:
 
 
 class CaesarCipher:
-    """Caesar's shift applied to bytes - a TEACHING TOY, broken by trying all 255 shifts.
+    """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts.
 
-    Every byte value b becomes (b + shift) mod 256; decrypting shifts back. A
-    translation table does the whole payload in one C-level call.
+    Byte b becomes (b + shift) mod 256, by a translation table: one C-level call.
     """
 
     def __init__(self, shift: int):
@@ -124,15 +116,14 @@ class CaesarCipher:
 
 CIPHER_NAMES = ("xor", "caesar", "none")
 DEFAULT_CIPHER = "xor"
-# The key both scripts use when none is given, so that they work out of the box. A key
+# The keys both scripts use when none is given, so that they work out of the box. A key
 # known to everyone protects nothing - but neither does a toy cipher.
 DEFAULT_KEYS = {"xor": "II2120", "caesar": "3", "none": ""}
 
 
 def make_cipher(name: str, key: str | None = None):
     """Return the (toy) cipher called `name` with `key` (its default key when None)."""
-    if key is None:
-        key = DEFAULT_KEYS[name]
+    key = DEFAULT_KEYS[name] if key is None else key
     if name == "xor":
         return XorCipher(key.encode("utf-8"))
     if name == "caesar":
@@ -146,8 +137,8 @@ def make_cipher(name: str, key: str | None = None):
 
 # === 2. The packet format =========================================================
 
-# The header's fields, as in the diagram above: magic, version, type, flags, payload
-# length, seq, ack, sack, token, crc. "!" is network byte order.
+# The header of the diagram above: magic, version, type, flags, payload length, seq, ack,
+# sack, token, crc; "!" is network byte order.
 HEADER_FORMAT = "!2sBBHHIII8sI"
 HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
@@ -163,7 +154,7 @@ MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
 # recvfrom() must be given room for the largest UDP datagram: on Windows a smaller buffer
 # raises WinError 10040, on Linux the datagram is silently cut.
 RECV_BUFFER = 65535
-# Message text, in UTF-8 bytes: room is left for the other fields of its EVENT.
+# A message's text, in UTF-8 bytes: room is left for the other fields of its EVENT.
 MAX_TEXT_BYTES = 1000
 # The room every member enters first; its password is the server's --room-password.
 LOBBY = "lobby"
@@ -266,8 +257,7 @@ def prepare_body(payload: bytes, cipher) -> Body:
 
 def encode_packet(packet: Packet, cipher, body: Body | None = None) -> bytes:
     """Return the datagram for `packet`; `body` may carry its payload already prepared."""
-    if body is None:
-        body = prepare_body(packet.payload, cipher)
+    body = body or prepare_body(packet.payload, cipher)
     header = HEADER.pack(MAGIC, VERSION, packet.type, packet.flags, len(body.plain),
                          packet.seq, packet.ack, packet.sack, packet.token, 0)
     # The payload's CRC, continued over the header with its CRC field zero.
@@ -301,8 +291,7 @@ def peek_type_name(data: bytes) -> str:
     """Return the packet type named in a datagram's header, even if the rest is bad."""
     if len(data) < 4 or data[:2] != MAGIC:
         return "?"
-    known = PACKET_TYPES.get(data[3])
-    return known.name if known else f"type {data[3]}"
+    return PACKET_TYPES[data[3]].name if data[3] in PACKET_TYPES else f"type {data[3]}"
 
 
 def describe_datagram(data: bytes) -> str:
@@ -344,9 +333,8 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
 def oversize_text(text: str) -> str:
     """Return why `text` is too long for one message, or "" if it fits (both ends check)."""
     size = len(text.encode("utf-8"))
-    if size <= MAX_TEXT_BYTES:
-        return ""
-    return f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent."
+    limit = MAX_TEXT_BYTES
+    return f"Message too long ({size} bytes, the limit is {limit}); not sent." if size > limit else ""
 
 
 def describe_address(address: Address) -> str:
@@ -359,10 +347,10 @@ def describe_address(address: Address) -> str:
 # of 2.1 MB is about 1,900 chunks). It is scrambled and checksummed like any payload.
 FILE_CHUNK_HEAD = struct.Struct("!QQ")
 CHUNK_SIZE = MAX_PAYLOAD - FILE_CHUNK_HEAD.size
-# The EVENTs about files carry more fields after the text: "file" [..., id, name, size,
-# SHA-256] offers a file to its receiver; "file-done" [..., id] tells the sender that
-# `user` has every byte; "file-declined" [..., id] that `user` cancelled or left;
-# "file-cancelled" [..., id] that the transfer ended for everyone, the text says why.
+# The EVENTs about files carry fields after the text: "file" [..., id, name, size, SHA-256]
+# offers a file; "file-done" [..., id] tells the sender that `user` has every byte;
+# "file-declined" [..., id] that `user` cancelled or left; "file-cancelled" [..., id]
+# that the transfer ended for everyone (the text says why).
 FILE_EVENTS = ("file", "file-done", "file-declined", "file-cancelled")
 MB = 1 << 20
 # Most file systems' limit on one name, and a SHA-256 as a FILE_OFFER carries it.
@@ -381,10 +369,8 @@ def pack_chunk(transfer: int, offset: int, data: bytes) -> bytes:
 def unpack_chunk(payload: bytes) -> tuple[int, int, bytes]:
     """Return (transfer id, offset, data) from a FILE_CHUNK's payload."""
     if len(payload) < FILE_CHUNK_HEAD.size:
-        raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes, "
-                          f"not {len(payload)}")
-    transfer, offset = FILE_CHUNK_HEAD.unpack_from(payload)
-    return transfer, offset, payload[FILE_CHUNK_HEAD.size:]
+        raise PacketError(f"a FILE_CHUNK holds at least 16 bytes, not {len(payload)}")
+    return (*FILE_CHUNK_HEAD.unpack_from(payload), payload[FILE_CHUNK_HEAD.size:])
 
 
 def chunk_length(size: int, offset: int) -> int:
@@ -411,34 +397,29 @@ class RtoEstimator:
     """How long to wait for an acknowledgement before sending again (RFC 6298).
 
     Each round trip measured updates a smoothed average (SRTT) and mean deviation
-    (RTTVAR); the timeout is SRTT + 4 * RTTVAR: long enough that a late answer is rarely
-    taken for a lost one, short enough to recover quickly. Each timeout of a packet
-    multiplies its next wait by BACKOFF, up to CEILING. Karn's rule: a packet sent twice
-    gives no sample (which copy was answered?), so the Channel does not `observe` it.
+    (RTTVAR); the timeout is SRTT + 4 * RTTVAR, long enough that a late answer is rarely
+    taken for a lost one. Each timeout of a packet multiplies its next wait by BACKOFF, up
+    to CEILING. Karn's rule: a packet sent twice gives no sample (which copy was answered?).
     """
 
-    # RFC 6298: the weights of a new sample in SRTT and RTTVAR; the wait before any sample.
     ALPHA, BETA, INITIAL = 1 / 8, 1 / 4, 1.0
-    # RFC 6298 asks for a floor of 1 s, for the Internet of 2000. Here the time a peer may
-    # hold its ACK is added where it applies (`peer_ack_delay`, as QUIC adds max_ack_delay),
-    # so the floor only keeps a timer from racing a LAN round trip (well under 10 ms).
+    # RFC 6298 asks for a floor of 1 s, for the Internet. Here the peer's ACK delay is added
+    # where it applies (`peer_ack_delay`, as QUIC adds max_ack_delay), so the floor only
+    # keeps a timer from racing a LAN round trip (well under 10 ms).
     FLOOR = 0.01
-    # TCP doubles the wait after a timeout; KCP multiplies it by 1.5, which recovers sooner
-    # from random loss. RFC 6298 allows a ceiling of 60 s; on a LAN 2 s is a hundred round
-    # trips, and a chat that waits longer per try feels dead.
+    # TCP doubles the wait; KCP's 1.5 recovers sooner from random loss. RFC 6298 allows a
+    # ceiling of 60 s; on a LAN 2 s is a hundred round trips.
     BACKOFF, CEILING = 1.5, 2.0
     # The least room kept for variation (QUIC's kGranularity); the least gap_timeout.
     GRANULARITY, GAP_FLOOR = 0.001, 0.002
 
     def __init__(self, initial: float = INITIAL, floor: float = FLOOR, ceiling: float = CEILING,
                  peer_ack_delay: float = 0.0):
-        self.floor, self.ceiling = floor, ceiling
-        # How long the peer may hold an ACK back: every wait but gap_timeout allows for it.
-        self.peer_ack_delay = peer_ack_delay
+        self.floor, self.ceiling, self.peer_ack_delay = floor, ceiling, peer_ack_delay
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = min(max(initial, floor), ceiling)
-        # SRTT + 4 RTTVAR: the wait with no room for a delayed ACK.
+        # SRTT + 4 RTTVAR, without the room for the peer's delayed ACK.
         self.round_trip_wait = self.rto
 
     def observe(self, rtt: float) -> None:
@@ -456,27 +437,23 @@ class RtoEstimator:
         return min(self.rto * self.BACKOFF ** min(timeouts, 32), self.ceiling)
 
     def gap_timeout(self, timeouts: int = 0) -> float:
-        """Return the wait for a packet the peer reported missing.
-
-        The peer acknowledges what fills a gap at once, so this wait keeps no room for a
-        delayed ACK: a resend lost again is not left waiting the full timeout.
-        """
+        """Return the wait for a packet the peer reported missing: its ACK is never delayed."""
         wait = max(self.round_trip_wait, self.GAP_FLOOR) * self.BACKOFF ** min(timeouts, 32)
         return min(wait, self.timeout(timeouts))
 
 
 # Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): a client acknowledges every second
-# packet at once, a lone one at most ACK_DELAY seconds later - half the ACKs for a busy
-# server to read - and anything out of order or duplicated at once, because then the
-# sender lacks news. The server acknowledges at once, and its timers allow for the delay.
+# packet at once, a lone one ACK_DELAY seconds later, anything out of order or duplicated
+# at once (then the sender lacks news). The server, with replies to carry its ACKs,
+# acknowledges at once, and its timers allow for the client's delay.
 ACK_EVERY, ACK_DELAY = 2, 0.01
 
 
 def sack_bitmap(cumulative: int, held) -> int:
-    """Return the selective-ack bitmap of the numbers `held` beyond `cumulative` + 1.
+    """Return the bitmap of the numbers `held`: bit i stands for number cumulative + 2 + i.
 
-    Bit i stands for number cumulative + 2 + i (cumulative + 1 is, by definition, the
-    one missing). Numbers beyond the 32 bits are left out: they are acknowledged later.
+    Number cumulative + 1 is, by definition, the one missing; numbers beyond the 32 bits
+    are left out, to be acknowledged later.
     """
     bits = [seq - cumulative - 2 for seq in held]
     return sum(1 << bit for bit in bits if 0 <= bit < 32)
@@ -490,7 +467,7 @@ def acknowledged(seq: int, cumulative: int, bitmap: int) -> bool:
 
 @dataclasses.dataclass(slots=True)
 class InFlight:
-    """A packet of the retransmission queue: its timer and its history."""
+    """A packet of the retransmission queue, with its timer and history."""
 
     ptype: PacketType
     body: Body
@@ -498,8 +475,7 @@ class InFlight:
     deadline: float = 0.0
     sends: int = 0
     timeouts: int = 0
-    # When it was last sent, counted in transmissions, and how many packets sent after it
-    # the peer has confirmed (FAST_RETRANSMIT_AFTER of them: it is lost, not late).
+    # When it was last sent, counted in transmissions; packets sent after it confirmed.
     order: int = 0
     passed: int = 0
 
@@ -507,13 +483,13 @@ class InFlight:
 class Channel:
     """A reliable, ordered channel to one peer over UDP: Selective Repeat, both halves.
 
-    Entry points: `send(type, payload)` queues a packet and returns its number (0: the
-    queue is full); `receive(packet, now)` takes one from the peer and returns what
-    happened to it and the packets now in order; `poll(now)` returns the datagrams to send
-    now; `next_wakeup()` when to poll again. A caller also reads `failed` (the peer is
-    gone), `idle()`, `delivered(seq)`, `waiting`, `acknowledgement()` and `stats`.
-    A session has two: the chat's, and the file stream, whose `flags` (FLAG_FILE_STREAM)
-    it stamps on everything it sends. Stop-and-wait is this class with a window of 1.
+    `send(type, payload)` queues a packet and returns its number (0: the queue is full);
+    `receive(packet, now)` takes one from the peer and returns what happened to it and the
+    packets now in order; `poll(now)` returns the datagrams to send now; `next_wakeup()`
+    when to poll again. Callers also read `failed` (the peer is gone), `idle()`,
+    `delivered(seq)`, `waiting`, `acknowledgement()` and `stats`. A session has two: the
+    chat's, and the file stream, whose `flags` are FLAG_FILE_STREAM. Stop-and-wait is
+    this class with a window of 1.
 
         channel = Channel(make_cipher("none"))
         channel.send(PacketType.SAY, pack_fields("hi"))
@@ -521,11 +497,10 @@ class Channel:
         channel.next_wakeup()                 # when to call poll again, at the latest
     """
 
-    # At most 32 in flight, counted from the oldest unacknowledged: the bitmap can speak
-    # for 32 beyond a gap. Then at most 1000 wait behind them; beyond that send() says no.
+    # In flight at most: the bitmap speaks for 32 beyond a gap. Waiting behind them at most.
     WINDOW, MAX_QUEUE = 32, 1000
-    # A peer that acknowledges none of 20 sends of one packet is gone: at 30% loss each
-    # way one send in two fails, and all of 20 fail once in a million.
+    # No ACK for 20 sends of one packet: the peer is gone. At 30% loss each way one send in
+    # two fails, and all of 20 once in a million.
     MAX_SENDS = 20
     # Overtaken by 2 packets, one is lost, not late (KCP's "fastresend 2"). After a run of
     # timeouts, still probe with two packets at once.
@@ -541,15 +516,14 @@ class Channel:
         self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
         self.rto = rto or RtoEstimator()
         self.ack_delay, self.ack_every = ack_delay, ack_every
-        # Sending: numbers start at 1 on a session; before login a client's go on counting.
-        # The retransmission queue is kept by number, oldest first (dicts keep their order).
+        # Sending. The retransmission queue is kept by number, oldest first, as dicts keep
+        # their order. highest_sacked, the highest number the peer has beyond a gap, tells
+        # random loss from a burst.
         self.next_seq, self.transmissions, self.failed = first_seq, 0, False
         self.in_flight: dict[int, InFlight] = {}
         self.waiting: collections.deque[InFlight] = collections.deque()
-        # Bursts go out at once; a timeout halves it. The highest number the peer reported
-        # holding beyond a gap tells a burst of loss from random loss.
         self.congestion_window, self.highest_sacked = window, 0
-        # Receiving: the next number to deliver; those arrived early; how many arrived
+        # Receiving: the next number to deliver, those arrived early, and how many arrived
         # since our last acknowledgement, which must leave by ack_due.
         self.expected, self.held = 1, {}
         self.unacked, self.ack_due = 0, float("inf")
@@ -572,7 +546,7 @@ class Channel:
         return seq < self._base()
 
     def buffered_bytes(self) -> int:
-        """Return the payload bytes this channel holds: in flight, waiting, or held for a gap."""
+        """Return the payload bytes held here: in flight, waiting, or held for a gap."""
         sending = sum(len(entry.body.plain) for entry in (*self.in_flight.values(), *self.waiting))
         return sending + sum(len(packet.payload) for packet in self.held.values())
 
@@ -581,7 +555,6 @@ class Channel:
         if self.failed:
             return []
         out = [self._transmit(seq, entry, now) for seq, entry in self._expired(now)]
-        # One of them was sent max_sends times unacknowledged: the peer is gone.
         if self.failed:
             return []
         while self._has_room():
@@ -620,9 +593,8 @@ class Channel:
         due = [(seq, entry) for seq, entry in self.in_flight.items() if entry.deadline <= now]
         congested = False
         for seq, entry in due:
-            # A fast retransmit is no timeout: its wait is not backed off. A timeout with no
-            # sign of a gap beyond it means a burst of loss, or a peer that cannot keep up;
-            # one for a packet the peer reported missing means random loss.
+            # A fast retransmit is no timeout: not backed off. A timeout with no gap reported
+            # beyond it is a burst of loss or a peer that cannot keep up: slow down.
             if entry.passed < self.FAST_RETRANSMIT_AFTER:
                 entry.timeouts += 1
                 congested |= seq > self.highest_sacked
@@ -641,7 +613,6 @@ class Channel:
         entry.sends += 1
         self.transmissions += 1
         entry.order, entry.sent_at = self.transmissions, now
-        # Resent, and reported missing by the peer: its ACK will come at once, not delayed.
         missing = entry.sends > 1 and seq < self.highest_sacked
         wait = self.rto.gap_timeout if missing else self.rto.timeout
         entry.deadline = now + wait(entry.timeouts)
@@ -650,7 +621,7 @@ class Channel:
         return encode_packet(packet, self.cipher, entry.body)
 
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
-        """Forget what the peer confirmed, open the congestion window by as many."""
+        """Forget what the peer confirmed, and open the congestion window by as many."""
         done = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
         orders = []
         for seq in done:
@@ -660,16 +631,15 @@ class Channel:
             if entry.sends == 1:
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
-        # A gap at the peer: what it still lacks may have been overtaken.
         if done and bitmap:
             self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
             self._count_overtaking(sorted(orders), now)
 
     def _count_overtaking(self, orders: list[int], now: float) -> None:
-        """Count, for each packet still missing, the confirmed packets sent after it.
+        """Count, for each packet the peer lacks, the confirmed packets sent after it.
 
-        Packets, not acknowledgements, as RFC 6675 counts: one ACK may confirm twenty.
-        Overtaken FAST_RETRANSMIT_AFTER times, a packet goes again at the next poll.
+        Packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty. Overtaken
+        FAST_RETRANSMIT_AFTER times, a packet is sent again at the next poll.
         """
         for entry in self.in_flight.values():
             before = entry.passed
@@ -705,7 +675,8 @@ class Channel:
         self.unacked += 1
         # A gap opened or filled, or enough have come: the peer is told at once.
         gap = len(ready) != 1 or self.held
-        self.ack_due = now if gap or self.unacked >= self.ack_every else min(self.ack_due, now + self.ack_delay)
+        at_once = gap or self.unacked >= self.ack_every
+        self.ack_due = now if at_once else min(self.ack_due, now + self.ack_delay)
         return ("in order" if ready else "held: a gap before it"), ready
 
     def acknowledgement(self) -> tuple[int, int]:
@@ -721,10 +692,9 @@ class LossySocket:
     """A UDP socket that drops each datagram, in or out, with probability `loss`.
 
     With a fixed `seed` the same datagrams are dropped on every run, so a class can watch
-    retransmission recover from loss, and a failing test repeats. Each direction and each
-    `side` ("server", "client") draws from its own generator: a server and a client given
-    one seed must not drop in lockstep (they would lose every reply to a request that got
-    through). Everything else passes through to the real socket.
+    retransmission recover, and a failing test repeats. Each direction and `side` has its
+    own generator: a server and a client given one seed must not drop in lockstep.
+    Everything else passes through to the real socket.
     """
 
     def __init__(self, sock, loss: float, seed: int | None = None, on_drop=None, side=""):
