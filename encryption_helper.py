@@ -257,7 +257,8 @@ def prepare_body(payload: bytes, cipher) -> Body:
 
 def encode_packet(packet: Packet, cipher, body: Body | None = None) -> bytes:
     """Return the datagram for `packet`; `body` may carry its payload already prepared."""
-    body = body or prepare_body(packet.payload, cipher)
+    if body is None:
+        body = prepare_body(packet.payload, cipher)
     header = HEADER.pack(MAGIC, VERSION, packet.type, packet.flags, len(body.plain),
                          packet.seq, packet.ack, packet.sack, packet.token, 0)
     # The payload's CRC, continued over the header with its CRC field zero.
@@ -497,7 +498,7 @@ class Channel:
         channel.next_wakeup()                 # when to call poll again, at the latest
     """
 
-    # In flight at most: the bitmap speaks for 32 beyond a gap. Waiting behind them at most.
+    # At most 32 in flight (the bitmap speaks for 32 beyond a gap), 1000 waiting behind them.
     WINDOW, MAX_QUEUE = 32, 1000
     # No ACK for 20 sends of one packet: the peer is gone. At 30% loss each way one send in
     # two fails, and all of 20 once in a million.
