@@ -370,7 +370,8 @@ def pack_chunk(transfer: int, offset: int, data: bytes) -> bytes:
 def unpack_chunk(payload: bytes) -> tuple[int, int, bytes]:
     """Return (transfer id, offset, data) from a FILE_CHUNK's payload."""
     if len(payload) < FILE_CHUNK_HEAD.size:
-        raise PacketError(f"a FILE_CHUNK holds at least 16 bytes, not {len(payload)}")
+        raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes, "
+                          f"not {len(payload)}")
     return (*FILE_CHUNK_HEAD.unpack_from(payload), payload[FILE_CHUNK_HEAD.size:])
 
 
@@ -624,6 +625,8 @@ class Channel:
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
         """Forget what the peer confirmed, and open the congestion window by as many."""
         done = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
+        if not done:
+            return
         orders = []
         for seq in done:
             entry = self.in_flight.pop(seq)
@@ -632,7 +635,7 @@ class Channel:
             if entry.sends == 1:
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
-        if done and bitmap:
+        if bitmap:
             self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
             self._count_overtaking(sorted(orders), now)
 

@@ -15,9 +15,11 @@ from encryption_helper import PacketType, decode_packet, make_cipher
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "PROTOCOL.md"
 CODE = r'"([a-z]+(?:-[a-z]+)*)"'  # an error code is lower case, words joined by '-'
-# Where the server makes an ERROR: Refusal("code", ...); the ERROR for a reply too long to
-# send; the ERROR (re 0) for a datagram that is not a packet.
-SERVER_PATTERNS = (rf"Refusal\(\s*{CODE}", rf"PacketType\.ERROR, \[\s*{CODE}", rf'pack_fields\("0", {CODE}')
+# Where the server makes an ERROR: Refused("code", ...) or Refusal("code", ...); a table
+# entry ("code", "A sentence"), as a table of limits has them; the ERROR for a reply too
+# long to send; the ERROR (re 0) for a datagram that is not a packet.
+SERVER_PATTERNS = (rf"Refus(?:ed|al)\(\s*{CODE}", rf'{CODE},\s*f?"[A-Z]', rf"PacketType\.ERROR, \[\s*{CODE}",
+                   rf'pack_fields\("0", {CODE}')
 CLIENT_PATTERNS = (rf"Refused\(\s*{CODE}",)
 
 
@@ -35,9 +37,8 @@ def codes_in(filenames, patterns) -> set[str]:
 
 
 def server_codes() -> set[str]:
-    """Every code the server can send: written in its source, or in AbuseControl's table of limits."""
-    limits = {code for _, code, _ in auth.AbuseControl().limits.values()}
-    return codes_in(["server.py", "auth.py"], SERVER_PATTERNS) | limits
+    """Every code the server can send, as its source writes them."""
+    return codes_in(["server.py", "auth.py"], SERVER_PATTERNS)
 
 
 def table_rows(text: str) -> list[list[str]]:
