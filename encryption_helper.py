@@ -114,11 +114,11 @@ class CaesarCipher:
         return data.translate(self.backward)
 
 
-CIPHER_NAMES = ("xor", "caesar", "none")
-DEFAULT_CIPHER = "xor"
 # The keys both scripts use when none is given, so that they work out of the box. A key
 # known to everyone protects nothing - but neither does a toy cipher.
 DEFAULT_KEYS = {"xor": "II2120", "caesar": "3", "none": ""}
+CIPHER_NAMES = tuple(DEFAULT_KEYS)
+DEFAULT_CIPHER = "xor"
 
 
 def make_cipher(name: str, key: str | None = None):
@@ -303,7 +303,8 @@ def describe_datagram(data: bytes) -> str:
     stream = " [file stream]" if flags & FLAG_FILE_STREAM else ""
     sack_text = f" sack={sack:#b}" if sack else ""
     retransmit = " retransmitted" if flags & FLAG_RETRANSMIT else ""
-    return f"{peek_type_name(data)}{stream} seq={seq} ack={ack}{sack_text} {len(data)} B{retransmit}"
+    header = f"{peek_type_name(data)}{stream} seq={seq} ack={ack}{sack_text}"
+    return f"{header} {len(data)} B{retransmit}"
 
 
 def pack_fields(*fields: str) -> bytes:
@@ -334,8 +335,9 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
 def oversize_text(text: str) -> str:
     """Return why `text` is too long for one message, or "" if it fits (both ends check)."""
     size = len(text.encode("utf-8"))
-    limit = MAX_TEXT_BYTES
-    return f"Message too long ({size} bytes, the limit is {limit}); not sent." if size > limit else ""
+    if size <= MAX_TEXT_BYTES:
+        return ""
+    return f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent."
 
 
 def describe_address(address: Address) -> str:
