@@ -123,7 +123,7 @@ DEFAULT_CIPHER = "xor"
 
 def make_cipher(name: str, key: str | None = None):
     """Return the (toy) cipher called `name` with `key` (its default key when None)."""
-    key = DEFAULT_KEYS[name] if key is None else key
+    key = DEFAULT_KEYS.get(name, "") if key is None else key
     if name == "xor":
         return XorCipher(key.encode("utf-8"))
     if name == "caesar":
