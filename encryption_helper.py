@@ -406,10 +406,12 @@ class RtoEstimator:
     to CEILING. Karn's rule: a packet sent twice gives no sample (which copy was answered?).
     """
 
+    # RFC 6298: the weights of a new sample in SRTT and RTTVAR; the wait before any sample.
     ALPHA, BETA, INITIAL = 1 / 8, 1 / 4, 1.0
     # RFC 6298 asks for a floor of 1 s, for the Internet. Here the peer's ACK delay is added
     # where it applies (`peer_ack_delay`, as QUIC adds max_ack_delay), so the floor only
-    # keeps a timer from racing a LAN round trip (well under 10 ms).
+    # keeps a timer from racing a LAN round trip (well under 10 ms). Where the clock is
+    # coarse (Windows ticks every 15.6 ms), timers fire late, never early.
     FLOOR = 0.01
     # TCP doubles the wait; KCP's 1.5 recovers sooner from random loss. RFC 6298 allows a
     # ceiling of 60 s; on a LAN 2 s is a hundred round trips.
