@@ -209,7 +209,8 @@ def test_caesar_known_answer_and_round_trip():
     assert cipher.decrypt(cipher.encrypt(data)) == data
 
 
-@pytest.mark.parametrize("name, key", [("caesar", "0"), ("caesar", "256"), ("caesar", "x"), ("xor", ""), ("rot", "1")])
+@pytest.mark.parametrize("name, key", [("caesar", "0"), ("caesar", "256"), ("caesar", "x"), ("xor", ""), ("rot", "1"),
+                                       ("rot", None)])
 def test_bad_cipher_settings_are_refused(name, key):
     with pytest.raises(ValueError):
         make_cipher(name, key)
