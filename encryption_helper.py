@@ -450,7 +450,7 @@ class RtoEstimator:
 
 # Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): a client acknowledges every second
 # packet at once, a lone one ACK_DELAY seconds later, anything out of order or duplicated
-# at once (then the sender lacks news). The server, with replies to carry its ACKs,
+# at once (the sender must hear of a gap). The server, with replies to carry its ACKs,
 # acknowledges at once, and its timers allow for the client's delay.
 ACK_EVERY, ACK_DELAY = 2, 0.01
 
