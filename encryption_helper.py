@@ -320,7 +320,8 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
         if offset + FIELD_LENGTH.size > len(payload):
             raise PacketError("payload ends inside a field's length")
         (length,) = FIELD_LENGTH.unpack_from(payload, offset)
-        start, offset = offset + FIELD_LENGTH.size, offset + FIELD_LENGTH.size + length
+        start = offset + FIELD_LENGTH.size
+        offset = start + length
         if offset > len(payload):
             raise PacketError(f"field of {length} bytes runs past the end of the payload")
         fields.append(payload[start:offset])
@@ -374,7 +375,8 @@ def unpack_chunk(payload: bytes) -> tuple[int, int, bytes]:
     if len(payload) < FILE_CHUNK_HEAD.size:
         raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes, "
                           f"not {len(payload)}")
-    return (*FILE_CHUNK_HEAD.unpack_from(payload), payload[FILE_CHUNK_HEAD.size:])
+    transfer, offset = FILE_CHUNK_HEAD.unpack_from(payload)
+    return transfer, offset, payload[FILE_CHUNK_HEAD.size:]
 
 
 def chunk_length(size: int, offset: int) -> int:
