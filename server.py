@@ -10,18 +10,16 @@ How it is built, in the spirit of the standard library's socketserver:
 * One loop owns the one UDP socket (`ServerLoop`). UDP has no connections and needs no
   listen() or accept(): every datagram arrives on the same socket, tagged with its
   sender's (ip, port). No thread per datagram, no two readers of one socket.
-* The protocol - parse, decide, answer - is `ChatServer`, which never touches a socket:
-  it is handed datagrams and the time, and puts the datagrams to send in `outbox`, so
-  tests and the notebook drive it without a network. One table maps each packet type to
-  its handler; one method, `answer`, answers every request.
+* The protocol is `ChatServer`, which never touches a socket: it is handed datagrams and
+  the time, and puts what to send in `outbox`, so tests and the notebook drive it without
+  a network. One table, HANDLERS, names the function that handles each packet type.
 * Before login a client is in the handshake: HELLO earns a cookie that proves its
-  address, then REGISTER or LOGIN. A logged-in member has a session: a token and a
-  reliable `Channel` (encryption_helper.py) each way, so requests, answers and EVENTs
-  arrive once and in order; a second channel, the file stream, carries file chunks.
-* Small helpers with narrow interfaces: `TokenBucket` (flood control), `PasswordWorker`
-  (the thread that runs the slow password hash, so that a flood of logins never stalls
-  the chat), `HistoryFile` (chat_history.txt), `FileRelay` (uploads stored, then relayed
-  to each receiver). Only the loop's thread changes any state.
+  address, then REGISTER or LOGIN. A logged-in member has a session: a token, and a
+  reliable `Channel` (encryption_helper.py) each way, so that requests, answers and
+  EVENTs arrive once and in order; a second channel, the file stream, carries files.
+* Helpers with narrow interfaces: `TokenBucket` (flood control), `PasswordWorker` (a
+  thread for the slow password hash, so a flood of logins never stalls the chat),
+  `HistoryFile` (chat_history.txt), `FileRelay` (files stored, then relayed).
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
@@ -31,19 +29,16 @@ A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
 The life of a SAY, from recvfrom to sendto:
 
-    ServerLoop.receive_all      recvfrom_into() reads the datagram
-    ChatServer.handle_datagram  decode_packet(): checksum, header, unscrambled payload
-    .handle_member_packet       the token matches the address's session; Channel.receive()
-                                puts it in order and queues it in the session's backlog
-    .serve_backlog              TokenBucket.take(): within the member's rate, or it waits
-    .respond -> .handle_say     HistoryFile.append(), then .publish(): .tell() each other
-                                member of the room an EVENT chat, with Channel.send()
-    .answer                     OK [re, "to lobby, 1 other"] on the sender's channel
-    .flush                      Channel.poll() turns what each channel has into datagrams
-    ServerLoop.send_all         sendto() each datagram in `outbox`
-
-The packet format and the channel are defined once, in encryption_helper.py; accounts at
-rest in auth.py. docs/PROTOCOL.md describes every datagram.
+    ServerLoop.receive_all       recvfrom_into() reads the datagram
+    ChatServer.handle_datagram   decode_packet() checks it and unscrambles the payload
+    .handle_member_packet        the token matches the session; Channel.receive() puts it
+                                 in order, into the session's backlog
+    .serve_backlog               TokenBucket.take(): within the member's rate, or it waits
+    .respond -> handle_say       HistoryFile.append(); publish() -> ChatServer.tell(): an
+                                 EVENT chat on each other member's Channel
+    .answer                      OK [re, "to lobby, 1 other"] on the sender's Channel
+    .flush                       Channel.poll() turns what each channel has into datagrams
+    ServerLoop.send_all          sendto() each datagram of `outbox`
 """
 
 import argparse
@@ -101,7 +96,6 @@ from encryption_helper import (
     oversize_text,
     pack_chunk,
     pack_fields,
-    peek_type_name,
     port_number,
     unpack_chunk,
     unpack_fields,
@@ -110,67 +104,47 @@ from encryption_helper import (
 
 # === Configuration, and every limit ==========================================================
 
-HISTORY_FILE = "chat_history.txt"
-USERS_FILE = "users.json"
-ROOMS_FILE = "rooms.json"
+HISTORY_FILE, USERS_FILE, ROOMS_FILE = "chat_history.txt", "users.json", "rooms.json"
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_data")
-
 # Past messages a member is shown on joining a room: a screenful.
 HISTORY_ON_JOIN = 20
-# Flood control, as IRC servers do it: a short paragraph pasted at once (20 lines) goes
-# through, then 5 messages a second. Messages beyond wait their turn; nothing is refused...
-MESSAGE_BURST = 20
-MESSAGE_RATE = 5.0
-# ...until 100 requests of one member wait: then a real flood is refused ("slow-down").
-MAX_BACKLOG = 100
-# 5 failed logins of one account (or wrong room passwords of one account on one PC)
-# within 60 s lock it for the rest of the minute: a guesser tries 5 passwords a minute.
-LOGIN_FAILURES = 5
-FAILURE_PERIOD = 60.0
+# Flood control, as IRC servers do it: a short paragraph pasted at once goes through, then
+# 5 messages a second; those beyond wait their turn, until 100 wait: then "slow-down".
+MESSAGE_BURST, MESSAGE_RATE, MAX_BACKLOG = 20, 5.0, 100
+# 5 wrong passwords of an account (or room passwords of an account on a PC) within 60 s
+# lock it for the rest of the minute: a guesser gets 5 tries a minute.
+LOGIN_FAILURES, FAILURE_PERIOD = 5, 60.0
 # A class registering at once is fine; a script making thousands of accounts is not.
 REGISTRATIONS_PER_ADDRESS = 20
-# Password checks waiting for the worker, in all: each costs a quarter of a second, so a
-# flood of logins is told "busy" instead of queueing minutes of hashing.
+# Password checks waiting for the worker: each costs a quarter of a second, so a flood of
+# logins is told "busy" rather than queued for minutes.
 MAX_PENDING_CHECKS = 16
-# A lab of 40 PCs with room to spare; then "Server full".
-MAX_SESSIONS = 500
-# Rooms, the lobby included. When all are taken, the room quiet longest that nobody is in
-# is forgotten to make room for a new one.
-MAX_ROOMS = 50
-# FIND answers, for the whole server: a class of forty searching at once is answered,
-# then 10 a second, so a flood of searches costs a few answers, never the chat.
-FIND_BURST = 50
-FIND_RATE = 10.0
-# The server name a FIND is answered with: short enough that the answer stays smaller
-# than the padded FIND it answers.
+# A lab of 40 PCs with room to spare; 50 rooms, the lobby included (when all are taken,
+# the empty room quiet longest is forgotten to make room for a new one).
+MAX_SESSIONS, MAX_ROOMS = 500, 50
+# FIND answers for the whole server: a class of forty searching at once, then 10 a second.
+FIND_BURST, FIND_RATE = 50, 10.0
+# The name FIND answers with: short enough that the answer stays smaller than the FIND.
 MAX_NAME_BYTES = 64
-# A HELLO cookie is valid for the 30-second period it was made in and the next one.
+# A cookie is good in the 30-second period it was made in and the next one.
 COOKIE_PERIOD = 30.0
-# Answers to REGISTER and LOGIN kept for retries; the oldest go first, so a flood of
-# requests cannot grow the table.
+# Answers to REGISTER and LOGIN kept for retries, the oldest forgotten first.
 RETRY_CACHE_SIZE = 4096
-# Files: a member sends at most 3 at once; 20 at once on the whole server (with the
-# default 20 MB limit, at most 400 MB of disk); an upload idle for 60 s is cancelled.
-DEFAULT_MAX_FILE_MB = 20
-MAX_FILES_PER_MEMBER = 3
-MAX_TRANSFERS = 20
-UPLOAD_IDLE_LIMIT = 60.0
-# The loop: it never sleeps longer than MAX_WAIT (on Windows, Ctrl+C waits for select()
-# to return), and looks for finished password checks every CHECK_POLL while one runs.
-MAX_WAIT = 0.5
-CHECK_POLL = 0.01
+# Files: 3 at once per member, 20 on the server (at 20 MB, 400 MB of disk); an upload
+# idle for 60 s is cancelled, so that offers never sent cannot hold places for ever.
+DEFAULT_MAX_FILE_MB, MAX_FILES_PER_MEMBER, MAX_TRANSFERS, UPLOAD_IDLE_LIMIT = 20, 3, 20, 60.0
+# The loop never sleeps longer than MAX_WAIT (on Windows, Ctrl+C waits for select() to
+# return), and looks for finished password checks every CHECK_POLL while one runs.
+MAX_WAIT, CHECK_POLL = 0.5, 0.01
 # The kernel's queue for our socket (asked for, not promised), and datagrams read per
 # turn of the loop, so that timers still run during a flood.
-RECEIVE_BUFFER_BYTES = 4 << 20
-RECEIVE_BATCH = 256
-# Seconds between sweeps for silent sessions and idle uploads.
-HOUSEKEEPING_EVERY = 1.0
-# Seconds a stopping server waits for its members to acknowledge EVENT stop.
-STOP_GRACE = 2.0
-# Lines a second about bad packets: a flood of junk must not flood the log too.
-PROBLEMS_PER_SECOND = 20
-# Characters of a message shown in the log: a 3,000-character paste is cut short there.
-LOGGED_TEXT = 60
+RECEIVE_BUFFER_BYTES, RECEIVE_BATCH = 4 << 20, 256
+# Seconds between sweeps for silent sessions and idle uploads; seconds a stopping server
+# waits for its members to acknowledge EVENT stop.
+HOUSEKEEPING_EVERY, STOP_GRACE = 1.0, 2.0
+# Log lines a second about bad packets, so a flood of junk does not flood the log; and
+# the characters of a message the log shows (a 3,000-character paste is cut there).
+PROBLEMS_PER_SECOND, LOGGED_TEXT = 20, 60
 
 
 @dataclasses.dataclass
@@ -184,14 +158,14 @@ class ServerConfig:
     # The lobby's password (seed 001's example).
     room_password: str = "juara"
     cipher: str = DEFAULT_CIPHER
-    # None: the cipher's default key, the same as the client's.
+    # None: the cipher's default key, as the client's.
     key: str | None = None
     quiet: bool = False
     verbose: bool = False
-    # Drop this share of datagrams in and out, to watch recovery; seed: the same ones each run.
+    # Drop this share of datagrams in and out, to watch recovery (seed: the same ones).
     loss: float = 0.0
     seed: int | None = None
-    # A client sends a heartbeat after 5 s of quiet; six missed in a row means it is gone.
+    # A client sends a heartbeat after 5 s of quiet: six missed in a row, it is gone.
     session_timeout: float = 30.0
     # Tests lower it: they need no slow hash.
     kdf_iterations: int = auth.DEFAULT_ITERATIONS
@@ -210,18 +184,16 @@ class Session:
     token: bytes
     address: Address
     name: str
-    # The two reliable channels to its client: the chat's, and the file stream.
+    # The reliable channels to its client: the chat's, and the file stream.
     channel: Channel
     file_stream: Channel
     bucket: "TokenBucket"
     last_heard: float
-    # Lower-case name of its room, a key of ChatServer.rooms; None before a JOIN.
+    # Its room's key in ChatServer.rooms (the lower-case name); None before a JOIN.
     room: str | None = None
-    # Requests delivered in order and not yet handled (flood control, a password check).
+    # Requests in order, not handled yet: held by flood control or a password check.
     backlog: collections.deque = dataclasses.field(default_factory=collections.deque)
-    # When flood control lets the next held request go.
     wake_at: float = float("inf")
-    # A password check for its JOIN is running: its later requests wait behind it.
     checking: bool = False
     # Its channel's queue was full: it cannot keep up, and its session ends.
     behind: bool = False
@@ -238,14 +210,10 @@ class Room:
     history: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=HISTORY_ON_JOIN))
 
-    @property
-    def made(self) -> float:
-        """Return when the room was made (0: the lobby, or a rooms.json older than v4)."""
-        return self.record.get("created", 0.0) if self.record else 0.0
-
     def quiet_since(self) -> float:
         """Return when something was last said in the room, or when it was made."""
-        return max(self.made, self.history[-1][0] if self.history else 0.0)
+        made = self.record.get("created", 0.0) if self.record else 0.0
+        return max(made, self.history[-1][0] if self.history else 0.0)
 
 
 @dataclasses.dataclass(eq=False)
@@ -257,15 +225,14 @@ class Request:
     # Bytes received: a sender that has not proven its address never gets more back.
     size: int
     now: float
-    # None: a client in the handshake (HELLO, REGISTER, LOGIN, FIND).
+    # None: a client without a session (HELLO, REGISTER, LOGIN, FIND).
     session: Session | None = None
-    # The sender showed it is really at its address (a good cookie, or its token).
+    # Proven: the sender is really at its address (a good cookie, or its token).
     proven: bool = False
-    # The user a REGISTER or LOGIN names; the LOGIN's "rejoin"; the new session's token.
     user: str = ""
     rejoin: bool = False
     reply_token: bytes = NO_TOKEN
-    # What the log line of the answer shows besides it (a SAY's words, cut short).
+    # What the answer's log line shows besides it (a SAY's words, cut short).
     note: str = ""
 
 
@@ -273,8 +240,8 @@ class Request:
 STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 # Requests that flood control counts: each tells others something.
 FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE, PacketType.FILE_OFFER}
-# Plumbing, logged only with --verbose: heartbeats (40 students: 8 a second), the cookie
-# each login asks for first, searches, and questions that change nothing.
+# Logged only with --verbose: heartbeats (40 students: 8 a second), the cookie each login
+# asks for first, searches, and questions that change nothing.
 QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND, PacketType.ROOMS,
                PacketType.WHO}
 # The retry cache's mark for a request whose password check is still running.
@@ -285,42 +252,26 @@ PENDING = b""
 
 
 class ChatServer:
-    """The chat protocol: datagrams and the time in, datagrams to send out; no socket, no thread.
+    """The chat protocol: datagrams and the time in, datagrams to send out.
 
-    Entry points: `handle_datagram(data, address, now)`; `finish_password_job(job, now)`
-    when the worker has checked a password; `on_timers(now)` by `next_deadline()`;
-    `announce_stop(now)`, then `stop_heard()`; `close()`. Outputs: `outbox`, the
-    (datagram, address) pairs to send, and `password_jobs`, the checks to run.
+    It opens no socket and starts no thread. Entry points: `handle_datagram(data,
+    address, now)`; `finish_password_job(job, now)` once the worker checked a password;
+    `on_timers(now)` at `next_deadline()`; `announce_stop(now)` then `stop_heard()`.
+    Outputs: `outbox`, (datagram, address) pairs to send; `password_jobs`, checks to run.
     """
-
-    # One handler per packet type: each takes a Request and returns the OK's fields, None
-    # (no answer now: a password check runs, or nothing is answered), or raises Refused.
-    HANDLERS = {
-        PacketType.HELLO: "handle_hello", PacketType.REGISTER: "handle_register",
-        PacketType.LOGIN: "handle_login", PacketType.JOIN: "handle_join",
-        PacketType.SAY: "handle_say", PacketType.PRIVATE: "handle_private",
-        PacketType.ROOMS: "handle_rooms", PacketType.WHO: "handle_who",
-        PacketType.PING: "handle_ping", PacketType.BYE: "handle_bye",
-        PacketType.ACK: "refuse_numbered_ack", PacketType.FIND: "handle_find",
-        PacketType.FILE_OFFER: "handle_offer", PacketType.FILE_CHUNK: "refuse_chunk",
-        PacketType.FILE_CANCEL: "handle_cancel", PacketType.OK: "refuse_server_only",
-        PacketType.ERROR: "refuse_server_only", PacketType.EVENT: "refuse_server_only",
-        PacketType.RESET: "refuse_server_only",
-    }
 
     def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
         self.config, self.wall_clock = config, wall_clock
         self.cipher = make_cipher(config.cipher, config.key)
         self.log = ServerLog(log, config.quiet, config.verbose)
         os.makedirs(config.data_dir, exist_ok=True)
-        in_data_dir = functools.partial(os.path.join, config.data_dir)
-        self.users = auth.UserStore(in_data_dir(USERS_FILE), config.kdf_iterations)
-        self.room_store = auth.UserStore(in_data_dir(ROOMS_FILE), kind="rooms")
-        self.rooms = load_rooms(self.room_store, HistoryFile.read(in_data_dir(HISTORY_FILE),
-                                                                  self.log.problem))
-        self.history = HistoryFile(in_data_dir(HISTORY_FILE))
-        self.files = FileRelay(in_data_dir("transfers"), config.max_file_mb, self.notify, self.log)
-        # Shared state, changed only by the loop's thread: sessions by address and by name.
+        path = functools.partial(os.path.join, config.data_dir)
+        self.users = auth.UserStore(path(USERS_FILE), config.kdf_iterations)
+        self.room_store = auth.UserStore(path(ROOMS_FILE), kind="rooms")
+        self.rooms = load_rooms(self.room_store, HistoryFile.read(path(HISTORY_FILE), self.log.problem))
+        self.history = HistoryFile(path(HISTORY_FILE))
+        self.files = FileRelay(path("transfers"), config.max_file_mb, self.notify, self.log)
+        # Sessions by address, and the same by lower-case user name.
         self.sessions: dict[Address, Session] = {}
         self.online: dict[str, Session] = {}
         self.cookie_secret = secrets.token_bytes(16)
@@ -331,12 +282,12 @@ class ChatServer:
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
         self.find_bucket = TokenBucket(FIND_RATE, FIND_BURST, 0.0)
         self.name, self.port = config.name or host_name(), config.port
-        self.handlers = {ptype: getattr(self, name) for ptype, name in self.HANDLERS.items()}
         self.outbox: list[tuple[bytes, Address]] = []
         self.password_jobs: list[PasswordJob] = []
         self.pending_checks, self.stopping, self.next_housekeeping = 0, False, 0.0
         self.stats: collections.Counter = collections.Counter()
-        # Sessions just ended, sent their last packet once; the member a request is from.
+        # Sessions ended since the last flush; the member whose request is being answered,
+        # and the EVENTs for it that wait for the answer.
         self.ended: list[Session] = []
         self.replying_to, self.after_reply = None, []
 
@@ -349,27 +300,26 @@ class ChatServer:
         try:
             packet = decode_packet(data, self.cipher)
         except PacketError as error:
-            self.refuse_datagram(data, address, error)
-            return
+            return self.refuse_datagram(data, address, error)
         request = Request(packet, address, len(data), now)
-        if packet.type in STRANGER_TYPES and packet.token == NO_TOKEN:
-            # A stopping server opens no sessions: the client tries the restarted one.
-            if not self.stopping:
-                self.handle_stranger(request)
-        else:
+        if packet.type not in STRANGER_TYPES or packet.token != NO_TOKEN:
             self.handle_member_packet(request)
+        # A stopping server opens no sessions: the client tries the restarted one.
+        elif not self.stopping:
+            self.handle_stranger(request)
         self.flush(now)
 
     def finish_password_job(self, job: "PasswordJob", now: float) -> None:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, session = job.request, job.request.session
         request.now, self.pending_checks = now, self.pending_checks - 1
+        self.registering.discard(request.user.lower())
         # Not for a session ended meanwhile, nor after EVENT stop: the client asks again.
         current = session is None or (self.sessions.get(session.address) is session
                                       and not self.stopping)
         try:
             if current:
-                self.respond(request, self.finish_check, job)
+                self.respond(request, finish_check, self, job)
         finally:
             # Even if a bug raised: the member's next requests must not wait for ever.
             if session:
@@ -379,7 +329,7 @@ class ChatServer:
         self.flush(now)
 
     def on_timers(self, now: float) -> None:
-        """Serve requests flood control held, end silent sessions, resend what is due."""
+        """Serve requests flood control held, end silent sessions, send what is due."""
         for session in list(self.sessions.values()):
             if session.wake_at <= now:
                 session.wake_at = float("inf")
@@ -397,8 +347,7 @@ class ChatServer:
         """Return when on_timers next has work: a channel's timer, a held request, a sweep."""
         times = [self.next_housekeeping]
         for session in self.sessions.values():
-            times += [session.wake_at, session.channel.next_wakeup(),
-                      session.file_stream.next_wakeup()]
+            times += [session.wake_at, session.channel.next_wakeup(), session.file_stream.next_wakeup()]
         return min(times)
 
     def announce_stop(self, now: float) -> None:
@@ -421,7 +370,7 @@ class ChatServer:
     # --- Dispatch ---
 
     def handle_stranger(self, request: Request) -> None:
-        """HELLO, REGISTER, LOGIN, FIND: answered without a session; a retry, as before."""
+        """HELLO, REGISTER, LOGIN, FIND without a session; a retry gets the first answer."""
         remembered = self.replies.get(retry_key(request))
         if remembered == PENDING:
             self.log.verbose(request, "still checking the password (the client asked again)")
@@ -429,19 +378,17 @@ class ChatServer:
             self.log.verbose(request, "answered again (the client did not hear the first answer)")
             self.send(remembered, request.address)
         else:
-            self.respond(request, self.handlers[request.packet.type], request)
+            self.respond(request, HANDLERS[request.packet.type], self, request)
 
     def handle_member_packet(self, request: Request) -> None:
         """A packet on a member's channel: acknowledgements first, then requests in order."""
         packet, address = request.packet, request.address
         session = self.sessions.get(address)
         if session is None or not hmac.compare_digest(session.token, packet.token):
-            self.refuse_unknown_session(request, session)
-            return
+            return self.refuse_unknown_session(request, session)
         session.last_heard = request.now
         if packet.flags & FLAG_FILE_STREAM:
-            self.files.receive(session, packet, request.now)
-            return
+            return self.files.receive(session, packet, request.now)
         for delivered in session.channel.receive(packet, request.now)[1]:
             # An unnumbered ACK; or too late: the client sends it again after the restart.
             if not delivered.seq or self.stopping:
@@ -451,26 +398,23 @@ class ChatServer:
             if len(session.backlog) < MAX_BACKLOG + (delivered.type == PacketType.BYE):
                 session.backlog.append(held)
             else:
-                self.answer(held, Refused("slow-down", "Slow down: too many messages at once; "
-                                                       "not sent."))
+                self.answer(held, Refused("slow-down", "Slow down: too many messages; not sent."))
         self.serve_backlog(session, request.now)
 
     def serve_backlog(self, session: Session, now: float) -> None:
         """Handle the member's requests in order; flood control may hold the rest for later."""
-        while (session.backlog and not session.checking
-               and self.sessions.get(session.address) is session):
+        while session.backlog and not session.checking and self.sessions.get(session.address) is session:
             request = session.backlog[0]
-            if request.packet.type in FLOOD_CONTROLLED:
-                wait = session.bucket.take(now)
-                if wait:
-                    session.wake_at = now + wait
-                    return
+            wait = request.packet.type in FLOOD_CONTROLLED and session.bucket.take(now)
+            if wait:
+                session.wake_at = now + wait
+                return
             session.backlog.popleft()
             request.now = now
-            self.respond(request, self.handlers[request.packet.type], request)
+            self.respond(request, HANDLERS[request.packet.type], self, request)
 
     def respond(self, request: Request, handler, *args) -> None:
-        """Run a handler and answer; EVENTs it sends the requester follow the answer."""
+        """Run a handler and answer; EVENTs it makes for the requester follow the answer."""
         self.replying_to = request.session
         try:
             result = handler(*args)
@@ -488,10 +432,10 @@ class ChatServer:
     # --- Answering: the one place ---
 
     def answer(self, request: Request, result) -> None:
-        """Answer with OK [re, *result] or, for a Refused, ERROR [re, code, text]; None: no answer.
+        """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer.
 
-        A member's answer goes on its channel; a stranger's straight to its address, kept
-        for retries once the stranger proved its address.
+        A member's answer goes on its channel; a stranger's straight to its address, and
+        is kept for retries once the stranger has proven its address.
         """
         if result is None:
             return
@@ -499,18 +443,16 @@ class ChatServer:
             ptype, fields = PacketType.ERROR, [result.code, result.text]
         else:
             ptype, fields = PacketType.OK, list(result)
-        payload = pack_fields(str(request.packet.seq), *fields)
         # Never expected; but an answer must never crash the server.
-        if len(payload) > MAX_PAYLOAD:
+        if len(pack_fields(str(request.packet.seq), *fields)) > MAX_PAYLOAD:
             ptype, fields = PacketType.ERROR, ["too-long", "Answer too long."]
-            payload = pack_fields(str(request.packet.seq), *fields)
+        payload = pack_fields(str(request.packet.seq), *fields)
         self.log.answer(request, ptype, fields)
         if request.session is not None:
-            if not request.session.channel.send(ptype, payload):
-                request.session.behind = True
+            request.session.behind |= not request.session.channel.send(ptype, payload)
             return
-        reply = Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload)
-        data = encode_packet(reply, self.cipher)
+        data = encode_packet(Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload),
+                             self.cipher)
         if request.proven:
             self.remember(request, data)
         self.send_to_stranger(data, request.address, request.size, request.proven)
@@ -541,8 +483,7 @@ class ChatServer:
     def refuse_datagram(self, data: bytes, address: Address, error: PacketError) -> None:
         """Log a datagram that is no packet; answer if it looks like ours (a wrong key?)."""
         self.stats["bad"] += 1
-        what = f"{peek_type_name(data)}, {len(data)} B"
-        self.log.problem(f"{describe_address(address)} sent a bad datagram ({what}): {error}")
+        self.log.problem(f"{describe_address(address)} sent a bad datagram ({len(data)} B): {error}")
         # The type byte is never scrambled: a type only servers send is not answered even
         # unreadable (another key), or two servers would answer each other for ever.
         if data[:2] == MAGIC and len(data) > 3 and data[3] not in SERVER_ONLY:
@@ -552,340 +493,20 @@ class ChatServer:
     def refuse_unknown_session(self, request: Request, session: Session | None) -> None:
         """A member's packet with no session behind it: RESET, if nobody is at that address."""
         self.stats["no-session"] += 1
-        packet, address = request.packet, request.address
-        # The last ACK of a client that said BYE, say: nothing to answer.
-        if packet.type == PacketType.ACK:
-            return
-        # Maybe another server answering what we sent: a RESET back would be answered too.
-        if packet.type in SERVER_ONLY:
-            self.refuse_server_only(request)
-            return
-        sender = f"{describe_address(address)} sent {packet.type.name}"
+        packet, sender = request.packet, f"{describe_address(request.address)} sent {request.packet.type.name}"
+        # The last ACK of a client that said BYE, say; or another server answering what
+        # we sent (a RESET back would be answered too, for ever): nothing to answer.
+        if packet.type == PacketType.ACK or packet.type in SERVER_ONLY:
+            return refuse_server_only(self, request) if packet.type in SERVER_ONLY else None
         if session is not None:
-            self.log.problem(f"{sender} with a wrong session token; dropped")
-            return
+            return self.log.problem(f"{sender} with a wrong session token; dropped")
         self.log.problem(f"{sender} but has no session; told to log in")
         # A bare header, never larger than the packet; it echoes the token, so a client
         # believes it only if that token was its own.
-        self.send(encode_packet(Packet(PacketType.RESET, 0, packet.seq, 0, packet.token),
-                                self.cipher), address)
+        reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
+        self.send(encode_packet(reset, self.cipher), request.address)
 
-    # --- The handshake: HELLO, REGISTER, LOGIN ---
-
-    def handle_hello(self, request: Request) -> list[str] | None:
-        """HELLO -> OK [cookie]: only a client really at its address sees it (as in DTLS)."""
-        if request.session is None and request.size < MIN_HELLO_SIZE:
-            self.log.problem(f"{describe_address(request.address)} sent an unpadded HELLO "
-                             f"({request.size} B); dropped")
-            return None
-        return [self.make_cookie(request.address, int(request.now // COOKIE_PERIOD))]
-
-    def make_cookie(self, address: Address, period: int) -> str:
-        """Return the HMAC of the address and the period: nothing to store per client."""
-        message = f"{address[0]}|{address[1]}|{period}".encode()
-        return hmac.new(self.cookie_secret, message, "sha256").hexdigest()[:32]
-
-    def check_credentials(self, request: Request) -> tuple[str, str]:
-        """Return (username, password) of a REGISTER or LOGIN whose cookie is good."""
-        fields = unpack_fields(request.packet.payload)
-        if len(fields) < 3 or fields[3:] not in ([], ["rejoin"]):
-            raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', "
-                              f"got {len(fields)} fields")
-        cookie, request.user, password = fields[:3]
-        request.rejoin = fields[3:] == ["rejoin"]
-        period = int(request.now // COOKIE_PERIOD)
-        # Bytes: compare_digest refuses text that is not ASCII.
-        given = cookie.encode("utf-8")
-        if not any(hmac.compare_digest(given, self.make_cookie(request.address, p).encode())
-                   for p in (period, period - 1)):
-            raise Refused("stale-cookie", "Say HELLO again.")
-        request.proven = True
-        return request.user, password
-
-    def handle_register(self, request: Request) -> None:
-        name, password = self.check_credentials(request)
-        if not auth.valid_username(name):
-            raise Refused("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-        if not password:
-            raise Refused("bad-password", "The password must not be empty.")
-        if self.users.exists(name) or name.lower() in self.registering:
-            raise Refused("taken", "Username already taken.")
-        wait = self.registrations.locked_for(request.address[0], request.now)
-        if wait:
-            raise Refused("slow-down", f"Too many registrations from your address; "
-                                       f"try again in {wait:.0f} s.")
-        self.start_check(PasswordJob(request, name, password, None, self.users.iterations))
-        self.registrations.add(request.address[0], request.now)
-        self.registering.add(name.lower())
-
-    def handle_login(self, request: Request) -> None:
-        if request.session is not None:
-            raise Refused("already-logged-in", "This client is logged in already; log out first.")
-        name, password = self.check_credentials(request)
-        # Checked before hashing: a locked account costs the guesser, not the server.
-        wait = self.failed_logins.locked_for(name.lower(), request.now)
-        if wait:
-            raise Refused("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
-        record = self.users.get(name) or auth.dummy_record(self.users.iterations)
-        self.start_check(PasswordJob(request, name, password, record))
-
-    def start_check(self, job: "PasswordJob") -> None:
-        """Queue a slow password check for the worker; what comes after its request waits."""
-        if self.pending_checks >= MAX_PENDING_CHECKS:
-            raise Refused("busy", "Server busy; try again in a moment.")
-        self.pending_checks += 1
-        if job.request.session:
-            job.request.session.checking = True
-        else:
-            self.remember(job.request, PENDING)
-        self.password_jobs.append(job)
-
-    def finish_check(self, job: "PasswordJob") -> list[str] | None:
-        """Finish the REGISTER, LOGIN or JOIN a password check was for."""
-        if job.error:
-            self.log.problem(f"checking {job.name!r}'s password failed: {job.error}")
-            self.registering.discard(job.name.lower())
-            raise Refused("server-error", "The server could not check that; try again.")
-        finish = {PacketType.REGISTER: self.finish_register, PacketType.LOGIN: self.finish_login,
-                  PacketType.JOIN: self.finish_join}
-        return finish[job.request.packet.type](job)
-
-    def finish_register(self, job: "PasswordJob") -> list[str]:
-        self.registering.discard(job.name.lower())
-        try:
-            # On disk before we say so: a confirmed registration survives a crash.
-            if not self.users.add(job.result):
-                raise Refused("taken", "Username already taken.")
-        except OSError as error:
-            self.log.problem(f"could not save {USERS_FILE}: {error}")
-            raise Refused("server-error", "The server could not save your account; "
-                                          "try again.") from None
-        return ["Registration successful."]
-
-    def finish_login(self, job: "PasswordJob") -> list[str]:
-        """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
-        request = job.request
-        if not (job.result and job.record["name"]):
-            self.failed_logins.add(job.name.lower(), request.now)
-            raise Refused("invalid-login", "Invalid username or password.")
-        # As registered, whatever the case typed.
-        name = job.record["name"]
-        here, elsewhere = self.sessions.get(request.address), self.online.get(name.lower())
-        if self.stopping:
-            raise Refused("stopping", "The server is stopping; try again in a moment.")
-        if here and here.name.lower() != name.lower():
-            raise Refused("already-logged-in", "This client is logged in already; log out first.")
-        if elsewhere and elsewhere is not here:
-            # A client coming back by itself never pushes a newer one out.
-            if request.rejoin:
-                raise Refused("logged-in-elsewhere", f"{name} logged in elsewhere.")
-            self.end_session(elsewhere, "logged in elsewhere", request.now, tell="replaced")
-        # A replay of the LOGIN of a session in use: it stands, and is welcomed again.
-        if here and here.channel.expected > 1 and not request.rejoin:
-            return self.welcome(request, here)
-        # The same login again, never used (its welcome was lost): start afresh.
-        if here:
-            self.end_session(here, "", request.now)
-        if len(self.sessions) >= MAX_SESSIONS:
-            raise Refused("full", "Server full; try again later.")
-        return self.welcome(request, self.open_session(name, request.address, request.now))
-
-    def welcome(self, request: Request, session: Session) -> list[str]:
-        """The LOGIN's OK: [name, room, text], with the session's token in the header."""
-        request.reply_token = session.token
-        return [session.name, LOBBY, f"Welcome, {session.name}."]
-
-    # --- Rooms and messages ---
-
-    def handle_join(self, request: Request) -> list[str] | None:
-        session = request.session
-        name, password = unpack_fields(request.packet.payload, 2)
-        if not auth.valid_username(name):
-            raise Refused("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
-        room = self.rooms.get(name.lower())
-        if room and session.room == name.lower():
-            return [room.name, str(len(room.members)), f"You are in {room.name} already."]
-        self.check_room_lock(request)
-        if room is None:
-            self.make_room_for_one()
-            return self.start_check(PasswordJob(request, name, password, None,
-                                                self.users.iterations))
-        # The lobby's password is the one on the command line; a room's is hashed, so slow.
-        if room.record is None:
-            matches = hmac.compare_digest(password.encode(), self.config.room_password.encode())
-            return self.enter_room(request, room, matches)
-        return self.start_check(PasswordJob(request, name, password, room.record))
-
-    def finish_join(self, job: "PasswordJob") -> list[str]:
-        """The password check of a JOIN came back: enter the room, or make it."""
-        request, room = job.request, self.rooms.get(job.name.lower())
-        if job.record is not None and room is not None and room.record is job.record:
-            return self.enter_room(request, room, job.result)
-        if room is not None:
-            raise Refused("taken", f"{room.name} was made a moment ago; /join it with its password.")
-        self.make_room_for_one()
-        record = {**job.result, "created": int(self.wall_clock())}
-        try:
-            self.room_store.add(record)
-        except OSError as error:
-            self.log.problem(f"could not save {ROOMS_FILE}: {error}")
-            raise Refused("server-error", "The server could not save the room; try again.") from None
-        room = self.rooms[job.name.lower()] = Room(job.name, record)
-        return self.enter_room(request, room, True, " (new room)")
-
-    def check_room_lock(self, request: Request) -> None:
-        """Refuse a JOIN from an account on a PC that guessed wrong room passwords 5 times."""
-        wait = self.wrong_room_passwords.locked_for(room_guesser(request), request.now)
-        if wait:
-            raise Refused("locked", f"Too many wrong room passwords; try again in {wait:.0f} s.")
-
-    def enter_room(self, request: Request, room: Room, password_ok: bool, made="") -> list[str]:
-        """Leave the member's room for `room`: the joiner sees its past, the others hear."""
-        session = request.session
-        if not password_ok:
-            self.wrong_room_passwords.add(room_guesser(request), request.now)
-            # The last guess allowed says so at once.
-            self.check_room_lock(request)
-            raise Refused("wrong-room-password", "Wrong room password.")
-        if session.room:
-            self.leave_room(session, f"went to {room.name}")
-        others = list(room.members.values())
-        room.members[session.name.lower()] = session
-        session.room = room.name.lower()
-        for when, user, text in room.history:
-            self.tell(session, self.event("history", room.name, user, text, when=when))
-        for other in others:
-            self.tell(other, self.event("join", room.name, session.name, ""))
-        count = len(room.members)
-        return [room.name, str(count), f"joined {room.name}{made}, {count} here"]
-
-    def make_room_for_one(self) -> None:
-        """Before a room is made: at MAX_ROOMS, forget the empty one quiet longest."""
-        if len(self.rooms) < MAX_ROOMS:
-            return
-        empty = [room for key, room in self.rooms.items() if key != LOBBY and not room.members]
-        if not empty:
-            raise Refused("full", "Server full: no more rooms can be made.")
-        quietest = min(empty, key=Room.quiet_since)
-        try:
-            self.room_store.remove(quietest.name)
-        except OSError:
-            raise Refused("server-error", f"The server could not save {ROOMS_FILE}; "
-                                          "try again.") from None
-        del self.rooms[quietest.name.lower()]
-
-    def handle_say(self, request: Request) -> list[str]:
-        session = request.session
-        (text,) = unpack_fields(request.packet.payload, 1)
-        room = self.room_of(session)
-        check_text(text)
-        when = self.wall_clock()
-        try:
-            # On file before anyone hears it.
-            self.history.append(when, room.name, session.name, text)
-        except OSError as error:
-            self.log.problem(f"could not write {HISTORY_FILE}: {error}")
-            raise Refused("server-error", "The server could not save your message; "
-                                          "not sent.") from None
-        room.history.append((when, session.name, text))
-        # The assignment: the server prints every message it relays (once, cut short).
-        request.note = f"[{room.name}] {shorten(text)!r}"
-        self.publish(room, "chat", session.name, text, exclude=session)
-        others = len(room.members) - 1
-        return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
-
-    def handle_private(self, request: Request) -> list[str]:
-        target_name, text = unpack_fields(request.packet.payload, 2)
-        # A room's password is the way into the chat: private messages too.
-        self.room_of(request.session)
-        target = self.find_member(target_name)
-        check_text(text)
-        self.tell(target, self.event("private", "", request.session.name, text))
-        return [f"private to {target.name}"]
-
-    def handle_rooms(self, request: Request) -> list[str]:
-        """ROOMS -> OK [room, count, room, count...]: every room, empty ones with their 0."""
-        unpack_fields(request.packet.payload, 0)
-        pairs = [[room.name, str(len(room.members))] for room in self.rooms.values()]
-        return fit_fields([field for pair in pairs for field in pair], step=2)
-
-    def handle_who(self, request: Request) -> list[str]:
-        unpack_fields(request.packet.payload, 0)
-        room = self.room_of(request.session)
-        return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
-
-    def handle_ping(self, request: Request) -> list[str]:
-        """PING -> OK []: a heartbeat, "still here"; hearing it is all that counts."""
-        unpack_fields(request.packet.payload, 0)
-        return []
-
-    def handle_bye(self, request: Request) -> list[str]:
-        unpack_fields(request.packet.payload, 0)
-        self.end_session(request.session, "", request.now)
-        return ["goodbye"]
-
-    def handle_find(self, request: Request) -> list[str] | None:
-        """FIND -> OK [name, port, members online]; unpadded, or over the rate: dropped."""
-        if request.size < MIN_FIND_SIZE:
-            return self.drop_find(request, f"unpadded ({request.size} B)")
-        # The padding, and nothing else.
-        unpack_fields(request.packet.payload, 1)
-        if self.find_bucket.take(request.now):
-            return self.drop_find(request, "over the server's rate of answers")
-        return [self.name, str(self.port), str(len(self.online))]
-
-    def drop_find(self, request: Request, why: str) -> None:
-        self.stats["finds dropped"] += 1
-        self.log.problem(f"{describe_address(request.address)} sent a FIND, {why}; dropped")
-
-    def refuse_numbered_ack(self, request: Request) -> None:
-        raise Refused("bad-request", "An ACK carries no sequence number.")
-
-    def refuse_chunk(self, request: Request) -> None:
-        raise Refused("bad-request", "A FILE_CHUNK goes on the file stream (FLAG_FILE_STREAM).")
-
-    def refuse_server_only(self, request: Request) -> None:
-        """OK, ERROR, EVENT or RESET sent to a server: never answered (two servers could loop)."""
-        self.stats["bad"] += 1
-        self.log.problem(f"{describe_address(request.address)} sent {request.packet.type.name}, "
-                         "which only servers send; dropped")
-
-    # --- Files: the offer and the cancel; FileRelay does the rest ---
-
-    def handle_offer(self, request: Request) -> list[str]:
-        """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file."""
-        session = request.session
-        to, name, size, sha = unpack_fields(request.packet.payload, 4)
-        upload = self.files.open(session, name, size, sha, self.receivers_for(session, to),
-                                 request.now)
-        text = f"{session.name} is sending {name} ({describe_size(upload.size)})"
-        for member in list(upload.receivers):
-            room = self.rooms[member.room].name if member.room else ""
-            seq = self.tell(member, self.event("file", room, session.name, text, upload.id,
-                                               name, upload.size, sha))
-            self.files.offered(upload, member, seq)
-        return [str(upload.id)]
-
-    def receivers_for(self, session: Session, to: str) -> list[Session]:
-        """Return who gets a file: the user named, or everyone else in the sender's room."""
-        room = self.room_of(session)
-        if to:
-            member = self.find_member(to)
-            if member is session:
-                raise Refused("to-self", "That is you; send it to someone else.")
-            return [member]
-        others = [member for member in room.members.values() if member is not session]
-        if not others:
-            raise Refused("nobody", "Nobody else is in the room to share it with.")
-        return others
-
-    def handle_cancel(self, request: Request) -> list[str]:
-        """FILE_CANCEL [id]: the sender's ends the transfer for all; a receiver's, for itself."""
-        (number,) = unpack_fields(request.packet.payload, 1)
-        self.files.cancel_by(request.session, int(number) if whole_number(number) else 0)
-        return ["cancelled"]
-
-    # --- Telling members, and sessions ---
+    # --- Sessions, and telling their members ---
 
     def event(self, kind: str, room: str, user: str, text: str, *more, when=None) -> bytes:
         """Return an EVENT's payload [kind, unix time, room, user, text, *more]."""
@@ -901,8 +522,7 @@ class ChatServer:
             self.after_reply.append((session, body))
             return 0
         seq = session.channel.send(PacketType.EVENT, body)
-        if not seq:
-            session.behind = True
+        session.behind |= not seq
         return seq
 
     def publish(self, room: Room, kind: str, user: str, text: str, exclude=None) -> None:
@@ -913,33 +533,16 @@ class ChatServer:
                 self.tell(member, body)
 
     def notify(self, session: Session, kind: str, user: str, text: str, number: int) -> None:
-        """Tell a member about a transfer (FileRelay's way to speak), if still logged in."""
+        """Tell a member about a transfer (FileRelay's one way to speak), if still here."""
         if self.sessions.get(session.address) is session:
             self.tell(session, self.event(kind, "", user, text, number))
-
-    def room_of(self, session: Session) -> Room:
-        """Return the member's room; refuse if it is in none."""
-        if session.room is None:
-            raise Refused("not-in-room", "Join a room first: /join ROOM")
-        return self.rooms[session.room]
-
-    def find_member(self, name: str) -> Session:
-        """Return the session of the user named; refuse if no such user, or not online."""
-        if name.lower() in self.online:
-            return self.online[name.lower()]
-        if self.users.exists(name):
-            raise Refused("not-online", f"{name} is not online.")
-        # The name may be anything: never echoed.
-        raise Refused("unknown-user", "No such user.")
 
     def open_session(self, name: str, address: Address, now: float) -> Session:
         """Start a session: a random token, and its two channels (clients delay their ACKs)."""
         token = secrets.token_bytes(8)
-        chat = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY))
-        files = Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY),
-                        flags=FLAG_FILE_STREAM)
-        bucket = TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now)
-        session = Session(token, address, name, chat, files, bucket, now)
+        chat, files = (Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY),
+                               flags=flags) for flags in (0, FLAG_FILE_STREAM))
+        session = Session(token, address, name, chat, files, TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now), now)
         self.sessions[address] = self.online[name.lower()] = session
         return session
 
@@ -957,72 +560,389 @@ class ChatServer:
         session.backlog.clear()
         self.files.drop(session)
         if session.room:
-            self.leave_room(session, reason)
+            leave_room(self, session, reason)
         self.ended.append(session)
         # After a BYE, the answer's own log line says goodbye.
         if reason:
             self.log.action(session.address, session.name, "END", f"session ended: {reason}")
 
-    def leave_room(self, session: Session, reason: str) -> None:
-        room = self.rooms[session.room]
-        del room.members[session.name.lower()]
-        session.room = None
-        self.publish(room, "leave", session.name, reason)
-
     def flush(self, now: float) -> None:
         """Turn what every channel has into datagrams; end sessions that cannot keep up."""
         for session in list(self.sessions.values()):
-            self.files.fill(session, now)
-            self.poll(session, now)
+            self.files.fill(session)
             failed = session.channel.failed or session.file_stream.failed
             if failed or session.behind:
                 reason = "not responding" if failed else "too slow"
-                self.log.problem(f"{session.name} at {describe_address(session.address)}: "
-                                 f"{reason}; session ended")
+                self.log.problem(f"{session.name} at {describe_address(session.address)}: {reason}")
                 self.end_session(session, reason, now)
-        # Ended sessions send their last packet once; those who heard they left, now.
-        while self.ended:
-            self.poll(self.ended.pop(), now)
-        for session in self.sessions.values():
-            self.poll(session, now)
-
-    def poll(self, session: Session, now: float) -> None:
-        """Send what the member's two channels have now, the chat's first."""
-        for stream in (session.channel, session.file_stream):
-            for data in stream.poll(now):
-                self.send(data, session.address)
+        # Ended sessions send their last packet once, then are forgotten.
+        for session in [*self.ended, *self.sessions.values()]:
+            for stream in (session.channel, session.file_stream):
+                for data in stream.poll(now):
+                    self.send(data, session.address)
+        self.ended.clear()
 
 
-# === Small helpers of the protocol ===========================================================
+# === The handlers: one function per packet type ==============================================
+# Each takes the ChatServer and a Request, and returns the OK's fields; None, when there is
+# no answer now (a password check runs; or nothing is answered); or raises Refused.
 
 
-def load_rooms(store: auth.UserStore, messages) -> dict[str, Room]:
-    """Return the rooms by lower-case name, the lobby first, each with its last messages.
+def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
+    """HELLO -> OK [cookie]: only a client really at its address sees it (as in DTLS)."""
+    if request.session is None and request.size < MIN_HELLO_SIZE:
+        return chat.log.problem(f"{describe_address(request.address)} sent an unpadded HELLO "
+                                f"({request.size} B); dropped")
+    return [make_cookie(chat, request.address, int(request.now // COOKIE_PERIOD))]
 
-    `messages` are (unix time, room, user, text) from chat_history.txt. A room forgotten
-    when the server was full leaves its lines there: one made later with its name starts
-    without them.
+
+def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
+    """Return an HMAC of the address and the period: nothing to store per client."""
+    message = f"{address[0]}|{address[1]}|{period}".encode()
+    return hmac.new(chat.cookie_secret, message, "sha256").hexdigest()[:32]
+
+
+def check_credentials(chat: ChatServer, request: Request) -> str:
+    """Return the password of a REGISTER or LOGIN whose cookie is good; note its user."""
+    fields = unpack_fields(request.packet.payload)
+    if len(fields) < 3 or fields[3:] not in ([], ["rejoin"]):
+        raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', got {len(fields)} fields")
+    cookie, request.user, password = fields[:3]
+    request.rejoin = fields[3:] == ["rejoin"]
+    period = int(request.now // COOKIE_PERIOD)
+    # As bytes: compare_digest refuses text that is not ASCII.
+    if not any(hmac.compare_digest(cookie.encode(), make_cookie(chat, request.address, p).encode())
+               for p in (period, period - 1)):
+        raise Refused("stale-cookie", "Say HELLO again.")
+    request.proven = True
+    return password
+
+
+def handle_register(chat: ChatServer, request: Request) -> None:
+    password, name = check_credentials(chat, request), request.user
+    if not auth.valid_username(name):
+        raise Refused("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+    if not password:
+        raise Refused("bad-password", "The password must not be empty.")
+    if chat.users.exists(name) or name.lower() in chat.registering:
+        raise Refused("taken", "Username already taken.")
+    wait = chat.registrations.locked_for(request.address[0], request.now)
+    if wait:
+        raise Refused("slow-down", f"Too many registrations from your address; try again in {wait:.0f} s.")
+    start_check(chat, request, finish_register, auth.new_record, name, password, chat.users.iterations)
+    chat.registrations.add(request.address[0], request.now)
+    chat.registering.add(name.lower())
+
+
+def finish_register(chat: ChatServer, job: "PasswordJob") -> list[str]:
+    try:
+        # On disk before we say so: a confirmed registration survives a crash.
+        if not chat.users.add(job.result):
+            raise Refused("taken", "Username already taken.")
+    except OSError as error:
+        chat.log.problem(f"could not save {USERS_FILE}: {error}")
+        raise Refused("server-error", "The server could not save your account; try again.") from None
+    return ["Registration successful."]
+
+
+def handle_login(chat: ChatServer, request: Request) -> None:
+    if request.session is not None:
+        raise Refused("already-logged-in", "This client is logged in already; log out first.")
+    password, name = check_credentials(chat, request), request.user
+    # Checked before hashing: a locked account costs the guesser, not the server.
+    wait = chat.failed_logins.locked_for(name.lower(), request.now)
+    if wait:
+        raise Refused("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
+    # An unknown name is checked against a dummy record: its answer takes as long.
+    record = chat.users.get(name) or auth.dummy_record(chat.users.iterations)
+    start_check(chat, request, finish_login, auth.check_password, password, record, record=record)
+
+
+def finish_login(chat: ChatServer, job: "PasswordJob") -> list[str]:
+    """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
+    request = job.request
+    if not (job.result and job.record["name"]):
+        chat.failed_logins.add(request.user.lower(), request.now)
+        raise Refused("invalid-login", "Invalid username or password.")
+    # As registered, whatever the case typed.
+    name = job.record["name"]
+    here, elsewhere = chat.sessions.get(request.address), chat.online.get(name.lower())
+    if chat.stopping:
+        raise Refused("stopping", "The server is stopping; try again in a moment.")
+    if here and here.name.lower() != name.lower():
+        raise Refused("already-logged-in", "This client is logged in already; log out first.")
+    if elsewhere and elsewhere is not here:
+        # A client coming back by itself never pushes a newer one out.
+        if request.rejoin:
+            raise Refused("logged-in-elsewhere", f"{name} logged in elsewhere.")
+        chat.end_session(elsewhere, "logged in elsewhere", request.now, tell="replaced")
+    # The same LOGIN again: a replay, if the session is in use (it stands); else its
+    # welcome was lost, and it starts afresh.
+    if not (here and here.channel.expected > 1 and not request.rejoin):
+        if here:
+            chat.end_session(here, "", request.now)
+        if len(chat.sessions) >= MAX_SESSIONS:
+            raise Refused("full", "Server full; try again later.")
+        here = chat.open_session(name, request.address, request.now)
+    # The session's token goes in the answer's header.
+    request.reply_token = here.token
+    return [here.name, LOBBY, f"Welcome, {here.name}."]
+
+
+def start_check(chat: ChatServer, request: Request, then, work, *args, record=None) -> None:
+    """Queue `work(*args)`, a slow hash, for the worker; `then` answers when it is done.
+
+    Until then a member's next requests wait, and a stranger's retries get no answer.
     """
-    rooms = {LOBBY: Room(LOBBY, None)}
-    for key, record in store.records.items():
-        if key != LOBBY:
-            rooms[key] = Room(record["name"], record)
-    for when, name, user, text in messages:
-        room = rooms.get(name.lower())
-        if room and when >= room.made:
-            room.history.append((when, user, text))
-    return rooms
+    if chat.pending_checks >= MAX_PENDING_CHECKS:
+        raise Refused("busy", "Server busy; try again in a moment.")
+    chat.pending_checks += 1
+    if request.session:
+        request.session.checking = True
+    else:
+        chat.remember(request, PENDING)
+    chat.password_jobs.append(PasswordJob(request, functools.partial(work, *args), then, record))
 
 
-def retry_key(request: Request) -> tuple:
-    """Who asked what: a retry has the same address, number and bytes as the first try."""
-    packet = request.packet
-    return request.address, packet.seq, hash((packet.type, packet.payload))
+def finish_check(chat: ChatServer, job: "PasswordJob") -> list[str] | None:
+    """Finish the REGISTER, LOGIN or JOIN a password check was for."""
+    if job.error:
+        chat.log.problem(f"a password check for {describe_address(job.request.address)} failed: {job.error}")
+        raise Refused("server-error", "The server could not check that; try again.")
+    return job.then(chat, job)
+
+
+def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
+    name, password = unpack_fields(request.packet.payload, 2)
+    if not auth.valid_username(name):
+        raise Refused("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
+    room = chat.rooms.get(name.lower())
+    if room and request.session.room == name.lower():
+        return [room.name, str(len(room.members)), f"You are in {room.name} already."]
+    check_room_lock(chat, request)
+    request.user = name
+    if room is None:
+        make_room_for_one(chat)
+        return start_check(chat, request, finish_join, auth.new_record, name, password, chat.users.iterations)
+    # The lobby's password is the one on the command line; a room's is hashed, so slow.
+    if room.record is None:
+        return enter_room(chat, request, room, hmac.compare_digest(password.encode(),
+                                                                   chat.config.room_password.encode()))
+    return start_check(chat, request, finish_join, auth.check_password, password, room.record,
+                       record=room.record)
+
+
+def finish_join(chat: ChatServer, job: "PasswordJob") -> list[str]:
+    """The password check of a JOIN came back: enter the room, or make it."""
+    request, room = job.request, chat.rooms.get(job.request.user.lower())
+    if job.record is not None and room is not None and room.record is job.record:
+        return enter_room(chat, request, room, job.result)
+    if room is not None:
+        raise Refused("taken", f"{room.name} was made a moment ago; /join it with its password.")
+    make_room_for_one(chat)
+    record = {**job.result, "created": int(chat.wall_clock())}
+    try:
+        chat.room_store.add(record)
+    except OSError as error:
+        chat.log.problem(f"could not save {ROOMS_FILE}: {error}")
+        raise Refused("server-error", "The server could not save the room; try again.") from None
+    room = chat.rooms[record["name"].lower()] = Room(record["name"], record)
+    return enter_room(chat, request, room, True, " (new room)")
+
+
+def check_room_lock(chat: ChatServer, request: Request) -> None:
+    """Refuse a JOIN of an account, on its PC, that guessed 5 wrong room passwords."""
+    wait = chat.wrong_room_passwords.locked_for(room_guesser(request), request.now)
+    if wait:
+        raise Refused("locked", f"Too many wrong room passwords; try again in {wait:.0f} s.")
+
+
+def enter_room(chat: ChatServer, request: Request, room: Room, password_ok, made="") -> list[str]:
+    """Move the member to `room`: it is shown the room's past, the others hear of it."""
+    session = request.session
+    if not password_ok:
+        chat.wrong_room_passwords.add(room_guesser(request), request.now)
+        # The last guess allowed says so at once.
+        check_room_lock(chat, request)
+        raise Refused("wrong-room-password", "Wrong room password.")
+    if session.room:
+        leave_room(chat, session, f"went to {room.name}")
+    chat.publish(room, "join", session.name, "")
+    room.members[session.name.lower()] = session
+    session.room = room.name.lower()
+    for when, user, text in room.history:
+        chat.tell(session, chat.event("history", room.name, user, text, when=when))
+    return [room.name, str(len(room.members)), f"joined {room.name}{made}, {len(room.members)} here"]
+
+
+def leave_room(chat: ChatServer, session: Session, reason: str) -> None:
+    room = chat.rooms[session.room]
+    del room.members[session.name.lower()]
+    session.room = None
+    chat.publish(room, "leave", session.name, reason)
+
+
+def make_room_for_one(chat: ChatServer) -> None:
+    """Before a room is made: at MAX_ROOMS, forget the empty one quiet longest."""
+    if len(chat.rooms) < MAX_ROOMS:
+        return
+    empty = [room for key, room in chat.rooms.items() if key != LOBBY and not room.members]
+    if not empty:
+        raise Refused("full", "Server full: no more rooms can be made.")
+    quietest = min(empty, key=Room.quiet_since)
+    try:
+        chat.room_store.remove(quietest.name)
+    except OSError:
+        raise Refused("server-error", f"The server could not save {ROOMS_FILE}; try again.") from None
+    del chat.rooms[quietest.name.lower()]
+
+
+def handle_say(chat: ChatServer, request: Request) -> list[str]:
+    session, (text,) = request.session, unpack_fields(request.packet.payload, 1)
+    room = room_of(chat, session)
+    check_text(text)
+    when = chat.wall_clock()
+    try:
+        # On file before anyone hears it.
+        chat.history.append(when, room.name, session.name, text)
+    except OSError as error:
+        chat.log.problem(f"could not write {HISTORY_FILE}: {error}")
+        raise Refused("server-error", "The server could not save your message; not sent.") from None
+    room.history.append((when, session.name, text))
+    # The assignment: the server prints every message it relays (once, cut short).
+    request.note = f"[{room.name}] {shorten(text)!r}"
+    chat.publish(room, "chat", session.name, text, exclude=session)
+    others = len(room.members) - 1
+    return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
+
+
+def handle_private(chat: ChatServer, request: Request) -> list[str]:
+    target_name, text = unpack_fields(request.packet.payload, 2)
+    # A room's password is the way into the chat: private messages too.
+    room_of(chat, request.session)
+    target = find_member(chat, target_name)
+    check_text(text)
+    chat.tell(target, chat.event("private", "", request.session.name, text))
+    return [f"private to {target.name}"]
+
+
+def handle_rooms(chat: ChatServer, request: Request) -> list[str]:
+    """ROOMS -> OK [room, count, room, count...]: every room, empty ones with their 0."""
+    unpack_fields(request.packet.payload, 0)
+    pairs = [[room.name, str(len(room.members))] for room in chat.rooms.values()]
+    return fit_fields([field for pair in pairs for field in pair], step=2)
+
+
+def handle_who(chat: ChatServer, request: Request) -> list[str]:
+    unpack_fields(request.packet.payload, 0)
+    room = room_of(chat, request.session)
+    return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
+
+
+def handle_ping(chat: ChatServer, request: Request) -> list[str]:
+    """PING -> OK []: a heartbeat, "still here"; that it came is all that counts."""
+    unpack_fields(request.packet.payload, 0)
+    return []
+
+
+def handle_bye(chat: ChatServer, request: Request) -> list[str]:
+    unpack_fields(request.packet.payload, 0)
+    chat.end_session(request.session, "", request.now)
+    return ["goodbye"]
+
+
+def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
+    """FIND -> OK [name, port, members online]; unpadded, or over the rate: dropped."""
+    if request.size >= MIN_FIND_SIZE:
+        # The padding, and nothing else.
+        unpack_fields(request.packet.payload, 1)
+        if not chat.find_bucket.take(request.now):
+            return [chat.name, str(chat.port), str(len(chat.online))]
+    chat.stats["finds dropped"] += 1
+    why = "over the server's rate of answers" if request.size >= MIN_FIND_SIZE else f"unpadded ({request.size} B)"
+    chat.log.problem(f"{describe_address(request.address)} sent a FIND, {why}; dropped")
+
+
+def handle_offer(chat: ChatServer, request: Request) -> list[str]:
+    """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file."""
+    session = request.session
+    to, name, size, sha = unpack_fields(request.packet.payload, 4)
+    room = room_of(chat, session)
+    if to:
+        receivers = [find_member(chat, to)]
+        if receivers[0] is session:
+            raise Refused("to-self", "That is you; send it to someone else.")
+    else:
+        receivers = [member for member in room.members.values() if member is not session]
+        if not receivers:
+            raise Refused("nobody", "Nobody else is in the room to share it with.")
+    upload = chat.files.open(session, name, size, sha, receivers, request.now)
+    text = f"{session.name} is sending {name} ({describe_size(upload.size)})"
+    for member in receivers:
+        where = chat.rooms[member.room].name if member.room else ""
+        event = chat.event("file", where, session.name, text, upload.id, name, upload.size, sha)
+        chat.files.offered(upload, member, chat.tell(member, event))
+    return [str(upload.id)]
+
+
+def handle_cancel(chat: ChatServer, request: Request) -> list[str]:
+    """FILE_CANCEL [id]: the sender's ends the transfer for all; a receiver's, for itself."""
+    (number,) = unpack_fields(request.packet.payload, 1)
+    chat.files.cancel_by(request.session, int(number) if whole_number(number) else 0)
+    return ["cancelled"]
+
+
+def refuse_numbered_ack(chat: ChatServer, request: Request) -> None:
+    raise Refused("bad-request", "An ACK carries no sequence number.")
+
+
+def refuse_chunk(chat: ChatServer, request: Request) -> None:
+    raise Refused("bad-request", "A FILE_CHUNK goes on the file stream (FLAG_FILE_STREAM).")
+
+
+def refuse_server_only(chat: ChatServer, request: Request) -> None:
+    """OK, ERROR, EVENT or RESET sent to a server: never answered (two servers could loop)."""
+    chat.stats["bad"] += 1
+    chat.log.problem(f"{describe_address(request.address)} sent {request.packet.type.name}, "
+                     "which only servers send; dropped")
+
+
+HANDLERS = {
+    PacketType.HELLO: handle_hello, PacketType.REGISTER: handle_register,
+    PacketType.LOGIN: handle_login, PacketType.JOIN: handle_join, PacketType.SAY: handle_say,
+    PacketType.PRIVATE: handle_private, PacketType.ROOMS: handle_rooms,
+    PacketType.WHO: handle_who, PacketType.PING: handle_ping, PacketType.BYE: handle_bye,
+    PacketType.ACK: refuse_numbered_ack, PacketType.FIND: handle_find,
+    PacketType.FILE_OFFER: handle_offer, PacketType.FILE_CHUNK: refuse_chunk,
+    PacketType.FILE_CANCEL: handle_cancel, PacketType.OK: refuse_server_only,
+    PacketType.ERROR: refuse_server_only, PacketType.EVENT: refuse_server_only,
+    PacketType.RESET: refuse_server_only,
+}
+
+
+# --- What the handlers share ---
+
+
+def room_of(chat: ChatServer, session: Session) -> Room:
+    """Return the member's room; refuse if it is in none."""
+    if session.room is None:
+        raise Refused("not-in-room", "Join a room first: /join ROOM")
+    return chat.rooms[session.room]
+
+
+def find_member(chat: ChatServer, name: str) -> Session:
+    """Return the session of the user named; refuse if no such user, or not online."""
+    if name.lower() in chat.online:
+        return chat.online[name.lower()]
+    if chat.users.exists(name):
+        raise Refused("not-online", f"{name} is not online.")
+    # The name may be anything: never echoed.
+    raise Refused("unknown-user", "No such user.")
 
 
 def room_guesser(request: Request) -> tuple[str, str]:
-    """Who wrong room passwords are counted for: the account on its PC (a new login starts
-    no new count; other accounts on that PC are not locked out with it)."""
+    """Who wrong room passwords count for: the account on its PC (a new login starts no
+    new count; other accounts on that PC are not locked out with it)."""
     return request.address[0], request.session.name.lower()
 
 
@@ -1037,24 +957,43 @@ def check_text(text: str) -> None:
 def fit_fields(fields: list[str], step: int = 1) -> list[str]:
     """Return as many whole groups of `step` fields as fit in one answer, then '+N'."""
     # Room for the request number, the '+N' and their length prefixes.
-    budget = MAX_PAYLOAD - 64
     for end in range(0, len(fields) + 1, step):
-        if len(pack_fields(*fields[:end])) > budget:
-            end -= step
-            return fields[:end] + [f"+{(len(fields) - end) // step}"]
+        if len(pack_fields(*fields[:end])) > MAX_PAYLOAD - 64:
+            return fields[:end - step] + [f"+{(len(fields) - end + step) // step}"]
     return fields
 
 
+def retry_key(request: Request) -> tuple:
+    """Who asked what: a retry has the same address, number and bytes as the first try."""
+    return request.address, request.packet.seq, hash((request.packet.type, request.packet.payload))
+
+
+def load_rooms(store: auth.UserStore, messages) -> dict[str, Room]:
+    """Return the rooms by lower-case name, the lobby first, each with its last messages.
+
+    A room forgotten when the server was full leaves its lines in chat_history.txt: one
+    made later with that name starts without them.
+    """
+    rooms = {LOBBY: Room(LOBBY, None)}
+    rooms.update((key, Room(record["name"], record)) for key, record in store.records.items() if key != LOBBY)
+    for when, name, user, text in messages:
+        room = rooms.get(name.lower())
+        if room and when >= (room.record or {}).get("created", 0):
+            room.history.append((when, user, text))
+    return rooms
+
+
 def shorten(text: str) -> str:
-    """Return `text` cut to LOGGED_TEXT characters, for the log."""
-    return text if len(text) <= LOGGED_TEXT else text[:LOGGED_TEXT] + f"... ({len(text)} chars)"
+    return text if len(text) <= LOGGED_TEXT else f"{text[:LOGGED_TEXT]}... ({len(text)} characters)"
 
 
 def host_name() -> str:
-    """Return this PC's host name, cut to MAX_NAME_BYTES: the name FIND answers with."""
+    """Return this PC's host name, cut to MAX_NAME_BYTES (never half a character)."""
     name = socket.gethostname() or "chat server"
-    # Cut as bytes, never half a character.
     return str(name.encode("utf-8")[:MAX_NAME_BYTES], "utf-8", "ignore")
+
+
+# === Helpers =================================================================================
 
 
 class ServerLog:
@@ -1066,24 +1005,19 @@ class ServerLog:
 
     def action(self, address: Address, user: str, what: str, outcome: str, size=None) -> None:
         # A stranger's name may hold anything: quoted, and short.
-        if not auth.valid_username(user or "-"):
-            user = repr(user[:20])
+        user = user if auth.valid_username(user or "-") else repr(user[:20])
         if not self.quiet:
             size = "" if size is None else f" {size} B"
-            self.emit(f"{time.strftime('%H:%M:%S')} {describe_address(address)} "
-                      f"{user or '-'} {what}{size}  {outcome}")
+            self.emit(f"{time.strftime('%H:%M:%S')} {describe_address(address)} {user or '-'} {what}{size}  {outcome}")
 
     def answer(self, request: Request, ptype: PacketType, fields: list[str]) -> None:
         """Log how a request was answered: once, with what the handler noted."""
         if request.packet.type in QUIET_TYPES and not self.verbose_on:
             return
-        if ptype == PacketType.ERROR:
-            outcome = f"refused: {fields[1]}"
-        else:
-            outcome = f"ok: {fields[-1]}" if fields else "ok"
-        outcome = f"{request.note} {outcome}" if request.note else outcome
+        outcome = f"refused: {fields[1]}" if ptype == PacketType.ERROR else f"ok: {fields[-1]}" if fields else "ok"
         user = request.session.name if request.session else request.user
-        self.action(request.address, user, request.packet.type.name, outcome, request.size)
+        self.action(request.address, user, request.packet.type.name, f"{request.note} {outcome}".strip(),
+                    request.size)
 
     def verbose(self, request: Request, text: str) -> None:
         if self.verbose_on:
@@ -1099,31 +1033,28 @@ class ServerLog:
     def end_of_second(self) -> None:
         """Once a second of problems is over, say how many of them were not shown."""
         second = int(time.monotonic())
-        if second == self.second:
-            return
-        if self.problems > PROBLEMS_PER_SECOND:
-            hidden = self.problems - PROBLEMS_PER_SECOND
-            self.emit(f"{time.strftime('%H:%M:%S')} [WARN] ... and {hidden} more problems "
-                      "in the second before, not shown")
-        self.second, self.problems = second, 0
+        if second != self.second and self.problems > PROBLEMS_PER_SECOND:
+            self.emit(f"{time.strftime('%H:%M:%S')} [WARN] ... and {self.problems - PROBLEMS_PER_SECOND} "
+                      "more problems in the second before, not shown")
+        if second != self.second:
+            self.second, self.problems = second, 0
 
     def trace(self, direction: str, data: bytes, address: Address) -> None:
         """With --verbose: every datagram in and out, its header spelled out."""
         if self.verbose_on:
-            self.emit(f"{time.strftime('%H:%M:%S')} [trace] {direction} "
-                      f"{describe_address(address)} {describe_datagram(data)}")
+            self.emit(f"{time.strftime('%H:%M:%S')} [trace] {direction} {describe_address(address)} "
+                      f"{describe_datagram(data)}")
 
 
 class TokenBucket:
-    """Flood control: `burst` at once, then `rate` a second (IRC servers do the same).
+    """Flood control: `burst` at once, then `rate` a second.
 
     The bucket holds up to `burst` tokens and refills at `rate` a second; each message
     takes one. An empty bucket says how long until the next token: the caller waits.
     """
 
     def __init__(self, rate: float, burst: int, now: float):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.updated = float(burst), now
+        self.rate, self.burst, self.tokens, self.updated = rate, burst, float(burst), now
 
     def take(self, now: float) -> float:
         """Spend one token and return 0, or return the seconds until one is there."""
@@ -1138,26 +1069,21 @@ class TokenBucket:
 
 @dataclasses.dataclass(eq=False)
 class PasswordJob:
-    """A slow hash for the worker: a new record (`record` None), or a password to check."""
+    """A slow hash for the worker thread: `work()` runs there; `then` answers on the loop."""
 
     request: Request
-    name: str
-    password: str
-    # LOGIN: the stored record, or a dummy one, so unknown names wait as long.
-    record: dict | None
-    iterations: int = 0
-    # Set by run(): the new record, or whether the password matched; or what went wrong.
+    work: object
+    then: object
+    # LOGIN and JOIN: the record checked against (a dummy one for an unknown name).
+    record: dict | None = None
     result: object = None
     error: str = ""
 
     def run(self) -> "PasswordJob":
         """Runs on the worker thread; touches nothing but this job."""
         try:
-            if self.record is None:
-                self.result = auth.new_record(self.name, self.password, self.iterations)
-            else:
-                self.result = auth.check_password(self.password, self.record)
-        # Whatever broke, the loop must still answer the request: it reports this.
+            self.result = self.work()
+        # Whatever broke (a damaged record, say), the loop must still answer the request.
         except Exception as error:
             self.error = repr(error)
         return self
@@ -1167,35 +1093,30 @@ class PasswordWorker:
     """One thread that runs PasswordJobs; the loop collects the finished ones with `done()`."""
 
     def __init__(self):
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.finished: queue.SimpleQueue = queue.SimpleQueue()
-        self.running = 0
-        self.thread = threading.Thread(target=self.work, name="password-checker", daemon=True)
-        self.thread.start()
+        self.jobs, self.finished, self.running = queue.SimpleQueue(), queue.SimpleQueue(), 0
+        threading.Thread(target=self.work, name="password-checker", daemon=True).start()
 
     def submit(self, job: PasswordJob) -> None:
         self.running += 1
         self.jobs.put(job)
 
     def work(self) -> None:
-        """The thread: run each job, hand it back; None means stop."""
+        """The thread: run each job and hand it back, until None comes."""
         for job in iter(self.jobs.get, None):
             self.finished.put(job.run())
 
     def done(self) -> list[PasswordJob]:
         """Return the jobs finished since the last call (on the loop's thread)."""
         jobs = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                jobs.append(self.finished.get_nowait())
+        while not self.finished.empty():
+            jobs.append(self.finished.get())
         self.running -= len(jobs)
         return jobs
 
     def close(self) -> None:
-        """Stop after the job running; those still queued are dropped unanswered."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.jobs.get_nowait()
+        """Stop after the job running; those still queued are dropped, never answered."""
+        while not self.jobs.empty():
+            self.jobs.get()
         self.jobs.put(None)
 
 
@@ -1213,60 +1134,40 @@ class HistoryFile:
 
     def __init__(self, path: str):
         self.path = path
-        torn = ends_inside_a_line(path)
-        self.file = open(path, "a", encoding="utf-8", newline="\n")
+        self.file = open(path, "a+b")
         # Killed mid-write last time: end that line, so the next one stands alone.
-        if torn:
-            self.file.write("\n")
+        if self.file.tell() and (self.file.seek(-1, os.SEEK_END) or self.file.read(1) != b"\n"):
+            self.file.write(b"\n")
             self.file.flush()
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
         escaped = "".join(self.ESCAPES.get(c, c) for c in text)
-        self.file.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n")
+        self.file.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n".encode())
         # In the OS's hands now: survives the server being killed.
         self.file.flush()
 
     @classmethod
     def read(cls, path: str, warn=print):
         """Yield (unix time, room, user, text) for each message on file; warn of damage."""
-        try:
-            with open(path, encoding="utf-8", errors="replace") as file:
-                for number, line in enumerate(file, 1):
-                    found = cls.LINE.fullmatch(line.rstrip("\n"))
-                    if found:
-                        stamp, room, user, text = found.groups()
-                        when = calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
-                        yield float(when), room, user, re.sub(r"\\(.)", unescape, text)
-                    elif line.strip():
-                        warn(f"{path} line {number} is damaged (a crash mid-write?); skipped")
-        except FileNotFoundError:
-            return
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, 1):
+                found = cls.LINE.fullmatch(line.rstrip("\n"))
+                if found:
+                    stamp, room, user, text = found.groups()
+                    when = calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+                    text = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), text)
+                    yield float(when), room, user, text
+                elif line.strip():
+                    warn(f"{path} line {number} is damaged (a crash mid-write?); skipped")
 
     def close(self) -> None:
         self.file.close()
 
 
-def unescape(found: re.Match) -> str:
-    return {"n": "\n", "r": "\r"}.get(found[1], found[1])
-
-
-def ends_inside_a_line(path: str) -> bool:
-    """Does the file at `path` end without a final newline (a line torn by a crash)?"""
-    try:
-        with open(path, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            if file.tell() == 0:
-                return False
-            file.seek(-1, os.SEEK_END)
-            return file.read(1) != b"\n"
-    except FileNotFoundError:
-        return False
-
-
 # === The file relay ==========================================================================
 # A FILE_OFFER's upload is stored in DATA_DIR/transfers/ID.part as its chunks come on the
-# sender's file stream, its SHA-256 checked, and relayed to each receiver from that file.
+# sender's file stream, checked (SHA-256), and relayed to each receiver from that file.
 
 
 @dataclasses.dataclass(eq=False)
@@ -1279,44 +1180,30 @@ class Upload:
     size: int
     sha256: str
     path: str
-    # The temporary file, written as chunks come, and read for each receiver.
+    # The temporary file, written as chunks come and read back for each receiver.
     writer: object
     reader: object
     last_progress: float
-    # Session -> the file stream's number of the last chunk put in for it (0: none yet),
-    # with the "file" EVENT's number on its chat channel and the bytes put in so far.
+    # Session -> [its "file" EVENT's number, bytes put in its file stream, the last chunk's number].
     receivers: dict = dataclasses.field(default_factory=dict)
     received: int = 0
-    # Every byte is in, and the SHA-256 matched.
     checked: bool = False
     digest: object = dataclasses.field(default_factory=hashlib.sha256)
-
-
-@dataclasses.dataclass(eq=False)
-class Receiver:
-    """Where one receiver is in one file."""
-
-    offer_seq: int = 0
-    sent: int = 0
-    last_seq: int = 0
 
 
 class FileRelay:
     """Uploads stored to disk, then relayed to each receiver on its own file stream.
 
     Its interface: `open` (an offer), `offered`, `receive` (the file stream's packets),
-    `fill` (refill a receiver's file stream), `cancel_by`, `drop`, `expire`, `close_all`.
-    It speaks to members only through `notify(session, kind, user, text, id)`.
-    Chunks go to a receiver only after it acknowledged the "file" EVENT (the two streams
-    are independent: a chunk could overtake its offer), and only while its file stream has
-    fewer than FILL waiting: the relay buffers nothing in memory itself.
+    `fill` (a receiver's file stream), `cancel_by`, `drop`, `expire`, `close_all`. It speaks
+    to members only through `notify(session, kind, user, text, id)`. Chunks go to a receiver
+    once it acknowledged the "file" EVENT (the streams are independent: a chunk could
+    overtake its offer), and while its file stream has fewer than FILL waiting.
     """
 
     def __init__(self, folder: str, max_file_mb: float, notify, log: ServerLog):
         self.folder, self.max_file_mb, self.limit = folder, max_file_mb, int(max_file_mb * MB)
-        self.notify, self.log = notify, log
-        self.uploads: dict[int, Upload] = {}
-        self.next_id = 1
+        self.notify, self.log, self.uploads, self.next_id = notify, log, {}, 1
         # What a crash left here: files never completed.
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):
@@ -1325,24 +1212,20 @@ class FileRelay:
 
     def open(self, sender, name: str, size: str, sha: str, receivers, now: float) -> Upload:
         """Start an upload for `receivers`; refuse a bad offer, a file too big, or too many."""
-        if (not whole_number(size) or not SHA_HEX.fullmatch(sha) or not name
-                or len(name.encode()) > MAX_FILE_NAME_BYTES):
+        if not (whole_number(size) and SHA_HEX.fullmatch(sha) and 0 < len(name.encode()) <= MAX_FILE_NAME_BYTES):
             raise Refused("bad-request", "A file offer is [to, name (1-255 bytes), size, SHA-256].")
         if int(size) > self.limit:
             raise Refused("too-big", self.too_big(int(size)))
         if sum(upload.sender is sender for upload in self.uploads.values()) >= MAX_FILES_PER_MEMBER:
-            raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; "
-                                      "wait for one to finish.")
+            raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; wait for one "
+                                      "to finish.")
         if len(self.uploads) >= MAX_TRANSFERS:
             raise Refused("busy", "The server is busy with other files; try again in a while.")
-        number, path = self.next_id, os.path.join(self.folder, f"{self.next_id}.part")
-        writer, reader = self.open_files(path)
-        self.next_id += 1
-        upload = Upload(number, sender, name, int(size), sha, path, writer, reader, now)
-        upload.receivers = {member: Receiver() for member in receivers}
-        self.uploads[number] = upload
-        names = ", ".join(member.name for member in receivers)
-        self.log_file(upload, f"offered to {names}, {describe_size(upload.size)}")
+        path = os.path.join(self.folder, f"{self.next_id}.part")
+        upload = Upload(self.next_id, sender, name, int(size), sha, path, *self.open_files(path), now)
+        upload.receivers = {member: [0, 0, 0] for member in receivers}
+        self.uploads[upload.id], self.next_id = upload, self.next_id + 1
+        self.log_file(upload, f"offered to {', '.join(m.name for m in receivers)}, {describe_size(upload.size)}")
         return upload
 
     def open_files(self, path: str) -> tuple:
@@ -1358,22 +1241,20 @@ class FileRelay:
                 with contextlib.suppress(OSError):
                     os.remove(path)
             self.log.problem(f"cannot open {path}: {error}")
-            raise Refused("server-error", "The server cannot store files now; "
-                                          "try again later.") from None
+            raise Refused("server-error", "The server cannot store files now; try again later.") from None
 
     def too_big(self, size: int) -> str:
         """Say by how much a file is over the limit: in bytes, if in MB the two look alike."""
         if describe_size(size) == describe_size(self.limit):
-            return (f"That file is {size:,} bytes; the limit is {self.max_file_mb:g} MB "
-                    f"({self.limit:,} bytes).")
+            return f"That file is {size:,} bytes; the limit is {self.max_file_mb:g} MB ({self.limit:,} bytes)."
         return f"That file is {describe_size(size)}; the limit is {self.max_file_mb:g} MB."
 
     def offered(self, upload: Upload, member, offer_seq: int) -> None:
         """The "file" EVENT is on its way to `member` as number `offer_seq` (0: it was not)."""
         if offer_seq:
-            upload.receivers[member].offer_seq = offer_seq
+            upload.receivers[member][0] = offer_seq
         else:
-            del upload.receivers[member]
+            upload.receivers.pop(member, None)
         self.check_whole(upload)
 
     def receive(self, session, packet: Packet, now: float) -> None:
@@ -1397,12 +1278,11 @@ class FileRelay:
             self.log.problem(f"cannot write {upload.path}: {error}")
             return self.cancel(upload, "the server could not store it")
         upload.digest.update(data)
-        upload.received += len(data)
-        upload.last_progress = now
+        upload.received, upload.last_progress = upload.received + len(data), now
         self.check_whole(upload)
 
     def check_whole(self, upload: Upload) -> None:
-        """Once every byte is in (at once for an empty file), check the SHA-256."""
+        """Once every byte is in (at once, for an empty file), check the SHA-256."""
         if upload.checked or upload.received < upload.size or upload.id not in self.uploads:
             return
         if upload.digest.hexdigest() != upload.sha256:
@@ -1412,26 +1292,24 @@ class FileRelay:
         self.log_file(upload, "arrived whole, SHA-256 checked")
         self.release_if_unused(upload)
 
-    def fill(self, session, now: float) -> None:
-        """Note the files `session` now has whole; put chunks in its file stream while it has
+    def fill(self, session) -> None:
+        """Note the files `session` has whole; put chunks in its file stream while it has
         room, one file after the other in turn."""
-        mine = [(u, u.receivers[session]) for u in list(self.uploads.values())
-                if session in u.receivers]
-        stream = session.file_stream
-        for upload, where in mine:
-            if (upload.checked and where.sent == upload.size and stream.delivered(where.last_seq)
-                    and session.channel.delivered(where.offer_seq)):
+        stream, chat = session.file_stream, session.channel
+        mine = [(upload, upload.receivers[session]) for upload in list(self.uploads.values())
+                if session in upload.receivers]
+        for upload, (offer, sent, last) in mine:
+            if upload.checked and sent == upload.size and stream.delivered(last) and chat.delivered(offer):
                 self.forget(upload, session, "file-done", f"{session.name} has {upload.name}")
-        ready = [(u, r) for u, r in mine if session in u.receivers and r.sent < u.received
-                 and session.channel.delivered(r.offer_seq)]
+        ready = [(upload, where) for upload, where in mine if session in upload.receivers
+                 and where[1] < upload.received and chat.delivered(where[0])]
         while ready and len(stream.waiting) < FILL:
             for upload, where in list(ready):
-                upload.reader.seek(where.sent)
-                data = upload.reader.read(chunk_length(upload.size, where.sent))
-                chunk = pack_chunk(upload.id, where.sent, data)
-                where.last_seq = stream.send(PacketType.FILE_CHUNK, chunk)
-                where.sent += len(data)
-                if where.sent >= upload.received or not data:
+                upload.reader.seek(where[1])
+                data = upload.reader.read(chunk_length(upload.size, where[1]))
+                where[2] = stream.send(PacketType.FILE_CHUNK, pack_chunk(upload.id, where[1], data))
+                where[1] += len(data)
+                if where[1] >= upload.received or not data:
                     ready.remove((upload, where))
 
     def cancel_by(self, session, number: int) -> None:
@@ -1450,35 +1328,29 @@ class FileRelay:
             if upload.sender is session and not upload.checked:
                 self.cancel(upload, f"{session.name} left", tell_sender=False)
             elif session in upload.receivers:
-                why = f"{session.name} left before {upload.name} arrived"
-                self.forget(upload, session, "file-declined", why)
+                self.forget(upload, session, "file-declined", f"{session.name} left before {upload.name} arrived")
 
     def forget(self, upload: Upload, session, kind: str, why: str) -> None:
         """A receiver is done (file-done) or out (file-declined): tell the sender."""
         del upload.receivers[session]
-        self.log_file(upload, f"{session.name} has it all" if kind == "file-done" else
-                      f"not for {session.name}: {why}")
+        self.log_file(upload, f"{session.name} has it all" if kind == "file-done" else f"not for {session.name}: {why}")
         self.notify(upload.sender, kind, session.name, why, upload.id)
         self.release_if_unused(upload)
 
     def release_if_unused(self, upload: Upload) -> None:
         """Nobody left to receive it: delete the file (and stop an upload still coming)."""
-        if upload.receivers or upload.id not in self.uploads:
-            return
-        if upload.checked:
-            self.close(upload)
-        else:
-            self.cancel(upload, "nobody is left to receive it")
+        if not upload.receivers and upload.id in self.uploads:
+            self.close(upload) if upload.checked else self.cancel(upload, "nobody is left to receive it")
 
     def cancel(self, upload: Upload, why: str, tell_sender: bool = True) -> None:
         """End a transfer for everyone: the receivers and (unless it asked) the sender hear."""
         self.log_file(upload, f"cancelled: {why}")
         if tell_sender:
-            self.notify(upload.sender, "file-cancelled", upload.sender.name,
-                        f"{upload.name} not sent: {why}", upload.id)
+            self.notify(upload.sender, "file-cancelled", upload.sender.name, f"{upload.name} not sent: {why}",
+                        upload.id)
         for member in list(upload.receivers):
-            text = f"{upload.name} from {upload.sender.name} cancelled: {why}"
-            self.notify(member, "file-cancelled", upload.sender.name, text, upload.id)
+            self.notify(member, "file-cancelled", upload.sender.name,
+                        f"{upload.name} from {upload.sender.name} cancelled: {why}", upload.id)
         upload.receivers.clear()
         self.close(upload)
 
@@ -1503,8 +1375,7 @@ class FileRelay:
             self.close(upload)
 
     def log_file(self, upload: Upload, what: str) -> None:
-        self.log.action(upload.sender.address, upload.sender.name, "FILE",
-                        f"#{upload.id} {upload.name!r} {what}")
+        self.log.action(upload.sender.address, upload.sender.name, "FILE", f"#{upload.id} {upload.name!r} {what}")
 
 
 # === The socket loop =========================================================================
@@ -1527,8 +1398,8 @@ def open_socket(host: str, port: int) -> socket.socket:
 class ServerLoop:
     """The one loop that owns the socket: receive, let ChatServer decide, send.
 
-    It waits in select() for a datagram or the next timer, at most MAX_WAIT (so Ctrl+C is
-    noticed on Windows too), and at most CHECK_POLL while a password check runs.
+    It waits in select() for a datagram or the next timer: at most MAX_WAIT (so Ctrl+C
+    is noticed on Windows too), and at most CHECK_POLL while a password check runs.
     """
 
     def __init__(self, chat: ChatServer, sock):
@@ -1538,14 +1409,12 @@ class ServerLoop:
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.address: Address = sock.getsockname()
-        # The port clients are told of when they search (the system's choice, for port 0).
+        # The port a search is told of (the system's choice, for --port 0).
         chat.port = self.address[1]
         self.worker = PasswordWorker()
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.grace, self.closed = 0.0, False
+        self.stopping, self.thread, self.grace, self.closed = threading.Event(), None, 0.0, False
 
     def serve_forever(self) -> None:
         while not self.stopping.is_set():
@@ -1553,13 +1422,10 @@ class ServerLoop:
 
     def serve_once(self, longest: float) -> None:
         """Wait for a datagram, a finished password check or a timer, and handle it."""
-        if self.worker.running:
-            longest = min(longest, CHECK_POLL)
-        wait = min(max(self.chat.next_deadline() - time.monotonic(), 0.0), longest)
-        ready = self.selector.select(wait)
+        longest = min(longest, CHECK_POLL) if self.worker.running else longest
+        if self.selector.select(min(max(self.chat.next_deadline() - time.monotonic(), 0.0), longest)):
+            self.receive_all(time.monotonic())
         now = time.monotonic()
-        if ready:
-            self.receive_all(now)
         for job in self.worker.done():
             self.survive(self.chat.finish_password_job, job, now, where="a password check")
         self.survive(self.chat.on_timers, now, where="the timers")
@@ -1577,8 +1443,8 @@ class ServerLoop:
             except ConnectionResetError:
                 continue
             data = bytes(self.view[:size])
-            self.survive(self.chat.handle_datagram, data, address, now,
-                         where=f"a datagram from {describe_address(address)}")
+            self.survive(self.chat.handle_datagram, data, address, now, where=f"a datagram from "
+                         f"{describe_address(address)}")
             self.send_all()
 
     def survive(self, work, *args, where: str) -> None:
@@ -1618,8 +1484,7 @@ class ServerLoop:
 
     def start(self) -> "ServerLoop":
         """Serve on a background thread (for tests and the notebook)."""
-        self.thread = threading.Thread(target=self.serve_then_close, name="chat-server",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.serve_then_close, name="chat-server", daemon=True)
         self.thread.start()
         return self
 
@@ -1669,32 +1534,24 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
 
 
 def lan_addresses() -> list[str]:
-    """Return this PC's IPv4 addresses other than loopback, as far as it can tell.
-
-    The host name's addresses; and the one a datagram to a far network would leave from:
-    connect() on a UDP socket only chooses the route, it sends nothing.
-    """
+    """Return this PC's IPv4 addresses other than loopback, as far as it can tell: its host
+    name's, and the one a datagram to a far network would leave from (connect() on a UDP
+    socket only chooses the route; it sends nothing)."""
     found = []
     with contextlib.suppress(OSError):
         found += socket.gethostbyname_ex(socket.gethostname())[2]
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        # 192.0.2.1 (TEST-NET-1) is reserved for examples: no one is there.
+        # 192.0.2.1 (TEST-NET-1) is kept for examples: nobody is there.
         probe.connect(("192.0.2.1", 9))
         found.append(probe.getsockname()[0])
-    return [a for a in dict.fromkeys(found) if not a.startswith("127.") and a != "0.0.0.0"]
+    return [address for address in dict.fromkeys(found) if not address.startswith(("127.", "0."))]
 
 
 def server_name(text: str) -> str:
     """Check --name: printable, and short enough that FIND's answer stays smaller than a FIND."""
     if len(text.encode("utf-8")) > MAX_NAME_BYTES or not text.isprintable():
-        raise argparse.ArgumentTypeError(f"must be printable and at most {MAX_NAME_BYTES} "
-                                         "bytes of UTF-8")
+        raise argparse.ArgumentTypeError(f"must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8")
     return text
-
-
-def listening_port(text: str) -> int:
-    """Check --port: a UDP port from 1 to 65535, or 0 for any free one (the banner says which)."""
-    return 0 if text == "0" else port_number(text)
 
 
 def megabytes(text: str) -> float:
@@ -1705,33 +1562,30 @@ def megabytes(text: str) -> float:
 
 
 def parse_args(argv: list[str]) -> ServerConfig:
-    defaults = ServerConfig()
+    defaults, option = ServerConfig(), None
     parser = argparse.ArgumentParser(
         description="UDP chat room server. Clients connect with: python client.py",
-        epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures "
-               "the traffic can read it. Passwords are stored only as salted PBKDF2 hashes.")
-    parser.add_argument("--host", default=defaults.host,
-                        help="address to listen on (default: all interfaces)")
-    parser.add_argument("--port", type=listening_port, default=defaults.port,
-                        help="UDP port (default: %(default)s; 0: any free one)")
-    parser.add_argument("--data-dir", default=defaults.data_dir,
-                        help="folder for users.json, rooms.json and chat_history.txt "
-                             "(default: chat_data beside server.py)")
-    parser.add_argument("--room-password", default=defaults.room_password,
-                        help="password of the lobby room (default: %(default)s)")
-    # --cipher, --key, --loss, --seed: the same for the client.
+        epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures the "
+               "traffic can read it. Passwords are stored only as salted PBKDF2 hashes.")
+    option = parser.add_argument
+    option("--host", default=defaults.host, help="address to listen on (default: all interfaces)")
+    option("--port", type=lambda text: 0 if text == "0" else port_number(text), default=defaults.port,
+           help="UDP port (default: %(default)s; 0: any free one)")
+    option("--data-dir", default=defaults.data_dir, help="folder for users.json, rooms.json and "
+           "chat_history.txt (default: chat_data beside server.py)")
+    option("--room-password", default=defaults.room_password,
+           help="password of the lobby room (default: %(default)s)")
+    # --cipher, --key, --loss, --seed: the same as the client's.
     add_shared_options(parser)
-    parser.add_argument("--quiet", action="store_true", help="log only problems, not every action")
-    parser.add_argument("--verbose", action="store_true", help="also log heartbeats, HELLO, "
-                        "FIND, ROOMS and WHO, and trace every packet")
-    parser.add_argument("--session-timeout", type=float, default=defaults.session_timeout,
-                        help="seconds of silence before a client is considered gone "
-                             "(default: %(default)s)")
-    parser.add_argument("--name", type=server_name, default=defaults.name,
-                        help="the name clients see when they search the network with ? "
-                             "(default: this PC's name)")
-    parser.add_argument("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
-                        help="the largest file members may send, in MB (default: %(default)s)")
+    option("--quiet", action="store_true", help="log only problems, not every action")
+    option("--verbose", action="store_true",
+           help="also log heartbeats, HELLO, FIND, ROOMS and WHO, and trace every packet")
+    option("--session-timeout", type=float, default=defaults.session_timeout,
+           help="seconds of silence before a client is considered gone (default: %(default)s)")
+    option("--name", type=server_name, default=defaults.name,
+           help="the name clients see when they search the network with ? (default: this PC's name)")
+    option("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
+           help="the largest file members may send, in MB (default: %(default)s)")
     # Every option is named as its ServerConfig field.
     return ServerConfig(**vars(parser.parse_args(argv)))
 
@@ -1743,8 +1597,7 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     print(f"UDP chat server listening on {describe_address(address)}")
     # Loopback never leaves this PC.
     if config.host.startswith("127.") or config.host == "localhost":
-        print(f"Clients on other PCs cannot reach it: it listens on {config.host} only "
-              "(leave out --host)")
+        print(f"Clients on other PCs cannot reach it: it listens on {config.host} only (leave out --host)")
     elif addresses:
         print(f"Clients on other PCs answer:  Server IP {' or '.join(addresses)}   port {port}")
     else:
@@ -1791,9 +1644,8 @@ def main(argv: list[str] | None = None) -> int:
             sock = wrap_socket(open_socket(config.host, config.port), config, chat)
         except OSError as error:
             chat.close()
-            print(f"[ERROR] Cannot listen on {config.host}:{config.port}: "
-                  f"{error.strerror or error}. Is another server running there? "
-                  "Choose another port with --port.")
+            print(f"[ERROR] Cannot listen on {config.host}:{config.port}: {error.strerror or error}. "
+                  "Is another server running there? Choose another port with --port.")
             return 1
         serve_until_stopped(ServerLoop(chat, sock), config)
     # Ctrl+C at any moment, even before serving: the normal way to stop.

@@ -141,7 +141,8 @@ def read_data_files(data_dir) -> tuple[set[str], list[str], bool]:
     path = os.path.join(data_dir, server.HISTORY_FILE)
     damaged: list[str] = []
     texts = [text for _, _, _, text in server.HistoryFile.read(path, damaged.append)]
-    torn = server.ends_inside_a_line(path)
+    with open(path, "rb") as file:
+        torn = file.read()[-1:] not in (b"", b"\n")
     assert len(damaged) <= torn, f"a history line other than the last is damaged: {damaged}"
     return names, texts, torn
 

@@ -365,8 +365,8 @@ def test_a_stalled_receiver_holds_back_neither_the_others_nor_the_chat(start_ser
     most = [0]
 
     class MeasuredRelay(server.FileRelay):
-        def fill(self, session, now):
-            super().fill(session, now)
+        def fill(self, session):
+            super().fill(session)
             most[0] = max(most[0], session.file_stream.buffered_bytes())
 
     monkeypatch.setattr(server, "FileRelay", MeasuredRelay)
