@@ -268,12 +268,11 @@ class ChatServer:
         path = functools.partial(os.path.join, config.data_dir)
         self.users = auth.UserStore(path(USERS_FILE), config.kdf_iterations)
         self.room_store = auth.UserStore(path(ROOMS_FILE), kind="rooms")
-        self.rooms = load_rooms(self.room_store, HistoryFile.read(path(HISTORY_FILE), self.log.problem))
+        self.rooms = load_rooms(self.room_store, path(HISTORY_FILE), self.log.problem)
         self.history = HistoryFile(path(HISTORY_FILE))
         self.files = FileRelay(path("transfers"), config.max_file_mb, self.notify, self.log)
-        # Sessions by address, and the same by lower-case user name.
-        self.sessions: dict[Address, Session] = {}
-        self.online: dict[str, Session] = {}
+        # Sessions by address, and the same sessions by lower-case user name.
+        self.sessions, self.online = {}, {}
         self.cookie_secret = secrets.token_bytes(16)
         self.replies: collections.OrderedDict = collections.OrderedDict()
         self.registering: set[str] = set()
@@ -282,14 +281,13 @@ class ChatServer:
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
         self.find_bucket = TokenBucket(FIND_RATE, FIND_BURST, 0.0)
         self.name, self.port = config.name or host_name(), config.port
-        self.outbox: list[tuple[bytes, Address]] = []
-        self.password_jobs: list[PasswordJob] = []
+        # What the loop must do: (datagram, address) pairs to send, PasswordJobs to run.
+        self.outbox, self.password_jobs = [], []
         self.pending_checks, self.stopping, self.next_housekeeping = 0, False, 0.0
         self.stats: collections.Counter = collections.Counter()
         # Sessions ended since the last flush; the member whose request is being answered,
         # and the EVENTs for it that wait for the answer.
-        self.ended: list[Session] = []
-        self.replying_to, self.after_reply = None, []
+        self.ended, self.replying_to, self.after_reply = [], None, []
 
     # --- Entry points ---
 
@@ -300,7 +298,7 @@ class ChatServer:
         try:
             packet = decode_packet(data, self.cipher)
         except PacketError as error:
-            return self.refuse_datagram(data, address, error)
+            return refuse_datagram(self, data, address, error)
         request = Request(packet, address, len(data), now)
         if packet.type not in STRANGER_TYPES or packet.token != NO_TOKEN:
             self.handle_member_packet(request)
@@ -347,7 +345,8 @@ class ChatServer:
         """Return when on_timers next has work: a channel's timer, a held request, a sweep."""
         times = [self.next_housekeeping]
         for session in self.sessions.values():
-            times += [session.wake_at, session.channel.next_wakeup(), session.file_stream.next_wakeup()]
+            times += [session.wake_at, session.channel.next_wakeup(),
+                      session.file_stream.next_wakeup()]
         return min(times)
 
     def announce_stop(self, now: float) -> None:
@@ -385,7 +384,7 @@ class ChatServer:
         packet, address = request.packet, request.address
         session = self.sessions.get(address)
         if session is None or not hmac.compare_digest(session.token, packet.token):
-            return self.refuse_unknown_session(request, session)
+            return refuse_unknown_session(self, request, session)
         session.last_heard = request.now
         if packet.flags & FLAG_FILE_STREAM:
             return self.files.receive(session, packet, request.now)
@@ -403,7 +402,8 @@ class ChatServer:
 
     def serve_backlog(self, session: Session, now: float) -> None:
         """Handle the member's requests in order; flood control may hold the rest for later."""
-        while session.backlog and not session.checking and self.sessions.get(session.address) is session:
+        while (session.backlog and not session.checking
+               and self.sessions.get(session.address) is session):
             request = session.backlog[0]
             wait = request.packet.type in FLOOD_CONTROLLED and session.bucket.take(now)
             if wait:
@@ -451,60 +451,15 @@ class ChatServer:
         if request.session is not None:
             request.session.behind |= not request.session.channel.send(ptype, payload)
             return
-        data = encode_packet(Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload),
-                             self.cipher)
+        reply = Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload)
+        data = encode_packet(reply, self.cipher)
         if request.proven:
-            self.remember(request, data)
-        self.send_to_stranger(data, request.address, request.size, request.proven)
-
-    def remember(self, request: Request, answer: bytes) -> None:
-        """Keep the answer (or PENDING) to a REGISTER or LOGIN for its retries; bounded."""
-        key = retry_key(request)
-        self.replies[key] = answer
-        self.replies.move_to_end(key)
-        while len(self.replies) > RETRY_CACHE_SIZE:
-            self.replies.popitem(last=False)
-
-    def send_to_stranger(self, data: bytes, address: Address, size: int, proven: bool) -> None:
-        """Answer an address, never with more bytes than it sent unless it proved itself.
-
-        UDP source addresses can be forged: if a small request could earn a big answer,
-        anyone could aim our answers at a victim (a reflection attack).
-        """
-        if proven or len(data) <= size:
-            self.send(data, address)
-        else:
-            self.stats["withheld"] += 1
+            remember(self, request, data)
+        send_to_stranger(self, data, request.address, request.size, request.proven)
 
     def send(self, data: bytes, address: Address) -> None:
         self.log.trace("out", data, address)
         self.outbox.append((data, address))
-
-    def refuse_datagram(self, data: bytes, address: Address, error: PacketError) -> None:
-        """Log a datagram that is no packet; answer if it looks like ours (a wrong key?)."""
-        self.stats["bad"] += 1
-        self.log.problem(f"{describe_address(address)} sent a bad datagram ({len(data)} B): {error}")
-        # The type byte is never scrambled: a type only servers send is not answered even
-        # unreadable (another key), or two servers would answer each other for ever.
-        if data[:2] == MAGIC and len(data) > 3 and data[3] not in SERVER_ONLY:
-            bad = Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error)))
-            self.send_to_stranger(encode_packet(bad, self.cipher), address, len(data), False)
-
-    def refuse_unknown_session(self, request: Request, session: Session | None) -> None:
-        """A member's packet with no session behind it: RESET, if nobody is at that address."""
-        self.stats["no-session"] += 1
-        packet, sender = request.packet, f"{describe_address(request.address)} sent {request.packet.type.name}"
-        # The last ACK of a client that said BYE, say; or another server answering what
-        # we sent (a RESET back would be answered too, for ever): nothing to answer.
-        if packet.type == PacketType.ACK or packet.type in SERVER_ONLY:
-            return refuse_server_only(self, request) if packet.type in SERVER_ONLY else None
-        if session is not None:
-            return self.log.problem(f"{sender} with a wrong session token; dropped")
-        self.log.problem(f"{sender} but has no session; told to log in")
-        # A bare header, never larger than the packet; it echoes the token, so a client
-        # believes it only if that token was its own.
-        reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
-        self.send(encode_packet(reset, self.cipher), request.address)
 
     # --- Sessions, and telling their members ---
 
@@ -542,7 +497,8 @@ class ChatServer:
         token = secrets.token_bytes(8)
         chat, files = (Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY),
                                flags=flags) for flags in (0, FLAG_FILE_STREAM))
-        session = Session(token, address, name, chat, files, TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now), now)
+        bucket = TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now)
+        session = Session(token, address, name, chat, files, bucket, now)
         self.sessions[address] = self.online[name.lower()] = session
         return session
 
@@ -606,7 +562,8 @@ def check_credentials(chat: ChatServer, request: Request) -> str:
     """Return the password of a REGISTER or LOGIN whose cookie is good; note its user."""
     fields = unpack_fields(request.packet.payload)
     if len(fields) < 3 or fields[3:] not in ([], ["rejoin"]):
-        raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', got {len(fields)} fields")
+        raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', "
+                          f"got {len(fields)} fields")
     cookie, request.user, password = fields[:3]
     request.rejoin = fields[3:] == ["rejoin"]
     period = int(request.now // COOKIE_PERIOD)
@@ -628,8 +585,10 @@ def handle_register(chat: ChatServer, request: Request) -> None:
         raise Refused("taken", "Username already taken.")
     wait = chat.registrations.locked_for(request.address[0], request.now)
     if wait:
-        raise Refused("slow-down", f"Too many registrations from your address; try again in {wait:.0f} s.")
-    start_check(chat, request, finish_register, auth.new_record, name, password, chat.users.iterations)
+        raise Refused("slow-down", f"Too many registrations from your address; "
+                                   f"try again in {wait:.0f} s.")
+    start_check(chat, request, finish_register, auth.new_record, name, password,
+                chat.users.iterations)
     chat.registrations.add(request.address[0], request.now)
     chat.registering.add(name.lower())
 
@@ -641,7 +600,8 @@ def finish_register(chat: ChatServer, job: "PasswordJob") -> list[str]:
             raise Refused("taken", "Username already taken.")
     except OSError as error:
         chat.log.problem(f"could not save {USERS_FILE}: {error}")
-        raise Refused("server-error", "The server could not save your account; try again.") from None
+        raise Refused("server-error", "The server could not save your account; "
+                                      "try again.") from None
     return ["Registration successful."]
 
 
@@ -700,14 +660,15 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
     if request.session:
         request.session.checking = True
     else:
-        chat.remember(request, PENDING)
+        remember(chat, request, PENDING)
     chat.password_jobs.append(PasswordJob(request, functools.partial(work, *args), then, record))
 
 
 def finish_check(chat: ChatServer, job: "PasswordJob") -> list[str] | None:
     """Finish the REGISTER, LOGIN or JOIN a password check was for."""
     if job.error:
-        chat.log.problem(f"a password check for {describe_address(job.request.address)} failed: {job.error}")
+        where = describe_address(job.request.address)
+        chat.log.problem(f"a password check for {where} failed: {job.error}")
         raise Refused("server-error", "The server could not check that; try again.")
     return job.then(chat, job)
 
@@ -723,11 +684,12 @@ def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
     request.user = name
     if room is None:
         make_room_for_one(chat)
-        return start_check(chat, request, finish_join, auth.new_record, name, password, chat.users.iterations)
+        return start_check(chat, request, finish_join, auth.new_record, name, password,
+                           chat.users.iterations)
     # The lobby's password is the one on the command line; a room's is hashed, so slow.
     if room.record is None:
-        return enter_room(chat, request, room, hmac.compare_digest(password.encode(),
-                                                                   chat.config.room_password.encode()))
+        matches = hmac.compare_digest(password.encode(), chat.config.room_password.encode())
+        return enter_room(chat, request, room, matches)
     return start_check(chat, request, finish_join, auth.check_password, password, room.record,
                        record=room.record)
 
@@ -772,7 +734,8 @@ def enter_room(chat: ChatServer, request: Request, room: Room, password_ok, made
     session.room = room.name.lower()
     for when, user, text in room.history:
         chat.tell(session, chat.event("history", room.name, user, text, when=when))
-    return [room.name, str(len(room.members)), f"joined {room.name}{made}, {len(room.members)} here"]
+    count = len(room.members)
+    return [room.name, str(count), f"joined {room.name}{made}, {count} here"]
 
 
 def leave_room(chat: ChatServer, session: Session, reason: str) -> None:
@@ -793,7 +756,8 @@ def make_room_for_one(chat: ChatServer) -> None:
     try:
         chat.room_store.remove(quietest.name)
     except OSError:
-        raise Refused("server-error", f"The server could not save {ROOMS_FILE}; try again.") from None
+        raise Refused("server-error", f"The server could not save {ROOMS_FILE}; "
+                                      "try again.") from None
     del chat.rooms[quietest.name.lower()]
 
 
@@ -859,7 +823,9 @@ def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
         if not chat.find_bucket.take(request.now):
             return [chat.name, str(chat.port), str(len(chat.online))]
     chat.stats["finds dropped"] += 1
-    why = "over the server's rate of answers" if request.size >= MIN_FIND_SIZE else f"unpadded ({request.size} B)"
+    why = "over the server's rate of answers"
+    if request.size < MIN_FIND_SIZE:
+        why = f"unpadded ({request.size} B)"
     chat.log.problem(f"{describe_address(request.address)} sent a FIND, {why}; dropped")
 
 
@@ -890,6 +856,36 @@ def handle_cancel(chat: ChatServer, request: Request) -> list[str]:
     (number,) = unpack_fields(request.packet.payload, 1)
     chat.files.cancel_by(request.session, int(number) if whole_number(number) else 0)
     return ["cancelled"]
+
+
+def refuse_datagram(chat: ChatServer, data: bytes, address: Address, error: PacketError) -> None:
+    """Log a datagram that is no packet; answer if it looks like ours (a wrong key?)."""
+    chat.stats["bad"] += 1
+    chat.log.problem(f"{describe_address(address)} sent a bad datagram ({len(data)} B): "
+                     f"{error}")
+    # The type byte is never scrambled: a type only servers send is not answered even
+    # unreadable (another key), or two servers would answer each other for ever.
+    if data[:2] == MAGIC and len(data) > 3 and data[3] not in SERVER_ONLY:
+        bad = Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error)))
+        send_to_stranger(chat, encode_packet(bad, chat.cipher), address, len(data), False)
+
+
+def refuse_unknown_session(chat: ChatServer, request: Request, session: Session | None) -> None:
+    """A member's packet with no session behind it: RESET, if nobody is at that address."""
+    chat.stats["no-session"] += 1
+    packet = request.packet
+    sender = f"{describe_address(request.address)} sent {packet.type.name}"
+    # The last ACK of a client that said BYE, say; or another server answering what
+    # we sent (a RESET back would be answered too, for ever): nothing to answer.
+    if packet.type == PacketType.ACK or packet.type in SERVER_ONLY:
+        return refuse_server_only(chat, request) if packet.type in SERVER_ONLY else None
+    if session is not None:
+        return chat.log.problem(f"{sender} with a wrong session token; dropped")
+    chat.log.problem(f"{sender} but has no session; told to log in")
+    # A bare header, never larger than the packet; it echoes the token, so a client
+    # believes it only if that token was its own.
+    reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
+    chat.send(encode_packet(reset, chat.cipher), request.address)
 
 
 def refuse_numbered_ack(chat: ChatServer, request: Request) -> None:
@@ -963,20 +959,42 @@ def fit_fields(fields: list[str], step: int = 1) -> list[str]:
     return fields
 
 
+def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
+    """Keep the answer (or PENDING) to a REGISTER or LOGIN for its retries; bounded."""
+    key = retry_key(request)
+    chat.replies[key] = answer
+    chat.replies.move_to_end(key)
+    while len(chat.replies) > RETRY_CACHE_SIZE:
+        chat.replies.popitem(last=False)
+
+
+def send_to_stranger(chat: ChatServer, data: bytes, address: Address, size: int, proven: bool):
+    """Answer an address, never with more bytes than it sent unless it proved itchat.
+
+    UDP source addresses can be forged: if a small request could earn a big answer,
+    anyone could aim our answers at a victim (a reflection attack).
+    """
+    if proven or len(data) <= size:
+        chat.send(data, address)
+    else:
+        chat.stats["withheld"] += 1
+
+
 def retry_key(request: Request) -> tuple:
     """Who asked what: a retry has the same address, number and bytes as the first try."""
     return request.address, request.packet.seq, hash((request.packet.type, request.packet.payload))
 
 
-def load_rooms(store: auth.UserStore, messages) -> dict[str, Room]:
+def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
     """Return the rooms by lower-case name, the lobby first, each with its last messages.
 
     A room forgotten when the server was full leaves its lines in chat_history.txt: one
     made later with that name starts without them.
     """
     rooms = {LOBBY: Room(LOBBY, None)}
-    rooms.update((key, Room(record["name"], record)) for key, record in store.records.items() if key != LOBBY)
-    for when, name, user, text in messages:
+    for key, record in store.records.items():
+        rooms.setdefault(key, Room(record["name"], record))
+    for when, name, user, text in HistoryFile.read(history, warn):
         room = rooms.get(name.lower())
         if room and when >= (room.record or {}).get("created", 0):
             room.history.append((when, user, text))
@@ -1008,16 +1026,19 @@ class ServerLog:
         user = user if auth.valid_username(user or "-") else repr(user[:20])
         if not self.quiet:
             size = "" if size is None else f" {size} B"
-            self.emit(f"{time.strftime('%H:%M:%S')} {describe_address(address)} {user or '-'} {what}{size}  {outcome}")
+            self.emit(f"{time.strftime('%H:%M:%S')} {describe_address(address)} {user or '-'} "
+                      f"{what}{size}  {outcome}")
 
     def answer(self, request: Request, ptype: PacketType, fields: list[str]) -> None:
         """Log how a request was answered: once, with what the handler noted."""
         if request.packet.type in QUIET_TYPES and not self.verbose_on:
             return
-        outcome = f"refused: {fields[1]}" if ptype == PacketType.ERROR else f"ok: {fields[-1]}" if fields else "ok"
+        outcome = f"ok: {fields[-1]}" if fields else "ok"
+        if ptype == PacketType.ERROR:
+            outcome = f"refused: {fields[1]}"
         user = request.session.name if request.session else request.user
-        self.action(request.address, user, request.packet.type.name, f"{request.note} {outcome}".strip(),
-                    request.size)
+        outcome = f"{request.note} {outcome}".strip()
+        self.action(request.address, user, request.packet.type.name, outcome, request.size)
 
     def verbose(self, request: Request, text: str) -> None:
         if self.verbose_on:
@@ -1034,16 +1055,17 @@ class ServerLog:
         """Once a second of problems is over, say how many of them were not shown."""
         second = int(time.monotonic())
         if second != self.second and self.problems > PROBLEMS_PER_SECOND:
-            self.emit(f"{time.strftime('%H:%M:%S')} [WARN] ... and {self.problems - PROBLEMS_PER_SECOND} "
-                      "more problems in the second before, not shown")
+            hidden = self.problems - PROBLEMS_PER_SECOND
+            self.emit(f"{time.strftime('%H:%M:%S')} [WARN] ... and {hidden} more problems "
+                      "in the second before, not shown")
         if second != self.second:
             self.second, self.problems = second, 0
 
     def trace(self, direction: str, data: bytes, address: Address) -> None:
         """With --verbose: every datagram in and out, its header spelled out."""
         if self.verbose_on:
-            self.emit(f"{time.strftime('%H:%M:%S')} [trace] {direction} {describe_address(address)} "
-                      f"{describe_datagram(data)}")
+            self.emit(f"{time.strftime('%H:%M:%S')} [trace] {direction} "
+                      f"{describe_address(address)} {describe_datagram(data)}")
 
 
 class TokenBucket:
@@ -1150,7 +1172,9 @@ class HistoryFile:
     @classmethod
     def read(cls, path: str, warn=print):
         """Yield (unix time, room, user, text) for each message on file; warn of damage."""
-        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8", errors="replace") as file:
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8", errors="replace") as file:
             for number, line in enumerate(file, 1):
                 found = cls.LINE.fullmatch(line.rstrip("\n"))
                 if found:
@@ -1212,20 +1236,23 @@ class FileRelay:
 
     def open(self, sender, name: str, size: str, sha: str, receivers, now: float) -> Upload:
         """Start an upload for `receivers`; refuse a bad offer, a file too big, or too many."""
-        if not (whole_number(size) and SHA_HEX.fullmatch(sha) and 0 < len(name.encode()) <= MAX_FILE_NAME_BYTES):
+        if not (whole_number(size) and SHA_HEX.fullmatch(sha)
+                and 0 < len(name.encode()) <= MAX_FILE_NAME_BYTES):
             raise Refused("bad-request", "A file offer is [to, name (1-255 bytes), size, SHA-256].")
         if int(size) > self.limit:
             raise Refused("too-big", self.too_big(int(size)))
         if sum(upload.sender is sender for upload in self.uploads.values()) >= MAX_FILES_PER_MEMBER:
-            raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; wait for one "
-                                      "to finish.")
+            raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; "
+                                      "wait for one to finish.")
         if len(self.uploads) >= MAX_TRANSFERS:
             raise Refused("busy", "The server is busy with other files; try again in a while.")
         path = os.path.join(self.folder, f"{self.next_id}.part")
-        upload = Upload(self.next_id, sender, name, int(size), sha, path, *self.open_files(path), now)
+        writer, reader = self.open_files(path)
+        upload = Upload(self.next_id, sender, name, int(size), sha, path, writer, reader, now)
         upload.receivers = {member: [0, 0, 0] for member in receivers}
         self.uploads[upload.id], self.next_id = upload, self.next_id + 1
-        self.log_file(upload, f"offered to {', '.join(m.name for m in receivers)}, {describe_size(upload.size)}")
+        names = ", ".join(member.name for member in receivers)
+        self.log_file(upload, f"offered to {names}, {describe_size(upload.size)}")
         return upload
 
     def open_files(self, path: str) -> tuple:
@@ -1241,12 +1268,14 @@ class FileRelay:
                 with contextlib.suppress(OSError):
                     os.remove(path)
             self.log.problem(f"cannot open {path}: {error}")
-            raise Refused("server-error", "The server cannot store files now; try again later.") from None
+            raise Refused("server-error", "The server cannot store files now; "
+                                          "try again later.") from None
 
     def too_big(self, size: int) -> str:
         """Say by how much a file is over the limit: in bytes, if in MB the two look alike."""
         if describe_size(size) == describe_size(self.limit):
-            return f"That file is {size:,} bytes; the limit is {self.max_file_mb:g} MB ({self.limit:,} bytes)."
+            return (f"That file is {size:,} bytes; the limit is {self.max_file_mb:g} MB "
+                    f"({self.limit:,} bytes).")
         return f"That file is {describe_size(size)}; the limit is {self.max_file_mb:g} MB."
 
     def offered(self, upload: Upload, member, offer_seq: int) -> None:
@@ -1299,7 +1328,8 @@ class FileRelay:
         mine = [(upload, upload.receivers[session]) for upload in list(self.uploads.values())
                 if session in upload.receivers]
         for upload, (offer, sent, last) in mine:
-            if upload.checked and sent == upload.size and stream.delivered(last) and chat.delivered(offer):
+            if (upload.checked and sent == upload.size and stream.delivered(last)
+                    and chat.delivered(offer)):
                 self.forget(upload, session, "file-done", f"{session.name} has {upload.name}")
         ready = [(upload, where) for upload, where in mine if session in upload.receivers
                  and where[1] < upload.received and chat.delivered(where[0])]
@@ -1328,26 +1358,31 @@ class FileRelay:
             if upload.sender is session and not upload.checked:
                 self.cancel(upload, f"{session.name} left", tell_sender=False)
             elif session in upload.receivers:
-                self.forget(upload, session, "file-declined", f"{session.name} left before {upload.name} arrived")
+                why = f"{session.name} left before {upload.name} arrived"
+                self.forget(upload, session, "file-declined", why)
 
     def forget(self, upload: Upload, session, kind: str, why: str) -> None:
         """A receiver is done (file-done) or out (file-declined): tell the sender."""
         del upload.receivers[session]
-        self.log_file(upload, f"{session.name} has it all" if kind == "file-done" else f"not for {session.name}: {why}")
+        done = f"{session.name} has it all"
+        self.log_file(upload, done if kind == "file-done" else f"not for {session.name}: {why}")
         self.notify(upload.sender, kind, session.name, why, upload.id)
         self.release_if_unused(upload)
 
     def release_if_unused(self, upload: Upload) -> None:
         """Nobody left to receive it: delete the file (and stop an upload still coming)."""
         if not upload.receivers and upload.id in self.uploads:
-            self.close(upload) if upload.checked else self.cancel(upload, "nobody is left to receive it")
+            if upload.checked:
+                self.close(upload)
+            else:
+                self.cancel(upload, "nobody is left to receive it")
 
     def cancel(self, upload: Upload, why: str, tell_sender: bool = True) -> None:
         """End a transfer for everyone: the receivers and (unless it asked) the sender hear."""
         self.log_file(upload, f"cancelled: {why}")
         if tell_sender:
-            self.notify(upload.sender, "file-cancelled", upload.sender.name, f"{upload.name} not sent: {why}",
-                        upload.id)
+            self.notify(upload.sender, "file-cancelled", upload.sender.name,
+                        f"{upload.name} not sent: {why}", upload.id)
         for member in list(upload.receivers):
             self.notify(member, "file-cancelled", upload.sender.name,
                         f"{upload.name} from {upload.sender.name} cancelled: {why}", upload.id)
@@ -1375,7 +1410,8 @@ class FileRelay:
             self.close(upload)
 
     def log_file(self, upload: Upload, what: str) -> None:
-        self.log.action(upload.sender.address, upload.sender.name, "FILE", f"#{upload.id} {upload.name!r} {what}")
+        sender = upload.sender
+        self.log.action(sender.address, sender.name, "FILE", f"#{upload.id} {upload.name!r} {what}")
 
 
 # === The socket loop =========================================================================
@@ -1423,7 +1459,8 @@ class ServerLoop:
     def serve_once(self, longest: float) -> None:
         """Wait for a datagram, a finished password check or a timer, and handle it."""
         longest = min(longest, CHECK_POLL) if self.worker.running else longest
-        if self.selector.select(min(max(self.chat.next_deadline() - time.monotonic(), 0.0), longest)):
+        wait = min(max(self.chat.next_deadline() - time.monotonic(), 0.0), longest)
+        if self.selector.select(wait):
             self.receive_all(time.monotonic())
         now = time.monotonic()
         for job in self.worker.done():
@@ -1484,7 +1521,8 @@ class ServerLoop:
 
     def start(self) -> "ServerLoop":
         """Serve on a background thread (for tests and the notebook)."""
-        self.thread = threading.Thread(target=self.serve_then_close, name="chat-server", daemon=True)
+        self.thread = threading.Thread(target=self.serve_then_close, name="chat-server",
+                                       daemon=True)
         self.thread.start()
         return self
 
@@ -1516,7 +1554,8 @@ class ServerLoop:
 def start_server(config: ServerConfig, log=print) -> ServerLoop:
     """Bind, and serve on a background thread; stop with `.stop()`."""
     chat = ChatServer(config, log)
-    return ServerLoop(chat, wrap_socket(open_socket(config.host, config.port), config, chat)).start()
+    sock = wrap_socket(open_socket(config.host, config.port), config, chat)
+    return ServerLoop(chat, sock).start()
 
 
 def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
@@ -1550,7 +1589,8 @@ def lan_addresses() -> list[str]:
 def server_name(text: str) -> str:
     """Check --name: printable, and short enough that FIND's answer stays smaller than a FIND."""
     if len(text.encode("utf-8")) > MAX_NAME_BYTES or not text.isprintable():
-        raise argparse.ArgumentTypeError(f"must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8")
+        raise argparse.ArgumentTypeError(f"must be printable and at most {MAX_NAME_BYTES} "
+                                         "bytes of UTF-8")
     return text
 
 
@@ -1565,12 +1605,13 @@ def parse_args(argv: list[str]) -> ServerConfig:
     defaults, option = ServerConfig(), None
     parser = argparse.ArgumentParser(
         description="UDP chat room server. Clients connect with: python client.py",
-        epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures the "
-               "traffic can read it. Passwords are stored only as salted PBKDF2 hashes.")
+        epilog="The xor and caesar ciphers are teaching toys: anyone on the network who "
+               "captures the traffic can read it. Passwords are stored only as salted PBKDF2 "
+               "hashes.")
     option = parser.add_argument
     option("--host", default=defaults.host, help="address to listen on (default: all interfaces)")
-    option("--port", type=lambda text: 0 if text == "0" else port_number(text), default=defaults.port,
-           help="UDP port (default: %(default)s; 0: any free one)")
+    option("--port", type=lambda text: 0 if text == "0" else port_number(text),
+           default=defaults.port, help="UDP port (default: %(default)s; 0: any free one)")
     option("--data-dir", default=defaults.data_dir, help="folder for users.json, rooms.json and "
            "chat_history.txt (default: chat_data beside server.py)")
     option("--room-password", default=defaults.room_password,
@@ -1583,7 +1624,8 @@ def parse_args(argv: list[str]) -> ServerConfig:
     option("--session-timeout", type=float, default=defaults.session_timeout,
            help="seconds of silence before a client is considered gone (default: %(default)s)")
     option("--name", type=server_name, default=defaults.name,
-           help="the name clients see when they search the network with ? (default: this PC's name)")
+           help="the name clients see when they search the network with ? "
+                "(default: this PC's name)")
     option("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
            help="the largest file members may send, in MB (default: %(default)s)")
     # Every option is named as its ServerConfig field.
@@ -1597,7 +1639,8 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     print(f"UDP chat server listening on {describe_address(address)}")
     # Loopback never leaves this PC.
     if config.host.startswith("127.") or config.host == "localhost":
-        print(f"Clients on other PCs cannot reach it: it listens on {config.host} only (leave out --host)")
+        print(f"Clients on other PCs cannot reach it: it listens on {config.host} only "
+              "(leave out --host)")
     elif addresses:
         print(f"Clients on other PCs answer:  Server IP {' or '.join(addresses)}   port {port}")
     else:
@@ -1644,8 +1687,9 @@ def main(argv: list[str] | None = None) -> int:
             sock = wrap_socket(open_socket(config.host, config.port), config, chat)
         except OSError as error:
             chat.close()
-            print(f"[ERROR] Cannot listen on {config.host}:{config.port}: {error.strerror or error}. "
-                  "Is another server running there? Choose another port with --port.")
+            print(f"[ERROR] Cannot listen on {config.host}:{config.port}: "
+                  f"{error.strerror or error}. Is another server running there? "
+                  "Choose another port with --port.")
             return 1
         serve_until_stopped(ServerLoop(chat, sock), config)
     # Ctrl+C at any moment, even before serving: the normal way to stop.
