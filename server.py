@@ -397,7 +397,8 @@ class ChatServer:
             if len(session.backlog) < MAX_BACKLOG + (delivered.type == PacketType.BYE):
                 session.backlog.append(held)
             else:
-                self.answer(held, Refused("slow-down", "Slow down: too many messages; not sent."))
+                self.answer(held, Refused("slow-down", "Slow down: too many messages at once; "
+                                                       "not sent."))
         self.serve_backlog(session, request.now)
 
     def serve_backlog(self, session: Session, now: float) -> None:
@@ -774,7 +775,7 @@ def handle_say(chat: ChatServer, request: Request) -> list[str]:
         raise Refused("server-error", "The server could not save your message; not sent.") from None
     room.history.append((when, session.name, text))
     # The assignment: the server prints every message it relays (once, cut short).
-    request.note = f"[{room.name}] {shorten(text)!r}"
+    request.note = f"[{room.name}] {session.name}: {shorten(text)!r}"
     chat.publish(room, "chat", session.name, text, exclude=session)
     others = len(room.members) - 1
     return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
@@ -1037,7 +1038,7 @@ class ServerLog:
         if ptype == PacketType.ERROR:
             outcome = f"refused: {fields[1]}"
         user = request.session.name if request.session else request.user
-        outcome = f"{request.note} {outcome}".strip()
+        outcome = f"{outcome}  {request.note}".rstrip()
         self.action(request.address, user, request.packet.type.name, outcome, request.size)
 
     def verbose(self, request: Request, text: str) -> None:
@@ -1573,12 +1574,20 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
 
 
 def lan_addresses() -> list[str]:
-    """Return this PC's IPv4 addresses other than loopback, as far as it can tell: its host
-    name's, and the one a datagram to a far network would leave from (connect() on a UDP
-    socket only chooses the route; it sends nothing)."""
+    """Return this PC's IPv4 addresses other than loopback, as far as it can tell.
+
+    Linux lists its local addresses in /proc/net/fib_trie, each on the line before a
+    "/32 host LOCAL"; elsewhere (Windows) the host name resolves to every interface's
+    address; and a UDP socket connect()ed to a far address shows the one a datagram there
+    would leave from: connect() on UDP only chooses the route, it sends nothing.
+    """
     found = []
+    with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii") as table:
+        lines = [line.split() for line in table]
+        local = ["/32", "host", "LOCAL"]
+        found = [lines[n - 1][-1] for n, line in enumerate(lines) if n and line == local]
     with contextlib.suppress(OSError):
-        found += socket.gethostbyname_ex(socket.gethostname())[2]
+        found = found or socket.gethostbyname_ex(socket.gethostname())[2]
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         # 192.0.2.1 (TEST-NET-1) is kept for examples: nobody is there.
         probe.connect(("192.0.2.1", 9))

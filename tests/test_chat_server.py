@@ -816,6 +816,12 @@ def test_rooms_and_who(harness):
     assert alice.ask(PacketType.WHO) == (OK, ["lobby", "alice", "bob"])
 
 
+def test_rooms_lists_an_empty_room_with_its_count_of_zero(harness):
+    alice = member(harness, 1, "alice", room="games", password="pw")
+    alice.ask(PacketType.JOIN, "lobby", "juara")
+    assert alice.ask(PacketType.ROOMS) == (OK, ["lobby", "1", "games", "0"])
+
+
 def test_bad_payload_in_a_request_is_refused_not_fatal(harness):
     alice = member(harness, 1, "alice")
     answer = alice.ask(PacketType.SAY, raw=b"\x00\x09abc")
