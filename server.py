@@ -236,8 +236,8 @@ class Request:
     note: str = ""
 
 
-# Packet types a client without a session may send; every other one needs a session.
-STRANGER_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
+# The handshake's packet types, and FIND: all a client without a session may send.
+HANDSHAKE_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 # Requests that flood control counts: each tells others something.
 FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE, PacketType.FILE_OFFER}
 # Logged only with --verbose: heartbeats (40 students: 8 a second), the cookie each login
@@ -300,11 +300,11 @@ class ChatServer:
         except PacketError as error:
             return refuse_datagram(self, data, address, error)
         request = Request(packet, address, len(data), now)
-        if packet.type not in STRANGER_TYPES or packet.token != NO_TOKEN:
+        if packet.type not in HANDSHAKE_TYPES or packet.token != NO_TOKEN:
             self.handle_member_packet(request)
         # A stopping server opens no sessions: the client tries the restarted one.
         elif not self.stopping:
-            self.handle_stranger(request)
+            self.handle_handshake(request)
         self.flush(now)
 
     def finish_password_job(self, job: "PasswordJob", now: float) -> None:
@@ -368,7 +368,7 @@ class ChatServer:
 
     # --- Dispatch ---
 
-    def handle_stranger(self, request: Request) -> None:
+    def handle_handshake(self, request: Request) -> None:
         """HELLO, REGISTER, LOGIN, FIND without a session; a retry gets the first answer."""
         remembered = self.replies.get(retry_key(request))
         if remembered == PENDING:
@@ -435,8 +435,8 @@ class ChatServer:
     def answer(self, request: Request, result) -> None:
         """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer.
 
-        A member's answer goes on its channel; a stranger's straight to its address, and
-        is kept for retries once the stranger has proven its address.
+        A member's answer goes on its channel; any other straight to its address, and is
+        kept for retries once the client has proven its address.
         """
         if result is None:
             return
@@ -456,7 +456,7 @@ class ChatServer:
         data = encode_packet(reply, self.cipher)
         if request.proven:
             remember(self, request, data)
-        send_to_stranger(self, data, request.address, request.size, request.proven)
+        send_limited(self, data, request.address, request.size, request.proven)
 
     def send(self, data: bytes, address: Address) -> None:
         self.log.trace("out", data, address)
@@ -653,7 +653,7 @@ def finish_login(chat: ChatServer, job: "PasswordJob") -> list[str]:
 def start_check(chat: ChatServer, request: Request, then, work, *args, record=None) -> None:
     """Queue `work(*args)`, a slow hash, for the worker; `then` answers when it is done.
 
-    Until then a member's next requests wait, and a stranger's retries get no answer.
+    Until then a member's next requests wait, and a handshake's retries get no answer.
     """
     if chat.pending_checks >= MAX_PENDING_CHECKS:
         raise Refused("busy", "Server busy; try again in a moment.")
@@ -872,7 +872,7 @@ def refuse_datagram(chat: ChatServer, data: bytes, address: Address, error: Pack
     # unreadable (another key), or two servers would answer each other for ever.
     if data[:2] == MAGIC and len(data) > 3 and data[3] not in SERVER_ONLY:
         bad = Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error)))
-        send_to_stranger(chat, encode_packet(bad, chat.cipher), address, len(data), False)
+        send_limited(chat, encode_packet(bad, chat.cipher), address, len(data), False)
 
 
 def refuse_unknown_session(chat: ChatServer, request: Request, session: Session | None) -> None:
@@ -880,10 +880,12 @@ def refuse_unknown_session(chat: ChatServer, request: Request, session: Session 
     chat.stats["no-session"] += 1
     packet = request.packet
     sender = f"{describe_address(request.address)} sent {packet.type.name}"
-    # The last ACK of a client that said BYE, say; or another server answering what
-    # we sent (a RESET back would be answered too, for ever): nothing to answer.
-    if packet.type == PacketType.ACK or packet.type in SERVER_ONLY:
-        return refuse_server_only(chat, request) if packet.type in SERVER_ONLY else None
+    # The last ACK of a client that said BYE, say: nothing to answer.
+    if packet.type == PacketType.ACK:
+        return
+    # Maybe another server answering what we sent: a RESET back would be answered too.
+    if packet.type in SERVER_ONLY:
+        return refuse_server_only(chat, request)
     if session is not None:
         return chat.log.problem(f"{sender} with a wrong session token; dropped")
     chat.log.problem(f"{sender} but has no session; told to log in")
@@ -973,11 +975,12 @@ def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
         chat.replies.popitem(last=False)
 
 
-def send_to_stranger(chat: ChatServer, data: bytes, address: Address, size: int, proven: bool):
-    """Answer an address, never with more bytes than it sent unless it proved itchat.
+def send_limited(chat: ChatServer, data: bytes, address: Address, size: int, proven: bool):
+    """Send to an address, never more bytes than it sent unless it proved it is there.
 
     UDP source addresses can be forged: if a small request could earn a big answer,
-    anyone could aim our answers at a victim (a reflection attack).
+    anyone could aim our answers at a victim (a reflection attack). QUIC calls this
+    rule the anti-amplification limit.
     """
     if proven or len(data) <= size:
         chat.send(data, address)
@@ -1027,7 +1030,7 @@ class ServerLog:
         self.second, self.problems = 0, 0
 
     def action(self, address: Address, user: str, what: str, outcome: str, size=None) -> None:
-        # A stranger's name may hold anything: quoted, and short.
+        # A name not yet checked may hold anything: quoted, and short.
         user = user if auth.valid_username(user or "-") else repr(user[:20])
         if not self.quiet:
             size = "" if size is None else f" {size} B"

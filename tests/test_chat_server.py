@@ -851,7 +851,7 @@ def test_a_reply_too_big_for_a_packet_becomes_an_error(harness):
 
 def test_every_packet_type_has_one_handler(harness):
     assert set(server.HANDLERS) == set(PacketType)
-    assert server.STRANGER_TYPES == {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
+    assert server.HANDSHAKE_TYPES == {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 
 
 # --- Flood control -----------------------------------------------------------------------------------
