@@ -285,9 +285,9 @@ class ChatServer:
         self.outbox, self.password_jobs = [], []
         self.pending_checks, self.stopping, self.next_housekeeping = 0, False, 0.0
         self.stats: collections.Counter = collections.Counter()
-        # Sessions ended since the last flush; the member whose request is being answered,
-        # and the EVENTs for it that wait for the answer.
-        self.ended, self.replying_to, self.after_reply = [], None, []
+        # Sessions whose channels may have something to send now (a dict keeps their
+        # order); the member whose request is being answered, and EVENTs for it that wait.
+        self.due, self.replying_to, self.after_reply = {}, None, []
 
     # --- Entry points ---
 
@@ -332,6 +332,8 @@ class ChatServer:
             if session.wake_at <= now:
                 session.wake_at = float("inf")
                 self.serve_backlog(session, now)
+            if min(session.channel.next_wakeup(), session.file_stream.next_wakeup()) <= now:
+                self.due[session] = None
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_EVERY
             self.log.end_of_second()
@@ -385,7 +387,7 @@ class ChatServer:
         session = self.sessions.get(address)
         if session is None or not hmac.compare_digest(session.token, packet.token):
             return refuse_unknown_session(self, request, session)
-        session.last_heard = request.now
+        session.last_heard, self.due[session] = request.now, None
         if packet.flags & FLAG_FILE_STREAM:
             return self.files.receive(session, packet, request.now)
         for delivered in session.channel.receive(packet, request.now)[1]:
@@ -451,6 +453,7 @@ class ChatServer:
         self.log.answer(request, ptype, fields)
         if request.session is not None:
             request.session.behind |= not request.session.channel.send(ptype, payload)
+            self.due[request.session] = None
             return
         reply = Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload)
         data = encode_packet(reply, self.cipher)
@@ -479,6 +482,7 @@ class ChatServer:
             return 0
         seq = session.channel.send(PacketType.EVENT, body)
         session.behind |= not seq
+        self.due[session] = None
         return seq
 
     def publish(self, room: Room, kind: str, user: str, text: str, exclude=None) -> None:
@@ -518,26 +522,30 @@ class ChatServer:
         self.files.drop(session)
         if session.room:
             leave_room(self, session, reason)
-        self.ended.append(session)
+        # Polled once more, for its last packet; then never again.
+        self.due[session] = None
         # After a BYE, the answer's own log line says goodbye.
         if reason:
             self.log.action(session.address, session.name, "END", f"session ended: {reason}")
 
     def flush(self, now: float) -> None:
-        """Turn what every channel has into datagrams; end sessions that cannot keep up."""
-        for session in list(self.sessions.values()):
-            self.files.fill(session)
-            failed = session.channel.failed or session.file_stream.failed
-            if failed or session.behind:
-                reason = "not responding" if failed else "too slow"
-                self.log.problem(f"{session.name} at {describe_address(session.address)}: {reason}")
-                self.end_session(session, reason, now)
-        # Ended sessions send their last packet once, then are forgotten.
-        for session in [*self.ended, *self.sessions.values()]:
-            for stream in (session.channel, session.file_stream):
-                for data in stream.poll(now):
-                    self.send(data, session.address)
-        self.ended.clear()
+        """Send what the channels of the sessions due have; end those that cannot keep up."""
+        self.due.update(dict.fromkeys(self.files.receiving()))
+        while self.due:
+            due, self.due = list(self.due), {}
+            for session in due:
+                current = self.sessions.get(session.address) is session
+                if current:
+                    self.files.fill(session)
+                for stream in (session.channel, session.file_stream):
+                    for data in stream.poll(now):
+                        self.send(data, session.address)
+                failed = session.channel.failed or session.file_stream.failed
+                if current and (failed or session.behind):
+                    reason = "not responding" if failed else "too slow"
+                    self.log.problem(f"{session.name} at {describe_address(session.address)}: "
+                                     f"{reason}")
+                    self.end_session(session, reason, now)
 
 
 # === The handlers: one function per packet type ==============================================
@@ -1327,6 +1335,11 @@ class FileRelay:
                 where[1] += len(data)
                 if where[1] >= upload.received or not data:
                     ready.remove((upload, where))
+
+    def receiving(self) -> list:
+        """Return the sessions being sent a file: their file streams may have room now."""
+        return list(dict.fromkeys(member for upload in self.uploads.values()
+                                  for member in upload.receivers))
 
     def cancel_by(self, session, number: int) -> None:
         """A FILE_CANCEL: the sender's ends the transfer; a receiver's, its own part."""
