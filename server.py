@@ -1213,11 +1213,22 @@ class Upload:
     # The temporary file, written at its end as chunks come, read back for each receiver.
     file: object
     last_progress: float
-    # Session -> [its "file" EVENT's number, bytes put in its file stream, the last chunk's number].
+    # Session -> where that receiver is (Receiver), till it has the file or is out.
     receivers: dict = dataclasses.field(default_factory=dict)
     received: int = 0
     checked: bool = False
     digest: object = dataclasses.field(default_factory=hashlib.sha256)
+
+
+@dataclasses.dataclass
+class Receiver:
+    """Where one receiver is in one file: numbers on its own two channels, and bytes sent."""
+
+    # The "file" EVENT's number on its chat channel: no chunk goes before that arrived.
+    offer_seq: int = 0
+    sent: int = 0
+    # The file stream's number of the last chunk put in.
+    last_seq: int = 0
 
 
 class FileRelay:
@@ -1259,7 +1270,7 @@ class FileRelay:
             raise Refused("server-error", "The server cannot store files now; "
                                           "try again later.") from None
         upload = Upload(self.next_id, sender, name, int(size), sha, path, file, now)
-        upload.receivers = {member: [0, 0, 0] for member in receivers}
+        upload.receivers = {member: Receiver() for member in receivers}
         self.uploads[upload.id], self.next_id = upload, self.next_id + 1
         names = ", ".join(member.name for member in receivers)
         self.log_file(upload, f"offered to {names}, {describe_size(upload.size)}")
@@ -1275,7 +1286,7 @@ class FileRelay:
     def offered(self, upload: Upload, member, offer_seq: int) -> None:
         """The "file" EVENT is on its way to `member` as number `offer_seq` (0: it was not)."""
         if offer_seq:
-            upload.receivers[member][0] = offer_seq
+            upload.receivers[member].offer_seq = offer_seq
         else:
             upload.receivers.pop(member, None)
         self.check_whole(upload)
@@ -1321,19 +1332,20 @@ class FileRelay:
         stream, chat = session.file_stream, session.channel
         mine = [(upload, upload.receivers[session]) for upload in list(self.uploads.values())
                 if session in upload.receivers]
-        for upload, (offer, sent, last) in mine:
-            if (upload.checked and sent == upload.size and stream.delivered(last)
-                    and chat.delivered(offer)):
+        for upload, where in mine:
+            if (upload.checked and where.sent == upload.size and stream.delivered(where.last_seq)
+                    and chat.delivered(where.offer_seq)):
                 self.forget(upload, session, "file-done", f"{session.name} has {upload.name}")
         ready = [(upload, where) for upload, where in mine if session in upload.receivers
-                 and where[1] < upload.received and chat.delivered(where[0])]
+                 and where.sent < upload.received and chat.delivered(where.offer_seq)]
         while ready and len(stream.waiting) < FILL:
             for upload, where in list(ready):
-                upload.file.seek(where[1])
-                data = upload.file.read(chunk_length(upload.size, where[1]))
-                where[2] = stream.send(PacketType.FILE_CHUNK, pack_chunk(upload.id, where[1], data))
-                where[1] += len(data)
-                if where[1] >= upload.received or not data:
+                upload.file.seek(where.sent)
+                data = upload.file.read(chunk_length(upload.size, where.sent))
+                chunk = pack_chunk(upload.id, where.sent, data)
+                where.last_seq = stream.send(PacketType.FILE_CHUNK, chunk)
+                where.sent += len(data)
+                if where.sent >= upload.received or not data:
                     ready.remove((upload, where))
 
     def receiving(self) -> list:

@@ -7,6 +7,7 @@ itself is never run here - it broadcasts - but is replaced by a stand-in; a real
 on a real (namespaced) network is tests/test_lan.py's part.
 """
 
+import io
 import socket
 import sys
 import types
@@ -385,6 +386,28 @@ def test_the_banner_names_the_interfaces_addresses(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "Clients on other PCs answer:  Server IP 10.77.0.1 or 192.168.1.10   port 9999" in out
     assert "find this server as: lab-pc-07" in out
+
+
+FIB_TRIE = """Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 10.77.0.0/24 2 0 2
+        |-- 10.77.0.1
+           /32 host LOCAL
+        |-- 10.77.0.255
+           /32 link BROADCAST
+     +-- 127.0.0.0/8 2 0 2
+        |-- 127.0.0.1
+           /32 host LOCAL
+"""
+
+
+def test_the_banner_finds_a_lan_address_without_a_default_route(monkeypatch):
+    def routed_nowhere(*args):
+        raise OSError(101, "Network is unreachable")  # a lab LAN with no way out
+
+    monkeypatch.setattr(server, "open", lambda path, **options: io.StringIO(FIB_TRIE), raising=False)
+    monkeypatch.setattr(socket.socket, "connect", routed_nowhere)
+    assert server.lan_addresses() == ["10.77.0.1"]  # Linux's table of local addresses, loopback left out
 
 
 def test_the_banner_of_a_server_on_loopback_says_other_pcs_cannot_reach_it(capsys):
