@@ -1164,9 +1164,11 @@ class HistoryFile:
         self.path = path
         self.file = open(path, "a+b")
         # Killed mid-write last time: end that line, so the next one stands alone.
-        if self.file.tell() and (self.file.seek(-1, os.SEEK_END) or self.file.read(1) != b"\n"):
-            self.file.write(b"\n")
-            self.file.flush()
+        if self.file.seek(0, os.SEEK_END):
+            self.file.seek(-1, os.SEEK_END)
+            if self.file.read(1) != b"\n":
+                self.file.write(b"\n")
+                self.file.flush()
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))

@@ -1080,6 +1080,19 @@ def test_a_client_back_with_a_new_channel_gets_a_new_session_at_the_same_address
     assert answer.type == OK and answer.token != old  # not the old one, whose numbers it no longer follows
 
 
+def test_history_file_gains_no_blank_line_at_a_restart_and_a_torn_line_is_ended(tmp_path):
+    path = str(tmp_path / "h.txt")
+    for _ in range(2):  # two starts of a server on one file
+        history = server.HistoryFile(path)
+        history.append(1764575165.0, "lobby", "alice", "hi")
+        history.close()
+    with open(path, "ab") as file:
+        file.write(b"2025-12-01 07:46:05 UTC  #lobby  bob: cut sh")  # killed mid-write
+    server.HistoryFile(path).close()
+    lines = open(path, encoding="utf-8").read().split("\n")
+    assert len(lines) == 4 and lines[-1] == "" and all(lines[:3])
+
+
 def test_history_is_one_readable_line_a_message_and_reads_back_exactly(tmp_path):
     path = str(tmp_path / "history.txt")
     history = server.HistoryFile(path)
