@@ -311,7 +311,8 @@ class ChatServer:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, session = job.request, job.request.session
         request.now, self.pending_checks = now, self.pending_checks - 1
-        self.registering.discard(request.user.lower())
+        if request.packet.type == PacketType.REGISTER:
+            self.registering.discard(request.user.lower())
         # Not for a session ended meanwhile, nor after EVENT stop: the client asks again.
         current = session is None or (self.sessions.get(session.address) is session
                                       and not self.stopping)
