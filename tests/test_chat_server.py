@@ -1,10 +1,10 @@
 """ChatServer driven directly: plain bytes in, plain bytes out, a fake clock, no sockets.
 
-Here live the promises about what any sender can and cannot do: replies to strangers are
+Here live the promises about what any sender can and cannot do: answers to clients without a session are
 never larger than what they sent, tokens cannot be forged or replayed, guessing passwords
 is locked out, floods are held back, tables are bounded.
 
-A stranger (`Peer`) sends HELLO, REGISTER and LOGIN by hand, numbered 1, 2, 3...; a
+A client before login (`Peer`) sends HELLO, REGISTER and LOGIN by hand, numbered 1, 2, 3...; a
 member (`Member`) talks over a `Channel` numbered from 1, as client.py does after login.
 Password checks run in line: `job.run()`, then `finish_password_job`.
 """
@@ -399,12 +399,12 @@ def test_server_full(make_harness, monkeypatch):
     assert unpack_fields(third.login("c").payload)[1:] == ["full", "Server full; try again later."]
 
 
-def test_a_strangers_odd_name_is_logged_quoted(harness):
+def test_an_odd_name_before_login_is_logged_quoted(harness):
     Peer(harness, 1).register("evil\nFAKE LOG LINE")
     assert harness.log and not any(line.startswith("FAKE") for line in "\n".join(harness.log).split("\n"))
 
 
-# --- Strangers' retries: the same answer, never a second account or hash ---------------------------
+# --- Retries before login: the same answer, never a second account or hash ---------------------------
 
 
 def test_a_retried_register_gets_the_same_answer_and_makes_one_account(harness, hashes):
@@ -476,7 +476,7 @@ def test_a_different_request_reusing_a_number_is_not_taken_for_a_retry(harness):
     assert harness.chat.users.exists("alice") and harness.chat.users.exists("bob")
 
 
-def test_stranger_replies_are_bounded(make_harness, monkeypatch):
+def test_the_retry_cache_is_bounded(make_harness, monkeypatch):
     monkeypatch.setattr(server, "RETRY_CACHE_SIZE", 8)
     harness = make_harness()
     peer = Peer(harness, 1)
@@ -486,10 +486,10 @@ def test_stranger_replies_are_bounded(make_harness, monkeypatch):
     assert len(harness.chat.replies) == 8
 
 
-# --- What a stranger can make the server send -------------------------------------------------------
+# --- What a client without a session can make the server send -------------------------------------------------------
 
 
-def test_stranger_never_gets_more_bytes_than_it_sent(harness):
+def test_a_client_without_a_session_never_gets_more_bytes_than_it_sent(harness):
     address = ("10.0.0.1", 1)
     small_hello = encode_packet(Packet(PacketType.HELLO, 1), CIPHER)
     assert harness.deliver(small_hello, address) == []  # an unpadded HELLO earns nothing

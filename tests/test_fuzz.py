@@ -879,7 +879,7 @@ def run_password_jobs(chat: server.ChatServer) -> None:
             chat.finish_password_job(job.run(), START)
 
 
-def test_login_answer_survives_stranger_replies_eviction(tmp_path, monkeypatch):
+def test_login_answer_survives_retry_cache_eviction(tmp_path, monkeypatch):
     """A login finishing while the remembered answers are over-full must not crash the server.
 
     Found by the state machine. With the default size of 4096 the same happens when
