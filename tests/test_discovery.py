@@ -7,6 +7,7 @@ itself is never run here - it broadcasts - but is replaced by a stand-in; a real
 on a real (namespaced) network is tests/test_lan.py's part.
 """
 
+import io
 import socket
 import sys
 import types
@@ -14,7 +15,6 @@ import types
 import pytest
 from test_chat_server import Harness, member
 
-import auth
 import client
 import encryption_helper
 import server
@@ -76,8 +76,8 @@ def test_an_unpadded_find_is_dropped_counted_and_logged(make_harness):
 
 
 def test_finds_over_the_servers_rate_are_dropped_until_it_refills(make_harness, monkeypatch):
-    monkeypatch.setattr(auth.Discovery, "FIND_BURST", 3)
-    monkeypatch.setattr(auth.Discovery, "FIND_RATE", 1.0)
+    monkeypatch.setattr(server, "FIND_BURST", 3)
+    monkeypatch.setattr(server, "FIND_RATE", 1.0)
     harness = make_harness()
     answered = [harness.deliver(find(seq), ("10.0.0.9", 40000 + seq)) for seq in range(1, 6)]  # five senders
     assert [len(out) for out in answered] == [1, 1, 1, 0, 0]  # the bucket is the server's, not a sender's
@@ -89,7 +89,7 @@ def test_finds_over_the_servers_rate_are_dropped_until_it_refills(make_harness, 
 
 def test_the_longest_answer_is_no_larger_than_the_find(make_harness, monkeypatch):
     harness = make_harness(name="é" * (server.MAX_NAME_BYTES // 2), port=65535)
-    monkeypatch.setattr(harness.chat, "sessions", dict.fromkeys(range(999)))  # the most a 3-digit count says
+    monkeypatch.setattr(harness.chat, "online", dict.fromkeys(range(999)))  # the most a 3-digit count says
     request = find(seq=2**32 - 1)
     [(answer, _, size)] = harness.deliver(request, STRANGER)
     assert unpack_fields(answer.payload)[3] == "999" and size <= len(request) == MIN_FIND_SIZE
@@ -105,7 +105,7 @@ def test_a_find_that_is_not_only_padding_is_refused_no_larger(make_harness):
 
 def test_the_default_name_is_the_host_name_cut_to_whole_characters(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "ü" * 40)  # 80 bytes of UTF-8
-    assert auth.host_name() == "ü" * 32
+    assert server.host_name() == "ü" * 32
 
 
 def test_a_name_too_long_for_an_answer_is_refused(capsys):
@@ -381,14 +381,33 @@ def test_elsewhere_with_no_network_there_is_no_interface(elsewhere, monkeypatch)
 
 
 def test_the_banner_names_the_interfaces_addresses(monkeypatch, capsys):
-    monkeypatch.setattr(server, "local_interfaces", lambda: [
-        Interface("eth0", "10.77.0.1", "255.255.255.0", "10.77.0.255"),
-        Interface("eth0", "10.77.0.1", "255.255.255.0", "10.77.0.255"),  # two labels of one address: said once
-        Interface("wlan0", "192.168.1.10", "255.255.255.0", "192.168.1.255")])
+    monkeypatch.setattr(server, "lan_addresses", lambda: ["10.77.0.1", "192.168.1.10"])
     server.print_banner(server.ServerConfig(), ("0.0.0.0", 9999), "lab-pc-07")
     out = capsys.readouterr().out
     assert "Clients on other PCs answer:  Server IP 10.77.0.1 or 192.168.1.10   port 9999" in out
     assert "find this server as: lab-pc-07" in out
+
+
+FIB_TRIE = """Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 10.77.0.0/24 2 0 2
+        |-- 10.77.0.1
+           /32 host LOCAL
+        |-- 10.77.0.255
+           /32 link BROADCAST
+     +-- 127.0.0.0/8 2 0 2
+        |-- 127.0.0.1
+           /32 host LOCAL
+"""
+
+
+def test_the_banner_finds_a_lan_address_without_a_default_route(monkeypatch):
+    def routed_nowhere(*args):
+        raise OSError(101, "Network is unreachable")  # a lab LAN with no way out
+
+    monkeypatch.setattr(server, "open", lambda path, **options: io.StringIO(FIB_TRIE), raising=False)
+    monkeypatch.setattr(socket.socket, "connect", routed_nowhere)
+    assert server.lan_addresses() == ["10.77.0.1"]  # Linux's table of local addresses, loopback left out
 
 
 def test_the_banner_of_a_server_on_loopback_says_other_pcs_cannot_reach_it(capsys):
@@ -399,7 +418,7 @@ def test_the_banner_of_a_server_on_loopback_says_other_pcs_cannot_reach_it(capsy
 
 
 def test_the_banner_without_a_network_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(server, "local_interfaces", lambda: [])
+    monkeypatch.setattr(server, "lan_addresses", lambda: [])
     server.print_banner(server.ServerConfig(), ("0.0.0.0", 9999), "lab-pc-07")
     out = capsys.readouterr().out
     assert "this PC has no network address" in out and "<this PC's address>" not in out

@@ -365,9 +365,9 @@ def test_a_stalled_receiver_holds_back_neither_the_others_nor_the_chat(start_ser
     most = [0]
 
     class MeasuredRelay(server.FileRelay):
-        def pump(self, sessions, now):
-            super().pump(sessions, now)
-            most[0] = max(most[0], self.buffered_bytes())
+        def fill(self, session):
+            super().fill(session)
+            most[0] = max(most[0], session.file_stream.buffered_bytes())
 
     monkeypatch.setattr(server, "FileRelay", MeasuredRelay)
     alice, bob, carol = friends(make_client, start_server(), tmp_path, "alice", "bob", "carol")
@@ -380,8 +380,8 @@ def test_a_stalled_receiver_holds_back_neither_the_others_nor_the_chat(start_ser
         assert next_event(bob, "chat").text == "still here"
     what, received = outcome(carol)  # once she reads again, she gets it too
     assert what == "done" and open(received.path, "rb").read() == data
-    # Never a whole file in memory: at most a window and the FILL queue per receiver.
-    assert 0 < most[0] <= 2 * (32 + encryption_helper.FILL) * MAX_PAYLOAD
+    # Never a whole file in memory: at most a window and the FILL queue for a receiver.
+    assert 0 < most[0] <= (32 + encryption_helper.FILL) * MAX_PAYLOAD
 
 
 def a_download_under_way(make_client, chat_server, tmp_path):
@@ -436,10 +436,10 @@ def test_an_upload_that_never_comes_is_cancelled_and_frees_its_place(tmp_path):
     try:
         relay = chat.files
         gone = types.SimpleNamespace(name="alice", address=("10.0.0.1", 1))  # a sender no longer here
-        upload = relay.open_upload(gone, "x.bin", 10, "0" * 64, now=100.0)
-        relay.expire(100.0 + relay.IDLE_LIMIT - 1)
+        upload = relay.open(gone, "x.bin", "10", "0" * 64, [], now=100.0)
+        relay.expire(100.0 + server.UPLOAD_IDLE_LIMIT - 1)
         assert upload.id in relay.uploads
-        relay.expire(100.0 + relay.IDLE_LIMIT + 1)
+        relay.expire(100.0 + server.UPLOAD_IDLE_LIMIT + 1)
         assert upload.id not in relay.uploads and os.listdir(relay.folder) == []
     finally:
         chat.close()
@@ -448,9 +448,10 @@ def test_an_upload_that_never_comes_is_cancelled_and_frees_its_place(tmp_path):
 def test_a_stopped_server_closes_its_temporary_files(tmp_path):
     chat = server.ChatServer(server.ServerConfig(data_dir=str(tmp_path), kdf_iterations=1000, quiet=True),
                              log=lambda line: None)
-    upload = chat.files.open_upload(object(), "x.bin", 10, "0" * 64, now=0.0)
+    sender = types.SimpleNamespace(name="alice", address=("10.0.0.1", 1))
+    upload = chat.files.open(sender, "x.bin", "10", "0" * 64, [], now=0.0)
     chat.close()
-    assert upload.writer.closed and upload.reader.closed  # Windows could not delete them otherwise
+    assert upload.file.closed  # Windows could not delete them otherwise
 
 
 def test_a_checked_upload_reaches_its_receivers_after_its_sender_leaves(chat_server, make_client, tmp_path):
@@ -485,7 +486,7 @@ def test_a_member_sends_only_a_few_files_at_once(chat_server, make_client, tmp_p
     alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
     hold_upload(alice, 0)
     path = random_file(tmp_path, 10_000)[0]
-    for _ in range(server.FileRelay.MAX_PER_MEMBER):
+    for _ in range(server.MAX_FILES_PER_MEMBER):
         alice.send_file("bob", path)[1].result(EVENT_WAIT)
     with pytest.raises(client.Refused, match="wait for one to finish"):
         alice.send_file("bob", path)[1].result(EVENT_WAIT)

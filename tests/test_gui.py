@@ -29,6 +29,7 @@ from test_discovery import answer_to
 from test_files import outcome
 
 import client
+import server
 from encryption_helper import Interface
 
 
@@ -322,7 +323,7 @@ def test_log_out_leaves_the_room_password_screen_the_server_keeps_asking(chat_se
     pump(window, lambda: window.view is window.room_view, "the room password screen")
     window.room_view.join_button.invoke()  # nothing typed: nothing sent, so not a wrong password
     assert window.room_view.reply.cget("text") == "Type the room password of lobby, or Log out."
-    for _ in range(client.auth.AbuseControl.LOGIN_FAILURES):
+    for _ in range(server.LOGIN_FAILURES):
         type_into(window, window.room_view.password, "wrong")
         pump(window, lambda: window.room_view.join_button.cget("state") == "normal", "the refusal")
     assert window.room_view.reply.cget("text").startswith("Too many wrong room passwords; try again in ")

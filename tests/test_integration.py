@@ -203,14 +203,14 @@ def test_back_in_ones_own_lines_are_not_shown_again_as_the_rooms_past(start_serv
 
 
 def test_a_rejoin_waits_out_a_lockout_of_its_account(start_server, make_client, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "FAILURE_PERIOD", 5.0)  # locked for 5 s, not 60
+    monkeypatch.setattr(server, "FAILURE_PERIOD", 5.0)  # locked for 5 s, not 60
     monkeypatch.setattr(client, "REJOIN_EVERY", 0.2)
     running = start_server(session_timeout=1.0)
     notices = []
     alice = member(make_client, running.address, "alice", on_notice=notices.append,
                    timing=fast_timing(heartbeat_every=60.0))  # silent: the server will time her out
     mallory = make_client(running.address)
-    for _ in range(server.AbuseControl.LOGIN_FAILURES):  # guessing alice's password locks her account
+    for _ in range(server.LOGIN_FAILURES):  # guessing alice's password locks her account
         with pytest.raises(client.Refused):
             mallory.login("alice", "guess")
     wait_until(lambda: "alice" not in running.loop.chat.online, what="alice's session to time out")
@@ -261,8 +261,8 @@ def test_registering_while_logged_in_does_not_break_the_session(chat_server, mak
 
 
 def test_leaving_right_after_a_long_paste_ends_the_session(start_server, make_client, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 1)  # one line at once, then two a second...
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_RATE", 2.0)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 1)  # one line at once, then two a second...
+    monkeypatch.setattr(server, "MESSAGE_RATE", 2.0)
     monkeypatch.setattr(server, "MAX_BACKLOG", 2)  # ...two held back, and the rest of the paste refused
     running = start_server()
     alice = member(make_client, running.address, "alice")
