@@ -1,4 +1,4 @@
-"""UDP chat room client: log in, join a password-protected room, chat.
+"""UDP chat room client: log in, join a password-protected room, chat, send files.
 
 Start the server on one PC (`python server.py`), then on each other PC:
 
@@ -15,26 +15,21 @@ line and end of input means exit, so a session can be scripted:
 
     printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' | python client.py --host 127.0.0.1 --port 9999
 
-How it is built:
+How it is built, in the order this file reads:
 
-* `ClientProtocol` is the protocol with no socket and no thread: it is fed datagrams and
-  the time, and says what to send. Tests and the notebook drive it directly.
-* Before login there is no session, so requests (HELLO, REGISTER, LOGIN) go one at a
-  time, each sent again once a second until answered: stop-and-wait, which is the
-  reliable `Channel` with a window of 1. After login every request - a line typed, a
-  paste of twenty, /who - goes on the session's channel with a window of 32: lines flow
-  without waiting for each other's replies, in the order typed, each delivered once.
-  Each reply names the request it answers. What the server pushes (messages, joins,
-  leaves) comes back on the same channel, in order.
-* `ChatClient` wraps the protocol with the socket and one network thread, the only
-  reader of the socket. Its UDP socket is connect()ed to the server, so the operating
-  system drops datagrams from anyone else.
-* `Terminal` keeps the keyboard on its own thread, so that arriving messages are printed
-  above the line being typed and Ctrl+C works on Windows too. `Screen` decides how each
-  message looks (one's own, private, naming the user); `Conversation` asks and commands.
-* `ChatWindow` (--gui) is the same client with Tk widgets for a face: its `Conversation`
-  and `ChatClient` are the terminal's. Only the Tk thread touches a widget; the others
-  post what they have on a queue that the window empties with after().
+* `Event` - everything the client has to tell its user, in one stream: what the server
+  pushed (a message, a join), the answers to requests, and what the client itself noticed.
+* `ClientProtocol` - the protocol with no socket, no thread and no clock: it is fed
+  datagrams and the time, and says what to send. Before login, requests go one at a time,
+  each sent again once a second until answered (stop-and-wait: the reliable `Channel`
+  with a window of 1); after login, on the session's channel with a window of 32, so a
+  paste of twenty lines flows without waiting. Its `state` says where it stands; getting
+  back in after the session was lost is one of those states, not a thread.
+* `FileTransfers` - files both ways, on the session's second channel.
+* `ChatClient` - the protocol, a UDP socket connect()ed to the server, and one network
+  thread, the only reader of the socket. Its methods block until the server answers.
+* discovery (`find_servers`), the terminal face (`Terminal`, `run_command`, shared with
+  the window), the window face (--gui), and `main`.
 
 The packet format, the channel and the toy ciphers are defined once, in
 encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
@@ -62,9 +57,9 @@ import queue
 import re
 import secrets
 import selectors
-import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -81,7 +76,6 @@ from encryption_helper import (
     FILL,
     FLAG_FILE_STREAM,
     HEADER_SIZE,
-    LIMITED_BROADCAST,
     LOBBY,
     MAX_FILE_NAME_BYTES,
     MAX_PAYLOAD,
@@ -98,15 +92,14 @@ from encryption_helper import (
     Packet,
     PacketError,
     PacketType,
+    Refused,
     RtoEstimator,
-    WakeUp,
     add_shared_options,
     chunk_length,
     decode_packet,
     describe_datagram,
     describe_size,
     encode_packet,
-    local_interfaces,
     make_cipher,
     oversize_text,
     pack_chunk,
@@ -117,7 +110,7 @@ from encryption_helper import (
     whole_number,
 )
 
-try:  # Linux and macOS: lets a message printed above the prompt redraw what was typed
+try:  # Linux and macOS: the line being typed is drawn again below a message printed above it
     import readline
 except ImportError:  # Windows has no readline, and needs none
     readline = None
@@ -125,16 +118,24 @@ try:  # Linux and macOS: to give the terminal back as we found it (echo on) afte
     import termios
 except ImportError:
     termios = None
+try:  # Unix only: asking the kernel for the addresses of each network interface
+    import fcntl
+except ImportError:
+    fcntl = None
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
-MAX_WAIT = 0.5  # seconds any thread blocks at most, so Ctrl+C and shutdown are prompt
+MAX_WAIT = 0.5  # seconds a thread blocks at most, so Ctrl+C and shutdown are prompt
 FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
 REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
-ELSEWHERE_PATIENCE = 60.0  # seconds a rejoin waits for an old session of ours (30 s of silence) to end
-OWN_LINES_KEPT = 50  # own lines remembered, not to show them again as the room's past after a rejoin
+ELSEWHERE_PATIENCE = 60.0  # seconds a rejoin waits for an old session of ours to time out
 MIN_PASSWORD = 4  # characters this client asks of a new account's password (the server takes any)
-
+# Requests the server never did when it says it stops, and which may wait for a rejoin.
+RESENDABLE = {PacketType.SAY, PacketType.PRIVATE, PacketType.JOIN, PacketType.ROOMS, PacketType.WHO}
+# Refusals of a LOGIN that end by themselves: a lockout, a busy server, an old session of
+# ours that the server keeps until it times out (we came back from a new address).
+WORTH_WAITING = {"busy", "full", "stale-cookie", "slow-down", "stopping", "locked",
+                 "logged-in-elsewhere"}
 
 
 @dataclasses.dataclass
@@ -146,7 +147,7 @@ class Timing:
     connect_timeout: float = 10.0
     heartbeat_every: float = 5.0  # say PING after this much quiet, so the server keeps us
     lost_contact_after: float = 15.0  # nothing heard this long while waiting: warn the user...
-    give_up_after: float = 45.0  # ...and this long: give up and close
+    give_up_after: float = 45.0  # ...and this long: the session is lost
     initial_rto: float = RtoEstimator.INITIAL
     min_rto: float = RtoEstimator.FLOOR
     max_rto: float = RtoEstimator.CEILING
@@ -155,179 +156,250 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """Something the server pushed: a message, a join or a leave."""
+    """One thing to tell the user (or a waiting caller): the client's single stream out.
 
-    kind: str  # "chat", "private", "history", "join", "leave", or one of FILE_EVENTS
-    time: float  # unix time the server stamped it with
-    room: str
-    user: str
-    text: str
-    more: tuple = ()  # the fields after the text: an EVENT about a file names it
+    From the server: "chat", "private", "history", "join", "leave" and the FILE_EVENTS,
+    `more` holding the fields after the text. Made by the client: "notice" (`text` is a
+    finished line), "transfer" (`more` is (Transfer,)), "state" (`text` is the new state),
+    and "answer" (`more` is (request number, fields or error)), which ChatClient keeps.
+    """
+
+    kind: str
+    time: float  # unix time: the server's stamp, or the client's clock for its own events
+    room: str = ""
+    user: str = ""
+    text: str = ""
+    more: tuple = ()
 
 
 # --- What can go wrong, in words a student understands --------------------------------
+# A refusal by the server is encryption_helper.Refused (code, text); the rest are these.
 
 
 class ChatError(Exception):
     """Something the user should be told about; str() is the message."""
 
 
-class Refused(ChatError):
-    """The server said no: an ERROR reply [re, code, text]."""
+class ServerNotResponding(ChatError):
+    """No answer: the server is not running, or not at that address, or the keys differ."""
 
-    def __init__(self, code: str, text: str):
-        super().__init__(text)
-        self.code, self.text = code, text
+
+class SessionLost(ChatError):
+    """The session ended before the server answered: it may or may not have done it."""
+
+
+class ConnectionClosed(ChatError):
+    """The client was closed, or gave up on the server."""
+
+
+class FileProblem(ChatError):
+    """A file that cannot be sent or saved; str() says why."""
 
 
 SESSION_LOST = "The server does not know this session (was it restarted?). Log in again."
 KEY_MISMATCH = ("The server's reply fails its checksum: server and client keys differ? "
                 "Both must use the same --cipher and --key.")
+NOT_SENT = "Not back in the chat; not sent."
 
 
-class ServerNotResponding(ChatError):
-    pass
-
-
-class KeyMismatch(ChatError):
-    pass
-
-
-class SessionLost(ChatError):
-    pass
-
-
-class ConnectionClosed(ChatError):
-    pass
-
-
-class ServerStopped(SessionLost):
-    """The server said it stops: what it had not answered, it never handled."""
-
-
-class LoggedInElsewhere(SessionLost):
-    """The same account logged in from another client, which took the session over."""
-
-
-# --- The protocol, without sockets or threads -------------------------------------------
+# --- The protocol, without sockets, threads or clock -----------------------------------
+#
+# The life of a line typed, "hi": ChatClient.say -> ClientProtocol.request (SAY queued on
+# the session's Channel, numbered 7) -> the network thread's poll() -> Channel.poll ->
+# encode_packet -> sock.send. The server's OK [7, "to lobby, 2 others"] comes back through
+# receive() -> Channel.receive (in order, acknowledged) -> receive_answer, which finds
+# request 7 in `pending` and puts Event("answer") and the own line Event("chat") out.
 
 
 class ClientProtocol:
-    """One user's side of the chat protocol: datagrams and the time in, datagrams out.
+    """One user's side of the chat protocol: datagrams and the time in, datagrams and Events out.
 
-    `request` queues a request and returns its number; `receive` takes a datagram from
-    the server; `poll` returns what to send now (and runs the heartbeat and the give-up);
-    `next_wakeup` says when to call poll again. What happened is left for the caller in
-    three lists: `answers` ((request number, fields or ChatError)), `events` and `notices`.
+    Entry points: `request(type, fields, now)` queues a request and returns its number;
+    `receive(datagram, now)` takes what the server sent; `poll(now)` returns the datagrams
+    to send now (retransmissions, heartbeat, the next try at getting back in);
+    `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's ICMP
+    report; `log_out()` ends the session by our choice. Output: `take_events()`.
+
+    `state` is one of "not logged in", "connected", "lost contact" (logged in, the server
+    silent), "reconnecting" and "closed". A session lost by a RESET, the server's "stop"
+    or a silence too long goes to "reconnecting" when a login is remembered (in memory
+    only): HELLO -> LOGIN (marked "rejoin") -> JOIN of the last room, tried every
+    REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
     """
 
     def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
-                 trace=None, server: str = "the server", downloads: str = "downloads"):
-        self.cipher = cipher
-        self.files = FileTransfers(downloads)  # files sent and received
-        self.file_stream: Channel | None = None  # the session's second channel: file chunks
-        self.server = server  # "host:port", for messages
-        self.timing = timing or Timing()
+                 trace=None, server: str = "the server", downloads: str = "downloads",
+                 rejoin: bool = True):
+        self.cipher, self.timing, self.trace, self.server = cipher, timing or Timing(), trace, server
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
-        self.connect_tries = max(1, math.ceil(self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2))
-        self.trace = trace  # a function taking a line, or None for no packet trace
-        self.token = NO_TOKEN
-        self.name: str | None = None
-        self.next_stranger_seq = 1  # numbers before login go on across tries: a late answer never matches anew
-        self.channel = self.stranger_channel()
-        self.pending: dict[int, PacketType] = {}  # request number -> its type, until answered
-        self.answers: list[tuple[int, object]] = []
+        tries = self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2
+        self.connect_tries = max(1, math.ceil(tries))
+        self.state, self.closed_reason, self.rejoin = "not logged in", "", rejoin
+        self.token, self.name, self.room = NO_TOKEN, None, None
         self.events: list[Event] = []
-        self.notices: list[str] = []
-        self.last_heard = self.last_sent = now
-        self.out_of_contact = False
+        self.wall_offset = 0.0  # add to `now` for unix time (ChatClient sets it)
+        self.now = self.last_heard = self.last_sent = now
         self.unreachable = 0  # "port unreachable" reports since the server last spoke
-        self.closed_reason = ""  # set when the protocol gave up on the server
-        self.lost: SessionLost | None = None  # why the last session ended, if not by our choice
-        self.farewell: list[bytes] = []  # a last ACK on the ended session's channel, to send next
+        self.tickets = 0  # request numbers handed out; 0 names our own (PING, rejoin)
+        self.pending: dict[int, tuple] = {}  # sequence number -> (ticket, type, fields)
+        self.next_stranger_seq = 1  # before login numbers go on across tries (PROTOCOL.md 9)
+        self.channel = self.stranger_channel()
+        self.file_stream: Channel | None = None  # the session's second channel: file chunks
+        self.files = FileTransfers(downloads, self.emit_transfer, self.cancel_transfer)
+        self.outbox: list[bytes] = []  # a last ACK on a session the server stopped
+        # Getting back in: the login and room (with passwords), requests held meanwhile.
+        self.login: tuple = ()
+        self.room_login: tuple = ()
+        self.held: list[tuple] = []  # (ticket, type, fields)
+        self.retry_at = self.rejoin_since = 0.0
+        self.told = ""  # the refusal already reported while getting back in
+        # What was shown of the room, so its past is not shown twice after a rejoin.
+        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     def stranger_channel(self) -> Channel:
-        """Before login: stop-and-wait, a try a second - the channel with a window of 1."""
-        rto = RtoEstimator(FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY, FIRST_CONTACT_RETRY)
-        return Channel(self.cipher, window=1, max_sends=self.connect_tries, rto=rto, first_seq=self.next_stranger_seq)
+        """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s getting back in)."""
+        retry = REJOIN_EVERY if self.state == "reconnecting" else FIRST_CONTACT_RETRY
+        tries = 10**9 if self.state == "reconnecting" else self.connect_tries
+        return Channel(self.cipher, window=1, max_sends=tries, rto=RtoEstimator(retry, retry, retry),
+                       first_seq=self.next_stranger_seq)
 
     def session_channel(self, token: bytes, flags: int = 0) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY, flags=flags)
+        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY,
+                       flags=flags)
 
     @property
     def logged_in(self) -> bool:
         return self.token != NO_TOKEN
 
+    # --- Output: one stream of events ---
+
+    def emit(self, kind: str, room: str = "", user: str = "", text: str = "", more=(),
+             when: float | None = None) -> None:
+        when = self.now + self.wall_offset if when is None else when
+        self.events.append(Event(kind, when, room, user or "", text, tuple(more)))
+
+    def notice(self, text: str) -> None:
+        self.emit("notice", text=text)
+
+    def answer(self, ticket: int, result) -> None:
+        """Give request `ticket` its answer: its fields, or the error that ended it."""
+        if ticket:
+            self.emit("answer", more=(ticket, result))
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.emit("state", text=state)
+
+    def take_events(self) -> list[Event]:
+        """Return what happened since the last call, in order."""
+        events, self.events = self.events, []
+        return events
+
     # --- Requests ---
 
     def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
-        """Queue a request; return its number, which its answer will name."""
-        if self.closed_reason:
+        """Queue a request; return its number, which its "answer" event names."""
+        self.now = now
+        if self.state == "closed":
             raise ConnectionClosed(self.closed_reason)
-        if ptype == PacketType.HELLO:
-            fields = ["." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)]  # padding, see MIN_HELLO_SIZE
+        self.tickets += 1
+        if self.state == "reconnecting" and ptype in RESENDABLE:
+            if ptype == PacketType.SAY and not any(held[1] == ptype for held in self.held):
+                self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
+            self.held.append((self.tickets, ptype, tuple(fields)))
+        elif self.state == "reconnecting" and ptype != PacketType.BYE:
+            raise Refused("not-sent", "Not in the chat right now; not sent.")
+        elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
+            raise SessionLost(SESSION_LOST)
+        else:
+            self.send_request(self.tickets, ptype, fields, now)
+        return self.tickets
+
+    def send_request(self, ticket: int, ptype: PacketType, fields, now: float) -> None:
+        """Put a request on the channel, or raise Refused if it cannot go."""
+        if ptype == PacketType.HELLO:  # padding: the server answers no HELLO under 128 bytes
+            fields = ["." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)]
         payload = pack_fields(*fields)
         if len(payload) > MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
-        if self.channel.idle():
-            self.last_heard = max(self.last_heard, now)  # silence counts from when we start waiting
+        if self.channel.idle():  # silence counts from when we start waiting
+            self.last_heard = max(self.last_heard, now)
         seq = self.channel.send(ptype, payload)
         if not seq:
             raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
-        self.pending[seq] = ptype
+        self.pending[seq] = (ticket, ptype, tuple(fields))
         if not self.logged_in:
             self.next_stranger_seq = seq + 1
-        return seq
+
+    def forget(self, ticket: int) -> bool:
+        """Drop a held request whose asker stopped waiting; False if it is not held."""
+        kept = [held for held in self.held if held[0] != ticket]
+        found, self.held = len(kept) < len(self.held), kept
+        return found
+
+    def offer_file(self, transfer: "Transfer", now: float) -> int:
+        """Offer a file to the server (FILE_OFFER); the upload starts once it says yes."""
+        ticket = self.request(PacketType.FILE_OFFER, offer_fields(transfer), now)
+        self.files.offers[ticket] = transfer
+        return ticket
+
+    def cancel_transfer(self, number: int) -> None:
+        """Tell the server a transfer of ours is stopped (FILE_CANCEL)."""
+        if self.logged_in:
+            self.send_request(0, PacketType.FILE_CANCEL, [str(number)], self.now)
+
+    def emit_transfer(self, transfer: "Transfer") -> None:
+        self.emit("transfer", user=transfer.peer, text=transfer.state, more=(transfer,))
+
 
     # --- What the server sends ---
 
     def receive(self, data: bytes, now: float) -> None:
         """Take one datagram from the server."""
+        self.now = now
         try:
             packet = decode_packet(data, self.cipher)
         except PacketError as error:
             self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
             if isinstance(error, ChecksumError) and not self.logged_in:
-                self.fail_pending(KeyMismatch(KEY_MISMATCH))  # an answer before login is unreadable
+                self.fail_pending(ServerNotResponding(KEY_MISMATCH))  # every answer is unreadable
             return
         self.heard_from_server(now)
         if packet.type == PacketType.RESET:
             self.receive_reset(packet, data)
-            return
-        if not self.logged_in and (packet.seq or packet.type not in (PacketType.OK, PacketType.ERROR)):
-            self.trace_packet("in ", data, ": from an old session, dropped")  # before login: answers only
-            return
-        if self.logged_in and (packet.token != self.token or (packet.seq == 0 and packet.type != PacketType.ACK)):
+        elif not self.expected(packet):
             self.trace_packet("in ", data, ": from an old session or from before it, dropped")
-            return  # an answer from before the session: its ack field numbers a stranger's request
-        if packet.flags & FLAG_FILE_STREAM:
-            self.receive_file_stream(packet, data, now)
-            return
-        outcome, ready = self.channel.receive(packet, now)
-        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
-        for delivered in ready:
-            if delivered.type == PacketType.EVENT:
-                self.receive_event(delivered)
-            elif delivered.type in (PacketType.OK, PacketType.ERROR):
-                self.receive_answer(delivered)
+        else:
+            stream = self.file_stream if packet.flags & FLAG_FILE_STREAM else self.channel
+            outcome, ready = stream.receive(packet, now)
+            self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
+            for delivered in ready:
+                self.deliver(delivered, stream is self.file_stream)
 
-    def receive_file_stream(self, packet: Packet, data: bytes, now: float) -> None:
-        """A packet on the file stream: its acknowledgements, and chunks of files coming to us."""
-        if self.file_stream is None:
-            return
-        outcome, ready = self.file_stream.receive(packet, now)
-        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
-        for delivered in ready:
-            if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
-                self.files.receive_chunk(delivered.payload)
+    def expected(self, packet: Packet) -> bool:
+        """Could this packet be for us now? Before login only answers (seq 0) are; after it,
+        only packets with our token, and the only unsequenced one is an ACK."""
+        if not self.logged_in:
+            return packet.seq == 0 and packet.type in (PacketType.OK, PacketType.ERROR)
+        if packet.flags & FLAG_FILE_STREAM and self.file_stream is None:
+            return False
+        return packet.token == self.token and (packet.seq != 0 or packet.type == PacketType.ACK)
+
+    def deliver(self, packet: Packet, file_stream: bool) -> None:
+        if file_stream and packet.seq and packet.type == PacketType.FILE_CHUNK:
+            self.files.receive_chunk(packet.payload)
+        elif not file_stream and packet.type == PacketType.EVENT:
+            self.receive_event(packet)
+        elif not file_stream and packet.type in (PacketType.OK, PacketType.ERROR):
+            self.receive_answer(packet)
 
     def heard_from_server(self, now: float) -> None:
-        self.last_heard = now
-        self.unreachable = 0
-        if self.out_of_contact:
-            self.out_of_contact = False
-            self.notices.append("[INFO] In contact with the server again.")
+        self.last_heard, self.unreachable = now, 0
+        if self.state == "lost contact":
+            self.set_state("connected")
+            self.notice("[INFO] In contact with the server again.")
 
     def receive_reset(self, packet: Packet, data: bytes) -> None:
         """RESET: the server has no session for the token it echoes - believed only if it is ours."""
@@ -335,85 +407,200 @@ class ClientProtocol:
             self.trace_packet("in ", data, ": not about our session, dropped")
             return
         self.trace_packet("in ", data)
-        self.end_session(SessionLost(SESSION_LOST))
+        self.lose_session(SessionLost(SESSION_LOST))
 
     def receive_answer(self, packet: Packet) -> None:
         """An OK or ERROR: find the request it answers by the number in its first field."""
         try:
             seq, *fields = unpack_fields(packet.payload)
-            ptype = self.pending.pop(int(seq))
+            ticket, ptype, asked = self.pending.pop(int(seq))
         except (PacketError, ValueError, KeyError):
             return  # unreadable, or a late answer to something given up on
-        seq = int(seq)
         if packet.type == PacketType.ERROR:
-            self.answers.append((seq, Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")))
-            if ptype == PacketType.FILE_OFFER:
-                self.files.answered(seq, self.answers[-1][1], self.last_heard)
+            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
         elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
-            self.answers.append((seq, Refused("bad-reply", "The server's welcome could not be read.")))
+            result = Refused("bad-reply", "The server's welcome could not be read.")
         else:
-            self.answers.append((seq, fields))
-            if ptype == PacketType.FILE_OFFER:
-                self.files.answered(seq, fields, self.last_heard)
-            if ptype == PacketType.LOGIN:
-                self.start_session(packet.token, fields[0])
-            elif ptype == PacketType.BYE:
-                self.end_session(Refused("not-sent", "Logged out; not sent."))
+            result = fields
+        if ptype == PacketType.FILE_OFFER:
+            self.files.answered(ticket, result, self.now)
+        self.answer(ticket, result)
+        if isinstance(result, list):
+            self.accepted(ticket, ptype, asked, fields, packet.token)
+        if not ticket and self.state == "reconnecting":
+            self.rejoin_step(ptype, result)
+
+    def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
+        """The server did what we asked: note what it changes, show our own line."""
+        if ptype == PacketType.LOGIN:
+            self.start_session(token, fields[0])
+            if ticket:  # the user's login: the one to log back in with
+                self.login, self.room_login, self.returning = asked[1:3], (), False
+        elif ptype == PacketType.JOIN:
+            self.room, self.room_login = fields[0], asked
+            self.returning = self.returning and not ticket  # a room the user chose: all its past is news
+        elif ptype == PacketType.SAY:
+            self.emit("chat", self.room or "", self.name, asked[0])
+        elif ptype == PacketType.PRIVATE:
+            self.emit("private", "", self.name, asked[1], more=(asked[0],))
+        elif ptype == PacketType.BYE:
+            self.log_out()
 
     def receive_event(self, packet: Packet) -> None:
         try:
             kind, when, room, user, text, *more = unpack_fields(packet.payload)
-            if not -1e10 < float(when) < 1e10:  # nan and inf fail too; a clock cannot show such times
+            if not -1e10 < float(when) < 1e10:  # nan and inf fail too: no clock shows such times
                 raise ValueError(f"time {when!r} out of range")
         except (PacketError, ValueError) as error:
             self.note(f"an EVENT could not be read ({error}); skipped")
             return
         if kind == "stop":
-            self.say_last_ack()  # so the server need not wait to know we heard
-            self.notices.append("[INFO] The server was stopped.")
-            self.end_session(ServerStopped("The server was stopped."))
+            self.outbox.append(self.last_ack())  # so the server need not wait to know we heard
+            self.notice("[INFO] The server was stopped.")
+            self.lose_session(SessionLost("The server was stopped."), stopped=True)
         elif kind == "replaced":
-            self.notices.append("[INFO] You logged in elsewhere; this client is logged out.")
-            self.end_session(LoggedInElsewhere("You logged in elsewhere."))
-        else:
-            if kind == "file":
-                self.files.offer_arrived(user, more, self.last_heard)
-            elif kind in FILE_EVENTS and self.files.event(kind, user, text, more):
-                return  # it ended a transfer of ours: the transfer's last line says it
-            self.events.append(Event(kind, float(when), room, user, text, tuple(more)))
+            self.notice("[INFO] You logged in elsewhere; this client is logged out.")
+            self.login = ()
+            self.lose_session(SessionLost("You logged in elsewhere."))
+        elif kind == "file":
+            self.files.offer_arrived(user, more, self.now)
+            self.emit(kind, room, user, text, more, float(when))
+        elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, more)):
+            self.show_once(Event(kind, float(when), room, user, text, tuple(more)))
 
-    def say_last_ack(self) -> None:
+    def show_once(self, event: Event) -> None:
+        """Emit a server event, but not the room's past shown already before a rejoin.
+
+        Back in after a loss, the room's history is sent again. A line at or before the
+        newest shown was shown (of the last second, only the lines seen), and our own lines
+        were shown as we said them; a later one was said while we were away: it is news.
+        """
+        if event.kind == "history" and self.returning:
+            if event.user.lower() == (self.name or "").lower() or event.time < self.shown_until:
+                return
+            if event.time == self.shown_until and (event.user, event.text) in self.last_second:
+                return
+            event = dataclasses.replace(event, kind="chat")
+        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
+            if event.time > self.shown_until:
+                self.shown_until, self.last_second = event.time, set()
+            self.last_second.add((event.user, event.text))
+        self.events.append(event)
+
+    def last_ack(self) -> bytes:
         cumulative, bitmap = self.channel.acknowledgement()
-        self.farewell.append(encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token), self.cipher))
+        return encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token), self.cipher)
+
+
+    # --- Sessions: start, end, get back in ---
 
     def start_session(self, token: bytes, name: str) -> None:
-        """Logged in: from now on, everything goes on the session's channel."""
+        """Logged in: from now on, everything goes on the session's two channels."""
         self.token, self.name = token, name
-        self.switch_channel(self.session_channel(token), Refused("not-sent", "Sent while logging in; not sent."))
+        self.end_requests(Refused("not-sent", "Sent while logging in; not sent."))
+        self.channel = self.session_channel(token)
         self.file_stream = self.session_channel(token, FLAG_FILE_STREAM)
+        if self.state != "reconnecting":
+            self.set_state("connected")
 
-    def end_session(self, error: ChatError | None = None) -> None:
+    def end_session(self, error: ChatError | Refused, hold: bool = False) -> None:
         """Back to no session: nothing more to acknowledge, nothing to keep alive."""
-        if self.logged_in and isinstance(error, SessionLost):
-            self.lost = error
-        self.token, self.name = NO_TOKEN, None
-        self.switch_channel(self.stranger_channel(), error or Refused("not-sent", "Logged out; not sent."))
+        self.end_requests(error, hold)
+        self.token, self.name, self.room = NO_TOKEN, None, None
+        self.channel, self.file_stream = self.stranger_channel(), None
         self.files.end_all("the session ended")
-        self.file_stream = None
+
+    def end_requests(self, error, hold: bool = False) -> None:
+        """Answer every request still waiting with `error`; a BYE counts as answered (the
+        session is over, as it asked). With `hold`, what the server never did waits instead."""
+        waiting, self.pending = self.pending, {}
+        for ticket, ptype, fields in waiting.values():
+            if hold and ticket and ptype in RESENDABLE:
+                self.held.append((ticket, ptype, fields))
+            elif ptype == PacketType.FILE_OFFER:
+                self.files.answered(ticket, error, self.now)
+            self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
 
     def fail_pending(self, error: ChatError) -> None:
-        """Every request still waiting gets `error` as its answer."""
-        self.switch_channel(self.channel if self.logged_in else self.stranger_channel(), error)
+        """Before login: every request waiting gets `error`; a fresh channel for the next."""
+        self.end_requests(error)
+        self.channel = self.stranger_channel()
+        if self.state == "reconnecting":
+            self.retry_at = self.now + REJOIN_EVERY
 
-    def switch_channel(self, channel: Channel, error: ChatError) -> None:
-        """Go on with `channel`; whatever waited on the old one is answered now, never left waiting.
+    def lose_session(self, error: SessionLost, stopped: bool = False) -> None:
+        """The session ended without our asking: get back in if we can, else it is over.
 
-        A BYE counts as answered: the session is over, as it asked.
+        After a "stop" the server did nothing more: what was waiting is held, not failed.
         """
-        for seq, ptype in self.pending.items():
-            self.answers.append((seq, ["goodbye"] if ptype == PacketType.BYE else error))
-        self.pending.clear()
-        self.channel = channel
+        back = self.rejoin and bool(self.login)
+        self.end_session(error, hold=stopped and back)
+        if back and self.state != "reconnecting":
+            self.set_state("reconnecting")
+            self.notice("[INFO] Trying to get back in (type exit to stop)...")
+            self.retry_at = self.rejoin_since = self.now
+            self.channel = self.stranger_channel()
+        elif not back:
+            self.set_state("not logged in")
+
+    def rejoin_step(self, ptype: PacketType, result) -> None:
+        """Getting back in: the answer to our HELLO, LOGIN or JOIN says what comes next."""
+        if ptype == PacketType.HELLO and isinstance(result, list):
+            self.send_request(0, PacketType.LOGIN, (result[0], *self.login, "rejoin"), self.now)
+        elif ptype == PacketType.LOGIN and isinstance(result, list):
+            self.notice(f"[INFO] Back in as {self.name}.")
+            if self.room_login:
+                self.returning = True
+                self.send_request(0, PacketType.JOIN, self.room_login, self.now)
+            else:
+                self.back_in()
+        elif ptype == PacketType.JOIN and isinstance(result, Refused):
+            room, self.room_login = self.room_login[0], ()
+            self.notice(f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
+            self.back_in()
+        elif ptype == PacketType.JOIN and isinstance(result, list):
+            self.notice(f"[INFO] In {self.room} again.")
+            self.back_in()
+        elif isinstance(result, Refused):
+            self.refused_back(result)
+        else:  # not answering yet, or lost again half-way: try again soon, from the top
+            self.retry_at = self.now + REJOIN_EVERY
+
+    def refused_back(self, refusal: Refused) -> None:
+        """A LOGIN refused while getting back in: wait and retry, or give up and say why."""
+        patience = refusal.code != "logged-in-elsewhere" or self.now - self.rejoin_since < ELSEWHERE_PATIENCE
+        if refusal.code not in WORTH_WAITING or not patience:
+            self.notice(f"[WARN] Could not get back in: {refusal.text}")
+            self.login = ()
+            self.set_state("not logged in")
+            for ticket, *_ in self.held:
+                self.answer(ticket, Refused("not-sent", NOT_SENT))
+            self.held = []
+            return
+        if refusal.code in ("locked", "logged-in-elsewhere") and refusal.code != self.told:
+            self.told = refusal.code
+            self.notice(f"[WARN] Not back in yet: {refusal.text} (still trying)")
+        self.retry_at = self.now + REJOIN_EVERY
+
+    def back_in(self) -> None:
+        """Back in the chat: send what the user asked for meanwhile, in order."""
+        self.set_state("connected")
+        held, self.held, self.told = self.held, [], ""
+        for ticket, ptype, fields in held:
+            try:
+                self.send_request(ticket, ptype, fields, self.now)
+            except Refused as refusal:  # too long, or too many waiting: that one is not sent
+                self.answer(ticket, refusal)
+
+    def log_out(self) -> None:
+        """The session ends by our choice (BYE): no getting back in."""
+        self.login = ()
+        for ticket, *_ in self.held:
+            self.answer(ticket, Refused("not-sent", "Logged out; not sent."))
+        self.held = []
+        self.end_session(Refused("not-sent", "Logged out; not sent."))
+        if self.state != "closed":
+            self.set_state("not logged in")
 
     def port_unreachable(self) -> None:
         """The OS reported an ICMP "port unreachable": nobody listens there (yet).
@@ -423,7 +610,7 @@ class ClientProtocol:
         killed, say), not after the heartbeats have waited for answers in vain.
         """
         self.unreachable += 1
-        if self.unreachable < 2:
+        if self.unreachable < 2 or self.state == "reconnecting":
             return
         if self.logged_in:
             self.give_up(f"The server at {self.server} has stopped (nothing is listening on its port)")
@@ -434,59 +621,60 @@ class ClientProtocol:
     # --- Time ---
 
     def poll(self, now: float) -> list[bytes]:
-        """Return the datagrams to send now; warn, keep alive or give up as time says."""
-        if self.closed_reason:
+        """Return the datagrams to send now; keep alive, warn, retry or give up as time says."""
+        self.now = now
+        if self.state == "closed":
             return []
-        if self.logged_in and now - self.last_sent >= self.timing.heartbeat_every and self.channel.idle():
-            self.request(PacketType.PING, (), now)  # so the server knows we are still here
-        out, self.farewell = self.farewell + self.channel.poll(now), []
+        idle = self.channel.idle()
+        if self.state == "connected" and idle and now - self.last_sent >= self.timing.heartbeat_every:
+            self.send_request(0, PacketType.PING, (), now)  # so the server knows we are here
+        if self.state == "reconnecting" and not self.pending and now >= self.retry_at:
+            self.send_request(0, PacketType.HELLO, (), now)
+        out, self.outbox = self.outbox + self.channel.poll(now), []
         if self.file_stream is not None:
-            out += self.poll_files(now)
+            self.files.fill(self.file_stream)
+            out += self.file_stream.poll(now)
         for data in out:
             self.trace_packet("out", data)
-        if out:
-            self.last_sent = now
+        self.last_sent = now if out else self.last_sent
         self.check_contact(now)
         return out
 
-    def poll_files(self, now: float) -> list[bytes]:
-        """Fill the file stream from the files being sent; tell the server of transfers stopped."""
-        while self.files.cancels:
-            self.request(PacketType.FILE_CANCEL, [str(self.files.cancels.pop(0))], now)
-        self.files.fill(self.file_stream, now)
-        if self.file_stream.failed:
-            self.give_up("The server stopped acknowledging file chunks")
-            return []
-        return self.file_stream.poll(now)
-
     def check_contact(self, now: float) -> None:
         """Warn when the server has gone quiet while we wait for it; give up after a while."""
+        streams = [self.channel, *([self.file_stream] if self.file_stream else [])]
         if self.channel.failed and not self.logged_in:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server}"))
             return
         silence = now - self.last_heard
-        if self.channel.idle():
+        if not self.logged_in or all(stream.idle() for stream in streams):
             return
-        if self.channel.failed or silence >= self.timing.give_up_after:
+        if any(stream.failed for stream in streams) or silence >= self.timing.give_up_after:
             self.give_up(f"Lost contact with the server for {silence:.0f} s")
-        elif silence >= self.timing.lost_contact_after and not self.out_of_contact and self.logged_in:
-            self.out_of_contact = True
-            self.notices.append("[WARN] Lost contact with the server... still trying.")
+        elif silence >= self.timing.lost_contact_after and self.state == "connected":
+            self.set_state("lost contact")
+            self.notice("[WARN] Lost contact with the server... still trying.")
 
     def give_up(self, reason: str) -> None:
-        """No answer for too long: a session ends (its client may log in again); else close."""
+        """No answer for too long: a session is lost (and got back if we can); else close."""
         if self.logged_in:
-            self.notices.append(f"[WARN] {reason}.")
-            self.end_session(SessionLost(f"{reason}."))
+            self.notice(f"[WARN] {reason}.")
+            self.lose_session(SessionLost(f"{reason}."))
         else:
             self.closed_reason = f"{reason}; giving up."
             self.fail_pending(ConnectionClosed(self.closed_reason))
+            self.set_state("closed")
 
     def next_wakeup(self) -> float:
         """Return when poll() next has work to do."""
-        heartbeat = self.last_sent + self.timing.heartbeat_every if self.logged_in else float("inf")
-        files = self.file_stream.next_wakeup() if self.file_stream else float("inf")
-        return min(self.channel.next_wakeup(), heartbeat, files, 0.0 if self.files.cancels else float("inf"))
+        wakeups = [self.channel.next_wakeup(), 0.0 if self.outbox else math.inf]
+        if self.state == "connected":
+            wakeups.append(self.last_sent + self.timing.heartbeat_every)
+        if self.state == "reconnecting" and not self.pending:
+            wakeups.append(self.retry_at)
+        if self.file_stream is not None:
+            wakeups += [self.file_stream.next_wakeup(), 0.0 if self.files.sending() else math.inf]
+        return min(wakeups)
 
     # --- Tracing (--verbose) ---
 
@@ -502,13 +690,7 @@ class ClientProtocol:
 
 # --- Files: sending and receiving, without sockets -----------------------------------
 #
-# Sending files through the chat: `/send bob notes.pdf`, `/share slides.pdf`.
-#
-# Both scripts import this module: the client's side is `FileTransfers`, the server's
-# `FileRelay`. Neither opens a socket or reads a clock; they are fed packets and the time,
-# and put what they have to send on the session's channels, so tests drive them directly.
-#
-# How a file travels, alice to bob:
+# `/send bob notes.pdf`, `/share slides.pdf`. How a file travels, alice to bob:
 #
 #     alice                               server                                bob
 #       FILE_OFFER [bob, name, size, sha] ->
@@ -516,30 +698,14 @@ class ClientProtocol:
 #                                            EVENT "file" [..., 7, name, size, sha] ->
 #       FILE_CHUNK [7, 0, data]  ~~~~>  transfers/7.part  ~~~~>  FILE_CHUNK [7, 0, data]
 #       FILE_CHUNK [7, 1152, ...] ~~~>    (on disk)        ~~~>  downloads/name.part
-#          ...                                                   SHA-256 checked, renamed
-#                          <- EVENT "file-done" [..., 7]  (bob has every byte)
+#                          <- EVENT "file-done" [..., 7]         SHA-256 checked, renamed
 #
-# * **Two streams.** Every session has two reliable channels (encryption_helper.Channel):
-#   the chat's, and the file stream, whose packets carry FLAG_FILE_STREAM in the header,
-#   ACKs too. Each has its own numbers, window and retransmissions. On one channel a chat
-#   line sent after a lost chunk would wait until that chunk is resent, because a channel
-#   delivers in order: head-of-line blocking, the reason HTTP/2 over TCP stalls on a loss.
-#   QUIC gives each stream its own numbering for the same reason; so does this chat.
-#   FILE_OFFER, FILE_CANCEL and the EVENTs about files go on the chat's channel.
-# * **Store and forward.** The server writes each upload to `DATA_DIR/transfers/ID.part`
-#   and reads each receiver's chunks back from that file, as fast as that receiver's file
-#   stream takes them - at most FILL chunks waiting per stream. So the server never holds
-#   a whole file in memory; a receiver that stalls or leaves holds back neither the sender
-#   nor the other receivers; and chunks are relayed while the upload still comes in. The
-#   file is deleted once every receiver has it or is gone.
-# * **Checked, then named.** The offer carries the whole file's SHA-256. The server
-#   checks it when the upload is complete; each receiver writes `NAME.part`, checks it
-#   once every byte is there, and only then renames it to NAME. A crash at any end leaves
-#   at most a `.part` file, never one named as if complete; a mismatch removes it.
-# * **Names made safe.** A name comes from another user, so it is treated as hostile:
-#   `safe_file_name` keeps no folder, drive, reserved Windows device name, control
-#   character or trailing dot, and `unused_path` never overwrites (`notes (1).pdf`).
-
+# Chunks go on the session's second channel, whose packets carry FLAG_FILE_STREAM: a
+# channel delivers in order, so on one channel a chat line sent after a lost chunk would
+# wait for that chunk's resend (head-of-line blocking; QUIC gives each stream its own
+# numbers for the same reason). The receiver writes NAME.part, checks the SHA-256 once
+# every byte is there, and only then renames it: a crash leaves at most a .part file.
+# A name comes from another user, so it is treated as hostile (`safe_file_name`).
 
 SAFE_NAME_BYTES = 200  # what a saved file's name is cut to: room left for " (12)" and ".part"
 # Windows will not create a file with these names, with any extension ("con.txt" too).
@@ -550,26 +716,42 @@ UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}  # Unicode categories a
 HISTORY = 50  # finished transfers /files still lists
 
 
-class FileProblem(Exception):
-    """A file that cannot be sent or saved; str() says why, in words a user understands."""
+@dataclasses.dataclass(eq=False)
+class Transfer:
+    """One file on its way, to or from us: what /files and the progress bar show."""
 
+    direction: str  # "send" or "receive"
+    peer: str  # to whom ("bob", or "the room"), or from whom
+    name: str  # the file's name as offered (shown through printable())
+    size: int
+    sha256: str
+    path: str  # send: the file we read; receive: the .part file we write, then the final name
+    number: int = 0  # the server's number for it; 0 until the offer is accepted
+    done_bytes: int = 0  # bytes put into the file stream, or written
+    state: str = "offered"  # offered, moving, done, failed, cancelled
+    note: str = ""  # how it ended, in words
+    said: str = ""  # the server's own words when it cancelled it
+    started: float = 0.0
+    file: object = None  # the open file, while bytes move
+    last_seq: int = 0  # send: the file stream's number of its last chunk
 
-def naming_the_user(refusal: Refused, user: str) -> Refused:
-    """Return the refusal, naming the user if there is no such user: the server never echoes
-    a name it does not know (it may be anything), but the one who typed it may see it."""
-    if refusal.code == "unknown-user":
-        return Refused(refusal.code, f"No such user: {printable(user)}.")
-    return refusal
+    @property
+    def active(self) -> bool:
+        return self.state in ("offered", "moving")
+
+    @property
+    def percent(self) -> int:
+        return self.done_bytes * 100 // self.size if self.size else 100 * (self.state == "done")
 
 
 def safe_file_name(name: str) -> str:
     """Return `name` made safe to save: no folders, drives, devices, controls; not too long.
 
-    >>> safe_file_name("../../etc/passwd"), safe_file_name("C:\\\\Windows\\\\x"), safe_file_name("con.txt")
+    >>> safe_file_name("../../etc/passwd"), safe_file_name("C:\\\\x"), safe_file_name("con.txt")
     ('passwd', 'x', '_con.txt')
     """
     name = unicodedata.normalize("NFC", name)
-    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]  # the last part: no folder, no "..", no drive
+    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]  # the last part: no folder, "..", drive
     name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
     name = name.strip(" .")  # Windows drops trailing dots and spaces; a leading dot hides a file
     if not name:
@@ -617,155 +799,141 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-@dataclasses.dataclass
-class Transfer:
-    """One file on its way, to or from us; what /files and the progress bar show."""
+def prepare_upload(to: str, path: str) -> Transfer:
+    """Check a file we are asked to send and hash it; raise FileProblem if it cannot go."""
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileProblem(f"No such file: {path}")
+    if os.path.isdir(path):
+        raise FileProblem(f"{path} is a folder; send the files in it one by one (or a .zip of it).")
+    try:
+        size, sha = os.path.getsize(path), file_sha256(path)
+    except OSError as error:
+        raise FileProblem(f"Cannot read {path}: {error.strerror or error}") from None
+    name = shorten(os.path.basename(path), MAX_FILE_NAME_BYTES)
+    return Transfer("send", to or "the room", name, size, sha, path)
 
-    direction: str  # "up": we send it; "down": we receive it
-    peer: str  # to whom ("bob", or "the room"), or from whom
-    name: str  # the file's name as offered (shown with printable())
-    size: int
-    sha256: str
-    path: str  # up: the file we read; down: the .part file we write, then the final name
-    id: int = 0  # the server's number for it; 0 until the offer is accepted
-    done: int = 0  # bytes sent into the file stream, or received
-    state: str = "offered"  # offered, sending, checking, done, failed, cancelled
-    started: float = 0.0  # when bytes began to move (the time we are given, not read)
-    note: str = ""  # how it ended
-    file: object = None  # the open file, while bytes move
-    last_seq: int = 0  # up: the file stream's number of the last chunk
-    offsets: set = dataclasses.field(default_factory=set)  # down: the chunks that arrived
-    said: str = ""  # how the server said it ended (it cancelled it), in its own words
 
-    @property
-    def active(self) -> bool:
-        return self.state in ("offered", "sending", "checking")
+def offer_fields(transfer: Transfer) -> list[str]:
+    """Return a FILE_OFFER's fields: [to ('' = the room), name, size, SHA-256]."""
+    to = "" if transfer.peer == "the room" else transfer.peer
+    return [to, transfer.name, str(transfer.size), transfer.sha256]
+
+
+def naming_the_user(refusal: Refused, user: str) -> Refused:
+    """Return the refusal, naming the user if there is no such user: the server never echoes
+    a name it does not know (it may be anything), but the one who typed it may see it."""
+    if refusal.code == "unknown-user":
+        return Refused(refusal.code, f"No such user: {printable(user)}.")
+    return refusal
 
 
 class FileTransfers:
-    """A client's files, both ways: offers, chunks out of the file, reassembly, checks.
+    """A client's files, both ways: uploads read from disk, downloads checked and named.
 
-    `fill` puts chunks of the files being sent into the file stream while it has room;
-    `receive_chunk` writes an arriving chunk where its offset says, so chunks may come
-    in any order; a download is checked once every chunk is there. What the user should
-    see is left in `news` as (what, transfer) pairs: "progress", "done", "failed". A
-    request the protocol must send (a FILE_CANCEL) is left in `cancels`.
+    Narrow interface: `emit(transfer)` reports a change (started, another whole percent,
+    ended), `cancel(number)` tells the server a transfer of ours stopped. Entry points:
+    `answered` (the server's answer to an offer), `fill` (chunks into the file stream while
+    it has room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the
+    server ended one), `cancel_mine`, `end_all`, `listing`.
     """
 
-    def __init__(self, downloads: str = "downloads"):
-        self.downloads = downloads
+    def __init__(self, downloads: str, emit, cancel):
+        self.downloads, self.emit, self.cancel = downloads, emit, cancel
         self.offers: dict[int, Transfer] = {}  # request number -> offer not answered yet
-        self.uploads: dict[int, Transfer] = {}  # transfer id -> file we send
-        self.incoming: dict[int, Transfer] = {}  # transfer id -> file we receive
+        self.moving: dict[tuple[str, int], Transfer] = {}  # (direction, number) -> transfer
         self.finished: collections.deque = collections.deque(maxlen=HISTORY)
-        self.news: list[tuple[str, Transfer]] = []
-        self.cancels: list[int] = []  # ids to tell the server about
 
-    # --- Sending ---
-
-    @staticmethod
-    def prepare(to: str, path: str) -> Transfer:
-        """Check a file we are asked to send and hash it; raise FileProblem if it cannot go."""
-        path = os.path.expanduser(path)
-        if not os.path.exists(path):
-            raise FileProblem(f"No such file: {path}")
-        if os.path.isdir(path):
-            raise FileProblem(f"{path} is a folder; send the files in it one by one (or a .zip of it).")
-        try:
-            size, sha = os.path.getsize(path), file_sha256(path)
-        except OSError as error:
-            raise FileProblem(f"Cannot read {path}: {error.strerror or error}") from None
-        name = shorten(os.path.basename(path), MAX_FILE_NAME_BYTES)
-        return Transfer("up", to or "the room", name, size, sha, path)
-
-    @staticmethod
-    def offer_fields(transfer: Transfer) -> list[str]:
-        """Return a FILE_OFFER's fields: [to ('' = the room), name, size, SHA-256]."""
-        to = "" if transfer.peer == "the room" else transfer.peer
-        return [to, transfer.name, str(transfer.size), transfer.sha256]
-
-    def offered(self, seq: int, transfer: Transfer) -> None:
-        self.offers[seq] = transfer
-
-    def answered(self, seq: int, fields, now: float) -> None:
+    def answered(self, ticket: int, result, now: float) -> None:
         """The server answered an offer: OK [id] starts the upload; a refusal ends it."""
-        transfer = self.offers.pop(seq, None)
+        transfer = self.offers.pop(ticket, None)
         if transfer is None:
             return
+        number = int(result[0]) if isinstance(result, list) and result and result[0].isdigit() else 0
         if transfer.state != "offered":  # cancelled before the server answered
-            if isinstance(fields, list) and fields and fields[0].isdigit():
-                self.cancels.append(int(fields[0]))
+            if number:
+                self.cancel(number)
             return
-        if isinstance(fields, Refused):
-            fields = naming_the_user(fields, transfer.peer)
-        if isinstance(fields, Exception) or not fields or not fields[0].isdigit():
-            self.end(transfer, "failed", str(fields) if isinstance(fields, Exception) else "refused")
+        if not number:
+            why = naming_the_user(result, transfer.peer) if isinstance(result, Refused) else result
+            self.end(transfer, "failed", str(why) if isinstance(why, Exception) else "refused")
             return
-        transfer.id, transfer.started = int(fields[0]), now
-        try:
-            transfer.file = open(transfer.path, "rb")
-        except OSError as error:
-            self.end(transfer, "failed", f"cannot read it: {error.strerror or error}", tell=True)
-            return
-        transfer.state = "sending"
-        self.uploads[transfer.id] = transfer
+        transfer.number, transfer.started = number, now
+        self.start(transfer, lambda: open(transfer.path, "rb"), "cannot read it")
 
-    def fill(self, stream, now: float) -> None:
+    def start(self, transfer: Transfer, opener, trouble: str) -> None:
+        """Open the transfer's file and let bytes move; an empty file is done at once."""
+        try:
+            transfer.file = opener()
+        except OSError as error:
+            self.end(transfer, "failed", f"{trouble}: {error.strerror or error}", tell=True)
+            return
+        transfer.state = "moving"
+        self.moving[transfer.direction, transfer.number] = transfer
+        self.emit(transfer)
+        if transfer.direction == "receive" and transfer.size == 0:
+            self.check(transfer)
+
+    def sending(self) -> list[Transfer]:
+        return [t for t in self.moving.values() if t.direction == "send"]
+
+    def fill(self, stream: Channel) -> None:
         """Put chunks of the files being sent into the file stream, in turn, while it has room."""
-        sending = [t for t in self.uploads.values() if t.state == "sending" and t.done < t.size]
-        while sending and len(stream.waiting) < FILL:
-            for transfer in list(sending):
-                if not self.send_chunk(stream, transfer) or transfer.done >= transfer.size:
-                    sending.remove(transfer)
-        for transfer in list(self.uploads.values()):
-            if transfer.state == "sending" and transfer.done >= transfer.size and stream.delivered(transfer.last_seq):
+        uploads = [t for t in self.sending() if t.done_bytes < t.size]
+        while uploads and len(stream.waiting) < FILL:
+            for transfer in list(uploads):
+                if not self.send_chunk(stream, transfer) or transfer.done_bytes >= transfer.size:
+                    uploads.remove(transfer)
+        for transfer in self.sending():
+            if transfer.done_bytes >= transfer.size and stream.delivered(transfer.last_seq):
                 self.end(transfer, "done", "the server has it all")
 
-    def send_chunk(self, stream, transfer: Transfer) -> bool:
+    def send_chunk(self, stream: Channel, transfer: Transfer) -> bool:
         """Read the next chunk from disk and queue it; False if the file could not be read."""
-        want = chunk_length(transfer.size, transfer.done)
+        want = chunk_length(transfer.size, transfer.done_bytes)
         try:
-            data = transfer.file.read(want)
+            data, why = transfer.file.read(want), "the file got shorter while it was sent"
         except OSError as error:
             data, why = b"", f"cannot read it: {error.strerror or error}"
-        else:
-            why = "the file got shorter while it was sent"
         if len(data) != want:
             self.end(transfer, "failed", why, tell=True)
             return False
-        transfer.last_seq = stream.send(PacketType.FILE_CHUNK, pack_chunk(transfer.id, transfer.done, data))
-        transfer.done += want
-        self.progress(transfer)
+        chunk = pack_chunk(transfer.number, transfer.done_bytes, data)
+        transfer.last_seq = stream.send(PacketType.FILE_CHUNK, chunk)
+        self.advance(transfer, want)
         return True
+
+    def advance(self, transfer: Transfer, count: int) -> None:
+        """Count bytes moved; report each whole percent reached."""
+        before = transfer.percent
+        transfer.done_bytes += count
+        if transfer.percent != before:
+            self.emit(transfer)
+
 
     # --- Receiving ---
 
     def offer_arrived(self, sender: str, more: list[str], now: float) -> None:
-        """An EVENT "file" [id, name, size, sha]: make the .part file and wait for chunks."""
-        if len(more) != 4 or not more[0].isdigit() or not more[2].isdigit() or not SHA_HEX.fullmatch(more[3]):
+        """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
+        if len(more) != 4 or not (more[0].isdigit() and more[2].isdigit() and SHA_HEX.fullmatch(more[3])):
             return  # unreadable: no file is started, its chunks are ignored
-        transfer = Transfer("down", sender, more[1], int(more[2]), more[3], "", int(more[0]), started=now)
-        self.incoming[transfer.id] = transfer
-        try:
-            os.makedirs(self.downloads, exist_ok=True)
-            transfer.path = self.create_part(safe_file_name(transfer.name))
-            transfer.file = open(transfer.path, "r+b")
-        except OSError as error:
-            self.end(transfer, "failed", f"cannot save in {self.downloads}: {error.strerror or error}", tell=True)
-            return
-        transfer.state = "sending"
-        self.progress(transfer)
-        if transfer.size == 0:
-            self.check(transfer)
+        transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]),
+                            started=now)
+        self.start(transfer, lambda: self.create_part(transfer), f"cannot save in {self.downloads}")
 
-    def create_part(self, name: str) -> str:
-        """Create NAME.part (or NAME (1).part...) exclusively; return its path."""
+    def create_part(self, transfer: Transfer):
+        """Create NAME.part (or NAME (1).part...) exclusively, and return it open for writing.
+
+        O_EXCL: the system refuses to open a file that exists, so two downloads of one
+        name, or a file someone put there, are never written over.
+        """
+        os.makedirs(self.downloads, exist_ok=True)
+        flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         while True:
-            path = unused_path(self.downloads, name, also=".part") + ".part"  # notes (1).pdf.part
+            transfer.path = unused_path(self.downloads, safe_file_name(transfer.name), ".part") + ".part"
             try:
                 # 0o644 (less the umask): a file from someone else is never made executable
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o644))
-                return path
+                return os.fdopen(os.open(transfer.path, flags, 0o644), "r+b")
             except FileExistsError:
                 continue  # another download took that name a moment ago
 
@@ -775,116 +943,91 @@ class FileTransfers:
             number, offset, data = unpack_chunk(payload)
         except PacketError:
             return
-        transfer = self.incoming.get(number)
-        if transfer is None or transfer.state != "sending":
+        transfer = self.moving.get(("receive", number))
+        if transfer is None:
             return  # cancelled, failed or unknown: its chunks still in flight are dropped
-        if offset >= transfer.size or offset % CHUNK_SIZE or len(data) != chunk_length(transfer.size, offset):
+        if offset % CHUNK_SIZE or offset >= transfer.size or len(data) != chunk_length(transfer.size, offset):
             self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
             return
-        if offset in transfer.offsets:
-            return  # had it already
         try:
             transfer.file.seek(offset)
             transfer.file.write(data)
         except OSError as error:  # a full disk, say: this file fails, the chat goes on
             self.end(transfer, "failed", f"cannot write it: {error.strerror or error}", tell=True)
             return
-        transfer.offsets.add(offset)
-        transfer.done += len(data)
-        self.progress(transfer)
-        if transfer.done == transfer.size:
+        self.advance(transfer, len(data))
+        if transfer.done_bytes >= transfer.size:
             self.check(transfer)
 
     def check(self, transfer: Transfer) -> None:
         """Every byte is there: compare the SHA-256, then give the file its real name."""
-        transfer.state = "checking"
         try:
             transfer.file.close()
             if file_sha256(transfer.path) != transfer.sha256:
-                self.end(transfer, "failed", "its SHA-256 does not match: the file arrived damaged", tell=True)
+                self.end(transfer, "failed", "its SHA-256 does not match: the file arrived damaged",
+                         tell=True)
                 return
-            transfer.path = self.give_final_name(transfer.path)
+            final = unused_path(*os.path.split(transfer.path[: -len(".part")]))
+            os.rename(transfer.path, final)  # the name says "complete" only now
         except OSError as error:  # a full disk, or a virus scanner holding the file (Windows)
             self.end(transfer, "failed", f"cannot save it: {error.strerror or error}", tell=True)
             return
+        transfer.path = final
         self.end(transfer, "done", "SHA-256 checked")
-
-    @staticmethod
-    def give_final_name(part: str) -> str:
-        """Rename NAME.part to NAME (or NAME (1)...): the name says "complete" only now."""
-        folder, name = os.path.split(part[: -len(".part")])
-        while True:
-            final = unused_path(folder, name)
-            try:
-                os.link(part, final)  # unlike a rename on POSIX, a link never replaces a file
-            except FileExistsError:  # made a moment ago: take the next name
-                continue
-            except OSError:  # no hard links on this file system (FAT, say): a rename, then
-                os.rename(part, final)
-                return final
-            os.remove(part)
-            return final
 
     # --- Ending ---
 
     def end(self, transfer: Transfer, state: str, note: str, tell: bool = False) -> None:
-        """Finish a transfer; a receiver's partial file is removed unless it is done."""
+        """Finish a transfer; a download's partial file is removed unless it is done."""
         if not transfer.active:
             return
         transfer.state, transfer.note = state, note
         if transfer.file is not None:
             transfer.file.close()
-        if transfer.direction == "down" and state != "done" and transfer.path.endswith(".part"):
+        if transfer.direction == "receive" and state != "done" and transfer.path.endswith(".part"):
             try:
                 os.remove(transfer.path)
             except OSError:
                 pass  # never made, or already gone
-        (self.uploads if transfer.direction == "up" else self.incoming).pop(transfer.id, None)
+        self.moving.pop((transfer.direction, transfer.number), None)
         self.finished.append(transfer)
-        self.news.append((state, transfer))
-        if tell and transfer.id:
-            self.cancels.append(transfer.id)
+        self.emit(transfer)
+        if tell and transfer.number:
+            self.cancel(transfer.number)
 
     def event(self, kind: str, user: str, text: str, more: list[str]) -> bool:
-        """An EVENT about a file [id]: "file-cancelled" ends it for everyone (True: it was
-        ours, and is ended now); "file-done" says who has a file we sent."""
+        """An EVENT about a file [id]: "file-cancelled" ends ours (True: the transfer says
+        so); "file-done" notes who has a file we sent (the event is shown too)."""
         number = int(more[0]) if more and whole_number(more[0]) else 0
-        transfer = self.uploads.get(number) or self.incoming.get(number)
-        if kind == "file-cancelled" and transfer:
-            transfer.said = text  # its words name the file, and say why
-            self.end(transfer, "cancelled", text)
+        mine = self.moving.get(("send", number)) or self.moving.get(("receive", number))
+        if kind == "file-cancelled" and mine:
+            mine.said = text  # its words name the file, and say why
+            self.end(mine, "cancelled", text)
             return True
-        sent = [t for t in self.finished if t.id == number and t.direction == "up" and t.state == "done"]
-        if kind == "file-done" and sent:
+        sent = [t for t in self.finished if t.number == number and t.direction == "send"]
+        if kind == "file-done" and sent and sent[-1].state == "done":
             has_it = sent[-1].note.removeprefix("the server has it all")
             sent[-1].note = f"{has_it}, {user}" if has_it else f"received by {user}"
         return False
 
-    def cancel(self, number: int = 0) -> list[Transfer]:
+    def cancel_mine(self, number: int = 0) -> list[Transfer]:
         """Stop our transfers (all, or the one numbered); return them. The server is told."""
-        stopped = [t for t in [*self.offers.values(), *self.uploads.values(), *self.incoming.values()]
-                   if t.active and number in (0, t.id)]
+        stopped = [t for t in [*self.offers.values(), *self.moving.values()]
+                   if t.active and number in (0, t.number)]
         for transfer in stopped:
             self.end(transfer, "cancelled", "you cancelled it", tell=True)
         return stopped  # an offer stays in `offers`: its id, once answered, is cancelled too
 
     def end_all(self, why: str) -> None:
         """The session ended: every transfer with it (the server forgets them too)."""
-        for transfer in [*self.offers.values(), *self.uploads.values(), *self.incoming.values()]:
+        for transfer in [*self.offers.values(), *self.moving.values()]:
             self.end(transfer, "failed", why)
         self.offers.clear()
-        self.cancels.clear()
-
-    def progress(self, transfer: Transfer) -> None:
-        """Report progress each time another percent (or the whole file) is done."""
-        step = max(transfer.size // 100, 1)
-        if transfer.done >= transfer.size or transfer.done // step != (transfer.done - CHUNK_SIZE) // step:
-            self.news.append(("progress", transfer))
 
     def listing(self) -> list[Transfer]:
         """Every transfer of this session we know of: in progress, then finished."""
-        active = [*self.offers.values(), *self.uploads.values(), *self.incoming.values()]
-        return [t for t in active if t.active] + list(self.finished)
+        active = [t for t in [*self.offers.values(), *self.moving.values()] if t.active]
+        return active + list(self.finished)
 
 
 # --- The network layer: the socket and one thread ----------------------------------------
@@ -893,14 +1036,10 @@ class FileTransfers:
 class ChatClient:
     """One user's connection to the chat server: ClientProtocol, a socket and a thread.
 
-    Each blocking method sends one request and returns the server's answer, or raises a
-    ChatError saying in plain words what went wrong; `submit` sends one without waiting and
-    returns a Future. What the server pushes arrives as `Event`s: passed to `on_event` if
-    given (on the network thread), else put in `self.events`, a queue; warnings go to `on_notice`.
-
-    When the session is lost (the server stopped, restarted or went quiet), `Rejoin` logs
-    back in and rejoins the room by itself; what is asked for meanwhile waits, and is sent
-    once back in, in order.
+    Each blocking method sends one request and returns the server's answer, or raises
+    Refused (the server said no) or a ChatError (no answer, session lost, closed); `submit`
+    sends one without waiting and returns a Future. Every other Event goes to `on_event`,
+    called on the network thread, or, without one, into the queue `events`.
 
         client = ChatClient("127.0.0.1", 9999)
         client.login("alice", "secret")
@@ -909,33 +1048,29 @@ class ChatClient:
         client.close()
     """
 
-    def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None, *,
-                 timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
-                 on_event=None, on_notice=None, trace=None, rejoin: bool = True, downloads: str = "downloads",
-                 on_file=None):
-        self.host, self.port = host, port
-        self.on_file, self.file_news = on_file, queue.Queue()  # (what, Transfer): to on_file, else queued
-        self.rejoin = Rejoin(self) if rejoin else None  # getting back in when the session is lost
-        self.asked: dict[int, tuple] = {}  # request number -> (type, fields), to send again after a stop
-        self.session_over = threading.Event()  # the session ended and no rejoin follows
-        self.lost_reason: SessionLost | None = None  # why, when it did
-        self.room: str | None = None  # the room we are in, as the server last said
+    def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None,
+                 *, timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
+                 on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
+        self.host, self.port, self.on_event = host, port, on_event
         self.timing = timing or Timing()
-        self.on_event, self.on_notice = on_event, on_notice or (lambda text: None)
         self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
-        self.trace = trace
-        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss, trace,
-                                       server=f"{host}:{port}", downloads=downloads)
-        self.lock = threading.Lock()  # the protocol is shared by the caller's thread and ours
+        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss,
+                                       trace, f"{host}:{port}", downloads, rejoin)
+        self.protocol.wall_offset = time.time() - time.monotonic()
+        self.lock = threading.Lock()  # the protocol is shared by the callers' threads and ours
         self.futures: dict[int, concurrent.futures.Future] = {}
         self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
-        on_drop = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
-        self.sock = LossySocket(sock, loss, seed, on_drop, side="client") if loss else sock
-        self.waker = WakeUp()  # for the network thread, asleep in select()
+        dropped = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
+        self.sock = LossySocket(sock, loss, seed, dropped, side="client") if loss else sock
+        # A request queued by another thread must not wait for the network thread's timer:
+        # it sends a byte to one end of a socket pair, whose other end select() watches.
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.wake_writer.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
-        self.selector.register(self.waker.reader, selectors.EVENT_READ)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
         self.thread = threading.Thread(target=self.run_network, name="chat-network", daemon=True)
         self.thread.start()
 
@@ -950,6 +1085,14 @@ class ChatClient:
         return self.protocol.name
 
     @property
+    def room(self) -> str | None:
+        return self.protocol.room
+
+    @property
+    def state(self) -> str:
+        return self.protocol.state
+
+    @property
     def logged_in(self) -> bool:
         return self.protocol.logged_in
 
@@ -961,18 +1104,11 @@ class ChatClient:
 
     def login(self, name: str, password: str) -> str:
         """Log in; return the welcome text. Later requests go on the session's channel."""
-        welcome = self.with_cookie(PacketType.LOGIN, name, password)[-1]
-        self.session_over.clear()
-        self.room = None
-        if self.rejoin:
-            self.rejoin.login, self.rejoin.room = [name, password], []
-        return welcome
+        return self.with_cookie(PacketType.LOGIN, name, password)[-1]
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
-        fields = self.call(PacketType.JOIN, room, password)
-        joined, self.room = fields[-1], fields[0]
-        return joined
+        return self.call(PacketType.JOIN, room, password)[-1]
 
     def say(self, text: str) -> str:
         """Send a message to everyone else in the room; return the server's words."""
@@ -980,7 +1116,10 @@ class ChatClient:
 
     def private(self, user: str, text: str) -> str:
         """Send a message that only `user` sees."""
-        return self.call(PacketType.PRIVATE, user, check_length(text))[-1]
+        try:
+            return self.call(PacketType.PRIVATE, user, check_length(text))[-1]
+        except Refused as refusal:
+            raise naming_the_user(refusal, user) from None
 
     def rooms(self) -> list[tuple[str, int]]:
         """Return every room and how many are in it."""
@@ -990,27 +1129,34 @@ class ChatClient:
         """Return your room's name and its members."""
         return read_members(self.call(PacketType.WHO))
 
-    def send_file(self, to: str, path: str) -> tuple[Transfer, concurrent.futures.Future]:
-        """Offer a file to `to` ('' = the room), hashed here; the Future gets the server's answer.
-        Once accepted, the network thread sends it from disk. Raises FileProblem if it cannot go."""
-        transfer = FileTransfers.prepare(to, path)
-        future = concurrent.futures.Future()
+    def hello(self) -> str:
+        """Ask for a cookie: proof for the server that we really are at our address."""
+        return self.call(PacketType.HELLO)[0]
+
+    def with_cookie(self, ptype: PacketType, name: str, password: str) -> list[str]:
+        """HELLO, then the request with the cookie; once more if the cookie went stale."""
+        try:
+            return self.call(ptype, self.hello(), name, password)
+        except Refused as refusal:
+            if refusal.code != "stale-cookie":
+                raise
+        return self.call(ptype, self.hello(), name, password)
+
+    def send_file(self, to: str, path: str) -> Transfer:
+        """Offer a file to `to` ('' = the room), hashed here; once the server accepts, the
+        network thread sends it from disk. Raises FileProblem if it cannot go."""
+        transfer = prepare_upload(to, path)
         with self.lock:
-            if self.closed.is_set():
-                raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-            if not self.protocol.logged_in:  # getting back in, say: this is not sent, the chat goes on
-                raise Refused("not-sent", "Not in the chat right now; not sent.")
-            seq = self.protocol.request(PacketType.FILE_OFFER, FileTransfers.offer_fields(transfer), time.monotonic())
-            self.protocol.files.offered(seq, transfer)
-            self.futures[seq] = future
+            self.check_open()
+            self.protocol.offer_file(transfer, time.monotonic())
         self.wake()
-        return transfer, future
+        return transfer
 
     def cancel_files(self, number: int = 0) -> list[Transfer]:
-        """Stop our transfers (all, or the one numbered); the server and the other side are told."""
+        """Stop our transfers (all, or the one numbered); the server and the others are told."""
         with self.lock:
-            stopped = self.protocol.files.cancel(number)
-        self.wake()
+            stopped = self.protocol.files.cancel_mine(number)
+        self.settle()
         return stopped
 
     def transfers(self) -> list[Transfer]:
@@ -1018,65 +1164,48 @@ class ChatClient:
         with self.lock:
             return self.protocol.files.listing()
 
-    def hello(self) -> str:
-        """Ask for a cookie: proof for the server that we really are at our address."""
-        return self.call(PacketType.HELLO)[0]
-
     def bye(self) -> None:
         """End the session politely; a server that is gone or has forgotten us is fine."""
-        if not self.logged_in or self.closed.is_set():
+        if self.closed.is_set() or threading.current_thread() is self.thread:
             return
-        self.check_not_network_thread()
-        try:
-            result_within(self.submit(PacketType.BYE), self.timing.goodbye_timeout)
-        except (ChatError, concurrent.futures.TimeoutError):
-            pass
+        if self.logged_in and self.state != "reconnecting":
+            try:
+                result_within(self.submit(PacketType.BYE), self.timing.goodbye_timeout)
+            except (ChatError, Refused, concurrent.futures.TimeoutError):
+                pass
         with self.lock:
-            self.protocol.end_session()
+            self.protocol.log_out()
+        self.settle()
 
-    def with_cookie(self, ptype: PacketType, name: str, password: str, *more: str) -> list[str]:
-        """HELLO, then the request with the cookie; once more if the cookie went stale."""
-        try:
-            return self.call(ptype, self.hello(), name, password, *more)
-        except Refused as refusal:
-            if refusal.code != "stale-cookie":
-                raise
-        return self.call(ptype, self.hello(), name, password, *more)  # with a fresh cookie
 
     def call(self, ptype: PacketType, *fields: str) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
-        self.check_not_network_thread()
-        patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # it answers before this
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("a blocking call from the network thread would wait for ever")
+        patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # answered by then
         future = self.submit(ptype, *fields)
         try:
             return result_within(future, patience)
         except concurrent.futures.TimeoutError:
-            if self.rejoin and self.rejoin.forget(future):  # it waited for a rejoin: now it never goes
+            with self.lock:
+                held = self.protocol.forget(future.ticket)
+            if held:  # it waited for a rejoin that has not come: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
             raise ServerNotResponding(f"Server not responding at {self.host}:{self.port}") from None
 
     def submit(self, ptype: PacketType, *fields: str) -> concurrent.futures.Future:
-        """Queue a request without waiting; the Future gets its fields, or its ChatError."""
+        """Queue a request without waiting; the Future gets its fields, or its error."""
         future = concurrent.futures.Future()
         with self.lock:
-            if self.closed.is_set():
-                raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-            if self.rejoin and self.rejoin.holds(ptype):
-                self.rejoin.hold(ptype, fields, future)
-                return future
-            if self.session_over.is_set() and ptype in RESENDABLE:
-                raise SessionLost(SESSION_LOST)
-            seq = self.protocol.request(ptype, fields, time.monotonic())
-            self.futures[seq] = future
-            if not (self.rejoin and threading.current_thread() is self.rejoin.thread):
-                self.asked[seq] = (ptype, fields)  # the rejoin retries its own requests itself
+            self.check_open()
+            future.ticket = self.protocol.request(ptype, fields, time.monotonic())
+            self.futures[future.ticket] = future
         self.wake()
         return future
 
-    def check_not_network_thread(self) -> None:
-        """Refuse to wait on the network thread: only it could bring the answer (use submit)."""
-        if threading.current_thread() is self.thread:
-            raise RuntimeError("a blocking ChatClient call from its own network thread would wait for ever")
+    def check_open(self) -> None:
+        if self.closed.is_set():
+            raise ConnectionClosed(self.closed_reason or "The connection is closed.")
 
     # --- The network thread: the only reader of the socket ---
 
@@ -1099,8 +1228,8 @@ class ChatClient:
             except (OSError, ValueError):
                 return  # closed under us: we are shutting down
             for key, _ in ready:
-                if key.fileobj is self.waker.reader:
-                    self.waker.drain()
+                if key.fileobj is self.wake_reader:
+                    self.drain_wakeups()
                 else:
                     self.receive_all()
             self.settle()
@@ -1129,37 +1258,34 @@ class ChatClient:
             with self.lock:
                 self.protocol.port_unreachable()
         except OSError as error:  # e.g. no route to the host for now: as if lost
-            if self.trace:
-                self.trace(f"[trace] sending failed: {error}")
+            self.protocol.note(f"sending failed: {error}")
 
     def settle(self) -> None:
-        """Hand what the protocol produced to its takers, outside the lock."""
+        """Hand what the protocol produced to its takers, outside the lock: answers to the
+        futures that wait for them, the rest to on_event (or the events queue)."""
         with self.lock:
-            protocol = self.protocol
-            answers, protocol.answers = protocol.answers, []
-            events, protocol.events = protocol.events, []
-            notices, protocol.notices = protocol.notices, []
-            file_news, protocol.files.news = protocol.files.news, []
-            futures = [(self.futures.pop(seq, None), result, self.asked.pop(seq, None)) for seq, result in answers]
-            gave_up = protocol.closed_reason
-            lost, protocol.lost = protocol.lost, None
-            if lost and not (self.rejoin and self.rejoin.start(lost)):
-                self.lost_reason = lost
-                self.session_over.set()
-            if self.rejoin:
-                futures, events = self.rejoin.take_back(futures), self.rejoin.not_seen(events)
-        resolve([(future, result) for future, result, _ in futures])
+            events = self.protocol.take_events()
+            answered = [(self.futures.pop(e.more[0], None), e.more[1]) for e in events
+                        if e.kind == "answer"]
+        resolve(answered)
         for event in events:
-            self.on_event(event) if self.on_event else self.events.put(event)
-        for notice in notices:
-            self.on_notice(notice)
-        for item in file_news:
-            self.on_file(*item) if self.on_file else self.file_news.put(item)
-        if gave_up and not self.closed.is_set():
-            self.close(gave_up)
+            if event.kind != "answer":
+                self.on_event(event) if self.on_event else self.events.put(event)
+        if self.protocol.state == "closed" and not self.closed.is_set():
+            self.close(self.protocol.closed_reason)
 
     def wake(self) -> None:
-        self.waker.wake()
+        try:
+            self.wake_writer.send(b"!")
+        except OSError:
+            pass  # closing, or woken many times over already: a full pair is awake enough
+
+    def drain_wakeups(self) -> None:
+        try:
+            while self.wake_reader.recv(1024):
+                pass
+        except OSError:  # BlockingIOError: nothing more to read
+            pass
 
     # --- Shutting down ---
 
@@ -1170,224 +1296,29 @@ class ChatClient:
         self.closed_reason = reason
         self.closed.set()
         if reason:
-            self.on_notice(f"[WARN] {reason}")
+            event = Event("notice", time.time(), text=f"[WARN] {reason}")
+            self.on_event(event) if self.on_event else self.events.put(event)
         self.wake()
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=2 * MAX_WAIT + 1)
         with self.lock:
-            self.protocol.files.end_all("the client was closed")  # no partial file left open, or behind
+            self.protocol.files.end_all("the client was closed")  # no partial file left behind
             waiting, self.futures = list(self.futures.values()), {}
-            if self.rejoin:
-                waiting += [future for *_, future in self.rejoin.held]
-                self.rejoin.held = []
         closed = ConnectionClosed(reason or "The connection is closed.")
-        resolve([(future, closed) for future in waiting])  # outside the lock: a done-callback may call us
-        self.selector.close()
-        self.sock.close()
-        self.waker.close()
-
-
-
-class Rejoin:
-    """Getting back in when the session is lost: the server stopped, restarted or went quiet.
-
-    It keeps the last login's name and password and the last JOIN's room and password,
-    in memory for this run only, never on disk. While its thread logs back in, what the
-    user asks for waits in `held`, and is sent, in order, once back in.
-    """
-
-    def __init__(self, client: "ChatClient"):
-        self.client = client
-        self.login: list[str] = []  # [name, password]
-        self.room: list[str] = []  # [room, password]
-        self.thread: threading.Thread | None = None  # logging back in, while the user types on
-        self.held: list[tuple] = []  # (type, fields, future)
-        # The newest event's time and what was said in that second; after a rejoin, the same
-        # for the room's past shown already. Times are whole seconds: within the last one,
-        # only what was said tells a message shown from one that never came.
-        self.last_event_time, self.last_second = 0.0, collections.Counter()
-        self.seen_until, self.seen_last = 0.0, collections.Counter()
-        self.returning = False  # the room's past coming now is partly shown already: back in after a loss
-        self.own_lines: collections.deque = collections.deque(maxlen=OWN_LINES_KEPT)  # ours, in this room
-
-    def not_seen(self, events: list[Event]) -> list[Event]:
-        """Under the client's lock: return the events but the room's past shown before the loss."""
-        fresh = [event for event in events if not (event.kind == "history" and self.returning and self.shown(event))]
-        for event in fresh:
-            if event.time > self.last_event_time:
-                self.last_event_time, self.last_second = event.time, collections.Counter()
-            if event.time == self.last_event_time:
-                self.last_second[event.user, event.text] += 1
-        return fresh
-
-    def past_shown(self) -> None:
-        """Before the room is joined again: what has come so far was shown."""
-        with self.client.lock:
-            self.seen_until, self.seen_last = self.last_event_time, collections.Counter(self.last_second)
-            self.returning = True
-
-    def shown(self, past: Event) -> bool:
-        """Was this message of the room's past shown before the session was lost? Each line
-        seen, or said by us, is taken for one line of the past: the same words twice are two."""
-        if past.time < self.seen_until:
-            return True
-        if past.time == self.seen_until and self.seen_last[past.user, past.text] > 0:
-            self.seen_last[past.user, past.text] -= 1
-            return True
-        if self.login and past.user.lower() == self.login[0].lower() and past.text in self.own_lines:
-            self.own_lines.remove(past.text)  # shown as "you: ..." when it was said
-            return True
-        return False
-
-    def note_answers(self, answered: list[tuple]) -> None:
-        """Under the client's lock: note our lines the server took, and a room the user joined
-        (not we, on the way back in): its past is news, and we said nothing in it yet."""
-        for _, result, asked in answered:
-            if not asked or isinstance(result, ChatError):
-                continue
-            if asked[0] == PacketType.SAY:
-                self.own_lines.append(asked[1][0])
-            elif asked[0] == PacketType.JOIN and self.thread is None:
-                self.room, self.returning = list(asked[1]), False
-                self.own_lines.clear()
-
-    def holds(self, ptype: PacketType) -> bool:
-        """Under the client's lock: must a request wait for the rejoin (going, or about to start)?"""
-        if threading.current_thread() is self.thread or ptype not in RESENDABLE:
-            return False
-        return self.thread is not None or bool(self.login and self.client.protocol.lost)
-
-    def take_back(self, answered: list[tuple]) -> list[tuple]:
-        """Under the client's lock: hold again, before anything typed since, the requests a
-        stopping server never handled; return the other (future, result, asked) answers."""
-        self.note_answers(answered)
-        if self.thread is None:
-            return answered
-        stopped = [(*asked, future) for future, result, asked in answered
-                   if isinstance(result, ServerStopped) and future and asked and asked[0] in RESENDABLE]
-        self.held[:0] = stopped
-        return [(future, result, asked) for future, result, asked in answered
-                if not any(future is held[2] for held in stopped)]
-
-    def forget(self, future) -> bool:
-        """Take a request out of those waiting (its asker stopped waiting); False if not there."""
-        with self.client.lock:
-            kept = [held for held in self.held if held[2] is not future]
-            found, self.held = len(kept) < len(self.held), kept
-        return found
-
-    def hold(self, ptype: PacketType, fields: tuple, future) -> None:
-        """Under the client's lock: keep a request to send once back in, in order; the first
-        one kept says so, or a line typed would seem to go nowhere (and be typed again)."""
-        if ptype == PacketType.SAY and not any(held[0] == PacketType.SAY for held in self.held):
-            self.client.protocol.notices.append("[INFO] Not back in yet: what you type waits, and goes once back in.")
-        self.held.append((ptype, fields, future))
-
-    def start(self, why: SessionLost) -> bool:
-        """Under the client's lock: start logging back in; False if it cannot be done."""
-        if not self.login or isinstance(why, LoggedInElsewhere):
-            return False
-        if self.thread is not None:
-            return True  # lost again half-way: the running one sees its request fail, and starts over
-        self.thread = threading.Thread(target=self.run, name="chat-rejoin", daemon=True)
-        self.client.protocol.notices.append("[INFO] Trying to get back in (type exit to stop)...")
-        self.thread.start()
-        return True
-
-    def run(self) -> None:
-        """Log in again and go back to the room, until it works or cannot; then send what waited."""
-        client, closed, started, told = self.client, self.client.closed, time.monotonic(), ""
-        while not closed.is_set():
-            try:
-                client.with_cookie(PacketType.LOGIN, *self.login, "rejoin")
-                client.on_notice(f"[INFO] Back in as {self.login[0]}.")
-                self.go_back_to_the_room()
-                break
-            except (ServerNotResponding, KeyMismatch):
-                closed.wait(REJOIN_EVERY)  # not back yet
-            except Refused as refusal:
-                if not worth_waiting(refusal, time.monotonic() - started):
-                    client.on_notice(f"[WARN] Could not get back in: {refusal.text}")
-                    break
-                if refusal.code in ("locked", "logged-in-elsewhere") and refusal.code != told:
-                    told = refusal.code
-                    client.on_notice(f"[WARN] Not back in yet: {refusal.text} (still trying)")
-                closed.wait(REJOIN_EVERY)
-            except LoggedInElsewhere:
-                break
-            except SessionLost:  # lost again half-way: from the top
-                closed.wait(REJOIN_EVERY)
-            except ChatError:
-                break  # closed meanwhile
-        self.send_held()
-
-    def go_back_to_the_room(self) -> None:
-        """JOIN the room we were in; if that is refused now (its password changed), say so."""
-        client, self.client.room = self.client, None
-        if not self.room:
-            return
-        self.past_shown()
-        try:
-            client.room = client.call(PacketType.JOIN, *self.room)[0]
-            client.on_notice(f"[INFO] In {client.room} again.")
-        except Refused as refusal:
-            room, self.room = self.room[0], []
-            client.on_notice(f"[WARN] Not back in {room}: {refusal.text} Type /join {room} to try again.")
-
-    def send_held(self) -> None:
-        """Send what waited (or, if we are not back in, tell its askers it was not sent)."""
-        client = self.client
-        failed = []  # (future, why)
-        with client.lock:
-            held, self.held, self.thread = self.held, [], None
-            back = client.protocol.logged_in and not client.closed.is_set()
-            for ptype, fields, future in held if back else []:
-                try:
-                    seq = client.protocol.request(ptype, fields, time.monotonic())
-                    client.futures[seq], client.asked[seq] = future, (ptype, fields)
-                except ChatError as error:  # too long, or too many waiting: that one is not sent
-                    failed.append((future, error))
-            if not back:
-                client.session_over.set()
-                failed = [(future, Refused("not-sent", "Not back in the chat; not sent.")) for *_, future in held]
-        for future, why in failed:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(why)
-        client.wake()
-
-
-def worth_waiting(refusal: Refused, waited: float) -> bool:
-    """Will logging back in work if tried again soon? A lockout ends, and so does the old
-    session the server keeps at our old address (a new Wi-Fi, say) until it times out."""
-    if refusal.code in ("busy", "full", "stale-cookie", "slow-down", "stopping", "locked"):
-        return True
-    return refusal.code == "logged-in-elsewhere" and waited < ELSEWHERE_PATIENCE
+        resolve([(future, closed) for future in waiting])  # outside the lock: a callback may call us
+        for sock in (self.selector, self.sock, self.wake_reader, self.wake_writer):
+            sock.close()
 
 
 def resolve(answered: list[tuple]) -> None:
-    """Give each (future, answer) its answer: fields as its result, a ChatError as its error."""
+    """Give each (future, answer) its answer: fields as its result, an error as its exception."""
     for future, result in answered:
         if future is None or not future.set_running_or_notify_cancel():
-            continue  # a heartbeat's answer, or one its asker cancelled: nobody waits for it
-        if isinstance(result, ChatError):
+            continue  # one its asker cancelled: nobody waits for it
+        if isinstance(result, Exception):
             future.set_exception(result)
         else:
             future.set_result(result)
-
-
-def read_rooms(fields: list[str]) -> list[tuple[str, int]]:
-    """Read ROOMS' answer: (room, members) pairs; a last '+N' says N more did not fit."""
-    more = fields.pop() if len(fields) % 2 else ""
-    pairs = [(fields[i], int(fields[i + 1])) for i in range(0, len(fields), 2)]
-    return pairs + ([(f"... and {more[1:]} more", 0)] if more else [])
-
-
-def read_members(fields: list[str]) -> tuple[str, list[str]]:
-    """Read WHO's answer: the room, then its members; a last '+N' says N more did not fit."""
-    room, *members = fields
-    if members and members[-1][1:].isdigit() and members[-1].startswith("+"):
-        members[-1] = f"... and {members[-1][1:]} more"
-    return room, members
 
 
 def result_within(future: concurrent.futures.Future, seconds: float):
@@ -1406,7 +1337,8 @@ def connect_udp(host: str, port: int) -> socket.socket:
     """Return a non-blocking UDP socket connect()ed to the server.
 
     connect() on a UDP socket sends nothing: it fixes the peer, so that send() needs no
-    address and the operating system drops datagrams from anyone else.
+    address, the system drops datagrams from anyone else, and an ICMP "port unreachable"
+    for what we sent is reported to us (recv raises ConnectionRefusedError).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -1419,8 +1351,19 @@ def connect_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
-# Requests that may wait for a rejoin, or be sent again after a stop: the server never did them.
-RESENDABLE = {PacketType.SAY, PacketType.PRIVATE, PacketType.JOIN, PacketType.ROOMS, PacketType.WHO}
+def read_rooms(fields: list[str]) -> list[tuple[str, int]]:
+    """Read ROOMS' answer: (room, members) pairs; a last '+N' says N more did not fit."""
+    more = fields.pop() if len(fields) % 2 else ""
+    pairs = [(fields[i], int(fields[i + 1])) for i in range(0, len(fields), 2)]
+    return pairs + ([(f"... and {more[1:]} more", -1)] if more else [])
+
+
+def read_members(fields: list[str]) -> tuple[str, list[str]]:
+    """Read WHO's answer: the room, then its members; a last '+N' says N more did not fit."""
+    room, *members = fields
+    if members and members[-1][1:].isdigit() and members[-1].startswith("+"):
+        members[-1] = f"... and {members[-1][1:]} more"
+    return room, members
 
 
 def check_length(text: str) -> str:
@@ -1430,300 +1373,273 @@ def check_length(text: str) -> str:
     return text
 
 
-# --- The terminal ---------------------------------------------------------------------
+# --- Finding a server: one question to the whole network -------------------------------
+#
+# A datagram sent to a broadcast address reaches every host on the network, which TCP
+# cannot do: a connection has exactly two ends. So a client that does not know the
+# server's address asks everyone, and whoever runs a chat server answers. Only when
+# asked: on many networks a broadcast is noticed.
 
-ERASE_DOWN = "\x1b[J"  # ANSI: clear from the cursor to the end of the screen
-CLEAR_LINE_END = "\x1b[K"  # ANSI: clear from the cursor to the end of its line
-ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufe0e\ufe0f")  # joiners and emoji variation selectors
+SEARCH_TIME = 1.0  # seconds a search listens: a LAN answers within milliseconds
+SEARCH_TRIES = 3  # FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
+NOTHING_FOUND = "no server answered on this network; type its IP"
+OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
+# A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
+# forwards it. But a system sends it only where a route leads (the default route, if any):
+# a lab network with no default route is reached by its own broadcast address instead.
+LIMITED_BROADCAST = "255.255.255.255"
+# Linux's requests for an interface's address and netmask (<linux/sockios.h>).
+SIOCGIFADDR, SIOCGIFNETMASK = 0x8915, 0x891B
 
 
-class EndOfInput(Exception):
-    """The user pressed Ctrl+D / Ctrl+Z, or the script ran out of lines."""
+@dataclasses.dataclass(frozen=True)
+class FoundServer:
+    """A chat server that answered a FIND."""
+
+    name: str
+    host: str  # the IP its answer came from: the one to type, or to connect to
+    port: int
+    online: int  # members logged in
+
+    def __str__(self) -> str:
+        return f"{printable(self.name)}  {self.host}:{self.port}  {self.online} online"
 
 
-class Terminal:
-    """The keyboard on its own thread, the screen shared by everyone.
+class ServerSearch:
+    """One search of the network, without sockets: the FIND to send, and what answers say.
 
-    input() blocks, and on Windows nothing but Enter wakes it, so a thread of its own
-    reads each line and hands it over through a queue. The main thread waits on that
-    queue a little at a time: Ctrl+C always gets through, and a client that lost its
-    server can end without waiting for Enter. Lines printed while the user types go
-    above the prompt; with readline (Linux, macOS) the line being typed is then drawn
-    again as it was, cursor and all. Without it (Windows) only the prompt is: what was
-    typed is still in the line, and Enter sends it, but it is not shown again.
-
-    Between two questions, keys typed ahead are not echoed (POSIX terminals): they may be
-    the password the next prompt asks for. readline shows them once an ordinary prompt is
-    up; getpass drops them, so a password is typed when its prompt is there. A Windows
-    console echoes no key before a program reads it: there typeahead is hidden already
-    (and getpass takes it as the password).
+    The FIND carries a number drawn for this search, and an answer must name it (in its
+    ack field and its first field): answers to an earlier search, and stray datagrams,
+    are not taken for servers. A server that hears the FIND twice is listed once.
     """
 
-    def __init__(self, interactive: bool):
-        self.interactive = interactive
-        self.asks: queue.Queue = queue.Queue()
-        self.answers: queue.Queue = queue.Queue()
-        self.print_lock = threading.Lock()
-        self.prompt = ""  # shown now, waiting for the user
-        self.asked = ""  # the prompt the keyboard thread was given (readline draws that one)
-        self.secret = False  # the question shown is a password: nothing typed is on screen
-        self.outstanding = False  # a question is with the keyboard thread, not answered yet
-        self.ended = False
-        self.saved_mode = None
-        self.given_back = False  # restore() was called: leave the terminal's settings alone
-        self.status_shown = False  # the last line printed is a progress line, to be drawn over
-        self.readline_cursor = readline_cursor() if interactive and readline else None
-        if interactive and termios:
-            try:
-                self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
-            except (termios.error, OSError, ValueError):
-                pass
-        threading.Thread(target=self.read_lines, name="keyboard", daemon=True).start()
+    def __init__(self, cipher, number: int | None = None):
+        self.cipher = cipher
+        self.number = number or 1 + secrets.randbelow(2**32 - 1)  # any but 0: a request's number
+        self.found: dict[tuple[str, int], FoundServer] = {}  # in the order they answered
+        self.other_key: set[tuple[str, int]] = set()  # answered, scrambled with another key
 
-    def read_lines(self) -> None:
-        while True:
-            prompt, secret = self.asks.get()
-            with self.print_lock:
-                self.prompt = self.asked = prompt if self.interactive else ""
-                self.secret = secret
-            try:
-                answer = self.read_answer(prompt, secret)
-            except (EOFError, OSError, ValueError):
-                answer = None
-            except KeyboardInterrupt:  # reaches this thread on some systems; main handles it
-                answer = None
-            with self.print_lock:
-                self.prompt = ""
-                self.status_shown = False  # Enter moved the cursor on: the bar is no longer the last line
-            self.set_echo(False)  # until the next question: what is typed now may be its password
-            self.answers.put(answer)
-            if answer is None:
-                return
+    def request(self) -> bytes:
+        """Return the FIND datagram, padded to MIN_FIND_SIZE (the server drops it otherwise)."""
+        padding = "." * (MIN_FIND_SIZE - HEADER_SIZE - 2)  # the field's 2-byte length, then dots
+        packet = Packet(PacketType.FIND, self.number, payload=pack_fields(padding))
+        return encode_packet(packet, self.cipher)
 
-    def read_answer(self, prompt: str, secret: bool) -> str:
-        """Return one line from the keyboard (or the script); raise EOFError at the end."""
-        if not self.interactive:
-            line = sys.stdin.readline()
-            if not line:
-                raise EOFError
-            return line.rstrip("\r\n")
-        if secret:
-            return getpass.getpass(prompt)
-        self.set_echo(True)
-        return input(prompt)
-
-    def ask(self, prompt: str, secret: bool = False, alive=lambda: None) -> str:
-        """Return the next line the user types; raise EndOfInput at its end.
-
-        `alive()` is called while waiting and may raise to stop waiting.
-        """
-        if self.ended:
-            raise EndOfInput
-        if self.outstanding:  # an earlier question was abandoned: its line answers this one
-            self.show_prompt(prompt)
-        else:
-            self.asks.put((prompt, secret))
-            self.outstanding = True
-        answer = wait_for(self.answers, alive)
-        self.outstanding = False
-        if answer is None:
-            self.ended = True
-            raise EndOfInput
-        return answer
-
-    def show_prompt(self, prompt: str) -> None:
-        """Replace the prompt shown while the keyboard thread keeps waiting for a line."""
-        with self.print_lock:
-            if self.interactive:
-                sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + prompt)
-                sys.stdout.flush()
-                self.prompt = prompt
-
-    def set_echo(self, on: bool) -> None:
-        """Let the terminal show the keys typed (as it did when we started), or not."""
-        with self.print_lock:
-            if self.saved_mode is None or self.given_back:
-                return
-            mode = list(self.saved_mode)
-            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO  # [3]: the local flags
-            try:
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)  # NOW: keep what was typed ahead
-            except (termios.error, OSError, ValueError):
-                pass
-
-    def restore(self) -> None:
-        """Give the terminal back as we found it, for good: Ctrl+C during a password prompt
-        must not leave typing invisible."""
-        with self.print_lock:
-            self.given_back = True
-            if self.saved_mode is not None:
-                try:
-                    termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
-                except (termios.error, OSError, ValueError):
-                    pass
-
-    def show(self, text: str, status: bool = False) -> None:
-        """Print a line above the prompt, without garbling what the user is typing.
-
-        A `status` line (a progress bar; ANSI terminals only) is drawn over by the next line
-        printed: a bar redrawn in place, and chat lines that take its place, the bar below them.
-        """
-        with self.print_lock:
-            lift = cursor_up(1) + "\r" if self.status_shown else ""  # back onto the last progress line
-            text += CLEAR_LINE_END if self.status_shown or status else ""
-            self.status_shown = status
-            try:
-                if not self.prompt:
-                    print(lift + text, flush=True)
-                elif readline and not self.secret and self.prompt == self.asked:
-                    self.show_above_readline(text, lift)
-                else:  # a password's prompt (what is typed is not shown), or no readline
-                    sys.stdout.write("\r" + " " * len(self.prompt) + "\r" + lift + text + "\n" + self.prompt)
-                    sys.stdout.flush()
-            except OSError:  # a program reading our output stopped, or the terminal closed (EIO)
-                pass
-
-    def show_above_readline(self, text: str, lift: str = "") -> None:
-        """Clear the rows the line being typed covers, print `text`, draw the line again below
-        it, and put the cursor back where readline has it: the screen is then what readline
-        believes it is, and the next key edits the right place."""
-        typed = readline.get_line_buffer()
-        before_cursor = typed[:readline_point(typed, self.readline_cursor)]
-        columns = shutil.get_terminal_size().columns
-        row, _ = divmod(display_width(self.prompt + before_cursor), columns)
-        sys.stdout.write("\r" + cursor_up(row) + lift + ERASE_DOWN + text + "\n" + self.prompt + typed)
-        end_row, end_column = divmod(display_width(self.prompt + typed), columns)
-        if end_row and not end_column:
-            sys.stdout.write(" \r")  # the line fills its last row: step onto the next, as readline does
-        after = typed[len(before_cursor):]
-        if end_row == row:  # one row: step back over what follows the cursor, as readline does, so
-            # that an emoji a terminal draws narrower than display_width says cannot shift it
-            sys.stdout.write(f"\x1b[{display_width(after)}D" if after else "")
-        else:
-            target_row, target_column = divmod(display_width(self.prompt + before_cursor), columns)
-            right = f"\x1b[{target_column}C" if target_column else ""
-            sys.stdout.write(cursor_up(end_row - target_row) + "\r" + right)
-        sys.stdout.flush()
-
-
-def wait_for(answers: queue.Queue, alive):
-    """Return the next answer put in `answers`, calling `alive()` - which may raise to stop
-    the waiting - every MAX_WAIT seconds meanwhile: a Ctrl+C or a lost server gets through."""
-    while True:
-        alive()
+    def receive(self, data: bytes, address: tuple[str, int]) -> FoundServer | None:
+        """Take a datagram that came back; return the server it tells of, if it is a new one."""
         try:
-            return answers.get(timeout=MAX_WAIT)
-        except queue.Empty:
-            continue
+            packet = decode_packet(data, self.cipher)
+            number, name, port, online = unpack_fields(packet.payload, 4)
+        except ChecksumError:  # a chat server whose key differs from ours
+            self.other_key.add(address)
+            return None
+        except PacketError:
+            return None
+        if (packet.type != PacketType.OK or packet.ack != self.number or number != str(self.number)
+                or not (whole_number(port) and 0 < int(port) < 65536 and whole_number(online))):
+            return None
+        if (address[0], int(port)) in self.found:
+            return None
+        server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port), int(online))
+        return server
 
 
-def cursor_up(rows: int) -> str:
-    return f"\x1b[{rows}A" if rows > 0 else ""  # ANSI: cursor up that many rows
+def broadcast_addresses() -> list[str]:
+    """Return where a search is sent: each network's broadcast address, then 255.255.255.255."""
+    networks = linux_networks() if fcntl and hasattr(socket, "if_nameindex") else []
+    networks = networks or [(address, "255.255.255.0") for address in host_addresses()]
+    found = [broadcast_of(address, netmask) for address, netmask in networks
+             if not address.startswith("127.")]
+    return list(dict.fromkeys([address for address in found if address] + [LIMITED_BROADCAST]))
 
 
-def readline_cursor():
-    """Return readline's cursor position, a C int in its library (through ctypes), or None.
+def linux_networks() -> list[tuple[str, str]]:
+    """Return (address, netmask) of each IPv4 interface, asked of the Linux kernel: it knows
+    them without any route, where the host name may resolve to nothing useful."""
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # the kernel wants one; nothing is sent
+        for _, name in socket.if_nameindex():
+            request = struct.pack("16s24x", name.encode()[:15])  # struct ifreq: the name, then room
+            try:
+                found.append(tuple(socket.inet_ntoa(fcntl.ioctl(sock, ask, request)[20:24])
+                                   for ask in (SIOCGIFADDR, SIOCGIFNETMASK)))
+            except OSError:  # no IPv4 address on it, or it went away meanwhile
+                continue
+    return found
 
-    Python's readline module gives the line typed but not where the cursor is in it; GNU
-    readline and libedit keep that in `rl_point`. Reading it changes nothing, so it is
-    safe while the keyboard thread is inside readline.
-    """
+
+def host_addresses() -> list[str]:
+    """Elsewhere (Windows, macOS): the addresses this host's own name resolves to."""
     try:
-        return ctypes.c_int.in_dll(ctypes.CDLL(readline.__file__), "rl_point")
-    except (OSError, ValueError, AttributeError):  # readline built into Python, or no such symbol
-        return None
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_DGRAM)
+    except (OSError, UnicodeError):  # a host name that does not resolve, or cannot be encoded
+        return []
+    return sorted({info[4][0] for info in infos}, key=socket.inet_aton)
 
 
-def readline_point(typed: str, cursor) -> int:
-    """Return how many characters of `typed` are before the cursor (rl_point counts bytes)."""
-    if cursor is None:
-        return len(typed)  # cannot tell: at the end, where it usually is
-    return len(typed.encode("utf-8")[:max(cursor.value, 0)].decode("utf-8", "ignore"))
+def broadcast_of(address: str, netmask: str) -> str:
+    """Return the broadcast address of `address`'s network: its host bits all set to one."""
+    host_bits = ~int.from_bytes(socket.inet_aton(netmask), "big") & 0xFFFFFFFF
+    if host_bits <= 1:  # a /31 or /32 has no broadcast address
+        return ""
+    network = int.from_bytes(socket.inet_aton(address), "big")
+    return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))
 
 
-def display_width(text: str) -> int:
-    """Return how many columns `text` takes on a terminal: most emoji and CJK take two,
-    combining marks and joiners none."""
-    width = 0
-    for character in text:
-        if unicodedata.combining(character) or character in ZERO_WIDTH:
+def search_network(search: ServerSearch, targets: list[str], port: int, wait: float = SEARCH_TIME,
+                   tries: int = SEARCH_TRIES) -> ServerSearch:
+    """Send the search's FIND to each target `tries` times within `wait` s; collect the answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # Without SO_BROADCAST the system refuses to send to a broadcast address (EACCES):
+        # asking every host at once has to be meant.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        start = time.monotonic()
+        for attempt in range(tries):
+            for target in targets:
+                try:
+                    sock.sendto(search.request(), (target, port))
+                except OSError:  # e.g. 255.255.255.255 with no default route: "unreachable"
+                    pass
+            collect_answers(sock, search, start + wait * (attempt + 1) / tries)
+    return search
+
+
+def collect_answers(sock: socket.socket, search: ServerSearch, until: float) -> None:
+    """Hand the search every datagram that arrives before `until` (a time.monotonic() value)."""
+    while (left := until - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data, address = sock.recvfrom(RECV_BUFFER)
+        except TimeoutError:  # socket.timeout: nothing more came
+            return
+        except ConnectionResetError:  # Windows: "port unreachable" came back for a FIND
             continue
-        width += 2 if unicodedata.east_asian_width(character) in "WF" else 1
-    return width
+        search.receive(data, address)
 
 
-# --- The conversation -----------------------------------------------------------------
+def find_servers(port: int, cipher, show) -> list[FoundServer]:
+    """Search every network this PC is on; `show` what answered, or that nothing did."""
+    show(f"Searching this network for chat servers on port {port}...")
+    search = search_network(ServerSearch(cipher), broadcast_addresses(), port)
+    for address, other_port in sorted(search.other_key):
+        show(f"{address}:{other_port} answered, but uses another --cipher or --key")
+    if not search.found:
+        show(OTHER_KEYS_ONLY if search.other_key else NOTHING_FOUND)
+    return list(search.found.values())
 
 
-HELP = f"""Commands:
-  /help              this list
-  /rooms             rooms and how many are in each
-  /who               who is in your room
-  /join ROOM         go to another room (asks its password; a new room gets the one you give)
-  /msg USER TEXT     a private message to one user
-  /send USER FILE    send a file to one user ("quotes" optional around a name with spaces)
-  /share FILE        send a file to everyone in your room
-  /files             files in progress and finished;  /cancel  stops yours (/cancel N: number N)
-  exit  or  /quit    leave (Ctrl+C does the same)
-Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
-several messages, cut between words. Start a line with // to send one beginning with /."""
+def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
+    """Return (host, port if known) for an answer to the Server IP prompt; None if no choice.
 
-TAB_AS = "    "  # a tab is shown as spaces: its width would depend on where the line starts
+    Enter takes the first server found (127.0.0.1 if none), a number one from the list,
+    anything else is an address.
+    """
+    if not answer:
+        return (found[0].host, found[0].port) if found else (DEFAULT_HOST, None)
+    if found and whole_number(answer):
+        chosen = found[int(answer) - 1] if 0 < int(answer) <= len(found) else None
+        return (chosen.host, chosen.port) if chosen else None
+    ports = [server.port for server in found if server.host == answer]
+    return answer, ports[0] if ports else None
+
+
+# --- How an event reads: one renderer for both faces ------------------------------------
+
 # Characters that reorder the text after them on screen (bidi embeddings, overrides and
 # isolates): a name or message could make what follows read backwards ("Trojan Source").
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")  # each shown as a new, indented line
-# Emoji are sequences: a skin tone after a hand, 👩 ZWJ 💻, a flag's tag characters.
-EMOJI_MODIFIERS = ("\U0001f3fb", "\U0001f3ff")  # the five skin tones, first and last
-TAGS = ("\U000e0020", "\U000e007f")
-
-
-def format_event(event: Event) -> str:
-    """Return how an event is shown: `[HH:MM] alice: text` and the like."""
-    clock = event_clock(event)
-    user, text = printable(event.user), printable(event.text)
-    if event.kind == "chat":
-        return f"[{clock}] {user}: {text}"
-    if event.kind == "private":
-        return f"[{clock}] {user} (private): {text}"
-    if event.kind == "history":
-        return f"[history] [{clock}] {user}: {text}"
-    if event.kind == "join":
-        return f"[{clock}] {user} joined"
-    if event.kind == "leave":
-        return f"[{clock}] {user} left" + (f" ({text})" if text else "")
-    if event.kind in FILE_EVENTS:
-        return f"[{clock}] {text}"
-    return f"[{clock}] {event.kind}: {user} {text}"
 
 
 def printable(text: str) -> str:
-    """Return `text` safe for a terminal, every printable sequence kept (emoji with their
-    joiners too): what could move the cursor or change the terminal becomes '?', a tab
-    spaces, and a line break starts an indented line."""
+    """Return `text` safe for a terminal: what could move the cursor or change the terminal
+    (ESC starts every escape sequence; C1 controls, DEL, a lone surrogate, bidi controls)
+    becomes '?', a tab four spaces, and a line break starts an indented line.
+
+    A security filter, not a nicety: everything from the network passes through it.
+    """
     for line_break in LINE_BREAKS:
         text = text.replace(line_break, "\n")
-    text = "".join("?" if could_move_cursor(c) else c for c in text.replace("\t", TAB_AS))
+    text = "".join("?" if could_move_cursor(c) else c for c in text.replace("\t", "    "))
     return text.replace("\n", "\n    ")
 
 
 def could_move_cursor(character: str) -> bool:
-    """Is it a control character (ESC starts every escape sequence; C1, DEL), half of a
-    character (a lone surrogate), or a bidi control? A line break is not one here."""
     if character == "\n":
         return False
     return unicodedata.category(character) in ("Cc", "Cs") or character in BIDI_CONTROLS
 
 
+def event_clock(event: Event) -> str:
+    """Return the event's time as the chat shows it, HH:MM on this PC's clock."""
+    return time.strftime("%H:%M", time.localtime(event.time))
+
+
+def format_event(event: Event, me: str | None = None) -> str:
+    """Return an event as the one line the user sees: `[HH:MM] alice: text` and the like."""
+    clock, text = event_clock(event), printable(event.text)
+    mine = bool(me) and event.user.lower() == me.lower()
+    user = "you" if mine else printable(event.user)
+    if event.kind == "private" and mine:
+        return f"[{clock}] -> {printable(event.more[0] if event.more else '')}: {text}"
+    shapes = {"chat": f"[{clock}] {user}: {text}", "private": f"[{clock}] {user} (private): {text}",
+              "history": f"[history] [{clock}] {user}: {text}", "join": f"[{clock}] {user} joined",
+              "leave": f"[{clock}] {user} left" + (f" ({text})" if text else ""),
+              "notice": text}
+    if event.kind == "transfer":
+        return describe_transfer(event.more[0], final=True)
+    if event.kind in FILE_EVENTS:
+        return f"[{clock}] {text}"
+    return shapes.get(event.kind, f"[{clock}] {event.kind}: {user} {text}")
+
+
+def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
+    """Return how a line is marked (terminal colours, window tags): own, private, mention, history."""
+    mine = bool(me) and event.user.lower() == me.lower()
+    marks = {"own": mine and event.kind in ("chat", "private"), "history": event.kind == "history",
+             "mention": event.kind == "chat" and not mine and names_me(event.text, me),
+             "private": event.kind == "private"}
+    return tuple(mark for mark, applies in marks.items() if applies)
+
+
+def names_me(text: str, name: str | None) -> bool:
+    """Does `text` mention `name` as a word, in any case ("hi Alice!", "@alice")?"""
+    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def describe_transfer(transfer: Transfer, final: bool = False) -> str:
+    """Return a transfer in one line: how it ended (`final`), else as /files lists it."""
+    name, size, peer = transfer.name, describe_size(transfer.size), transfer.peer
+    receiving = transfer.direction == "receive"
+    if final and transfer.state == "moving":
+        if transfer.done_bytes or receiving:
+            return printable(f"{name}: {transfer.percent}% of {size}")
+        return printable(f"sending {name} ({size}) to {peer} as number {transfer.number}")
+    if final and transfer.state == "done":
+        return printable(f"saved {transfer.path} ({size}, {transfer.note})" if receiving
+                         else f"sent {name} ({size}) to {peer}")
+    if final and transfer.state == "cancelled":
+        return printable(transfer.said or f"cancelled: {name} ({transfer.note})")
+    if final and transfer.state == "failed":
+        removed = "; the partial file was removed" if receiving else ""
+        verb = "saved" if receiving else "sent"
+        return printable(f"{name} not {verb}: {transfer.note}{removed}")
+    arrow = f"<- {peer}" if receiving else f"-> {peer}"
+    how = f"{transfer.percent}%" if transfer.active else transfer.state
+    if not transfer.active and transfer.note and transfer.note != transfer.state:
+        how += f" ({transfer.note})"
+    number = f"#{transfer.number} " if transfer.number else ""  # none: the server never took it
+    return printable(f"{number}{name} {arrow}, {size}: {how}")
+
+
 def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
-    """Return `text` as messages of at most `limit` bytes of UTF-8, in order, cut between
-    words where a word boundary is near (else between characters); the spaces at a cut are
-    dropped. A text that fits is returned whole."""
-    if limit < 4:
-        raise ValueError("a limit under 4 bytes cannot hold every character")
+    """Return `text` as messages of at most `limit` bytes of UTF-8, cut at the last space
+    that fits (else between characters, never inside one); spaces at a cut are dropped."""
     parts = []
     while len(text.encode("utf-8")) > limit:
-        cut = cut_point(text, limit)
+        fits = text.encode("utf-8")[:limit].decode("utf-8", "ignore")  # never half a character
+        space = len(fits) if text[len(fits)].isspace() else fits.rfind(" ")
+        cut = space if space > 0 and fits[:space].strip() else len(fits)
         part, text = text[:cut].rstrip(), text[cut:].lstrip()
         if part:
             parts.append(part)
@@ -1732,39 +1648,9 @@ def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     return parts
 
 
-def cut_point(text: str, limit: int) -> int:
-    """Return where to cut `text` so that the first piece fits in `limit` bytes: after
-    the last whole word that fits, else after the last whole character (emoji and all)."""
-    fits = text.encode("utf-8")[:limit].decode("utf-8", "ignore")  # never half a character
-    if text[len(fits)].isspace():
-        return len(fits)  # the cut falls between words already
-    space = max((index for index, c in enumerate(fits) if c.isspace()), default=-1)
-    if space > 0 and fits[:space].strip():
-        return space
-    end = len(fits)
-    while end > 1 and joins_previous(text, end):
-        end -= 1
-    return end if end > 1 else len(fits)  # one "character" longer than the limit: cut it anyway
-
-
-def joins_previous(text: str, index: int) -> bool:
-    """Does text[index] belong to the character before it (an accent, a joiner, a skin tone)?"""
-    character = text[index]
-    return (unicodedata.category(character).startswith("M") or character in ZERO_WIDTH
-            or text[index - 1] == "\u200d" or EMOJI_MODIFIERS[0] <= character <= EMOJI_MODIFIERS[1]
-            or TAGS[0] <= character <= TAGS[1])
-
-
-def names_me(text: str, name: str | None) -> bool:
-    """Does `text` mention `name` as a word, in any case ("hi Alice!", "@alice")?"""
-    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
-
-
 def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
     """Return `joined lobby: alice, bob and 3 others here`, from the JOIN reply and WHO's list."""
-    more = 0
-    if members and members[-1].startswith("... and "):  # WHO's list did not all fit
-        more = int(members.pop().split()[2])
+    more = int(members.pop().split()[2]) if members and members[-1].startswith("... and ") else 0
     others = [printable(name) for name in members if name.lower() != (me or "").lower()]
     named = others if len(others) + more <= 3 else others[:2]
     unnamed = len(others) - len(named) + more
@@ -1777,14 +1663,166 @@ def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
     return f"{joined.split(',')[0]}: {who} here"
 
 
-# --- Colours: ANSI escape codes (SGR), where the terminal shows them ---
+# --- The terminal ---------------------------------------------------------------------
 
-BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
-MENTION_COLOR = BOLD_YELLOW  # a line that names me
-PRIVATE_COLOR = MAGENTA  # a private message, to me or from me
+BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"  # ANSI colours (SGR)
 BELL = "\a"  # the terminal beeps, or flashes its window, when it prints this
-STD_OUTPUT_HANDLE = -11  # Windows: GetStdHandle's name for standard output
 ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004  # Windows 10+: the console interprets ANSI codes
+
+
+class EndOfInput(Exception):
+    """The user pressed Ctrl+D / Ctrl+Z, or the script ran out of lines."""
+
+
+class Terminal:
+    """The keyboard on a thread of its own; the screen shared by every thread.
+
+    input() blocks, and on Windows nothing but Enter wakes it. So a thread of its own
+    reads each line and hands it over through a queue, and `ask` waits on that queue in
+    steps of MAX_WAIT, calling `alive()` between steps (it may raise to stop waiting): a
+    Ctrl+C always gets through, and a client that lost its server ends without waiting
+    for Enter. A line shown while the user types goes above the prompt, which is drawn
+    again below it with what was typed so far.
+    """
+
+    def __init__(self, interactive: bool, color: bool = False, bell: bool = False):
+        self.interactive, self.color, self.bell = interactive, color, bell
+        self.asks: queue.Queue = queue.Queue()
+        self.answers: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()  # one writer at a time, and the prompt's state with it
+        self.prompt, self.secret = "", False  # the prompt on screen now ("" if none)
+        self.outstanding = self.ended = False  # a question with the keyboard thread; input over
+        self.held: list[str] | None = None  # lines kept back while a room is entered
+        self.alive = lambda: None
+        self.saved_mode = None  # the terminal's settings as we found them (POSIX)
+        if interactive and termios:
+            try:
+                self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
+            except (termios.error, OSError, ValueError):
+                pass
+        threading.Thread(target=self.read_lines, name="keyboard", daemon=True).start()
+
+    def read_lines(self) -> None:
+        while True:
+            prompt, secret = self.asks.get()
+            try:
+                answer = self.read_answer(prompt, secret)
+            except (EOFError, OSError, ValueError, KeyboardInterrupt):
+                answer = None  # KeyboardInterrupt reaches this thread on some systems: main handles it
+            with self.lock:
+                self.prompt = ""
+            self.answers.put(answer)
+            if answer is None:
+                return
+
+    def read_answer(self, prompt: str, secret: bool) -> str:
+        """Return one line from the keyboard (or the script); raise EOFError at the end.
+
+        The prompt counts as on screen only once it is drawn - by us under the lock, or by
+        readline, which calls its pre-input hook then: a line shown a moment before cannot
+        draw it a second time (`> > /share`).
+        """
+        if not self.interactive:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\r\n")
+        if secret or readline is None:
+            self.prompt_drawn(prompt, secret, write=True)
+            return getpass.getpass("") if secret else input()
+        readline.set_pre_input_hook(lambda: self.prompt_drawn(prompt, False))
+        return input(prompt)
+
+    def prompt_drawn(self, prompt: str, secret: bool, write: bool = False) -> None:
+        with self.lock:
+            self.prompt, self.secret = prompt, secret
+            if write:
+                sys.stdout.write(prompt)
+                sys.stdout.flush()
+
+    def ask(self, prompt: str, secret: bool = False) -> str:
+        """Return the next line the user types; raise EndOfInput at its end."""
+        if self.ended:
+            raise EndOfInput
+        if not self.outstanding:
+            self.asks.put((prompt, secret))
+            self.outstanding = True
+        elif self.prompt and self.prompt != prompt:  # an abandoned question: its line answers this
+            self.show("", again=prompt)
+        while True:
+            self.alive()
+            try:
+                answer = self.answers.get(timeout=MAX_WAIT)
+                break
+            except queue.Empty:
+                continue
+        self.outstanding = False
+        if answer is None:
+            self.ended = True
+            raise EndOfInput
+        return answer
+
+    def show(self, text: str, again: str | None = None) -> None:
+        """Print a line above the prompt, and draw the prompt and what was typed below it."""
+        with self.lock:
+            typed = readline.get_line_buffer() if readline and self.prompt and not self.secret else ""
+            wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
+            self.prompt = self.prompt if again is None else again
+            try:
+                sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
+                sys.stdout.flush()
+            except OSError:  # a program reading our output stopped, or the terminal closed (EIO)
+                pass
+
+    def show_event(self, event: Event, me: str | None) -> None:
+        """Show an event (on the network thread): coloured, with the bell when it names me."""
+        if not worth_a_line(event):
+            return
+        line, marks = format_event(event, me), line_marks(event, me)
+        colour = MAGENTA if "private" in marks else BOLD_YELLOW if "mention" in marks else ""
+        line = f"{colour}{line}{PLAIN}" if colour and self.color else line
+        ring = self.bell and ("mention" in marks or marks == ("private",))
+        with self.lock:
+            if self.held is not None and event.kind not in ("notice", "transfer"):
+                self.held.append(line + BELL * ring)
+                return
+        self.show(line + BELL * ring)
+
+    def hold(self) -> None:
+        """Keep the room's lines back for now (its history comes before the JOIN's answer)."""
+        with self.lock:
+            self.held = []
+
+    def release(self, first: str | None) -> None:
+        """Show `first`, then the lines held back, in the order they came."""
+        with self.lock:
+            held, self.held = self.held or [], None
+        for line in ([first] if first else []) + held:
+            self.show(line)
+
+    def restore(self) -> None:
+        """Give the terminal back as we found it: Ctrl+C at a password prompt must not leave
+        typing invisible."""
+        with self.lock:
+            self.prompt = ""
+            if self.saved_mode is not None:
+                try:
+                    termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
+                except (termios.error, OSError, ValueError):
+                    pass
+
+
+def worth_a_line(event: Event) -> bool:
+    """Does the terminal print this event? Not a state change (a notice says it), and a file's
+    progress only at its start and at each quarter."""
+    if event.kind == "state":
+        return False
+    if event.kind != "transfer" or event.more[0].state != "moving":
+        return True
+    transfer = event.more[0]
+    if transfer.direction == "send" and not transfer.done_bytes:
+        return True  # the server took the offer: "sending ... as number N"
+    return transfer.done_bytes > 0 and transfer.percent in (25, 50, 75)
 
 
 def use_color(stream, environ, platform: str = sys.platform, kernel32=None) -> bool:
@@ -1805,88 +1843,38 @@ def is_terminal(stream) -> bool:
 def enable_windows_ansi(kernel32=None) -> bool:
     """Ask the Windows console to interpret ANSI escape codes (Windows 10 and later can);
     return whether it now does. `kernel32` is for tests: by default, the real one."""
-    if kernel32 is None:
-        kernel32 = getattr(ctypes, "windll", None) and ctypes.windll.kernel32  # Windows only
-        if not kernel32:
-            return False
-    handle = kernel32.GetStdHandle(STD_OUTPUT_HANDLE)
+    kernel32 = kernel32 or (hasattr(ctypes, "windll") and ctypes.windll.kernel32)
+    if not kernel32:
+        return False
+    handle = kernel32.GetStdHandle(-11)  # -11: standard output
     mode = ctypes.c_uint32()  # a DWORD of flags
     if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
         return False  # not a console: output redirected
     return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
-class Screen:
-    """What the user is shown of the chat: events and one's own lines, coloured where the
-    terminal allows; a line that names the user highlighted, with the bell.
+# --- Commands: one table for the terminal and the window --------------------------------
+#
+# A face is anything with `show(text)` and `ask(prompt, secret=False)`: the Terminal, or
+# the window. run_command reads a typed line the same way for both.
 
-    While a JOIN is answered, what the room sends (its history first) is held back, and
-    shown after the line that says who is here.
-    """
-
-    def __init__(self, terminal: Terminal, color: bool = False, bell: bool = False):
-        self.terminal, self.color, self.bell = terminal, color, bell
-        self.me: str | None = None  # the user's name once logged in: to find mentions
-        self.lock = threading.Lock()  # lines from the network thread and the main thread, in order
-        self.held: list[str] | None = None
-
-    @classmethod
-    def for_stdout(cls, terminal: Terminal) -> "Screen":
-        color = use_color(sys.stdout, os.environ)
-        return cls(terminal, color, bell=terminal.interactive and is_terminal(sys.stdout))
-
-    def show_event(self, event: Event) -> None:
-        """Show what the server pushed (called on the network thread)."""
-        line = format_event(event)
-        if event.kind == "private":
-            line = self.paint(line, PRIVATE_COLOR) + self.ring()
-        elif event.kind == "chat" and names_me(event.text, self.me) and event.user.lower() != self.me.lower():
-            line = self.paint(line, MENTION_COLOR) + self.ring()
-        self.put(line)
-
-    def show_own(self, text: str, to: str | None = None) -> None:
-        """Show a line of ours that the server accepted: `[HH:MM] you: text`, or `-> bob: text`."""
-        line = f"[{time.strftime('%H:%M')}] {'-> ' + printable(to) if to else 'you'}: {printable(text)}"
-        self.put(self.paint(line, PRIVATE_COLOR) if to else line)
-
-    def paint(self, line: str, color: str) -> str:
-        return f"{color}{line}{PLAIN}" if self.color else line
-
-    def ring(self) -> str:
-        return BELL if self.bell else ""
-
-    def put(self, line: str) -> None:
-        with self.lock:
-            if self.held is not None:
-                self.held.append(line)
-            else:
-                self.terminal.show(line)
-
-    def hold(self) -> None:
-        """Keep what arrives for now; `release` shows it."""
-        with self.lock:
-            self.held = []
-
-    def release(self, first: str | None = None) -> None:
-        """Show `first` (if any), then what was held back, in the order it came."""
-        with self.lock:
-            held, self.held = self.held or [], None
-            for line in ([first] if first else []) + held:
-                self.terminal.show(line)
-
-
-def event_clock(event: Event) -> str:
-    """Return the event's time as the chat shows it, HH:MM on this PC's clock."""
-    return time.strftime("%H:%M", time.localtime(event.time))
-
-
+HELP = f"""Commands:
+  /help - this list
+  /rooms - rooms and how many are in each
+  /who - who is in your room
+  /join ROOM - go to another room (asks its password; a new room gets the one you give)
+  /msg USER TEXT - a private message to one user
+  /send USER FILE - send a file to one user ("quotes" optional around a name with spaces)
+  /share FILE - send a file to everyone in your room
+  /files - files in progress and finished; /cancel stops yours (/cancel N: number N)
+  exit or /quit - leave (Ctrl+C does the same)
+Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
+several messages, cut between words. Start a line with // to send one beginning with /."""
 EXIT_WORDS = ("exit", "/quit", "/exit")  # what leaves the chat, typed alone on a line
 
 
 def parse_line(line: str) -> tuple[str, str]:
-    """Return what a typed line asks for: ("say", text), (command, the rest) or ("", "") for nothing.
-
-    The terminal and the window both read lines with this, so a command means the same in each.
+    """Return what a typed line asks for: ("say", text), (command, the rest) or ("", "").
 
     >>> parse_line("/join games"), parse_line("//etc is a folder"), parse_line("hi")
     (('/join', 'games'), ('say', '/etc is a folder'), ('say', 'hi'))
@@ -1899,267 +1887,128 @@ def parse_line(line: str) -> tuple[str, str]:
     return ("say", line) if line.strip() else ("", "")
 
 
-class Conversation:
-    """The flow a user goes through: choose, log in, enter the lobby, chat, leave."""
-
-    def __init__(self, client: ChatClient, terminal: Terminal, screen: Screen | None = None):
-        self.client = client
-        self.terminal = terminal
-        self.screen = screen or Screen.for_stdout(terminal)
-        client.on_event = self.screen.show_event  # what the server pushes is shown by the Screen
-        self.chatting = False
-        self.commands = {"/help": self.show_help, "/rooms": self.show_rooms, "/who": self.show_who,
-                         "/join": self.join_room, "/msg": self.send_private, "/send": self.send_file,
-                         "/share": self.share_file, "/files": self.list_files, "/cancel": self.cancel_files}
-        self.progress = FileProgress(terminal, in_place=terminal is not None and progress_in_place(terminal))
-        client.on_file = self.progress.update
-
-    def ask(self, prompt: str, secret: bool = False) -> str:
-        return self.terminal.ask(prompt, secret, alive=self.check_alive)
-
-    def check_alive(self) -> None:
-        if self.client.closed.is_set():
-            raise ConnectionClosed(self.client.closed_reason)
-        if self.chatting and self.client.session_over.is_set():  # lost, and not getting back in
-            raise self.client.lost_reason or SessionLost(SESSION_LOST)
-
-    def run(self) -> None:
-        """Ask /register or /login until the user logs in, chats and leaves."""
-        while True:
-            choice = self.ask("Type /register or /login (exit to quit): ").strip().lower()
-            if choice in EXIT_WORDS:
-                return
-            if choice in ("/register", "register"):
-                self.register()
-            elif choice in ("/login", "login"):
-                if self.login() and self.chat():
-                    return
-            elif choice:
-                self.terminal.show("Please type /register or /login.")
-
-    def register(self) -> None:
-        """Username (an empty one goes back), then a new password, typed twice."""
-        name = self.ask("Username: ").strip()
-        if not name:
-            return
-        if not auth.valid_username(name):
-            self.terminal.show("Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-            return
-        password = self.ask_new_password()
-        if password is None:
-            return
-        try:
-            self.terminal.show(self.client.register(name, password))
-        except Refused as refusal:
-            self.terminal.show(refusal.text)
-
-    def ask_new_password(self) -> str | None:
-        """Return a password typed twice alike and long enough; None if left empty."""
-        while True:
-            password = self.ask(f"Password (at least {MIN_PASSWORD} characters): ", secret=True)
-            if not password:
-                return None
-            if len(password) < MIN_PASSWORD:
-                self.terminal.show(f"Too short: a password has at least {MIN_PASSWORD} characters.")
-            elif self.ask("Password again: ", secret=True) == password:
-                return password
-            else:
-                self.terminal.show("The two passwords differ; type it again.")
-
-    def login(self) -> bool:
-        """Username (an empty one goes back), password, then the lobby's password."""
-        name = self.ask("Username: ").strip()
-        if not name:
-            return False
-        password = self.ask("Password: ", secret=True)
-        try:
-            self.terminal.show(self.client.login(name, password))
-        except Refused as refusal:
-            self.terminal.show(refusal.text)
-            return False
-        self.screen.me = self.client.name
-        return self.enter_lobby()
-
-    def enter_lobby(self) -> bool:
-        """Ask for the lobby's password until it is right; Enter alone goes on in no room."""
-        hint = "Try again, or press Enter alone to go on without a room."
-        while True:
-            password = self.ask(f"Room password for {LOBBY}: ", secret=True)
-            if not password:  # not sent: an empty password would count as a wrong one
-                break
-            try:
-                self.enter_room(LOBBY, password, then=" Type /help for commands.")
-                return True
-            except Refused as refusal:
-                self.terminal.show(refusal.text)
-                if refusal.code == "locked":  # asking again would not help now
-                    break
-            if hint:  # once
-                self.terminal.show(hint)
-                hint = ""
-        self.terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
-        return True
-
-    def enter_room(self, room: str, password: str, then: str = "") -> None:
-        """JOIN, then WHO: say where we are and who is here; then the room's history and news."""
-        self.screen.hold()
-        line = None
-        try:
-            line = self.client.join(room, password)
-            if line.startswith("joined"):
-                _, members = self.client.who()
-                line = describe_arrival(line, members, self.client.name) + "." + then
-        finally:
-            self.screen.release(line)
-
-    def chat(self) -> bool:
-        """Read lines and act on them; True when the user leaves, False to log in again."""
-        self.chatting = True
-        try:
-            while True:
-                line = self.ask("> ")
-                if line.strip().lower() in EXIT_WORDS:
-                    self.client.bye()
-                    return True
-                try:
-                    self.handle_line(line)
-                except (Refused, ServerNotResponding) as refusal:  # that line failed; the chat goes on
-                    self.terminal.show(str(refusal))
-        except SessionLost as error:
-            if not isinstance(error, LoggedInElsewhere):  # that one was said already, as it came
-                self.terminal.show(f"[WARN] {error}")
-            return False
-        finally:
-            self.chatting = False
-
-    def handle_line(self, line: str) -> None:
-        command, rest = parse_line(line)
-        if command == "say":
-            self.send_line(rest)
+def run_command(client: ChatClient, line: str, face) -> bool:
+    """Do what a typed line asks; return False when the user asked to leave."""
+    if line.strip().lower() in EXIT_WORDS:
+        return False
+    command, rest = parse_line(line)
+    action = COMMANDS.get(command)
+    try:
+        if action:
+            action(client, rest, face)
         elif command:
-            action = self.commands.get(command)
-            if action is None:
-                self.terminal.show(f"Unknown command {command}; type /help for the list.")
-            else:
-                action(rest)
+            face.show(f"Unknown command {command}; type /help for the list.")
+    except (Refused, ServerNotResponding, SessionLost, FileProblem) as error:
+        face.show(str(error))  # that line failed; the chat goes on
+    return True
 
-    def send_line(self, text: str) -> None:
-        """Send a line without waiting for its answer: pasted lines flow, in order. A line
-        too long for one message goes as several."""
-        parts = split_message(text)
-        answered: list[bool] = []  # one entry per part answered: was it accepted?
-        for part in parts:
-            future = self.client.submit(PacketType.SAY, part)
-            future.add_done_callback(lambda done, part=part: self.report_said(done, part, answered, len(parts)))
 
-    def report_said(self, done, text: str, answered: list[bool], parts: int) -> None:
-        """Runs when the server answered a line (or part): show it as ours, or say it was not sent."""
+def send_lines(client: ChatClient, text: str, face) -> None:
+    """Send a line without waiting for its answer: pasted lines flow, in order. A line too
+    long for one message goes as several. Our own line is shown once the server took it."""
+    parts = split_message(text)
+    answered: list[bool] = []  # one entry per part answered: was it accepted?
+
+    def report(done: concurrent.futures.Future, part: str) -> None:
         error = done.exception()
         answered.append(error is None)
-        shown = printable(text if len(text) <= 40 else text[:37] + "...")
-        if error is None:
-            self.screen.show_own(text)
-        elif isinstance(error, ServerStopped):  # it said it handled nothing more
-            self.terminal.show(f"not sent: {shown} (the server was stopped)")
-        elif isinstance(error, SessionLost):  # the server may have had it before it went
-            self.terminal.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
-        elif isinstance(error, ChatError) and not isinstance(error, ConnectionClosed):
-            self.terminal.show(f"not sent: {shown} ({error})")
-        if parts > 1 and len(answered) == parts:  # replies come in order: this was the last
-            self.terminal.show(f"sent in {parts} parts" if all(answered) else
-                               f"{sum(answered)} of {parts} parts sent")
+        shown = printable(part if len(part) <= 40 else part[:37] + "...")
+        if isinstance(error, SessionLost):  # the server may have had it before it went
+            face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
+        elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
+            face.show(f"not sent: {shown} ({error})")
+        if len(parts) > 1 and len(answered) == len(parts):  # answers come in order: the last
+            face.show(f"sent in {len(parts)} parts" if all(answered)
+                      else f"{sum(answered)} of {len(parts)} parts sent")
 
-    def show_help(self, rest: str) -> None:
-        self.terminal.show(HELP)
+    for part in parts:
+        client.submit(PacketType.SAY, part).add_done_callback(lambda done, part=part: report(done, part))
 
-    def show_rooms(self, rest: str) -> None:
-        for name, count in self.client.rooms():
-            self.terminal.show(f"  {name}  ({count} here)" if count else f"  {name}")
 
-    def show_who(self, rest: str) -> None:
-        room, members = self.client.who()
-        self.terminal.show(f"In {room}: {', '.join(members)}")
+def send_private(client: ChatClient, rest: str, face) -> None:
+    """/msg USER TEXT, in several messages if long; `-> bob: text` once each is accepted."""
+    user, _, text = rest.partition(" ")
+    if not user or not text.strip():
+        face.show("Usage: /msg USER TEXT")
+        return
+    parts = split_message(text)
+    for part in parts:
+        client.private(user, part)
+    if len(parts) > 1:
+        face.show(f"sent in {len(parts)} parts")
 
-    def join_room(self, rest: str) -> None:
-        """/join ROOM: say what is wrong before asking a password, and whether the room is new."""
-        if not rest:
-            self.terminal.show("Usage: /join ROOM")
-        elif not auth.valid_username(rest):
-            self.terminal.show("Room names are 1-20 letters, digits, '_', '.' or '-' (no spaces).")
-        elif rest.lower() == (self.client.room or "").lower():
-            self.terminal.show(f"You are in {self.client.room} already.")
+
+def join_room(client: ChatClient, room: str, face) -> None:
+    """/join ROOM: say what is wrong before asking a password, and whether the room is new."""
+    if not room:
+        face.show("Usage: /join ROOM")
+    elif not auth.valid_username(room):
+        face.show("Room names are 1-20 letters, digits, '_', '.' or '-' (no spaces).")
+    elif room.lower() == (client.room or "").lower():
+        face.show(f"You are in {client.room} already.")
+    else:
+        names = [name.lower() for name, count in client.rooms() if count >= 0]
+        new = "" if room.lower() in names else "new room "
+        password = face.ask(f"Password for {new}{room}: ", secret=True)
+        if password:  # Enter alone sends nothing: an empty password would count as a wrong one
+            enter_room(client, room, password, face)
         else:
-            password = self.ask(self.room_password_prompt(rest), secret=True)
-            if password:  # Enter alone sends nothing: an empty password would count as a wrong one
-                self.enter_room(rest, password)
-            else:
-                self.terminal.show(f"Not joined: {rest} needs its password.")
-
-    def room_password_prompt(self, room: str) -> str:
-        """`Password for games: `, or `Password for new room games: ` if no such room exists."""
-        names = [name.lower() for name, _ in self.client.rooms()]
-        if room.lower() in names:
-            return f"Password for {room}: "
-        if names and names[-1].startswith("... and "):  # the list did not all fit: cannot tell
-            return f"Password for {room} (a new room gets this one): "
-        return f"Password for new room {room}: "
-
-    def send_private(self, rest: str) -> None:
-        """/msg USER TEXT, in several messages if long; `-> bob: text` once each is accepted."""
-        user, _, text = rest.partition(" ")
-        if not user or not text.strip():
-            self.terminal.show("Usage: /msg USER TEXT")
-            return
-        parts = split_message(text)
-        try:
-            for part in parts:
-                self.client.private(user, part)
-                self.screen.show_own(part, to=user)
-        except Refused as refusal:
-            raise naming_the_user(refusal, user) from None  # "not-online" and others: the server's words
-        if len(parts) > 1:
-            self.terminal.show(f"sent in {len(parts)} parts")
+            face.show(f"Not joined: {room} needs its password.")
 
 
-    def send_file(self, rest: str) -> None:
-        """/send USER FILE"""
-        user, _, path = rest.partition(" ")
-        if not user or not path.strip():
-            self.terminal.show('Usage: /send USER FILE   (e.g. /send bob "my notes.pdf")')
-        else:
-            self.offer_file(user, unquote(path))
+def enter_room(client: ChatClient, room: str, password: str, face, then: str = "") -> None:
+    """JOIN, then WHO: say where we are and who is here; then the room's history and news."""
+    line = None
+    getattr(face, "hold", lambda: None)()
+    try:
+        line = client.join(room, password)
+        if line.startswith("joined"):
+            line = describe_arrival(line, client.who()[1], client.name) + "." + then
+    finally:
+        getattr(face, "release", lambda first: face.show(first) if first else None)(line)
 
-    def share_file(self, rest: str) -> None:
-        """/share FILE: to everyone else in the room"""
-        if not rest:
-            self.terminal.show("Usage: /share FILE")
-        else:
-            self.offer_file("", unquote(rest))
 
-    def offer_file(self, to: str, path: str) -> None:
-        """Offer the file; once the server accepts, it goes, and its progress is shown."""
-        try:
-            transfer, future = self.client.send_file(to, path)
-        except FileProblem as problem:
-            self.terminal.show(str(problem))
-            return
-        future.add_done_callback(lambda done: done.exception() or self.terminal.show(
-            f"sending {printable(transfer.name)} ({describe_size(transfer.size)}) to {printable(transfer.peer)}"
-            f" as number {transfer.id}"))  # a refusal is shown by FileProgress
+def show_rooms(client: ChatClient, rest: str, face) -> None:
+    for name, count in client.rooms():
+        face.show(f"  {printable(name)}  ({count} here)" if count >= 0 else f"  {name}")
 
-    def list_files(self, rest: str) -> None:
-        transfers = self.client.transfers()
-        for transfer in transfers:
-            self.terminal.show("  " + describe_transfer(transfer))
-        if not transfers:
-            self.terminal.show("No files sent or received yet.")
 
-    def cancel_files(self, rest: str) -> None:
-        number = rest.strip().lstrip("#")  # /files shows them as #3
-        if number and not whole_number(number):
-            self.terminal.show("Usage: /cancel, or /cancel N with N as /files shows it")
-        elif not self.client.cancel_files(int(number) if number else 0):
-            self.terminal.show("No file of yours is on its way." if not number else f"No transfer numbered {number}.")
+def show_who(client: ChatClient, rest: str, face) -> None:
+    room, members = client.who()
+    face.show(printable(f"In {room}: {', '.join(members)}"))
+
+
+def send_file(client: ChatClient, rest: str, face) -> None:
+    """/send USER FILE: the server's answer, and then the progress, come as transfer events."""
+    user, _, path = rest.partition(" ")
+    if not user or not path.strip():
+        face.show('Usage: /send USER FILE   (e.g. /send bob "my notes.pdf")')
+    else:
+        client.send_file(user, unquote(path))
+
+
+def share_file(client: ChatClient, rest: str, face) -> None:
+    """/share FILE: to everyone else in the room."""
+    if not rest:
+        face.show("Usage: /share FILE")
+    else:
+        client.send_file("", unquote(rest))
+
+
+def list_files(client: ChatClient, rest: str, face) -> None:
+    transfers = client.transfers()
+    for transfer in transfers:
+        face.show("  " + describe_transfer(transfer))
+    if not transfers:
+        face.show("No files sent or received yet.")
+
+
+def cancel_files(client: ChatClient, rest: str, face) -> None:
+    number = rest.strip().lstrip("#")  # /files shows them as #3
+    if number and not whole_number(number):
+        face.show("Usage: /cancel, or /cancel N with N as /files shows it")
+    elif not client.cancel_files(int(number) if number else 0):
+        face.show(f"No transfer numbered {number}." if number else "No file of yours is on its way.")
 
 
 def unquote(text: str) -> str:
@@ -2170,221 +2019,10 @@ def unquote(text: str) -> str:
     return os.path.expanduser(text)
 
 
-def progress_in_place(terminal) -> bool:
-    """May a progress bar be drawn over itself? Only on a terminal that understands ANSI codes."""
-    if not getattr(terminal, "interactive", False) or not is_terminal(sys.stdout):
-        return False
-    return os.name != "nt" or enable_windows_ansi()
-
-
-def describe_transfer(transfer: Transfer) -> str:
-    """Return one line of /files: number, direction, name, size, how far."""
-    arrow = f"-> {transfer.peer}" if transfer.direction == "up" else f"<- {transfer.peer}"
-    how = f"{percent(transfer)}%" if transfer.active else transfer.state
-    if not transfer.active and transfer.note and transfer.note != transfer.state:
-        how += f" ({transfer.note})"
-    number = f"#{transfer.id} " if transfer.id else ""  # none yet: the server never took the offer
-    return printable(f"{number}{transfer.name} {arrow}, {describe_size(transfer.size)}: {how}")
-
-
-def percent(transfer: Transfer) -> int:
-    return 100 if not transfer.size else transfer.done * 100 // transfer.size
-
-
-class FileProgress:
-    """How files on their way are shown: one bar for all, drawn over itself on a terminal
-    (percent, size, speed, time left); elsewhere a plain line at each quarter. Then a last line."""
-
-    REDRAW_EVERY = 0.1  # seconds: ten frames a second is smooth, and cheap
-    BAR = 20  # characters
-
-    def __init__(self, terminal, in_place: bool, clock=time.monotonic):
-        self.terminal, self.in_place, self.clock = terminal, in_place, clock
-        self.active: dict[int, Transfer] = {}  # id(transfer) -> transfer, while it moves
-        self.quarters: dict[int, int] = {}  # plain lines: the last quarter shown
-        self.drawn_at = -1.0
-
-    def update(self, what: str, transfer: Transfer) -> None:
-        """Called (on the network thread) with ("progress", "done", "failed" or "cancelled", transfer)."""
-        if what != "progress":
-            self.active.pop(id(transfer), None)
-            self.terminal.show(final_line(what, transfer))
-            if self.in_place and self.active:
-                self.draw(force=True)
-        elif self.in_place:
-            self.active[id(transfer)] = transfer
-            self.draw(force=transfer.done >= transfer.size)
-        elif transfer.size and 0 < percent(transfer) // 25 < 4 and percent(transfer) // 25 > self.quarters.get(
-                id(transfer), 0):
-            self.quarters[id(transfer)] = percent(transfer) // 25
-            self.terminal.show(printable(f"{transfer.name}: {percent(transfer)}% of {describe_size(transfer.size)}"))
-
-    def draw(self, force: bool = False) -> None:
-        now = self.clock()
-        if force or now - self.drawn_at >= self.REDRAW_EVERY:
-            self.drawn_at = now
-            line = "  |  ".join(self.bar(transfer, now) for transfer in self.active.values())
-            width = shutil.get_terminal_size().columns - 1
-            while display_width(line) > width:  # one row, or it could not be drawn over
-                line = line[:-2]
-            self.terminal.show(line, status=True)
-
-    def bar(self, transfer: Transfer, now: float) -> str:
-        filled = percent(transfer) * self.BAR // 100
-        elapsed = max(now - transfer.started, 1e-6)
-        speed = transfer.done / elapsed
-        left = (transfer.size - transfer.done) / speed if speed else 0
-        return printable(f"{transfer.name} [{'#' * filled}{'.' * (self.BAR - filled)}] {percent(transfer):3d}% "
-                         f"{describe_size(transfer.done)}/{describe_size(transfer.size)} "
-                         f"{describe_size(int(speed))}/s {left:.0f} s left")
-
-
-def final_line(what: str, transfer: Transfer) -> str:
-    """Return the line that ends a transfer: saved, sent, not sent, cancelled."""
-    name, size = transfer.name, describe_size(transfer.size)
-    if what == "done" and transfer.direction == "down":
-        return printable(f"saved {transfer.path} ({size}, {transfer.note})")
-    if what == "done":
-        return printable(f"sent {name} ({size}) to {transfer.peer}")
-    if what == "cancelled" and transfer.said:
-        return printable(transfer.said)
-    if what == "cancelled":
-        return printable(f"cancelled: {name} ({transfer.note})")
-    removed = "; the partial file was removed" if transfer.direction == "down" else ""
-    return printable(f"{name} not {'saved' if transfer.direction == 'down' else 'sent'}: {transfer.note}{removed}")
-
-
-# --- Finding a server: one question to the whole network -------------------------------
-
-# A datagram sent to a broadcast address reaches every host on the network, which TCP
-# cannot do: a connection has exactly two ends. So a client that does not know the
-# server's address asks everyone, and whoever runs a chat server answers. Only when
-# asked: on many networks a broadcast is noticed.
-SEARCH_TIME = 1.0  # seconds a search listens: a LAN answers within milliseconds
-SEARCH_TRIES = 3  # FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
-NOTHING_FOUND = "no server answered on this network; type its IP"
-OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
-
-
-@dataclasses.dataclass(frozen=True)
-class FoundServer:
-    """A chat server that answered a FIND."""
-
-    address: str  # the IP its answer came from: the one to type, or to connect to
-    port: int
-    name: str
-    online: int  # members logged in
-
-    def __str__(self) -> str:
-        return f"{printable(self.name)}  {self.address}:{self.port}  {self.online} online"
-
-
-class ServerSearch:
-    """One search of the network, without sockets: the FIND to send, and what answers say.
-
-    The FIND carries a number drawn for this search, and an answer must name it (in its
-    ack field and its first field): answers to an earlier search, and stray datagrams,
-    are not taken for servers. A server that hears the FIND more than once - on two of
-    our networks, or sent again - is listed once.
-    """
-
-    def __init__(self, cipher, number: int | None = None):
-        self.cipher = cipher
-        self.number = number or 1 + secrets.randbelow(2**32 - 1)  # any but 0: a request's number
-        self.found: dict[tuple[str, int], FoundServer] = {}  # in the order they answered
-        self.other_key: set[tuple[str, int]] = set()  # answered, but scrambled with another cipher or key
-
-    def request(self) -> bytes:
-        """Return the FIND datagram, padded to MIN_FIND_SIZE (the server drops it otherwise)."""
-        padding = "." * (MIN_FIND_SIZE - HEADER_SIZE - 2)  # the field's 2-byte length, then the dots
-        return encode_packet(Packet(PacketType.FIND, self.number, payload=pack_fields(padding)), self.cipher)
-
-    def receive(self, data: bytes, address: tuple[str, int]) -> FoundServer | None:
-        """Take a datagram that came back; return the server it tells of, if it is a new one."""
-        try:
-            packet = decode_packet(data, self.cipher)
-            number, name, port, online = unpack_fields(packet.payload, 4)
-        except ChecksumError:  # a chat server whose key differs from ours (its ERROR is unreadable)
-            self.other_key.add(address)
-            return None
-        except PacketError:
-            return None
-        if (packet.type != PacketType.OK or packet.ack != self.number or number != str(self.number)
-                or not (whole_number(port) and 0 < int(port) < 65536 and whole_number(online))):
-            return None
-        server = FoundServer(address[0], int(port), name, int(online))
-        if (server.address, server.port) in self.found:
-            return None
-        self.found[server.address, server.port] = server
-        return server
-
-    def servers(self) -> list[FoundServer]:
-        return list(self.found.values())
-
-
-def broadcast_addresses(interfaces) -> list[str]:
-    """Return where a search is sent: each network's broadcast address, then 255.255.255.255."""
-    return list(dict.fromkeys([interface.broadcast for interface in interfaces if interface.broadcast]
-                              + [LIMITED_BROADCAST]))
-
-
-def search_network(search: ServerSearch, targets: list[str], port: int, wait: float = SEARCH_TIME,
-                   tries: int = SEARCH_TRIES) -> ServerSearch:
-    """Send the search's FIND to each target `tries` times within `wait` s, and collect the answers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        # Without SO_BROADCAST the system refuses to send to a broadcast address (EACCES):
-        # asking every host at once has to be meant.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        start = time.monotonic()
-        for attempt in range(tries):
-            for target in targets:
-                try:
-                    sock.sendto(search.request(), (target, port))
-                except OSError:  # e.g. 255.255.255.255 with no default route: "network unreachable"
-                    pass
-            collect_answers(sock, search, start + wait * (attempt + 1) / tries)
-    return search
-
-
-def collect_answers(sock: socket.socket, search: ServerSearch, until: float) -> None:
-    """Hand the search every datagram that arrives before `until` (a time.monotonic() value)."""
-    while True:
-        left = until - time.monotonic()
-        if left <= 0:
-            return
-        sock.settimeout(left)
-        try:
-            data, address = sock.recvfrom(RECV_BUFFER)
-        except TimeoutError:  # socket.timeout: nothing more came
-            return
-        except ConnectionResetError:  # Windows: "port unreachable" came back for one of our FINDs
-            continue
-        search.receive(data, address)
-
-
-def find_servers(port: int, cipher, show) -> list[FoundServer]:
-    """Search every network this PC is on; show what answered, or that nothing did."""
-    show(f"Searching this network for chat servers on port {port}...")
-    search = search_network(ServerSearch(cipher), broadcast_addresses(local_interfaces()), port)
-    for address, other_port in sorted(search.other_key):
-        show(f"{address}:{other_port} answered, but uses another --cipher or --key")
-    if not search.found:
-        show(OTHER_KEYS_ONLY if search.other_key else NOTHING_FOUND)
-    return search.servers()
-
-
-def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
-    """Return (host, port if known) for an answer to the Server IP prompt; None if it is no choice.
-
-    Enter takes the first server found (127.0.0.1 if none), a number one from the list,
-    anything else is an address.
-    """
-    if not answer:
-        return (found[0].address, found[0].port) if found else (DEFAULT_HOST, None)
-    if found and whole_number(answer):
-        return (found[int(answer) - 1].address, found[int(answer) - 1].port) if 0 < int(answer) <= len(found) else None
-    ports = [server.port for server in found if server.address == answer]
-    return answer, ports[0] if ports else None
+COMMANDS = {"say": lambda client, text, face: send_lines(client, text, face),
+            "/help": lambda client, rest, face: face.show(HELP), "/rooms": show_rooms,
+            "/who": show_who, "/join": join_room, "/msg": send_private, "/send": send_file,
+            "/share": share_file, "/files": list_files, "/cancel": cancel_files}
 
 
 # --- The window: python client.py --gui -----------------------------------------------
@@ -2471,13 +2109,6 @@ def event_pieces(event: Event) -> list[Piece]:
             (said, ()), (printable(event.text), ())]
 
 
-def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
-    """Return the tags that colour a whole message line: mine, private, naming me, old."""
-    marks = {"own": event.user == me, "history": event.kind == "history",
-             "mention": event.user != me and names_me(event.text, me), "private": event.kind == "private"}
-    return tuple(tag for tag, applies in marks.items() if applies)
-
-
 class WindowBridge:
     """The queue from the other threads to the Tk thread, and Conversation's terminal.
 
@@ -2501,7 +2132,7 @@ class WindowBridge:
         while not self.answers.empty():  # left over from a question given up on
             self.answers.get_nowait()
         self.post("ask", (prompt, secret))
-        answer = wait_for(self.answers, alive)
+        answer = wait_for(self.answers, alive)  # noqa: F821 (the window is being rewritten)
         if answer is None:
             raise Refused("cancelled", "Cancelled.")
         return answer
@@ -2510,7 +2141,7 @@ class WindowBridge:
         self.answers.put(text)
 
 
-class WindowScreen(Screen):
+class WindowScreen:
     """The Screen of the window: events and one's own lines go to the Tk thread, which
     draws them with colours of its own (tags), never with a terminal's escape codes."""
 
@@ -2625,18 +2256,18 @@ class LoginView:
         if self.host.get().strip() == "?":  # the terminal's way to search
             self.search()
             return
-        port = parse_port(self.port.get().strip())
+        port = parse_port(self.port.get().strip())  # noqa: F821 (the window is being rewritten)
         if port is None:
-            self.show_reply(PORT_RULE)
+            self.show_reply(PORT_RULE)  # noqa: F821 (the window is being rewritten)
             return
         self.busy(doing)
         action(self.host.get().strip() or DEFAULT_HOST, port, self.name.get().strip(), self.password.get())
 
     def search(self) -> None:
         """Find servers, or `?`: ask the whole network for chat servers on the port given."""
-        port = parse_port(self.port.get().strip())
+        port = parse_port(self.port.get().strip())  # noqa: F821 (the window is being rewritten)
         if port is None:
-            self.show_reply(PORT_RULE)
+            self.show_reply(PORT_RULE)  # noqa: F821 (the window is being rewritten)
             return
         self.busy(f"Searching this network for chat servers on port {port}...")
         self.window.search(port)
@@ -2783,13 +2414,13 @@ class FilesPanel:
         if what != "progress":
             if key in self.bars:
                 self.bars.pop(key)[0].destroy()
-            self.view.show_reply(final_line(what, transfer))
+            self.view.show_reply(final_line(what, transfer))  # noqa: F821
             return
         if key not in self.bars:
             self.bars[key] = self.add_bar()
         _, label, bar = self.bars[key]
         label.configure(text=describe_transfer(transfer))  # number, name, who, size, percent
-        bar.configure(value=percent(transfer))
+        bar.configure(value=percent(transfer))  # noqa: F821 (the window is being rewritten)
 
     def add_bar(self) -> tuple:
         row = tk.Frame(self.frame)
@@ -3038,7 +2669,7 @@ class ChatWindow:
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, client_options: dict | None = None):
         self.client_options = client_options or {}  # for ChatClient: cipher, key, timing, loss...
         self.client: ChatClient | None = None
-        self.conversation: Conversation | None = None
+        self.conversation: Conversation | None = None  # noqa: F821 (the window is being rewritten)
         self.bridge = WindowBridge()
         self.worker = Worker(self.bridge)
         self.closing = self.finished = False
@@ -3153,7 +2784,7 @@ class ChatWindow:
             raise ConnectionClosed("The window is closing.")
         client = ChatClient(host, port, on_event=lambda event: self.bridge.post("event", event),
                             on_notice=lambda text: self.bridge.post("notice", text), **self.client_options)
-        self.conversation = Conversation(client, self.bridge, WindowScreen(self.bridge))  # the terminal's commands
+        self.conversation = Conversation(client, self.bridge, WindowScreen(self.bridge))  # the terminal's commands  # noqa: F821
         client.on_file = lambda what, transfer: self.bridge.post("file", (what, transfer))  # bars, not text
         self.client = client
         return client
@@ -3325,6 +2956,96 @@ def run_window(args: argparse.Namespace) -> int | None:
     return window.run()
 
 
+# --- The terminal's conversation: choose, log in, enter the lobby, chat, leave -----------
+
+
+def converse(client: ChatClient, terminal: Terminal) -> None:
+    """Ask /register or /login until the user logs in, chats and leaves."""
+    while True:
+        choice = terminal.ask("Type /register or /login (exit to quit): ").strip().lower()
+        if choice in EXIT_WORDS:
+            return
+        if choice in ("/register", "register"):
+            register(client, terminal)
+        elif choice in ("/login", "login"):
+            if log_in(client, terminal) and chat(client, terminal):
+                return
+        elif choice:
+            terminal.show("Please type /register or /login.")
+
+
+def register(client: ChatClient, terminal: Terminal) -> None:
+    """Username (an empty one goes back), then a new password, typed twice alike."""
+    name = terminal.ask("Username: ").strip()
+    if not name:
+        return
+    if not auth.valid_username(name):
+        terminal.show("Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+        return
+    while password := terminal.ask(f"Password (at least {MIN_PASSWORD} characters): ", secret=True):
+        if len(password) < MIN_PASSWORD:
+            terminal.show(f"Too short: a password has at least {MIN_PASSWORD} characters.")
+        elif terminal.ask("Password again: ", secret=True) != password:
+            terminal.show("The two passwords differ; type it again.")
+        else:
+            try:
+                terminal.show(client.register(name, password))
+            except Refused as refusal:
+                terminal.show(refusal.text)
+            return
+
+
+def log_in(client: ChatClient, terminal: Terminal) -> bool:
+    """Username (an empty one goes back), password, then the lobby's password."""
+    name = terminal.ask("Username: ").strip()
+    if not name:
+        return False
+    password = terminal.ask("Password: ", secret=True)
+    try:
+        terminal.show(client.login(name, password))
+    except Refused as refusal:
+        terminal.show(refusal.text)
+        return False
+    hint = "Try again, or press Enter alone to go on without a room."
+    # Enter alone sends nothing: an empty password would count as a wrong one.
+    while password := terminal.ask(f"Room password for {LOBBY}: ", secret=True):
+        try:
+            enter_room(client, LOBBY, password, terminal, then=" Type /help for commands.")
+            return True
+        except Refused as refusal:
+            terminal.show(refusal.text)
+            if refusal.code == "locked":  # asking again would not help now
+                break
+        terminal.show(hint)
+        hint = ""
+    terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
+    return True
+
+
+def chat(client: ChatClient, terminal: Terminal) -> bool:
+    """Read lines and act on them; True when the user leaves, False to log in again."""
+    def still_in() -> None:
+        check_alive(client)
+        if client.state == "not logged in":  # lost, and not getting back in: the notices said why
+            raise SessionLost(SESSION_LOST)
+
+    terminal.alive = still_in
+    try:
+        while run_command(client, terminal.ask("> "), terminal):
+            pass
+        client.bye()
+        return True
+    except SessionLost:
+        return False
+    finally:
+        terminal.alive = functools.partial(check_alive, client)
+
+
+def check_alive(client: ChatClient) -> None:
+    if client.closed.is_set():
+        raise ConnectionClosed(client.closed_reason)
+
+
 # --- Starting from the command line ---------------------------------------------------
 
 
@@ -3340,89 +3061,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_shared_options(parser)  # --cipher, --key, --loss, --seed
     parser.add_argument("--verbose", action="store_true", help="trace every packet in and out")
     parser.add_argument("--find", action="store_true",
-                        help="list the chat servers on this network (on --port), one per line, and exit "
-                             "(status 1 if none answered)")
-    parser.add_argument("--gui", action="store_true", help="chat in a window instead of the terminal (needs tkinter)")
+                        help="list the chat servers on this network (on --port), one per line, "
+                             "and exit (status 1 if none answered)")
+    parser.add_argument("--gui", action="store_true",
+                        help="chat in a window instead of the terminal (needs tkinter)")
     parser.add_argument("--downloads", default="downloads",
-                        help="folder for the files others send you (default: downloads in the current folder)")
+                        help="folder for the files others send you (default: downloads in the "
+                             "current folder)")
     return parser.parse_args(argv)
-
-
-def safe_output() -> None:
-    """Let any message print: a Windows console with a legacy code page cannot show every
-    character, and must show a replacement rather than crash."""
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]:
     """Return the server's (host, port): from the command line, or asked."""
-    host, found_port = args.host, None
-    if host is None:
-        host, found_port = ask_host(args, terminal)
+    host, found_port = (args.host, None) if args.host else ask_host(args, terminal)
     port, default_port = args.port, found_port or DEFAULT_PORT
     while port is None:
         answer = terminal.ask(f"Server port [{default_port}]: ").strip() or str(default_port)
-        port = parse_port(answer)
-        if port is None:
-            terminal.show(PORT_RULE)
+        try:
+            port = port_number(answer)
+        except argparse.ArgumentTypeError:
+            terminal.show("A port is a whole number from 1 to 65535.")
     return host, port
-
-
-PORT_RULE = "A port is a whole number from 1 to 65535."
-
-
-def parse_port(answer: str) -> int | None:
-    """Return the port typed, or None if `answer` is not one."""
-    return int(answer) if whole_number(answer) and 0 < int(answer) < 65536 else None
-
-
-def log_out_when_the_window_closes(current: list) -> object:
-    """Closing the terminal window logs out, as `exit` does: the room sees us leave at once.
-
-    POSIX sends SIGHUP (the "hang-up" of the serial-line days); we turn it into the
-    KeyboardInterrupt that main already handles. Windows calls a console handler instead.
-    `current` holds the ChatClient, once there is one.
-    """
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, hang_up)
-    if hasattr(ctypes, "windll"):
-        return log_out_on_console_close(current, ctypes.windll.kernel32)
-    return None
-
-
-def hang_up(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-CONSOLE_CLOSE_EVENTS = {2, 5, 6}  # Windows: CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT
-
-
-def log_out_on_console_close(current: list, kernel32) -> object:
-    """Windows: say goodbye when the console closes (the OS waits up to 5 s for the handler)."""
-    handler_type = getattr(ctypes, "WINFUNCTYPE", ctypes.CFUNCTYPE)(ctypes.c_int, ctypes.c_uint)
-
-    def on_console_event(event: int) -> int:
-        if event not in CONSOLE_CLOSE_EVENTS:
-            return 0  # Ctrl+C, Ctrl+Break: Python's own handling
-        for made in current:
-            made.bye()
-        return 1
-
-    handler = handler_type(on_console_event)
-    kernel32.SetConsoleCtrlHandler(handler, True)
-    return handler  # the caller keeps it: were it freed, Windows would call freed memory
 
 
 def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | None]:
     """Ask for the server's IP until there is one; `?` searches the network (on --port) first."""
     found: list[FoundServer] = []
     while True:
-        default = found[0].address if found else DEFAULT_HOST
+        default = found[0].host if found else DEFAULT_HOST
         hint = "" if found else " (? searches the network)"
         answer = terminal.ask(f"Server IP [{default}]{hint}: ").strip()
         if answer == "?":
-            found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key), terminal.show)
+            cipher = make_cipher(args.cipher, args.key)
+            found = find_servers(args.port or DEFAULT_PORT, cipher, terminal.show)
             for number, server in enumerate(found, 1):
                 terminal.show(f"{number}) {server}")
             continue
@@ -3433,7 +3104,7 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
 
 
 def print_servers_found(args: argparse.Namespace) -> int:
-    """--find: one line per server that answers, `IP:PORT  name  N online`; the rest on stderr."""
+    """--find: one line per server, `IP:PORT  name  N online`; the rest on stderr."""
     def show(text: str) -> None:
         print(text, file=sys.stderr)
 
@@ -3443,21 +3114,16 @@ def print_servers_found(args: argparse.Namespace) -> int:
         show(f"[ERROR] {error}")
         return 1
     for server in found:
-        print(f"{server.address}:{server.port}  {printable(server.name)}  {server.online} online")
+        print(f"{server.host}:{server.port}  {printable(server.name)}  {server.online} online")
     return 0 if found else 1  # as ping does: a script can tell "none" from "some"
-
-
-def open_client(args: argparse.Namespace, terminal: Terminal) -> ChatClient:
-    """Ask where the server is, and return a ChatClient for it that prints to the terminal."""
-    host, port = ask_address(args, terminal)
-    return ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed, downloads=args.downloads,
-                      on_event=lambda event: terminal.show(format_event(event)),
-                      on_notice=terminal.show, trace=terminal.show if args.verbose else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    safe_output()
+    # A Windows console with a legacy code page cannot show every character: show a
+    # replacement rather than crash.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     if args.find:
         return print_servers_found(args)
     if args.gui:
@@ -3467,26 +3133,35 @@ def main(argv: list[str] | None = None) -> int:
     return chat_in_terminal(args)
 
 
+def hang_up(signum, frame) -> None:
+    """SIGHUP, the "hang-up" of the serial-line days: the terminal window was closed. It
+    logs out as Ctrl+C does, so the room sees us leave at once."""
+    raise KeyboardInterrupt
+
+
 def chat_in_terminal(args: argparse.Namespace) -> int:
     """The terminal client, from the server's address to goodbye; return the exit status."""
-    terminal = Terminal(interactive=sys.stdin.isatty())
-    client = None
-    current: list[ChatClient] = []
-    console_handler = log_out_when_the_window_closes(current)  # noqa: F841 (kept alive while we run)
-    status = 0
-    connected = False  # did the server ever answer? Only then is there a connection to close
+    interactive = sys.stdin.isatty()
+    terminal = Terminal(interactive, use_color(sys.stdout, os.environ),
+                        bell=interactive and is_terminal(sys.stdout))
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, hang_up)
+    client, status, connected = None, 0, False  # connected: did the server ever answer?
     try:
-        client = open_client(args, terminal)
-        current.append(client)
+        host, port = ask_address(args, terminal)
+        client = ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
+                            downloads=args.downloads, trace=terminal.show if args.verbose else None,
+                            on_event=lambda event: terminal.show_event(event, client.name))
+        terminal.alive = functools.partial(check_alive, client)
         client.hello()  # is anyone there? Better to know before asking for a password
         connected = True
-        terminal.show(f"Connected to the chat server at {client.host}:{client.port}.")
-        Conversation(client, terminal).run()
+        terminal.show(f"Connected to the chat server at {host}:{port}.")
+        converse(client, terminal)
     except (EndOfInput, KeyboardInterrupt):
         pass  # leaving the usual way
     except ConnectionClosed:
         status = 1  # the reason was shown when it happened
-    except (ChatError, ValueError) as error:  # ValueError: a key the cipher cannot use
+    except (ChatError, Refused, ValueError) as error:  # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {error}")
         status = 1
     finally:
@@ -3494,7 +3169,7 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     return status
 
 
-def say_goodbye(client: ChatClient | None, terminal: Terminal, connected: bool = True) -> None:
+def say_goodbye(client: ChatClient | None, terminal: Terminal, connected: bool) -> None:
     """Log out if logged in, close the socket, and give the terminal back."""
     try:
         if client is not None:
@@ -3502,13 +3177,12 @@ def say_goodbye(client: ChatClient | None, terminal: Terminal, connected: bool =
             client.close()
     except KeyboardInterrupt:
         pass
-    with terminal.print_lock:
-        terminal.prompt = ""
     terminal.restore()
     if connected:
         terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
     elif terminal.interactive:
         terminal.show("")  # off the line of the prompt
+
 
 if __name__ == "__main__":
     sys.exit(main())
