@@ -43,7 +43,6 @@ A SAY datagram, as this client sends it (XOR-scrambled payload, readable header)
 """
 
 import argparse
-import binascii
 import collections
 import concurrent.futures
 import ctypes
@@ -60,7 +59,6 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -2027,912 +2025,332 @@ COMMANDS = {"say": lambda client, text, face: send_lines(client, text, face),
 
 # --- The window: python client.py --gui -----------------------------------------------
 #
-# The same ChatClient and Conversation as the terminal, drawn with Tk instead of print().
-# Tk is not thread-safe: only the thread that made the window may touch a widget. So no
-# other thread does. The network thread and a worker thread (which makes the blocking
-# ChatClient calls, so the window never freezes while the server is slow) put what they
-# have on one queue, and the Tk thread empties it every POLL_EVERY ms, using after().
+# The terminal's ChatClient and run_command, drawn with Tk widgets instead of print(). Tk
+# is not thread-safe: only the thread that made the window may touch a widget. So the
+# network thread's on_event only puts each Event on a queue, and so does the one worker
+# thread, which makes the calls that wait for the server (log in, join, a typed line) one
+# at a time, in order. The Tk thread draws, never waits, and empties the queue with after().
 
-tk = None  # the tkinter module, imported by load_tkinter() only when a window is wanted
-NO_TKINTER = ("The window needs tkinter, which this Python lacks (Debian/Ubuntu: sudo apt install python3-tk; "
-              "Fedora: sudo dnf install python3-tkinter). Using the terminal instead.")
-POLL_EVERY = 50  # ms between looks at the queue: quick to the eye, idle for the CPU
-MAX_PER_POLL = 200  # items drawn per look, so a flood of messages cannot freeze the window
-MAX_LINES = 5000  # the message list forgets its oldest lines beyond this
-NAME_COLOURS = ("#1f5fbf", "#b0401f", "#2e7d32", "#8e24aa", "#00838f", "#c2185b", "#6d4c41", "#5d6d00")
-STATUS_TEXTS = {  # what the status bar says in each state (see connection_state)
-    "no server": "Not connected. Type the server's address, then Register or Log in.",
-    "not logged in": "Server {server}: not logged in",
-    "connected": "Connected to {server} as {name}",
-    "lost contact": "Lost contact with {server}... still trying",
-    "reconnecting": "The session ended; getting back in to {server}...",
-    "closed": "Closed: {reason}",
-}
+# tkinter and its themed widgets, imported by load_tkinter() only when a window is wanted.
+tk = ttk = None
+NO_TKINTER = ("The window needs tkinter, which this Python lacks (Debian/Ubuntu: sudo apt install "
+              "python3-tk; Fedora: sudo dnf install python3-tkinter). Using the terminal instead.")
+# Milliseconds between looks at the queue: quick to the eye, idle for the CPU.
+POLL_EVERY = 50
+# How the marks of line_marks (and of the client's notices) look; a later tag wins.
+LINE_TAGS = {"notice": {"foreground": "#505050"}, "warn": {"foreground": "#b00020"},
+             "history": {"foreground": "#707070"}, "own": {"foreground": "#1f5fbf"},
+             "mention": {"background": "#fff1b8"}, "private": {"background": "#fde0ef"}}
 
 
 def load_tkinter() -> None:
     """Import tkinter, or raise ImportError where this Python has none."""
-    global tk
-    # The submodules are imported too: only that makes tk.filedialog, tk.font and tk.ttk usable.
+    global tk, ttk
+    # Submodules are imported by name: only that makes them usable as tkinter.ttk and so on.
     import tkinter
     import tkinter.filedialog  # noqa: F401
-    import tkinter.font  # noqa: F401
-    import tkinter.ttk  # noqa: F401
-
-    tk = tkinter
-    if sys.platform == "win32":
-        try:  # else Windows draws the window small and scales it up, blurred, on a high-DPI screen
-            import ctypes
-
-            ctypes.windll.shcore.SetProcessDpiAwareness(1)
-        except (ImportError, AttributeError, OSError):
-            pass  # Windows before 8.1: blurred, but it works
+    import tkinter.simpledialog  # noqa: F401
+    import tkinter.ttk
+    tk, ttk = tkinter, tkinter.ttk
 
 
-def connection_state(client: ChatClient | None) -> str:
-    """Return how things stand with the server, one of STATUS_TEXTS' keys.
-
-    UDP has no connection: "connected" means the server answers.
-    """
-    if client is None:
-        return "no server"
-    if client.closed.is_set():
-        return "closed"
-    if client.rejoin and client.rejoin.thread is not None:
-        return "reconnecting"
-    if client.protocol.out_of_contact:
-        return "lost contact"
-    return "connected" if client.logged_in else "not logged in"
+def grid(widget, row: int = 0, column: int = 0, **options):
+    """Put `widget` at (row, column) of its parent's grid, and return it."""
+    widget.grid(row=row, column=column, **options)
+    return widget
 
 
-def status_text(client: ChatClient | None) -> str:
-    state = connection_state(client)
-    if client is None:
-        return STATUS_TEXTS[state]
-    return STATUS_TEXTS[state].format(server=f"{client.host}:{client.port}", name=client.name,
-                                      reason=client.closed_reason or "the connection is closed.")
+def fill(listbox, lines: list[str]) -> None:
+    listbox.delete(0, "end")
+    listbox.insert("end", *lines)
 
 
-def name_colour(name: str) -> str:
-    """Return the colour a name is drawn in: always the same one, on every PC."""
-    return NAME_COLOURS[binascii.crc32(name.encode()) % len(NAME_COLOURS)]
+def notice_marks(text: str) -> tuple[str, ...]:
+    """Return the tag of a line of the client's own: a warning in red, else plain grey."""
+    return ("warn",) if text.startswith(("[WARN]", "[ERROR]", "not sent")) else ("notice",)
 
 
-Piece = tuple[str, tuple[str, ...]]  # some text of a line and the Tk tags it is drawn with
+class ChatWindow:
+    """One window with two frames, log in and chat, over one ChatClient.
 
-
-def event_pieces(event: Event) -> list[Piece]:
-    """Return a chat, private or history message as pieces: the time, the name, the text."""
-    said = {"chat": ": ", "private": " (private): ", "history": ": "}[event.kind]
-    stamp = ("[history] " if event.kind == "history" else "") + f"[{event_clock(event)}] "
-    return [(stamp, ("time",)), (printable(event.user), ("name", name_colour(event.user))),
-            (said, ()), (printable(event.text), ())]
-
-
-class WindowBridge:
-    """The queue from the other threads to the Tk thread, and Conversation's terminal.
-
-    Any thread may `post` (what, detail) for the Tk thread. Conversation, which runs on
-    the worker thread, calls `show` and `ask` as it would a Terminal's; the window
-    answers a question by calling `answer` (None cancels it).
+    The Tk thread runs the widgets' callbacks, and what is put on `inbox`; the worker
+    thread runs what is put on `jobs`, and `show` and `ask`: the face run_command uses.
     """
 
-    def __init__(self):
-        self.inbox: queue.Queue = queue.Queue()
-        self.answers: queue.Queue = queue.Queue()
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, options=None):
+        # What each ChatClient is made with (cipher, key...); the transfers on their way.
+        self.options, self.client, self.moving = options or {}, None, {}
+        # Functions to call, for the Tk thread and for the worker; what dialogs answered.
+        self.inbox, self.jobs, self.answers = queue.Queue(), queue.Queue(), queue.Queue()
+        self.chatting = self.closing = self.finished = False
+        self.root = tk.Tk()
+        self.root.title("UDP chat")
+        ttk.Style(self.root).theme_use("clam")
+        self.root.protocol("WM_DELETE_WINDOW", self.close)
+        self.root.columnconfigure(0, weight=1)
+        self.root.rowconfigure(0, weight=1)
+        # Both frames share one place; the one on top shows. The window asks room for the
+        # larger, and may not shrink below it: smaller, something would be cut.
+        self.chat, self.login = self.make_chat(), self.make_login(host, port)
+        self.status = grid(ttk.Label(self.root, relief="sunken"), 1, sticky="ew")
+        self.root.update_idletasks()
+        self.root.minsize(self.root.winfo_reqwidth(), self.root.winfo_reqheight())
+        threading.Thread(target=self.work, name="chat-worker", daemon=True).start()
+        self.poll_id = self.root.after(POLL_EVERY, self.poll)
 
-    def post(self, what: str, detail=None) -> None:
-        self.inbox.put((what, detail))
+    def make_login(self, host: str, port: int):
+        """The first frame: server IP and port (or Find servers), name, password."""
+        frame = grid(ttk.Frame(self.root, padding=16), sticky="nsew")
+        labels = ("Server IP", "Port", "Username", "Password", "Password again\n(to register)")
+        self.host, self.port, self.name, self.password, self.again = entries = [
+            ttk.Entry(frame, width=24, show="*" if "Pass" in label else "") for label in labels]
+        for row, entry in enumerate(entries):
+            grid(ttk.Label(frame, text=labels[row]), row, sticky="w", padx=(0, 8))
+            grid(entry, row, 1, sticky="ew", pady=3).insert(0, (host, str(port), "", "", "")[row])
+            # Enter logs in, except in the second password field, which is there to register.
+            entry.bind("<Return>", lambda event: self.enter(event.widget is self.again))
+        # Filled by Find servers: a click on one puts its IP and port in the fields.
+        self.servers = grid(tk.Listbox(frame, width=34, height=5, exportselection=False), 1, 2,
+                            rowspan=4, sticky="nsew", padx=(8, 0))
+        self.servers.bind("<<ListboxSelect>>", self.choose_server)
+        grid(ttk.Button(frame, text="Find servers", command=self.search), 0, 2, padx=(8, 0))
+        grid(ttk.Button(frame, text="Register", command=lambda: self.enter(True)), 5, pady=8)
+        grid(ttk.Button(frame, text="Log in", command=self.enter), 5, 1, sticky="e")
+        self.reply = grid(ttk.Label(frame, wraplength=480), 6, columnspan=3, sticky="w")
+        return frame
+
+    def make_chat(self):
+        """The chat frame: the messages, rooms and members at the side, the input line, files."""
+        frame = grid(ttk.Frame(self.root, padding=6), sticky="nsew")
+        frame.columnconfigure(0, weight=1)
+        frame.rowconfigure(0, weight=1)
+        self.messages = grid(tk.Text(frame, width=56, height=18, wrap="word", state="disabled",
+                                     font="TkDefaultFont", padx=6, pady=4), sticky="nsew")
+        scrollbar = grid(ttk.Scrollbar(frame, command=self.messages.yview), 0, 1, sticky="ns")
+        self.messages["yscrollcommand"] = scrollbar.set
+        for tag, options in LINE_TAGS.items():
+            self.messages.tag_configure(tag, **options)
+        side = grid(ttk.Frame(frame, padding=(6, 0, 0, 0)), 0, 2, rowspan=2, sticky="ns")
+        grid(ttk.Label(side, text="Rooms (click to join)"), sticky="w")
+        grid(ttk.Label(side, text="Members (double-click:\na private message)"), 2, sticky="w")
+        self.rooms, self.members = [grid(tk.Listbox(side, width=22, height=7,
+                                                    exportselection=False), row) for row in (1, 3)]
+        self.rooms.bind("<ButtonRelease-1>", self.pick_room)
+        self.members.bind("<Double-Button-1>", self.pick_member)
+        self.entry = grid(ttk.Entry(frame), 1, columnspan=2, sticky="ew", pady=6)
+        self.entry.bind("<Return>", self.submit)
+        files = grid(ttk.Frame(frame), 2, columnspan=3, sticky="ew")
+        grid(ttk.Button(files, text="Send file...", command=self.pick_file))
+        self.bar = grid(ttk.Progressbar(files, length=120), 0, 1, padx=6)
+        self.bar_label = grid(ttk.Label(files, text="No file on its way", width=20), 0, 2)
+        grid(ttk.Button(files, text="Log out", command=self.log_out), 0, 3)
+        return frame
+
+    def show_frame(self, chatting: bool) -> None:
+        self.chatting = chatting
+        (self.chat if chatting else self.login).tkraise()
+        (self.entry if chatting else self.name).focus_set()
+
+    def poll(self) -> None:
+        """Tk thread: call what the other threads put on the inbox; look again in a moment."""
+        # First: a bug below must not stop the polling.
+        self.poll_id = self.root.after(POLL_EVERY, self.poll)
+        while not self.finished and not self.inbox.empty():
+            self.inbox.get()()
+
+    def work(self) -> None:
+        """The worker thread: one job at a time, until None; what goes wrong is shown."""
+        while (job := self.jobs.get()) is not None:
+            try:
+                job()
+            # A refusal, an unreadable file, a bad key; a bug too: the window stays alive.
+            except Exception as error:
+                self.show(str(error) or repr(error))
 
     def show(self, text: str) -> None:
-        self.post("line", text)
+        """run_command's face, and any thread's: a line for the user, drawn by `say`."""
+        self.inbox.put(functools.partial(self.say, text))
 
-    def ask(self, prompt: str, secret: bool = False, alive=lambda: None) -> str:
-        """Return what the user types into the window for `prompt`; Refused if cancelled."""
-        while not self.answers.empty():  # left over from a question given up on
-            self.answers.get_nowait()
-        self.post("ask", (prompt, secret))
-        answer = wait_for(self.answers, alive)  # noqa: F821 (the window is being rewritten)
-        if answer is None:
+    def ask(self, prompt: str, secret: bool = False) -> str:
+        """run_command's face: the answer typed into a small dialog; Refused if cancelled."""
+        self.inbox.put(lambda: self.answers.put(tk.simpledialog.askstring(
+            "UDP chat", prompt, parent=self.root, show="*" if secret else "")))
+        if (answer := self.answers.get()) is None:
             raise Refused("cancelled", "Cancelled.")
         return answer
 
-    def answer(self, text: str | None) -> None:
-        self.answers.put(text)
+    # --- The worker thread's jobs: calls that wait for the server. Then the Tk thread's part.
 
+    def log_in_as(self, register: bool, host: str, port: int, name: str, password: str) -> None:
+        """REGISTER; or LOGIN, then /join the lobby as the terminal does, the password asked."""
+        if self.client:
+            self.client.close()
+        # Its events go to the Tk thread, which draws those of the client it still has.
+        self.client = client = ChatClient(host, port, **self.options, on_event=lambda event:
+                                          self.inbox.put(lambda: self.draw(client, event)))
+        if register:
+            return self.show(self.client.register(name, password))
+        self.inbox.put(lambda: self.show_frame(True))
+        self.show(self.client.login(name, password))
+        self.run_line(f"/join {LOBBY}")
 
-class WindowScreen:
-    """The Screen of the window: events and one's own lines go to the Tk thread, which
-    draws them with colours of its own (tags), never with a terminal's escape codes."""
+    def run_line(self, line: str) -> None:
+        """A line typed in the chat, read by the terminal's own command parser."""
+        if not run_command(self.client, line, self):
+            return self.inbox.put(self.close)
+        if line.startswith("/join"):
+            self.refresh_lists()
 
-    def __init__(self, bridge: WindowBridge):
-        super().__init__(bridge)
+    def refresh_lists(self) -> None:
+        rooms = [f"{name} ({count})" if count >= 0 else name for name, count in self.client.rooms()]
+        members = self.client.who()[1] if self.client.room else []
+        self.inbox.put(functools.partial(fill, self.rooms, rooms))
+        self.inbox.put(functools.partial(fill, self.members, members))
 
-    def show_event(self, event: Event) -> None:
-        self.terminal.post("event", event)
-
-    def show_own(self, text: str, to: str | None = None) -> None:
-        self.terminal.post("own", (text, to))
-
-
-class Worker:
-    """A thread for the calls that wait for the server, one at a time, in the order asked.
-
-    What a job has to tell comes back through the bridge; so does the error it raises.
-    """
-
-    def __init__(self, bridge: WindowBridge):
-        self.bridge = bridge
-        self.jobs: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self.run, name="chat-worker", daemon=True)
-        self.thread.start()
-
-    def do(self, job, *args) -> None:
-        self.jobs.put((job, args))
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-
-    def run(self) -> None:
-        while (item := self.jobs.get()) is not None:
-            job, args = item
-            try:
-                job(*args)
-            except (ChatError, ValueError) as error:  # ValueError: a key the cipher cannot use
-                self.bridge.post("reply", str(error))
-            except Exception as error:  # a bug: say so in the window, and keep the window alive
-                self.bridge.post("internal error", repr(error))
-
-
-class LoginView:
-    """The first screen: the server's address, a username and a password; Register or Log in.
-
-    `?` as the Server IP (or Find servers) searches the network as the terminal does; the
-    servers that answer are listed, and a click on one fills in its IP and port.
-    """
-
-    sticky = "n"  # a form keeps its size in a big window, at the top, in the middle
-
-    def __init__(self, parent, window: "ChatWindow", host: str, port: int):
-        self.window = window
-        self.found: list[FoundServer] = []  # the servers the last search listed
-        self.frame = tk.Frame(parent, padx=24, pady=18)
-        self.frame.columnconfigure(1, weight=1)
-        tk.Label(self.frame, text="UDP chat room", font="TkHeadingFont").grid(row=0, column=0, columnspan=3, pady=8)
-        self.host = self.add_field(1, "Server IP", host)
-        self.port = self.add_field(2, "Port", str(port))
-        self.name = self.add_field(3, "Username", "")
-        self.password = self.add_field(4, "Password", "", secret=True)
-        self.password_again = self.add_field(5, "Password again", "", secret=True, enter=self.register)
-        tk.Label(self.frame, text="(to register)", foreground="#808080").grid(row=5, column=2, sticky="w")
-        self.make_buttons()
-        self.reply = tk.Label(self.frame, wraplength=420, justify="left")  # the server's answer
-        self.reply.grid(row=7, column=0, columnspan=3, sticky="w")
-        self.servers = tk.Listbox(self.frame, height=4, exportselection=False)  # shown once a search found some
-        self.servers.grid(row=8, column=0, columnspan=3, sticky="ew", pady=4)
-        self.servers.grid_remove()
-        self.servers.bind("<<ListboxSelect>>", self.choose_server)  # a click, or the arrow keys
-
-    def add_field(self, row: int, label: str, value: str, secret: bool = False, enter=None):
-        """Return a labelled entry; Enter in it logs in (the usual choice) unless told otherwise."""
-        tk.Label(self.frame, text=label + ":").grid(row=row, column=0, sticky="e", padx=6, pady=3)
-        entry = tk.Entry(self.frame, width=28, show="*" if secret else "")
-        entry.insert(0, value)
-        entry.grid(row=row, column=1, sticky="ew", pady=3)
-        entry.bind("<Return>", lambda event: (enter or self.log_in)())
-        entry.bind("<KP_Enter>", lambda event: (enter or self.log_in)())
-        return entry
-
-    def make_buttons(self) -> None:
-        self.find_button = tk.Button(self.frame, text="Find servers", command=self.search)
-        self.find_button.grid(row=1, column=2, sticky="w", padx=6)
-        buttons = tk.Frame(self.frame)
-        buttons.grid(row=6, column=0, columnspan=3, pady=10)
-        self.register_button = tk.Button(buttons, text="Register", command=self.register)
-        self.login_button = tk.Button(buttons, text="Log in", command=self.log_in, default="active")
-        for button in (self.register_button, self.login_button):
-            button.pack(side="left", padx=6)
-        for button in (self.find_button, self.register_button, self.login_button):
-            button.bind("<Return>", lambda event: event.widget.invoke())
-
-    def register(self) -> None:
-        """Register: a password long enough, typed twice alike, as the terminal asks."""
-        if len(self.password.get()) < MIN_PASSWORD:
-            self.show_reply(f"Too short: a password has at least {MIN_PASSWORD} characters.")
-            return
-        if self.password_again.get() != self.password.get():  # else a typo makes an account nobody can enter
-            for entry in (self.password, self.password_again):
-                entry.delete(0, "end")
-            self.show_reply("The two passwords differ; type it again.")
-            self.password.focus_set()
-            return
-        self.send(self.window.register, "Registering...")
-
-    def log_in(self) -> None:
-        self.send(self.window.log_in, "Logging in...")
-
-    def send(self, action, doing: str) -> None:
-        """Check the port here (the server cannot answer a wrong one), then hand over to `action`."""
-        if self.host.get().strip() == "?":  # the terminal's way to search
-            self.search()
-            return
-        port = parse_port(self.port.get().strip())  # noqa: F821 (the window is being rewritten)
-        if port is None:
-            self.show_reply(PORT_RULE)  # noqa: F821 (the window is being rewritten)
-            return
-        self.busy(doing)
-        action(self.host.get().strip() or DEFAULT_HOST, port, self.name.get().strip(), self.password.get())
+    def enter(self, register: bool = False) -> None:
+        """Register or Log in, if the fields pass the terminal's checks (the port: the worker)."""
+        port, password = self.port.get().strip(), self.password.get()
+        if register and len(password) < MIN_PASSWORD:
+            return self.say(f"Too short: a password has at least {MIN_PASSWORD} characters.")
+        if register and self.again.get() != password:
+            # Else a typo makes an account nobody can enter.
+            self.again.delete(0, "end")
+            return self.say("The two passwords differ; type it again.")
+        self.say("Registering..." if register else "Logging in...")
+        host, name = self.host.get().strip() or DEFAULT_HOST, self.name.get().strip()
+        self.jobs.put(lambda: self.log_in_as(register, host, port_number(port), name, password))
 
     def search(self) -> None:
-        """Find servers, or `?`: ask the whole network for chat servers on the port given."""
-        port = parse_port(self.port.get().strip())  # noqa: F821 (the window is being rewritten)
-        if port is None:
-            self.show_reply(PORT_RULE)  # noqa: F821 (the window is being rewritten)
-            return
-        self.busy(f"Searching this network for chat servers on port {port}...")
-        self.window.search(port)
+        """Find servers on the port typed: the search listens a while, so on the worker."""
+        port = self.port.get().strip()
+        cipher = make_cipher(self.options.get("cipher", DEFAULT_CIPHER), self.options.get("key"))
+        self.jobs.put(lambda: self.inbox.put(functools.partial(
+            self.show_servers, find_servers(port_number(port), cipher, self.show))))
 
-    def show_servers(self, found: list[FoundServer], said: list[str]) -> None:
-        """The search's outcome: the servers that answered, the first one filled in; or nobody."""
-        self.found = found
-        self.servers.delete(0, "end")
-        for server in found:
-            self.servers.insert("end", str(server))
+    def show_servers(self, found: list) -> None:
+        fill(self.servers, [f"{server.host}:{server.port}  {printable(server.name)}  "
+                            f"{server.online} online" for server in found])
         if found:
-            self.servers.grid()
-            self.servers.selection_set(0)
-            self.choose_server()
-            said = said + ["Click a server in the list to use it; the first is filled in."]
-        else:
-            self.servers.grid_remove()
-            if self.host.get().strip() == "?":
-                self.host.delete(0, "end")  # the "?" goes: the server's IP is to be typed (one typed stays)
-        self.show_reply("\n".join(said))
-        self.focus()
+            self.say("Click a server in the list to use it.")
 
     def choose_server(self, event=None) -> None:
-        """A server chosen in the list: its IP and port go into the fields."""
-        chosen = self.servers.curselection()
-        if chosen:
-            server = self.found[chosen[0]]
-            for entry, text in ((self.host, server.address), (self.port, str(server.port))):
+        for index in self.servers.curselection():
+            address = self.servers.get(index).split()[0].rsplit(":", 1)
+            for entry, text in zip((self.host, self.port), address, strict=True):
                 entry.delete(0, "end")
                 entry.insert(0, text)
 
-    def busy(self, doing: str) -> None:
-        """Say what is happening, and take no second click until the server answers."""
-        self.reply.configure(text=doing)
-        for button in (self.register_button, self.login_button, self.find_button):
-            button.configure(state="disabled")
-
-    def show_reply(self, text: str) -> None:
-        self.reply.configure(text=text)
-        for button in (self.register_button, self.login_button, self.find_button):
-            button.configure(state="normal")
-
-    def focus(self) -> None:
-        empty = [entry for entry in (self.host, self.port, self.name, self.password) if not entry.get()]
-        (empty[0] if empty else self.password).focus_set()
-
-
-class RoomPasswordView:
-    """The second screen: the lobby's password, asked once the server has welcomed us.
-
-    Log out is the way back to the first screen: for a student who does not know the
-    password, or whom the server makes wait after too many wrong ones.
-    """
-
-    sticky = "n"
-
-    def __init__(self, parent, window: "ChatWindow"):
-        self.window = window
-        self.frame = tk.Frame(parent, padx=24, pady=18)
-        self.welcome = tk.Label(self.frame, font="TkHeadingFont")
-        self.welcome.grid(row=0, column=0, columnspan=2)
-        tk.Label(self.frame, text=f"Room password for {LOBBY}:").grid(row=1, column=0, padx=6, pady=10)
-        self.password = tk.Entry(self.frame, width=20, show="*")
-        self.password.grid(row=1, column=1, pady=10)
-        self.password.bind("<Return>", lambda event: self.join())
-        self.password.bind("<KP_Enter>", lambda event: self.join())
-        buttons = tk.Frame(self.frame)
-        buttons.grid(row=2, column=0, columnspan=2)
-        self.join_button = tk.Button(buttons, text="Join", command=self.join, default="active")
-        self.log_out_button = tk.Button(buttons, text="Log out", command=window.log_out)
-        for button in (self.join_button, self.log_out_button):
-            button.pack(side="left", padx=6)
-            button.bind("<Return>", lambda event: event.widget.invoke())
-        self.reply = tk.Label(self.frame, wraplength=420)
-        self.reply.grid(row=3, column=0, columnspan=2, pady=8)
-
-    def join(self) -> None:
-        if not self.password.get():  # nothing sent: an empty password would count as a wrong one
-            self.reply.configure(text=f"Type the room password of {LOBBY}, or Log out.")
-            return
-        self.reply.configure(text="Joining...")
-        for button in (self.join_button, self.log_out_button):  # no logging out while the server decides
-            button.configure(state="disabled")
-        self.window.join_lobby(self.password.get())
-
-    def show_reply(self, text: str) -> None:
-        self.reply.configure(text=text)
-        for button in (self.join_button, self.log_out_button):
-            button.configure(state="normal")
-        self.password.delete(0, "end")
-
-    def focus(self) -> None:
-        self.password.focus_set()
-
-
-class FilesPanel:
-    """Under the chat's input line: send a file, cancel, open the downloads; a bar per transfer.
-
-    The bars follow the news about files that the ChatClient posts through the bridge, so
-    only the Tk thread draws them. A transfer that ends takes its bar away and leaves the
-    terminal's last line (`saved downloads/notes.pdf ...`) in the messages.
-    """
-
-    BAR_LENGTH = 160  # pixels
-
-    def __init__(self, parent, view: "ChatView"):
-        self.view = view
-        self.frame = tk.Frame(parent)
-        row = tk.Frame(self.frame)
-        row.pack(fill="x")
-        actions = {"Send file...": self.share, "Send to member...": self.send_to_member,
-                   "Cancel transfers": view.window.cancel_transfers, "Open downloads": self.open_downloads}
-        self.buttons = {}
-        for text, action in actions.items():
-            button = tk.Button(row, text=text, command=action)
-            button.pack(side="left", padx=4)
-            button.bind("<Return>", lambda event: event.widget.invoke())
-            self.buttons[text] = button
-        self.bars: dict[int, tuple] = {}  # id(transfer) -> (its row, label, progress bar)
-
-    def share(self) -> None:
-        """Send file...: to everyone else in the room, as /share does."""
-        self.pick_file("", "the room")
-
-    def send_to_member(self) -> None:
-        """Send to member...: to the member chosen in the panel (a click, or the arrow keys)."""
-        chosen = self.view.members.curselection()
-        names = self.view.member_names
-        if not chosen or names[chosen[0]].startswith("... and "):
-            self.view.show_reply("Choose a member in the list on the right first, then Send to member...")
-            return
-        self.pick_file(names[chosen[0]], names[chosen[0]])
-
-    def pick_file(self, to: str, whom: str) -> None:
-        """Ask which file, in the system's own dialog; send it to `to` ('' = the room)."""
-        path = tk.filedialog.askopenfilename(parent=self.frame, title=f"Send a file to {whom}")
-        if path:  # '' (or an empty tuple, on some systems) when the dialog was cancelled
-            self.view.window.send_file(to, path)
-        self.view.focus()
-
-    def show(self, what: str, transfer: Transfer) -> None:
-        """News of a transfer: move its bar; at the end remove it and say how it ended."""
-        key = id(transfer)
-        if what != "progress":
-            if key in self.bars:
-                self.bars.pop(key)[0].destroy()
-            self.view.show_reply(final_line(what, transfer))  # noqa: F821
-            return
-        if key not in self.bars:
-            self.bars[key] = self.add_bar()
-        _, label, bar = self.bars[key]
-        label.configure(text=describe_transfer(transfer))  # number, name, who, size, percent
-        bar.configure(value=percent(transfer))  # noqa: F821 (the window is being rewritten)
-
-    def add_bar(self) -> tuple:
-        row = tk.Frame(self.frame)
-        row.pack(fill="x", padx=4, pady=1)
-        bar = tk.ttk.Progressbar(row, length=self.BAR_LENGTH, maximum=100)
-        bar.pack(side="left")
-        label = tk.Label(row, anchor="w")
-        label.pack(side="left", fill="x", expand=True, padx=6)
-        return row, label, bar
-
-    def open_downloads(self) -> None:
-        """Show the downloads folder in the system's file manager; where none opens, its path."""
-        folder = os.path.abspath(self.view.window.client_options.get("downloads", "downloads"))  # ChatClient's
-        try:
-            os.makedirs(folder, exist_ok=True)
-            open_folder(folder)
-        except OSError as error:
-            self.view.show_reply(f"No file manager opens here ({error.strerror or error}). Your files are in {folder}")
-            return
-        self.view.show_reply(f"Opening {folder}")
-
-
-def open_folder(folder: str) -> None:
-    """Open `folder` in the system's file manager; OSError if there is none to start."""
-    if sys.platform == "win32":
-        os.startfile(folder)  # Windows' own: Explorer
-    else:  # macOS has `open`; Linux and the BSDs' desktops `xdg-open`
-        subprocess.Popen(["open" if sys.platform == "darwin" else "xdg-open", folder],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-class ChatView:
-    """The chat screen: the messages, the input line, and a panel of rooms and members."""
-
-    sticky = "nsew"  # the chat fills the window: the messages take what room there is
-
-    def __init__(self, parent, window: "ChatWindow"):
-        self.window = window
-        self.frame = tk.Frame(parent)
-        self.frame.columnconfigure(0, weight=1)  # the messages take what room the window has
-        self.frame.rowconfigure(0, weight=1)
-        self.typed: list[str] = []  # lines sent, for Up and Down
-        self.recalled = 0  # where Up and Down are in `typed`
-        self.asking = False  # the input line answers a question (a room password), not the chat
-        self.kept_typing = ""  # what was being typed when the question came
-        self.room_names: list[str] = []  # the rooms panel's lines, as names
-        self.member_names: list[str] = []
-        self.make_messages()
-        self.make_input()
-        self.make_panel()
-        self.files = FilesPanel(self.frame, self)  # under the input line
-        self.files.frame.grid(row=2, column=0, columnspan=2, sticky="ew")
-
-    def make_messages(self) -> None:
-        base = tk.font.nametofont("TkDefaultFont").actual()  # the desktop's font, at the desktop's scale
-        bold, italic = (base["family"], base["size"], "bold"), (base["family"], base["size"], "italic")
-        self.messages = tk.Text(self.frame, width=64, height=22, wrap="word", state="disabled", font="TkDefaultFont",
-                                takefocus=0, padx=6, pady=4)
-        self.scrollbar = tk.Scrollbar(self.frame, command=self.messages.yview)
-        self.messages.configure(yscrollcommand=self.view_moved)
-        self.following = True  # the newest line is in sight, so new lines scroll into view
-        self.size_seen = (0, 0)  # the messages' width and height when Tk last said where the view is
-        self.messages.grid(row=0, column=0, sticky="nsew")
-        self.scrollbar.grid(row=0, column=1, sticky="ns")
-        tags = {"time": {"foreground": "#808080"}, "name": {"font": bold},
-                "grey": {"foreground": "#808080"}, "info": {"foreground": "#404040"},
-                "warn": {"foreground": "#b00020"}, "own": {"background": "#eaf1fb"},
-                "history": {"foreground": "#707070", "font": italic},
-                "mention": {"background": "#fff1b8"}, "private": {"background": "#fde0ef"}}
-        for tag, options in tags.items():  # later tags win: a private line mine is still pink
-            self.messages.tag_configure(tag, **options)
-        for colour in NAME_COLOURS:
-            self.messages.tag_configure(colour, foreground=colour)
-
-    def make_input(self) -> None:
-        line = tk.Frame(self.frame)
-        line.grid(row=1, column=0, columnspan=2, sticky="ew", pady=4)
-        line.columnconfigure(1, weight=1)
-        self.prompt = tk.Label(line, text=">")
-        self.prompt.grid(row=0, column=0, padx=4)
-        self.entry = tk.Entry(line)
-        self.entry.grid(row=0, column=1, sticky="ew")
-        self.send_button = tk.Button(line, text="Send", command=self.submit)
-        self.send_button.grid(row=0, column=2, padx=4)
-        keys = {"<Return>": self.submit, "<KP_Enter>": self.submit, "<Escape>": self.cancel,
-                "<Up>": lambda event: self.recall(-1), "<Down>": lambda event: self.recall(+1),
-                "<Prior>": lambda event: self.messages.yview_scroll(-1, "pages"),
-                "<Next>": lambda event: self.messages.yview_scroll(1, "pages")}
-        for key, action in keys.items():
-            self.entry.bind(key, action)
-
-    def make_panel(self) -> None:
-        panel = tk.Frame(self.frame, padx=6)
-        panel.grid(row=0, column=2, rowspan=2, sticky="ns")
-        panel.rowconfigure(1, weight=1)
-        panel.rowconfigure(3, weight=2)
-        tk.Label(panel, text="Rooms (click to join)").grid(row=0, column=0, sticky="w")
-        self.rooms = tk.Listbox(panel, width=22, height=6, exportselection=False)
-        self.rooms.grid(row=1, column=0, sticky="nsew")
-        tk.Label(panel, text="In this room (double-click: private)").grid(row=2, column=0, sticky="w")
-        self.members = tk.Listbox(panel, width=22, height=10, exportselection=False)
-        self.members.grid(row=3, column=0, sticky="nsew")
-        self.rooms.bind("<ButtonRelease-1>", self.pick_room)
-        self.rooms.bind("<Return>", self.pick_room)
-        self.members.bind("<Double-Button-1>", self.pick_member)
-        self.members.bind("<Return>", self.pick_member)
-
-    # --- Drawing ---
-
-    def view_moved(self, first: str, last: str) -> None:
-        """Tk says which part of the messages shows: move the scrollbar; are we still following?
-
-        A Text widget that changes size keeps its top line where it was. When it gets shorter
-        (a progress bar comes; or the window, which had grown for the bar, shrinks back once
-        the bar goes) the newest line drops out of sight though nobody scrolled: that view
-        keeps following. Only a move at the same size is the user's (the wheel, the scrollbar).
-        """
-        self.scrollbar.set(first, last)
-        size = (self.messages.winfo_width(), self.messages.winfo_height())
-        if size != self.size_seen and self.following:
-            self.messages.see("end")  # Tk says where the view is once more, at this size
+    def say(self, text: str) -> None:
+        """Tell the user: under the log in form, or as a line of the chat."""
+        if self.chatting:
+            self.add_line(text, notice_marks(text))
         else:
-            self.following = float(last) >= 0.999
-        self.size_seen = size
+            self.reply.configure(text=text)
 
-    def add_line(self, pieces: list[Piece], marks: tuple[str, ...] = ()) -> None:
-        """Append one line to the messages; follow it if the user was reading the newest."""
-        self.view_moved(*map(str, self.messages.yview()))  # Tk says so only when idle: a scroll may be news
-        following = self.following
+    def add_line(self, text: str, marks: tuple[str, ...] = ()) -> None:
+        """Append a line; keep the newest in sight, unless the user scrolled up to read."""
+        following = self.messages.yview()[1] >= 0.999
         self.messages.configure(state="normal")
-        for text, tags in pieces:
-            self.messages.insert("end", text, tags + marks)
-        self.messages.insert("end", "\n", marks)
-        excess = int(self.messages.index("end-1c").split(".")[0]) - MAX_LINES
-        if excess > 0:
-            self.messages.delete("1.0", f"{excess + 1}.0")
+        self.messages.insert("end", text + "\n", marks)
         self.messages.configure(state="disabled")
         if following:
             self.messages.see("end")
 
-    def add_event(self, event: Event, me: str | None) -> None:
-        if event.kind in ("chat", "private", "history"):
-            self.add_line(event_pieces(event), line_marks(event, me))
-        else:  # joins and leaves, in the terminal's words
-            self.add_line([(format_event(event), ())], ("grey",))
-
-    def add_own_private(self, me: str, user: str, text: str) -> None:
-        clock = time.strftime("%H:%M")
-        self.add_line([(f"[{clock}] ", ("time",)), (printable(me), ("name", name_colour(me))),
-                       (f" to {printable(user)} (private): ", ()), (printable(text), ())], ("own", "private"))
-
-    def show_reply(self, text: str) -> None:
-        warning = text.startswith(("[WARN]", "[ERROR]", "not sent"))
-        self.add_line([(printable(text), ())], ("warn" if warning else "info",))
-
-    def show_panel(self, rooms: list[tuple[str, int]], room: str, members: list[str]) -> None:
-        """Fill the side panel; my own room is shaded."""
-        self.room_names = [name for name, _ in rooms]
-        self.rooms.delete(0, "end")
-        for index, (name, count) in enumerate(rooms):
-            self.rooms.insert("end", f"{name} ({count})" if count else name)
-            if name == room:
-                self.rooms.itemconfigure(index, background="#dde8f7")
-        self.member_names = list(members)
-        self.members.delete(0, "end")
-        for name in members:
-            self.members.insert("end", name)
-
-    def focus(self) -> None:
-        self.entry.focus_set()
-
-    # --- The input line ---
-
-    def submit(self, event=None) -> str:
-        """Enter: send the line, or answer the question being asked."""
+    def submit(self, event=None) -> None:
         line = self.entry.get()
         self.entry.delete(0, "end")
-        if self.asking:
-            self.stop_asking()
-            self.window.answer(line)
-        else:
-            if line.strip():
-                self.typed.append(line)
-            self.recalled = len(self.typed)
-            self.window.send(line)
-        return "break"  # handled: no other binding for this key
-
-    def cancel(self, event=None) -> str:
-        """Escape: a question is answered with nothing."""
-        if self.asking:
-            self.stop_asking()
-            self.window.answer(None)
-        return "break"
-
-    def recall(self, step: int) -> str:
-        """Up and Down: bring back a line typed before (never an answer, which may be a password)."""
-        if not self.asking and self.typed:
-            self.recalled = min(max(self.recalled + step, 0), len(self.typed))
-            self.entry.delete(0, "end")
-            self.entry.insert(0, self.typed[self.recalled] if self.recalled < len(self.typed) else "")
-        return "break"
-
-    def ask(self, prompt: str, secret: bool) -> None:
-        """The input line becomes the answer to `prompt` (masked if secret) until Enter or Escape."""
-        self.asking = True
-        self.kept_typing = self.entry.get()
-        self.entry.delete(0, "end")
-        self.prompt.configure(text=prompt, foreground="#b00020")
-        self.entry.configure(show="*" if secret else "")
-        self.entry.focus_set()
-
-    def stop_asking(self) -> None:
-        self.asking = False
-        self.prompt.configure(text=">", foreground=self.entry.cget("foreground"))
-        self.entry.configure(show="")
-        self.entry.insert(0, self.kept_typing)
-
-    def prefill(self, text: str) -> None:
-        self.entry.delete(0, "end")
-        self.entry.insert(0, text)
-        self.entry.icursor("end")
-        self.entry.focus_set()
-
-    # --- The panel ---
+        self.jobs.put(lambda: self.run_line(line))
 
     def pick_room(self, event=None) -> None:
-        """A click (or Enter) on a room: go there, if it is a room and not mine."""
-        chosen = self.rooms.curselection()
-        if chosen and not self.room_names[chosen[0]].startswith("... and "):
-            self.window.join_room(self.room_names[chosen[0]])
+        for index in self.rooms.curselection():
+            room = self.rooms.get(index).rsplit(" (", 1)[0]
+            self.jobs.put(functools.partial(self.run_line, f"/join {room}"))
 
     def pick_member(self, event=None) -> None:
-        """A double-click (or Enter) on a member: start a private message to them."""
-        chosen = self.members.curselection()
-        if chosen and not self.member_names[chosen[0]].startswith("... and "):
-            self.prefill(f"/msg {self.member_names[chosen[0]]} ")
+        for index in self.members.curselection():
+            self.entry.delete(0, "end")
+            self.entry.insert(0, f"/msg {self.members.get(index)} ")
+            self.entry.focus_set()
 
+    def pick_file(self) -> None:
+        """Send file: to the member chosen in the list (a choice then undone), else the room."""
+        to = next((self.members.get(index) for index in self.members.curselection()), "")
+        self.members.selection_clear(0, "end")
+        path = tk.filedialog.askopenfilename(parent=self.root,
+                                             title=f"Send a file to {to or 'the room'}")
+        # Not '' (or an empty tuple): not cancelled. Hashing it takes a while: on the worker.
+        if path:
+            self.jobs.put(lambda: self.client.send_file(to, path))
 
-class ChatWindow:
-    """The window: which screen shows, and the traffic between the Tk thread and the others.
+    def draw(self, client, event: Event) -> None:
+        """Draw an Event of the network thread: a line, the status bar, or the progress bar."""
+        if client is not self.client:
+            return
+        me = client.name
+        if event.kind == "state":
+            return self.status.configure(text=f"{client.host}:{client.port}: {event.text}")
+        if event.kind == "transfer":
+            return self.show_transfer(event, me)
+        marks = notice_marks(event.text) if event.kind == "notice" else line_marks(event, me)
+        self.add_line(format_event(event, me), marks)
+        if event.kind in ("join", "leave"):
+            self.jobs.put(self.refresh_lists)
 
-    Methods named in the "worker" part run on the worker thread and make the blocking
-    ChatClient calls; everything else runs on the Tk thread and never waits.
-    """
-
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, client_options: dict | None = None):
-        self.client_options = client_options or {}  # for ChatClient: cipher, key, timing, loss...
-        self.client: ChatClient | None = None
-        self.conversation: Conversation | None = None  # noqa: F821 (the window is being rewritten)
-        self.bridge = WindowBridge()
-        self.worker = Worker(self.bridge)
-        self.closing = self.finished = False
-        self.goodbye: threading.Thread | None = None  # the thread that logs out, once closing
-        self.refresh_queued = False  # a panel refresh waits for the worker
-        self.state = "no server"
-        self.internal_errors: list[str] = []  # bugs, if any: shown, and kept for the tests
-        self.root = tk.Tk()
-        self.root.title("UDP chat")
-        self.root.protocol("WM_DELETE_WINDOW", self.close)
-        self.root.report_callback_exception = self.report_error
-        self.make_screens(host, port)
-        self.handlers = {"line": self.show_reply, "reply": self.show_reply, "event": self.show_event,
-                         "own": self.show_own, "notice": self.show_reply, "ask": self.ask, "logged in": self.logged_in,
-                         "joined": self.joined, "panel": self.fill_panel, "finished": self.finish,
-                         "internal error": self.internal_error, "file": lambda news: self.chat.files.show(*news),
-                         "servers": lambda outcome: self.login.show_servers(*outcome)}
-        self.poll_id = self.root.after(POLL_EVERY, self.poll)
-
-    def make_screens(self, host: str, port: int) -> None:
-        self.root.columnconfigure(0, weight=1)
-        self.root.rowconfigure(0, weight=1)  # the screen grows with the window; the status bar does not
-        self.login = LoginView(self.root, self, host, port)
-        self.room_view = RoomPasswordView(self.root, self)
-        self.chat = ChatView(self.root, self)
-        self.status = tk.Label(self.root, text=STATUS_TEXTS["no server"], anchor="w", relief="sunken", padx=4)
-        self.status.grid(row=1, column=0, sticky="ew")
-        self.view = None
-        self.show_view(self.login)
-
-    def show_view(self, view) -> None:
-        if self.view is not None:
-            self.view.frame.grid_remove()
-        self.view = view
-        view.frame.grid(row=0, column=0, sticky=view.sticky)
-        view.focus()
-
-    def run(self) -> int:
-        """Show the window until it is closed; return the exit status."""
-        while True:
-            try:
-                self.root.mainloop()  # returns once finish() has destroyed the window
-            except KeyboardInterrupt:  # Ctrl+C in the terminal that started us: leave as if closed
-                self.root.after_cancel(self.poll_id)  # it may have struck poll() before it looked again
-                self.poll_id = self.root.after(POLL_EVERY, self.poll)
-                self.close()
-                continue
-            if not self.closing and self.client:  # destroyed outright, not closed: still log out
-                self.client.bye()
-                self.client.close()
-            print("[INFO] Connection closed.")
-            return 0
-
-    # --- What the screens ask for (Tk thread) ---
-
-    def register(self, host: str, port: int, name: str, password: str) -> None:
-        self.worker.do(self.register_account, host, port, name, password)
-
-    def log_in(self, host: str, port: int, name: str, password: str) -> None:
-        self.worker.do(self.log_in_account, host, port, name, password)
-
-    def search(self, port: int) -> None:
-        self.worker.do(self.search_servers, port)
-
-    def join_lobby(self, password: str) -> None:
-        self.worker.do(self.enter_lobby, password)
+    def show_transfer(self, event: Event, me: str | None) -> None:
+        """One bar for all the files on their way: their bytes done of their bytes in all."""
+        transfer = event.more[0]
+        # A line when it starts ("sending ... as number 3") and when it ends; the bar between.
+        started = (transfer.state, transfer.direction, transfer.done_bytes) == ("moving", "send", 0)
+        if started or not transfer.active:
+            self.add_line(format_event(event, me), notice_marks(transfer.note))
+        if transfer.active:
+            self.moving[id(transfer)] = transfer
+        else:
+            self.moving.pop(id(transfer), None)
+        size, moving = sum(each.size for each in self.moving.values()), len(self.moving)
+        percent = 100 * sum(each.done_bytes for each in self.moving.values()) // max(size, 1)
+        self.bar.configure(value=percent if moving else 0)
+        self.bar_label.configure(text=f"{percent}% of {moving} file(s)" if moving
+                                 else "No file on its way")
 
     def log_out(self) -> None:
-        """Log out, from the room password screen: back to the first screen at once."""
-        for entry in (self.login.password, self.login.password_again):
-            entry.delete(0, "end")  # a lab PC: the next student must not log in as this one
-        self.show_view(self.login)
-        self.login.busy("Logging out...")
-        self.worker.do(self.leave_server)
+        """Log out, from the chat: BYE, so the session ends now, not at the server's timeout."""
+        # On a lab PC, the next student must not log in as us.
+        for entry in (self.password, self.again):
+            entry.delete(0, "end")
+        self.show_frame(False)
+        self.say("Logged out.")
+        self.jobs.put(self.client.bye)
 
-    def join_room(self, room: str) -> None:
-        self.worker.do(self.run_line, f"/join {room}")
-
-    def send(self, line: str) -> None:
-        """A line typed in the chat: shown at once if it is a message, then handled as in the terminal."""
-        if line.strip().lower() in EXIT_WORDS:
-            self.close()
-            return
-        self.worker.do(self.run_line, line)  # one's own line is shown once the server accepts it
-
-    def send_file(self, to: str, path: str) -> None:
-        """Offer a file as /send and /share do; the worker hashes it, so the window never waits."""
-        self.worker.do(lambda: self.conversation.offer_file(to, path))
-
-    def cancel_transfers(self) -> None:
-        self.worker.do(self.run_line, "/cancel")
-
-    def answer(self, text: str | None) -> None:
-        self.bridge.answer(text)
-
-    def refresh_panel_soon(self) -> None:
-        if not self.refresh_queued:
-            self.refresh_queued = True
-            self.worker.do(self.refresh_panel)
-
-    # --- The worker's part: calls that wait for the server ---
-
-    def connect(self, host: str, port: int) -> ChatClient:
-        """Return a client for host:port: the one we have, or a new one if it is closed or elsewhere."""
-        client = self.client
-        if client is not None and not client.closed.is_set() and (client.host, client.port) == (host, port):
-            return client
-        if client is not None:
-            client.bye()
-            client.close()
-        if self.closing:
-            raise ConnectionClosed("The window is closing.")
-        client = ChatClient(host, port, on_event=lambda event: self.bridge.post("event", event),
-                            on_notice=lambda text: self.bridge.post("notice", text), **self.client_options)
-        self.conversation = Conversation(client, self.bridge, WindowScreen(self.bridge))  # the terminal's commands  # noqa: F821
-        client.on_file = lambda what, transfer: self.bridge.post("file", (what, transfer))  # bars, not text
-        self.client = client
-        return client
-
-    def register_account(self, host: str, port: int, name: str, password: str) -> None:
-        self.bridge.post("reply", self.connect(host, port).register(name, password))
-
-    def log_in_account(self, host: str, port: int, name: str, password: str) -> None:
-        self.bridge.post("logged in", self.connect(host, port).login(name, password))
-
-    def search_servers(self, port: int) -> None:
-        """The terminal's search of the network; here, as it listens for a second, never on the Tk thread."""
-        cipher = make_cipher(self.client_options.get("cipher", DEFAULT_CIPHER), self.client_options.get("key"))
-        said: list[str] = []
-        try:
-            found = find_servers(port, cipher, said.append)
-        except OSError as error:  # no network at all: nowhere to ask
-            self.bridge.post("reply", f"The search failed: {error.strerror or error}")
-            return
-        self.bridge.post("servers", (found, said[1:]))  # its first line, "Searching...", shows already
-
-    def leave_server(self) -> None:
-        """BYE: the session ends now, not when the server's timeout runs out."""
-        self.client.bye()
-        self.bridge.post("reply", "Logged out.")
-
-    def enter_lobby(self, password: str) -> None:
-        """JOIN the lobby, then say who is here in the terminal's words ("nobody else here")."""
-        line = self.client.join(LOBBY, password)
-        self.bridge.post("joined", describe_arrival(line, self.client.who()[1], self.client.name))
-
-    def run_line(self, line: str) -> None:
-        """Handle a typed line just as the terminal does; after /join the panel is out of date."""
-        self.conversation.handle_line(line)
-        if parse_line(line)[0] == "/join":
-            self.refresh_panel()
-
-    def refresh_panel(self) -> None:
-        """Ask for the rooms and my room's members, for the side panel."""
-        self.refresh_queued = False
-        try:
-            rooms = self.client.rooms()
-            room, members = self.client.who()
-        except ChatError:
-            return  # nobody asked for this: a failure shows in the status bar, not here
-        self.bridge.post("panel", (rooms, room, members))
-
-    # --- The Tk thread's loop: what the others posted ---
-
-    def poll(self) -> None:
-        """Draw what the other threads posted, and the status; then look again in POLL_EVERY ms."""
-        self.poll_id = self.root.after(POLL_EVERY, self.poll)  # first: a bug below must not stop the polling
-        for _ in range(MAX_PER_POLL):
+    def run(self) -> int:
+        """Show the window until it is closed; Ctrl+C in the terminal closes it too."""
+        while not self.finished:
             try:
-                what, detail = self.bridge.inbox.get_nowait()
-            except queue.Empty:
-                break
-            self.handlers[what](detail)
-            if self.finished:
-                return
-        self.update_status()
-
-    def update_status(self) -> None:
-        """Say how things stand; when the session is gone, go back to the login screen."""
-        state = connection_state(self.client)
-        if state == self.state:
-            return
-        self.state = state
-        self.status.configure(text=status_text(self.client))
-        if state in ("closed", "not logged in") and self.view is not self.login and not self.closing:
-            self.show_view(self.login)
-            lost = (self.client.closed_reason or "The connection is closed.") if state == "closed" \
-                else str(self.client.lost_reason or SESSION_LOST)
-            self.login.show_reply(lost)
-
-    def show_reply(self, text: str) -> None:
-        self.view.show_reply(text)
-
-    def show_event(self, event: Event) -> None:
-        self.chat.add_event(event, self.client.name if self.client else None)
-        if event.kind in ("join", "leave"):
-            self.refresh_panel_soon()
-
-    def show_own(self, line: tuple[str, str | None]) -> None:
-        """A line of ours the server accepted: a message to the room, or a private one to `to`."""
-        text, to = line
-        me = self.client.name if self.client else None
-        if to:
-            self.chat.add_own_private(me or "", to, text)
-        else:
-            self.chat.add_event(Event("chat", time.time(), "", me or "", text), me)
-
-    def ask(self, question: tuple[str, bool]) -> None:
-        self.chat.ask(*question)
-
-    def logged_in(self, welcome: str) -> None:
-        self.login.show_reply("")
-        self.room_view.welcome.configure(text=welcome)
-        self.room_view.reply.configure(text="")
-        self.show_view(self.room_view)
-
-    def joined(self, text: str) -> None:
-        if self.chat.asking:  # a question from a session that has since ended
-            self.chat.stop_asking()
-        self.room_view.show_reply("")
-        self.show_view(self.chat)
-        self.chat.show_reply(text + ". Type /help for commands.")
-        self.root.title(f"UDP chat - {self.client.name}")
-        self.refresh_panel_soon()
-
-    def fill_panel(self, detail: tuple[list, str, list]) -> None:
-        rooms, room, members = detail
-        self.chat.show_panel(rooms, room, members)
-        self.root.title(f"UDP chat - {self.client.name} in {room}")
-
-    def internal_error(self, text: str) -> None:
-        self.internal_errors.append(text)
-        self.view.show_reply(f"[ERROR] Internal error in the window: {text}")
-
-    def report_error(self, kind, error, trace) -> None:
-        """Tk calls this for an exception in a callback: Ctrl+C leaves; a bug is shown, not a traceback."""
-        if isinstance(error, KeyboardInterrupt):
-            self.close()
-        else:
-            self.internal_error(repr(error))
-
-    # --- Closing ---
+                self.root.mainloop()
+            except KeyboardInterrupt:
+                self.close()
+        print("[INFO] Connection closed.")
+        return 0
 
     def close(self) -> None:
-        """The window's close button, exit or Ctrl+C: hide at once, log out, then end."""
-        if self.closing:
-            return
-        self.closing = True
-        self.root.withdraw()
-        self.goodbye = threading.Thread(target=self.say_goodbye, name="goodbye", daemon=True)
-        self.goodbye.start()
+        """The close button, exit, or Ctrl+C: hide at once, log out, then end."""
+        if not self.closing:
+            self.closing = True
+            self.root.withdraw()
+            # The worker stops after its job, and a question it waits on is cancelled.
+            # The goodbye has its own thread, as the worker may be waiting for the server.
+            self.jobs.put(None)
+            self.answers.put(None)
+            threading.Thread(target=self.say_goodbye, name="goodbye", daemon=True).start()
 
     def say_goodbye(self) -> None:
-        """On its own thread, as the worker may be waiting for the server: BYE, close, done."""
-        self.worker.stop()
-        self.bridge.answer(None)  # a question still open is cancelled
-        client = self.client
-        if client is not None:
-            client.bye()  # the room sees us leave now, not when the server's timeout runs out
-            client.close()
-        self.bridge.post("finished")
+        """BYE, so the room sees us leave now, not at the server's timeout; then close."""
+        if self.client:
+            self.client.bye()
+            self.client.close()
+        self.inbox.put(self.finish)
 
-    def finish(self, _detail=None) -> None:
+    def finish(self) -> None:
         self.finished = True
         self.root.after_cancel(self.poll_id)
         self.root.destroy()
@@ -2940,19 +2358,19 @@ class ChatWindow:
 
 def run_window(args: argparse.Namespace) -> int | None:
     """Run the chat in a window; return None, having said why, when no window can open here."""
+    options = {name: getattr(args, name) for name in ("cipher", "key", "loss", "seed", "downloads")}
     try:
         load_tkinter()
+        window = ChatWindow(args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, options)
     except ImportError:
         print(NO_TKINTER)
         return None
-    options = dict(cipher=args.cipher, key=args.key, loss=args.loss, seed=args.seed, downloads=args.downloads)
-    try:
-        window = ChatWindow(args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, options)
-    except tk.TclError as error:  # no display: a remote login without X, say
+    # No display to open a window on: a remote login without X, say.
+    except tk.TclError as error:
         print(f"No window can open here ({error}). Using the terminal instead.")
         return None
     if args.verbose:
-        window.client_options["trace"] = window.bridge.show
+        window.options["trace"] = window.show
     return window.run()
 
 
