@@ -2055,7 +2055,6 @@ def load_tkinter() -> None:
 
 
 def grid(widget, row: int = 0, column: int = 0, **options):
-    """Put `widget` at (row, column) of its parent's grid, and return it."""
     widget.grid(row=row, column=column, **options)
     return widget
 
@@ -2071,11 +2070,9 @@ def notice_marks(text: str) -> tuple[str, ...]:
 
 
 class ChatWindow:
-    """One window with two frames, log in and chat, over one ChatClient.
-
-    The Tk thread runs the widgets' callbacks, and what is put on `inbox`; the worker
-    thread runs what is put on `jobs`, and `show` and `ask`: the face run_command uses.
-    """
+    """One window with two frames, log in and chat, over one ChatClient. The Tk thread
+    runs the widgets' callbacks and what is put on `inbox`; the worker thread runs what is
+    put on `jobs`, and `show` and `ask`: the face that run_command uses."""
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, options=None):
         # What each ChatClient is made with (cipher, key...); the transfers on their way.
@@ -2087,6 +2084,7 @@ class ChatWindow:
         self.root.title("UDP chat")
         ttk.Style(self.root).theme_use("clam")
         self.root.protocol("WM_DELETE_WINDOW", self.close)
+        self.root.report_callback_exception = self.report_error
         self.root.columnconfigure(0, weight=1)
         self.root.rowconfigure(0, weight=1)
         # Both frames share one place; the one on top shows. The window asks room for the
@@ -2185,13 +2183,13 @@ class ChatWindow:
         """REGISTER; or LOGIN, then /join the lobby as the terminal does, the password asked."""
         if self.client:
             self.client.close()
-        # Its events go to the Tk thread, which draws those of the client it still has.
-        self.client = client = ChatClient(host, port, **self.options, on_event=lambda event:
-                                          self.inbox.put(lambda: self.draw(client, event)))
+        self.client = ChatClient(host, port, **self.options, on_event=lambda event:
+                                 self.inbox.put(functools.partial(self.draw, event)))
         if register:
             return self.show(self.client.register(name, password))
+        welcome = self.client.login(name, password)
         self.inbox.put(lambda: self.show_frame(True))
-        self.show(self.client.login(name, password))
+        self.show(welcome)
         self.run_line(f"/join {LOBBY}")
 
     def run_line(self, line: str) -> None:
@@ -2282,11 +2280,9 @@ class ChatWindow:
         if path:
             self.jobs.put(lambda: self.client.send_file(to, path))
 
-    def draw(self, client, event: Event) -> None:
+    def draw(self, event: Event) -> None:
         """Draw an Event of the network thread: a line, the status bar, or the progress bar."""
-        if client is not self.client:
-            return
-        me = client.name
+        client, me = self.client, self.client.name
         if event.kind == "state":
             return self.status.configure(text=f"{client.host}:{client.port}: {event.text}")
         if event.kind == "transfer":
@@ -2298,15 +2294,14 @@ class ChatWindow:
 
     def show_transfer(self, event: Event, me: str | None) -> None:
         """One bar for all the files on their way: their bytes done of their bytes in all."""
+        # The Transfer goes on changing on the network thread; the event's text is its state
+        # when the event was made. A line when it ends, the bar meanwhile.
         transfer = event.more[0]
-        # A line when it starts ("sending ... as number 3") and when it ends; the bar between.
-        started = (transfer.state, transfer.direction, transfer.done_bytes) == ("moving", "send", 0)
-        if started or not transfer.active:
-            self.add_line(format_event(event, me), notice_marks(transfer.note))
-        if transfer.active:
+        if event.text in ("offered", "moving"):
             self.moving[id(transfer)] = transfer
         else:
             self.moving.pop(id(transfer), None)
+            self.add_line(format_event(event, me), notice_marks(transfer.note))
         size, moving = sum(each.size for each in self.moving.values()), len(self.moving)
         percent = 100 * sum(each.done_bytes for each in self.moving.values()) // max(size, 1)
         self.bar.configure(value=percent if moving else 0)
@@ -2337,8 +2332,8 @@ class ChatWindow:
         if not self.closing:
             self.closing = True
             self.root.withdraw()
-            # The worker stops after its job, and a question it waits on is cancelled.
-            # The goodbye has its own thread, as the worker may be waiting for the server.
+            # The worker stops, a question it waits on is cancelled; the goodbye has its own
+            # thread, as the worker may be waiting for the server.
             self.jobs.put(None)
             self.answers.put(None)
             threading.Thread(target=self.say_goodbye, name="goodbye", daemon=True).start()
@@ -2354,6 +2349,12 @@ class ChatWindow:
         self.finished = True
         self.root.after_cancel(self.poll_id)
         self.root.destroy()
+
+    def report_error(self, kind, error, trace) -> None:
+        """Tk's hook for an error in a callback: Ctrl+C (which strikes there) closes the window."""
+        if kind is KeyboardInterrupt:
+            return self.close()
+        tk.Tk.report_callback_exception(self.root, kind, error, trace)
 
 
 def run_window(args: argparse.Namespace) -> int | None:
