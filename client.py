@@ -2090,7 +2090,8 @@ class ChatWindow:
         # Both frames share one place; the one on top shows. The window asks room for the
         # larger, and may not shrink below it: smaller, something would be cut.
         self.chat, self.login = self.make_chat(), self.make_login(host, port)
-        self.status = grid(ttk.Label(self.root, relief="sunken"), 1, sticky="ew")
+        self.status = ttk.Label(self.root, text="not logged in", relief="sunken")
+        self.status.grid(row=1, column=0, sticky="ew")
         self.root.update_idletasks()
         self.root.minsize(self.root.winfo_reqwidth(), self.root.winfo_reqheight())
         threading.Thread(target=self.work, name="chat-worker", daemon=True).start()
@@ -2099,6 +2100,7 @@ class ChatWindow:
     def make_login(self, host: str, port: int):
         """The first frame: server IP and port (or Find servers), name, password."""
         frame = grid(ttk.Frame(self.root, padding=16), sticky="nsew")
+        frame.grid_anchor("n")
         labels = ("Server IP", "Port", "Username", "Password", "Password again\n(to register)")
         self.host, self.port, self.name, self.password, self.again = entries = [
             ttk.Entry(frame, width=24, show="*" if "Pass" in label else "") for label in labels]
@@ -2108,8 +2110,7 @@ class ChatWindow:
             # Enter logs in, except in the second password field, which is there to register.
             entry.bind("<Return>", lambda event: self.enter(event.widget is self.again))
         # Filled by Find servers: a click on one puts its IP and port in the fields.
-        self.servers = grid(tk.Listbox(frame, width=34, height=5, exportselection=False), 1, 2,
-                            rowspan=4, sticky="nsew", padx=(8, 0))
+        self.servers = grid(tk.Listbox(frame, width=34, height=6), 1, 2, rowspan=4, padx=8)
         self.servers.bind("<<ListboxSelect>>", self.choose_server)
         grid(ttk.Button(frame, text="Find servers", command=self.search), 0, 2, padx=(8, 0))
         grid(ttk.Button(frame, text="Register", command=lambda: self.enter(True)), 5, pady=8)
@@ -2294,8 +2295,7 @@ class ChatWindow:
 
     def show_transfer(self, event: Event, me: str | None) -> None:
         """One bar for all the files on their way: their bytes done of their bytes in all."""
-        # The Transfer goes on changing on the network thread; the event's text is its state
-        # when the event was made. A line when it ends, the bar meanwhile.
+        # The event's text is the Transfer's state then: it goes on changing on the network thread.
         transfer = event.more[0]
         if event.text in ("offered", "moving"):
             self.moving[id(transfer)] = transfer
@@ -2360,6 +2360,8 @@ class ChatWindow:
 def run_window(args: argparse.Namespace) -> int | None:
     """Run the chat in a window; return None, having said why, when no window can open here."""
     options = {name: getattr(args, name) for name in ("cipher", "key", "loss", "seed", "downloads")}
+    # --verbose: every packet is traced in the terminal that started the window.
+    options["trace"] = print if args.verbose else None
     try:
         load_tkinter()
         window = ChatWindow(args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, options)
@@ -2370,8 +2372,6 @@ def run_window(args: argparse.Namespace) -> int | None:
     except tk.TclError as error:
         print(f"No window can open here ({error}). Using the terminal instead.")
         return None
-    if args.verbose:
-        window.options["trace"] = window.show
     return window.run()
 
 
