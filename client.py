@@ -202,6 +202,97 @@ KEY_MISMATCH = ("The server's reply fails its checksum: server and client keys d
 NOT_SENT = "Not back in the chat; not sent."
 
 
+# --- Getting back in: a state of the protocol ------------------------------------------
+
+
+class Reconnection:
+    """What getting back in after a lost session needs, and its steps: HELLO -> LOGIN
+    (marked "rejoin", so that it never pushes a newer login out) -> JOIN of the last room.
+
+    It remembers the user's last login and room, with their passwords, in memory only.
+    Narrow interface to the protocol: `send(type, fields)` a request, `notice(text)`.
+    `step` takes each answer and says what it comes to: "back", "gave up" or "".
+    It also keeps what of the room was shown: once back in, the room's past comes again.
+    """
+
+    def __init__(self, send, notice):
+        self.send, self.notice = send, notice
+        self.login: tuple = ()  # (name, password) of the user's last login
+        self.room: tuple = ()  # (room, password) of the last room joined
+        self.held: list[tuple] = []  # (ticket, type, fields) the user asked for meanwhile
+        self.retry_at = self.since = 0.0
+        self.told = ""  # the refusal reported already, not to say it at every try
+        self.returning, self.shown_until, self.last_second = False, 0.0, set()
+
+    def start(self, now: float) -> None:
+        self.retry_at, self.since, self.told = now, now, ""
+
+    def hold(self, ticket: int, ptype: PacketType, fields: tuple) -> None:
+        """Keep a request to send once back in; the first line kept says so, or a line typed
+        would seem to go nowhere (and be typed again)."""
+        if ptype == PacketType.SAY and PacketType.SAY not in [held[1] for held in self.held]:
+            self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
+        self.held.append((ticket, ptype, fields))
+
+    def forget(self, ticket: int) -> bool:
+        """Drop a held request whose asker stopped waiting; False if it is not held."""
+        kept = [held for held in self.held if held[0] != ticket]
+        found, self.held = len(kept) < len(self.held), kept
+        return found
+
+    def step(self, ptype: PacketType, result, name: str | None, now: float) -> str:
+        """Take the answer to our HELLO, LOGIN or JOIN, and send what comes next."""
+        done = isinstance(result, list)
+        if ptype == PacketType.HELLO and done:
+            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
+        elif ptype == PacketType.LOGIN and done:
+            self.notice(f"[INFO] Back in as {name}.")
+            self.returning = bool(self.room)
+            if not self.room:
+                return "back"
+            self.send(PacketType.JOIN, self.room)
+        elif ptype == PacketType.JOIN and (done or isinstance(result, Refused)):
+            room, self.room = self.room[0], self.room if done else ()
+            self.notice(f"[INFO] In {result[0]} again." if done else
+                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
+            return "back"
+        elif isinstance(result, Refused) and not self.worth_waiting(result, now):
+            self.notice(f"[WARN] Could not get back in: {result.text}")
+            return "gave up"
+        else:  # not answering yet, or lost again half-way: try again soon, from the top
+            self.retry_at = now + REJOIN_EVERY
+            code = getattr(result, "code", "")
+            if code in ("locked", "logged-in-elsewhere") and code != self.told:
+                self.told = code
+                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
+        return ""
+
+    def worth_waiting(self, refusal: Refused, now: float) -> bool:
+        """Will logging back in work later? A lockout ends, and so does an old session of ours
+        that the server keeps at our old address (a new Wi-Fi, say) until it times out."""
+        if refusal.code == "logged-in-elsewhere":
+            return now - self.since < ELSEWHERE_PATIENCE
+        return refusal.code in WORTH_WAITING
+
+    def fresh(self, event: Event, me: str | None) -> Event | None:
+        """Return a server event to show, or None for the room's past shown already.
+
+        Back in after a loss, the room's history comes again. A line before the newest one
+        shown was shown (of the last second, only the lines seen), and our own lines were
+        shown as we said them; a later one was said while we were away: news, not the past.
+        """
+        if event.kind == "history" and self.returning:
+            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
+            if event.user.lower() == (me or "").lower() or event.time < self.shown_until or seen:
+                return None
+            event = dataclasses.replace(event, kind="chat")
+        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
+            if event.time > self.shown_until:
+                self.shown_until, self.last_second = event.time, set()
+            self.last_second.add((event.user, event.text))
+        return event
+
+
 # --- The protocol, without sockets, threads or clock -----------------------------------
 #
 # The life of a line typed, "hi": ChatClient.say -> ClientProtocol.request (SAY queued on
@@ -211,57 +302,36 @@ NOT_SENT = "Not back in the chat; not sent."
 # request 7 in `pending` and puts Event("answer") and the own line Event("chat") out.
 
 
-class ClientProtocol:
-    """One user's side of the chat protocol: datagrams and the time in, datagrams and Events out.
+class Requests:
+    """Requests to the server and their answers: the transport half of ClientProtocol.
 
-    Entry points: `request(type, fields, now)` queues a request and returns its number;
-    `receive(datagram, now)` takes what the server sent; `poll(now)` returns the datagrams
-    to send now (retransmissions, heartbeat, the next try at getting back in);
-    `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's ICMP
-    report; `log_out()` ends the session by our choice. Output: `take_events()`.
-
-    `state` is one of "not logged in", "connected", "lost contact" (logged in, the server
-    silent), "reconnecting" and "closed". A session lost by a RESET, the server's "stop"
-    or a silence too long goes to "reconnecting" when a login is remembered (in memory
-    only): HELLO -> LOGIN (marked "rejoin") -> JOIN of the last room, tried every
-    REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
+    Before login, one request at a time on a stop-and-wait Channel; after it, the session's
+    Channel. Each request gets a number (a "ticket") from `request`, and its answer comes
+    out as Event("answer", more=(ticket, fields or error)) in the one stream of events
+    (`emit`, `take_events`). Requests of the protocol's own (a PING) have ticket 0.
     """
 
-    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
-                 trace=None, server: str = "the server", downloads: str = "downloads",
-                 rejoin: bool = True):
+    def __init__(self, cipher, timing: Timing | None, now: float, loss: float, trace, server: str):
         self.cipher, self.timing, self.trace, self.server = cipher, timing or Timing(), trace, server
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
         tries = self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2
         self.connect_tries = max(1, math.ceil(tries))
-        self.state, self.closed_reason, self.rejoin = "not logged in", "", rejoin
-        self.token, self.name, self.room = NO_TOKEN, None, None
-        self.events: list[Event] = []
+        self.state, self.closed_reason, self.events = "not logged in", "", []
+        self.token = NO_TOKEN
         self.wall_offset = 0.0  # add to `now` for unix time (ChatClient sets it)
         self.now = self.last_heard = self.last_sent = now
         self.unreachable = 0  # "port unreachable" reports since the server last spoke
-        self.tickets = 0  # request numbers handed out; 0 names our own (PING, rejoin)
+        self.tickets = 0  # request numbers handed out
         self.pending: dict[int, tuple] = {}  # sequence number -> (ticket, type, fields)
         self.next_stranger_seq = 1  # before login numbers go on across tries (PROTOCOL.md 9)
         self.channel = self.stranger_channel()
-        self.file_stream: Channel | None = None  # the session's second channel: file chunks
-        self.files = FileTransfers(downloads, self.emit_transfer, self.cancel_transfer)
-        self.outbox: list[bytes] = []  # a last ACK on a session the server stopped
-        # Getting back in: the login and room (with passwords), requests held meanwhile.
-        self.login: tuple = ()
-        self.room_login: tuple = ()
-        self.held: list[tuple] = []  # (ticket, type, fields)
-        self.retry_at = self.rejoin_since = 0.0
-        self.told = ""  # the refusal already reported while getting back in
-        # What was shown of the room, so its past is not shown twice after a rejoin.
-        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     def stranger_channel(self) -> Channel:
-        """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s getting back in)."""
-        retry = REJOIN_EVERY if self.state == "reconnecting" else FIRST_CONTACT_RETRY
-        tries = 10**9 if self.state == "reconnecting" else self.connect_tries
-        return Channel(self.cipher, window=1, max_sends=tries, rto=RtoEstimator(retry, retry, retry),
-                       first_seq=self.next_stranger_seq)
+        """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s to get back in)."""
+        back = self.state == "reconnecting"
+        retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
+        return Channel(self.cipher, window=1, max_sends=tries, first_seq=self.next_stranger_seq,
+                       rto=RtoEstimator(retry, retry, retry))
 
     def session_channel(self, token: bytes, flags: int = 0) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
@@ -272,10 +342,7 @@ class ClientProtocol:
     def logged_in(self) -> bool:
         return self.token != NO_TOKEN
 
-    # --- Output: one stream of events ---
-
-    def emit(self, kind: str, room: str = "", user: str = "", text: str = "", more=(),
-             when: float | None = None) -> None:
+    def emit(self, kind: str, room="", user="", text="", more=(), when=None) -> None:
         when = self.now + self.wall_offset if when is None else when
         self.events.append(Event(kind, when, room, user or "", text, tuple(more)))
 
@@ -293,31 +360,10 @@ class ClientProtocol:
             self.emit("state", text=state)
 
     def take_events(self) -> list[Event]:
-        """Return what happened since the last call, in order."""
         events, self.events = self.events, []
         return events
 
-    # --- Requests ---
-
-    def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
-        """Queue a request; return its number, which its "answer" event names."""
-        self.now = now
-        if self.state == "closed":
-            raise ConnectionClosed(self.closed_reason)
-        self.tickets += 1
-        if self.state == "reconnecting" and ptype in RESENDABLE:
-            if ptype == PacketType.SAY and not any(held[1] == ptype for held in self.held):
-                self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
-            self.held.append((self.tickets, ptype, tuple(fields)))
-        elif self.state == "reconnecting" and ptype != PacketType.BYE:
-            raise Refused("not-sent", "Not in the chat right now; not sent.")
-        elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
-            raise SessionLost(SESSION_LOST)
-        else:
-            self.send_request(self.tickets, ptype, fields, now)
-        return self.tickets
-
-    def send_request(self, ticket: int, ptype: PacketType, fields, now: float) -> None:
+    def send_request(self, ticket: int, ptype: PacketType, fields) -> None:
         """Put a request on the channel, or raise Refused if it cannot go."""
         if ptype == PacketType.HELLO:  # padding: the server answers no HELLO under 128 bytes
             fields = ["." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)]
@@ -325,34 +371,88 @@ class ClientProtocol:
         if len(payload) > MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
         if self.channel.idle():  # silence counts from when we start waiting
-            self.last_heard = max(self.last_heard, now)
+            self.last_heard = max(self.last_heard, self.now)
         seq = self.channel.send(ptype, payload)
         if not seq:
             raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
         self.pending[seq] = (ticket, ptype, tuple(fields))
-        if not self.logged_in:
-            self.next_stranger_seq = seq + 1
+        self.next_stranger_seq = seq + 1 if not self.logged_in else self.next_stranger_seq
 
-    def forget(self, ticket: int) -> bool:
-        """Drop a held request whose asker stopped waiting; False if it is not held."""
-        kept = [held for held in self.held if held[0] != ticket]
-        found, self.held = len(kept) < len(self.held), kept
-        return found
+    def read_answer(self, packet: Packet) -> tuple | None:
+        """Return (ticket, type, fields asked, fields answered, fields or Refused) for an OK or
+        ERROR, found by the number in its first field; None if it answers nothing waiting."""
+        try:
+            seq, *fields = unpack_fields(packet.payload)
+            ticket, ptype, asked = self.pending.pop(int(seq))
+        except (PacketError, ValueError, KeyError):
+            return None  # unreadable, or a late answer to something given up on
+        result = fields
+        if packet.type == PacketType.ERROR:
+            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
+        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
+            result = Refused("bad-reply", "The server's welcome could not be read.")
+        return ticket, ptype, asked, fields, result
 
-    def offer_file(self, transfer: "Transfer", now: float) -> int:
-        """Offer a file to the server (FILE_OFFER); the upload starts once it says yes."""
-        ticket = self.request(PacketType.FILE_OFFER, offer_fields(transfer), now)
-        self.files.offers[ticket] = transfer
-        return ticket
+    # --- Tracing (--verbose) ---
 
-    def cancel_transfer(self, number: int) -> None:
-        """Tell the server a transfer of ours is stopped (FILE_CANCEL)."""
-        if self.logged_in:
-            self.send_request(0, PacketType.FILE_CANCEL, [str(number)], self.now)
+    def note(self, text: str) -> None:
+        if self.trace:
+            self.trace(f"[trace] {text}")
 
-    def emit_transfer(self, transfer: "Transfer") -> None:
-        self.emit("transfer", user=transfer.peer, text=transfer.state, more=(transfer,))
+    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
+        """Trace one datagram; the line is only put together when someone reads it."""
+        if self.trace:
+            self.trace(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
 
+
+class ClientProtocol(Requests):
+    """One user's side of the chat: datagrams and the time in, datagrams and Events out.
+
+    Entry points: `request(type, fields, now)` queues a request and returns its number;
+    `receive(datagram, now)` takes what the server sent; `poll(now)` returns what to send
+    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's
+    ICMP report; `log_out()` ends the session by our choice. Out: `take_events()`.
+
+    `state`: "not logged in", "connected", "lost contact" (the server silent),
+    "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
+    to "reconnecting" when a login is remembered (in memory only): HELLO -> LOGIN (marked
+    "rejoin") -> JOIN of the last room, tried every REJOIN_EVERY s; what the user asks for
+    meanwhile is held, and sent once back in.
+    """
+
+    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
+                 trace=None, server: str = "the server", downloads: str = "downloads",
+                 rejoin: bool = True):
+        super().__init__(cipher, timing, now, loss, trace, server)
+        self.name: str | None = None
+        self.room: str | None = None
+        self.file_stream: Channel | None = None  # the session's second channel: file chunks
+        self.outbox: list[bytes] = []  # a last ACK on a session the server stopped
+        self.files = FileTransfers(downloads, lambda transfer: self.emit("transfer", more=(transfer,)),
+                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
+        self.rejoin = rejoin  # get back in after a lost session (tests may say no)
+        self.back = Reconnection(self.send, self.notice)
+
+    def send(self, ptype: PacketType, fields) -> None:
+        """Send a request of our own (ticket 0: nobody waits for its answer)."""
+        self.send_request(0, ptype, fields)
+
+    # --- Requests ---
+
+    def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
+        """Queue a request; return its number, which its "answer" event names."""
+        self.now, self.tickets = now, self.tickets + 1
+        if self.state == "closed":
+            raise ConnectionClosed(self.closed_reason)
+        if self.state == "reconnecting" and ptype in RESENDABLE:
+            self.back.hold(self.tickets, ptype, tuple(fields))
+        elif self.state == "reconnecting" and ptype != PacketType.BYE:
+            raise Refused("not-sent", "Not in the chat right now; not sent.")
+        elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
+            raise SessionLost(SESSION_LOST)
+        else:
+            self.send_request(self.tickets, ptype, fields)
+        return self.tickets
 
     # --- What the server sends ---
 
@@ -366,40 +466,34 @@ class ClientProtocol:
             if isinstance(error, ChecksumError) and not self.logged_in:
                 self.fail_pending(ServerNotResponding(KEY_MISMATCH))  # every answer is unreadable
             return
-        self.heard_from_server(now)
-        if packet.type == PacketType.RESET:
-            self.receive_reset(packet, data)
-        elif not self.expected(packet):
-            self.trace_packet("in ", data, ": from an old session or from before it, dropped")
-        else:
-            stream = self.file_stream if packet.flags & FLAG_FILE_STREAM else self.channel
-            outcome, ready = stream.receive(packet, now)
-            self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
-            for delivered in ready:
-                self.deliver(delivered, stream is self.file_stream)
-
-    def expected(self, packet: Packet) -> bool:
-        """Could this packet be for us now? Before login only answers (seq 0) are; after it,
-        only packets with our token, and the only unsequenced one is an ACK."""
-        if not self.logged_in:
-            return packet.seq == 0 and packet.type in (PacketType.OK, PacketType.ERROR)
-        if packet.flags & FLAG_FILE_STREAM and self.file_stream is None:
-            return False
-        return packet.token == self.token and (packet.seq != 0 or packet.type == PacketType.ACK)
-
-    def deliver(self, packet: Packet, file_stream: bool) -> None:
-        if file_stream and packet.seq and packet.type == PacketType.FILE_CHUNK:
-            self.files.receive_chunk(packet.payload)
-        elif not file_stream and packet.type == PacketType.EVENT:
-            self.receive_event(packet)
-        elif not file_stream and packet.type in (PacketType.OK, PacketType.ERROR):
-            self.receive_answer(packet)
-
-    def heard_from_server(self, now: float) -> None:
         self.last_heard, self.unreachable = now, 0
         if self.state == "lost contact":
             self.set_state("connected")
             self.notice("[INFO] In contact with the server again.")
+        files = bool(packet.flags & FLAG_FILE_STREAM)
+        stream = self.file_stream if files else self.channel
+        if packet.type == PacketType.RESET:
+            self.receive_reset(packet, data)
+        elif not self.expected(packet, stream):
+            self.trace_packet("in ", data, ": from an old session or from before it, dropped")
+        else:
+            outcome, ready = stream.receive(packet, now)
+            self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
+            for delivered in ready:
+                if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                    self.files.receive_chunk(delivered.payload)
+                elif not files and delivered.type == PacketType.EVENT:
+                    self.receive_event(delivered)
+                elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
+                    self.receive_answer(delivered)
+
+    def expected(self, packet: Packet, stream: Channel | None) -> bool:
+        """Could it be for us now? Before login only answers (seq 0) are; after it, packets
+        with our token, and the only unsequenced one is an ACK."""
+        if not self.logged_in:
+            return packet.seq == 0 and packet.type in (PacketType.OK, PacketType.ERROR)
+        ours = packet.token == self.token and stream is not None
+        return ours and (packet.seq != 0 or packet.type == PacketType.ACK)
 
     def receive_reset(self, packet: Packet, data: bytes) -> None:
         """RESET: the server has no session for the token it echoes - believed only if it is ours."""
@@ -410,35 +504,31 @@ class ClientProtocol:
         self.lose_session(SessionLost(SESSION_LOST))
 
     def receive_answer(self, packet: Packet) -> None:
-        """An OK or ERROR: find the request it answers by the number in its first field."""
-        try:
-            seq, *fields = unpack_fields(packet.payload)
-            ticket, ptype, asked = self.pending.pop(int(seq))
-        except (PacketError, ValueError, KeyError):
-            return  # unreadable, or a late answer to something given up on
-        if packet.type == PacketType.ERROR:
-            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
-        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
-            result = Refused("bad-reply", "The server's welcome could not be read.")
-        else:
-            result = fields
+        """An OK or ERROR: the answer to a request of the user's, or of ours."""
+        if (answer := self.read_answer(packet)) is None:
+            return
+        ticket, ptype, asked, fields, result = answer
         if ptype == PacketType.FILE_OFFER:
             self.files.answered(ticket, result, self.now)
         self.answer(ticket, result)
         if isinstance(result, list):
             self.accepted(ticket, ptype, asked, fields, packet.token)
         if not ticket and self.state == "reconnecting":
-            self.rejoin_step(ptype, result)
+            outcome = self.back.step(ptype, result, self.name, self.now)
+            if outcome == "back":
+                self.back_in()
+            elif outcome == "gave up":
+                self.log_out(NOT_SENT)
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
-        """The server did what we asked: note what it changes, show our own line."""
+        """The server did what we asked: note what that changes, show our own line."""
         if ptype == PacketType.LOGIN:
             self.start_session(token, fields[0])
-            if ticket:  # the user's login: the one to log back in with
-                self.login, self.room_login, self.returning = asked[1:3], (), False
+            if ticket:  # the user's login, not ours getting back in: the one to remember
+                self.back.login, self.back.room, self.back.returning = asked[1:3], (), False
         elif ptype == PacketType.JOIN:
-            self.room, self.room_login = fields[0], asked
-            self.returning = self.returning and not ticket  # a room the user chose: all its past is news
+            self.room, self.back.room = fields[0], asked
+            self.back.returning &= not ticket  # a room the user chose: all its past is news
         elif ptype == PacketType.SAY:
             self.emit("chat", self.room or "", self.name, asked[0])
         elif ptype == PacketType.PRIVATE:
@@ -454,160 +544,91 @@ class ClientProtocol:
         except (PacketError, ValueError) as error:
             self.note(f"an EVENT could not be read ({error}); skipped")
             return
+        event = Event(kind, float(when), room, user, text, tuple(more))
         if kind == "stop":
-            self.outbox.append(self.last_ack())  # so the server need not wait to know we heard
+            cumulative, bitmap = self.channel.acknowledgement()  # so the server knows we heard
+            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
+            self.outbox.append(encode_packet(ack, self.cipher))
             self.notice("[INFO] The server was stopped.")
             self.lose_session(SessionLost("The server was stopped."), stopped=True)
         elif kind == "replaced":
             self.notice("[INFO] You logged in elsewhere; this client is logged out.")
-            self.login = ()
-            self.lose_session(SessionLost("You logged in elsewhere."))
+            self.back.login = ()
+            self.lose_session(SessionLost("You logged in elsewhere."), told=True)
         elif kind == "file":
             self.files.offer_arrived(user, more, self.now)
-            self.emit(kind, room, user, text, more, float(when))
+            self.events.append(event)
         elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, more)):
-            self.show_once(Event(kind, float(when), room, user, text, tuple(more)))
-
-    def show_once(self, event: Event) -> None:
-        """Emit a server event, but not the room's past shown already before a rejoin.
-
-        Back in after a loss, the room's history is sent again. A line at or before the
-        newest shown was shown (of the last second, only the lines seen), and our own lines
-        were shown as we said them; a later one was said while we were away: it is news.
-        """
-        if event.kind == "history" and self.returning:
-            if event.user.lower() == (self.name or "").lower() or event.time < self.shown_until:
-                return
-            if event.time == self.shown_until and (event.user, event.text) in self.last_second:
-                return
-            event = dataclasses.replace(event, kind="chat")
-        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
-            if event.time > self.shown_until:
-                self.shown_until, self.last_second = event.time, set()
-            self.last_second.add((event.user, event.text))
-        self.events.append(event)
-
-    def last_ack(self) -> bytes:
-        cumulative, bitmap = self.channel.acknowledgement()
-        return encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token), self.cipher)
-
+            event = self.back.fresh(event, self.name)  # (a file event that ended ours: it says so)
+            self.events.extend([event] if event else [])
 
     # --- Sessions: start, end, get back in ---
 
     def start_session(self, token: bytes, name: str) -> None:
         """Logged in: from now on, everything goes on the session's two channels."""
-        self.token, self.name = token, name
         self.end_requests(Refused("not-sent", "Sent while logging in; not sent."))
+        self.token, self.name = token, name
         self.channel = self.session_channel(token)
         self.file_stream = self.session_channel(token, FLAG_FILE_STREAM)
         if self.state != "reconnecting":
             self.set_state("connected")
 
-    def end_session(self, error: ChatError | Refused, hold: bool = False) -> None:
-        """Back to no session: nothing more to acknowledge, nothing to keep alive."""
-        self.end_requests(error, hold)
-        self.token, self.name, self.room = NO_TOKEN, None, None
-        self.channel, self.file_stream = self.stranger_channel(), None
-        self.files.end_all("the session ended")
-
-    def end_requests(self, error, hold: bool = False) -> None:
-        """Answer every request still waiting with `error`; a BYE counts as answered (the
-        session is over, as it asked). With `hold`, what the server never did waits instead."""
+    def end_requests(self, error, stopped: bool = False) -> None:
+        """Answer every request waiting with `error`, but a BYE, which is answered (the session
+        is over, as it asked); what a stopped server never did is held for the rejoin."""
         waiting, self.pending = self.pending, {}
         for ticket, ptype, fields in waiting.values():
-            if hold and ticket and ptype in RESENDABLE:
-                self.held.append((ticket, ptype, fields))
-            elif ptype == PacketType.FILE_OFFER:
+            if stopped and ticket and ptype in RESENDABLE:
+                self.back.held.append((ticket, ptype, fields))
+                continue
+            if ptype == PacketType.FILE_OFFER:
                 self.files.answered(ticket, error, self.now)
             self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
+        self.channel = self.stranger_channel()
 
     def fail_pending(self, error: ChatError) -> None:
-        """Before login: every request waiting gets `error`; a fresh channel for the next."""
+        """Before login: every request waiting gets `error`, and a try later, getting back in."""
         self.end_requests(error)
-        self.channel = self.stranger_channel()
-        if self.state == "reconnecting":
-            self.retry_at = self.now + REJOIN_EVERY
+        self.back.retry_at = self.now + REJOIN_EVERY
 
-    def lose_session(self, error: SessionLost, stopped: bool = False) -> None:
-        """The session ended without our asking: get back in if we can, else it is over.
-
-        After a "stop" the server did nothing more: what was waiting is held, not failed.
-        """
-        back = self.rejoin and bool(self.login)
-        self.end_session(error, hold=stopped and back)
+    def lose_session(self, error: SessionLost, stopped: bool = False, told: bool = False) -> None:
+        """The session ended without our asking: get back in if we can, else it is over."""
+        back = self.rejoin and bool(self.back.login)
+        self.end_requests(error, stopped and back)
+        self.token, self.name, self.room, self.file_stream = NO_TOKEN, None, None, None
+        self.files.end_all("the session ended")
         if back and self.state != "reconnecting":
             self.set_state("reconnecting")
             self.notice("[INFO] Trying to get back in (type exit to stop)...")
-            self.retry_at = self.rejoin_since = self.now
+            self.back.start(self.now)
             self.channel = self.stranger_channel()
-        elif not back:
+        elif not back and self.state != "closed":
+            if not told:
+                self.notice(f"[WARN] {error}")
             self.set_state("not logged in")
-
-    def rejoin_step(self, ptype: PacketType, result) -> None:
-        """Getting back in: the answer to our HELLO, LOGIN or JOIN says what comes next."""
-        if ptype == PacketType.HELLO and isinstance(result, list):
-            self.send_request(0, PacketType.LOGIN, (result[0], *self.login, "rejoin"), self.now)
-        elif ptype == PacketType.LOGIN and isinstance(result, list):
-            self.notice(f"[INFO] Back in as {self.name}.")
-            if self.room_login:
-                self.returning = True
-                self.send_request(0, PacketType.JOIN, self.room_login, self.now)
-            else:
-                self.back_in()
-        elif ptype == PacketType.JOIN and isinstance(result, Refused):
-            room, self.room_login = self.room_login[0], ()
-            self.notice(f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
-            self.back_in()
-        elif ptype == PacketType.JOIN and isinstance(result, list):
-            self.notice(f"[INFO] In {self.room} again.")
-            self.back_in()
-        elif isinstance(result, Refused):
-            self.refused_back(result)
-        else:  # not answering yet, or lost again half-way: try again soon, from the top
-            self.retry_at = self.now + REJOIN_EVERY
-
-    def refused_back(self, refusal: Refused) -> None:
-        """A LOGIN refused while getting back in: wait and retry, or give up and say why."""
-        patience = refusal.code != "logged-in-elsewhere" or self.now - self.rejoin_since < ELSEWHERE_PATIENCE
-        if refusal.code not in WORTH_WAITING or not patience:
-            self.notice(f"[WARN] Could not get back in: {refusal.text}")
-            self.login = ()
-            self.set_state("not logged in")
-            for ticket, *_ in self.held:
-                self.answer(ticket, Refused("not-sent", NOT_SENT))
-            self.held = []
-            return
-        if refusal.code in ("locked", "logged-in-elsewhere") and refusal.code != self.told:
-            self.told = refusal.code
-            self.notice(f"[WARN] Not back in yet: {refusal.text} (still trying)")
-        self.retry_at = self.now + REJOIN_EVERY
 
     def back_in(self) -> None:
         """Back in the chat: send what the user asked for meanwhile, in order."""
         self.set_state("connected")
-        held, self.held, self.told = self.held, [], ""
+        held, self.back.held = self.back.held, []
         for ticket, ptype, fields in held:
             try:
-                self.send_request(ticket, ptype, fields, self.now)
+                self.send_request(ticket, ptype, fields)
             except Refused as refusal:  # too long, or too many waiting: that one is not sent
                 self.answer(ticket, refusal)
 
-    def log_out(self) -> None:
-        """The session ends by our choice (BYE): no getting back in."""
-        self.login = ()
-        for ticket, *_ in self.held:
-            self.answer(ticket, Refused("not-sent", "Logged out; not sent."))
-        self.held = []
-        self.end_session(Refused("not-sent", "Logged out; not sent."))
-        if self.state != "closed":
-            self.set_state("not logged in")
+    def log_out(self, why: str = "Logged out; not sent.") -> None:
+        """The session is over by our choice (BYE), or we gave up getting back in."""
+        for ticket, *_ in self.back.held:
+            self.answer(ticket, Refused("not-sent", why))
+        self.back.login, self.back.held = (), []
+        self.lose_session(Refused("not-sent", why), told=True)
 
     def port_unreachable(self) -> None:
         """The OS reported an ICMP "port unreachable": nobody listens there (yet).
 
         One report may be left over from an earlier server; two with nothing heard between
-        mean the server is not running. In a session that is news at once (its process was
-        killed, say), not after the heartbeats have waited for answers in vain.
+        mean the server is not running: in a session that is news at once.
         """
         self.unreachable += 1
         if self.unreachable < 2 or self.state == "reconnecting":
@@ -625,11 +646,11 @@ class ClientProtocol:
         self.now = now
         if self.state == "closed":
             return []
-        idle = self.channel.idle()
-        if self.state == "connected" and idle and now - self.last_sent >= self.timing.heartbeat_every:
-            self.send_request(0, PacketType.PING, (), now)  # so the server knows we are here
-        if self.state == "reconnecting" and not self.pending and now >= self.retry_at:
-            self.send_request(0, PacketType.HELLO, (), now)
+        if self.state == "connected" and self.channel.idle():
+            if now - self.last_sent >= self.timing.heartbeat_every:
+                self.send(PacketType.PING, ())  # so the server knows we are here
+        if self.state == "reconnecting" and not self.pending and now >= self.back.retry_at:
+            self.send(PacketType.HELLO, ())
         out, self.outbox = self.outbox + self.channel.poll(now), []
         if self.file_stream is not None:
             self.files.fill(self.file_stream)
@@ -642,14 +663,13 @@ class ClientProtocol:
 
     def check_contact(self, now: float) -> None:
         """Warn when the server has gone quiet while we wait for it; give up after a while."""
-        streams = [self.channel, *([self.file_stream] if self.file_stream else [])]
+        streams = [self.channel] + ([self.file_stream] if self.file_stream else [])
+        silence = now - self.last_heard
         if self.channel.failed and not self.logged_in:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server}"))
+        elif not self.logged_in or all(stream.idle() for stream in streams):
             return
-        silence = now - self.last_heard
-        if not self.logged_in or all(stream.idle() for stream in streams):
-            return
-        if any(stream.failed for stream in streams) or silence >= self.timing.give_up_after:
+        elif any(stream.failed for stream in streams) or silence >= self.timing.give_up_after:
             self.give_up(f"Lost contact with the server for {silence:.0f} s")
         elif silence >= self.timing.lost_contact_after and self.state == "connected":
             self.set_state("lost contact")
@@ -659,7 +679,7 @@ class ClientProtocol:
         """No answer for too long: a session is lost (and got back if we can); else close."""
         if self.logged_in:
             self.notice(f"[WARN] {reason}.")
-            self.lose_session(SessionLost(f"{reason}."))
+            self.lose_session(SessionLost(f"{reason}."), told=True)
         else:
             self.closed_reason = f"{reason}; giving up."
             self.fail_pending(ConnectionClosed(self.closed_reason))
@@ -671,22 +691,10 @@ class ClientProtocol:
         if self.state == "connected":
             wakeups.append(self.last_sent + self.timing.heartbeat_every)
         if self.state == "reconnecting" and not self.pending:
-            wakeups.append(self.retry_at)
+            wakeups.append(self.back.retry_at)
         if self.file_stream is not None:
-            wakeups += [self.file_stream.next_wakeup(), 0.0 if self.files.sending() else math.inf]
+            wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
-
-    # --- Tracing (--verbose) ---
-
-    def note(self, text: str) -> None:
-        if self.trace:
-            self.trace(f"[trace] {text}")
-
-    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
-        """Trace one datagram; the line is only put together when someone reads it."""
-        if self.trace:
-            self.trace(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
-
 
 # --- Files: sending and receiving, without sockets -----------------------------------
 #
@@ -1148,7 +1156,8 @@ class ChatClient:
         transfer = prepare_upload(to, path)
         with self.lock:
             self.check_open()
-            self.protocol.offer_file(transfer, time.monotonic())
+            ticket = self.protocol.request(PacketType.FILE_OFFER, offer_fields(transfer), time.monotonic())
+            self.protocol.files.offers[ticket] = transfer
         self.wake()
         return transfer
 
@@ -1188,7 +1197,7 @@ class ChatClient:
             return result_within(future, patience)
         except concurrent.futures.TimeoutError:
             with self.lock:
-                held = self.protocol.forget(future.ticket)
+                held = self.protocol.back.forget(future.ticket)
             if held:  # it waited for a rejoin that has not come: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
             raise ServerNotResponding(f"Server not responding at {self.host}:{self.port}") from None
