@@ -1276,10 +1276,10 @@ class ChatClient:
             events = self.protocol.take_events()
             answered = [(self.futures.pop(e.more[0], None), e.more[1]) for e in events
                         if e.kind == "answer"]
-        resolve(answered)
-        for event in events:
+        for event in events:  # first: one's own line is shown before its call returns
             if event.kind != "answer":
                 self.on_event(event) if self.on_event else self.events.put(event)
+        resolve(answered)
         if self.protocol.state == "closed" and not self.closed.is_set():
             self.close(self.protocol.closed_reason)
 
@@ -1720,6 +1720,7 @@ class Terminal:
                 answer = None  # KeyboardInterrupt reaches this thread on some systems: main handles it
             with self.lock:
                 self.prompt = ""
+            self.echo(False)  # until the next question: what is typed now may be its password
             self.answers.put(answer)
             if answer is None:
                 return
@@ -1729,17 +1730,21 @@ class Terminal:
 
         The prompt counts as on screen only once it is drawn - by us under the lock, or by
         readline, which calls its pre-input hook then: a line shown a moment before cannot
-        draw it a second time (`> > /share`).
+        draw it a second time (`> > /share`). getpass draws its own.
         """
         if not self.interactive:
             line = sys.stdin.readline()
             if not line:
                 raise EOFError
             return line.rstrip("\r\n")
-        if secret or readline is None:
-            self.prompt_drawn(prompt, secret, write=True)
-            return getpass.getpass("") if secret else input()
+        if secret:  # getpass draws its prompt once it has turned echo off (and dropped keys typed ahead)
+            self.prompt_drawn(prompt, True)
+            return getpass.getpass(prompt)
+        if readline is None:
+            self.prompt_drawn(prompt, False, write=True)
+            return input()
         readline.set_pre_input_hook(lambda: self.prompt_drawn(prompt, False))
+        self.echo(True)
         return input(prompt)
 
     def prompt_drawn(self, prompt: str, secret: bool, write: bool = False) -> None:
@@ -1809,16 +1814,25 @@ class Terminal:
         for line in ([first] if first else []) + held:
             self.show(line)
 
-    def restore(self) -> None:
-        """Give the terminal back as we found it: Ctrl+C at a password prompt must not leave
-        typing invisible."""
+    def echo(self, on: bool, mode=None) -> None:
+        """Let the terminal show the keys typed, or not (POSIX). Between two questions keys
+        typed ahead are not shown: they may be the password the next prompt asks for."""
         with self.lock:
-            self.prompt = ""
-            if self.saved_mode is not None:
-                try:
-                    termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
-                except (termios.error, OSError, ValueError):
-                    pass
+            if self.saved_mode is None:
+                return
+            mode = mode or list(self.saved_mode)
+            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO  # [3]: local flags
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)  # keep keys typed ahead
+            except (termios.error, OSError, ValueError):
+                pass
+
+    def restore(self) -> None:
+        """Give the terminal back as we found it, for good: Ctrl+C at a password prompt must
+        not leave typing invisible."""
+        self.echo(True, list(self.saved_mode or [0] * 7))
+        with self.lock:
+            self.prompt, self.saved_mode = "", None
 
 
 def worth_a_line(event: Event) -> bool:
