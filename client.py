@@ -3039,8 +3039,9 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
             terminal.show(refusal.text)
             if refusal.code == "locked":  # asking again would not help now
                 break
-        terminal.show(hint)
-        hint = ""
+        if hint:  # once
+            terminal.show(hint)
+            hint = ""
     terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
     return True
 
