@@ -555,9 +555,9 @@ class ClientProtocol(Requests):
             self.notice("[INFO] You logged in elsewhere; this client is logged out.")
             self.back.login = ()
             self.lose_session(SessionLost("You logged in elsewhere."), told=True)
-        elif kind == "file":
-            self.files.offer_arrived(user, more, self.now)
+        elif kind == "file":  # told first, then the download starts (an empty file ends at once)
             self.events.append(event)
+            self.files.offer_arrived(user, more, self.now)
         elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, more)):
             event = self.back.fresh(event, self.name)  # (a file event that ended ours: it says so)
             self.events.extend([event] if event else [])
@@ -1151,14 +1151,14 @@ class ChatClient:
         return self.call(ptype, self.hello(), name, password)
 
     def send_file(self, to: str, path: str) -> Transfer:
-        """Offer a file to `to` ('' = the room), hashed here; once the server accepts, the
-        network thread sends it from disk. Raises FileProblem if it cannot go."""
+        """Offer a file to `to` ('' = the room), hashed here; return it once the server took
+        the offer: the network thread then sends it from disk, and transfer events say how
+        far it got. Raises FileProblem (no such file...) or Refused (the server said no)."""
         transfer = prepare_upload(to, path)
-        with self.lock:
-            self.check_open()
-            ticket = self.protocol.request(PacketType.FILE_OFFER, offer_fields(transfer), time.monotonic())
-            self.protocol.files.offers[ticket] = transfer
-        self.wake()
+        try:
+            self.call(PacketType.FILE_OFFER, *offer_fields(transfer), transfer=transfer)
+        except Refused as refusal:
+            raise naming_the_user(refusal, to) from None
         return transfer
 
     def cancel_files(self, number: int = 0) -> list[Transfer]:
@@ -1187,12 +1187,12 @@ class ChatClient:
         self.settle()
 
 
-    def call(self, ptype: PacketType, *fields: str) -> list[str]:
+    def call(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("a blocking call from the network thread would wait for ever")
         patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # answered by then
-        future = self.submit(ptype, *fields)
+        future = self.submit(ptype, *fields, transfer=transfer)
         try:
             return result_within(future, patience)
         except concurrent.futures.TimeoutError:
@@ -1202,13 +1202,16 @@ class ChatClient:
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
             raise ServerNotResponding(f"Server not responding at {self.host}:{self.port}") from None
 
-    def submit(self, ptype: PacketType, *fields: str) -> concurrent.futures.Future:
-        """Queue a request without waiting; the Future gets its fields, or its error."""
+    def submit(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None):
+        """Queue a request without waiting; return a Future for its fields, or its error.
+        A FILE_OFFER names its `transfer`, which starts once the offer is taken."""
         future = concurrent.futures.Future()
         with self.lock:
             self.check_open()
             future.ticket = self.protocol.request(ptype, fields, time.monotonic())
             self.futures[future.ticket] = future
+            if transfer:
+                self.protocol.files.offers[future.ticket] = transfer
         self.wake()
         return future
 
@@ -1839,6 +1842,8 @@ def worth_a_line(event: Event) -> bool:
     """Does the terminal print this event? Not a state change (a notice says it), and a file's
     progress only at its start and at each quarter."""
     if event.kind == "state":
+        return False
+    if event.kind == "transfer" and not event.more[0].number:  # a refused offer: the refusal says it
         return False
     if event.kind != "transfer" or event.more[0].state != "moving":
         return True
