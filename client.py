@@ -1455,6 +1455,9 @@ class ServerSearch:
         server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port), int(online))
         return server
 
+    def servers(self) -> list[FoundServer]:
+        return list(self.found.values())
+
 
 def broadcast_addresses() -> list[str]:
     """Return where a search is sent: each network's broadcast address, then 255.255.255.255."""
@@ -1537,7 +1540,7 @@ def find_servers(port: int, cipher, show) -> list[FoundServer]:
         show(f"{address}:{other_port} answered, but uses another --cipher or --key")
     if not search.found:
         show(OTHER_KEYS_ONLY if search.other_key else NOTHING_FOUND)
-    return list(search.found.values())
+    return search.servers()
 
 
 def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
