@@ -67,25 +67,14 @@ import time
 import unicodedata
 
 import auth
+import encryption_helper as wire
 from encryption_helper import (
-    ACK_DELAY,
-    ACK_EVERY,
-    CHUNK_SIZE,
     DEFAULT_CIPHER,
     FILE_EVENTS,
-    FILL,
     FLAG_FILE_STREAM,
-    HEADER_SIZE,
     LOBBY,
-    MAX_FILE_NAME_BYTES,
-    MAX_PAYLOAD,
     MAX_TEXT_BYTES,
-    MB,
-    MIN_FIND_SIZE,
-    MIN_HELLO_SIZE,
     NO_TOKEN,
-    RECV_BUFFER,
-    SHA_HEX,
     Channel,
     ChecksumError,
     LossySocket,
@@ -94,42 +83,45 @@ from encryption_helper import (
     PacketType,
     Refused,
     RtoEstimator,
-    add_shared_options,
-    chunk_length,
     decode_packet,
-    describe_datagram,
     describe_size,
     encode_packet,
     make_cipher,
-    oversize_text,
-    pack_chunk,
     pack_fields,
     port_number,
-    unpack_chunk,
     unpack_fields,
     whole_number,
 )
 
-try:  # Linux and macOS: the line being typed is drawn again below a message printed above it
+try:
+    # Linux and macOS: the line being typed is drawn again below a message printed above it
     import readline
-except ImportError:  # Windows has no readline, and needs none
+except ImportError:
+    # Windows has no readline, and needs none
     readline = None
-try:  # Linux and macOS: to give the terminal back as we found it (echo on) after Ctrl+C
+try:
+    # Linux and macOS: to give the terminal back as we found it (echo on) after Ctrl+C
     import termios
 except ImportError:
     termios = None
-try:  # Unix only: asking the kernel for the addresses of each network interface
+try:
+    # Unix only: asking the kernel for the addresses of each network interface
     import fcntl
 except ImportError:
     fcntl = None
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
-MAX_WAIT = 0.5  # seconds a thread blocks at most, so Ctrl+C and shutdown are prompt
-FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
-REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
-ELSEWHERE_PATIENCE = 60.0  # seconds a rejoin waits for an old session of ours to time out
-MIN_PASSWORD = 4  # characters this client asks of a new account's password (the server takes any)
+# seconds a thread blocks at most, so Ctrl+C and shutdown are prompt
+MAX_WAIT = 0.5
+# seconds between tries before login: nothing is measured yet
+FIRST_CONTACT_RETRY = 1.0
+# seconds between tries to log back in after the session was lost
+REJOIN_EVERY = 2.0
+# seconds a rejoin waits for an old session of ours to time out
+ELSEWHERE_PATIENCE = 60.0
+# characters this client asks of a new account's password (the server takes any)
+MIN_PASSWORD = 4
 # Requests the server never did when it says it stops, and which may wait for a rejoin.
 RESENDABLE = {PacketType.SAY, PacketType.PRIVATE, PacketType.JOIN, PacketType.ROOMS, PacketType.WHO}
 # Refusals of a LOGIN that end by themselves: a lockout, a busy server, an old session of
@@ -145,13 +137,17 @@ class Timing:
     # Before login: try once a second, for this long; then "Server not responding". At
     # 30% loss each way a try fails about half the time, and all ten fail once in a thousand.
     connect_timeout: float = 10.0
-    heartbeat_every: float = 5.0  # say PING after this much quiet, so the server keeps us
-    lost_contact_after: float = 15.0  # nothing heard this long while waiting: warn the user...
-    give_up_after: float = 45.0  # ...and this long: the session is lost
+    # say PING after this much quiet, so the server keeps us
+    heartbeat_every: float = 5.0
+    # nothing heard this long while waiting: warn the user...
+    lost_contact_after: float = 15.0
+    # ...and this long: the session is lost
+    give_up_after: float = 45.0
     initial_rto: float = RtoEstimator.INITIAL
     min_rto: float = RtoEstimator.FLOOR
     max_rto: float = RtoEstimator.CEILING
-    goodbye_timeout: float = 3.0  # how long `exit` waits for the server's goodbye
+    # how long `exit` waits for the server's goodbye
+    goodbye_timeout: float = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +161,8 @@ class Event:
     """
 
     kind: str
-    time: float  # unix time: the server's stamp, or the client's clock for its own events
+    # unix time: the server's stamp, or the client's clock for its own events
+    time: float
     room: str = ""
     user: str = ""
     text: str = ""
@@ -217,11 +214,15 @@ class Reconnection:
 
     def __init__(self, send, notice):
         self.send, self.notice = send, notice
-        self.login: tuple = ()  # (name, password) of the user's last login
-        self.room: tuple = ()  # (room, password) of the last room joined
-        self.held: list[tuple] = []  # (ticket, type, fields) the user asked for meanwhile
+        # (name, password) of the user's last login
+        self.login: tuple = ()
+        # (room, password) of the last room joined
+        self.room: tuple = ()
+        # (ticket, type, fields) the user asked for meanwhile
+        self.held: list[tuple] = []
         self.retry_at = self.since = 0.0
-        self.told = ""  # the refusal reported already, not to say it at every try
+        # the refusal reported already, not to say it at every try
+        self.told = ""
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     def start(self, now: float) -> None:
@@ -259,7 +260,8 @@ class Reconnection:
         elif isinstance(result, Refused) and not self.worth_waiting(result, now):
             self.notice(f"[WARN] Could not get back in: {result.text}")
             return "gave up"
-        else:  # not answering yet, or lost again half-way: try again soon, from the top
+        else:
+            # not answering yet, or lost again half-way: try again soon, from the top
             self.retry_at = now + REJOIN_EVERY
             code = getattr(result, "code", "")
             if code in ("locked", "logged-in-elsewhere") and code != self.told:
@@ -318,12 +320,17 @@ class Requests:
         self.connect_tries = max(1, math.ceil(tries))
         self.state, self.closed_reason, self.events = "not logged in", "", []
         self.token = NO_TOKEN
-        self.wall_offset = 0.0  # add to `now` for unix time (ChatClient sets it)
+        # add to `now` for unix time (ChatClient sets it)
+        self.wall_offset = 0.0
         self.now = self.last_heard = self.last_sent = now
-        self.unreachable = 0  # "port unreachable" reports since the server last spoke
-        self.tickets = 0  # request numbers handed out
-        self.pending: dict[int, tuple] = {}  # sequence number -> (ticket, type, fields)
-        self.next_stranger_seq = 1  # before login numbers go on across tries (PROTOCOL.md 9)
+        # "port unreachable" reports since the server last spoke
+        self.unreachable = 0
+        # request numbers handed out
+        self.tickets = 0
+        # sequence number -> (ticket, type, fields)
+        self.pending: dict[int, tuple] = {}
+        # before login numbers go on across tries (PROTOCOL.md 9)
+        self.next_stranger_seq = 1
         self.channel = self.stranger_channel()
 
     def stranger_channel(self) -> Channel:
@@ -335,7 +342,7 @@ class Requests:
 
     def session_channel(self, token: bytes, flags: int = 0) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY,
+        return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY, ack_every=wire.ACK_EVERY,
                        flags=flags)
 
     @property
@@ -365,12 +372,14 @@ class Requests:
 
     def send_request(self, ticket: int, ptype: PacketType, fields) -> None:
         """Put a request on the channel, or raise Refused if it cannot go."""
-        if ptype == PacketType.HELLO:  # padding: the server answers no HELLO under 128 bytes
-            fields = ["." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)]
+        if ptype == PacketType.HELLO:
+            # padding: the server answers no HELLO under 128 bytes
+            fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
         payload = pack_fields(*fields)
-        if len(payload) > MAX_PAYLOAD:
+        if len(payload) > wire.MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
-        if self.channel.idle():  # silence counts from when we start waiting
+        if self.channel.idle():
+            # silence counts from when we start waiting
             self.last_heard = max(self.last_heard, self.now)
         seq = self.channel.send(ptype, payload)
         if not seq:
@@ -385,7 +394,8 @@ class Requests:
             seq, *fields = unpack_fields(packet.payload)
             ticket, ptype, asked = self.pending.pop(int(seq))
         except (PacketError, ValueError, KeyError):
-            return None  # unreadable, or a late answer to something given up on
+            # unreadable, or a late answer to something given up on
+            return None
         result = fields
         if packet.type == PacketType.ERROR:
             result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
@@ -402,7 +412,7 @@ class Requests:
     def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
         """Trace one datagram; the line is only put together when someone reads it."""
         if self.trace:
-            self.trace(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
+            self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
 
 
 class ClientProtocol(Requests):
@@ -426,11 +436,14 @@ class ClientProtocol(Requests):
         super().__init__(cipher, timing, now, loss, trace, server)
         self.name: str | None = None
         self.room: str | None = None
-        self.file_stream: Channel | None = None  # the session's second channel: file chunks
-        self.outbox: list[bytes] = []  # a last ACK on a session the server stopped
+        # the session's second channel: file chunks
+        self.file_stream: Channel | None = None
+        # a last ACK on a session the server stopped
+        self.outbox: list[bytes] = []
         self.files = FileTransfers(downloads, lambda transfer: self.emit("transfer", more=(transfer,)),
                                    lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
-        self.rejoin = rejoin  # get back in after a lost session (tests may say no)
+        # get back in after a lost session (tests may say no)
+        self.rejoin = rejoin
         self.back = Reconnection(self.send, self.notice)
 
     def send(self, ptype: PacketType, fields) -> None:
@@ -464,7 +477,8 @@ class ClientProtocol(Requests):
         except PacketError as error:
             self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
             if isinstance(error, ChecksumError) and not self.logged_in:
-                self.fail_pending(ServerNotResponding(KEY_MISMATCH))  # every answer is unreadable
+                # every answer is unreadable
+                self.fail_pending(ServerNotResponding(KEY_MISMATCH))
             return
         self.last_heard, self.unreachable = now, 0
         if self.state == "lost contact":
@@ -524,11 +538,13 @@ class ClientProtocol(Requests):
         """The server did what we asked: note what that changes, show our own line."""
         if ptype == PacketType.LOGIN:
             self.start_session(token, fields[0])
-            if ticket:  # the user's login, not ours getting back in: the one to remember
+            if ticket:
+                # the user's login, not ours getting back in: the one to remember
                 self.back.login, self.back.room, self.back.returning = asked[1:3], (), False
         elif ptype == PacketType.JOIN:
             self.room, self.back.room = fields[0], asked
-            self.back.returning &= not ticket  # a room the user chose: all its past is news
+            # a room the user chose: all its past is news
+            self.back.returning &= not ticket
         elif ptype == PacketType.SAY:
             self.emit("chat", self.room or "", self.name, asked[0])
         elif ptype == PacketType.PRIVATE:
@@ -539,14 +555,16 @@ class ClientProtocol(Requests):
     def receive_event(self, packet: Packet) -> None:
         try:
             kind, when, room, user, text, *more = unpack_fields(packet.payload)
-            if not -1e10 < float(when) < 1e10:  # nan and inf fail too: no clock shows such times
+            if not -1e10 < float(when) < 1e10:
+                # nan and inf fail too: no clock shows such times
                 raise ValueError(f"time {when!r} out of range")
         except (PacketError, ValueError) as error:
             self.note(f"an EVENT could not be read ({error}); skipped")
             return
         event = Event(kind, float(when), room, user, text, tuple(more))
         if kind == "stop":
-            cumulative, bitmap = self.channel.acknowledgement()  # so the server knows we heard
+            # so the server knows we heard
+            cumulative, bitmap = self.channel.acknowledgement()
             ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
             self.outbox.append(encode_packet(ack, self.cipher))
             self.notice("[INFO] The server was stopped.")
@@ -555,11 +573,13 @@ class ClientProtocol(Requests):
             self.notice("[INFO] You logged in elsewhere; this client is logged out.")
             self.back.login = ()
             self.lose_session(SessionLost("You logged in elsewhere."), told=True)
-        elif kind == "file":  # told first, then the download starts (an empty file ends at once)
+        elif kind == "file":
+            # told first, then the download starts (an empty file ends at once)
             self.events.append(event)
             self.files.offer_arrived(user, more, self.now)
         elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, more)):
-            event = self.back.fresh(event, self.name)  # (a file event that ended ours: it says so)
+            # (a file event that ended ours: it says so)
+            event = self.back.fresh(event, self.name)
             self.events.extend([event] if event else [])
 
     # --- Sessions: start, end, get back in ---
@@ -614,7 +634,8 @@ class ClientProtocol(Requests):
         for ticket, ptype, fields in held:
             try:
                 self.send_request(ticket, ptype, fields)
-            except Refused as refusal:  # too long, or too many waiting: that one is not sent
+            except Refused as refusal:
+                # too long, or too many waiting: that one is not sent
                 self.answer(ticket, refusal)
 
     def log_out(self, why: str = "Logged out; not sent.") -> None:
@@ -648,7 +669,8 @@ class ClientProtocol(Requests):
             return []
         if self.state == "connected" and self.channel.idle():
             if now - self.last_sent >= self.timing.heartbeat_every:
-                self.send(PacketType.PING, ())  # so the server knows we are here
+                # so the server knows we are here
+                self.send(PacketType.PING, ())
         if self.state == "reconnecting" and not self.pending and now >= self.back.retry_at:
             self.send(PacketType.HELLO, ())
         out, self.outbox = self.outbox + self.channel.poll(now), []
@@ -715,33 +737,48 @@ class ClientProtocol(Requests):
 # every byte is there, and only then renames it: a crash leaves at most a .part file.
 # A name comes from another user, so it is treated as hostile (`safe_file_name`).
 
-SAFE_NAME_BYTES = 200  # what a saved file's name is cut to: room left for " (12)" and ".part"
+# what a saved file's name is cut to: room left for " (12)" and ".part"
+SAFE_NAME_BYTES = 200
 # Windows will not create a file with these names, with any extension ("con.txt" too).
 RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
                   *(f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3")}
-FORBIDDEN = set('<>:"/\\|?*')  # characters Windows refuses in a file name
-UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}  # Unicode categories a file name loses
-HISTORY = 50  # finished transfers /files still lists
+# characters Windows refuses in a file name
+FORBIDDEN = set('<>:"/\\|?*')
+# Unicode categories a file name loses
+UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
+# finished transfers /files still lists
+HISTORY = 50
 
 
 @dataclasses.dataclass(eq=False)
 class Transfer:
     """One file on its way, to or from us: what /files and the progress bar show."""
 
-    direction: str  # "send" or "receive"
-    peer: str  # to whom ("bob", or "the room"), or from whom
-    name: str  # the file's name as offered (shown through printable())
+    # "send" or "receive"
+    direction: str
+    # to whom ("bob", or "the room"), or from whom
+    peer: str
+    # the file's name as offered (shown through printable())
+    name: str
     size: int
     sha256: str
-    path: str  # send: the file we read; receive: the .part file we write, then the final name
-    number: int = 0  # the server's number for it; 0 until the offer is accepted
-    done_bytes: int = 0  # bytes put into the file stream, or written
-    state: str = "offered"  # offered, moving, done, failed, cancelled
-    note: str = ""  # how it ended, in words
-    said: str = ""  # the server's own words when it cancelled it
+    # send: the file we read; receive: the .part file we write, then the final name
+    path: str
+    # the server's number for it; 0 until the offer is accepted
+    number: int = 0
+    # bytes put into the file stream, or written
+    done_bytes: int = 0
+    # offered, moving, done, failed, cancelled
+    state: str = "offered"
+    # how it ended, in words
+    note: str = ""
+    # the server's own words when it cancelled it
+    said: str = ""
     started: float = 0.0
-    file: object = None  # the open file, while bytes move
-    last_seq: int = 0  # send: the file stream's number of its last chunk
+    # the open file, while bytes move
+    file: object = None
+    # send: the file stream's number of its last chunk
+    last_seq: int = 0
 
     @property
     def active(self) -> bool:
@@ -759,9 +796,11 @@ def safe_file_name(name: str) -> str:
     ('passwd', 'x', '_con.txt')
     """
     name = unicodedata.normalize("NFC", name)
-    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]  # the last part: no folder, "..", drive
+    # the last part: no folder, "..", drive
+    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]
     name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
-    name = name.strip(" .")  # Windows drops trailing dots and spaces; a leading dot hides a file
+    # Windows drops trailing dots and spaces; a leading dot hides a file
+    name = name.strip(" .")
     if not name:
         return "file"
     if name.split(".")[0].upper().rstrip(" ") in RESERVED_NAMES:
@@ -802,7 +841,7 @@ def file_sha256(path: str) -> str:
     """Return the SHA-256 of a file, read in pieces (a big file is never all in memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for piece in iter(lambda: file.read(MB), b""):
+        for piece in iter(lambda: file.read(wire.MB), b""):
             digest.update(piece)
     return digest.hexdigest()
 
@@ -818,7 +857,7 @@ def prepare_upload(to: str, path: str) -> Transfer:
         size, sha = os.path.getsize(path), file_sha256(path)
     except OSError as error:
         raise FileProblem(f"Cannot read {path}: {error.strerror or error}") from None
-    name = shorten(os.path.basename(path), MAX_FILE_NAME_BYTES)
+    name = shorten(os.path.basename(path), wire.MAX_FILE_NAME_BYTES)
     return Transfer("send", to or "the room", name, size, sha, path)
 
 
@@ -848,8 +887,10 @@ class FileTransfers:
 
     def __init__(self, downloads: str, emit, cancel):
         self.downloads, self.emit, self.cancel = downloads, emit, cancel
-        self.offers: dict[int, Transfer] = {}  # request number -> offer not answered yet
-        self.moving: dict[tuple[str, int], Transfer] = {}  # (direction, number) -> transfer
+        # request number -> offer not answered yet
+        self.offers: dict[int, Transfer] = {}
+        # (direction, number) -> transfer
+        self.moving: dict[tuple[str, int], Transfer] = {}
         self.finished: collections.deque = collections.deque(maxlen=HISTORY)
 
     def answered(self, ticket: int, result, now: float) -> None:
@@ -858,7 +899,8 @@ class FileTransfers:
         if transfer is None:
             return
         number = int(result[0]) if isinstance(result, list) and result and result[0].isdigit() else 0
-        if transfer.state != "offered":  # cancelled before the server answered
+        if transfer.state != "offered":
+            # cancelled before the server answered
             if number:
                 self.cancel(number)
             return
@@ -888,7 +930,7 @@ class FileTransfers:
     def fill(self, stream: Channel) -> None:
         """Put chunks of the files being sent into the file stream, in turn, while it has room."""
         uploads = [t for t in self.sending() if t.done_bytes < t.size]
-        while uploads and len(stream.waiting) < FILL:
+        while uploads and len(stream.waiting) < wire.FILL:
             for transfer in list(uploads):
                 if not self.send_chunk(stream, transfer) or transfer.done_bytes >= transfer.size:
                     uploads.remove(transfer)
@@ -898,7 +940,7 @@ class FileTransfers:
 
     def send_chunk(self, stream: Channel, transfer: Transfer) -> bool:
         """Read the next chunk from disk and queue it; False if the file could not be read."""
-        want = chunk_length(transfer.size, transfer.done_bytes)
+        want = wire.chunk_length(transfer.size, transfer.done_bytes)
         try:
             data, why = transfer.file.read(want), "the file got shorter while it was sent"
         except OSError as error:
@@ -906,7 +948,7 @@ class FileTransfers:
         if len(data) != want:
             self.end(transfer, "failed", why, tell=True)
             return False
-        chunk = pack_chunk(transfer.number, transfer.done_bytes, data)
+        chunk = wire.pack_chunk(transfer.number, transfer.done_bytes, data)
         transfer.last_seq = stream.send(PacketType.FILE_CHUNK, chunk)
         self.advance(transfer, want)
         return True
@@ -923,8 +965,9 @@ class FileTransfers:
 
     def offer_arrived(self, sender: str, more: list[str], now: float) -> None:
         """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
-        if len(more) != 4 or not (more[0].isdigit() and more[2].isdigit() and SHA_HEX.fullmatch(more[3])):
-            return  # unreadable: no file is started, its chunks are ignored
+        if len(more) != 4 or not (more[0].isdigit() and more[2].isdigit() and wire.SHA_HEX.fullmatch(more[3])):
+            # unreadable: no file is started, its chunks are ignored
+            return
         transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]),
                             started=now)
         self.start(transfer, lambda: self.create_part(transfer), f"cannot save in {self.downloads}")
@@ -943,24 +986,27 @@ class FileTransfers:
                 # 0o644 (less the umask): a file from someone else is never made executable
                 return os.fdopen(os.open(transfer.path, flags, 0o644), "r+b")
             except FileExistsError:
-                continue  # another download took that name a moment ago
+                # another download took that name a moment ago
+                continue
 
     def receive_chunk(self, payload: bytes) -> None:
         """A FILE_CHUNK from the file stream: write it where its offset says."""
         try:
-            number, offset, data = unpack_chunk(payload)
+            number, offset, data = wire.unpack_chunk(payload)
         except PacketError:
             return
         transfer = self.moving.get(("receive", number))
         if transfer is None:
-            return  # cancelled, failed or unknown: its chunks still in flight are dropped
-        if offset % CHUNK_SIZE or offset >= transfer.size or len(data) != chunk_length(transfer.size, offset):
+            # cancelled, failed or unknown: its chunks still in flight are dropped
+            return
+        if offset % wire.CHUNK_SIZE or offset >= transfer.size or len(data) != wire.chunk_length(transfer.size, offset):
             self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
             return
         try:
             transfer.file.seek(offset)
             transfer.file.write(data)
-        except OSError as error:  # a full disk, say: this file fails, the chat goes on
+        except OSError as error:
+            # a full disk, say: this file fails, the chat goes on
             self.end(transfer, "failed", f"cannot write it: {error.strerror or error}", tell=True)
             return
         self.advance(transfer, len(data))
@@ -976,8 +1022,10 @@ class FileTransfers:
                          tell=True)
                 return
             final = unused_path(*os.path.split(transfer.path[: -len(".part")]))
-            os.rename(transfer.path, final)  # the name says "complete" only now
-        except OSError as error:  # a full disk, or a virus scanner holding the file (Windows)
+            # the name says "complete" only now
+            os.rename(transfer.path, final)
+        except OSError as error:
+            # a full disk, or a virus scanner holding the file (Windows)
             self.end(transfer, "failed", f"cannot save it: {error.strerror or error}", tell=True)
             return
         transfer.path = final
@@ -996,7 +1044,8 @@ class FileTransfers:
             try:
                 os.remove(transfer.path)
             except OSError:
-                pass  # never made, or already gone
+                # never made, or already gone
+                pass
         self.moving.pop((transfer.direction, transfer.number), None)
         self.finished.append(transfer)
         self.emit(transfer)
@@ -1009,7 +1058,8 @@ class FileTransfers:
         number = int(more[0]) if more and whole_number(more[0]) else 0
         mine = self.moving.get(("send", number)) or self.moving.get(("receive", number))
         if kind == "file-cancelled" and mine:
-            mine.said = text  # its words name the file, and say why
+            # its words name the file, and say why
+            mine.said = text
             self.end(mine, "cancelled", text)
             return True
         sent = [t for t in self.finished if t.number == number and t.direction == "send"]
@@ -1024,7 +1074,8 @@ class FileTransfers:
                    if t.active and number in (0, t.number)]
         for transfer in stopped:
             self.end(transfer, "cancelled", "you cancelled it", tell=True)
-        return stopped  # an offer stays in `offers`: its id, once answered, is cancelled too
+        # an offer stays in `offers`: its id, once answered, is cancelled too
+        return stopped
 
     def end_all(self, why: str) -> None:
         """The session ended: every transfer with it (the server forgets them too)."""
@@ -1061,11 +1112,13 @@ class ChatClient:
                  on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
         self.host, self.port, self.on_event = host, port, on_event
         self.timing = timing or Timing()
-        self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
+        # where events go when there is no on_event
+        self.events: queue.Queue = queue.Queue()
         self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss,
                                        trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
-        self.lock = threading.Lock()  # the protocol is shared by the callers' threads and ours
+        # the protocol is shared by the callers' threads and ours
+        self.lock = threading.Lock()
         self.futures: dict[int, concurrent.futures.Future] = {}
         self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
@@ -1191,14 +1244,16 @@ class ChatClient:
         """Send a request and wait for its answer; return its fields or raise its error."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("a blocking call from the network thread would wait for ever")
-        patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # answered by then
+        # answered by then
+        patience = self.timing.give_up_after + self.timing.connect_timeout + 5
         future = self.submit(ptype, *fields, transfer=transfer)
         try:
             return result_within(future, patience)
         except concurrent.futures.TimeoutError:
             with self.lock:
                 held = self.protocol.back.forget(future.ticket)
-            if held:  # it waited for a rejoin that has not come: now it never goes
+            if held:
+                # it waited for a rejoin that has not come: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
             raise ServerNotResponding(f"Server not responding at {self.host}:{self.port}") from None
 
@@ -1224,7 +1279,8 @@ class ChatClient:
     def run_network(self) -> None:
         try:
             self.serve_network()
-        except Exception as error:  # a bug, ours or a callback's: say so and stop, never hang
+        except Exception as error:
+            # a bug, ours or a callback's: say so and stop, never hang
             self.close(f"Internal error in the client: {error!r}")
 
     def serve_network(self) -> None:
@@ -1238,7 +1294,8 @@ class ChatClient:
             try:
                 ready = self.selector.select(wait)
             except (OSError, ValueError):
-                return  # closed under us: we are shutting down
+                # closed under us: we are shutting down
+                return
             for key, _ in ready:
                 if key.fileobj is self.wake_reader:
                     self.drain_wakeups()
@@ -1249,7 +1306,7 @@ class ChatClient:
     def receive_all(self) -> None:
         while True:
             try:
-                data = self.sock.recv(RECV_BUFFER)
+                data = self.sock.recv(wire.RECV_BUFFER)
             except BlockingIOError:
                 return
             except (ConnectionRefusedError, ConnectionResetError):
@@ -1259,7 +1316,8 @@ class ChatClient:
                     self.protocol.port_unreachable()
                 continue
             except OSError:
-                return  # the socket was closed: we are shutting down
+                # the socket was closed: we are shutting down
+                return
             with self.lock:
                 self.protocol.receive(data, time.monotonic())
 
@@ -1269,7 +1327,8 @@ class ChatClient:
         except (ConnectionRefusedError, ConnectionResetError):
             with self.lock:
                 self.protocol.port_unreachable()
-        except OSError as error:  # e.g. no route to the host for now: as if lost
+        except OSError as error:
+            # e.g. no route to the host for now: as if lost
             self.protocol.note(f"sending failed: {error}")
 
     def settle(self) -> None:
@@ -1279,7 +1338,8 @@ class ChatClient:
             events = self.protocol.take_events()
             answered = [(self.futures.pop(e.more[0], None), e.more[1]) for e in events
                         if e.kind == "answer"]
-        for event in events:  # first: one's own line is shown before its call returns
+        for event in events:
+            # first: one's own line is shown before its call returns
             if event.kind != "answer":
                 self.on_event(event) if self.on_event else self.events.put(event)
         resolve(answered)
@@ -1290,13 +1350,15 @@ class ChatClient:
         try:
             self.wake_writer.send(b"!")
         except OSError:
-            pass  # closing, or woken many times over already: a full pair is awake enough
+            # closing, or woken many times over already: a full pair is awake enough
+            pass
 
     def drain_wakeups(self) -> None:
         try:
             while self.wake_reader.recv(1024):
                 pass
-        except OSError:  # BlockingIOError: nothing more to read
+        except OSError:
+            # BlockingIOError: nothing more to read
             pass
 
     # --- Shutting down ---
@@ -1314,10 +1376,12 @@ class ChatClient:
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=2 * MAX_WAIT + 1)
         with self.lock:
-            self.protocol.files.end_all("the client was closed")  # no partial file left behind
+            # no partial file left behind
+            self.protocol.files.end_all("the client was closed")
             waiting, self.futures = list(self.futures.values()), {}
         closed = ConnectionClosed(reason or "The connection is closed.")
-        resolve([(future, closed) for future in waiting])  # outside the lock: a callback may call us
+        # outside the lock: a callback may call us
+        resolve([(future, closed) for future in waiting])
         for sock in (self.selector, self.sock, self.wake_reader, self.wake_writer):
             sock.close()
 
@@ -1326,7 +1390,8 @@ def resolve(answered: list[tuple]) -> None:
     """Give each (future, answer) its answer: fields as its result, an error as its exception."""
     for future, result in answered:
         if future is None or not future.set_running_or_notify_cancel():
-            continue  # one its asker cancelled: nobody waits for it
+            # one its asker cancelled: nobody waits for it
+            continue
         if isinstance(result, Exception):
             future.set_exception(result)
         else:
@@ -1380,8 +1445,8 @@ def read_members(fields: list[str]) -> tuple[str, list[str]]:
 
 def check_length(text: str) -> str:
     """Return `text`, or refuse it here if the server would: no need to send it."""
-    if oversize_text(text):
-        raise Refused("too-long", oversize_text(text))
+    if wire.oversize_text(text):
+        raise Refused("too-long", wire.oversize_text(text))
     return text
 
 
@@ -1392,8 +1457,10 @@ def check_length(text: str) -> str:
 # server's address asks everyone, and whoever runs a chat server answers. Only when
 # asked: on many networks a broadcast is noticed.
 
-SEARCH_TIME = 1.0  # seconds a search listens: a LAN answers within milliseconds
-SEARCH_TRIES = 3  # FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
+# seconds a search listens: a LAN answers within milliseconds
+SEARCH_TIME = 1.0
+# FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
+SEARCH_TRIES = 3
 NOTHING_FOUND = "no server answered on this network; type its IP"
 OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
 # A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
@@ -1409,9 +1476,11 @@ class FoundServer:
     """A chat server that answered a FIND."""
 
     name: str
-    host: str  # the IP its answer came from: the one to type, or to connect to
+    # the IP its answer came from: the one to type, or to connect to
+    host: str
     port: int
-    online: int  # members logged in
+    # members logged in
+    online: int
 
     def __str__(self) -> str:
         return f"{printable(self.name)}  {self.host}:{self.port}  {self.online} online"
@@ -1427,13 +1496,17 @@ class ServerSearch:
 
     def __init__(self, cipher, number: int | None = None):
         self.cipher = cipher
-        self.number = number or 1 + secrets.randbelow(2**32 - 1)  # any but 0: a request's number
-        self.found: dict[tuple[str, int], FoundServer] = {}  # in the order they answered
-        self.other_key: set[tuple[str, int]] = set()  # answered, scrambled with another key
+        # any but 0: a request's number
+        self.number = number or 1 + secrets.randbelow(2**32 - 1)
+        # in the order they answered
+        self.found: dict[tuple[str, int], FoundServer] = {}
+        # answered, scrambled with another key
+        self.other_key: set[tuple[str, int]] = set()
 
     def request(self) -> bytes:
-        """Return the FIND datagram, padded to MIN_FIND_SIZE (the server drops it otherwise)."""
-        padding = "." * (MIN_FIND_SIZE - HEADER_SIZE - 2)  # the field's 2-byte length, then dots
+        """Return the FIND datagram, padded to MIN_FIND_SIZE bytes (the server drops it otherwise)."""
+        # the field's 2-byte length, then dots
+        padding = "." * (wire.MIN_FIND_SIZE - wire.HEADER_SIZE - 2)
         packet = Packet(PacketType.FIND, self.number, payload=pack_fields(padding))
         return encode_packet(packet, self.cipher)
 
@@ -1442,7 +1515,8 @@ class ServerSearch:
         try:
             packet = decode_packet(data, self.cipher)
             number, name, port, online = unpack_fields(packet.payload, 4)
-        except ChecksumError:  # a chat server whose key differs from ours
+        except ChecksumError:
+            # a chat server whose key differs from ours
             self.other_key.add(address)
             return None
         except PacketError:
@@ -1472,13 +1546,16 @@ def linux_networks() -> list[tuple[str, str]]:
     """Return (address, netmask) of each IPv4 interface, asked of the Linux kernel: it knows
     them without any route, where the host name may resolve to nothing useful."""
     found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # the kernel wants one; nothing is sent
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # the kernel wants one; nothing is sent
         for _, name in socket.if_nameindex():
-            request = struct.pack("16s24x", name.encode()[:15])  # struct ifreq: the name, then room
+            # struct ifreq: the name, then room
+            request = struct.pack("16s24x", name.encode()[:15])
             try:
                 found.append(tuple(socket.inet_ntoa(fcntl.ioctl(sock, ask, request)[20:24])
                                    for ask in (SIOCGIFADDR, SIOCGIFNETMASK)))
-            except OSError:  # no IPv4 address on it, or it went away meanwhile
+            except OSError:
+                # no IPv4 address on it, or it went away meanwhile
                 continue
     return found
 
@@ -1487,7 +1564,8 @@ def host_addresses() -> list[str]:
     """Elsewhere (Windows, macOS): the addresses this host's own name resolves to."""
     try:
         infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_DGRAM)
-    except (OSError, UnicodeError):  # a host name that does not resolve, or cannot be encoded
+    except (OSError, UnicodeError):
+        # a host name that does not resolve, or cannot be encoded
         return []
     return sorted({info[4][0] for info in infos}, key=socket.inet_aton)
 
@@ -1495,7 +1573,8 @@ def host_addresses() -> list[str]:
 def broadcast_of(address: str, netmask: str) -> str:
     """Return the broadcast address of `address`'s network: its host bits all set to one."""
     host_bits = ~int.from_bytes(socket.inet_aton(netmask), "big") & 0xFFFFFFFF
-    if host_bits <= 1:  # a /31 or /32 has no broadcast address
+    if host_bits <= 1:
+        # a /31 or /32 has no broadcast address
         return ""
     network = int.from_bytes(socket.inet_aton(address), "big")
     return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))
@@ -1513,7 +1592,8 @@ def search_network(search: ServerSearch, targets: list[str], port: int, wait: fl
             for target in targets:
                 try:
                     sock.sendto(search.request(), (target, port))
-                except OSError:  # e.g. 255.255.255.255 with no default route: "unreachable"
+                except OSError:
+                    # e.g. 255.255.255.255 with no default route: "unreachable"
                     pass
             collect_answers(sock, search, start + wait * (attempt + 1) / tries)
     return search
@@ -1524,10 +1604,12 @@ def collect_answers(sock: socket.socket, search: ServerSearch, until: float) -> 
     while (left := until - time.monotonic()) > 0:
         sock.settimeout(left)
         try:
-            data, address = sock.recvfrom(RECV_BUFFER)
-        except TimeoutError:  # socket.timeout: nothing more came
+            data, address = sock.recvfrom(wire.RECV_BUFFER)
+        except TimeoutError:
+            # socket.timeout: nothing more came
             return
-        except ConnectionResetError:  # Windows: "port unreachable" came back for a FIND
+        except ConnectionResetError:
+            # Windows: "port unreachable" came back for a FIND
             continue
         search.receive(data, address)
 
@@ -1563,7 +1645,8 @@ def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None]
 # Characters that reorder the text after them on screen (bidi embeddings, overrides and
 # isolates): a name or message could make what follows read backwards ("Trojan Source").
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")  # each shown as a new, indented line
+# each shown as a new, indented line
+LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")
 
 
 def printable(text: str) -> str:
@@ -1643,7 +1726,8 @@ def describe_transfer(transfer: Transfer, final: bool = False) -> str:
     how = f"{transfer.percent}%" if transfer.active else transfer.state
     if not transfer.active and transfer.note and transfer.note != transfer.state:
         how += f" ({transfer.note})"
-    number = f"#{transfer.number} " if transfer.number else ""  # none: the server never took it
+    # none: the server never took it
+    number = f"#{transfer.number} " if transfer.number else ""
     return printable(f"{number}{name} {arrow}, {size}: {how}")
 
 
@@ -1652,7 +1736,8 @@ def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     that fits (else between characters, never inside one); spaces at a cut are dropped."""
     parts = []
     while len(text.encode("utf-8")) > limit:
-        fits = text.encode("utf-8")[:limit].decode("utf-8", "ignore")  # never half a character
+        # never half a character
+        fits = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
         space = len(fits) if text[len(fits)].isspace() else fits.rfind(" ")
         cut = space if space > 0 and fits[:space].strip() else len(fits)
         part, text = text[:cut].rstrip(), text[cut:].lstrip()
@@ -1680,9 +1765,12 @@ def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
 
 # --- The terminal ---------------------------------------------------------------------
 
-BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"  # ANSI colours (SGR)
-BELL = "\a"  # the terminal beeps, or flashes its window, when it prints this
-ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004  # Windows 10+: the console interprets ANSI codes
+# ANSI colours (SGR)
+BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
+# the terminal beeps, or flashes its window, when it prints this
+BELL = "\a"
+# Windows 10+: the console interprets ANSI codes
+ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
 
 
 class EndOfInput(Exception):
@@ -1704,12 +1792,17 @@ class Terminal:
         self.interactive, self.color, self.bell = interactive, color, bell
         self.asks: queue.Queue = queue.Queue()
         self.answers: queue.Queue = queue.Queue()
-        self.lock = threading.Lock()  # one writer at a time, and the prompt's state with it
-        self.prompt, self.secret = "", False  # the prompt on screen now ("" if none)
-        self.outstanding = self.ended = False  # a question with the keyboard thread; input over
-        self.held: list[str] | None = None  # lines kept back while a room is entered
+        # one writer at a time, and the prompt's state with it
+        self.lock = threading.Lock()
+        # the prompt on screen now ("" if none)
+        self.prompt, self.secret = "", False
+        # a question with the keyboard thread; input over
+        self.outstanding = self.ended = False
+        # lines kept back while a room is entered
+        self.held: list[str] | None = None
         self.alive = lambda: None
-        self.saved_mode = None  # the terminal's settings as we found them (POSIX)
+        # the terminal's settings as we found them (POSIX)
+        self.saved_mode = None
         if interactive and termios:
             try:
                 self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
@@ -1723,10 +1816,12 @@ class Terminal:
             try:
                 answer = self.read_answer(prompt, secret)
             except (EOFError, OSError, ValueError, KeyboardInterrupt):
-                answer = None  # KeyboardInterrupt reaches this thread on some systems: main handles it
+                # KeyboardInterrupt reaches this thread on some systems: main handles it
+                answer = None
             with self.lock:
                 self.prompt = ""
-            self.echo(False)  # until the next question: what is typed now may be its password
+            # until the next question: what is typed now may be its password
+            self.echo(False)
             self.answers.put(answer)
             if answer is None:
                 return
@@ -1743,7 +1838,8 @@ class Terminal:
             if not line:
                 raise EOFError
             return line.rstrip("\r\n")
-        if secret:  # getpass draws its prompt once it has turned echo off (and dropped keys typed ahead)
+        if secret:
+            # getpass draws its prompt once it has turned echo off (and dropped keys typed ahead)
             self.prompt_drawn(prompt, True)
             return getpass.getpass(prompt)
         if readline is None:
@@ -1767,7 +1863,8 @@ class Terminal:
         if not self.outstanding:
             self.asks.put((prompt, secret))
             self.outstanding = True
-        elif self.prompt and self.prompt != prompt:  # an abandoned question: its line answers this
+        elif self.prompt and self.prompt != prompt:
+            # an abandoned question: its line answers this
             self.show("", again=prompt)
         while True:
             self.alive()
@@ -1791,7 +1888,8 @@ class Terminal:
             try:
                 sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
                 sys.stdout.flush()
-            except OSError:  # a program reading our output stopped, or the terminal closed (EIO)
+            except OSError:
+                # a program reading our output stopped, or the terminal closed (EIO)
                 pass
 
     def show_event(self, event: Event, me: str | None) -> None:
@@ -1827,9 +1925,11 @@ class Terminal:
             if self.saved_mode is None:
                 return
             mode = mode or list(self.saved_mode)
-            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO  # [3]: local flags
+            # [3]: local flags
+            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
             try:
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)  # keep keys typed ahead
+                # keep keys typed ahead
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
             except (termios.error, OSError, ValueError):
                 pass
 
@@ -1846,13 +1946,15 @@ def worth_a_line(event: Event) -> bool:
     progress only at its start and at each quarter."""
     if event.kind == "state":
         return False
-    if event.kind == "transfer" and not event.more[0].number:  # a refused offer: the refusal says it
+    if event.kind == "transfer" and not event.more[0].number:
+        # a refused offer: the refusal says it
         return False
     if event.kind != "transfer" or event.more[0].state != "moving":
         return True
     transfer = event.more[0]
     if transfer.direction == "send" and not transfer.done_bytes:
-        return True  # the server took the offer: "sending ... as number N"
+        # the server took the offer: "sending ... as number N"
+        return True
     return transfer.done_bytes > 0 and transfer.percent in (25, 50, 75)
 
 
@@ -1867,7 +1969,8 @@ def use_color(stream, environ, platform: str = sys.platform, kernel32=None) -> b
 def is_terminal(stream) -> bool:
     try:
         return stream.isatty()
-    except (AttributeError, ValueError):  # no such method, or closed
+    except (AttributeError, ValueError):
+        # no such method, or closed
         return False
 
 
@@ -1877,10 +1980,13 @@ def enable_windows_ansi(kernel32=None) -> bool:
     kernel32 = kernel32 or (hasattr(ctypes, "windll") and ctypes.windll.kernel32)
     if not kernel32:
         return False
-    handle = kernel32.GetStdHandle(-11)  # -11: standard output
-    mode = ctypes.c_uint32()  # a DWORD of flags
+    # -11: standard output
+    handle = kernel32.GetStdHandle(-11)
+    # a DWORD of flags
+    mode = ctypes.c_uint32()
     if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
-        return False  # not a console: output redirected
+        # not a console: output redirected
+        return False
     return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
@@ -1901,7 +2007,8 @@ HELP = f"""Commands:
   exit or /quit - leave (Ctrl+C does the same)
 Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
 several messages, cut between words. Start a line with // to send one beginning with /."""
-EXIT_WORDS = ("exit", "/quit", "/exit")  # what leaves the chat, typed alone on a line
+# what leaves the chat, typed alone on a line
+EXIT_WORDS = ("exit", "/quit", "/exit")
 
 
 def parse_line(line: str) -> tuple[str, str]:
@@ -1930,7 +2037,8 @@ def run_command(client: ChatClient, line: str, face) -> bool:
         elif command:
             face.show(f"Unknown command {command}; type /help for the list.")
     except (Refused, ServerNotResponding, SessionLost, FileProblem) as error:
-        face.show(str(error))  # that line failed; the chat goes on
+        # that line failed; the chat goes on
+        face.show(str(error))
     return True
 
 
@@ -1938,17 +2046,20 @@ def send_lines(client: ChatClient, text: str, face) -> None:
     """Send a line without waiting for its answer: pasted lines flow, in order. A line too
     long for one message goes as several. Our own line is shown once the server took it."""
     parts = split_message(text)
-    answered: list[bool] = []  # one entry per part answered: was it accepted?
+    # one entry per part answered: was it accepted?
+    answered: list[bool] = []
 
     def report(done: concurrent.futures.Future, part: str) -> None:
         error = done.exception()
         answered.append(error is None)
         shown = printable(part if len(part) <= 40 else part[:37] + "...")
-        if isinstance(error, SessionLost):  # the server may have had it before it went
+        if isinstance(error, SessionLost):
+            # the server may have had it before it went
             face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
         elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
             face.show(f"not sent: {shown} ({error})")
-        if len(parts) > 1 and len(answered) == len(parts):  # answers come in order: the last
+        if len(parts) > 1 and len(answered) == len(parts):
+            # answers come in order: the last
             face.show(f"sent in {len(parts)} parts" if all(answered)
                       else f"{sum(answered)} of {len(parts)} parts sent")
 
@@ -1981,7 +2092,8 @@ def join_room(client: ChatClient, room: str, face) -> None:
         names = [name.lower() for name, count in client.rooms() if count >= 0]
         new = "" if room.lower() in names else "new room "
         password = face.ask(f"Password for {new}{room}: ", secret=True)
-        if password:  # Enter alone sends nothing: an empty password would count as a wrong one
+        if password:
+            # Enter alone sends nothing: an empty password would count as a wrong one
             enter_room(client, room, password, face)
         else:
             face.show(f"Not joined: {room} needs its password.")
@@ -2035,7 +2147,8 @@ def list_files(client: ChatClient, rest: str, face) -> None:
 
 
 def cancel_files(client: ChatClient, rest: str, face) -> None:
-    number = rest.strip().lstrip("#")  # /files shows them as #3
+    # /files shows them as #3
+    number = rest.strip().lstrip("#")
     if number and not whole_number(number):
         face.show("Usage: /cancel, or /cancel N with N as /files shows it")
     elif not client.cancel_files(int(number) if number else 0):
@@ -3045,9 +3158,11 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
             return True
         except Refused as refusal:
             terminal.show(refusal.text)
-            if refusal.code == "locked":  # asking again would not help now
+            if refusal.code == "locked":
+                # asking again would not help now
                 break
-        if hint:  # once
+        if hint:
+            # once
             terminal.show(hint)
             hint = ""
     terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
@@ -3058,7 +3173,8 @@ def chat(client: ChatClient, terminal: Terminal) -> bool:
     """Read lines and act on them; True when the user leaves, False to log in again."""
     def still_in() -> None:
         check_alive(client)
-        if client.state == "not logged in":  # lost, and not getting back in: the notices said why
+        if client.state == "not logged in":
+            # lost, and not getting back in: the notices said why
             raise SessionLost(SESSION_LOST)
 
     terminal.alive = still_in
@@ -3090,7 +3206,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number,
                         help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
-    add_shared_options(parser)  # --cipher, --key, --loss, --seed
+    # --cipher, --key, --loss, --seed
+    wire.add_shared_options(parser)
     parser.add_argument("--verbose", action="store_true", help="trace every packet in and out")
     parser.add_argument("--find", action="store_true",
                         help="list the chat servers on this network (on --port), one per line, "
@@ -3142,12 +3259,14 @@ def print_servers_found(args: argparse.Namespace) -> int:
 
     try:
         found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key), show)
-    except (ValueError, OSError) as error:  # a key the cipher cannot use; no network at all
+    except (ValueError, OSError) as error:
+        # a key the cipher cannot use; no network at all
         show(f"[ERROR] {error}")
         return 1
     for server in found:
         print(f"{server.host}:{server.port}  {printable(server.name)}  {server.online} online")
-    return 0 if found else 1  # as ping does: a script can tell "none" from "some"
+    # as ping does: a script can tell "none" from "some"
+    return 0 if found else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3178,22 +3297,27 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
                         bell=interactive and is_terminal(sys.stdout))
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, hang_up)
-    client, status, connected = None, 0, False  # connected: did the server ever answer?
+    # connected: did the server ever answer?
+    client, status, connected = None, 0, False
     try:
         host, port = ask_address(args, terminal)
         client = ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
                             downloads=args.downloads, trace=terminal.show if args.verbose else None,
                             on_event=lambda event: terminal.show_event(event, client.name))
         terminal.alive = functools.partial(check_alive, client)
-        client.hello()  # is anyone there? Better to know before asking for a password
+        # is anyone there? Better to know before asking for a password
+        client.hello()
         connected = True
         terminal.show(f"Connected to the chat server at {host}:{port}.")
         converse(client, terminal)
     except (EndOfInput, KeyboardInterrupt):
-        pass  # leaving the usual way
+        # leaving the usual way
+        pass
     except ConnectionClosed:
-        status = 1  # the reason was shown when it happened
-    except (ChatError, Refused, ValueError) as error:  # ValueError: a key the cipher cannot use
+        # the reason was shown when it happened
+        status = 1
+    except (ChatError, Refused, ValueError) as error:
+        # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {error}")
         status = 1
     finally:
@@ -3213,7 +3337,8 @@ def say_goodbye(client: ChatClient | None, terminal: Terminal, connected: bool) 
     if connected:
         terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
     elif terminal.interactive:
-        terminal.show("")  # off the line of the prompt
+        # off the line of the prompt
+        terminal.show("")
 
 
 if __name__ == "__main__":
