@@ -13,7 +13,8 @@ host, and a list of the servers that answered.
 When standard input is not a terminal, every answer (the password too) is read as a plain
 line and end of input means exit, so a session can be scripted:
 
-    printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' | python client.py --host 127.0.0.1 --port 9999
+    printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' \\
+        | python client.py --host 127.0.0.1 --port 9999
 
 How it is built, in the order this file reads:
 
@@ -314,7 +315,8 @@ class Requests:
     """
 
     def __init__(self, cipher, timing: Timing | None, now: float, loss: float, trace, server: str):
-        self.cipher, self.timing, self.trace, self.server = cipher, timing or Timing(), trace, server
+        self.cipher, self.timing, self.trace = cipher, timing or Timing(), trace
+        self.server = server
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
         tries = self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2
         self.connect_tries = max(1, math.ceil(tries))
@@ -342,8 +344,8 @@ class Requests:
 
     def session_channel(self, token: bytes, flags: int = 0) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY, ack_every=wire.ACK_EVERY,
-                       flags=flags)
+        return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
+                       ack_every=wire.ACK_EVERY, flags=flags)
 
     @property
     def logged_in(self) -> bool:
@@ -440,11 +442,14 @@ class ClientProtocol(Requests):
         self.file_stream: Channel | None = None
         # a last ACK on a session the server stopped
         self.outbox: list[bytes] = []
-        self.files = FileTransfers(downloads, lambda transfer: self.emit("transfer", more=(transfer,)),
+        self.files = FileTransfers(downloads, self.emit_transfer,
                                    lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
         # get back in after a lost session (tests may say no)
         self.rejoin = rejoin
         self.back = Reconnection(self.send, self.notice)
+
+    def emit_transfer(self, transfer: "Transfer") -> None:
+        self.emit("transfer", more=(transfer,))
 
     def send(self, ptype: PacketType, fields) -> None:
         """Send a request of our own (ticket 0: nobody waits for its answer)."""
@@ -481,9 +486,6 @@ class ClientProtocol(Requests):
                 self.fail_pending(ServerNotResponding(KEY_MISMATCH))
             return
         self.last_heard, self.unreachable = now, 0
-        if self.state == "lost contact":
-            self.set_state("connected")
-            self.notice("[INFO] In contact with the server again.")
         files = bool(packet.flags & FLAG_FILE_STREAM)
         stream = self.file_stream if files else self.channel
         if packet.type == PacketType.RESET:
@@ -492,7 +494,8 @@ class ClientProtocol(Requests):
             self.trace_packet("in ", data, ": from an old session or from before it, dropped")
         else:
             outcome, ready = stream.receive(packet, now)
-            self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
+            quiet = outcome in ("in order", "unsequenced")
+            self.trace_packet("in ", data, "" if quiet else ": " + outcome)
             for delivered in ready:
                 if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
                     self.files.receive_chunk(delivered.payload)
@@ -510,7 +513,7 @@ class ClientProtocol(Requests):
         return ours and (packet.seq != 0 or packet.type == PacketType.ACK)
 
     def receive_reset(self, packet: Packet, data: bytes) -> None:
-        """RESET: the server has no session for the token it echoes - believed only if it is ours."""
+        """RESET: the server has no session with the token it echoes - believed if it is ours."""
         if not self.logged_in or packet.token != self.token:
             self.trace_packet("in ", data, ": not about our session, dropped")
             return
@@ -655,7 +658,8 @@ class ClientProtocol(Requests):
         if self.unreachable < 2 or self.state == "reconnecting":
             return
         if self.logged_in:
-            self.give_up(f"The server at {self.server} has stopped (nothing is listening on its port)")
+            self.give_up(f"The server at {self.server} has stopped "
+                         "(nothing is listening on its port)")
         elif self.pending:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
@@ -687,6 +691,9 @@ class ClientProtocol(Requests):
         """Warn when the server has gone quiet while we wait for it; give up after a while."""
         streams = [self.channel] + ([self.file_stream] if self.file_stream else [])
         silence = now - self.last_heard
+        if self.state == "lost contact" and silence < self.timing.lost_contact_after:
+            self.set_state("connected")
+            self.notice("[INFO] In contact with the server again.")
         if self.channel.failed and not self.logged_in:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server}"))
         elif not self.logged_in or all(stream.idle() for stream in streams):
@@ -718,6 +725,7 @@ class ClientProtocol(Requests):
             wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
 
+
 # --- Files: sending and receiving, without sockets -----------------------------------
 #
 # `/send bob notes.pdf`, `/share slides.pdf`. How a file travels, alice to bob:
@@ -741,7 +749,8 @@ class ClientProtocol(Requests):
 SAFE_NAME_BYTES = 200
 # Windows will not create a file with these names, with any extension ("con.txt" too).
 RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
-                  *(f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3")}
+                  *(f"{port}{n}" for port in ("COM", "LPT")
+                    for n in "0123456789\u00b9\u00b2\u00b3")}
 # characters Windows refuses in a file name
 FORBIDDEN = set('<>:"/\\|?*')
 # Unicode categories a file name loses
@@ -898,7 +907,8 @@ class FileTransfers:
         transfer = self.offers.pop(ticket, None)
         if transfer is None:
             return
-        number = int(result[0]) if isinstance(result, list) and result and result[0].isdigit() else 0
+        taken = isinstance(result, list) and result and result[0].isdigit()
+        number = int(result[0]) if taken else 0
         if transfer.state != "offered":
             # cancelled before the server answered
             if number:
@@ -965,7 +975,8 @@ class FileTransfers:
 
     def offer_arrived(self, sender: str, more: list[str], now: float) -> None:
         """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
-        if len(more) != 4 or not (more[0].isdigit() and more[2].isdigit() and wire.SHA_HEX.fullmatch(more[3])):
+        readable = len(more) == 4 and more[0].isdigit() and more[2].isdigit()
+        if not (readable and wire.SHA_HEX.fullmatch(more[3])):
             # unreadable: no file is started, its chunks are ignored
             return
         transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]),
@@ -981,7 +992,8 @@ class FileTransfers:
         os.makedirs(self.downloads, exist_ok=True)
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         while True:
-            transfer.path = unused_path(self.downloads, safe_file_name(transfer.name), ".part") + ".part"
+            name = safe_file_name(transfer.name)
+            transfer.path = unused_path(self.downloads, name, ".part") + ".part"
             try:
                 # 0o644 (less the umask): a file from someone else is never made executable
                 return os.fdopen(os.open(transfer.path, flags, 0o644), "r+b")
@@ -999,7 +1011,8 @@ class FileTransfers:
         if transfer is None:
             # cancelled, failed or unknown: its chunks still in flight are dropped
             return
-        if offset % wire.CHUNK_SIZE or offset >= transfer.size or len(data) != wire.chunk_length(transfer.size, offset):
+        fits = offset < transfer.size and len(data) == wire.chunk_length(transfer.size, offset)
+        if offset % wire.CHUNK_SIZE or not fits:
             self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
             return
         try:
@@ -1114,7 +1127,8 @@ class ChatClient:
         self.timing = timing or Timing()
         # where events go when there is no on_event
         self.events: queue.Queue = queue.Queue()
-        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss,
+        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(),
+                                       loss,
                                        trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
         # the protocol is shared by the callers' threads and ours
@@ -1504,7 +1518,7 @@ class ServerSearch:
         self.other_key: set[tuple[str, int]] = set()
 
     def request(self) -> bytes:
-        """Return the FIND datagram, padded to MIN_FIND_SIZE bytes (the server drops it otherwise)."""
+        """Return the FIND datagram, padded to MIN_FIND_SIZE bytes (shorter ones are dropped)."""
         # the field's 2-byte length, then dots
         padding = "." * (wire.MIN_FIND_SIZE - wire.HEADER_SIZE - 2)
         packet = Packet(PacketType.FIND, self.number, payload=pack_fields(padding))
@@ -1526,7 +1540,8 @@ class ServerSearch:
             return None
         if (address[0], int(port)) in self.found:
             return None
-        server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port), int(online))
+        server = FoundServer(name, address[0], int(port), int(online))
+        self.found[address[0], int(port)] = server
         return server
 
     def servers(self) -> list[FoundServer]:
@@ -1692,7 +1707,7 @@ def format_event(event: Event, me: str | None = None) -> str:
 
 
 def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
-    """Return how a line is marked (terminal colours, window tags): own, private, mention, history."""
+    """Return a line's marks (terminal colours, window tags): own, private, mention, history."""
     mine = bool(me) and event.user.lower() == me.lower()
     marks = {"own": mine and event.kind in ("chat", "private"), "history": event.kind == "history",
              "mention": event.kind == "chat" and not mine and names_me(event.text, me),
@@ -1702,7 +1717,8 @@ def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
 
 def names_me(text: str, name: str | None) -> bool:
     """Does `text` mention `name` as a word, in any case ("hi Alice!", "@alice")?"""
-    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
+    word = rf"(?<!\w){re.escape(name or '')}(?!\w)"
+    return bool(name) and re.search(word, text, re.IGNORECASE) is not None
 
 
 def describe_transfer(transfer: Transfer, final: bool = False) -> str:
@@ -1882,7 +1898,8 @@ class Terminal:
     def show(self, text: str, again: str | None = None) -> None:
         """Print a line above the prompt, and draw the prompt and what was typed below it."""
         with self.lock:
-            typed = readline.get_line_buffer() if readline and self.prompt and not self.secret else ""
+            shown = readline and self.prompt and not self.secret
+            typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
             self.prompt = self.prompt if again is None else again
             try:
@@ -2064,7 +2081,8 @@ def send_lines(client: ChatClient, text: str, face) -> None:
                       else f"{sum(answered)} of {len(parts)} parts sent")
 
     for part in parts:
-        client.submit(PacketType.SAY, part).add_done_callback(lambda done, part=part: report(done, part))
+        future = client.submit(PacketType.SAY, part)
+        future.add_done_callback(lambda done, part=part: report(done, part))
 
 
 def send_private(client: ChatClient, rest: str, face) -> None:
@@ -2152,11 +2170,12 @@ def cancel_files(client: ChatClient, rest: str, face) -> None:
     if number and not whole_number(number):
         face.show("Usage: /cancel, or /cancel N with N as /files shows it")
     elif not client.cancel_files(int(number) if number else 0):
-        face.show(f"No transfer numbered {number}." if number else "No file of yours is on its way.")
+        face.show(f"No transfer numbered {number}." if number
+                  else "No file of yours is on its way.")
 
 
 def unquote(text: str) -> str:
-    """Return a path as typed: surrounding quotes dropped, ~ expanded; backslashes kept (Windows)."""
+    """Return a path as typed: quotes around it dropped, ~ expanded; backslashes kept (Windows)."""
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1]
@@ -3199,11 +3218,13 @@ def check_alive(client: ChatClient) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="UDP chat room client. Asks for the server's IP and port unless both are given.",
+        description="UDP chat room client. "
+                    "Asks for the server's IP and port unless both are given.",
         epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures "
                "the traffic can read it. Server and client must use the same --cipher and --key.",
     )
-    parser.add_argument("--host", help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
+    parser.add_argument("--host",
+                        help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number,
                         help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
     # --cipher, --key, --loss, --seed
@@ -3297,48 +3318,46 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
                         bell=interactive and is_terminal(sys.stdout))
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, hang_up)
-    # connected: did the server ever answer?
-    client, status, connected = None, 0, False
+    # The client once made, and whether the server ever answered (only then was it connected).
+    made: list = []
     try:
         host, port = ask_address(args, terminal)
-        client = ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
-                            downloads=args.downloads, trace=terminal.show if args.verbose else None,
-                            on_event=lambda event: terminal.show_event(event, client.name))
-        terminal.alive = functools.partial(check_alive, client)
-        # is anyone there? Better to know before asking for a password
-        client.hello()
-        connected = True
+        made.append(ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
+                               downloads=args.downloads, trace=terminal.show if args.verbose else None,
+                               on_event=lambda event: terminal.show_event(event, made[0].name)))
+        terminal.alive = functools.partial(check_alive, made[0])
+        # Is anyone there? Better to know before asking for a password.
+        made.append(made[0].hello())
         terminal.show(f"Connected to the chat server at {host}:{port}.")
-        converse(client, terminal)
+        converse(made[0], terminal)
     except (EndOfInput, KeyboardInterrupt):
-        # leaving the usual way
-        pass
+        return say_goodbye(made, terminal, 0)
     except ConnectionClosed:
         # the reason was shown when it happened
-        status = 1
+        return say_goodbye(made, terminal, 1)
     except (ChatError, Refused, ValueError) as error:
         # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {error}")
-        status = 1
-    finally:
-        say_goodbye(client, terminal, connected)
-    return status
+        return say_goodbye(made, terminal, 1)
+    return say_goodbye(made, terminal, 0)
 
 
-def say_goodbye(client: ChatClient | None, terminal: Terminal, connected: bool) -> None:
-    """Log out if logged in, close the socket, and give the terminal back."""
+def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
+    """Log out if logged in, close the socket, give the terminal back; return `status`."""
     try:
-        if client is not None:
-            client.bye()
-            client.close()
+        if made:
+            made[0].bye()
+            made[0].close()
     except KeyboardInterrupt:
         pass
     terminal.restore()
-    if connected:
-        terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
+    if len(made) > 1:
+        # On a terminal the cursor may be on the prompt's line: a new line first.
+        terminal.show(("\n" if terminal.interactive else "") + "[INFO] Connection closed.")
     elif terminal.interactive:
         # off the line of the prompt
         terminal.show("")
+    return status
 
 
 if __name__ == "__main__":
