@@ -490,7 +490,7 @@ class ClientProtocol(Requests):
         stream = self.file_stream if files else self.channel
         if packet.type == PacketType.RESET:
             self.receive_reset(packet, data)
-        elif not self.expected(packet, stream):
+        elif not expected(packet, self.token, stream):
             self.trace_packet("in ", data, ": from an old session or from before it, dropped")
         else:
             outcome, ready = stream.receive(packet, now)
@@ -503,14 +503,6 @@ class ClientProtocol(Requests):
                     self.receive_event(delivered)
                 elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
                     self.receive_answer(delivered)
-
-    def expected(self, packet: Packet, stream: Channel | None) -> bool:
-        """Could it be for us now? Before login only answers (seq 0) are; after it, packets
-        with our token, and the only unsequenced one is an ACK."""
-        if not self.logged_in:
-            return packet.seq == 0 and packet.type in (PacketType.OK, PacketType.ERROR)
-        ours = packet.token == self.token and stream is not None
-        return ours and (packet.seq != 0 or packet.type == PacketType.ACK)
 
     def receive_reset(self, packet: Packet, data: bytes) -> None:
         """RESET: the server has no session with the token it echoes - believed if it is ours."""
@@ -557,14 +549,11 @@ class ClientProtocol(Requests):
 
     def receive_event(self, packet: Packet) -> None:
         try:
-            kind, when, room, user, text, *more = unpack_fields(packet.payload)
-            if not -1e10 < float(when) < 1e10:
-                # nan and inf fail too: no clock shows such times
-                raise ValueError(f"time {when!r} out of range")
+            event = read_event(packet.payload)
         except (PacketError, ValueError) as error:
             self.note(f"an EVENT could not be read ({error}); skipped")
             return
-        event = Event(kind, float(when), room, user, text, tuple(more))
+        kind, user, text, more = event.kind, event.user, event.text, event.more
         if kind == "stop":
             # so the server knows we heard
             cumulative, bitmap = self.channel.acknowledgement()
@@ -579,8 +568,8 @@ class ClientProtocol(Requests):
         elif kind == "file":
             # told first, then the download starts (an empty file ends at once)
             self.events.append(event)
-            self.files.offer_arrived(user, more, self.now)
-        elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, more)):
+            self.files.offer_arrived(user, list(more), self.now)
+        elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, list(more))):
             # (a file event that ended ours: it says so)
             event = self.back.fresh(event, self.name)
             self.events.extend([event] if event else [])
@@ -724,6 +713,24 @@ class ClientProtocol(Requests):
         if self.file_stream is not None:
             wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
+
+
+def expected(packet: Packet, token: bytes, stream: Channel | None) -> bool:
+    """Could this packet be for us now? Before login (no token) only answers, numbered 0;
+    after it, packets with our token on a stream we have, and no unsequenced one but ACK."""
+    if token == NO_TOKEN:
+        return packet.seq == 0 and packet.type in (PacketType.OK, PacketType.ERROR)
+    ours = packet.token == token and stream is not None
+    return ours and (packet.seq != 0 or packet.type == PacketType.ACK)
+
+
+def read_event(payload: bytes) -> Event:
+    """Return an EVENT's fields [kind, unix time, room, user, text, *more] as an Event."""
+    kind, when, room, user, text, *more = unpack_fields(payload)
+    # nan and inf fail too: no clock shows such times
+    if not -1e10 < float(when) < 1e10:
+        raise ValueError(f"time {when!r} out of range")
+    return Event(kind, float(when), room, user, text, tuple(more))
 
 
 # --- Files: sending and receiving, without sockets -----------------------------------
@@ -3323,7 +3330,7 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     try:
         host, port = ask_address(args, terminal)
         made.append(ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
-                               downloads=args.downloads, trace=terminal.show if args.verbose else None,
+                               downloads=args.downloads, trace=args.verbose and terminal.show or None,
                                on_event=lambda event: terminal.show_event(event, made[0].name)))
         terminal.alive = functools.partial(check_alive, made[0])
         # Is anyone there? Better to know before asking for a password.
