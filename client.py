@@ -13,7 +13,8 @@ host, and a list of the servers that answered.
 When standard input is not a terminal, every answer (the password too) is read as a plain
 line and end of input means exit, so a session can be scripted:
 
-    printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' | python client.py --host 127.0.0.1 --port 9999
+    printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' \\
+        | python client.py --host 127.0.0.1 --port 9999
 
 How it is built, in the order this file reads:
 
@@ -65,25 +66,14 @@ import time
 import unicodedata
 
 import auth
+import encryption_helper as wire
 from encryption_helper import (
-    ACK_DELAY,
-    ACK_EVERY,
-    CHUNK_SIZE,
     DEFAULT_CIPHER,
     FILE_EVENTS,
-    FILL,
     FLAG_FILE_STREAM,
-    HEADER_SIZE,
     LOBBY,
-    MAX_FILE_NAME_BYTES,
-    MAX_PAYLOAD,
     MAX_TEXT_BYTES,
-    MB,
-    MIN_FIND_SIZE,
-    MIN_HELLO_SIZE,
     NO_TOKEN,
-    RECV_BUFFER,
-    SHA_HEX,
     Channel,
     ChecksumError,
     LossySocket,
@@ -92,42 +82,45 @@ from encryption_helper import (
     PacketType,
     Refused,
     RtoEstimator,
-    add_shared_options,
-    chunk_length,
     decode_packet,
-    describe_datagram,
     describe_size,
     encode_packet,
     make_cipher,
-    oversize_text,
-    pack_chunk,
     pack_fields,
     port_number,
-    unpack_chunk,
     unpack_fields,
     whole_number,
 )
 
-try:  # Linux and macOS: the line being typed is drawn again below a message printed above it
+try:
+    # Linux and macOS: the line being typed is drawn again below a message printed above it
     import readline
-except ImportError:  # Windows has no readline, and needs none
+except ImportError:
+    # Windows has no readline, and needs none
     readline = None
-try:  # Linux and macOS: to give the terminal back as we found it (echo on) after Ctrl+C
+try:
+    # Linux and macOS: to give the terminal back as we found it (echo on) after Ctrl+C
     import termios
 except ImportError:
     termios = None
-try:  # Unix only: asking the kernel for the addresses of each network interface
+try:
+    # Unix only: asking the kernel for the addresses of each network interface
     import fcntl
 except ImportError:
     fcntl = None
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
-MAX_WAIT = 0.5  # seconds a thread blocks at most, so Ctrl+C and shutdown are prompt
-FIRST_CONTACT_RETRY = 1.0  # seconds between tries before login: nothing is measured yet
-REJOIN_EVERY = 2.0  # seconds between tries to log back in after the session was lost
-ELSEWHERE_PATIENCE = 60.0  # seconds a rejoin waits for an old session of ours to time out
-MIN_PASSWORD = 4  # characters this client asks of a new account's password (the server takes any)
+# seconds a thread blocks at most, so Ctrl+C and shutdown are prompt
+MAX_WAIT = 0.5
+# seconds between tries before login: nothing is measured yet
+FIRST_CONTACT_RETRY = 1.0
+# seconds between tries to log back in after the session was lost
+REJOIN_EVERY = 2.0
+# seconds a rejoin waits for an old session of ours to time out
+ELSEWHERE_PATIENCE = 60.0
+# characters this client asks of a new account's password (the server takes any)
+MIN_PASSWORD = 4
 # Requests the server never did when it says it stops, and which may wait for a rejoin.
 RESENDABLE = {PacketType.SAY, PacketType.PRIVATE, PacketType.JOIN, PacketType.ROOMS, PacketType.WHO}
 # Refusals of a LOGIN that end by themselves: a lockout, a busy server, an old session of
@@ -143,13 +136,17 @@ class Timing:
     # Before login: try once a second, for this long; then "Server not responding". At
     # 30% loss each way a try fails about half the time, and all ten fail once in a thousand.
     connect_timeout: float = 10.0
-    heartbeat_every: float = 5.0  # say PING after this much quiet, so the server keeps us
-    lost_contact_after: float = 15.0  # nothing heard this long while waiting: warn the user...
-    give_up_after: float = 45.0  # ...and this long: the session is lost
+    # say PING after this much quiet, so the server keeps us
+    heartbeat_every: float = 5.0
+    # nothing heard this long while waiting: warn the user...
+    lost_contact_after: float = 15.0
+    # ...and this long: the session is lost
+    give_up_after: float = 45.0
     initial_rto: float = RtoEstimator.INITIAL
     min_rto: float = RtoEstimator.FLOOR
     max_rto: float = RtoEstimator.CEILING
-    goodbye_timeout: float = 3.0  # how long `exit` waits for the server's goodbye
+    # how long `exit` waits for the server's goodbye
+    goodbye_timeout: float = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +160,8 @@ class Event:
     """
 
     kind: str
-    time: float  # unix time: the server's stamp, or the client's clock for its own events
+    # unix time: the server's stamp, or the client's clock for its own events
+    time: float
     room: str = ""
     user: str = ""
     text: str = ""
@@ -200,6 +198,102 @@ KEY_MISMATCH = ("The server's reply fails its checksum: server and client keys d
 NOT_SENT = "Not back in the chat; not sent."
 
 
+# --- Getting back in: a state of the protocol ------------------------------------------
+
+
+class Reconnection:
+    """What getting back in after a lost session needs, and its steps: HELLO -> LOGIN
+    (marked "rejoin", so that it never pushes a newer login out) -> JOIN of the last room.
+
+    It remembers the user's last login and room, with their passwords, in memory only.
+    Narrow interface to the protocol: `send(type, fields)` a request, `notice(text)`.
+    `step` takes each answer and says what it comes to: "back", "gave up" or "".
+    It also keeps what of the room was shown: once back in, the room's past comes again.
+    """
+
+    def __init__(self, send, notice):
+        self.send, self.notice = send, notice
+        # (name, password) of the user's last login
+        self.login: tuple = ()
+        # (room, password) of the last room joined
+        self.room: tuple = ()
+        # (ticket, type, fields) the user asked for meanwhile
+        self.held: list[tuple] = []
+        self.retry_at = self.since = 0.0
+        # the refusal reported already, not to say it at every try
+        self.told = ""
+        self.returning, self.shown_until, self.last_second = False, 0.0, set()
+
+    def start(self, now: float) -> None:
+        self.retry_at, self.since, self.told = now, now, ""
+
+    def hold(self, ticket: int, ptype: PacketType, fields: tuple) -> None:
+        """Keep a request to send once back in; the first line kept says so, or a line typed
+        would seem to go nowhere (and be typed again)."""
+        if ptype == PacketType.SAY and PacketType.SAY not in [held[1] for held in self.held]:
+            self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
+        self.held.append((ticket, ptype, fields))
+
+    def forget(self, ticket: int) -> bool:
+        """Drop a held request whose asker stopped waiting; False if it is not held."""
+        kept = [held for held in self.held if held[0] != ticket]
+        found, self.held = len(kept) < len(self.held), kept
+        return found
+
+    def step(self, ptype: PacketType, result, name: str | None, now: float) -> str:
+        """Take the answer to our HELLO, LOGIN or JOIN, and send what comes next."""
+        done = isinstance(result, list)
+        if ptype == PacketType.HELLO and done:
+            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
+        elif ptype == PacketType.LOGIN and done:
+            self.notice(f"[INFO] Back in as {name}.")
+            self.returning = bool(self.room)
+            if not self.room:
+                return "back"
+            self.send(PacketType.JOIN, self.room)
+        elif ptype == PacketType.JOIN and (done or isinstance(result, Refused)):
+            room, self.room = self.room[0], self.room if done else ()
+            self.notice(f"[INFO] In {result[0]} again." if done else
+                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
+            return "back"
+        elif isinstance(result, Refused) and not self.worth_waiting(result, now):
+            self.notice(f"[WARN] Could not get back in: {result.text}")
+            return "gave up"
+        else:
+            # not answering yet, or lost again half-way: try again soon, from the top
+            self.retry_at = now + REJOIN_EVERY
+            code = getattr(result, "code", "")
+            if code in ("locked", "logged-in-elsewhere") and code != self.told:
+                self.told = code
+                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
+        return ""
+
+    def worth_waiting(self, refusal: Refused, now: float) -> bool:
+        """Will logging back in work later? A lockout ends, and so does an old session of ours
+        that the server keeps at our old address (a new Wi-Fi, say) until it times out."""
+        if refusal.code == "logged-in-elsewhere":
+            return now - self.since < ELSEWHERE_PATIENCE
+        return refusal.code in WORTH_WAITING
+
+    def fresh(self, event: Event, me: str | None) -> Event | None:
+        """Return a server event to show, or None for the room's past shown already.
+
+        Back in after a loss, the room's history comes again. A line before the newest one
+        shown was shown (of the last second, only the lines seen), and our own lines were
+        shown as we said them; a later one was said while we were away: news, not the past.
+        """
+        if event.kind == "history" and self.returning:
+            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
+            if event.user.lower() == (me or "").lower() or event.time < self.shown_until or seen:
+                return None
+            event = dataclasses.replace(event, kind="chat")
+        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
+            if event.time > self.shown_until:
+                self.shown_until, self.last_second = event.time, set()
+            self.last_second.add((event.user, event.text))
+        return event
+
+
 # --- The protocol, without sockets, threads or clock -----------------------------------
 #
 # The life of a line typed, "hi": ChatClient.say -> ClientProtocol.request (SAY queued on
@@ -209,71 +303,53 @@ NOT_SENT = "Not back in the chat; not sent."
 # request 7 in `pending` and puts Event("answer") and the own line Event("chat") out.
 
 
-class ClientProtocol:
-    """One user's side of the chat protocol: datagrams and the time in, datagrams and Events out.
+class Requests:
+    """Requests to the server and their answers: the transport half of ClientProtocol.
 
-    Entry points: `request(type, fields, now)` queues a request and returns its number;
-    `receive(datagram, now)` takes what the server sent; `poll(now)` returns the datagrams
-    to send now (retransmissions, heartbeat, the next try at getting back in);
-    `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's ICMP
-    report; `log_out()` ends the session by our choice. Output: `take_events()`.
-
-    `state` is one of "not logged in", "connected", "lost contact" (logged in, the server
-    silent), "reconnecting" and "closed". A session lost by a RESET, the server's "stop"
-    or a silence too long goes to "reconnecting" when a login is remembered (in memory
-    only): HELLO -> LOGIN (marked "rejoin") -> JOIN of the last room, tried every
-    REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
+    Before login, one request at a time on a stop-and-wait Channel; after it, the session's
+    Channel. Each request gets a number (a "ticket") from `request`, and its answer comes
+    out as Event("answer", more=(ticket, fields or error)) in the one stream of events
+    (`emit`, `take_events`). Requests of the protocol's own (a PING) have ticket 0.
     """
 
-    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
-                 trace=None, server: str = "the server", downloads: str = "downloads",
-                 rejoin: bool = True):
-        self.cipher, self.timing, self.trace, self.server = cipher, timing or Timing(), trace, server
+    def __init__(self, cipher, timing: Timing | None, now: float, loss: float, trace, server: str):
+        self.cipher, self.timing, self.trace = cipher, timing or Timing(), trace
+        self.server = server
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
         tries = self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2
         self.connect_tries = max(1, math.ceil(tries))
-        self.state, self.closed_reason, self.rejoin = "not logged in", "", rejoin
-        self.token, self.name, self.room = NO_TOKEN, None, None
-        self.events: list[Event] = []
-        self.wall_offset = 0.0  # add to `now` for unix time (ChatClient sets it)
+        self.state, self.closed_reason, self.events = "not logged in", "", []
+        self.token = NO_TOKEN
+        # add to `now` for unix time (ChatClient sets it)
+        self.wall_offset = 0.0
         self.now = self.last_heard = self.last_sent = now
-        self.unreachable = 0  # "port unreachable" reports since the server last spoke
-        self.tickets = 0  # request numbers handed out; 0 names our own (PING, rejoin)
-        self.pending: dict[int, tuple] = {}  # sequence number -> (ticket, type, fields)
-        self.next_stranger_seq = 1  # before login numbers go on across tries (PROTOCOL.md 9)
+        # "port unreachable" reports since the server last spoke
+        self.unreachable = 0
+        # request numbers handed out
+        self.tickets = 0
+        # sequence number -> (ticket, type, fields)
+        self.pending: dict[int, tuple] = {}
+        # before login numbers go on across tries (PROTOCOL.md 9)
+        self.next_stranger_seq = 1
         self.channel = self.stranger_channel()
-        self.file_stream: Channel | None = None  # the session's second channel: file chunks
-        self.files = FileTransfers(downloads, self.emit_transfer, self.cancel_transfer)
-        self.outbox: list[bytes] = []  # a last ACK on a session the server stopped
-        # Getting back in: the login and room (with passwords), requests held meanwhile.
-        self.login: tuple = ()
-        self.room_login: tuple = ()
-        self.held: list[tuple] = []  # (ticket, type, fields)
-        self.retry_at = self.rejoin_since = 0.0
-        self.told = ""  # the refusal already reported while getting back in
-        # What was shown of the room, so its past is not shown twice after a rejoin.
-        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     def stranger_channel(self) -> Channel:
-        """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s getting back in)."""
-        retry = REJOIN_EVERY if self.state == "reconnecting" else FIRST_CONTACT_RETRY
-        tries = 10**9 if self.state == "reconnecting" else self.connect_tries
-        return Channel(self.cipher, window=1, max_sends=tries, rto=RtoEstimator(retry, retry, retry),
-                       first_seq=self.next_stranger_seq)
+        """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s to get back in)."""
+        back = self.state == "reconnecting"
+        retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
+        return Channel(self.cipher, window=1, max_sends=tries, first_seq=self.next_stranger_seq,
+                       rto=RtoEstimator(retry, retry, retry))
 
     def session_channel(self, token: bytes, flags: int = 0) -> Channel:
         rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=ACK_DELAY, ack_every=ACK_EVERY,
-                       flags=flags)
+        return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
+                       ack_every=wire.ACK_EVERY, flags=flags)
 
     @property
     def logged_in(self) -> bool:
         return self.token != NO_TOKEN
 
-    # --- Output: one stream of events ---
-
-    def emit(self, kind: str, room: str = "", user: str = "", text: str = "", more=(),
-             when: float | None = None) -> None:
+    def emit(self, kind: str, room="", user="", text="", more=(), when=None) -> None:
         when = self.now + self.wall_offset if when is None else when
         self.events.append(Event(kind, when, room, user or "", text, tuple(more)))
 
@@ -291,66 +367,108 @@ class ClientProtocol:
             self.emit("state", text=state)
 
     def take_events(self) -> list[Event]:
-        """Return what happened since the last call, in order."""
         events, self.events = self.events, []
         return events
+
+    def send_request(self, ticket: int, ptype: PacketType, fields) -> None:
+        """Put a request on the channel, or raise Refused if it cannot go."""
+        if ptype == PacketType.HELLO:
+            # padding: the server answers no HELLO under 128 bytes
+            fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
+        payload = pack_fields(*fields)
+        if len(payload) > wire.MAX_PAYLOAD:
+            raise Refused("too-long", "That is too long to send in one packet; not sent.")
+        if self.channel.idle():
+            # silence counts from when we start waiting
+            self.last_heard = max(self.last_heard, self.now)
+        seq = self.channel.send(ptype, payload)
+        if not seq:
+            raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
+        self.pending[seq] = (ticket, ptype, tuple(fields))
+        self.next_stranger_seq = seq + 1 if not self.logged_in else self.next_stranger_seq
+
+    def read_answer(self, packet: Packet) -> tuple | None:
+        """Return (ticket, type, fields asked, fields answered, fields or Refused) for an OK or
+        ERROR, found by the number in its first field; None if it answers nothing waiting."""
+        try:
+            seq, *fields = unpack_fields(packet.payload)
+            ticket, ptype, asked = self.pending.pop(int(seq))
+        except (PacketError, ValueError, KeyError):
+            # unreadable, or a late answer to something given up on
+            return None
+        result = fields
+        if packet.type == PacketType.ERROR:
+            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
+        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
+            result = Refused("bad-reply", "The server's welcome could not be read.")
+        return ticket, ptype, asked, fields, result
+
+    # --- Tracing (--verbose) ---
+
+    def note(self, text: str) -> None:
+        if self.trace:
+            self.trace(f"[trace] {text}")
+
+    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
+        """Trace one datagram; the line is only put together when someone reads it."""
+        if self.trace:
+            self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
+
+
+class ClientProtocol(Requests):
+    """One user's side of the chat: datagrams and the time in, datagrams and Events out.
+
+    Entry points: `request(type, fields, now)` queues a request and returns its number;
+    `receive(datagram, now)` takes what the server sent; `poll(now)` returns what to send
+    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's
+    ICMP report; `log_out()` ends the session by our choice. Out: `take_events()`.
+
+    `state`: "not logged in", "connected", "lost contact" (the server silent),
+    "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
+    to "reconnecting" when a login is remembered (in memory only): HELLO -> LOGIN (marked
+    "rejoin") -> JOIN of the last room, tried every REJOIN_EVERY s; what the user asks for
+    meanwhile is held, and sent once back in.
+    """
+
+    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
+                 trace=None, server: str = "the server", downloads: str = "downloads",
+                 rejoin: bool = True):
+        super().__init__(cipher, timing, now, loss, trace, server)
+        self.name: str | None = None
+        self.room: str | None = None
+        # the session's second channel: file chunks
+        self.file_stream: Channel | None = None
+        # a last ACK on a session the server stopped
+        self.outbox: list[bytes] = []
+        self.files = FileTransfers(downloads, self.emit_transfer,
+                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
+        # get back in after a lost session (tests may say no)
+        self.rejoin = rejoin
+        self.back = Reconnection(self.send, self.notice)
+
+    def emit_transfer(self, transfer: "Transfer") -> None:
+        self.emit("transfer", more=(transfer,))
+
+    def send(self, ptype: PacketType, fields) -> None:
+        """Send a request of our own (ticket 0: nobody waits for its answer)."""
+        self.send_request(0, ptype, fields)
 
     # --- Requests ---
 
     def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
         """Queue a request; return its number, which its "answer" event names."""
-        self.now = now
+        self.now, self.tickets = now, self.tickets + 1
         if self.state == "closed":
             raise ConnectionClosed(self.closed_reason)
-        self.tickets += 1
         if self.state == "reconnecting" and ptype in RESENDABLE:
-            if ptype == PacketType.SAY and not any(held[1] == ptype for held in self.held):
-                self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
-            self.held.append((self.tickets, ptype, tuple(fields)))
+            self.back.hold(self.tickets, ptype, tuple(fields))
         elif self.state == "reconnecting" and ptype != PacketType.BYE:
             raise Refused("not-sent", "Not in the chat right now; not sent.")
         elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
             raise SessionLost(SESSION_LOST)
         else:
-            self.send_request(self.tickets, ptype, fields, now)
+            self.send_request(self.tickets, ptype, fields)
         return self.tickets
-
-    def send_request(self, ticket: int, ptype: PacketType, fields, now: float) -> None:
-        """Put a request on the channel, or raise Refused if it cannot go."""
-        if ptype == PacketType.HELLO:  # padding: the server answers no HELLO under 128 bytes
-            fields = ["." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)]
-        payload = pack_fields(*fields)
-        if len(payload) > MAX_PAYLOAD:
-            raise Refused("too-long", "That is too long to send in one packet; not sent.")
-        if self.channel.idle():  # silence counts from when we start waiting
-            self.last_heard = max(self.last_heard, now)
-        seq = self.channel.send(ptype, payload)
-        if not seq:
-            raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
-        self.pending[seq] = (ticket, ptype, tuple(fields))
-        if not self.logged_in:
-            self.next_stranger_seq = seq + 1
-
-    def forget(self, ticket: int) -> bool:
-        """Drop a held request whose asker stopped waiting; False if it is not held."""
-        kept = [held for held in self.held if held[0] != ticket]
-        found, self.held = len(kept) < len(self.held), kept
-        return found
-
-    def offer_file(self, transfer: "Transfer", now: float) -> int:
-        """Offer a file to the server (FILE_OFFER); the upload starts once it says yes."""
-        ticket = self.request(PacketType.FILE_OFFER, offer_fields(transfer), now)
-        self.files.offers[ticket] = transfer
-        return ticket
-
-    def cancel_transfer(self, number: int) -> None:
-        """Tell the server a transfer of ours is stopped (FILE_CANCEL)."""
-        if self.logged_in:
-            self.send_request(0, PacketType.FILE_CANCEL, [str(number)], self.now)
-
-    def emit_transfer(self, transfer: "Transfer") -> None:
-        self.emit("transfer", user=transfer.peer, text=transfer.state, more=(transfer,))
-
 
     # --- What the server sends ---
 
@@ -362,45 +480,30 @@ class ClientProtocol:
         except PacketError as error:
             self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
             if isinstance(error, ChecksumError) and not self.logged_in:
-                self.fail_pending(ServerNotResponding(KEY_MISMATCH))  # every answer is unreadable
+                # every answer is unreadable
+                self.fail_pending(ServerNotResponding(KEY_MISMATCH))
             return
-        self.heard_from_server(now)
+        self.last_heard, self.unreachable = now, 0
+        files = bool(packet.flags & FLAG_FILE_STREAM)
+        stream = self.file_stream if files else self.channel
         if packet.type == PacketType.RESET:
             self.receive_reset(packet, data)
-        elif not self.expected(packet):
+        elif not expected(packet, self.token, stream):
             self.trace_packet("in ", data, ": from an old session or from before it, dropped")
         else:
-            stream = self.file_stream if packet.flags & FLAG_FILE_STREAM else self.channel
             outcome, ready = stream.receive(packet, now)
-            self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else ": " + outcome)
+            quiet = outcome in ("in order", "unsequenced")
+            self.trace_packet("in ", data, "" if quiet else ": " + outcome)
             for delivered in ready:
-                self.deliver(delivered, stream is self.file_stream)
-
-    def expected(self, packet: Packet) -> bool:
-        """Could this packet be for us now? Before login only answers (seq 0) are; after it,
-        only packets with our token, and the only unsequenced one is an ACK."""
-        if not self.logged_in:
-            return packet.seq == 0 and packet.type in (PacketType.OK, PacketType.ERROR)
-        if packet.flags & FLAG_FILE_STREAM and self.file_stream is None:
-            return False
-        return packet.token == self.token and (packet.seq != 0 or packet.type == PacketType.ACK)
-
-    def deliver(self, packet: Packet, file_stream: bool) -> None:
-        if file_stream and packet.seq and packet.type == PacketType.FILE_CHUNK:
-            self.files.receive_chunk(packet.payload)
-        elif not file_stream and packet.type == PacketType.EVENT:
-            self.receive_event(packet)
-        elif not file_stream and packet.type in (PacketType.OK, PacketType.ERROR):
-            self.receive_answer(packet)
-
-    def heard_from_server(self, now: float) -> None:
-        self.last_heard, self.unreachable = now, 0
-        if self.state == "lost contact":
-            self.set_state("connected")
-            self.notice("[INFO] In contact with the server again.")
+                if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                    self.files.receive_chunk(delivered.payload)
+                elif not files and delivered.type == PacketType.EVENT:
+                    self.receive_event(delivered)
+                elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
+                    self.receive_answer(delivered)
 
     def receive_reset(self, packet: Packet, data: bytes) -> None:
-        """RESET: the server has no session for the token it echoes - believed only if it is ours."""
+        """RESET: the server has no session with the token it echoes - believed if it is ours."""
         if not self.logged_in or packet.token != self.token:
             self.trace_packet("in ", data, ": not about our session, dropped")
             return
@@ -408,35 +511,33 @@ class ClientProtocol:
         self.lose_session(SessionLost(SESSION_LOST))
 
     def receive_answer(self, packet: Packet) -> None:
-        """An OK or ERROR: find the request it answers by the number in its first field."""
-        try:
-            seq, *fields = unpack_fields(packet.payload)
-            ticket, ptype, asked = self.pending.pop(int(seq))
-        except (PacketError, ValueError, KeyError):
-            return  # unreadable, or a late answer to something given up on
-        if packet.type == PacketType.ERROR:
-            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
-        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
-            result = Refused("bad-reply", "The server's welcome could not be read.")
-        else:
-            result = fields
+        """An OK or ERROR: the answer to a request of the user's, or of ours."""
+        if (answer := self.read_answer(packet)) is None:
+            return
+        ticket, ptype, asked, fields, result = answer
         if ptype == PacketType.FILE_OFFER:
             self.files.answered(ticket, result, self.now)
         self.answer(ticket, result)
         if isinstance(result, list):
             self.accepted(ticket, ptype, asked, fields, packet.token)
         if not ticket and self.state == "reconnecting":
-            self.rejoin_step(ptype, result)
+            outcome = self.back.step(ptype, result, self.name, self.now)
+            if outcome == "back":
+                self.back_in()
+            elif outcome == "gave up":
+                self.log_out(NOT_SENT)
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
-        """The server did what we asked: note what it changes, show our own line."""
+        """The server did what we asked: note what that changes, show our own line."""
         if ptype == PacketType.LOGIN:
             self.start_session(token, fields[0])
-            if ticket:  # the user's login: the one to log back in with
-                self.login, self.room_login, self.returning = asked[1:3], (), False
+            if ticket:
+                # the user's login, not ours getting back in: the one to remember
+                self.back.login, self.back.room, self.back.returning = asked[1:3], (), False
         elif ptype == PacketType.JOIN:
-            self.room, self.room_login = fields[0], asked
-            self.returning = self.returning and not ticket  # a room the user chose: all its past is news
+            self.room, self.back.room = fields[0], asked
+            # a room the user chose: all its past is news
+            self.back.returning &= not ticket
         elif ptype == PacketType.SAY:
             self.emit("chat", self.room or "", self.name, asked[0])
         elif ptype == PacketType.PRIVATE:
@@ -446,172 +547,106 @@ class ClientProtocol:
 
     def receive_event(self, packet: Packet) -> None:
         try:
-            kind, when, room, user, text, *more = unpack_fields(packet.payload)
-            if not -1e10 < float(when) < 1e10:  # nan and inf fail too: no clock shows such times
-                raise ValueError(f"time {when!r} out of range")
+            event = read_event(packet.payload)
         except (PacketError, ValueError) as error:
             self.note(f"an EVENT could not be read ({error}); skipped")
             return
+        kind, user, text, more = event.kind, event.user, event.text, event.more
         if kind == "stop":
-            self.outbox.append(self.last_ack())  # so the server need not wait to know we heard
+            # so the server knows we heard
+            cumulative, bitmap = self.channel.acknowledgement()
+            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
+            self.outbox.append(encode_packet(ack, self.cipher))
             self.notice("[INFO] The server was stopped.")
             self.lose_session(SessionLost("The server was stopped."), stopped=True)
         elif kind == "replaced":
             self.notice("[INFO] You logged in elsewhere; this client is logged out.")
-            self.login = ()
-            self.lose_session(SessionLost("You logged in elsewhere."))
+            self.back.login = ()
+            self.lose_session(SessionLost("You logged in elsewhere."), told=True)
         elif kind == "file":
-            self.files.offer_arrived(user, more, self.now)
-            self.emit(kind, room, user, text, more, float(when))
-        elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, more)):
-            self.show_once(Event(kind, float(when), room, user, text, tuple(more)))
-
-    def show_once(self, event: Event) -> None:
-        """Emit a server event, but not the room's past shown already before a rejoin.
-
-        Back in after a loss, the room's history is sent again. A line at or before the
-        newest shown was shown (of the last second, only the lines seen), and our own lines
-        were shown as we said them; a later one was said while we were away: it is news.
-        """
-        if event.kind == "history" and self.returning:
-            if event.user.lower() == (self.name or "").lower() or event.time < self.shown_until:
-                return
-            if event.time == self.shown_until and (event.user, event.text) in self.last_second:
-                return
-            event = dataclasses.replace(event, kind="chat")
-        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
-            if event.time > self.shown_until:
-                self.shown_until, self.last_second = event.time, set()
-            self.last_second.add((event.user, event.text))
-        self.events.append(event)
-
-    def last_ack(self) -> bytes:
-        cumulative, bitmap = self.channel.acknowledgement()
-        return encode_packet(Packet(PacketType.ACK, 0, cumulative, bitmap, self.token), self.cipher)
-
+            # told first, then the download starts (an empty file ends at once)
+            self.events.append(event)
+            self.files.offer_arrived(user, list(more), self.now)
+        elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, list(more))):
+            # (a file event that ended ours: it says so)
+            event = self.back.fresh(event, self.name)
+            self.events.extend([event] if event else [])
 
     # --- Sessions: start, end, get back in ---
 
     def start_session(self, token: bytes, name: str) -> None:
         """Logged in: from now on, everything goes on the session's two channels."""
-        self.token, self.name = token, name
         self.end_requests(Refused("not-sent", "Sent while logging in; not sent."))
+        self.token, self.name = token, name
         self.channel = self.session_channel(token)
         self.file_stream = self.session_channel(token, FLAG_FILE_STREAM)
         if self.state != "reconnecting":
             self.set_state("connected")
 
-    def end_session(self, error: ChatError | Refused, hold: bool = False) -> None:
-        """Back to no session: nothing more to acknowledge, nothing to keep alive."""
-        self.end_requests(error, hold)
-        self.token, self.name, self.room = NO_TOKEN, None, None
-        self.channel, self.file_stream = self.stranger_channel(), None
-        self.files.end_all("the session ended")
-
-    def end_requests(self, error, hold: bool = False) -> None:
-        """Answer every request still waiting with `error`; a BYE counts as answered (the
-        session is over, as it asked). With `hold`, what the server never did waits instead."""
+    def end_requests(self, error, stopped: bool = False) -> None:
+        """Answer every request waiting with `error`, but a BYE, which is answered (the session
+        is over, as it asked); what a stopped server never did is held for the rejoin."""
         waiting, self.pending = self.pending, {}
         for ticket, ptype, fields in waiting.values():
-            if hold and ticket and ptype in RESENDABLE:
-                self.held.append((ticket, ptype, fields))
-            elif ptype == PacketType.FILE_OFFER:
+            if stopped and ticket and ptype in RESENDABLE:
+                self.back.held.append((ticket, ptype, fields))
+                continue
+            if ptype == PacketType.FILE_OFFER:
                 self.files.answered(ticket, error, self.now)
             self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
+        self.channel = self.stranger_channel()
 
     def fail_pending(self, error: ChatError) -> None:
-        """Before login: every request waiting gets `error`; a fresh channel for the next."""
+        """Before login: every request waiting gets `error`, and a try later, getting back in."""
         self.end_requests(error)
-        self.channel = self.stranger_channel()
-        if self.state == "reconnecting":
-            self.retry_at = self.now + REJOIN_EVERY
+        self.back.retry_at = self.now + REJOIN_EVERY
 
-    def lose_session(self, error: SessionLost, stopped: bool = False) -> None:
-        """The session ended without our asking: get back in if we can, else it is over.
-
-        After a "stop" the server did nothing more: what was waiting is held, not failed.
-        """
-        back = self.rejoin and bool(self.login)
-        self.end_session(error, hold=stopped and back)
+    def lose_session(self, error: SessionLost, stopped: bool = False, told: bool = False) -> None:
+        """The session ended without our asking: get back in if we can, else it is over."""
+        back = self.rejoin and bool(self.back.login)
+        self.end_requests(error, stopped and back)
+        self.token, self.name, self.room, self.file_stream = NO_TOKEN, None, None, None
+        self.files.end_all("the session ended")
         if back and self.state != "reconnecting":
             self.set_state("reconnecting")
             self.notice("[INFO] Trying to get back in (type exit to stop)...")
-            self.retry_at = self.rejoin_since = self.now
+            self.back.start(self.now)
             self.channel = self.stranger_channel()
-        elif not back:
+        elif not back and self.state != "closed":
+            if not told:
+                self.notice(f"[WARN] {error}")
             self.set_state("not logged in")
-
-    def rejoin_step(self, ptype: PacketType, result) -> None:
-        """Getting back in: the answer to our HELLO, LOGIN or JOIN says what comes next."""
-        if ptype == PacketType.HELLO and isinstance(result, list):
-            self.send_request(0, PacketType.LOGIN, (result[0], *self.login, "rejoin"), self.now)
-        elif ptype == PacketType.LOGIN and isinstance(result, list):
-            self.notice(f"[INFO] Back in as {self.name}.")
-            if self.room_login:
-                self.returning = True
-                self.send_request(0, PacketType.JOIN, self.room_login, self.now)
-            else:
-                self.back_in()
-        elif ptype == PacketType.JOIN and isinstance(result, Refused):
-            room, self.room_login = self.room_login[0], ()
-            self.notice(f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
-            self.back_in()
-        elif ptype == PacketType.JOIN and isinstance(result, list):
-            self.notice(f"[INFO] In {self.room} again.")
-            self.back_in()
-        elif isinstance(result, Refused):
-            self.refused_back(result)
-        else:  # not answering yet, or lost again half-way: try again soon, from the top
-            self.retry_at = self.now + REJOIN_EVERY
-
-    def refused_back(self, refusal: Refused) -> None:
-        """A LOGIN refused while getting back in: wait and retry, or give up and say why."""
-        patience = refusal.code != "logged-in-elsewhere" or self.now - self.rejoin_since < ELSEWHERE_PATIENCE
-        if refusal.code not in WORTH_WAITING or not patience:
-            self.notice(f"[WARN] Could not get back in: {refusal.text}")
-            self.login = ()
-            self.set_state("not logged in")
-            for ticket, *_ in self.held:
-                self.answer(ticket, Refused("not-sent", NOT_SENT))
-            self.held = []
-            return
-        if refusal.code in ("locked", "logged-in-elsewhere") and refusal.code != self.told:
-            self.told = refusal.code
-            self.notice(f"[WARN] Not back in yet: {refusal.text} (still trying)")
-        self.retry_at = self.now + REJOIN_EVERY
 
     def back_in(self) -> None:
         """Back in the chat: send what the user asked for meanwhile, in order."""
         self.set_state("connected")
-        held, self.held, self.told = self.held, [], ""
+        held, self.back.held = self.back.held, []
         for ticket, ptype, fields in held:
             try:
-                self.send_request(ticket, ptype, fields, self.now)
-            except Refused as refusal:  # too long, or too many waiting: that one is not sent
+                self.send_request(ticket, ptype, fields)
+            except Refused as refusal:
+                # too long, or too many waiting: that one is not sent
                 self.answer(ticket, refusal)
 
-    def log_out(self) -> None:
-        """The session ends by our choice (BYE): no getting back in."""
-        self.login = ()
-        for ticket, *_ in self.held:
-            self.answer(ticket, Refused("not-sent", "Logged out; not sent."))
-        self.held = []
-        self.end_session(Refused("not-sent", "Logged out; not sent."))
-        if self.state != "closed":
-            self.set_state("not logged in")
+    def log_out(self, why: str = "Logged out; not sent.") -> None:
+        """The session is over by our choice (BYE), or we gave up getting back in."""
+        for ticket, *_ in self.back.held:
+            self.answer(ticket, Refused("not-sent", why))
+        self.back.login, self.back.held = (), []
+        self.lose_session(Refused("not-sent", why), told=True)
 
     def port_unreachable(self) -> None:
         """The OS reported an ICMP "port unreachable": nobody listens there (yet).
 
         One report may be left over from an earlier server; two with nothing heard between
-        mean the server is not running. In a session that is news at once (its process was
-        killed, say), not after the heartbeats have waited for answers in vain.
+        mean the server is not running: in a session that is news at once.
         """
         self.unreachable += 1
         if self.unreachable < 2 or self.state == "reconnecting":
             return
         if self.logged_in:
-            self.give_up(f"The server at {self.server} has stopped (nothing is listening on its port)")
+            self.give_up(f"The server at {self.server} has stopped "
+                         "(nothing is listening on its port)")
         elif self.pending:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
@@ -623,11 +658,12 @@ class ClientProtocol:
         self.now = now
         if self.state == "closed":
             return []
-        idle = self.channel.idle()
-        if self.state == "connected" and idle and now - self.last_sent >= self.timing.heartbeat_every:
-            self.send_request(0, PacketType.PING, (), now)  # so the server knows we are here
-        if self.state == "reconnecting" and not self.pending and now >= self.retry_at:
-            self.send_request(0, PacketType.HELLO, (), now)
+        if self.state == "connected" and self.channel.idle():
+            if now - self.last_sent >= self.timing.heartbeat_every:
+                # so the server knows we are here
+                self.send(PacketType.PING, ())
+        if self.state == "reconnecting" and not self.pending and now >= self.back.retry_at:
+            self.send(PacketType.HELLO, ())
         out, self.outbox = self.outbox + self.channel.poll(now), []
         if self.file_stream is not None:
             self.files.fill(self.file_stream)
@@ -640,14 +676,16 @@ class ClientProtocol:
 
     def check_contact(self, now: float) -> None:
         """Warn when the server has gone quiet while we wait for it; give up after a while."""
-        streams = [self.channel, *([self.file_stream] if self.file_stream else [])]
+        streams = [self.channel] + ([self.file_stream] if self.file_stream else [])
+        silence = now - self.last_heard
+        if self.state == "lost contact" and silence < self.timing.lost_contact_after:
+            self.set_state("connected")
+            self.notice("[INFO] In contact with the server again.")
         if self.channel.failed and not self.logged_in:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server}"))
+        elif not self.logged_in or all(stream.idle() for stream in streams):
             return
-        silence = now - self.last_heard
-        if not self.logged_in or all(stream.idle() for stream in streams):
-            return
-        if any(stream.failed for stream in streams) or silence >= self.timing.give_up_after:
+        elif any(stream.failed for stream in streams) or silence >= self.timing.give_up_after:
             self.give_up(f"Lost contact with the server for {silence:.0f} s")
         elif silence >= self.timing.lost_contact_after and self.state == "connected":
             self.set_state("lost contact")
@@ -657,7 +695,7 @@ class ClientProtocol:
         """No answer for too long: a session is lost (and got back if we can); else close."""
         if self.logged_in:
             self.notice(f"[WARN] {reason}.")
-            self.lose_session(SessionLost(f"{reason}."))
+            self.lose_session(SessionLost(f"{reason}."), told=True)
         else:
             self.closed_reason = f"{reason}; giving up."
             self.fail_pending(ConnectionClosed(self.closed_reason))
@@ -669,21 +707,28 @@ class ClientProtocol:
         if self.state == "connected":
             wakeups.append(self.last_sent + self.timing.heartbeat_every)
         if self.state == "reconnecting" and not self.pending:
-            wakeups.append(self.retry_at)
+            wakeups.append(self.back.retry_at)
         if self.file_stream is not None:
-            wakeups += [self.file_stream.next_wakeup(), 0.0 if self.files.sending() else math.inf]
+            wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
 
-    # --- Tracing (--verbose) ---
 
-    def note(self, text: str) -> None:
-        if self.trace:
-            self.trace(f"[trace] {text}")
+def expected(packet: Packet, token: bytes, stream: Channel | None) -> bool:
+    """Could this packet be for us now? Before login (no token) only answers, numbered 0;
+    after it, packets with our token on a stream we have, and no unsequenced one but ACK."""
+    if token == NO_TOKEN:
+        return packet.seq == 0 and packet.type in (PacketType.OK, PacketType.ERROR)
+    ours = packet.token == token and stream is not None
+    return ours and (packet.seq != 0 or packet.type == PacketType.ACK)
 
-    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
-        """Trace one datagram; the line is only put together when someone reads it."""
-        if self.trace:
-            self.trace(f"[trace] {direction:<3} {describe_datagram(data)}{note}")
+
+def read_event(payload: bytes) -> Event:
+    """Return an EVENT's fields [kind, unix time, room, user, text, *more] as an Event."""
+    kind, when, room, user, text, *more = unpack_fields(payload)
+    # nan and inf fail too: no clock shows such times
+    if not -1e10 < float(when) < 1e10:
+        raise ValueError(f"time {when!r} out of range")
+    return Event(kind, float(when), room, user, text, tuple(more))
 
 
 # --- Files: sending and receiving, without sockets -----------------------------------
@@ -705,33 +750,49 @@ class ClientProtocol:
 # every byte is there, and only then renames it: a crash leaves at most a .part file.
 # A name comes from another user, so it is treated as hostile (`safe_file_name`).
 
-SAFE_NAME_BYTES = 200  # what a saved file's name is cut to: room left for " (12)" and ".part"
+# what a saved file's name is cut to: room left for " (12)" and ".part"
+SAFE_NAME_BYTES = 200
 # Windows will not create a file with these names, with any extension ("con.txt" too).
 RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
-                  *(f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3")}
-FORBIDDEN = set('<>:"/\\|?*')  # characters Windows refuses in a file name
-UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}  # Unicode categories a file name loses
-HISTORY = 50  # finished transfers /files still lists
+                  *(f"{port}{n}" for port in ("COM", "LPT")
+                    for n in "0123456789\u00b9\u00b2\u00b3")}
+# characters Windows refuses in a file name
+FORBIDDEN = set('<>:"/\\|?*')
+# Unicode categories a file name loses
+UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
+# finished transfers /files still lists
+HISTORY = 50
 
 
 @dataclasses.dataclass(eq=False)
 class Transfer:
     """One file on its way, to or from us: what /files and the progress bar show."""
 
-    direction: str  # "send" or "receive"
-    peer: str  # to whom ("bob", or "the room"), or from whom
-    name: str  # the file's name as offered (shown through printable())
+    # "send" or "receive"
+    direction: str
+    # to whom ("bob", or "the room"), or from whom
+    peer: str
+    # the file's name as offered (shown through printable())
+    name: str
     size: int
     sha256: str
-    path: str  # send: the file we read; receive: the .part file we write, then the final name
-    number: int = 0  # the server's number for it; 0 until the offer is accepted
-    done_bytes: int = 0  # bytes put into the file stream, or written
-    state: str = "offered"  # offered, moving, done, failed, cancelled
-    note: str = ""  # how it ended, in words
-    said: str = ""  # the server's own words when it cancelled it
+    # send: the file we read; receive: the .part file we write, then the final name
+    path: str
+    # the server's number for it; 0 until the offer is accepted
+    number: int = 0
+    # bytes put into the file stream, or written
+    done_bytes: int = 0
+    # offered, moving, done, failed, cancelled
+    state: str = "offered"
+    # how it ended, in words
+    note: str = ""
+    # the server's own words when it cancelled it
+    said: str = ""
     started: float = 0.0
-    file: object = None  # the open file, while bytes move
-    last_seq: int = 0  # send: the file stream's number of its last chunk
+    # the open file, while bytes move
+    file: object = None
+    # send: the file stream's number of its last chunk
+    last_seq: int = 0
 
     @property
     def active(self) -> bool:
@@ -749,9 +810,11 @@ def safe_file_name(name: str) -> str:
     ('passwd', 'x', '_con.txt')
     """
     name = unicodedata.normalize("NFC", name)
-    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]  # the last part: no folder, "..", drive
+    # the last part: no folder, "..", drive
+    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]
     name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
-    name = name.strip(" .")  # Windows drops trailing dots and spaces; a leading dot hides a file
+    # Windows drops trailing dots and spaces; a leading dot hides a file
+    name = name.strip(" .")
     if not name:
         return "file"
     if name.split(".")[0].upper().rstrip(" ") in RESERVED_NAMES:
@@ -792,7 +855,7 @@ def file_sha256(path: str) -> str:
     """Return the SHA-256 of a file, read in pieces (a big file is never all in memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for piece in iter(lambda: file.read(MB), b""):
+        for piece in iter(lambda: file.read(wire.MB), b""):
             digest.update(piece)
     return digest.hexdigest()
 
@@ -808,7 +871,7 @@ def prepare_upload(to: str, path: str) -> Transfer:
         size, sha = os.path.getsize(path), file_sha256(path)
     except OSError as error:
         raise FileProblem(f"Cannot read {path}: {error.strerror or error}") from None
-    name = shorten(os.path.basename(path), MAX_FILE_NAME_BYTES)
+    name = shorten(os.path.basename(path), wire.MAX_FILE_NAME_BYTES)
     return Transfer("send", to or "the room", name, size, sha, path)
 
 
@@ -838,8 +901,10 @@ class FileTransfers:
 
     def __init__(self, downloads: str, emit, cancel):
         self.downloads, self.emit, self.cancel = downloads, emit, cancel
-        self.offers: dict[int, Transfer] = {}  # request number -> offer not answered yet
-        self.moving: dict[tuple[str, int], Transfer] = {}  # (direction, number) -> transfer
+        # request number -> offer not answered yet
+        self.offers: dict[int, Transfer] = {}
+        # (direction, number) -> transfer
+        self.moving: dict[tuple[str, int], Transfer] = {}
         self.finished: collections.deque = collections.deque(maxlen=HISTORY)
 
     def answered(self, ticket: int, result, now: float) -> None:
@@ -847,8 +912,10 @@ class FileTransfers:
         transfer = self.offers.pop(ticket, None)
         if transfer is None:
             return
-        number = int(result[0]) if isinstance(result, list) and result and result[0].isdigit() else 0
-        if transfer.state != "offered":  # cancelled before the server answered
+        taken = isinstance(result, list) and result and result[0].isdigit()
+        number = int(result[0]) if taken else 0
+        if transfer.state != "offered":
+            # cancelled before the server answered
             if number:
                 self.cancel(number)
             return
@@ -878,7 +945,7 @@ class FileTransfers:
     def fill(self, stream: Channel) -> None:
         """Put chunks of the files being sent into the file stream, in turn, while it has room."""
         uploads = [t for t in self.sending() if t.done_bytes < t.size]
-        while uploads and len(stream.waiting) < FILL:
+        while uploads and len(stream.waiting) < wire.FILL:
             for transfer in list(uploads):
                 if not self.send_chunk(stream, transfer) or transfer.done_bytes >= transfer.size:
                     uploads.remove(transfer)
@@ -888,7 +955,7 @@ class FileTransfers:
 
     def send_chunk(self, stream: Channel, transfer: Transfer) -> bool:
         """Read the next chunk from disk and queue it; False if the file could not be read."""
-        want = chunk_length(transfer.size, transfer.done_bytes)
+        want = wire.chunk_length(transfer.size, transfer.done_bytes)
         try:
             data, why = transfer.file.read(want), "the file got shorter while it was sent"
         except OSError as error:
@@ -896,7 +963,7 @@ class FileTransfers:
         if len(data) != want:
             self.end(transfer, "failed", why, tell=True)
             return False
-        chunk = pack_chunk(transfer.number, transfer.done_bytes, data)
+        chunk = wire.pack_chunk(transfer.number, transfer.done_bytes, data)
         transfer.last_seq = stream.send(PacketType.FILE_CHUNK, chunk)
         self.advance(transfer, want)
         return True
@@ -913,8 +980,10 @@ class FileTransfers:
 
     def offer_arrived(self, sender: str, more: list[str], now: float) -> None:
         """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
-        if len(more) != 4 or not (more[0].isdigit() and more[2].isdigit() and SHA_HEX.fullmatch(more[3])):
-            return  # unreadable: no file is started, its chunks are ignored
+        readable = len(more) == 4 and more[0].isdigit() and more[2].isdigit()
+        if not (readable and wire.SHA_HEX.fullmatch(more[3])):
+            # unreadable: no file is started, its chunks are ignored
+            return
         transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]),
                             started=now)
         self.start(transfer, lambda: self.create_part(transfer), f"cannot save in {self.downloads}")
@@ -928,29 +997,34 @@ class FileTransfers:
         os.makedirs(self.downloads, exist_ok=True)
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         while True:
-            transfer.path = unused_path(self.downloads, safe_file_name(transfer.name), ".part") + ".part"
+            name = safe_file_name(transfer.name)
+            transfer.path = unused_path(self.downloads, name, ".part") + ".part"
             try:
                 # 0o644 (less the umask): a file from someone else is never made executable
                 return os.fdopen(os.open(transfer.path, flags, 0o644), "r+b")
             except FileExistsError:
-                continue  # another download took that name a moment ago
+                # another download took that name a moment ago
+                continue
 
     def receive_chunk(self, payload: bytes) -> None:
         """A FILE_CHUNK from the file stream: write it where its offset says."""
         try:
-            number, offset, data = unpack_chunk(payload)
+            number, offset, data = wire.unpack_chunk(payload)
         except PacketError:
             return
         transfer = self.moving.get(("receive", number))
         if transfer is None:
-            return  # cancelled, failed or unknown: its chunks still in flight are dropped
-        if offset % CHUNK_SIZE or offset >= transfer.size or len(data) != chunk_length(transfer.size, offset):
+            # cancelled, failed or unknown: its chunks still in flight are dropped
+            return
+        fits = offset < transfer.size and len(data) == wire.chunk_length(transfer.size, offset)
+        if offset % wire.CHUNK_SIZE or not fits:
             self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
             return
         try:
             transfer.file.seek(offset)
             transfer.file.write(data)
-        except OSError as error:  # a full disk, say: this file fails, the chat goes on
+        except OSError as error:
+            # a full disk, say: this file fails, the chat goes on
             self.end(transfer, "failed", f"cannot write it: {error.strerror or error}", tell=True)
             return
         self.advance(transfer, len(data))
@@ -966,8 +1040,10 @@ class FileTransfers:
                          tell=True)
                 return
             final = unused_path(*os.path.split(transfer.path[: -len(".part")]))
-            os.rename(transfer.path, final)  # the name says "complete" only now
-        except OSError as error:  # a full disk, or a virus scanner holding the file (Windows)
+            # the name says "complete" only now
+            os.rename(transfer.path, final)
+        except OSError as error:
+            # a full disk, or a virus scanner holding the file (Windows)
             self.end(transfer, "failed", f"cannot save it: {error.strerror or error}", tell=True)
             return
         transfer.path = final
@@ -986,7 +1062,8 @@ class FileTransfers:
             try:
                 os.remove(transfer.path)
             except OSError:
-                pass  # never made, or already gone
+                # never made, or already gone
+                pass
         self.moving.pop((transfer.direction, transfer.number), None)
         self.finished.append(transfer)
         self.emit(transfer)
@@ -999,7 +1076,8 @@ class FileTransfers:
         number = int(more[0]) if more and whole_number(more[0]) else 0
         mine = self.moving.get(("send", number)) or self.moving.get(("receive", number))
         if kind == "file-cancelled" and mine:
-            mine.said = text  # its words name the file, and say why
+            # its words name the file, and say why
+            mine.said = text
             self.end(mine, "cancelled", text)
             return True
         sent = [t for t in self.finished if t.number == number and t.direction == "send"]
@@ -1014,7 +1092,8 @@ class FileTransfers:
                    if t.active and number in (0, t.number)]
         for transfer in stopped:
             self.end(transfer, "cancelled", "you cancelled it", tell=True)
-        return stopped  # an offer stays in `offers`: its id, once answered, is cancelled too
+        # an offer stays in `offers`: its id, once answered, is cancelled too
+        return stopped
 
     def end_all(self, why: str) -> None:
         """The session ended: every transfer with it (the server forgets them too)."""
@@ -1051,11 +1130,14 @@ class ChatClient:
                  on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
         self.host, self.port, self.on_event = host, port, on_event
         self.timing = timing or Timing()
-        self.events: queue.Queue = queue.Queue()  # where events go when there is no on_event
-        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(), loss,
+        # where events go when there is no on_event
+        self.events: queue.Queue = queue.Queue()
+        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(),
+                                       loss,
                                        trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
-        self.lock = threading.Lock()  # the protocol is shared by the callers' threads and ours
+        # the protocol is shared by the callers' threads and ours
+        self.lock = threading.Lock()
         self.futures: dict[int, concurrent.futures.Future] = {}
         self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
@@ -1141,13 +1223,14 @@ class ChatClient:
         return self.call(ptype, self.hello(), name, password)
 
     def send_file(self, to: str, path: str) -> Transfer:
-        """Offer a file to `to` ('' = the room), hashed here; once the server accepts, the
-        network thread sends it from disk. Raises FileProblem if it cannot go."""
+        """Offer a file to `to` ('' = the room), hashed here; return it once the server took
+        the offer: the network thread then sends it from disk, and transfer events say how
+        far it got. Raises FileProblem (no such file...) or Refused (the server said no)."""
         transfer = prepare_upload(to, path)
-        with self.lock:
-            self.check_open()
-            self.protocol.offer_file(transfer, time.monotonic())
-        self.wake()
+        try:
+            self.call(PacketType.FILE_OFFER, *offer_fields(transfer), transfer=transfer)
+        except Refused as refusal:
+            raise naming_the_user(refusal, to) from None
         return transfer
 
     def cancel_files(self, number: int = 0) -> list[Transfer]:
@@ -1176,28 +1259,33 @@ class ChatClient:
         self.settle()
 
 
-    def call(self, ptype: PacketType, *fields: str) -> list[str]:
+    def call(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("a blocking call from the network thread would wait for ever")
-        patience = self.timing.give_up_after + self.timing.connect_timeout + 5  # answered by then
-        future = self.submit(ptype, *fields)
+        # answered by then
+        patience = self.timing.give_up_after + self.timing.connect_timeout + 5
+        future = self.submit(ptype, *fields, transfer=transfer)
         try:
             return result_within(future, patience)
         except concurrent.futures.TimeoutError:
             with self.lock:
-                held = self.protocol.forget(future.ticket)
-            if held:  # it waited for a rejoin that has not come: now it never goes
+                held = self.protocol.back.forget(future.ticket)
+            if held:
+                # it waited for a rejoin that has not come: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
             raise ServerNotResponding(f"Server not responding at {self.host}:{self.port}") from None
 
-    def submit(self, ptype: PacketType, *fields: str) -> concurrent.futures.Future:
-        """Queue a request without waiting; the Future gets its fields, or its error."""
+    def submit(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None):
+        """Queue a request without waiting; return a Future for its fields, or its error.
+        A FILE_OFFER names its `transfer`, which starts once the offer is taken."""
         future = concurrent.futures.Future()
         with self.lock:
             self.check_open()
             future.ticket = self.protocol.request(ptype, fields, time.monotonic())
             self.futures[future.ticket] = future
+            if transfer:
+                self.protocol.files.offers[future.ticket] = transfer
         self.wake()
         return future
 
@@ -1210,7 +1298,8 @@ class ChatClient:
     def run_network(self) -> None:
         try:
             self.serve_network()
-        except Exception as error:  # a bug, ours or a callback's: say so and stop, never hang
+        except Exception as error:
+            # a bug, ours or a callback's: say so and stop, never hang
             self.close(f"Internal error in the client: {error!r}")
 
     def serve_network(self) -> None:
@@ -1224,7 +1313,8 @@ class ChatClient:
             try:
                 ready = self.selector.select(wait)
             except (OSError, ValueError):
-                return  # closed under us: we are shutting down
+                # closed under us: we are shutting down
+                return
             for key, _ in ready:
                 if key.fileobj is self.wake_reader:
                     self.drain_wakeups()
@@ -1235,7 +1325,7 @@ class ChatClient:
     def receive_all(self) -> None:
         while True:
             try:
-                data = self.sock.recv(RECV_BUFFER)
+                data = self.sock.recv(wire.RECV_BUFFER)
             except BlockingIOError:
                 return
             except (ConnectionRefusedError, ConnectionResetError):
@@ -1245,7 +1335,8 @@ class ChatClient:
                     self.protocol.port_unreachable()
                 continue
             except OSError:
-                return  # the socket was closed: we are shutting down
+                # the socket was closed: we are shutting down
+                return
             with self.lock:
                 self.protocol.receive(data, time.monotonic())
 
@@ -1255,7 +1346,8 @@ class ChatClient:
         except (ConnectionRefusedError, ConnectionResetError):
             with self.lock:
                 self.protocol.port_unreachable()
-        except OSError as error:  # e.g. no route to the host for now: as if lost
+        except OSError as error:
+            # e.g. no route to the host for now: as if lost
             self.protocol.note(f"sending failed: {error}")
 
     def settle(self) -> None:
@@ -1265,10 +1357,11 @@ class ChatClient:
             events = self.protocol.take_events()
             answered = [(self.futures.pop(e.more[0], None), e.more[1]) for e in events
                         if e.kind == "answer"]
-        resolve(answered)
         for event in events:
+            # first: one's own line is shown before its call returns
             if event.kind != "answer":
                 self.on_event(event) if self.on_event else self.events.put(event)
+        resolve(answered)
         if self.protocol.state == "closed" and not self.closed.is_set():
             self.close(self.protocol.closed_reason)
 
@@ -1276,13 +1369,15 @@ class ChatClient:
         try:
             self.wake_writer.send(b"!")
         except OSError:
-            pass  # closing, or woken many times over already: a full pair is awake enough
+            # closing, or woken many times over already: a full pair is awake enough
+            pass
 
     def drain_wakeups(self) -> None:
         try:
             while self.wake_reader.recv(1024):
                 pass
-        except OSError:  # BlockingIOError: nothing more to read
+        except OSError:
+            # BlockingIOError: nothing more to read
             pass
 
     # --- Shutting down ---
@@ -1300,10 +1395,12 @@ class ChatClient:
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=2 * MAX_WAIT + 1)
         with self.lock:
-            self.protocol.files.end_all("the client was closed")  # no partial file left behind
+            # no partial file left behind
+            self.protocol.files.end_all("the client was closed")
             waiting, self.futures = list(self.futures.values()), {}
         closed = ConnectionClosed(reason or "The connection is closed.")
-        resolve([(future, closed) for future in waiting])  # outside the lock: a callback may call us
+        # outside the lock: a callback may call us
+        resolve([(future, closed) for future in waiting])
         for sock in (self.selector, self.sock, self.wake_reader, self.wake_writer):
             sock.close()
 
@@ -1312,7 +1409,8 @@ def resolve(answered: list[tuple]) -> None:
     """Give each (future, answer) its answer: fields as its result, an error as its exception."""
     for future, result in answered:
         if future is None or not future.set_running_or_notify_cancel():
-            continue  # one its asker cancelled: nobody waits for it
+            # one its asker cancelled: nobody waits for it
+            continue
         if isinstance(result, Exception):
             future.set_exception(result)
         else:
@@ -1366,8 +1464,8 @@ def read_members(fields: list[str]) -> tuple[str, list[str]]:
 
 def check_length(text: str) -> str:
     """Return `text`, or refuse it here if the server would: no need to send it."""
-    if oversize_text(text):
-        raise Refused("too-long", oversize_text(text))
+    if wire.oversize_text(text):
+        raise Refused("too-long", wire.oversize_text(text))
     return text
 
 
@@ -1378,8 +1476,10 @@ def check_length(text: str) -> str:
 # server's address asks everyone, and whoever runs a chat server answers. Only when
 # asked: on many networks a broadcast is noticed.
 
-SEARCH_TIME = 1.0  # seconds a search listens: a LAN answers within milliseconds
-SEARCH_TRIES = 3  # FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
+# seconds a search listens: a LAN answers within milliseconds
+SEARCH_TIME = 1.0
+# FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
+SEARCH_TRIES = 3
 NOTHING_FOUND = "no server answered on this network; type its IP"
 OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
 # A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
@@ -1395,9 +1495,11 @@ class FoundServer:
     """A chat server that answered a FIND."""
 
     name: str
-    host: str  # the IP its answer came from: the one to type, or to connect to
+    # the IP its answer came from: the one to type, or to connect to
+    host: str
     port: int
-    online: int  # members logged in
+    # members logged in
+    online: int
 
     def __str__(self) -> str:
         return f"{printable(self.name)}  {self.host}:{self.port}  {self.online} online"
@@ -1413,13 +1515,17 @@ class ServerSearch:
 
     def __init__(self, cipher, number: int | None = None):
         self.cipher = cipher
-        self.number = number or 1 + secrets.randbelow(2**32 - 1)  # any but 0: a request's number
-        self.found: dict[tuple[str, int], FoundServer] = {}  # in the order they answered
-        self.other_key: set[tuple[str, int]] = set()  # answered, scrambled with another key
+        # any but 0: a request's number
+        self.number = number or 1 + secrets.randbelow(2**32 - 1)
+        # in the order they answered
+        self.found: dict[tuple[str, int], FoundServer] = {}
+        # answered, scrambled with another key
+        self.other_key: set[tuple[str, int]] = set()
 
     def request(self) -> bytes:
-        """Return the FIND datagram, padded to MIN_FIND_SIZE (the server drops it otherwise)."""
-        padding = "." * (MIN_FIND_SIZE - HEADER_SIZE - 2)  # the field's 2-byte length, then dots
+        """Return the FIND datagram, padded to MIN_FIND_SIZE bytes (shorter ones are dropped)."""
+        # the field's 2-byte length, then dots
+        padding = "." * (wire.MIN_FIND_SIZE - wire.HEADER_SIZE - 2)
         packet = Packet(PacketType.FIND, self.number, payload=pack_fields(padding))
         return encode_packet(packet, self.cipher)
 
@@ -1428,7 +1534,8 @@ class ServerSearch:
         try:
             packet = decode_packet(data, self.cipher)
             number, name, port, online = unpack_fields(packet.payload, 4)
-        except ChecksumError:  # a chat server whose key differs from ours
+        except ChecksumError:
+            # a chat server whose key differs from ours
             self.other_key.add(address)
             return None
         except PacketError:
@@ -1438,8 +1545,12 @@ class ServerSearch:
             return None
         if (address[0], int(port)) in self.found:
             return None
-        server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port), int(online))
+        server = FoundServer(name, address[0], int(port), int(online))
+        self.found[address[0], int(port)] = server
         return server
+
+    def servers(self) -> list[FoundServer]:
+        return list(self.found.values())
 
 
 def broadcast_addresses() -> list[str]:
@@ -1455,13 +1566,16 @@ def linux_networks() -> list[tuple[str, str]]:
     """Return (address, netmask) of each IPv4 interface, asked of the Linux kernel: it knows
     them without any route, where the host name may resolve to nothing useful."""
     found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # the kernel wants one; nothing is sent
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # the kernel wants one; nothing is sent
         for _, name in socket.if_nameindex():
-            request = struct.pack("16s24x", name.encode()[:15])  # struct ifreq: the name, then room
+            # struct ifreq: the name, then room
+            request = struct.pack("16s24x", name.encode()[:15])
             try:
                 found.append(tuple(socket.inet_ntoa(fcntl.ioctl(sock, ask, request)[20:24])
                                    for ask in (SIOCGIFADDR, SIOCGIFNETMASK)))
-            except OSError:  # no IPv4 address on it, or it went away meanwhile
+            except OSError:
+                # no IPv4 address on it, or it went away meanwhile
                 continue
     return found
 
@@ -1470,7 +1584,8 @@ def host_addresses() -> list[str]:
     """Elsewhere (Windows, macOS): the addresses this host's own name resolves to."""
     try:
         infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_DGRAM)
-    except (OSError, UnicodeError):  # a host name that does not resolve, or cannot be encoded
+    except (OSError, UnicodeError):
+        # a host name that does not resolve, or cannot be encoded
         return []
     return sorted({info[4][0] for info in infos}, key=socket.inet_aton)
 
@@ -1478,7 +1593,8 @@ def host_addresses() -> list[str]:
 def broadcast_of(address: str, netmask: str) -> str:
     """Return the broadcast address of `address`'s network: its host bits all set to one."""
     host_bits = ~int.from_bytes(socket.inet_aton(netmask), "big") & 0xFFFFFFFF
-    if host_bits <= 1:  # a /31 or /32 has no broadcast address
+    if host_bits <= 1:
+        # a /31 or /32 has no broadcast address
         return ""
     network = int.from_bytes(socket.inet_aton(address), "big")
     return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))
@@ -1496,7 +1612,8 @@ def search_network(search: ServerSearch, targets: list[str], port: int, wait: fl
             for target in targets:
                 try:
                     sock.sendto(search.request(), (target, port))
-                except OSError:  # e.g. 255.255.255.255 with no default route: "unreachable"
+                except OSError:
+                    # e.g. 255.255.255.255 with no default route: "unreachable"
                     pass
             collect_answers(sock, search, start + wait * (attempt + 1) / tries)
     return search
@@ -1507,10 +1624,12 @@ def collect_answers(sock: socket.socket, search: ServerSearch, until: float) -> 
     while (left := until - time.monotonic()) > 0:
         sock.settimeout(left)
         try:
-            data, address = sock.recvfrom(RECV_BUFFER)
-        except TimeoutError:  # socket.timeout: nothing more came
+            data, address = sock.recvfrom(wire.RECV_BUFFER)
+        except TimeoutError:
+            # socket.timeout: nothing more came
             return
-        except ConnectionResetError:  # Windows: "port unreachable" came back for a FIND
+        except ConnectionResetError:
+            # Windows: "port unreachable" came back for a FIND
             continue
         search.receive(data, address)
 
@@ -1523,7 +1642,7 @@ def find_servers(port: int, cipher, show) -> list[FoundServer]:
         show(f"{address}:{other_port} answered, but uses another --cipher or --key")
     if not search.found:
         show(OTHER_KEYS_ONLY if search.other_key else NOTHING_FOUND)
-    return list(search.found.values())
+    return search.servers()
 
 
 def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
@@ -1546,7 +1665,8 @@ def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None]
 # Characters that reorder the text after them on screen (bidi embeddings, overrides and
 # isolates): a name or message could make what follows read backwards ("Trojan Source").
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")  # each shown as a new, indented line
+# each shown as a new, indented line
+LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")
 
 
 def printable(text: str) -> str:
@@ -1592,7 +1712,7 @@ def format_event(event: Event, me: str | None = None) -> str:
 
 
 def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
-    """Return how a line is marked (terminal colours, window tags): own, private, mention, history."""
+    """Return a line's marks (terminal colours, window tags): own, private, mention, history."""
     mine = bool(me) and event.user.lower() == me.lower()
     marks = {"own": mine and event.kind in ("chat", "private"), "history": event.kind == "history",
              "mention": event.kind == "chat" and not mine and names_me(event.text, me),
@@ -1602,7 +1722,8 @@ def line_marks(event: Event, me: str | None) -> tuple[str, ...]:
 
 def names_me(text: str, name: str | None) -> bool:
     """Does `text` mention `name` as a word, in any case ("hi Alice!", "@alice")?"""
-    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None
+    word = rf"(?<!\w){re.escape(name or '')}(?!\w)"
+    return bool(name) and re.search(word, text, re.IGNORECASE) is not None
 
 
 def describe_transfer(transfer: Transfer, final: bool = False) -> str:
@@ -1626,7 +1747,8 @@ def describe_transfer(transfer: Transfer, final: bool = False) -> str:
     how = f"{transfer.percent}%" if transfer.active else transfer.state
     if not transfer.active and transfer.note and transfer.note != transfer.state:
         how += f" ({transfer.note})"
-    number = f"#{transfer.number} " if transfer.number else ""  # none: the server never took it
+    # none: the server never took it
+    number = f"#{transfer.number} " if transfer.number else ""
     return printable(f"{number}{name} {arrow}, {size}: {how}")
 
 
@@ -1635,7 +1757,8 @@ def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     that fits (else between characters, never inside one); spaces at a cut are dropped."""
     parts = []
     while len(text.encode("utf-8")) > limit:
-        fits = text.encode("utf-8")[:limit].decode("utf-8", "ignore")  # never half a character
+        # never half a character
+        fits = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
         space = len(fits) if text[len(fits)].isspace() else fits.rfind(" ")
         cut = space if space > 0 and fits[:space].strip() else len(fits)
         part, text = text[:cut].rstrip(), text[cut:].lstrip()
@@ -1663,9 +1786,12 @@ def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
 
 # --- The terminal ---------------------------------------------------------------------
 
-BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"  # ANSI colours (SGR)
-BELL = "\a"  # the terminal beeps, or flashes its window, when it prints this
-ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004  # Windows 10+: the console interprets ANSI codes
+# ANSI colours (SGR)
+BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
+# the terminal beeps, or flashes its window, when it prints this
+BELL = "\a"
+# Windows 10+: the console interprets ANSI codes
+ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
 
 
 class EndOfInput(Exception):
@@ -1687,12 +1813,17 @@ class Terminal:
         self.interactive, self.color, self.bell = interactive, color, bell
         self.asks: queue.Queue = queue.Queue()
         self.answers: queue.Queue = queue.Queue()
-        self.lock = threading.Lock()  # one writer at a time, and the prompt's state with it
-        self.prompt, self.secret = "", False  # the prompt on screen now ("" if none)
-        self.outstanding = self.ended = False  # a question with the keyboard thread; input over
-        self.held: list[str] | None = None  # lines kept back while a room is entered
+        # one writer at a time, and the prompt's state with it
+        self.lock = threading.Lock()
+        # the prompt on screen now ("" if none)
+        self.prompt, self.secret = "", False
+        # a question with the keyboard thread; input over
+        self.outstanding = self.ended = False
+        # lines kept back while a room is entered
+        self.held: list[str] | None = None
         self.alive = lambda: None
-        self.saved_mode = None  # the terminal's settings as we found them (POSIX)
+        # the terminal's settings as we found them (POSIX)
+        self.saved_mode = None
         if interactive and termios:
             try:
                 self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
@@ -1706,9 +1837,12 @@ class Terminal:
             try:
                 answer = self.read_answer(prompt, secret)
             except (EOFError, OSError, ValueError, KeyboardInterrupt):
-                answer = None  # KeyboardInterrupt reaches this thread on some systems: main handles it
+                # KeyboardInterrupt reaches this thread on some systems: main handles it
+                answer = None
             with self.lock:
                 self.prompt = ""
+            # until the next question: what is typed now may be its password
+            self.echo(False)
             self.answers.put(answer)
             if answer is None:
                 return
@@ -1718,17 +1852,22 @@ class Terminal:
 
         The prompt counts as on screen only once it is drawn - by us under the lock, or by
         readline, which calls its pre-input hook then: a line shown a moment before cannot
-        draw it a second time (`> > /share`).
+        draw it a second time (`> > /share`). getpass draws its own.
         """
         if not self.interactive:
             line = sys.stdin.readline()
             if not line:
                 raise EOFError
             return line.rstrip("\r\n")
-        if secret or readline is None:
-            self.prompt_drawn(prompt, secret, write=True)
-            return getpass.getpass("") if secret else input()
+        if secret:
+            # getpass draws its prompt once it has turned echo off (and dropped keys typed ahead)
+            self.prompt_drawn(prompt, True)
+            return getpass.getpass(prompt)
+        if readline is None:
+            self.prompt_drawn(prompt, False, write=True)
+            return input()
         readline.set_pre_input_hook(lambda: self.prompt_drawn(prompt, False))
+        self.echo(True)
         return input(prompt)
 
     def prompt_drawn(self, prompt: str, secret: bool, write: bool = False) -> None:
@@ -1745,7 +1884,8 @@ class Terminal:
         if not self.outstanding:
             self.asks.put((prompt, secret))
             self.outstanding = True
-        elif self.prompt and self.prompt != prompt:  # an abandoned question: its line answers this
+        elif self.prompt and self.prompt != prompt:
+            # an abandoned question: its line answers this
             self.show("", again=prompt)
         while True:
             self.alive()
@@ -1763,13 +1903,15 @@ class Terminal:
     def show(self, text: str, again: str | None = None) -> None:
         """Print a line above the prompt, and draw the prompt and what was typed below it."""
         with self.lock:
-            typed = readline.get_line_buffer() if readline and self.prompt and not self.secret else ""
+            shown = readline and self.prompt and not self.secret
+            typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
             self.prompt = self.prompt if again is None else again
             try:
                 sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
                 sys.stdout.flush()
-            except OSError:  # a program reading our output stopped, or the terminal closed (EIO)
+            except OSError:
+                # a program reading our output stopped, or the terminal closed (EIO)
                 pass
 
     def show_event(self, event: Event, me: str | None) -> None:
@@ -1798,16 +1940,27 @@ class Terminal:
         for line in ([first] if first else []) + held:
             self.show(line)
 
-    def restore(self) -> None:
-        """Give the terminal back as we found it: Ctrl+C at a password prompt must not leave
-        typing invisible."""
+    def echo(self, on: bool, mode=None) -> None:
+        """Let the terminal show the keys typed, or not (POSIX). Between two questions keys
+        typed ahead are not shown: they may be the password the next prompt asks for."""
         with self.lock:
-            self.prompt = ""
-            if self.saved_mode is not None:
-                try:
-                    termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved_mode)
-                except (termios.error, OSError, ValueError):
-                    pass
+            if self.saved_mode is None:
+                return
+            mode = mode or list(self.saved_mode)
+            # [3]: local flags
+            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
+            try:
+                # keep keys typed ahead
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
+            except (termios.error, OSError, ValueError):
+                pass
+
+    def restore(self) -> None:
+        """Give the terminal back as we found it, for good: Ctrl+C at a password prompt must
+        not leave typing invisible."""
+        self.echo(True, list(self.saved_mode or [0] * 7))
+        with self.lock:
+            self.prompt, self.saved_mode = "", None
 
 
 def worth_a_line(event: Event) -> bool:
@@ -1815,11 +1968,15 @@ def worth_a_line(event: Event) -> bool:
     progress only at its start and at each quarter."""
     if event.kind == "state":
         return False
+    if event.kind == "transfer" and not event.more[0].number:
+        # a refused offer: the refusal says it
+        return False
     if event.kind != "transfer" or event.more[0].state != "moving":
         return True
     transfer = event.more[0]
     if transfer.direction == "send" and not transfer.done_bytes:
-        return True  # the server took the offer: "sending ... as number N"
+        # the server took the offer: "sending ... as number N"
+        return True
     return transfer.done_bytes > 0 and transfer.percent in (25, 50, 75)
 
 
@@ -1834,7 +1991,8 @@ def use_color(stream, environ, platform: str = sys.platform, kernel32=None) -> b
 def is_terminal(stream) -> bool:
     try:
         return stream.isatty()
-    except (AttributeError, ValueError):  # no such method, or closed
+    except (AttributeError, ValueError):
+        # no such method, or closed
         return False
 
 
@@ -1844,10 +2002,13 @@ def enable_windows_ansi(kernel32=None) -> bool:
     kernel32 = kernel32 or (hasattr(ctypes, "windll") and ctypes.windll.kernel32)
     if not kernel32:
         return False
-    handle = kernel32.GetStdHandle(-11)  # -11: standard output
-    mode = ctypes.c_uint32()  # a DWORD of flags
+    # -11: standard output
+    handle = kernel32.GetStdHandle(-11)
+    # a DWORD of flags
+    mode = ctypes.c_uint32()
     if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
-        return False  # not a console: output redirected
+        # not a console: output redirected
+        return False
     return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
@@ -1868,7 +2029,8 @@ HELP = f"""Commands:
   exit or /quit - leave (Ctrl+C does the same)
 Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
 several messages, cut between words. Start a line with // to send one beginning with /."""
-EXIT_WORDS = ("exit", "/quit", "/exit")  # what leaves the chat, typed alone on a line
+# what leaves the chat, typed alone on a line
+EXIT_WORDS = ("exit", "/quit", "/exit")
 
 
 def parse_line(line: str) -> tuple[str, str]:
@@ -1897,7 +2059,8 @@ def run_command(client: ChatClient, line: str, face) -> bool:
         elif command:
             face.show(f"Unknown command {command}; type /help for the list.")
     except (Refused, ServerNotResponding, SessionLost, FileProblem) as error:
-        face.show(str(error))  # that line failed; the chat goes on
+        # that line failed; the chat goes on
+        face.show(str(error))
     return True
 
 
@@ -1905,22 +2068,26 @@ def send_lines(client: ChatClient, text: str, face) -> None:
     """Send a line without waiting for its answer: pasted lines flow, in order. A line too
     long for one message goes as several. Our own line is shown once the server took it."""
     parts = split_message(text)
-    answered: list[bool] = []  # one entry per part answered: was it accepted?
+    # one entry per part answered: was it accepted?
+    answered: list[bool] = []
 
     def report(done: concurrent.futures.Future, part: str) -> None:
         error = done.exception()
         answered.append(error is None)
         shown = printable(part if len(part) <= 40 else part[:37] + "...")
-        if isinstance(error, SessionLost):  # the server may have had it before it went
+        if isinstance(error, SessionLost):
+            # the server may have had it before it went
             face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
         elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
             face.show(f"not sent: {shown} ({error})")
-        if len(parts) > 1 and len(answered) == len(parts):  # answers come in order: the last
+        if len(parts) > 1 and len(answered) == len(parts):
+            # answers come in order: the last
             face.show(f"sent in {len(parts)} parts" if all(answered)
                       else f"{sum(answered)} of {len(parts)} parts sent")
 
     for part in parts:
-        client.submit(PacketType.SAY, part).add_done_callback(lambda done, part=part: report(done, part))
+        future = client.submit(PacketType.SAY, part)
+        future.add_done_callback(lambda done, part=part: report(done, part))
 
 
 def send_private(client: ChatClient, rest: str, face) -> None:
@@ -1948,7 +2115,8 @@ def join_room(client: ChatClient, room: str, face) -> None:
         names = [name.lower() for name, count in client.rooms() if count >= 0]
         new = "" if room.lower() in names else "new room "
         password = face.ask(f"Password for {new}{room}: ", secret=True)
-        if password:  # Enter alone sends nothing: an empty password would count as a wrong one
+        if password:
+            # Enter alone sends nothing: an empty password would count as a wrong one
             enter_room(client, room, password, face)
         else:
             face.show(f"Not joined: {room} needs its password.")
@@ -2002,15 +2170,17 @@ def list_files(client: ChatClient, rest: str, face) -> None:
 
 
 def cancel_files(client: ChatClient, rest: str, face) -> None:
-    number = rest.strip().lstrip("#")  # /files shows them as #3
+    # /files shows them as #3
+    number = rest.strip().lstrip("#")
     if number and not whole_number(number):
         face.show("Usage: /cancel, or /cancel N with N as /files shows it")
     elif not client.cancel_files(int(number) if number else 0):
-        face.show(f"No transfer numbered {number}." if number else "No file of yours is on its way.")
+        face.show(f"No transfer numbered {number}." if number
+                  else "No file of yours is on its way.")
 
 
 def unquote(text: str) -> str:
-    """Return a path as typed: surrounding quotes dropped, ~ expanded; backslashes kept (Windows)."""
+    """Return a path as typed: quotes around it dropped, ~ expanded; backslashes kept (Windows)."""
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1]
@@ -2433,10 +2603,13 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
             return True
         except Refused as refusal:
             terminal.show(refusal.text)
-            if refusal.code == "locked":  # asking again would not help now
+            if refusal.code == "locked":
+                # asking again would not help now
                 break
-        terminal.show(hint)
-        hint = ""
+        if hint:
+            # once
+            terminal.show(hint)
+            hint = ""
     terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
     return True
 
@@ -2445,7 +2618,8 @@ def chat(client: ChatClient, terminal: Terminal) -> bool:
     """Read lines and act on them; True when the user leaves, False to log in again."""
     def still_in() -> None:
         check_alive(client)
-        if client.state == "not logged in":  # lost, and not getting back in: the notices said why
+        if client.state == "not logged in":
+            # lost, and not getting back in: the notices said why
             raise SessionLost(SESSION_LOST)
 
     terminal.alive = still_in
@@ -2470,14 +2644,17 @@ def check_alive(client: ChatClient) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="UDP chat room client. Asks for the server's IP and port unless both are given.",
+        description="UDP chat room client. "
+                    "Asks for the server's IP and port unless both are given.",
         epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures "
                "the traffic can read it. Server and client must use the same --cipher and --key.",
     )
-    parser.add_argument("--host", help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
+    parser.add_argument("--host",
+                        help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number,
                         help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
-    add_shared_options(parser)  # --cipher, --key, --loss, --seed
+    # --cipher, --key, --loss, --seed
+    wire.add_shared_options(parser)
     parser.add_argument("--verbose", action="store_true", help="trace every packet in and out")
     parser.add_argument("--find", action="store_true",
                         help="list the chat servers on this network (on --port), one per line, "
@@ -2529,12 +2706,14 @@ def print_servers_found(args: argparse.Namespace) -> int:
 
     try:
         found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key), show)
-    except (ValueError, OSError) as error:  # a key the cipher cannot use; no network at all
+    except (ValueError, OSError) as error:
+        # a key the cipher cannot use; no network at all
         show(f"[ERROR] {error}")
         return 1
     for server in found:
         print(f"{server.host}:{server.port}  {printable(server.name)}  {server.online} online")
-    return 0 if found else 1  # as ping does: a script can tell "none" from "some"
+    # as ping does: a script can tell "none" from "some"
+    return 0 if found else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2565,42 +2744,46 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
                         bell=interactive and is_terminal(sys.stdout))
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, hang_up)
-    client, status, connected = None, 0, False  # connected: did the server ever answer?
+    # The client once made, and whether the server ever answered (only then was it connected).
+    made: list = []
     try:
         host, port = ask_address(args, terminal)
-        client = ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
-                            downloads=args.downloads, trace=terminal.show if args.verbose else None,
-                            on_event=lambda event: terminal.show_event(event, client.name))
-        terminal.alive = functools.partial(check_alive, client)
-        client.hello()  # is anyone there? Better to know before asking for a password
-        connected = True
+        made.append(ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
+                               downloads=args.downloads, trace=args.verbose and terminal.show or None,
+                               on_event=lambda event: terminal.show_event(event, made[0].name)))
+        terminal.alive = functools.partial(check_alive, made[0])
+        # Is anyone there? Better to know before asking for a password.
+        made.append(made[0].hello())
         terminal.show(f"Connected to the chat server at {host}:{port}.")
-        converse(client, terminal)
+        converse(made[0], terminal)
     except (EndOfInput, KeyboardInterrupt):
-        pass  # leaving the usual way
+        return say_goodbye(made, terminal, 0)
     except ConnectionClosed:
-        status = 1  # the reason was shown when it happened
-    except (ChatError, Refused, ValueError) as error:  # ValueError: a key the cipher cannot use
+        # the reason was shown when it happened
+        return say_goodbye(made, terminal, 1)
+    except (ChatError, Refused, ValueError) as error:
+        # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {error}")
-        status = 1
-    finally:
-        say_goodbye(client, terminal, connected)
-    return status
+        return say_goodbye(made, terminal, 1)
+    return say_goodbye(made, terminal, 0)
 
 
-def say_goodbye(client: ChatClient | None, terminal: Terminal, connected: bool) -> None:
-    """Log out if logged in, close the socket, and give the terminal back."""
+def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
+    """Log out if logged in, close the socket, give the terminal back; return `status`."""
     try:
-        if client is not None:
-            client.bye()
-            client.close()
+        if made:
+            made[0].bye()
+            made[0].close()
     except KeyboardInterrupt:
         pass
     terminal.restore()
-    if connected:
-        terminal.show("\n[INFO] Connection closed." if terminal.interactive else "[INFO] Connection closed.")
+    if len(made) > 1:
+        # On a terminal the cursor may be on the prompt's line: a new line first.
+        terminal.show(("\n" if terminal.interactive else "") + "[INFO] Connection closed.")
     elif terminal.interactive:
-        terminal.show("")  # off the line of the prompt
+        # off the line of the prompt
+        terminal.show("")
+    return status
 
 
 if __name__ == "__main__":
