@@ -2465,17 +2465,18 @@ class ChatWindow:
 
     def show_transfer(self, event: Event, me: str | None) -> None:
         """One bar for all the files on their way: their bytes done of their bytes in all."""
-        # The event's text is the Transfer's state then: it goes on changing on the network thread.
+        # A Transfer goes on changing on the network thread: its end is told once (None).
         transfer = event.more[0]
-        if event.text in ("offered", "moving"):
+        if transfer.active:
             self.moving[id(transfer)] = transfer
-        else:
-            self.moving.pop(id(transfer), None)
+        elif self.moving.get(id(transfer), transfer) is not None:
+            self.moving[id(transfer)] = None
             self.add_line(format_event(event, me), notice_marks(transfer.note))
-        size, moving = sum(each.size for each in self.moving.values()), len(self.moving)
-        percent = 100 * sum(each.done_bytes for each in self.moving.values()) // max(size, 1)
+        moving = [each for each in self.moving.values() if each and each.active]
+        size = sum(each.size for each in moving)
+        percent = 100 * sum(each.done_bytes for each in moving) // max(size, 1)
         self.bar.configure(value=percent if moving else 0)
-        self.bar_label.configure(text=f"{percent}% of {moving} file(s)" if moving
+        self.bar_label.configure(text=f"{percent}% of {len(moving)} file(s)" if moving
                                  else "No file on its way")
 
     def log_out(self) -> None:
@@ -2530,7 +2531,6 @@ class ChatWindow:
 def run_window(args: argparse.Namespace) -> int | None:
     """Run the chat in a window; return None, having said why, when no window can open here."""
     options = {name: getattr(args, name) for name in ("cipher", "key", "loss", "seed", "downloads")}
-    # --verbose: every packet is traced in the terminal that started the window.
     options["trace"] = print if args.verbose else None
     try:
         load_tkinter()
