@@ -564,7 +564,8 @@ class ClientProtocol(Requests):
             self.events.append(event)
             self.files.offer_arrived(user, list(more), self.now)
         elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, list(more))):
-            # (a file event that ended ours: it says so)
+            # Shown, but not the room's past shown already (a file event that ended a
+            # transfer of ours is not: that transfer's own event says it).
             event = self.back.fresh(event, self.name)
             self.events.extend([event] if event else [])
 
@@ -1229,7 +1230,8 @@ class ChatClient:
         """Stop our transfers (all, or the one numbered); the server and the others are told."""
         with self.lock:
             stopped = self.protocol.files.cancel_mine(number)
-        self.settle()
+        # The network thread tells the server, and hands the events on, in order.
+        self.wake()
         return stopped
 
     def transfers(self) -> list[Transfer]:
@@ -1248,14 +1250,14 @@ class ChatClient:
                 pass
         with self.lock:
             self.protocol.log_out()
-        self.settle()
+        self.wake()
 
 
     def call(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("a blocking call from the network thread would wait for ever")
-        # answered by then
+        # By then the server has answered, or the protocol has given up on it.
         patience = self.timing.give_up_after + self.timing.connect_timeout + 5
         future = self.submit(ptype, *fields, transfer=transfer)
         try:
@@ -3178,7 +3180,7 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
                 # asking again would not help now
                 break
         if hint:
-            # once
+            # the hint, once
             terminal.show(hint)
             hint = ""
     terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
