@@ -111,13 +111,13 @@ except ImportError:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9999
-# seconds a thread blocks at most, so Ctrl+C and shutdown are prompt
+# Seconds: a thread blocks at most MAX_WAIT, so that Ctrl+C and shutdown are prompt. Before
+# login nothing is measured yet: a try each FIRST_CONTACT_RETRY. Once the session is lost, a
+# try at getting back in each REJOIN_EVERY, waiting up to ELSEWHERE_PATIENCE for an old
+# session of ours to time out on the server.
 MAX_WAIT = 0.5
-# seconds between tries before login: nothing is measured yet
 FIRST_CONTACT_RETRY = 1.0
-# seconds between tries to log back in after the session was lost
 REJOIN_EVERY = 2.0
-# seconds a rejoin waits for an old session of ours to time out
 ELSEWHERE_PATIENCE = 60.0
 # characters this client asks of a new account's password (the server takes any)
 MIN_PASSWORD = 4
@@ -135,17 +135,16 @@ class Timing:
 
     # Before login: try once a second, for this long; then "Server not responding". At
     # 30% loss each way a try fails about half the time, and all ten fail once in a thousand.
+    # Logged in: a PING after `heartbeat_every` of quiet, so the server keeps us; nothing
+    # heard for `lost_contact_after` while waiting: a warning, for `give_up_after`: the
+    # session is lost. `exit` waits `goodbye_timeout` for the server's goodbye.
     connect_timeout: float = 10.0
-    # say PING after this much quiet, so the server keeps us
     heartbeat_every: float = 5.0
-    # nothing heard this long while waiting: warn the user...
     lost_contact_after: float = 15.0
-    # ...and this long: the session is lost
     give_up_after: float = 45.0
     initial_rto: float = RtoEstimator.INITIAL
     min_rto: float = RtoEstimator.FLOOR
     max_rto: float = RtoEstimator.CEILING
-    # how long `exit` waits for the server's goodbye
     goodbye_timeout: float = 3.0
 
 
@@ -319,15 +318,11 @@ class Requests:
         tries = self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2
         self.connect_tries = max(1, math.ceil(tries))
         self.state, self.closed_reason, self.events = "not logged in", "", []
-        self.token = NO_TOKEN
-        # add to `now` for unix time (ChatClient sets it)
+        self.token, self.tickets, self.unreachable = NO_TOKEN, 0, 0
+        # `now` plus wall_offset is unix time (ChatClient sets it)
         self.wall_offset = 0.0
         self.now = self.last_heard = self.last_sent = now
-        # "port unreachable" reports since the server last spoke
-        self.unreachable = 0
-        # request numbers handed out
-        self.tickets = 0
-        # sequence number -> (ticket, type, fields)
+        # the requests sent, by sequence number: (ticket, type, fields)
         self.pending: dict[int, tuple] = {}
         # before login numbers go on across tries (PROTOCOL.md 9)
         self.next_stranger_seq = 1
@@ -436,9 +431,8 @@ class ClientProtocol(Requests):
         super().__init__(cipher, timing, now, loss, trace, server)
         self.name: str | None = None
         self.room: str | None = None
-        # the session's second channel: file chunks
+        # The session's second channel, for file chunks; a last ACK to a server that stops.
         self.file_stream: Channel | None = None
-        # a last ACK on a session the server stopped
         self.outbox: list[bytes] = []
         self.files = FileTransfers(downloads, self.emit_transfer,
                                    lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
@@ -568,7 +562,8 @@ class ClientProtocol(Requests):
             self.events.append(event)
             self.files.offer_arrived(user, list(more), self.now)
         elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, list(more))):
-            # (a file event that ended ours: it says so)
+            # Shown, but not the room's past shown already (a file event that ended a
+            # transfer of ours is not: that transfer's own event says it).
             event = self.back.fresh(event, self.name)
             self.events.extend([event] if event else [])
 
@@ -750,48 +745,44 @@ def read_event(payload: bytes) -> Event:
 # every byte is there, and only then renames it: a crash leaves at most a .part file.
 # A name comes from another user, so it is treated as hostile (`safe_file_name`).
 
-# what a saved file's name is cut to: room left for " (12)" and ".part"
+# A saved file's name is cut to 200 bytes: room is left for " (12)" and ".part". Windows will
+# not create a file with a reserved name, whatever its extension ("con.txt" too), nor one
+# with a FORBIDDEN character; a name loses the UNPRINTABLE Unicode categories everywhere.
 SAFE_NAME_BYTES = 200
-# Windows will not create a file with these names, with any extension ("con.txt" too).
 RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
                   *(f"{port}{n}" for port in ("COM", "LPT")
                     for n in "0123456789\u00b9\u00b2\u00b3")}
-# characters Windows refuses in a file name
 FORBIDDEN = set('<>:"/\\|?*')
-# Unicode categories a file name loses
 UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
-# finished transfers /files still lists
+# finished transfers that /files still lists
 HISTORY = 50
 
 
 @dataclasses.dataclass(eq=False)
 class Transfer:
-    """One file on its way, to or from us: what /files and the progress bar show."""
+    """One file on its way, to or from us: what /files and the progress bar show.
 
-    # "send" or "receive"
+    `direction` is "send" or "receive"; `peer` whom to ("bob", "the room") or from; `path`
+    the file read, or the NAME.part written and then the final name; `number` the server's
+    id (0 until it takes the offer); `done_bytes` put into the file stream, or written;
+    `state` offered, moving, done, failed or cancelled; `note` how it ended, in words, and
+    `said` the server's own when it cancelled it; `last_seq` the file stream's number of
+    the last chunk sent.
+    """
+
     direction: str
-    # to whom ("bob", or "the room"), or from whom
     peer: str
-    # the file's name as offered (shown through printable())
     name: str
     size: int
     sha256: str
-    # send: the file we read; receive: the .part file we write, then the final name
     path: str
-    # the server's number for it; 0 until the offer is accepted
     number: int = 0
-    # bytes put into the file stream, or written
     done_bytes: int = 0
-    # offered, moving, done, failed, cancelled
     state: str = "offered"
-    # how it ended, in words
     note: str = ""
-    # the server's own words when it cancelled it
     said: str = ""
     started: float = 0.0
-    # the open file, while bytes move
     file: object = None
-    # send: the file stream's number of its last chunk
     last_seq: int = 0
 
     @property
@@ -1237,7 +1228,8 @@ class ChatClient:
         """Stop our transfers (all, or the one numbered); the server and the others are told."""
         with self.lock:
             stopped = self.protocol.files.cancel_mine(number)
-        self.settle()
+        # The network thread tells the server, and hands the events on, in order.
+        self.wake()
         return stopped
 
     def transfers(self) -> list[Transfer]:
@@ -1256,14 +1248,14 @@ class ChatClient:
                 pass
         with self.lock:
             self.protocol.log_out()
-        self.settle()
+        self.wake()
 
 
     def call(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("a blocking call from the network thread would wait for ever")
-        # answered by then
+        # By then the server has answered, or the protocol has given up on it.
         patience = self.timing.give_up_after + self.timing.connect_timeout + 5
         future = self.submit(ptype, *fields, transfer=transfer)
         try:
@@ -2607,7 +2599,7 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
                 # asking again would not help now
                 break
         if hint:
-            # once
+            # the hint, once
             terminal.show(hint)
             hint = ""
     terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")

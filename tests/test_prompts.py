@@ -114,6 +114,15 @@ def test_join_names_a_new_room_and_an_existing_one_in_its_prompt(chat_server, ma
     assert bob_sees.shown[-1] == "joined games: alice here."
 
 
+def test_rooms_lists_an_empty_room_with_its_count(chat_server, make_client):
+    alice = member(make_client, chat_server.address, "alice", room="games", room_password="dadu")
+    alice.join("lobby", "juara")  # nobody is left in games
+    registered(make_client, chat_server.address, "bob")
+    chat, terminal = conversation(make_client, chat_server.address, "/login", "bob", "pass", "juara", "/rooms")
+    run(chat)
+    assert "  games  (0 here)" in terminal.shown and "  lobby  (2 here)" in terminal.shown
+
+
 def test_enter_alone_at_a_rooms_password_joins_nothing_and_sends_nothing(chat_server, make_client):
     registered(make_client, chat_server.address, "alice")
     chat, terminal = conversation(make_client, chat_server.address,
