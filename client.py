@@ -2437,8 +2437,7 @@ class ChatWindow:
         """Send file: to the member chosen in the list (a choice then undone), else the room."""
         to = next((self.members.get(index) for index in self.members.curselection()), "")
         self.members.selection_clear(0, "end")
-        path = tk.filedialog.askopenfilename(parent=self.root,
-                                             title=f"Send a file to {to or 'the room'}")
+        path = tk.filedialog.askopenfilename(parent=self.root, title=f"Send to {to or 'the room'}")
         # Not '' (or an empty tuple): not cancelled. Hashing it takes a while: on the worker.
         if path:
             self.jobs.put(lambda: self.client.send_file(to, path))
@@ -2447,6 +2446,9 @@ class ChatWindow:
         """Draw an Event of the network thread: a line, the status bar, or the progress bar."""
         client, me = self.client, self.client.name
         if event.kind == "state":
+            # A session over for good (not got back by itself) takes us back to log in.
+            if event.text in ("not logged in", "closed") and self.chatting:
+                self.log_out()
             return self.status.configure(text=f"{client.host}:{client.port}: {event.text}")
         if event.kind == "transfer":
             return self.show_transfer(event, me)
@@ -2477,7 +2479,6 @@ class ChatWindow:
         for entry in (self.password, self.again):
             entry.delete(0, "end")
         self.show_frame(False)
-        self.say("Logged out.")
         self.jobs.put(self.client.bye)
 
     def run(self) -> int:
@@ -2495,8 +2496,7 @@ class ChatWindow:
         if not self.closing:
             self.closing = True
             self.root.withdraw()
-            # The worker stops, a question it waits on is cancelled; the goodbye has its own
-            # thread, as the worker may be waiting for the server.
+            # Stop the worker and its question; BYE on a thread of its own: the worker may be busy.
             self.jobs.put(None)
             self.answers.put(None)
             threading.Thread(target=self.say_goodbye, name="goodbye", daemon=True).start()

@@ -492,13 +492,23 @@ def test_log_out_ends_the_session_and_shows_the_log_in_frame(chat_server, open_w
     window = open_window(chat_server.address)
     log_in(window, "alice")
     press(window, "Log out")
-    assert not window.chatting and reply(window) == "Logged out."  # at once: BYE on the worker
+    assert not window.chatting  # at once: BYE on the worker
     wait_until(lambda: "alice" not in chat_server.chat.online, what="the session to end")
+    pump(window, lambda: window.status.cget("text").endswith(": not logged in"), "the status")
     assert window.name.get() == "alice" and window.password.get() == window.again.get() == ""
     fill_login(window, "alice")
     press(window, "Log in")
     answer_dialog(window, "juara")
     pump(window, lambda: window.chatting and members_shown(window) == ["alice"], "the chat again")
+
+
+def test_a_session_taken_over_elsewhere_brings_back_the_log_in_frame(chat_server, make_client, open_window):
+    window = open_window(chat_server.address)
+    log_in(window, "alice")
+    elsewhere = make_client(chat_server.address)
+    elsewhere.login("alice", "secret")  # the same account, from another PC
+    pump(window, lambda: not window.chatting, "the log in frame")
+    assert window.status.cget("text").endswith(": not logged in") and window.password.get() == ""
 
 
 def test_closing_the_window_logs_out(chat_server, make_client, open_window):
@@ -571,7 +581,7 @@ def test_send_file_goes_to_the_member_chosen_byte_for_byte_with_the_bar(
     pump(window, lambda: "bob" in members_shown(window), "bob in the member list")
     window.members.selection_set(members_shown(window).index("bob"))
     press(window, "Send file...")
-    assert asked[0]["title"] == "Send a file to bob" and not window.members.curselection()
+    assert asked[0]["title"] == "Send to bob" and not window.members.curselection()
     last = f"sent photo.bin ({client.describe_size(len(data))}) to bob"
     pump(window, lambda: last in messages(window), "the last line")
     received = transfer_end(bob)
@@ -589,7 +599,7 @@ def test_send_file_with_no_member_chosen_shares_with_the_room(chat_server, make_
     path, data = random_file(tmp_path, 5000, "notes.txt")
     asked = choose_file(monkeypatch, path)
     press(window, "Send file...")
-    assert asked[0]["title"] == "Send a file to the room"
+    assert asked[0]["title"] == "Send to the room"
     received = transfer_end(bob)
     assert received.state == "done" and open(received.path, "rb").read() == data
     pump(window, lambda: f"sent notes.txt ({client.describe_size(5000)}) to the room" in messages(window),
