@@ -25,7 +25,8 @@ How it is built, in the order this file reads:
   each sent again once a second until answered (stop-and-wait: the reliable `Channel`
   with a window of 1); after login, on the session's channel with a window of 32, so a
   paste of twenty lines flows without waiting. Its `state` says where it stands; getting
-  back in after the session was lost is one of those states, not a thread.
+  back in after the session was lost is one of those states, not a thread (`Reconnection`
+  keeps what it needs: the login and room, what the user typed meanwhile).
 * `FileTransfers` - files both ways, on the session's second channel.
 * `ChatClient` - the protocol, a UDP socket connect()ed to the server, and one network
   thread, the only reader of the socket. Its methods block until the server answers.
