@@ -25,7 +25,8 @@ How it is built, in the order this file reads:
   each sent again once a second until answered (stop-and-wait: the reliable `Channel`
   with a window of 1); after login, on the session's channel with a window of 32, so a
   paste of twenty lines flows without waiting. Its `state` says where it stands; getting
-  back in after the session was lost is one of those states, not a thread.
+  back in after the session was lost is one of those states, not a thread (`Reconnection`
+  keeps what it needs: the login and room, what the user typed meanwhile).
 * `FileTransfers` - files both ways, on the session's second channel.
 * `ChatClient` - the protocol, a UDP socket connect()ed to the server, and one network
   thread, the only reader of the socket. Its methods block until the server answers.
@@ -1696,6 +1697,7 @@ def format_event(event: Event, me: str | None = None) -> str:
               "history": f"[history] [{clock}] {user}: {text}", "join": f"[{clock}] {user} joined",
               "leave": f"[{clock}] {user} left" + (f" ({text})" if text else ""),
               "notice": text}
+    # (a notice may quote the server: printable() above made its text safe too)
     if event.kind == "transfer":
         return describe_transfer(event.more[0], final=True)
     if event.kind in FILE_EVENTS:
@@ -1773,7 +1775,7 @@ def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
         who = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
     else:
         who = "nobody else"
-    return f"{joined.split(',')[0]}: {who} here"
+    return f"{printable(joined.split(',')[0])}: {who} here"
 
 
 # --- The terminal ---------------------------------------------------------------------
@@ -2052,7 +2054,7 @@ def run_command(client: ChatClient, line: str, face) -> bool:
             face.show(f"Unknown command {command}; type /help for the list.")
     except (Refused, ServerNotResponding, SessionLost, FileProblem) as error:
         # that line failed; the chat goes on
-        face.show(str(error))
+        face.show(printable(str(error)))
     return True
 
 
@@ -2071,7 +2073,7 @@ def send_lines(client: ChatClient, text: str, face) -> None:
             # the server may have had it before it went
             face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
         elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
-            face.show(f"not sent: {shown} ({error})")
+            face.show(f"not sent: {shown} ({printable(str(error))})")
         if len(parts) > 1 and len(answered) == len(parts):
             # answers come in order: the last
             face.show(f"sent in {len(parts)} parts" if all(answered)
@@ -2102,7 +2104,7 @@ def join_room(client: ChatClient, room: str, face) -> None:
     elif not auth.valid_username(room):
         face.show("Room names are 1-20 letters, digits, '_', '.' or '-' (no spaces).")
     elif room.lower() == (client.room or "").lower():
-        face.show(f"You are in {client.room} already.")
+        face.show(f"You are in {printable(client.room or '')} already.")
     else:
         names = [name.lower() for name, count in client.rooms() if count >= 0]
         new = "" if room.lower() in names else "new room "
@@ -2570,9 +2572,9 @@ def register(client: ChatClient, terminal: Terminal) -> None:
             terminal.show("The two passwords differ; type it again.")
         else:
             try:
-                terminal.show(client.register(name, password))
+                terminal.show(printable(client.register(name, password)))
             except Refused as refusal:
-                terminal.show(refusal.text)
+                terminal.show(printable(refusal.text))
             return
 
 
@@ -2583,9 +2585,9 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
         return False
     password = terminal.ask("Password: ", secret=True)
     try:
-        terminal.show(client.login(name, password))
+        terminal.show(printable(client.login(name, password)))
     except Refused as refusal:
-        terminal.show(refusal.text)
+        terminal.show(printable(refusal.text))
         return False
     hint = "Try again, or press Enter alone to go on without a room."
     # Enter alone sends nothing: an empty password would count as a wrong one.
@@ -2594,7 +2596,7 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
             enter_room(client, LOBBY, password, terminal, then=" Type /help for commands.")
             return True
         except Refused as refusal:
-            terminal.show(refusal.text)
+            terminal.show(printable(refusal.text))
             if refusal.code == "locked":
                 # asking again would not help now
                 break
@@ -2755,7 +2757,7 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
         return say_goodbye(made, terminal, 1)
     except (ChatError, Refused, ValueError) as error:
         # ValueError: a key the cipher cannot use
-        terminal.show(f"[ERROR] {error}")
+        terminal.show(f"[ERROR] {printable(str(error))}")
         return say_goodbye(made, terminal, 1)
     return say_goodbye(made, terminal, 0)
 
