@@ -16,17 +16,14 @@ import pytest
 from test_chat_server import Harness, member
 
 import client
-import encryption_helper
 import server
 from encryption_helper import (
     MIN_FIND_SIZE,
     Interface,
     Packet,
     PacketType,
-    broadcast_of,
     decode_packet,
     encode_packet,
-    local_interfaces,
     make_cipher,
     pack_fields,
     unpack_fields,
@@ -137,7 +134,7 @@ def test_answers_are_listed_once_each_in_the_order_they_came():
     assert str(first) == "lab-pc-07  192.168.1.10:9999  12 online"
     assert search.receive(answer_to(search, "lab-pc-07", "9999", "12"), ("192.168.1.10", 9999)) is None
     search.receive(answer_to(search, "kelas", "9999", "0"), ("192.168.1.3", 9999))
-    assert [server.address for server in search.servers()] == ["192.168.1.10", "192.168.1.3"]
+    assert [server.host for server in search.found.values()] == ["192.168.1.10", "192.168.1.3"]
 
 
 @pytest.mark.parametrize("data", [
@@ -151,16 +148,16 @@ def test_answers_are_listed_once_each_in_the_order_they_came():
 ], ids=["other number", "error", "port not a number", "port too big", "odd digit", "field missing", "not ours"])
 def test_what_is_not_an_answer_to_this_search_is_not_a_server(data):
     search = client.ServerSearch(CIPHER, number=9)
-    assert search.receive(data, ("192.168.1.10", 9999)) is None and search.servers() == []
+    assert search.receive(data, ("192.168.1.10", 9999)) is None and list(search.found.values()) == []
 
 
 def test_a_server_with_another_key_is_noted_not_listed():
     search = client.ServerSearch(CIPHER, number=9)
     search.receive(answer_to(search, "x", "9999", "1", cipher=make_cipher("xor", "other")), ("192.168.1.10", 9999))
-    assert search.servers() == [] and search.other_key == {("192.168.1.10", 9999)}
+    assert list(search.found.values()) == [] and search.other_key == {("192.168.1.10", 9999)}
 
 
-FOUND = [client.FoundServer("10.77.0.1", 5000, "lab-pc-07", 2), client.FoundServer("10.77.0.8", 9999, "kelas", 0)]
+FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2), client.FoundServer("kelas", "10.77.0.8", 9999, 0)]
 
 
 @pytest.mark.parametrize("answer, found, chosen", [
@@ -176,11 +173,12 @@ def test_enter_takes_the_first_server_a_number_one_from_the_list(answer, found, 
     assert client.pick_server(answer, found) == chosen
 
 
-def test_a_search_goes_to_each_networks_broadcast_address_then_to_everyone_on_the_link():
-    interfaces = [Interface("eth0", "10.77.0.2", "255.255.255.0", "10.77.0.255"),
-                  Interface("eth1", "10.77.0.3", "255.255.255.0", "10.77.0.255"),
-                  Interface("tun0", "10.8.0.2", "255.255.255.255", "")]
-    assert client.broadcast_addresses(interfaces) == ["10.77.0.255", "255.255.255.255"]
+def test_a_search_goes_to_each_networks_broadcast_address_then_to_everyone_on_the_link(monkeypatch):
+    monkeypatch.setattr(client, "fcntl", object())  # as on Linux: the kernel is asked
+    monkeypatch.setattr(client, "linux_networks", lambda: [
+        ("127.0.0.1", "255.0.0.0"), ("10.77.0.2", "255.255.255.0"), ("10.77.0.3", "255.255.255.0"),
+        ("10.8.0.2", "255.255.255.255")])  # loopback, two addresses on one LAN, a VPN's point-to-point link
+    assert client.broadcast_addresses() == ["10.77.0.255", "255.255.255.255"]
 
 
 class ScriptedTerminal:
@@ -212,8 +210,7 @@ def fake_network(monkeypatch):
         return search
 
     monkeypatch.setattr(client, "search_network", search_network)
-    monkeypatch.setattr(client, "local_interfaces", lambda: [Interface("eth0", "10.77.0.2", "255.255.255.0",
-                                                                       "10.77.0.255")])
+    monkeypatch.setattr(client, "broadcast_addresses", lambda: ["10.77.0.255", "255.255.255.255"])
     return types.SimpleNamespace(answers=answers, searched=searched)
 
 
@@ -309,7 +306,7 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
                            (answer_to(search, "lab-pc-07", "9999", "1"), ("10.77.0.1", 9999))])
     monkeypatch.setattr(client.socket, "socket", lambda *args: fake)
     client.search_network(search, ["10.77.0.255", "255.255.255.255"], 9999)
-    assert [str(found) for found in search.servers()] == ["lab-pc-07  10.77.0.1:9999  1 online"]
+    assert [str(found) for found in search.found.values()] == ["lab-pc-07  10.77.0.1:9999  1 online"]
     assert fake.options[socket.SO_BROADCAST] == 1 and fake.sent == [("10.77.0.255", 9999)] * client.SEARCH_TRIES
 
 
@@ -319,13 +316,13 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
 def test_a_server_answers_a_find_sent_to_it_on_loopback(start_server):
     running = start_server(name="lab-pc-07")
     search = client.search_network(client.ServerSearch(CIPHER), ["127.0.0.1"], running.address[1])
-    assert [str(found) for found in search.servers()] == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
+    assert [str(found) for found in search.found.values()] == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
 
 
 def test_a_server_with_another_key_is_reported_on_loopback(start_server):
     running = start_server(key="another key")
     search = client.search_network(client.ServerSearch(CIPHER), ["127.0.0.1"], running.address[1])
-    assert search.servers() == [] and search.other_key == {running.address}
+    assert list(search.found.values()) == [] and search.other_key == {running.address}
 
 
 # --- This machine's interfaces -------------------------------------------------------------
@@ -338,15 +335,16 @@ def test_a_server_with_another_key_is_reported_on_loopback(start_server):
     ("10.0.0.1", "255.255.255.255", ""),
 ])
 def test_broadcast_address_is_the_host_bits_set(address, netmask, broadcast):
-    assert broadcast_of(address, netmask) == broadcast
+    assert client.broadcast_of(address, netmask) == broadcast
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="asks the Linux kernel")
-def test_linux_interfaces_leave_loopback_out_and_name_a_network():
-    for interface in encryption_helper.linux_interfaces():
-        assert not interface.address.startswith("127.") and interface.name != "lo"
-        socket.inet_aton(interface.netmask)
-        assert interface.broadcast == "" or socket.inet_aton(interface.broadcast)
+def test_linux_networks_are_read_from_the_kernel_with_their_netmasks():
+    networks = client.linux_networks()
+    assert ("127.0.0.1", "255.0.0.0") in networks  # loopback is there; the search leaves it out
+    for address, netmask in networks:
+        socket.inet_aton(address)
+        socket.inet_aton(netmask)
 
 
 @pytest.fixture
@@ -359,25 +357,19 @@ def elsewhere(monkeypatch):
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (name, 0)) for name in names]
 
-    monkeypatch.setattr(encryption_helper.socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(encryption_helper, "routed_address", lambda: "")  # no default route
+    monkeypatch.setattr(client.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(client, "fcntl", None)
+    monkeypatch.setattr(client, "linux_networks", lambda: pytest.fail("not elsewhere"))
     return names
 
 
-@pytest.mark.parametrize("platform, fcntl", [("win32", None), ("darwin", encryption_helper.fcntl)])
-def test_elsewhere_the_host_names_addresses_are_taken_on_a_24(elsewhere, monkeypatch, platform, fcntl):
-    monkeypatch.setattr(encryption_helper.sys, "platform", platform)
-    monkeypatch.setattr(encryption_helper, "fcntl", fcntl)
-    monkeypatch.setattr(encryption_helper, "linux_interfaces", lambda: pytest.fail("not on " + platform))
+def test_elsewhere_the_host_names_addresses_are_taken_on_a_24(elsewhere):
     elsewhere += ["192.168.1.10", "127.0.1.1", "10.77.0.20", "10.77.0.3"]
-    assert local_interfaces() == [Interface("?", "10.77.0.3", "255.255.255.0", "10.77.0.255"),
-                                  Interface("?", "10.77.0.20", "255.255.255.0", "10.77.0.255"),
-                                  Interface("?", "192.168.1.10", "255.255.255.0", "192.168.1.255")]
+    assert client.broadcast_addresses() == ["10.77.0.255", "192.168.1.255", "255.255.255.255"]
 
 
-def test_elsewhere_with_no_network_there_is_no_interface(elsewhere, monkeypatch):
-    monkeypatch.setattr(encryption_helper.sys, "platform", "win32")
-    assert local_interfaces() == []
+def test_elsewhere_with_no_network_only_the_link_is_asked(elsewhere):
+    assert client.broadcast_addresses() == ["255.255.255.255"]
 
 
 def test_the_banner_names_the_interfaces_addresses(monkeypatch, capsys):
