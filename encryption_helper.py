@@ -11,7 +11,6 @@ so the wire is defined here, once. Its sections, in reading order:
 3. The reliable channel - it opens no socket and reads no clock: fed packets and the
    time, it says what to send and when it next wants to be woken.
 4. Lab tools - a socket that loses datagrams on purpose; the options both scripts share.
-5. and 6. - this machine's network interfaces; waking a loop asleep in select().
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -52,16 +51,8 @@ import dataclasses
 import enum
 import random
 import re
-import socket
 import struct
-import sys
 import typing
-
-# Unix only: asking the kernel for an interface's addresses (section 5). Not on Windows.
-try:
-    import fcntl
-except ImportError:
-    fcntl = None
 
 # === 1. Toy ciphers ===============================================================
 
@@ -779,136 +770,3 @@ def port_number(text: str) -> int:
     if not (whole_number(text) and 0 < int(text) < 65536):
         raise argparse.ArgumentTypeError("must be a whole number from 1 to 65535")
     return int(text)
-
-
-# === 5. The local network ============================================================
-
-
-class Interface(typing.NamedTuple):
-    """One IPv4 address of this machine, and the network it is on."""
-
-    name: str  # "eth0", "wlan0"; "?" where the system does not say
-    address: str  # "192.168.1.10": what other PCs type to reach this one
-    netmask: str  # "255.255.255.0": the bits of the address that name the network
-    broadcast: str  # "192.168.1.255": a datagram sent here reaches every host on that network; "" if none
-
-
-# A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
-# forwards it. A network's own broadcast address (its host bits all ones) works the same way.
-LIMITED_BROADCAST = "255.255.255.255"
-# Where the system does not tell the netmask: the /24 of most lab, office and home networks.
-ASSUMED_NETMASK = "255.255.255.0"
-# Linux's requests for an interface's settings (<linux/sockios.h>) and its flags (<net/if.h>).
-SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFBRDADDR, SIOCGIFNETMASK = 0x8913, 0x8915, 0x8919, 0x891B
-IFF_UP, IFF_BROADCAST, IFF_LOOPBACK = 0x1, 0x2, 0x8
-IFREQ = struct.Struct("16s24x")  # struct ifreq: the interface's name, then room for the kernel's answer
-
-
-def local_interfaces() -> list[Interface]:
-    """Return this machine's IPv4 interfaces that are up, loopback left out.
-
-    Read from the machine itself, never learned from the network, so it works on a lab
-    network with no default route and no Internet. On Linux the kernel is asked, interface
-    by interface; elsewhere (Windows, macOS) the addresses the host's own name resolves to
-    are taken, each assumed to be on a /24 network.
-    """
-    found = linux_interfaces() if sys.platform.startswith("linux") and fcntl is not None else []
-    return found or guessed_interfaces()
-
-
-def linux_interfaces() -> list[Interface]:
-    """Ask the Linux kernel for each interface's flags, address, netmask and broadcast address."""
-    found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # the kernel wants a socket; nothing is sent
-        for _, name in socket.if_nameindex():
-            try:
-                flags = struct.unpack_from("H", ask_interface(sock, SIOCGIFFLAGS, name))[0]
-                if not flags & IFF_UP or flags & IFF_LOOPBACK:
-                    continue
-                address, netmask, broadcast = (socket.inet_ntoa(ask_interface(sock, request, name)[4:8])
-                                               for request in (SIOCGIFADDR, SIOCGIFNETMASK, SIOCGIFBRDADDR))
-            except OSError:  # no IPv4 address on it (EADDRNOTAVAIL), or it went away meanwhile
-                continue
-            if not flags & IFF_BROADCAST:  # a point-to-point link (a VPN): nobody else to reach
-                broadcast = ""
-            elif broadcast == "0.0.0.0":  # set up without one (`ip addr add` without `brd +`)
-                broadcast = broadcast_of(address, netmask)
-            found.append(Interface(name, address, netmask, broadcast))
-    return found
-
-
-def ask_interface(sock: socket.socket, request: int, name: str) -> bytes:
-    """Return what the kernel answers about interface `name`: a struct ifreq past its name."""
-    return fcntl.ioctl(sock.fileno(), request, IFREQ.pack(name.encode()[:15]))[16:]
-
-
-def guessed_interfaces() -> list[Interface]:
-    """Where the system cannot be asked: this host's IPv4 addresses, each on an assumed /24."""
-    addresses = {routed_address()}
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_DGRAM)
-        addresses.update(info[4][0] for info in infos)
-    except (OSError, UnicodeError):  # a host name that does not resolve, or cannot be encoded
-        pass
-    usable = sorted((address for address in addresses if address and not address.startswith(("127.", "0."))),
-                    key=socket.inet_aton)
-    return [Interface("?", address, ASSUMED_NETMASK, broadcast_of(address, ASSUMED_NETMASK)) for address in usable]
-
-
-def routed_address() -> str:
-    """Return the address of the interface a default route leaves by ("" if there is none).
-
-    connect() on a UDP socket sends nothing: it only makes the system choose the
-    interface it would send through, whose address getsockname() then tells.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("10.255.255.255", 9))
-            return probe.getsockname()[0]
-        except OSError:  # no route at all
-            return ""
-
-
-def broadcast_of(address: str, netmask: str) -> str:
-    """Return the broadcast address of `address`'s network: its host bits all set to one."""
-    host_bits = ~int.from_bytes(socket.inet_aton(netmask), "big") & 0xFFFFFFFF
-    if host_bits <= 1:  # a /31 or /32 has no broadcast address
-        return ""
-    network = int.from_bytes(socket.inet_aton(address), "big")
-    return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))
-
-
-# === 6. Waking a loop ================================================================
-
-
-class WakeUp:
-    """A way for any thread to wake a loop that sleeps in select().
-
-    select() waits on sockets only (on Windows, not even on pipes). So the loop also
-    waits on one end of a connected pair of sockets, and `wake()` sends a byte into the
-    other end: a classic trick. The server's loop is woken so by its password worker, the
-    client's network thread by whoever queues a request.
-    """
-
-    def __init__(self):
-        self.reader, self.writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self.writer.setblocking(False)  # a full pair means the loop is woken already: never wait for it
-
-    def wake(self) -> None:
-        try:
-            self.writer.send(b"!")
-        except OSError:
-            pass  # the loop is closing, or woken many times over already: nobody needs more
-
-    def drain(self) -> None:
-        """Empty the pair, so that select() sleeps again until the next wake()."""
-        try:
-            while self.reader.recv(1024):
-                pass
-        except OSError:  # BlockingIOError: nothing more to read
-            pass
-
-    def close(self) -> None:
-        self.reader.close()
-        self.writer.close()

@@ -411,3 +411,4 @@ def test_a_room_joined_by_the_user_shows_all_its_past():
     back.returning = False  # the user chose a room: its past is news
     assert back.fresh(past(50.0, "bob", "old"), "alice").kind == "history"
     assert back.fresh(past(60.0, "alice", "my old line"), "alice").kind == "history"
+

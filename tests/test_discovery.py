@@ -19,7 +19,6 @@ import client
 import server
 from encryption_helper import (
     MIN_FIND_SIZE,
-    Interface,
     Packet,
     PacketType,
     decode_packet,

@@ -9,6 +9,7 @@ import binascii
 import queue
 import selectors
 import socket
+import threading
 
 import pytest
 from conftest import fast_timing, lossy_timing, member, next_event, texts_of, wait_until
@@ -279,3 +280,18 @@ def test_verbose_trace_marks_retransmissions_and_losses(quick_recovery, start_se
     assert any("LOST (simulated)" in line for line in lines)
     assert any("retransmitted" in line for line in lines)
     assert any("[trace] in " in line and "SAY" in line for line in running.log)
+
+
+def test_a_wake_up_never_blocks_its_caller_however_often_it_is_called(monkeypatch):
+    """Another thread wakes the network thread by a byte into a socket pair; with nobody
+    draining it the pair fills up, and wake() must still return at once."""
+    monkeypatch.setattr(client.ChatClient, "drain_wakeups", lambda self: None)
+    # Nothing is sent to this address before a request; the test sends none.
+    chat = client.ChatClient("127.0.0.1", 9)
+    waking = threading.Thread(target=lambda: [chat.wake() for _ in range(1_000_000)], daemon=True)
+    try:
+        waking.start()
+        waking.join(timeout=60)
+        assert not waking.is_alive(), "wake() blocked on a full pair"
+    finally:
+        chat.close()
