@@ -301,7 +301,10 @@ def rubric_rows(stats) -> dict:
     return rows
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_terminal_summary(terminalreporter, config):
+    """After pytest's own summary: the rubric, the last thing before the closing count."""
+    yield
     rows = rubric_rows(terminalreporter.stats)
     if not rows:
         return

@@ -29,6 +29,7 @@ import threading
 import time
 
 import pytest
+from conftest import ROOT
 
 WAIT = 10.0  # seconds a reply may take before an item fails (a bound, never a sleep)
 FIRST_CONTACT = 20.0  # a client gives up on a silent server after 10 s: wait longer for its word
@@ -136,10 +137,10 @@ class Terminal:
                 if left <= 0 or self.ended:
                     break
                 self.changed.wait(left)
-        last = [line for line in screen.split("\n") if line.strip()][-3:]
-        ending = "ended" if self.ended else f"waited {wait:g} s"
-        pytest.fail(f"{why or 'no reply'}: {self.name} never showed {text!r} ({ending}; its last lines: {last})",
-                    pytrace=False)
+        last = [line.strip() for line in screen.split("\n") if line.strip()][-3:]
+        ending = "it ended" if self.ended else f"waited {wait:g} s"
+        shown = f"its last lines: {last}" if last else "it showed nothing"
+        pytest.fail(f"{why or 'no reply'}: {self.name} never showed {text!r} ({ending}; {shown})", pytrace=False)
 
     def find(self, pattern: str, why: str, wait: float = WAIT) -> str:
         """Return the first line anywhere on the screen that matches `pattern` (a regular
@@ -201,7 +202,7 @@ class Lab:
         server = self.run(name, "server.py", "--host", "127.0.0.1", "--port", str(port),
                           "--data-dir", str(self.folder / data), *options)
         server.port = port
-        server.expect("listening", "the server never started (server.py did not say it was listening)")
+        server.expect("listening", "the server did not start")
         return server
 
     def client(self, name: str, server: Terminal, *options: str, port: int = 0) -> Terminal:
@@ -482,6 +483,30 @@ def test_seed_000_replies_word_for_word(lab):
     alice.type("exit")
     assert alice.expect("[INFO] Connection closed.") == "[INFO] Connection closed."
     assert alice.finish("exit did not end the client") == 0
+
+
+# --- The rubric itself, on a copy of the project that is broken -----------------------
+
+
+def test_a_copy_whose_server_does_nothing_fails_every_mandatory_item(tmp_path):
+    """`--chat-dir` grades another copy; one whose server.py only sleeps earns nothing, and
+    each mandatory item says why in words an instructor reads."""
+    copy = tmp_path / "student"
+    copy.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), copy)
+    (copy / "server.py").write_text("import time\n\ntime.sleep(120)  # a server that does nothing\n")
+    grading = subprocess.run([sys.executable, "-m", "pytest", "-m", "assignment", "-k", "mandatory", "-p",
+                              "no:cacheprovider", "--chat-dir", str(copy), os.path.abspath(__file__)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rubric = grading.stdout[grading.stdout.index("assignment rubric"):]
+    assert grading.returncode == 1, grading.stdout
+    for number in range(1, 7):
+        row = re.search(rf"^mandatory +(\S+) +{number}\. .*\n +(.*)$", rubric, re.MULTILINE)
+        assert row and row[1] == "FAILED", rubric
+        assert row[2].startswith("the server did not start: the server never showed 'listening'"), row[2]
+    assert rubric.splitlines()[-2] == "assignment: 0/6 mandatory, 0/0 optional", rubric
 
 
 # --- Helpers: a capture, a display, a keyboard ---------------------------------------
