@@ -301,7 +301,7 @@ def rubric_rows(stats) -> dict:
     return rows
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_terminal_summary(terminalreporter, config):
     """After pytest's own summary: the rubric, the last thing before the closing count."""
     yield
