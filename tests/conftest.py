@@ -256,7 +256,7 @@ class Program:
 # The tests of tests/test_assignment.py carry `@pytest.mark.assignment(kind, item)`; the run
 # ends with one row per item of the handout, then `assignment: M/6 mandatory, K/N optional`.
 
-RUBRIC_KINDS = {"mandatory": "mandatory", "asked": "asked of all", "optional": "optional", "seed": "seed text"}
+RUBRIC_KINDS = {"mandatory": "mandatory", "asked": "also asked", "optional": "optional", "seed": "seed text"}
 
 
 def pytest_addoption(parser):
@@ -309,7 +309,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if not rows:
         return
     write = terminalreporter.write_line
-    terminalreporter.write_sep("=", f"assignment rubric: {config.getoption('--chat-dir')}")
+    graded = config.getoption("--chat-dir")
+    terminalreporter.write_sep("=", f"assignment rubric: {'this checkout' if graded == ROOT else graded}")
     order = list(RUBRIC_KINDS)
     for (kind, item, _), (result, reason) in sorted(rows.items(), key=lambda row: (order.index(row[0][0]), row[0][2])):
         write(f"{RUBRIC_KINDS[kind]:<13} {result:<8} {item}")
