@@ -252,7 +252,7 @@ class Program:
                 stream.close()
 
 
-# === The assignment's rubric: `python -m pytest -m assignment [--chat-dir DIR]` ===========
+# === The assignment's rubric: `python -m pytest -m assignment [--chat-dir=DIR]` ===========
 # The tests of tests/test_assignment.py carry `@pytest.mark.assignment(kind, item)`; the run
 # ends with one row per item of the handout, then `assignment: M/6 mandatory, K/N optional`.
 
@@ -260,8 +260,11 @@ RUBRIC_KINDS = {"mandatory": "mandatory", "asked": "also asked", "optional": "op
 
 
 def pytest_addoption(parser):
+    # Written --chat-dir=DIR: pytest reads its command line once before this file, and
+    # would take a DIR standing alone for a folder of tests.
     parser.addoption("--chat-dir", default=ROOT, metavar="DIR",
-                     help="grade the copy of the chat in DIR (its server.py and client.py); default: this one")
+                     help="with -m assignment: grade the copy of the chat in DIR (its server.py and client.py), "
+                          "written --chat-dir=DIR; default: this checkout")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ what a student types, then reads what they print. The terminals are real ones (a
 terminal: passwords are typed unseen, Ctrl+C stops the server) on Linux and macOS; on
 Windows, which has none, the programs read their answers as plain lines from a pipe.
 
-Nothing here imports the chat's code: `python -m pytest -m assignment --chat-dir DIR`
+Nothing here imports the chat's code: `python -m pytest -m assignment --chat-dir=DIR`
 grades another copy of the project (a student's fork) that keeps the same command-line
 options and the same texts. The run ends with the rubric as a table (tests/conftest.py).
 
@@ -498,8 +498,8 @@ def test_a_copy_whose_server_does_nothing_fails_every_mandatory_item(tmp_path):
             shutil.copy(os.path.join(ROOT, name), copy)
     (copy / "server.py").write_text("import time\n\ntime.sleep(120)  # a server that does nothing\n")
     grading = subprocess.run([sys.executable, "-m", "pytest", "-m", "assignment", "-k", "mandatory", "-p",
-                              "no:cacheprovider", "--chat-dir", str(copy), os.path.abspath(__file__)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              "no:cacheprovider", f"--chat-dir={copy}"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, stdin=subprocess.DEVNULL)
     rubric = grading.stdout[grading.stdout.index("assignment rubric"):]
     assert grading.returncode == 1, grading.stdout
     for number in range(1, 7):
