@@ -497,9 +497,10 @@ def test_a_copy_whose_server_does_nothing_fails_every_mandatory_item(tmp_path):
         if name.endswith(".py"):
             shutil.copy(os.path.join(ROOT, name), copy)
     (copy / "server.py").write_text("import time\n\ntime.sleep(120)  # a server that does nothing\n")
-    grading = subprocess.run([sys.executable, "-m", "pytest", "-m", "assignment", "-k", "mandatory", "-p",
-                              "no:cacheprovider", f"--chat-dir={copy}"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300, stdin=subprocess.DEVNULL)
+    command = ["-m", "pytest", "tests/test_assignment.py", "-m", "assignment", "-k", "mandatory",
+               f"--chat-dir={copy}", "-p", "no:cacheprovider"]
+    grading = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             stdin=subprocess.DEVNULL)
     rubric = grading.stdout[grading.stdout.index("assignment rubric"):]
     assert grading.returncode == 1, grading.stdout
     for number in range(1, 7):
