@@ -109,9 +109,6 @@ class Terminal:
         with self.changed:
             return CONTROL.sub("", self.raw)
 
-    def lines(self) -> list[str]:
-        return [line.strip() for line in self.screen.split("\n")]
-
     def type(self, text: str) -> None:
         """Type a line and press Enter."""
         data = (text + ("\r" if pty else "\n")).encode()
