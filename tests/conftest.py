@@ -327,7 +327,7 @@ def pytest_terminal_summary(terminalreporter, config):
     for (kind, item, _), (result, reason) in sorted(rows.items(), key=lambda row: (order.index(row[0][0]), row[0][2])):
         write(f"{RUBRIC_KINDS[kind]:<13} {result:<8} {item}")
         if reason:
-            write(f"{'':<22} {reason[:150]}")
+            write(f"{'':<22} {reason[:220]}")
     count = {kind: [result for (of, *_), (result, _) in rows.items() if of == kind] for kind in order}
     write(f"assignment: {count['mandatory'].count('passed')}/6 mandatory, "
           f"{count['optional'].count('passed')}/{len(count['optional']) - count['optional'].count('skipped')} optional")

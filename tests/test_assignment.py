@@ -206,7 +206,7 @@ class Lab:
         """`python client.py` given the server's IP and port (or `port`), once it is connected."""
         port = port or server.port
         client = self.run(name, "client.py", "--host", "127.0.0.1", "--port", str(port), *options)
-        client.expect("/register", f"no reply from the server within {FIRST_CONTACT:g} s", FIRST_CONTACT)
+        client.expect("/register", "the client got no reply from the server", FIRST_CONTACT)
         return client
 
     def close(self) -> None:
@@ -286,8 +286,7 @@ def test_mandatory_3_the_client_chooses_server_ip_and_port(lab):
     alice.type("127.0.0.1")
     alice.expect("port", "the client did not ask for the server's port")
     alice.type(str(server.port))
-    alice.expect("/register", f"no reply from the server at the IP and port typed within {FIRST_CONTACT:g} s",
-                 FIRST_CONTACT)
+    alice.expect("/register", "the client got no reply from the server at the IP and port typed", FIRST_CONTACT)
     register(alice, "alice", "secret")
     alice.expect("Registration successful.", "the server at the IP and port typed did not register alice")
 
