@@ -17,9 +17,8 @@ How it is built, in the spirit of the standard library's socketserver:
   address, then REGISTER or LOGIN. A logged-in member has a session: a token, and a
   reliable `Channel` (encryption_helper.py) each way, so that requests, answers and
   EVENTs arrive once and in order; a second channel, the file stream, carries files.
-* Helpers with narrow interfaces: `TokenBucket` (flood control), a worker thread for the
-  slow password hash (a flood of logins never stalls the chat), `HistoryFile`
-  (chat_history.txt), `FileRelay` (files stored, then relayed).
+* Helpers: `TokenBucket` (flood control), a worker thread for the slow password hash
+  (a flood of logins never stalls the chat), `HistoryFile`, `FileRelay`.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
@@ -72,15 +71,13 @@ HISTORY_ON_JOIN = 20
 # Flood control, as IRC servers do it: a short paragraph pasted at once goes through, then
 # 5 messages a second; those beyond wait their turn, until 100 wait: then "slow-down".
 MESSAGE_BURST, MESSAGE_RATE, MAX_BACKLOG = 20, 5.0, 100
-# 5 wrong passwords of an account (or room passwords of an account on a PC) within 60 s
-# lock it for the rest of the minute: a guesser gets 5 tries a minute.
+# 5 wrong passwords of an account (or room passwords of an account on a PC) in 60 s lock it.
 LOGIN_FAILURES, FAILURE_PERIOD = 5, 60.0
 # A class registering at once is fine; a script making thousands of accounts is not.
 REGISTRATIONS_PER_ADDRESS = 20
 # Each password check costs a quarter of a second: past 16 waiting, a login hears "busy".
 MAX_PENDING_CHECKS = 16
-# A lab of 40 PCs with room to spare; 50 rooms, the lobby included (when all are taken,
-# the empty room quiet longest is forgotten to make room for a new one).
+# A lab of 40 PCs with room to spare; at 50 rooms the empty one quiet longest is forgotten.
 MAX_SESSIONS, MAX_ROOMS = 500, 50
 # FIND answers for the whole server: a class of forty searching at once, then 10 a second.
 FIND_BURST, FIND_RATE = 50, 10.0
@@ -90,27 +87,25 @@ MAX_NAME_BYTES = 64
 COOKIE_PERIOD = 30.0
 # Answers to REGISTER and LOGIN kept for retries, the oldest forgotten first.
 RETRY_CACHE_SIZE = 4096
-# Files: 3 at once per member, 20 on the server (at 20 MB, 400 MB of disk); an upload
-# idle for 60 s is cancelled, so that offers never sent cannot hold places for ever.
+# Files: 3 at once per member, 20 on the server; an upload idle for 60 s is cancelled.
 DEFAULT_MAX_FILE_MB, MAX_FILES_PER_MEMBER, MAX_TRANSFERS, UPLOAD_IDLE_LIMIT = 20, 3, 20, 60.0
-# The loop never sleeps longer than MAX_WAIT (on Windows, Ctrl+C waits for select() to
-# return), and looks for finished password checks every CHECK_POLL while one runs.
+# The loop's longest sleep (on Windows, Ctrl+C waits for select() to return), and how
+# often it looks for finished password checks while one runs.
 MAX_WAIT, CHECK_POLL = 0.5, 0.01
 # The kernel's queue for our socket (asked for, not promised), and datagrams read per
 # turn of the loop, so that timers still run during a flood.
 RECEIVE_BUFFER_BYTES, RECEIVE_BATCH = 4 << 20, 256
-# Seconds between sweeps for silent sessions and idle uploads; seconds a stopping server
-# waits for its members to acknowledge EVENT stop.
+# Seconds between sweeps for silent sessions; seconds a stopping server waits for its
+# members to acknowledge EVENT stop.
 HOUSEKEEPING_EVERY, STOP_GRACE = 1.0, 2.0
-# Log lines a second about bad packets, so a flood of junk does not flood the log; and
-# the characters of a message the log shows (a 3,000-character paste is cut there).
+# Log lines a second about bad packets (a flood of junk must not flood the log), and the
+# characters of a message the log shows.
 PROBLEMS_PER_SECOND, LOGGED_TEXT = 20, 60
-# The handshake's packet types, and FIND: all a client without a session may send.
+# All a client without a session may send: the handshake's packet types, and FIND.
 HANDSHAKE_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 # Requests that flood control counts: each tells others something.
 FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE, PacketType.FILE_OFFER}
-# Logged only with --verbose: heartbeats (40 students: 8 a second), the cookie each login
-# asks for first, searches, and questions that change nothing.
+# Logged only with --verbose: heartbeats (40 students: 8 a second), cookies, questions.
 QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND, PacketType.ROOMS,
                PacketType.WHO}
 # The retry cache's mark for a request whose password check is still running.
@@ -125,7 +120,6 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 9999
     data_dir: str = DEFAULT_DATA_DIR
-    # The lobby's password (seed 001's example).
     room_password: str = "juara"
     cipher: str = wire.DEFAULT_CIPHER
     # None: the cipher's default key, as the client's.
@@ -137,7 +131,6 @@ class ServerConfig:
     seed: int | None = None
     # A client sends a heartbeat after 5 s of quiet: six missed in a row, it is gone.
     session_timeout: float = 30.0
-    # Tests lower it: they need no slow hash.
     kdf_iterations: int = auth.DEFAULT_ITERATIONS
     # What a search of the network (FIND) is told; "": this PC's host name.
     name: str = ""
@@ -180,11 +173,6 @@ class Room:
     history: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=HISTORY_ON_JOIN))
 
-    def quiet_since(self) -> float:
-        """Return when something was last said in the room, or when it was made."""
-        made = self.record.get("created", 0.0) if self.record else 0.0
-        return max(made, self.history[-1][0] if self.history else 0.0)
-
 
 @dataclasses.dataclass(eq=False)
 class Request:
@@ -197,7 +185,7 @@ class Request:
     now: float
     # None: a client without a session (HELLO, REGISTER, LOGIN, FIND).
     session: Session | None = None
-    # Proven: the sender is really at its address (a good cookie, or its token).
+    # The sender is really at its address (a good cookie, or its token).
     proven: bool = False
     user: str = ""
     rejoin: bool = False
@@ -262,7 +250,6 @@ class ChatServer:
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
         self.find_bucket = TokenBucket(FIND_RATE, FIND_BURST, 0.0)
         self.name, self.port = config.name or host_name(), config.port
-        # What the loop must do: (datagram, address) pairs to send, PasswordJobs to run.
         self.outbox, self.password_jobs = [], []
         self.pending_checks, self.stopping, self.next_housekeeping = 0, False, 0.0
         self.stats: collections.Counter = collections.Counter()
@@ -296,8 +283,12 @@ class ChatServer:
             self.registering.discard(request.user.lower())
         # Not for a session ended meanwhile, nor after EVENT stop: the client asks again.
         try:
+            if job.error:
+                where = wire.describe_address(request.address)
+                self.log.problem(f"a password check for {where} failed: {job.error}")
+                job.then = refuse_failed_check
             if session is None or (self.current(session) and not self.stopping):
-                self.respond(request, finish_check, self, job)
+                self.respond(request, job.then, self, job)
         finally:
             # Even if a bug raised: the member's next requests must not wait for ever.
             if session:
@@ -414,8 +405,7 @@ class ChatServer:
     def answer(self, request: Request, result) -> None:
         """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer.
 
-        A member's answer goes on its channel; any other straight to its address, and is
-        kept for retries once the client has proven its address.
+        A member's answer goes on its channel; any other straight to its address.
         """
         if result is None:
             return
@@ -453,8 +443,7 @@ class ChatServer:
     def tell(self, session: Session, body: bytes) -> int:
         """Queue an EVENT on a member's channel; return its number (0: not yet, or no room).
 
-        An EVENT for the member whose request is being answered waits for the answer.
-        """
+        An EVENT for the member whose request is being answered waits for the answer."""
         if session is self.replying_to:
             self.after_reply.append((session, body))
             return 0
@@ -655,13 +644,9 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
     chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
 
 
-def finish_check(chat: ChatServer, job: PasswordJob) -> list[str] | None:
-    """Finish the REGISTER, LOGIN or JOIN a password check was for."""
-    if job.error:
-        where = wire.describe_address(job.request.address)
-        chat.log.problem(f"a password check for {where} failed: {job.error}")
-        raise Refused("server-error", "The server could not check that; try again.")
-    return job.then(chat, job)
+def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
+    """A password check that raised (a damaged record, say): the client may try again."""
+    raise Refused("server-error", "The server could not check that; try again.")
 
 
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
@@ -747,7 +732,9 @@ def make_room_for_one(chat: ChatServer) -> None:
     empty = [room for key, room in chat.rooms.items() if key != LOBBY and not room.members]
     if not empty:
         raise Refused("full", "Server full: no more rooms can be made.")
-    quietest = min(empty, key=Room.quiet_since)
+    # Quiet since its last message, or since it was made.
+    quietest = min(empty, key=lambda room: max([room.record.get("created", 0)] + [
+        when for when, _, _ in room.history]))
     try:
         chat.room_store.remove(quietest.name)
     except OSError:
@@ -1212,7 +1199,7 @@ class FileRelay:
             upload.receivers[member].offer_seq = offer_seq
         else:
             upload.receivers.pop(member, None)
-        self.check_whole(upload)
+        self.settle(upload)
 
     def receive(self, session, packet: Packet, now: float) -> None:
         """A packet on a member's file stream: acknowledgements, and chunks of its uploads."""
@@ -1237,17 +1224,24 @@ class FileRelay:
             return self.cancel(upload, "the server could not store it")
         upload.digest.update(data)
         upload.received, upload.last_progress = upload.received + len(data), now
-        self.check_whole(upload)
+        self.settle(upload)
 
-    def check_whole(self, upload: Upload) -> None:
-        """Once every byte is in (at once, for an empty file), check the SHA-256."""
-        if upload.checked or upload.received < upload.size or upload.id not in self.uploads:
+    def settle(self, upload: Upload) -> None:
+        """Check the SHA-256 once every byte is in (at once, for an empty file); delete the
+        file once nobody is left to receive it (stopping an upload still coming)."""
+        if upload.id not in self.uploads:
             return
-        if upload.digest.hexdigest() != upload.sha256:
-            return self.cancel(upload, "it arrived damaged (SHA-256 mismatch)")
-        upload.checked = True
-        self.log_file(upload, "arrived whole, SHA-256 checked")
-        self.release_if_unused(upload)
+        if not upload.checked and upload.received == upload.size:
+            if upload.digest.hexdigest() != upload.sha256:
+                return self.cancel(upload, "it arrived damaged (SHA-256 mismatch)")
+            upload.checked = True
+            self.log_file(upload, "arrived whole, SHA-256 checked")
+        if upload.receivers:
+            return
+        if upload.checked:
+            self.close(upload)
+        else:
+            self.cancel(upload, "nobody is left to receive it")
 
     def fill(self, session) -> None:
         """Note the files `session` has whole; put chunks in its file stream while it has
@@ -1300,15 +1294,7 @@ class FileRelay:
         done = f"{session.name} has it all"
         self.log_file(upload, done if kind == "file-done" else f"not for {session.name}: {why}")
         self.notify(upload.sender, kind, session.name, why, upload.id)
-        self.release_if_unused(upload)
-
-    def release_if_unused(self, upload: Upload) -> None:
-        """Nobody left to receive it: delete the file (and stop an upload still coming)."""
-        if not upload.receivers and upload.id in self.uploads:
-            if upload.checked:
-                self.close(upload)
-            else:
-                self.cancel(upload, "nobody is left to receive it")
+        self.settle(upload)
 
     def cancel(self, upload: Upload, why: str, tell_sender: bool = True) -> None:
         """End a transfer for everyone: the receivers and (unless it asked) the sender hear."""
@@ -1456,13 +1442,6 @@ class ServerLoop:
         while not self.chat.stop_heard() and time.monotonic() < deadline:
             self.serve_once(deadline - time.monotonic())
 
-    def start(self) -> "ServerLoop":
-        """Serve on a background thread (for tests and the notebook)."""
-        self.thread = threading.Thread(target=self.serve_then_close, name="chat-server",
-                                       daemon=True)
-        self.thread.start()
-        return self
-
     def serve_then_close(self) -> None:
         try:
             self.serve_forever()
@@ -1488,10 +1467,12 @@ class ServerLoop:
 
 
 def start_server(config: ServerConfig, log=print) -> ServerLoop:
-    """Bind, and serve on a background thread; stop with `.stop()`."""
+    """Bind, and serve on a background thread (for tests and the notebook); `.stop()` ends it."""
     chat = ChatServer(config, log)
-    sock = wrap_socket(open_socket(config.host, config.port), config, chat)
-    return ServerLoop(chat, sock).start()
+    loop = ServerLoop(chat, wrap_socket(open_socket(config.host, config.port), config, chat))
+    loop.thread = threading.Thread(target=loop.serve_then_close, name="chat-server", daemon=True)
+    loop.thread.start()
+    return loop
 
 
 def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
