@@ -1499,8 +1499,8 @@ def lan_addresses() -> list[str]:
     found = []
     with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii") as table:
         lines = [line.split() for line in table]
-        local = ["/32", "host", "LOCAL"]
-        found = [lines[n - 1][-1] for n, line in enumerate(lines) if n and line == local]
+        found = [lines[n - 1][-1] for n, line in enumerate(lines)
+                 if n and line == "/32 host LOCAL".split()]
     with contextlib.suppress(OSError):
         found = found or socket.gethostbyname_ex(socket.gethostname())[2]
     return [address for address in dict.fromkeys(found) if not address.startswith(("127.", "0."))]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import auth
 import encryption_helper
+import server
 from encryption_helper import PacketType, decode_packet, make_cipher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +84,7 @@ def test_the_reference_states_the_version_and_the_limits_the_code_uses():
     text = reference()
     assert f"version {encryption_helper.VERSION}" in text
     for number in (encryption_helper.MAX_DATAGRAM, encryption_helper.MAX_PAYLOAD, encryption_helper.MIN_HELLO_SIZE,
-                   encryption_helper.MAX_TEXT_BYTES, auth.MAX_USERNAME, auth.MAX_NAME_BYTES):
+                   encryption_helper.MAX_TEXT_BYTES, auth.MAX_USERNAME, server.MAX_NAME_BYTES):
         assert str(number) in text
 
 
