@@ -358,7 +358,9 @@ class ChatServer:
             return refuse_unknown_session(self, request, session)
         session.last_heard, self.due[session] = request.now, None
         if packet.flags & wire.FLAG_FILE_STREAM:
-            return self.files.receive(session, packet, request.now)
+            self.files.receive(session, packet, request.now)
+            # New bytes of its uploads may go on to their receivers.
+            return self.due.update(dict.fromkeys(self.files.receiving(session)))
         for delivered in session.channel.receive(packet, request.now)[1]:
             # An unnumbered ACK; or too late: the client sends it again after the restart.
             if not delivered.seq or self.stopping:
@@ -501,7 +503,6 @@ class ChatServer:
 
     def flush(self, now: float) -> None:
         """Send what the channels of the sessions due have; end those that cannot keep up."""
-        self.due.update(dict.fromkeys(self.files.receiving()))
         while self.due:
             due, self.due = list(self.due), {}
             for session in due:
@@ -1265,9 +1266,10 @@ class FileRelay:
                 if where.sent >= upload.received or not data:
                     ready.remove((upload, where))
 
-    def receiving(self) -> list:
-        """Return the sessions being sent a file: their file streams may have room now."""
-        return [member for upload in self.uploads.values() for member in upload.receivers]
+    def receiving(self, sender) -> list:
+        """Return the sessions being sent a file of `sender`'s: it may have more for them."""
+        return [member for upload in self.uploads.values() if upload.sender is sender
+                for member in upload.receivers]
 
     def cancel_by(self, session, number: int) -> None:
         """A FILE_CANCEL: the sender's ends the transfer; a receiver's, its own part."""
@@ -1379,15 +1381,17 @@ class ServerLoop:
     def serve_once(self, longest: float) -> None:
         """Wait for a datagram, a finished password check or a timer, and handle it."""
         longest = min(longest, CHECK_POLL) if self.checks else longest
-        if self.selector.select(min(max(self.chat.next_deadline() - time.monotonic(), 0.0),
-                                    longest)):
+        # Timers set meanwhile are later than this one: none can fall due before it.
+        deadline = self.chat.next_deadline()
+        if self.selector.select(min(max(deadline - time.monotonic(), 0.0), longest)):
             self.receive_all(time.monotonic())
         now = time.monotonic()
         done = [future for future in self.checks if future.done()]
         self.checks = [future for future in self.checks if future not in done]
         for future in done:
             self.survive(self.chat.finish_password_job, future.result(), now, where="a check")
-        self.survive(self.chat.on_timers, now, where="the timers")
+        if now >= deadline:
+            self.survive(self.chat.on_timers, now, where="the timers")
         self.send_all()
 
     def receive_all(self, now: float) -> None:
