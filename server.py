@@ -1267,9 +1267,10 @@ class FileRelay:
                     ready.remove((upload, where))
 
     def receiving(self, sender) -> list:
-        """Return the sessions being sent a file of `sender`'s: it may have more for them."""
+        """Return the receivers of `sender`'s files with room in their file streams: new
+        bytes from the sender may go on to them now."""
         return [member for upload in self.uploads.values() if upload.sender is sender
-                for member in upload.receivers]
+                for member in upload.receivers if len(member.file_stream.waiting) < wire.FILL]
 
     def cancel_by(self, session, number: int) -> None:
         """A FILE_CANCEL: the sender's ends the transfer; a receiver's, its own part."""
