@@ -442,7 +442,7 @@ class ChatServer:
         when = self.wall_clock() if when is None else when
         return wire.pack_fields(kind, str(int(when)), room, user, text, *map(str, more))
 
-    def tell(self, session: Session, body: bytes) -> int:
+    def tell(self, session: Session, body: bytes | wire.Body) -> int:
         """Queue an EVENT on a member's channel; return its number (0: not yet, or no room).
 
         An EVENT for the member whose request is being answered waits for the answer."""
@@ -456,7 +456,8 @@ class ChatServer:
 
     def publish(self, room: Room, kind: str, user: str, text: str, exclude=None) -> None:
         """Tell every member of `room` (but `exclude`) what `user` did or said."""
-        body = self.event(kind, room.name, user, text)
+        # Scrambled and checksummed once for the whole room; only the headers differ.
+        body = wire.prepare_body(self.event(kind, room.name, user, text), self.cipher)
         for member in list(room.members.values()):
             if member is not exclude:
                 self.tell(member, body)

@@ -235,7 +235,9 @@ class RecordingServer(server.ChatServer):
     def tell(self, session, body):
         if session is not self.replying_to:  # else it is told after the answer, and noted then
             live = self.sessions.get(session.address) is session
-            self.pushed.append((session, live, session.room, unpack_fields(body)))
+            # A room's EVENT comes prepared once for all its members (a Body): its plain bytes.
+            plain = getattr(body, "plain", body)
+            self.pushed.append((session, live, session.room, unpack_fields(plain)))
         return super().tell(session, body)
 
     def open_session(self, name, address, now):
