@@ -47,7 +47,7 @@ A SAY datagram, as this client sends it (XOR-scrambled payload, readable header)
 import argparse
 import collections
 import concurrent.futures
-import ctypes
+import contextlib
 import dataclasses
 import functools
 import getpass
@@ -1780,12 +1780,10 @@ def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
 
 # --- The terminal ---------------------------------------------------------------------
 
-# ANSI colours (SGR)
+# ANSI colours (SGR): a line that names me, a private message; then back to plain
 BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
 # the terminal beeps, or flashes its window, when it prints this
 BELL = "\a"
-# Windows 10+: the console interprets ANSI codes
-ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
 
 
 class EndOfInput(Exception):
@@ -1799,67 +1797,60 @@ class Terminal:
     reads each line and hands it over through a queue, and `ask` waits on that queue in
     steps of MAX_WAIT, calling `alive()` between steps (it may raise to stop waiting): a
     Ctrl+C always gets through, and a client that lost its server ends without waiting
-    for Enter. A line shown while the user types goes above the prompt, which is drawn
-    again below it with what was typed so far.
+    for Enter. A line shown while the user types is printed above the prompt, and the
+    prompt and what was typed so far (readline knows it) are printed again below it.
     """
 
     def __init__(self, interactive: bool, color: bool = False, bell: bool = False):
         self.interactive, self.color, self.bell = interactive, color, bell
-        self.asks: queue.Queue = queue.Queue()
-        self.answers: queue.Queue = queue.Queue()
-        # one writer at a time, and the prompt's state with it
+        self.asks, self.answers = queue.Queue(), queue.Queue()
+        # one writer at a time; the prompt on screen now ("" if none), and whether secret
         self.lock = threading.Lock()
-        # the prompt on screen now ("" if none)
         self.prompt, self.secret = "", False
-        # a question with the keyboard thread; input over
+        # a question is with the keyboard thread; the input is over
         self.outstanding = self.ended = False
-        # lines kept back while a room is entered
+        # lines kept back while a room is entered (None: none kept)
         self.held: list[str] | None = None
         self.alive = lambda: None
-        # the terminal's settings as we found them (POSIX)
+        # POSIX: the terminal's settings as we found them, to give back
         self.saved_mode = None
         if interactive and termios:
-            try:
+            with contextlib.suppress(termios.error, OSError, ValueError):
                 self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
-            except (termios.error, OSError, ValueError):
-                pass
         threading.Thread(target=self.read_lines, name="keyboard", daemon=True).start()
 
     def read_lines(self) -> None:
+        """The keyboard thread: answer each question put on `asks`; None at the end."""
         while True:
             prompt, secret = self.asks.get()
             try:
                 answer = self.read_answer(prompt, secret)
             except (EOFError, OSError, ValueError, KeyboardInterrupt):
-                # KeyboardInterrupt reaches this thread on some systems: main handles it
                 answer = None
             with self.lock:
                 self.prompt = ""
-            # until the next question: what is typed now may be its password
+            # until the next question: keys typed now may be its password
             self.echo(False)
             self.answers.put(answer)
             if answer is None:
                 return
 
     def read_answer(self, prompt: str, secret: bool) -> str:
-        """Return one line from the keyboard (or the script); raise EOFError at the end.
-
-        The prompt counts as on screen only once it is drawn - by us under the lock, or by
-        readline, which calls its pre-input hook then: a line shown a moment before cannot
-        draw it a second time (`> > /share`). getpass draws its own.
-        """
+        """Return one line; the prompt counts as on screen only once it is drawn, so a line
+        shown a moment before cannot draw it twice (`> > /share`)."""
         if not self.interactive:
             line = sys.stdin.readline()
             if not line:
                 raise EOFError
             return line.rstrip("\r\n")
         if secret:
-            # getpass draws its prompt once it has turned echo off (and dropped keys typed ahead)
+            # getpass turns echo off, then draws its prompt
             self.prompt_drawn(prompt, True)
             return getpass.getpass(prompt)
         if readline is None:
             self.prompt_drawn(prompt, False, write=True)
             return input()
+        # readline calls this hook once it has drawn the prompt
         readline.set_pre_input_hook(lambda: self.prompt_drawn(prompt, False))
         self.echo(True)
         return input(prompt)
@@ -1878,9 +1869,6 @@ class Terminal:
         if not self.outstanding:
             self.asks.put((prompt, secret))
             self.outstanding = True
-        elif self.prompt and self.prompt != prompt:
-            # an abandoned question: its line answers this
-            self.show("", again=prompt)
         while True:
             self.alive()
             try:
@@ -1894,15 +1882,13 @@ class Terminal:
             raise EndOfInput
         return answer
 
-    def show(self, text: str, again: str | None = None) -> None:
-        """Print a line above the prompt, and draw the prompt and what was typed below it."""
+    def show(self, text: str) -> None:
+        """Print a line above the prompt; then the prompt and what was typed, below it."""
         with self.lock:
-            shown = readline and self.prompt and not self.secret
-            typed = readline.get_line_buffer() if shown else ""
+            typed = readline.get_line_buffer() if readline and self.prompt and not self.secret else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
-            self.prompt = self.prompt if again is None else again
             try:
-                sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
+                sys.stdout.write(wipe + text + "\n" + self.prompt + typed)
                 sys.stdout.flush()
             except OSError:
                 # a program reading our output stopped, or the terminal closed (EIO)
@@ -1915,12 +1901,11 @@ class Terminal:
         line, marks = format_event(event, me), line_marks(event, me)
         colour = MAGENTA if "private" in marks else BOLD_YELLOW if "mention" in marks else ""
         line = f"{colour}{line}{PLAIN}" if colour and self.color else line
-        ring = self.bell and ("mention" in marks or marks == ("private",))
+        line += BELL if self.bell and ("mention" in marks or marks == ("private",)) else ""
         with self.lock:
             if self.held is not None and event.kind not in ("notice", "transfer"):
-                self.held.append(line + BELL * ring)
-                return
-        self.show(line + BELL * ring)
+                return self.held.append(line)
+        self.show(line)
 
     def hold(self) -> None:
         """Keep the room's lines back for now (its history comes before the JOIN's answer)."""
@@ -1935,75 +1920,46 @@ class Terminal:
             self.show(line)
 
     def echo(self, on: bool, mode=None) -> None:
-        """Let the terminal show the keys typed, or not (POSIX). Between two questions keys
-        typed ahead are not shown: they may be the password the next prompt asks for."""
+        """Let the terminal show the keys typed, or not (POSIX): between two questions keys
+        typed ahead are not shown, for they may be the password the next prompt asks."""
         with self.lock:
             if self.saved_mode is None:
                 return
             mode = mode or list(self.saved_mode)
-            # [3]: local flags
+            # [3]: the local flags
             mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
-            try:
-                # keep keys typed ahead
+            with contextlib.suppress(termios.error, OSError, ValueError):
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
-            except (termios.error, OSError, ValueError):
-                pass
 
     def restore(self) -> None:
-        """Give the terminal back as we found it, for good: Ctrl+C at a password prompt must
-        not leave typing invisible."""
+        """Give the terminal back with echo on, for good (Ctrl+C at a password prompt)."""
         self.echo(True, list(self.saved_mode or [0] * 7))
         with self.lock:
             self.prompt, self.saved_mode = "", None
 
 
 def worth_a_line(event: Event) -> bool:
-    """Does the terminal print this event? Not a state change (a notice says it), and a file's
-    progress only at its start and at each quarter."""
-    if event.kind == "state":
+    """Does the terminal print this event? Not a state (a notice says it), not a refused
+    offer (the refusal says it), and a file's progress only at 25, 50 and 75%."""
+    transfer = event.more[0] if event.kind == "transfer" else None
+    if event.kind == "state" or (transfer and not transfer.number):
         return False
-    if event.kind == "transfer" and not event.more[0].number:
-        # a refused offer: the refusal says it
-        return False
-    if event.kind != "transfer" or event.more[0].state != "moving":
+    if transfer is None or transfer.state != "moving":
         return True
-    transfer = event.more[0]
-    if transfer.direction == "send" and not transfer.done_bytes:
-        # the server took the offer: "sending ... as number N"
-        return True
-    return transfer.done_bytes > 0 and transfer.percent in (25, 50, 75)
+    # the server took our offer: "sending ... as number N"
+    starting = transfer.direction == "send" and not transfer.done_bytes
+    return starting or (transfer.done_bytes > 0 and transfer.percent in (25, 50, 75))
 
 
-def use_color(stream, environ, platform: str = sys.platform, kernel32=None) -> bool:
+def use_color(stream, environ, platform: str = sys.platform) -> bool:
     """May we colour what goes to `stream`? Only a terminal, never with NO_COLOR set
-    (no-color.org) or TERM=dumb; on Windows only a console that takes ANSI codes."""
-    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb" or not is_terminal(stream):
+    (no-color.org) or TERM=dumb; on Windows only in Windows Terminal, which reads ANSI."""
+    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb":
         return False
-    return enable_windows_ansi(kernel32) if platform == "win32" else True
-
-
-def is_terminal(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        # no such method, or closed
+    if platform == "win32" and "WT_SESSION" not in environ:
         return False
+    return hasattr(stream, "isatty") and stream.isatty()
 
-
-def enable_windows_ansi(kernel32=None) -> bool:
-    """Ask the Windows console to interpret ANSI escape codes (Windows 10 and later can);
-    return whether it now does. `kernel32` is for tests: by default, the real one."""
-    kernel32 = kernel32 or (hasattr(ctypes, "windll") and ctypes.windll.kernel32)
-    if not kernel32:
-        return False
-    # -11: standard output
-    handle = kernel32.GetStdHandle(-11)
-    # a DWORD of flags
-    mode = ctypes.c_uint32()
-    if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
-        # not a console: output redirected
-        return False
-    return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
 # --- Commands: one table for the terminal and the window --------------------------------
@@ -2027,31 +1983,19 @@ several messages, cut between words. Start a line with // to send one beginning 
 EXIT_WORDS = ("exit", "/quit", "/exit")
 
 
-def parse_line(line: str) -> tuple[str, str]:
-    """Return what a typed line asks for: ("say", text), (command, the rest) or ("", "").
-
-    >>> parse_line("/join games"), parse_line("//etc is a folder"), parse_line("hi")
-    (('/join', 'games'), ('say', '/etc is a folder'), ('say', 'hi'))
-    """
-    if line.startswith("//"):
-        return "say", line[1:]
-    if line.startswith("/"):
-        command, _, rest = line.partition(" ")
-        return command.lower(), rest.strip()
-    return ("say", line) if line.strip() else ("", "")
-
-
 def run_command(client: ChatClient, line: str, face) -> bool:
     """Do what a typed line asks; return False when the user asked to leave."""
     if line.strip().lower() in EXIT_WORDS:
         return False
-    command, rest = parse_line(line)
-    action = COMMANDS.get(command)
+    command, _, rest = line.partition(" ") if line.startswith("/") else ("say", "", line)
+    if line.startswith("//"):
+        # "//etc is a folder" says "/etc is a folder"
+        command, rest = "say", line[1:]
     try:
-        if action:
-            action(client, rest, face)
-        elif command:
-            face.show(f"Unknown command {command}; type /help for the list.")
+        if command.lower() in COMMANDS:
+            COMMANDS[command.lower()](client, rest.strip() if command != "say" else rest, face)
+        elif command != "say":
+            face.show(f"Unknown command {command.lower()}; type /help for the list.")
     except (Refused, ServerNotResponding, SessionLost, FileProblem) as error:
         # that line failed; the chat goes on
         face.show(printable(str(error)))
@@ -2061,40 +2005,28 @@ def run_command(client: ChatClient, line: str, face) -> bool:
 def send_lines(client: ChatClient, text: str, face) -> None:
     """Send a line without waiting for its answer: pasted lines flow, in order. A line too
     long for one message goes as several. Our own line is shown once the server took it."""
-    parts = split_message(text)
-    # one entry per part answered: was it accepted?
-    answered: list[bool] = []
-
-    def report(done: concurrent.futures.Future, part: str) -> None:
-        error = done.exception()
-        answered.append(error is None)
-        shown = printable(part if len(part) <= 40 else part[:37] + "...")
-        if isinstance(error, SessionLost):
-            # the server may have had it before it went
-            face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
-        elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
-            face.show(f"not sent: {shown} ({printable(str(error))})")
-        if len(parts) > 1 and len(answered) == len(parts):
-            # answers come in order: the last
-            face.show(f"sent in {len(parts)} parts" if all(answered)
-                      else f"{sum(answered)} of {len(parts)} parts sent")
-
-    for part in parts:
+    for part in split_message(text):
         future = client.submit(PacketType.SAY, part)
-        future.add_done_callback(lambda done, part=part: report(done, part))
+        future.add_done_callback(lambda done, part=part: report_unsent(done, part, face))
+
+
+def report_unsent(done: concurrent.futures.Future, part: str, face) -> None:
+    """Say when a line sent without waiting was not taken (or maybe not)."""
+    error, shown = done.exception(), printable(part if len(part) <= 40 else part[:37] + "...")
+    if isinstance(error, SessionLost):
+        # the server may have had it before it went
+        face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
+    elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
+        face.show(f"not sent: {shown} ({printable(str(error))})")
 
 
 def send_private(client: ChatClient, rest: str, face) -> None:
     """/msg USER TEXT, in several messages if long; `-> bob: text` once each is accepted."""
     user, _, text = rest.partition(" ")
     if not user or not text.strip():
-        face.show("Usage: /msg USER TEXT")
-        return
-    parts = split_message(text)
-    for part in parts:
+        return face.show("Usage: /msg USER TEXT")
+    for part in split_message(text):
         client.private(user, part)
-    if len(parts) > 1:
-        face.show(f"sent in {len(parts)} parts")
 
 
 def join_room(client: ChatClient, room: str, face) -> None:
@@ -2106,11 +2038,9 @@ def join_room(client: ChatClient, room: str, face) -> None:
     elif room.lower() == (client.room or "").lower():
         face.show(f"You are in {printable(client.room or '')} already.")
     else:
-        names = [name.lower() for name, count in client.rooms() if count >= 0]
-        new = "" if room.lower() in names else "new room "
-        password = face.ask(f"Password for {new}{room}: ", secret=True)
-        if password:
-            # Enter alone sends nothing: an empty password would count as a wrong one
+        new = "" if room.lower() in [name.lower() for name, _ in client.rooms()] else "new room "
+        # Enter alone sends nothing: an empty password would count as a wrong one
+        if password := face.ask(f"Password for {new}{room}: ", secret=True):
             enter_room(client, room, password, face)
         else:
             face.show(f"Not joined: {room} needs its password.")
@@ -2130,7 +2060,7 @@ def enter_room(client: ChatClient, room: str, password: str, face, then: str = "
 
 def show_rooms(client: ChatClient, rest: str, face) -> None:
     for name, count in client.rooms():
-        face.show(f"  {printable(name)}  ({count} here)" if count >= 0 else f"  {name}")
+        face.show(f"  {printable(name)}  ({count} here)")
 
 
 def show_who(client: ChatClient, rest: str, face) -> None:
@@ -2165,7 +2095,7 @@ def list_files(client: ChatClient, rest: str, face) -> None:
 
 def cancel_files(client: ChatClient, rest: str, face) -> None:
     # /files shows them as #3
-    number = rest.strip().lstrip("#")
+    number = rest.lstrip("#")
     if number and not whole_number(number):
         face.show("Usage: /cancel, or /cancel N with N as /files shows it")
     elif not client.cancel_files(int(number) if number else 0):
@@ -2181,10 +2111,10 @@ def unquote(text: str) -> str:
     return os.path.expanduser(text)
 
 
-COMMANDS = {"say": lambda client, text, face: send_lines(client, text, face),
-            "/help": lambda client, rest, face: face.show(HELP), "/rooms": show_rooms,
-            "/who": show_who, "/join": join_room, "/msg": send_private, "/send": send_file,
-            "/share": share_file, "/files": list_files, "/cancel": cancel_files}
+COMMANDS = {"say": send_lines, "/help": lambda client, rest, face: face.show(HELP),
+            "/rooms": show_rooms, "/who": show_who, "/join": join_room, "/msg": send_private,
+            "/send": send_file, "/share": share_file, "/files": list_files, "/cancel": cancel_files}
+
 
 
 # --- The window: python client.py --gui -----------------------------------------------
@@ -2548,9 +2478,10 @@ def converse(client: ChatClient, terminal: Terminal) -> None:
         choice = terminal.ask("Type /register or /login (exit to quit): ").strip().lower()
         if choice in EXIT_WORDS:
             return
-        if choice in ("/register", "register"):
+        word = choice.lstrip("/")
+        if word == "register":
             register(client, terminal)
-        elif choice in ("/login", "login"):
+        elif word == "login":
             if log_in(client, terminal) and chat(client, terminal):
                 return
         elif choice:
@@ -2560,34 +2491,33 @@ def converse(client: ChatClient, terminal: Terminal) -> None:
 def register(client: ChatClient, terminal: Terminal) -> None:
     """Username (an empty one goes back), then a new password, typed twice alike."""
     name = terminal.ask("Username: ").strip()
-    if not name:
-        return
-    if not auth.valid_username(name):
-        terminal.show("Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-        return
-    while password := terminal.ask(f"Password (at least {MIN_PASSWORD} characters): ", secret=True):
+    if name and not auth.valid_username(name):
+        return terminal.show("Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+    while name and (password := terminal.ask(
+            f"Password (at least {MIN_PASSWORD} characters): ", secret=True)):
         if len(password) < MIN_PASSWORD:
             terminal.show(f"Too short: a password has at least {MIN_PASSWORD} characters.")
         elif terminal.ask("Password again: ", secret=True) != password:
             terminal.show("The two passwords differ; type it again.")
         else:
-            try:
-                terminal.show(printable(client.register(name, password)))
-            except Refused as refusal:
-                terminal.show(printable(refusal.text))
-            return
+            return show_answer(terminal, client.register, name, password)
+
+
+def show_answer(terminal: Terminal, request, *fields: str) -> bool:
+    """Make a request and show the server's words, its answer or refusal; True if it did it."""
+    try:
+        terminal.show(printable(request(*fields)))
+        return True
+    except Refused as refusal:
+        terminal.show(printable(refusal.text))
+        return False
 
 
 def log_in(client: ChatClient, terminal: Terminal) -> bool:
     """Username (an empty one goes back), password, then the lobby's password."""
     name = terminal.ask("Username: ").strip()
-    if not name:
-        return False
-    password = terminal.ask("Password: ", secret=True)
-    try:
-        terminal.show(printable(client.login(name, password)))
-    except Refused as refusal:
-        terminal.show(printable(refusal.text))
+    if not name or not show_answer(terminal, client.login, name,
+                                   terminal.ask("Password: ", secret=True)):
         return False
     hint = "Try again, or press Enter alone to go on without a room."
     # Enter alone sends nothing: an empty password would count as a wrong one.
@@ -2600,10 +2530,9 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
             if refusal.code == "locked":
                 # asking again would not help now
                 break
-        if hint:
-            # the hint, once
-            terminal.show(hint)
-            hint = ""
+        # the hint, once
+        terminal.show(hint) if hint else None
+        hint = ""
     terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
     return True
 
@@ -2638,11 +2567,9 @@ def check_alive(client: ChatClient) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="UDP chat room client. "
-                    "Asks for the server's IP and port unless both are given.",
+        description="UDP chat room client. Asks for the server's IP and port unless both are given.",
         epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures "
-               "the traffic can read it. Server and client must use the same --cipher and --key.",
-    )
+               "the traffic can read it. Server and client must use the same --cipher and --key.")
     parser.add_argument("--host",
                         help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number,
@@ -2656,8 +2583,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gui", action="store_true",
                         help="chat in a window instead of the terminal (needs tkinter)")
     parser.add_argument("--downloads", default="downloads",
-                        help="folder for the files others send you (default: downloads in the "
-                             "current folder)")
+                        help="folder for the files others send you (default: ./downloads)")
     return parser.parse_args(argv)
 
 
@@ -2686,23 +2612,21 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
             found = find_servers(args.port or DEFAULT_PORT, cipher, terminal.show)
             for number, server in enumerate(found, 1):
                 terminal.show(f"{number}) {server}")
-            continue
-        chosen = pick_server(answer, found)
-        if chosen:
+        elif chosen := pick_server(answer, found):
             return chosen
-        terminal.show(f"Type a number from 1 to {len(found)}, an IP address, or ? to search again.")
+        else:
+            terminal.show(f"Type a number from 1 to {len(found)}, an IP address, "
+                          "or ? to search again.")
 
 
 def print_servers_found(args: argparse.Namespace) -> int:
     """--find: one line per server, `IP:PORT  name  N online`; the rest on stderr."""
-    def show(text: str) -> None:
-        print(text, file=sys.stderr)
-
     try:
-        found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key), show)
+        found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key),
+                             functools.partial(print, file=sys.stderr))
     except (ValueError, OSError) as error:
         # a key the cipher cannot use; no network at all
-        show(f"[ERROR] {error}")
+        print(f"[ERROR] {error}", file=sys.stderr)
         return 1
     for server in found:
         print(f"{server.host}:{server.port}  {printable(server.name)}  {server.online} online")
@@ -2718,10 +2642,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     if args.find:
         return print_servers_found(args)
-    if args.gui:
-        status = run_window(args)
-        if status is not None:
-            return status
+    if args.gui and (status := run_window(args)) is not None:
+        return status
     return chat_in_terminal(args)
 
 
@@ -2735,11 +2657,10 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     """The terminal client, from the server's address to goodbye; return the exit status."""
     interactive = sys.stdin.isatty()
     terminal = Terminal(interactive, use_color(sys.stdout, os.environ),
-                        bell=interactive and is_terminal(sys.stdout))
+                        bell=interactive and sys.stdout.isatty())
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, hang_up)
-    # The client once made, and whether the server ever answered (only then was it connected).
-    made: list = []
+    made, status = [], 1
     try:
         host, port = ask_address(args, terminal)
         made.append(ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
@@ -2750,26 +2671,24 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
         made.append(made[0].hello())
         terminal.show(f"Connected to the chat server at {host}:{port}.")
         converse(made[0], terminal)
+        status = 0
     except (EndOfInput, KeyboardInterrupt):
-        return say_goodbye(made, terminal, 0)
+        status = 0
     except ConnectionClosed:
         # the reason was shown when it happened
-        return say_goodbye(made, terminal, 1)
+        pass
     except (ChatError, Refused, ValueError) as error:
         # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {printable(str(error))}")
-        return say_goodbye(made, terminal, 1)
-    return say_goodbye(made, terminal, 0)
+    return say_goodbye(made, terminal, status)
 
 
 def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
     """Log out if logged in, close the socket, give the terminal back; return `status`."""
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         if made:
             made[0].bye()
             made[0].close()
-    except KeyboardInterrupt:
-        pass
     terminal.restore()
     if len(made) > 1:
         # On a terminal the cursor may be on the prompt's line: a new line first.
