@@ -45,7 +45,6 @@ A SAY datagram, as this client sends it (XOR-scrambled payload, readable header)
 """
 
 import argparse
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -198,102 +197,6 @@ KEY_MISMATCH = ("The server's reply fails its checksum: server and client keys d
 NOT_SENT = "Not back in the chat; not sent."
 
 
-# --- Getting back in: a state of the protocol ------------------------------------------
-
-
-class Reconnection:
-    """What getting back in after a lost session needs, and its steps: HELLO -> LOGIN
-    (marked "rejoin", so that it never pushes a newer login out) -> JOIN of the last room.
-
-    It remembers the user's last login and room, with their passwords, in memory only.
-    Narrow interface to the protocol: `send(type, fields)` a request, `notice(text)`.
-    `step` takes each answer and says what it comes to: "back", "gave up" or "".
-    It also keeps what of the room was shown: once back in, the room's past comes again.
-    """
-
-    def __init__(self, send, notice):
-        self.send, self.notice = send, notice
-        # (name, password) of the user's last login
-        self.login: tuple = ()
-        # (room, password) of the last room joined
-        self.room: tuple = ()
-        # (ticket, type, fields) the user asked for meanwhile
-        self.held: list[tuple] = []
-        self.retry_at = self.since = 0.0
-        # the refusal reported already, not to say it at every try
-        self.told = ""
-        self.returning, self.shown_until, self.last_second = False, 0.0, set()
-
-    def start(self, now: float) -> None:
-        self.retry_at, self.since, self.told = now, now, ""
-
-    def hold(self, ticket: int, ptype: PacketType, fields: tuple) -> None:
-        """Keep a request to send once back in; the first line kept says so, or a line typed
-        would seem to go nowhere (and be typed again)."""
-        if ptype == PacketType.SAY and PacketType.SAY not in [held[1] for held in self.held]:
-            self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
-        self.held.append((ticket, ptype, fields))
-
-    def forget(self, ticket: int) -> bool:
-        """Drop a held request whose asker stopped waiting; False if it is not held."""
-        kept = [held for held in self.held if held[0] != ticket]
-        found, self.held = len(kept) < len(self.held), kept
-        return found
-
-    def step(self, ptype: PacketType, result, name: str | None, now: float) -> str:
-        """Take the answer to our HELLO, LOGIN or JOIN, and send what comes next."""
-        done = isinstance(result, list)
-        if ptype == PacketType.HELLO and done:
-            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
-        elif ptype == PacketType.LOGIN and done:
-            self.notice(f"[INFO] Back in as {name}.")
-            self.returning = bool(self.room)
-            if not self.room:
-                return "back"
-            self.send(PacketType.JOIN, self.room)
-        elif ptype == PacketType.JOIN and (done or isinstance(result, Refused)):
-            room, self.room = self.room[0], self.room if done else ()
-            self.notice(f"[INFO] In {result[0]} again." if done else
-                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
-            return "back"
-        elif isinstance(result, Refused) and not self.worth_waiting(result, now):
-            self.notice(f"[WARN] Could not get back in: {result.text}")
-            return "gave up"
-        else:
-            # not answering yet, or lost again half-way: try again soon, from the top
-            self.retry_at = now + REJOIN_EVERY
-            code = getattr(result, "code", "")
-            if code in ("locked", "logged-in-elsewhere") and code != self.told:
-                self.told = code
-                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
-        return ""
-
-    def worth_waiting(self, refusal: Refused, now: float) -> bool:
-        """Will logging back in work later? A lockout ends, and so does an old session of ours
-        that the server keeps at our old address (a new Wi-Fi, say) until it times out."""
-        if refusal.code == "logged-in-elsewhere":
-            return now - self.since < ELSEWHERE_PATIENCE
-        return refusal.code in WORTH_WAITING
-
-    def fresh(self, event: Event, me: str | None) -> Event | None:
-        """Return a server event to show, or None for the room's past shown already.
-
-        Back in after a loss, the room's history comes again. A line before the newest one
-        shown was shown (of the last second, only the lines seen), and our own lines were
-        shown as we said them; a later one was said while we were away: news, not the past.
-        """
-        if event.kind == "history" and self.returning:
-            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
-            if event.user.lower() == (me or "").lower() or event.time < self.shown_until or seen:
-                return None
-            event = dataclasses.replace(event, kind="chat")
-        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
-            if event.time > self.shown_until:
-                self.shown_until, self.last_second = event.time, set()
-            self.last_second.add((event.user, event.text))
-        return event
-
-
 # --- The protocol, without sockets, threads or clock -----------------------------------
 #
 # The life of a line typed, "hi": ChatClient.say -> ClientProtocol.request (SAY queued on
@@ -304,10 +207,11 @@ class Reconnection:
 
 
 class Requests:
-    """Requests to the server and their answers: the transport half of ClientProtocol.
+    """Numbered requests and their answers: the transport half of ClientProtocol.
 
-    Before login, one request at a time on a stop-and-wait Channel; after it, the session's
-    Channel. Each request gets a number (a "ticket") from `request`, and its answer comes
+    Before login, one request at a time on a stop-and-wait Channel (a window of 1, one try
+    a second); after it, on the session's Channel (a window of 32: a paste of twenty lines
+    flows without waiting). Each request gets a number, a "ticket", and its answer comes
     out as Event("answer", more=(ticket, fields or error)) in the one stream of events
     (`emit`, `take_events`). Requests of the protocol's own (a PING) have ticket 0.
     """
@@ -325,9 +229,11 @@ class Requests:
         self.now = self.last_heard = self.last_sent = now
         # the requests sent, by sequence number: (ticket, type, fields)
         self.pending: dict[int, tuple] = {}
-        # before login numbers go on across tries (PROTOCOL.md 9)
+        # before login, numbers go on across tries (PROTOCOL.md 9)
         self.next_stranger_seq = 1
-        self.channel = self.stranger_channel()
+        self.channel, self.outbox = self.stranger_channel(), []
+        # what the user asked while getting back in: (ticket, type, fields)
+        self.held: list[tuple] = []
 
     def stranger_channel(self) -> Channel:
         """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s to get back in)."""
@@ -345,9 +251,9 @@ class Requests:
     def logged_in(self) -> bool:
         return self.token != NO_TOKEN
 
-    def emit(self, kind: str, room="", user="", text="", more=(), when=None) -> None:
-        when = self.now + self.wall_offset if when is None else when
-        self.events.append(Event(kind, when, room, user or "", text, tuple(more)))
+    def emit(self, kind: str, room="", user="", text="", more=()) -> None:
+        self.events.append(Event(kind, self.now + self.wall_offset, room, user or "", text,
+                                 tuple(more)))
 
     def notice(self, text: str) -> None:
         self.emit("notice", text=text)
@@ -366,10 +272,47 @@ class Requests:
         events, self.events = self.events, []
         return events
 
+    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
+        """--verbose: trace one datagram; the line is only put together when someone reads it."""
+        if self.trace:
+            self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
+
+    def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
+        """Queue a request; return its number, which its "answer" event names."""
+        self.now, self.tickets = now, self.tickets + 1
+        if self.state == "closed":
+            raise ConnectionClosed(self.closed_reason)
+        if self.state == "reconnecting" and ptype in RESENDABLE:
+            # the first line kept says so, or it would seem to go nowhere (and be typed again)
+            if ptype == PacketType.SAY and PacketType.SAY not in [held[1] for held in self.held]:
+                self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
+            self.held.append((self.tickets, ptype, tuple(fields)))
+        elif self.state == "reconnecting" and ptype != PacketType.BYE:
+            raise Refused("not-sent", "Not in the chat right now; not sent.")
+        elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
+            raise SessionLost(SESSION_LOST)
+        else:
+            self.send_request(self.tickets, ptype, fields)
+        return self.tickets
+
+    def send_held(self) -> None:
+        """Send the requests held while getting back in, in order."""
+        held, self.held = self.held, []
+        for ticket, ptype, fields in held:
+            try:
+                self.send_request(ticket, ptype, fields)
+            except Refused as refusal:
+                # too long, or too many waiting: that one is not sent
+                self.answer(ticket, refusal)
+
+    def send(self, ptype: PacketType, fields) -> None:
+        """Send a request of our own (ticket 0: nobody waits for its answer)."""
+        self.send_request(0, ptype, fields)
+
     def send_request(self, ticket: int, ptype: PacketType, fields) -> None:
         """Put a request on the channel, or raise Refused if it cannot go."""
         if ptype == PacketType.HELLO:
-            # padding: the server answers no HELLO under 128 bytes
+            # padding: the server answers no HELLO under 128 bytes (no amplification)
             fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
         payload = pack_fields(*fields)
         if len(payload) > wire.MAX_PAYLOAD:
@@ -399,31 +342,21 @@ class Requests:
             result = Refused("bad-reply", "The server's welcome could not be read.")
         return ticket, ptype, asked, fields, result
 
-    # --- Tracing (--verbose) ---
-
-    def note(self, text: str) -> None:
-        if self.trace:
-            self.trace(f"[trace] {text}")
-
-    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
-        """Trace one datagram; the line is only put together when someone reads it."""
-        if self.trace:
-            self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
-
 
 class ClientProtocol(Requests):
     """One user's side of the chat: datagrams and the time in, datagrams and Events out.
 
-    Entry points: `request(type, fields, now)` queues a request and returns its number;
-    `receive(datagram, now)` takes what the server sent; `poll(now)` returns what to send
-    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's
-    ICMP report; `log_out()` ends the session by our choice. Out: `take_events()`.
+    Entry points: `request(type, fields, now)` queues a request and returns its number (a
+    ticket); `receive(datagram, now)` takes what the server sent; `poll(now)` returns what
+    to send now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the
+    OS's ICMP report; `log_out()` ends the session by our choice. Out: `take_events()`; the
+    answer to ticket N is Event("answer", more=(N, fields or error)).
 
     `state`: "not logged in", "connected", "lost contact" (the server silent),
     "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
     to "reconnecting" when a login is remembered (in memory only): HELLO -> LOGIN (marked
-    "rejoin") -> JOIN of the last room, tried every REJOIN_EVERY s; what the user asks for
-    meanwhile is held, and sent once back in.
+    "rejoin", so that it never pushes a newer login out) -> JOIN of the last room, tried
+    every REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
     """
 
     def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
@@ -432,38 +365,17 @@ class ClientProtocol(Requests):
         super().__init__(cipher, timing, now, loss, trace, server)
         self.name: str | None = None
         self.room: str | None = None
-        # The session's second channel, for file chunks; a last ACK to a server that stops.
-        self.file_stream: Channel | None = None
-        self.outbox: list[bytes] = []
-        self.files = FileTransfers(downloads, self.emit_transfer,
+        self.rejoin, self.file_stream = rejoin, None
+        self.files = FileTransfers(downloads, lambda transfer: self.emit("transfer", more=(transfer,)),
                                    lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
-        # get back in after a lost session (tests may say no)
-        self.rejoin = rejoin
-        self.back = Reconnection(self.send, self.notice)
-
-    def emit_transfer(self, transfer: "Transfer") -> None:
-        self.emit("transfer", more=(transfer,))
-
-    def send(self, ptype: PacketType, fields) -> None:
-        """Send a request of our own (ticket 0: nobody waits for its answer)."""
-        self.send_request(0, ptype, fields)
-
-    # --- Requests ---
-
-    def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
-        """Queue a request; return its number, which its "answer" event names."""
-        self.now, self.tickets = now, self.tickets + 1
-        if self.state == "closed":
-            raise ConnectionClosed(self.closed_reason)
-        if self.state == "reconnecting" and ptype in RESENDABLE:
-            self.back.hold(self.tickets, ptype, tuple(fields))
-        elif self.state == "reconnecting" and ptype != PacketType.BYE:
-            raise Refused("not-sent", "Not in the chat right now; not sent.")
-        elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
-            raise SessionLost(SESSION_LOST)
-        else:
-            self.send_request(self.tickets, ptype, fields)
-        return self.tickets
+        # Getting back in: the last login and room with their passwords (in memory only),
+        # when to try next, since when, and the refusal told already.
+        self.login, self.joined = (), ()
+        self.retry_at = self.since = 0.0
+        self.told = ""
+        # Back in a room its past comes again: the time of the newest line shown, and the
+        # lines of that second.
+        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     # --- What the server sends ---
 
@@ -481,29 +393,22 @@ class ClientProtocol(Requests):
         self.last_heard, self.unreachable = now, 0
         files = bool(packet.flags & FLAG_FILE_STREAM)
         stream = self.file_stream if files else self.channel
-        if packet.type == PacketType.RESET:
-            self.receive_reset(packet, data)
-        elif not expected(packet, self.token, stream):
-            self.trace_packet("in ", data, ": from an old session or from before it, dropped")
-        else:
-            outcome, ready = stream.receive(packet, now)
-            quiet = outcome in ("in order", "unsequenced")
-            self.trace_packet("in ", data, "" if quiet else ": " + outcome)
-            for delivered in ready:
-                if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
-                    self.files.receive_chunk(delivered.payload)
-                elif not files and delivered.type == PacketType.EVENT:
-                    self.receive_event(delivered)
-                elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
-                    self.receive_answer(delivered)
-
-    def receive_reset(self, packet: Packet, data: bytes) -> None:
-        """RESET: the server has no session with the token it echoes - believed if it is ours."""
-        if not self.logged_in or packet.token != self.token:
-            self.trace_packet("in ", data, ": not about our session, dropped")
-            return
-        self.trace_packet("in ", data)
-        self.lose_session(SessionLost(SESSION_LOST))
+        if packet.type == PacketType.RESET and self.logged_in and packet.token == self.token:
+            # the server has no session with the token it echoes: believed if it is ours
+            self.trace_packet("in ", data)
+            return self.lose_session(SessionLost(SESSION_LOST))
+        if packet.type == PacketType.RESET or not expected(packet, self.token, stream):
+            return self.trace_packet("in ", data, ": not for this session, dropped")
+        outcome, ready = stream.receive(packet, now)
+        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else
+                          ": " + outcome)
+        for delivered in ready:
+            if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                self.files.receive_chunk(delivered.payload)
+            elif not files and delivered.type == PacketType.EVENT:
+                self.receive_event(delivered)
+            elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
+                self.receive_answer(delivered)
 
     def receive_answer(self, packet: Packet) -> None:
         """An OK or ERROR: the answer to a request of the user's, or of ours."""
@@ -511,16 +416,12 @@ class ClientProtocol(Requests):
             return
         ticket, ptype, asked, fields, result = answer
         if ptype == PacketType.FILE_OFFER:
-            self.files.answered(ticket, result, self.now)
+            self.files.answered(ticket, result)
         self.answer(ticket, result)
         if isinstance(result, list):
             self.accepted(ticket, ptype, asked, fields, packet.token)
         if not ticket and self.state == "reconnecting":
-            outcome = self.back.step(ptype, result, self.name, self.now)
-            if outcome == "back":
-                self.back_in()
-            elif outcome == "gave up":
-                self.log_out(NOT_SENT)
+            self.step_back(ptype, result)
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
         """The server did what we asked: note what that changes, show our own line."""
@@ -528,11 +429,11 @@ class ClientProtocol(Requests):
             self.start_session(token, fields[0])
             if ticket:
                 # the user's login, not ours getting back in: the one to remember
-                self.back.login, self.back.room, self.back.returning = asked[1:3], (), False
+                self.login, self.joined, self.returning = asked[1:3], (), False
         elif ptype == PacketType.JOIN:
-            self.room, self.back.room = fields[0], asked
+            self.room, self.joined = fields[0], asked
             # a room the user chose: all its past is news
-            self.back.returning &= not ticket
+            self.returning &= not ticket
         elif ptype == PacketType.SAY:
             self.emit("chat", self.room or "", self.name, asked[0])
         elif ptype == PacketType.PRIVATE:
@@ -543,30 +444,48 @@ class ClientProtocol(Requests):
     def receive_event(self, packet: Packet) -> None:
         try:
             event = read_event(packet.payload)
-        except (PacketError, ValueError) as error:
-            self.note(f"an EVENT could not be read ({error}); skipped")
+        except (PacketError, ValueError):
+            # unreadable: skipped
             return
-        kind, user, text, more = event.kind, event.user, event.text, event.more
-        if kind == "stop":
-            # so the server knows we heard
+        if event.kind == "stop":
+            # a last ACK at once, so the server knows we heard
             cumulative, bitmap = self.channel.acknowledgement()
             ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
             self.outbox.append(encode_packet(ack, self.cipher))
             self.notice("[INFO] The server was stopped.")
             self.lose_session(SessionLost("The server was stopped."), stopped=True)
-        elif kind == "replaced":
+        elif event.kind == "replaced":
             self.notice("[INFO] You logged in elsewhere; this client is logged out.")
-            self.back.login = ()
+            self.login = ()
             self.lose_session(SessionLost("You logged in elsewhere."), told=True)
-        elif kind == "file":
-            # told first, then the download starts (an empty file ends at once)
+        elif event.kind == "file":
+            # told first, then the download starts
             self.events.append(event)
-            self.files.offer_arrived(user, list(more), self.now)
-        elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, list(more))):
-            # Shown, but not the room's past shown already (a file event that ended a
-            # transfer of ours is not: that transfer's own event says it).
-            event = self.back.fresh(event, self.name)
-            self.events.extend([event] if event else [])
+            self.files.offer_arrived(event.user, list(event.more))
+        elif event.kind in FILE_EVENTS and self.files.event(event):
+            # a transfer of ours ended: its own event says so
+            return
+        elif event := self.fresh(event):
+            self.events.append(event)
+
+    def fresh(self, event: Event) -> Event | None:
+        """Return a server event to show, or None for the room's past shown already.
+
+        Back in after a loss, the room's history comes again. A line before the newest one
+        shown was shown (of the last second, only the lines seen), and our own lines were
+        shown as we said them; a later one was said while we were away: news, not the past.
+        """
+        if event.kind == "history" and self.returning:
+            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
+            own = event.user.lower() == (self.name or "").lower()
+            if own or event.time < self.shown_until or seen:
+                return None
+            event = dataclasses.replace(event, kind="chat")
+        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
+            if event.time > self.shown_until:
+                self.shown_until, self.last_second = event.time, set()
+            self.last_second.add((event.user, event.text))
+        return event
 
     # --- Sessions: start, end, get back in ---
 
@@ -585,50 +504,72 @@ class ClientProtocol(Requests):
         waiting, self.pending = self.pending, {}
         for ticket, ptype, fields in waiting.values():
             if stopped and ticket and ptype in RESENDABLE:
-                self.back.held.append((ticket, ptype, fields))
+                self.held.append((ticket, ptype, fields))
                 continue
             if ptype == PacketType.FILE_OFFER:
-                self.files.answered(ticket, error, self.now)
+                self.files.answered(ticket, error)
             self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
         self.channel = self.stranger_channel()
 
     def fail_pending(self, error: ChatError) -> None:
         """Before login: every request waiting gets `error`, and a try later, getting back in."""
         self.end_requests(error)
-        self.back.retry_at = self.now + REJOIN_EVERY
+        self.retry_at = self.now + REJOIN_EVERY
 
     def lose_session(self, error: SessionLost, stopped: bool = False, told: bool = False) -> None:
         """The session ended without our asking: get back in if we can, else it is over."""
-        back = self.rejoin and bool(self.back.login)
+        back = self.rejoin and bool(self.login)
         self.end_requests(error, stopped and back)
         self.token, self.name, self.room, self.file_stream = NO_TOKEN, None, None, None
         self.files.end_all("the session ended")
         if back and self.state != "reconnecting":
             self.set_state("reconnecting")
             self.notice("[INFO] Trying to get back in (type exit to stop)...")
-            self.back.start(self.now)
+            self.retry_at, self.since, self.told = self.now, self.now, ""
             self.channel = self.stranger_channel()
         elif not back and self.state != "closed":
             if not told:
                 self.notice(f"[WARN] {error}")
             self.set_state("not logged in")
 
+    def step_back(self, ptype: PacketType, result) -> None:
+        """Getting back in: take the answer to our HELLO, LOGIN or JOIN; send what comes next."""
+        done, code = isinstance(result, list), getattr(result, "code", "")
+        # A lockout ends, and so does an old session of ours that the server keeps at our
+        # old address (a new Wi-Fi, say) until it times out: worth waiting for.
+        patient = code in WORTH_WAITING and (code != "logged-in-elsewhere"
+                                             or self.now - self.since < ELSEWHERE_PATIENCE)
+        if ptype == PacketType.HELLO and done:
+            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
+        elif ptype == PacketType.LOGIN and done:
+            self.notice(f"[INFO] Back in as {self.name}.")
+            self.returning = bool(self.joined)
+            self.send(PacketType.JOIN, self.joined) if self.joined else self.back_in()
+        elif ptype == PacketType.JOIN and (done or code):
+            room, self.joined = self.joined[0], self.joined if done else ()
+            self.notice(f"[INFO] In {result[0]} again." if done else
+                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
+            self.back_in()
+        elif code and not patient:
+            self.notice(f"[WARN] Could not get back in: {result.text}")
+            self.log_out(NOT_SENT)
+        else:
+            # not answering yet, or lost again half-way: try again soon, from the top
+            self.retry_at = self.now + REJOIN_EVERY
+            if code in ("locked", "logged-in-elsewhere") and code != self.told:
+                self.told = code
+                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
+
     def back_in(self) -> None:
         """Back in the chat: send what the user asked for meanwhile, in order."""
         self.set_state("connected")
-        held, self.back.held = self.back.held, []
-        for ticket, ptype, fields in held:
-            try:
-                self.send_request(ticket, ptype, fields)
-            except Refused as refusal:
-                # too long, or too many waiting: that one is not sent
-                self.answer(ticket, refusal)
+        self.send_held()
 
     def log_out(self, why: str = "Logged out; not sent.") -> None:
         """The session is over by our choice (BYE), or we gave up getting back in."""
-        for ticket, *_ in self.back.held:
+        for ticket, *_ in self.held:
             self.answer(ticket, Refused("not-sent", why))
-        self.back.login, self.back.held = (), []
+        self.login, self.held = (), []
         self.lose_session(Refused("not-sent", why), told=True)
 
     def port_unreachable(self) -> None:
@@ -658,7 +599,7 @@ class ClientProtocol(Requests):
             if now - self.last_sent >= self.timing.heartbeat_every:
                 # so the server knows we are here
                 self.send(PacketType.PING, ())
-        if self.state == "reconnecting" and not self.pending and now >= self.back.retry_at:
+        if self.state == "reconnecting" and not self.pending and now >= self.retry_at:
             self.send(PacketType.HELLO, ())
         out, self.outbox = self.outbox + self.channel.poll(now), []
         if self.file_stream is not None:
@@ -703,7 +644,7 @@ class ClientProtocol(Requests):
         if self.state == "connected":
             wakeups.append(self.last_sent + self.timing.heartbeat_every)
         if self.state == "reconnecting" and not self.pending:
-            wakeups.append(self.back.retry_at)
+            wakeups.append(self.retry_at)
         if self.file_stream is not None:
             wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
@@ -725,6 +666,7 @@ def read_event(payload: bytes) -> Event:
     if not -1e10 < float(when) < 1e10:
         raise ValueError(f"time {when!r} out of range")
     return Event(kind, float(when), room, user, text, tuple(more))
+
 
 
 # --- Files: sending and receiving, without sockets -----------------------------------
@@ -755,8 +697,6 @@ RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
                     for n in "0123456789\u00b9\u00b2\u00b3")}
 FORBIDDEN = set('<>:"/\\|?*')
 UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
-# finished transfers that /files still lists
-HISTORY = 50
 
 
 @dataclasses.dataclass(eq=False)
@@ -782,7 +722,6 @@ class Transfer:
     state: str = "offered"
     note: str = ""
     said: str = ""
-    started: float = 0.0
     file: object = None
     last_seq: int = 0
 
@@ -806,9 +745,7 @@ def safe_file_name(name: str) -> str:
     name = re.split(r"[/\\]", name.replace("\0", ""))[-1]
     name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
     # Windows drops trailing dots and spaces; a leading dot hides a file
-    name = name.strip(" .")
-    if not name:
-        return "file"
+    name = name.strip(" .") or "file"
     if name.split(".")[0].upper().rstrip(" ") in RESERVED_NAMES:
         name = "_" + name
     return shorten(name, SAFE_NAME_BYTES)
@@ -888,60 +825,55 @@ class FileTransfers:
     ended), `cancel(number)` tells the server a transfer of ours stopped. Entry points:
     `answered` (the server's answer to an offer), `fill` (chunks into the file stream while
     it has room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the
-    server ended one), `cancel_mine`, `end_all`, `listing`.
+    server cancelled one), `cancel_mine`, `end_all`; `transfers` lists this session's.
     """
 
     def __init__(self, downloads: str, emit, cancel):
         self.downloads, self.emit, self.cancel = downloads, emit, cancel
         # request number -> offer not answered yet
         self.offers: dict[int, Transfer] = {}
-        # (direction, number) -> transfer
-        self.moving: dict[tuple[str, int], Transfer] = {}
-        self.finished: collections.deque = collections.deque(maxlen=HISTORY)
+        # every transfer of this session, in the order they began
+        self.transfers: list[Transfer] = []
 
-    def answered(self, ticket: int, result, now: float) -> None:
+    def find(self, direction: str, number: int) -> Transfer | None:
+        """Return the transfer on its way with the server's id `number`, if any."""
+        return next((t for t in self.transfers if t.active and t.number == number
+                     and t.direction == direction), None)
+
+    def answered(self, ticket: int, result) -> None:
         """The server answered an offer: OK [id] starts the upload; a refusal ends it."""
         transfer = self.offers.pop(ticket, None)
-        if transfer is None:
-            return
         taken = isinstance(result, list) and result and result[0].isdigit()
-        number = int(result[0]) if taken else 0
+        if transfer is None or (transfer.state != "offered" and not taken):
+            return
+        if not taken:
+            why = naming_the_user(result, transfer.peer) if isinstance(result, Refused) else result
+            return self.end(transfer, "failed", str(why) if isinstance(why, Exception) else "refused")
+        transfer.number = int(result[0])
         if transfer.state != "offered":
             # cancelled before the server answered
-            if number:
-                self.cancel(number)
-            return
-        if not number:
-            why = naming_the_user(result, transfer.peer) if isinstance(result, Refused) else result
-            self.end(transfer, "failed", str(why) if isinstance(why, Exception) else "refused")
-            return
-        transfer.number, transfer.started = number, now
+            return self.cancel(transfer.number)
         self.start(transfer, lambda: open(transfer.path, "rb"), "cannot read it")
 
     def start(self, transfer: Transfer, opener, trouble: str) -> None:
         """Open the transfer's file and let bytes move; an empty file is done at once."""
+        self.transfers.append(transfer)
         try:
             transfer.file = opener()
         except OSError as error:
-            self.end(transfer, "failed", f"{trouble}: {error.strerror or error}", tell=True)
-            return
+            return self.end(transfer, "failed", f"{trouble}: {error.strerror or error}", tell=True)
         transfer.state = "moving"
-        self.moving[transfer.direction, transfer.number] = transfer
         self.emit(transfer)
         if transfer.direction == "receive" and transfer.size == 0:
             self.check(transfer)
 
-    def sending(self) -> list[Transfer]:
-        return [t for t in self.moving.values() if t.direction == "send"]
-
     def fill(self, stream: Channel) -> None:
         """Put chunks of the files being sent into the file stream, in turn, while it has room."""
-        uploads = [t for t in self.sending() if t.done_bytes < t.size]
-        while uploads and len(stream.waiting) < wire.FILL:
-            for transfer in list(uploads):
-                if not self.send_chunk(stream, transfer) or transfer.done_bytes >= transfer.size:
-                    uploads.remove(transfer)
-        for transfer in self.sending():
+        uploads = [t for t in self.transfers if t.direction == "send" and t.state == "moving"]
+        moving = [t for t in uploads if t.done_bytes < t.size]
+        while moving and len(stream.waiting) < wire.FILL:
+            moving = [t for t in moving if self.send_chunk(stream, t) and t.done_bytes < t.size]
+        for transfer in uploads:
             if transfer.done_bytes >= transfer.size and stream.delivered(transfer.last_seq):
                 self.end(transfer, "done", "the server has it all")
 
@@ -967,18 +899,15 @@ class FileTransfers:
         if transfer.percent != before:
             self.emit(transfer)
 
-
     # --- Receiving ---
 
-    def offer_arrived(self, sender: str, more: list[str], now: float) -> None:
+    def offer_arrived(self, sender: str, more: list[str]) -> None:
         """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
         readable = len(more) == 4 and more[0].isdigit() and more[2].isdigit()
-        if not (readable and wire.SHA_HEX.fullmatch(more[3])):
-            # unreadable: no file is started, its chunks are ignored
-            return
-        transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]),
-                            started=now)
-        self.start(transfer, lambda: self.create_part(transfer), f"cannot save in {self.downloads}")
+        if readable and wire.SHA_HEX.fullmatch(more[3]):
+            transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]))
+            self.start(transfer, lambda: self.create_part(transfer),
+                       f"cannot save in {self.downloads}")
 
     def create_part(self, transfer: Transfer):
         """Create NAME.part (or NAME (1).part...) exclusively, and return it open for writing.
@@ -991,12 +920,10 @@ class FileTransfers:
         while True:
             name = safe_file_name(transfer.name)
             transfer.path = unused_path(self.downloads, name, ".part") + ".part"
-            try:
-                # 0o644 (less the umask): a file from someone else is never made executable
+            # 0o644 (less the umask): a file from someone else is never made executable;
+            # FileExistsError: another download took that name a moment ago
+            with contextlib.suppress(FileExistsError):
                 return os.fdopen(os.open(transfer.path, flags, 0o644), "r+b")
-            except FileExistsError:
-                # another download took that name a moment ago
-                continue
 
     def receive_chunk(self, payload: bytes) -> None:
         """A FILE_CHUNK from the file stream: write it where its offset says."""
@@ -1004,21 +931,19 @@ class FileTransfers:
             number, offset, data = wire.unpack_chunk(payload)
         except PacketError:
             return
-        transfer = self.moving.get(("receive", number))
-        if transfer is None:
-            # cancelled, failed or unknown: its chunks still in flight are dropped
+        # none: cancelled, failed or unknown; its chunks still in flight are dropped
+        if (transfer := self.find("receive", number)) is None:
             return
         fits = offset < transfer.size and len(data) == wire.chunk_length(transfer.size, offset)
         if offset % wire.CHUNK_SIZE or not fits:
-            self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
-            return
+            return self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
         try:
             transfer.file.seek(offset)
             transfer.file.write(data)
         except OSError as error:
             # a full disk, say: this file fails, the chat goes on
-            self.end(transfer, "failed", f"cannot write it: {error.strerror or error}", tell=True)
-            return
+            return self.end(transfer, "failed", f"cannot write it: {error.strerror or error}",
+                            tell=True)
         self.advance(transfer, len(data))
         if transfer.done_bytes >= transfer.size:
             self.check(transfer)
@@ -1028,16 +953,15 @@ class FileTransfers:
         try:
             transfer.file.close()
             if file_sha256(transfer.path) != transfer.sha256:
-                self.end(transfer, "failed", "its SHA-256 does not match: the file arrived damaged",
-                         tell=True)
-                return
+                return self.end(transfer, "failed",
+                                "its SHA-256 does not match: the file arrived damaged", tell=True)
             final = unused_path(*os.path.split(transfer.path[: -len(".part")]))
             # the name says "complete" only now
             os.rename(transfer.path, final)
         except OSError as error:
             # a full disk, or a virus scanner holding the file (Windows)
-            self.end(transfer, "failed", f"cannot save it: {error.strerror or error}", tell=True)
-            return
+            return self.end(transfer, "failed", f"cannot save it: {error.strerror or error}",
+                            tell=True)
         transfer.path = final
         self.end(transfer, "done", "SHA-256 checked")
 
@@ -1051,36 +975,26 @@ class FileTransfers:
         if transfer.file is not None:
             transfer.file.close()
         if transfer.direction == "receive" and state != "done" and transfer.path.endswith(".part"):
-            try:
+            # never made, or already gone: nothing to remove
+            with contextlib.suppress(OSError):
                 os.remove(transfer.path)
-            except OSError:
-                # never made, or already gone
-                pass
-        self.moving.pop((transfer.direction, transfer.number), None)
-        self.finished.append(transfer)
         self.emit(transfer)
         if tell and transfer.number:
             self.cancel(transfer.number)
 
-    def event(self, kind: str, user: str, text: str, more: list[str]) -> bool:
-        """An EVENT about a file [id]: "file-cancelled" ends ours (True: the transfer says
-        so); "file-done" notes who has a file we sent (the event is shown too)."""
-        number = int(more[0]) if more and whole_number(more[0]) else 0
-        mine = self.moving.get(("send", number)) or self.moving.get(("receive", number))
-        if kind == "file-cancelled" and mine:
-            # its words name the file, and say why
-            mine.said = text
-            self.end(mine, "cancelled", text)
-            return True
-        sent = [t for t in self.finished if t.number == number and t.direction == "send"]
-        if kind == "file-done" and sent and sent[-1].state == "done":
-            has_it = sent[-1].note.removeprefix("the server has it all")
-            sent[-1].note = f"{has_it}, {user}" if has_it else f"received by {user}"
-        return False
+    def event(self, event: Event) -> bool:
+        """An EVENT "file-cancelled" [id] ends a transfer of ours: True, for the transfer's
+        own event says so, in the server's words (they name the file, and say why)."""
+        number = int(event.more[0]) if event.more and whole_number(event.more[0]) else 0
+        mine = self.find("send", number) or self.find("receive", number)
+        if event.kind == "file-cancelled" and mine:
+            mine.said = event.text
+            self.end(mine, "cancelled", event.text)
+        return bool(mine) and event.kind == "file-cancelled"
 
     def cancel_mine(self, number: int = 0) -> list[Transfer]:
         """Stop our transfers (all, or the one numbered); return them. The server is told."""
-        stopped = [t for t in [*self.offers.values(), *self.moving.values()]
+        stopped = [t for t in [*self.offers.values(), *self.transfers]
                    if t.active and number in (0, t.number)]
         for transfer in stopped:
             self.end(transfer, "cancelled", "you cancelled it", tell=True)
@@ -1089,14 +1003,10 @@ class FileTransfers:
 
     def end_all(self, why: str) -> None:
         """The session ended: every transfer with it (the server forgets them too)."""
-        for transfer in [*self.offers.values(), *self.moving.values()]:
+        for transfer in [*self.offers.values(), *self.transfers]:
             self.end(transfer, "failed", why)
         self.offers.clear()
 
-    def listing(self) -> list[Transfer]:
-        """Every transfer of this session we know of: in progress, then finished."""
-        active = [t for t in [*self.offers.values(), *self.moving.values()] if t.active]
-        return active + list(self.finished)
 
 
 # --- The network layer: the socket and one thread ----------------------------------------
@@ -1199,7 +1109,9 @@ class ChatClient:
 
     def who(self) -> tuple[str, list[str]]:
         """Return your room's name and its members."""
-        return read_members(self.call(PacketType.WHO))
+        room, *members = self.call(PacketType.WHO)
+        # a last '+N': N more did not fit in the answer
+        return room, members
 
     def hello(self) -> str:
         """Ask for a cookie: proof for the server that we really are at our address."""
@@ -1236,7 +1148,9 @@ class ChatClient:
     def transfers(self) -> list[Transfer]:
         """Return this session's transfers: in progress first, then those finished."""
         with self.lock:
-            return self.protocol.files.listing()
+            files = self.protocol.files
+            # in progress first, then those ended
+            return sorted([*files.offers.values(), *files.transfers], key=lambda t: not t.active)
 
     def bye(self) -> None:
         """End the session politely; a server that is gone or has forgotten us is fine."""
@@ -1341,7 +1255,7 @@ class ChatClient:
                 self.protocol.port_unreachable()
         except OSError as error:
             # e.g. no route to the host for now: as if lost
-            self.protocol.note(f"sending failed: {error}")
+            self.protocol.trace_packet("out", data, f": sending failed ({error})")
 
     def settle(self) -> None:
         """Hand what the protocol produced to its takers, outside the lock: answers to the
@@ -1441,18 +1355,8 @@ def connect_udp(host: str, port: int) -> socket.socket:
 
 
 def read_rooms(fields: list[str]) -> list[tuple[str, int]]:
-    """Read ROOMS' answer: (room, members) pairs; a last '+N' says N more did not fit."""
-    more = fields.pop() if len(fields) % 2 else ""
-    pairs = [(fields[i], int(fields[i + 1])) for i in range(0, len(fields), 2)]
-    return pairs + ([(f"... and {more[1:]} more", -1)] if more else [])
-
-
-def read_members(fields: list[str]) -> tuple[str, list[str]]:
-    """Read WHO's answer: the room, then its members; a last '+N' says N more did not fit."""
-    room, *members = fields
-    if members and members[-1][1:].isdigit() and members[-1].startswith("+"):
-        members[-1] = f"... and {members[-1][1:]} more"
-    return room, members
+    """Read ROOMS' answer: (room, members) pairs; a last '+N' (N more did not fit) is left out."""
+    return [(fields[i], int(fields[i + 1])) for i in range(0, len(fields) - 1, 2)]
 
 
 def check_length(text: str) -> str:
@@ -1721,29 +1625,23 @@ def names_me(text: str, name: str | None) -> bool:
 
 
 def describe_transfer(transfer: Transfer, final: bool = False) -> str:
-    """Return a transfer in one line: how it ended (`final`), else as /files lists it."""
+    """Return a transfer in one line: as its event shows it (`final`), or as /files lists it."""
     name, size, peer = transfer.name, describe_size(transfer.size), transfer.peer
-    receiving = transfer.direction == "receive"
-    if final and transfer.state == "moving":
-        if transfer.done_bytes or receiving:
-            return printable(f"{name}: {transfer.percent}% of {size}")
-        return printable(f"sending {name} ({size}) to {peer} as number {transfer.number}")
-    if final and transfer.state == "done":
-        return printable(f"saved {transfer.path} ({size}, {transfer.note})" if receiving
-                         else f"sent {name} ({size}) to {peer}")
-    if final and transfer.state == "cancelled":
-        return printable(transfer.said or f"cancelled: {name} ({transfer.note})")
-    if final and transfer.state == "failed":
-        removed = "; the partial file was removed" if receiving else ""
-        verb = "saved" if receiving else "sent"
-        return printable(f"{name} not {verb}: {transfer.note}{removed}")
-    arrow = f"<- {peer}" if receiving else f"-> {peer}"
+    receiving, number = transfer.direction == "receive", transfer.number
+    lines = {"done": f"saved {transfer.path} ({size}, {transfer.note})" if receiving
+             else f"sent {name} ({size}) to {peer}",
+             "cancelled": transfer.said or f"cancelled: {name} ({transfer.note})",
+             "failed": f"{name} not {'saved' if receiving else 'sent'}: {transfer.note}"
+                       + ("; the partial file was removed" if receiving else ""),
+             "moving": f"{name}: {transfer.percent}% of {size}" if transfer.done_bytes or receiving
+             else f"sending {name} ({size}) to {peer} as number {number}"}
+    if final:
+        return printable(lines.get(transfer.state, name))
     how = f"{transfer.percent}%" if transfer.active else transfer.state
-    if not transfer.active and transfer.note and transfer.note != transfer.state:
-        how += f" ({transfer.note})"
-    # none: the server never took it
-    number = f"#{transfer.number} " if transfer.number else ""
-    return printable(f"{number}{name} {arrow}, {size}: {how}")
+    how += f" ({transfer.note})" if transfer.note and not transfer.active else ""
+    # no number: the server never took it
+    return printable(f"{'#' + str(number) + ' ' if number else ''}{name} "
+                     f"{'<-' if receiving else '->'} {peer}, {size}: {how}")
 
 
 def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
@@ -1764,18 +1662,16 @@ def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
 
 
 def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
-    """Return `joined lobby: alice, bob and 3 others here`, from the JOIN reply and WHO's list."""
-    more = int(members.pop().split()[2]) if members and members[-1].startswith("... and ") else 0
+    """Return `joined lobby: bob, carol and 3 others here`, from the JOIN reply and WHO's list
+    (whose last entry "+N" says N more did not fit in its answer)."""
+    more = int(members.pop()[1:]) if members and members[-1].startswith("+") else 0
     others = [printable(name) for name in members if name.lower() != (me or "").lower()]
-    named = others if len(others) + more <= 3 else others[:2]
-    unnamed = len(others) - len(named) + more
-    if unnamed:
-        who = ", ".join(named) + f" and {unnamed} other{'s' if unnamed > 1 else ''}"
-    elif named:
-        who = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
-    else:
-        who = "nobody else"
-    return f"{printable(joined.split(',')[0])}: {who} here"
+    if len(others) + more > 3:
+        others, more = others[:2], more + len(others[2:])
+    if more:
+        others.append(f"{more} other{'s' if more > 1 else ''}")
+    who = ", ".join(others[:-1]) + " and " + others[-1] if len(others) > 1 else "".join(others)
+    return f"{printable(joined.split(',')[0])}: {who or 'nobody else'} here"
 
 
 # --- The terminal ---------------------------------------------------------------------

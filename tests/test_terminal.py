@@ -220,8 +220,8 @@ def test_a_mention_is_my_name_as_a_word_in_any_case(text, mentioned):
     (["alice", "bob", "carol"], "joined lobby: bob and carol here"),
     (["alice", "bob", "carol", "dave"], "joined lobby: bob, carol and dave here"),
     (["alice", "bob", "carol", "dave", "eve", "frank"], "joined lobby: bob, carol and 3 others here"),
-    (["alice", "bob", "... and 40 more"], "joined lobby: bob and 40 others here"),
-    (["bob", "carol", "... and 1 more"], "joined lobby: bob, carol and 1 other here"),
+    (["alice", "bob", "+40"], "joined lobby: bob and 40 others here"),  # WHO's "+N": N more did not fit
+    (["bob", "carol", "+1"], "joined lobby: bob, carol and 1 other here"),
 ])
 def test_the_arrival_line_says_who_is_here(members, shown):
     assert client.describe_arrival("joined lobby, 9 here", list(members), "Alice") == shown
