@@ -305,6 +305,12 @@ class Requests:
                 # too long, or too many waiting: that one is not sent
                 self.answer(ticket, refusal)
 
+    def forget(self, ticket: int) -> bool:
+        """Drop a held request whose asker stopped waiting; False if it is not held."""
+        kept = [held for held in self.held if held[0] != ticket]
+        found, self.held = len(kept) < len(self.held), kept
+        return found
+
     def send(self, ptype: PacketType, fields) -> None:
         """Send a request of our own (ticket 0: nobody waits for its answer)."""
         self.send_request(0, ptype, fields)
@@ -346,11 +352,10 @@ class Requests:
 class ClientProtocol(Requests):
     """One user's side of the chat: datagrams and the time in, datagrams and Events out.
 
-    Entry points: `request(type, fields, now)` queues a request and returns its number (a
-    ticket); `receive(datagram, now)` takes what the server sent; `poll(now)` returns what
-    to send now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the
-    OS's ICMP report; `log_out()` ends the session by our choice. Out: `take_events()`; the
-    answer to ticket N is Event("answer", more=(N, fields or error)).
+    Entry points: `request(type, fields, now)` queues a request and returns its number;
+    `receive(datagram, now)` takes what the server sent; `poll(now)` returns what to send
+    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's ICMP
+    report; `log_out()` ends the session by our choice. Out: `take_events()`.
 
     `state`: "not logged in", "connected", "lost contact" (the server silent),
     "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
@@ -363,18 +368,15 @@ class ClientProtocol(Requests):
                  trace=None, server: str = "the server", downloads: str = "downloads",
                  rejoin: bool = True):
         super().__init__(cipher, timing, now, loss, trace, server)
-        self.name: str | None = None
-        self.room: str | None = None
-        self.rejoin, self.file_stream = rejoin, None
-        self.files = FileTransfers(downloads, lambda transfer: self.emit("transfer", more=(transfer,)),
+        self.name = self.room = self.file_stream = None
+        self.rejoin = rejoin
+        self.files = FileTransfers(downloads, lambda moved: self.emit("transfer", more=(moved,)),
                                    lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
         # Getting back in: the last login and room with their passwords (in memory only),
-        # when to try next, since when, and the refusal told already.
-        self.login, self.joined = (), ()
+        # the refusal told already, when to try next, and since when.
+        self.login, self.joined, self.told = (), (), ""
         self.retry_at = self.since = 0.0
-        self.told = ""
-        # Back in a room its past comes again: the time of the newest line shown, and the
-        # lines of that second.
+        # Back in a room its past comes again: the time of the newest line shown, its lines.
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     # --- What the server sends ---
@@ -573,11 +575,9 @@ class ClientProtocol(Requests):
         self.lose_session(Refused("not-sent", why), told=True)
 
     def port_unreachable(self) -> None:
-        """The OS reported an ICMP "port unreachable": nobody listens there (yet).
-
-        One report may be left over from an earlier server; two with nothing heard between
-        mean the server is not running: in a session that is news at once.
-        """
+        """The OS reported an ICMP "port unreachable": nobody listens there (yet). One report
+        may be left over from an earlier server; two with nothing heard between mean the
+        server is not running: in a session that is news at once."""
         self.unreachable += 1
         if self.unreachable < 2 or self.state == "reconnecting":
             return
@@ -848,7 +848,7 @@ class FileTransfers:
             return
         if not taken:
             why = naming_the_user(result, transfer.peer) if isinstance(result, Refused) else result
-            return self.end(transfer, "failed", str(why) if isinstance(why, Exception) else "refused")
+            return self.end(transfer, "failed", str(why) if isinstance(why, Exception) else "no")
         transfer.number = int(result[0])
         if transfer.state != "offered":
             # cancelled before the server answered
@@ -1030,17 +1030,15 @@ class ChatClient:
     def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None,
                  *, timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
                  on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
-        self.host, self.port, self.on_event = host, port, on_event
-        self.timing = timing or Timing()
-        # where events go when there is no on_event
+        self.host, self.port, self.timing = host, port, timing or Timing()
+        # where events go: on_event, or else the queue `events`
         self.events: queue.Queue = queue.Queue()
+        self.on_event = on_event or self.events.put
         self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(),
-                                       loss,
-                                       trace, f"{host}:{port}", downloads, rejoin)
+                                       loss, trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
-        # the protocol is shared by the callers' threads and ours
-        self.lock = threading.Lock()
-        self.futures: dict[int, concurrent.futures.Future] = {}
+        # the protocol is shared by the callers' threads and ours; futures by ticket
+        self.lock, self.futures = threading.Lock(), {}
         self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
         dropped = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
@@ -1094,23 +1092,24 @@ class ChatClient:
 
     def say(self, text: str) -> str:
         """Send a message to everyone else in the room; return the server's words."""
-        return self.call(PacketType.SAY, check_length(text))[-1]
+        return self.call(PacketType.SAY, text)[-1]
 
     def private(self, user: str, text: str) -> str:
         """Send a message that only `user` sees."""
         try:
-            return self.call(PacketType.PRIVATE, user, check_length(text))[-1]
+            return self.call(PacketType.PRIVATE, user, text)[-1]
         except Refused as refusal:
             raise naming_the_user(refusal, user) from None
 
     def rooms(self) -> list[tuple[str, int]]:
-        """Return every room and how many are in it."""
-        return read_rooms(self.call(PacketType.ROOMS))
+        """Return every room and how many are in it (a last '+N' of the answer, N more
+        rooms that did not fit, is left out)."""
+        fields = self.call(PacketType.ROOMS)
+        return [(fields[i], int(fields[i + 1])) for i in range(0, len(fields) - 1, 2)]
 
     def who(self) -> tuple[str, list[str]]:
-        """Return your room's name and its members."""
+        """Return your room's name and its members (a last '+N': N more did not fit)."""
         room, *members = self.call(PacketType.WHO)
-        # a last '+N': N more did not fit in the answer
         return room, members
 
     def hello(self) -> str:
@@ -1141,15 +1140,14 @@ class ChatClient:
         """Stop our transfers (all, or the one numbered); the server and the others are told."""
         with self.lock:
             stopped = self.protocol.files.cancel_mine(number)
-        # The network thread tells the server, and hands the events on, in order.
+        # the network thread tells the server, and hands the events on, in order
         self.wake()
         return stopped
 
     def transfers(self) -> list[Transfer]:
-        """Return this session's transfers: in progress first, then those finished."""
+        """Return this session's transfers: in progress first, then those ended."""
         with self.lock:
             files = self.protocol.files
-            # in progress first, then those ended
             return sorted([*files.offers.values(), *files.transfers], key=lambda t: not t.active)
 
     def bye(self) -> None:
@@ -1157,14 +1155,11 @@ class ChatClient:
         if self.closed.is_set() or threading.current_thread() is self.thread:
             return
         if self.logged_in and self.state != "reconnecting":
-            try:
+            with contextlib.suppress(ChatError, Refused, concurrent.futures.TimeoutError):
                 result_within(self.submit(PacketType.BYE), self.timing.goodbye_timeout)
-            except (ChatError, Refused, concurrent.futures.TimeoutError):
-                pass
         with self.lock:
             self.protocol.log_out()
         self.wake()
-
 
     def call(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
@@ -1177,7 +1172,7 @@ class ChatClient:
             return result_within(future, patience)
         except concurrent.futures.TimeoutError:
             with self.lock:
-                held = self.protocol.back.forget(future.ticket)
+                held = self.protocol.forget(future.ticket)
             if held:
                 # it waited for a rejoin that has not come: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
@@ -1186,9 +1181,13 @@ class ChatClient:
     def submit(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None):
         """Queue a request without waiting; return a Future for its fields, or its error.
         A FILE_OFFER names its `transfer`, which starts once the offer is taken."""
+        if ptype in (PacketType.SAY, PacketType.PRIVATE) and wire.oversize_text(fields[-1]):
+            # the server would refuse it: no need to send it
+            raise Refused("too-long", wire.oversize_text(fields[-1]))
         future = concurrent.futures.Future()
         with self.lock:
-            self.check_open()
+            if self.closed.is_set():
+                raise ConnectionClosed(self.closed_reason or "The connection is closed.")
             future.ticket = self.protocol.request(ptype, fields, time.monotonic())
             self.futures[future.ticket] = future
             if transfer:
@@ -1196,38 +1195,29 @@ class ChatClient:
         self.wake()
         return future
 
-    def check_open(self) -> None:
-        if self.closed.is_set():
-            raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-
     # --- The network thread: the only reader of the socket ---
 
     def run_network(self) -> None:
+        """The network thread: send what the protocol says, sleep until its next timer or a
+        datagram or a wake-up (MAX_WAIT at most), take what came; until closed."""
         try:
-            self.serve_network()
+            while not self.closed.is_set():
+                with self.lock:
+                    outgoing = self.protocol.poll(time.monotonic())
+                    wait = min(max(self.protocol.next_wakeup() - time.monotonic(), 0), MAX_WAIT)
+                for data in outgoing:
+                    self.send_datagram(data)
+                self.settle()
+                for key, _ in self.selector.select(wait):
+                    self.drain_wakeups() if key.fileobj is self.wake_reader else self.receive_all()
+                self.settle()
+        except (OSError, ValueError) as error:
+            # the selector or a socket closed under us: we are shutting down (if not, say so)
+            if not self.closed.is_set():
+                self.close(f"Internal error in the client: {error!r}")
         except Exception as error:
             # a bug, ours or a callback's: say so and stop, never hang
             self.close(f"Internal error in the client: {error!r}")
-
-    def serve_network(self) -> None:
-        while not self.closed.is_set():
-            with self.lock:
-                outgoing = self.protocol.poll(time.monotonic())
-                wait = min(max(self.protocol.next_wakeup() - time.monotonic(), 0.0), MAX_WAIT)
-            for data in outgoing:
-                self.send_datagram(data)
-            self.settle()
-            try:
-                ready = self.selector.select(wait)
-            except (OSError, ValueError):
-                # closed under us: we are shutting down
-                return
-            for key, _ in ready:
-                if key.fileobj is self.wake_reader:
-                    self.drain_wakeups()
-                else:
-                    self.receive_all()
-            self.settle()
 
     def receive_all(self) -> None:
         while True:
@@ -1241,9 +1231,6 @@ class ChatClient:
                 with self.lock:
                     self.protocol.port_unreachable()
                 continue
-            except OSError:
-                # the socket was closed: we are shutting down
-                return
             with self.lock:
                 self.protocol.receive(data, time.monotonic())
 
@@ -1255,7 +1242,7 @@ class ChatClient:
                 self.protocol.port_unreachable()
         except OSError as error:
             # e.g. no route to the host for now: as if lost
-            self.protocol.trace_packet("out", data, f": sending failed ({error})")
+            self.protocol.trace_packet("out", data, f": not sent ({error})")
 
     def settle(self) -> None:
         """Hand what the protocol produced to its takers, outside the lock: answers to the
@@ -1267,7 +1254,7 @@ class ChatClient:
         for event in events:
             # first: one's own line is shown before its call returns
             if event.kind != "answer":
-                self.on_event(event) if self.on_event else self.events.put(event)
+                self.on_event(event)
         resolve(answered)
         if self.protocol.state == "closed" and not self.closed.is_set():
             self.close(self.protocol.closed_reason)
@@ -1280,14 +1267,10 @@ class ChatClient:
             pass
 
     def drain_wakeups(self) -> None:
-        try:
+        # BlockingIOError (an OSError): nothing more to read
+        with contextlib.suppress(OSError):
             while self.wake_reader.recv(1024):
                 pass
-        except OSError:
-            # BlockingIOError: nothing more to read
-            pass
-
-    # --- Shutting down ---
 
     def close(self, reason: str = "") -> None:
         """Close the socket and stop the thread; `reason` says why, if not by choice."""
@@ -1296,8 +1279,7 @@ class ChatClient:
         self.closed_reason = reason
         self.closed.set()
         if reason:
-            event = Event("notice", time.time(), text=f"[WARN] {reason}")
-            self.on_event(event) if self.on_event else self.events.put(event)
+            self.on_event(Event("notice", time.time(), text=f"[WARN] {reason}"))
         self.wake()
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=2 * MAX_WAIT + 1)
@@ -1305,9 +1287,9 @@ class ChatClient:
             # no partial file left behind
             self.protocol.files.end_all("the client was closed")
             waiting, self.futures = list(self.futures.values()), {}
-        closed = ConnectionClosed(reason or "The connection is closed.")
         # outside the lock: a callback may call us
-        resolve([(future, closed) for future in waiting])
+        resolve([(future, ConnectionClosed(reason or "The connection is closed."))
+                 for future in waiting])
         for sock in (self.selector, self.sock, self.wake_reader, self.wake_writer):
             sock.close()
 
@@ -1315,8 +1297,8 @@ class ChatClient:
 def resolve(answered: list[tuple]) -> None:
     """Give each (future, answer) its answer: fields as its result, an error as its exception."""
     for future, result in answered:
+        # none, or one its asker cancelled: nobody waits for it
         if future is None or not future.set_running_or_notify_cancel():
-            # one its asker cancelled: nobody waits for it
             continue
         if isinstance(result, Exception):
             future.set_exception(result)
@@ -1352,18 +1334,6 @@ def connect_udp(host: str, port: int) -> socket.socket:
         raise ServerNotResponding(f"Cannot reach {host}:{port}: {reason}") from None
     sock.setblocking(False)
     return sock
-
-
-def read_rooms(fields: list[str]) -> list[tuple[str, int]]:
-    """Read ROOMS' answer: (room, members) pairs; a last '+N' (N more did not fit) is left out."""
-    return [(fields[i], int(fields[i + 1])) for i in range(0, len(fields) - 1, 2)]
-
-
-def check_length(text: str) -> str:
-    """Return `text`, or refuse it here if the server would: no need to send it."""
-    if wire.oversize_text(text):
-        raise Refused("too-long", wire.oversize_text(text))
-    return text
 
 
 # --- Finding a server: one question to the whole network -------------------------------
@@ -1781,7 +1751,8 @@ class Terminal:
     def show(self, text: str) -> None:
         """Print a line above the prompt; then the prompt and what was typed, below it."""
         with self.lock:
-            typed = readline.get_line_buffer() if readline and self.prompt and not self.secret else ""
+            shown = readline and self.prompt and not self.secret
+            typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
             try:
                 sys.stdout.write(wipe + text + "\n" + self.prompt + typed)
@@ -2463,7 +2434,7 @@ def check_alive(client: ChatClient) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="UDP chat room client. Asks for the server's IP and port unless both are given.",
+        description="UDP chat room client. Asks the server's IP and port unless both are given.",
         epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures "
                "the traffic can read it. Server and client must use the same --cipher and --key.")
     parser.add_argument("--host",
@@ -2559,8 +2530,9 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     made, status = [], 1
     try:
         host, port = ask_address(args, terminal)
+        trace = terminal.show if args.verbose else None
         made.append(ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
-                               downloads=args.downloads, trace=args.verbose and terminal.show or None,
+                               downloads=args.downloads, trace=trace,
                                on_event=lambda event: terminal.show_event(event, made[0].name)))
         terminal.alive = functools.partial(check_alive, made[0])
         # Is anyone there? Better to know before asking for a password.

@@ -179,7 +179,8 @@ def test_a_file_the_server_cancels_is_said_once_in_its_words(tmp_path):
     _, offer, chunks = chunks_of(tmp_path, bytes(5000))
     receiver = receive(tmp_path, offer, chunks[:1])
     words = "original.bin from alice cancelled: alice cancelled it"
-    assert receiver.event(client.Event("file-cancelled", 0.0, "", "alice", words, ("7",)))  # True: no line of its own for the EVENT
+    cancelled = client.Event("file-cancelled", 0.0, "", "alice", words, ("7",))
+    assert receiver.event(cancelled)  # True: no line of its own for the EVENT
     (what, transfer), = ended(receiver)
     assert last_line(transfer) == words
     assert client.describe_transfer(transfer) == f"#7 original.bin <- alice, 4.9 KB: cancelled ({words})"
