@@ -24,9 +24,10 @@ How it is built, in the order this file reads:
   datagrams and the time, and says what to send. Before login, requests go one at a time,
   each sent again once a second until answered (stop-and-wait: the reliable `Channel`
   with a window of 1); after login, on the session's channel with a window of 32, so a
-  paste of twenty lines flows without waiting. Its `state` says where it stands; getting
-  back in after the session was lost is one of those states, not a thread (`Reconnection`
-  keeps what it needs: the login and room, what the user typed meanwhile).
+  paste of twenty lines flows without waiting (the numbered requests are its base class,
+  `Requests`). Its `state` says where it stands; getting back in after the session was
+  lost is one of those states, not a thread: it keeps the login and room, and holds what
+  the user typed meanwhile.
 * `FileTransfers` - files both ways, on the session's second channel.
 * `ChatClient` - the protocol, a UDP socket connect()ed to the server, and one network
   thread, the only reader of the socket. Its methods block until the server answers.
@@ -1545,24 +1546,16 @@ def printable(text: str) -> str:
     """
     for line_break in LINE_BREAKS:
         text = text.replace(line_break, "\n")
-    text = "".join("?" if could_move_cursor(c) else c for c in text.replace("\t", "    "))
+    unsafe = {"Cc", "Cs"}
+    text = "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
+                   else c for c in text.replace("\t", "    "))
     return text.replace("\n", "\n    ")
-
-
-def could_move_cursor(character: str) -> bool:
-    if character == "\n":
-        return False
-    return unicodedata.category(character) in ("Cc", "Cs") or character in BIDI_CONTROLS
-
-
-def event_clock(event: Event) -> str:
-    """Return the event's time as the chat shows it, HH:MM on this PC's clock."""
-    return time.strftime("%H:%M", time.localtime(event.time))
 
 
 def format_event(event: Event, me: str | None = None) -> str:
     """Return an event as the one line the user sees: `[HH:MM] alice: text` and the like."""
-    clock, text = event_clock(event), printable(event.text)
+    # HH:MM on this PC's clock
+    clock, text = time.strftime("%H:%M", time.localtime(event.time)), printable(event.text)
     mine = bool(me) and event.user.lower() == me.lower()
     user = "you" if mine else printable(event.user)
     if event.kind == "private" and mine:
@@ -1946,10 +1939,7 @@ def send_file(client: ChatClient, rest: str, face) -> None:
 
 def share_file(client: ChatClient, rest: str, face) -> None:
     """/share FILE: to everyone else in the room."""
-    if not rest:
-        face.show("Usage: /share FILE")
-    else:
-        client.send_file("", unquote(rest))
+    client.send_file("", unquote(rest)) if rest else face.show("Usage: /share FILE")
 
 
 def list_files(client: ChatClient, rest: str, face) -> None:
