@@ -1728,6 +1728,9 @@ class Terminal:
         if not self.outstanding:
             self.asks.put((prompt, secret))
             self.outstanding = True
+        elif self.prompt and self.prompt != prompt:
+            # an abandoned question: its line answers this one, so show this one's prompt
+            self.show("", again=prompt)
         while True:
             self.alive()
             try:
@@ -1741,14 +1744,15 @@ class Terminal:
             raise EndOfInput
         return answer
 
-    def show(self, text: str) -> None:
-        """Print a line above the prompt; then the prompt and what was typed, below it."""
+    def show(self, text: str, again: str | None = None) -> None:
+        """Print a line above the prompt; then the prompt (or `again`) and what was typed."""
         with self.lock:
             shown = readline and self.prompt and not self.secret
             typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
+            self.prompt = self.prompt if again is None else again
             try:
-                sys.stdout.write(wipe + text + "\n" + self.prompt + typed)
+                sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
                 sys.stdout.flush()
             except OSError:
                 # a program reading our output stopped, or the terminal closed (EIO)
@@ -2548,12 +2552,10 @@ def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
             made[0].bye()
             made[0].close()
     terminal.restore()
+    # Only a server that answered was connected. On a terminal the cursor may be on the
+    # prompt's line: a new line first.
     if len(made) > 1:
-        # On a terminal the cursor may be on the prompt's line: a new line first.
         terminal.show(("\n" if terminal.interactive else "") + "[INFO] Connection closed.")
-    elif terminal.interactive:
-        # off the line of the prompt
-        terminal.show("")
     return status
 
 

@@ -262,7 +262,7 @@ class RecordingTerminal(client.Terminal):
         self.prompt, self.secret = "", False
         self.queued, self.shown, self.prompts = list(answers), [], []
 
-    def show(self, text: str) -> None:
+    def show(self, text: str, again=None) -> None:
         self.shown.append(text)
 
     def ask(self, prompt: str, secret: bool = False) -> str:
