@@ -24,9 +24,10 @@ How it is built, in the order this file reads:
   datagrams and the time, and says what to send. Before login, requests go one at a time,
   each sent again once a second until answered (stop-and-wait: the reliable `Channel`
   with a window of 1); after login, on the session's channel with a window of 32, so a
-  paste of twenty lines flows without waiting. Its `state` says where it stands; getting
-  back in after the session was lost is one of those states, not a thread (`Reconnection`
-  keeps what it needs: the login and room, what the user typed meanwhile).
+  paste of twenty lines flows without waiting (the numbered requests are its base class,
+  `Requests`). Its `state` says where it stands; getting back in after the session was
+  lost is one of those states, not a thread: it keeps the login and room, and holds what
+  the user typed meanwhile.
 * `FileTransfers` - files both ways, on the session's second channel.
 * `ChatClient` - the protocol, a UDP socket connect()ed to the server, and one network
   thread, the only reader of the socket. Its methods block until the server answers.
@@ -45,9 +46,8 @@ A SAY datagram, as this client sends it (XOR-scrambled payload, readable header)
 """
 
 import argparse
-import collections
 import concurrent.futures
-import ctypes
+import contextlib
 import dataclasses
 import functools
 import getpass
@@ -198,102 +198,6 @@ KEY_MISMATCH = ("The server's reply fails its checksum: server and client keys d
 NOT_SENT = "Not back in the chat; not sent."
 
 
-# --- Getting back in: a state of the protocol ------------------------------------------
-
-
-class Reconnection:
-    """What getting back in after a lost session needs, and its steps: HELLO -> LOGIN
-    (marked "rejoin", so that it never pushes a newer login out) -> JOIN of the last room.
-
-    It remembers the user's last login and room, with their passwords, in memory only.
-    Narrow interface to the protocol: `send(type, fields)` a request, `notice(text)`.
-    `step` takes each answer and says what it comes to: "back", "gave up" or "".
-    It also keeps what of the room was shown: once back in, the room's past comes again.
-    """
-
-    def __init__(self, send, notice):
-        self.send, self.notice = send, notice
-        # (name, password) of the user's last login
-        self.login: tuple = ()
-        # (room, password) of the last room joined
-        self.room: tuple = ()
-        # (ticket, type, fields) the user asked for meanwhile
-        self.held: list[tuple] = []
-        self.retry_at = self.since = 0.0
-        # the refusal reported already, not to say it at every try
-        self.told = ""
-        self.returning, self.shown_until, self.last_second = False, 0.0, set()
-
-    def start(self, now: float) -> None:
-        self.retry_at, self.since, self.told = now, now, ""
-
-    def hold(self, ticket: int, ptype: PacketType, fields: tuple) -> None:
-        """Keep a request to send once back in; the first line kept says so, or a line typed
-        would seem to go nowhere (and be typed again)."""
-        if ptype == PacketType.SAY and PacketType.SAY not in [held[1] for held in self.held]:
-            self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
-        self.held.append((ticket, ptype, fields))
-
-    def forget(self, ticket: int) -> bool:
-        """Drop a held request whose asker stopped waiting; False if it is not held."""
-        kept = [held for held in self.held if held[0] != ticket]
-        found, self.held = len(kept) < len(self.held), kept
-        return found
-
-    def step(self, ptype: PacketType, result, name: str | None, now: float) -> str:
-        """Take the answer to our HELLO, LOGIN or JOIN, and send what comes next."""
-        done = isinstance(result, list)
-        if ptype == PacketType.HELLO and done:
-            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
-        elif ptype == PacketType.LOGIN and done:
-            self.notice(f"[INFO] Back in as {name}.")
-            self.returning = bool(self.room)
-            if not self.room:
-                return "back"
-            self.send(PacketType.JOIN, self.room)
-        elif ptype == PacketType.JOIN and (done or isinstance(result, Refused)):
-            room, self.room = self.room[0], self.room if done else ()
-            self.notice(f"[INFO] In {result[0]} again." if done else
-                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
-            return "back"
-        elif isinstance(result, Refused) and not self.worth_waiting(result, now):
-            self.notice(f"[WARN] Could not get back in: {result.text}")
-            return "gave up"
-        else:
-            # not answering yet, or lost again half-way: try again soon, from the top
-            self.retry_at = now + REJOIN_EVERY
-            code = getattr(result, "code", "")
-            if code in ("locked", "logged-in-elsewhere") and code != self.told:
-                self.told = code
-                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
-        return ""
-
-    def worth_waiting(self, refusal: Refused, now: float) -> bool:
-        """Will logging back in work later? A lockout ends, and so does an old session of ours
-        that the server keeps at our old address (a new Wi-Fi, say) until it times out."""
-        if refusal.code == "logged-in-elsewhere":
-            return now - self.since < ELSEWHERE_PATIENCE
-        return refusal.code in WORTH_WAITING
-
-    def fresh(self, event: Event, me: str | None) -> Event | None:
-        """Return a server event to show, or None for the room's past shown already.
-
-        Back in after a loss, the room's history comes again. A line before the newest one
-        shown was shown (of the last second, only the lines seen), and our own lines were
-        shown as we said them; a later one was said while we were away: news, not the past.
-        """
-        if event.kind == "history" and self.returning:
-            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
-            if event.user.lower() == (me or "").lower() or event.time < self.shown_until or seen:
-                return None
-            event = dataclasses.replace(event, kind="chat")
-        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
-            if event.time > self.shown_until:
-                self.shown_until, self.last_second = event.time, set()
-            self.last_second.add((event.user, event.text))
-        return event
-
-
 # --- The protocol, without sockets, threads or clock -----------------------------------
 #
 # The life of a line typed, "hi": ChatClient.say -> ClientProtocol.request (SAY queued on
@@ -304,10 +208,11 @@ class Reconnection:
 
 
 class Requests:
-    """Requests to the server and their answers: the transport half of ClientProtocol.
+    """Numbered requests and their answers: the transport half of ClientProtocol.
 
-    Before login, one request at a time on a stop-and-wait Channel; after it, the session's
-    Channel. Each request gets a number (a "ticket") from `request`, and its answer comes
+    Before login, one request at a time on a stop-and-wait Channel (a window of 1, one try
+    a second); after it, on the session's Channel (a window of 32: a paste of twenty lines
+    flows without waiting). Each request gets a number, a "ticket", and its answer comes
     out as Event("answer", more=(ticket, fields or error)) in the one stream of events
     (`emit`, `take_events`). Requests of the protocol's own (a PING) have ticket 0.
     """
@@ -325,9 +230,11 @@ class Requests:
         self.now = self.last_heard = self.last_sent = now
         # the requests sent, by sequence number: (ticket, type, fields)
         self.pending: dict[int, tuple] = {}
-        # before login numbers go on across tries (PROTOCOL.md 9)
+        # before login, numbers go on across tries (PROTOCOL.md 9)
         self.next_stranger_seq = 1
-        self.channel = self.stranger_channel()
+        self.channel, self.outbox = self.stranger_channel(), []
+        # what the user asked while getting back in: (ticket, type, fields)
+        self.held: list[tuple] = []
 
     def stranger_channel(self) -> Channel:
         """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s to get back in)."""
@@ -345,9 +252,9 @@ class Requests:
     def logged_in(self) -> bool:
         return self.token != NO_TOKEN
 
-    def emit(self, kind: str, room="", user="", text="", more=(), when=None) -> None:
-        when = self.now + self.wall_offset if when is None else when
-        self.events.append(Event(kind, when, room, user or "", text, tuple(more)))
+    def emit(self, kind: str, room="", user="", text="", more=()) -> None:
+        self.events.append(Event(kind, self.now + self.wall_offset, room, user or "", text,
+                                 tuple(more)))
 
     def notice(self, text: str) -> None:
         self.emit("notice", text=text)
@@ -366,10 +273,53 @@ class Requests:
         events, self.events = self.events, []
         return events
 
+    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
+        """--verbose: trace one datagram; the line is only put together when someone reads it."""
+        if self.trace:
+            self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
+
+    def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
+        """Queue a request; return its number, which its "answer" event names."""
+        self.now, self.tickets = now, self.tickets + 1
+        if self.state == "closed":
+            raise ConnectionClosed(self.closed_reason)
+        if self.state == "reconnecting" and ptype in RESENDABLE:
+            # the first line kept says so, or it would seem to go nowhere (and be typed again)
+            if ptype == PacketType.SAY and PacketType.SAY not in [held[1] for held in self.held]:
+                self.notice("[INFO] Not back in yet: what you type waits, and goes once back in.")
+            self.held.append((self.tickets, ptype, tuple(fields)))
+        elif self.state == "reconnecting" and ptype != PacketType.BYE:
+            raise Refused("not-sent", "Not in the chat right now; not sent.")
+        elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
+            raise SessionLost(SESSION_LOST)
+        else:
+            self.send_request(self.tickets, ptype, fields)
+        return self.tickets
+
+    def send_held(self) -> None:
+        """Send the requests held while getting back in, in order."""
+        held, self.held = self.held, []
+        for ticket, ptype, fields in held:
+            try:
+                self.send_request(ticket, ptype, fields)
+            except Refused as refusal:
+                # too long, or too many waiting: that one is not sent
+                self.answer(ticket, refusal)
+
+    def forget(self, ticket: int) -> bool:
+        """Drop a held request whose asker stopped waiting; False if it is not held."""
+        kept = [held for held in self.held if held[0] != ticket]
+        found, self.held = len(kept) < len(self.held), kept
+        return found
+
+    def send(self, ptype: PacketType, fields) -> None:
+        """Send a request of our own (ticket 0: nobody waits for its answer)."""
+        self.send_request(0, ptype, fields)
+
     def send_request(self, ticket: int, ptype: PacketType, fields) -> None:
         """Put a request on the channel, or raise Refused if it cannot go."""
         if ptype == PacketType.HELLO:
-            # padding: the server answers no HELLO under 128 bytes
+            # padding: the server answers no HELLO under 128 bytes (no amplification)
             fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
         payload = pack_fields(*fields)
         if len(payload) > wire.MAX_PAYLOAD:
@@ -399,71 +349,36 @@ class Requests:
             result = Refused("bad-reply", "The server's welcome could not be read.")
         return ticket, ptype, asked, fields, result
 
-    # --- Tracing (--verbose) ---
-
-    def note(self, text: str) -> None:
-        if self.trace:
-            self.trace(f"[trace] {text}")
-
-    def trace_packet(self, direction: str, data: bytes, note: str = "") -> None:
-        """Trace one datagram; the line is only put together when someone reads it."""
-        if self.trace:
-            self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
-
 
 class ClientProtocol(Requests):
     """One user's side of the chat: datagrams and the time in, datagrams and Events out.
 
     Entry points: `request(type, fields, now)` queues a request and returns its number;
     `receive(datagram, now)` takes what the server sent; `poll(now)` returns what to send
-    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's
-    ICMP report; `log_out()` ends the session by our choice. Out: `take_events()`.
+    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's ICMP
+    report; `log_out()` ends the session by our choice. Out: `take_events()`.
 
     `state`: "not logged in", "connected", "lost contact" (the server silent),
     "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
     to "reconnecting" when a login is remembered (in memory only): HELLO -> LOGIN (marked
-    "rejoin") -> JOIN of the last room, tried every REJOIN_EVERY s; what the user asks for
-    meanwhile is held, and sent once back in.
+    "rejoin", so that it never pushes a newer login out) -> JOIN of the last room, tried
+    every REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
     """
 
     def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
                  trace=None, server: str = "the server", downloads: str = "downloads",
                  rejoin: bool = True):
         super().__init__(cipher, timing, now, loss, trace, server)
-        self.name: str | None = None
-        self.room: str | None = None
-        # The session's second channel, for file chunks; a last ACK to a server that stops.
-        self.file_stream: Channel | None = None
-        self.outbox: list[bytes] = []
-        self.files = FileTransfers(downloads, self.emit_transfer,
-                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
-        # get back in after a lost session (tests may say no)
+        self.name = self.room = self.file_stream = None
         self.rejoin = rejoin
-        self.back = Reconnection(self.send, self.notice)
-
-    def emit_transfer(self, transfer: "Transfer") -> None:
-        self.emit("transfer", more=(transfer,))
-
-    def send(self, ptype: PacketType, fields) -> None:
-        """Send a request of our own (ticket 0: nobody waits for its answer)."""
-        self.send_request(0, ptype, fields)
-
-    # --- Requests ---
-
-    def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
-        """Queue a request; return its number, which its "answer" event names."""
-        self.now, self.tickets = now, self.tickets + 1
-        if self.state == "closed":
-            raise ConnectionClosed(self.closed_reason)
-        if self.state == "reconnecting" and ptype in RESENDABLE:
-            self.back.hold(self.tickets, ptype, tuple(fields))
-        elif self.state == "reconnecting" and ptype != PacketType.BYE:
-            raise Refused("not-sent", "Not in the chat right now; not sent.")
-        elif not self.logged_in and ptype in RESENDABLE | {PacketType.FILE_OFFER}:
-            raise SessionLost(SESSION_LOST)
-        else:
-            self.send_request(self.tickets, ptype, fields)
-        return self.tickets
+        self.files = FileTransfers(downloads, lambda moved: self.emit("transfer", more=(moved,)),
+                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
+        # Getting back in: the last login and room with their passwords (in memory only),
+        # the refusal told already, when to try next, and since when.
+        self.login, self.joined, self.told = (), (), ""
+        self.retry_at = self.since = 0.0
+        # Back in a room its past comes again: the time of the newest line shown, its lines.
+        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     # --- What the server sends ---
 
@@ -481,29 +396,22 @@ class ClientProtocol(Requests):
         self.last_heard, self.unreachable = now, 0
         files = bool(packet.flags & FLAG_FILE_STREAM)
         stream = self.file_stream if files else self.channel
-        if packet.type == PacketType.RESET:
-            self.receive_reset(packet, data)
-        elif not expected(packet, self.token, stream):
-            self.trace_packet("in ", data, ": from an old session or from before it, dropped")
-        else:
-            outcome, ready = stream.receive(packet, now)
-            quiet = outcome in ("in order", "unsequenced")
-            self.trace_packet("in ", data, "" if quiet else ": " + outcome)
-            for delivered in ready:
-                if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
-                    self.files.receive_chunk(delivered.payload)
-                elif not files and delivered.type == PacketType.EVENT:
-                    self.receive_event(delivered)
-                elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
-                    self.receive_answer(delivered)
-
-    def receive_reset(self, packet: Packet, data: bytes) -> None:
-        """RESET: the server has no session with the token it echoes - believed if it is ours."""
-        if not self.logged_in or packet.token != self.token:
-            self.trace_packet("in ", data, ": not about our session, dropped")
-            return
-        self.trace_packet("in ", data)
-        self.lose_session(SessionLost(SESSION_LOST))
+        if packet.type == PacketType.RESET and self.logged_in and packet.token == self.token:
+            # the server has no session with the token it echoes: believed if it is ours
+            self.trace_packet("in ", data)
+            return self.lose_session(SessionLost(SESSION_LOST))
+        if packet.type == PacketType.RESET or not expected(packet, self.token, stream):
+            return self.trace_packet("in ", data, ": not for this session, dropped")
+        outcome, ready = stream.receive(packet, now)
+        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else
+                          ": " + outcome)
+        for delivered in ready:
+            if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                self.files.receive_chunk(delivered.payload)
+            elif not files and delivered.type == PacketType.EVENT:
+                self.receive_event(delivered)
+            elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
+                self.receive_answer(delivered)
 
     def receive_answer(self, packet: Packet) -> None:
         """An OK or ERROR: the answer to a request of the user's, or of ours."""
@@ -511,16 +419,12 @@ class ClientProtocol(Requests):
             return
         ticket, ptype, asked, fields, result = answer
         if ptype == PacketType.FILE_OFFER:
-            self.files.answered(ticket, result, self.now)
+            self.files.answered(ticket, result)
         self.answer(ticket, result)
         if isinstance(result, list):
             self.accepted(ticket, ptype, asked, fields, packet.token)
         if not ticket and self.state == "reconnecting":
-            outcome = self.back.step(ptype, result, self.name, self.now)
-            if outcome == "back":
-                self.back_in()
-            elif outcome == "gave up":
-                self.log_out(NOT_SENT)
+            self.step_back(ptype, result)
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
         """The server did what we asked: note what that changes, show our own line."""
@@ -528,11 +432,11 @@ class ClientProtocol(Requests):
             self.start_session(token, fields[0])
             if ticket:
                 # the user's login, not ours getting back in: the one to remember
-                self.back.login, self.back.room, self.back.returning = asked[1:3], (), False
+                self.login, self.joined, self.returning = asked[1:3], (), False
         elif ptype == PacketType.JOIN:
-            self.room, self.back.room = fields[0], asked
+            self.room, self.joined = fields[0], asked
             # a room the user chose: all its past is news
-            self.back.returning &= not ticket
+            self.returning &= not ticket
         elif ptype == PacketType.SAY:
             self.emit("chat", self.room or "", self.name, asked[0])
         elif ptype == PacketType.PRIVATE:
@@ -543,30 +447,48 @@ class ClientProtocol(Requests):
     def receive_event(self, packet: Packet) -> None:
         try:
             event = read_event(packet.payload)
-        except (PacketError, ValueError) as error:
-            self.note(f"an EVENT could not be read ({error}); skipped")
+        except (PacketError, ValueError):
+            # unreadable: skipped
             return
-        kind, user, text, more = event.kind, event.user, event.text, event.more
-        if kind == "stop":
-            # so the server knows we heard
+        if event.kind == "stop":
+            # a last ACK at once, so the server knows we heard
             cumulative, bitmap = self.channel.acknowledgement()
             ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
             self.outbox.append(encode_packet(ack, self.cipher))
             self.notice("[INFO] The server was stopped.")
             self.lose_session(SessionLost("The server was stopped."), stopped=True)
-        elif kind == "replaced":
+        elif event.kind == "replaced":
             self.notice("[INFO] You logged in elsewhere; this client is logged out.")
-            self.back.login = ()
+            self.login = ()
             self.lose_session(SessionLost("You logged in elsewhere."), told=True)
-        elif kind == "file":
-            # told first, then the download starts (an empty file ends at once)
+        elif event.kind == "file":
+            # told first, then the download starts
             self.events.append(event)
-            self.files.offer_arrived(user, list(more), self.now)
-        elif not (kind in FILE_EVENTS and self.files.event(kind, user, text, list(more))):
-            # Shown, but not the room's past shown already (a file event that ended a
-            # transfer of ours is not: that transfer's own event says it).
-            event = self.back.fresh(event, self.name)
-            self.events.extend([event] if event else [])
+            self.files.offer_arrived(event.user, list(event.more))
+        elif event.kind in FILE_EVENTS and self.files.event(event):
+            # a transfer of ours ended: its own event says so
+            return
+        elif event := self.fresh(event):
+            self.events.append(event)
+
+    def fresh(self, event: Event) -> Event | None:
+        """Return a server event to show, or None for the room's past shown already.
+
+        Back in after a loss, the room's history comes again. A line before the newest one
+        shown was shown (of the last second, only the lines seen), and our own lines were
+        shown as we said them; a later one was said while we were away: news, not the past.
+        """
+        if event.kind == "history" and self.returning:
+            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
+            own = event.user.lower() == (self.name or "").lower()
+            if own or event.time < self.shown_until or seen:
+                return None
+            event = dataclasses.replace(event, kind="chat")
+        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
+            if event.time > self.shown_until:
+                self.shown_until, self.last_second = event.time, set()
+            self.last_second.add((event.user, event.text))
+        return event
 
     # --- Sessions: start, end, get back in ---
 
@@ -585,58 +507,78 @@ class ClientProtocol(Requests):
         waiting, self.pending = self.pending, {}
         for ticket, ptype, fields in waiting.values():
             if stopped and ticket and ptype in RESENDABLE:
-                self.back.held.append((ticket, ptype, fields))
+                self.held.append((ticket, ptype, fields))
                 continue
             if ptype == PacketType.FILE_OFFER:
-                self.files.answered(ticket, error, self.now)
+                self.files.answered(ticket, error)
             self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
         self.channel = self.stranger_channel()
 
     def fail_pending(self, error: ChatError) -> None:
         """Before login: every request waiting gets `error`, and a try later, getting back in."""
         self.end_requests(error)
-        self.back.retry_at = self.now + REJOIN_EVERY
+        self.retry_at = self.now + REJOIN_EVERY
 
     def lose_session(self, error: SessionLost, stopped: bool = False, told: bool = False) -> None:
         """The session ended without our asking: get back in if we can, else it is over."""
-        back = self.rejoin and bool(self.back.login)
+        back = self.rejoin and bool(self.login)
         self.end_requests(error, stopped and back)
         self.token, self.name, self.room, self.file_stream = NO_TOKEN, None, None, None
         self.files.end_all("the session ended")
         if back and self.state != "reconnecting":
             self.set_state("reconnecting")
             self.notice("[INFO] Trying to get back in (type exit to stop)...")
-            self.back.start(self.now)
+            self.retry_at, self.since, self.told = self.now, self.now, ""
             self.channel = self.stranger_channel()
         elif not back and self.state != "closed":
             if not told:
                 self.notice(f"[WARN] {error}")
             self.set_state("not logged in")
 
+    def step_back(self, ptype: PacketType, result) -> None:
+        """Getting back in: take the answer to our HELLO, LOGIN or JOIN; send what comes next."""
+        done, code = isinstance(result, list), getattr(result, "code", "")
+        # A lockout ends, and so does an old session of ours that the server keeps at our
+        # old address (a new Wi-Fi, say) until it times out: worth waiting for.
+        patient = code in WORTH_WAITING and (code != "logged-in-elsewhere"
+                                             or self.now - self.since < ELSEWHERE_PATIENCE)
+        if ptype == PacketType.HELLO and done:
+            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
+        elif ptype == PacketType.LOGIN and done:
+            self.notice(f"[INFO] Back in as {self.name}.")
+            self.returning = bool(self.joined)
+            self.send(PacketType.JOIN, self.joined) if self.joined else self.back_in()
+        elif ptype == PacketType.JOIN and (done or code):
+            room, self.joined = self.joined[0], self.joined if done else ()
+            self.notice(f"[INFO] In {result[0]} again." if done else
+                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
+            self.back_in()
+        elif code and not patient:
+            self.notice(f"[WARN] Could not get back in: {result.text}")
+            self.log_out(NOT_SENT)
+        else:
+            # not answering yet, or lost again half-way: try again soon, from the top
+            self.retry_at = self.now + REJOIN_EVERY
+            if code in ("locked", "logged-in-elsewhere") and code != self.told:
+                self.told = code
+                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
+
     def back_in(self) -> None:
         """Back in the chat: send what the user asked for meanwhile, in order."""
         self.set_state("connected")
-        held, self.back.held = self.back.held, []
-        for ticket, ptype, fields in held:
-            try:
-                self.send_request(ticket, ptype, fields)
-            except Refused as refusal:
-                # too long, or too many waiting: that one is not sent
-                self.answer(ticket, refusal)
+        self.send_held()
 
     def log_out(self, why: str = "Logged out; not sent.") -> None:
         """The session is over by our choice (BYE), or we gave up getting back in."""
-        for ticket, *_ in self.back.held:
+        for ticket, *_ in self.held:
             self.answer(ticket, Refused("not-sent", why))
-        self.back.login, self.back.held = (), []
+        self.login, self.held = (), []
         self.lose_session(Refused("not-sent", why), told=True)
 
     def port_unreachable(self) -> None:
-        """The OS reported an ICMP "port unreachable": nobody listens there (yet).
-
-        One report may be left over from an earlier server; two with nothing heard between
-        mean the server is not running: in a session that is news at once.
-        """
+        """The OS reported an ICMP "port unreachable": nobody listens there (yet). One report
+        may be left over from an earlier server; two with nothing heard between mean the
+        server is not running: in a session that is news at once."""
         self.unreachable += 1
         if self.unreachable < 2 or self.state == "reconnecting":
             return
@@ -658,7 +600,7 @@ class ClientProtocol(Requests):
             if now - self.last_sent >= self.timing.heartbeat_every:
                 # so the server knows we are here
                 self.send(PacketType.PING, ())
-        if self.state == "reconnecting" and not self.pending and now >= self.back.retry_at:
+        if self.state == "reconnecting" and not self.pending and now >= self.retry_at:
             self.send(PacketType.HELLO, ())
         out, self.outbox = self.outbox + self.channel.poll(now), []
         if self.file_stream is not None:
@@ -703,7 +645,7 @@ class ClientProtocol(Requests):
         if self.state == "connected":
             wakeups.append(self.last_sent + self.timing.heartbeat_every)
         if self.state == "reconnecting" and not self.pending:
-            wakeups.append(self.back.retry_at)
+            wakeups.append(self.retry_at)
         if self.file_stream is not None:
             wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
@@ -725,6 +667,7 @@ def read_event(payload: bytes) -> Event:
     if not -1e10 < float(when) < 1e10:
         raise ValueError(f"time {when!r} out of range")
     return Event(kind, float(when), room, user, text, tuple(more))
+
 
 
 # --- Files: sending and receiving, without sockets -----------------------------------
@@ -755,8 +698,6 @@ RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
                     for n in "0123456789\u00b9\u00b2\u00b3")}
 FORBIDDEN = set('<>:"/\\|?*')
 UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
-# finished transfers that /files still lists
-HISTORY = 50
 
 
 @dataclasses.dataclass(eq=False)
@@ -782,7 +723,6 @@ class Transfer:
     state: str = "offered"
     note: str = ""
     said: str = ""
-    started: float = 0.0
     file: object = None
     last_seq: int = 0
 
@@ -806,9 +746,7 @@ def safe_file_name(name: str) -> str:
     name = re.split(r"[/\\]", name.replace("\0", ""))[-1]
     name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
     # Windows drops trailing dots and spaces; a leading dot hides a file
-    name = name.strip(" .")
-    if not name:
-        return "file"
+    name = name.strip(" .") or "file"
     if name.split(".")[0].upper().rstrip(" ") in RESERVED_NAMES:
         name = "_" + name
     return shorten(name, SAFE_NAME_BYTES)
@@ -888,60 +826,55 @@ class FileTransfers:
     ended), `cancel(number)` tells the server a transfer of ours stopped. Entry points:
     `answered` (the server's answer to an offer), `fill` (chunks into the file stream while
     it has room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the
-    server ended one), `cancel_mine`, `end_all`, `listing`.
+    server cancelled one), `cancel_mine`, `end_all`; `transfers` lists this session's.
     """
 
     def __init__(self, downloads: str, emit, cancel):
         self.downloads, self.emit, self.cancel = downloads, emit, cancel
         # request number -> offer not answered yet
         self.offers: dict[int, Transfer] = {}
-        # (direction, number) -> transfer
-        self.moving: dict[tuple[str, int], Transfer] = {}
-        self.finished: collections.deque = collections.deque(maxlen=HISTORY)
+        # every transfer of this session, in the order they began
+        self.transfers: list[Transfer] = []
 
-    def answered(self, ticket: int, result, now: float) -> None:
+    def find(self, direction: str, number: int) -> Transfer | None:
+        """Return the transfer on its way with the server's id `number`, if any."""
+        return next((t for t in self.transfers if t.active and t.number == number
+                     and t.direction == direction), None)
+
+    def answered(self, ticket: int, result) -> None:
         """The server answered an offer: OK [id] starts the upload; a refusal ends it."""
         transfer = self.offers.pop(ticket, None)
-        if transfer is None:
-            return
         taken = isinstance(result, list) and result and result[0].isdigit()
-        number = int(result[0]) if taken else 0
+        if transfer is None or (transfer.state != "offered" and not taken):
+            return
+        if not taken:
+            why = naming_the_user(result, transfer.peer) if isinstance(result, Refused) else result
+            return self.end(transfer, "failed", str(why) if isinstance(why, Exception) else "no")
+        transfer.number = int(result[0])
         if transfer.state != "offered":
             # cancelled before the server answered
-            if number:
-                self.cancel(number)
-            return
-        if not number:
-            why = naming_the_user(result, transfer.peer) if isinstance(result, Refused) else result
-            self.end(transfer, "failed", str(why) if isinstance(why, Exception) else "refused")
-            return
-        transfer.number, transfer.started = number, now
+            return self.cancel(transfer.number)
         self.start(transfer, lambda: open(transfer.path, "rb"), "cannot read it")
 
     def start(self, transfer: Transfer, opener, trouble: str) -> None:
         """Open the transfer's file and let bytes move; an empty file is done at once."""
+        self.transfers.append(transfer)
         try:
             transfer.file = opener()
         except OSError as error:
-            self.end(transfer, "failed", f"{trouble}: {error.strerror or error}", tell=True)
-            return
+            return self.end(transfer, "failed", f"{trouble}: {error.strerror or error}", tell=True)
         transfer.state = "moving"
-        self.moving[transfer.direction, transfer.number] = transfer
         self.emit(transfer)
         if transfer.direction == "receive" and transfer.size == 0:
             self.check(transfer)
 
-    def sending(self) -> list[Transfer]:
-        return [t for t in self.moving.values() if t.direction == "send"]
-
     def fill(self, stream: Channel) -> None:
         """Put chunks of the files being sent into the file stream, in turn, while it has room."""
-        uploads = [t for t in self.sending() if t.done_bytes < t.size]
-        while uploads and len(stream.waiting) < wire.FILL:
-            for transfer in list(uploads):
-                if not self.send_chunk(stream, transfer) or transfer.done_bytes >= transfer.size:
-                    uploads.remove(transfer)
-        for transfer in self.sending():
+        uploads = [t for t in self.transfers if t.direction == "send" and t.state == "moving"]
+        moving = [t for t in uploads if t.done_bytes < t.size]
+        while moving and len(stream.waiting) < wire.FILL:
+            moving = [t for t in moving if self.send_chunk(stream, t) and t.done_bytes < t.size]
+        for transfer in uploads:
             if transfer.done_bytes >= transfer.size and stream.delivered(transfer.last_seq):
                 self.end(transfer, "done", "the server has it all")
 
@@ -967,18 +900,15 @@ class FileTransfers:
         if transfer.percent != before:
             self.emit(transfer)
 
-
     # --- Receiving ---
 
-    def offer_arrived(self, sender: str, more: list[str], now: float) -> None:
+    def offer_arrived(self, sender: str, more: list[str]) -> None:
         """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
         readable = len(more) == 4 and more[0].isdigit() and more[2].isdigit()
-        if not (readable and wire.SHA_HEX.fullmatch(more[3])):
-            # unreadable: no file is started, its chunks are ignored
-            return
-        transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]),
-                            started=now)
-        self.start(transfer, lambda: self.create_part(transfer), f"cannot save in {self.downloads}")
+        if readable and wire.SHA_HEX.fullmatch(more[3]):
+            transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]))
+            self.start(transfer, lambda: self.create_part(transfer),
+                       f"cannot save in {self.downloads}")
 
     def create_part(self, transfer: Transfer):
         """Create NAME.part (or NAME (1).part...) exclusively, and return it open for writing.
@@ -991,12 +921,10 @@ class FileTransfers:
         while True:
             name = safe_file_name(transfer.name)
             transfer.path = unused_path(self.downloads, name, ".part") + ".part"
-            try:
-                # 0o644 (less the umask): a file from someone else is never made executable
+            # 0o644 (less the umask): a file from someone else is never made executable;
+            # FileExistsError: another download took that name a moment ago
+            with contextlib.suppress(FileExistsError):
                 return os.fdopen(os.open(transfer.path, flags, 0o644), "r+b")
-            except FileExistsError:
-                # another download took that name a moment ago
-                continue
 
     def receive_chunk(self, payload: bytes) -> None:
         """A FILE_CHUNK from the file stream: write it where its offset says."""
@@ -1004,21 +932,19 @@ class FileTransfers:
             number, offset, data = wire.unpack_chunk(payload)
         except PacketError:
             return
-        transfer = self.moving.get(("receive", number))
-        if transfer is None:
-            # cancelled, failed or unknown: its chunks still in flight are dropped
+        # none: cancelled, failed or unknown; its chunks still in flight are dropped
+        if (transfer := self.find("receive", number)) is None:
             return
         fits = offset < transfer.size and len(data) == wire.chunk_length(transfer.size, offset)
         if offset % wire.CHUNK_SIZE or not fits:
-            self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
-            return
+            return self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
         try:
             transfer.file.seek(offset)
             transfer.file.write(data)
         except OSError as error:
             # a full disk, say: this file fails, the chat goes on
-            self.end(transfer, "failed", f"cannot write it: {error.strerror or error}", tell=True)
-            return
+            return self.end(transfer, "failed", f"cannot write it: {error.strerror or error}",
+                            tell=True)
         self.advance(transfer, len(data))
         if transfer.done_bytes >= transfer.size:
             self.check(transfer)
@@ -1028,16 +954,15 @@ class FileTransfers:
         try:
             transfer.file.close()
             if file_sha256(transfer.path) != transfer.sha256:
-                self.end(transfer, "failed", "its SHA-256 does not match: the file arrived damaged",
-                         tell=True)
-                return
+                return self.end(transfer, "failed",
+                                "its SHA-256 does not match: the file arrived damaged", tell=True)
             final = unused_path(*os.path.split(transfer.path[: -len(".part")]))
             # the name says "complete" only now
             os.rename(transfer.path, final)
         except OSError as error:
             # a full disk, or a virus scanner holding the file (Windows)
-            self.end(transfer, "failed", f"cannot save it: {error.strerror or error}", tell=True)
-            return
+            return self.end(transfer, "failed", f"cannot save it: {error.strerror or error}",
+                            tell=True)
         transfer.path = final
         self.end(transfer, "done", "SHA-256 checked")
 
@@ -1051,36 +976,26 @@ class FileTransfers:
         if transfer.file is not None:
             transfer.file.close()
         if transfer.direction == "receive" and state != "done" and transfer.path.endswith(".part"):
-            try:
+            # never made, or already gone: nothing to remove
+            with contextlib.suppress(OSError):
                 os.remove(transfer.path)
-            except OSError:
-                # never made, or already gone
-                pass
-        self.moving.pop((transfer.direction, transfer.number), None)
-        self.finished.append(transfer)
         self.emit(transfer)
         if tell and transfer.number:
             self.cancel(transfer.number)
 
-    def event(self, kind: str, user: str, text: str, more: list[str]) -> bool:
-        """An EVENT about a file [id]: "file-cancelled" ends ours (True: the transfer says
-        so); "file-done" notes who has a file we sent (the event is shown too)."""
-        number = int(more[0]) if more and whole_number(more[0]) else 0
-        mine = self.moving.get(("send", number)) or self.moving.get(("receive", number))
-        if kind == "file-cancelled" and mine:
-            # its words name the file, and say why
-            mine.said = text
-            self.end(mine, "cancelled", text)
-            return True
-        sent = [t for t in self.finished if t.number == number and t.direction == "send"]
-        if kind == "file-done" and sent and sent[-1].state == "done":
-            has_it = sent[-1].note.removeprefix("the server has it all")
-            sent[-1].note = f"{has_it}, {user}" if has_it else f"received by {user}"
-        return False
+    def event(self, event: Event) -> bool:
+        """An EVENT "file-cancelled" [id] ends a transfer of ours: True, for the transfer's
+        own event says so, in the server's words (they name the file, and say why)."""
+        number = int(event.more[0]) if event.more and whole_number(event.more[0]) else 0
+        mine = self.find("send", number) or self.find("receive", number)
+        if event.kind == "file-cancelled" and mine:
+            mine.said = event.text
+            self.end(mine, "cancelled", event.text)
+        return bool(mine) and event.kind == "file-cancelled"
 
     def cancel_mine(self, number: int = 0) -> list[Transfer]:
         """Stop our transfers (all, or the one numbered); return them. The server is told."""
-        stopped = [t for t in [*self.offers.values(), *self.moving.values()]
+        stopped = [t for t in [*self.offers.values(), *self.transfers]
                    if t.active and number in (0, t.number)]
         for transfer in stopped:
             self.end(transfer, "cancelled", "you cancelled it", tell=True)
@@ -1089,14 +1004,10 @@ class FileTransfers:
 
     def end_all(self, why: str) -> None:
         """The session ended: every transfer with it (the server forgets them too)."""
-        for transfer in [*self.offers.values(), *self.moving.values()]:
+        for transfer in [*self.offers.values(), *self.transfers]:
             self.end(transfer, "failed", why)
         self.offers.clear()
 
-    def listing(self) -> list[Transfer]:
-        """Every transfer of this session we know of: in progress, then finished."""
-        active = [t for t in [*self.offers.values(), *self.moving.values()] if t.active]
-        return active + list(self.finished)
 
 
 # --- The network layer: the socket and one thread ----------------------------------------
@@ -1120,17 +1031,15 @@ class ChatClient:
     def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None,
                  *, timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
                  on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
-        self.host, self.port, self.on_event = host, port, on_event
-        self.timing = timing or Timing()
-        # where events go when there is no on_event
+        self.host, self.port, self.timing = host, port, timing or Timing()
+        # where events go: on_event, or else the queue `events`
         self.events: queue.Queue = queue.Queue()
+        self.on_event = on_event or self.events.put
         self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(),
-                                       loss,
-                                       trace, f"{host}:{port}", downloads, rejoin)
+                                       loss, trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
-        # the protocol is shared by the callers' threads and ours
-        self.lock = threading.Lock()
-        self.futures: dict[int, concurrent.futures.Future] = {}
+        # the protocol is shared by the callers' threads and ours; futures by ticket
+        self.lock, self.futures = threading.Lock(), {}
         self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
         dropped = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
@@ -1184,22 +1093,25 @@ class ChatClient:
 
     def say(self, text: str) -> str:
         """Send a message to everyone else in the room; return the server's words."""
-        return self.call(PacketType.SAY, check_length(text))[-1]
+        return self.call(PacketType.SAY, text)[-1]
 
     def private(self, user: str, text: str) -> str:
         """Send a message that only `user` sees."""
         try:
-            return self.call(PacketType.PRIVATE, user, check_length(text))[-1]
+            return self.call(PacketType.PRIVATE, user, text)[-1]
         except Refused as refusal:
             raise naming_the_user(refusal, user) from None
 
     def rooms(self) -> list[tuple[str, int]]:
-        """Return every room and how many are in it."""
-        return read_rooms(self.call(PacketType.ROOMS))
+        """Return every room and how many are in it (a last '+N' of the answer, N more
+        rooms that did not fit, is left out)."""
+        fields = self.call(PacketType.ROOMS)
+        return [(fields[i], int(fields[i + 1])) for i in range(0, len(fields) - 1, 2)]
 
     def who(self) -> tuple[str, list[str]]:
-        """Return your room's name and its members."""
-        return read_members(self.call(PacketType.WHO))
+        """Return your room's name and its members (a last '+N': N more did not fit)."""
+        room, *members = self.call(PacketType.WHO)
+        return room, members
 
     def hello(self) -> str:
         """Ask for a cookie: proof for the server that we really are at our address."""
@@ -1229,28 +1141,26 @@ class ChatClient:
         """Stop our transfers (all, or the one numbered); the server and the others are told."""
         with self.lock:
             stopped = self.protocol.files.cancel_mine(number)
-        # The network thread tells the server, and hands the events on, in order.
+        # the network thread tells the server, and hands the events on, in order
         self.wake()
         return stopped
 
     def transfers(self) -> list[Transfer]:
-        """Return this session's transfers: in progress first, then those finished."""
+        """Return this session's transfers: in progress first, then those ended."""
         with self.lock:
-            return self.protocol.files.listing()
+            files = self.protocol.files
+            return sorted([*files.offers.values(), *files.transfers], key=lambda t: not t.active)
 
     def bye(self) -> None:
         """End the session politely; a server that is gone or has forgotten us is fine."""
         if self.closed.is_set() or threading.current_thread() is self.thread:
             return
         if self.logged_in and self.state != "reconnecting":
-            try:
+            with contextlib.suppress(ChatError, Refused, concurrent.futures.TimeoutError):
                 result_within(self.submit(PacketType.BYE), self.timing.goodbye_timeout)
-            except (ChatError, Refused, concurrent.futures.TimeoutError):
-                pass
         with self.lock:
             self.protocol.log_out()
         self.wake()
-
 
     def call(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None) -> list[str]:
         """Send a request and wait for its answer; return its fields or raise its error."""
@@ -1263,7 +1173,7 @@ class ChatClient:
             return result_within(future, patience)
         except concurrent.futures.TimeoutError:
             with self.lock:
-                held = self.protocol.back.forget(future.ticket)
+                held = self.protocol.forget(future.ticket)
             if held:
                 # it waited for a rejoin that has not come: now it never goes
                 raise Refused("not-sent", "Not back in the chat yet; not sent.") from None
@@ -1272,9 +1182,13 @@ class ChatClient:
     def submit(self, ptype: PacketType, *fields: str, transfer: Transfer | None = None):
         """Queue a request without waiting; return a Future for its fields, or its error.
         A FILE_OFFER names its `transfer`, which starts once the offer is taken."""
+        if ptype in (PacketType.SAY, PacketType.PRIVATE) and wire.oversize_text(fields[-1]):
+            # the server would refuse it: no need to send it
+            raise Refused("too-long", wire.oversize_text(fields[-1]))
         future = concurrent.futures.Future()
         with self.lock:
-            self.check_open()
+            if self.closed.is_set():
+                raise ConnectionClosed(self.closed_reason or "The connection is closed.")
             future.ticket = self.protocol.request(ptype, fields, time.monotonic())
             self.futures[future.ticket] = future
             if transfer:
@@ -1282,38 +1196,29 @@ class ChatClient:
         self.wake()
         return future
 
-    def check_open(self) -> None:
-        if self.closed.is_set():
-            raise ConnectionClosed(self.closed_reason or "The connection is closed.")
-
     # --- The network thread: the only reader of the socket ---
 
     def run_network(self) -> None:
+        """The network thread: send what the protocol says, sleep until its next timer or a
+        datagram or a wake-up (MAX_WAIT at most), take what came; until closed."""
         try:
-            self.serve_network()
+            while not self.closed.is_set():
+                with self.lock:
+                    outgoing = self.protocol.poll(time.monotonic())
+                    wait = min(max(self.protocol.next_wakeup() - time.monotonic(), 0), MAX_WAIT)
+                for data in outgoing:
+                    self.send_datagram(data)
+                self.settle()
+                for key, _ in self.selector.select(wait):
+                    self.drain_wakeups() if key.fileobj is self.wake_reader else self.receive_all()
+                self.settle()
+        except (OSError, ValueError) as error:
+            # the selector or a socket closed under us: we are shutting down (if not, say so)
+            if not self.closed.is_set():
+                self.close(f"Internal error in the client: {error!r}")
         except Exception as error:
             # a bug, ours or a callback's: say so and stop, never hang
             self.close(f"Internal error in the client: {error!r}")
-
-    def serve_network(self) -> None:
-        while not self.closed.is_set():
-            with self.lock:
-                outgoing = self.protocol.poll(time.monotonic())
-                wait = min(max(self.protocol.next_wakeup() - time.monotonic(), 0.0), MAX_WAIT)
-            for data in outgoing:
-                self.send_datagram(data)
-            self.settle()
-            try:
-                ready = self.selector.select(wait)
-            except (OSError, ValueError):
-                # closed under us: we are shutting down
-                return
-            for key, _ in ready:
-                if key.fileobj is self.wake_reader:
-                    self.drain_wakeups()
-                else:
-                    self.receive_all()
-            self.settle()
 
     def receive_all(self) -> None:
         while True:
@@ -1327,9 +1232,6 @@ class ChatClient:
                 with self.lock:
                     self.protocol.port_unreachable()
                 continue
-            except OSError:
-                # the socket was closed: we are shutting down
-                return
             with self.lock:
                 self.protocol.receive(data, time.monotonic())
 
@@ -1341,7 +1243,7 @@ class ChatClient:
                 self.protocol.port_unreachable()
         except OSError as error:
             # e.g. no route to the host for now: as if lost
-            self.protocol.note(f"sending failed: {error}")
+            self.protocol.trace_packet("out", data, f": not sent ({error})")
 
     def settle(self) -> None:
         """Hand what the protocol produced to its takers, outside the lock: answers to the
@@ -1353,7 +1255,7 @@ class ChatClient:
         for event in events:
             # first: one's own line is shown before its call returns
             if event.kind != "answer":
-                self.on_event(event) if self.on_event else self.events.put(event)
+                self.on_event(event)
         resolve(answered)
         if self.protocol.state == "closed" and not self.closed.is_set():
             self.close(self.protocol.closed_reason)
@@ -1366,14 +1268,10 @@ class ChatClient:
             pass
 
     def drain_wakeups(self) -> None:
-        try:
+        # BlockingIOError (an OSError): nothing more to read
+        with contextlib.suppress(OSError):
             while self.wake_reader.recv(1024):
                 pass
-        except OSError:
-            # BlockingIOError: nothing more to read
-            pass
-
-    # --- Shutting down ---
 
     def close(self, reason: str = "") -> None:
         """Close the socket and stop the thread; `reason` says why, if not by choice."""
@@ -1382,8 +1280,7 @@ class ChatClient:
         self.closed_reason = reason
         self.closed.set()
         if reason:
-            event = Event("notice", time.time(), text=f"[WARN] {reason}")
-            self.on_event(event) if self.on_event else self.events.put(event)
+            self.on_event(Event("notice", time.time(), text=f"[WARN] {reason}"))
         self.wake()
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=2 * MAX_WAIT + 1)
@@ -1391,9 +1288,9 @@ class ChatClient:
             # no partial file left behind
             self.protocol.files.end_all("the client was closed")
             waiting, self.futures = list(self.futures.values()), {}
-        closed = ConnectionClosed(reason or "The connection is closed.")
         # outside the lock: a callback may call us
-        resolve([(future, closed) for future in waiting])
+        resolve([(future, ConnectionClosed(reason or "The connection is closed."))
+                 for future in waiting])
         for sock in (self.selector, self.sock, self.wake_reader, self.wake_writer):
             sock.close()
 
@@ -1401,8 +1298,8 @@ class ChatClient:
 def resolve(answered: list[tuple]) -> None:
     """Give each (future, answer) its answer: fields as its result, an error as its exception."""
     for future, result in answered:
+        # none, or one its asker cancelled: nobody waits for it
         if future is None or not future.set_running_or_notify_cancel():
-            # one its asker cancelled: nobody waits for it
             continue
         if isinstance(result, Exception):
             future.set_exception(result)
@@ -1438,28 +1335,6 @@ def connect_udp(host: str, port: int) -> socket.socket:
         raise ServerNotResponding(f"Cannot reach {host}:{port}: {reason}") from None
     sock.setblocking(False)
     return sock
-
-
-def read_rooms(fields: list[str]) -> list[tuple[str, int]]:
-    """Read ROOMS' answer: (room, members) pairs; a last '+N' says N more did not fit."""
-    more = fields.pop() if len(fields) % 2 else ""
-    pairs = [(fields[i], int(fields[i + 1])) for i in range(0, len(fields), 2)]
-    return pairs + ([(f"... and {more[1:]} more", -1)] if more else [])
-
-
-def read_members(fields: list[str]) -> tuple[str, list[str]]:
-    """Read WHO's answer: the room, then its members; a last '+N' says N more did not fit."""
-    room, *members = fields
-    if members and members[-1][1:].isdigit() and members[-1].startswith("+"):
-        members[-1] = f"... and {members[-1][1:]} more"
-    return room, members
-
-
-def check_length(text: str) -> str:
-    """Return `text`, or refuse it here if the server would: no need to send it."""
-    if wire.oversize_text(text):
-        raise Refused("too-long", wire.oversize_text(text))
-    return text
 
 
 # --- Finding a server: one question to the whole network -------------------------------
@@ -1671,24 +1546,16 @@ def printable(text: str) -> str:
     """
     for line_break in LINE_BREAKS:
         text = text.replace(line_break, "\n")
-    text = "".join("?" if could_move_cursor(c) else c for c in text.replace("\t", "    "))
+    unsafe = {"Cc", "Cs"}
+    text = "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
+                   else c for c in text.replace("\t", "    "))
     return text.replace("\n", "\n    ")
-
-
-def could_move_cursor(character: str) -> bool:
-    if character == "\n":
-        return False
-    return unicodedata.category(character) in ("Cc", "Cs") or character in BIDI_CONTROLS
-
-
-def event_clock(event: Event) -> str:
-    """Return the event's time as the chat shows it, HH:MM on this PC's clock."""
-    return time.strftime("%H:%M", time.localtime(event.time))
 
 
 def format_event(event: Event, me: str | None = None) -> str:
     """Return an event as the one line the user sees: `[HH:MM] alice: text` and the like."""
-    clock, text = event_clock(event), printable(event.text)
+    # HH:MM on this PC's clock
+    clock, text = time.strftime("%H:%M", time.localtime(event.time)), printable(event.text)
     mine = bool(me) and event.user.lower() == me.lower()
     user = "you" if mine else printable(event.user)
     if event.kind == "private" and mine:
@@ -1721,29 +1588,23 @@ def names_me(text: str, name: str | None) -> bool:
 
 
 def describe_transfer(transfer: Transfer, final: bool = False) -> str:
-    """Return a transfer in one line: how it ended (`final`), else as /files lists it."""
+    """Return a transfer in one line: as its event shows it (`final`), or as /files lists it."""
     name, size, peer = transfer.name, describe_size(transfer.size), transfer.peer
-    receiving = transfer.direction == "receive"
-    if final and transfer.state == "moving":
-        if transfer.done_bytes or receiving:
-            return printable(f"{name}: {transfer.percent}% of {size}")
-        return printable(f"sending {name} ({size}) to {peer} as number {transfer.number}")
-    if final and transfer.state == "done":
-        return printable(f"saved {transfer.path} ({size}, {transfer.note})" if receiving
-                         else f"sent {name} ({size}) to {peer}")
-    if final and transfer.state == "cancelled":
-        return printable(transfer.said or f"cancelled: {name} ({transfer.note})")
-    if final and transfer.state == "failed":
-        removed = "; the partial file was removed" if receiving else ""
-        verb = "saved" if receiving else "sent"
-        return printable(f"{name} not {verb}: {transfer.note}{removed}")
-    arrow = f"<- {peer}" if receiving else f"-> {peer}"
+    receiving, number = transfer.direction == "receive", transfer.number
+    lines = {"done": f"saved {transfer.path} ({size}, {transfer.note})" if receiving
+             else f"sent {name} ({size}) to {peer}",
+             "cancelled": transfer.said or f"cancelled: {name} ({transfer.note})",
+             "failed": f"{name} not {'saved' if receiving else 'sent'}: {transfer.note}"
+                       + ("; the partial file was removed" if receiving else ""),
+             "moving": f"{name}: {transfer.percent}% of {size}" if transfer.done_bytes or receiving
+             else f"sending {name} ({size}) to {peer} as number {number}"}
+    if final:
+        return printable(lines.get(transfer.state, name))
     how = f"{transfer.percent}%" if transfer.active else transfer.state
-    if not transfer.active and transfer.note and transfer.note != transfer.state:
-        how += f" ({transfer.note})"
-    # none: the server never took it
-    number = f"#{transfer.number} " if transfer.number else ""
-    return printable(f"{number}{name} {arrow}, {size}: {how}")
+    how += f" ({transfer.note})" if transfer.note and not transfer.active else ""
+    # no number: the server never took it
+    return printable(f"{'#' + str(number) + ' ' if number else ''}{name} "
+                     f"{'<-' if receiving else '->'} {peer}, {size}: {how}")
 
 
 def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
@@ -1764,28 +1625,24 @@ def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
 
 
 def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
-    """Return `joined lobby: alice, bob and 3 others here`, from the JOIN reply and WHO's list."""
-    more = int(members.pop().split()[2]) if members and members[-1].startswith("... and ") else 0
+    """Return `joined lobby: bob, carol and 3 others here`, from the JOIN reply and WHO's list
+    (whose last entry "+N" says N more did not fit in its answer)."""
+    more = int(members.pop()[1:]) if members and members[-1].startswith("+") else 0
     others = [printable(name) for name in members if name.lower() != (me or "").lower()]
-    named = others if len(others) + more <= 3 else others[:2]
-    unnamed = len(others) - len(named) + more
-    if unnamed:
-        who = ", ".join(named) + f" and {unnamed} other{'s' if unnamed > 1 else ''}"
-    elif named:
-        who = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
-    else:
-        who = "nobody else"
-    return f"{printable(joined.split(',')[0])}: {who} here"
+    if len(others) + more > 3:
+        others, more = others[:2], more + len(others[2:])
+    if more:
+        others.append(f"{more} other{'s' if more > 1 else ''}")
+    who = ", ".join(others[:-1]) + " and " + others[-1] if len(others) > 1 else "".join(others)
+    return f"{printable(joined.split(',')[0])}: {who or 'nobody else'} here"
 
 
 # --- The terminal ---------------------------------------------------------------------
 
-# ANSI colours (SGR)
+# ANSI colours (SGR): a line that names me, a private message; then back to plain
 BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
 # the terminal beeps, or flashes its window, when it prints this
 BELL = "\a"
-# Windows 10+: the console interprets ANSI codes
-ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
 
 
 class EndOfInput(Exception):
@@ -1799,67 +1656,60 @@ class Terminal:
     reads each line and hands it over through a queue, and `ask` waits on that queue in
     steps of MAX_WAIT, calling `alive()` between steps (it may raise to stop waiting): a
     Ctrl+C always gets through, and a client that lost its server ends without waiting
-    for Enter. A line shown while the user types goes above the prompt, which is drawn
-    again below it with what was typed so far.
+    for Enter. A line shown while the user types is printed above the prompt, and the
+    prompt and what was typed so far (readline knows it) are printed again below it.
     """
 
     def __init__(self, interactive: bool, color: bool = False, bell: bool = False):
         self.interactive, self.color, self.bell = interactive, color, bell
-        self.asks: queue.Queue = queue.Queue()
-        self.answers: queue.Queue = queue.Queue()
-        # one writer at a time, and the prompt's state with it
+        self.asks, self.answers = queue.Queue(), queue.Queue()
+        # one writer at a time; the prompt on screen now ("" if none), and whether secret
         self.lock = threading.Lock()
-        # the prompt on screen now ("" if none)
         self.prompt, self.secret = "", False
-        # a question with the keyboard thread; input over
+        # a question is with the keyboard thread; the input is over
         self.outstanding = self.ended = False
-        # lines kept back while a room is entered
+        # lines kept back while a room is entered (None: none kept)
         self.held: list[str] | None = None
         self.alive = lambda: None
-        # the terminal's settings as we found them (POSIX)
+        # POSIX: the terminal's settings as we found them, to give back
         self.saved_mode = None
         if interactive and termios:
-            try:
+            with contextlib.suppress(termios.error, OSError, ValueError):
                 self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
-            except (termios.error, OSError, ValueError):
-                pass
         threading.Thread(target=self.read_lines, name="keyboard", daemon=True).start()
 
     def read_lines(self) -> None:
+        """The keyboard thread: answer each question put on `asks`; None at the end."""
         while True:
             prompt, secret = self.asks.get()
             try:
                 answer = self.read_answer(prompt, secret)
             except (EOFError, OSError, ValueError, KeyboardInterrupt):
-                # KeyboardInterrupt reaches this thread on some systems: main handles it
                 answer = None
             with self.lock:
                 self.prompt = ""
-            # until the next question: what is typed now may be its password
+            # until the next question: keys typed now may be its password
             self.echo(False)
             self.answers.put(answer)
             if answer is None:
                 return
 
     def read_answer(self, prompt: str, secret: bool) -> str:
-        """Return one line from the keyboard (or the script); raise EOFError at the end.
-
-        The prompt counts as on screen only once it is drawn - by us under the lock, or by
-        readline, which calls its pre-input hook then: a line shown a moment before cannot
-        draw it a second time (`> > /share`). getpass draws its own.
-        """
+        """Return one line; the prompt counts as on screen only once it is drawn, so a line
+        shown a moment before cannot draw it twice (`> > /share`)."""
         if not self.interactive:
             line = sys.stdin.readline()
             if not line:
                 raise EOFError
             return line.rstrip("\r\n")
         if secret:
-            # getpass draws its prompt once it has turned echo off (and dropped keys typed ahead)
+            # getpass turns echo off, then draws its prompt
             self.prompt_drawn(prompt, True)
             return getpass.getpass(prompt)
         if readline is None:
             self.prompt_drawn(prompt, False, write=True)
             return input()
+        # readline calls this hook once it has drawn the prompt
         readline.set_pre_input_hook(lambda: self.prompt_drawn(prompt, False))
         self.echo(True)
         return input(prompt)
@@ -1879,7 +1729,7 @@ class Terminal:
             self.asks.put((prompt, secret))
             self.outstanding = True
         elif self.prompt and self.prompt != prompt:
-            # an abandoned question: its line answers this
+            # an abandoned question: its line answers this one, so show this one's prompt
             self.show("", again=prompt)
         while True:
             self.alive()
@@ -1895,7 +1745,7 @@ class Terminal:
         return answer
 
     def show(self, text: str, again: str | None = None) -> None:
-        """Print a line above the prompt, and draw the prompt and what was typed below it."""
+        """Print a line above the prompt; then the prompt (or `again`) and what was typed."""
         with self.lock:
             shown = readline and self.prompt and not self.secret
             typed = readline.get_line_buffer() if shown else ""
@@ -1915,12 +1765,11 @@ class Terminal:
         line, marks = format_event(event, me), line_marks(event, me)
         colour = MAGENTA if "private" in marks else BOLD_YELLOW if "mention" in marks else ""
         line = f"{colour}{line}{PLAIN}" if colour and self.color else line
-        ring = self.bell and ("mention" in marks or marks == ("private",))
+        line += BELL if self.bell and ("mention" in marks or marks == ("private",)) else ""
         with self.lock:
             if self.held is not None and event.kind not in ("notice", "transfer"):
-                self.held.append(line + BELL * ring)
-                return
-        self.show(line + BELL * ring)
+                return self.held.append(line)
+        self.show(line)
 
     def hold(self) -> None:
         """Keep the room's lines back for now (its history comes before the JOIN's answer)."""
@@ -1935,75 +1784,46 @@ class Terminal:
             self.show(line)
 
     def echo(self, on: bool, mode=None) -> None:
-        """Let the terminal show the keys typed, or not (POSIX). Between two questions keys
-        typed ahead are not shown: they may be the password the next prompt asks for."""
+        """Let the terminal show the keys typed, or not (POSIX): between two questions keys
+        typed ahead are not shown, for they may be the password the next prompt asks."""
         with self.lock:
             if self.saved_mode is None:
                 return
             mode = mode or list(self.saved_mode)
-            # [3]: local flags
+            # [3]: the local flags
             mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
-            try:
-                # keep keys typed ahead
+            with contextlib.suppress(termios.error, OSError, ValueError):
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
-            except (termios.error, OSError, ValueError):
-                pass
 
     def restore(self) -> None:
-        """Give the terminal back as we found it, for good: Ctrl+C at a password prompt must
-        not leave typing invisible."""
+        """Give the terminal back with echo on, for good (Ctrl+C at a password prompt)."""
         self.echo(True, list(self.saved_mode or [0] * 7))
         with self.lock:
             self.prompt, self.saved_mode = "", None
 
 
 def worth_a_line(event: Event) -> bool:
-    """Does the terminal print this event? Not a state change (a notice says it), and a file's
-    progress only at its start and at each quarter."""
-    if event.kind == "state":
+    """Does the terminal print this event? Not a state (a notice says it), not a refused
+    offer (the refusal says it), and a file's progress only at 25, 50 and 75%."""
+    transfer = event.more[0] if event.kind == "transfer" else None
+    if event.kind == "state" or (transfer and not transfer.number):
         return False
-    if event.kind == "transfer" and not event.more[0].number:
-        # a refused offer: the refusal says it
-        return False
-    if event.kind != "transfer" or event.more[0].state != "moving":
+    if transfer is None or transfer.state != "moving":
         return True
-    transfer = event.more[0]
-    if transfer.direction == "send" and not transfer.done_bytes:
-        # the server took the offer: "sending ... as number N"
-        return True
-    return transfer.done_bytes > 0 and transfer.percent in (25, 50, 75)
+    # the server took our offer: "sending ... as number N"
+    starting = transfer.direction == "send" and not transfer.done_bytes
+    return starting or (transfer.done_bytes > 0 and transfer.percent in (25, 50, 75))
 
 
-def use_color(stream, environ, platform: str = sys.platform, kernel32=None) -> bool:
+def use_color(stream, environ, platform: str = sys.platform) -> bool:
     """May we colour what goes to `stream`? Only a terminal, never with NO_COLOR set
-    (no-color.org) or TERM=dumb; on Windows only a console that takes ANSI codes."""
-    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb" or not is_terminal(stream):
+    (no-color.org) or TERM=dumb; on Windows only in Windows Terminal, which reads ANSI."""
+    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb":
         return False
-    return enable_windows_ansi(kernel32) if platform == "win32" else True
-
-
-def is_terminal(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        # no such method, or closed
+    if platform == "win32" and "WT_SESSION" not in environ:
         return False
+    return hasattr(stream, "isatty") and stream.isatty()
 
-
-def enable_windows_ansi(kernel32=None) -> bool:
-    """Ask the Windows console to interpret ANSI escape codes (Windows 10 and later can);
-    return whether it now does. `kernel32` is for tests: by default, the real one."""
-    kernel32 = kernel32 or (hasattr(ctypes, "windll") and ctypes.windll.kernel32)
-    if not kernel32:
-        return False
-    # -11: standard output
-    handle = kernel32.GetStdHandle(-11)
-    # a DWORD of flags
-    mode = ctypes.c_uint32()
-    if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
-        # not a console: output redirected
-        return False
-    return bool(kernel32.SetConsoleMode(handle, mode.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
 
 # --- Commands: one table for the terminal and the window --------------------------------
@@ -2027,31 +1847,19 @@ several messages, cut between words. Start a line with // to send one beginning 
 EXIT_WORDS = ("exit", "/quit", "/exit")
 
 
-def parse_line(line: str) -> tuple[str, str]:
-    """Return what a typed line asks for: ("say", text), (command, the rest) or ("", "").
-
-    >>> parse_line("/join games"), parse_line("//etc is a folder"), parse_line("hi")
-    (('/join', 'games'), ('say', '/etc is a folder'), ('say', 'hi'))
-    """
-    if line.startswith("//"):
-        return "say", line[1:]
-    if line.startswith("/"):
-        command, _, rest = line.partition(" ")
-        return command.lower(), rest.strip()
-    return ("say", line) if line.strip() else ("", "")
-
-
 def run_command(client: ChatClient, line: str, face) -> bool:
     """Do what a typed line asks; return False when the user asked to leave."""
     if line.strip().lower() in EXIT_WORDS:
         return False
-    command, rest = parse_line(line)
-    action = COMMANDS.get(command)
+    command, _, rest = line.partition(" ") if line.startswith("/") else ("say", "", line)
+    if line.startswith("//"):
+        # "//etc is a folder" says "/etc is a folder"
+        command, rest = "say", line[1:]
     try:
-        if action:
-            action(client, rest, face)
-        elif command:
-            face.show(f"Unknown command {command}; type /help for the list.")
+        if command.lower() in COMMANDS:
+            COMMANDS[command.lower()](client, rest.strip() if command != "say" else rest, face)
+        elif command != "say":
+            face.show(f"Unknown command {command.lower()}; type /help for the list.")
     except (Refused, ServerNotResponding, SessionLost, FileProblem) as error:
         # that line failed; the chat goes on
         face.show(printable(str(error)))
@@ -2061,40 +1869,28 @@ def run_command(client: ChatClient, line: str, face) -> bool:
 def send_lines(client: ChatClient, text: str, face) -> None:
     """Send a line without waiting for its answer: pasted lines flow, in order. A line too
     long for one message goes as several. Our own line is shown once the server took it."""
-    parts = split_message(text)
-    # one entry per part answered: was it accepted?
-    answered: list[bool] = []
-
-    def report(done: concurrent.futures.Future, part: str) -> None:
-        error = done.exception()
-        answered.append(error is None)
-        shown = printable(part if len(part) <= 40 else part[:37] + "...")
-        if isinstance(error, SessionLost):
-            # the server may have had it before it went
-            face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
-        elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
-            face.show(f"not sent: {shown} ({printable(str(error))})")
-        if len(parts) > 1 and len(answered) == len(parts):
-            # answers come in order: the last
-            face.show(f"sent in {len(parts)} parts" if all(answered)
-                      else f"{sum(answered)} of {len(parts)} parts sent")
-
-    for part in parts:
+    for part in split_message(text):
         future = client.submit(PacketType.SAY, part)
-        future.add_done_callback(lambda done, part=part: report(done, part))
+        future.add_done_callback(lambda done, part=part: report_unsent(done, part, face))
+
+
+def report_unsent(done: concurrent.futures.Future, part: str, face) -> None:
+    """Say when a line sent without waiting was not taken (or maybe not)."""
+    error, shown = done.exception(), printable(part if len(part) <= 40 else part[:37] + "...")
+    if isinstance(error, SessionLost):
+        # the server may have had it before it went
+        face.show(f"maybe not sent: {shown} (contact was lost before the server answered)")
+    elif isinstance(error, (Refused, ChatError)) and not isinstance(error, ConnectionClosed):
+        face.show(f"not sent: {shown} ({printable(str(error))})")
 
 
 def send_private(client: ChatClient, rest: str, face) -> None:
     """/msg USER TEXT, in several messages if long; `-> bob: text` once each is accepted."""
     user, _, text = rest.partition(" ")
     if not user or not text.strip():
-        face.show("Usage: /msg USER TEXT")
-        return
-    parts = split_message(text)
-    for part in parts:
+        return face.show("Usage: /msg USER TEXT")
+    for part in split_message(text):
         client.private(user, part)
-    if len(parts) > 1:
-        face.show(f"sent in {len(parts)} parts")
 
 
 def join_room(client: ChatClient, room: str, face) -> None:
@@ -2106,11 +1902,9 @@ def join_room(client: ChatClient, room: str, face) -> None:
     elif room.lower() == (client.room or "").lower():
         face.show(f"You are in {printable(client.room or '')} already.")
     else:
-        names = [name.lower() for name, count in client.rooms() if count >= 0]
-        new = "" if room.lower() in names else "new room "
-        password = face.ask(f"Password for {new}{room}: ", secret=True)
-        if password:
-            # Enter alone sends nothing: an empty password would count as a wrong one
+        new = "" if room.lower() in [name.lower() for name, _ in client.rooms()] else "new room "
+        # Enter alone sends nothing: an empty password would count as a wrong one
+        if password := face.ask(f"Password for {new}{room}: ", secret=True):
             enter_room(client, room, password, face)
         else:
             face.show(f"Not joined: {room} needs its password.")
@@ -2130,7 +1924,7 @@ def enter_room(client: ChatClient, room: str, password: str, face, then: str = "
 
 def show_rooms(client: ChatClient, rest: str, face) -> None:
     for name, count in client.rooms():
-        face.show(f"  {printable(name)}  ({count} here)" if count >= 0 else f"  {name}")
+        face.show(f"  {printable(name)}  ({count} here)")
 
 
 def show_who(client: ChatClient, rest: str, face) -> None:
@@ -2149,10 +1943,7 @@ def send_file(client: ChatClient, rest: str, face) -> None:
 
 def share_file(client: ChatClient, rest: str, face) -> None:
     """/share FILE: to everyone else in the room."""
-    if not rest:
-        face.show("Usage: /share FILE")
-    else:
-        client.send_file("", unquote(rest))
+    client.send_file("", unquote(rest)) if rest else face.show("Usage: /share FILE")
 
 
 def list_files(client: ChatClient, rest: str, face) -> None:
@@ -2165,7 +1956,7 @@ def list_files(client: ChatClient, rest: str, face) -> None:
 
 def cancel_files(client: ChatClient, rest: str, face) -> None:
     # /files shows them as #3
-    number = rest.strip().lstrip("#")
+    number = rest.lstrip("#")
     if number and not whole_number(number):
         face.show("Usage: /cancel, or /cancel N with N as /files shows it")
     elif not client.cancel_files(int(number) if number else 0):
@@ -2181,10 +1972,10 @@ def unquote(text: str) -> str:
     return os.path.expanduser(text)
 
 
-COMMANDS = {"say": lambda client, text, face: send_lines(client, text, face),
-            "/help": lambda client, rest, face: face.show(HELP), "/rooms": show_rooms,
-            "/who": show_who, "/join": join_room, "/msg": send_private, "/send": send_file,
-            "/share": share_file, "/files": list_files, "/cancel": cancel_files}
+COMMANDS = {"say": send_lines, "/help": lambda client, rest, face: face.show(HELP),
+            "/rooms": show_rooms, "/who": show_who, "/join": join_room, "/msg": send_private,
+            "/send": send_file, "/share": share_file, "/files": list_files, "/cancel": cancel_files}
+
 
 
 # --- The window: python client.py --gui -----------------------------------------------
@@ -2549,9 +2340,10 @@ def converse(client: ChatClient, terminal: Terminal) -> None:
         choice = terminal.ask("Type /register or /login (exit to quit): ").strip().lower()
         if choice in EXIT_WORDS:
             return
-        if choice in ("/register", "register"):
+        word = choice.lstrip("/")
+        if word == "register":
             register(client, terminal)
-        elif choice in ("/login", "login"):
+        elif word == "login":
             if log_in(client, terminal) and chat(client, terminal):
                 return
         elif choice:
@@ -2561,34 +2353,33 @@ def converse(client: ChatClient, terminal: Terminal) -> None:
 def register(client: ChatClient, terminal: Terminal) -> None:
     """Username (an empty one goes back), then a new password, typed twice alike."""
     name = terminal.ask("Username: ").strip()
-    if not name:
-        return
-    if not auth.valid_username(name):
-        terminal.show("Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-        return
-    while password := terminal.ask(f"Password (at least {MIN_PASSWORD} characters): ", secret=True):
+    if name and not auth.valid_username(name):
+        return terminal.show("Usernames are 1-20 letters, digits, '_', '.' or '-'.")
+    while name and (password := terminal.ask(
+            f"Password (at least {MIN_PASSWORD} characters): ", secret=True)):
         if len(password) < MIN_PASSWORD:
             terminal.show(f"Too short: a password has at least {MIN_PASSWORD} characters.")
         elif terminal.ask("Password again: ", secret=True) != password:
             terminal.show("The two passwords differ; type it again.")
         else:
-            try:
-                terminal.show(printable(client.register(name, password)))
-            except Refused as refusal:
-                terminal.show(printable(refusal.text))
-            return
+            return show_answer(terminal, client.register, name, password)
+
+
+def show_answer(terminal: Terminal, request, *fields: str) -> bool:
+    """Make a request and show the server's words, its answer or refusal; True if it did it."""
+    try:
+        terminal.show(printable(request(*fields)))
+        return True
+    except Refused as refusal:
+        terminal.show(printable(refusal.text))
+        return False
 
 
 def log_in(client: ChatClient, terminal: Terminal) -> bool:
     """Username (an empty one goes back), password, then the lobby's password."""
     name = terminal.ask("Username: ").strip()
-    if not name:
-        return False
-    password = terminal.ask("Password: ", secret=True)
-    try:
-        terminal.show(printable(client.login(name, password)))
-    except Refused as refusal:
-        terminal.show(printable(refusal.text))
+    if not name or not show_answer(terminal, client.login, name,
+                                   terminal.ask("Password: ", secret=True)):
         return False
     hint = "Try again, or press Enter alone to go on without a room."
     # Enter alone sends nothing: an empty password would count as a wrong one.
@@ -2601,10 +2392,9 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
             if refusal.code == "locked":
                 # asking again would not help now
                 break
-        if hint:
-            # the hint, once
-            terminal.show(hint)
-            hint = ""
+        # the hint, once
+        terminal.show(hint) if hint else None
+        hint = ""
     terminal.show("You are in no room: /join ROOM enters one, /rooms lists them, exit leaves.")
     return True
 
@@ -2639,11 +2429,9 @@ def check_alive(client: ChatClient) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="UDP chat room client. "
-                    "Asks for the server's IP and port unless both are given.",
+        description="UDP chat room client. Asks the server's IP and port unless both are given.",
         epilog="The xor and caesar ciphers are teaching toys: anyone on the network who captures "
-               "the traffic can read it. Server and client must use the same --cipher and --key.",
-    )
+               "the traffic can read it. Server and client must use the same --cipher and --key.")
     parser.add_argument("--host",
                         help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number,
@@ -2657,8 +2445,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gui", action="store_true",
                         help="chat in a window instead of the terminal (needs tkinter)")
     parser.add_argument("--downloads", default="downloads",
-                        help="folder for the files others send you (default: downloads in the "
-                             "current folder)")
+                        help="folder for the files others send you (default: ./downloads)")
     return parser.parse_args(argv)
 
 
@@ -2687,23 +2474,21 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
             found = find_servers(args.port or DEFAULT_PORT, cipher, terminal.show)
             for number, server in enumerate(found, 1):
                 terminal.show(f"{number}) {server}")
-            continue
-        chosen = pick_server(answer, found)
-        if chosen:
+        elif chosen := pick_server(answer, found):
             return chosen
-        terminal.show(f"Type a number from 1 to {len(found)}, an IP address, or ? to search again.")
+        else:
+            terminal.show(f"Type a number from 1 to {len(found)}, an IP address, "
+                          "or ? to search again.")
 
 
 def print_servers_found(args: argparse.Namespace) -> int:
     """--find: one line per server, `IP:PORT  name  N online`; the rest on stderr."""
-    def show(text: str) -> None:
-        print(text, file=sys.stderr)
-
     try:
-        found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key), show)
+        found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key),
+                             functools.partial(print, file=sys.stderr))
     except (ValueError, OSError) as error:
         # a key the cipher cannot use; no network at all
-        show(f"[ERROR] {error}")
+        print(f"[ERROR] {error}", file=sys.stderr)
         return 1
     for server in found:
         print(f"{server.host}:{server.port}  {printable(server.name)}  {server.online} online")
@@ -2719,10 +2504,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     if args.find:
         return print_servers_found(args)
-    if args.gui:
-        status = run_window(args)
-        if status is not None:
-            return status
+    if args.gui and (status := run_window(args)) is not None:
+        return status
     return chat_in_terminal(args)
 
 
@@ -2736,48 +2519,44 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     """The terminal client, from the server's address to goodbye; return the exit status."""
     interactive = sys.stdin.isatty()
     terminal = Terminal(interactive, use_color(sys.stdout, os.environ),
-                        bell=interactive and is_terminal(sys.stdout))
+                        bell=interactive and sys.stdout.isatty())
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, hang_up)
-    # The client once made, and whether the server ever answered (only then was it connected).
-    made: list = []
+    made, status = [], 1
     try:
         host, port = ask_address(args, terminal)
+        trace = terminal.show if args.verbose else None
         made.append(ChatClient(host, port, args.cipher, args.key, loss=args.loss, seed=args.seed,
-                               downloads=args.downloads, trace=args.verbose and terminal.show or None,
+                               downloads=args.downloads, trace=trace,
                                on_event=lambda event: terminal.show_event(event, made[0].name)))
         terminal.alive = functools.partial(check_alive, made[0])
         # Is anyone there? Better to know before asking for a password.
         made.append(made[0].hello())
         terminal.show(f"Connected to the chat server at {host}:{port}.")
         converse(made[0], terminal)
+        status = 0
     except (EndOfInput, KeyboardInterrupt):
-        return say_goodbye(made, terminal, 0)
+        status = 0
     except ConnectionClosed:
         # the reason was shown when it happened
-        return say_goodbye(made, terminal, 1)
+        pass
     except (ChatError, Refused, ValueError) as error:
         # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {printable(str(error))}")
-        return say_goodbye(made, terminal, 1)
-    return say_goodbye(made, terminal, 0)
+    return say_goodbye(made, terminal, status)
 
 
 def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
     """Log out if logged in, close the socket, give the terminal back; return `status`."""
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         if made:
             made[0].bye()
             made[0].close()
-    except KeyboardInterrupt:
-        pass
     terminal.restore()
+    # Only a server that answered was connected. On a terminal the cursor may be on the
+    # prompt's line: a new line first.
     if len(made) > 1:
-        # On a terminal the cursor may be on the prompt's line: a new line first.
         terminal.show(("\n" if terminal.interactive else "") + "[INFO] Connection closed.")
-    elif terminal.interactive:
-        # off the line of the prompt
-        terminal.show("")
     return status
 
 

@@ -378,37 +378,37 @@ def past(when: float, user: str, text: str) -> client.Event:
     return client.Event("history", when, "lobby", user, text)
 
 
-def returning(*seen: client.Event) -> client.Reconnection:
-    """A Reconnection that has shown `seen`, and is on its way back into the room."""
-    back = client.Reconnection(lambda *request: None, lambda text: None)
+def returning(*seen: client.Event) -> client.ClientProtocol:
+    """A protocol logged in as alice that has shown `seen`, and is on its way back into the room."""
+    protocol = client.ClientProtocol(CIPHER)
+    protocol.name = "alice"
     for event in seen:
-        back.fresh(event, "alice")
-    back.returning = True
-    return back
+        protocol.fresh(event)
+    protocol.returning = True
+    return protocol
 
 
 def test_back_in_the_rooms_past_shown_already_is_skipped_and_what_came_meanwhile_is_news():
     back = returning(client.Event("chat", 100.0, "lobby", "bob", "before"))
-    assert back.fresh(past(99.0, "bob", "older"), "alice") is None
-    assert back.fresh(past(100.0, "bob", "before"), "alice") is None
-    later = back.fresh(past(120.0, "carol", "said while we were away"), "alice")
+    assert back.fresh(past(99.0, "bob", "older")) is None
+    assert back.fresh(past(100.0, "bob", "before")) is None
+    later = back.fresh(past(120.0, "carol", "said while we were away"))
     assert later.kind == "chat"  # not marked [history]: it is news to us
 
 
 def test_back_in_a_message_of_the_last_second_seen_is_shown_if_it_never_came():
     back = returning(client.Event("chat", 100.0, "lobby", "bob", "seen"))
-    assert back.fresh(past(100.0, "bob", "seen"), "alice") is None
-    assert back.fresh(past(100.0, "carol", "never came"), "alice").text == "never came"
+    assert back.fresh(past(100.0, "bob", "seen")) is None
+    assert back.fresh(past(100.0, "carol", "never came")).text == "never came"
 
 
 def test_back_in_ones_own_old_lines_are_not_shown_as_the_rooms_past():
     back = returning(client.Event("chat", 100.0, "lobby", "bob", "seen"))
-    assert back.fresh(past(130.0, "Alice", "mine, shown as I said it"), "alice") is None
+    assert back.fresh(past(130.0, "Alice", "mine, shown as I said it")) is None
 
 
 def test_a_room_joined_by_the_user_shows_all_its_past():
     back = returning(client.Event("chat", 100.0, "lobby", "bob", "seen"))
     back.returning = False  # the user chose a room: its past is news
-    assert back.fresh(past(50.0, "bob", "old"), "alice").kind == "history"
-    assert back.fresh(past(60.0, "alice", "my old line"), "alice").kind == "history"
-
+    assert back.fresh(past(50.0, "bob", "old")).kind == "history"
+    assert back.fresh(past(60.0, "alice", "my old line")).kind == "history"

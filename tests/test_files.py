@@ -125,7 +125,7 @@ def chunks_of(tmp_path, data: bytes) -> tuple[Files, list[str], list[bytes]]:
     sender, stream = Files(str(tmp_path / "unused")), FakeStream()
     transfer = client.prepare_upload("bob", str(path))
     sender.offers[1] = transfer
-    sender.answered(1, ["7"], 0.0)
+    sender.answered(1, ["7"])
     while transfer.state == "moving":
         sender.fill(stream)
         stream.waiting.clear()
@@ -135,7 +135,7 @@ def chunks_of(tmp_path, data: bytes) -> tuple[Files, list[str], list[bytes]]:
 
 def receive(tmp_path, offer: list[str], chunks: list[bytes]) -> Files:
     receiver = Files(str(tmp_path / "downloads"))
-    receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
+    receiver.offer_arrived("alice", ["7", *offer[1:]])
     for chunk in chunks:
         receiver.receive_chunk(chunk)
     return receiver
@@ -164,15 +164,14 @@ def test_chunks_fill_the_payload_and_reassemble_in_any_order(tmp_path, size):
     assert os.listdir(tmp_path / "downloads") == ["original.bin"]
 
 
-def test_files_lists_who_has_a_file_sent_and_numbers_only_what_the_server_took(tmp_path):
+def test_files_lists_a_file_sent_and_numbers_only_what_the_server_took(tmp_path):
     sender, _, _ = chunks_of(tmp_path, b"x")
-    (sent,) = sender.finished
-    assert not sender.event("file-done", "bob", "bob has original.bin", ["7"])
-    sender.event("file-done", "carol", "carol has original.bin", ["7"])
-    assert client.describe_transfer(sent) == "#7 original.bin -> bob, 1 B: done (received by bob, carol)"
+    (sent,) = sender.transfers
+    assert not sender.event(client.Event("file-done", 0.0, "", "bob", "bob has original.bin", ("7",)))
+    assert client.describe_transfer(sent) == "#7 original.bin -> bob, 1 B: done (the server has it all)"
     refused = client.prepare_upload("dave", str(tmp_path / "original.bin"))
     sender.offers[2] = refused
-    sender.answered(2, client.Refused("unknown-user", "No such user."), 0.0)
+    sender.answered(2, client.Refused("unknown-user", "No such user."))
     assert client.describe_transfer(refused) == "original.bin -> dave, 1 B: failed (No such user: dave.)"
 
 
@@ -180,7 +179,8 @@ def test_a_file_the_server_cancels_is_said_once_in_its_words(tmp_path):
     _, offer, chunks = chunks_of(tmp_path, bytes(5000))
     receiver = receive(tmp_path, offer, chunks[:1])
     words = "original.bin from alice cancelled: alice cancelled it"
-    assert receiver.event("file-cancelled", "alice", words, ["7"])  # True: no line of its own for the EVENT
+    cancelled = client.Event("file-cancelled", 0.0, "", "alice", words, ("7",))
+    assert receiver.event(cancelled)  # True: no line of its own for the EVENT
     (what, transfer), = ended(receiver)
     assert last_line(transfer) == words
     assert client.describe_transfer(transfer) == f"#7 original.bin <- alice, 4.9 KB: cancelled ({words})"
@@ -215,7 +215,7 @@ def test_two_downloads_of_one_name_at_once_keep_its_extension(tmp_path):
     _, offer, chunks = chunks_of(tmp_path, b"same name")
     first, second = Files(str(tmp_path / "downloads")), Files(str(tmp_path / "downloads"))
     for receiver in (first, second):  # both under way before either is finished
-        receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
+        receiver.offer_arrived("alice", ["7", *offer[1:]])
     for receiver in (first, second):
         for chunk in chunks:
             receiver.receive_chunk(chunk)
@@ -225,8 +225,8 @@ def test_two_downloads_of_one_name_at_once_keep_its_extension(tmp_path):
 def test_a_download_that_cannot_be_written_fails_alone_and_says_why(tmp_path, monkeypatch):
     _, offer, chunks = chunks_of(tmp_path, bytes(3 * CHUNK_SIZE))
     receiver = Files(str(tmp_path / "downloads"))
-    receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
-    (transfer,) = receiver.moving.values()
+    receiver.offer_arrived("alice", ["7", *offer[1:]])
+    (transfer,) = receiver.transfers
 
     def full_disk(data):
         raise OSError(28, "No space left on device")
@@ -250,7 +250,7 @@ def test_a_terminal_shows_a_few_lines_of_progress_and_a_last_one(tmp_path):
 
     _, offer, chunks = chunks_of(tmp_path, bytes(100 * CHUNK_SIZE))
     receiver = FileTransfers(str(tmp_path / "downloads"), show, lambda number: None)
-    receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
+    receiver.offer_arrived("alice", ["7", *offer[1:]])
     for chunk in chunks:
         receiver.receive_chunk(chunk)
     path = tmp_path / "downloads" / "original.bin"
@@ -357,8 +357,8 @@ def hold_upload(made: client.ChatClient, chunks: int) -> threading.Event:
 def download_of(made: client.ChatClient) -> client.Transfer:
     """Wait until `made` is receiving a file and has some of it; return that transfer."""
     files = made.protocol.files
-    wait_until(lambda: any(t.done_bytes for t in files.moving.values()), what="a download under way")
-    return next(iter(files.moving.values()))
+    wait_until(lambda: any(t.done_bytes and t.active for t in files.transfers), what="a download under way")
+    return next(t for t in files.transfers if t.active)
 
 
 def heard(made: client.ChatClient, count: int) -> list[str]:

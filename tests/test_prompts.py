@@ -193,7 +193,8 @@ def test_a_long_line_is_sent_in_parts_in_order(chat_server, make_client, program
     registered(make_client, chat_server.address, "alice")
     alice = programs(*client_args(chat_server.address))
     alice.type("/login", "alice", "pass", "juara", LONG_LINE)
-    alice.expect("sent in 2 parts")
+    alice.expect("] you: word0000")
+    alice.expect("] you: word0111")  # each part comes back as one's own line
     assert " ".join([next_event(bob, "chat").text, next_event(bob, "chat").text]) == LONG_LINE
 
 
@@ -203,7 +204,7 @@ def test_a_long_private_message_is_sent_in_parts_in_order(chat_server, make_clie
     alice = programs(*client_args(chat_server.address))
     alice.type("/login", "alice", "pass", "juara", "/msg bob " + LONG_LINE)
     alice.expect("] -> bob: word0000")
-    alice.expect("sent in 2 parts")
+    alice.expect("] -> bob: word0111")
     assert " ".join([next_event(bob, "private").text, next_event(bob, "private").text]) == LONG_LINE
 
 

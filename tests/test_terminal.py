@@ -220,8 +220,8 @@ def test_a_mention_is_my_name_as_a_word_in_any_case(text, mentioned):
     (["alice", "bob", "carol"], "joined lobby: bob and carol here"),
     (["alice", "bob", "carol", "dave"], "joined lobby: bob, carol and dave here"),
     (["alice", "bob", "carol", "dave", "eve", "frank"], "joined lobby: bob, carol and 3 others here"),
-    (["alice", "bob", "... and 40 more"], "joined lobby: bob and 40 others here"),
-    (["bob", "carol", "... and 1 more"], "joined lobby: bob, carol and 1 other here"),
+    (["alice", "bob", "+40"], "joined lobby: bob and 40 others here"),  # WHO's "+N": N more did not fit
+    (["bob", "carol", "+1"], "joined lobby: bob, carol and 1 other here"),
 ])
 def test_the_arrival_line_says_who_is_here(members, shown):
     assert client.describe_arrival("joined lobby, 9 here", list(members), "Alice") == shown
@@ -244,41 +244,10 @@ def test_colour_only_on_a_terminal_without_no_color():
     assert not client.use_color(io.StringIO(), {}, platform="linux")
 
 
-class FakeKernel32:
-    """The three calls of the Windows API that turn on ANSI codes, as a console would answer."""
-
-    def __init__(self, console: bool = True, takes_ansi: bool = True):
-        self.console, self.takes_ansi = console, takes_ansi
-        self.modes_set = []
-
-    def GetStdHandle(self, which):  # noqa: N802 - the API's own names
-        assert which == -11  # STD_OUTPUT_HANDLE
-        return 7
-
-    def GetConsoleMode(self, handle, mode_pointer):  # noqa: N802
-        assert handle == 7
-        mode_pointer._obj.value = 0x0003  # what ctypes.byref points at: processed output, wrap at EOL
-        return 1 if self.console else 0
-
-    def SetConsoleMode(self, handle, mode):  # noqa: N802
-        self.modes_set.append(mode)
-        return 1 if self.takes_ansi else 0  # Windows before 10 refuses the flag
-
-
-def test_windows_consoles_get_virtual_terminal_processing_turned_on():
-    kernel32 = FakeKernel32()
-    assert client.use_color(FakeStream(True), {}, platform="win32", kernel32=kernel32)
-    assert kernel32.modes_set == [0x0003 | 0x0004]  # ENABLE_VIRTUAL_TERMINAL_PROCESSING added, nothing lost
-
-
-def test_no_colour_on_a_windows_console_that_refuses_ansi_or_is_not_a_console():
-    assert not client.use_color(FakeStream(True), {}, platform="win32", kernel32=FakeKernel32(takes_ansi=False))
-    not_console = FakeKernel32(console=False)
-    assert not client.use_color(FakeStream(True), {}, platform="win32", kernel32=not_console)
-    assert not_console.modes_set == []
-    kernel32 = FakeKernel32()
-    assert not client.use_color(FakeStream(True), {"NO_COLOR": "1"}, platform="win32", kernel32=kernel32)
-    assert kernel32.modes_set == []  # NO_COLOR: the console is left as it is
+def test_colour_on_windows_only_in_windows_terminal():
+    assert client.use_color(FakeStream(True), {"WT_SESSION": "1"}, platform="win32")
+    assert not client.use_color(FakeStream(True), {}, platform="win32")  # the old console: no ANSI
+    assert not client.use_color(FakeStream(True), {"WT_SESSION": "1", "NO_COLOR": "1"}, platform="win32")
 
 
 # --- What the terminal shows of events: colours, the bell, history after the arrival line -----
