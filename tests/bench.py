@@ -44,7 +44,7 @@ Setup, not measured: the accounts are written into users.json before the server 
 with 1,000-iteration hashes, so that 200 logins take a moment; every client still logs in
 through the protocol (HELLO, LOGIN, JOIN). The server otherwise runs the default
 ServerConfig, except: quiet; and in the server's process, before it starts,
-server.AbuseControl.MESSAGE_RATE and MESSAGE_BURST raised to 1,000,000 (the flood control,
+server.MESSAGE_RATE and MESSAGE_BURST raised to 1,000,000 (the flood control,
 5 messages a second per member after a burst of 20, would otherwise hold the flat-out
 sender's SAYs back and pace it).
 """
@@ -96,7 +96,7 @@ SETTLE = 5.0  # seconds without a new arrival after which a row stops waiting
 RECEIVER_PROCESSES = 20  # the receivers are spread over at most this many child processes
 
 # Flood control off, so that the flat-out sender is paced by the protocol, not held back.
-NO_FLOOD_CONTROL = {"AbuseControl.MESSAGE_RATE": 1_000_000.0, "AbuseControl.MESSAGE_BURST": 1_000_000}
+NO_FLOOD_CONTROL = {"MESSAGE_RATE": 1_000_000.0, "MESSAGE_BURST": 1_000_000}
 
 # The server as a child process: the settings come as JSON, then the folder of server.py,
 # then (JSON) the server module's constants to change before it starts, as {"Class.NAME":
@@ -261,7 +261,7 @@ def bench_settings(data_dir: str, **changes) -> dict:
 
 def start_server(workdir: str, settings: dict, name: str = "server", constants: dict | None = None) -> ChildProcess:
     """server.py in a child process with `settings` (ServerConfig fields) and `constants`
-    ({"AbuseControl.MESSAGE_RATE": 1e6, ...}: the server module's names to change first)."""
+    ({"MESSAGE_RATE": 1e6, ...}: the server module's names to change first)."""
     constants = constants or {}
     for name_given in constants:  # a misspelt constant fails here, not in the child
         owner, _, attribute = name_given.rpartition(".")
@@ -412,7 +412,7 @@ class PipelinedSender:
             self.most_unanswered = max(self.most_unanswered, self.unanswered)
         try:
             future = self.chat.submit(PacketType.SAY, make_message(number))
-        except client.ChatError as error:
+        except (client.ChatError, client.Refused) as error:
             self.settle(error)
             return
         future.add_done_callback(lambda done: self.settle(done.exception()))
@@ -579,8 +579,8 @@ class LoginFlood:
     """Wrong-password LOGINs for unknown names from other sockets, as fast as the server takes them.
 
     Each socket sends one LOGIN, waits for its answer and sends the next: the server checks
-    at most AbuseControl.MAX_PENDING_PER_ADDRESS (2) per IP address at once, so 3 sockets keep its
-    hash worker busy all the time. A "busy" answer costs the server no hash; the socket
+    at most MAX_PENDING_CHECKS (16) at once, so 3 sockets keep its hash worker busy
+    all the time. A "busy" answer costs the server no hash; the socket
     tries again 20 ms later. Unknown names are checked against a dummy record at the
     server's kdf_iterations (600,000), as slow as a real one, and never lock an account.
     """
@@ -916,10 +916,10 @@ def main(argv: list[str] | None = None) -> int:
     defaults = server.ServerConfig()
     print(f"Server settings: default ServerConfig (kdf_iterations {defaults.kdf_iterations:,}) and constants "
           f"(Channel window {Channel.WINDOW}, max_queue {Channel.MAX_QUEUE}, RTO floor {RtoEstimator.FLOOR} s, "
-          f"AbuseControl.MAX_PENDING_PER_ADDRESS {server.AbuseControl.MAX_PENDING_PER_ADDRESS}) except quiet, and "
-          f"AbuseControl.MESSAGE_RATE/MESSAGE_BURST raised to {NO_FLOOD_CONTROL['AbuseControl.MESSAGE_RATE']:,.0f} "
+          f"MAX_PENDING_CHECKS {server.MAX_PENDING_CHECKS}) except quiet, and "
+          f"MESSAGE_RATE/MESSAGE_BURST raised to {NO_FLOOD_CONTROL['MESSAGE_RATE']:,.0f} "
           "in the server's process (flood control "
-          f"off, from {server.AbuseControl.MESSAGE_RATE:g}/s after {server.AbuseControl.MESSAGE_BURST}); "
+          f"off, from {server.MESSAGE_RATE:g}/s after {server.MESSAGE_BURST}); "
           f"the bench accounts are written to users.json beforehand with {CHEAP_HASH:,}-"
           "iteration hashes, and log in over the protocol. The server runs in a child process (a python -c "
           f"launcher); the receivers in child processes, at most {RECEIVER_PROCESSES} (one each in the rows of 20), "

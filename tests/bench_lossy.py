@@ -531,7 +531,7 @@ def role_chat_sender(args) -> None:
             time.sleep(delay)
         try:
             futures.append(chat.submit(PacketType.SAY, make_line(number)))
-        except client.ChatError as error:
+        except (client.ChatError, client.Refused) as error:
             refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
     for future in futures:
         try:
@@ -1228,8 +1228,8 @@ def run_benchmark(args, command: str) -> int:
           f"{constant(RtoEstimator, 'CEILING')} s, fast retransmit after {constant(Channel, 'FAST_RETRANSMIT_AFTER')} "
           f"overtaking ACKs; the client's ACK delay {constant(client, 'ACK_DELAY')} s, every "
           f"{constant(client, 'ACK_EVERY')} packets. Server defaults, quiet, flood "
-          f"control at its defaults ({server.AbuseControl.MESSAGE_RATE:g}/s after "
-          f"{server.AbuseControl.MESSAGE_BURST}).")
+          f"control at its defaults ({server.MESSAGE_RATE:g}/s after "
+          f"{server.MESSAGE_BURST}).")
     print("- Counted: ours on the wire by nftables (every datagram with our magic, at the input hook before the drop; "
           "retransmissions by FLAG_RETRANSMIT in the header; bare ACKs by type), which covers both clients and all "
           "of the server's channels; TCP's retransmissions from /proc/net/snmp (RetransSegs) in the namespace, "

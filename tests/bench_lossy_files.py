@@ -124,17 +124,17 @@ def role_file_sender(args) -> None:
     say("READY")
     bench_lossy.wait_for_command("go")
     started = time.monotonic()
-    transfer, future = chat.send_file(args.to, args.path)
-    note = ""
+    note, transfer = "", None
     try:
-        future.result(timeout=args.limit)
+        transfer = chat.send_file(args.to, args.path)
     except Exception as error:  # a refusal or a timeout: reported, not raised
         note = f"offer not accepted: {error!r}"
     say("STARTED", {"started": started, "note": note})
     bench_lossy.wait_for_command("report")  # the sender stays until every receiver is done
     with chat.lock:
         stats = dict(chat.protocol.file_stream.stats)
-    say("RESULT", {"state": transfer.state, "note": transfer.note or note, "file_stream": stats})
+    state, said = (transfer.state, transfer.note) if transfer else ("refused", "")
+    say("RESULT", {"state": state, "note": said or note, "file_stream": stats})
     chat.close()
 
 
@@ -142,9 +142,10 @@ def role_file_receivers(args) -> None:
     """`count` ChatClients; RESULT when all have their file (or after --limit s)."""
     done, all_done = {}, threading.Event()
 
-    def on_file(state: str, transfer: client.Transfer, name: str) -> None:
-        if state != "progress" and transfer.direction == "down":
-            done[name] = (time.monotonic(), state, transfer.note, transfer.path)
+    def on_event(event: client.Event, name: str) -> None:
+        transfer = event.more[0] if event.kind == "transfer" else None
+        if transfer and not transfer.active and transfer.direction == "receive" and name not in done:
+            done[name] = (time.monotonic(), transfer.state, transfer.note, transfer.path)
             if len(done) == args.count:
                 all_done.set()
 
@@ -152,7 +153,7 @@ def role_file_receivers(args) -> None:
     for number in range(args.count):
         name = f"bob{number}"
         chat = client.ChatClient("127.0.0.1", args.port, downloads=os.path.join(args.data_dir, name),
-                                 on_file=lambda state, transfer, name=name: on_file(state, transfer, name))
+                                 on_event=lambda event, name=name: on_event(event, name))
         bench_lossy.enter_lobby(chat, name)
         chats.append(chat)
     say("READY")

@@ -77,8 +77,8 @@ def quick_recovery(monkeypatch):
     monkeypatch.setattr(server, "Channel", patient_channel)
     monkeypatch.setattr(client, "Channel", patient_client_channel)
     monkeypatch.setattr(client, "FIRST_CONTACT_RETRY", 0.1)
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 10_000)
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_RATE", 10_000.0)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 10_000)
+    monkeypatch.setattr(server, "MESSAGE_RATE", 10_000.0)
 
 
 def fast_config(data_dir, **changes) -> server.ServerConfig:

@@ -13,7 +13,7 @@
    request handler; and alice's own socket, for exact replays from the same address.
    Strangers and members send from 127.0.0.2 and up where the system allows (Linux), so
    their registrations do not use up the per-address limits of 127.0.0.1, where the final
-   check's clients live (elsewhere AbuseControl.REGISTRATIONS_PER_ADDRESS is raised
+   check's clients live (elsewhere REGISTRATIONS_PER_ADDRESS is raised
    instead). Every 200 datagrams a HELLO round trip checks that the server still answers,
    which also keeps the fuzzer from overrunning the server's socket buffer.
 3. Afterwards: is the process alive, with no Traceback in its stderr? Did bob get alice's
@@ -21,7 +21,7 @@
    and dave register, log in, join the lobby and hear each other? Server memory (VmRSS,
    VmHWM) before and after.
 4. The server's memory with 1,000 idle logged-in sessions (a second server, with
-   AbuseControl.MAX_SESSIONS 1,100, REGISTRATIONS_PER_ADDRESS 5,000 and session_timeout
+   MAX_SESSIONS 1,100, REGISTRATIONS_PER_ADDRESS 5,000 and session_timeout
    600 s), and what the default limit of 500 sessions says to the 501st (a third server).
 
 A crash - the process died or wrote a Traceback - is counted and its traceback shown; the
@@ -238,7 +238,7 @@ class Arena:
         self.ips = [fuzz_ip(index) for index in range(MEMBERS + STRANGERS)]
         # Where the fuzzers must share 127.0.0.1 with the final check, their REGISTERs
         # would use up its per-address limit: then lift it.
-        shared = {"AbuseControl.REGISTRATIONS_PER_ADDRESS": 100_000} if "127.0.0.1" in self.ips else {}
+        shared = {"REGISTRATIONS_PER_ADDRESS": 100_000} if "127.0.0.1" in self.ips else {}
         self.data_dir = os.path.join(workdir, f"data{number}")
         self.process = start_server(workdir, fuzz_settings(self.data_dir), name=f"server{number}", constants=shared)
         self.bob_events: list[client.Event] = []
@@ -732,7 +732,7 @@ def log_in_many(address, count: int, first_name: str = "idle") -> tuple[collecti
 def idle_sessions(workdir: str, count: int = 1000) -> str:
     """The server's memory with `count` idle logged-in sessions."""
     settings = fuzz_settings(os.path.join(workdir, "idle"), session_timeout=600.0)
-    constants = {"AbuseControl.MAX_SESSIONS": count + 100, "AbuseControl.REGISTRATIONS_PER_ADDRESS": 5 * count}
+    constants = {"MAX_SESSIONS": count + 100, "REGISTRATIONS_PER_ADDRESS": 5 * count}
     with start_server(workdir, settings, name="idle", constants=constants) as process:
         before = process.memory()
         began = time.monotonic()
@@ -753,8 +753,8 @@ def idle_sessions(workdir: str, count: int = 1000) -> str:
 
 def session_limit(workdir: str) -> str:
     """What the default MAX_SESSIONS (500) tells the 501st client."""
-    limit = server.AbuseControl.MAX_SESSIONS
-    constants = {"AbuseControl.REGISTRATIONS_PER_ADDRESS": 5 * limit}
+    limit = server.MAX_SESSIONS
+    constants = {"REGISTRATIONS_PER_ADDRESS": 5 * limit}
     settings = fuzz_settings(os.path.join(workdir, "limit"))
     with start_server(workdir, settings, name="limit", constants=constants) as process:
         outcomes, clients = log_in_many(process.address, limit + 1, "user")

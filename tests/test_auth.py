@@ -102,3 +102,13 @@ def test_damaged_file_is_reported(tmp_path):
     path.write_text('{"version": 1, "users": [', encoding="utf-8")
     with pytest.raises(ValueError, match="damaged"):
         auth.UserStore(str(path))
+
+
+def test_failures_lock_a_key_until_the_oldest_is_a_period_old():
+    counter = auth.FailureCounter(limit=3, period=60.0)
+    for now in (0.0, 10.0, 20.0):
+        assert counter.locked_for("alice", now) == 0.0
+        counter.add("alice", now)
+    assert counter.locked_for("alice", 30.0) == 30.0  # the first failure counts until 60.0
+    assert counter.locked_for("bob", 30.0) == 0.0  # keys apart
+    assert counter.locked_for("alice", 60.0) == 0.0

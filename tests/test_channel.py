@@ -209,6 +209,15 @@ def test_a_waiting_packet_with_room_in_the_window_wants_polling_now():
     assert channel.next_wakeup() == pytest.approx(5.0 + channel.rto.timeout(0))
 
 
+def test_a_channel_with_everything_acknowledged_sleeps_until_a_packet_comes():
+    channel = queued(2)
+    channel.poll(0.0)
+    channel.receive(ack(1), 0.1)
+    assert channel.next_wakeup() == pytest.approx(1.0)  # packet 2's timer, set when it was sent
+    channel.receive(ack(2), 0.2)
+    assert channel.next_wakeup() == float("inf") and channel.poll(5.0) == []
+
+
 def test_a_resend_the_peer_is_known_to_miss_waits_srtt_not_the_floor():
     channel = queued(3)
     channel.poll(0.0)

@@ -1,10 +1,10 @@
 """ChatServer driven directly: plain bytes in, plain bytes out, a fake clock, no sockets.
 
-Here live the promises about what any sender can and cannot do: replies to strangers are
+Here live the promises about what any sender can and cannot do: answers to clients without a session are
 never larger than what they sent, tokens cannot be forged or replayed, guessing passwords
 is locked out, floods are held back, tables are bounded.
 
-A stranger (`Peer`) sends HELLO, REGISTER and LOGIN by hand, numbered 1, 2, 3...; a
+A client before login (`Peer`) sends HELLO, REGISTER and LOGIN by hand, numbered 1, 2, 3...; a
 member (`Member`) talks over a `Channel` numbered from 1, as client.py does after login.
 Password checks run in line: `job.run()`, then `finish_password_job`.
 """
@@ -315,13 +315,13 @@ def test_a_client_logging_in_again_never_takes_over_a_newer_session(harness):
     assert answer.type == ERROR
     assert unpack_fields(answer.payload)[1:] == ["logged-in-elsewhere", "alice logged in elsewhere."]
     assert len(harness.chat.sessions) == 1
-    assert "alice        LOGIN" in harness.log[-1]  # logged with the name it gave
+    assert "alice LOGIN" in harness.log[-1]  # logged with the name it gave
 
 
 def test_cookie_expires(harness):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
-    harness.now += 2 * auth.COOKIE_PERIOD + 1
+    harness.now += 2 * server.COOKIE_PERIOD + 1
     assert peer.fields(PacketType.REGISTER, cookie, "alice", "pw") == ["stale-cookie", "Say HELLO again."]
 
 
@@ -353,29 +353,13 @@ def test_five_failures_lock_the_account_without_hashing(harness, hashes):
 
 
 def test_registrations_per_address_are_limited(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "REGISTRATIONS_PER_ADDRESS", 3)
+    monkeypatch.setattr(server, "REGISTRATIONS_PER_ADDRESS", 3)
     harness = make_harness()
     peer = Peer(harness, 1)
     texts = [peer.register(f"user{number}") for number in range(4)]
     assert texts[:3] == ["Registration successful."] * 3
     assert texts[3].startswith("Too many registrations from your address")
     assert Peer(harness, 2, ip="10.0.0.2").register("other") == "Registration successful."
-
-
-def test_hash_queue_is_bounded_per_address(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MAX_PENDING_PER_ADDRESS", 2)
-    harness = make_harness()
-    peer = Peer(harness, 1)
-    peer.register("alice")
-    cookie = peer.cookie()
-    for _ in range(2):  # two checks queued, the worker busy
-        assert peer.send(PacketType.LOGIN, cookie, "alice", "guess", run_jobs=False) == []
-    third = peer.fields(PacketType.LOGIN, cookie, "alice", "pw", run_jobs=False)
-    assert third == ["busy", "Other password checks from your address are running; try again in a moment."]
-    assert len(harness.chat.password_jobs) == 2
-    other = Peer(harness, 1, ip="10.0.0.2")  # another address still gets its check queued
-    assert other.send(PacketType.LOGIN, other.cookie(), "alice", "pw", run_jobs=False) == []
-    assert len(harness.chat.password_jobs) == 3
 
 
 def test_a_password_check_that_fails_is_answered_and_frees_its_place(harness, monkeypatch):
@@ -386,13 +370,13 @@ def test_a_password_check_that_fails_is_answered_and_frees_its_place(harness, mo
     peer = Peer(harness, 1)
     assert peer.fields(PacketType.REGISTER, peer.cookie(), "alice", "pw") == [
         "server-error", "The server could not check that; try again."]
-    assert not harness.chat.guard.pending and not harness.chat.reception.registering  # nothing held
+    assert not harness.chat.pending_checks and not harness.chat.registering  # nothing held
     monkeypatch.undo()
     assert peer.register("alice") == "Registration successful."  # the name was not left taken
 
 
 def test_hash_queue_is_bounded_overall(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MAX_PENDING_HASHES", 3)
+    monkeypatch.setattr(server, "MAX_PENDING_CHECKS", 3)
     harness = make_harness()
     Peer(harness, 1).register("alice")
     for number in range(3):
@@ -406,7 +390,7 @@ def test_hash_queue_is_bounded_overall(make_harness, monkeypatch):
 
 
 def test_server_full(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MAX_SESSIONS", 2)
+    monkeypatch.setattr(server, "MAX_SESSIONS", 2)
     harness = make_harness()
     member(harness, 1, "a")
     member(harness, 2, "b")
@@ -415,12 +399,12 @@ def test_server_full(make_harness, monkeypatch):
     assert unpack_fields(third.login("c").payload)[1:] == ["full", "Server full; try again later."]
 
 
-def test_a_strangers_odd_name_is_logged_quoted(harness):
+def test_an_odd_name_before_login_is_logged_quoted(harness):
     Peer(harness, 1).register("evil\nFAKE LOG LINE")
     assert harness.log and not any(line.startswith("FAKE") for line in "\n".join(harness.log).split("\n"))
 
 
-# --- Strangers' retries: the same answer, never a second account or hash ---------------------------
+# --- Retries before login: the same answer, never a second account or hash ---------------------------
 
 
 def test_a_retried_register_gets_the_same_answer_and_makes_one_account(harness, hashes):
@@ -453,7 +437,7 @@ def test_a_retried_login_gets_the_same_welcome_and_token(harness):
 
 
 def test_a_lost_welcome_forgotten_by_the_server_starts_a_fresh_session(make_harness, monkeypatch):
-    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 1)
+    monkeypatch.setattr(server, "RETRY_CACHE_SIZE", 1)
     harness = make_harness()
     alice = Peer(harness, 1)
     alice.register("alice")
@@ -466,7 +450,7 @@ def test_a_lost_welcome_forgotten_by_the_server_starts_a_fresh_session(make_harn
 
 
 def test_a_login_replayed_against_a_session_in_use_does_not_silently_cut_it_off(make_harness, monkeypatch):
-    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 1)
+    monkeypatch.setattr(server, "RETRY_CACHE_SIZE", 1)
     harness = make_harness()
     peer = Peer(harness, 1)
     peer.register("alice")
@@ -492,20 +476,20 @@ def test_a_different_request_reusing_a_number_is_not_taken_for_a_retry(harness):
     assert harness.chat.users.exists("alice") and harness.chat.users.exists("bob")
 
 
-def test_stranger_replies_are_bounded(make_harness, monkeypatch):
-    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 8)
+def test_the_retry_cache_is_bounded(make_harness, monkeypatch):
+    monkeypatch.setattr(server, "RETRY_CACHE_SIZE", 8)
     harness = make_harness()
     peer = Peer(harness, 1)
     cookie = peer.cookie()
     for number in range(50):
         assert peer.text(PacketType.REGISTER, cookie, "bad name", str(number)).startswith("Usernames are")
-    assert len(harness.chat.reception.replies.answers) == 8
+    assert len(harness.chat.replies) == 8
 
 
-# --- What a stranger can make the server send -------------------------------------------------------
+# --- What a client without a session can make the server send -------------------------------------------------------
 
 
-def test_stranger_never_gets_more_bytes_than_it_sent(harness):
+def test_a_client_without_a_session_never_gets_more_bytes_than_it_sent(harness):
     address = ("10.0.0.1", 1)
     small_hello = encode_packet(Packet(PacketType.HELLO, 1), CIPHER)
     assert harness.deliver(small_hello, address) == []  # an unpadded HELLO earns nothing
@@ -570,20 +554,20 @@ def test_problem_log_is_throttled(harness, monkeypatch):
                                                               gmtime=real.gmtime, time=real.time))
     for number in range(500):
         harness.deliver(b"garbage %d" % number, ("10.0.0.1", 1))
-    assert len(harness.log) == server.ServerLog.PROBLEMS_PER_SECOND
+    assert len(harness.log) == server.PROBLEMS_PER_SECOND
     clock.now = 6.0  # the next second: one line says how many were not shown, with no new problem needed
     harness.chat.on_timers(harness.now + server.HOUSEKEEPING_EVERY)
-    hidden = 500 - server.ServerLog.PROBLEMS_PER_SECOND
+    hidden = 500 - server.PROBLEMS_PER_SECOND
     assert harness.log[-1].endswith(f"[WARN] ... and {hidden} more problems in the second before, not shown")
-    assert len(harness.log) == server.ServerLog.PROBLEMS_PER_SECOND + 1 and harness.chat.stats["bad"] == 500
+    assert len(harness.log) == server.PROBLEMS_PER_SECOND + 1 and harness.chat.stats["bad"] == 500
 
 
 def test_throttling_tables_are_bounded(monkeypatch):
-    monkeypatch.setattr(auth.EventCounter, "MAX_KEYS", 100)
-    counter = auth.EventCounter(limit=5, period=60)
+    monkeypatch.setattr(auth.FailureCounter, "MAX_KEYS", 100)
+    counter = auth.FailureCounter(limit=5, period=60)
     for number in range(10_000):
         counter.add(f"10.0.{number // 256}.{number % 256}", now=1.0)
-    assert len(counter.events) == 100
+    assert len(counter.failures) == 100
 
 
 # --- Tokens and replays ------------------------------------------------------------------------------
@@ -685,7 +669,7 @@ def test_wrong_room_passwords_are_locked_out(harness):
     alice = member(harness, 1, "alice")
     alice.ask(PacketType.JOIN, "kelas", "rahasia")
     bob = member(harness, 2, "bob")
-    for _ in range(server.AbuseControl.LOGIN_FAILURES - 1):
+    for _ in range(server.LOGIN_FAILURES - 1):
         assert bob.ask(PacketType.JOIN, "kelas", "guess")[1][0] == "wrong-room-password"
     code, text = bob.ask(PacketType.JOIN, "kelas", "guess")[1]  # the last one allowed says so, at once
     assert code == "locked" and text.startswith("Too many wrong room passwords; try again in ")
@@ -699,7 +683,7 @@ def test_wrong_room_passwords_are_locked_out(harness):
 
 
 def test_rooms_are_bounded(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 2)
+    monkeypatch.setattr(server, "MAX_ROOMS", 2)
     harness = make_harness()
     alice = member(harness, 1, "alice")
     assert alice.ask(PacketType.JOIN, "second", "pw")[0] == OK
@@ -707,7 +691,7 @@ def test_rooms_are_bounded(make_harness, monkeypatch):
 
 
 def test_a_full_server_forgets_the_room_quiet_longest_that_nobody_is_in(make_harness, monkeypatch, tmp_path):
-    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 3)
+    monkeypatch.setattr(server, "MAX_ROOMS", 3)
     harness = make_harness(tmp_path)
     alice = member(harness, 1, "alice", room="old", password="pw")
     alice.ask(PacketType.JOIN, "busy", "pw")
@@ -719,11 +703,11 @@ def test_a_full_server_forgets_the_room_quiet_longest_that_nobody_is_in(make_har
 
 
 def set_wall_clock(harness, when: float) -> None:
-    harness.chat.wall_clock = harness.chat.rooms.wall_clock = lambda: when
+    harness.chat.wall_clock = lambda: when
 
 
 def test_a_room_just_made_is_not_taken_for_one_quiet_for_a_month(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 3)
+    monkeypatch.setattr(server, "MAX_ROOMS", 3)
     harness = make_harness()
     alice = member(harness, 1, "alice", room="old", password="pw")
     alice.ask(PacketType.SAY, "a month ago")
@@ -735,7 +719,7 @@ def test_a_room_just_made_is_not_taken_for_one_quiet_for_a_month(make_harness, m
 
 
 def test_a_room_made_again_after_it_was_forgotten_has_no_past(make_harness, monkeypatch, tmp_path):
-    monkeypatch.setattr(server.AbuseControl, "MAX_ROOMS", 3)
+    monkeypatch.setattr(server, "MAX_ROOMS", 3)
     harness = make_harness(tmp_path)
     alice = member(harness, 1, "alice", room="secret", password="alice's")
     alice.ask(PacketType.SAY, "the exam answers are 42")
@@ -784,21 +768,17 @@ def test_without_a_room_password_nobody_can_be_messaged(harness):
     assert eve.ask(PacketType.FILE_OFFER, "alice", "a.txt", "0", "0" * 64) == not_in_room
 
 
-def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_open(harness, monkeypatch):
+def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_behind(harness, monkeypatch):
     alice, _ = member(harness, 1, "alice"), member(harness, 2, "bob")
-    opened = []
 
-    def open_for_writing_only(path, mode="r", **options):
-        if "r" in mode:
-            raise OSError(24, "Too many open files")
-        opened.append(open(path, mode, **options))
-        return opened[-1]
+    def too_many_open_files(path, mode="r", **options):
+        raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(server, "open", open_for_writing_only, raising=False)
+    monkeypatch.setattr(server, "open", too_many_open_files, raising=False)
     answer = alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "5", "0" * 64)
     assert answer == (ERROR, ["server-error", "The server cannot store files now; try again later."])
-    assert opened and all(file.closed for file in opened)
     assert os.listdir(os.path.join(harness.config.data_dir, "transfers")) == []  # no N.part left behind
+    assert not harness.chat.files.uploads
 
 
 def test_the_log_follows_a_file_from_offer_to_receiver(harness):
@@ -806,7 +786,7 @@ def test_the_log_follows_a_file_from_offer_to_receiver(harness):
     empty = hashlib.sha256(b"").hexdigest()  # an empty file: complete as soon as it is offered
     assert alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "0", empty) == (OK, ["1"])
     harness.settle()
-    files = [line.split(" FILE ", 1)[1].split("B  ", 1)[1] for line in harness.log if " FILE " in line]
+    files = [line.split(" FILE  ", 1)[1] for line in harness.log if " FILE " in line]
     assert files == ["#1 'a.txt' offered to bob, 0 B", "#1 'a.txt' arrived whole, SHA-256 checked",
                      "#1 'a.txt' bob has it all"]
 
@@ -830,6 +810,12 @@ def test_rooms_and_who(harness):
     member(harness, 2, "bob")
     assert alice.ask(PacketType.ROOMS) == (OK, ["lobby", "2"])
     assert alice.ask(PacketType.WHO) == (OK, ["lobby", "alice", "bob"])
+
+
+def test_rooms_lists_an_empty_room_with_its_count_of_zero(harness):
+    alice = member(harness, 1, "alice", room="games", password="pw")
+    alice.ask(PacketType.JOIN, "lobby", "juara")
+    assert alice.ask(PacketType.ROOMS) == (OK, ["lobby", "1", "games", "0"])
 
 
 def test_bad_payload_in_a_request_is_refused_not_fatal(harness):
@@ -858,22 +844,21 @@ def test_a_reply_too_big_for_a_packet_becomes_an_error(harness):
     request = server.Request(Packet(PacketType.WHO, 7, token=alice.token), alice.address, HEADER_SIZE, harness.now,
                              session, proven=True)
     harness.chat.answer(request, ["x" * 2000])  # no handler makes one; but one must never crash the server
-    harness.chat.delivery.touch(session)
     harness.chat.flush(harness.now)
     harness.collect()
     assert alice.replies[7] == (ERROR, ["too-long", "Answer too long."])
 
 
 def test_every_packet_type_has_one_handler(harness):
-    assert set(harness.chat.handlers) == set(PacketType)
-    assert server.STRANGER_TYPES == {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
+    assert set(server.HANDLERS) == set(PacketType)
+    assert server.HANDSHAKE_TYPES == {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
 
 
 # --- Flood control -----------------------------------------------------------------------------------
 
 
 def test_flood_control_holds_messages_over_the_burst_and_serves_them_in_order(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 3)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 3)
     harness = make_harness()
     alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
     seqs = [alice.send(PacketType.SAY, f"line {number}") for number in range(6)]
@@ -881,15 +866,15 @@ def test_flood_control_holds_messages_over_the_burst_and_serves_them_in_order(ma
     assert [seq in alice.replies for seq in seqs] == [True] * 3 + [False] * 3  # held, not refused
     assert bob.texts() == ["line 0", "line 1", "line 2"]
     assert bob.ask(PacketType.SAY, "bob is not slowed")[0] == OK
-    harness.advance(0.5 / server.AbuseControl.MESSAGE_RATE)
+    harness.advance(0.5 / server.MESSAGE_RATE)
     assert len(bob.texts()) == 3  # a token takes 1 / MESSAGE_RATE seconds to come back
-    harness.advance(3 / server.AbuseControl.MESSAGE_RATE)
+    harness.advance(3 / server.MESSAGE_RATE)
     assert bob.texts() == [f"line {number}" for number in range(6)]
     assert [alice.replies[seq] for seq in seqs] == [(OK, ["to lobby, 1 other"])] * 6
 
 
 def test_past_max_backlog_the_newest_is_refused_with_slow_down(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 2)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 2)
     monkeypatch.setattr(server, "MAX_BACKLOG", 3)
     harness = make_harness()
     alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
@@ -905,7 +890,7 @@ def test_past_max_backlog_the_newest_is_refused_with_slow_down(make_harness, mon
 
 
 def test_a_held_message_is_served_when_the_timers_run_at_their_deadline(make_harness, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 3)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 3)
     harness = make_harness()
     alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
     for number in range(6):
@@ -979,7 +964,7 @@ def test_acknowledged_events_are_not_resent(harness):
 
 def test_a_member_who_falls_too_far_behind_is_dropped_alone(make_harness, monkeypatch):
     channel_defaults(monkeypatch, window=2, max_queue=5)
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 100)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 100)
     harness = make_harness()
     alice, bob, carol = member(harness, 1, "alice"), member(harness, 2, "bob"), member(harness, 3, "carol")
     bob.deaf = True
@@ -1004,8 +989,8 @@ def test_a_member_whose_replies_cannot_be_queued_is_dropped_not_left_waiting(mak
 
 def test_many_members_too_slow_at_once_are_all_dropped_calmly(make_harness, monkeypatch):
     channel_defaults(monkeypatch, window=1, max_queue=2)
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 1000)
-    monkeypatch.setattr(server.AbuseControl, "REGISTRATIONS_PER_ADDRESS", 1000)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 1000)
+    monkeypatch.setattr(server, "REGISTRATIONS_PER_ADDRESS", 1000)
     harness = make_harness()
     members = []
     for number in range(200):  # none ever acknowledges anything
@@ -1079,7 +1064,7 @@ def test_a_password_check_that_breaks_never_leaves_the_member_waiting(harness, m
         harness.deliver(data, alice.address, run_jobs=False)
     session = harness.chat.sessions[alice.address]
     assert session.checking
-    monkeypatch.setattr(harness.chat.reception, "finish_check", lambda job: 1 / 0)  # a bug, say
+    monkeypatch.setattr(server, "finish_check", lambda chat, job: 1 / 0)  # a bug, say
     with pytest.raises(ZeroDivisionError):  # the loop reports it and goes on
         harness.run_jobs()
     assert not session.checking
@@ -1095,15 +1080,28 @@ def test_a_client_back_with_a_new_channel_gets_a_new_session_at_the_same_address
     assert answer.type == OK and answer.token != old  # not the old one, whose numbers it no longer follows
 
 
+def test_history_file_gains_no_blank_line_at_a_restart_and_a_torn_line_is_ended(tmp_path):
+    path = str(tmp_path / "h.txt")
+    for _ in range(2):  # two starts of a server on one file
+        history = server.HistoryFile(path)
+        history.append(1764575165.0, "lobby", "alice", "hi")
+        history.close()
+    with open(path, "ab") as file:
+        file.write(b"2025-12-01 07:46:05 UTC  #lobby  bob: cut sh")  # killed mid-write
+    server.HistoryFile(path).close()
+    lines = open(path, encoding="utf-8").read().split("\n")
+    assert len(lines) == 4 and lines[-1] == "" and all(lines[:3])
+
+
 def test_history_is_one_readable_line_a_message_and_reads_back_exactly(tmp_path):
     path = str(tmp_path / "history.txt")
-    history = server.HistoryLog(path)
+    history = server.HistoryFile(path)
     tricky = "two lines\nand a \\n that is not one, \\ alone, a tab\there, \r, 👩‍💻"
     history.append(1764575165.0, "lobby", "alice", tricky)
     history.close()
     (line,) = open(path, encoding="utf-8").read().splitlines()
     assert line.startswith("2025-12-01 07:46:05 UTC  #lobby  alice: two lines\\nand a \\\\n")
-    assert list(server.HistoryLog.read(path)) == [(1764575165.0, "lobby", "alice", tricky)]
+    assert list(server.HistoryFile.read(path)) == [(1764575165.0, "lobby", "alice", tricky)]
 
 
 def test_a_stopping_server_tells_every_member_and_handles_nothing_more(harness):

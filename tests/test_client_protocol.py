@@ -56,66 +56,95 @@ class SessionEnd:
             protocol.receive(data, now)
 
 
-def logged_in(timing: client.Timing | None = None) -> tuple[client.ClientProtocol, SessionEnd]:
+class Out:
+    """What the protocol put in its one stream of events, sorted by kind."""
+
+    def __init__(self, protocol: client.ClientProtocol):
+        self.events = protocol.take_events()
+        self.answers = {e.more[0]: e.more[1] for e in self.events if e.kind == "answer"}
+        self.notices = [e.text for e in self.events if e.kind == "notice"]
+        self.states = [e.text for e in self.events if e.kind == "state"]
+        self.shown = [e for e in self.events if e.kind not in ("answer", "notice", "state")]
+
+
+def wire_seq(protocol: client.ClientProtocol, ticket: int) -> int:
+    """The number a waiting request carries on the wire (its answer names it)."""
+    return next(seq for seq, (waiting, *_) in protocol.pending.items() if waiting == ticket)
+
+
+def logged_in(timing: client.Timing | None = None, **options) -> tuple[client.ClientProtocol, SessionEnd]:
     """A protocol that has just logged in as alice at time 0, and the server's end of its session."""
-    protocol = client.ClientProtocol(CIPHER, timing)
+    protocol = client.ClientProtocol(CIPHER, timing, **options)
     login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
     protocol.poll(0.0)
-    protocol.receive(answer(login, "alice", "lobby", "Welcome, alice.", token=TOKEN), 0.0)
-    assert protocol.answers == [(login, ["alice", "lobby", "Welcome, alice."])]
-    assert protocol.logged_in and protocol.token == TOKEN
-    protocol.answers.clear()
+    protocol.receive(answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", token=TOKEN), 0.0)
+    out = Out(protocol)
+    assert out.answers == {login: ["alice", "lobby", "Welcome, alice."]} and out.states == ["connected"]
+    assert protocol.logged_in and protocol.token == TOKEN and protocol.state == "connected"
     return protocol, SessionEnd()
 
 
 def test_answers_are_matched_to_requests_by_their_number():
     protocol, server = logged_in()
-    rooms = protocol.request(PacketType.ROOMS, (), 1.0)
-    who = protocol.request(PacketType.WHO, (), 1.0)
-    join = protocol.request(PacketType.JOIN, ("kelas", "wrong"), 1.0)
-    assert [packet.type for packet in server.take(protocol.poll(1.0), 1.0)] == [
-        PacketType.ROOMS, PacketType.WHO, PacketType.JOIN]
-    server.answer(join, "wrong-room-password", "Wrong room password.", ptype=PacketType.ERROR)
-    server.answer(who, "lobby", "alice")  # answered in another order than asked
-    server.answer(rooms, "lobby", "1")
+    asked = [protocol.request(PacketType.ROOMS, (), 1.0), protocol.request(PacketType.WHO, (), 1.0),
+             protocol.request(PacketType.JOIN, ("kelas", "wrong"), 1.0)]
+    rooms, who, join = server.take(protocol.poll(1.0), 1.0)
+    assert [rooms.type, who.type, join.type] == [PacketType.ROOMS, PacketType.WHO, PacketType.JOIN]
+    server.answer(join.seq, "wrong-room-password", "Wrong room password.", ptype=PacketType.ERROR)
+    server.answer(who.seq, "lobby", "alice")  # answered in another order than asked
+    server.answer(rooms.seq, "lobby", "1")
     server.tell(protocol, 1.01)
-    answers = dict(protocol.answers)
-    assert answers[rooms] == ["lobby", "1"] and answers[who] == ["lobby", "alice"]
-    assert isinstance(answers[join], client.Refused)
-    assert (answers[join].code, answers[join].text) == ("wrong-room-password", "Wrong room password.")
+    answers = Out(protocol).answers
+    assert answers[asked[0]] == ["lobby", "1"] and answers[asked[1]] == ["lobby", "alice"]
+    assert isinstance(answers[asked[2]], client.Refused)
+    assert (answers[asked[2]].code, answers[asked[2]].text) == ("wrong-room-password", "Wrong room password.")
+
+
+def test_an_accepted_line_comes_back_as_ones_own_chat_event():
+    protocol, server = logged_in()
+    protocol.request(PacketType.SAY, ("hello",), 1.0)
+    protocol.request(PacketType.PRIVATE, ("bob", "psst"), 1.0)
+    say, private = server.take(protocol.poll(1.0), 1.0)
+    server.answer(say.seq, "to lobby, 1 other")
+    server.answer(private.seq, "private to bob")
+    server.tell(protocol, 1.01)
+    own = Out(protocol).shown
+    assert [(e.kind, e.user, e.text, e.more) for e in own] == [
+        ("chat", "alice", "hello", ()), ("private", "alice", "psst", ("bob",))]
+    assert [client.format_event(e, "alice").split("] ", 1)[1] for e in own] == ["you: hello", "-> bob: psst"]
 
 
 def test_reset_for_our_session_fails_what_is_pending_but_a_goodbye():
-    protocol, _ = logged_in()
+    protocol, _ = logged_in(rejoin=False)
     say = protocol.request(PacketType.SAY, ("anyone?",), 1.0)
     bye = protocol.request(PacketType.BYE, (), 1.0)
     protocol.poll(1.0)
     protocol.receive(reset(TOKEN), 1.01)  # the server restarted, or forgot us
-    answers = dict(protocol.answers)
-    assert isinstance(answers[say], client.SessionLost)
-    assert answers[bye] == ["goodbye"]  # the session is over, which is what BYE asked for
-    assert not protocol.logged_in
+    out = Out(protocol)
+    assert isinstance(out.answers[say], client.SessionLost)
+    assert out.answers[bye] == ["goodbye"]  # the session is over, which is what BYE asked for
+    assert not protocol.logged_in and protocol.state == "not logged in"
+    assert out.notices == [f"[WARN] {client.SESSION_LOST}"]
 
 
 def test_reset_for_another_session_is_ignored():
     protocol, server = logged_in()
     say = protocol.request(PacketType.SAY, ("hello",), 1.0)
-    server.take(protocol.poll(1.0), 1.0)
+    (sent,) = server.take(protocol.poll(1.0), 1.0)
     protocol.receive(reset(b"someone!"), 1.01)  # forged, or meant for an older session
-    assert protocol.logged_in and protocol.answers == []
-    server.answer(say, "to lobby, 0 others")
+    assert protocol.logged_in and Out(protocol).events == []
+    server.answer(sent.seq, "to lobby, 0 others")
     server.tell(protocol, 1.02)
-    assert protocol.answers == [(say, ["to lobby, 0 others"])]
+    assert Out(protocol).answers == {say: ["to lobby, 0 others"]}
 
 
 def test_a_bad_checksum_before_login_means_the_keys_differ():
     protocol = client.ClientProtocol(CIPHER)
     hello = protocol.request(PacketType.HELLO, (), 0.0)
     protocol.poll(0.0)
-    protocol.receive(answer(hello, "cookie", cipher=make_cipher("xor", "another key")), 0.01)
-    ((seq, error),) = protocol.answers
-    assert seq == hello and isinstance(error, client.KeyMismatch)
-    assert "keys differ" in str(error)
+    protocol.receive(answer(wire_seq(protocol, hello), "cookie", cipher=make_cipher("xor", "another key")), 0.01)
+    error = Out(protocol).answers[hello]
+    assert isinstance(error, client.ServerNotResponding) and "keys differ" in str(error)
 
 
 def test_a_bad_checksum_after_login_is_only_dropped():
@@ -123,7 +152,7 @@ def test_a_bad_checksum_after_login_is_only_dropped():
     protocol.request(PacketType.SAY, ("hello",), 1.0)
     protocol.poll(1.0)
     protocol.receive(answer(1, "damaged", cipher=make_cipher("xor", "another key")), 1.01)
-    assert protocol.answers == [] and protocol.logged_in
+    assert Out(protocol).events == [] and protocol.logged_in
 
 
 def test_two_port_unreachable_reports_before_login_mean_no_server():
@@ -131,28 +160,28 @@ def test_two_port_unreachable_reports_before_login_mean_no_server():
     hello = protocol.request(PacketType.HELLO, (), 0.0)
     protocol.poll(0.0)
     protocol.port_unreachable()
-    assert protocol.answers == []  # one may be left over from an earlier server
+    assert Out(protocol).events == []  # one may be left over from an earlier server
     protocol.port_unreachable()
-    ((seq, error),) = protocol.answers
-    assert seq == hello and isinstance(error, client.ServerNotResponding)
+    error = Out(protocol).answers[hello]
+    assert isinstance(error, client.ServerNotResponding)
     assert str(error) == "Server not responding at 127.0.0.1:9 (nothing is listening on that port)"
 
 
 def test_two_port_unreachable_reports_in_a_session_end_it_at_once():
-    protocol, server = logged_in()
+    protocol, server = logged_in(rejoin=False)
     protocol.server = "10.0.0.5:9999"
     say = protocol.request(PacketType.SAY, ("hello",), 1.0)
     protocol.poll(1.0)
     protocol.port_unreachable()
     protocol.receive(server_says_something(server, 1.1), 1.1)  # the server spoke between: not gone
     protocol.port_unreachable()
-    assert protocol.logged_in and protocol.answers == []
+    assert protocol.logged_in and not Out(protocol).answers
     protocol.port_unreachable()  # a second report with nothing heard since: the process is gone
     assert not protocol.logged_in and not protocol.closed_reason  # a session lost: it may log in again
+    out = Out(protocol)
     reason = "The server at 10.0.0.5:9999 has stopped (nothing is listening on its port)"
-    assert protocol.notices == [f"[WARN] {reason}."]
-    ((seq, error),) = protocol.answers
-    assert seq == say and isinstance(error, client.SessionLost) and protocol.lost is error
+    assert out.notices == [f"[WARN] {reason}."] and out.states == ["not logged in"]
+    assert isinstance(out.answers[say], client.SessionLost)
 
 
 def server_says_something(server: SessionEnd, now: float) -> bytes:
@@ -164,9 +193,9 @@ def server_says_something(server: SessionEnd, now: float) -> bytes:
 
 def test_a_ping_goes_out_after_heartbeat_every_of_quiet():
     protocol, server = logged_in()
-    say = protocol.request(PacketType.SAY, ("hello",), 2.0)
-    server.take(protocol.poll(2.0), 2.0)
-    server.answer(say, "to lobby, 0 others")
+    protocol.request(PacketType.SAY, ("hello",), 2.0)
+    (say,) = server.take(protocol.poll(2.0), 2.0)
+    server.answer(say.seq, "to lobby, 0 others")
     server.tell(protocol, 2.01)
     last_sent = 2.0
     while True:
@@ -183,43 +212,78 @@ def test_a_ping_goes_out_after_heartbeat_every_of_quiet():
 
 def test_silence_brings_a_warning_then_ends_the_session():
     timing = client.Timing(lost_contact_after=3.0, give_up_after=8.0)
-    protocol, _ = logged_in(timing)
+    protocol, _ = logged_in(timing, rejoin=False)
     say = protocol.request(PacketType.SAY, ("anyone?",), 1.0)
     warned = ended = None
+    notices = []
     for tick in range(10, 200):  # every 100 ms; the server never answers
         now = tick / 10
         protocol.poll(now)
-        if protocol.notices and warned is None:
+        out = Out(protocol)
+        notices += out.notices
+        if "lost contact" in out.states:
             warned = now
-        if not protocol.logged_in:
+        if "not logged in" in out.states:
             ended = now
             break
     assert (warned, ended) == (4.0, 9.0)  # 3 s and 8 s after the request, the last thing heard
-    assert protocol.notices == ["[WARN] Lost contact with the server... still trying.",
-                                "[WARN] Lost contact with the server for 8 s."]
-    assert isinstance(protocol.lost, client.SessionLost) and not protocol.closed_reason  # it may log in again
-    ((seq, error),) = protocol.answers
-    assert seq == say and isinstance(error, client.SessionLost)
+    assert notices == ["[WARN] Lost contact with the server... still trying.",
+                       "[WARN] Lost contact with the server for 8 s."]
+    assert not protocol.closed_reason and isinstance(out.answers[say], client.SessionLost)
 
 
-def test_a_stop_ends_the_session_and_is_acknowledged_at_once():
+def test_a_stop_holds_what_it_never_handled_and_is_acknowledged_at_once():
     protocol, server_end = logged_in()
     said = protocol.request(PacketType.SAY, ("never handled",), 1.0)
     server_end.take(protocol.poll(1.0), 1.0)
     server_end.channel.send(PacketType.EVENT, pack_fields("stop", "0", "", "alice", "The server was stopped."))
     server_end.tell(protocol, 1.1)
-    assert protocol.notices == ["[INFO] The server was stopped."] and not protocol.logged_in
-    assert protocol.answers == [(said, protocol.lost)] and isinstance(protocol.lost, client.ServerStopped)
-    server_end.take(protocol.poll(1.1), 1.1)
+    out = Out(protocol)
+    assert out.notices == ["[INFO] The server was stopped.", "[INFO] Trying to get back in (type exit to stop)..."]
+    assert said not in out.answers and protocol.state == "reconnecting"  # held, to send once back in
+    last_ack = protocol.poll(1.1)[0]
+    assert decode_packet(last_ack, CIPHER).type == PacketType.ACK
+    server_end.take([last_ack], 1.1)
     assert server_end.channel.idle()  # the stop is acknowledged: the server need not wait for us
+
+
+def test_back_in_after_a_stop_the_protocol_logs_in_joins_and_sends_what_waited():
+    protocol, _ = logged_in()
+    join = protocol.request(PacketType.JOIN, ("kelas", "rahasia"), 0.5)
+    server = SessionEnd()
+    (joined,) = server.take(protocol.poll(0.5), 0.5)
+    server.answer(joined.seq, "kelas", "1", "joined kelas, 1 here")
+    server.channel.send(PacketType.EVENT, pack_fields("stop", "0", "", "alice", "The server was stopped."))
+    server.tell(protocol, 0.6)
+    typed = protocol.request(PacketType.SAY, ("typed while it was down",), 0.7)
+    assert Out(protocol).answers == {join: ["kelas", "1", "joined kelas, 1 here"]}
+    steps = []
+    for now, fields in [(1.0, ["cookie-2"]), (1.1, ["alice", "lobby", "Welcome back."])]:
+        (request,) = [decode_packet(data, CIPHER) for data in protocol.poll(now)
+                      if decode_packet(data, CIPHER).seq]
+        steps.append((request.type, request.payload))
+        protocol.receive(answer(request.seq, *fields, token=TOKEN if fields[0] == "alice" else NO_TOKEN), now)
+    assert [ptype for ptype, _ in steps] == [PacketType.HELLO, PacketType.LOGIN]
+    assert steps[1][1] == pack_fields("cookie-2", "alice", "pw", "rejoin")
+    server = SessionEnd()
+    (rejoin,) = server.take(protocol.poll(1.2), 1.2)
+    assert (rejoin.type, rejoin.payload) == (PacketType.JOIN, pack_fields("kelas", "rahasia"))
+    server.answer(rejoin.seq, "kelas", "1", "joined kelas, 1 here")
+    server.tell(protocol, 1.3)
+    (held,) = server.take(protocol.poll(1.3), 1.3)
+    assert (held.type, held.payload) == (PacketType.SAY, pack_fields("typed while it was down"))
+    out = Out(protocol)
+    assert out.notices == ["[INFO] Back in as alice.", "[INFO] In kelas again."]
+    assert out.states == ["connected"] and typed not in out.answers
 
 
 def test_replaced_ends_the_session_for_good():
     protocol, server_end = logged_in()
     server_end.channel.send(PacketType.EVENT, pack_fields("replaced", "0", "", "alice", "logged in elsewhere"))
     server_end.tell(protocol, 1.0)
-    assert protocol.notices == ["[INFO] You logged in elsewhere; this client is logged out."]
-    assert isinstance(protocol.lost, client.LoggedInElsewhere)
+    out = Out(protocol)
+    assert out.notices == ["[INFO] You logged in elsewhere; this client is logged out."]
+    assert out.states == ["not logged in"]  # no getting back in: the other client has the session
 
 
 def test_events_are_shown_as_the_user_sees_them():
@@ -241,7 +305,7 @@ def test_a_repeated_login_answer_acknowledges_nothing_on_the_session():
     protocol = client.ClientProtocol(CIPHER)
     login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
     protocol.poll(0.0)
-    welcome = answer(login, "alice", "lobby", "Welcome, alice.", token=TOKEN)
+    welcome = answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", token=TOKEN)
     protocol.receive(welcome, 0.01)
     protocol.request(PacketType.JOIN, ("lobby", "juara"), 0.02)
     protocol.poll(0.02)  # the JOIN, numbered 1 on the session, is lost on the way
@@ -256,10 +320,10 @@ def test_a_repeated_login_answer_acknowledges_nothing_on_the_session():
 def test_a_request_queued_behind_the_login_is_answered_not_lost():
     protocol = client.ClientProtocol(CIPHER)
     login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
-    behind = protocol.request(PacketType.WHO, (), 0.0)  # waits: before login, one request at a time
+    behind = protocol.request(PacketType.HELLO, (), 0.0)  # waits: before login, one request at a time
     protocol.poll(0.0)
-    protocol.receive(answer(login, "alice", "lobby", "Welcome, alice.", token=TOKEN), 0.0)
-    answered = dict(protocol.answers)
+    protocol.receive(answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", token=TOKEN), 0.0)
+    answered = Out(protocol).answers
     assert answered[login] == ["alice", "lobby", "Welcome, alice."]
     assert isinstance(answered[behind], client.Refused) and answered[behind].code == "not-sent"
     assert not protocol.pending
@@ -272,30 +336,30 @@ def test_requests_after_a_bye_are_answered_when_the_goodbye_comes():
     requests = server.take(protocol.poll(1.0), 1.0)
     server.answer(requests[0].seq, "goodbye")  # the server ends the session at the BYE
     server.tell(protocol, 1.1)
-    answered = dict(protocol.answers)
+    answered = Out(protocol).answers
     assert answered[bye] == ["goodbye"] and answered[late].code == "not-sent"
-    assert not protocol.logged_in and not protocol.pending
+    assert not protocol.logged_in and not protocol.pending and protocol.state == "not logged in"
 
 
 def test_a_late_answer_to_a_given_up_request_is_not_taken_for_a_new_one():
     protocol = client.ClientProtocol(CIPHER, client.Timing(connect_timeout=2.0))
     register = protocol.request(PacketType.REGISTER, ["cookie", "bob", "pw"], 0.0)
+    first = wire_seq(protocol, register)
     for now in (0.0, 1.0, 2.0, 3.0):  # unanswered: given up on
         protocol.poll(now)
-    assert isinstance(dict(protocol.answers)[register], client.ServerNotResponding)
-    protocol.answers.clear()
+    assert isinstance(Out(protocol).answers[register], client.ServerNotResponding)
     login = protocol.request(PacketType.LOGIN, ["cookie", "bob", "pw"], 4.0)
-    assert login != register  # numbers before login go on counting
-    protocol.receive(answer(register, "Registration successful."), 4.1)  # the first answer, at last
-    assert protocol.answers == [] and protocol.pending == {login: PacketType.LOGIN}
+    assert wire_seq(protocol, login) != first  # numbers before login go on counting
+    protocol.receive(answer(first, "Registration successful."), 4.1)  # the first answer, at last
+    assert Out(protocol).events == [] and [entry[0] for entry in protocol.pending.values()] == [login]
 
 
 def test_a_welcome_without_fields_or_token_is_refused_not_fatal():
     protocol = client.ClientProtocol(CIPHER)
     login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
     protocol.poll(0.0)
-    protocol.receive(answer(login, token=TOKEN), 0.0)  # nothing but its number
-    assert dict(protocol.answers)[login].code == "bad-reply" and not protocol.logged_in
+    protocol.receive(answer(wire_seq(protocol, login), token=TOKEN), 0.0)  # nothing but its number
+    assert Out(protocol).answers[login].code == "bad-reply" and not protocol.logged_in
 
 
 @pytest.mark.parametrize("when", ["inf", "nan", "1e300", "-1e300"])
@@ -304,4 +368,47 @@ def test_an_event_with_an_impossible_time_is_skipped(when):
     server.channel.send(PacketType.EVENT, pack_fields("chat", when, "lobby", "mallory", "boom"))
     server.channel.send(PacketType.EVENT, pack_fields("chat", "1767225600", "lobby", "bob", "hi"))
     server.tell(protocol, 1.0)
-    assert [event.text for event in protocol.events] == ["hi"]
+    assert [event.text for event in Out(protocol).shown] == ["hi"]
+
+
+# --- The room's past after a rejoin: shown once, never one's own lines --------------------
+
+
+def past(when: float, user: str, text: str) -> client.Event:
+    return client.Event("history", when, "lobby", user, text)
+
+
+def returning(*seen: client.Event) -> client.Reconnection:
+    """A Reconnection that has shown `seen`, and is on its way back into the room."""
+    back = client.Reconnection(lambda *request: None, lambda text: None)
+    for event in seen:
+        back.fresh(event, "alice")
+    back.returning = True
+    return back
+
+
+def test_back_in_the_rooms_past_shown_already_is_skipped_and_what_came_meanwhile_is_news():
+    back = returning(client.Event("chat", 100.0, "lobby", "bob", "before"))
+    assert back.fresh(past(99.0, "bob", "older"), "alice") is None
+    assert back.fresh(past(100.0, "bob", "before"), "alice") is None
+    later = back.fresh(past(120.0, "carol", "said while we were away"), "alice")
+    assert later.kind == "chat"  # not marked [history]: it is news to us
+
+
+def test_back_in_a_message_of_the_last_second_seen_is_shown_if_it_never_came():
+    back = returning(client.Event("chat", 100.0, "lobby", "bob", "seen"))
+    assert back.fresh(past(100.0, "bob", "seen"), "alice") is None
+    assert back.fresh(past(100.0, "carol", "never came"), "alice").text == "never came"
+
+
+def test_back_in_ones_own_old_lines_are_not_shown_as_the_rooms_past():
+    back = returning(client.Event("chat", 100.0, "lobby", "bob", "seen"))
+    assert back.fresh(past(130.0, "Alice", "mine, shown as I said it"), "alice") is None
+
+
+def test_a_room_joined_by_the_user_shows_all_its_past():
+    back = returning(client.Event("chat", 100.0, "lobby", "bob", "seen"))
+    back.returning = False  # the user chose a room: its past is news
+    assert back.fresh(past(50.0, "bob", "old"), "alice").kind == "history"
+    assert back.fresh(past(60.0, "alice", "my old line"), "alice").kind == "history"
+

@@ -37,8 +37,7 @@ from client import ChatClient, ChatError, Timing
 LAUNCHER = """
 import sys
 import server
-server.AbuseControl.REGISTRATIONS_PER_ADDRESS = 1_000_000
-server.AbuseControl.MAX_PENDING_PER_ADDRESS = 16
+server.REGISTRATIONS_PER_ADDRESS = 1_000_000
 config = server.ServerConfig(host="127.0.0.1", port=0, data_dir=sys.argv[1], quiet=True, kdf_iterations=1000)
 loop = server.ServerLoop(server.ChatServer(config), server.open_socket(config.host, config.port))
 print("listening on port", loop.address[1], flush=True)
@@ -141,8 +140,9 @@ def read_data_files(data_dir) -> tuple[set[str], list[str], bool]:
         names = {record["name"] for record in json.load(file)["users"]}
     path = os.path.join(data_dir, server.HISTORY_FILE)
     damaged: list[str] = []
-    texts = [text for _, _, _, text in server.HistoryLog.read(path, damaged.append)]
-    torn = server.ends_inside_a_line(path)
+    texts = [text for _, _, _, text in server.HistoryFile.read(path, damaged.append)]
+    with open(path, "rb") as file:
+        torn = file.read()[-1:] not in (b"", b"\n")
     assert len(damaged) <= torn, f"a history line other than the last is damaged: {damaged}"
     return names, texts, torn
 

@@ -7,6 +7,7 @@ itself is never run here - it broadcasts - but is replaced by a stand-in; a real
 on a real (namespaced) network is tests/test_lan.py's part.
 """
 
+import io
 import socket
 import sys
 import types
@@ -14,19 +15,14 @@ import types
 import pytest
 from test_chat_server import Harness, member
 
-import auth
 import client
-import encryption_helper
 import server
 from encryption_helper import (
     MIN_FIND_SIZE,
-    Interface,
     Packet,
     PacketType,
-    broadcast_of,
     decode_packet,
     encode_packet,
-    local_interfaces,
     make_cipher,
     pack_fields,
     unpack_fields,
@@ -76,8 +72,8 @@ def test_an_unpadded_find_is_dropped_counted_and_logged(make_harness):
 
 
 def test_finds_over_the_servers_rate_are_dropped_until_it_refills(make_harness, monkeypatch):
-    monkeypatch.setattr(auth.Discovery, "FIND_BURST", 3)
-    monkeypatch.setattr(auth.Discovery, "FIND_RATE", 1.0)
+    monkeypatch.setattr(server, "FIND_BURST", 3)
+    monkeypatch.setattr(server, "FIND_RATE", 1.0)
     harness = make_harness()
     answered = [harness.deliver(find(seq), ("10.0.0.9", 40000 + seq)) for seq in range(1, 6)]  # five senders
     assert [len(out) for out in answered] == [1, 1, 1, 0, 0]  # the bucket is the server's, not a sender's
@@ -89,7 +85,7 @@ def test_finds_over_the_servers_rate_are_dropped_until_it_refills(make_harness, 
 
 def test_the_longest_answer_is_no_larger_than_the_find(make_harness, monkeypatch):
     harness = make_harness(name="é" * (server.MAX_NAME_BYTES // 2), port=65535)
-    monkeypatch.setattr(harness.chat, "sessions", dict.fromkeys(range(999)))  # the most a 3-digit count says
+    monkeypatch.setattr(harness.chat, "online", dict.fromkeys(range(999)))  # the most a 3-digit count says
     request = find(seq=2**32 - 1)
     [(answer, _, size)] = harness.deliver(request, STRANGER)
     assert unpack_fields(answer.payload)[3] == "999" and size <= len(request) == MIN_FIND_SIZE
@@ -105,7 +101,7 @@ def test_a_find_that_is_not_only_padding_is_refused_no_larger(make_harness):
 
 def test_the_default_name_is_the_host_name_cut_to_whole_characters(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "ü" * 40)  # 80 bytes of UTF-8
-    assert auth.host_name() == "ü" * 32
+    assert server.host_name() == "ü" * 32
 
 
 def test_a_name_too_long_for_an_answer_is_refused(capsys):
@@ -137,7 +133,7 @@ def test_answers_are_listed_once_each_in_the_order_they_came():
     assert str(first) == "lab-pc-07  192.168.1.10:9999  12 online"
     assert search.receive(answer_to(search, "lab-pc-07", "9999", "12"), ("192.168.1.10", 9999)) is None
     search.receive(answer_to(search, "kelas", "9999", "0"), ("192.168.1.3", 9999))
-    assert [server.address for server in search.servers()] == ["192.168.1.10", "192.168.1.3"]
+    assert [server.host for server in search.found.values()] == ["192.168.1.10", "192.168.1.3"]
 
 
 @pytest.mark.parametrize("data", [
@@ -151,16 +147,16 @@ def test_answers_are_listed_once_each_in_the_order_they_came():
 ], ids=["other number", "error", "port not a number", "port too big", "odd digit", "field missing", "not ours"])
 def test_what_is_not_an_answer_to_this_search_is_not_a_server(data):
     search = client.ServerSearch(CIPHER, number=9)
-    assert search.receive(data, ("192.168.1.10", 9999)) is None and search.servers() == []
+    assert search.receive(data, ("192.168.1.10", 9999)) is None and list(search.found.values()) == []
 
 
 def test_a_server_with_another_key_is_noted_not_listed():
     search = client.ServerSearch(CIPHER, number=9)
     search.receive(answer_to(search, "x", "9999", "1", cipher=make_cipher("xor", "other")), ("192.168.1.10", 9999))
-    assert search.servers() == [] and search.other_key == {("192.168.1.10", 9999)}
+    assert list(search.found.values()) == [] and search.other_key == {("192.168.1.10", 9999)}
 
 
-FOUND = [client.FoundServer("10.77.0.1", 5000, "lab-pc-07", 2), client.FoundServer("10.77.0.8", 9999, "kelas", 0)]
+FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2), client.FoundServer("kelas", "10.77.0.8", 9999, 0)]
 
 
 @pytest.mark.parametrize("answer, found, chosen", [
@@ -176,11 +172,12 @@ def test_enter_takes_the_first_server_a_number_one_from_the_list(answer, found, 
     assert client.pick_server(answer, found) == chosen
 
 
-def test_a_search_goes_to_each_networks_broadcast_address_then_to_everyone_on_the_link():
-    interfaces = [Interface("eth0", "10.77.0.2", "255.255.255.0", "10.77.0.255"),
-                  Interface("eth1", "10.77.0.3", "255.255.255.0", "10.77.0.255"),
-                  Interface("tun0", "10.8.0.2", "255.255.255.255", "")]
-    assert client.broadcast_addresses(interfaces) == ["10.77.0.255", "255.255.255.255"]
+def test_a_search_goes_to_each_networks_broadcast_address_then_to_everyone_on_the_link(monkeypatch):
+    monkeypatch.setattr(client, "fcntl", object())  # as on Linux: the kernel is asked
+    monkeypatch.setattr(client, "linux_networks", lambda: [
+        ("127.0.0.1", "255.0.0.0"), ("10.77.0.2", "255.255.255.0"), ("10.77.0.3", "255.255.255.0"),
+        ("10.8.0.2", "255.255.255.255")])  # loopback, two addresses on one LAN, a VPN's point-to-point link
+    assert client.broadcast_addresses() == ["10.77.0.255", "255.255.255.255"]
 
 
 class ScriptedTerminal:
@@ -212,8 +209,7 @@ def fake_network(monkeypatch):
         return search
 
     monkeypatch.setattr(client, "search_network", search_network)
-    monkeypatch.setattr(client, "local_interfaces", lambda: [Interface("eth0", "10.77.0.2", "255.255.255.0",
-                                                                       "10.77.0.255")])
+    monkeypatch.setattr(client, "broadcast_addresses", lambda: ["10.77.0.255", "255.255.255.255"])
     return types.SimpleNamespace(answers=answers, searched=searched)
 
 
@@ -309,7 +305,7 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
                            (answer_to(search, "lab-pc-07", "9999", "1"), ("10.77.0.1", 9999))])
     monkeypatch.setattr(client.socket, "socket", lambda *args: fake)
     client.search_network(search, ["10.77.0.255", "255.255.255.255"], 9999)
-    assert [str(found) for found in search.servers()] == ["lab-pc-07  10.77.0.1:9999  1 online"]
+    assert [str(found) for found in search.found.values()] == ["lab-pc-07  10.77.0.1:9999  1 online"]
     assert fake.options[socket.SO_BROADCAST] == 1 and fake.sent == [("10.77.0.255", 9999)] * client.SEARCH_TRIES
 
 
@@ -319,13 +315,13 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
 def test_a_server_answers_a_find_sent_to_it_on_loopback(start_server):
     running = start_server(name="lab-pc-07")
     search = client.search_network(client.ServerSearch(CIPHER), ["127.0.0.1"], running.address[1])
-    assert [str(found) for found in search.servers()] == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
+    assert [str(found) for found in search.found.values()] == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
 
 
 def test_a_server_with_another_key_is_reported_on_loopback(start_server):
     running = start_server(key="another key")
     search = client.search_network(client.ServerSearch(CIPHER), ["127.0.0.1"], running.address[1])
-    assert search.servers() == [] and search.other_key == {running.address}
+    assert list(search.found.values()) == [] and search.other_key == {running.address}
 
 
 # --- This machine's interfaces -------------------------------------------------------------
@@ -338,15 +334,16 @@ def test_a_server_with_another_key_is_reported_on_loopback(start_server):
     ("10.0.0.1", "255.255.255.255", ""),
 ])
 def test_broadcast_address_is_the_host_bits_set(address, netmask, broadcast):
-    assert broadcast_of(address, netmask) == broadcast
+    assert client.broadcast_of(address, netmask) == broadcast
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="asks the Linux kernel")
-def test_linux_interfaces_leave_loopback_out_and_name_a_network():
-    for interface in encryption_helper.linux_interfaces():
-        assert not interface.address.startswith("127.") and interface.name != "lo"
-        socket.inet_aton(interface.netmask)
-        assert interface.broadcast == "" or socket.inet_aton(interface.broadcast)
+def test_linux_networks_are_read_from_the_kernel_with_their_netmasks():
+    networks = client.linux_networks()
+    assert ("127.0.0.1", "255.0.0.0") in networks  # loopback is there; the search leaves it out
+    for address, netmask in networks:
+        socket.inet_aton(address)
+        socket.inet_aton(netmask)
 
 
 @pytest.fixture
@@ -359,36 +356,49 @@ def elsewhere(monkeypatch):
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (name, 0)) for name in names]
 
-    monkeypatch.setattr(encryption_helper.socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(encryption_helper, "routed_address", lambda: "")  # no default route
+    monkeypatch.setattr(client.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(client, "fcntl", None)
+    monkeypatch.setattr(client, "linux_networks", lambda: pytest.fail("not elsewhere"))
     return names
 
 
-@pytest.mark.parametrize("platform, fcntl", [("win32", None), ("darwin", encryption_helper.fcntl)])
-def test_elsewhere_the_host_names_addresses_are_taken_on_a_24(elsewhere, monkeypatch, platform, fcntl):
-    monkeypatch.setattr(encryption_helper.sys, "platform", platform)
-    monkeypatch.setattr(encryption_helper, "fcntl", fcntl)
-    monkeypatch.setattr(encryption_helper, "linux_interfaces", lambda: pytest.fail("not on " + platform))
+def test_elsewhere_the_host_names_addresses_are_taken_on_a_24(elsewhere):
     elsewhere += ["192.168.1.10", "127.0.1.1", "10.77.0.20", "10.77.0.3"]
-    assert local_interfaces() == [Interface("?", "10.77.0.3", "255.255.255.0", "10.77.0.255"),
-                                  Interface("?", "10.77.0.20", "255.255.255.0", "10.77.0.255"),
-                                  Interface("?", "192.168.1.10", "255.255.255.0", "192.168.1.255")]
+    assert client.broadcast_addresses() == ["10.77.0.255", "192.168.1.255", "255.255.255.255"]
 
 
-def test_elsewhere_with_no_network_there_is_no_interface(elsewhere, monkeypatch):
-    monkeypatch.setattr(encryption_helper.sys, "platform", "win32")
-    assert local_interfaces() == []
+def test_elsewhere_with_no_network_only_the_link_is_asked(elsewhere):
+    assert client.broadcast_addresses() == ["255.255.255.255"]
 
 
 def test_the_banner_names_the_interfaces_addresses(monkeypatch, capsys):
-    monkeypatch.setattr(server, "local_interfaces", lambda: [
-        Interface("eth0", "10.77.0.1", "255.255.255.0", "10.77.0.255"),
-        Interface("eth0", "10.77.0.1", "255.255.255.0", "10.77.0.255"),  # two labels of one address: said once
-        Interface("wlan0", "192.168.1.10", "255.255.255.0", "192.168.1.255")])
+    monkeypatch.setattr(server, "lan_addresses", lambda: ["10.77.0.1", "192.168.1.10"])
     server.print_banner(server.ServerConfig(), ("0.0.0.0", 9999), "lab-pc-07")
     out = capsys.readouterr().out
     assert "Clients on other PCs answer:  Server IP 10.77.0.1 or 192.168.1.10   port 9999" in out
     assert "find this server as: lab-pc-07" in out
+
+
+FIB_TRIE = """Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 10.77.0.0/24 2 0 2
+        |-- 10.77.0.1
+           /32 host LOCAL
+        |-- 10.77.0.255
+           /32 link BROADCAST
+     +-- 127.0.0.0/8 2 0 2
+        |-- 127.0.0.1
+           /32 host LOCAL
+"""
+
+
+def test_the_banner_finds_a_lan_address_without_a_default_route(monkeypatch):
+    def routed_nowhere(*args):
+        raise OSError(101, "Network is unreachable")  # a lab LAN with no way out
+
+    monkeypatch.setattr(server, "open", lambda path, **options: io.StringIO(FIB_TRIE), raising=False)
+    monkeypatch.setattr(socket.socket, "connect", routed_nowhere)
+    assert server.lan_addresses() == ["10.77.0.1"]  # Linux's table of local addresses, loopback left out
 
 
 def test_the_banner_of_a_server_on_loopback_says_other_pcs_cannot_reach_it(capsys):
@@ -399,7 +409,7 @@ def test_the_banner_of_a_server_on_loopback_says_other_pcs_cannot_reach_it(capsy
 
 
 def test_the_banner_without_a_network_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(server, "local_interfaces", lambda: [])
+    monkeypatch.setattr(server, "lan_addresses", lambda: [])
     server.print_banner(server.ServerConfig(), ("0.0.0.0", 9999), "lab-pc-07")
     out = capsys.readouterr().out
     assert "this PC has no network address" in out and "<this PC's address>" not in out

@@ -83,8 +83,8 @@ def test_client_commands(chat_server, programs):
 
 
 def test_a_line_the_server_refuses_is_reported_as_not_sent(start_server, programs, monkeypatch):
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_BURST", 1)  # one line at once, then one a second...
-    monkeypatch.setattr(server.AbuseControl, "MESSAGE_RATE", 1.0)
+    monkeypatch.setattr(server, "MESSAGE_BURST", 1)  # one line at once, then one a second...
+    monkeypatch.setattr(server, "MESSAGE_RATE", 1.0)
     monkeypatch.setattr(server, "MAX_BACKLOG", 1)  # ...and one held back: the rest of a paste is refused
     running = start_server()
     alice = programs(*client_args(running.address))

@@ -6,16 +6,16 @@ after a few chunks, so what is checked meanwhile does not depend on speed.
 """
 
 import os
-import queue
 import random
 import signal
 import threading
 import types
 
 import pytest
-from conftest import EVENT_WAIT, Program, lossy_timing, member, next_event, wait_until
+from conftest import Program, lossy_timing, member, next_event, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
+from test_terminal import RecordingTerminal
 
 import client
 import encryption_helper
@@ -86,9 +86,9 @@ def test_paths_as_typed_lose_their_quotes_and_expand_the_home_folder():
 
 def test_a_missing_file_or_a_folder_gets_a_clear_message(tmp_path):
     with pytest.raises(FileProblem, match="No such file"):
-        FileTransfers.prepare("bob", str(tmp_path / "nothing.pdf"))
+        client.prepare_upload("bob", str(tmp_path / "nothing.pdf"))
     with pytest.raises(FileProblem, match="is a folder"):
-        FileTransfers.prepare("bob", str(tmp_path))
+        client.prepare_upload("bob", str(tmp_path))
 
 
 # --- Chunking and reassembly, no network ------------------------------------------------------
@@ -109,27 +109,45 @@ class FakeStream:
         return True
 
 
-def chunks_of(tmp_path, data: bytes) -> tuple[FileTransfers, list[str], list[bytes]]:
+class Files(FileTransfers):
+    """FileTransfers with its two callbacks recorded: `news` (state, transfer), `cancels` (ids)."""
+
+    def __init__(self, downloads: str):
+        self.news, self.cancels = [], []
+        super().__init__(downloads, lambda transfer: self.news.append((transfer.state, transfer)),
+                         self.cancels.append)
+
+
+def chunks_of(tmp_path, data: bytes) -> tuple[Files, list[str], list[bytes]]:
     """Return a sender's FileTransfers, the offer it makes, and every chunk it sends."""
     path = tmp_path / "original.bin"
     path.write_bytes(data)
-    sender, stream = FileTransfers(str(tmp_path / "unused")), FakeStream()
-    transfer = sender.prepare("bob", str(path))
-    sender.offered(1, transfer)
+    sender, stream = Files(str(tmp_path / "unused")), FakeStream()
+    transfer = client.prepare_upload("bob", str(path))
+    sender.offers[1] = transfer
     sender.answered(1, ["7"], 0.0)
-    while transfer.state == "sending":
-        sender.fill(stream, 0.0)
+    while transfer.state == "moving":
+        sender.fill(stream)
         stream.waiting.clear()
     assert transfer.state == "done"
-    return sender, FileTransfers.offer_fields(transfer), stream.sent
+    return sender, client.offer_fields(transfer), stream.sent
 
 
-def receive(tmp_path, offer: list[str], chunks: list[bytes]) -> FileTransfers:
-    receiver = FileTransfers(str(tmp_path / "downloads"))
+def receive(tmp_path, offer: list[str], chunks: list[bytes]) -> Files:
+    receiver = Files(str(tmp_path / "downloads"))
     receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
     for chunk in chunks:
         receiver.receive_chunk(chunk)
     return receiver
+
+
+def ended(files: Files) -> list[tuple[str, client.Transfer]]:
+    """The news that ended transfers: done, failed, cancelled."""
+    return [news for news in files.news if news[0] not in ("offered", "moving")]
+
+
+def last_line(transfer: client.Transfer) -> str:
+    return client.format_event(client.Event("transfer", 0.0, more=(transfer,)))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -138,9 +156,9 @@ def test_chunks_fill_the_payload_and_reassemble_in_any_order(tmp_path, size):
     _, offer, chunks = chunks_of(tmp_path, data)
     assert len(chunks) == -(-size // CHUNK_SIZE)
     assert all(len(chunk) == MAX_PAYLOAD for chunk in chunks[:-1])
-    random.Random(1).shuffle(chunks)
-    receiver = receive(tmp_path, offer, chunks + chunks[:3])  # a few twice, too
-    (what, transfer), = [news for news in receiver.news if news[0] != "progress"]
+    random.Random(1).shuffle(chunks)  # the file stream delivers in order; any order works
+    receiver = receive(tmp_path, offer, chunks)
+    (what, transfer), = ended(receiver)
     assert what == "done" and transfer.path == str(tmp_path / "downloads" / "original.bin")
     assert open(transfer.path, "rb").read() == data
     assert os.listdir(tmp_path / "downloads") == ["original.bin"]
@@ -152,8 +170,8 @@ def test_files_lists_who_has_a_file_sent_and_numbers_only_what_the_server_took(t
     assert not sender.event("file-done", "bob", "bob has original.bin", ["7"])
     sender.event("file-done", "carol", "carol has original.bin", ["7"])
     assert client.describe_transfer(sent) == "#7 original.bin -> bob, 1 B: done (received by bob, carol)"
-    refused = sender.prepare("dave", str(tmp_path / "original.bin"))
-    sender.offered(2, refused)
+    refused = client.prepare_upload("dave", str(tmp_path / "original.bin"))
+    sender.offers[2] = refused
     sender.answered(2, client.Refused("unknown-user", "No such user."), 0.0)
     assert client.describe_transfer(refused) == "original.bin -> dave, 1 B: failed (No such user: dave.)"
 
@@ -163,8 +181,8 @@ def test_a_file_the_server_cancels_is_said_once_in_its_words(tmp_path):
     receiver = receive(tmp_path, offer, chunks[:1])
     words = "original.bin from alice cancelled: alice cancelled it"
     assert receiver.event("file-cancelled", "alice", words, ["7"])  # True: no line of its own for the EVENT
-    (what, transfer), = [news for news in receiver.news if news[0] != "progress"]
-    assert client.final_line(what, transfer) == words
+    (what, transfer), = ended(receiver)
+    assert last_line(transfer) == words
     assert client.describe_transfer(transfer) == f"#7 original.bin <- alice, 4.9 KB: cancelled ({words})"
 
 
@@ -173,10 +191,10 @@ def test_a_damaged_file_is_removed_and_said_so(tmp_path):
     number, offset, data = unpack_chunk(chunks[1])
     chunks[1] = chunks[1][:-1] + b"!"
     receiver = receive(tmp_path, offer, chunks)
-    (what, transfer), = [news for news in receiver.news if news[0] != "progress"]
+    (what, transfer), = ended(receiver)
     assert what == "failed" and "SHA-256" in transfer.note
     assert os.listdir(tmp_path / "downloads") == []
-    assert "partial file was removed" in client.final_line(what, transfer)
+    assert "partial file was removed" in last_line(transfer)
 
 
 def test_a_chunk_that_does_not_fit_ends_the_download_and_tells_the_server(tmp_path):
@@ -195,7 +213,7 @@ def test_two_files_of_one_name_are_both_kept(tmp_path):
 
 def test_two_downloads_of_one_name_at_once_keep_its_extension(tmp_path):
     _, offer, chunks = chunks_of(tmp_path, b"same name")
-    first, second = FileTransfers(str(tmp_path / "downloads")), FileTransfers(str(tmp_path / "downloads"))
+    first, second = Files(str(tmp_path / "downloads")), Files(str(tmp_path / "downloads"))
     for receiver in (first, second):  # both under way before either is finished
         receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
     for receiver in (first, second):
@@ -206,9 +224,9 @@ def test_two_downloads_of_one_name_at_once_keep_its_extension(tmp_path):
 
 def test_a_download_that_cannot_be_written_fails_alone_and_says_why(tmp_path, monkeypatch):
     _, offer, chunks = chunks_of(tmp_path, bytes(3 * CHUNK_SIZE))
-    receiver = FileTransfers(str(tmp_path / "downloads"))
+    receiver = Files(str(tmp_path / "downloads"))
     receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
-    (transfer,) = receiver.incoming.values()
+    (transfer,) = receiver.moving.values()
 
     def full_disk(data):
         raise OSError(28, "No space left on device")
@@ -221,20 +239,23 @@ def test_a_download_that_cannot_be_written_fails_alone_and_says_why(tmp_path, mo
 
 def test_progress_is_reported_about_once_a_percent(tmp_path):
     receiver = receive(tmp_path, *chunks_of(tmp_path, bytes(2_000_000))[1:])
-    assert 100 <= sum(what == "progress" for what, _ in receiver.news) <= 102
+    assert 100 <= sum(what == "moving" for what, _ in receiver.news) <= 102
 
 
-def test_plain_progress_is_a_few_lines_and_a_last_one():
-    shown = []
-    progress = client.FileProgress(type("Plain", (), {"show": lambda self, text, status=False: shown.append(text)})(),
-                                   in_place=False)
-    transfer = client.Transfer("down", "alice", "x.bin", 100, "0" * 64, "downloads/x.bin", state="sending")
-    for transfer.done in range(0, 101):
-        progress.update("progress", transfer)
-    transfer.note = "SHA-256 checked"
-    progress.update("done", transfer)
-    assert shown == ["x.bin: 25% of 100 B", "x.bin: 50% of 100 B", "x.bin: 75% of 100 B",
-                     "saved downloads/x.bin (100 B, SHA-256 checked)"]
+def test_a_terminal_shows_a_few_lines_of_progress_and_a_last_one(tmp_path):
+    terminal = RecordingTerminal()
+
+    def show(transfer: client.Transfer) -> None:
+        terminal.show_event(client.Event("transfer", 0.0, more=(transfer,)), "bob")
+
+    _, offer, chunks = chunks_of(tmp_path, bytes(100 * CHUNK_SIZE))
+    receiver = FileTransfers(str(tmp_path / "downloads"), show, lambda number: None)
+    receiver.offer_arrived("alice", ["7", *offer[1:]], 0.0)
+    for chunk in chunks:
+        receiver.receive_chunk(chunk)
+    path = tmp_path / "downloads" / "original.bin"
+    assert terminal.shown == ["original.bin: 25% of 112.5 KB", "original.bin: 50% of 112.5 KB",
+                              "original.bin: 75% of 112.5 KB", f"saved {path} (112.5 KB, SHA-256 checked)"]
 
 
 def test_a_crashed_server_leaves_no_transfer_behind(tmp_path):
@@ -258,12 +279,9 @@ def random_file(tmp_path, size: int, name: str = "data.bin") -> tuple[str, bytes
 def outcome(made: client.ChatClient, timeout: float = 60.0) -> tuple[str, client.Transfer]:
     """Return the next news of `made` that ends a transfer: done, failed or cancelled."""
     while True:
-        try:
-            what, transfer = made.file_news.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"{made.name}: no transfer ended within {timeout} s")
-        if what != "progress":
-            return what, transfer
+        transfer = next_event(made, "transfer", timeout).more[0]
+        if not transfer.active:
+            return transfer.state, transfer
 
 
 def friends(make_client, chat_server, tmp_path, *names, **options) -> list[client.ChatClient]:
@@ -279,8 +297,8 @@ def transfers_folder(chat_server) -> list[str]:
 def test_a_file_reaches_one_member_byte_for_byte(chat_server, make_client, tmp_path, size):
     alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
     path, data = random_file(tmp_path, size)
-    transfer, offer = alice.send_file("bob", path)
-    assert offer.result(EVENT_WAIT) == [str(transfer.id)]
+    transfer = alice.send_file("bob", path)
+    assert transfer.number > 0  # the server's number for it
     assert next_event(bob, "file").text == f"alice is sending data.bin ({encryption_helper.describe_size(size)})"
     what, received = outcome(bob)
     assert what == "done" and open(received.path, "rb").read() == data
@@ -302,7 +320,7 @@ def test_a_received_file_is_never_made_executable(chat_server, make_client, tmp_
 def test_a_shared_file_reaches_everyone_else_in_the_room(chat_server, make_client, tmp_path):
     alice, bob, carol = friends(make_client, chat_server, tmp_path, "alice", "bob", "carol")
     path, data = random_file(tmp_path, 1 << 20)
-    alice.send_file("", path)[1].result(EVENT_WAIT)
+    alice.send_file("", path)
     for receiver in (bob, carol):
         what, received = outcome(receiver)
         assert what == "done" and open(received.path, "rb").read() == data
@@ -314,7 +332,7 @@ def test_files_arrive_whole_through_thirty_percent_loss(start_server, make_clien
     options = dict(timing=lossy_timing(), loss=0.3, seed=31)
     alice, bob, carol = friends(make_client, lossy, tmp_path, "alice", "bob", "carol", **options)
     path, data = random_file(tmp_path, 300_000)
-    alice.send_file("", path)[1].result(30)
+    alice.send_file("", path)
     for receiver in (bob, carol):
         what, received = outcome(receiver)
         assert what == "done" and open(received.path, "rb").read() == data
@@ -338,8 +356,18 @@ def hold_upload(made: client.ChatClient, chunks: int) -> threading.Event:
 
 def download_of(made: client.ChatClient) -> client.Transfer:
     """Wait until `made` is receiving a file and has some of it; return that transfer."""
-    wait_until(lambda: any(t.done for t in made.protocol.files.incoming.values()), what="a download under way")
-    return next(iter(made.protocol.files.incoming.values()))
+    files = made.protocol.files
+    wait_until(lambda: any(t.done_bytes for t in files.moving.values()), what="a download under way")
+    return next(iter(files.moving.values()))
+
+
+def heard(made: client.ChatClient, count: int) -> list[str]:
+    """The next `count` lines others said (one's own lines come back as events too)."""
+    lines = []
+    while len(lines) < count:
+        event = next_event(made, "chat")
+        lines += [event.text] if event.user != made.name else []
+    return lines
 
 
 def test_chat_lines_arrive_while_a_file_is_on_its_way(chat_server, make_client, tmp_path):
@@ -351,9 +379,9 @@ def test_chat_lines_arrive_while_a_file_is_on_its_way(chat_server, make_client, 
     for line in ("one", "two", "three"):
         alice.say(line)
         bob.say(line.upper())
-    assert [next_event(bob, "chat").text for _ in range(3)] == ["one", "two", "three"]
-    assert [next_event(alice, "chat").text for _ in range(3)] == ["ONE", "TWO", "THREE"]
-    assert download.state == "sending" and download.done < download.size  # the file is still on its way
+    assert heard(bob, 3) == ["one", "two", "three"]
+    assert heard(alice, 3) == ["ONE", "TWO", "THREE"]
+    assert download.state == "moving" and download.done_bytes < download.size  # still on its way
     gate.set()
     alice.wake()
     what, received = outcome(bob)
@@ -365,23 +393,23 @@ def test_a_stalled_receiver_holds_back_neither_the_others_nor_the_chat(start_ser
     most = [0]
 
     class MeasuredRelay(server.FileRelay):
-        def pump(self, sessions, now):
-            super().pump(sessions, now)
-            most[0] = max(most[0], self.buffered_bytes())
+        def fill(self, session):
+            super().fill(session)
+            most[0] = max(most[0], session.file_stream.buffered_bytes())
 
     monkeypatch.setattr(server, "FileRelay", MeasuredRelay)
     alice, bob, carol = friends(make_client, start_server(), tmp_path, "alice", "bob", "carol")
     path, data = random_file(tmp_path, 2_000_000)
     with carol.lock:  # carol's network thread stops: she reads and acknowledges nothing
-        alice.send_file("", path)[1].result(EVENT_WAIT)
+        alice.send_file("", path)
         what, received = outcome(bob)
         assert what == "done" and open(received.path, "rb").read() == data
         alice.say("still here")
         assert next_event(bob, "chat").text == "still here"
     what, received = outcome(carol)  # once she reads again, she gets it too
     assert what == "done" and open(received.path, "rb").read() == data
-    # Never a whole file in memory: at most a window and the FILL queue per receiver.
-    assert 0 < most[0] <= 2 * (32 + encryption_helper.FILL) * MAX_PAYLOAD
+    # Never a whole file in memory: at most a window and the FILL queue for a receiver.
+    assert 0 < most[0] <= (32 + encryption_helper.FILL) * MAX_PAYLOAD
 
 
 def a_download_under_way(make_client, chat_server, tmp_path):
@@ -405,9 +433,9 @@ def test_the_receiver_cancelling_stops_the_sender(chat_server, make_client, tmp_
     alice, bob, _ = a_download_under_way(make_client, chat_server, tmp_path)
     bob.cancel_files()
     assert outcome(bob)[0] == "cancelled" and os.listdir(tmp_path / "bob") == []
+    assert "bob cancelled data.bin" in next_event(alice, "file-declined").text  # then the end of it
     what, upload = outcome(alice)
     assert what == "cancelled"
-    assert "bob cancelled data.bin" in next_event(alice, "file-declined").text
     wait_until(lambda: not transfers_folder(chat_server), what="the server's copy deleted")
 
 
@@ -422,11 +450,10 @@ def test_a_receiver_leaving_mid_transfer_ends_it_for_the_sender(chat_server, mak
 def test_a_file_over_the_limit_is_refused_before_any_of_it_is_sent(start_server, make_client, tmp_path):
     small = start_server(max_file_mb=0.5)
     alice, bob = friends(make_client, small, tmp_path, "alice", "bob")
-    _, offer = alice.send_file("bob", random_file(tmp_path, 600_000)[0])
     with pytest.raises(client.Refused, match="the limit is 0.5 MB"):
-        offer.result(EVENT_WAIT)
+        alice.send_file("bob", random_file(tmp_path, 600_000)[0])
     what, transfer = outcome(alice)
-    assert what == "failed" and "limit" in client.final_line(what, transfer)
+    assert what == "failed" and "limit" in last_line(transfer)
     assert alice.protocol.file_stream.stats["sent"] == 0 and not transfers_folder(small)
 
 
@@ -436,10 +463,10 @@ def test_an_upload_that_never_comes_is_cancelled_and_frees_its_place(tmp_path):
     try:
         relay = chat.files
         gone = types.SimpleNamespace(name="alice", address=("10.0.0.1", 1))  # a sender no longer here
-        upload = relay.open_upload(gone, "x.bin", 10, "0" * 64, now=100.0)
-        relay.expire(100.0 + relay.IDLE_LIMIT - 1)
+        upload = relay.open(gone, "x.bin", "10", "0" * 64, [], now=100.0)
+        relay.expire(100.0 + server.UPLOAD_IDLE_LIMIT - 1)
         assert upload.id in relay.uploads
-        relay.expire(100.0 + relay.IDLE_LIMIT + 1)
+        relay.expire(100.0 + server.UPLOAD_IDLE_LIMIT + 1)
         assert upload.id not in relay.uploads and os.listdir(relay.folder) == []
     finally:
         chat.close()
@@ -448,17 +475,17 @@ def test_an_upload_that_never_comes_is_cancelled_and_frees_its_place(tmp_path):
 def test_a_stopped_server_closes_its_temporary_files(tmp_path):
     chat = server.ChatServer(server.ServerConfig(data_dir=str(tmp_path), kdf_iterations=1000, quiet=True),
                              log=lambda line: None)
-    upload = chat.files.open_upload(object(), "x.bin", 10, "0" * 64, now=0.0)
+    sender = types.SimpleNamespace(name="alice", address=("10.0.0.1", 1))
+    upload = chat.files.open(sender, "x.bin", "10", "0" * 64, [], now=0.0)
     chat.close()
-    assert upload.writer.closed and upload.reader.closed  # Windows could not delete them otherwise
+    assert upload.file.closed  # Windows could not delete them otherwise
 
 
 def test_a_checked_upload_reaches_its_receivers_after_its_sender_leaves(chat_server, make_client, tmp_path):
     alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
     path, data = random_file(tmp_path, 200_000)
     with bob.lock:  # bob reads nothing for now: the server holds the file for him
-        transfer, offer = alice.send_file("bob", path)
-        offer.result(EVENT_WAIT)
+        alice.send_file("bob", path)
         assert outcome(alice)[0] == "done"  # the server has it all, checked
         alice.bye()
     what, received = outcome(bob)
@@ -478,17 +505,17 @@ def test_offers_to_nobody_are_refused(chat_server, make_client, tmp_path):
     for to, words in (("", "Nobody else"), ("zed", "No such user"), ("bob", "bob is not online"),
                       ("alice", "That is you")):
         with pytest.raises(client.Refused, match=words):
-            alice.send_file(to, path)[1].result(EVENT_WAIT)
+            alice.send_file(to, path)
 
 
 def test_a_member_sends_only_a_few_files_at_once(chat_server, make_client, tmp_path):
     alice, bob = friends(make_client, chat_server, tmp_path, "alice", "bob")
     hold_upload(alice, 0)
     path = random_file(tmp_path, 10_000)[0]
-    for _ in range(server.FileRelay.MAX_PER_MEMBER):
-        alice.send_file("bob", path)[1].result(EVENT_WAIT)
+    for _ in range(server.MAX_FILES_PER_MEMBER):
+        alice.send_file("bob", path)
     with pytest.raises(client.Refused, match="wait for one to finish"):
-        alice.send_file("bob", path)[1].result(EVENT_WAIT)
+        alice.send_file("bob", path)
 
 
 def test_chunks_on_the_chat_channel_or_for_no_transfer_harm_nothing(chat_server, make_client, tmp_path):
@@ -541,7 +568,7 @@ def test_a_receiver_killed_mid_transfer_leaves_only_a_part_file(chat_server, mak
         bob.expect("joined lobby")
         alice, = friends(make_client, chat_server, tmp_path, "alice")
         hold_upload(alice, 30)
-        alice.send_file("bob", random_file(tmp_path, 200_000, "photo.jpg")[0])[1].result(EVENT_WAIT)
+        alice.send_file("bob", random_file(tmp_path, 200_000, "photo.jpg")[0])
         wait_until(lambda: os.path.exists(tmp_path / "bob" / "photo.jpg.part") and
                    os.path.getsize(tmp_path / "bob" / "photo.jpg.part"), what="a partial download")
     finally:

@@ -214,9 +214,9 @@ def small_limits(monkeypatch):
     """Small limits, so that a few dozen steps reach every edge: full windows, full queues,
     a full server, forgotten answers, lockouts, held and refused floods."""
     for name, value in dict(MAX_SESSIONS=2, MAX_ROOMS=3, MESSAGE_BURST=2, MESSAGE_RATE=0.5, LOGIN_FAILURES=3,
-                            REGISTRATIONS_PER_ADDRESS=4, MAX_PENDING_HASHES=3, MAX_PENDING_PER_ADDRESS=2).items():
-        monkeypatch.setattr(server.AbuseControl, name, value)
-    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 2)
+                            REGISTRATIONS_PER_ADDRESS=4, MAX_PENDING_CHECKS=3).items():
+        monkeypatch.setattr(server, name, value)
+    monkeypatch.setattr(server, "RETRY_CACHE_SIZE", 2)
     monkeypatch.setattr(server, "HISTORY_ON_JOIN", 3)
     monkeypatch.setattr(server, "MAX_BACKLOG", 3)
     for name, value in dict(window=WINDOW, max_queue=3, max_sends=4).items():  # the server's session channels
@@ -228,27 +228,25 @@ class RecordingServer(server.ChatServer):
 
     def __init__(self, *args, **options):
         super().__init__(*args, **options)
-        self.answered: list = []  # (request, OK fields or Refusal), in the order made
+        self.answered: list = []  # (request, OK fields or Refused), in the order made
         self.pushed: list = []  # (session, live then, its room then, EVENT fields), in the order made
         self.opened: list = []  # sessions opened since the step began (one may end within it: taken over)
-        push = self.delivery.push
 
-        def recording_push(session, body):
+    def tell(self, session, body):
+        if session is not self.replying_to:  # else it is told after the answer, and noted then
             live = self.sessions.get(session.address) is session
-            self.pushed.append((session, live, session.room, unpack_fields(body.plain, 5)))
-            push(session, body)
-
-        self.delivery.push = recording_push
+            self.pushed.append((session, live, session.room, unpack_fields(body)))
+        return super().tell(session, body)
 
     def open_session(self, name, address, now):
         session = super().open_session(name, address, now)
         self.opened.append(session)
         return session
 
-    def answer(self, request, result, token=None):
+    def answer(self, request, result):
         if result is not None:
             self.answered.append((request, result))
-        super().answer(request, result, token)
+        super().answer(request, result)
 
 
 class HonestClient:
@@ -604,6 +602,10 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def deliver(self, data: bytes, address, run: bool) -> None:
         self.now += STEP
+        # As ServerLoop does each turn: the timers first (what they resend is due anyway,
+        # whatever arrives), so that what the datagram causes is seen alone.
+        self.chat.on_timers(self.now)
+        self.after_step(self.snapshot())
         before = self.snapshot()
         self.sent.append(data)
         self.chat.handle_datagram(data, address, self.now)
@@ -724,7 +726,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             key = (request.session.token, request.packet.seq)
             assert key not in self.answered, f"{request.packet.type.name} {request.packet.seq} answered twice"
             self.answered.add(key)
-            if request.packet.type != PacketType.JOIN or isinstance(result, server.Refusal):
+            if request.packet.type != PacketType.JOIN or isinstance(result, server.Refused):
                 continue
             asked, password = unpack_fields(request.packet.payload, 2)
             granted, _, text = result
@@ -758,7 +760,7 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def check_sessions(self) -> None:
         chat = self.chat
-        assert len(chat.online) == len(chat.sessions) <= server.AbuseControl.MAX_SESSIONS
+        assert len(chat.online) == len(chat.sessions) <= server.MAX_SESSIONS
         for address, session in chat.sessions.items():
             assert session.address == address
             assert chat.online.get(session.name.lower()) is session
@@ -769,10 +771,10 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def check_rooms(self) -> None:
         chat = self.chat
-        assert server.LOBBY in chat.rooms and len(chat.rooms) <= server.AbuseControl.MAX_ROOMS
+        assert server.LOBBY in chat.rooms and len(chat.rooms) <= server.MAX_ROOMS
         for key, room in chat.rooms.items():
             assert key == room.name.lower()
-            assert key == server.LOBBY or chat.rooms.store.get(key) is room.record, f"{room.name} is not on file"
+            assert key == server.LOBBY or chat.room_store.get(key) is room.record, f"{room.name} is not on file"
             for member_key, member in room.members.items():
                 assert member_key == member.name.lower()
                 assert chat.sessions.get(member.address) is member, f"{member.name} in {room.name} has no session"
@@ -812,7 +814,7 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def check_messages_stored_once(self) -> None:
         """However often a SAY is replayed, its message is stored once at most."""
-        stored = [text for _, _, _, text in server.HistoryLog.read(self.chat.history.path)]
+        stored = [text for _, _, _, text in server.HistoryFile.read(self.chat.history.path)]
         assert len(stored) == len(set(stored)), "a message was written to the history file twice"
         for room in self.chat.rooms.values():
             texts = [text for _, _, text in room.history]
@@ -877,13 +879,13 @@ def run_password_jobs(chat: server.ChatServer) -> None:
             chat.finish_password_job(job.run(), START)
 
 
-def test_login_answer_survives_stranger_replies_eviction(tmp_path, monkeypatch):
+def test_login_answer_survives_retry_cache_eviction(tmp_path, monkeypatch):
     """A login finishing while the remembered answers are over-full must not crash the server.
 
     Found by the state machine. With the default size of 4096 the same happens when
     4095 refused requests arrive while one password is being hashed.
     """
-    monkeypatch.setattr(auth.StrangerReplies, "SIZE", 1)
+    monkeypatch.setattr(server, "RETRY_CACHE_SIZE", 1)
     chat = small_server(tmp_path)
     try:
         for address, name in ((("10.0.0.1", 40001), "alice"), (("10.0.0.2", 40001), "bob")):

@@ -5,6 +5,7 @@ real ChatClient, so they see the prompts, which a scripted client.py does not pr
 """
 
 import re
+import types
 
 import pytest
 from conftest import member, next_event
@@ -14,16 +15,22 @@ from test_terminal import RecordingTerminal
 import client
 
 
-def conversation(make_client, address, *answers: str):
-    """Return a Conversation that will get `answers`, and its terminal."""
+class Conversation(types.SimpleNamespace):
+    """A real ChatClient and a RecordingTerminal, wired as client.py wires them."""
+
+
+def conversation(make_client, address, *answers: str) -> tuple[Conversation, RecordingTerminal]:
+    """Return a conversation that will get `answers`, and its terminal."""
     terminal = RecordingTerminal(*answers)
-    return client.Conversation(make_client(address), terminal, client.Screen(terminal)), terminal
+    made: list[client.ChatClient] = []
+    made.append(make_client(address, on_event=lambda event: terminal.show_event(event, made[0].name)))
+    return Conversation(client=made[0], terminal=terminal), terminal
 
 
-def run(chat: client.Conversation) -> None:
+def run(chat: Conversation) -> None:
     """Run the conversation until it leaves, or its answers run out (then it stays logged in)."""
     try:
-        chat.run()
+        client.converse(chat.client, chat.terminal)
     except client.EndOfInput:
         pass
 
@@ -105,6 +112,15 @@ def test_join_names_a_new_room_and_an_existing_one_in_its_prompt(chat_server, ma
     run(bob)
     assert "Password for Games: " in bob_sees.prompts
     assert bob_sees.shown[-1] == "joined games: alice here."
+
+
+def test_rooms_lists_an_empty_room_with_its_count(chat_server, make_client):
+    alice = member(make_client, chat_server.address, "alice", room="games", room_password="dadu")
+    alice.join("lobby", "juara")  # nobody is left in games
+    registered(make_client, chat_server.address, "bob")
+    chat, terminal = conversation(make_client, chat_server.address, "/login", "bob", "pass", "juara", "/rooms")
+    run(chat)
+    assert "  games  (0 here)" in terminal.shown and "  lobby  (2 here)" in terminal.shown
 
 
 def test_enter_alone_at_a_rooms_password_joins_nothing_and_sends_nothing(chat_server, make_client):
@@ -196,7 +212,7 @@ def test_cancel_takes_a_number_as_files_shows_it_and_refuses_anything_else(chat_
     asked = []
     monkeypatch.setattr(chat.client, "cancel_files", lambda number=0: asked.append(number) or [])
     for typed in ("#3", "3", "", "²", "all of them"):
-        chat.handle_line(f"/cancel {typed}".strip())
+        client.run_command(chat.client, f"/cancel {typed}".strip(), terminal)
     assert asked == [3, 3, 0]  # "²" and words cancel nothing: a typo never stops every transfer
     assert terminal.shown.count("Usage: /cancel, or /cancel N with N as /files shows it") == 2
 
@@ -204,5 +220,5 @@ def test_cancel_takes_a_number_as_files_shows_it_and_refuses_anything_else(chat_
 def test_sending_a_file_while_logged_out_says_not_sent(chat_server, make_client, tmp_path):
     chat, terminal = conversation(make_client, chat_server.address)
     (tmp_path / "notes.txt").write_text("hi", encoding="utf-8")
-    with pytest.raises(client.Refused, match="not sent"):  # shown by the chat loop, which goes on
-        chat.client.send_file("", str(tmp_path / "notes.txt"))
+    client.run_command(chat.client, f"/share {tmp_path / 'notes.txt'}", terminal)
+    assert terminal.shown == [client.SESSION_LOST]  # said, and the chat goes on

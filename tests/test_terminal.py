@@ -174,12 +174,10 @@ def test_a_word_longer_than_the_limit_is_cut_between_characters():
     assert client.split_message("abcdefghij klm", 4) == ["abcd", "efgh", "ij", "klm"]
 
 
-def test_a_cut_never_splits_a_character_or_an_emoji():
+def test_a_cut_never_splits_a_character():
     assert client.split_message("é" * 5, 4) == ["éé", "éé", "é"]  # 2 bytes each
-    technologist = "👩\u200d💻"  # 11 bytes of UTF-8
-    assert client.split_message(technologist * 3, 15) == [technologist] * 3
-    accented = "e\u0301"
-    assert client.split_message(accented * 4, 5) == [accented] * 4
+    technologist = "👩\u200d💻"  # 11 bytes of UTF-8: three characters
+    assert "".join(client.split_message(technologist * 3, 15)) == technologist * 3
 
 
 def test_the_parts_of_a_2000_character_line_each_fit_in_a_message():
@@ -283,81 +281,88 @@ def test_no_colour_on_a_windows_console_that_refuses_ansi_or_is_not_a_console():
     assert kernel32.modes_set == []  # NO_COLOR: the console is left as it is
 
 
-# --- The Screen: events, one's own lines, mentions, history after the arrival line -----------
+# --- What the terminal shows of events: colours, the bell, history after the arrival line -----
 
 
-class RecordingTerminal:
-    """Stands in for Terminal: the answers it will give, and everything shown and asked."""
+class RecordingTerminal(client.Terminal):
+    """A Terminal without a keyboard: the answers it will give, and everything shown and asked."""
 
-    interactive = False
+    def __init__(self, *answers: str, color: bool = False, bell: bool = False):
+        self.interactive, self.color, self.bell = False, color, bell
+        self.lock, self.held, self.alive = threading.Lock(), None, lambda: None
+        self.prompt, self.secret = "", False
+        self.queued, self.shown, self.prompts = list(answers), [], []
 
-    def __init__(self, *answers: str):
-        self.answers = list(answers)
-        self.shown: list[str] = []
-        self.prompts: list[str] = []
-
-    def show(self, text: str) -> None:
+    def show(self, text: str, again=None) -> None:
         self.shown.append(text)
 
-    def ask(self, prompt: str, secret: bool = False, alive=lambda: None) -> str:
+    def ask(self, prompt: str, secret: bool = False) -> str:
         self.prompts.append(prompt)
-        if not self.answers:
+        self.alive()
+        if not self.queued:
             raise client.EndOfInput
-        return self.answers.pop(0)
+        return self.queued.pop(0)
 
 
-def event(kind: str, user: str = "bob", text: str = "hi") -> client.Event:
-    return client.Event(kind, 0.0, "lobby", user, text)
+def event(kind: str, user: str = "bob", text: str = "hi", more: tuple = ()) -> client.Event:
+    return client.Event(kind, 0.0, "lobby", user, text, more)
 
 
 def test_a_line_that_names_me_is_highlighted_with_the_bell():
-    terminal = RecordingTerminal()
-    screen = client.Screen(terminal, color=True, bell=True)
-    screen.me = "alice"
-    screen.show_event(event("chat", text="hi Alice, lunch?"))
-    screen.show_event(event("chat", text="no mention"))
-    screen.show_event(event("chat", user="ALICE", text="alice here"))  # my own words: no alarm
+    terminal = RecordingTerminal(color=True, bell=True)
+    terminal.show_event(event("chat", text="hi Alice, lunch?"), "alice")
+    terminal.show_event(event("chat", text="no mention"), "alice")
+    terminal.show_event(event("chat", user="ALICE", text="alice here"), "alice")  # my own words: no alarm
     mention, plain, mine = terminal.shown
-    assert mention == client.MENTION_COLOR + client.format_event(event("chat", text="hi Alice, lunch?")) \
+    assert mention == client.BOLD_YELLOW + client.format_event(event("chat", text="hi Alice, lunch?")) \
         + client.PLAIN + client.BELL
     assert "\x1b" not in plain + mine and "\a" not in plain + mine
 
 
 def test_private_messages_have_their_own_colour_both_ways():
-    terminal = RecordingTerminal()
-    screen = client.Screen(terminal, color=True, bell=False)
-    screen.show_event(event("private", text="psst"))
-    screen.show_own("psst back", to="bob")
+    terminal = RecordingTerminal(color=True)
+    terminal.show_event(event("private", text="psst"), "alice")
+    terminal.show_event(event("private", user="alice", text="psst back", more=("bob",)), "alice")
     received, sent = terminal.shown
-    assert received.startswith(client.PRIVATE_COLOR) and received.endswith(client.PLAIN)
-    assert re.fullmatch(re.escape(client.PRIVATE_COLOR) + r"\[\d\d:\d\d\] -> bob: psst back" + re.escape(client.PLAIN),
+    assert received.startswith(client.MAGENTA) and received.endswith(client.PLAIN)
+    assert re.fullmatch(re.escape(client.MAGENTA) + r"\[\d\d:\d\d\] -> bob: psst back" + re.escape(client.PLAIN),
                         sent)
 
 
 def test_without_colour_lines_are_plain():
     terminal = RecordingTerminal()
-    screen = client.Screen(terminal, color=False, bell=False)
-    screen.me = "alice"
-    screen.show_event(event("chat", text="alice!"))
-    screen.show_event(event("private"))
-    screen.show_own("hello")
+    terminal.show_event(event("chat", text="alice!"), "alice")
+    terminal.show_event(event("private"), "alice")
+    terminal.show_event(event("chat", user="alice", text="hello"), "alice")
     assert "\x1b" not in "".join(terminal.shown) and "\a" not in "".join(terminal.shown)
     assert re.fullmatch(r"\[\d\d:\d\d\] you: hello", terminal.shown[-1])
 
 
 def test_what_arrives_during_a_join_is_shown_after_the_arrival_line():
     terminal = RecordingTerminal()
-    screen = client.Screen(terminal)
-    screen.hold()
-    screen.show_event(event("history", text="old news"))
-    screen.show_event(event("join", user="carol", text=""))
-    screen.release("joined lobby: bob here.")
-    screen.show_event(event("chat", text="now"))
+    terminal.hold()
+    terminal.show_event(event("history", text="old news"), "alice")
+    terminal.show_event(event("join", user="carol", text=""), "alice")
+    terminal.release("joined lobby: bob here.")
+    terminal.show_event(event("chat", text="now"), "alice")
     assert [line.split("] ")[-1] for line in terminal.shown] == ["joined lobby: bob here.", "bob: old news",
                                                                   "carol joined", "bob: now"]
 
 
-# --- Terminal.show: the line being typed is drawn again, cursor and all ----------------------
+def test_state_changes_are_not_printed_and_a_files_progress_only_by_quarters():
+    terminal = RecordingTerminal()
+    terminal.show_event(event("state", text="connected"), "alice")
+    download = client.Transfer("receive", "bob", "notes.pdf", 400, "0" * 64, "notes.pdf.part", 7,
+                               state="moving")
+    for done in (0, 4, 100, 104, 400):
+        download.done_bytes = done
+        download.state = "done" if done == 400 else "moving"
+        download.note = "SHA-256 checked"
+        terminal.show_event(event("transfer", more=(download,)), "alice")
+    assert terminal.shown == ["notes.pdf: 25% of 400 B", "saved notes.pdf.part (400 B, SHA-256 checked)"]
+
+
+# --- Terminal.show: a line above the prompt, and the prompt drawn again below it --------------
 
 
 class FakeReadline:
@@ -370,79 +375,43 @@ class FakeReadline:
         return self.typed
 
 
-class FakeCursor:
-    """readline's rl_point as ctypes shows it: a number of bytes."""
-
-    def __init__(self, value: int):
-        self.value = value
-
-
-def redraw(monkeypatch, typed: str, point: int, columns: int, before: str, prompt: str = "> ",
-           secret: bool = False) -> ScreenModel:
-    """Put `before` and the prompt with `typed` on a screen, show a message; return the screen."""
+def shown_above(monkeypatch, typed: str, prompt: str = "> ", secret: bool = False) -> ScreenModel:
+    """Put the prompt and `typed` on a screen, show a message; return the screen."""
     monkeypatch.setattr(client, "readline", FakeReadline(typed))
-    monkeypatch.setattr(client.shutil, "get_terminal_size", lambda: os.terminal_size((columns, 10)))
     output = io.StringIO()
     monkeypatch.setattr(client.sys, "stdout", output)
-    monkeypatch.setattr(client.sys, "stdin", io.StringIO(""))
-    terminal = client.Terminal(interactive=True)
-    terminal.readline_cursor = FakeCursor(len(typed[:point].encode()))
-    terminal.prompt = terminal.asked = prompt
-    terminal.secret = secret
-    screen = ScreenModel(rows=10, columns=columns)
-    screen.feed(as_a_terminal_shows(before + prompt + ("" if secret else typed)))
-    if not secret:  # the cursor where readline put it
-        screen.row, screen.column = divmod(len(prompt) + point, columns)
-        screen.row += before.count("\n")
-    terminal.show("[12:00] bob: news")
-    screen.feed(as_a_terminal_shows(output.getvalue()))
+    terminal = RecordingTerminal()
+    terminal.prompt, terminal.secret = prompt, secret
+    screen = ScreenModel(rows=10, columns=40)
+    screen.feed(prompt + ("" if secret else typed))
+    client.Terminal.show(terminal, "[12:00] bob: news")
+    screen.feed(output.getvalue().replace("\n", "\r\n"))  # a terminal's driver adds the CR (ONLCR)
     return screen
 
 
-def as_a_terminal_shows(output: str) -> str:
-    """A terminal's driver turns each newline a program writes into CR LF (termios ONLCR)."""
-    return output.replace("\n", "\r\n")
-
-
-def test_a_message_keeps_the_typed_line_and_the_cursor_mid_line(monkeypatch):
-    screen = redraw(monkeypatch, "hello world", point=6, columns=40, before="earlier\n")
-    assert screen.lines()[:3] == ["earlier", "[12:00] bob: news", "> hello world"]
-    assert (screen.row, screen.column) == (2, 8)  # before "world", as readline has it
-
-
-def test_a_message_keeps_a_wrapped_typed_line_and_the_cursor(monkeypatch):
-    typed = "abcdefghijklmnopqrstuvwxyz"  # 28 columns with the prompt: three rows of 10
-    screen = redraw(monkeypatch, typed, point=3, columns=10, before="earlier\n")
-    assert screen.lines()[:5] == ["earlier", "[12:00] bob: news"[:10], "[12:00] bob: news"[10:],
-                                  "> abcdefgh", "ijklmnopqr"]
-    assert screen.lines()[5] == "stuvwxyz" and (screen.row, screen.column) == (3, 5)
-
-
-def test_a_message_keeps_a_wrapped_typed_line_with_the_cursor_on_its_last_row(monkeypatch):
-    typed = "abcdefghijklmnopqrstuvwxyz"
-    screen = redraw(monkeypatch, typed, point=24, columns=10, before="")
-    assert screen.lines()[:5] == ["[12:00] bob: news"[:10], "[12:00] bob: news"[10:],
-                                  "> abcdefgh", "ijklmnopqr", "stuvwxyz"]
-    assert (screen.row, screen.column) == (4, 6)
-
-
-def test_a_typed_line_that_fills_its_row_leaves_the_cursor_on_the_next(monkeypatch):
-    screen = redraw(monkeypatch, "abcdefgh", point=8, columns=10, before="")
-    assert screen.lines()[:3] == ["[12:00] bob: news"[:10], "[12:00] bob: news"[10:], "> abcdefgh"]
-    assert (screen.row, screen.column) == (3, 0)  # where readline puts it: the next key goes there
+def test_a_message_keeps_the_typed_line_below_it(monkeypatch):
+    screen = shown_above(monkeypatch, "hello world")
+    assert screen.lines()[:2] == ["[12:00] bob: news", "> hello world"]
+    assert (screen.row, screen.column) == (1, 13)  # at the end of what was typed
 
 
 def test_a_message_during_a_password_prompt_redraws_only_the_prompt(monkeypatch):
-    screen = redraw(monkeypatch, "alice", point=5, columns=40, before="", prompt="Password: ", secret=True)
-    assert screen.lines()[:2] == ["[12:00] bob: news", "Password:"]  # the last line typed is not shown
+    screen = shown_above(monkeypatch, "alice", prompt="Password: ", secret=True)
+    assert screen.lines()[:2] == ["[12:00] bob: news", "Password:"]  # what is typed is not shown
     assert (screen.row, screen.column) == (1, 10)
 
 
-def test_display_width_counts_wide_characters_twice_and_joiners_not_at_all():
-    assert client.display_width("abc") == 3
-    assert client.display_width("日本") == 4
-    assert client.display_width("👩\u200d💻") == 4
-    assert client.display_width("e\u0301") == 1
+def test_a_prompt_is_on_screen_only_once_drawn_so_a_late_line_never_doubles_it(monkeypatch):
+    output = io.StringIO()
+    monkeypatch.setattr(client.sys, "stdout", output)
+    monkeypatch.setattr(client, "readline", None)
+    terminal = RecordingTerminal()
+    client.Terminal.show(terminal, "not sent: hi (Slow down)")  # before the prompt is up: no prompt drawn
+    terminal.prompt_drawn("> ", False, write=True)
+    client.Terminal.show(terminal, "[12:00] bob: news")
+    screen = ScreenModel(rows=5, columns=40)
+    screen.feed(output.getvalue().replace("\n", "\r\n"))
+    assert screen.lines()[:3] == ["not sent: hi (Slow down)", "[12:00] bob: news", ">"]
 
 
 # --- For real: client.py in a pseudo-terminal --------------------------------------------------
@@ -463,11 +432,11 @@ def test_echo_is_off_between_questions_and_back_for_good_once_the_terminal_is_gi
             return bool(termios.tcgetattr(follower)[3] & termios.ECHO)
 
         assert echoing()
-        terminal.set_echo(False)  # as the keyboard thread does after each answer
+        terminal.echo(False)  # as the keyboard thread does after each answer
         assert not echoing()
         terminal.restore()
         assert echoing()
-        terminal.set_echo(False)  # a last answer read while the client ends
+        terminal.echo(False)  # a last answer read while the client ends
         assert echoing()
     os.close(master)
 
@@ -567,36 +536,19 @@ def typed_line(expected: str, column: int):
 
 
 @pty_only
-def test_a_message_arriving_while_editing_mid_line_keeps_the_line_and_the_cursor(
-        chat_server, make_client, terminal_session):
+def test_a_message_arriving_while_typing_keeps_what_was_typed(chat_server, make_client, terminal_session):
     bob = member(make_client, chat_server.address, "bob")
     alice = terminal_session("alice")
     alice.log_in("alice", "pass")
-    alice.type("hello world" + "\x1b[D" * 5)  # five times Left: the cursor before "world"
-    alice.wait_for(typed_line("> hello world", 8), "the cursor moved back")
+    alice.type("hello wor")
+    alice.wait_for(typed_line("> hello wor", 11), "the line typed")
     bob.say("big news")
     alice.wait_for(lambda screen: screen.lines()[screen.row - 1].endswith("bob: big news")
-                   and typed_line("> hello world", 8)(screen), "the message above an unchanged line")
-    alice.type("big \r")
-    assert next_event(bob, "chat").text == "hello big world"
-    alice.wait_for_text("] you: hello big world")
-    assert "> hello big world" in alice.screen.lines()
-
-
-@pty_only
-def test_a_message_arriving_while_editing_a_wrapped_line_keeps_it(chat_server, make_client, terminal_session):
-    bob = member(make_client, chat_server.address, "bob")
-    alice = terminal_session("alice")
-    alice.log_in("alice", "pass")
-    long_line = " ".join(f"word{n:05}" for n in range(10))  # 99 characters: two rows
-    alice.type(long_line + "\x01" + "\x1b[C" * 3)  # Ctrl+A: to the start; three times Right
-    alice.wait_for(typed_line("> " + long_line[:78], 5), "the cursor at the start")
-    bob.say("news")
-    alice.wait_for(lambda screen: screen.lines()[screen.row - 1].endswith("bob: news")
-                   and typed_line("> " + long_line[:78], 5)(screen)
-                   and screen.lines()[screen.row + 1] == long_line[78:], "the wrapped line drawn again")
-    alice.type("X\r")
-    assert next_event(bob, "chat").text == long_line[:3] + "X" + long_line[3:]
+                   and typed_line("> hello wor", 11)(screen), "the message above an unchanged line")
+    alice.type("ld\r")
+    assert next_event(bob, "chat").text == "big news"  # bob's own line comes back as an event too
+    assert next_event(bob, "chat").text == "hello world"
+    alice.wait_for_text("] you: hello world")
 
 
 @pty_only
@@ -633,7 +585,7 @@ def test_a_line_that_names_me_rings_and_is_highlighted_in_a_terminal(chat_server
     alice.log_in("alice", "pass")
     bob.say("lunch, Alice?")
     alice.wait_for_text("bob: lunch, Alice?")
-    assert re.search(re.escape(client.MENTION_COLOR) + r"\[\d\d:\d\d\] bob: lunch, Alice\?"
+    assert re.search(re.escape(client.BOLD_YELLOW) + r"\[\d\d:\d\d\] bob: lunch, Alice\?"
                      + re.escape(client.PLAIN + client.BELL), alice.raw)
 
 
@@ -644,15 +596,16 @@ def test_no_colour_in_a_terminal_with_no_color_set(chat_server, make_client, ter
     alice.log_in("alice", "pass")
     bob.say("lunch, Alice?")
     alice.wait_for_text("bob: lunch, Alice?")
-    assert client.MENTION_COLOR not in alice.raw and client.BELL in alice.raw  # the bell still rings
+    assert client.BOLD_YELLOW not in alice.raw and client.BELL in alice.raw  # the bell still rings
 
 
 def test_a_closed_terminal_does_not_make_showing_a_line_fail(monkeypatch):
-    terminal = client.Terminal.__new__(client.Terminal)  # no keyboard thread: only show() is tried
-    terminal.print_lock, terminal.prompt, terminal.status_shown = threading.Lock(), "", False
+    terminal = RecordingTerminal()  # no keyboard thread: only show() is tried
+    terminal.prompt = ""
 
-    def hung_up(*args, **options):
-        raise OSError(5, "Input/output error")  # what writing to a terminal whose window closed gives
+    class HungUp(io.StringIO):
+        def write(self, text):
+            raise OSError(5, "Input/output error")  # writing to a terminal whose window closed
 
-    monkeypatch.setattr("builtins.print", hung_up)
-    terminal.show("[INFO] Connection closed.")  # raises nothing: the goodbye was said before it
+    monkeypatch.setattr(client.sys, "stdout", HungUp())
+    client.Terminal.show(terminal, "[INFO] Connection closed.")  # raises nothing: the goodbye was said

@@ -190,8 +190,8 @@ def test_client_backs_off_its_resends_in_steps_of_max_wait(chat_server, make_cli
     monkeypatch.setattr(alice.selector, "select", select)
     alice.sock = LoseOnSend(alice.sock)
     future = alice.submit(PacketType.SAY, "is anyone there?")
-    with alice.lock:
-        say = next(seq for seq, waiting in alice.futures.items() if waiting is future)
+    with alice.lock:  # the number it has on the wire
+        say = next(seq for seq, (ticket, *_) in protocol.pending.items() if ticket == future.ticket)
     wait_until(lambda: sum(say in seqs for _, seqs in sends) >= 7, what="six resends")
     first_wait = protocol.channel.rto.timeout(0)  # nothing got through to measure: as it was
     times = [now for now, seqs in sends if say in seqs][:7]
@@ -204,7 +204,8 @@ def test_client_backs_off_its_resends_in_steps_of_max_wait(chat_server, make_cli
 
 def test_resets_on_send_tell_the_client_that_the_server_has_stopped(chat_server, make_client):
     notices = []
-    alice = member(make_client, chat_server.address, "alice", on_notice=notices.append, rejoin=False)
+    alice = member(make_client, chat_server.address, "alice", rejoin=False,
+                   on_event=lambda event: notices.append(event.text) if event.kind == "notice" else None)
     alice.sock = ResetOnSend(alice.sock)
     with pytest.raises(client.SessionLost):
         alice.say("is anyone there?")
@@ -248,8 +249,9 @@ def test_terminal_waits_in_short_steps_and_can_be_stopped(monkeypatch):
         if len(calls) == 3:
             raise client.ConnectionClosed("gone")
 
+    terminal.alive = alive
     with pytest.raises(client.ConnectionClosed):
-        terminal.ask("> ", alive=alive)
+        terminal.ask("> ")
     assert terminal.answers.timeouts == [client.MAX_WAIT, client.MAX_WAIT]
 
 
@@ -312,34 +314,6 @@ def test_server_loop_survives_a_bug_in_the_timers(tmp_path, monkeypatch):
     loop.serve_forever()  # three turns of the loop, each with a failing timer pass
     assert len(turns) == 3 and loop.chat.stats["internal-errors"] == 3
     assert "ZeroDivisionError" in problems[0]
-
-
-class FakeKernel32:
-    """Stands in for Windows' kernel32: keeps the console handler the client installs."""
-
-    def __init__(self):
-        self.handlers = []
-
-    def SetConsoleCtrlHandler(self, handler, add):  # noqa: N802 (the Windows API's name)
-        self.handlers.append((handler, add))
-        return 1
-
-
-class Goodbyes:
-    def __init__(self):
-        self.said = 0
-
-    def bye(self):
-        self.said += 1
-
-
-def test_closing_the_console_window_logs_out_first():
-    kernel32, client_now = FakeKernel32(), Goodbyes()
-    kept = client.log_out_on_console_close([client_now], kernel32)
-    ((handler, add),) = kernel32.handlers
-    assert add and handler is kept
-    assert handler(0) == 0 and client_now.said == 0  # Ctrl+C: left to Python
-    assert handler(2) == 1 and client_now.said == 1  # CTRL_CLOSE_EVENT: goodbye, then Windows ends us
 
 
 def test_a_hang_up_ends_the_client_as_ctrl_c_does():
