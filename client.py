@@ -2260,6 +2260,7 @@ class ChatWindow:
         self.root.minsize(self.root.winfo_reqwidth(), self.root.winfo_reqheight())
         threading.Thread(target=self.work, name="chat-worker", daemon=True).start()
         self.poll_id = self.root.after(POLL_EVERY, self.poll)
+        self.show_frame(False)
 
     def make_login(self, host: str, port: int):
         """The first frame: server IP and port (or Find servers), name, password."""

@@ -522,6 +522,9 @@ class Channel:
         self.in_flight: dict[int, InFlight] = {}
         self.waiting: collections.deque[InFlight] = collections.deque()
         self.congestion_window, self.highest_sacked = window, 0
+        # The earliest timer in flight, or earlier (a packet acknowledged since): poll()
+        # looks at the timers only then, so a busy server does not scan them per datagram.
+        self.timer_at = float("inf")
         # Receiving: the next number to deliver, those arrived early, and how many arrived
         # since our last acknowledgement, which must leave by ack_due.
         self.expected, self.held = 1, {}
@@ -553,7 +556,9 @@ class Channel:
         """Return the datagrams to send now: retransmissions, new packets, or a bare ACK."""
         if self.failed:
             return []
-        out = [self._transmit(seq, entry, now) for seq, entry in self._expired(now)]
+        timers_ran = self.timer_at <= now
+        expired = self._expired(now) if timers_ran else []
+        out = [self._transmit(seq, entry, now) for seq, entry in expired]
         if self.failed:
             return []
         while self._has_room():
@@ -568,6 +573,9 @@ class Channel:
         # Every datagram carries the acknowledgement: none is owed any more.
         if out:
             self.unacked, self.ack_due = 0, float("inf")
+        if out or timers_ran:
+            deadlines = (entry.deadline for entry in self.in_flight.values())
+            self.timer_at = min(deadlines, default=float("inf"))
         return out
 
     def next_wakeup(self) -> float:
@@ -576,7 +584,7 @@ class Channel:
             return float("inf")
         if self._has_room():
             return 0.0
-        return min([self.ack_due, *(entry.deadline for entry in self.in_flight.values())])
+        return min(self.timer_at, self.ack_due)
 
     def _has_room(self) -> bool:
         """May a waiting packet go now? Both windows must have room for it."""
@@ -632,6 +640,8 @@ class Channel:
             if entry.sends == 1:
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
+        if not self.in_flight:
+            self.timer_at = float("inf")
         if bitmap:
             self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
             self._count_overtaking(sorted(orders), now)
@@ -646,7 +656,7 @@ class Channel:
             before = entry.passed
             entry.passed += len(orders) - bisect.bisect_right(orders, entry.order)
             if before < self.FAST_RETRANSMIT_AFTER <= entry.passed:
-                entry.deadline = now
+                entry.deadline = self.timer_at = now
                 self.stats["fast retransmits"] += 1
 
     def receive(self, packet: Packet, now: float) -> tuple[str, list[Packet]]:

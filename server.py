@@ -17,9 +17,8 @@ How it is built, in the spirit of the standard library's socketserver:
   address, then REGISTER or LOGIN. A logged-in member has a session: a token, and a
   reliable `Channel` (encryption_helper.py) each way, so that requests, answers and
   EVENTs arrive once and in order; a second channel, the file stream, carries files.
-* Helpers with narrow interfaces: `TokenBucket` (flood control), `PasswordWorker` (a
-  thread for the slow password hash, so a flood of logins never stalls the chat),
-  `HistoryFile` (chat_history.txt), `FileRelay` (files stored, then relayed).
+* Helpers: `TokenBucket` (flood control), a worker thread for the slow password hash
+  (a flood of logins never stalls the chat), `HistoryFile`, `FileRelay`.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
@@ -34,8 +33,8 @@ The life of a SAY, from recvfrom to sendto:
     .handle_member_packet        the token matches the session; Channel.receive() puts it
                                  in order, into the session's backlog
     .serve_backlog               TokenBucket.take(): within the member's rate, or it waits
-    .respond -> handle_say       HistoryFile.append(); publish() -> ChatServer.tell(): an
-                                 EVENT chat on each other member's Channel
+    .respond -> handle_say       HistoryFile.append(); publish() -> tell(): an EVENT chat
+                                 on each other member's Channel
     .answer                      OK [re, "to lobby, 1 other"] on the sender's Channel
     .flush                       Channel.poll() turns what each channel has into datagrams
     ServerLoop.send_all          sendto() each datagram of `outbox`
@@ -47,7 +46,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import hmac
 import os
@@ -61,46 +59,8 @@ import time
 import traceback
 
 import auth
-from encryption_helper import (
-    ACK_DELAY,
-    DEFAULT_CIPHER,
-    FILL,
-    FLAG_FILE_STREAM,
-    LOBBY,
-    MAGIC,
-    MAX_FILE_NAME_BYTES,
-    MAX_PAYLOAD,
-    MB,
-    MIN_FIND_SIZE,
-    MIN_HELLO_SIZE,
-    NO_TOKEN,
-    RECV_BUFFER,
-    SERVER_ONLY,
-    SHA_HEX,
-    Address,
-    Channel,
-    LossySocket,
-    Packet,
-    PacketError,
-    PacketType,
-    Refused,
-    RtoEstimator,
-    add_shared_options,
-    chunk_length,
-    decode_packet,
-    describe_address,
-    describe_datagram,
-    describe_size,
-    encode_packet,
-    make_cipher,
-    oversize_text,
-    pack_chunk,
-    pack_fields,
-    port_number,
-    unpack_chunk,
-    unpack_fields,
-    whole_number,
-)
+import encryption_helper as wire
+from encryption_helper import LOBBY, Address, Channel, Packet, PacketError, PacketType, Refused
 
 # === Configuration, and every limit ==========================================================
 
@@ -111,16 +71,13 @@ HISTORY_ON_JOIN = 20
 # Flood control, as IRC servers do it: a short paragraph pasted at once goes through, then
 # 5 messages a second; those beyond wait their turn, until 100 wait: then "slow-down".
 MESSAGE_BURST, MESSAGE_RATE, MAX_BACKLOG = 20, 5.0, 100
-# 5 wrong passwords of an account (or room passwords of an account on a PC) within 60 s
-# lock it for the rest of the minute: a guesser gets 5 tries a minute.
+# 5 wrong passwords of an account (or room passwords of an account on a PC) in 60 s lock it.
 LOGIN_FAILURES, FAILURE_PERIOD = 5, 60.0
 # A class registering at once is fine; a script making thousands of accounts is not.
 REGISTRATIONS_PER_ADDRESS = 20
-# Password checks waiting for the worker: each costs a quarter of a second, so a flood of
-# logins is told "busy" rather than queued for minutes.
+# Each password check costs a quarter of a second: past 16 waiting, a login hears "busy".
 MAX_PENDING_CHECKS = 16
-# A lab of 40 PCs with room to spare; 50 rooms, the lobby included (when all are taken,
-# the empty room quiet longest is forgotten to make room for a new one).
+# A lab of 40 PCs with room to spare; at 50 rooms the empty one quiet longest is forgotten.
 MAX_SESSIONS, MAX_ROOMS = 500, 50
 # FIND answers for the whole server: a class of forty searching at once, then 10 a second.
 FIND_BURST, FIND_RATE = 50, 10.0
@@ -130,21 +87,29 @@ MAX_NAME_BYTES = 64
 COOKIE_PERIOD = 30.0
 # Answers to REGISTER and LOGIN kept for retries, the oldest forgotten first.
 RETRY_CACHE_SIZE = 4096
-# Files: 3 at once per member, 20 on the server (at 20 MB, 400 MB of disk); an upload
-# idle for 60 s is cancelled, so that offers never sent cannot hold places for ever.
+# Files: 3 at once per member, 20 on the server; an upload idle for 60 s is cancelled.
 DEFAULT_MAX_FILE_MB, MAX_FILES_PER_MEMBER, MAX_TRANSFERS, UPLOAD_IDLE_LIMIT = 20, 3, 20, 60.0
-# The loop never sleeps longer than MAX_WAIT (on Windows, Ctrl+C waits for select() to
-# return), and looks for finished password checks every CHECK_POLL while one runs.
+# The loop's longest sleep (on Windows, Ctrl+C waits for select() to return), and how
+# often it looks for finished password checks while one runs.
 MAX_WAIT, CHECK_POLL = 0.5, 0.01
 # The kernel's queue for our socket (asked for, not promised), and datagrams read per
 # turn of the loop, so that timers still run during a flood.
 RECEIVE_BUFFER_BYTES, RECEIVE_BATCH = 4 << 20, 256
-# Seconds between sweeps for silent sessions and idle uploads; seconds a stopping server
-# waits for its members to acknowledge EVENT stop.
+# Seconds between sweeps for silent sessions; seconds a stopping server waits for its
+# members to acknowledge EVENT stop.
 HOUSEKEEPING_EVERY, STOP_GRACE = 1.0, 2.0
-# Log lines a second about bad packets, so a flood of junk does not flood the log; and
-# the characters of a message the log shows (a 3,000-character paste is cut there).
+# Log lines a second about bad packets (a flood of junk must not flood the log), and the
+# characters of a message the log shows.
 PROBLEMS_PER_SECOND, LOGGED_TEXT = 20, 60
+# All a client without a session may send: the handshake's packet types, and FIND.
+HANDSHAKE_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
+# Requests that flood control counts: each tells others something.
+FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE, PacketType.FILE_OFFER}
+# Logged only with --verbose: heartbeats (40 students: 8 a second), cookies, questions.
+QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND, PacketType.ROOMS,
+               PacketType.WHO}
+# The retry cache's mark for a request whose password check is still running.
+PENDING = b""
 
 
 @dataclasses.dataclass
@@ -155,9 +120,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 9999
     data_dir: str = DEFAULT_DATA_DIR
-    # The lobby's password (seed 001's example).
     room_password: str = "juara"
-    cipher: str = DEFAULT_CIPHER
+    cipher: str = wire.DEFAULT_CIPHER
     # None: the cipher's default key, as the client's.
     key: str | None = None
     quiet: bool = False
@@ -167,7 +131,6 @@ class ServerConfig:
     seed: int | None = None
     # A client sends a heartbeat after 5 s of quiet: six missed in a row, it is gone.
     session_timeout: float = 30.0
-    # Tests lower it: they need no slow hash.
     kdf_iterations: int = auth.DEFAULT_ITERATIONS
     # What a search of the network (FIND) is told; "": this PC's host name.
     name: str = ""
@@ -210,11 +173,6 @@ class Room:
     history: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=HISTORY_ON_JOIN))
 
-    def quiet_since(self) -> float:
-        """Return when something was last said in the room, or when it was made."""
-        made = self.record.get("created", 0.0) if self.record else 0.0
-        return max(made, self.history[-1][0] if self.history else 0.0)
-
 
 @dataclasses.dataclass(eq=False)
 class Request:
@@ -227,25 +185,35 @@ class Request:
     now: float
     # None: a client without a session (HELLO, REGISTER, LOGIN, FIND).
     session: Session | None = None
-    # Proven: the sender is really at its address (a good cookie, or its token).
+    # The sender is really at its address (a good cookie, or its token).
     proven: bool = False
     user: str = ""
     rejoin: bool = False
-    reply_token: bytes = NO_TOKEN
+    reply_token: bytes = wire.NO_TOKEN
     # What the answer's log line shows besides it (a SAY's words, cut short).
     note: str = ""
 
 
-# The handshake's packet types, and FIND: all a client without a session may send.
-HANDSHAKE_TYPES = {PacketType.HELLO, PacketType.REGISTER, PacketType.LOGIN, PacketType.FIND}
-# Requests that flood control counts: each tells others something.
-FLOOD_CONTROLLED = {PacketType.SAY, PacketType.PRIVATE, PacketType.FILE_OFFER}
-# Logged only with --verbose: heartbeats (40 students: 8 a second), the cookie each login
-# asks for first, searches, and questions that change nothing.
-QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND, PacketType.ROOMS,
-               PacketType.WHO}
-# The retry cache's mark for a request whose password check is still running.
-PENDING = b""
+@dataclasses.dataclass(eq=False)
+class PasswordJob:
+    """A slow hash for the worker thread: `work()` runs there; `then` answers on the loop."""
+
+    request: Request
+    work: object
+    then: object
+    # LOGIN and JOIN: the record checked against (a dummy one for an unknown name).
+    record: dict | None = None
+    result: object = None
+    error: str = ""
+
+    def run(self) -> "PasswordJob":
+        """Runs on the worker thread; touches nothing but this job."""
+        try:
+            self.result = self.work()
+        # Whatever broke (a damaged record, say), the loop must still answer the request.
+        except Exception as error:
+            self.error = repr(error)
+        return self
 
 
 # === The protocol ============================================================================
@@ -262,15 +230,16 @@ class ChatServer:
 
     def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
         self.config, self.wall_clock = config, wall_clock
-        self.cipher = make_cipher(config.cipher, config.key)
+        self.cipher = wire.make_cipher(config.cipher, config.key)
         self.log = ServerLog(log, config.quiet, config.verbose)
         os.makedirs(config.data_dir, exist_ok=True)
-        path = functools.partial(os.path.join, config.data_dir)
-        self.users = auth.UserStore(path(USERS_FILE), config.kdf_iterations)
-        self.room_store = auth.UserStore(path(ROOMS_FILE), kind="rooms")
-        self.rooms = load_rooms(self.room_store, path(HISTORY_FILE), self.log.problem)
-        self.history = HistoryFile(path(HISTORY_FILE))
-        self.files = FileRelay(path("transfers"), config.max_file_mb, self.notify, self.log)
+        path = os.path.join
+        self.users = auth.UserStore(path(config.data_dir, USERS_FILE), config.kdf_iterations)
+        self.room_store = auth.UserStore(path(config.data_dir, ROOMS_FILE), kind="rooms")
+        self.history = HistoryFile(path(config.data_dir, HISTORY_FILE))
+        self.rooms = load_rooms(self.room_store, self.history.path, self.log.problem)
+        self.files = FileRelay(path(config.data_dir, "transfers"), config.max_file_mb,
+                               self.notify, self.log)
         # Sessions by address, and the same sessions by lower-case user name.
         self.sessions, self.online = {}, {}
         self.cookie_secret = secrets.token_bytes(16)
@@ -281,7 +250,6 @@ class ChatServer:
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
         self.find_bucket = TokenBucket(FIND_RATE, FIND_BURST, 0.0)
         self.name, self.port = config.name or host_name(), config.port
-        # What the loop must do: (datagram, address) pairs to send, PasswordJobs to run.
         self.outbox, self.password_jobs = [], []
         self.pending_checks, self.stopping, self.next_housekeeping = 0, False, 0.0
         self.stats: collections.Counter = collections.Counter()
@@ -296,29 +264,31 @@ class ChatServer:
         self.stats["datagrams"] += 1
         self.log.trace("in ", data, address)
         try:
-            packet = decode_packet(data, self.cipher)
+            packet = wire.decode_packet(data, self.cipher)
         except PacketError as error:
             return refuse_datagram(self, data, address, error)
         request = Request(packet, address, len(data), now)
-        if packet.type not in HANDSHAKE_TYPES or packet.token != NO_TOKEN:
+        if packet.type not in HANDSHAKE_TYPES or packet.token != wire.NO_TOKEN:
             self.handle_member_packet(request)
         # A stopping server opens no sessions: the client tries the restarted one.
         elif not self.stopping:
             self.handle_handshake(request)
         self.flush(now)
 
-    def finish_password_job(self, job: "PasswordJob", now: float) -> None:
+    def finish_password_job(self, job: PasswordJob, now: float) -> None:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, session = job.request, job.request.session
         request.now, self.pending_checks = now, self.pending_checks - 1
         if request.packet.type == PacketType.REGISTER:
             self.registering.discard(request.user.lower())
         # Not for a session ended meanwhile, nor after EVENT stop: the client asks again.
-        current = session is None or (self.sessions.get(session.address) is session
-                                      and not self.stopping)
         try:
-            if current:
-                self.respond(request, finish_check, self, job)
+            if job.error:
+                where = wire.describe_address(request.address)
+                self.log.problem(f"a password check for {where} failed: {job.error}")
+                job.then = refuse_failed_check
+            if session is None or (self.current(session) and not self.stopping):
+                self.respond(request, job.then, self, job)
         finally:
             # Even if a bug raised: the member's next requests must not wait for ever.
             if session:
@@ -346,11 +316,9 @@ class ChatServer:
 
     def next_deadline(self) -> float:
         """Return when on_timers next has work: a channel's timer, a held request, a sweep."""
-        times = [self.next_housekeeping]
-        for session in self.sessions.values():
-            times += [session.wake_at, session.channel.next_wakeup(),
-                      session.file_stream.next_wakeup()]
-        return min(times)
+        return min([self.next_housekeeping] + [
+            min(s.wake_at, s.channel.next_wakeup(), s.file_stream.next_wakeup())
+            for s in self.sessions.values()])
 
     def announce_stop(self, now: float) -> None:
         """The server is stopping: tell every member, and handle no more requests."""
@@ -374,13 +342,13 @@ class ChatServer:
     def handle_handshake(self, request: Request) -> None:
         """HELLO, REGISTER, LOGIN, FIND without a session; a retry gets the first answer."""
         remembered = self.replies.get(retry_key(request))
-        if remembered == PENDING:
-            self.log.verbose(request, "still checking the password (the client asked again)")
-        elif remembered is not None:
-            self.log.verbose(request, "answered again (the client did not hear the first answer)")
+        if remembered is None:
+            return self.respond(request, HANDLERS[request.packet.type], self, request)
+        if remembered:
             self.send(remembered, request.address)
-        else:
-            self.respond(request, HANDLERS[request.packet.type], self, request)
+        if self.config.verbose:
+            self.log.action(request.address, "", request.packet.type.name, "a retry, answered "
+                            "again" if remembered else "a retry, still checking", request.size)
 
     def handle_member_packet(self, request: Request) -> None:
         """A packet on a member's channel: acknowledgements first, then requests in order."""
@@ -389,8 +357,10 @@ class ChatServer:
         if session is None or not hmac.compare_digest(session.token, packet.token):
             return refuse_unknown_session(self, request, session)
         session.last_heard, self.due[session] = request.now, None
-        if packet.flags & FLAG_FILE_STREAM:
-            return self.files.receive(session, packet, request.now)
+        if packet.flags & wire.FLAG_FILE_STREAM:
+            self.files.receive(session, packet, request.now)
+            # New bytes of its uploads may go on to their receivers.
+            return self.due.update(dict.fromkeys(self.files.receiving(session)))
         for delivered in session.channel.receive(packet, request.now)[1]:
             # An unnumbered ACK; or too late: the client sends it again after the restart.
             if not delivered.seq or self.stopping:
@@ -406,8 +376,7 @@ class ChatServer:
 
     def serve_backlog(self, session: Session, now: float) -> None:
         """Handle the member's requests in order; flood control may hold the rest for later."""
-        while (session.backlog and not session.checking
-               and self.sessions.get(session.address) is session):
+        while session.backlog and not session.checking and self.current(session):
             request = session.backlog[0]
             wait = request.packet.type in FLOOD_CONTROLLED and session.bucket.take(now)
             if wait:
@@ -438,8 +407,7 @@ class ChatServer:
     def answer(self, request: Request, result) -> None:
         """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer.
 
-        A member's answer goes on its channel; any other straight to its address, and is
-        kept for retries once the client has proven its address.
+        A member's answer goes on its channel; any other straight to its address.
         """
         if result is None:
             return
@@ -447,17 +415,18 @@ class ChatServer:
             ptype, fields = PacketType.ERROR, [result.code, result.text]
         else:
             ptype, fields = PacketType.OK, list(result)
+        payload = wire.pack_fields(str(request.packet.seq), *fields)
         # Never expected; but an answer must never crash the server.
-        if len(pack_fields(str(request.packet.seq), *fields)) > MAX_PAYLOAD:
+        if len(payload) > wire.MAX_PAYLOAD:
             ptype, fields = PacketType.ERROR, ["too-long", "Answer too long."]
-        payload = pack_fields(str(request.packet.seq), *fields)
+            payload = wire.pack_fields(str(request.packet.seq), *fields)
         self.log.answer(request, ptype, fields)
         if request.session is not None:
             request.session.behind |= not request.session.channel.send(ptype, payload)
             self.due[request.session] = None
             return
         reply = Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload)
-        data = encode_packet(reply, self.cipher)
+        data = wire.encode_packet(reply, self.cipher)
         if request.proven:
             remember(self, request, data)
         send_limited(self, data, request.address, request.size, request.proven)
@@ -471,13 +440,12 @@ class ChatServer:
     def event(self, kind: str, room: str, user: str, text: str, *more, when=None) -> bytes:
         """Return an EVENT's payload [kind, unix time, room, user, text, *more]."""
         when = self.wall_clock() if when is None else when
-        return pack_fields(kind, str(int(when)), room, user, text, *map(str, more))
+        return wire.pack_fields(kind, str(int(when)), room, user, text, *map(str, more))
 
     def tell(self, session: Session, body: bytes) -> int:
         """Queue an EVENT on a member's channel; return its number (0: not yet, or no room).
 
-        An EVENT for the member whose request is being answered waits for the answer.
-        """
+        An EVENT for the member whose request is being answered waits for the answer."""
         if session is self.replying_to:
             self.after_reply.append((session, body))
             return 0
@@ -495,14 +463,19 @@ class ChatServer:
 
     def notify(self, session: Session, kind: str, user: str, text: str, number: int) -> None:
         """Tell a member about a transfer (FileRelay's one way to speak), if still here."""
-        if self.sessions.get(session.address) is session:
+        if self.current(session):
             self.tell(session, self.event(kind, "", user, text, number))
+
+    def current(self, session: Session) -> bool:
+        """Is this session still open (not ended, nor replaced by a newer login)?"""
+        return self.sessions.get(session.address) is session
 
     def open_session(self, name: str, address: Address, now: float) -> Session:
         """Start a session: a random token, and its two channels (clients delay their ACKs)."""
         token = secrets.token_bytes(8)
-        chat, files = (Channel(self.cipher, token, rto=RtoEstimator(peer_ack_delay=ACK_DELAY),
-                               flags=flags) for flags in (0, FLAG_FILE_STREAM))
+        chat, files = (Channel(self.cipher, token, flags=flags,
+                               rto=wire.RtoEstimator(peer_ack_delay=wire.ACK_DELAY))
+                       for flags in (0, wire.FLAG_FILE_STREAM))
         bucket = TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now)
         session = Session(token, address, name, chat, files, bucket, now)
         self.sessions[address] = self.online[name.lower()] = session
@@ -514,7 +487,7 @@ class ChatServer:
         Its channel is sent once more (the answer to a BYE, or the EVENT `tell`), then
         never: a client that missed it asks again, gets RESET, and takes that as the end.
         """
-        if self.sessions.get(session.address) is not session:
+        if not self.current(session):
             return
         if tell:
             self.tell(session, self.event(tell, "", session.name, reason))
@@ -523,7 +496,6 @@ class ChatServer:
         self.files.drop(session)
         if session.room:
             leave_room(self, session, reason)
-        # Polled once more, for its last packet; then never again.
         self.due[session] = None
         # After a BYE, the answer's own log line says goodbye.
         if reason:
@@ -531,11 +503,10 @@ class ChatServer:
 
     def flush(self, now: float) -> None:
         """Send what the channels of the sessions due have; end those that cannot keep up."""
-        self.due.update(dict.fromkeys(self.files.receiving()))
         while self.due:
             due, self.due = list(self.due), {}
             for session in due:
-                current = self.sessions.get(session.address) is session
+                current = self.current(session)
                 if current:
                     self.files.fill(session)
                 for stream in (session.channel, session.file_stream):
@@ -544,8 +515,8 @@ class ChatServer:
                 failed = session.channel.failed or session.file_stream.failed
                 if current and (failed or session.behind):
                     reason = "not responding" if failed else "too slow"
-                    self.log.problem(f"{session.name} at {describe_address(session.address)}: "
-                                     f"{reason}")
+                    where = wire.describe_address(session.address)
+                    self.log.problem(f"{session.name} at {where}: {reason}")
                     self.end_session(session, reason, now)
 
 
@@ -556,9 +527,9 @@ class ChatServer:
 
 def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
     """HELLO -> OK [cookie]: only a client really at its address sees it (as in DTLS)."""
-    if request.session is None and request.size < MIN_HELLO_SIZE:
-        return chat.log.problem(f"{describe_address(request.address)} sent an unpadded HELLO "
-                                f"({request.size} B); dropped")
+    if request.session is None and request.size < wire.MIN_HELLO_SIZE:
+        return chat.log.problem(f"{wire.describe_address(request.address)} sent an unpadded "
+                                f"HELLO ({request.size} B); dropped")
     return [make_cookie(chat, request.address, int(request.now // COOKIE_PERIOD))]
 
 
@@ -570,7 +541,7 @@ def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
 
 def check_credentials(chat: ChatServer, request: Request) -> str:
     """Return the password of a REGISTER or LOGIN whose cookie is good; note its user."""
-    fields = unpack_fields(request.packet.payload)
+    fields = wire.unpack_fields(request.packet.payload)
     if len(fields) < 3 or fields[3:] not in ([], ["rejoin"]):
         raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', "
                           f"got {len(fields)} fields")
@@ -603,7 +574,7 @@ def handle_register(chat: ChatServer, request: Request) -> None:
     chat.registering.add(name.lower())
 
 
-def finish_register(chat: ChatServer, job: "PasswordJob") -> list[str]:
+def finish_register(chat: ChatServer, job: PasswordJob) -> list[str]:
     try:
         # On disk before we say so: a confirmed registration survives a crash.
         if not chat.users.add(job.result):
@@ -628,7 +599,7 @@ def handle_login(chat: ChatServer, request: Request) -> None:
     start_check(chat, request, finish_login, auth.check_password, password, record, record=record)
 
 
-def finish_login(chat: ChatServer, job: "PasswordJob") -> list[str]:
+def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
     """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
     request = job.request
     if not (job.result and job.record["name"]):
@@ -671,20 +642,16 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
         request.session.checking = True
     else:
         remember(chat, request, PENDING)
-    chat.password_jobs.append(PasswordJob(request, functools.partial(work, *args), then, record))
+    chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
 
 
-def finish_check(chat: ChatServer, job: "PasswordJob") -> list[str] | None:
-    """Finish the REGISTER, LOGIN or JOIN a password check was for."""
-    if job.error:
-        where = describe_address(job.request.address)
-        chat.log.problem(f"a password check for {where} failed: {job.error}")
-        raise Refused("server-error", "The server could not check that; try again.")
-    return job.then(chat, job)
+def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
+    """A password check that raised (a damaged record, say): the client may try again."""
+    raise Refused("server-error", "The server could not check that; try again.")
 
 
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
-    name, password = unpack_fields(request.packet.payload, 2)
+    name, password = wire.unpack_fields(request.packet.payload, 2)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
     room = chat.rooms.get(name.lower())
@@ -703,7 +670,7 @@ def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
                        record=room.record)
 
 
-def finish_join(chat: ChatServer, job: "PasswordJob") -> list[str]:
+def finish_join(chat: ChatServer, job: PasswordJob) -> list[str]:
     """The password check of a JOIN came back: enter the room, or make it."""
     # The room's name: as it was made, or as the new room's record says it.
     request, name = job.request, (job.record or job.result)["name"]
@@ -766,7 +733,9 @@ def make_room_for_one(chat: ChatServer) -> None:
     empty = [room for key, room in chat.rooms.items() if key != LOBBY and not room.members]
     if not empty:
         raise Refused("full", "Server full: no more rooms can be made.")
-    quietest = min(empty, key=Room.quiet_since)
+    # Quiet since its last message, or since it was made.
+    quietest = min(empty, key=lambda room: max([room.record.get("created", 0)] + [
+        when for when, _, _ in room.history]))
     try:
         chat.room_store.remove(quietest.name)
     except OSError:
@@ -776,7 +745,7 @@ def make_room_for_one(chat: ChatServer) -> None:
 
 
 def handle_say(chat: ChatServer, request: Request) -> list[str]:
-    session, (text,) = request.session, unpack_fields(request.packet.payload, 1)
+    session, (text,) = request.session, wire.unpack_fields(request.packet.payload, 1)
     room = room_of(chat, session)
     check_text(text)
     when = chat.wall_clock()
@@ -788,14 +757,15 @@ def handle_say(chat: ChatServer, request: Request) -> list[str]:
         raise Refused("server-error", "The server could not save your message; not sent.") from None
     room.history.append((when, session.name, text))
     # The assignment: the server prints every message it relays (once, cut short).
-    request.note = f"[{room.name}] {session.name}: {shorten(text)!r}"
+    shown = text if len(text) <= LOGGED_TEXT else f"{text[:LOGGED_TEXT]}... ({len(text)} chars)"
+    request.note = f"[{room.name}] {session.name}: {shown!r}"
     chat.publish(room, "chat", session.name, text, exclude=session)
     others = len(room.members) - 1
     return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
 
 
 def handle_private(chat: ChatServer, request: Request) -> list[str]:
-    target_name, text = unpack_fields(request.packet.payload, 2)
+    target_name, text = wire.unpack_fields(request.packet.payload, 2)
     # A room's password is the way into the chat: private messages too.
     room_of(chat, request.session)
     target = find_member(chat, target_name)
@@ -806,58 +776,55 @@ def handle_private(chat: ChatServer, request: Request) -> list[str]:
 
 def handle_rooms(chat: ChatServer, request: Request) -> list[str]:
     """ROOMS -> OK [room, count, room, count...]: every room, empty ones with their 0."""
-    unpack_fields(request.packet.payload, 0)
+    wire.unpack_fields(request.packet.payload, 0)
     pairs = [[room.name, str(len(room.members))] for room in chat.rooms.values()]
     return fit_fields([field for pair in pairs for field in pair], step=2)
 
 
 def handle_who(chat: ChatServer, request: Request) -> list[str]:
-    unpack_fields(request.packet.payload, 0)
+    wire.unpack_fields(request.packet.payload, 0)
     room = room_of(chat, request.session)
     return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
 
 
 def handle_ping(chat: ChatServer, request: Request) -> list[str]:
     """PING -> OK []: a heartbeat, "still here"; that it came is all that counts."""
-    unpack_fields(request.packet.payload, 0)
+    wire.unpack_fields(request.packet.payload, 0)
     return []
 
 
 def handle_bye(chat: ChatServer, request: Request) -> list[str]:
-    unpack_fields(request.packet.payload, 0)
+    wire.unpack_fields(request.packet.payload, 0)
     chat.end_session(request.session, "", request.now)
     return ["goodbye"]
 
 
 def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
     """FIND -> OK [name, port, members online]; unpadded, or over the rate: dropped."""
-    if request.size >= MIN_FIND_SIZE:
+    why = f"unpadded ({request.size} B)"
+    if request.size >= wire.MIN_FIND_SIZE:
         # The padding, and nothing else.
-        unpack_fields(request.packet.payload, 1)
+        wire.unpack_fields(request.packet.payload, 1)
         if not chat.find_bucket.take(request.now):
             return [chat.name, str(chat.port), str(len(chat.online))]
+        why = "over the server's rate of answers"
     chat.stats["finds dropped"] += 1
-    why = "over the server's rate of answers"
-    if request.size < MIN_FIND_SIZE:
-        why = f"unpadded ({request.size} B)"
-    chat.log.problem(f"{describe_address(request.address)} sent a FIND, {why}; dropped")
+    chat.log.problem(f"{wire.describe_address(request.address)} sent a FIND, {why}; dropped")
 
 
 def handle_offer(chat: ChatServer, request: Request) -> list[str]:
     """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file."""
     session = request.session
-    to, name, size, sha = unpack_fields(request.packet.payload, 4)
+    to, name, size, sha = wire.unpack_fields(request.packet.payload, 4)
     room = room_of(chat, session)
-    if to:
-        receivers = [find_member(chat, to)]
-        if receivers[0] is session:
-            raise Refused("to-self", "That is you; send it to someone else.")
-    else:
-        receivers = [member for member in room.members.values() if member is not session]
-        if not receivers:
-            raise Refused("nobody", "Nobody else is in the room to share it with.")
+    receivers = [find_member(chat, to)] if to else [
+        member for member in room.members.values() if member is not session]
+    if session in receivers:
+        raise Refused("to-self", "That is you; send it to someone else.")
+    if not receivers:
+        raise Refused("nobody", "Nobody else is in the room to share it with.")
     upload = chat.files.open(session, name, size, sha, receivers, request.now)
-    text = f"{session.name} is sending {name} ({describe_size(upload.size)})"
+    text = f"{session.name} is sending {name} ({wire.describe_size(upload.size)})"
     for member in receivers:
         where = chat.rooms[member.room].name if member.room else ""
         event = chat.event("file", where, session.name, text, upload.id, name, upload.size, sha)
@@ -867,33 +834,33 @@ def handle_offer(chat: ChatServer, request: Request) -> list[str]:
 
 def handle_cancel(chat: ChatServer, request: Request) -> list[str]:
     """FILE_CANCEL [id]: the sender's ends the transfer for all; a receiver's, for itself."""
-    (number,) = unpack_fields(request.packet.payload, 1)
-    chat.files.cancel_by(request.session, int(number) if whole_number(number) else 0)
+    (number,) = wire.unpack_fields(request.packet.payload, 1)
+    chat.files.cancel_by(request.session, int(number) if wire.whole_number(number) else 0)
     return ["cancelled"]
 
 
 def refuse_datagram(chat: ChatServer, data: bytes, address: Address, error: PacketError) -> None:
     """Log a datagram that is no packet; answer if it looks like ours (a wrong key?)."""
     chat.stats["bad"] += 1
-    chat.log.problem(f"{describe_address(address)} sent a bad datagram ({len(data)} B): "
-                     f"{error}")
+    where = wire.describe_address(address)
+    chat.log.problem(f"{where} sent a bad datagram ({len(data)} B): {error}")
     # The type byte is never scrambled: a type only servers send is not answered even
     # unreadable (another key), or two servers would answer each other for ever.
-    if data[:2] == MAGIC and len(data) > 3 and data[3] not in SERVER_ONLY:
-        bad = Packet(PacketType.ERROR, payload=pack_fields("0", "bad-packet", str(error)))
-        send_limited(chat, encode_packet(bad, chat.cipher), address, len(data), False)
+    if data[:2] == wire.MAGIC and len(data) > 3 and data[3] not in wire.SERVER_ONLY:
+        bad = Packet(PacketType.ERROR, payload=wire.pack_fields("0", "bad-packet", str(error)))
+        send_limited(chat, wire.encode_packet(bad, chat.cipher), address, len(data), False)
 
 
 def refuse_unknown_session(chat: ChatServer, request: Request, session: Session | None) -> None:
     """A member's packet with no session behind it: RESET, if nobody is at that address."""
     chat.stats["no-session"] += 1
     packet = request.packet
-    sender = f"{describe_address(request.address)} sent {packet.type.name}"
+    sender = f"{wire.describe_address(request.address)} sent {packet.type.name}"
     # The last ACK of a client that said BYE, say: nothing to answer.
     if packet.type == PacketType.ACK:
         return
     # Maybe another server answering what we sent: a RESET back would be answered too.
-    if packet.type in SERVER_ONLY:
+    if packet.type in wire.SERVER_ONLY:
         return refuse_server_only(chat, request)
     if session is not None:
         return chat.log.problem(f"{sender} with a wrong session token; dropped")
@@ -901,22 +868,21 @@ def refuse_unknown_session(chat: ChatServer, request: Request, session: Session 
     # A bare header, never larger than the packet; it echoes the token, so a client
     # believes it only if that token was its own.
     reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
-    chat.send(encode_packet(reset, chat.cipher), request.address)
+    chat.send(wire.encode_packet(reset, chat.cipher), request.address)
 
 
-def refuse_numbered_ack(chat: ChatServer, request: Request) -> None:
-    raise Refused("bad-request", "An ACK carries no sequence number.")
-
-
-def refuse_chunk(chat: ChatServer, request: Request) -> None:
+def refuse_misplaced(chat: ChatServer, request: Request) -> None:
+    """A numbered ACK, or a FILE_CHUNK on the chat channel: a client's bug, refused."""
+    if request.packet.type == PacketType.ACK:
+        raise Refused("bad-request", "An ACK carries no sequence number.")
     raise Refused("bad-request", "A FILE_CHUNK goes on the file stream (FLAG_FILE_STREAM).")
 
 
 def refuse_server_only(chat: ChatServer, request: Request) -> None:
     """OK, ERROR, EVENT or RESET sent to a server: never answered (two servers could loop)."""
     chat.stats["bad"] += 1
-    chat.log.problem(f"{describe_address(request.address)} sent {request.packet.type.name}, "
-                     "which only servers send; dropped")
+    chat.log.problem(f"{wire.describe_address(request.address)} sent "
+                     f"{request.packet.type.name}, which only servers send; dropped")
 
 
 HANDLERS = {
@@ -924,8 +890,8 @@ HANDLERS = {
     PacketType.LOGIN: handle_login, PacketType.JOIN: handle_join, PacketType.SAY: handle_say,
     PacketType.PRIVATE: handle_private, PacketType.ROOMS: handle_rooms,
     PacketType.WHO: handle_who, PacketType.PING: handle_ping, PacketType.BYE: handle_bye,
-    PacketType.ACK: refuse_numbered_ack, PacketType.FIND: handle_find,
-    PacketType.FILE_OFFER: handle_offer, PacketType.FILE_CHUNK: refuse_chunk,
+    PacketType.ACK: refuse_misplaced, PacketType.FIND: handle_find,
+    PacketType.FILE_OFFER: handle_offer, PacketType.FILE_CHUNK: refuse_misplaced,
     PacketType.FILE_CANCEL: handle_cancel, PacketType.OK: refuse_server_only,
     PacketType.ERROR: refuse_server_only, PacketType.EVENT: refuse_server_only,
     PacketType.RESET: refuse_server_only,
@@ -962,17 +928,22 @@ def check_text(text: str) -> None:
     """Refuse an empty message, or one too long for an EVENT."""
     if not text.strip():
         raise Refused("empty", "Empty message; nothing sent.")
-    if oversize_text(text):
-        raise Refused("too-long", oversize_text(text))
+    if wire.oversize_text(text):
+        raise Refused("too-long", wire.oversize_text(text))
 
 
 def fit_fields(fields: list[str], step: int = 1) -> list[str]:
     """Return as many whole groups of `step` fields as fit in one answer, then '+N'."""
     # Room for the request number, the '+N' and their length prefixes.
     for end in range(0, len(fields) + 1, step):
-        if len(pack_fields(*fields[:end])) > MAX_PAYLOAD - 64:
+        if len(wire.pack_fields(*fields[:end])) > wire.MAX_PAYLOAD - 64:
             return fields[:end - step] + [f"+{(len(fields) - end + step) // step}"]
     return fields
+
+
+def retry_key(request: Request) -> tuple:
+    """Who asked what: a retry has the same address, number and bytes as the first try."""
+    return request.address, request.packet.seq, hash((request.packet.type, request.packet.payload))
 
 
 def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
@@ -980,7 +951,7 @@ def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
     key = retry_key(request)
     chat.replies[key] = answer
     chat.replies.move_to_end(key)
-    while len(chat.replies) > RETRY_CACHE_SIZE:
+    if len(chat.replies) > RETRY_CACHE_SIZE:
         chat.replies.popitem(last=False)
 
 
@@ -995,11 +966,6 @@ def send_limited(chat: ChatServer, data: bytes, address: Address, size: int, pro
         chat.send(data, address)
     else:
         chat.stats["withheld"] += 1
-
-
-def retry_key(request: Request) -> tuple:
-    """Who asked what: a retry has the same address, number and bytes as the first try."""
-    return request.address, request.packet.seq, hash((request.packet.type, request.packet.payload))
 
 
 def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
@@ -1018,10 +984,6 @@ def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
     return rooms
 
 
-def shorten(text: str) -> str:
-    return text if len(text) <= LOGGED_TEXT else f"{text[:LOGGED_TEXT]}... ({len(text)} characters)"
-
-
 def host_name() -> str:
     """Return this PC's host name, cut to MAX_NAME_BYTES (never half a character)."""
     name = socket.gethostname() or "chat server"
@@ -1035,7 +997,7 @@ class ServerLog:
     """The log: a line per action (time, peer, user, type, size, outcome), and problems."""
 
     def __init__(self, emit, quiet: bool = False, verbose: bool = False):
-        self.emit, self.quiet, self.verbose_on = emit, quiet, verbose
+        self.emit, self.quiet, self.verbose = emit, quiet, verbose
         self.second, self.problems = 0, 0
 
     def action(self, address: Address, user: str, what: str, outcome: str, size=None) -> None:
@@ -1043,12 +1005,12 @@ class ServerLog:
         user = user if auth.valid_username(user or "-") else repr(user[:20])
         if not self.quiet:
             size = "" if size is None else f" {size} B"
-            self.emit(f"{time.strftime('%H:%M:%S')} {describe_address(address)} {user or '-'} "
-                      f"{what}{size}  {outcome}")
+            self.emit(f"{time.strftime('%H:%M:%S')} {wire.describe_address(address)} "
+                      f"{user or '-'} {what}{size}  {outcome}")
 
     def answer(self, request: Request, ptype: PacketType, fields: list[str]) -> None:
         """Log how a request was answered: once, with what the handler noted."""
-        if request.packet.type in QUIET_TYPES and not self.verbose_on:
+        if request.packet.type in QUIET_TYPES and not self.verbose:
             return
         outcome = f"ok: {fields[-1]}" if fields else "ok"
         if ptype == PacketType.ERROR:
@@ -1056,10 +1018,6 @@ class ServerLog:
         user = request.session.name if request.session else request.user
         outcome = f"{outcome}  {request.note}".rstrip()
         self.action(request.address, user, request.packet.type.name, outcome, request.size)
-
-    def verbose(self, request: Request, text: str) -> None:
-        if self.verbose_on:
-            self.action(request.address, "", request.packet.type.name, text, request.size)
 
     def problem(self, text: str) -> None:
         """Log something wrong, at most PROBLEMS_PER_SECOND lines a second."""
@@ -1080,9 +1038,9 @@ class ServerLog:
 
     def trace(self, direction: str, data: bytes, address: Address) -> None:
         """With --verbose: every datagram in and out, its header spelled out."""
-        if self.verbose_on:
+        if self.verbose:
             self.emit(f"{time.strftime('%H:%M:%S')} [trace] {direction} "
-                      f"{describe_address(address)} {describe_datagram(data)}")
+                      f"{wire.describe_address(address)} {wire.describe_datagram(data)}")
 
 
 class TokenBucket:
@@ -1106,49 +1064,6 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-@dataclasses.dataclass(eq=False)
-class PasswordJob:
-    """A slow hash for the worker thread: `work()` runs there; `then` answers on the loop."""
-
-    request: Request
-    work: object
-    then: object
-    # LOGIN and JOIN: the record checked against (a dummy one for an unknown name).
-    record: dict | None = None
-    result: object = None
-    error: str = ""
-
-    def run(self) -> "PasswordJob":
-        """Runs on the worker thread; touches nothing but this job."""
-        try:
-            self.result = self.work()
-        # Whatever broke (a damaged record, say), the loop must still answer the request.
-        except Exception as error:
-            self.error = repr(error)
-        return self
-
-
-class PasswordWorker:
-    """One thread that runs PasswordJobs, in turn; the loop collects them with `done()`."""
-
-    def __init__(self):
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-checker")
-        self.running: list[concurrent.futures.Future] = []
-
-    def submit(self, job: PasswordJob) -> None:
-        self.running.append(self.pool.submit(job.run))
-
-    def done(self) -> list[PasswordJob]:
-        """Return the jobs finished since the last call, in the order they came."""
-        finished = [future for future in self.running if future.done()]
-        self.running = [future for future in self.running if future not in finished]
-        return [future.result() for future in finished]
-
-    def close(self) -> None:
-        """Stop after the job running; those still queued are dropped, never answered."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
 class HistoryFile:
     """chat_history.txt: a line a person can read per message, appended and flushed.
 
@@ -1162,8 +1077,7 @@ class HistoryFile:
     ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
 
     def __init__(self, path: str):
-        self.path = path
-        self.file = open(path, "a+b")
+        self.path, self.file = path, open(path, "a+b")
         # Killed mid-write last time: end that line, so the next one stands alone.
         if self.file.seek(0, os.SEEK_END):
             self.file.seek(-1, os.SEEK_END)
@@ -1245,7 +1159,7 @@ class FileRelay:
     """
 
     def __init__(self, folder: str, max_file_mb: float, notify, log: ServerLog):
-        self.folder, self.max_file_mb, self.limit = folder, max_file_mb, int(max_file_mb * MB)
+        self.folder, self.max_file_mb = folder, max_file_mb
         self.notify, self.log, self.uploads, self.next_id = notify, log, {}, 1
         # What a crash left here: files never completed.
         os.makedirs(folder, exist_ok=True)
@@ -1255,11 +1169,12 @@ class FileRelay:
 
     def open(self, sender, name: str, size: str, sha: str, receivers, now: float) -> Upload:
         """Start an upload for `receivers`; refuse a bad offer, a file too big, or too many."""
-        if not (whole_number(size) and SHA_HEX.fullmatch(sha)
-                and 0 < len(name.encode()) <= MAX_FILE_NAME_BYTES):
+        if not (wire.whole_number(size) and wire.SHA_HEX.fullmatch(sha)
+                and 0 < len(name.encode()) <= wire.MAX_FILE_NAME_BYTES):
             raise Refused("bad-request", "A file offer is [to, name (1-255 bytes), size, SHA-256].")
-        if int(size) > self.limit:
-            raise Refused("too-big", self.too_big(int(size)))
+        if int(size) > self.max_file_mb * wire.MB:
+            raise Refused("too-big", f"That file is {int(size):,} bytes; the limit is "
+                                     f"{self.max_file_mb:g} MB.")
         if sum(upload.sender is sender for upload in self.uploads.values()) >= MAX_FILES_PER_MEMBER:
             raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; "
                                       "wait for one to finish.")
@@ -1276,15 +1191,8 @@ class FileRelay:
         upload.receivers = {member: Receiver() for member in receivers}
         self.uploads[upload.id], self.next_id = upload, self.next_id + 1
         names = ", ".join(member.name for member in receivers)
-        self.log_file(upload, f"offered to {names}, {describe_size(upload.size)}")
+        self.log_file(upload, f"offered to {names}, {wire.describe_size(upload.size)}")
         return upload
-
-    def too_big(self, size: int) -> str:
-        """Say by how much a file is over the limit: in bytes, if in MB the two look alike."""
-        if describe_size(size) == describe_size(self.limit):
-            return (f"That file is {size:,} bytes; the limit is {self.max_file_mb:g} MB "
-                    f"({self.limit:,} bytes).")
-        return f"That file is {describe_size(size)}; the limit is {self.max_file_mb:g} MB."
 
     def offered(self, upload: Upload, member, offer_seq: int) -> None:
         """The "file" EVENT is on its way to `member` as number `offer_seq` (0: it was not)."""
@@ -1292,14 +1200,14 @@ class FileRelay:
             upload.receivers[member].offer_seq = offer_seq
         else:
             upload.receivers.pop(member, None)
-        self.check_whole(upload)
+        self.settle(upload)
 
     def receive(self, session, packet: Packet, now: float) -> None:
         """A packet on a member's file stream: acknowledgements, and chunks of its uploads."""
         for delivered in session.file_stream.receive(packet, now)[1]:
             if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
                 with contextlib.suppress(PacketError):
-                    self.take_chunk(session, *unpack_chunk(delivered.payload), now)
+                    self.take_chunk(session, *wire.unpack_chunk(delivered.payload), now)
 
     def take_chunk(self, session, number: int, offset: int, data: bytes, now: float) -> None:
         """Write an upload's next chunk to its file: chunks come in order, so at its end."""
@@ -1307,7 +1215,7 @@ class FileRelay:
         # Cancelled meanwhile (chunks in flight still come), or not the sender's.
         if upload is None or upload.sender is not session or upload.received == upload.size:
             return
-        if offset != upload.received or len(data) != chunk_length(upload.size, offset):
+        if offset != upload.received or len(data) != wire.chunk_length(upload.size, offset):
             return self.cancel(upload, "its chunks did not fit the file")
         try:
             upload.file.seek(upload.received)
@@ -1317,17 +1225,24 @@ class FileRelay:
             return self.cancel(upload, "the server could not store it")
         upload.digest.update(data)
         upload.received, upload.last_progress = upload.received + len(data), now
-        self.check_whole(upload)
+        self.settle(upload)
 
-    def check_whole(self, upload: Upload) -> None:
-        """Once every byte is in (at once, for an empty file), check the SHA-256."""
-        if upload.checked or upload.received < upload.size or upload.id not in self.uploads:
+    def settle(self, upload: Upload) -> None:
+        """Check the SHA-256 once every byte is in (at once, for an empty file); delete the
+        file once nobody is left to receive it (stopping an upload still coming)."""
+        if upload.id not in self.uploads:
             return
-        if upload.digest.hexdigest() != upload.sha256:
-            return self.cancel(upload, "it arrived damaged (SHA-256 mismatch)")
-        upload.checked = True
-        self.log_file(upload, "arrived whole, SHA-256 checked")
-        self.release_if_unused(upload)
+        if not upload.checked and upload.received == upload.size:
+            if upload.digest.hexdigest() != upload.sha256:
+                return self.cancel(upload, "it arrived damaged (SHA-256 mismatch)")
+            upload.checked = True
+            self.log_file(upload, "arrived whole, SHA-256 checked")
+        if upload.receivers:
+            return
+        if upload.checked:
+            self.close(upload)
+        else:
+            self.cancel(upload, "nobody is left to receive it")
 
     def fill(self, session) -> None:
         """Note the files `session` has whole; put chunks in its file stream while it has
@@ -1341,20 +1256,20 @@ class FileRelay:
                 self.forget(upload, session, "file-done", f"{session.name} has {upload.name}")
         ready = [(upload, where) for upload, where in mine if session in upload.receivers
                  and where.sent < upload.received and chat.delivered(where.offer_seq)]
-        while ready and len(stream.waiting) < FILL:
+        while ready and len(stream.waiting) < wire.FILL:
             for upload, where in list(ready):
                 upload.file.seek(where.sent)
-                data = upload.file.read(chunk_length(upload.size, where.sent))
-                chunk = pack_chunk(upload.id, where.sent, data)
+                data = upload.file.read(wire.chunk_length(upload.size, where.sent))
+                chunk = wire.pack_chunk(upload.id, where.sent, data)
                 where.last_seq = stream.send(PacketType.FILE_CHUNK, chunk)
                 where.sent += len(data)
                 if where.sent >= upload.received or not data:
                     ready.remove((upload, where))
 
-    def receiving(self) -> list:
-        """Return the sessions being sent a file: their file streams may have room now."""
-        return list(dict.fromkeys(member for upload in self.uploads.values()
-                                  for member in upload.receivers))
+    def receiving(self, sender) -> list:
+        """Return the sessions being sent a file of `sender`'s: it may have more for them."""
+        return [member for upload in self.uploads.values() if upload.sender is sender
+                for member in upload.receivers]
 
     def cancel_by(self, session, number: int) -> None:
         """A FILE_CANCEL: the sender's ends the transfer; a receiver's, its own part."""
@@ -1381,25 +1296,18 @@ class FileRelay:
         done = f"{session.name} has it all"
         self.log_file(upload, done if kind == "file-done" else f"not for {session.name}: {why}")
         self.notify(upload.sender, kind, session.name, why, upload.id)
-        self.release_if_unused(upload)
-
-    def release_if_unused(self, upload: Upload) -> None:
-        """Nobody left to receive it: delete the file (and stop an upload still coming)."""
-        if not upload.receivers and upload.id in self.uploads:
-            if upload.checked:
-                self.close(upload)
-            else:
-                self.cancel(upload, "nobody is left to receive it")
+        self.settle(upload)
 
     def cancel(self, upload: Upload, why: str, tell_sender: bool = True) -> None:
         """End a transfer for everyone: the receivers and (unless it asked) the sender hear."""
         self.log_file(upload, f"cancelled: {why}")
+        sender = upload.sender.name
         if tell_sender:
-            self.notify(upload.sender, "file-cancelled", upload.sender.name,
-                        f"{upload.name} not sent: {why}", upload.id)
+            self.notify(upload.sender, "file-cancelled", sender, f"{upload.name} not sent: {why}",
+                        upload.id)
         for member in list(upload.receivers):
-            self.notify(member, "file-cancelled", upload.sender.name,
-                        f"{upload.name} from {upload.sender.name} cancelled: {why}", upload.id)
+            self.notify(member, "file-cancelled", sender,
+                        f"{upload.name} from {sender} cancelled: {why}", upload.id)
         upload.receivers.clear()
         self.close(upload)
 
@@ -1448,22 +1356,23 @@ class ServerLoop:
     """The one loop that owns the socket: receive, let ChatServer decide, send.
 
     It waits in select() for a datagram or the next timer: at most MAX_WAIT (so Ctrl+C
-    is noticed on Windows too), and at most CHECK_POLL while a password check runs.
+    is noticed on Windows too), and at most CHECK_POLL while a password check runs on
+    the worker thread (`checks` holds their futures, in the order they came).
     """
 
     def __init__(self, chat: ChatServer, sock):
-        self.chat, self.sock = chat, sock
-        self.sock.setblocking(False)
+        self.chat, self.sock, self.address = chat, sock, sock.getsockname()
+        sock.setblocking(False)
         # One buffer for every datagram: a fresh 64 KB one each time fragments the heap.
-        self.buffer = bytearray(RECV_BUFFER)
+        self.buffer = bytearray(wire.RECV_BUFFER)
         self.view = memoryview(self.buffer)
-        self.address: Address = sock.getsockname()
         # The port a search is told of (the system's choice, for --port 0).
         chat.port = self.address[1]
-        self.worker = PasswordWorker()
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, "password-checker")
+        self.checks: list[concurrent.futures.Future] = []
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
-        self.stopping, self.thread, self.grace, self.closed = threading.Event(), None, 0.0, False
+        self.stopping, self.thread, self.grace = threading.Event(), None, 0.0
 
     def serve_forever(self) -> None:
         while not self.stopping.is_set():
@@ -1471,14 +1380,18 @@ class ServerLoop:
 
     def serve_once(self, longest: float) -> None:
         """Wait for a datagram, a finished password check or a timer, and handle it."""
-        longest = min(longest, CHECK_POLL) if self.worker.running else longest
-        wait = min(max(self.chat.next_deadline() - time.monotonic(), 0.0), longest)
-        if self.selector.select(wait):
+        longest = min(longest, CHECK_POLL) if self.checks else longest
+        # Timers set meanwhile are later than this one: none can fall due before it.
+        deadline = self.chat.next_deadline()
+        if self.selector.select(min(max(deadline - time.monotonic(), 0.0), longest)):
             self.receive_all(time.monotonic())
         now = time.monotonic()
-        for job in self.worker.done():
-            self.survive(self.chat.finish_password_job, job, now, where="a password check")
-        self.survive(self.chat.on_timers, now, where="the timers")
+        done = [future for future in self.checks if future.done()]
+        self.checks = [future for future in self.checks if future not in done]
+        for future in done:
+            self.survive(self.chat.finish_password_job, future.result(), now, where="a check")
+        if now >= deadline:
+            self.survive(self.chat.on_timers, now, where="the timers")
         self.send_all()
 
     def receive_all(self, now: float) -> None:
@@ -1492,9 +1405,9 @@ class ServerLoop:
             # nothing about the datagram we are reading, so read on.
             except ConnectionResetError:
                 continue
-            data = bytes(self.view[:size])
-            self.survive(self.chat.handle_datagram, data, address, now, where=f"a datagram from "
-                         f"{describe_address(address)}")
+            where = f"a datagram from {wire.describe_address(address)}"
+            self.survive(self.chat.handle_datagram, bytes(self.view[:size]), address, now,
+                         where=where)
             self.send_all()
 
     def survive(self, work, *args, where: str) -> None:
@@ -1518,10 +1431,11 @@ class ServerLoop:
                 self.sock.sendto(data, address)
             # No route to that host, say: that client's problem, not the server's.
             except OSError as error:
-                self.chat.log.problem(f"sending to {describe_address(address)} failed: {error}")
+                where = wire.describe_address(address)
+                self.chat.log.problem(f"sending to {where} failed: {error}")
         self.chat.outbox.clear()
         for job in self.chat.password_jobs:
-            self.worker.submit(job)
+            self.checks.append(self.worker.submit(job.run))
         self.chat.password_jobs.clear()
 
     def shut_down(self, grace: float = STOP_GRACE) -> None:
@@ -1531,13 +1445,6 @@ class ServerLoop:
         self.send_all()
         while not self.chat.stop_heard() and time.monotonic() < deadline:
             self.serve_once(deadline - time.monotonic())
-
-    def start(self) -> "ServerLoop":
-        """Serve on a background thread (for tests and the notebook)."""
-        self.thread = threading.Thread(target=self.serve_then_close, name="chat-server",
-                                       daemon=True)
-        self.thread.start()
-        return self
 
     def serve_then_close(self) -> None:
         try:
@@ -1556,19 +1463,20 @@ class ServerLoop:
 
     def close(self) -> None:
         """Release the socket, the worker and the files; safe to call twice."""
-        if not self.closed:
-            self.closed = True
-            self.worker.close()
-            self.selector.close()
-            self.sock.close()
-            self.chat.close()
+        # Checks still queued are dropped, never answered: their clients ask again.
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.selector.close()
+        self.sock.close()
+        self.chat.close()
 
 
 def start_server(config: ServerConfig, log=print) -> ServerLoop:
-    """Bind, and serve on a background thread; stop with `.stop()`."""
+    """Bind, and serve on a background thread (for tests and the notebook); `.stop()` ends it."""
     chat = ChatServer(config, log)
-    sock = wrap_socket(open_socket(config.host, config.port), config, chat)
-    return ServerLoop(chat, sock).start()
+    loop = ServerLoop(chat, wrap_socket(open_socket(config.host, config.port), config, chat))
+    loop.thread = threading.Thread(target=loop.serve_then_close, name="chat-server", daemon=True)
+    loop.thread.start()
+    return loop
 
 
 def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
@@ -1579,7 +1487,7 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
     def on_drop(direction, data):
         chat.log.trace("LOST" if direction == "out" else "lost", data, ("simulated", 0))
 
-    return LossySocket(sock, config.loss, config.seed, on_drop, side="server")
+    return wire.LossySocket(sock, config.loss, config.seed, on_drop, side="server")
 
 
 # === The command line ========================================================================
@@ -1589,21 +1497,16 @@ def lan_addresses() -> list[str]:
     """Return this PC's IPv4 addresses other than loopback, as far as it can tell.
 
     Linux lists its local addresses in /proc/net/fib_trie, each on the line before a
-    "/32 host LOCAL"; elsewhere (Windows) the host name resolves to every interface's
-    address; and a UDP socket connect()ed to a far address shows the one a datagram there
-    would leave from: connect() on UDP only chooses the route, it sends nothing.
+    "/32 host LOCAL" (a lab LAN with no default route included); elsewhere (Windows) the
+    host name resolves to every interface's address.
     """
     found = []
     with contextlib.suppress(OSError), open("/proc/net/fib_trie", encoding="ascii") as table:
         lines = [line.split() for line in table]
-        local = ["/32", "host", "LOCAL"]
-        found = [lines[n - 1][-1] for n, line in enumerate(lines) if n and line == local]
+        found = [lines[n - 1][-1] for n, line in enumerate(lines)
+                 if n and line == "/32 host LOCAL".split()]
     with contextlib.suppress(OSError):
         found = found or socket.gethostbyname_ex(socket.gethostname())[2]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        # 192.0.2.1 (TEST-NET-1) is kept for examples: nobody is there.
-        probe.connect(("192.0.2.1", 9))
-        found.append(probe.getsockname()[0])
     return [address for address in dict.fromkeys(found) if not address.startswith(("127.", "0."))]
 
 
@@ -1623,7 +1526,7 @@ def megabytes(text: str) -> float:
 
 
 def parse_args(argv: list[str]) -> ServerConfig:
-    defaults, option = ServerConfig(), None
+    defaults = ServerConfig()
     parser = argparse.ArgumentParser(
         description="UDP chat room server. Clients connect with: python client.py",
         epilog="The xor and caesar ciphers are teaching toys: anyone on the network who "
@@ -1631,22 +1534,21 @@ def parse_args(argv: list[str]) -> ServerConfig:
                "hashes.")
     option = parser.add_argument
     option("--host", default=defaults.host, help="address to listen on (default: all interfaces)")
-    option("--port", type=lambda text: 0 if text == "0" else port_number(text),
+    option("--port", type=lambda text: 0 if text == "0" else wire.port_number(text),
            default=defaults.port, help="UDP port (default: %(default)s; 0: any free one)")
     option("--data-dir", default=defaults.data_dir, help="folder for users.json, rooms.json and "
            "chat_history.txt (default: chat_data beside server.py)")
     option("--room-password", default=defaults.room_password,
            help="password of the lobby room (default: %(default)s)")
     # --cipher, --key, --loss, --seed: the same as the client's.
-    add_shared_options(parser)
+    wire.add_shared_options(parser)
     option("--quiet", action="store_true", help="log only problems, not every action")
     option("--verbose", action="store_true",
            help="also log heartbeats, HELLO, FIND, ROOMS and WHO, and trace every packet")
     option("--session-timeout", type=float, default=defaults.session_timeout,
            help="seconds of silence before a client is considered gone (default: %(default)s)")
-    option("--name", type=server_name, default=defaults.name,
-           help="the name clients see when they search the network with ? "
-                "(default: this PC's name)")
+    option("--name", type=server_name, default=defaults.name, help="the name clients see "
+           "when they search the network with ? (default: this PC's name)")
     option("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
            help="the largest file members may send, in MB (default: %(default)s)")
     # Every option is named as its ServerConfig field.
@@ -1657,7 +1559,7 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     """Say where clients find this server: what to answer at the client's prompts."""
     port, everywhere = address[1], config.host in ("0.0.0.0", "")
     addresses = lan_addresses() if everywhere else [config.host]
-    print(f"UDP chat server listening on {describe_address(address)}")
+    print(f"UDP chat server listening on {wire.describe_address(address)}")
     # Loopback never leaves this PC.
     if config.host.startswith("127.") or config.host == "localhost":
         print(f"Clients on other PCs cannot reach it: it listens on {config.host} only "

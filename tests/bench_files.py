@@ -8,7 +8,7 @@ Everything runs on 127.0.0.1: the server on a thread of this process, the client
 it. Loss is simulated (LossySocket, seeded) at the server and at every client, both ways,
 so a datagram crosses two lossy hops. Printed per row: seconds from the offer until every
 receiver has checked its SHA-256, MB/s, chunks resent per chunk sent, and the most file
-bytes the server held in memory at once (FileRelay.buffered_bytes, after every pump).
+bytes the server held in memory at once (its file streams' buffered_bytes, after every fill).
 """
 
 import argparse
@@ -28,10 +28,12 @@ FAST_HASH = 1000  # PBKDF2 iterations: the bench measures files, not logins
 
 class MeasuredRelay(server.FileRelay):
     most = 0
+    held: dict = {}
 
-    def pump(self, sessions, now):
-        super().pump(sessions, now)
-        MeasuredRelay.most = max(MeasuredRelay.most, self.buffered_bytes())
+    def fill(self, session):
+        super().fill(session)
+        MeasuredRelay.held[session] = session.file_stream.buffered_bytes()
+        MeasuredRelay.most = max(MeasuredRelay.most, sum(MeasuredRelay.held.values()))
 
 
 def timing(loss: float) -> client.Timing:
@@ -44,7 +46,7 @@ def run(size_mb: float, loss: float, receivers: int, folder: str) -> tuple:
     """Return (seconds, MB/s, resent per chunk, peak bytes held) for one file."""
     config = server.ServerConfig(host="127.0.0.1", port=0, data_dir=os.path.join(folder, "data"),
                                  kdf_iterations=FAST_HASH, quiet=True, loss=loss, seed=1, max_file_mb=size_mb + 1)
-    server.AbuseControl.MESSAGE_BURST = 10_000
+    server.MESSAGE_BURST = 10_000
     loop = server.start_server(config, log=lambda line: None)
     made = []
     try:
@@ -59,13 +61,15 @@ def run(size_mb: float, loss: float, receivers: int, folder: str) -> tuple:
         path = os.path.join(folder, "file.bin")
         with open(path, "wb") as file:
             file.write(os.urandom(int(size_mb * MB)))
-        MeasuredRelay.most = 0
+        MeasuredRelay.most, MeasuredRelay.held = 0, {}
         started = time.monotonic()
-        made[0].send_file("" if receivers > 1 else "bob0", path)[1].result(30)
+        made[0].send_file("" if receivers > 1 else "bob0", path)
         for chat in made[1:]:
-            while (news := chat.file_news.get(timeout=600))[0] == "progress":
-                pass
-            assert news[0] == "done", news[1].note
+            while True:
+                event = chat.events.get(timeout=600)
+                if event.kind == "transfer" and not event.more[0].active:
+                    break
+            assert event.more[0].state == "done", event.more[0].note
         seconds = time.monotonic() - started
         stats = made[0].protocol.file_stream.stats
         resent = stats["retransmitted"] / max(stats["sent"], 1)

@@ -250,3 +250,84 @@ class Program:
         for stream in (self.process.stdin, self.process.stdout):
             if stream:
                 stream.close()
+
+
+# === The assignment's rubric: `python -m pytest -m assignment [--chat-dir=DIR]` ===========
+# The tests of tests/test_assignment.py carry `@pytest.mark.assignment(kind, item)`; the run
+# ends with one row per item of the handout, then `assignment: M/6 mandatory, K/N optional`.
+
+RUBRIC_KINDS = {"mandatory": "mandatory", "asked": "also asked", "optional": "optional", "seed": "seed text"}
+
+
+def pytest_addoption(parser):
+    # Written --chat-dir=DIR: pytest reads its command line once before this file, and
+    # would take a DIR standing alone for a folder of tests.
+    parser.addoption("--chat-dir", default=ROOT, metavar="DIR",
+                     help="with -m assignment: grade the copy of the chat in DIR (its server.py and client.py), "
+                          "written --chat-dir=DIR; default: this checkout")
+
+
+@pytest.fixture(scope="session")
+def chat_dir(request) -> str:
+    """The folder whose server.py and client.py the rubric runs."""
+    folder = os.path.abspath(request.config.getoption("--chat-dir"))
+    for script in ("server.py", "client.py"):
+        if not os.path.isfile(os.path.join(folder, script)):
+            pytest.fail(f"--chat-dir {folder} has no {script}", pytrace=False)
+    return folder
+
+
+def pytest_ignore_collect(collection_path, config):
+    """A rubric run (`-m assignment`) reads only tests/test_assignment.py, where every test of
+    the rubric is: importing the other test files would take longer than some items."""
+    if config.getoption("markexpr") == "assignment" and collection_path.name.startswith("test_") \
+            and collection_path.suffix == ".py" and collection_path.name != "test_assignment.py":
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(items):
+    for number, item in enumerate(items):
+        marker = item.get_closest_marker("assignment")
+        if marker and marker.args:
+            item.user_properties.append(("rubric", (*marker.args[:2], number)))
+
+
+def rubric_rows(stats) -> dict:
+    """Each item's outcome: (kind, item, number) -> (result, reason); a failure in any phase wins."""
+    rows = {}
+    for reports in stats.values():
+        for report in reports:
+            rubric = dict(getattr(report, "user_properties", ())).get("rubric")
+            if not rubric or not isinstance(report, pytest.TestReport) or (report.passed and report.when != "call"):
+                continue
+            if report.skipped:
+                result, reason = "skipped", report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+            elif report.failed:
+                crash = getattr(report.longrepr, "reprcrash", None)
+                result, reason = "FAILED", (crash.message if crash else str(report.longrepr)).split("\n")[0]
+            else:
+                result, reason = "passed", ""
+            if rows.get(tuple(rubric), ("passed",))[0] != "FAILED":
+                rows[tuple(rubric)] = (result, reason.removeprefix("Skipped: ").removeprefix("Failed: "))
+    return rows
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, config):
+    """After pytest's own summary: the rubric, the last thing before the closing count."""
+    yield
+    rows = rubric_rows(terminalreporter.stats)
+    if not rows:
+        return
+    write = terminalreporter.write_line
+    graded = config.getoption("--chat-dir")
+    terminalreporter.write_sep("=", f"assignment rubric: {'this checkout' if graded == ROOT else graded}")
+    order = list(RUBRIC_KINDS)
+    for (kind, item, _), (result, reason) in sorted(rows.items(), key=lambda row: (order.index(row[0][0]), row[0][2])):
+        write(f"{RUBRIC_KINDS[kind]:<13} {result:<8} {item}")
+        if reason:
+            write(f"{'':<22} {reason[:220]}")
+    count = {kind: [result for (of, *_), (result, _) in rows.items() if of == kind] for kind in order}
+    write(f"assignment: {count['mandatory'].count('passed')}/6 mandatory, "
+          f"{count['optional'].count('passed')}/{len(count['optional']) - count['optional'].count('skipped')} optional")

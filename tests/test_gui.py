@@ -31,7 +31,6 @@ from conftest import EVENT_WAIT, fast_timing, member, next_event, wait_until
 from test_discovery import answer_to
 
 import client
-import server
 
 
 def missing(reason: str):
@@ -372,27 +371,7 @@ def test_a_search_nobody_answers_says_so_and_keeps_the_ip_typed(chat_server, ope
     assert window.servers.size() == 0 and window.host.get() == "192.168.1.10"
 
 
-def test_log_out_leaves_the_room_password_screen_the_server_keeps_asking(chat_server, make_client, open_window):
-    member(make_client, chat_server.address, "alice", password="secret")
-    window = open_window(chat_server.address)
-    fill_login(window, "alice")
-    window.login.login_button.invoke()
-    pump(window, lambda: window.view is window.room_view, "the room password screen")
-    window.room_view.join_button.invoke()  # nothing typed: nothing sent, so not a wrong password
-    assert window.room_view.reply.cget("text") == "Type the room password of lobby, or Log out."
-    for _ in range(server.LOGIN_FAILURES):
-        type_into(window, window.room_view.password, "wrong")
-        pump(window, lambda: window.room_view.join_button.cget("state") == "normal", "the refusal")
-    assert window.room_view.reply.cget("text").startswith("Too many wrong room passwords; try again in ")
-    window.room_view.log_out_button.invoke()
-    assert window.view is window.login  # at once: the BYE goes on the worker thread
-    pump(window, lambda: window.login.reply.cget("text") == "Logged out.", "the goodbye")
-    assert "alice" not in chat_server.chat.online  # the session ended, not left to time out
-    assert window.status.cget("text") == f"Server 127.0.0.1:{chat_server.address[1]}: not logged in"
-    assert window.login.name.get() == "alice" and window.login.password.get() == ""  # a lab PC: not left to the next
-    fill_login(window, "alice")
-    window.login.login_button.invoke()
-    pump(window, lambda: window.view is window.room_view, "the room password screen again")
+# --- Chatting ---
 
 
 def test_lines_go_both_ways_and_own_lines_read_you(chat_server, make_client, open_window):

@@ -288,10 +288,26 @@ def test_a_wake_up_never_blocks_its_caller_however_often_it_is_called(monkeypatc
     monkeypatch.setattr(client.ChatClient, "drain_wakeups", lambda self: None)
     # Nothing is sent to this address before a request; the test sends none.
     chat = client.ChatClient("127.0.0.1", 9)
-    waking = threading.Thread(target=lambda: [chat.wake() for _ in range(1_000_000)], daemon=True)
+
+    def fill_then_wake():
+        # Fill the pair in large gulps, then wake as a busy user would: again and again.
+        while True:
+            try:
+                chat.wake_writer.send(b"!" * 65536)
+            except BlockingIOError:
+                break
+        try:
+            for _ in range(1000):
+                chat.wake()
+        except OSError as error:
+            raised.append(error)
+
+    raised = []
+    waking = threading.Thread(target=fill_then_wake, daemon=True)
     try:
         waking.start()
         waking.join(timeout=60)
         assert not waking.is_alive(), "wake() blocked on a full pair"
+        assert not raised, f"wake() raised on a full pair: {raised}"
     finally:
         chat.close()

@@ -18,6 +18,7 @@ import client
 import server
 from encryption_helper import (
     MIN_HELLO_SIZE,
+    RECV_BUFFER,
     Packet,
     PacketType,
     RtoEstimator,
@@ -55,7 +56,7 @@ def bare_loop(chat, sock) -> server.ServerLoop:
     """Return a ServerLoop with just the parts receive_all uses, around a fake socket."""
     loop = server.ServerLoop.__new__(server.ServerLoop)
     loop.chat, loop.sock = chat, sock
-    loop.buffer = bytearray(server.RECV_BUFFER)
+    loop.buffer = bytearray(RECV_BUFFER)
     loop.view = memoryview(loop.buffer)
     return loop
 
