@@ -778,7 +778,8 @@ def role_bulk_sender(args) -> None:
         # The first chunk goes alone, and the rest once it is acknowledged: that round trip is
         # the channel's first measurement, as TCP's handshake (outside TCP's time here) is TCP's.
         # Without one, a lost first ACK would stall everything for the initial 1 s timeout.
-        measured = channel.rto.srtt is not None
+        # (Acknowledged is enough: a first chunk sent twice gives no sample, by Karn's rule.)
+        measured = channel.rto.srtt is not None or (offset > 0 and channel.delivered(1))
         while offset < len(data) and (measured or offset == 0) and channel.send(
                 PacketType.EVENT, data[offset:offset + MAX_PAYLOAD]):
             offset += MAX_PAYLOAD

@@ -38,7 +38,7 @@ from encryption_helper import (
 ROOT = Path(__file__).resolve().parent.parent
 XOR = make_cipher("xor")
 SAY = Packet(PacketType.SAY, seq=7, ack=3, sack=0b101, token=b"12345678", flags=1, payload=pack_fields("hi :)"))
-# The SAY the README and the docstrings of server.py and client.py show, byte by byte.
+# The SAY the docstrings of server.py and client.py show, byte by byte.
 DOCUMENTED_SAY = Packet(PacketType.SAY, seq=7, ack=2, token=bytes.fromhex("3e1a2c5e5e779012"),
                         payload=pack_fields("hi :)"))
 
@@ -313,8 +313,3 @@ def test_the_datagram_shown_in_the_docstrings_is_real():
     expected = encode_packet(DOCUMENTED_SAY, XOR).hex(" ")
     for module in (server, client):
         assert dumped_bytes(module.__doc__) == expected, f"the SAY in {module.__name__}.py's docstring"
-
-
-def test_the_datagram_shown_in_the_readme_is_real():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert encode_packet(DOCUMENTED_SAY, XOR).hex(" ") in dumped_bytes(readme)
