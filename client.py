@@ -155,7 +155,8 @@ class Event:
 
     From the server: "chat", "private", "history", "join", "leave" and the FILE_EVENTS,
     `more` holding the fields after the text. Made by the client: "notice" (`text` is a
-    finished line), "transfer" (`more` is (Transfer,)), "state" (`text` is the new state),
+    finished line), "transfer" (`more` is (the Transfer as it was, the live one)), "state"
+    (`text` is the new state),
     and "answer" (`more` is (request number, fields or error)), which ChatClient keeps.
     """
 
@@ -371,7 +372,10 @@ class ClientProtocol(Requests):
         super().__init__(cipher, timing, now, loss, trace, server)
         self.name = self.room = self.file_stream = None
         self.rejoin = rejoin
-        self.files = FileTransfers(downloads, lambda moved: self.emit("transfer", more=(moved,)),
+        # A transfer event carries the transfer as it was then (shown later, on another
+        # thread, the live one may have moved on), and the live one, to tell transfers apart.
+        self.files = FileTransfers(downloads, lambda moved: self.emit(
+                                   "transfer", more=(dataclasses.replace(moved), moved)),
                                    lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
         # Getting back in: the last login and room with their passwords (in memory only),
         # the refusal told already, when to try next, and since when.
@@ -2253,12 +2257,12 @@ class ChatWindow:
 
     def show_transfer(self, event: Event, me: str | None) -> None:
         """One bar for all the files on their way: their bytes done of their bytes in all."""
-        # A Transfer goes on changing on the network thread: its end is told once (None).
-        transfer = event.more[0]
+        # The live Transfer tells one transfer from another; its end is told once (None).
+        transfer, live = event.more
         if transfer.active:
-            self.moving[id(transfer)] = transfer
-        elif self.moving.get(id(transfer), transfer) is not None:
-            self.moving[id(transfer)] = None
+            self.moving[id(live)] = live
+        elif self.moving.get(id(live), live) is not None:
+            self.moving[id(live)] = None
             self.add_line(format_event(event, me), notice_marks(transfer.note))
         moving = [each for each in self.moving.values() if each and each.active]
         size = sum(each.size for each in moving)

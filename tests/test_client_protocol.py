@@ -412,3 +412,17 @@ def test_a_room_joined_by_the_user_shows_all_its_past():
     back.returning = False  # the user chose a room: its past is news
     assert back.fresh(past(50.0, "bob", "old")).kind == "history"
     assert back.fresh(past(60.0, "alice", "my old line")).kind == "history"
+
+
+def test_a_transfer_event_shows_the_transfer_as_it_was_when_it_happened():
+    """Events are shown later, on another thread: by then the transfer has moved on. Each
+    event must still say what happened then - 75% once, saved once - not where it is now."""
+    protocol = client.ClientProtocol(CIPHER)
+    transfer = client.Transfer("receive", "bob", "cat.jpg", 1000, "0" * 64, "downloads/cat.jpg",
+                               number=3, done_bytes=750, state="moving")
+    protocol.files.emit(transfer)
+    transfer.done_bytes, transfer.state, transfer.note = 1000, "done", "SHA-256 checked"
+    protocol.files.emit(transfer)
+    lines = [client.format_event(event) for event in protocol.take_events()
+             if event.kind == "transfer"]
+    assert lines == ["cat.jpg: 75% of 1000 B", "saved downloads/cat.jpg (1000 B, SHA-256 checked)"]

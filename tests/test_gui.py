@@ -11,6 +11,7 @@ where a missing display is a failure.
 """
 
 import builtins
+import dataclasses
 import gc
 import itertools
 import os
@@ -634,12 +635,14 @@ def test_one_bar_counts_the_bytes_of_every_file_on_its_way(chat_server, open_win
                             done_bytes=400, state="moving")
     second = client.Transfer("send", "bob", "notes.txt", 1000, "0" * 64, "notes.txt", number=8,
                              done_bytes=100, state="moving")
+    # An event carries the transfer as it was, and the live one.
     for transfer in (first, second):
-        window.draw(client.Event("transfer", time.time(), more=(transfer,)))
+        window.draw(client.Event("transfer", time.time(), more=(transfer, transfer)))
     assert (window.bar_label.cget("text"), int(window.bar.cget("value"))) == ("25% of 2 file(s)", 25)
     first.state, first.note = "cancelled", "you cancelled it"
-    window.draw(client.Event("transfer", time.time(), more=(first,)))
-    window.draw(client.Event("transfer", time.time(), more=(first,)))  # seen again: told once
+    ended = dataclasses.replace(first)
+    window.draw(client.Event("transfer", time.time(), more=(ended, first)))
+    window.draw(client.Event("transfer", time.time(), more=(ended, first)))  # seen again: told once
     assert window.bar_label.cget("text") == "10% of 1 file(s)"
     assert messages(window).count("cancelled: big.iso (you cancelled it)") == 1
 
