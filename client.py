@@ -372,10 +372,7 @@ class ClientProtocol(Requests):
         super().__init__(cipher, timing, now, loss, trace, server)
         self.name = self.room = self.file_stream = None
         self.rejoin = rejoin
-        # A transfer event carries the transfer as it was then (shown later, on another
-        # thread, the live one may have moved on), and the live one, to tell transfers apart.
-        self.files = FileTransfers(downloads, lambda moved: self.emit(
-                                   "transfer", more=(dataclasses.replace(moved), moved)),
+        self.files = FileTransfers(downloads, lambda *both: self.emit("transfer", more=both),
                                    lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
         # Getting back in: the last login and room with their passwords (in memory only),
         # the refusal told already, when to try next, and since when.
@@ -834,11 +831,16 @@ class FileTransfers:
     """
 
     def __init__(self, downloads: str, emit, cancel):
-        self.downloads, self.emit, self.cancel = downloads, emit, cancel
+        self.downloads, self.report, self.cancel = downloads, emit, cancel
         # request number -> offer not answered yet
         self.offers: dict[int, Transfer] = {}
         # every transfer of this session, in the order they began
         self.transfers: list[Transfer] = []
+
+    def emit(self, transfer: Transfer) -> None:
+        """Report a change: the transfer as it is now (it is shown later, on another thread,
+        when the live one may have moved on), and the live one, to tell transfers apart."""
+        self.report(dataclasses.replace(transfer), transfer)
 
     def find(self, direction: str, number: int) -> Transfer | None:
         """Return the transfer on its way with the server's id `number`, if any."""

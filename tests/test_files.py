@@ -114,7 +114,8 @@ class Files(FileTransfers):
 
     def __init__(self, downloads: str):
         self.news, self.cancels = [], []
-        super().__init__(downloads, lambda transfer: self.news.append((transfer.state, transfer)),
+        # A change comes as the transfer then, and the live one.
+        super().__init__(downloads, lambda then, live: self.news.append((then.state, live)),
                          self.cancels.append)
 
 
@@ -245,8 +246,8 @@ def test_progress_is_reported_about_once_a_percent(tmp_path):
 def test_a_terminal_shows_a_few_lines_of_progress_and_a_last_one(tmp_path):
     terminal = RecordingTerminal()
 
-    def show(transfer: client.Transfer) -> None:
-        terminal.show_event(client.Event("transfer", 0.0, more=(transfer,)), "bob")
+    def show(then: client.Transfer, live: client.Transfer) -> None:
+        terminal.show_event(client.Event("transfer", 0.0, more=(then, live)), "bob")
 
     _, offer, chunks = chunks_of(tmp_path, bytes(100 * CHUNK_SIZE))
     receiver = FileTransfers(str(tmp_path / "downloads"), show, lambda number: None)
