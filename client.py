@@ -528,7 +528,7 @@ class ClientProtocol(Requests):
         self.files.end_all("the session ended")
         if back and self.state != "reconnecting":
             self.set_state("reconnecting")
-            self.notice("[INFO] Trying to get back in (type exit to stop)...")
+            self.notice("[INFO] Trying to get back in (exit to stop)...")
             self.retry_at, self.since, self.told = self.now, self.now, ""
             self.channel = self.stranger_channel()
         elif not back and self.state != "closed":
@@ -1846,7 +1846,7 @@ HELP = f"""Commands:
   /send USER FILE - send a file to one user ("quotes" optional around a name with spaces)
   /share FILE - send a file to everyone in your room
   /files - files in progress and finished; /cancel stops yours (/cancel N: number N)
-  exit or /quit - leave (Ctrl+C does the same)
+  exit or /quit - leave
 Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
 several messages, cut between words. Start a line with // to send one beginning with /."""
 # what leaves the chat, typed alone on a line

@@ -239,7 +239,7 @@ def test_a_stop_holds_what_it_never_handled_and_is_acknowledged_at_once():
     server_end.channel.send(PacketType.EVENT, pack_fields("stop", "0", "", "alice", "The server was stopped."))
     server_end.tell(protocol, 1.1)
     out = Out(protocol)
-    assert out.notices == ["[INFO] The server was stopped.", "[INFO] Trying to get back in (type exit to stop)..."]
+    assert out.notices == ["[INFO] The server was stopped.", "[INFO] Trying to get back in (exit to stop)..."]
     assert said not in out.answers and protocol.state == "reconnecting"  # held, to send once back in
     last_ack = protocol.poll(1.1)[0]
     assert decode_packet(last_ack, CIPHER).type == PacketType.ACK

@@ -673,6 +673,8 @@ def test_the_window_uses_themed_widgets_and_no_terminal_words(chat_server, open_
     assert {widget.winfo_class() for widget in widgets} >= {"TButton", "TEntry", "TLabel", "TProgressbar"}
     texts = " ".join(str(widget.cget("text")) for widget in widgets if "text" in widget.keys())
     assert "Ctrl+C" not in texts and "exit" not in texts.lower()
+    # The help and the notices the window shows are the terminal's: none says "Ctrl+C".
+    assert "Ctrl+C" not in client.HELP and "type exit" not in client.HELP
 
 
 def test_a_missing_tkinter_is_explained_with_the_install_command(monkeypatch, capsys):
