@@ -221,22 +221,23 @@ def lab(chat_dir, tmp_path):
     made.close()
 
 
-def register(client: Terminal, name: str, password: str) -> None:
-    client.type("/register")
+def give_account(client: Terminal, command: str, name: str, password: str) -> None:
+    """Type `command` (/register or /login), then the name and password it asks for."""
+    client.type(command)
     client.expect("Username:", "the client did not ask for a username")
     client.type(name)
     client.expect("Password", "the client did not ask for a password")
     client.type(password)
+
+
+def register(client: Terminal, name: str, password: str) -> None:
+    give_account(client, "/register", name, password)
     client.expect("again", "the client did not ask for the password again")
     client.type(password)
 
 
 def login(client: Terminal, name: str, password: str) -> None:
-    client.type("/login")
-    client.expect("Username:", "the client did not ask for a username")
-    client.type(name)
-    client.expect("Password", "the client did not ask for a password")
-    client.type(password)
+    give_account(client, "/login", name, password)
 
 
 def member(lab: Lab, server: Terminal, name: str, *options: str, password: str = "secret", port: int = 0,
