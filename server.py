@@ -139,7 +139,6 @@ class ServerConfig:
 
 # === State ===================================================================================
 
-
 @dataclasses.dataclass(eq=False)
 class Session:
     """A logged-in member, known by its address and proven by the token it carries."""
@@ -154,7 +153,8 @@ class Session:
     last_heard: float
     # Its room's key in ChatServer.rooms (the lower-case name); None before a JOIN.
     room: str | None = None
-    # Requests in order, not handled yet: held by flood control or a password check.
+    # Requests in order, not handled yet: held by flood control (till `wake_at`), or while
+    # a password check runs (`checking`).
     backlog: collections.deque = dataclasses.field(default_factory=collections.deque)
     wake_at: float = float("inf")
     checking: bool = False
@@ -196,18 +196,17 @@ class Request:
 
 @dataclasses.dataclass(eq=False)
 class PasswordJob:
-    """A slow hash for the worker thread: `work()` runs there; `then` answers on the loop."""
+    """A slow hash: `work()` runs on the worker thread, then `then(chat, job)` answers the
+    request on the loop's thread. `record`: what a password is checked against."""
 
     request: Request
     work: object
     then: object
-    # LOGIN and JOIN: the record checked against (a dummy one for an unknown name).
     record: dict | None = None
     result: object = None
     error: str = ""
 
     def run(self) -> "PasswordJob":
-        """Runs on the worker thread; touches nothing but this job."""
         try:
             self.result = self.work()
         # Whatever broke (a damaged record, say), the loop must still answer the request.
@@ -216,8 +215,12 @@ class PasswordJob:
         return self
 
 
-# === The protocol ============================================================================
+def describe_address(address: Address) -> str:
+    """Return an address as a user types it: ip:port."""
+    return f"{address[0]}:{address[1]}"
 
+
+# === The protocol ============================================================================
 
 class ChatServer:
     """The chat protocol: datagrams and the time in, datagrams to send out.
@@ -242,9 +245,9 @@ class ChatServer:
                                self.notify, self.log)
         # Sessions by address, and the same sessions by lower-case user name.
         self.sessions, self.online = {}, {}
-        self.cookie_secret = secrets.token_bytes(16)
+        # The retry cache: the answer to each REGISTER and LOGIN, by retry_key().
         self.replies: collections.OrderedDict = collections.OrderedDict()
-        self.registering: set[str] = set()
+        self.cookie_secret, self.registering = secrets.token_bytes(16), set()
         self.failed_logins = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
         self.wrong_room_passwords = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
@@ -266,7 +269,14 @@ class ChatServer:
         try:
             packet = wire.decode_packet(data, self.cipher)
         except PacketError as error:
-            return refuse_datagram(self, data, address, error)
+            self.refuse(address, f"sent a bad datagram ({len(data)} B): {error}")
+            # The type byte is never scrambled: a type only servers send is not answered even
+            # unreadable (another key), or two servers would answer each other for ever.
+            if data[:2] == wire.MAGIC and len(data) > 3 and data[3] not in wire.SERVER_ONLY:
+                bad = wire.pack_fields("0", "bad-packet", str(error))
+                self.send(wire.encode_packet(Packet(PacketType.ERROR, payload=bad), self.cipher),
+                          address, limit=len(data))
+            return
         request = Request(packet, address, len(data), now)
         if packet.type not in HANDSHAKE_TYPES or packet.token != wire.NO_TOKEN:
             self.handle_member_packet(request)
@@ -279,20 +289,16 @@ class ChatServer:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, session = job.request, job.request.session
         request.now, self.pending_checks = now, self.pending_checks - 1
-        if request.packet.type == PacketType.REGISTER:
-            self.registering.discard(request.user.lower())
+        self.registering.discard(request.user.lower())
+        if session:
+            session.checking = False
+        if job.error:
+            self.log.problem(f"a password check for {describe_address(request.address)} "
+                             f"failed: {job.error}")
+            job.then = refuse_failed_check
         # Not for a session ended meanwhile, nor after EVENT stop: the client asks again.
-        try:
-            if job.error:
-                where = wire.describe_address(request.address)
-                self.log.problem(f"a password check for {where} failed: {job.error}")
-                job.then = refuse_failed_check
-            if session is None or (self.current(session) and not self.stopping):
-                self.respond(request, job.then, self, job)
-        finally:
-            # Even if a bug raised: the member's next requests must not wait for ever.
-            if session:
-                session.checking = False
+        if session is None or (self.current(session) and not self.stopping):
+            self.respond(request, job.then, self, job)
         if session:
             self.serve_backlog(session, now)
         self.flush(now)
@@ -307,7 +313,7 @@ class ChatServer:
                 self.due[session] = None
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_EVERY
-            self.log.end_of_second()
+            self.log.count_problems()
             for session in list(self.sessions.values()):
                 if now - session.last_heard > self.config.session_timeout:
                     self.end_session(session, "timed out", now)
@@ -337,7 +343,7 @@ class ChatServer:
         self.history.close()
         self.files.close_all()
 
-    # --- Dispatch ---
+    # --- From a datagram to a handler ---
 
     def handle_handshake(self, request: Request) -> None:
         """HELLO, REGISTER, LOGIN, FIND without a session; a retry gets the first answer."""
@@ -355,12 +361,11 @@ class ChatServer:
         packet, address = request.packet, request.address
         session = self.sessions.get(address)
         if session is None or not hmac.compare_digest(session.token, packet.token):
-            return refuse_unknown_session(self, request, session)
+            return self.reset(request, session)
         session.last_heard, self.due[session] = request.now, None
         if packet.flags & wire.FLAG_FILE_STREAM:
-            self.files.receive(session, packet, request.now)
             # New bytes of its uploads may go on to their receivers.
-            return self.due.update(dict.fromkeys(self.files.receiving(session)))
+            return self.due.update(dict.fromkeys(self.files.receive(session, packet, request.now)))
         for delivered in session.channel.receive(packet, request.now)[1]:
             # An unnumbered ACK; or too late: the client sends it again after the restart.
             if not delivered.seq or self.stopping:
@@ -386,6 +391,26 @@ class ChatServer:
             request.now = now
             self.respond(request, HANDLERS[request.packet.type], self, request)
 
+    def reset(self, request: Request, session: Session | None) -> None:
+        """A member's packet with no session behind it: RESET, if nobody is at that address."""
+        self.stats["no-session"] += 1
+        packet, sender = request.packet, f"sent {request.packet.type.name}"
+        # The last ACK of a client that said BYE, say: nothing to answer. A server's type
+        # may be another server answering what we sent: a RESET back would be answered too.
+        if packet.type == PacketType.ACK or packet.type in wire.SERVER_ONLY:
+            return refuse_misplaced(self, request)
+        if session is not None:
+            return self.log.problem(f"{describe_address(request.address)} {sender} with a "
+                                    "wrong session token; dropped")
+        self.log.problem(f"{describe_address(request.address)} {sender} but has no session; "
+                         "told to log in")
+        # A bare header, never larger than the packet; it echoes the token, so a client
+        # believes it only if that token was its own.
+        reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
+        self.send(wire.encode_packet(reset, self.cipher), request.address)
+
+    # --- Answering: the one place ---
+
     def respond(self, request: Request, handler, *args) -> None:
         """Run a handler and answer; EVENTs it makes for the requester follow the answer."""
         self.replying_to = request.session
@@ -402,24 +427,20 @@ class ChatServer:
         for session, body in held:
             self.tell(session, body)
 
-    # --- Answering: the one place ---
-
     def answer(self, request: Request, result) -> None:
         """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer.
 
-        A member's answer goes on its channel; any other straight to its address.
-        """
+        A member's answer goes on its channel; any other straight to its address (and, if
+        the sender proved its address, into the retry cache)."""
         if result is None:
             return
+        ptype, fields = PacketType.OK, result
         if isinstance(result, Refused):
             ptype, fields = PacketType.ERROR, [result.code, result.text]
-        else:
-            ptype, fields = PacketType.OK, list(result)
-        payload = wire.pack_fields(str(request.packet.seq), *fields)
         # Never expected; but an answer must never crash the server.
-        if len(payload) > wire.MAX_PAYLOAD:
+        if len(wire.pack_fields(str(request.packet.seq), *fields)) > wire.MAX_PAYLOAD:
             ptype, fields = PacketType.ERROR, ["too-long", "Answer too long."]
-            payload = wire.pack_fields(str(request.packet.seq), *fields)
+        payload = wire.pack_fields(str(request.packet.seq), *fields)
         self.log.answer(request, ptype, fields)
         if request.session is not None:
             request.session.behind |= not request.session.channel.send(ptype, payload)
@@ -428,12 +449,33 @@ class ChatServer:
         reply = Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload)
         data = wire.encode_packet(reply, self.cipher)
         if request.proven:
-            remember(self, request, data)
-        send_limited(self, data, request.address, request.size, request.proven)
+            self.remember(request, data)
+        self.send(data, request.address, limit=None if request.proven else request.size)
 
-    def send(self, data: bytes, address: Address) -> None:
+    def remember(self, request: Request, answer: bytes) -> None:
+        """Keep the answer (or PENDING) to a REGISTER or LOGIN for its retries; bounded."""
+        key = retry_key(request)
+        self.replies[key] = answer
+        self.replies.move_to_end(key)
+        if len(self.replies) > RETRY_CACHE_SIZE:
+            self.replies.popitem(last=False)
+
+    def send(self, data: bytes, address: Address, limit: int | None = None) -> None:
+        """Send a datagram; with a `limit` (what an unproven sender sent), only if no larger.
+
+        UDP source addresses can be forged: if a small request could earn a big answer,
+        anyone could aim our answers at a victim (a reflection attack). QUIC calls this
+        rule the anti-amplification limit."""
+        if limit is not None and len(data) > limit:
+            self.stats["withheld"] += 1
+            return
         self.log.trace("out", data, address)
         self.outbox.append((data, address))
+
+    def refuse(self, address: Address, what: str, count: str = "bad") -> None:
+        """Count a datagram that is not handled, and log what it was."""
+        self.stats[count] += 1
+        self.log.problem(f"{describe_address(address)} {what}")
 
     # --- Sessions, and telling their members ---
 
@@ -516,8 +558,8 @@ class ChatServer:
                 failed = session.channel.failed or session.file_stream.failed
                 if current and (failed or session.behind):
                     reason = "not responding" if failed else "too slow"
-                    where = wire.describe_address(session.address)
-                    self.log.problem(f"{session.name} at {where}: {reason}")
+                    self.log.problem(f"{session.name} at {describe_address(session.address)}: "
+                                     f"{reason}")
                     self.end_session(session, reason, now)
 
 
@@ -525,20 +567,16 @@ class ChatServer:
 # Each takes the ChatServer and a Request, and returns the OK's fields; None, when there is
 # no answer now (a password check runs; or nothing is answered); or raises Refused.
 
-
 def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
     """HELLO -> OK [cookie]: only a client really at its address sees it (as in DTLS)."""
     if request.session is None and request.size < wire.MIN_HELLO_SIZE:
-        return chat.log.problem(f"{wire.describe_address(request.address)} sent an unpadded "
-                                f"HELLO ({request.size} B); dropped")
+        return chat.refuse(request.address, f"sent an unpadded HELLO ({request.size} B); dropped")
     return [make_cookie(chat, request.address, int(request.now // COOKIE_PERIOD))]
-
 
 def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
     """Return an HMAC of the address and the period: nothing to store per client."""
     message = f"{address[0]}|{address[1]}|{period}".encode()
     return hmac.new(chat.cookie_secret, message, "sha256").hexdigest()[:32]
-
 
 def check_credentials(chat: ChatServer, request: Request) -> str:
     """Return the password of a REGISTER or LOGIN whose cookie is good; note its user."""
@@ -555,7 +593,6 @@ def check_credentials(chat: ChatServer, request: Request) -> str:
         raise Refused("stale-cookie", "Say HELLO again.")
     request.proven = True
     return password
-
 
 def handle_register(chat: ChatServer, request: Request) -> None:
     password, name = check_credentials(chat, request), request.user
@@ -574,18 +611,11 @@ def handle_register(chat: ChatServer, request: Request) -> None:
     chat.registrations.add(request.address[0], request.now)
     chat.registering.add(name.lower())
 
-
 def finish_register(chat: ChatServer, job: PasswordJob) -> list[str]:
-    try:
-        # On disk before we say so: a confirmed registration survives a crash.
-        if not chat.users.add(job.result):
-            raise Refused("taken", "Username already taken.")
-    except OSError as error:
-        chat.log.problem(f"could not save {USERS_FILE}: {error}")
-        raise Refused("server-error", "The server could not save your account; "
-                                      "try again.") from None
+    # On disk before we say so: a confirmed registration survives a crash.
+    if not saved(chat, chat.users.add, job.result, what="your account"):
+        raise Refused("taken", "Username already taken.")
     return ["Registration successful."]
-
 
 def handle_login(chat: ChatServer, request: Request) -> None:
     if request.session is not None:
@@ -598,7 +628,6 @@ def handle_login(chat: ChatServer, request: Request) -> None:
     # An unknown name is checked against a dummy record: its answer takes as long.
     record = chat.users.get(name) or auth.dummy_record(chat.users.iterations)
     start_check(chat, request, finish_login, auth.check_password, password, record, record=record)
-
 
 def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
     """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
@@ -630,7 +659,6 @@ def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
     request.reply_token = here.token
     return [here.name, LOBBY, f"Welcome, {here.name}."]
 
-
 def start_check(chat: ChatServer, request: Request, then, work, *args, record=None) -> None:
     """Queue `work(*args)`, a slow hash, for the worker; `then` answers when it is done.
 
@@ -642,14 +670,16 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
     if request.session:
         request.session.checking = True
     else:
-        remember(chat, request, PENDING)
+        chat.remember(request, PENDING)
     chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
 
-
-def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
-    """A password check that raised (a damaged record, say): the client may try again."""
-    raise Refused("server-error", "The server could not check that; try again.")
-
+def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
+    """Return change(*args), a write to a file; if the disk fails, refuse (`what` not saved)."""
+    try:
+        return change(*args)
+    except OSError as error:
+        chat.log.problem(f"could not save {what}: {error}")
+        raise Refused("server-error", f"The server could not save {what}; {after}.") from None
 
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
     name, password = wire.unpack_fields(request.packet.payload, 2)
@@ -670,44 +700,40 @@ def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
     return start_check(chat, request, finish_join, auth.check_password, password, room.record,
                        record=room.record)
 
-
 def finish_join(chat: ChatServer, job: PasswordJob) -> list[str]:
     """The password check of a JOIN came back: enter the room, or make it."""
     # The room's name: as it was made, or as the new room's record says it.
     request, name = job.request, (job.record or job.result)["name"]
     room = chat.rooms.get(name.lower())
-    # An existing room's password was checked: unless the room changed meanwhile.
-    if job.record is not None and room is not None and room.record is job.record:
+    # While the hash ran, the room may have been forgotten, or made by another member.
+    if job.record is not None or room is not None:
+        if room is None or room.record is not job.record:
+            raise Refused("taken", f"{name} changed a moment ago; /join it again.")
         return enter_room(chat, request, room, job.result)
-    if job.record is not None:
-        raise Refused("taken", f"{name} changed a moment ago; /join it again.")
-    if room is not None:
-        raise Refused("taken", f"{room.name} was made a moment ago; /join it with its password.")
     make_room_for_one(chat)
     record = {**job.result, "created": int(chat.wall_clock())}
-    try:
-        chat.room_store.add(record)
-    except OSError as error:
-        chat.log.problem(f"could not save {ROOMS_FILE}: {error}")
-        raise Refused("server-error", "The server could not save the room; try again.") from None
+    saved(chat, chat.room_store.add, record, what="the room")
     room = chat.rooms[record["name"].lower()] = Room(record["name"], record)
     return enter_room(chat, request, room, True, " (new room)")
 
+def check_room_lock(chat: ChatServer, request: Request, wrong: bool = False) -> None:
+    """Count a wrong room password (if `wrong`); refuse an account that guessed 5 wrong.
 
-def check_room_lock(chat: ChatServer, request: Request) -> None:
-    """Refuse a JOIN of an account, on its PC, that guessed 5 wrong room passwords."""
-    wait = chat.wrong_room_passwords.locked_for(room_guesser(request), request.now)
+    The count is the account's on its PC: a new login starts no new count, and other
+    accounts on that PC are not locked out with it."""
+    guesser = request.address[0], request.session.name.lower()
+    if wrong:
+        chat.wrong_room_passwords.add(guesser, request.now)
+    wait = chat.wrong_room_passwords.locked_for(guesser, request.now)
     if wait:
         raise Refused("locked", f"Too many wrong room passwords; try again in {wait:.0f} s.")
-
 
 def enter_room(chat: ChatServer, request: Request, room: Room, password_ok, made="") -> list[str]:
     """Move the member to `room`: it is shown the room's past, the others hear of it."""
     session = request.session
     if not password_ok:
-        chat.wrong_room_passwords.add(room_guesser(request), request.now)
         # The last guess allowed says so at once.
-        check_room_lock(chat, request)
+        check_room_lock(chat, request, wrong=True)
         raise Refused("wrong-room-password", "Wrong room password.")
     if session.room:
         leave_room(chat, session, f"went to {room.name}")
@@ -719,13 +745,11 @@ def enter_room(chat: ChatServer, request: Request, room: Room, password_ok, made
     count = len(room.members)
     return [room.name, str(count), f"joined {room.name}{made}, {count} here"]
 
-
 def leave_room(chat: ChatServer, session: Session, reason: str) -> None:
     room = chat.rooms[session.room]
     del room.members[session.name.lower()]
     session.room = None
     chat.publish(room, "leave", session.name, reason)
-
 
 def make_room_for_one(chat: ChatServer) -> None:
     """Before a room is made: at MAX_ROOMS, forget the empty one quiet longest."""
@@ -737,25 +761,17 @@ def make_room_for_one(chat: ChatServer) -> None:
     # Quiet since its last message, or since it was made.
     quietest = min(empty, key=lambda room: max([room.record.get("created", 0)] + [
         when for when, _, _ in room.history]))
-    try:
-        chat.room_store.remove(quietest.name)
-    except OSError:
-        raise Refused("server-error", f"The server could not save {ROOMS_FILE}; "
-                                      "try again.") from None
+    saved(chat, chat.room_store.remove, quietest.name, what=ROOMS_FILE)
     del chat.rooms[quietest.name.lower()]
-
 
 def handle_say(chat: ChatServer, request: Request) -> list[str]:
     session, (text,) = request.session, wire.unpack_fields(request.packet.payload, 1)
     room = room_of(chat, session)
     check_text(text)
     when = chat.wall_clock()
-    try:
-        # On file before anyone hears it.
-        chat.history.append(when, room.name, session.name, text)
-    except OSError as error:
-        chat.log.problem(f"could not write {HISTORY_FILE}: {error}")
-        raise Refused("server-error", "The server could not save your message; not sent.") from None
+    # On file before anyone hears it.
+    saved(chat, chat.history.append, when, room.name, session.name, text,
+          what="your message", after="not sent")
     room.history.append((when, session.name, text))
     # The assignment: the server prints every message it relays (once, cut short).
     shown = text if len(text) <= LOGGED_TEXT else f"{text[:LOGGED_TEXT]}... ({len(text)} chars)"
@@ -763,7 +779,6 @@ def handle_say(chat: ChatServer, request: Request) -> list[str]:
     chat.publish(room, "chat", session.name, text, exclude=session)
     others = len(room.members) - 1
     return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
-
 
 def handle_private(chat: ChatServer, request: Request) -> list[str]:
     target_name, text = wire.unpack_fields(request.packet.payload, 2)
@@ -774,31 +789,26 @@ def handle_private(chat: ChatServer, request: Request) -> list[str]:
     chat.tell(target, chat.event("private", "", request.session.name, text))
     return [f"private to {target.name}"]
 
-
 def handle_rooms(chat: ChatServer, request: Request) -> list[str]:
     """ROOMS -> OK [room, count, room, count...]: every room, empty ones with their 0."""
     wire.unpack_fields(request.packet.payload, 0)
     pairs = [[room.name, str(len(room.members))] for room in chat.rooms.values()]
     return fit_fields([field for pair in pairs for field in pair], step=2)
 
-
 def handle_who(chat: ChatServer, request: Request) -> list[str]:
     wire.unpack_fields(request.packet.payload, 0)
     room = room_of(chat, request.session)
     return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
-
 
 def handle_ping(chat: ChatServer, request: Request) -> list[str]:
     """PING -> OK []: a heartbeat, "still here"; that it came is all that counts."""
     wire.unpack_fields(request.packet.payload, 0)
     return []
 
-
 def handle_bye(chat: ChatServer, request: Request) -> list[str]:
     wire.unpack_fields(request.packet.payload, 0)
     chat.end_session(request.session, "", request.now)
     return ["goodbye"]
-
 
 def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
     """FIND -> OK [name, port, members online]; unpadded, or over the rate: dropped."""
@@ -809,11 +819,9 @@ def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
         if not chat.find_bucket.take(request.now):
             return [chat.name, str(chat.port), str(len(chat.online))]
         why = "over the server's rate of answers"
-    chat.stats["finds dropped"] += 1
-    chat.log.problem(f"{wire.describe_address(request.address)} sent a FIND, {why}; dropped")
+    chat.refuse(request.address, f"sent a FIND, {why}; dropped", count="finds dropped")
 
-
-def handle_offer(chat: ChatServer, request: Request) -> list[str]:
+def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
     """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file."""
     session = request.session
     to, name, size, sha = wire.unpack_fields(request.packet.payload, 4)
@@ -829,85 +837,50 @@ def handle_offer(chat: ChatServer, request: Request) -> list[str]:
     for member in receivers:
         where = chat.rooms[member.room].name if member.room else ""
         event = chat.event("file", where, session.name, text, upload.id, name, upload.size, sha)
-        chat.files.offered(upload, member, chat.tell(member, event))
+        # No chunk goes before the offer arrived (the file stream could overtake it); a
+        # receiver whose channel had no room for the offer is left out.
+        upload.receivers[member] = Receiver(chat.tell(member, event))
+        if not upload.receivers[member].offer_seq:
+            del upload.receivers[member]
+    chat.files.settle(upload)
     return [str(upload.id)]
 
-
-def handle_cancel(chat: ChatServer, request: Request) -> list[str]:
+def handle_file_cancel(chat: ChatServer, request: Request) -> list[str]:
     """FILE_CANCEL [id]: the sender's ends the transfer for all; a receiver's, for itself."""
     (number,) = wire.unpack_fields(request.packet.payload, 1)
     chat.files.cancel_by(request.session, int(number) if wire.whole_number(number) else 0)
     return ["cancelled"]
 
-
-def refuse_datagram(chat: ChatServer, data: bytes, address: Address, error: PacketError) -> None:
-    """Log a datagram that is no packet; answer if it looks like ours (a wrong key?)."""
-    chat.stats["bad"] += 1
-    where = wire.describe_address(address)
-    chat.log.problem(f"{where} sent a bad datagram ({len(data)} B): {error}")
-    # The type byte is never scrambled: a type only servers send is not answered even
-    # unreadable (another key), or two servers would answer each other for ever.
-    if data[:2] == wire.MAGIC and len(data) > 3 and data[3] not in wire.SERVER_ONLY:
-        bad = Packet(PacketType.ERROR, payload=wire.pack_fields("0", "bad-packet", str(error)))
-        send_limited(chat, wire.encode_packet(bad, chat.cipher), address, len(data), False)
-
-
-def refuse_unknown_session(chat: ChatServer, request: Request, session: Session | None) -> None:
-    """A member's packet with no session behind it: RESET, if nobody is at that address."""
-    chat.stats["no-session"] += 1
-    packet = request.packet
-    sender = f"{wire.describe_address(request.address)} sent {packet.type.name}"
-    # The last ACK of a client that said BYE, say: nothing to answer.
-    if packet.type == PacketType.ACK:
-        return
-    # Maybe another server answering what we sent: a RESET back would be answered too.
-    if packet.type in wire.SERVER_ONLY:
-        return refuse_server_only(chat, request)
-    if session is not None:
-        return chat.log.problem(f"{sender} with a wrong session token; dropped")
-    chat.log.problem(f"{sender} but has no session; told to log in")
-    # A bare header, never larger than the packet; it echoes the token, so a client
-    # believes it only if that token was its own.
-    reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
-    chat.send(wire.encode_packet(reset, chat.cipher), request.address)
-
-
 def refuse_misplaced(chat: ChatServer, request: Request) -> None:
-    """A numbered ACK, or a FILE_CHUNK on the chat channel: a client's bug, refused."""
-    if request.packet.type == PacketType.ACK:
+    """A numbered ACK or a FILE_CHUNK on the chat channel (a client's bug) is refused; what
+    only servers send is never answered (two servers could answer each other for ever)."""
+    ptype = request.packet.type
+    if ptype in wire.SERVER_ONLY:
+        return chat.refuse(request.address, f"sent {ptype.name}, which only servers send; dropped")
+    if request.session is None:
+        return None
+    if ptype == PacketType.ACK:
         raise Refused("bad-request", "An ACK carries no sequence number.")
     raise Refused("bad-request", "A FILE_CHUNK goes on the file stream (FLAG_FILE_STREAM).")
 
 
-def refuse_server_only(chat: ChatServer, request: Request) -> None:
-    """OK, ERROR, EVENT or RESET sent to a server: never answered (two servers could loop)."""
-    chat.stats["bad"] += 1
-    chat.log.problem(f"{wire.describe_address(request.address)} sent "
-                     f"{request.packet.type.name}, which only servers send; dropped")
+def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
+    """A password check that raised (a damaged record, say): the client may try again."""
+    raise Refused("server-error", "The server could not check that; try again.")
 
 
-HANDLERS = {
-    PacketType.HELLO: handle_hello, PacketType.REGISTER: handle_register,
-    PacketType.LOGIN: handle_login, PacketType.JOIN: handle_join, PacketType.SAY: handle_say,
-    PacketType.PRIVATE: handle_private, PacketType.ROOMS: handle_rooms,
-    PacketType.WHO: handle_who, PacketType.PING: handle_ping, PacketType.BYE: handle_bye,
-    PacketType.ACK: refuse_misplaced, PacketType.FIND: handle_find,
-    PacketType.FILE_OFFER: handle_offer, PacketType.FILE_CHUNK: refuse_misplaced,
-    PacketType.FILE_CANCEL: handle_cancel, PacketType.OK: refuse_server_only,
-    PacketType.ERROR: refuse_server_only, PacketType.EVENT: refuse_server_only,
-    PacketType.RESET: refuse_server_only,
-}
+# Handlers are found by the packet type's name: handle_say for SAY.
+HANDLERS = {ptype: globals().get(f"handle_{ptype.name.lower()}", refuse_misplaced)
+            for ptype in PacketType}
 
 
 # --- What the handlers share ---
-
 
 def room_of(chat: ChatServer, session: Session) -> Room:
     """Return the member's room; refuse if it is in none."""
     if session.room is None:
         raise Refused("not-in-room", "Join a room first: /join ROOM")
     return chat.rooms[session.room]
-
 
 def find_member(chat: ChatServer, name: str) -> Session:
     """Return the session of the user named; refuse if no such user, or not online."""
@@ -918,20 +891,12 @@ def find_member(chat: ChatServer, name: str) -> Session:
     # The name may be anything: never echoed.
     raise Refused("unknown-user", "No such user.")
 
-
-def room_guesser(request: Request) -> tuple[str, str]:
-    """Who wrong room passwords count for: the account on its PC (a new login starts no
-    new count; other accounts on that PC are not locked out with it)."""
-    return request.address[0], request.session.name.lower()
-
-
 def check_text(text: str) -> None:
     """Refuse an empty message, or one too long for an EVENT."""
     if not text.strip():
         raise Refused("empty", "Empty message; nothing sent.")
     if wire.oversize_text(text):
         raise Refused("too-long", wire.oversize_text(text))
-
 
 def fit_fields(fields: list[str], step: int = 1) -> list[str]:
     """Return as many whole groups of `step` fields as fit in one answer, then '+N'."""
@@ -941,49 +906,9 @@ def fit_fields(fields: list[str], step: int = 1) -> list[str]:
             return fields[:end - step] + [f"+{(len(fields) - end + step) // step}"]
     return fields
 
-
 def retry_key(request: Request) -> tuple:
     """Who asked what: a retry has the same address, number and bytes as the first try."""
     return request.address, request.packet.seq, hash((request.packet.type, request.packet.payload))
-
-
-def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
-    """Keep the answer (or PENDING) to a REGISTER or LOGIN for its retries; bounded."""
-    key = retry_key(request)
-    chat.replies[key] = answer
-    chat.replies.move_to_end(key)
-    if len(chat.replies) > RETRY_CACHE_SIZE:
-        chat.replies.popitem(last=False)
-
-
-def send_limited(chat: ChatServer, data: bytes, address: Address, size: int, proven: bool):
-    """Send to an address, never more bytes than it sent unless it proved it is there.
-
-    UDP source addresses can be forged: if a small request could earn a big answer,
-    anyone could aim our answers at a victim (a reflection attack). QUIC calls this
-    rule the anti-amplification limit.
-    """
-    if proven or len(data) <= size:
-        chat.send(data, address)
-    else:
-        chat.stats["withheld"] += 1
-
-
-def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
-    """Return the rooms by lower-case name, the lobby first, each with its last messages.
-
-    A room forgotten when the server was full leaves its lines in chat_history.txt: one
-    made later with that name starts without them.
-    """
-    rooms = {LOBBY: Room(LOBBY, None)}
-    for key, record in store.records.items():
-        rooms.setdefault(key, Room(record["name"], record))
-    for when, name, user, text in HistoryFile.read(history, warn):
-        room = rooms.get(name.lower())
-        if room and when >= (room.record or {}).get("created", 0):
-            room.history.append((when, user, text))
-    return rooms
-
 
 def host_name() -> str:
     """Return this PC's host name, cut to MAX_NAME_BYTES (never half a character)."""
@@ -991,8 +916,7 @@ def host_name() -> str:
     return str(name.encode("utf-8")[:MAX_NAME_BYTES], "utf-8", "ignore")
 
 
-# === Helpers =================================================================================
-
+# === Helpers: the log, flood control, the history file =======================================
 
 class ServerLog:
     """The log: a line per action (time, peer, user, type, size, outcome), and problems."""
@@ -1001,13 +925,15 @@ class ServerLog:
         self.emit, self.quiet, self.verbose = emit, quiet, verbose
         self.second, self.problems = 0, 0
 
+    def line(self, text: str) -> None:
+        self.emit(f"{time.strftime('%H:%M:%S')} {text}")
+
     def action(self, address: Address, user: str, what: str, outcome: str, size=None) -> None:
         # A name not yet checked may hold anything: quoted, and short.
         user = user if auth.valid_username(user or "-") else repr(user[:20])
         if not self.quiet:
             size = "" if size is None else f" {size} B"
-            self.emit(f"{time.strftime('%H:%M:%S')} {wire.describe_address(address)} "
-                      f"{user or '-'} {what}{size}  {outcome}")
+            self.line(f"{describe_address(address)} {user or '-'} {what}{size}  {outcome}")
 
     def answer(self, request: Request, ptype: PacketType, fields: list[str]) -> None:
         """Log how a request was answered: once, with what the handler noted."""
@@ -1022,17 +948,16 @@ class ServerLog:
 
     def problem(self, text: str) -> None:
         """Log something wrong, at most PROBLEMS_PER_SECOND lines a second."""
-        self.end_of_second()
+        self.count_problems()
         self.problems += 1
         if self.problems <= PROBLEMS_PER_SECOND:
-            self.emit(f"{time.strftime('%H:%M:%S')} [WARN] {text}")
+            self.line(f"[WARN] {text}")
 
-    def end_of_second(self) -> None:
+    def count_problems(self) -> None:
         """Once a second of problems is over, say how many of them were not shown."""
         second = int(time.monotonic())
         if second != self.second and self.problems > PROBLEMS_PER_SECOND:
-            hidden = self.problems - PROBLEMS_PER_SECOND
-            self.emit(f"{time.strftime('%H:%M:%S')} [WARN] ... and {hidden} more problems "
+            self.line(f"[WARN] ... and {self.problems - PROBLEMS_PER_SECOND} more problems "
                       "in the second before, not shown")
         if second != self.second:
             self.second, self.problems = second, 0
@@ -1040,8 +965,8 @@ class ServerLog:
     def trace(self, direction: str, data: bytes, address: Address) -> None:
         """With --verbose: every datagram in and out, its header spelled out."""
         if self.verbose:
-            self.emit(f"{time.strftime('%H:%M:%S')} [trace] {direction} "
-                      f"{wire.describe_address(address)} {wire.describe_datagram(data)}")
+            self.line(f"[trace] {direction} {describe_address(address)} "
+                      f"{wire.describe_datagram(data)}")
 
 
 class TokenBucket:
@@ -1083,13 +1008,15 @@ class HistoryFile:
         if self.file.seek(0, os.SEEK_END):
             self.file.seek(-1, os.SEEK_END)
             if self.file.read(1) != b"\n":
-                self.file.write(b"\n")
-                self.file.flush()
+                self.write(b"\n")
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
         escaped = "".join(self.ESCAPES.get(c, c) for c in text)
-        self.file.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n".encode())
+        self.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n".encode())
+
+    def write(self, line: bytes) -> None:
+        self.file.write(line)
         # In the OS's hands now: survives the server being killed.
         self.file.flush()
 
@@ -1113,55 +1040,67 @@ class HistoryFile:
         self.file.close()
 
 
+def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
+    """Return the rooms by lower-case name, the lobby first, each with its last messages.
+
+    A room forgotten when the server was full leaves its lines in chat_history.txt: one
+    made later with that name starts without them.
+    """
+    rooms = {LOBBY: Room(LOBBY, None)}
+    for key, record in store.records.items():
+        rooms.setdefault(key, Room(record["name"], record))
+    for when, name, user, text in HistoryFile.read(history, warn):
+        room = rooms.get(name.lower())
+        if room and when >= (room.record or {}).get("created", 0):
+            room.history.append((when, user, text))
+    return rooms
+
+
 # === The file relay ==========================================================================
 # A FILE_OFFER's upload is stored in DATA_DIR/transfers/ID.part as its chunks come on the
-# sender's file stream, checked (SHA-256), and relayed to each receiver from that file.
-
-
-@dataclasses.dataclass(eq=False)
-class Upload:
-    """A file coming in from its sender, kept in a temporary file till every receiver has it."""
-
-    id: int
-    sender: Session
-    name: str
-    size: int
-    sha256: str
-    path: str
-    # The temporary file, written at its end as chunks come, read back for each receiver.
-    file: object
-    last_progress: float
-    # Session -> where that receiver is (Receiver), till it has the file or is out.
-    receivers: dict = dataclasses.field(default_factory=dict)
-    received: int = 0
-    checked: bool = False
-    digest: object = dataclasses.field(default_factory=hashlib.sha256)
-
+# sender's file stream, checked (SHA-256), then relayed to each receiver from that file.
 
 @dataclasses.dataclass
 class Receiver:
     """Where one receiver is in one file: numbers on its own two channels, and bytes sent."""
 
     # The "file" EVENT's number on its chat channel: no chunk goes before that arrived.
-    offer_seq: int = 0
+    offer_seq: int
     sent: int = 0
     # The file stream's number of the last chunk put in.
     last_seq: int = 0
 
 
+@dataclasses.dataclass(eq=False)
+class Upload:
+    """A file from its sender, kept in a temporary `file` till every receiver has it."""
+
+    id: int
+    sender: Session
+    name: str
+    size: int
+    sha256: str
+    file: object
+    last_progress: float
+    # Session -> its Receiver, till it has the file or is out.
+    receivers: dict = dataclasses.field(default_factory=dict)
+    received: int = 0
+    checked: bool = False
+    digest: object = dataclasses.field(default_factory=hashlib.sha256)
+
+
 class FileRelay:
     """Uploads stored to disk, then relayed to each receiver on its own file stream.
 
-    Its interface: `open` (an offer), `offered`, `receive` (the file stream's packets),
-    `fill` (a receiver's file stream), `cancel_by`, `drop`, `expire`, `close_all`. It speaks
-    to members only through `notify(session, kind, user, text, id)`. Chunks go to a receiver
-    once it acknowledged the "file" EVENT (the streams are independent: a chunk could
-    overtake its offer), and while its file stream has fewer than FILL waiting.
+    Its interface: `open` (an offer), `receive` (a sender's file stream), `fill` (a
+    receiver's), `settle`, `cancel_by`, `drop`, `expire`, `close_all`. It speaks to members
+    only through `notify(session, kind, user, text, id)`. A receiver gets chunks once it
+    acknowledged the "file" EVENT, and while its file stream has fewer than FILL waiting.
     """
 
     def __init__(self, folder: str, max_file_mb: float, notify, log: ServerLog):
-        self.folder, self.max_file_mb = folder, max_file_mb
-        self.notify, self.log, self.uploads, self.next_id = notify, log, {}, 1
+        self.folder, self.max_file_mb, self.notify, self.log = folder, max_file_mb, notify, log
+        self.uploads, self.next_id = {}, 1
         # What a crash left here: files never completed.
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):
@@ -1188,41 +1127,36 @@ class FileRelay:
             self.log.problem(f"cannot open {path}: {error}")
             raise Refused("server-error", "The server cannot store files now; "
                                           "try again later.") from None
-        upload = Upload(self.next_id, sender, name, int(size), sha, path, file, now)
-        upload.receivers = {member: Receiver() for member in receivers}
-        self.uploads[upload.id], self.next_id = upload, self.next_id + 1
+        upload = self.uploads[self.next_id] = Upload(self.next_id, sender, name, int(size), sha,
+                                                     file, now)
+        self.next_id += 1
         names = ", ".join(member.name for member in receivers)
         self.log_file(upload, f"offered to {names}, {wire.describe_size(upload.size)}")
         return upload
 
-    def offered(self, upload: Upload, member, offer_seq: int) -> None:
-        """The "file" EVENT is on its way to `member` as number `offer_seq` (0: it was not)."""
-        if offer_seq:
-            upload.receivers[member].offer_seq = offer_seq
-        else:
-            upload.receivers.pop(member, None)
-        self.settle(upload)
-
-    def receive(self, session, packet: Packet, now: float) -> None:
-        """A packet on a member's file stream: acknowledgements, and chunks of its uploads."""
+    def receive(self, session, packet: Packet, now: float) -> list:
+        """A packet on a member's file stream: acknowledgements, and chunks of its uploads.
+        Return the receivers of its uploads: new bytes may go on to them."""
         for delivered in session.file_stream.receive(packet, now)[1]:
             if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
                 with contextlib.suppress(PacketError):
-                    self.take_chunk(session, *wire.unpack_chunk(delivered.payload), now)
+                    self.write(session, *wire.unpack_chunk(delivered.payload), now)
+        return [member for upload in self.uploads.values() if upload.sender is session
+                for member in upload.receivers]
 
-    def take_chunk(self, session, number: int, offset: int, data: bytes, now: float) -> None:
+    def write(self, session, number: int, offset: int, data: bytes, now: float) -> None:
         """Write an upload's next chunk to its file: chunks come in order, so at its end."""
         upload = self.uploads.get(number)
         # Cancelled meanwhile (chunks in flight still come), or not the sender's.
-        if upload is None or upload.sender is not session or upload.received == upload.size:
+        if upload is None or upload.sender is not session or upload.checked:
             return
         if offset != upload.received or len(data) != wire.chunk_length(upload.size, offset):
             return self.cancel(upload, "its chunks did not fit the file")
         try:
-            upload.file.seek(upload.received)
+            upload.file.seek(offset)
             upload.file.write(data)
         except OSError as error:
-            self.log.problem(f"cannot write {upload.path}: {error}")
+            self.log.problem(f"cannot write {upload.file.name}: {error}")
             return self.cancel(upload, "the server could not store it")
         upload.digest.update(data)
         upload.received, upload.last_progress = upload.received + len(data), now
@@ -1241,7 +1175,7 @@ class FileRelay:
         if upload.receivers:
             return
         if upload.checked:
-            self.close(upload)
+            self.remove(upload)
         else:
             self.cancel(upload, "nobody is left to receive it")
 
@@ -1266,12 +1200,6 @@ class FileRelay:
                 where.sent += len(data)
                 if where.sent >= upload.received or not data:
                     ready.remove((upload, where))
-
-    def receiving(self, sender) -> list:
-        """Return the receivers of `sender`'s files with room in their file streams: new
-        bytes from the sender may go on to them now."""
-        return [member for upload in self.uploads.values() if upload.sender is sender
-                for member in upload.receivers if len(member.file_stream.waiting) < wire.FILL]
 
     def cancel_by(self, session, number: int) -> None:
         """A FILE_CANCEL: the sender's ends the transfer; a receiver's, its own part."""
@@ -1311,15 +1239,15 @@ class FileRelay:
             self.notify(member, "file-cancelled", sender,
                         f"{upload.name} from {sender} cancelled: {why}", upload.id)
         upload.receivers.clear()
-        self.close(upload)
+        self.remove(upload)
 
-    def close(self, upload: Upload) -> None:
+    def remove(self, upload: Upload) -> None:
         self.uploads.pop(upload.id, None)
         upload.file.close()
         try:
-            os.remove(upload.path)
+            os.remove(upload.file.name)
         except OSError as error:
-            self.log.problem(f"cannot delete {upload.path}: {error}")
+            self.log.problem(f"cannot delete {upload.file.name}: {error}")
 
     def expire(self, now: float) -> None:
         """Cancel the uploads that gained no byte for UPLOAD_IDLE_LIMIT seconds."""
@@ -1330,7 +1258,7 @@ class FileRelay:
     def close_all(self) -> None:
         """The server stops: close every temporary file (Windows cannot delete an open one)."""
         for upload in list(self.uploads.values()):
-            self.close(upload)
+            self.remove(upload)
 
     def log_file(self, upload: Upload, what: str) -> None:
         sender = upload.sender
@@ -1338,7 +1266,6 @@ class FileRelay:
 
 
 # === The socket loop =========================================================================
-
 
 def open_socket(host: str, port: int) -> socket.socket:
     """Return a UDP socket bound to (host, port)."""
@@ -1388,9 +1315,8 @@ class ServerLoop:
         if self.selector.select(min(max(deadline - time.monotonic(), 0.0), longest)):
             self.receive_all(time.monotonic())
         now = time.monotonic()
-        done = [future for future in self.checks if future.done()]
-        self.checks = [future for future in self.checks if future not in done]
-        for future in done:
+        for future in [future for future in self.checks if future.done()]:
+            self.checks.remove(future)
             self.survive(self.chat.finish_password_job, future.result(), now, where="a check")
         if now >= deadline:
             self.survive(self.chat.on_timers, now, where="the timers")
@@ -1407,9 +1333,8 @@ class ServerLoop:
             # nothing about the datagram we are reading, so read on.
             except ConnectionResetError:
                 continue
-            where = f"a datagram from {wire.describe_address(address)}"
             self.survive(self.chat.handle_datagram, bytes(self.view[:size]), address, now,
-                         where=where)
+                         where=f"a datagram from {describe_address(address)}")
             self.send_all()
 
     def survive(self, work, *args, where: str) -> None:
@@ -1433,11 +1358,9 @@ class ServerLoop:
                 self.sock.sendto(data, address)
             # No route to that host, say: that client's problem, not the server's.
             except OSError as error:
-                where = wire.describe_address(address)
-                self.chat.log.problem(f"sending to {where} failed: {error}")
+                self.chat.log.problem(f"sending to {describe_address(address)} failed: {error}")
         self.chat.outbox.clear()
-        for job in self.chat.password_jobs:
-            self.checks.append(self.worker.submit(job.run))
+        self.checks += [self.worker.submit(job.run) for job in self.chat.password_jobs]
         self.chat.password_jobs.clear()
 
     def shut_down(self, grace: float = STOP_GRACE) -> None:
@@ -1464,7 +1387,7 @@ class ServerLoop:
             self.thread.join(timeout=10)
 
     def close(self) -> None:
-        """Release the socket, the worker and the files; safe to call twice."""
+        """Release the socket, the worker and the files."""
         # Checks still queued are dropped, never answered: their clients ask again.
         self.worker.shutdown(wait=False, cancel_futures=True)
         self.selector.close()
@@ -1494,7 +1417,6 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
 
 # === The command line ========================================================================
 
-
 def lan_addresses() -> list[str]:
     """Return this PC's IPv4 addresses other than loopback, as far as it can tell.
 
@@ -1512,19 +1434,13 @@ def lan_addresses() -> list[str]:
     return [address for address in dict.fromkeys(found) if not address.startswith(("127.", "0."))]
 
 
-def server_name(text: str) -> str:
-    """Check --name: printable, and short enough that FIND's answer stays smaller than a FIND."""
-    if len(text.encode("utf-8")) > MAX_NAME_BYTES or not text.isprintable():
-        raise argparse.ArgumentTypeError(f"must be printable and at most {MAX_NAME_BYTES} "
-                                         "bytes of UTF-8")
-    return text
-
-
-def megabytes(text: str) -> float:
-    """Check --max-file-mb: a size of 0 or more."""
-    if not re.fullmatch(r"\d+(\.\d*)?", text.strip()):
-        raise argparse.ArgumentTypeError("must be a number of megabytes, 0 or more")
-    return float(text)
+def checked(convert, test, message: str):
+    """Return an argparse type: convert(text) if test(text) holds, else the error `message`."""
+    def check(text: str):
+        if not test(text):
+            raise argparse.ArgumentTypeError(message)
+        return convert(text)
+    return check
 
 
 def parse_args(argv: list[str]) -> ServerConfig:
@@ -1549,10 +1465,14 @@ def parse_args(argv: list[str]) -> ServerConfig:
            help="also log heartbeats, HELLO, FIND, ROOMS and WHO, and trace every packet")
     option("--session-timeout", type=float, default=defaults.session_timeout,
            help="seconds of silence before a client is considered gone (default: %(default)s)")
-    option("--name", type=server_name, default=defaults.name, help="the name clients see "
-           "when they search the network with ? (default: this PC's name)")
-    option("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
-           help="the largest file members may send, in MB (default: %(default)s)")
+    # What FIND answers with must stay smaller than the FIND.
+    option("--name", default=defaults.name, help="the name clients see when they search the "
+           "network with ? (default: this PC's name)", type=checked(str, lambda text: (
+               len(text.encode()) <= MAX_NAME_BYTES and text.isprintable()),
+               f"must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8"))
+    option("--max-file-mb", default=defaults.max_file_mb, type=checked(
+           float, re.compile(r"\s*\d+(\.\d*)?\s*").fullmatch, "must be a number of megabytes, 0 "
+           "or more"), help="the largest file members may send, in MB (default: %(default)s)")
     # Every option is named as its ServerConfig field.
     return ServerConfig(**vars(parser.parse_args(argv)))
 
@@ -1561,7 +1481,7 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     """Say where clients find this server: what to answer at the client's prompts."""
     port, everywhere = address[1], config.host in ("0.0.0.0", "")
     addresses = lan_addresses() if everywhere else [config.host]
-    print(f"UDP chat server listening on {wire.describe_address(address)}")
+    print(f"UDP chat server listening on {describe_address(address)}")
     # Loopback never leaves this PC.
     if config.host.startswith("127.") or config.host == "localhost":
         print(f"Clients on other PCs cannot reach it: it listens on {config.host} only "
