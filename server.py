@@ -5,20 +5,16 @@ Run it on one PC of the lab network, then `python client.py` on the others:
     python server.py                          # all interfaces, port 9999, lobby password "juara"
     python server.py --port 5000 --room-password rahasia --cipher caesar --key 7
 
-How it is built, in the spirit of the standard library's socketserver:
-
-* One loop owns the one UDP socket (`ServerLoop`). UDP has no connections and needs no
-  listen() or accept(): every datagram arrives on the same socket, tagged with its
-  sender's (ip, port). No thread per datagram, no two readers of one socket.
-* The protocol is `ChatServer`, which never touches a socket: it is handed datagrams and
-  the time, and puts what to send in `outbox`, so tests and the notebook drive it without
-  a network. One table, HANDLERS, names the function that handles each packet type.
-* Before login a client is in the handshake: HELLO earns a cookie that proves its
-  address, then REGISTER or LOGIN. A logged-in member has a session: a token, and a
-  reliable `Channel` (encryption_helper.py) each way, so that requests, answers and
-  EVENTs arrive once and in order; a second channel, the file stream, carries files.
-* Helpers: `TokenBucket` (flood control), a worker thread for the slow password hash
-  (a flood of logins never stalls the chat), `HistoryFile`, `FileRelay`.
+Built in the spirit of the standard library's socketserver. One loop (`ServerLoop`) owns
+the one UDP socket: UDP has no connections and needs no listen() or accept(), so every
+datagram arrives on that socket, tagged with its sender's (ip, port). The protocol is
+`ChatServer`, which never touches a socket: it is handed datagrams and the time, and puts
+what to send in `outbox`, so tests and the notebook drive it without a network. The
+table HANDLERS names the function that handles each packet type. Before login a client is
+in the handshake: HELLO earns a cookie that proves its address, then REGISTER or LOGIN
+(the slow password hash runs on a worker thread). A member has a session: a token, and a
+reliable `Channel` (encryption_helper.py) each way, so that requests, answers and EVENTs
+arrive once and in order; a second channel, the file stream, carries files.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
@@ -114,15 +110,13 @@ PENDING = b""
 
 @dataclasses.dataclass
 class ServerConfig:
-    """What the command line can change, with the defaults a lab uses."""
-
-    # All interfaces: reachable from the other lab PCs.
+    """What the command line can change, with the defaults a lab uses ("0.0.0.0": all
+    interfaces; key None: the cipher's default; name "": this PC's host name)."""
     host: str = "0.0.0.0"
     port: int = 9999
     data_dir: str = DEFAULT_DATA_DIR
     room_password: str = "juara"
     cipher: str = wire.DEFAULT_CIPHER
-    # None: the cipher's default key, as the client's.
     key: str | None = None
     quiet: bool = False
     verbose: bool = False
@@ -132,7 +126,6 @@ class ServerConfig:
     # A client sends a heartbeat after 5 s of quiet: six missed in a row, it is gone.
     session_timeout: float = 30.0
     kdf_iterations: int = auth.DEFAULT_ITERATIONS
-    # What a search of the network (FIND) is told; "": this PC's host name.
     name: str = ""
     max_file_mb: float = DEFAULT_MAX_FILE_MB
 
@@ -142,7 +135,6 @@ class ServerConfig:
 @dataclasses.dataclass(eq=False)
 class Session:
     """A logged-in member, known by its address and proven by the token it carries."""
-
     token: bytes
     address: Address
     name: str
@@ -164,10 +156,9 @@ class Session:
 
 @dataclasses.dataclass(eq=False)
 class Room:
-    """A room: its members by lower-case name, and its last messages (time, user, text)."""
-
+    """A room: its members by lower-case name, its last messages (time, user, text), and
+    its password's record (salted, hashed; when it was made), None for the lobby."""
     name: str
-    # Its password, salted and hashed, and when it was made; None for the lobby.
     record: dict | None
     members: dict = dataclasses.field(default_factory=dict)
     history: collections.deque = dataclasses.field(
@@ -177,7 +168,6 @@ class Room:
 @dataclasses.dataclass(eq=False)
 class Request:
     """One packet to handle, with what the handlers learn about it on the way."""
-
     packet: Packet
     address: Address
     # Bytes received: a sender that has not proven its address never gets more back.
@@ -198,7 +188,6 @@ class Request:
 class PasswordJob:
     """A slow hash: `work()` runs on the worker thread, then `then(chat, job)` answers the
     request on the loop's thread. `record`: what a password is checked against."""
-
     request: Request
     work: object
     then: object
@@ -216,7 +205,6 @@ class PasswordJob:
 
 
 def describe_address(address: Address) -> str:
-    """Return an address as a user types it: ip:port."""
     return f"{address[0]}:{address[1]}"
 
 
@@ -225,10 +213,10 @@ def describe_address(address: Address) -> str:
 class ChatServer:
     """The chat protocol: datagrams and the time in, datagrams to send out.
 
-    It opens no socket and starts no thread. Entry points: `handle_datagram(data,
-    address, now)`; `finish_password_job(job, now)` once the worker checked a password;
-    `on_timers(now)` at `next_deadline()`; `announce_stop(now)` then `stop_heard()`.
-    Outputs: `outbox`, (datagram, address) pairs to send; `password_jobs`, checks to run.
+    It opens no socket and starts no thread. Entry points: `handle_datagram(data, address,
+    now)`; `finish_password_job(job, now)` once the worker checked a password; `on_timers(now)`
+    at `next_deadline()`; `announce_stop(now)` then `stop_heard()`. Outputs: `outbox`,
+    (datagram, address) pairs to send; `password_jobs`, checks for the worker to run.
     """
 
     def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
@@ -253,9 +241,8 @@ class ChatServer:
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
         self.find_bucket = TokenBucket(FIND_RATE, FIND_BURST, 0.0)
         self.name, self.port = config.name or host_name(), config.port
-        self.outbox, self.password_jobs = [], []
+        self.outbox, self.password_jobs, self.stats = [], [], collections.Counter()
         self.pending_checks, self.stopping, self.next_housekeeping = 0, False, 0.0
-        self.stats: collections.Counter = collections.Counter()
         # Sessions whose channels may have something to send now (a dict keeps their
         # order); the member whose request is being answered, and EVENTs for it that wait.
         self.due, self.replying_to, self.after_reply = {}, None, []
@@ -429,9 +416,7 @@ class ChatServer:
 
     def answer(self, request: Request, result) -> None:
         """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer.
-
-        A member's answer goes on its channel; any other straight to its address (and, if
-        the sender proved its address, into the retry cache)."""
+        A member's answer goes on its channel, any other straight to its address."""
         if result is None:
             return
         ptype, fields = PacketType.OK, result
@@ -461,11 +446,10 @@ class ChatServer:
             self.replies.popitem(last=False)
 
     def send(self, data: bytes, address: Address, limit: int | None = None) -> None:
-        """Send a datagram; with a `limit` (what an unproven sender sent), only if no larger.
-
-        UDP source addresses can be forged: if a small request could earn a big answer,
-        anyone could aim our answers at a victim (a reflection attack). QUIC calls this
-        rule the anti-amplification limit."""
+        """Send a datagram; to a sender not proven to be at its address, no more bytes than
+        it sent (`limit`). UDP source addresses can be forged: if a small request earned a
+        big answer, anyone could aim our answers at a victim (a reflection attack). QUIC
+        calls this rule the anti-amplification limit."""
         if limit is not None and len(data) > limit:
             self.stats["withheld"] += 1
             return
@@ -486,7 +470,6 @@ class ChatServer:
 
     def tell(self, session: Session, body: bytes | wire.Body) -> int:
         """Queue an EVENT on a member's channel; return its number (0: not yet, or no room).
-
         An EVENT for the member whose request is being answered waits for the answer."""
         if session is self.replying_to:
             self.after_reply.append((session, body))
@@ -519,17 +502,15 @@ class ChatServer:
         chat, files = (Channel(self.cipher, token, flags=flags,
                                rto=wire.RtoEstimator(peer_ack_delay=wire.ACK_DELAY))
                        for flags in (0, wire.FLAG_FILE_STREAM))
-        bucket = TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now)
-        session = Session(token, address, name, chat, files, bucket, now)
+        session = Session(token, address, name, chat, files,
+                          TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now), now)
         self.sessions[address] = self.online[name.lower()] = session
         return session
 
     def end_session(self, session: Session, reason: str, now: float, tell: str = "") -> None:
-        """Forget a session; its room hears that the user left, and why.
-
-        Its channel is sent once more (the answer to a BYE, or the EVENT `tell`), then
-        never: a client that missed it asks again, gets RESET, and takes that as the end.
-        """
+        """Forget a session; its room hears that the user left, and why. Its channel is sent
+        once more (the answer to a BYE, or the EVENT `tell`), then never: a client that
+        missed it asks again, gets RESET, and takes that as the end."""
         if not self.current(session):
             return
         if tell:
@@ -661,9 +642,7 @@ def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
 
 def start_check(chat: ChatServer, request: Request, then, work, *args, record=None) -> None:
     """Queue `work(*args)`, a slow hash, for the worker; `then` answers when it is done.
-
-    Until then a member's next requests wait, and a handshake's retries get no answer.
-    """
+    Until then a member's next requests wait, and a handshake's retries get no answer."""
     if chat.pending_checks >= MAX_PENDING_CHECKS:
         raise Refused("busy", "Server busy; try again in a moment.")
     chat.pending_checks += 1
@@ -672,6 +651,9 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
     else:
         chat.remember(request, PENDING)
     chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
+
+def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
+    raise Refused("server-error", "The server could not check that; try again.")
 
 def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
     """Return change(*args), a write to a file; if the disk fails, refuse (`what` not saved)."""
@@ -718,8 +700,7 @@ def finish_join(chat: ChatServer, job: PasswordJob) -> list[str]:
 
 def check_room_lock(chat: ChatServer, request: Request, wrong: bool = False) -> None:
     """Count a wrong room password (if `wrong`); refuse an account that guessed 5 wrong.
-
-    The count is the account's on its PC: a new login starts no new count, and other
+    It counts for the account on its PC: a new login starts no new count, and other
     accounts on that PC are not locked out with it."""
     guesser = request.address[0], request.session.name.lower()
     if wrong:
@@ -752,13 +733,13 @@ def leave_room(chat: ChatServer, session: Session, reason: str) -> None:
     chat.publish(room, "leave", session.name, reason)
 
 def make_room_for_one(chat: ChatServer) -> None:
-    """Before a room is made: at MAX_ROOMS, forget the empty one quiet longest."""
+    """Before a room is made: at MAX_ROOMS, forget the empty one quiet longest (since its
+    last message, or since it was made)."""
     if len(chat.rooms) < MAX_ROOMS:
         return
     empty = [room for key, room in chat.rooms.items() if key != LOBBY and not room.members]
     if not empty:
         raise Refused("full", "Server full: no more rooms can be made.")
-    # Quiet since its last message, or since it was made.
     quietest = min(empty, key=lambda room: max([room.record.get("created", 0)] + [
         when for when, _, _ in room.history]))
     saved(chat, chat.room_store.remove, quietest.name, what=ROOMS_FILE)
@@ -839,9 +820,9 @@ def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
         event = chat.event("file", where, session.name, text, upload.id, name, upload.size, sha)
         # No chunk goes before the offer arrived (the file stream could overtake it); a
         # receiver whose channel had no room for the offer is left out.
-        upload.receivers[member] = Receiver(chat.tell(member, event))
-        if not upload.receivers[member].offer_seq:
-            del upload.receivers[member]
+        offer = chat.tell(member, event)
+        if offer:
+            upload.receivers[member] = Receiver(offer)
     chat.files.settle(upload)
     return [str(upload.id)]
 
@@ -864,12 +845,8 @@ def refuse_misplaced(chat: ChatServer, request: Request) -> None:
     raise Refused("bad-request", "A FILE_CHUNK goes on the file stream (FLAG_FILE_STREAM).")
 
 
-def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
-    """A password check that raised (a damaged record, say): the client may try again."""
-    raise Refused("server-error", "The server could not check that; try again.")
-
-
-# Handlers are found by the packet type's name: handle_say for SAY.
+# Found by the packet type's name, as handle_say for SAY; ACK, FILE_CHUNK and what only
+# servers send are misplaced on a member's chat channel.
 HANDLERS = {ptype: globals().get(f"handle_{ptype.name.lower()}", refuse_misplaced)
             for ptype in PacketType}
 
@@ -970,11 +947,9 @@ class ServerLog:
 
 
 class TokenBucket:
-    """Flood control: `burst` at once, then `rate` a second.
-
-    The bucket holds up to `burst` tokens and refills at `rate` a second; each message
-    takes one. An empty bucket says how long until the next token: the caller waits.
-    """
+    """Flood control: `burst` at once, then `rate` a second. The bucket holds up to `burst`
+    tokens and refills at `rate` a second; each message takes one. An empty bucket says
+    how long until the next token: the caller waits."""
 
     def __init__(self, rate: float, burst: int, now: float):
         self.rate, self.burst, self.tokens, self.updated = rate, burst, float(burst), now
@@ -1008,15 +983,12 @@ class HistoryFile:
         if self.file.seek(0, os.SEEK_END):
             self.file.seek(-1, os.SEEK_END)
             if self.file.read(1) != b"\n":
-                self.write(b"\n")
+                self.file.write(b"\n")
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
         escaped = "".join(self.ESCAPES.get(c, c) for c in text)
-        self.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n".encode())
-
-    def write(self, line: bytes) -> None:
-        self.file.write(line)
+        self.file.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n".encode())
         # In the OS's hands now: survives the server being killed.
         self.file.flush()
 
@@ -1042,10 +1014,8 @@ class HistoryFile:
 
 def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
     """Return the rooms by lower-case name, the lobby first, each with its last messages.
-
     A room forgotten when the server was full leaves its lines in chat_history.txt: one
-    made later with that name starts without them.
-    """
+    made later with that name starts without them."""
     rooms = {LOBBY: Room(LOBBY, None)}
     for key, record in store.records.items():
         rooms.setdefault(key, Room(record["name"], record))
