@@ -282,9 +282,10 @@ class ChatServer:
         if job.error:
             self.log.problem(f"a password check for {describe_address(request.address)} "
                              f"failed: {job.error}")
-            job.then = refuse_failed_check
+            self.answer(request, Refused("server-error", "The server could not check that; "
+                                                         "try again."))
         # Not for a session ended meanwhile, nor after EVENT stop: the client asks again.
-        if session is None or (self.current(session) and not self.stopping):
+        elif session is None or (self.current(session) and not self.stopping):
             self.respond(request, job.then, self, job)
         if session:
             self.serve_backlog(session, now)
@@ -651,9 +652,6 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
     else:
         chat.remember(request, PENDING)
     chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
-
-def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
-    raise Refused("server-error", "The server could not check that; try again.")
 
 def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
     """Return change(*args), a write to a file; if the disk fails, refuse (`what` not saved)."""
@@ -1105,32 +1103,29 @@ class FileRelay:
         return upload
 
     def receive(self, session, packet: Packet, now: float) -> list:
-        """A packet on a member's file stream: acknowledgements, and chunks of its uploads.
-        Return the receivers of its uploads: new bytes may go on to them."""
+        """A packet on a member's file stream: acknowledgements, and chunks of its uploads,
+        each written at the end of its file (they come in order). Return the receivers of
+        its uploads: new bytes may go on to them."""
         for delivered in session.file_stream.receive(packet, now)[1]:
-            if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
-                with contextlib.suppress(PacketError):
-                    self.write(session, *wire.unpack_chunk(delivered.payload), now)
+            with contextlib.suppress(PacketError):
+                number, offset, data = wire.unpack_chunk(delivered.payload)
+                upload = self.uploads.get(number)
+                # Cancelled meanwhile (chunks in flight still come), or not the sender's.
+                if (upload is None or upload.sender is not session or upload.checked
+                        or not delivered.seq or delivered.type != PacketType.FILE_CHUNK):
+                    continue
+                if offset != upload.received or len(data) != wire.chunk_length(upload.size,
+                                                                                offset):
+                    self.cancel(upload, "its chunks did not fit the file")
+                    continue
+                # fill() reads from the same file: write at the end, where this chunk goes.
+                upload.file.seek(offset)
+                upload.file.write(data)
+                upload.digest.update(data)
+                upload.received, upload.last_progress = upload.received + len(data), now
+                self.settle(upload)
         return [member for upload in self.uploads.values() if upload.sender is session
                 for member in upload.receivers]
-
-    def write(self, session, number: int, offset: int, data: bytes, now: float) -> None:
-        """Write an upload's next chunk to its file: chunks come in order, so at its end."""
-        upload = self.uploads.get(number)
-        # Cancelled meanwhile (chunks in flight still come), or not the sender's.
-        if upload is None or upload.sender is not session or upload.checked:
-            return
-        if offset != upload.received or len(data) != wire.chunk_length(upload.size, offset):
-            return self.cancel(upload, "its chunks did not fit the file")
-        try:
-            upload.file.seek(offset)
-            upload.file.write(data)
-        except OSError as error:
-            self.log.problem(f"cannot write {upload.file.name}: {error}")
-            return self.cancel(upload, "the server could not store it")
-        upload.digest.update(data)
-        upload.received, upload.last_progress = upload.received + len(data), now
-        self.settle(upload)
 
     def settle(self, upload: Upload) -> None:
         """Check the SHA-256 once every byte is in (at once, for an empty file); delete the
