@@ -211,13 +211,12 @@ def describe_address(address: Address) -> str:
 # === The protocol ============================================================================
 
 class ChatServer:
-    """The chat protocol: datagrams and the time in, datagrams to send out.
+    """The chat protocol: datagrams and the time in, datagrams to send out; no socket, no thread.
 
-    It opens no socket and starts no thread. Entry points: `handle_datagram(data, address,
-    now)`; `finish_password_job(job, now)` once the worker checked a password; `on_timers(now)`
-    at `next_deadline()`; `announce_stop(now)` then `stop_heard()`. Outputs: `outbox`,
-    (datagram, address) pairs to send; `password_jobs`, checks for the worker to run.
-    """
+    Entry points: `handle_datagram(data, address, now)`; `finish_password_job(job, now)` once
+    the worker checked a password; `on_timers(now)` at `next_deadline()`; `announce_stop(now)`
+    then `stop_heard()`. Outputs: `outbox`, (datagram, address) pairs to send; `password_jobs`,
+    checks for the worker thread."""
 
     def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
         self.config, self.wall_clock = config, wall_clock
@@ -256,7 +255,7 @@ class ChatServer:
         try:
             packet = wire.decode_packet(data, self.cipher)
         except PacketError as error:
-            self.refuse(address, f"sent a bad datagram ({len(data)} B): {error}")
+            refuse(self, address, f"sent a bad datagram ({len(data)} B): {error}")
             # The type byte is never scrambled: a type only servers send is not answered even
             # unreadable (another key), or two servers would answer each other for ever.
             if data[:2] == wire.MAGIC and len(data) > 3 and data[3] not in wire.SERVER_ONLY:
@@ -324,12 +323,13 @@ class ChatServer:
         self.flush(now)
 
     def stop_heard(self) -> bool:
-        """Has every member acknowledged all it was sent, the stop included?"""
+        """Has every member acknowledged all it was sent (the stop included)?"""
         return all(session.channel.idle() for session in self.sessions.values())
 
     def close(self) -> None:
         self.history.close()
-        self.files.close_all()
+        for upload in list(self.files.uploads.values()):
+            self.files.remove(upload)
 
     # --- From a datagram to a handler ---
 
@@ -349,7 +349,7 @@ class ChatServer:
         packet, address = request.packet, request.address
         session = self.sessions.get(address)
         if session is None or not hmac.compare_digest(session.token, packet.token):
-            return self.reset(request, session)
+            return refuse_stranger(self, request, session)
         session.last_heard, self.due[session] = request.now, None
         if packet.flags & wire.FLAG_FILE_STREAM:
             # New bytes of its uploads may go on to their receivers.
@@ -379,24 +379,6 @@ class ChatServer:
             request.now = now
             self.respond(request, HANDLERS[request.packet.type], self, request)
 
-    def reset(self, request: Request, session: Session | None) -> None:
-        """A member's packet with no session behind it: RESET, if nobody is at that address."""
-        self.stats["no-session"] += 1
-        packet, sender = request.packet, f"sent {request.packet.type.name}"
-        # The last ACK of a client that said BYE, say: nothing to answer. A server's type
-        # may be another server answering what we sent: a RESET back would be answered too.
-        if packet.type == PacketType.ACK or packet.type in wire.SERVER_ONLY:
-            return refuse_misplaced(self, request)
-        if session is not None:
-            return self.log.problem(f"{describe_address(request.address)} {sender} with a "
-                                    "wrong session token; dropped")
-        self.log.problem(f"{describe_address(request.address)} {sender} but has no session; "
-                         "told to log in")
-        # A bare header, never larger than the packet; it echoes the token, so a client
-        # believes it only if that token was its own.
-        reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
-        self.send(wire.encode_packet(reset, self.cipher), request.address)
-
     # --- Answering: the one place ---
 
     def respond(self, request: Request, handler, *args) -> None:
@@ -416,8 +398,7 @@ class ChatServer:
             self.tell(session, body)
 
     def answer(self, request: Request, result) -> None:
-        """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer.
-        A member's answer goes on its channel, any other straight to its address."""
+        """Answer OK [re, *result], or ERROR [re, code, text] for a Refused; None: no answer."""
         if result is None:
             return
         ptype, fields = PacketType.OK, result
@@ -435,32 +416,18 @@ class ChatServer:
         reply = Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload)
         data = wire.encode_packet(reply, self.cipher)
         if request.proven:
-            self.remember(request, data)
+            remember(self, request, data)
         self.send(data, request.address, limit=None if request.proven else request.size)
-
-    def remember(self, request: Request, answer: bytes) -> None:
-        """Keep the answer (or PENDING) to a REGISTER or LOGIN for its retries; bounded."""
-        key = retry_key(request)
-        self.replies[key] = answer
-        self.replies.move_to_end(key)
-        if len(self.replies) > RETRY_CACHE_SIZE:
-            self.replies.popitem(last=False)
 
     def send(self, data: bytes, address: Address, limit: int | None = None) -> None:
         """Send a datagram; to a sender not proven to be at its address, no more bytes than
-        it sent (`limit`). UDP source addresses can be forged: if a small request earned a
-        big answer, anyone could aim our answers at a victim (a reflection attack). QUIC
-        calls this rule the anti-amplification limit."""
+        it sent (`limit`). UDP source addresses can be forged: if a small request earned a big
+        answer, anyone could aim our answers at a victim (QUIC's anti-amplification limit)."""
         if limit is not None and len(data) > limit:
             self.stats["withheld"] += 1
             return
         self.log.trace("out", data, address)
         self.outbox.append((data, address))
-
-    def refuse(self, address: Address, what: str, count: str = "bad") -> None:
-        """Count a datagram that is not handled, and log what it was."""
-        self.stats[count] += 1
-        self.log.problem(f"{describe_address(address)} {what}")
 
     # --- Sessions, and telling their members ---
 
@@ -471,7 +438,7 @@ class ChatServer:
 
     def tell(self, session: Session, body: bytes | wire.Body) -> int:
         """Queue an EVENT on a member's channel; return its number (0: not yet, or no room).
-        An EVENT for the member whose request is being answered waits for the answer."""
+        One for the member whose request is being answered waits for the answer."""
         if session is self.replying_to:
             self.after_reply.append((session, body))
             return 0
@@ -503,15 +470,15 @@ class ChatServer:
         chat, files = (Channel(self.cipher, token, flags=flags,
                                rto=wire.RtoEstimator(peer_ack_delay=wire.ACK_DELAY))
                        for flags in (0, wire.FLAG_FILE_STREAM))
-        session = Session(token, address, name, chat, files,
-                          TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now), now)
+        bucket = TokenBucket(MESSAGE_RATE, MESSAGE_BURST, now)
+        session = Session(token, address, name, chat, files, bucket, now)
         self.sessions[address] = self.online[name.lower()] = session
         return session
 
     def end_session(self, session: Session, reason: str, now: float, tell: str = "") -> None:
         """Forget a session; its room hears that the user left, and why. Its channel is sent
-        once more (the answer to a BYE, or the EVENT `tell`), then never: a client that
-        missed it asks again, gets RESET, and takes that as the end."""
+        once more (a BYE's answer, or the EVENT `tell`), then never: if that is lost, the
+        client asks again, gets RESET, and takes that as the end."""
         if not self.current(session):
             return
         if tell:
@@ -552,7 +519,7 @@ class ChatServer:
 def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
     """HELLO -> OK [cookie]: only a client really at its address sees it (as in DTLS)."""
     if request.session is None and request.size < wire.MIN_HELLO_SIZE:
-        return chat.refuse(request.address, f"sent an unpadded HELLO ({request.size} B); dropped")
+        return refuse(chat, request.address, f"sent an unpadded HELLO ({request.size} B); dropped")
     return [make_cookie(chat, request.address, int(request.now // COOKIE_PERIOD))]
 
 def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
@@ -650,7 +617,7 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
     if request.session:
         request.session.checking = True
     else:
-        chat.remember(request, PENDING)
+        remember(chat, request, PENDING)
     chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
 
 def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
@@ -798,7 +765,7 @@ def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
         if not chat.find_bucket.take(request.now):
             return [chat.name, str(chat.port), str(len(chat.online))]
         why = "over the server's rate of answers"
-    chat.refuse(request.address, f"sent a FIND, {why}; dropped", count="finds dropped")
+    refuse(chat, request.address, f"sent a FIND, {why}; dropped", count="finds dropped")
 
 def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
     """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file."""
@@ -830,12 +797,35 @@ def handle_file_cancel(chat: ChatServer, request: Request) -> list[str]:
     chat.files.cancel_by(request.session, int(number) if wire.whole_number(number) else 0)
     return ["cancelled"]
 
+def refuse(chat: ChatServer, address: Address, what: str, count: str = "bad") -> None:
+    """Count a datagram that is not handled, and log what it was."""
+    chat.stats[count] += 1
+    chat.log.problem(f"{describe_address(address)} {what}")
+
+def refuse_stranger(chat: ChatServer, request: Request, session: Session | None) -> None:
+    """A member's packet with no session behind it: RESET, if nobody is at that address."""
+    chat.stats["no-session"] += 1
+    packet, sender = request.packet, f"sent {request.packet.type.name}"
+    # The last ACK of a client that said BYE, say: nothing to answer. A server's type
+    # may be another server answering what we sent: a RESET back would be answered too.
+    if packet.type == PacketType.ACK or packet.type in wire.SERVER_ONLY:
+        return refuse_misplaced(chat, request)
+    if session is not None:
+        return chat.log.problem(f"{describe_address(request.address)} {sender} with a "
+                                "wrong session token; dropped")
+    chat.log.problem(f"{describe_address(request.address)} {sender} but has no session; "
+                     "told to log in")
+    # A bare header, never larger than the packet; it echoes the token, so a client
+    # believes it only if that token was its own.
+    reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
+    chat.send(wire.encode_packet(reset, chat.cipher), request.address)
+
 def refuse_misplaced(chat: ChatServer, request: Request) -> None:
     """A numbered ACK or a FILE_CHUNK on the chat channel (a client's bug) is refused; what
     only servers send is never answered (two servers could answer each other for ever)."""
     ptype = request.packet.type
     if ptype in wire.SERVER_ONLY:
-        return chat.refuse(request.address, f"sent {ptype.name}, which only servers send; dropped")
+        return refuse(chat, request.address, f"sent {ptype.name}, which only servers send; dropped")
     if request.session is None:
         return None
     if ptype == PacketType.ACK:
@@ -884,6 +874,14 @@ def fit_fields(fields: list[str], step: int = 1) -> list[str]:
 def retry_key(request: Request) -> tuple:
     """Who asked what: a retry has the same address, number and bytes as the first try."""
     return request.address, request.packet.seq, hash((request.packet.type, request.packet.payload))
+
+def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
+    """Keep the answer (or PENDING) to a REGISTER or LOGIN for its retries; bounded."""
+    key = retry_key(request)
+    chat.replies[key] = answer
+    chat.replies.move_to_end(key)
+    if len(chat.replies) > RETRY_CACHE_SIZE:
+        chat.replies.popitem(last=False)
 
 def host_name() -> str:
     """Return this PC's host name, cut to MAX_NAME_BYTES (never half a character)."""
@@ -1061,7 +1059,7 @@ class FileRelay:
     """Uploads stored to disk, then relayed to each receiver on its own file stream.
 
     Its interface: `open` (an offer), `receive` (a sender's file stream), `fill` (a
-    receiver's), `settle`, `cancel_by`, `drop`, `expire`, `close_all`. It speaks to members
+    receiver's), `settle`, `cancel_by`, `drop`, `expire`, `remove`. It speaks to members
     only through `notify(session, kind, user, text, id)`. A receiver gets chunks once it
     acknowledged the "file" EVENT, and while its file stream has fewer than FILL waiting.
     """
@@ -1103,29 +1101,32 @@ class FileRelay:
         return upload
 
     def receive(self, session, packet: Packet, now: float) -> list:
-        """A packet on a member's file stream: acknowledgements, and chunks of its uploads,
-        each written at the end of its file (they come in order). Return the receivers of
-        its uploads: new bytes may go on to them."""
+        """A packet on a member's file stream: acknowledgements, and chunks of its uploads.
+        Return the receivers of its uploads: new bytes may go on to them."""
         for delivered in session.file_stream.receive(packet, now)[1]:
-            with contextlib.suppress(PacketError):
-                number, offset, data = wire.unpack_chunk(delivered.payload)
-                upload = self.uploads.get(number)
-                # Cancelled meanwhile (chunks in flight still come), or not the sender's.
-                if (upload is None or upload.sender is not session or upload.checked
-                        or not delivered.seq or delivered.type != PacketType.FILE_CHUNK):
-                    continue
-                if offset != upload.received or len(data) != wire.chunk_length(upload.size,
-                                                                                offset):
-                    self.cancel(upload, "its chunks did not fit the file")
-                    continue
-                # fill() reads from the same file: write at the end, where this chunk goes.
-                upload.file.seek(offset)
-                upload.file.write(data)
-                upload.digest.update(data)
-                upload.received, upload.last_progress = upload.received + len(data), now
-                self.settle(upload)
+            if delivered.seq and delivered.type == PacketType.FILE_CHUNK:
+                with contextlib.suppress(PacketError):
+                    self.write(session, *wire.unpack_chunk(delivered.payload), now)
         return [member for upload in self.uploads.values() if upload.sender is session
                 for member in upload.receivers]
+
+    def write(self, session, number: int, offset: int, data: bytes, now: float) -> None:
+        """Write an upload's next chunk to its file: chunks come in order, so at its end."""
+        upload = self.uploads.get(number)
+        # Cancelled meanwhile (chunks in flight still come), or not the sender's.
+        if upload is None or upload.sender is not session or upload.checked:
+            return
+        if offset != upload.received or len(data) != wire.chunk_length(upload.size, offset):
+            return self.cancel(upload, "its chunks did not fit the file")
+        try:
+            upload.file.seek(offset)
+            upload.file.write(data)
+        except OSError as error:
+            self.log.problem(f"cannot write {upload.file.name}: {error}")
+            return self.cancel(upload, "the server could not store it")
+        upload.digest.update(data)
+        upload.received, upload.last_progress = upload.received + len(data), now
+        self.settle(upload)
 
     def settle(self, upload: Upload) -> None:
         """Check the SHA-256 once every byte is in (at once, for an empty file); delete the
@@ -1207,6 +1208,7 @@ class FileRelay:
         self.remove(upload)
 
     def remove(self, upload: Upload) -> None:
+        """Close the upload's temporary file (Windows cannot delete an open one), delete it."""
         self.uploads.pop(upload.id, None)
         upload.file.close()
         try:
@@ -1219,11 +1221,6 @@ class FileRelay:
         for upload in list(self.uploads.values()):
             if not upload.checked and now - upload.last_progress > UPLOAD_IDLE_LIMIT:
                 self.cancel(upload, f"no part of it came for {UPLOAD_IDLE_LIMIT:.0f} s")
-
-    def close_all(self) -> None:
-        """The server stops: close every temporary file (Windows cannot delete an open one)."""
-        for upload in list(self.uploads.values()):
-            self.remove(upload)
 
     def log_file(self, upload: Upload, what: str) -> None:
         sender = upload.sender
@@ -1325,7 +1322,8 @@ class ServerLoop:
             except OSError as error:
                 self.chat.log.problem(f"sending to {describe_address(address)} failed: {error}")
         self.chat.outbox.clear()
-        self.checks += [self.worker.submit(job.run) for job in self.chat.password_jobs]
+        for job in self.chat.password_jobs:
+            self.checks.append(self.worker.submit(job.run))
         self.chat.password_jobs.clear()
 
     def shut_down(self, grace: float = STOP_GRACE) -> None:
@@ -1408,6 +1406,13 @@ def checked(convert, test, message: str):
     return check
 
 
+# What FIND answers with must stay smaller than the FIND.
+server_name = checked(str, lambda text: len(text.encode()) <= MAX_NAME_BYTES and text.isprintable(),
+                      f"must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8")
+megabytes = checked(float, re.compile(r"\s*\d+(\.\d*)?\s*").fullmatch,
+                    "must be a number of megabytes, 0 or more")
+
+
 def parse_args(argv: list[str]) -> ServerConfig:
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(
@@ -1430,14 +1435,10 @@ def parse_args(argv: list[str]) -> ServerConfig:
            help="also log heartbeats, HELLO, FIND, ROOMS and WHO, and trace every packet")
     option("--session-timeout", type=float, default=defaults.session_timeout,
            help="seconds of silence before a client is considered gone (default: %(default)s)")
-    # What FIND answers with must stay smaller than the FIND.
-    option("--name", default=defaults.name, help="the name clients see when they search the "
-           "network with ? (default: this PC's name)", type=checked(str, lambda text: (
-               len(text.encode()) <= MAX_NAME_BYTES and text.isprintable()),
-               f"must be printable and at most {MAX_NAME_BYTES} bytes of UTF-8"))
-    option("--max-file-mb", default=defaults.max_file_mb, type=checked(
-           float, re.compile(r"\s*\d+(\.\d*)?\s*").fullmatch, "must be a number of megabytes, 0 "
-           "or more"), help="the largest file members may send, in MB (default: %(default)s)")
+    option("--name", type=server_name, default=defaults.name, help="the name clients see "
+           "when they search the network with ? (default: this PC's name)")
+    option("--max-file-mb", type=megabytes, default=defaults.max_file_mb,
+           help="the largest file members may send, in MB (default: %(default)s)")
     # Every option is named as its ServerConfig field.
     return ServerConfig(**vars(parser.parse_args(argv)))
 
