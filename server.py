@@ -5,16 +5,14 @@ Run it on one PC of the lab network, then `python client.py` on the others:
     python server.py                          # all interfaces, port 9999, lobby password "juara"
     python server.py --port 5000 --room-password rahasia --cipher caesar --key 7
 
-Built in the spirit of the standard library's socketserver. One loop (`ServerLoop`) owns
-the one UDP socket: UDP has no connections and needs no listen() or accept(), so every
-datagram arrives on that socket, tagged with its sender's (ip, port). The protocol is
-`ChatServer`, which never touches a socket: it is handed datagrams and the time, and puts
-what to send in `outbox`, so tests and the notebook drive it without a network. The
-table HANDLERS names the function that handles each packet type. Before login a client is
-in the handshake: HELLO earns a cookie that proves its address, then REGISTER or LOGIN
-(the slow password hash runs on a worker thread). A member has a session: a token, and a
-reliable `Channel` (encryption_helper.py) each way, so that requests, answers and EVENTs
-arrive once and in order; a second channel, the file stream, carries files.
+As in the standard library's socketserver, one loop (`ServerLoop`) owns the one UDP
+socket: UDP needs no listen() or accept(), every datagram arrives on that socket tagged
+with its sender's (ip, port). The protocol, `ChatServer`, never touches a socket: it is
+handed datagrams and the time and fills `outbox`, so tests and the notebook drive it
+without a network. Before login a client is in the handshake: HELLO earns a cookie that
+proves its address, then REGISTER or LOGIN (the slow hash runs on a worker thread). A
+member has a session: a token, and a reliable `Channel` (encryption_helper.py) each way,
+so that requests, answers and EVENTs arrive once and in order; a second one carries files.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
