@@ -298,7 +298,7 @@ class ChatServer:
                 self.due[session] = None
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_EVERY
-            self.log.count_problems()
+            self.log.problem(None)
             for session in list(self.sessions.values()):
                 if now - session.last_heard > self.config.session_timeout:
                     self.end_session(session, "timed out", now)
@@ -917,21 +917,19 @@ class ServerLog:
         outcome = f"{outcome}  {request.note}".rstrip()
         self.action(request.address, user, request.packet.type.name, outcome, request.size)
 
-    def problem(self, text: str) -> None:
-        """Log something wrong, at most PROBLEMS_PER_SECOND lines a second."""
-        self.count_problems()
-        self.problems += 1
-        if self.problems <= PROBLEMS_PER_SECOND:
-            self.line(f"[WARN] {text}")
-
-    def count_problems(self) -> None:
-        """Once a second of problems is over, say how many of them were not shown."""
+    def problem(self, text: str | None) -> None:
+        """Log something wrong, at most PROBLEMS_PER_SECOND lines a second; once a second is
+        over, say how many problems of it were not shown (None: no new problem)."""
         second = int(time.monotonic())
-        if second != self.second and self.problems > PROBLEMS_PER_SECOND:
-            self.line(f"[WARN] ... and {self.problems - PROBLEMS_PER_SECOND} more problems "
-                      "in the second before, not shown")
         if second != self.second:
+            if self.problems > PROBLEMS_PER_SECOND:
+                self.line(f"[WARN] ... and {self.problems - PROBLEMS_PER_SECOND} more problems "
+                          "in the second before, not shown")
             self.second, self.problems = second, 0
+        if text is not None:
+            self.problems += 1
+            if self.problems <= PROBLEMS_PER_SECOND:
+                self.line(f"[WARN] {text}")
 
     def trace(self, direction: str, data: bytes, address: Address) -> None:
         """With --verbose: every datagram in and out, its header spelled out."""
