@@ -279,10 +279,9 @@ class ChatServer:
         if job.error:
             self.log.problem(f"a password check for {describe_address(request.address)} "
                              f"failed: {job.error}")
-            self.answer(request, Refused("server-error", "The server could not check that; "
-                                                         "try again."))
+            job.then = refuse_failed_check
         # Not for a session ended meanwhile, nor after EVENT stop: the client asks again.
-        elif session is None or (self.current(session) and not self.stopping):
+        if session is None or (self.current(session) and not self.stopping):
             self.respond(request, job.then, self, job)
         if session:
             self.serve_backlog(session, now)
@@ -618,12 +617,16 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
         remember(chat, request, PENDING)
     chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
 
+def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
+    """A password check that raised (a damaged record, say): the client may try again."""
+    raise Refused("server-error", "The server could not check that; try again.")
+
 def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
     """Return change(*args), a write to a file; if the disk fails, refuse (`what` not saved)."""
     try:
         return change(*args)
     except OSError as error:
-        chat.log.problem(f"could not save {what}: {error}")
+        chat.log.problem(f"a write to disk failed ({what}): {error}")
         raise Refused("server-error", f"The server could not save {what}; {after}.") from None
 
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
@@ -651,7 +654,9 @@ def finish_join(chat: ChatServer, job: PasswordJob) -> list[str]:
     request, name = job.request, (job.record or job.result)["name"]
     room = chat.rooms.get(name.lower())
     # While the hash ran, the room may have been forgotten, or made by another member.
-    if job.record is not None or room is not None:
+    if job.record is None and room is not None:
+        raise Refused("taken", f"{room.name} was made a moment ago; /join it with its password.")
+    if job.record is not None:
         if room is None or room.record is not job.record:
             raise Refused("taken", f"{name} changed a moment ago; /join it again.")
         return enter_room(chat, request, room, job.result)
@@ -976,6 +981,7 @@ class HistoryFile:
             self.file.seek(-1, os.SEEK_END)
             if self.file.read(1) != b"\n":
                 self.file.write(b"\n")
+                self.file.flush()
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
