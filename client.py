@@ -8,35 +8,20 @@ Start the server on one PC (`python server.py`), then on each other PC:
     python client.py --gui                             # the same chat in a window (tkinter)
 
 At the `Server IP` prompt, `?` searches the network: one FIND datagram broadcast to every
-host, and a list of the servers that answered.
-
-When standard input is not a terminal, every answer (the password too) is read as a plain
-line and end of input means exit, so a session can be scripted:
+host, and a list of the servers that answered. When standard input is not a terminal, every
+answer (the password too) is read as a plain line and end of input means exit:
 
     printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' \\
         | python client.py --host 127.0.0.1 --port 9999
 
-How it is built, in the order this file reads:
-
-* `Event` - everything the client has to tell its user, in one stream: what the server
-  pushed (a message, a join), the answers to requests, and what the client itself noticed.
-* `ClientProtocol` - the protocol with no socket, no thread and no clock: it is fed
-  datagrams and the time, and says what to send. Before login, requests go one at a time,
-  each sent again once a second until answered (stop-and-wait: the reliable `Channel`
-  with a window of 1); after login, on the session's channel with a window of 32, so a
-  paste of twenty lines flows without waiting (the numbered requests are its base class,
-  `Requests`). Its `state` says where it stands; getting back in after the session was
-  lost is one of those states, not a thread: it keeps the login and room, and holds what
-  the user typed meanwhile.
-* `FileTransfers` - files both ways, on the session's second channel.
-* `ChatClient` - the protocol, a UDP socket connect()ed to the server, and one network
-  thread, the only reader of the socket. Its methods block until the server answers.
-* discovery (`find_servers`), the terminal face (`Terminal`, `run_command`, shared with
-  the window), the window face (--gui), and `main`.
-
-The packet format, the channel and the toy ciphers are defined once, in
-encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
-they are teaching toys.
+How it is built, in the order this file reads: `Event`, everything the client tells its
+user, in one stream; `ClientProtocol`, the protocol with no socket, thread or clock (fed
+datagrams and the time, it says what to send; getting back in after a lost session is one
+of its states); `FileTransfers`, files both ways on the session's second channel;
+`ChatClient`, the protocol plus a UDP socket and one network thread; discovery; the
+terminal face and the command table it shares with the window face (--gui); `main`.
+The packet format, the channel and the toy ciphers (XOR and Caesar only hide text from a
+casual glance) are defined once, in encryption_helper.py.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
@@ -97,10 +82,9 @@ try:
     # Linux and macOS: the line being typed is drawn again below a message printed above it
     import readline
 except ImportError:
-    # Windows has no readline, and needs none
     readline = None
 try:
-    # Linux and macOS: to give the terminal back as we found it (echo on) after Ctrl+C
+    # POSIX: to turn the terminal's echo off between questions, and back on at the end
     import termios
 except ImportError:
     termios = None
@@ -110,16 +94,12 @@ try:
 except ImportError:
     fcntl = None
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 9999
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9999
 # Seconds: a thread blocks at most MAX_WAIT, so that Ctrl+C and shutdown are prompt. Before
 # login nothing is measured yet: a try each FIRST_CONTACT_RETRY. Once the session is lost, a
 # try at getting back in each REJOIN_EVERY, waiting up to ELSEWHERE_PATIENCE for an old
 # session of ours to time out on the server.
-MAX_WAIT = 0.5
-FIRST_CONTACT_RETRY = 1.0
-REJOIN_EVERY = 2.0
-ELSEWHERE_PATIENCE = 60.0
+MAX_WAIT, FIRST_CONTACT_RETRY, REJOIN_EVERY, ELSEWHERE_PATIENCE = 0.5, 1.0, 2.0, 60.0
 # characters this client asks of a new account's password (the server takes any)
 MIN_PASSWORD = 4
 # Requests the server never did when it says it stops, and which may wait for a rejoin.
@@ -156,8 +136,7 @@ class Event:
     From the server: "chat", "private", "history", "join", "leave" and the FILE_EVENTS,
     `more` holding the fields after the text. Made by the client: "notice" (`text` is a
     finished line), "transfer" (`more` is (the Transfer as it was, the live one)), "state"
-    (`text` is the new state),
-    and "answer" (`more` is (request number, fields or error)), which ChatClient keeps.
+    (`text` is the new state), and "answer" (`more` is (request number, fields or error)).
     """
 
     kind: str
@@ -169,8 +148,7 @@ class Event:
     more: tuple = ()
 
 
-# --- What can go wrong, in words a student understands --------------------------------
-# A refusal by the server is encryption_helper.Refused (code, text); the rest are these.
+# --- What can go wrong, in words a student understands (a refusal is wire.Refused) ---
 
 
 class ChatError(Exception):
@@ -209,45 +187,49 @@ NOT_SENT = "Not back in the chat; not sent."
 
 
 class Requests:
-    """Numbered requests and their answers: the transport half of ClientProtocol.
-
-    Before login, one request at a time on a stop-and-wait Channel (a window of 1, one try
-    a second); after it, on the session's Channel (a window of 32: a paste of twenty lines
-    flows without waiting). Each request gets a number, a "ticket", and its answer comes
-    out as Event("answer", more=(ticket, fields or error)) in the one stream of events
-    (`emit`, `take_events`). Requests of the protocol's own (a PING) have ticket 0.
+    """Numbered requests and their answers: the transport half of ClientProtocol, and all
+    its state. Before login a request goes one at a time, sent again once a second
+    (stop-and-wait: a Channel with a window of 1); after it, on the session's Channel (a
+    window of 32: a paste of twenty lines flows without waiting). Each request gets a
+    ticket, which its Event("answer") names; our own requests (a PING) have ticket 0.
     """
 
-    def __init__(self, cipher, timing: Timing | None, now: float, loss: float, trace, server: str):
+    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
+                 trace=None, server: str = "the server", downloads: str = "downloads",
+                 rejoin: bool = True):
         self.cipher, self.timing, self.trace = cipher, timing or Timing(), trace
-        self.server = server
+        self.server, self.rejoin = server, rejoin
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
         tries = self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2
         self.connect_tries = max(1, math.ceil(tries))
-        self.state, self.closed_reason, self.events = "not logged in", "", []
-        self.token, self.tickets, self.unreachable = NO_TOKEN, 0, 0
-        # `now` plus wall_offset is unix time (ChatClient sets it)
-        self.wall_offset = 0.0
+        self.state, self.closed_reason, self.events, self.outbox = "not logged in", "", [], []
+        self.token, self.tickets, self.unreachable, self.wall_offset = NO_TOKEN, 0, 0, 0.0
         self.now = self.last_heard = self.last_sent = now
-        # the requests sent, by sequence number: (ticket, type, fields)
-        self.pending: dict[int, tuple] = {}
-        # before login, numbers go on across tries (PROTOCOL.md 9)
-        self.next_stranger_seq = 1
-        self.channel, self.outbox = self.stranger_channel(), []
-        # what the user asked while getting back in: (ticket, type, fields)
-        self.held: list[tuple] = []
+        # the requests sent, by sequence number: (ticket, type, fields); those held while
+        # getting back in, (ticket, type, fields) too. Before login, numbers go on across
+        # tries (PROTOCOL.md 9).
+        self.pending, self.held, self.next_stranger_seq = {}, [], 1
+        self.name = self.room = self.file_stream = None
+        self.channel = self.new_channel()
+        self.files = FileTransfers(downloads, lambda *both: self.emit("transfer", more=both),
+                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
+        # Getting back in: the last login and room with their passwords, the refusal told
+        # already, when to try next and since when; back in a room its past comes again:
+        # the time of the newest line shown.
+        self.login, self.joined, self.told, self.retry_at, self.since = (), (), "", 0.0, 0.0
+        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
-    def stranger_channel(self) -> Channel:
-        """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s to get back in)."""
+    def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
+        """A session's channel; before login a stop-and-wait one, a try a second (every
+        REJOIN_EVERY s to get back in)."""
+        if token != NO_TOKEN:
+            rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
+            return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
+                           ack_every=wire.ACK_EVERY, flags=flags)
         back = self.state == "reconnecting"
         retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
         return Channel(self.cipher, window=1, max_sends=tries, first_seq=self.next_stranger_seq,
                        rto=RtoEstimator(retry, retry, retry))
-
-    def session_channel(self, token: bytes, flags: int = 0) -> Channel:
-        rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
-                       ack_every=wire.ACK_EVERY, flags=flags)
 
     @property
     def logged_in(self) -> bool:
@@ -279,8 +261,10 @@ class Requests:
         if self.trace:
             self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
 
+    # --- Requests ---
+
     def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
-        """Queue a request; return its number, which its "answer" event names."""
+        """Queue a request; return its ticket, which its "answer" event names."""
         self.now, self.tickets = now, self.tickets + 1
         if self.state == "closed":
             raise ConnectionClosed(self.closed_reason)
@@ -296,16 +280,6 @@ class Requests:
         else:
             self.send_request(self.tickets, ptype, fields)
         return self.tickets
-
-    def send_held(self) -> None:
-        """Send the requests held while getting back in, in order."""
-        held, self.held = self.held, []
-        for ticket, ptype, fields in held:
-            try:
-                self.send_request(ticket, ptype, fields)
-            except Refused as refusal:
-                # too long, or too many waiting: that one is not sent
-                self.answer(ticket, refusal)
 
     def forget(self, ticket: int) -> bool:
         """Drop a held request whose asker stopped waiting; False if it is not held."""
@@ -328,36 +302,18 @@ class Requests:
         if self.channel.idle():
             # silence counts from when we start waiting
             self.last_heard = max(self.last_heard, self.now)
-        seq = self.channel.send(ptype, payload)
-        if not seq:
+        if not (seq := self.channel.send(ptype, payload)):
             raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
         self.pending[seq] = (ticket, ptype, tuple(fields))
         self.next_stranger_seq = seq + 1 if not self.logged_in else self.next_stranger_seq
-
-    def read_answer(self, packet: Packet) -> tuple | None:
-        """Return (ticket, type, fields asked, fields answered, fields or Refused) for an OK or
-        ERROR, found by the number in its first field; None if it answers nothing waiting."""
-        try:
-            seq, *fields = unpack_fields(packet.payload)
-            ticket, ptype, asked = self.pending.pop(int(seq))
-        except (PacketError, ValueError, KeyError):
-            # unreadable, or a late answer to something given up on
-            return None
-        result = fields
-        if packet.type == PacketType.ERROR:
-            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
-        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
-            result = Refused("bad-reply", "The server's welcome could not be read.")
-        return ticket, ptype, asked, fields, result
 
 
 class ClientProtocol(Requests):
     """One user's side of the chat: datagrams and the time in, datagrams and Events out.
 
-    Entry points: `request(type, fields, now)` queues a request and returns its number;
-    `receive(datagram, now)` takes what the server sent; `poll(now)` returns what to send
-    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's ICMP
-    report; `log_out()` ends the session by our choice. Out: `take_events()`.
+    Entry points: `request(type, fields, now)` queues a request and returns its ticket;
+    `receive(datagram, now)`; `poll(now)` returns what to send now; `next_wakeup()`;
+    `port_unreachable()`, the OS's ICMP report; `log_out()`. Out: `take_events()`.
 
     `state`: "not logged in", "connected", "lost contact" (the server silent),
     "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
@@ -365,21 +321,6 @@ class ClientProtocol(Requests):
     "rejoin", so that it never pushes a newer login out) -> JOIN of the last room, tried
     every REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
     """
-
-    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
-                 trace=None, server: str = "the server", downloads: str = "downloads",
-                 rejoin: bool = True):
-        super().__init__(cipher, timing, now, loss, trace, server)
-        self.name = self.room = self.file_stream = None
-        self.rejoin = rejoin
-        self.files = FileTransfers(downloads, lambda *both: self.emit("transfer", more=both),
-                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
-        # Getting back in: the last login and room with their passwords (in memory only),
-        # the refusal told already, when to try next, and since when.
-        self.login, self.joined, self.told = (), (), ""
-        self.retry_at = self.since = 0.0
-        # Back in a room its past comes again: the time of the newest line shown, its lines.
-        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
     # --- What the server sends ---
 
@@ -406,19 +347,28 @@ class ClientProtocol(Requests):
         outcome, ready = stream.receive(packet, now)
         self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else
                           ": " + outcome)
-        for delivered in ready:
-            if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
-                self.files.receive_chunk(delivered.payload)
-            elif not files and delivered.type == PacketType.EVENT:
-                self.receive_event(delivered)
-            elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
-                self.receive_answer(delivered)
+        for got in ready:
+            if files and got.seq and got.type == PacketType.FILE_CHUNK:
+                self.files.receive_chunk(got.payload)
+            elif not files and got.type == PacketType.EVENT:
+                self.receive_event(got)
+            elif not files and got.type in (PacketType.OK, PacketType.ERROR):
+                self.receive_answer(got)
 
     def receive_answer(self, packet: Packet) -> None:
-        """An OK or ERROR: the answer to a request of the user's, or of ours."""
-        if (answer := self.read_answer(packet)) is None:
+        """An OK or ERROR, found by the request number in its first field: the answer to a
+        request of the user's, or of ours; note what it changes, show our own line."""
+        try:
+            seq, *fields = unpack_fields(packet.payload)
+            ticket, ptype, asked = self.pending.pop(int(seq))
+        except (PacketError, ValueError, KeyError):
+            # unreadable, or a late answer to something given up on
             return
-        ticket, ptype, asked, fields, result = answer
+        result = fields
+        if packet.type == PacketType.ERROR:
+            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
+        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
+            result = Refused("bad-reply", "The server's welcome could not be read.")
         if ptype == PacketType.FILE_OFFER:
             self.files.answered(ticket, result)
         self.answer(ticket, result)
@@ -431,13 +381,12 @@ class ClientProtocol(Requests):
         """The server did what we asked: note what that changes, show our own line."""
         if ptype == PacketType.LOGIN:
             self.start_session(token, fields[0])
+            # the user's login, not ours getting back in: the one to remember
             if ticket:
-                # the user's login, not ours getting back in: the one to remember
                 self.login, self.joined, self.returning = asked[1:3], (), False
         elif ptype == PacketType.JOIN:
-            self.room, self.joined = fields[0], asked
             # a room the user chose: all its past is news
-            self.returning &= not ticket
+            self.room, self.joined, self.returning = fields[0], asked, self.returning and not ticket
         elif ptype == PacketType.SAY:
             self.emit("chat", self.room or "", self.name, asked[0])
         elif ptype == PacketType.PRIVATE:
@@ -476,8 +425,8 @@ class ClientProtocol(Requests):
         """Return a server event to show, or None for the room's past shown already.
 
         Back in after a loss, the room's history comes again. A line before the newest one
-        shown was shown (of the last second, only the lines seen), and our own lines were
-        shown as we said them; a later one was said while we were away: news, not the past.
+        shown was shown (of that second, times being whole seconds, only the lines seen),
+        and our own lines were shown as we said them; a later one is news from the gap.
         """
         if event.kind == "history" and self.returning:
             seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
@@ -497,8 +446,8 @@ class ClientProtocol(Requests):
         """Logged in: from now on, everything goes on the session's two channels."""
         self.end_requests(Refused("not-sent", "Sent while logging in; not sent."))
         self.token, self.name = token, name
-        self.channel = self.session_channel(token)
-        self.file_stream = self.session_channel(token, FLAG_FILE_STREAM)
+        self.channel = self.new_channel(token)
+        self.file_stream = self.new_channel(token, FLAG_FILE_STREAM)
         if self.state != "reconnecting":
             self.set_state("connected")
 
@@ -513,7 +462,7 @@ class ClientProtocol(Requests):
             if ptype == PacketType.FILE_OFFER:
                 self.files.answered(ticket, error)
             self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
-        self.channel = self.stranger_channel()
+        self.channel = self.new_channel()
 
     def fail_pending(self, error: ChatError) -> None:
         """Before login: every request waiting gets `error`, and a try later, getting back in."""
@@ -530,7 +479,7 @@ class ClientProtocol(Requests):
             self.set_state("reconnecting")
             self.notice("[INFO] Trying to get back in (exit to stop)...")
             self.retry_at, self.since, self.told = self.now, self.now, ""
-            self.channel = self.stranger_channel()
+            self.channel = self.new_channel()
         elif not back and self.state != "closed":
             if not told:
                 self.notice(f"[WARN] {error}")
@@ -567,7 +516,13 @@ class ClientProtocol(Requests):
     def back_in(self) -> None:
         """Back in the chat: send what the user asked for meanwhile, in order."""
         self.set_state("connected")
-        self.send_held()
+        held, self.held = self.held, []
+        for ticket, ptype, fields in held:
+            try:
+                self.send_request(ticket, ptype, fields)
+            except Refused as refusal:
+                # too long, or too many waiting: that one is not sent
+                self.answer(ticket, refusal)
 
     def log_out(self, why: str = "Logged out; not sent.") -> None:
         """The session is over by our choice (BYE), or we gave up getting back in."""
@@ -670,7 +625,6 @@ def read_event(payload: bytes) -> Event:
     return Event(kind, float(when), room, user, text, tuple(more))
 
 
-
 # --- Files: sending and receiving, without sockets -----------------------------------
 #
 # `/send bob notes.pdf`, `/share slides.pdf`. How a file travels, alice to bob:
@@ -705,12 +659,11 @@ UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
 class Transfer:
     """One file on its way, to or from us: what /files and the progress bar show.
 
-    `direction` is "send" or "receive"; `peer` whom to ("bob", "the room") or from; `path`
-    the file read, or the NAME.part written and then the final name; `number` the server's
-    id (0 until it takes the offer); `done_bytes` put into the file stream, or written;
-    `state` offered, moving, done, failed or cancelled; `note` how it ended, in words, and
-    `said` the server's own when it cancelled it; `last_seq` the file stream's number of
-    the last chunk sent.
+    `direction` "send" or "receive"; `peer` whom to ("bob", "the room") or from; `path` the
+    file read, or the NAME.part written and then the final name; `number` the server's id
+    (0 until it takes the offer); `done_bytes` queued or written; `state` offered, moving,
+    done, failed or cancelled; `note` how it ended, and `said` the server's words when it
+    cancelled it; `last_seq` the file stream's number of the last chunk sent.
     """
 
     direction: str
@@ -742,9 +695,8 @@ def safe_file_name(name: str) -> str:
     >>> safe_file_name("../../etc/passwd"), safe_file_name("C:\\\\x"), safe_file_name("con.txt")
     ('passwd', 'x', '_con.txt')
     """
-    name = unicodedata.normalize("NFC", name)
     # the last part: no folder, "..", drive
-    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]
+    name = re.split(r"[/\\]", unicodedata.normalize("NFC", name).replace("\0", ""))[-1]
     name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
     # Windows drops trailing dots and spaces; a leading dot hides a file
     name = name.strip(" .") or "file"
@@ -823,29 +775,24 @@ def naming_the_user(refusal: Refused, user: str) -> Refused:
 class FileTransfers:
     """A client's files, both ways: uploads read from disk, downloads checked and named.
 
-    Narrow interface: `emit(transfer)` reports a change (started, another whole percent,
-    ended), `cancel(number)` tells the server a transfer of ours stopped. Entry points:
-    `answered` (the server's answer to an offer), `fill` (chunks into the file stream while
-    it has room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the
-    server cancelled one), `cancel_mine`, `end_all`; `transfers` lists this session's.
+    Narrow interface: `emit(then, live)` reports a change (started, another whole percent,
+    ended: the transfer as it was, shown later on another thread, and the live one),
+    `cancel(number)` tells the server a transfer of ours stopped. Entry points: `answered`
+    (the server's answer to an offer), `fill` (chunks into the file stream while it has
+    room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the server
+    cancelled one), `cancel_mine`, `end_all`. `offers` by ticket, `transfers` in order.
     """
 
     def __init__(self, downloads: str, emit, cancel):
         self.downloads, self.report, self.cancel = downloads, emit, cancel
-        # request number -> offer not answered yet
         self.offers: dict[int, Transfer] = {}
-        # every transfer of this session, in the order they began
         self.transfers: list[Transfer] = []
 
     def emit(self, transfer: Transfer) -> None:
-        """Report a change: the transfer as it is now (it is shown later, on another thread,
-        when the live one may have moved on), and the live one, to tell transfers apart."""
         self.report(dataclasses.replace(transfer), transfer)
 
-    def find(self, direction: str, number: int) -> Transfer | None:
-        """Return the transfer on its way with the server's id `number`, if any."""
-        return next((t for t in self.transfers if t.active and t.number == number
-                     and t.direction == direction), None)
+    def find(self, number: int) -> Transfer | None:
+        return next((t for t in self.transfers if t.active and t.number == number), None)
 
     def answered(self, ticket: int, result) -> None:
         """The server answered an offer: OK [id] starts the upload; a refusal ends it."""
@@ -863,7 +810,7 @@ class FileTransfers:
         self.start(transfer, lambda: open(transfer.path, "rb"), "cannot read it")
 
     def start(self, transfer: Transfer, opener, trouble: str) -> None:
-        """Open the transfer's file and let bytes move; an empty file is done at once."""
+        """Open the transfer's file and let bytes move; an empty download is done at once."""
         self.transfers.append(transfer)
         try:
             transfer.file = opener()
@@ -906,8 +853,6 @@ class FileTransfers:
         if transfer.percent != before:
             self.emit(transfer)
 
-    # --- Receiving ---
-
     def offer_arrived(self, sender: str, more: list[str]) -> None:
         """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
         readable = len(more) == 4 and more[0].isdigit() and more[2].isdigit()
@@ -917,16 +862,14 @@ class FileTransfers:
                        f"cannot save in {self.downloads}")
 
     def create_part(self, transfer: Transfer):
-        """Create NAME.part (or NAME (1).part...) exclusively, and return it open for writing.
-
-        O_EXCL: the system refuses to open a file that exists, so two downloads of one
-        name, or a file someone put there, are never written over.
-        """
+        """Create NAME.part (or NAME (1).part...) and return it open for writing. O_EXCL: the
+        system refuses to open a file that exists, so two downloads of one name, or a file
+        someone put there, are never written over."""
         os.makedirs(self.downloads, exist_ok=True)
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         while True:
-            name = safe_file_name(transfer.name)
-            transfer.path = unused_path(self.downloads, name, ".part") + ".part"
+            name = unused_path(self.downloads, safe_file_name(transfer.name), ".part")
+            transfer.path = name + ".part"
             # 0o644 (less the umask): a file from someone else is never made executable;
             # FileExistsError: another download took that name a moment ago
             with contextlib.suppress(FileExistsError):
@@ -938,8 +881,9 @@ class FileTransfers:
             number, offset, data = wire.unpack_chunk(payload)
         except PacketError:
             return
+        transfer = self.find(number)
         # none: cancelled, failed or unknown; its chunks still in flight are dropped
-        if (transfer := self.find("receive", number)) is None:
+        if transfer is None or transfer.direction != "receive":
             return
         fits = offset < transfer.size and len(data) == wire.chunk_length(transfer.size, offset)
         if offset % wire.CHUNK_SIZE or not fits:
@@ -972,8 +916,6 @@ class FileTransfers:
         transfer.path = final
         self.end(transfer, "done", "SHA-256 checked")
 
-    # --- Ending ---
-
     def end(self, transfer: Transfer, state: str, note: str, tell: bool = False) -> None:
         """Finish a transfer; a download's partial file is removed unless it is done."""
         if not transfer.active:
@@ -993,11 +935,11 @@ class FileTransfers:
         """An EVENT "file-cancelled" [id] ends a transfer of ours: True, for the transfer's
         own event says so, in the server's words (they name the file, and say why)."""
         number = int(event.more[0]) if event.more and whole_number(event.more[0]) else 0
-        mine = self.find("send", number) or self.find("receive", number)
-        if event.kind == "file-cancelled" and mine:
-            mine.said = event.text
-            self.end(mine, "cancelled", event.text)
-        return bool(mine) and event.kind == "file-cancelled"
+        if event.kind != "file-cancelled" or not (mine := self.find(number)):
+            return False
+        mine.said = event.text
+        self.end(mine, "cancelled", event.text)
+        return True
 
     def cancel_mine(self, number: int = 0) -> list[Transfer]:
         """Stop our transfers (all, or the one numbered); return them. The server is told."""
@@ -1015,7 +957,6 @@ class FileTransfers:
         self.offers.clear()
 
 
-
 # --- The network layer: the socket and one thread ----------------------------------------
 
 
@@ -1027,18 +968,16 @@ class ChatClient:
     sends one without waiting and returns a Future. Every other Event goes to `on_event`,
     called on the network thread, or, without one, into the queue `events`.
 
-        client = ChatClient("127.0.0.1", 9999)
-        client.login("alice", "secret")
-        client.join("lobby", "juara")
-        client.say("hello")
-        client.close()
+        with ChatClient("127.0.0.1", 9999) as client:
+            client.login("alice", "secret")
+            client.join("lobby", "juara")
+            client.say("hello")
     """
 
     def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None,
                  *, timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
                  on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
         self.host, self.port, self.timing = host, port, timing or Timing()
-        # where events go: on_event, or else the queue `events`
         self.events: queue.Queue = queue.Queue()
         self.on_event = on_event or self.events.put
         self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(),
@@ -1067,21 +1006,10 @@ class ChatClient:
     def __exit__(self, *exc_info):
         self.close()
 
-    @property
-    def name(self) -> str | None:
-        return self.protocol.name
-
-    @property
-    def room(self) -> str | None:
-        return self.protocol.room
-
-    @property
-    def state(self) -> str:
-        return self.protocol.state
-
-    @property
-    def logged_in(self) -> bool:
-        return self.protocol.logged_in
+    name = property(lambda self: self.protocol.name)
+    room = property(lambda self: self.protocol.room)
+    state = property(lambda self: self.protocol.state)
+    logged_in = property(lambda self: self.protocol.logged_in)
 
     # --- Requests: what the user can do ---
 
@@ -1098,19 +1026,17 @@ class ChatClient:
         return self.call(PacketType.JOIN, room, password)[-1]
 
     def say(self, text: str) -> str:
-        """Send a message to everyone else in the room; return the server's words."""
         return self.call(PacketType.SAY, text)[-1]
 
     def private(self, user: str, text: str) -> str:
-        """Send a message that only `user` sees."""
         try:
             return self.call(PacketType.PRIVATE, user, text)[-1]
         except Refused as refusal:
             raise naming_the_user(refusal, user) from None
 
     def rooms(self) -> list[tuple[str, int]]:
-        """Return every room and how many are in it (a last '+N' of the answer, N more
-        rooms that did not fit, is left out)."""
+        """Return every room and how many are in it (a last '+N', N more rooms that did not
+        fit in the answer, is left out)."""
         fields = self.call(PacketType.ROOMS)
         return [(fields[i], int(fields[i + 1])) for i in range(0, len(fields) - 1, 2)]
 
@@ -1133,9 +1059,8 @@ class ChatClient:
         return self.call(ptype, self.hello(), name, password)
 
     def send_file(self, to: str, path: str) -> Transfer:
-        """Offer a file to `to` ('' = the room), hashed here; return it once the server took
-        the offer: the network thread then sends it from disk, and transfer events say how
-        far it got. Raises FileProblem (no such file...) or Refused (the server said no)."""
+        """Offer a file to `to` ('' = the room); return it once the server took the offer:
+        the network thread then sends it from disk, and "transfer" events say how far it got."""
         transfer = prepare_upload(to, path)
         try:
             self.call(PacketType.FILE_OFFER, *offer_fields(transfer), transfer=transfer)
@@ -1205,8 +1130,8 @@ class ChatClient:
     # --- The network thread: the only reader of the socket ---
 
     def run_network(self) -> None:
-        """The network thread: send what the protocol says, sleep until its next timer or a
-        datagram or a wake-up (MAX_WAIT at most), take what came; until closed."""
+        """Send what the protocol says, sleep until its next timer or a datagram or a wake-up
+        (MAX_WAIT at most), take what came; until closed."""
         try:
             while not self.closed.is_set():
                 with self.lock:
@@ -1252,14 +1177,13 @@ class ChatClient:
             self.protocol.trace_packet("out", data, f": not sent ({error})")
 
     def settle(self) -> None:
-        """Hand what the protocol produced to its takers, outside the lock: answers to the
-        futures that wait for them, the rest to on_event (or the events queue)."""
+        """Hand what the protocol produced to its takers, outside the lock: the rest to
+        on_event (first: one's own line is shown before its call returns), then answers."""
         with self.lock:
             events = self.protocol.take_events()
             answered = [(self.futures.pop(e.more[0], None), e.more[1]) for e in events
                         if e.kind == "answer"]
         for event in events:
-            # first: one's own line is shown before its call returns
             if event.kind != "answer":
                 self.on_event(event)
         resolve(answered)
@@ -1267,11 +1191,9 @@ class ChatClient:
             self.close(self.protocol.closed_reason)
 
     def wake(self) -> None:
-        try:
+        # OSError: closing, or woken many times over already: a full pair is awake enough
+        with contextlib.suppress(OSError):
             self.wake_writer.send(b"!")
-        except OSError:
-            # closing, or woken many times over already: a full pair is awake enough
-            pass
 
     def drain_wakeups(self) -> None:
         # BlockingIOError (an OSError): nothing more to read
@@ -1350,10 +1272,9 @@ def connect_udp(host: str, port: int) -> socket.socket:
 # server's address asks everyone, and whoever runs a chat server answers. Only when
 # asked: on many networks a broadcast is noticed.
 
-# seconds a search listens: a LAN answers within milliseconds
-SEARCH_TIME = 1.0
-# FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
-SEARCH_TRIES = 3
+# seconds a search listens (a LAN answers within milliseconds), and the FINDs sent in that
+# time, a third of it apart, as DHCP resends its DISCOVER
+SEARCH_TIME, SEARCH_TRIES = 1.0, 3
 NOTHING_FOUND = "no server answered on this network; type its IP"
 OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
 # A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
@@ -1366,13 +1287,12 @@ SIOCGIFADDR, SIOCGIFNETMASK = 0x8915, 0x891B
 
 @dataclasses.dataclass(frozen=True)
 class FoundServer:
-    """A chat server that answered a FIND."""
+    """A chat server that answered a FIND: its name, the IP its answer came from (the one
+    to type), its port and how many members are logged in."""
 
     name: str
-    # the IP its answer came from: the one to type, or to connect to
     host: str
     port: int
-    # members logged in
     online: int
 
     def __str__(self) -> str:
@@ -1388,20 +1308,18 @@ class ServerSearch:
     """
 
     def __init__(self, cipher, number: int | None = None):
-        self.cipher = cipher
-        # any but 0: a request's number
-        self.number = number or 1 + secrets.randbelow(2**32 - 1)
-        # in the order they answered
+        # any number but 0, a request's; servers in the order they answered; those whose
+        # answer was scrambled with another key
+        self.cipher, self.number = cipher, number or 1 + secrets.randbelow(2**32 - 1)
         self.found: dict[tuple[str, int], FoundServer] = {}
-        # answered, scrambled with another key
         self.other_key: set[tuple[str, int]] = set()
 
     def request(self) -> bytes:
         """Return the FIND datagram, padded to MIN_FIND_SIZE bytes (shorter ones are dropped)."""
         # the field's 2-byte length, then dots
         padding = "." * (wire.MIN_FIND_SIZE - wire.HEADER_SIZE - 2)
-        packet = Packet(PacketType.FIND, self.number, payload=pack_fields(padding))
-        return encode_packet(packet, self.cipher)
+        return encode_packet(Packet(PacketType.FIND, self.number, payload=pack_fields(padding)),
+                             self.cipher)
 
     def receive(self, data: bytes, address: tuple[str, int]) -> FoundServer | None:
         """Take a datagram that came back; return the server it tells of, if it is a new one."""
@@ -1410,17 +1328,15 @@ class ServerSearch:
             number, name, port, online = unpack_fields(packet.payload, 4)
         except ChecksumError:
             # a chat server whose key differs from ours
-            self.other_key.add(address)
-            return None
+            return self.other_key.add(address)
         except PacketError:
             return None
         if (packet.type != PacketType.OK or packet.ack != self.number or number != str(self.number)
-                or not (whole_number(port) and 0 < int(port) < 65536 and whole_number(online))):
+                or not (whole_number(port) and 0 < int(port) < 65536 and whole_number(online))
+                or (address[0], int(port)) in self.found):
             return None
-        if (address[0], int(port)) in self.found:
-            return None
-        server = FoundServer(name, address[0], int(port), int(online))
-        self.found[address[0], int(port)] = server
+        server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port),
+                                                                 int(online))
         return server
 
     def servers(self) -> list[FoundServer]:
@@ -1440,17 +1356,15 @@ def linux_networks() -> list[tuple[str, str]]:
     """Return (address, netmask) of each IPv4 interface, asked of the Linux kernel: it knows
     them without any route, where the host name may resolve to nothing useful."""
     found = []
+    # the kernel wants a socket; nothing is sent
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        # the kernel wants one; nothing is sent
         for _, name in socket.if_nameindex():
             # struct ifreq: the name, then room
             request = struct.pack("16s24x", name.encode()[:15])
-            try:
+            # OSError: no IPv4 address on it, or it went away meanwhile
+            with contextlib.suppress(OSError):
                 found.append(tuple(socket.inet_ntoa(fcntl.ioctl(sock, ask, request)[20:24])
                                    for ask in (SIOCGIFADDR, SIOCGIFNETMASK)))
-            except OSError:
-                # no IPv4 address on it, or it went away meanwhile
-                continue
     return found
 
 
@@ -1465,13 +1379,11 @@ def host_addresses() -> list[str]:
 
 
 def broadcast_of(address: str, netmask: str) -> str:
-    """Return the broadcast address of `address`'s network: its host bits all set to one."""
+    """Return the broadcast address of `address`'s network: its host bits all set to one
+    ("" for a /31 or /32, which has none)."""
     host_bits = ~int.from_bytes(socket.inet_aton(netmask), "big") & 0xFFFFFFFF
-    if host_bits <= 1:
-        # a /31 or /32 has no broadcast address
-        return ""
     network = int.from_bytes(socket.inet_aton(address), "big")
-    return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))
+    return socket.inet_ntoa((network | host_bits).to_bytes(4, "big")) if host_bits > 1 else ""
 
 
 def search_network(search: ServerSearch, targets: list[str], port: int, wait: float = SEARCH_TIME,
@@ -1484,28 +1396,20 @@ def search_network(search: ServerSearch, targets: list[str], port: int, wait: fl
         start = time.monotonic()
         for attempt in range(tries):
             for target in targets:
-                try:
+                # OSError: e.g. 255.255.255.255 with no default route, "unreachable"
+                with contextlib.suppress(OSError):
                     sock.sendto(search.request(), (target, port))
-                except OSError:
-                    # e.g. 255.255.255.255 with no default route: "unreachable"
-                    pass
-            collect_answers(sock, search, start + wait * (attempt + 1) / tries)
+            until = start + wait * (attempt + 1) / tries
+            while (left := until - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    search.receive(*sock.recvfrom(wire.RECV_BUFFER))
+                except TimeoutError:
+                    break
+                except ConnectionResetError:
+                    # Windows: "port unreachable" came back for a FIND
+                    continue
     return search
-
-
-def collect_answers(sock: socket.socket, search: ServerSearch, until: float) -> None:
-    """Hand the search every datagram that arrives before `until` (a time.monotonic() value)."""
-    while (left := until - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data, address = sock.recvfrom(wire.RECV_BUFFER)
-        except TimeoutError:
-            # socket.timeout: nothing more came
-            return
-        except ConnectionResetError:
-            # Windows: "port unreachable" came back for a FIND
-            continue
-        search.receive(data, address)
 
 
 def find_servers(port: int, cipher, show) -> list[FoundServer]:
@@ -1521,10 +1425,8 @@ def find_servers(port: int, cipher, show) -> list[FoundServer]:
 
 def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
     """Return (host, port if known) for an answer to the Server IP prompt; None if no choice.
-
     Enter takes the first server found (127.0.0.1 if none), a number one from the list,
-    anything else is an address.
-    """
+    anything else is an address."""
     if not answer:
         return (found[0].host, found[0].port) if found else (DEFAULT_HOST, None)
     if found and whole_number(answer):
@@ -1539,8 +1441,6 @@ def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None]
 # Characters that reorder the text after them on screen (bidi embeddings, overrides and
 # isolates): a name or message could make what follows read backwards ("Trojan Source").
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-# each shown as a new, indented line
-LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")
 
 
 def printable(text: str) -> str:
@@ -1550,7 +1450,7 @@ def printable(text: str) -> str:
 
     A security filter, not a nicety: everything from the network passes through it.
     """
-    for line_break in LINE_BREAKS:
+    for line_break in ("\r\n", "\r", "\u2028", "\u2029"):
         text = text.replace(line_break, "\n")
     unsafe = {"Cc", "Cs"}
     text = "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
@@ -1566,15 +1466,13 @@ def format_event(event: Event, me: str | None = None) -> str:
     user = "you" if mine else printable(event.user)
     if event.kind == "private" and mine:
         return f"[{clock}] -> {printable(event.more[0] if event.more else '')}: {text}"
-    shapes = {"chat": f"[{clock}] {user}: {text}", "private": f"[{clock}] {user} (private): {text}",
-              "history": f"[history] [{clock}] {user}: {text}", "join": f"[{clock}] {user} joined",
-              "leave": f"[{clock}] {user} left" + (f" ({text})" if text else ""),
-              "notice": text}
-    # (a notice may quote the server: printable() above made its text safe too)
     if event.kind == "transfer":
         return describe_transfer(event.more[0], final=True)
-    if event.kind in FILE_EVENTS:
-        return f"[{clock}] {text}"
+    # (a notice may quote the server: printable() above made its text safe too)
+    shapes = {"chat": f"[{clock}] {user}: {text}", "private": f"[{clock}] {user} (private): {text}",
+              "history": f"[history] [{clock}] {user}: {text}", "join": f"[{clock}] {user} joined",
+              "leave": f"[{clock}] {user} left" + (f" ({text})" if text else ""), "notice": text,
+              **{kind: f"[{clock}] {text}" for kind in FILE_EVENTS}}
     return shapes.get(event.kind, f"[{clock}] {event.kind}: {user} {text}")
 
 
@@ -1623,11 +1521,8 @@ def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
         space = len(fits) if text[len(fits)].isspace() else fits.rfind(" ")
         cut = space if space > 0 and fits[:space].strip() else len(fits)
         part, text = text[:cut].rstrip(), text[cut:].lstrip()
-        if part:
-            parts.append(part)
-    if text.strip():
-        parts.append(text)
-    return parts
+        parts += [part] if part else []
+    return parts + ([text] if text.strip() else [])
 
 
 def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
@@ -1645,10 +1540,9 @@ def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
 
 # --- The terminal ---------------------------------------------------------------------
 
-# ANSI colours (SGR): a line that names me, a private message; then back to plain
-BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
-# the terminal beeps, or flashes its window, when it prints this
-BELL = "\a"
+# ANSI colours (SGR): a line that names me, a private message; then back to plain. The
+# terminal beeps, or flashes its window, when it prints BELL.
+BOLD_YELLOW, MAGENTA, PLAIN, BELL = "\x1b[1;33m", "\x1b[35m", "\x1b[0m", "\a"
 
 
 class EndOfInput(Exception):
@@ -1668,20 +1562,12 @@ class Terminal:
 
     def __init__(self, interactive: bool, color: bool = False, bell: bool = False):
         self.interactive, self.color, self.bell = interactive, color, bell
-        self.asks, self.answers = queue.Queue(), queue.Queue()
-        # one writer at a time; the prompt on screen now ("" if none), and whether secret
-        self.lock = threading.Lock()
-        self.prompt, self.secret = "", False
-        # a question is with the keyboard thread; the input is over
-        self.outstanding = self.ended = False
-        # lines kept back while a room is entered (None: none kept)
+        self.asks, self.answers, self.lock = queue.Queue(), queue.Queue(), threading.Lock()
+        # the prompt on screen now ("" if none), and whether secret; a question is with the
+        # keyboard thread; the input is over; lines kept back while a room is entered
+        self.prompt, self.secret, self.outstanding, self.ended = "", False, False, False
         self.held: list[str] | None = None
-        self.alive = lambda: None
-        # POSIX: the terminal's settings as we found them, to give back
-        self.saved_mode = None
-        if interactive and termios:
-            with contextlib.suppress(termios.error, OSError, ValueError):
-                self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
+        self.alive, self.restored = lambda: None, False
         threading.Thread(target=self.read_lines, name="keyboard", daemon=True).start()
 
     def read_lines(self) -> None:
@@ -1701,31 +1587,33 @@ class Terminal:
                 return
 
     def read_answer(self, prompt: str, secret: bool) -> str:
-        """Return one line; the prompt counts as on screen only once it is drawn, so a line
-        shown a moment before cannot draw it twice (`> > /share`)."""
         if not self.interactive:
-            line = sys.stdin.readline()
-            if not line:
+            if not (line := sys.stdin.readline()):
                 raise EOFError
             return line.rstrip("\r\n")
+        with self.lock:
+            self.prompt, self.secret = prompt, secret
         if secret:
-            # getpass turns echo off, then draws its prompt
-            self.prompt_drawn(prompt, True)
             return getpass.getpass(prompt)
-        if readline is None:
-            self.prompt_drawn(prompt, False, write=True)
-            return input()
-        # readline calls this hook once it has drawn the prompt
-        readline.set_pre_input_hook(lambda: self.prompt_drawn(prompt, False))
         self.echo(True)
         return input(prompt)
 
-    def prompt_drawn(self, prompt: str, secret: bool, write: bool = False) -> None:
+    def echo(self, on: bool) -> None:
+        """Let the terminal show the keys typed, or not (POSIX): between two questions keys
+        typed ahead are not shown, for they may be the password the next prompt asks."""
         with self.lock:
-            self.prompt, self.secret = prompt, secret
-            if write:
-                sys.stdout.write(prompt)
-                sys.stdout.flush()
+            if not (termios and self.interactive) or (self.restored and not on):
+                return
+            with contextlib.suppress(termios.error, OSError, ValueError):
+                mode = termios.tcgetattr(sys.stdin.fileno())
+                # [3]: the local flags
+                mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
+
+    def restore(self) -> None:
+        """Give the terminal back with echo on, for good (Ctrl+C at a password prompt)."""
+        self.echo(True)
+        self.restored = True
 
     def ask(self, prompt: str, secret: bool = False) -> str:
         """Return the next line the user types; raise EndOfInput at its end."""
@@ -1739,11 +1627,9 @@ class Terminal:
             self.show("", again=prompt)
         while True:
             self.alive()
-            try:
+            with contextlib.suppress(queue.Empty):
                 answer = self.answers.get(timeout=MAX_WAIT)
                 break
-            except queue.Empty:
-                continue
         self.outstanding = False
         if answer is None:
             self.ended = True
@@ -1757,12 +1643,10 @@ class Terminal:
             typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
             self.prompt = self.prompt if again is None else again
-            try:
+            # OSError: a program reading our output stopped, or the terminal closed (EIO)
+            with contextlib.suppress(OSError):
                 sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
                 sys.stdout.flush()
-            except OSError:
-                # a program reading our output stopped, or the terminal closed (EIO)
-                pass
 
     def show_event(self, event: Event, me: str | None) -> None:
         """Show an event (on the network thread): coloured, with the bell when it names me."""
@@ -1789,24 +1673,6 @@ class Terminal:
         for line in ([first] if first else []) + held:
             self.show(line)
 
-    def echo(self, on: bool, mode=None) -> None:
-        """Let the terminal show the keys typed, or not (POSIX): between two questions keys
-        typed ahead are not shown, for they may be the password the next prompt asks."""
-        with self.lock:
-            if self.saved_mode is None:
-                return
-            mode = mode or list(self.saved_mode)
-            # [3]: the local flags
-            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
-            with contextlib.suppress(termios.error, OSError, ValueError):
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
-
-    def restore(self) -> None:
-        """Give the terminal back with echo on, for good (Ctrl+C at a password prompt)."""
-        self.echo(True, list(self.saved_mode or [0] * 7))
-        with self.lock:
-            self.prompt, self.saved_mode = "", None
-
 
 def worth_a_line(event: Event) -> bool:
     """Does the terminal print this event? Not a state (a notice says it), not a refused
@@ -1829,7 +1695,6 @@ def use_color(stream, environ, platform: str = sys.platform) -> bool:
     if platform == "win32" and "WT_SESSION" not in environ:
         return False
     return hasattr(stream, "isatty") and stream.isatty()
-
 
 
 # --- Commands: one table for the terminal and the window --------------------------------
@@ -1981,7 +1846,6 @@ def unquote(text: str) -> str:
 COMMANDS = {"say": send_lines, "/help": lambda client, rest, face: face.show(HELP),
             "/rooms": show_rooms, "/who": show_who, "/join": join_room, "/msg": send_private,
             "/send": send_file, "/share": share_file, "/files": list_files, "/cancel": cancel_files}
-
 
 
 # --- The window: python client.py --gui -----------------------------------------------
@@ -2337,6 +2201,7 @@ def run_window(args: argparse.Namespace) -> int | None:
     return window.run()
 
 
+
 # --- The terminal's conversation: choose, log in, enter the lobby, chat, leave -----------
 
 
@@ -2346,10 +2211,9 @@ def converse(client: ChatClient, terminal: Terminal) -> None:
         choice = terminal.ask("Type /register or /login (exit to quit): ").strip().lower()
         if choice in EXIT_WORDS:
             return
-        word = choice.lstrip("/")
-        if word == "register":
+        if choice.lstrip("/") == "register":
             register(client, terminal)
-        elif word == "login":
+        elif choice.lstrip("/") == "login":
             if log_in(client, terminal) and chat(client, terminal):
                 return
         elif choice:
@@ -2549,11 +2413,6 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     except (ChatError, Refused, ValueError) as error:
         # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {printable(str(error))}")
-    return say_goodbye(made, terminal, status)
-
-
-def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
-    """Log out if logged in, close the socket, give the terminal back; return `status`."""
     with contextlib.suppress(KeyboardInterrupt):
         if made:
             made[0].bye()
@@ -2562,7 +2421,7 @@ def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
     # Only a server that answered was connected. On a terminal the cursor may be on the
     # prompt's line: a new line first.
     if len(made) > 1:
-        terminal.show(("\n" if terminal.interactive else "") + "[INFO] Connection closed.")
+        terminal.show(("\n" if interactive else "") + "[INFO] Connection closed.")
     return status
 
 
