@@ -53,30 +53,7 @@ import unicodedata
 
 import auth
 import encryption_helper as wire
-from encryption_helper import (
-    DEFAULT_CIPHER,
-    FILE_EVENTS,
-    FLAG_FILE_STREAM,
-    LOBBY,
-    MAX_TEXT_BYTES,
-    NO_TOKEN,
-    Channel,
-    ChecksumError,
-    LossySocket,
-    Packet,
-    PacketError,
-    PacketType,
-    Refused,
-    RtoEstimator,
-    decode_packet,
-    describe_size,
-    encode_packet,
-    make_cipher,
-    pack_fields,
-    port_number,
-    unpack_fields,
-    whole_number,
-)
+from encryption_helper import MAX_TEXT_BYTES, NO_TOKEN, PacketType, Refused, describe_size
 
 try:
     # Linux and macOS: the line being typed is drawn again below a message printed above it
@@ -123,9 +100,9 @@ class Timing:
     heartbeat_every: float = 5.0
     lost_contact_after: float = 15.0
     give_up_after: float = 45.0
-    initial_rto: float = RtoEstimator.INITIAL
-    min_rto: float = RtoEstimator.FLOOR
-    max_rto: float = RtoEstimator.CEILING
+    initial_rto: float = wire.RtoEstimator.INITIAL
+    min_rto: float = wire.RtoEstimator.FLOOR
+    max_rto: float = wire.RtoEstimator.CEILING
     goodbye_timeout: float = 3.0
 
 
@@ -133,7 +110,7 @@ class Timing:
 class Event:
     """One thing to tell the user (or a waiting caller): the client's single stream out.
 
-    From the server: "chat", "private", "history", "join", "leave" and the FILE_EVENTS,
+    From the server: "chat", "private", "history", "join", "leave" and the wire.FILE_EVENTS,
     `more` holding the fields after the text. Made by the client: "notice" (`text` is a
     finished line), "transfer" (`more` is (the Transfer as it was, the live one)), "state"
     (`text` is the new state), and "answer" (`more` is (request number, fields or error)).
@@ -180,16 +157,16 @@ NOT_SENT = "Not back in the chat; not sent."
 # --- The protocol, without sockets, threads or clock -----------------------------------
 #
 # The life of a line typed, "hi": ChatClient.say -> ClientProtocol.request (SAY queued on
-# the session's Channel, numbered 7) -> the network thread's poll() -> Channel.poll ->
-# encode_packet -> sock.send. The server's OK [7, "to lobby, 2 others"] comes back through
-# receive() -> Channel.receive (in order, acknowledged) -> receive_answer, which finds
+# the session's wire.Channel, numbered 7) -> the network thread's poll() -> wire.Channel.poll ->
+# wire.encode_packet -> sock.send. The server's OK [7, "to lobby, 2 others"] comes back through
+# receive() -> wire.Channel.receive (in order, acknowledged) -> receive_answer, which finds
 # request 7 in `pending` and puts Event("answer") and the own line Event("chat") out.
 
 
 class Requests:
     """Numbered requests and their answers: the transport half of ClientProtocol, and all
     its state. Before login a request goes one at a time, sent again once a second
-    (stop-and-wait: a Channel with a window of 1); after it, on the session's Channel (a
+    (stop-and-wait: a wire.Channel with a window of 1); after it, on the session's wire.Channel (a
     window of 32: a paste of twenty lines flows without waiting). Each request gets a
     ticket, which its Event("answer") names; our own requests (a PING) have ticket 0.
     """
@@ -219,17 +196,19 @@ class Requests:
         self.login, self.joined, self.told, self.retry_at, self.since = (), (), "", 0.0, 0.0
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
-    def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
+    def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> wire.Channel:
         """A session's channel; before login a stop-and-wait one, a try a second (every
         REJOIN_EVERY s to get back in)."""
         if token != NO_TOKEN:
-            rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-            return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
+            timing = self.timing
+            rto = wire.RtoEstimator(timing.initial_rto, timing.min_rto, timing.max_rto)
+            return wire.Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
                            ack_every=wire.ACK_EVERY, flags=flags)
         back = self.state == "reconnecting"
         retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
-        return Channel(self.cipher, window=1, max_sends=tries, first_seq=self.next_stranger_seq,
-                       rto=RtoEstimator(retry, retry, retry))
+        return wire.Channel(self.cipher, window=1, max_sends=tries,
+                            first_seq=self.next_stranger_seq,
+                            rto=wire.RtoEstimator(retry, retry, retry))
 
     @property
     def logged_in(self) -> bool:
@@ -296,7 +275,7 @@ class Requests:
         if ptype == PacketType.HELLO:
             # padding: the server answers no HELLO under 128 bytes (no amplification)
             fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
-        payload = pack_fields(*fields)
+        payload = wire.pack_fields(*fields)
         if len(payload) > wire.MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
         if self.channel.idle():
@@ -328,15 +307,15 @@ class ClientProtocol(Requests):
         """Take one datagram from the server."""
         self.now = now
         try:
-            packet = decode_packet(data, self.cipher)
-        except PacketError as error:
+            packet = wire.decode_packet(data, self.cipher)
+        except wire.PacketError as error:
             self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
-            if isinstance(error, ChecksumError) and not self.logged_in:
+            if isinstance(error, wire.ChecksumError) and not self.logged_in:
                 # every answer is unreadable
                 self.fail_pending(ServerNotResponding(KEY_MISMATCH))
             return
         self.last_heard, self.unreachable = now, 0
-        files = bool(packet.flags & FLAG_FILE_STREAM)
+        files = bool(packet.flags & wire.FLAG_FILE_STREAM)
         stream = self.file_stream if files else self.channel
         if packet.type == PacketType.RESET and self.logged_in and packet.token == self.token:
             # the server has no session with the token it echoes: believed if it is ours
@@ -355,13 +334,13 @@ class ClientProtocol(Requests):
             elif not files and got.type in (PacketType.OK, PacketType.ERROR):
                 self.receive_answer(got)
 
-    def receive_answer(self, packet: Packet) -> None:
+    def receive_answer(self, packet: wire.Packet) -> None:
         """An OK or ERROR, found by the request number in its first field: the answer to a
         request of the user's, or of ours; note what it changes, show our own line."""
         try:
-            seq, *fields = unpack_fields(packet.payload)
+            seq, *fields = wire.unpack_fields(packet.payload)
             ticket, ptype, asked = self.pending.pop(int(seq))
-        except (PacketError, ValueError, KeyError):
+        except (wire.PacketError, ValueError, KeyError):
             # unreadable, or a late answer to something given up on
             return
         result = fields
@@ -394,17 +373,17 @@ class ClientProtocol(Requests):
         elif ptype == PacketType.BYE:
             self.log_out()
 
-    def receive_event(self, packet: Packet) -> None:
+    def receive_event(self, packet: wire.Packet) -> None:
         try:
             event = read_event(packet.payload)
-        except (PacketError, ValueError):
+        except (wire.PacketError, ValueError):
             # unreadable: skipped
             return
         if event.kind == "stop":
             # a last ACK at once, so the server knows we heard
             cumulative, bitmap = self.channel.acknowledgement()
-            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
-            self.outbox.append(encode_packet(ack, self.cipher))
+            ack = wire.Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
+            self.outbox.append(wire.encode_packet(ack, self.cipher))
             self.notice("[INFO] The server was stopped.")
             self.lose_session(SessionLost("The server was stopped."), stopped=True)
         elif event.kind == "replaced":
@@ -415,7 +394,7 @@ class ClientProtocol(Requests):
             # told first, then the download starts
             self.events.append(event)
             self.files.offer_arrived(event.user, list(event.more))
-        elif event.kind in FILE_EVENTS and self.files.event(event):
+        elif event.kind in wire.FILE_EVENTS and self.files.event(event):
             # a transfer of ours ended: its own event says so
             return
         elif event := self.fresh(event):
@@ -447,7 +426,7 @@ class ClientProtocol(Requests):
         self.end_requests(Refused("not-sent", "Sent while logging in; not sent."))
         self.token, self.name = token, name
         self.channel = self.new_channel(token)
-        self.file_stream = self.new_channel(token, FLAG_FILE_STREAM)
+        self.file_stream = self.new_channel(token, wire.FLAG_FILE_STREAM)
         if self.state != "reconnecting":
             self.set_state("connected")
 
@@ -607,7 +586,7 @@ class ClientProtocol(Requests):
         return min(wakeups)
 
 
-def expected(packet: Packet, token: bytes, stream: Channel | None) -> bool:
+def expected(packet: wire.Packet, token: bytes, stream: wire.Channel | None) -> bool:
     """Could this packet be for us now? Before login (no token) only answers, numbered 0;
     after it, packets with our token on a stream we have, and no unsequenced one but ACK."""
     if token == NO_TOKEN:
@@ -618,7 +597,7 @@ def expected(packet: Packet, token: bytes, stream: Channel | None) -> bool:
 
 def read_event(payload: bytes) -> Event:
     """Return an EVENT's fields [kind, unix time, room, user, text, *more] as an Event."""
-    kind, when, room, user, text, *more = unpack_fields(payload)
+    kind, when, room, user, text, *more = wire.unpack_fields(payload)
     # nan and inf fail too: no clock shows such times
     if not -1e10 < float(when) < 1e10:
         raise ValueError(f"time {when!r} out of range")
@@ -637,7 +616,7 @@ def read_event(payload: bytes) -> Event:
 #       FILE_CHUNK [7, 1152, ...] ~~~>    (on disk)        ~~~>  downloads/name.part
 #                          <- EVENT "file-done" [..., 7]         SHA-256 checked, renamed
 #
-# Chunks go on the session's second channel, whose packets carry FLAG_FILE_STREAM: a
+# Chunks go on the session's second channel, whose packets carry wire.FLAG_FILE_STREAM: a
 # channel delivers in order, so on one channel a chat line sent after a lost chunk would
 # wait for that chunk's resend (head-of-line blocking; QUIC gives each stream its own
 # numbers for the same reason). The receiver writes NAME.part, checks the SHA-256 once
@@ -821,7 +800,7 @@ class FileTransfers:
         if transfer.direction == "receive" and transfer.size == 0:
             self.check(transfer)
 
-    def fill(self, stream: Channel) -> None:
+    def fill(self, stream: wire.Channel) -> None:
         """Put chunks of the files being sent into the file stream, in turn, while it has room."""
         uploads = [t for t in self.transfers if t.direction == "send" and t.state == "moving"]
         moving = [t for t in uploads if t.done_bytes < t.size]
@@ -831,7 +810,7 @@ class FileTransfers:
             if transfer.done_bytes >= transfer.size and stream.delivered(transfer.last_seq):
                 self.end(transfer, "done", "the server has it all")
 
-    def send_chunk(self, stream: Channel, transfer: Transfer) -> bool:
+    def send_chunk(self, stream: wire.Channel, transfer: Transfer) -> bool:
         """Read the next chunk from disk and queue it; False if the file could not be read."""
         want = wire.chunk_length(transfer.size, transfer.done_bytes)
         try:
@@ -879,7 +858,7 @@ class FileTransfers:
         """A FILE_CHUNK from the file stream: write it where its offset says."""
         try:
             number, offset, data = wire.unpack_chunk(payload)
-        except PacketError:
+        except wire.PacketError:
             return
         transfer = self.find(number)
         # none: cancelled, failed or unknown; its chunks still in flight are dropped
@@ -934,7 +913,7 @@ class FileTransfers:
     def event(self, event: Event) -> bool:
         """An EVENT "file-cancelled" [id] ends a transfer of ours: True, for the transfer's
         own event says so, in the server's words (they name the file, and say why)."""
-        number = int(event.more[0]) if event.more and whole_number(event.more[0]) else 0
+        number = int(event.more[0]) if event.more and wire.whole_number(event.more[0]) else 0
         if event.kind != "file-cancelled" or not (mine := self.find(number)):
             return False
         mine.said = event.text
@@ -974,13 +953,14 @@ class ChatClient:
             client.say("hello")
     """
 
-    def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None,
-                 *, timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
-                 on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
+    def __init__(self, host: str, port: int, cipher: str = wire.DEFAULT_CIPHER,
+                 key: str | None = None, *, timing: Timing | None = None, loss: float = 0.0,
+                 seed: int | None = None, on_event=None, trace=None, downloads: str = "downloads",
+                 rejoin: bool = True):
         self.host, self.port, self.timing = host, port, timing or Timing()
         self.events: queue.Queue = queue.Queue()
         self.on_event = on_event or self.events.put
-        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(),
+        self.protocol = ClientProtocol(wire.make_cipher(cipher, key), self.timing, time.monotonic(),
                                        loss, trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
         # the protocol is shared by the callers' threads and ours; futures by ticket
@@ -988,7 +968,7 @@ class ChatClient:
         self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
         dropped = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
-        self.sock = LossySocket(sock, loss, seed, dropped, side="client") if loss else sock
+        self.sock = wire.LossySocket(sock, loss, seed, dropped, side="client") if loss else sock
         # A request queued by another thread must not wait for the network thread's timer:
         # it sends a byte to one end of a socket pair, whose other end select() watches.
         self.wake_reader, self.wake_writer = socket.socketpair()
@@ -1318,21 +1298,22 @@ class ServerSearch:
         """Return the FIND datagram, padded to MIN_FIND_SIZE bytes (shorter ones are dropped)."""
         # the field's 2-byte length, then dots
         padding = "." * (wire.MIN_FIND_SIZE - wire.HEADER_SIZE - 2)
-        return encode_packet(Packet(PacketType.FIND, self.number, payload=pack_fields(padding)),
-                             self.cipher)
+        packet = wire.Packet(PacketType.FIND, self.number, payload=wire.pack_fields(padding))
+        return wire.encode_packet(packet, self.cipher)
 
     def receive(self, data: bytes, address: tuple[str, int]) -> FoundServer | None:
         """Take a datagram that came back; return the server it tells of, if it is a new one."""
         try:
-            packet = decode_packet(data, self.cipher)
-            number, name, port, online = unpack_fields(packet.payload, 4)
-        except ChecksumError:
+            packet = wire.decode_packet(data, self.cipher)
+            number, name, port, online = wire.unpack_fields(packet.payload, 4)
+        except wire.ChecksumError:
             # a chat server whose key differs from ours
             return self.other_key.add(address)
-        except PacketError:
+        except wire.PacketError:
             return None
         if (packet.type != PacketType.OK or packet.ack != self.number or number != str(self.number)
-                or not (whole_number(port) and 0 < int(port) < 65536 and whole_number(online))
+                or not (wire.whole_number(port) and wire.whole_number(online))
+                or not 0 < int(port) < 65536
                 or (address[0], int(port)) in self.found):
             return None
         server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port),
@@ -1429,7 +1410,7 @@ def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None]
     anything else is an address."""
     if not answer:
         return (found[0].host, found[0].port) if found else (DEFAULT_HOST, None)
-    if found and whole_number(answer):
+    if found and wire.whole_number(answer):
         chosen = found[int(answer) - 1] if 0 < int(answer) <= len(found) else None
         return (chosen.host, chosen.port) if chosen else None
     ports = [server.port for server in found if server.host == answer]
@@ -1472,7 +1453,7 @@ def format_event(event: Event, me: str | None = None) -> str:
     shapes = {"chat": f"[{clock}] {user}: {text}", "private": f"[{clock}] {user} (private): {text}",
               "history": f"[history] [{clock}] {user}: {text}", "join": f"[{clock}] {user} joined",
               "leave": f"[{clock}] {user} left" + (f" ({text})" if text else ""), "notice": text,
-              **{kind: f"[{clock}] {text}" for kind in FILE_EVENTS}}
+              **{kind: f"[{clock}] {text}" for kind in wire.FILE_EVENTS}}
     return shapes.get(event.kind, f"[{clock}] {event.kind}: {user} {text}")
 
 
@@ -1828,7 +1809,7 @@ def list_files(client: ChatClient, rest: str, face) -> None:
 def cancel_files(client: ChatClient, rest: str, face) -> None:
     # /files shows them as #3
     number = rest.lstrip("#")
-    if number and not whole_number(number):
+    if number and not wire.whole_number(number):
         face.show("Usage: /cancel, or /cancel N with N as /files shows it")
     elif not client.cancel_files(int(number) if number else 0):
         face.show(f"No transfer numbered {number}." if number
@@ -2017,7 +1998,7 @@ class ChatWindow:
         welcome = self.client.login(name, password)
         self.inbox.put(lambda: self.show_frame(True))
         self.show(welcome)
-        self.run_line(f"/join {LOBBY}")
+        self.run_line(f"/join {wire.LOBBY}")
 
     def run_line(self, line: str) -> None:
         """A line typed in the chat, read by the terminal's own command parser."""
@@ -2043,14 +2024,16 @@ class ChatWindow:
             return self.say("The two passwords differ; type it again.")
         self.say("Registering..." if register else "Logging in...")
         host, name = self.host.get().strip() or DEFAULT_HOST, self.name.get().strip()
-        self.jobs.put(lambda: self.log_in_as(register, host, port_number(port), name, password))
+        self.jobs.put(lambda: self.log_in_as(register, host, wire.port_number(port), name,
+                                             password))
 
     def search(self) -> None:
         """Find servers on the port typed: the search listens a while, so on the worker."""
         port = self.port.get().strip()
-        cipher = make_cipher(self.options.get("cipher", DEFAULT_CIPHER), self.options.get("key"))
+        options = self.options
+        cipher = wire.make_cipher(options.get("cipher", wire.DEFAULT_CIPHER), options.get("key"))
         self.jobs.put(lambda: self.inbox.put(functools.partial(
-            self.show_servers, find_servers(port_number(port), cipher, self.show))))
+            self.show_servers, find_servers(wire.port_number(port), cipher, self.show))))
 
     def show_servers(self, found: list) -> None:
         fill(self.servers, [f"{server.host}:{server.port}  {printable(server.name)}  "
@@ -2253,9 +2236,9 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
         return False
     hint = "Try again, or press Enter alone to go on without a room."
     # Enter alone sends nothing: an empty password would count as a wrong one.
-    while password := terminal.ask(f"Room password for {LOBBY}: ", secret=True):
+    while password := terminal.ask(f"Room password for {wire.LOBBY}: ", secret=True):
         try:
-            enter_room(client, LOBBY, password, terminal, then=" Type /help for commands.")
+            enter_room(client, wire.LOBBY, password, terminal, then=" Type /help for commands.")
             return True
         except Refused as refusal:
             terminal.show(printable(refusal.text))
@@ -2304,7 +2287,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                "the traffic can read it. Server and client must use the same --cipher and --key.")
     parser.add_argument("--host",
                         help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=port_number,
+    parser.add_argument("--port", type=wire.port_number,
                         help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
     # --cipher, --key, --loss, --seed
     wire.add_shared_options(parser)
@@ -2326,7 +2309,7 @@ def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]
     while port is None:
         answer = terminal.ask(f"Server port [{default_port}]: ").strip() or str(default_port)
         try:
-            port = port_number(answer)
+            port = wire.port_number(answer)
         except argparse.ArgumentTypeError:
             terminal.show("A port is a whole number from 1 to 65535.")
     return host, port
@@ -2340,7 +2323,7 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
         hint = "" if found else " (? searches the network)"
         answer = terminal.ask(f"Server IP [{default}]{hint}: ").strip()
         if answer == "?":
-            cipher = make_cipher(args.cipher, args.key)
+            cipher = wire.make_cipher(args.cipher, args.key)
             found = find_servers(args.port or DEFAULT_PORT, cipher, terminal.show)
             for number, server in enumerate(found, 1):
                 terminal.show(f"{number}) {server}")
@@ -2354,7 +2337,7 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
 def print_servers_found(args: argparse.Namespace) -> int:
     """--find: one line per server, `IP:PORT  name  N online`; the rest on stderr."""
     try:
-        found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key),
+        found = find_servers(args.port or DEFAULT_PORT, wire.make_cipher(args.cipher, args.key),
                              functools.partial(print, file=sys.stderr))
     except (ValueError, OSError) as error:
         # a key the cipher cannot use; no network at all
