@@ -110,7 +110,7 @@ class Timing:
 class Event:
     """One thing to tell the user (or a waiting caller): the client's single stream out.
 
-    From the server: "chat", "private", "history", "join", "leave" and the wire.FILE_EVENTS,
+    From the server: "chat", "private", "history", "join", "leave" and the FILE_EVENTS,
     `more` holding the fields after the text. Made by the client: "notice" (`text` is a
     finished line), "transfer" (`more` is (the Transfer as it was, the live one)), "state"
     (`text` is the new state), and "answer" (`more` is (request number, fields or error)).
@@ -157,16 +157,16 @@ NOT_SENT = "Not back in the chat; not sent."
 # --- The protocol, without sockets, threads or clock -----------------------------------
 #
 # The life of a line typed, "hi": ChatClient.say -> ClientProtocol.request (SAY queued on
-# the session's wire.Channel, numbered 7) -> the network thread's poll() -> wire.Channel.poll ->
-# wire.encode_packet -> sock.send. The server's OK [7, "to lobby, 2 others"] comes back through
-# receive() -> wire.Channel.receive (in order, acknowledged) -> receive_answer, which finds
+# the session's Channel, numbered 7) -> the network thread's poll() -> Channel.poll ->
+# encode_packet -> sock.send. The server's OK [7, "to lobby, 2 others"] comes back through
+# receive() -> Channel.receive (in order, acknowledged) -> receive_answer, which finds
 # request 7 in `pending` and puts Event("answer") and the own line Event("chat") out.
 
 
 class Requests:
-    """Numbered requests and their answers: the transport half of ClientProtocol, and all
-    its state. Before login a request goes one at a time, sent again once a second
-    (stop-and-wait: a wire.Channel with a window of 1); after it, on the session's wire.Channel (a
+    """Numbered requests, their answers and the timers (`poll`): the transport half of
+    ClientProtocol, and all its state. Before login a request goes one at a time, sent again once a second
+    (stop-and-wait: a Channel with a window of 1); after it, on the session's Channel (a
     window of 32: a paste of twenty lines flows without waiting). Each request gets a
     ticket, which its Event("answer") names; our own requests (a PING) have ticket 0.
     """
@@ -286,6 +286,67 @@ class Requests:
         self.pending[seq] = (ticket, ptype, tuple(fields))
         self.next_stranger_seq = seq + 1 if not self.logged_in else self.next_stranger_seq
 
+
+    # --- Time ---
+
+    def poll(self, now: float) -> list[bytes]:
+        """Return the datagrams to send now; keep alive, warn, retry or give up as time says."""
+        self.now = now
+        if self.state == "closed":
+            return []
+        if self.state == "connected" and self.channel.idle():
+            if now - self.last_sent >= self.timing.heartbeat_every:
+                # so the server knows we are here
+                self.send(PacketType.PING, ())
+        if self.state == "reconnecting" and not self.pending and now >= self.retry_at:
+            self.send(PacketType.HELLO, ())
+        out, self.outbox = self.outbox + self.channel.poll(now), []
+        if self.file_stream is not None:
+            self.files.fill(self.file_stream)
+            out += self.file_stream.poll(now)
+        for data in out:
+            self.trace_packet("out", data)
+        self.last_sent = now if out else self.last_sent
+        self.check_contact(now)
+        return out
+
+    def check_contact(self, now: float) -> None:
+        """Warn when the server has gone quiet while we wait for it; give up after a while."""
+        streams = [self.channel] + ([self.file_stream] if self.file_stream else [])
+        silence = now - self.last_heard
+        if self.state == "lost contact" and silence < self.timing.lost_contact_after:
+            self.set_state("connected")
+            self.notice("[INFO] In contact with the server again.")
+        if self.channel.failed and not self.logged_in:
+            self.fail_pending(ServerNotResponding(f"Server not responding at {self.server}"))
+        elif not self.logged_in or all(stream.idle() for stream in streams):
+            return
+        elif any(stream.failed for stream in streams) or silence >= self.timing.give_up_after:
+            self.give_up(f"Lost contact with the server for {silence:.0f} s")
+        elif silence >= self.timing.lost_contact_after and self.state == "connected":
+            self.set_state("lost contact")
+            self.notice("[WARN] Lost contact with the server... still trying.")
+
+    def give_up(self, reason: str) -> None:
+        """No answer for too long: a session is lost (and got back if we can); else close."""
+        if self.logged_in:
+            self.notice(f"[WARN] {reason}.")
+            self.lose_session(SessionLost(f"{reason}."), told=True)
+        else:
+            self.closed_reason = f"{reason}; giving up."
+            self.fail_pending(ConnectionClosed(self.closed_reason))
+            self.set_state("closed")
+
+    def next_wakeup(self) -> float:
+        """Return when poll() next has work to do."""
+        wakeups = [self.channel.next_wakeup(), 0.0 if self.outbox else math.inf]
+        if self.state == "connected":
+            wakeups.append(self.last_sent + self.timing.heartbeat_every)
+        if self.state == "reconnecting" and not self.pending:
+            wakeups.append(self.retry_at)
+        if self.file_stream is not None:
+            wakeups.append(self.file_stream.next_wakeup())
+        return min(wakeups)
 
 class ClientProtocol(Requests):
     """One user's side of the chat: datagrams and the time in, datagrams and Events out.
@@ -524,67 +585,6 @@ class ClientProtocol(Requests):
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
 
-    # --- Time ---
-
-    def poll(self, now: float) -> list[bytes]:
-        """Return the datagrams to send now; keep alive, warn, retry or give up as time says."""
-        self.now = now
-        if self.state == "closed":
-            return []
-        if self.state == "connected" and self.channel.idle():
-            if now - self.last_sent >= self.timing.heartbeat_every:
-                # so the server knows we are here
-                self.send(PacketType.PING, ())
-        if self.state == "reconnecting" and not self.pending and now >= self.retry_at:
-            self.send(PacketType.HELLO, ())
-        out, self.outbox = self.outbox + self.channel.poll(now), []
-        if self.file_stream is not None:
-            self.files.fill(self.file_stream)
-            out += self.file_stream.poll(now)
-        for data in out:
-            self.trace_packet("out", data)
-        self.last_sent = now if out else self.last_sent
-        self.check_contact(now)
-        return out
-
-    def check_contact(self, now: float) -> None:
-        """Warn when the server has gone quiet while we wait for it; give up after a while."""
-        streams = [self.channel] + ([self.file_stream] if self.file_stream else [])
-        silence = now - self.last_heard
-        if self.state == "lost contact" and silence < self.timing.lost_contact_after:
-            self.set_state("connected")
-            self.notice("[INFO] In contact with the server again.")
-        if self.channel.failed and not self.logged_in:
-            self.fail_pending(ServerNotResponding(f"Server not responding at {self.server}"))
-        elif not self.logged_in or all(stream.idle() for stream in streams):
-            return
-        elif any(stream.failed for stream in streams) or silence >= self.timing.give_up_after:
-            self.give_up(f"Lost contact with the server for {silence:.0f} s")
-        elif silence >= self.timing.lost_contact_after and self.state == "connected":
-            self.set_state("lost contact")
-            self.notice("[WARN] Lost contact with the server... still trying.")
-
-    def give_up(self, reason: str) -> None:
-        """No answer for too long: a session is lost (and got back if we can); else close."""
-        if self.logged_in:
-            self.notice(f"[WARN] {reason}.")
-            self.lose_session(SessionLost(f"{reason}."), told=True)
-        else:
-            self.closed_reason = f"{reason}; giving up."
-            self.fail_pending(ConnectionClosed(self.closed_reason))
-            self.set_state("closed")
-
-    def next_wakeup(self) -> float:
-        """Return when poll() next has work to do."""
-        wakeups = [self.channel.next_wakeup(), 0.0 if self.outbox else math.inf]
-        if self.state == "connected":
-            wakeups.append(self.last_sent + self.timing.heartbeat_every)
-        if self.state == "reconnecting" and not self.pending:
-            wakeups.append(self.retry_at)
-        if self.file_stream is not None:
-            wakeups.append(self.file_stream.next_wakeup())
-        return min(wakeups)
-
 
 def expected(packet: wire.Packet, token: bytes, stream: wire.Channel | None) -> bool:
     """Could this packet be for us now? Before login (no token) only answers, numbered 0;
@@ -616,7 +616,7 @@ def read_event(payload: bytes) -> Event:
 #       FILE_CHUNK [7, 1152, ...] ~~~>    (on disk)        ~~~>  downloads/name.part
 #                          <- EVENT "file-done" [..., 7]         SHA-256 checked, renamed
 #
-# Chunks go on the session's second channel, whose packets carry wire.FLAG_FILE_STREAM: a
+# Chunks go on the session's second channel, whose packets carry FLAG_FILE_STREAM: a
 # channel delivers in order, so on one channel a chat line sent after a lost chunk would
 # wait for that chunk's resend (head-of-line blocking; QUIC gives each stream its own
 # numbers for the same reason). The receiver writes NAME.part, checks the SHA-256 once
@@ -2396,6 +2396,11 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     except (ChatError, Refused, ValueError) as error:
         # ValueError: a key the cipher cannot use
         terminal.show(f"[ERROR] {printable(str(error))}")
+    return say_goodbye(made, terminal, status)
+
+
+def say_goodbye(made: list, terminal: Terminal, status: int) -> int:
+    """Log out if logged in, close the socket, give the terminal back; return `status`."""
     with contextlib.suppress(KeyboardInterrupt):
         if made:
             made[0].bye()
@@ -2404,7 +2409,7 @@ def chat_in_terminal(args: argparse.Namespace) -> int:
     # Only a server that answered was connected. On a terminal the cursor may be on the
     # prompt's line: a new line first.
     if len(made) > 1:
-        terminal.show(("\n" if interactive else "") + "[INFO] Connection closed.")
+        terminal.show(("\n" if terminal.interactive else "") + "[INFO] Connection closed.")
     return status
 
 
