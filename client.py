@@ -53,7 +53,7 @@ import unicodedata
 
 import auth
 import encryption_helper as wire
-from encryption_helper import MAX_TEXT_BYTES, NO_TOKEN, PacketType, Refused, describe_size
+from encryption_helper import MAX_TEXT_BYTES, NO_TOKEN, Channel, PacketType, Refused, describe_size
 
 try:
     # Linux and macOS: the line being typed is drawn again below a message printed above it
@@ -165,10 +165,11 @@ NOT_SENT = "Not back in the chat; not sent."
 
 class Requests:
     """Numbered requests, their answers and the timers (`poll`): the transport half of
-    ClientProtocol, and all its state. Before login a request goes one at a time, sent again once a second
-    (stop-and-wait: a Channel with a window of 1); after it, on the session's Channel (a
-    window of 32: a paste of twenty lines flows without waiting). Each request gets a
-    ticket, which its Event("answer") names; our own requests (a PING) have ticket 0.
+    ClientProtocol, and all its state. Before login a request goes one at a time, sent
+    again once a second (stop-and-wait: a Channel with a window of 1); after it, on the
+    session's Channel (a window of 32: a paste of twenty lines flows without waiting).
+    Each request gets a ticket, which its Event("answer") names; our own requests (a
+    PING) have ticket 0.
     """
 
     def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
@@ -196,17 +197,17 @@ class Requests:
         self.login, self.joined, self.told, self.retry_at, self.since = (), (), "", 0.0, 0.0
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
-    def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> wire.Channel:
+    def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
         """A session's channel; before login a stop-and-wait one, a try a second (every
         REJOIN_EVERY s to get back in)."""
         if token != NO_TOKEN:
             timing = self.timing
             rto = wire.RtoEstimator(timing.initial_rto, timing.min_rto, timing.max_rto)
-            return wire.Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
+            return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
                            ack_every=wire.ACK_EVERY, flags=flags)
         back = self.state == "reconnecting"
         retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
-        return wire.Channel(self.cipher, window=1, max_sends=tries,
+        return Channel(self.cipher, window=1, max_sends=tries,
                             first_seq=self.next_stranger_seq,
                             rto=wire.RtoEstimator(retry, retry, retry))
 
@@ -586,7 +587,7 @@ class ClientProtocol(Requests):
                                                   "(nothing is listening on that port)"))
 
 
-def expected(packet: wire.Packet, token: bytes, stream: wire.Channel | None) -> bool:
+def expected(packet: wire.Packet, token: bytes, stream: Channel | None) -> bool:
     """Could this packet be for us now? Before login (no token) only answers, numbered 0;
     after it, packets with our token on a stream we have, and no unsequenced one but ACK."""
     if token == NO_TOKEN:
@@ -800,7 +801,7 @@ class FileTransfers:
         if transfer.direction == "receive" and transfer.size == 0:
             self.check(transfer)
 
-    def fill(self, stream: wire.Channel) -> None:
+    def fill(self, stream: Channel) -> None:
         """Put chunks of the files being sent into the file stream, in turn, while it has room."""
         uploads = [t for t in self.transfers if t.direction == "send" and t.state == "moving"]
         moving = [t for t in uploads if t.done_bytes < t.size]
@@ -810,7 +811,7 @@ class FileTransfers:
             if transfer.done_bytes >= transfer.size and stream.delivered(transfer.last_seq):
                 self.end(transfer, "done", "the server has it all")
 
-    def send_chunk(self, stream: wire.Channel, transfer: Transfer) -> bool:
+    def send_chunk(self, stream: Channel, transfer: Transfer) -> bool:
         """Read the next chunk from disk and queue it; False if the file could not be read."""
         want = wire.chunk_length(transfer.size, transfer.done_bytes)
         try:
