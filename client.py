@@ -8,35 +8,20 @@ Start the server on one PC (`python server.py`), then on each other PC:
     python client.py --gui                             # the same chat in a window (tkinter)
 
 At the `Server IP` prompt, `?` searches the network: one FIND datagram broadcast to every
-host, and a list of the servers that answered.
-
-When standard input is not a terminal, every answer (the password too) is read as a plain
-line and end of input means exit, so a session can be scripted:
+host, and a list of the servers that answered. When standard input is not a terminal, every
+answer (the password too) is read as a plain line and end of input means exit:
 
     printf '/login\\nalice\\nsecret\\njuara\\nhello\\nexit\\n' \\
         | python client.py --host 127.0.0.1 --port 9999
 
-How it is built, in the order this file reads:
-
-* `Event` - everything the client has to tell its user, in one stream: what the server
-  pushed (a message, a join), the answers to requests, and what the client itself noticed.
-* `ClientProtocol` - the protocol with no socket, no thread and no clock: it is fed
-  datagrams and the time, and says what to send. Before login, requests go one at a time,
-  each sent again once a second until answered (stop-and-wait: the reliable `Channel`
-  with a window of 1); after login, on the session's channel with a window of 32, so a
-  paste of twenty lines flows without waiting (the numbered requests are its base class,
-  `Requests`). Its `state` says where it stands; getting back in after the session was
-  lost is one of those states, not a thread: it keeps the login and room, and holds what
-  the user typed meanwhile.
-* `FileTransfers` - files both ways, on the session's second channel.
-* `ChatClient` - the protocol, a UDP socket connect()ed to the server, and one network
-  thread, the only reader of the socket. Its methods block until the server answers.
-* discovery (`find_servers`), the terminal face (`Terminal`, `run_command`, shared with
-  the window), the window face (--gui), and `main`.
-
-The packet format, the channel and the toy ciphers are defined once, in
-encryption_helper.py. The XOR and Caesar ciphers only hide text from a casual glance:
-they are teaching toys.
+How it is built, in the order this file reads: `Event`, everything the client tells its
+user, in one stream; `ClientProtocol`, the protocol with no socket, thread or clock (fed
+datagrams and the time, it says what to send; getting back in after a lost session is one
+of its states); `FileTransfers`, files both ways on the session's second channel;
+`ChatClient`, the protocol plus a UDP socket and one network thread; discovery; the
+terminal face and the command table it shares with the window face (--gui); `main`.
+The packet format, the channel and the toy ciphers (XOR and Caesar only hide text from a
+casual glance) are defined once, in encryption_helper.py.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
@@ -68,39 +53,15 @@ import unicodedata
 
 import auth
 import encryption_helper as wire
-from encryption_helper import (
-    DEFAULT_CIPHER,
-    FILE_EVENTS,
-    FLAG_FILE_STREAM,
-    LOBBY,
-    MAX_TEXT_BYTES,
-    NO_TOKEN,
-    Channel,
-    ChecksumError,
-    LossySocket,
-    Packet,
-    PacketError,
-    PacketType,
-    Refused,
-    RtoEstimator,
-    decode_packet,
-    describe_size,
-    encode_packet,
-    make_cipher,
-    pack_fields,
-    port_number,
-    unpack_fields,
-    whole_number,
-)
+from encryption_helper import MAX_TEXT_BYTES, NO_TOKEN, Channel, PacketType, Refused, describe_size
 
 try:
     # Linux and macOS: the line being typed is drawn again below a message printed above it
     import readline
 except ImportError:
-    # Windows has no readline, and needs none
     readline = None
 try:
-    # Linux and macOS: to give the terminal back as we found it (echo on) after Ctrl+C
+    # POSIX: to turn the terminal's echo off between questions, and back on at the end
     import termios
 except ImportError:
     termios = None
@@ -110,16 +71,12 @@ try:
 except ImportError:
     fcntl = None
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 9999
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9999
 # Seconds: a thread blocks at most MAX_WAIT, so that Ctrl+C and shutdown are prompt. Before
 # login nothing is measured yet: a try each FIRST_CONTACT_RETRY. Once the session is lost, a
 # try at getting back in each REJOIN_EVERY, waiting up to ELSEWHERE_PATIENCE for an old
 # session of ours to time out on the server.
-MAX_WAIT = 0.5
-FIRST_CONTACT_RETRY = 1.0
-REJOIN_EVERY = 2.0
-ELSEWHERE_PATIENCE = 60.0
+MAX_WAIT, FIRST_CONTACT_RETRY, REJOIN_EVERY, ELSEWHERE_PATIENCE = 0.5, 1.0, 2.0, 60.0
 # characters this client asks of a new account's password (the server takes any)
 MIN_PASSWORD = 4
 # Requests the server never did when it says it stops, and which may wait for a rejoin.
@@ -143,9 +100,9 @@ class Timing:
     heartbeat_every: float = 5.0
     lost_contact_after: float = 15.0
     give_up_after: float = 45.0
-    initial_rto: float = RtoEstimator.INITIAL
-    min_rto: float = RtoEstimator.FLOOR
-    max_rto: float = RtoEstimator.CEILING
+    initial_rto: float = wire.RtoEstimator.INITIAL
+    min_rto: float = wire.RtoEstimator.FLOOR
+    max_rto: float = wire.RtoEstimator.CEILING
     goodbye_timeout: float = 3.0
 
 
@@ -156,8 +113,7 @@ class Event:
     From the server: "chat", "private", "history", "join", "leave" and the FILE_EVENTS,
     `more` holding the fields after the text. Made by the client: "notice" (`text` is a
     finished line), "transfer" (`more` is (the Transfer as it was, the live one)), "state"
-    (`text` is the new state),
-    and "answer" (`more` is (request number, fields or error)), which ChatClient keeps.
+    (`text` is the new state), and "answer" (`more` is (request number, fields or error)).
     """
 
     kind: str
@@ -169,8 +125,7 @@ class Event:
     more: tuple = ()
 
 
-# --- What can go wrong, in words a student understands --------------------------------
-# A refusal by the server is encryption_helper.Refused (code, text); the rest are these.
+# --- What can go wrong, in words a student understands (a refusal is wire.Refused) ---
 
 
 class ChatError(Exception):
@@ -209,45 +164,52 @@ NOT_SENT = "Not back in the chat; not sent."
 
 
 class Requests:
-    """Numbered requests and their answers: the transport half of ClientProtocol.
-
-    Before login, one request at a time on a stop-and-wait Channel (a window of 1, one try
-    a second); after it, on the session's Channel (a window of 32: a paste of twenty lines
-    flows without waiting). Each request gets a number, a "ticket", and its answer comes
-    out as Event("answer", more=(ticket, fields or error)) in the one stream of events
-    (`emit`, `take_events`). Requests of the protocol's own (a PING) have ticket 0.
+    """Numbered requests, their answers and the timers (`poll`): the transport half of
+    ClientProtocol, and all its state. Before login a request goes one at a time, sent
+    again once a second (stop-and-wait: a Channel with a window of 1); after it, on the
+    session's Channel (a window of 32: a paste of twenty lines flows without waiting).
+    Each request gets a ticket, which its Event("answer") names; our own requests (a
+    PING) have ticket 0.
     """
 
-    def __init__(self, cipher, timing: Timing | None, now: float, loss: float, trace, server: str):
+    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
+                 trace=None, server: str = "the server", downloads: str = "downloads",
+                 rejoin: bool = True):
         self.cipher, self.timing, self.trace = cipher, timing or Timing(), trace
-        self.server = server
+        self.server, self.rejoin = server, rejoin
         # Simulated loss (--loss) makes each try less likely to get through: try longer.
         tries = self.timing.connect_timeout / FIRST_CONTACT_RETRY / (1 - loss) ** 2
         self.connect_tries = max(1, math.ceil(tries))
-        self.state, self.closed_reason, self.events = "not logged in", "", []
-        self.token, self.tickets, self.unreachable = NO_TOKEN, 0, 0
-        # `now` plus wall_offset is unix time (ChatClient sets it)
-        self.wall_offset = 0.0
+        self.state, self.closed_reason, self.events, self.outbox = "not logged in", "", [], []
+        self.token, self.tickets, self.unreachable, self.wall_offset = NO_TOKEN, 0, 0, 0.0
         self.now = self.last_heard = self.last_sent = now
-        # the requests sent, by sequence number: (ticket, type, fields)
-        self.pending: dict[int, tuple] = {}
-        # before login, numbers go on across tries (PROTOCOL.md 9)
-        self.next_stranger_seq = 1
-        self.channel, self.outbox = self.stranger_channel(), []
-        # what the user asked while getting back in: (ticket, type, fields)
-        self.held: list[tuple] = []
+        # the requests sent, by sequence number: (ticket, type, fields); those held while
+        # getting back in, (ticket, type, fields) too. Before login, numbers go on across
+        # tries (PROTOCOL.md 9).
+        self.pending, self.held, self.next_stranger_seq = {}, [], 1
+        self.name = self.room = self.file_stream = None
+        self.channel = self.new_channel()
+        self.files = FileTransfers(downloads, lambda *both: self.emit("transfer", more=both),
+                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
+        # Getting back in: the last login and room with their passwords, the refusal told
+        # already, when to try next and since when; back in a room its past comes again:
+        # the time of the newest line shown.
+        self.login, self.joined, self.told, self.retry_at, self.since = (), (), "", 0.0, 0.0
+        self.returning, self.shown_until, self.last_second = False, 0.0, set()
 
-    def stranger_channel(self) -> Channel:
-        """Before login: stop-and-wait, one try a second (every REJOIN_EVERY s to get back in)."""
+    def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
+        """A session's channel; before login a stop-and-wait one, a try a second (every
+        REJOIN_EVERY s to get back in)."""
+        if token != NO_TOKEN:
+            timing = self.timing
+            rto = wire.RtoEstimator(timing.initial_rto, timing.min_rto, timing.max_rto)
+            return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
+                           ack_every=wire.ACK_EVERY, flags=flags)
         back = self.state == "reconnecting"
         retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
-        return Channel(self.cipher, window=1, max_sends=tries, first_seq=self.next_stranger_seq,
-                       rto=RtoEstimator(retry, retry, retry))
-
-    def session_channel(self, token: bytes, flags: int = 0) -> Channel:
-        rto = RtoEstimator(self.timing.initial_rto, self.timing.min_rto, self.timing.max_rto)
-        return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
-                       ack_every=wire.ACK_EVERY, flags=flags)
+        return Channel(self.cipher, window=1, max_sends=tries,
+                            first_seq=self.next_stranger_seq,
+                            rto=wire.RtoEstimator(retry, retry, retry))
 
     @property
     def logged_in(self) -> bool:
@@ -279,8 +241,10 @@ class Requests:
         if self.trace:
             self.trace(f"[trace] {direction:<3} {wire.describe_datagram(data)}{note}")
 
+    # --- Requests ---
+
     def request(self, ptype: PacketType, fields=(), now: float = 0.0) -> int:
-        """Queue a request; return its number, which its "answer" event names."""
+        """Queue a request; return its ticket, which its "answer" event names."""
         self.now, self.tickets = now, self.tickets + 1
         if self.state == "closed":
             raise ConnectionClosed(self.closed_reason)
@@ -297,16 +261,6 @@ class Requests:
             self.send_request(self.tickets, ptype, fields)
         return self.tickets
 
-    def send_held(self) -> None:
-        """Send the requests held while getting back in, in order."""
-        held, self.held = self.held, []
-        for ticket, ptype, fields in held:
-            try:
-                self.send_request(ticket, ptype, fields)
-            except Refused as refusal:
-                # too long, or too many waiting: that one is not sent
-                self.answer(ticket, refusal)
-
     def forget(self, ticket: int) -> bool:
         """Drop a held request whose asker stopped waiting; False if it is not held."""
         kept = [held for held in self.held if held[0] != ticket]
@@ -322,273 +276,17 @@ class Requests:
         if ptype == PacketType.HELLO:
             # padding: the server answers no HELLO under 128 bytes (no amplification)
             fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
-        payload = pack_fields(*fields)
+        payload = wire.pack_fields(*fields)
         if len(payload) > wire.MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
         if self.channel.idle():
             # silence counts from when we start waiting
             self.last_heard = max(self.last_heard, self.now)
-        seq = self.channel.send(ptype, payload)
-        if not seq:
+        if not (seq := self.channel.send(ptype, payload)):
             raise Refused("busy", "Too many lines are waiting to be sent; not sent.")
         self.pending[seq] = (ticket, ptype, tuple(fields))
         self.next_stranger_seq = seq + 1 if not self.logged_in else self.next_stranger_seq
 
-    def read_answer(self, packet: Packet) -> tuple | None:
-        """Return (ticket, type, fields asked, fields answered, fields or Refused) for an OK or
-        ERROR, found by the number in its first field; None if it answers nothing waiting."""
-        try:
-            seq, *fields = unpack_fields(packet.payload)
-            ticket, ptype, asked = self.pending.pop(int(seq))
-        except (PacketError, ValueError, KeyError):
-            # unreadable, or a late answer to something given up on
-            return None
-        result = fields
-        if packet.type == PacketType.ERROR:
-            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
-        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
-            result = Refused("bad-reply", "The server's welcome could not be read.")
-        return ticket, ptype, asked, fields, result
-
-
-class ClientProtocol(Requests):
-    """One user's side of the chat: datagrams and the time in, datagrams and Events out.
-
-    Entry points: `request(type, fields, now)` queues a request and returns its number;
-    `receive(datagram, now)` takes what the server sent; `poll(now)` returns what to send
-    now; `next_wakeup()` says when poll has work next; `port_unreachable()` is the OS's ICMP
-    report; `log_out()` ends the session by our choice. Out: `take_events()`.
-
-    `state`: "not logged in", "connected", "lost contact" (the server silent),
-    "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
-    to "reconnecting" when a login is remembered (in memory only): HELLO -> LOGIN (marked
-    "rejoin", so that it never pushes a newer login out) -> JOIN of the last room, tried
-    every REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
-    """
-
-    def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
-                 trace=None, server: str = "the server", downloads: str = "downloads",
-                 rejoin: bool = True):
-        super().__init__(cipher, timing, now, loss, trace, server)
-        self.name = self.room = self.file_stream = None
-        self.rejoin = rejoin
-        self.files = FileTransfers(downloads, lambda *both: self.emit("transfer", more=both),
-                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
-        # Getting back in: the last login and room with their passwords (in memory only),
-        # the refusal told already, when to try next, and since when.
-        self.login, self.joined, self.told = (), (), ""
-        self.retry_at = self.since = 0.0
-        # Back in a room its past comes again: the time of the newest line shown, its lines.
-        self.returning, self.shown_until, self.last_second = False, 0.0, set()
-
-    # --- What the server sends ---
-
-    def receive(self, data: bytes, now: float) -> None:
-        """Take one datagram from the server."""
-        self.now = now
-        try:
-            packet = decode_packet(data, self.cipher)
-        except PacketError as error:
-            self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
-            if isinstance(error, ChecksumError) and not self.logged_in:
-                # every answer is unreadable
-                self.fail_pending(ServerNotResponding(KEY_MISMATCH))
-            return
-        self.last_heard, self.unreachable = now, 0
-        files = bool(packet.flags & FLAG_FILE_STREAM)
-        stream = self.file_stream if files else self.channel
-        if packet.type == PacketType.RESET and self.logged_in and packet.token == self.token:
-            # the server has no session with the token it echoes: believed if it is ours
-            self.trace_packet("in ", data)
-            return self.lose_session(SessionLost(SESSION_LOST))
-        if packet.type == PacketType.RESET or not expected(packet, self.token, stream):
-            return self.trace_packet("in ", data, ": not for this session, dropped")
-        outcome, ready = stream.receive(packet, now)
-        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else
-                          ": " + outcome)
-        for delivered in ready:
-            if files and delivered.seq and delivered.type == PacketType.FILE_CHUNK:
-                self.files.receive_chunk(delivered.payload)
-            elif not files and delivered.type == PacketType.EVENT:
-                self.receive_event(delivered)
-            elif not files and delivered.type in (PacketType.OK, PacketType.ERROR):
-                self.receive_answer(delivered)
-
-    def receive_answer(self, packet: Packet) -> None:
-        """An OK or ERROR: the answer to a request of the user's, or of ours."""
-        if (answer := self.read_answer(packet)) is None:
-            return
-        ticket, ptype, asked, fields, result = answer
-        if ptype == PacketType.FILE_OFFER:
-            self.files.answered(ticket, result)
-        self.answer(ticket, result)
-        if isinstance(result, list):
-            self.accepted(ticket, ptype, asked, fields, packet.token)
-        if not ticket and self.state == "reconnecting":
-            self.step_back(ptype, result)
-
-    def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
-        """The server did what we asked: note what that changes, show our own line."""
-        if ptype == PacketType.LOGIN:
-            self.start_session(token, fields[0])
-            if ticket:
-                # the user's login, not ours getting back in: the one to remember
-                self.login, self.joined, self.returning = asked[1:3], (), False
-        elif ptype == PacketType.JOIN:
-            self.room, self.joined = fields[0], asked
-            # a room the user chose: all its past is news
-            self.returning &= not ticket
-        elif ptype == PacketType.SAY:
-            self.emit("chat", self.room or "", self.name, asked[0])
-        elif ptype == PacketType.PRIVATE:
-            self.emit("private", "", self.name, asked[1], more=(asked[0],))
-        elif ptype == PacketType.BYE:
-            self.log_out()
-
-    def receive_event(self, packet: Packet) -> None:
-        try:
-            event = read_event(packet.payload)
-        except (PacketError, ValueError):
-            # unreadable: skipped
-            return
-        if event.kind == "stop":
-            # a last ACK at once, so the server knows we heard
-            cumulative, bitmap = self.channel.acknowledgement()
-            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
-            self.outbox.append(encode_packet(ack, self.cipher))
-            self.notice("[INFO] The server was stopped.")
-            self.lose_session(SessionLost("The server was stopped."), stopped=True)
-        elif event.kind == "replaced":
-            self.notice("[INFO] You logged in elsewhere; this client is logged out.")
-            self.login = ()
-            self.lose_session(SessionLost("You logged in elsewhere."), told=True)
-        elif event.kind == "file":
-            # told first, then the download starts
-            self.events.append(event)
-            self.files.offer_arrived(event.user, list(event.more))
-        elif event.kind in FILE_EVENTS and self.files.event(event):
-            # a transfer of ours ended: its own event says so
-            return
-        elif event := self.fresh(event):
-            self.events.append(event)
-
-    def fresh(self, event: Event) -> Event | None:
-        """Return a server event to show, or None for the room's past shown already.
-
-        Back in after a loss, the room's history comes again. A line before the newest one
-        shown was shown (of the last second, only the lines seen), and our own lines were
-        shown as we said them; a later one was said while we were away: news, not the past.
-        """
-        if event.kind == "history" and self.returning:
-            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
-            own = event.user.lower() == (self.name or "").lower()
-            if own or event.time < self.shown_until or seen:
-                return None
-            event = dataclasses.replace(event, kind="chat")
-        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
-            if event.time > self.shown_until:
-                self.shown_until, self.last_second = event.time, set()
-            self.last_second.add((event.user, event.text))
-        return event
-
-    # --- Sessions: start, end, get back in ---
-
-    def start_session(self, token: bytes, name: str) -> None:
-        """Logged in: from now on, everything goes on the session's two channels."""
-        self.end_requests(Refused("not-sent", "Sent while logging in; not sent."))
-        self.token, self.name = token, name
-        self.channel = self.session_channel(token)
-        self.file_stream = self.session_channel(token, FLAG_FILE_STREAM)
-        if self.state != "reconnecting":
-            self.set_state("connected")
-
-    def end_requests(self, error, stopped: bool = False) -> None:
-        """Answer every request waiting with `error`, but a BYE, which is answered (the session
-        is over, as it asked); what a stopped server never did is held for the rejoin."""
-        waiting, self.pending = self.pending, {}
-        for ticket, ptype, fields in waiting.values():
-            if stopped and ticket and ptype in RESENDABLE:
-                self.held.append((ticket, ptype, fields))
-                continue
-            if ptype == PacketType.FILE_OFFER:
-                self.files.answered(ticket, error)
-            self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
-        self.channel = self.stranger_channel()
-
-    def fail_pending(self, error: ChatError) -> None:
-        """Before login: every request waiting gets `error`, and a try later, getting back in."""
-        self.end_requests(error)
-        self.retry_at = self.now + REJOIN_EVERY
-
-    def lose_session(self, error: SessionLost, stopped: bool = False, told: bool = False) -> None:
-        """The session ended without our asking: get back in if we can, else it is over."""
-        back = self.rejoin and bool(self.login)
-        self.end_requests(error, stopped and back)
-        self.token, self.name, self.room, self.file_stream = NO_TOKEN, None, None, None
-        self.files.end_all("the session ended")
-        if back and self.state != "reconnecting":
-            self.set_state("reconnecting")
-            self.notice("[INFO] Trying to get back in (exit to stop)...")
-            self.retry_at, self.since, self.told = self.now, self.now, ""
-            self.channel = self.stranger_channel()
-        elif not back and self.state != "closed":
-            if not told:
-                self.notice(f"[WARN] {error}")
-            self.set_state("not logged in")
-
-    def step_back(self, ptype: PacketType, result) -> None:
-        """Getting back in: take the answer to our HELLO, LOGIN or JOIN; send what comes next."""
-        done, code = isinstance(result, list), getattr(result, "code", "")
-        # A lockout ends, and so does an old session of ours that the server keeps at our
-        # old address (a new Wi-Fi, say) until it times out: worth waiting for.
-        patient = code in WORTH_WAITING and (code != "logged-in-elsewhere"
-                                             or self.now - self.since < ELSEWHERE_PATIENCE)
-        if ptype == PacketType.HELLO and done:
-            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
-        elif ptype == PacketType.LOGIN and done:
-            self.notice(f"[INFO] Back in as {self.name}.")
-            self.returning = bool(self.joined)
-            self.send(PacketType.JOIN, self.joined) if self.joined else self.back_in()
-        elif ptype == PacketType.JOIN and (done or code):
-            room, self.joined = self.joined[0], self.joined if done else ()
-            self.notice(f"[INFO] In {result[0]} again." if done else
-                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
-            self.back_in()
-        elif code and not patient:
-            self.notice(f"[WARN] Could not get back in: {result.text}")
-            self.log_out(NOT_SENT)
-        else:
-            # not answering yet, or lost again half-way: try again soon, from the top
-            self.retry_at = self.now + REJOIN_EVERY
-            if code in ("locked", "logged-in-elsewhere") and code != self.told:
-                self.told = code
-                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
-
-    def back_in(self) -> None:
-        """Back in the chat: send what the user asked for meanwhile, in order."""
-        self.set_state("connected")
-        self.send_held()
-
-    def log_out(self, why: str = "Logged out; not sent.") -> None:
-        """The session is over by our choice (BYE), or we gave up getting back in."""
-        for ticket, *_ in self.held:
-            self.answer(ticket, Refused("not-sent", why))
-        self.login, self.held = (), []
-        self.lose_session(Refused("not-sent", why), told=True)
-
-    def port_unreachable(self) -> None:
-        """The OS reported an ICMP "port unreachable": nobody listens there (yet). One report
-        may be left over from an earlier server; two with nothing heard between mean the
-        server is not running: in a session that is news at once."""
-        self.unreachable += 1
-        if self.unreachable < 2 or self.state == "reconnecting":
-            return
-        if self.logged_in:
-            self.give_up(f"The server at {self.server} has stopped "
-                         "(nothing is listening on its port)")
-        elif self.pending:
-            self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
-                                                  "(nothing is listening on that port)"))
 
     # --- Time ---
 
@@ -651,8 +349,245 @@ class ClientProtocol(Requests):
             wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
 
+class ClientProtocol(Requests):
+    """One user's side of the chat: datagrams and the time in, datagrams and Events out.
 
-def expected(packet: Packet, token: bytes, stream: Channel | None) -> bool:
+    Entry points: `request(type, fields, now)` queues a request and returns its ticket;
+    `receive(datagram, now)`; `poll(now)` returns what to send now; `next_wakeup()`;
+    `port_unreachable()`, the OS's ICMP report; `log_out()`. Out: `take_events()`.
+
+    `state`: "not logged in", "connected", "lost contact" (the server silent),
+    "reconnecting" or "closed". A session lost by a RESET, a "stop" or a long silence goes
+    to "reconnecting" when a login is remembered (in memory only): HELLO -> LOGIN (marked
+    "rejoin", so that it never pushes a newer login out) -> JOIN of the last room, tried
+    every REJOIN_EVERY s; what the user asks for meanwhile is held, and sent once back in.
+    """
+
+    # --- What the server sends ---
+
+    def receive(self, data: bytes, now: float) -> None:
+        """Take one datagram from the server."""
+        self.now = now
+        try:
+            packet = wire.decode_packet(data, self.cipher)
+        except wire.PacketError as error:
+            self.trace_packet("in ", data, f": bad datagram, dropped ({error})")
+            if isinstance(error, wire.ChecksumError) and not self.logged_in:
+                # every answer is unreadable
+                self.fail_pending(ServerNotResponding(KEY_MISMATCH))
+            return
+        self.last_heard, self.unreachable = now, 0
+        files = bool(packet.flags & wire.FLAG_FILE_STREAM)
+        stream = self.file_stream if files else self.channel
+        if packet.type == PacketType.RESET and self.logged_in and packet.token == self.token:
+            # the server has no session with the token it echoes: believed if it is ours
+            self.trace_packet("in ", data)
+            return self.lose_session(SessionLost(SESSION_LOST))
+        if packet.type == PacketType.RESET or not expected(packet, self.token, stream):
+            return self.trace_packet("in ", data, ": not for this session, dropped")
+        outcome, ready = stream.receive(packet, now)
+        self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else
+                          ": " + outcome)
+        for got in ready:
+            if files and got.seq and got.type == PacketType.FILE_CHUNK:
+                self.files.receive_chunk(got.payload)
+            elif not files and got.type == PacketType.EVENT:
+                self.receive_event(got)
+            elif not files and got.type in (PacketType.OK, PacketType.ERROR):
+                self.receive_answer(got)
+
+    def receive_answer(self, packet: wire.Packet) -> None:
+        """An OK or ERROR, found by the request number in its first field: the answer to a
+        request of the user's, or of ours; note what it changes, show our own line."""
+        try:
+            seq, *fields = wire.unpack_fields(packet.payload)
+            ticket, ptype, asked = self.pending.pop(int(seq))
+        except (wire.PacketError, ValueError, KeyError):
+            # unreadable, or a late answer to something given up on
+            return
+        result = fields
+        if packet.type == PacketType.ERROR:
+            result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
+        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
+            result = Refused("bad-reply", "The server's welcome could not be read.")
+        if ptype == PacketType.FILE_OFFER:
+            self.files.answered(ticket, result)
+        self.answer(ticket, result)
+        if isinstance(result, list):
+            self.accepted(ticket, ptype, asked, fields, packet.token)
+        if not ticket and self.state == "reconnecting":
+            self.step_back(ptype, result)
+
+    def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
+        """The server did what we asked: note what that changes, show our own line."""
+        if ptype == PacketType.LOGIN:
+            self.start_session(token, fields[0])
+            # the user's login, not ours getting back in: the one to remember
+            if ticket:
+                self.login, self.joined, self.returning = asked[1:3], (), False
+        elif ptype == PacketType.JOIN:
+            # a room the user chose: all its past is news
+            self.room, self.joined, self.returning = fields[0], asked, self.returning and not ticket
+        elif ptype == PacketType.SAY:
+            self.emit("chat", self.room or "", self.name, asked[0])
+        elif ptype == PacketType.PRIVATE:
+            self.emit("private", "", self.name, asked[1], more=(asked[0],))
+        elif ptype == PacketType.BYE:
+            self.log_out()
+
+    def receive_event(self, packet: wire.Packet) -> None:
+        try:
+            event = read_event(packet.payload)
+        except (wire.PacketError, ValueError):
+            # unreadable: skipped
+            return
+        if event.kind == "stop":
+            # a last ACK at once, so the server knows we heard
+            cumulative, bitmap = self.channel.acknowledgement()
+            ack = wire.Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
+            self.outbox.append(wire.encode_packet(ack, self.cipher))
+            self.notice("[INFO] The server was stopped.")
+            self.lose_session(SessionLost("The server was stopped."), stopped=True)
+        elif event.kind == "replaced":
+            self.notice("[INFO] You logged in elsewhere; this client is logged out.")
+            self.login = ()
+            self.lose_session(SessionLost("You logged in elsewhere."), told=True)
+        elif event.kind == "file":
+            # told first, then the download starts
+            self.events.append(event)
+            self.files.offer_arrived(event.user, list(event.more))
+        elif event.kind in wire.FILE_EVENTS and self.files.event(event):
+            # a transfer of ours ended: its own event says so
+            return
+        elif event := self.fresh(event):
+            self.events.append(event)
+
+    def fresh(self, event: Event) -> Event | None:
+        """Return a server event to show, or None for the room's past shown already.
+
+        Back in after a loss, the room's history comes again. A line before the newest one
+        shown was shown (of that second, times being whole seconds, only the lines seen),
+        and our own lines were shown as we said them; a later one is news from the gap.
+        """
+        if event.kind == "history" and self.returning:
+            seen = event.time == self.shown_until and (event.user, event.text) in self.last_second
+            own = event.user.lower() == (self.name or "").lower()
+            if own or event.time < self.shown_until or seen:
+                return None
+            event = dataclasses.replace(event, kind="chat")
+        if event.kind in ("chat", "history", "join", "leave") and event.time >= self.shown_until:
+            if event.time > self.shown_until:
+                self.shown_until, self.last_second = event.time, set()
+            self.last_second.add((event.user, event.text))
+        return event
+
+    # --- Sessions: start, end, get back in ---
+
+    def start_session(self, token: bytes, name: str) -> None:
+        """Logged in: from now on, everything goes on the session's two channels."""
+        self.end_requests(Refused("not-sent", "Sent while logging in; not sent."))
+        self.token, self.name = token, name
+        self.channel = self.new_channel(token)
+        self.file_stream = self.new_channel(token, wire.FLAG_FILE_STREAM)
+        if self.state != "reconnecting":
+            self.set_state("connected")
+
+    def end_requests(self, error, stopped: bool = False) -> None:
+        """Answer every request waiting with `error`, but a BYE, which is answered (the session
+        is over, as it asked); what a stopped server never did is held for the rejoin."""
+        waiting, self.pending = self.pending, {}
+        for ticket, ptype, fields in waiting.values():
+            if stopped and ticket and ptype in RESENDABLE:
+                self.held.append((ticket, ptype, fields))
+                continue
+            if ptype == PacketType.FILE_OFFER:
+                self.files.answered(ticket, error)
+            self.answer(ticket, ["goodbye"] if ptype == PacketType.BYE else error)
+        self.channel = self.new_channel()
+
+    def fail_pending(self, error: ChatError) -> None:
+        """Before login: every request waiting gets `error`, and a try later, getting back in."""
+        self.end_requests(error)
+        self.retry_at = self.now + REJOIN_EVERY
+
+    def lose_session(self, error: SessionLost, stopped: bool = False, told: bool = False) -> None:
+        """The session ended without our asking: get back in if we can, else it is over."""
+        back = self.rejoin and bool(self.login)
+        self.end_requests(error, stopped and back)
+        self.token, self.name, self.room, self.file_stream = NO_TOKEN, None, None, None
+        self.files.end_all("the session ended")
+        if back and self.state != "reconnecting":
+            self.set_state("reconnecting")
+            self.notice("[INFO] Trying to get back in (exit to stop)...")
+            self.retry_at, self.since, self.told = self.now, self.now, ""
+            self.channel = self.new_channel()
+        elif not back and self.state != "closed":
+            if not told:
+                self.notice(f"[WARN] {error}")
+            self.set_state("not logged in")
+
+    def step_back(self, ptype: PacketType, result) -> None:
+        """Getting back in: take the answer to our HELLO, LOGIN or JOIN; send what comes next."""
+        done, code = isinstance(result, list), getattr(result, "code", "")
+        # A lockout ends, and so does an old session of ours that the server keeps at our
+        # old address (a new Wi-Fi, say) until it times out: worth waiting for.
+        patient = code in WORTH_WAITING and (code != "logged-in-elsewhere"
+                                             or self.now - self.since < ELSEWHERE_PATIENCE)
+        if ptype == PacketType.HELLO and done:
+            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
+        elif ptype == PacketType.LOGIN and done:
+            self.notice(f"[INFO] Back in as {self.name}.")
+            self.returning = bool(self.joined)
+            self.send(PacketType.JOIN, self.joined) if self.joined else self.back_in()
+        elif ptype == PacketType.JOIN and (done or code):
+            room, self.joined = self.joined[0], self.joined if done else ()
+            self.notice(f"[INFO] In {result[0]} again." if done else
+                        f"[WARN] Not back in {room}: {result.text} Type /join {room} to try again.")
+            self.back_in()
+        elif code and not patient:
+            self.notice(f"[WARN] Could not get back in: {result.text}")
+            self.log_out(NOT_SENT)
+        else:
+            # not answering yet, or lost again half-way: try again soon, from the top
+            self.retry_at = self.now + REJOIN_EVERY
+            if code in ("locked", "logged-in-elsewhere") and code != self.told:
+                self.told = code
+                self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
+
+    def back_in(self) -> None:
+        """Back in the chat: send what the user asked for meanwhile, in order."""
+        self.set_state("connected")
+        held, self.held = self.held, []
+        for ticket, ptype, fields in held:
+            try:
+                self.send_request(ticket, ptype, fields)
+            except Refused as refusal:
+                # too long, or too many waiting: that one is not sent
+                self.answer(ticket, refusal)
+
+    def log_out(self, why: str = "Logged out; not sent.") -> None:
+        """The session is over by our choice (BYE), or we gave up getting back in."""
+        for ticket, *_ in self.held:
+            self.answer(ticket, Refused("not-sent", why))
+        self.login, self.held = (), []
+        self.lose_session(Refused("not-sent", why), told=True)
+
+    def port_unreachable(self) -> None:
+        """The OS reported an ICMP "port unreachable": nobody listens there (yet). One report
+        may be left over from an earlier server; two with nothing heard between mean the
+        server is not running: in a session that is news at once."""
+        self.unreachable += 1
+        if self.unreachable < 2 or self.state == "reconnecting":
+            return
+        if self.logged_in:
+            self.give_up(f"The server at {self.server} has stopped "
+                         "(nothing is listening on its port)")
+        elif self.pending:
+            self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
+                                                  "(nothing is listening on that port)"))
+
+
+def expected(packet: wire.Packet, token: bytes, stream: Channel | None) -> bool:
     """Could this packet be for us now? Before login (no token) only answers, numbered 0;
     after it, packets with our token on a stream we have, and no unsequenced one but ACK."""
     if token == NO_TOKEN:
@@ -663,12 +598,11 @@ def expected(packet: Packet, token: bytes, stream: Channel | None) -> bool:
 
 def read_event(payload: bytes) -> Event:
     """Return an EVENT's fields [kind, unix time, room, user, text, *more] as an Event."""
-    kind, when, room, user, text, *more = unpack_fields(payload)
+    kind, when, room, user, text, *more = wire.unpack_fields(payload)
     # nan and inf fail too: no clock shows such times
     if not -1e10 < float(when) < 1e10:
         raise ValueError(f"time {when!r} out of range")
     return Event(kind, float(when), room, user, text, tuple(more))
-
 
 
 # --- Files: sending and receiving, without sockets -----------------------------------
@@ -705,12 +639,11 @@ UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
 class Transfer:
     """One file on its way, to or from us: what /files and the progress bar show.
 
-    `direction` is "send" or "receive"; `peer` whom to ("bob", "the room") or from; `path`
-    the file read, or the NAME.part written and then the final name; `number` the server's
-    id (0 until it takes the offer); `done_bytes` put into the file stream, or written;
-    `state` offered, moving, done, failed or cancelled; `note` how it ended, in words, and
-    `said` the server's own when it cancelled it; `last_seq` the file stream's number of
-    the last chunk sent.
+    `direction` "send" or "receive"; `peer` whom to ("bob", "the room") or from; `path` the
+    file read, or the NAME.part written and then the final name; `number` the server's id
+    (0 until it takes the offer); `done_bytes` queued or written; `state` offered, moving,
+    done, failed or cancelled; `note` how it ended, and `said` the server's words when it
+    cancelled it; `last_seq` the file stream's number of the last chunk sent.
     """
 
     direction: str
@@ -742,9 +675,8 @@ def safe_file_name(name: str) -> str:
     >>> safe_file_name("../../etc/passwd"), safe_file_name("C:\\\\x"), safe_file_name("con.txt")
     ('passwd', 'x', '_con.txt')
     """
-    name = unicodedata.normalize("NFC", name)
     # the last part: no folder, "..", drive
-    name = re.split(r"[/\\]", name.replace("\0", ""))[-1]
+    name = re.split(r"[/\\]", unicodedata.normalize("NFC", name).replace("\0", ""))[-1]
     name = "".join("_" if ch in FORBIDDEN else ch for ch in name if not unprintable(ch))
     # Windows drops trailing dots and spaces; a leading dot hides a file
     name = name.strip(" .") or "file"
@@ -823,29 +755,24 @@ def naming_the_user(refusal: Refused, user: str) -> Refused:
 class FileTransfers:
     """A client's files, both ways: uploads read from disk, downloads checked and named.
 
-    Narrow interface: `emit(transfer)` reports a change (started, another whole percent,
-    ended), `cancel(number)` tells the server a transfer of ours stopped. Entry points:
-    `answered` (the server's answer to an offer), `fill` (chunks into the file stream while
-    it has room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the
-    server cancelled one), `cancel_mine`, `end_all`; `transfers` lists this session's.
+    Narrow interface: `emit(then, live)` reports a change (started, another whole percent,
+    ended: the transfer as it was, shown later on another thread, and the live one),
+    `cancel(number)` tells the server a transfer of ours stopped. Entry points: `answered`
+    (the server's answer to an offer), `fill` (chunks into the file stream while it has
+    room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the server
+    cancelled one), `cancel_mine`, `end_all`. `offers` by ticket, `transfers` in order.
     """
 
     def __init__(self, downloads: str, emit, cancel):
         self.downloads, self.report, self.cancel = downloads, emit, cancel
-        # request number -> offer not answered yet
         self.offers: dict[int, Transfer] = {}
-        # every transfer of this session, in the order they began
         self.transfers: list[Transfer] = []
 
     def emit(self, transfer: Transfer) -> None:
-        """Report a change: the transfer as it is now (it is shown later, on another thread,
-        when the live one may have moved on), and the live one, to tell transfers apart."""
         self.report(dataclasses.replace(transfer), transfer)
 
-    def find(self, direction: str, number: int) -> Transfer | None:
-        """Return the transfer on its way with the server's id `number`, if any."""
-        return next((t for t in self.transfers if t.active and t.number == number
-                     and t.direction == direction), None)
+    def find(self, number: int) -> Transfer | None:
+        return next((t for t in self.transfers if t.active and t.number == number), None)
 
     def answered(self, ticket: int, result) -> None:
         """The server answered an offer: OK [id] starts the upload; a refusal ends it."""
@@ -863,7 +790,7 @@ class FileTransfers:
         self.start(transfer, lambda: open(transfer.path, "rb"), "cannot read it")
 
     def start(self, transfer: Transfer, opener, trouble: str) -> None:
-        """Open the transfer's file and let bytes move; an empty file is done at once."""
+        """Open the transfer's file and let bytes move; an empty download is done at once."""
         self.transfers.append(transfer)
         try:
             transfer.file = opener()
@@ -906,8 +833,6 @@ class FileTransfers:
         if transfer.percent != before:
             self.emit(transfer)
 
-    # --- Receiving ---
-
     def offer_arrived(self, sender: str, more: list[str]) -> None:
         """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
         readable = len(more) == 4 and more[0].isdigit() and more[2].isdigit()
@@ -917,16 +842,14 @@ class FileTransfers:
                        f"cannot save in {self.downloads}")
 
     def create_part(self, transfer: Transfer):
-        """Create NAME.part (or NAME (1).part...) exclusively, and return it open for writing.
-
-        O_EXCL: the system refuses to open a file that exists, so two downloads of one
-        name, or a file someone put there, are never written over.
-        """
+        """Create NAME.part (or NAME (1).part...) and return it open for writing. O_EXCL: the
+        system refuses to open a file that exists, so two downloads of one name, or a file
+        someone put there, are never written over."""
         os.makedirs(self.downloads, exist_ok=True)
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         while True:
-            name = safe_file_name(transfer.name)
-            transfer.path = unused_path(self.downloads, name, ".part") + ".part"
+            name = unused_path(self.downloads, safe_file_name(transfer.name), ".part")
+            transfer.path = name + ".part"
             # 0o644 (less the umask): a file from someone else is never made executable;
             # FileExistsError: another download took that name a moment ago
             with contextlib.suppress(FileExistsError):
@@ -936,10 +859,11 @@ class FileTransfers:
         """A FILE_CHUNK from the file stream: write it where its offset says."""
         try:
             number, offset, data = wire.unpack_chunk(payload)
-        except PacketError:
+        except wire.PacketError:
             return
+        transfer = self.find(number)
         # none: cancelled, failed or unknown; its chunks still in flight are dropped
-        if (transfer := self.find("receive", number)) is None:
+        if transfer is None or transfer.direction != "receive":
             return
         fits = offset < transfer.size and len(data) == wire.chunk_length(transfer.size, offset)
         if offset % wire.CHUNK_SIZE or not fits:
@@ -972,8 +896,6 @@ class FileTransfers:
         transfer.path = final
         self.end(transfer, "done", "SHA-256 checked")
 
-    # --- Ending ---
-
     def end(self, transfer: Transfer, state: str, note: str, tell: bool = False) -> None:
         """Finish a transfer; a download's partial file is removed unless it is done."""
         if not transfer.active:
@@ -992,12 +914,12 @@ class FileTransfers:
     def event(self, event: Event) -> bool:
         """An EVENT "file-cancelled" [id] ends a transfer of ours: True, for the transfer's
         own event says so, in the server's words (they name the file, and say why)."""
-        number = int(event.more[0]) if event.more and whole_number(event.more[0]) else 0
-        mine = self.find("send", number) or self.find("receive", number)
-        if event.kind == "file-cancelled" and mine:
-            mine.said = event.text
-            self.end(mine, "cancelled", event.text)
-        return bool(mine) and event.kind == "file-cancelled"
+        number = int(event.more[0]) if event.more and wire.whole_number(event.more[0]) else 0
+        if event.kind != "file-cancelled" or not (mine := self.find(number)):
+            return False
+        mine.said = event.text
+        self.end(mine, "cancelled", event.text)
+        return True
 
     def cancel_mine(self, number: int = 0) -> list[Transfer]:
         """Stop our transfers (all, or the one numbered); return them. The server is told."""
@@ -1015,7 +937,6 @@ class FileTransfers:
         self.offers.clear()
 
 
-
 # --- The network layer: the socket and one thread ----------------------------------------
 
 
@@ -1027,21 +948,20 @@ class ChatClient:
     sends one without waiting and returns a Future. Every other Event goes to `on_event`,
     called on the network thread, or, without one, into the queue `events`.
 
-        client = ChatClient("127.0.0.1", 9999)
-        client.login("alice", "secret")
-        client.join("lobby", "juara")
-        client.say("hello")
-        client.close()
+        with ChatClient("127.0.0.1", 9999) as client:
+            client.login("alice", "secret")
+            client.join("lobby", "juara")
+            client.say("hello")
     """
 
-    def __init__(self, host: str, port: int, cipher: str = DEFAULT_CIPHER, key: str | None = None,
-                 *, timing: Timing | None = None, loss: float = 0.0, seed: int | None = None,
-                 on_event=None, trace=None, downloads: str = "downloads", rejoin: bool = True):
+    def __init__(self, host: str, port: int, cipher: str = wire.DEFAULT_CIPHER,
+                 key: str | None = None, *, timing: Timing | None = None, loss: float = 0.0,
+                 seed: int | None = None, on_event=None, trace=None, downloads: str = "downloads",
+                 rejoin: bool = True):
         self.host, self.port, self.timing = host, port, timing or Timing()
-        # where events go: on_event, or else the queue `events`
         self.events: queue.Queue = queue.Queue()
         self.on_event = on_event or self.events.put
-        self.protocol = ClientProtocol(make_cipher(cipher, key), self.timing, time.monotonic(),
+        self.protocol = ClientProtocol(wire.make_cipher(cipher, key), self.timing, time.monotonic(),
                                        loss, trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
         # the protocol is shared by the callers' threads and ours; futures by ticket
@@ -1049,7 +969,7 @@ class ChatClient:
         self.closed, self.closed_reason = threading.Event(), ""
         sock = connect_udp(host, port)
         dropped = functools.partial(self.protocol.trace_packet, note=": LOST (simulated)")
-        self.sock = LossySocket(sock, loss, seed, dropped, side="client") if loss else sock
+        self.sock = wire.LossySocket(sock, loss, seed, dropped, side="client") if loss else sock
         # A request queued by another thread must not wait for the network thread's timer:
         # it sends a byte to one end of a socket pair, whose other end select() watches.
         self.wake_reader, self.wake_writer = socket.socketpair()
@@ -1067,21 +987,10 @@ class ChatClient:
     def __exit__(self, *exc_info):
         self.close()
 
-    @property
-    def name(self) -> str | None:
-        return self.protocol.name
-
-    @property
-    def room(self) -> str | None:
-        return self.protocol.room
-
-    @property
-    def state(self) -> str:
-        return self.protocol.state
-
-    @property
-    def logged_in(self) -> bool:
-        return self.protocol.logged_in
+    name = property(lambda self: self.protocol.name)
+    room = property(lambda self: self.protocol.room)
+    state = property(lambda self: self.protocol.state)
+    logged_in = property(lambda self: self.protocol.logged_in)
 
     # --- Requests: what the user can do ---
 
@@ -1098,19 +1007,17 @@ class ChatClient:
         return self.call(PacketType.JOIN, room, password)[-1]
 
     def say(self, text: str) -> str:
-        """Send a message to everyone else in the room; return the server's words."""
         return self.call(PacketType.SAY, text)[-1]
 
     def private(self, user: str, text: str) -> str:
-        """Send a message that only `user` sees."""
         try:
             return self.call(PacketType.PRIVATE, user, text)[-1]
         except Refused as refusal:
             raise naming_the_user(refusal, user) from None
 
     def rooms(self) -> list[tuple[str, int]]:
-        """Return every room and how many are in it (a last '+N' of the answer, N more
-        rooms that did not fit, is left out)."""
+        """Return every room and how many are in it (a last '+N', N more rooms that did not
+        fit in the answer, is left out)."""
         fields = self.call(PacketType.ROOMS)
         return [(fields[i], int(fields[i + 1])) for i in range(0, len(fields) - 1, 2)]
 
@@ -1133,9 +1040,8 @@ class ChatClient:
         return self.call(ptype, self.hello(), name, password)
 
     def send_file(self, to: str, path: str) -> Transfer:
-        """Offer a file to `to` ('' = the room), hashed here; return it once the server took
-        the offer: the network thread then sends it from disk, and transfer events say how
-        far it got. Raises FileProblem (no such file...) or Refused (the server said no)."""
+        """Offer a file to `to` ('' = the room); return it once the server took the offer:
+        the network thread then sends it from disk, and "transfer" events say how far it got."""
         transfer = prepare_upload(to, path)
         try:
             self.call(PacketType.FILE_OFFER, *offer_fields(transfer), transfer=transfer)
@@ -1205,8 +1111,8 @@ class ChatClient:
     # --- The network thread: the only reader of the socket ---
 
     def run_network(self) -> None:
-        """The network thread: send what the protocol says, sleep until its next timer or a
-        datagram or a wake-up (MAX_WAIT at most), take what came; until closed."""
+        """Send what the protocol says, sleep until its next timer or a datagram or a wake-up
+        (MAX_WAIT at most), take what came; until closed."""
         try:
             while not self.closed.is_set():
                 with self.lock:
@@ -1252,14 +1158,13 @@ class ChatClient:
             self.protocol.trace_packet("out", data, f": not sent ({error})")
 
     def settle(self) -> None:
-        """Hand what the protocol produced to its takers, outside the lock: answers to the
-        futures that wait for them, the rest to on_event (or the events queue)."""
+        """Hand what the protocol produced to its takers, outside the lock: the rest to
+        on_event (first: one's own line is shown before its call returns), then answers."""
         with self.lock:
             events = self.protocol.take_events()
             answered = [(self.futures.pop(e.more[0], None), e.more[1]) for e in events
                         if e.kind == "answer"]
         for event in events:
-            # first: one's own line is shown before its call returns
             if event.kind != "answer":
                 self.on_event(event)
         resolve(answered)
@@ -1267,11 +1172,9 @@ class ChatClient:
             self.close(self.protocol.closed_reason)
 
     def wake(self) -> None:
-        try:
+        # OSError: closing, or woken many times over already: a full pair is awake enough
+        with contextlib.suppress(OSError):
             self.wake_writer.send(b"!")
-        except OSError:
-            # closing, or woken many times over already: a full pair is awake enough
-            pass
 
     def drain_wakeups(self) -> None:
         # BlockingIOError (an OSError): nothing more to read
@@ -1350,10 +1253,9 @@ def connect_udp(host: str, port: int) -> socket.socket:
 # server's address asks everyone, and whoever runs a chat server answers. Only when
 # asked: on many networks a broadcast is noticed.
 
-# seconds a search listens: a LAN answers within milliseconds
-SEARCH_TIME = 1.0
-# FINDs sent in that time, a third of it apart, as DHCP resends its DISCOVER
-SEARCH_TRIES = 3
+# seconds a search listens (a LAN answers within milliseconds), and the FINDs sent in that
+# time, a third of it apart, as DHCP resends its DISCOVER
+SEARCH_TIME, SEARCH_TRIES = 1.0, 3
 NOTHING_FOUND = "no server answered on this network; type its IP"
 OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
 # A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
@@ -1366,13 +1268,12 @@ SIOCGIFADDR, SIOCGIFNETMASK = 0x8915, 0x891B
 
 @dataclasses.dataclass(frozen=True)
 class FoundServer:
-    """A chat server that answered a FIND."""
+    """A chat server that answered a FIND: its name, the IP its answer came from (the one
+    to type), its port and how many members are logged in."""
 
     name: str
-    # the IP its answer came from: the one to type, or to connect to
     host: str
     port: int
-    # members logged in
     online: int
 
     def __str__(self) -> str:
@@ -1388,39 +1289,36 @@ class ServerSearch:
     """
 
     def __init__(self, cipher, number: int | None = None):
-        self.cipher = cipher
-        # any but 0: a request's number
-        self.number = number or 1 + secrets.randbelow(2**32 - 1)
-        # in the order they answered
+        # any number but 0, a request's; servers in the order they answered; those whose
+        # answer was scrambled with another key
+        self.cipher, self.number = cipher, number or 1 + secrets.randbelow(2**32 - 1)
         self.found: dict[tuple[str, int], FoundServer] = {}
-        # answered, scrambled with another key
         self.other_key: set[tuple[str, int]] = set()
 
     def request(self) -> bytes:
         """Return the FIND datagram, padded to MIN_FIND_SIZE bytes (shorter ones are dropped)."""
         # the field's 2-byte length, then dots
         padding = "." * (wire.MIN_FIND_SIZE - wire.HEADER_SIZE - 2)
-        packet = Packet(PacketType.FIND, self.number, payload=pack_fields(padding))
-        return encode_packet(packet, self.cipher)
+        packet = wire.Packet(PacketType.FIND, self.number, payload=wire.pack_fields(padding))
+        return wire.encode_packet(packet, self.cipher)
 
     def receive(self, data: bytes, address: tuple[str, int]) -> FoundServer | None:
         """Take a datagram that came back; return the server it tells of, if it is a new one."""
         try:
-            packet = decode_packet(data, self.cipher)
-            number, name, port, online = unpack_fields(packet.payload, 4)
-        except ChecksumError:
+            packet = wire.decode_packet(data, self.cipher)
+            number, name, port, online = wire.unpack_fields(packet.payload, 4)
+        except wire.ChecksumError:
             # a chat server whose key differs from ours
-            self.other_key.add(address)
-            return None
-        except PacketError:
+            return self.other_key.add(address)
+        except wire.PacketError:
             return None
         if (packet.type != PacketType.OK or packet.ack != self.number or number != str(self.number)
-                or not (whole_number(port) and 0 < int(port) < 65536 and whole_number(online))):
+                or not (wire.whole_number(port) and wire.whole_number(online))
+                or not 0 < int(port) < 65536
+                or (address[0], int(port)) in self.found):
             return None
-        if (address[0], int(port)) in self.found:
-            return None
-        server = FoundServer(name, address[0], int(port), int(online))
-        self.found[address[0], int(port)] = server
+        server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port),
+                                                                 int(online))
         return server
 
     def servers(self) -> list[FoundServer]:
@@ -1440,17 +1338,15 @@ def linux_networks() -> list[tuple[str, str]]:
     """Return (address, netmask) of each IPv4 interface, asked of the Linux kernel: it knows
     them without any route, where the host name may resolve to nothing useful."""
     found = []
+    # the kernel wants a socket; nothing is sent
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        # the kernel wants one; nothing is sent
         for _, name in socket.if_nameindex():
             # struct ifreq: the name, then room
             request = struct.pack("16s24x", name.encode()[:15])
-            try:
+            # OSError: no IPv4 address on it, or it went away meanwhile
+            with contextlib.suppress(OSError):
                 found.append(tuple(socket.inet_ntoa(fcntl.ioctl(sock, ask, request)[20:24])
                                    for ask in (SIOCGIFADDR, SIOCGIFNETMASK)))
-            except OSError:
-                # no IPv4 address on it, or it went away meanwhile
-                continue
     return found
 
 
@@ -1465,13 +1361,11 @@ def host_addresses() -> list[str]:
 
 
 def broadcast_of(address: str, netmask: str) -> str:
-    """Return the broadcast address of `address`'s network: its host bits all set to one."""
+    """Return the broadcast address of `address`'s network: its host bits all set to one
+    ("" for a /31 or /32, which has none)."""
     host_bits = ~int.from_bytes(socket.inet_aton(netmask), "big") & 0xFFFFFFFF
-    if host_bits <= 1:
-        # a /31 or /32 has no broadcast address
-        return ""
     network = int.from_bytes(socket.inet_aton(address), "big")
-    return socket.inet_ntoa((network | host_bits).to_bytes(4, "big"))
+    return socket.inet_ntoa((network | host_bits).to_bytes(4, "big")) if host_bits > 1 else ""
 
 
 def search_network(search: ServerSearch, targets: list[str], port: int, wait: float = SEARCH_TIME,
@@ -1484,28 +1378,20 @@ def search_network(search: ServerSearch, targets: list[str], port: int, wait: fl
         start = time.monotonic()
         for attempt in range(tries):
             for target in targets:
-                try:
+                # OSError: e.g. 255.255.255.255 with no default route, "unreachable"
+                with contextlib.suppress(OSError):
                     sock.sendto(search.request(), (target, port))
-                except OSError:
-                    # e.g. 255.255.255.255 with no default route: "unreachable"
-                    pass
-            collect_answers(sock, search, start + wait * (attempt + 1) / tries)
+            until = start + wait * (attempt + 1) / tries
+            while (left := until - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    search.receive(*sock.recvfrom(wire.RECV_BUFFER))
+                except TimeoutError:
+                    break
+                except ConnectionResetError:
+                    # Windows: "port unreachable" came back for a FIND
+                    continue
     return search
-
-
-def collect_answers(sock: socket.socket, search: ServerSearch, until: float) -> None:
-    """Hand the search every datagram that arrives before `until` (a time.monotonic() value)."""
-    while (left := until - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data, address = sock.recvfrom(wire.RECV_BUFFER)
-        except TimeoutError:
-            # socket.timeout: nothing more came
-            return
-        except ConnectionResetError:
-            # Windows: "port unreachable" came back for a FIND
-            continue
-        search.receive(data, address)
 
 
 def find_servers(port: int, cipher, show) -> list[FoundServer]:
@@ -1521,13 +1407,11 @@ def find_servers(port: int, cipher, show) -> list[FoundServer]:
 
 def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
     """Return (host, port if known) for an answer to the Server IP prompt; None if no choice.
-
     Enter takes the first server found (127.0.0.1 if none), a number one from the list,
-    anything else is an address.
-    """
+    anything else is an address."""
     if not answer:
         return (found[0].host, found[0].port) if found else (DEFAULT_HOST, None)
-    if found and whole_number(answer):
+    if found and wire.whole_number(answer):
         chosen = found[int(answer) - 1] if 0 < int(answer) <= len(found) else None
         return (chosen.host, chosen.port) if chosen else None
     ports = [server.port for server in found if server.host == answer]
@@ -1539,8 +1423,6 @@ def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None]
 # Characters that reorder the text after them on screen (bidi embeddings, overrides and
 # isolates): a name or message could make what follows read backwards ("Trojan Source").
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-# each shown as a new, indented line
-LINE_BREAKS = ("\r\n", "\r", "\u2028", "\u2029")
 
 
 def printable(text: str) -> str:
@@ -1550,7 +1432,7 @@ def printable(text: str) -> str:
 
     A security filter, not a nicety: everything from the network passes through it.
     """
-    for line_break in LINE_BREAKS:
+    for line_break in ("\r\n", "\r", "\u2028", "\u2029"):
         text = text.replace(line_break, "\n")
     unsafe = {"Cc", "Cs"}
     text = "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
@@ -1566,15 +1448,13 @@ def format_event(event: Event, me: str | None = None) -> str:
     user = "you" if mine else printable(event.user)
     if event.kind == "private" and mine:
         return f"[{clock}] -> {printable(event.more[0] if event.more else '')}: {text}"
-    shapes = {"chat": f"[{clock}] {user}: {text}", "private": f"[{clock}] {user} (private): {text}",
-              "history": f"[history] [{clock}] {user}: {text}", "join": f"[{clock}] {user} joined",
-              "leave": f"[{clock}] {user} left" + (f" ({text})" if text else ""),
-              "notice": text}
-    # (a notice may quote the server: printable() above made its text safe too)
     if event.kind == "transfer":
         return describe_transfer(event.more[0], final=True)
-    if event.kind in FILE_EVENTS:
-        return f"[{clock}] {text}"
+    # (a notice may quote the server: printable() above made its text safe too)
+    shapes = {"chat": f"[{clock}] {user}: {text}", "private": f"[{clock}] {user} (private): {text}",
+              "history": f"[history] [{clock}] {user}: {text}", "join": f"[{clock}] {user} joined",
+              "leave": f"[{clock}] {user} left" + (f" ({text})" if text else ""), "notice": text,
+              **{kind: f"[{clock}] {text}" for kind in wire.FILE_EVENTS}}
     return shapes.get(event.kind, f"[{clock}] {event.kind}: {user} {text}")
 
 
@@ -1623,11 +1503,8 @@ def split_message(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
         space = len(fits) if text[len(fits)].isspace() else fits.rfind(" ")
         cut = space if space > 0 and fits[:space].strip() else len(fits)
         part, text = text[:cut].rstrip(), text[cut:].lstrip()
-        if part:
-            parts.append(part)
-    if text.strip():
-        parts.append(text)
-    return parts
+        parts += [part] if part else []
+    return parts + ([text] if text.strip() else [])
 
 
 def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
@@ -1645,10 +1522,9 @@ def describe_arrival(joined: str, members: list[str], me: str | None) -> str:
 
 # --- The terminal ---------------------------------------------------------------------
 
-# ANSI colours (SGR): a line that names me, a private message; then back to plain
-BOLD_YELLOW, MAGENTA, PLAIN = "\x1b[1;33m", "\x1b[35m", "\x1b[0m"
-# the terminal beeps, or flashes its window, when it prints this
-BELL = "\a"
+# ANSI colours (SGR): a line that names me, a private message; then back to plain. The
+# terminal beeps, or flashes its window, when it prints BELL.
+BOLD_YELLOW, MAGENTA, PLAIN, BELL = "\x1b[1;33m", "\x1b[35m", "\x1b[0m", "\a"
 
 
 class EndOfInput(Exception):
@@ -1668,20 +1544,12 @@ class Terminal:
 
     def __init__(self, interactive: bool, color: bool = False, bell: bool = False):
         self.interactive, self.color, self.bell = interactive, color, bell
-        self.asks, self.answers = queue.Queue(), queue.Queue()
-        # one writer at a time; the prompt on screen now ("" if none), and whether secret
-        self.lock = threading.Lock()
-        self.prompt, self.secret = "", False
-        # a question is with the keyboard thread; the input is over
-        self.outstanding = self.ended = False
-        # lines kept back while a room is entered (None: none kept)
+        self.asks, self.answers, self.lock = queue.Queue(), queue.Queue(), threading.Lock()
+        # the prompt on screen now ("" if none), and whether secret; a question is with the
+        # keyboard thread; the input is over; lines kept back while a room is entered
+        self.prompt, self.secret, self.outstanding, self.ended = "", False, False, False
         self.held: list[str] | None = None
-        self.alive = lambda: None
-        # POSIX: the terminal's settings as we found them, to give back
-        self.saved_mode = None
-        if interactive and termios:
-            with contextlib.suppress(termios.error, OSError, ValueError):
-                self.saved_mode = termios.tcgetattr(sys.stdin.fileno())
+        self.alive, self.restored = lambda: None, False
         threading.Thread(target=self.read_lines, name="keyboard", daemon=True).start()
 
     def read_lines(self) -> None:
@@ -1701,31 +1569,33 @@ class Terminal:
                 return
 
     def read_answer(self, prompt: str, secret: bool) -> str:
-        """Return one line; the prompt counts as on screen only once it is drawn, so a line
-        shown a moment before cannot draw it twice (`> > /share`)."""
         if not self.interactive:
-            line = sys.stdin.readline()
-            if not line:
+            if not (line := sys.stdin.readline()):
                 raise EOFError
             return line.rstrip("\r\n")
+        with self.lock:
+            self.prompt, self.secret = prompt, secret
         if secret:
-            # getpass turns echo off, then draws its prompt
-            self.prompt_drawn(prompt, True)
             return getpass.getpass(prompt)
-        if readline is None:
-            self.prompt_drawn(prompt, False, write=True)
-            return input()
-        # readline calls this hook once it has drawn the prompt
-        readline.set_pre_input_hook(lambda: self.prompt_drawn(prompt, False))
         self.echo(True)
         return input(prompt)
 
-    def prompt_drawn(self, prompt: str, secret: bool, write: bool = False) -> None:
+    def echo(self, on: bool) -> None:
+        """Let the terminal show the keys typed, or not (POSIX): between two questions keys
+        typed ahead are not shown, for they may be the password the next prompt asks."""
         with self.lock:
-            self.prompt, self.secret = prompt, secret
-            if write:
-                sys.stdout.write(prompt)
-                sys.stdout.flush()
+            if not (termios and self.interactive) or (self.restored and not on):
+                return
+            with contextlib.suppress(termios.error, OSError, ValueError):
+                mode = termios.tcgetattr(sys.stdin.fileno())
+                # [3]: the local flags
+                mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
+
+    def restore(self) -> None:
+        """Give the terminal back with echo on, for good (Ctrl+C at a password prompt)."""
+        self.echo(True)
+        self.restored = True
 
     def ask(self, prompt: str, secret: bool = False) -> str:
         """Return the next line the user types; raise EndOfInput at its end."""
@@ -1739,11 +1609,9 @@ class Terminal:
             self.show("", again=prompt)
         while True:
             self.alive()
-            try:
+            with contextlib.suppress(queue.Empty):
                 answer = self.answers.get(timeout=MAX_WAIT)
                 break
-            except queue.Empty:
-                continue
         self.outstanding = False
         if answer is None:
             self.ended = True
@@ -1757,12 +1625,10 @@ class Terminal:
             typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
             self.prompt = self.prompt if again is None else again
-            try:
+            # OSError: a program reading our output stopped, or the terminal closed (EIO)
+            with contextlib.suppress(OSError):
                 sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
                 sys.stdout.flush()
-            except OSError:
-                # a program reading our output stopped, or the terminal closed (EIO)
-                pass
 
     def show_event(self, event: Event, me: str | None) -> None:
         """Show an event (on the network thread): coloured, with the bell when it names me."""
@@ -1789,24 +1655,6 @@ class Terminal:
         for line in ([first] if first else []) + held:
             self.show(line)
 
-    def echo(self, on: bool, mode=None) -> None:
-        """Let the terminal show the keys typed, or not (POSIX): between two questions keys
-        typed ahead are not shown, for they may be the password the next prompt asks."""
-        with self.lock:
-            if self.saved_mode is None:
-                return
-            mode = mode or list(self.saved_mode)
-            # [3]: the local flags
-            mode[3] = mode[3] | termios.ECHO if on else mode[3] & ~termios.ECHO
-            with contextlib.suppress(termios.error, OSError, ValueError):
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
-
-    def restore(self) -> None:
-        """Give the terminal back with echo on, for good (Ctrl+C at a password prompt)."""
-        self.echo(True, list(self.saved_mode or [0] * 7))
-        with self.lock:
-            self.prompt, self.saved_mode = "", None
-
 
 def worth_a_line(event: Event) -> bool:
     """Does the terminal print this event? Not a state (a notice says it), not a refused
@@ -1829,7 +1677,6 @@ def use_color(stream, environ, platform: str = sys.platform) -> bool:
     if platform == "win32" and "WT_SESSION" not in environ:
         return False
     return hasattr(stream, "isatty") and stream.isatty()
-
 
 
 # --- Commands: one table for the terminal and the window --------------------------------
@@ -1963,7 +1810,7 @@ def list_files(client: ChatClient, rest: str, face) -> None:
 def cancel_files(client: ChatClient, rest: str, face) -> None:
     # /files shows them as #3
     number = rest.lstrip("#")
-    if number and not whole_number(number):
+    if number and not wire.whole_number(number):
         face.show("Usage: /cancel, or /cancel N with N as /files shows it")
     elif not client.cancel_files(int(number) if number else 0):
         face.show(f"No transfer numbered {number}." if number
@@ -1981,7 +1828,6 @@ def unquote(text: str) -> str:
 COMMANDS = {"say": send_lines, "/help": lambda client, rest, face: face.show(HELP),
             "/rooms": show_rooms, "/who": show_who, "/join": join_room, "/msg": send_private,
             "/send": send_file, "/share": share_file, "/files": list_files, "/cancel": cancel_files}
-
 
 
 # --- The window: python client.py --gui -----------------------------------------------
@@ -2153,7 +1999,7 @@ class ChatWindow:
         welcome = self.client.login(name, password)
         self.inbox.put(lambda: self.show_frame(True))
         self.show(welcome)
-        self.run_line(f"/join {LOBBY}")
+        self.run_line(f"/join {wire.LOBBY}")
 
     def run_line(self, line: str) -> None:
         """A line typed in the chat, read by the terminal's own command parser."""
@@ -2179,14 +2025,16 @@ class ChatWindow:
             return self.say("The two passwords differ; type it again.")
         self.say("Registering..." if register else "Logging in...")
         host, name = self.host.get().strip() or DEFAULT_HOST, self.name.get().strip()
-        self.jobs.put(lambda: self.log_in_as(register, host, port_number(port), name, password))
+        self.jobs.put(lambda: self.log_in_as(register, host, wire.port_number(port), name,
+                                             password))
 
     def search(self) -> None:
         """Find servers on the port typed: the search listens a while, so on the worker."""
         port = self.port.get().strip()
-        cipher = make_cipher(self.options.get("cipher", DEFAULT_CIPHER), self.options.get("key"))
+        options = self.options
+        cipher = wire.make_cipher(options.get("cipher", wire.DEFAULT_CIPHER), options.get("key"))
         self.jobs.put(lambda: self.inbox.put(functools.partial(
-            self.show_servers, find_servers(port_number(port), cipher, self.show))))
+            self.show_servers, find_servers(wire.port_number(port), cipher, self.show))))
 
     def show_servers(self, found: list) -> None:
         fill(self.servers, [f"{server.host}:{server.port}  {printable(server.name)}  "
@@ -2337,6 +2185,7 @@ def run_window(args: argparse.Namespace) -> int | None:
     return window.run()
 
 
+
 # --- The terminal's conversation: choose, log in, enter the lobby, chat, leave -----------
 
 
@@ -2346,10 +2195,9 @@ def converse(client: ChatClient, terminal: Terminal) -> None:
         choice = terminal.ask("Type /register or /login (exit to quit): ").strip().lower()
         if choice in EXIT_WORDS:
             return
-        word = choice.lstrip("/")
-        if word == "register":
+        if choice.lstrip("/") == "register":
             register(client, terminal)
-        elif word == "login":
+        elif choice.lstrip("/") == "login":
             if log_in(client, terminal) and chat(client, terminal):
                 return
         elif choice:
@@ -2389,9 +2237,9 @@ def log_in(client: ChatClient, terminal: Terminal) -> bool:
         return False
     hint = "Try again, or press Enter alone to go on without a room."
     # Enter alone sends nothing: an empty password would count as a wrong one.
-    while password := terminal.ask(f"Room password for {LOBBY}: ", secret=True):
+    while password := terminal.ask(f"Room password for {wire.LOBBY}: ", secret=True):
         try:
-            enter_room(client, LOBBY, password, terminal, then=" Type /help for commands.")
+            enter_room(client, wire.LOBBY, password, terminal, then=" Type /help for commands.")
             return True
         except Refused as refusal:
             terminal.show(printable(refusal.text))
@@ -2440,7 +2288,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                "the traffic can read it. Server and client must use the same --cipher and --key.")
     parser.add_argument("--host",
                         help=f"server IP address (asked if not given; default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=port_number,
+    parser.add_argument("--port", type=wire.port_number,
                         help=f"server UDP port (asked if not given; default {DEFAULT_PORT})")
     # --cipher, --key, --loss, --seed
     wire.add_shared_options(parser)
@@ -2462,7 +2310,7 @@ def ask_address(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int]
     while port is None:
         answer = terminal.ask(f"Server port [{default_port}]: ").strip() or str(default_port)
         try:
-            port = port_number(answer)
+            port = wire.port_number(answer)
         except argparse.ArgumentTypeError:
             terminal.show("A port is a whole number from 1 to 65535.")
     return host, port
@@ -2476,7 +2324,7 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
         hint = "" if found else " (? searches the network)"
         answer = terminal.ask(f"Server IP [{default}]{hint}: ").strip()
         if answer == "?":
-            cipher = make_cipher(args.cipher, args.key)
+            cipher = wire.make_cipher(args.cipher, args.key)
             found = find_servers(args.port or DEFAULT_PORT, cipher, terminal.show)
             for number, server in enumerate(found, 1):
                 terminal.show(f"{number}) {server}")
@@ -2490,7 +2338,7 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
 def print_servers_found(args: argparse.Namespace) -> int:
     """--find: one line per server, `IP:PORT  name  N online`; the rest on stderr."""
     try:
-        found = find_servers(args.port or DEFAULT_PORT, make_cipher(args.cipher, args.key),
+        found = find_servers(args.port or DEFAULT_PORT, wire.make_cipher(args.cipher, args.key),
                              functools.partial(print, file=sys.stderr))
     except (ValueError, OSError) as error:
         # a key the cipher cannot use; no network at all

@@ -370,19 +370,6 @@ def test_a_message_during_a_password_prompt_redraws_only_the_prompt(monkeypatch)
     assert (screen.row, screen.column) == (1, 10)
 
 
-def test_a_prompt_is_on_screen_only_once_drawn_so_a_late_line_never_doubles_it(monkeypatch):
-    output = io.StringIO()
-    monkeypatch.setattr(client.sys, "stdout", output)
-    monkeypatch.setattr(client, "readline", None)
-    terminal = RecordingTerminal()
-    client.Terminal.show(terminal, "not sent: hi (Slow down)")  # before the prompt is up: no prompt drawn
-    terminal.prompt_drawn("> ", False, write=True)
-    client.Terminal.show(terminal, "[12:00] bob: news")
-    screen = ScreenModel(rows=5, columns=40)
-    screen.feed(output.getvalue().replace("\n", "\r\n"))
-    assert screen.lines()[:3] == ["not sent: hi (Slow down)", "[12:00] bob: news", ">"]
-
-
 # --- For real: client.py in a pseudo-terminal --------------------------------------------------
 
 pty_only = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
