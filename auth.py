@@ -226,8 +226,8 @@ class LoginLimiter:
 
     An owner at another PC still gets in; an address tries at most `per_address` passwords
     a `period` (20 in 5 minutes: 4 a minute). A success forgives its account's failures from
-    its address: so typos never lock 40 students behind one NAT address, and only failures
-    nobody put right do - 20 of them (4 students trying 5 forgotten passwords; a guesser).
+    its address, so 40 students behind one NAT address, a typo or two each, get in: it locks
+    at 20 failures not yet put right (4 students trying 5 forgotten passwords; a guesser).
     """
 
     def __init__(self, per_account: int = 5, per_address: int = 20, period: float = 300.0):
