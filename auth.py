@@ -3,7 +3,8 @@
 Passwords are never stored. For each account the users file keeps a random salt and
 PBKDF2-HMAC-SHA256 of the password with that salt, run many thousands of times so that
 each guess costs an attacker who stole the file real time. The iteration count is kept in
-every record, so it can be raised later without breaking old accounts.
+every record, so it can be raised later without breaking old accounts. A record for SRP-6a
+keeps v = g^x mod N instead, x being that slow hash of name and password: v cannot log in.
 
 The file is JSON and is replaced atomically: the new content goes to a temporary file,
 which is flushed and fsync'ed to disk, then renamed over the old one with `os.replace`
@@ -18,7 +19,7 @@ is on disk. The server keeps its rooms the same way: a room's password is an acc
     (True, False)
 
 `FailureCounter` counts failed attempts (wrong passwords, registrations) per key over a
-sliding period, so that guessing is slow for the guesser too.
+sliding period, so that guessing is slow for the guesser too (`LoginLimiter`: not the owner).
 
 This module imports nothing of the project: server.py uses it, never the other way round.
 """
@@ -32,6 +33,7 @@ import secrets
 import string
 
 KDF_NAME = "pbkdf2_sha256"
+VERIFIER_KDF = "srp6a_pbkdf2_sha256"
 # OWASP's 2023 advice for PBKDF2-HMAC-SHA256: about a quarter of a second per guess on a
 # lab PC, which the server spends on a worker thread so that chat never waits for it.
 DEFAULT_ITERATIONS = 600_000
@@ -43,7 +45,7 @@ MAX_USERNAME = 20
 FILE_VERSION = 1
 
 # {"name", "kdf", "iterations", "salt", "hash"}; salt and hash in hex. A room's record
-# also has "created", the Unix time it was made.
+# also has "created", the Unix time it was made; an SRP account's has "verifier", not "hash".
 Record = dict
 
 
@@ -55,6 +57,26 @@ def valid_username(name: str) -> bool:
 def hash_password(password: str, salt: bytes, iterations: int) -> bytes:
     """Return PBKDF2-HMAC-SHA256 of `password`: the slow step."""
     return hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+
+
+def name_skeleton(name: str) -> str:
+    """Return `name` as it looks: no case; i l 1, o 0, s 5, z 2, b 8, _ . -, rn m, vv w, cl d."""
+    shape = name.lower().translate(str.maketrans("i10528.-", "lloszb__"))
+    return shape.replace("rn", "m").replace("vv", "w").replace("cl", "d")
+
+
+def password_key(name: str, password: str, salt: bytes, iterations: int) -> int:
+    """Return SRP's x: the slow hash of "name:password", the name in lower case, as a number."""
+    return int.from_bytes(hash_password(f"{name.lower()}:{password}", salt, iterations), "big")
+
+
+def new_verifier(name: str, password: str, group: tuple[int, int],
+                 iterations: int = DEFAULT_ITERATIONS) -> Record:
+    """Return the SRP record of a new account: v = g^x mod N, `group` being (N, g)."""
+    salt = secrets.token_bytes(SALT_BYTES)
+    verifier = pow(group[1], password_key(name, password, salt, iterations), group[0])
+    return {"name": name, "kdf": VERIFIER_KDF, "iterations": iterations,
+            "salt": salt.hex(), "verifier": format(verifier, "x")}
 
 
 def new_record(name: str, password: str, iterations: int = DEFAULT_ITERATIONS) -> Record:
@@ -73,11 +95,8 @@ def check_password(password: str, record: Record) -> bool:
 
 
 def dummy_record(iterations: int = DEFAULT_ITERATIONS) -> Record:
-    """Return a record no password matches; checking against it costs a real check.
-
-    So a failed login takes as long for an unknown name as for a known one, and its
-    timing does not tell an attacker which usernames exist.
-    """
+    """Return a record no password matches, as slow to check: so that a failed login's
+    timing does not tell which usernames exist, an unknown name is checked against it."""
     return {"name": "", "kdf": KDF_NAME, "iterations": iterations,
             "salt": bytes(SALT_BYTES).hex(), "hash": bytes(32).hex()}
 
@@ -123,10 +142,11 @@ class UserStore:
             raise ValueError(f"{self.kind} file {self.path} is damaged ({error!r}); "
                              "move it away") from None
 
-    def save(self) -> None:
-        """Write every record to the file, atomically and durably."""
-        content = {"version": FILE_VERSION, self.kind: list(self.records.values())}
+    def save(self, records: dict[str, Record]) -> None:
+        """Write `records` to the file, atomically and durably; then they are the store's."""
+        content = {"version": FILE_VERSION, self.kind: list(records.values())}
         write_atomically(self.path, json.dumps(content, indent=1, ensure_ascii=False) + "\n")
+        self.records = records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -137,35 +157,25 @@ class UserStore:
     def get(self, name: str) -> Record | None:
         return self.records.get(name.lower())
 
+    def taken(self, name: str) -> bool:
+        """Is `name`, or (among users) a name that looks like it, in the store?"""
+        looks = self.kind == "users" and name_skeleton(name) in map(name_skeleton, self.records)
+        return self.exists(name) or looks
+
     def add(self, record: Record) -> bool:
-        """Store a new record on disk; False if the name is taken."""
-        key = record["name"].lower()
-        if key in self.records:
+        """Store a new record on disk; False if its name is taken."""
+        if self.taken(record["name"]):
             return False
-        self.records[key] = record
-        try:
-            self.save()
-        except OSError:
-            # Not on disk, so not registered.
-            del self.records[key]
-            raise
+        self.save({**self.records, record["name"].lower(): record})
         return True
 
     def remove(self, name: str) -> None:
         """Forget a record, on disk too."""
-        record = self.records.pop(name.lower())
-        try:
-            self.save()
-        except OSError:
-            # Still on disk, so still here.
-            self.records[name.lower()] = record
-            raise
+        self.save({key: record for key, record in self.records.items() if key != name.lower()})
 
     def register(self, name: str, password: str) -> bool:
-        """Create an account; False if the name is taken. Runs the slow hash."""
-        if self.exists(name):
-            return False
-        return self.add(new_record(name, password, self.iterations))
+        """Create an account; False if the name is taken (before the slow hash runs)."""
+        return not self.taken(name) and self.add(new_record(name, password, self.iterations))
 
     def verify(self, name: str, password: str) -> bool:
         """Is this the account's password? Unknown names cost the same time as known ones."""
@@ -209,3 +219,32 @@ class FailureCounter:
         if len(times) < self.limit:
             return 0.0
         return times[-self.limit] + self.period - now
+
+
+class LoginLimiter:
+    """Failed logins per (account, address), and per address across accounts (spraying).
+
+    An owner at another PC still gets in; an address tries at most `per_address` passwords
+    a `period` (20 in 5 minutes: 4 a minute). A success forgives its account's failures from
+    its address, so 40 students behind one NAT address, a typo or two each, get in: it locks
+    at 20 failures not yet put right (4 students trying 5 forgotten passwords; a guesser).
+    """
+
+    def __init__(self, per_account: int = 5, per_address: int = 20, period: float = 300.0):
+        self.accounts = FailureCounter(per_account, period)
+        self.addresses = FailureCounter(per_address, period)
+
+    def locked_for(self, name: str, address: str, now: float) -> float:
+        return max(self.accounts.locked_for((name.lower(), address), now),
+                   self.addresses.locked_for(address, now))
+
+    def failed(self, name: str, address: str, now: float) -> None:
+        self.accounts.add((name.lower(), address), now)
+        self.addresses.add(address, now)
+
+    def succeeded(self, name: str, address: str, now: float) -> None:
+        """Forgive the account's recent failures from `address`, there and in its count."""
+        times = self.addresses.recent(address, now)
+        for moment in self.accounts.failures.pop((name.lower(), address), ()):
+            if moment in times:
+                times.remove(moment)

@@ -126,6 +126,63 @@ def make_cipher(name: str, key: str | None = None):
     raise ValueError(f"unknown cipher {name!r}; choose one of {', '.join(CIPHER_NAMES)}")
 
 
+# === 1b. Logging in without sending the password: SRP-6a ==========================
+
+# SRP-6a (RFC 2945; RFC 5054's group and PAD). The server keeps v = g^x mod N, x a slow salted
+# hash of name and password (auth.py): v cannot log in, and a guess costs the slow hash. A = g^a,
+# B = k*v + g^b: both ends reach S = g^(b*(a + u*x)), never sent. M1 proves the password, M2 the
+# verifier; A, B, M1, M2 test no guess offline, a fake server gets one guess per login; an A or B
+# of 0 mod N (S known) is refused. NOT protected: making an account (a fake server gets v).
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+
+# RFC 5054 appendix A's 2048-bit group (N = 2q + 1, q prime; g = 2); k = H(N | PAD(g)).
+SRP_N = int(
+    "AC6BDB41324A9A9BF166DE5E1389582FAF72B6651987EE07FC3192943DB56050A37329CBB4A099ED8193E075"
+    "7767A13DD52312AB4B03310DCD7F48A9DA04FD50E8083969EDB767B0CF6095179A163AB3661A05FBD5FAAAE8"
+    "2918A9962F0B93B855F97993EC975EEAA80D740ADBF4FF747359D041D5C33EA71D281E446B14773BCA97B43A"
+    "23FB801676BD207A436C6481F1D2B9078717461A5B9D32E688F87748544523B524B0D57D5EA77A2775D2ECFA"
+    "032CFBDBF52FB3786160279004E57AE6AF874E7303CE53299CCC041C7BC308D82A5698F3A8D0C38271AE35F8"
+    "E9DBFBB694B5C803D89F7AE435DE236D525F54759B65E372FCD68EF20FA7111F9E4AFF73", 16)
+SRP_G, SRP_HASH = 2, "sha256"
+SRP_K = int("05B9E8EF059C6B32EA59FC1D322D37F04AA30BAE5AA9003B8321E21DDB04E300", 16)
+# A session's packets carry HMAC-SHA256 cut to 16 bytes: a forgery passes once in 2^128.
+TAG_BYTES = 16
+
+
+def srp_hash(*parts: bytes | int) -> bytes:
+    """H(part | part ...), each number padded to the length of N (RFC 5054's PAD)."""
+    size = (SRP_N.bit_length() + 7) // 8
+    data = b"".join(p.to_bytes(size, "big") if isinstance(p, int) else p for p in parts)
+    return hashlib.new(SRP_HASH, data).digest()
+
+def srp_client(x: int, a: int, A: int, B: int) -> int:
+    """Return S = (B - k*g^x)^(a + u*x), where A = g^a and u = H(A | B)."""
+    u = int.from_bytes(srp_hash(A, B), "big")
+    return pow(B - SRP_K * pow(SRP_G, x, SRP_N), a + u * x, SRP_N)
+
+def srp_server(v: int, b: int, A: int) -> tuple[int, int]:
+    """Return B = k*v + g^b and S = (A * v^u)^b: the client's S if its x made v."""
+    B = (SRP_K * v + pow(SRP_G, b, SRP_N)) % SRP_N
+    u = int.from_bytes(srp_hash(A, B), "big")
+    return B, pow(A * pow(v, u, SRP_N), b, SRP_N)
+
+def srp_proofs(name: str, salt: bytes, A: int, B: int, S: int) -> tuple[bytes, bytes, bytes]:
+    """Return K = H(S), M1 = H(H(name) | salt | A | B | K) and M2 = H(A | M1 | K)."""
+    if A % SRP_N == 0 or B % SRP_N == 0:
+        raise ValueError("refused: A or B is 0 mod N")
+    K = srp_hash(S)
+    M1 = srp_hash(srp_hash(name.lower().encode()), salt, A, B, K)
+    return K, M1, srp_hash(A, M1, K)
+
+def session_tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, "sha256").digest()[:TAG_BYTES]
+
+def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:
+    """Compared in constant time: how long it takes tells no byte of the right tag."""
+    return hmac.compare_digest(session_tag(key, data), tag)
+
+
 # === 2. The packet format =========================================================
 
 # The header of the diagram above: magic, version, type, flags, payload length, seq, ack,
