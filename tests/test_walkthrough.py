@@ -1,0 +1,213 @@
+"""The walkthrough's exercise checks: each accepts a correct solution and rejects wrong ones.
+
+The notebook's exercise cells hold working reference solutions (the student replaces them),
+so running the notebook proves that every check can say "correct" (tests/test_notebook.py).
+These tests prove the other half: a check cannot be passed by accident. The notebook's code
+cells run here in one namespace, outside Jupyter; then each check is called with solutions
+that are wrong in the ways students get them wrong - a constant, a sender that takes a late
+ACK for the current one, a hard-coded key, a server bound to one interface.
+"""
+
+import linecache
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("IPython")
+pytest.importorskip("matplotlib")
+os.environ.setdefault("MPLBACKEND", "Agg")  # no window: figures are only saved
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "walkthrough.ipynb"
+
+
+def tagged(notebook, tag: str) -> list:
+    return [cell for cell in notebook.cells if tag in cell.metadata.get("tags", [])]
+
+
+@pytest.fixture(scope="module")
+def notebook_namespace():
+    """Run every code cell of the notebook, in order, in one namespace; return it."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    namespace = {"__name__": "walkthrough"}
+    here = Path.cwd()
+    os.chdir(ROOT)  # the notebook reads docs/ relative to the repository
+    try:
+        for number, cell in enumerate(notebook.cells):
+            if cell.cell_type != "code":
+                continue
+            # A file name of its own, so inspect.getsource finds a function's source, as in Jupyter.
+            name = f"<walkthrough cell {number}>"
+            linecache.cache[name] = (len(cell.source), None, cell.source.splitlines(True), name)
+            exec(compile(cell.source, name, "exec"), namespace)
+    finally:
+        os.chdir(here)
+    return namespace
+
+
+def test_every_exercise_has_its_check_right_after_it():
+    cells = [cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
+    exercises = [number for number, cell in enumerate(cells) if "exercise" in cell.metadata.get("tags", [])]
+    assert len(exercises) == 5
+    for number in exercises:
+        assert "Replace this with your own" in cells[number].source
+        assert "check" in cells[number + 1].metadata.get("tags", [])
+
+
+def test_the_reference_solutions_pass(notebook_namespace):
+    ns = notebook_namespace
+    assert "correct" in ns["check_exercise1"](ns["inspect"].getsource(ns["serve"]))
+    assert "correct" in ns["check_exercise2"](ns["send_reliably"])
+    assert "correct" in ns["check_exercise3"](ns["arrived"])
+    assert "correct" in ns["check_exercise4"](ns["percentile"])
+    assert "correct" in ns["check_exercise5"](ns["find_xor_key"])
+
+
+# --- Exercise 1: a UDP server in a process of its own --------------------------------------
+
+SERVER = """
+def serve(port):
+    import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, port))
+    print("listening on", sock.getsockname(), flush=True)
+    while True:
+        data, sender = sock.recvfrom(65535)
+        REPLY
+"""
+WRONG_SERVERS = {
+    "answers a constant": SERVER.replace("HOST", '"0.0.0.0"').replace("REPLY", 'sock.sendto(b"PONG", sender)'),
+    "echoes without capitals": SERVER.replace("HOST", '"0.0.0.0"').replace("REPLY", "sock.sendto(data, sender)"),
+    "bound to loopback only": SERVER.replace("HOST", '"127.0.0.1"').replace("REPLY", "sock.sendto(data.upper(), sender)"),
+    "answers from another socket": SERVER.replace("HOST", '"0.0.0.0"').replace(
+        "REPLY", "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(data.upper(), sender)"),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_SERVERS, ids=list(WRONG_SERVERS))
+def test_exercise1_rejects_a_wrong_server(notebook_namespace, wrong):
+    with pytest.raises(AssertionError):
+        notebook_namespace["check_exercise1"](WRONG_SERVERS[wrong])
+
+
+def test_exercise1_accepts_another_correct_server(notebook_namespace):
+    source = SERVER.replace("HOST", '""').replace("REPLY", "sock.sendto(bytes(data).upper(), sender)")
+    assert "correct" in notebook_namespace["check_exercise1"](source)
+
+
+# --- Exercise 2: stop-and-wait over the lossy socket ----------------------------------------
+
+def never_sends_again(sock, address, lines, timeout=0.2):
+    """Sends each line once and waits for an answer, but never retransmits."""
+    sock.settimeout(timeout)
+    for number, line in enumerate(lines):
+        sock.sendto(f"{number} {line}".encode(), address)
+        try:
+            sock.recvfrom(65535)
+        except TimeoutError:
+            pass
+    return len(lines)
+
+
+def takes_any_ack(sock, address, lines, timeout=0.2):
+    """Retransmits, but takes any ACK - a late one of an earlier line too - for the current one."""
+    sock.settimeout(timeout)
+    sends = 0
+    for number, line in enumerate(lines):
+        while True:
+            sock.sendto(f"{number} {line}".encode(), address)
+            sends += 1
+            try:
+                sock.recvfrom(65535)
+                break
+            except TimeoutError:
+                pass
+    return sends
+
+
+def miscounts(notebook_namespace):
+    """Sends correctly, but returns the number of lines, not of datagrams sent."""
+    def send(sock, address, lines, timeout=0.2):
+        notebook_namespace["send_reliably"](sock, address, lines, timeout)
+        return len(lines)
+    return send
+
+
+def test_exercise2_rejects_a_sender_that_never_sends_again(notebook_namespace):
+    with pytest.raises(AssertionError):
+        notebook_namespace["check_exercise2"](never_sends_again)
+
+
+def test_exercise2_rejects_a_sender_fooled_by_a_late_ack(notebook_namespace):
+    with pytest.raises(AssertionError, match="late|old ACK"):
+        notebook_namespace["check_exercise2"](takes_any_ack)
+
+
+def test_exercise2_rejects_a_wrong_count_of_sends(notebook_namespace):
+    with pytest.raises(AssertionError, match="sendto was called"):
+        notebook_namespace["check_exercise2"](miscounts(notebook_namespace))
+
+
+# --- Exercise 3: reading an acknowledgement ---------------------------------------------------
+
+WRONG_READERS = {
+    "a constant": lambda cumulative, bitmap: [1, 2],
+    "bit i as cumulative + 1 + i": lambda cumulative, bitmap: list(range(1, cumulative + 1)) + [
+        cumulative + 1 + bit for bit in range(32) if bitmap >> bit & 1],
+    "the cumulative number only": lambda cumulative, bitmap: list(range(1, cumulative + 1)),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_READERS, ids=list(WRONG_READERS))
+def test_exercise3_rejects_a_wrong_reading(notebook_namespace, wrong):
+    with pytest.raises(AssertionError):
+        notebook_namespace["check_exercise3"](WRONG_READERS[wrong])
+
+
+# --- Exercise 4: the nearest-rank percentile -------------------------------------------------
+
+def finite(values):
+    return [float("inf") if value is None else value for value in values]
+
+
+WRONG_PERCENTILES = {
+    "a constant": lambda values, q: 66.12,
+    "the largest": lambda values, q: max(finite(values)),
+    "the mean": lambda values, q: sum(finite(values)) / len(values),
+    "one rank too high": lambda values, q: sorted(finite(values))[min(int(q / 100 * len(values)), len(values) - 1)],
+    "lost lines left out": lambda values, q: sorted(v for v in values if v is not None)[
+        max(-(-q * sum(v is not None for v in values) // 100) - 1, 0)] if any(v is not None for v in values) else 0,
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_PERCENTILES, ids=list(WRONG_PERCENTILES))
+def test_exercise4_rejects_a_wrong_percentile(notebook_namespace, wrong):
+    random.seed(4)  # the check draws random data: make a failure repeat
+    with pytest.raises((AssertionError, IndexError, ValueError)):
+        notebook_namespace["check_exercise4"](WRONG_PERCENTILES[wrong])
+
+
+# --- Exercise 5: the XOR key from one captured JOIN ------------------------------------------
+
+def seven_bytes_of_stream(notebook_namespace):
+    """Returns the whole known key stream: right only for 7-byte keys."""
+    ns = notebook_namespace
+    return lambda datagram: bytes(a ^ b for a, b in zip(datagram[ns["HEADER_SIZE"]:], ns["pack_fields"]("lobby")))
+
+
+def test_exercise5_rejects_the_default_key(notebook_namespace):
+    with pytest.raises(AssertionError):
+        notebook_namespace["check_exercise5"](lambda datagram: b"II2120")
+
+
+def test_exercise5_rejects_the_stream_taken_for_the_key(notebook_namespace):
+    with pytest.raises(AssertionError, match="not the key"):
+        notebook_namespace["check_exercise5"](seven_bytes_of_stream(notebook_namespace))
+
+
+def test_exercise5_rejects_no_answer(notebook_namespace):
+    with pytest.raises(AssertionError):
+        notebook_namespace["check_exercise5"](lambda datagram: None)
