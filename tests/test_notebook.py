@@ -121,7 +121,7 @@ def test_notebook_runs_in_a_fresh_kernel_and_leaves_nothing_running():
     results = ["".join(output_texts(cell)) for cell in checks]
     assert [f"Exercise {number}: correct" in result for number, result in enumerate(results, 1)] == [True] * SECTIONS
     fresh = [cell for cell in notebook.cells[1:-1]]
-    for saved, new in zip(committed.cells, fresh):
+    for saved, new in zip(committed.cells, fresh, strict=True):
         if "same-every-run" in tags(saved):
             # (a stream's text may come in one output or several, as the kernel flushed it)
             assert "".join(output_texts(new)) == "".join(output_texts(saved)), \

@@ -81,7 +81,8 @@ def serve(port):
 WRONG_SERVERS = {
     "answers a constant": SERVER.replace("HOST", '"0.0.0.0"').replace("REPLY", 'sock.sendto(b"PONG", sender)'),
     "echoes without capitals": SERVER.replace("HOST", '"0.0.0.0"').replace("REPLY", "sock.sendto(data, sender)"),
-    "bound to loopback only": SERVER.replace("HOST", '"127.0.0.1"').replace("REPLY", "sock.sendto(data.upper(), sender)"),
+    "bound to loopback only": SERVER.replace("HOST", '"127.0.0.1"').replace(
+        "REPLY", "sock.sendto(data.upper(), sender)"),
     "answers from another socket": SERVER.replace("HOST", '"0.0.0.0"').replace(
         "REPLY", "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(data.upper(), sender)"),
 }
@@ -195,7 +196,8 @@ def test_exercise4_rejects_a_wrong_percentile(notebook_namespace, wrong):
 def seven_bytes_of_stream(notebook_namespace):
     """Returns the whole known key stream: right only for 7-byte keys."""
     ns = notebook_namespace
-    return lambda datagram: bytes(a ^ b for a, b in zip(datagram[ns["HEADER_SIZE"]:], ns["pack_fields"]("lobby")))
+    known = ns["pack_fields"]("lobby")
+    return lambda datagram: bytes(a ^ b for a, b in zip(datagram[ns["HEADER_SIZE"]:][:len(known)], known, strict=True))
 
 
 def test_exercise5_rejects_the_default_key(notebook_namespace):
