@@ -213,3 +213,65 @@ def test_exercise5_rejects_the_stream_taken_for_the_key(notebook_namespace):
 def test_exercise5_rejects_no_answer(notebook_namespace):
     with pytest.raises(AssertionError):
         notebook_namespace["check_exercise5"](lambda datagram: None)
+
+
+# --- What each section shows (the notebook's former per-section test cells) -----------------
+# The prose states these facts next to the outputs that show them; these tests keep them true.
+
+
+def test_section1_a_socket_is_bound_by_its_first_sendto(notebook_namespace):
+    socket = notebook_namespace["socket"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(5)
+        assert client.getsockname() == ("0.0.0.0", 0)
+        client.sendto(b"", receiver.getsockname())  # an empty datagram is a datagram too
+        ip, port = client.getsockname()
+        assert ip == "0.0.0.0" and port > 0
+        assert receiver.recvfrom(65535) == (b"", ("127.0.0.1", port))
+    config = notebook_namespace["ServerConfig"]()
+    assert (config.host, config.port) == ("0.0.0.0", 9999)  # all interfaces, a fixed port
+
+
+def test_section2_loss_is_seeded_and_stop_and_wait_pays_for_it(notebook_namespace):
+    ns = notebook_namespace
+    assert 60 * 0.55 < len(ns["received"]) < 60 * 0.9  # about 30% lost, not every one
+    results = ns["results"]  # (sends per line, seconds) at 0, 10, 20 and 30% loss
+    assert results[0][0] == 1.0
+    assert results[-1][0] > 1.4 and results[-1][1] > results[0][1]
+
+
+def test_section3_selective_repeat_resends_only_the_hole(notebook_namespace):
+    ns = notebook_namespace
+    assert (ns["cumulative"], ns["bitmap"]) == (1, 0b111111)
+    assert ns["resent"] == [2]
+    assert 0 in ns["receiver_window"]  # a window of 3 in a space of 4 numbers is ambiguous
+    for window in (1, 4):
+        busy, elapsed = ns["measured_utilisation"](window)
+        assert abs(busy / elapsed - ns["utilisation"](window)) < 0.01
+
+
+def test_section4_the_committed_data_says_what_the_prose_says(notebook_namespace):
+    ns = notebook_namespace
+    chat = {row["loss_percent"]: row for row in ns["LOSSY"]["chat"]}
+    assert all(run["p50"] < chat[0]["ours"]["p50"] for run in chat[0]["tcp"])  # TCP faster at 0%
+    assert all(chat[20]["ours"]["p99"] < run["p99"] for run in chat[20]["tcp"])  # ours steadier at 20%
+    bulk = {(run["loss"], run["proto"]): run for run in ns["LOSSY"]["bulk"]}
+    assert bulk[0, "tcp"]["mb_per_s"] > 10 * bulk[0, "ours"]["mb_per_s"]
+    tcp_at_20 = sorted(run["seconds"] for run in ns["LOSSY"]["bulk"] if (run["loss"], run["proto"]) == (20, "tcp"))
+    assert bulk[20, "ours"]["seconds"] < tcp_at_20[len(tcp_at_20) // 2]
+    assert ns["new_after_timeouts"](False) == 1 and ns["new_after_timeouts"](True) == 0
+    estimator = ns["RtoEstimator"]()
+    for _ in range(20):
+        estimator.observe(0.0002)
+    assert estimator.rto == pytest.approx(0.01)  # RFC 6298's 1 s minimum, replaced by 10 ms
+
+
+def test_section5_the_capture_gives_everything_away(notebook_namespace):
+    ns = notebook_namespace
+    assert ns["stolen_key"] == b"II2120"
+    assert len(ns["shifts"]) == 1  # the checksum names the one Caesar shift
+    assert ns["refused"].type.name == "ERROR" and "stale-cookie" in ns["unpack_fields"](ns["refused"].payload)
+    assert ns["welcomed"].type.name == "OK"  # a stolen password is enough
+    assert not ns["tap"].thread.is_alive()
