@@ -9,6 +9,7 @@ ACK for the current one, a hard-coded key, a server bound to one interface.
 """
 
 import linecache
+import math
 import os
 import random
 from pathlib import Path
@@ -170,6 +171,11 @@ def test_exercise3_rejects_a_wrong_reading(notebook_namespace, wrong):
 
 # --- Exercise 4: the nearest-rank percentile -------------------------------------------------
 
+def nearest_rank(values, q):
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
+
 def finite(values):
     return [float("inf") if value is None else value for value in values]
 
@@ -179,8 +185,7 @@ WRONG_PERCENTILES = {
     "the largest": lambda values, q: max(finite(values)),
     "the mean": lambda values, q: sum(finite(values)) / len(values),
     "one rank too high": lambda values, q: sorted(finite(values))[min(int(q / 100 * len(values)), len(values) - 1)],
-    "lost lines left out": lambda values, q: sorted(v for v in values if v is not None)[
-        max(-(-q * sum(v is not None for v in values) // 100) - 1, 0)] if any(v is not None for v in values) else 0,
+    "lost lines left out": lambda values, q: nearest_rank([value for value in values if value is not None] or [0], q),
 }
 
 
