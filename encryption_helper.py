@@ -40,7 +40,8 @@ any text survives the trip and nothing needs escaping: a SAY of "hi :)" ends in
 receiver whose key differs from the sender's gets another CRC and can say so, instead of
 printing garbage; and it runs over the payload first, the header after, so a message to
 a whole room is checksummed once, not once per member (only the header differs).
-docs/PROTOCOL.md gives every packet type, its fields and its answers.
+docs/PROTOCOL.md gives every packet type, its fields and its answers; docs/RELIABILITY.md
+the channel's constants and why they have their values.
 """
 
 import argparse
@@ -118,7 +119,7 @@ def make_cipher(name: str, key: str | None = None):
     if name == "xor":
         return XorCipher(key.encode("utf-8"))
     if name == "caesar":
-        if not key.strip().isdigit():
+        if not whole_number(key.strip()):
             raise ValueError(f"the caesar key must be a whole number from 1 to 255, not {key!r}")
         return CaesarCipher(int(key))
     if name == "none":
@@ -135,8 +136,7 @@ HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
 # "UDP Chat": a datagram that does not start with these two bytes is not ours.
 MAGIC = b"UC"
-# 2: every header carries a selective acknowledgement; replies name their request.
-# 3: FIND, a client's search for servers. 4: files, on a second stream (FLAG_FILE_STREAM).
+# 4: files travel on a second stream (FLAG_FILE_STREAM); docs/PROTOCOL.md has the history.
 VERSION = 4
 # 1200 bytes fits the smallest path MTU seen in practice (IPv6 guarantees 1280, minus its
 # headers), so a datagram is never split into IP fragments; QUIC chose the same.
@@ -152,7 +152,6 @@ LOBBY = "lobby"
 # (ip, port): who sent a datagram, where to send one.
 Address = tuple[str, int]
 NO_TOKEN = bytes(8)
-FIELD_LENGTH = struct.Struct("!H")
 # Set on a packet sent again, so that a trace can mark it; a receiver ignores it.
 FLAG_RETRANSMIT = 0x0001
 # Set on every packet of a session's second reliable channel, the file stream, ACKs too.
@@ -248,8 +247,7 @@ def prepare_body(payload: bytes, cipher) -> Body:
 
 def encode_packet(packet: Packet, cipher, body: Body | None = None) -> bytes:
     """Return the datagram for `packet`; `body` may carry its payload already prepared."""
-    if body is None:
-        body = prepare_body(packet.payload, cipher)
+    body = body or prepare_body(packet.payload, cipher)
     header = HEADER.pack(MAGIC, VERSION, packet.type, packet.flags, len(body.plain),
                          packet.seq, packet.ack, packet.sack, packet.token, 0)
     # The payload's CRC, continued over the header with its CRC field zero.
@@ -279,42 +277,33 @@ def decode_packet(data: bytes, cipher) -> Packet:
     return Packet(PACKET_TYPES[ptype], seq, ack, sack, token, flags, payload)
 
 
-def peek_type_name(data: bytes) -> str:
-    """Return the packet type named in a datagram's header, even if the rest is bad."""
-    if len(data) < 4 or data[:2] != MAGIC:
-        return "?"
-    return PACKET_TYPES[data[3]].name if data[3] in PACKET_TYPES else f"type {data[3]}"
-
-
 def describe_datagram(data: bytes) -> str:
     """Return a datagram's header in words, for traces: type, seq, ack, size."""
     if len(data) < HEADER_SIZE or data[:2] != MAGIC:
         return f"? {len(data)} B"
-    _, _, _, flags, _, seq, ack, sack, _, _ = HEADER.unpack_from(data)
+    _, _, ptype, flags, _, seq, ack, sack, _, _ = HEADER.unpack_from(data)
+    name = PACKET_TYPES[ptype].name if ptype in PACKET_TYPES else f"type {ptype}"
     stream = " [file stream]" if flags & FLAG_FILE_STREAM else ""
     sack_text = f" sack={sack:#b}" if sack else ""
     retransmit = " retransmitted" if flags & FLAG_RETRANSMIT else ""
-    header = f"{peek_type_name(data)}{stream} seq={seq} ack={ack}{sack_text}"
-    return f"{header} {len(data)} B{retransmit}"
+    return f"{name}{stream} seq={seq} ack={ack}{sack_text} {len(data)} B{retransmit}"
 
 
 def pack_fields(*fields: str) -> bytes:
     """Return the fields as one payload: each a 2-byte length, then its UTF-8 bytes."""
     encoded = [field.encode("utf-8") for field in fields]
-    return b"".join(FIELD_LENGTH.pack(len(data)) + data for data in encoded)
+    return b"".join(len(data).to_bytes(2, "big") + data for data in encoded)
 
 
 def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
     """Return the text fields in `payload`; exactly `count` of them unless count is None."""
     fields, offset = [], 0
     while offset < len(payload):
-        if offset + FIELD_LENGTH.size > len(payload):
-            raise PacketError("payload ends inside a field's length")
-        (length,) = FIELD_LENGTH.unpack_from(payload, offset)
-        start = offset + FIELD_LENGTH.size
-        offset = start + length
+        start = offset + 2
+        offset = start + int.from_bytes(payload[offset:start], "big")
+        # Also when the payload ends inside a length: its field starts past the end.
         if offset > len(payload):
-            raise PacketError(f"field of {length} bytes runs past the end of the payload")
+            raise PacketError("a field runs past the end of the payload")
         fields.append(payload[start:offset])
     if count is not None and len(fields) != count:
         raise PacketError(f"expected {count} fields, got {len(fields)}")
@@ -332,14 +321,9 @@ def oversize_text(text: str) -> str:
     return f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent."
 
 
-def describe_address(address: Address) -> str:
-    """Return an address as a user types it: ip:port."""
-    return f"{address[0]}:{address[1]}"
-
-
 # A FILE_CHUNK's payload is binary, not text fields: the transfer's number and the offset
-# of the data in the file, 8 bytes each, then up to CHUNK_SIZE bytes of the file (a file
-# of 2.1 MB is about 1,900 chunks). It is scrambled and checksummed like any payload.
+# of the data in the file, 8 bytes each, then up to CHUNK_SIZE bytes of the file. It is
+# scrambled and checksummed like any payload.
 FILE_CHUNK_HEAD = struct.Struct("!QQ")
 CHUNK_SIZE = MAX_PAYLOAD - FILE_CHUNK_HEAD.size
 # The EVENTs about files carry fields after the text: "file" [..., id, name, size, SHA-256]
@@ -364,8 +348,7 @@ def pack_chunk(transfer: int, offset: int, data: bytes) -> bytes:
 def unpack_chunk(payload: bytes) -> tuple[int, int, bytes]:
     """Return (transfer id, offset, data) from a FILE_CHUNK's payload."""
     if len(payload) < FILE_CHUNK_HEAD.size:
-        raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes, "
-                          f"not {len(payload)}")
+        raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes")
     transfer, offset = FILE_CHUNK_HEAD.unpack_from(payload)
     return transfer, offset, payload[FILE_CHUNK_HEAD.size:]
 
@@ -403,11 +386,10 @@ class RtoEstimator:
     ALPHA, BETA, INITIAL = 1 / 8, 1 / 4, 1.0
     # RFC 6298 asks for a floor of 1 s, for the Internet. Here the peer's ACK delay is added
     # where it applies (`peer_ack_delay`, as QUIC adds max_ack_delay), so the floor only
-    # keeps a timer from racing a LAN round trip (well under 10 ms). Where the clock is
-    # coarse (Windows ticks every 15.6 ms), timers fire late, never early.
+    # keeps a timer from racing a LAN round trip (well under 10 ms).
     FLOOR = 0.01
-    # TCP doubles the wait; KCP's 1.5 recovers sooner from random loss. RFC 6298 allows a
-    # ceiling of 60 s; on a LAN 2 s is a hundred round trips.
+    # TCP doubles the wait; KCP's 1.5 recovers sooner from random loss. On a LAN 2 s is a
+    # hundred round trips.
     BACKOFF, CEILING = 1.5, 2.0
     # The least room kept for variation (QUIC's kGranularity); the least gap_timeout.
     GRANULARITY, GAP_FLOOR = 0.001, 0.002
@@ -498,8 +480,7 @@ class Channel:
 
     # At most 32 in flight (the bitmap speaks for 32 beyond a gap), 1000 waiting behind them.
     WINDOW, MAX_QUEUE = 32, 1000
-    # No ACK for 20 sends of one packet: the peer is gone. At 30% loss each way one send in
-    # two fails, and all of 20 once in a million.
+    # No ACK for 20 sends of one packet: the peer is gone.
     MAX_SENDS = 20
     # Overtaken by 2 packets, one is lost, not late (KCP's "fastresend 2"). After a run of
     # timeouts, still probe with two packets at once.
@@ -518,12 +499,12 @@ class Channel:
         # Sending. The retransmission queue is kept by number, oldest first, as dicts keep
         # their order. highest_sacked, the highest number the peer has beyond a gap, tells
         # random loss from a burst.
-        self.next_seq, self.transmissions, self.failed = first_seq, 0, False
+        self.next_seq, self.failed = first_seq, False
         self.in_flight: dict[int, InFlight] = {}
         self.waiting: collections.deque[InFlight] = collections.deque()
         self.congestion_window, self.highest_sacked = window, 0
-        # The earliest timer in flight, or earlier (a packet acknowledged since): poll()
-        # looks at the timers only then, so a busy server does not scan them per datagram.
+        # The earliest timer in flight, or earlier (a packet acknowledged since), so that
+        # next_wakeup() need not scan the timers: a server asks it of every session.
         self.timer_at = float("inf")
         # Receiving: the next number to deliver, those arrived early, and how many arrived
         # since our last acknowledgement, which must leave by ack_due.
@@ -545,7 +526,7 @@ class Channel:
 
     def delivered(self, seq: int) -> bool:
         """Has the peer acknowledged packet number `seq` (a number send() returned)?"""
-        return seq < self._base()
+        return seq < next(iter(self.in_flight), self.next_seq)
 
     def buffered_bytes(self) -> int:
         """Return the payload bytes held here: in flight, waiting, or held for a gap."""
@@ -554,46 +535,36 @@ class Channel:
 
     def poll(self, now: float) -> list[bytes]:
         """Return the datagrams to send now: retransmissions, new packets, or a bare ACK."""
-        if self.failed:
+        due = self._expired(now) if self.timer_at <= now and not self.failed else []
+        if self.failed or any(entry.sends >= self.max_sends for _, entry in due):
+            self.failed = True
             return []
-        timers_ran = self.timer_at <= now
-        expired = self._expired(now) if timers_ran else []
-        out = [self._transmit(seq, entry, now) for seq, entry in expired]
-        if self.failed:
-            return []
+        out = [self._transmit(seq, entry, now) for seq, entry in due]
         while self._has_room():
             self.in_flight[self.next_seq] = entry = self.waiting.popleft()
             out.append(self._transmit(self.next_seq, entry, now))
             self.next_seq += 1
         if self.ack_due <= now and not out:
-            cumulative, bitmap = self.acknowledgement()
-            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token, self.flags)
+            ack = Packet(PacketType.ACK, 0, *self.acknowledgement(), self.token, self.flags)
             out.append(encode_packet(ack, self.cipher))
             self.stats["bare acks"] += 1
         # Every datagram carries the acknowledgement: none is owed any more.
         if out:
             self.unacked, self.ack_due = 0, float("inf")
-        if out or timers_ran:
-            deadlines = (entry.deadline for entry in self.in_flight.values())
-            self.timer_at = min(deadlines, default=float("inf"))
+        self.timer_at = min((entry.deadline for entry in self.in_flight.values()),
+                            default=float("inf"))
         return out
 
     def next_wakeup(self) -> float:
         """Return the time poll() next has work to do (inf: nothing until a packet comes)."""
         if self.failed:
             return float("inf")
-        if self._has_room():
-            return 0.0
-        return min(self.timer_at, self.ack_due)
+        return 0.0 if self._has_room() else min(self.timer_at, self.ack_due)
 
     def _has_room(self) -> bool:
         """May a waiting packet go now? Both windows must have room for it."""
-        limit = self._base() + min(self.window, self.congestion_window)
+        limit = next(iter(self.in_flight), self.next_seq) + min(self.window, self.congestion_window)
         return bool(self.waiting) and self.next_seq < limit
-
-    def _base(self) -> int:
-        """Return the oldest unacknowledged number (the window's left edge)."""
-        return next(iter(self.in_flight), self.next_seq)
 
     def _expired(self, now: float) -> list[tuple[int, InFlight]]:
         """Return the packets whose timers fired; halve the congestion window if congested."""
@@ -610,41 +581,33 @@ class Channel:
             self.congestion_window = max(self.MIN_CONGESTION_WINDOW, self.congestion_window // 2)
         return due
 
-    def _transmit(self, seq: int, entry: InFlight, now: float) -> bytes | None:
-        """Return the datagram for packet `seq` and start its timer; None if we give up."""
-        if entry.sends >= self.max_sends:
-            self.failed = True
-            return None
-        self.stats["retransmitted" if entry.sends else "sent"] += 1
-        flags = self.flags | (FLAG_RETRANSMIT if entry.sends else 0)
+    def _transmit(self, seq: int, entry: InFlight, now: float) -> bytes:
+        """Return the datagram for packet `seq` and start its timer."""
+        again = entry.sends > 0
+        self.stats["retransmitted" if again else "sent"] += 1
         entry.sends += 1
-        self.transmissions += 1
-        entry.order, entry.sent_at = self.transmissions, now
-        missing = entry.sends > 1 and seq < self.highest_sacked
-        wait = self.rto.gap_timeout if missing else self.rto.timeout
+        entry.order, entry.sent_at = self.stats["sent"] + self.stats["retransmitted"], now
+        # The peer acknowledges at once what fills a gap: no room for a delayed ACK then.
+        wait = self.rto.gap_timeout if again and seq < self.highest_sacked else self.rto.timeout
         entry.deadline = now + wait(entry.timeouts)
-        cumulative, bitmap = self.acknowledgement()
-        packet = Packet(entry.ptype, seq, cumulative, bitmap, self.token, flags)
+        flags = self.flags | (FLAG_RETRANSMIT if again else 0)
+        packet = Packet(entry.ptype, seq, *self.acknowledgement(), self.token, flags)
         return encode_packet(packet, self.cipher, entry.body)
 
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
         """Forget what the peer confirmed, and open the congestion window by as many."""
-        done = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
-        if not done:
-            return
-        orders = []
-        for seq in done:
-            entry = self.in_flight.pop(seq)
-            orders.append(entry.order)
+        confirmed = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
+        done = [self.in_flight.pop(seq) for seq in confirmed]
+        for entry in done:
             # Karn's rule: only a packet sent once gives an unambiguous round trip.
             if entry.sends == 1:
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
         if not self.in_flight:
             self.timer_at = float("inf")
-        if bitmap:
+        if bitmap and done:
             self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
-            self._count_overtaking(sorted(orders), now)
+            self._count_overtaking(sorted(entry.order for entry in done), now)
 
     def _count_overtaking(self, orders: list[int], now: float) -> None:
         """Count, for each packet the peer lacks, the confirmed packets sent after it.
@@ -685,15 +648,13 @@ class Channel:
             self.expected += 1
         self.unacked += 1
         # A gap opened or filled, or enough have come: the peer is told at once.
-        gap = len(ready) != 1 or self.held
-        at_once = gap or self.unacked >= self.ack_every
+        at_once = len(ready) != 1 or self.held or self.unacked >= self.ack_every
         self.ack_due = now if at_once else min(self.ack_due, now + self.ack_delay)
         return ("in order" if ready else "held: a gap before it"), ready
 
     def acknowledgement(self) -> tuple[int, int]:
         """Return (cumulative, bitmap): what to tell the peer we have."""
-        cumulative = self.expected - 1
-        return cumulative, sack_bitmap(cumulative, self.held)
+        return self.expected - 1, sack_bitmap(self.expected - 1, self.held)
 
 
 # === 4. Lab tools: a lossy socket, the shared options ============================
