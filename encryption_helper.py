@@ -1,16 +1,14 @@
 """What the chat server and client must agree on, byte for byte, defined once.
 
-Both `server.py` and `client.py` import this module, and the project allows no other:
-so the wire is defined here, once. Its sections, in reading order:
+Both `server.py` and `client.py` import this module, and the project allows no other
+module: so the wire lives here, once, in four sections: 1. toy ciphers - XOR and Caesar,
+TEACHING TOYS that hide text from a glance at a packet capture and nothing more (real
+systems use TLS or DTLS); 2. the packet format; 3. the reliable channel, which opens no
+socket and reads no clock; 4. lab tools: a socket that loses datagrams on purpose.
 
-1. Toy ciphers - XOR and Caesar, TEACHING TOYS: they hide text from a glance at a packet
-   capture and nothing more (real systems use TLS or DTLS).
-2. The packet format - one packet per UDP datagram: a 32-byte header packed with `struct`
-   in network byte order (big-endian), then the payload. Only the payload is scrambled;
-   the header stays readable, as IP and UDP headers do.
-3. The reliable channel - it opens no socket and reads no clock: fed packets and the
-   time, it says what to send and when it next wants to be woken.
-4. Lab tools - a socket that loses datagrams on purpose; the options both scripts share.
+One packet per UDP datagram: a 32-byte header packed with `struct` in network byte order
+(big-endian), then the payload. Only the payload is scrambled; the header stays readable,
+as IP and UDP headers do.
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -34,19 +32,15 @@ so the wire is defined here, once. Its sections, in reading order:
     |        payload: length-prefixed fields, scrambled ...         |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 
-The payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so
-any text survives the trip and nothing needs escaping: a SAY of "hi :)" ends in
-`00 05 68 69 20 3a 29`. The checksum covers the payload *before* scrambling, so a
-receiver whose key differs from the sender's gets another CRC and can say so, instead of
-printing garbage; and it runs over the payload first, the header after, so a message to
-a whole room is checksummed once, not once per member (only the header differs).
-docs/PROTOCOL.md gives every packet type, its fields and its answers; docs/RELIABILITY.md
-the channel's constants and why they have their values.
+The payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so any
+text survives and nothing needs escaping: a SAY of "hi :)" ends in `00 05 68 69 20 3a 29`.
+The CRC covers the payload before scrambling, so a wrong key shows as a bad checksum, not as
+garbage; payload first, so a message to a room is checksummed once, not once per member.
+docs/PROTOCOL.md gives every packet type and its answers; docs/RELIABILITY.md the channel.
 """
 
 import argparse
 import binascii
-import bisect
 import collections
 import dataclasses
 import enum
@@ -56,15 +50,6 @@ import struct
 import typing
 
 # === 1. Toy ciphers ===============================================================
-
-
-class NoCipher:
-    """Sends the payload as it is: handy for reading packet captures."""
-
-    def encrypt(self, data: bytes) -> bytes:
-        return data
-
-    decrypt = encrypt
 
 
 class XorCipher:
@@ -90,12 +75,11 @@ class XorCipher:
 class CaesarCipher:
     """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts.
 
-    Byte b becomes (b + shift) mod 256, by a translation table: one C-level call.
+    Byte b becomes (b + shift) mod 256, by a translation table: one C-level call. A shift
+    of 0 is cipher "none": the payload as it is, handy for reading packet captures.
     """
 
     def __init__(self, shift: int):
-        if not 1 <= shift <= 255:
-            raise ValueError("the caesar key must be a whole number from 1 to 255")
         self.forward = bytes((b + shift) % 256 for b in range(256))
         self.backward = bytes((b - shift) % 256 for b in range(256))
 
@@ -119,11 +103,11 @@ def make_cipher(name: str, key: str | None = None):
     if name == "xor":
         return XorCipher(key.encode("utf-8"))
     if name == "caesar":
-        if not whole_number(key.strip()):
+        if not (whole_number(key.strip()) and 1 <= int(key) <= 255):
             raise ValueError(f"the caesar key must be a whole number from 1 to 255, not {key!r}")
         return CaesarCipher(int(key))
     if name == "none":
-        return NoCipher()
+        return CaesarCipher(0)
     raise ValueError(f"unknown cipher {name!r}; choose one of {', '.join(CIPHER_NAMES)}")
 
 
@@ -136,14 +120,12 @@ HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
 # "UDP Chat": a datagram that does not start with these two bytes is not ours.
 MAGIC = b"UC"
-# 4: files travel on a second stream (FLAG_FILE_STREAM); docs/PROTOCOL.md has the history.
 VERSION = 4
-# 1200 bytes fits the smallest path MTU seen in practice (IPv6 guarantees 1280, minus its
-# headers), so a datagram is never split into IP fragments; QUIC chose the same.
+# 1200 bytes is never split into IP fragments (IPv6 guarantees 1280); QUIC chose the same.
 MAX_DATAGRAM = 1200
 MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
-# recvfrom() must be given room for the largest UDP datagram: on Windows a smaller buffer
-# raises WinError 10040, on Linux the datagram is silently cut.
+# recvfrom() needs room for the largest UDP datagram: on Windows a smaller buffer raises
+# WinError 10040, on Linux the datagram is silently cut.
 RECV_BUFFER = 65535
 # A message's text, in UTF-8 bytes: room is left for the other fields of its EVENT.
 MAX_TEXT_BYTES = 1000
@@ -154,9 +136,8 @@ Address = tuple[str, int]
 NO_TOKEN = bytes(8)
 # Set on a packet sent again, so that a trace can mark it; a receiver ignores it.
 FLAG_RETRANSMIT = 0x0001
-# Set on every packet of a session's second reliable channel, the file stream, ACKs too.
-# Its numbers and timers are its own, so a chat line never waits behind a lost file chunk
-# (no head-of-line blocking, as QUIC's streams avoid it).
+# On every packet of a session's second channel, the file stream, ACKs too: its numbers and
+# timers are its own, so a chat line never waits behind a lost file chunk.
 FLAG_FILE_STREAM = 0x0002
 # A HELLO or FIND may come from a forged source address. Padded to this size, it is never
 # smaller than the server's answer, so nobody can use the server as an amplifier.
@@ -168,33 +149,19 @@ class PacketType(enum.IntEnum):
 
     # The handshake, before a session: HELLO [padding] -> OK [re, cookie]; REGISTER and
     # LOGIN [cookie, username, password]; LOGIN's OK carries the session token.
-    HELLO = 1
-    REGISTER = 2
-    LOGIN = 3
+    HELLO, REGISTER, LOGIN = 1, 2, 3
     # A member's requests: JOIN [room, password], SAY [text], PRIVATE [user, text],
     # ROOMS [] and WHO [] (lists), PING [] (the heartbeat), BYE [] (the session ends).
-    JOIN = 4
-    SAY = 5
-    PRIVATE = 6
-    ROOMS = 7
-    WHO = 8
-    PING = 9
-    BYE = 10
-    # Either way: nothing but the acknowledgement fields of the header.
-    ACK = 11
-    # "Which chat servers are here?", often broadcast -> OK [re, name, port, online].
-    FIND = 12
+    JOIN, SAY, PRIVATE, ROOMS, WHO, PING, BYE = 4, 5, 6, 7, 8, 9, 10
+    # ACK: nothing but the acknowledgement fields. FIND, often broadcast: "which chat
+    # servers are here?" -> OK [re, name, port, online].
+    ACK, FIND = 11, 12
     # FILE_OFFER [to ('': the room), name, size, SHA-256 hex] -> OK [re, transfer id];
     # FILE_CHUNK, on the file stream, is binary (FILE_CHUNK_HEAD); FILE_CANCEL [id].
-    FILE_OFFER = 13
-    FILE_CHUNK = 14
-    FILE_CANCEL = 15
+    FILE_OFFER, FILE_CHUNK, FILE_CANCEL = 13, 14, 15
     # Only a server sends these: OK [re, ...], ERROR [re, code, text], EVENT [kind, time,
     # room, user, text, ...], RESET [] ("I have no session for you", like TCP's RST).
-    OK = 20
-    ERROR = 21
-    EVENT = 22
-    RESET = 23
+    OK, ERROR, EVENT, RESET = 20, 21, 22, 23
 
 
 PACKET_TYPES = {member.value: member for member in PacketType}
@@ -269,8 +236,7 @@ def decode_packet(data: bytes, cipher) -> Packet:
     if length != len(data) - HEADER_SIZE:
         raise PacketError(f"length field says {length}, datagram holds {len(data) - HEADER_SIZE}")
     payload = cipher.decrypt(data[HEADER_SIZE:])
-    zeroed_header = data[: HEADER_SIZE - 4] + bytes(4)
-    if binascii.crc32(zeroed_header, binascii.crc32(payload)) != crc:
+    if binascii.crc32(data[:HEADER_SIZE - 4] + bytes(4), binascii.crc32(payload)) != crc:
         raise ChecksumError("bad checksum: damaged on the way, or the ends use different keys")
     if ptype not in PACKET_TYPES:
         raise PacketError(f"unknown packet type {ptype}")
@@ -322,14 +288,10 @@ def oversize_text(text: str) -> str:
 
 
 # A FILE_CHUNK's payload is binary, not text fields: the transfer's number and the offset
-# of the data in the file, 8 bytes each, then up to CHUNK_SIZE bytes of the file. It is
-# scrambled and checksummed like any payload.
+# of the data in the file, 8 bytes each, then up to CHUNK_SIZE bytes of the file.
 FILE_CHUNK_HEAD = struct.Struct("!QQ")
 CHUNK_SIZE = MAX_PAYLOAD - FILE_CHUNK_HEAD.size
-# The EVENTs about files carry fields after the text: "file" [..., id, name, size, SHA-256]
-# offers a file; "file-done" [..., id] tells the sender that `user` has every byte;
-# "file-declined" [..., id] that `user` cancelled or left; "file-cancelled" [..., id]
-# that the transfer ended for everyone (the text says why).
+# The EVENTs about files carry fields after the text (docs/PROTOCOL.md, section 7).
 FILE_EVENTS = ("file", "file-done", "file-declined", "file-cancelled")
 MB = 1 << 20
 # Most file systems' limit on one name, and a SHA-256 as a FILE_OFFER carries it.
@@ -377,20 +339,17 @@ class RtoEstimator:
     """How long to wait for an acknowledgement before sending again (RFC 6298).
 
     Each round trip measured updates a smoothed average (SRTT) and mean deviation
-    (RTTVAR); the timeout is SRTT + 4 * RTTVAR, long enough that a late answer is rarely
-    taken for a lost one. Each timeout of a packet multiplies its next wait by BACKOFF, up
-    to CEILING. Karn's rule: a packet sent twice gives no sample (which copy was answered?).
+    (RTTVAR); the timeout is SRTT + 4 RTTVAR, plus the time the peer may hold its ACK back
+    (`peer_ack_delay`, as QUIC adds max_ack_delay). Each timeout of a packet multiplies its
+    next wait by BACKOFF, up to CEILING.
     """
 
     # RFC 6298: the weights of a new sample in SRTT and RTTVAR; the wait before any sample.
     ALPHA, BETA, INITIAL = 1 / 8, 1 / 4, 1.0
-    # RFC 6298 asks for a floor of 1 s, for the Internet. Here the peer's ACK delay is added
-    # where it applies (`peer_ack_delay`, as QUIC adds max_ack_delay), so the floor only
-    # keeps a timer from racing a LAN round trip (well under 10 ms).
-    FLOOR = 0.01
-    # TCP doubles the wait; KCP's 1.5 recovers sooner from random loss. On a LAN 2 s is a
-    # hundred round trips.
-    BACKOFF, CEILING = 1.5, 2.0
+    # RFC 6298's floor is 1 s, for the Internet; here, with the peer's ACK delay added, it
+    # only keeps a timer from racing a LAN round trip. TCP doubles the wait; KCP's 1.5
+    # recovers sooner from random loss. On a LAN 2 s is a hundred round trips.
+    FLOOR, BACKOFF, CEILING = 0.01, 1.5, 2.0
     # The least room kept for variation (QUIC's kGranularity); the least gap_timeout.
     GRANULARITY, GAP_FLOOR = 0.001, 0.002
 
@@ -399,9 +358,8 @@ class RtoEstimator:
         self.floor, self.ceiling, self.peer_ack_delay = floor, ceiling, peer_ack_delay
         self.srtt: float | None = None
         self.rttvar = 0.0
-        self.rto = min(max(initial, floor), ceiling)
-        # SRTT + 4 RTTVAR, without the room for the peer's delayed ACK.
-        self.round_trip_wait = self.rto
+        # The timeout, and SRTT + 4 RTTVAR without the room for the peer's delayed ACK.
+        self.rto = self.round_trip_wait = min(max(initial, floor), ceiling)
 
     def observe(self, rtt: float) -> None:
         """Take one round-trip sample, in seconds, and update the timeout."""
@@ -464,24 +422,16 @@ class InFlight:
 class Channel:
     """A reliable, ordered channel to one peer over UDP: Selective Repeat, both halves.
 
-    `send(type, payload)` queues a packet and returns its number (0: the queue is full);
-    `receive(packet, now)` takes one from the peer and returns what happened to it and the
-    packets now in order; `poll(now)` returns the datagrams to send now; `next_wakeup()`
-    when to poll again. Callers also read `failed` (the peer is gone), `idle()`,
-    `delivered(seq)`, `waiting`, `acknowledgement()` and `stats`. A session has two: the
-    chat's, and the file stream, whose `flags` are FLAG_FILE_STREAM. Stop-and-wait is
-    this class with a window of 1.
-
-        channel = Channel(make_cipher("none"))
-        channel.send(PacketType.SAY, pack_fields("hi"))
-        datagrams = channel.poll(now=0.0)     # what to send now
-        channel.next_wakeup()                 # when to call poll again, at the latest
+    `send()` queues a packet and returns its number (0: the queue is full); `receive()`
+    takes one from the peer and returns what happened to it and the packets now in order;
+    `poll(now)` returns the datagrams to send now, `next_wakeup()` when to poll again.
+    A session has two: the chat's, and the file stream (`flags` FLAG_FILE_STREAM).
+    Stop-and-wait is this class with a window of 1.
     """
 
-    # At most 32 in flight (the bitmap speaks for 32 beyond a gap), 1000 waiting behind them.
-    WINDOW, MAX_QUEUE = 32, 1000
-    # No ACK for 20 sends of one packet: the peer is gone.
-    MAX_SENDS = 20
+    # At most 32 in flight (the bitmap speaks for 32 beyond a gap), 1000 waiting behind them;
+    # no ACK for 20 sends of one packet: the peer is gone.
+    WINDOW, MAX_QUEUE, MAX_SENDS = 32, 1000, 20
     # Overtaken by 2 packets, one is lost, not late (KCP's "fastresend 2"). After a run of
     # timeouts, still probe with two packets at once.
     FAST_RETRANSMIT_AFTER, MIN_CONGESTION_WINDOW = 2, 2
@@ -492,24 +442,20 @@ class Channel:
                  first_seq: int = 1, flags: int = 0):
         if not 1 <= window <= self.WINDOW:
             raise ValueError(f"the window must be from 1 to {self.WINDOW}")
-        self.cipher, self.token, self.flags = cipher, token, flags
+        self.cipher, self.token, self.flags, self.rto = cipher, token, flags, rto or RtoEstimator()
         self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
-        self.rto = rto or RtoEstimator()
         self.ack_delay, self.ack_every = ack_delay, ack_every
         # Sending. The retransmission queue is kept by number, oldest first, as dicts keep
         # their order. highest_sacked, the highest number the peer has beyond a gap, tells
-        # random loss from a burst.
-        self.next_seq, self.failed = first_seq, False
+        # random loss from a burst. timer_at is the earliest timer, or earlier (a packet
+        # acknowledged since): a server asks every session's next_wakeup() each turn.
+        self.next_seq, self.failed, self.timer_at = first_seq, False, float("inf")
         self.in_flight: dict[int, InFlight] = {}
         self.waiting: collections.deque[InFlight] = collections.deque()
         self.congestion_window, self.highest_sacked = window, 0
-        # The earliest timer in flight, or earlier (a packet acknowledged since), so that
-        # next_wakeup() need not scan the timers: a server asks it of every session.
-        self.timer_at = float("inf")
         # Receiving: the next number to deliver, those arrived early, and how many arrived
         # since our last acknowledgement, which must leave by ack_due.
-        self.expected, self.held = 1, {}
-        self.unacked, self.ack_due = 0, float("inf")
+        self.expected, self.held, self.unacked, self.ack_due = 1, {}, 0, float("inf")
         self.stats = collections.Counter()
 
     def send(self, ptype: PacketType, payload: bytes | Body) -> int:
@@ -551,8 +497,8 @@ class Channel:
         # Every datagram carries the acknowledgement: none is owed any more.
         if out:
             self.unacked, self.ack_due = 0, float("inf")
-        self.timer_at = min((entry.deadline for entry in self.in_flight.values()),
-                            default=float("inf"))
+        deadlines = [entry.deadline for entry in self.in_flight.values()]
+        self.timer_at = min(deadlines, default=float("inf"))
         return out
 
     def next_wakeup(self) -> float:
@@ -595,29 +541,25 @@ class Channel:
         return encode_packet(packet, self.cipher, entry.body)
 
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
-        """Forget what the peer confirmed, and open the congestion window by as many."""
-        confirmed = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
-        done = [self.in_flight.pop(seq) for seq in confirmed]
-        for entry in done:
-            # Karn's rule: only a packet sent once gives an unambiguous round trip.
-            if entry.sends == 1:
-                self.rto.observe(now - entry.sent_at)
-        self.congestion_window = min(self.window, self.congestion_window + len(done))
-        if not self.in_flight:
-            self.timer_at = float("inf")
-        if bitmap and done:
-            self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
-            self._count_overtaking(sorted(entry.order for entry in done), now)
-
-    def _count_overtaking(self, orders: list[int], now: float) -> None:
-        """Count, for each packet the peer lacks, the confirmed packets sent after it.
+        """Forget what the peer confirmed; count, for each packet it lacks, those sent later.
 
         Packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty. Overtaken
         FAST_RETRANSMIT_AFTER times, a packet is sent again at the next poll.
         """
+        confirmed = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
+        done = [self.in_flight.pop(seq) for seq in confirmed]
+        # Karn's rule: only a packet sent once gives an unambiguous round trip.
+        for entry in done:
+            if entry.sends == 1:
+                self.rto.observe(now - entry.sent_at)
+        self.congestion_window = min(self.window, self.congestion_window + len(done))
+        self.timer_at = self.timer_at if self.in_flight else float("inf")
+        if not (bitmap and done):
+            return
+        self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
         for entry in self.in_flight.values():
             before = entry.passed
-            entry.passed += len(orders) - bisect.bisect_right(orders, entry.order)
+            entry.passed += sum(other.order > entry.order for other in done)
             if before < self.FAST_RETRANSMIT_AFTER <= entry.passed:
                 entry.deadline = self.timer_at = now
                 self.stats["fast retransmits"] += 1
