@@ -1,42 +1,28 @@
 """What the chat server and client must agree on, byte for byte, defined once.
 
 Both `server.py` and `client.py` import this module, and the project allows no other
-module: so the wire lives here, once, in four sections: 1. toy ciphers - XOR and Caesar,
-TEACHING TOYS that hide text from a glance at a packet capture and nothing more (real
-systems use TLS or DTLS); 2. the packet format; 3. the reliable channel, which opens no
-socket and reads no clock; 4. lab tools: a socket that loses datagrams on purpose.
+module: so the wire lives here, in four sections: 1. toy ciphers; 2. the packet format;
+3. the reliable channel; 4. lab tools. One packet per UDP datagram: a 32-byte header in
+network byte order (big-endian), then the payload, which alone is scrambled (the header
+stays readable, as IP and UDP headers do).
 
-One packet per UDP datagram: a 32-byte header packed with `struct` in network byte order
-(big-endian), then the payload. Only the payload is scrambled; the header stays readable,
-as IP and UDP headers do.
+    bytes  field (docs/PROTOCOL.md draws it)
+    0-1    magic "UC" (0x55 0x43): a datagram that does not start so is not ours
+    2      version (4)
+    3      type (PacketType)
+    4-5    flags (FLAG_...)
+    6-7    payload length
+    8-11   sequence number (0: not on the reliable channel)
+    12-15  acknowledgement: every number up to this one has arrived
+    16-19  selective acknowledgement bitmap: bit i set = number ack + 2 + i arrived
+    20-27  session token
+    28-31  CRC-32 of the plain payload, then of the header with this field zero
+    32-    payload: length-prefixed fields, scrambled
 
-     0                   1                   2                   3
-     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |      magic "UC" (0x5543)      |    version    |     type      |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |             flags             |        payload length         |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |          sequence number (0: not on the reliable channel)     |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |   acknowledgement: everything up to this number has arrived   |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |  selective ack bitmap: bit i set = number ack + 2 + i arrived |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |                                                               |
-    +                   session token (8 bytes)                     +
-    |                                                               |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |   CRC-32 of the plain payload, then of the header (CRC zero)  |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |        payload: length-prefixed fields, scrambled ...         |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-
-The payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so any
+A payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so any
 text survives and nothing needs escaping: a SAY of "hi :)" ends in `00 05 68 69 20 3a 29`.
-The CRC covers the payload before scrambling, so a wrong key shows as a bad checksum, not as
-garbage; payload first, so a message to a room is checksummed once, not once per member.
-docs/PROTOCOL.md gives every packet type and its answers; docs/RELIABILITY.md the channel.
+The CRC covers the payload before scrambling, so a wrong key shows as a bad checksum, not
+as garbage. docs/PROTOCOL.md gives every packet and its answers, RELIABILITY.md the channel.
 """
 
 import argparse
@@ -53,18 +39,15 @@ import typing
 
 
 class XorCipher:
-    """Repeating-key XOR - a TEACHING TOY, broken by one known plaintext.
-
-    Payload byte i is XORed with key byte i mod len(key); XOR undoes itself. Payload and
-    key stream are XORed as two big integers: one C-level step, not a loop over bytes.
-    """
+    """Repeating-key XOR - a TEACHING TOY (real systems use TLS or DTLS), broken by one
+    known plaintext. Byte i is XORed with key byte i mod len(key); XOR undoes itself."""
 
     def __init__(self, key: bytes):
         if not key:
             raise ValueError("the xor cipher needs a non-empty key")
-        # The key stream for the largest UDP datagram, made once.
         self.stream = (key * (65535 // len(key) + 1))[:65535]
 
+    # Payload and key stream XORed as two big integers: one C-level step, not a loop.
     def encrypt(self, data: bytes) -> bytes:
         mixed = int.from_bytes(data, "big") ^ int.from_bytes(self.stream[: len(data)], "big")
         return mixed.to_bytes(len(data), "big")
@@ -73,11 +56,8 @@ class XorCipher:
 
 
 class CaesarCipher:
-    """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts.
-
-    Byte b becomes (b + shift) mod 256, by a translation table: one C-level call. A shift
-    of 0 is cipher "none": the payload as it is, handy for reading packet captures.
-    """
+    """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts. A shift
+    of 0 is cipher "none": the payload as it is, handy for reading packet captures."""
 
     def __init__(self, shift: int):
         self.forward = bytes((b + shift) % 256 for b in range(256))
@@ -90,8 +70,7 @@ class CaesarCipher:
         return data.translate(self.backward)
 
 
-# The keys both scripts use when none is given, so that they work out of the box. A key
-# known to everyone protects nothing - but neither does a toy cipher.
+# Default keys, so that both scripts work out of the box: known to all, they protect nothing.
 DEFAULT_KEYS = {"xor": "II2120", "caesar": "3", "none": ""}
 CIPHER_NAMES = tuple(DEFAULT_KEYS)
 DEFAULT_CIPHER = "xor"
@@ -113,34 +92,30 @@ def make_cipher(name: str, key: str | None = None):
 
 # === 2. The packet format =========================================================
 
-# The header of the diagram above: magic, version, type, flags, payload length, seq, ack,
-# sack, token, crc; "!" is network byte order.
+# The header of the table above; "!" is network byte order.
 HEADER_FORMAT = "!2sBBHHIII8sI"
 HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
-# "UDP Chat": a datagram that does not start with these two bytes is not ours.
 MAGIC = b"UC"
 VERSION = 4
 # 1200 bytes is never split into IP fragments (IPv6 guarantees 1280); QUIC chose the same.
 MAX_DATAGRAM = 1200
 MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
-# recvfrom() needs room for the largest UDP datagram: on Windows a smaller buffer raises
-# WinError 10040, on Linux the datagram is silently cut.
+# recvfrom() needs room for any UDP datagram: less raises WinError 10040, or Linux cuts it.
 RECV_BUFFER = 65535
 # A message's text, in UTF-8 bytes: room is left for the other fields of its EVENT.
 MAX_TEXT_BYTES = 1000
 # The room every member enters first; its password is the server's --room-password.
 LOBBY = "lobby"
-# (ip, port): who sent a datagram, where to send one.
 Address = tuple[str, int]
 NO_TOKEN = bytes(8)
 # Set on a packet sent again, so that a trace can mark it; a receiver ignores it.
 FLAG_RETRANSMIT = 0x0001
-# On every packet of a session's second channel, the file stream, ACKs too: its numbers and
-# timers are its own, so a chat line never waits behind a lost file chunk.
+# On every packet of a session's file stream, its second channel: a chat line never waits
+# behind a lost file chunk.
 FLAG_FILE_STREAM = 0x0002
-# A HELLO or FIND may come from a forged source address. Padded to this size, it is never
-# smaller than the server's answer, so nobody can use the server as an amplifier.
+# A HELLO or FIND, whose source may be forged, is padded to at least the size of the answer:
+# nobody can use the server as an amplifier.
 MIN_HELLO_SIZE = MIN_FIND_SIZE = 128
 
 
@@ -178,7 +153,7 @@ class Refused(Exception):
 
 
 class PacketError(ValueError):
-    """A datagram that is not a valid packet; the message says what is wrong with it."""
+    """A datagram that is not a valid packet; the message says what is wrong."""
 
 
 class ChecksumError(PacketError):
@@ -267,7 +242,6 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
     while offset < len(payload):
         start = offset + 2
         offset = start + int.from_bytes(payload[offset:start], "big")
-        # Also when the payload ends inside a length: its field starts past the end.
         if offset > len(payload):
             raise PacketError("a field runs past the end of the payload")
         fields.append(payload[start:offset])
@@ -294,11 +268,10 @@ CHUNK_SIZE = MAX_PAYLOAD - FILE_CHUNK_HEAD.size
 # The EVENTs about files carry fields after the text (docs/PROTOCOL.md, section 7).
 FILE_EVENTS = ("file", "file-done", "file-declined", "file-cancelled")
 MB = 1 << 20
-# Most file systems' limit on one name, and a SHA-256 as a FILE_OFFER carries it.
+# Most file systems' limit on a name; a SHA-256 as a FILE_OFFER carries it.
 MAX_FILE_NAME_BYTES = 255
 SHA_HEX = re.compile(r"[0-9a-f]{64}")
-# Chunks kept waiting in a file stream beyond those in flight: enough to refill its window
-# at once when ACKs come, few enough that memory stays small (32 x 1.2 KB).
+# Chunks kept waiting behind a file stream's window: enough to refill it when ACKs come.
 FILL = 32
 
 
@@ -341,14 +314,13 @@ class RtoEstimator:
     Each round trip measured updates a smoothed average (SRTT) and mean deviation
     (RTTVAR); the timeout is SRTT + 4 RTTVAR, plus the time the peer may hold its ACK back
     (`peer_ack_delay`, as QUIC adds max_ack_delay). Each timeout of a packet multiplies its
-    next wait by BACKOFF, up to CEILING.
+    next wait by BACKOFF, up to CEILING. docs/RELIABILITY.md says why each value.
     """
 
-    # RFC 6298: the weights of a new sample in SRTT and RTTVAR; the wait before any sample.
+    # RFC 6298's weights of a new sample in SRTT and RTTVAR, and its wait before any sample.
     ALPHA, BETA, INITIAL = 1 / 8, 1 / 4, 1.0
-    # RFC 6298's floor is 1 s, for the Internet; here, with the peer's ACK delay added, it
-    # only keeps a timer from racing a LAN round trip. TCP doubles the wait; KCP's 1.5
-    # recovers sooner from random loss. On a LAN 2 s is a hundred round trips.
+    # RFC 6298's floor is 1 s, for the Internet; here it keeps a timer from racing a LAN
+    # round trip. KCP's backoff of 1.5 recovers sooner from random loss (TCP doubles).
     FLOOR, BACKOFF, CEILING = 0.01, 1.5, 2.0
     # The least room kept for variation (QUIC's kGranularity); the least gap_timeout.
     GRANULARITY, GAP_FLOOR = 0.001, 0.002
@@ -356,8 +328,7 @@ class RtoEstimator:
     def __init__(self, initial: float = INITIAL, floor: float = FLOOR, ceiling: float = CEILING,
                  peer_ack_delay: float = 0.0):
         self.floor, self.ceiling, self.peer_ack_delay = floor, ceiling, peer_ack_delay
-        self.srtt: float | None = None
-        self.rttvar = 0.0
+        self.srtt, self.rttvar = None, 0.0
         # The timeout, and SRTT + 4 RTTVAR without the room for the peer's delayed ACK.
         self.rto = self.round_trip_wait = min(max(initial, floor), ceiling)
 
@@ -381,19 +352,14 @@ class RtoEstimator:
         return min(wait, self.timeout(timeouts))
 
 
-# Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): a client acknowledges every second
-# packet at once, a lone one ACK_DELAY seconds later, anything out of order or duplicated
-# at once (the sender must hear of a gap). The server, with replies to carry its ACKs,
-# acknowledges at once, and its timers allow for the client's delay.
+# Delayed ACKs, as TCP's (RFC 1122, 4.2.3.2): a client acknowledges every second packet,
+# a lone one ACK_DELAY later, a gap or a copy at once; the server's timers allow for it.
 ACK_EVERY, ACK_DELAY = 2, 0.01
 
 
 def sack_bitmap(cumulative: int, held) -> int:
-    """Return the bitmap of the numbers `held`: bit i stands for number cumulative + 2 + i.
-
-    Number cumulative + 1 is, by definition, the one missing; numbers beyond the 32 bits
-    are left out, to be acknowledged later.
-    """
+    """Return the bitmap of the numbers `held`: bit i stands for number cumulative + 2 + i
+    (cumulative + 1 is the one missing); numbers beyond 32 bits wait their turn."""
     bits = [seq - cumulative - 2 for seq in held]
     return sum(1 << bit for bit in bits if 0 <= bit < 32)
 
@@ -406,7 +372,8 @@ def acknowledged(seq: int, cumulative: int, bitmap: int) -> bool:
 
 @dataclasses.dataclass(slots=True)
 class InFlight:
-    """A packet of the retransmission queue, with its timer and history."""
+    """A packet of the retransmission queue: its timer, its sends, and `order`, its place
+    among all our transmissions, which `passed` confirmed packets were sent after."""
 
     ptype: PacketType
     body: Body
@@ -414,7 +381,6 @@ class InFlight:
     deadline: float = 0.0
     sends: int = 0
     timeouts: int = 0
-    # When it was last sent, counted in transmissions; packets sent after it confirmed.
     order: int = 0
     passed: int = 0
 
@@ -429,11 +395,9 @@ class Channel:
     Stop-and-wait is this class with a window of 1.
     """
 
-    # At most 32 in flight (the bitmap speaks for 32 beyond a gap), 1000 waiting behind them;
-    # no ACK for 20 sends of one packet: the peer is gone.
+    # 32 in flight (the bitmap's bits), 1000 waiting; 20 sends unacknowledged: the peer is
+    # gone. Overtaken by 2 packets, one is lost, not late (KCP's "fastresend 2").
     WINDOW, MAX_QUEUE, MAX_SENDS = 32, 1000, 20
-    # Overtaken by 2 packets, one is lost, not late (KCP's "fastresend 2"). After a run of
-    # timeouts, still probe with two packets at once.
     FAST_RETRANSMIT_AFTER, MIN_CONGESTION_WINDOW = 2, 2
 
     def __init__(self, cipher, token: bytes = NO_TOKEN, *, window: int = WINDOW,
@@ -445,16 +409,12 @@ class Channel:
         self.cipher, self.token, self.flags, self.rto = cipher, token, flags, rto or RtoEstimator()
         self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
         self.ack_delay, self.ack_every = ack_delay, ack_every
-        # Sending. The retransmission queue is kept by number, oldest first, as dicts keep
-        # their order. highest_sacked, the highest number the peer has beyond a gap, tells
-        # random loss from a burst. timer_at is the earliest timer, or earlier (a packet
-        # acknowledged since): a server asks every session's next_wakeup() each turn.
+        # The retransmission queue, by number, oldest first. timer_at is the earliest timer
+        # (or earlier): a server asks each session's next_wakeup(), which must not scan it.
         self.next_seq, self.failed, self.timer_at = first_seq, False, float("inf")
         self.in_flight: dict[int, InFlight] = {}
         self.waiting: collections.deque[InFlight] = collections.deque()
         self.congestion_window, self.highest_sacked = window, 0
-        # Receiving: the next number to deliver, those arrived early, and how many arrived
-        # since our last acknowledgement, which must leave by ack_due.
         self.expected, self.held, self.unacked, self.ack_due = 1, {}, 0, float("inf")
         self.stats = collections.Counter()
 
@@ -517,8 +477,8 @@ class Channel:
         due = [(seq, entry) for seq, entry in self.in_flight.items() if entry.deadline <= now]
         congested = False
         for seq, entry in due:
-            # A fast retransmit is no timeout: not backed off. A timeout with no gap reported
-            # beyond it is a burst of loss or a peer that cannot keep up: slow down.
+            # A fast retransmit is not backed off. A timeout with no gap reported beyond it
+            # is a burst of loss or a peer that cannot keep up: slow down.
             if entry.passed < self.FAST_RETRANSMIT_AFTER:
                 entry.timeouts += 1
                 congested |= seq > self.highest_sacked
@@ -541,11 +501,8 @@ class Channel:
         return encode_packet(packet, self.cipher, entry.body)
 
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
-        """Forget what the peer confirmed; count, for each packet it lacks, those sent later.
-
-        Packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty. Overtaken
-        FAST_RETRANSMIT_AFTER times, a packet is sent again at the next poll.
-        """
+        """Forget what the peer confirmed; count, for each packet it lacks, the confirmed ones
+        sent after it (packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty)."""
         confirmed = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
         done = [self.in_flight.pop(seq) for seq in confirmed]
         # Karn's rule: only a packet sent once gives an unambiguous round trip.
@@ -566,10 +523,7 @@ class Channel:
 
     def receive(self, packet: Packet, now: float) -> tuple[str, list[Packet]]:
         """Take a packet from the peer; return what happened to it and what is now in order.
-
-        Its acknowledgement is read first. A packet numbered 0 is on no channel (an ACK,
-        an answer before login) and is handed back at once.
-        """
+        A packet numbered 0 is on no channel (an ACK, an answer before login): handed back."""
         self._on_acknowledgement(packet.ack, packet.sack, now)
         seq = packet.seq
         if seq == 0:
@@ -605,10 +559,8 @@ class Channel:
 class LossySocket:
     """A UDP socket that drops each datagram, in or out, with probability `loss`.
 
-    With a fixed `seed` the same datagrams are dropped on every run, so a class can watch
-    retransmission recover, and a failing test repeats. Each direction and `side` has its
-    own generator: a server and a client given one seed must not drop in lockstep.
-    Everything else passes through to the real socket.
+    With a `seed` the same datagrams are dropped each run, so a failing test repeats; each
+    direction and `side` has its own generator, so that two ends do not drop in lockstep.
     """
 
     def __init__(self, sock, loss: float, seed: int | None = None, on_drop=None, side=""):
@@ -671,7 +623,6 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
 
 def loss_share(text: str) -> float:
     """Read --loss: a share of datagrams, at least 0 and below 1 (1 would drop everything)."""
-    # float() raises ValueError on bad text: argparse reports it as an invalid value.
     share = float(text)
     if not 0 <= share < 1:
         raise argparse.ArgumentTypeError("must be at least 0 and below 1")
