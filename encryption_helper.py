@@ -33,7 +33,6 @@ import enum
 import random
 import re
 import struct
-import typing
 
 # === 1. Toy ciphers ===============================================================
 
@@ -160,24 +159,11 @@ class ChecksumError(PacketError):
     """A datagram damaged on the way - or scrambled with another key than ours."""
 
 
-class Packet(typing.NamedTuple):
-    """One packet, its payload in plain text (encode and decode scramble and unscramble it)."""
-
-    type: PacketType
-    seq: int = 0
-    ack: int = 0
-    sack: int = 0
-    token: bytes = NO_TOKEN
-    flags: int = 0
-    payload: bytes = b""
-
-
-class Body(typing.NamedTuple):
-    """A payload made ready once - scrambled, its CRC begun - to send behind many headers."""
-
-    plain: bytes
-    scrambled: bytes
-    crc: int
+# One packet, its payload in plain text (encode and decode scramble and unscramble it).
+Packet = collections.namedtuple("Packet", "type seq ack sack token flags payload",
+                                defaults=(0, 0, 0, NO_TOKEN, 0, b""))
+# A payload made ready once - scrambled, its CRC begun - to send behind many headers.
+Body = collections.namedtuple("Body", "plain scrambled crc")
 
 
 def prepare_body(payload: bytes, cipher) -> Body:
@@ -311,10 +297,9 @@ def whole_number(text: str) -> bool:
 class RtoEstimator:
     """How long to wait for an acknowledgement before sending again (RFC 6298).
 
-    Each round trip measured updates a smoothed average (SRTT) and mean deviation
-    (RTTVAR); the timeout is SRTT + 4 RTTVAR, plus the time the peer may hold its ACK back
-    (`peer_ack_delay`, as QUIC adds max_ack_delay). Each timeout of a packet multiplies its
-    next wait by BACKOFF, up to CEILING. docs/RELIABILITY.md says why each value.
+    Round trips measured update a smoothed average (SRTT) and mean deviation (RTTVAR); the
+    timeout is SRTT + 4 RTTVAR, plus the time the peer may hold its ACK back (as QUIC adds
+    max_ack_delay), times BACKOFF for each timeout of the packet, up to CEILING.
     """
 
     # RFC 6298's weights of a new sample in SRTT and RTTVAR, and its wait before any sample.
@@ -388,11 +373,9 @@ class InFlight:
 class Channel:
     """A reliable, ordered channel to one peer over UDP: Selective Repeat, both halves.
 
-    `send()` queues a packet and returns its number (0: the queue is full); `receive()`
-    takes one from the peer and returns what happened to it and the packets now in order;
-    `poll(now)` returns the datagrams to send now, `next_wakeup()` when to poll again.
-    A session has two: the chat's, and the file stream (`flags` FLAG_FILE_STREAM).
-    Stop-and-wait is this class with a window of 1.
+    `send()` queues a packet, `receive()` takes one from the peer, `poll(now)` returns the
+    datagrams to send now, `next_wakeup()` when to poll again. A session has two: the chat's
+    and the file stream's. Stop-and-wait is this class with a window of 1.
     """
 
     # 32 in flight (the bitmap's bits), 1000 waiting; 20 sends unacknowledged: the peer is
@@ -557,11 +540,8 @@ class Channel:
 
 
 class LossySocket:
-    """A UDP socket that drops each datagram, in or out, with probability `loss`.
-
-    With a `seed` the same datagrams are dropped each run, so a failing test repeats; each
-    direction and `side` has its own generator, so that two ends do not drop in lockstep.
-    """
+    """A UDP socket that drops each datagram, in or out, with probability `loss`: with a
+    `seed` the same ones each run (each direction and `side` its own generator)."""
 
     def __init__(self, sock, loss: float, seed: int | None = None, on_drop=None, side=""):
         if not 0.0 <= loss < 1.0:
