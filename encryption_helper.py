@@ -27,6 +27,7 @@ as garbage. docs/PROTOCOL.md gives every packet and its answers, RELIABILITY.md 
 
 import argparse
 import binascii
+import bisect
 import collections
 import dataclasses
 import enum
@@ -226,10 +227,12 @@ def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
     """Return the text fields in `payload`; exactly `count` of them unless count is None."""
     fields, offset = [], 0
     while offset < len(payload):
-        start = offset + 2
-        offset = start + int.from_bytes(payload[offset:start], "big")
+        if offset + 2 > len(payload):
+            raise PacketError("payload ends inside a field's length")
+        length = int.from_bytes(payload[offset:offset + 2], "big")
+        start, offset = offset + 2, offset + 2 + length
         if offset > len(payload):
-            raise PacketError("a field runs past the end of the payload")
+            raise PacketError(f"field of {length} bytes runs past the end of the payload")
         fields.append(payload[start:offset])
     if count is not None and len(fields) != count:
         raise PacketError(f"expected {count} fields, got {len(fields)}")
@@ -269,7 +272,8 @@ def pack_chunk(transfer: int, offset: int, data: bytes) -> bytes:
 def unpack_chunk(payload: bytes) -> tuple[int, int, bytes]:
     """Return (transfer id, offset, data) from a FILE_CHUNK's payload."""
     if len(payload) < FILE_CHUNK_HEAD.size:
-        raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes")
+        raise PacketError(f"a FILE_CHUNK holds at least {FILE_CHUNK_HEAD.size} bytes, "
+                          f"not {len(payload)}")
     transfer, offset = FILE_CHUNK_HEAD.unpack_from(payload)
     return transfer, offset, payload[FILE_CHUNK_HEAD.size:]
 
@@ -424,7 +428,8 @@ class Channel:
 
     def poll(self, now: float) -> list[bytes]:
         """Return the datagrams to send now: retransmissions, new packets, or a bare ACK."""
-        due = self._expired(now) if self.timer_at <= now and not self.failed else []
+        timers_ran = self.timer_at <= now
+        due = self._expired(now) if timers_ran and not self.failed else []
         if self.failed or any(entry.sends >= self.max_sends for _, entry in due):
             self.failed = True
             return []
@@ -440,8 +445,9 @@ class Channel:
         # Every datagram carries the acknowledgement: none is owed any more.
         if out:
             self.unacked, self.ack_due = 0, float("inf")
-        deadlines = [entry.deadline for entry in self.in_flight.values()]
-        self.timer_at = min(deadlines, default=float("inf"))
+        if out or timers_ran:
+            deadlines = [entry.deadline for entry in self.in_flight.values()]
+            self.timer_at = min(deadlines, default=float("inf"))
         return out
 
     def next_wakeup(self) -> float:
@@ -497,9 +503,10 @@ class Channel:
         if not (bitmap and done):
             return
         self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
+        orders = sorted(entry.order for entry in done)
         for entry in self.in_flight.values():
             before = entry.passed
-            entry.passed += sum(other.order > entry.order for other in done)
+            entry.passed += len(orders) - bisect.bisect_right(orders, entry.order)
             if before < self.FAST_RETRANSMIT_AFTER <= entry.passed:
                 entry.deadline = self.timer_at = now
                 self.stats["fast retransmits"] += 1
