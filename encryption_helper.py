@@ -39,12 +39,12 @@ import struct
 
 
 class XorCipher:
-    """Repeating-key XOR - a TEACHING TOY (real systems use TLS or DTLS), broken by one
-    known plaintext. Byte i is XORed with key byte i mod len(key); XOR undoes itself."""
+    """Repeating-key XOR - a TEACHING TOY (real systems use TLS), broken by one known plaintext."""
 
     def __init__(self, key: bytes):
         if not key:
             raise ValueError("the xor cipher needs a non-empty key")
+        # The key stream for the largest datagram, made once: byte i meets key byte i mod len(key).
         self.stream = (key * (65535 // len(key) + 1))[:65535]
 
     # Payload and key stream XORed as two big integers: one C-level step, not a loop.
@@ -52,13 +52,15 @@ class XorCipher:
         mixed = int.from_bytes(data, "big") ^ int.from_bytes(self.stream[: len(data)], "big")
         return mixed.to_bytes(len(data), "big")
 
+    # XOR undoes itself: (b ^ k) ^ k == b.
     decrypt = encrypt
 
 
 class CaesarCipher:
-    """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts. A shift
-    of 0 is cipher "none": the payload as it is, handy for reading packet captures."""
+    """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts."""
 
+    # Byte b becomes (b + shift) mod 256 through a table: one C-level call per payload. A shift
+    # of 0 is cipher "none": the payload as it is, handy for reading packet captures.
     def __init__(self, shift: int):
         self.forward = bytes((b + shift) % 256 for b in range(256))
         self.backward = bytes((b - shift) % 256 for b in range(256))
@@ -347,8 +349,8 @@ ACK_EVERY, ACK_DELAY = 2, 0.01
 
 
 def sack_bitmap(cumulative: int, held) -> int:
-    """Return the bitmap of the numbers `held`: bit i stands for number cumulative + 2 + i
-    (cumulative + 1 is the one missing); numbers beyond 32 bits wait their turn."""
+    """Return the bitmap of the numbers `held`: bit i stands for number cumulative + 2 + i."""
+    # cumulative + 1 is, by definition, the one missing; those beyond 32 bits wait their turn.
     bits = [seq - cumulative - 2 for seq in held]
     return sum(1 << bit for bit in bits if 0 <= bit < 32)
 
@@ -361,8 +363,7 @@ def acknowledged(seq: int, cumulative: int, bitmap: int) -> bool:
 
 @dataclasses.dataclass(slots=True)
 class InFlight:
-    """A packet of the retransmission queue: its timer, its sends, and `order`, its place
-    among all our transmissions, which `passed` confirmed packets were sent after."""
+    """A packet of the retransmission queue, with its timer and history."""
 
     ptype: PacketType
     body: Body
@@ -370,6 +371,7 @@ class InFlight:
     deadline: float = 0.0
     sends: int = 0
     timeouts: int = 0
+    # Its place among all our transmissions; confirmed packets sent after it since.
     order: int = 0
     passed: int = 0
 
@@ -396,12 +398,15 @@ class Channel:
         self.cipher, self.token, self.flags, self.rto = cipher, token, flags, rto or RtoEstimator()
         self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
         self.ack_delay, self.ack_every = ack_delay, ack_every
-        # The retransmission queue, by number, oldest first. timer_at is the earliest timer
-        # (or earlier): a server asks each session's next_wakeup(), which must not scan it.
+        # Sending: the retransmission queue by number, oldest first; timer_at, its earliest
+        # timer or earlier (a server asks every session's next_wakeup(): it must not scan);
+        # highest_sacked, the highest number the peer has beyond a gap: a loss before it is
+        # random loss, not a burst.
         self.next_seq, self.failed, self.timer_at = first_seq, False, float("inf")
         self.in_flight: dict[int, InFlight] = {}
         self.waiting: collections.deque[InFlight] = collections.deque()
         self.congestion_window, self.highest_sacked = window, 0
+        # Receiving: the next number to deliver, those come early, and the acknowledgement owed.
         self.expected, self.held, self.unacked, self.ack_due = 1, {}, 0, float("inf")
         self.stats = collections.Counter()
 
@@ -490,8 +495,7 @@ class Channel:
         return encode_packet(packet, self.cipher, entry.body)
 
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
-        """Forget what the peer confirmed; count, for each packet it lacks, the confirmed ones
-        sent after it (packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty)."""
+        """Forget what the peer confirmed; count what overtook each packet it still lacks."""
         confirmed = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
         done = [self.in_flight.pop(seq) for seq in confirmed]
         # Karn's rule: only a packet sent once gives an unambiguous round trip.
@@ -499,23 +503,26 @@ class Channel:
             if entry.sends == 1:
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
-        self.timer_at = self.timer_at if self.in_flight else float("inf")
+        if not self.in_flight:
+            self.timer_at = float("inf")
         if not (bitmap and done):
             return
         self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
+        # Packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty.
         orders = sorted(entry.order for entry in done)
         for entry in self.in_flight.values():
             before = entry.passed
             entry.passed += len(orders) - bisect.bisect_right(orders, entry.order)
+            # Overtaken FAST_RETRANSMIT_AFTER times, it goes again at the next poll.
             if before < self.FAST_RETRANSMIT_AFTER <= entry.passed:
                 entry.deadline = self.timer_at = now
                 self.stats["fast retransmits"] += 1
 
     def receive(self, packet: Packet, now: float) -> tuple[str, list[Packet]]:
-        """Take a packet from the peer; return what happened to it and what is now in order.
-        A packet numbered 0 is on no channel (an ACK, an answer before login): handed back."""
+        """Take a packet from the peer; return what happened to it and what is now in order."""
         self._on_acknowledgement(packet.ack, packet.sack, now)
         seq = packet.seq
+        # Numbered 0, it is on no channel (an ACK, an answer before login): handed back.
         if seq == 0:
             return "unsequenced", [packet]
         # A copy: the acknowledgement that covered it was lost, so repeat it now.
@@ -547,13 +554,13 @@ class Channel:
 
 
 class LossySocket:
-    """A UDP socket that drops each datagram, in or out, with probability `loss`: with a
-    `seed` the same ones each run (each direction and `side` its own generator)."""
+    """A UDP socket that drops each datagram, in or out, with probability `loss`."""
 
     def __init__(self, sock, loss: float, seed: int | None = None, on_drop=None, side=""):
         if not 0.0 <= loss < 1.0:
             raise ValueError("loss must be at least 0 and below 1")
         self.sock, self.loss, self.dropped = sock, loss, 0
+        # With a seed, the same datagrams each run; each direction and side its own generator.
         self.randoms = {way: random.Random(None if seed is None else f"{side}/{seed}/{way}")
                         for way in ("in", "out")}
         self.on_drop = on_drop or (lambda direction, data: None)
