@@ -1,46 +1,28 @@
 """What the chat server and client must agree on, byte for byte, defined once.
 
-Both `server.py` and `client.py` import this module, and the project allows no other:
-so the wire is defined here, once. Its sections, in reading order:
+Both `server.py` and `client.py` import this module, and the project allows no other
+module: so the wire lives here, in four sections: 1. toy ciphers; 2. the packet format;
+3. the reliable channel; 4. lab tools. One packet per UDP datagram: a 32-byte header in
+network byte order (big-endian), then the payload, which alone is scrambled (the header
+stays readable, as IP and UDP headers do).
 
-1. Toy ciphers - XOR and Caesar, TEACHING TOYS: they hide text from a glance at a packet
-   capture and nothing more (real systems use TLS or DTLS).
-2. The packet format - one packet per UDP datagram: a 32-byte header packed with `struct`
-   in network byte order (big-endian), then the payload. Only the payload is scrambled;
-   the header stays readable, as IP and UDP headers do.
-3. The reliable channel - it opens no socket and reads no clock: fed packets and the
-   time, it says what to send and when it next wants to be woken.
-4. Lab tools - a socket that loses datagrams on purpose; the options both scripts share.
+    bytes  field (docs/PROTOCOL.md draws it)
+    0-1    magic "UC" (0x55 0x43): a datagram that does not start so is not ours
+    2      version (4)
+    3      type (PacketType)
+    4-5    flags (FLAG_...)
+    6-7    payload length
+    8-11   sequence number (0: not on the reliable channel)
+    12-15  acknowledgement: every number up to this one has arrived
+    16-19  selective acknowledgement bitmap: bit i set = number ack + 2 + i arrived
+    20-27  session token
+    28-31  CRC-32 of the plain payload, then of the header with this field zero
+    32-    payload: length-prefixed fields, scrambled
 
-     0                   1                   2                   3
-     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |      magic "UC" (0x5543)      |    version    |     type      |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |             flags             |        payload length         |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |          sequence number (0: not on the reliable channel)     |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |   acknowledgement: everything up to this number has arrived   |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |  selective ack bitmap: bit i set = number ack + 2 + i arrived |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |                                                               |
-    +                   session token (8 bytes)                     +
-    |                                                               |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |   CRC-32 of the plain payload, then of the header (CRC zero)  |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |        payload: length-prefixed fields, scrambled ...         |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-
-The payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so
-any text survives the trip and nothing needs escaping: a SAY of "hi :)" ends in
-`00 05 68 69 20 3a 29`. The checksum covers the payload *before* scrambling, so a
-receiver whose key differs from the sender's gets another CRC and can say so, instead of
-printing garbage; and it runs over the payload first, the header after, so a message to
-a whole room is checksummed once, not once per member (only the header differs).
-docs/PROTOCOL.md gives every packet type, its fields and its answers.
+A payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so any
+text survives and nothing needs escaping: a SAY of "hi :)" ends in `00 05 68 69 20 3a 29`.
+The CRC covers the payload before scrambling, so a wrong key shows as a bad checksum, not
+as garbage. docs/PROTOCOL.md gives every packet and its answers, RELIABILITY.md the channel.
 """
 
 import argparse
@@ -52,49 +34,34 @@ import enum
 import random
 import re
 import struct
-import typing
 
 # === 1. Toy ciphers ===============================================================
 
 
-class NoCipher:
-    """Sends the payload as it is: handy for reading packet captures."""
-
-    def encrypt(self, data: bytes) -> bytes:
-        return data
-
-    decrypt = encrypt
-
-
 class XorCipher:
-    """Repeating-key XOR - a TEACHING TOY, broken by one known plaintext.
-
-    Payload byte i is XORed with key byte i mod len(key); XOR undoes itself. Payload and
-    key stream are XORed as two big integers: one C-level step, not a loop over bytes.
-    """
+    """Repeating-key XOR - a TEACHING TOY (real systems use TLS), broken by one known plaintext."""
 
     def __init__(self, key: bytes):
         if not key:
             raise ValueError("the xor cipher needs a non-empty key")
-        # The key stream for the largest UDP datagram, made once.
+        # The key stream for the largest datagram, made once: byte i meets key byte i mod len(key).
         self.stream = (key * (65535 // len(key) + 1))[:65535]
 
+    # Payload and key stream XORed as two big integers: one C-level step, not a loop.
     def encrypt(self, data: bytes) -> bytes:
         mixed = int.from_bytes(data, "big") ^ int.from_bytes(self.stream[: len(data)], "big")
         return mixed.to_bytes(len(data), "big")
 
+    # XOR undoes itself: (b ^ k) ^ k == b.
     decrypt = encrypt
 
 
 class CaesarCipher:
-    """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts.
+    """Caesar's shift on bytes - a TEACHING TOY, broken by trying all 255 shifts."""
 
-    Byte b becomes (b + shift) mod 256, by a translation table: one C-level call.
-    """
-
+    # Byte b becomes (b + shift) mod 256 through a table: one C-level call per payload. A shift
+    # of 0 is cipher "none": the payload as it is, handy for reading packet captures.
     def __init__(self, shift: int):
-        if not 1 <= shift <= 255:
-            raise ValueError("the caesar key must be a whole number from 1 to 255")
         self.forward = bytes((b + shift) % 256 for b in range(256))
         self.backward = bytes((b - shift) % 256 for b in range(256))
 
@@ -105,8 +72,7 @@ class CaesarCipher:
         return data.translate(self.backward)
 
 
-# The keys both scripts use when none is given, so that they work out of the box. A key
-# known to everyone protects nothing - but neither does a toy cipher.
+# Default keys, so that both scripts work out of the box: known to all, they protect nothing.
 DEFAULT_KEYS = {"xor": "II2120", "caesar": "3", "none": ""}
 CIPHER_NAMES = tuple(DEFAULT_KEYS)
 DEFAULT_CIPHER = "xor"
@@ -118,11 +84,11 @@ def make_cipher(name: str, key: str | None = None):
     if name == "xor":
         return XorCipher(key.encode("utf-8"))
     if name == "caesar":
-        if not key.strip().isdigit():
+        if not (whole_number(key.strip()) and 1 <= int(key) <= 255):
             raise ValueError(f"the caesar key must be a whole number from 1 to 255, not {key!r}")
         return CaesarCipher(int(key))
     if name == "none":
-        return NoCipher()
+        return CaesarCipher(0)
     raise ValueError(f"unknown cipher {name!r}; choose one of {', '.join(CIPHER_NAMES)}")
 
 
@@ -185,39 +151,30 @@ def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:
 
 # === 2. The packet format =========================================================
 
-# The header of the diagram above: magic, version, type, flags, payload length, seq, ack,
-# sack, token, crc; "!" is network byte order.
+# The header of the table above; "!" is network byte order.
 HEADER_FORMAT = "!2sBBHHIII8sI"
 HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
-# "UDP Chat": a datagram that does not start with these two bytes is not ours.
 MAGIC = b"UC"
-# 2: every header carries a selective acknowledgement; replies name their request.
-# 3: FIND, a client's search for servers. 4: files, on a second stream (FLAG_FILE_STREAM).
 VERSION = 4
-# 1200 bytes fits the smallest path MTU seen in practice (IPv6 guarantees 1280, minus its
-# headers), so a datagram is never split into IP fragments; QUIC chose the same.
+# 1200 bytes is never split into IP fragments (IPv6 guarantees 1280); QUIC chose the same.
 MAX_DATAGRAM = 1200
 MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
-# recvfrom() must be given room for the largest UDP datagram: on Windows a smaller buffer
-# raises WinError 10040, on Linux the datagram is silently cut.
+# recvfrom() needs room for any UDP datagram: less raises WinError 10040, or Linux cuts it.
 RECV_BUFFER = 65535
 # A message's text, in UTF-8 bytes: room is left for the other fields of its EVENT.
 MAX_TEXT_BYTES = 1000
 # The room every member enters first; its password is the server's --room-password.
 LOBBY = "lobby"
-# (ip, port): who sent a datagram, where to send one.
 Address = tuple[str, int]
 NO_TOKEN = bytes(8)
-FIELD_LENGTH = struct.Struct("!H")
 # Set on a packet sent again, so that a trace can mark it; a receiver ignores it.
 FLAG_RETRANSMIT = 0x0001
-# Set on every packet of a session's second reliable channel, the file stream, ACKs too.
-# Its numbers and timers are its own, so a chat line never waits behind a lost file chunk
-# (no head-of-line blocking, as QUIC's streams avoid it).
+# On every packet of a session's file stream, its second channel: a chat line never waits
+# behind a lost file chunk.
 FLAG_FILE_STREAM = 0x0002
-# A HELLO or FIND may come from a forged source address. Padded to this size, it is never
-# smaller than the server's answer, so nobody can use the server as an amplifier.
+# A HELLO or FIND, whose source may be forged, is padded to at least the size of the answer:
+# nobody can use the server as an amplifier.
 MIN_HELLO_SIZE = MIN_FIND_SIZE = 128
 
 
@@ -226,33 +183,19 @@ class PacketType(enum.IntEnum):
 
     # The handshake, before a session: HELLO [padding] -> OK [re, cookie]; REGISTER and
     # LOGIN [cookie, username, password]; LOGIN's OK carries the session token.
-    HELLO = 1
-    REGISTER = 2
-    LOGIN = 3
+    HELLO, REGISTER, LOGIN = 1, 2, 3
     # A member's requests: JOIN [room, password], SAY [text], PRIVATE [user, text],
     # ROOMS [] and WHO [] (lists), PING [] (the heartbeat), BYE [] (the session ends).
-    JOIN = 4
-    SAY = 5
-    PRIVATE = 6
-    ROOMS = 7
-    WHO = 8
-    PING = 9
-    BYE = 10
-    # Either way: nothing but the acknowledgement fields of the header.
-    ACK = 11
-    # "Which chat servers are here?", often broadcast -> OK [re, name, port, online].
-    FIND = 12
+    JOIN, SAY, PRIVATE, ROOMS, WHO, PING, BYE = 4, 5, 6, 7, 8, 9, 10
+    # ACK: nothing but the acknowledgement fields. FIND, often broadcast: "which chat
+    # servers are here?" -> OK [re, name, port, online].
+    ACK, FIND = 11, 12
     # FILE_OFFER [to ('': the room), name, size, SHA-256 hex] -> OK [re, transfer id];
     # FILE_CHUNK, on the file stream, is binary (FILE_CHUNK_HEAD); FILE_CANCEL [id].
-    FILE_OFFER = 13
-    FILE_CHUNK = 14
-    FILE_CANCEL = 15
+    FILE_OFFER, FILE_CHUNK, FILE_CANCEL = 13, 14, 15
     # Only a server sends these: OK [re, ...], ERROR [re, code, text], EVENT [kind, time,
     # room, user, text, ...], RESET [] ("I have no session for you", like TCP's RST).
-    OK = 20
-    ERROR = 21
-    EVENT = 22
-    RESET = 23
+    OK, ERROR, EVENT, RESET = 20, 21, 22, 23
 
 
 PACKET_TYPES = {member.value: member for member in PacketType}
@@ -269,31 +212,18 @@ class Refused(Exception):
 
 
 class PacketError(ValueError):
-    """A datagram that is not a valid packet; the message says what is wrong with it."""
+    """A datagram that is not a valid packet; the message says what is wrong."""
 
 
 class ChecksumError(PacketError):
     """A datagram damaged on the way - or scrambled with another key than ours."""
 
 
-class Packet(typing.NamedTuple):
-    """One packet, its payload in plain text (encode and decode scramble and unscramble it)."""
-
-    type: PacketType
-    seq: int = 0
-    ack: int = 0
-    sack: int = 0
-    token: bytes = NO_TOKEN
-    flags: int = 0
-    payload: bytes = b""
-
-
-class Body(typing.NamedTuple):
-    """A payload made ready once - scrambled, its CRC begun - to send behind many headers."""
-
-    plain: bytes
-    scrambled: bytes
-    crc: int
+# One packet, its payload in plain text (encode and decode scramble and unscramble it).
+Packet = collections.namedtuple("Packet", "type seq ack sack token flags payload",
+                                defaults=(0, 0, 0, NO_TOKEN, 0, b""))
+# A payload made ready once - scrambled, its CRC begun - to send behind many headers.
+Body = collections.namedtuple("Body", "plain scrambled crc")
 
 
 def prepare_body(payload: bytes, cipher) -> Body:
@@ -305,8 +235,7 @@ def prepare_body(payload: bytes, cipher) -> Body:
 
 def encode_packet(packet: Packet, cipher, body: Body | None = None) -> bytes:
     """Return the datagram for `packet`; `body` may carry its payload already prepared."""
-    if body is None:
-        body = prepare_body(packet.payload, cipher)
+    body = body or prepare_body(packet.payload, cipher)
     header = HEADER.pack(MAGIC, VERSION, packet.type, packet.flags, len(body.plain),
                          packet.seq, packet.ack, packet.sack, packet.token, 0)
     # The payload's CRC, continued over the header with its CRC field zero.
@@ -328,48 +257,39 @@ def decode_packet(data: bytes, cipher) -> Packet:
     if length != len(data) - HEADER_SIZE:
         raise PacketError(f"length field says {length}, datagram holds {len(data) - HEADER_SIZE}")
     payload = cipher.decrypt(data[HEADER_SIZE:])
-    zeroed_header = data[: HEADER_SIZE - 4] + bytes(4)
-    if binascii.crc32(zeroed_header, binascii.crc32(payload)) != crc:
+    if binascii.crc32(data[:HEADER_SIZE - 4] + bytes(4), binascii.crc32(payload)) != crc:
         raise ChecksumError("bad checksum: damaged on the way, or the ends use different keys")
     if ptype not in PACKET_TYPES:
         raise PacketError(f"unknown packet type {ptype}")
     return Packet(PACKET_TYPES[ptype], seq, ack, sack, token, flags, payload)
 
 
-def peek_type_name(data: bytes) -> str:
-    """Return the packet type named in a datagram's header, even if the rest is bad."""
-    if len(data) < 4 or data[:2] != MAGIC:
-        return "?"
-    return PACKET_TYPES[data[3]].name if data[3] in PACKET_TYPES else f"type {data[3]}"
-
-
 def describe_datagram(data: bytes) -> str:
     """Return a datagram's header in words, for traces: type, seq, ack, size."""
     if len(data) < HEADER_SIZE or data[:2] != MAGIC:
         return f"? {len(data)} B"
-    _, _, _, flags, _, seq, ack, sack, _, _ = HEADER.unpack_from(data)
+    _, _, ptype, flags, _, seq, ack, sack, _, _ = HEADER.unpack_from(data)
+    name = PACKET_TYPES[ptype].name if ptype in PACKET_TYPES else f"type {ptype}"
     stream = " [file stream]" if flags & FLAG_FILE_STREAM else ""
     sack_text = f" sack={sack:#b}" if sack else ""
     retransmit = " retransmitted" if flags & FLAG_RETRANSMIT else ""
-    header = f"{peek_type_name(data)}{stream} seq={seq} ack={ack}{sack_text}"
-    return f"{header} {len(data)} B{retransmit}"
+    return f"{name}{stream} seq={seq} ack={ack}{sack_text} {len(data)} B{retransmit}"
 
 
 def pack_fields(*fields: str) -> bytes:
     """Return the fields as one payload: each a 2-byte length, then its UTF-8 bytes."""
     encoded = [field.encode("utf-8") for field in fields]
-    return b"".join(FIELD_LENGTH.pack(len(data)) + data for data in encoded)
+    return b"".join(len(data).to_bytes(2, "big") + data for data in encoded)
 
 
 def unpack_fields(payload: bytes, count: int | None = None) -> list[str]:
     """Return the text fields in `payload`; exactly `count` of them unless count is None."""
     fields, offset = [], 0
     while offset < len(payload):
-        if offset + FIELD_LENGTH.size > len(payload):
+        if offset + 2 > len(payload):
             raise PacketError("payload ends inside a field's length")
-        (length,) = FIELD_LENGTH.unpack_from(payload, offset)
-        start = offset + FIELD_LENGTH.size
-        offset = start + length
+        length = int.from_bytes(payload[offset:offset + 2], "big")
+        start, offset = offset + 2, offset + 2 + length
         if offset > len(payload):
             raise PacketError(f"field of {length} bytes runs past the end of the payload")
         fields.append(payload[start:offset])
@@ -389,27 +309,17 @@ def oversize_text(text: str) -> str:
     return f"Message too long ({size} bytes, the limit is {MAX_TEXT_BYTES}); not sent."
 
 
-def describe_address(address: Address) -> str:
-    """Return an address as a user types it: ip:port."""
-    return f"{address[0]}:{address[1]}"
-
-
 # A FILE_CHUNK's payload is binary, not text fields: the transfer's number and the offset
-# of the data in the file, 8 bytes each, then up to CHUNK_SIZE bytes of the file (a file
-# of 2.1 MB is about 1,900 chunks). It is scrambled and checksummed like any payload.
+# of the data in the file, 8 bytes each, then up to CHUNK_SIZE bytes of the file.
 FILE_CHUNK_HEAD = struct.Struct("!QQ")
 CHUNK_SIZE = MAX_PAYLOAD - FILE_CHUNK_HEAD.size
-# The EVENTs about files carry fields after the text: "file" [..., id, name, size, SHA-256]
-# offers a file; "file-done" [..., id] tells the sender that `user` has every byte;
-# "file-declined" [..., id] that `user` cancelled or left; "file-cancelled" [..., id]
-# that the transfer ended for everyone (the text says why).
+# The EVENTs about files carry fields after the text (docs/PROTOCOL.md, section 7).
 FILE_EVENTS = ("file", "file-done", "file-declined", "file-cancelled")
 MB = 1 << 20
-# Most file systems' limit on one name, and a SHA-256 as a FILE_OFFER carries it.
+# Most file systems' limit on a name; a SHA-256 as a FILE_OFFER carries it.
 MAX_FILE_NAME_BYTES = 255
 SHA_HEX = re.compile(r"[0-9a-f]{64}")
-# Chunks kept waiting in a file stream beyond those in flight: enough to refill its window
-# at once when ACKs come, few enough that memory stays small (32 x 1.2 KB).
+# Chunks kept waiting behind a file stream's window: enough to refill it when ACKs come.
 FILL = 32
 
 
@@ -450,33 +360,25 @@ def whole_number(text: str) -> bool:
 class RtoEstimator:
     """How long to wait for an acknowledgement before sending again (RFC 6298).
 
-    Each round trip measured updates a smoothed average (SRTT) and mean deviation
-    (RTTVAR); the timeout is SRTT + 4 * RTTVAR, long enough that a late answer is rarely
-    taken for a lost one. Each timeout of a packet multiplies its next wait by BACKOFF, up
-    to CEILING. Karn's rule: a packet sent twice gives no sample (which copy was answered?).
+    Round trips measured update a smoothed average (SRTT) and mean deviation (RTTVAR); the
+    timeout is SRTT + 4 RTTVAR, plus the time the peer may hold its ACK back (as QUIC adds
+    max_ack_delay), times BACKOFF for each timeout of the packet, up to CEILING.
     """
 
-    # RFC 6298: the weights of a new sample in SRTT and RTTVAR; the wait before any sample.
+    # RFC 6298's weights of a new sample in SRTT and RTTVAR, and its wait before any sample.
     ALPHA, BETA, INITIAL = 1 / 8, 1 / 4, 1.0
-    # RFC 6298 asks for a floor of 1 s, for the Internet. Here the peer's ACK delay is added
-    # where it applies (`peer_ack_delay`, as QUIC adds max_ack_delay), so the floor only
-    # keeps a timer from racing a LAN round trip (well under 10 ms). Where the clock is
-    # coarse (Windows ticks every 15.6 ms), timers fire late, never early.
-    FLOOR = 0.01
-    # TCP doubles the wait; KCP's 1.5 recovers sooner from random loss. RFC 6298 allows a
-    # ceiling of 60 s; on a LAN 2 s is a hundred round trips.
-    BACKOFF, CEILING = 1.5, 2.0
+    # RFC 6298's floor is 1 s, for the Internet; here it keeps a timer from racing a LAN
+    # round trip. KCP's backoff of 1.5 recovers sooner from random loss (TCP doubles).
+    FLOOR, BACKOFF, CEILING = 0.01, 1.5, 2.0
     # The least room kept for variation (QUIC's kGranularity); the least gap_timeout.
     GRANULARITY, GAP_FLOOR = 0.001, 0.002
 
     def __init__(self, initial: float = INITIAL, floor: float = FLOOR, ceiling: float = CEILING,
                  peer_ack_delay: float = 0.0):
         self.floor, self.ceiling, self.peer_ack_delay = floor, ceiling, peer_ack_delay
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.rto = min(max(initial, floor), ceiling)
-        # SRTT + 4 RTTVAR, without the room for the peer's delayed ACK.
-        self.round_trip_wait = self.rto
+        self.srtt, self.rttvar = None, 0.0
+        # The timeout, and SRTT + 4 RTTVAR without the room for the peer's delayed ACK.
+        self.rto = self.round_trip_wait = min(max(initial, floor), ceiling)
 
     def observe(self, rtt: float) -> None:
         """Take one round-trip sample, in seconds, and update the timeout."""
@@ -498,19 +400,14 @@ class RtoEstimator:
         return min(wait, self.timeout(timeouts))
 
 
-# Delayed ACKs, as TCP does them (RFC 1122, 4.2.3.2): a client acknowledges every second
-# packet at once, a lone one ACK_DELAY seconds later, anything out of order or duplicated
-# at once (the sender must hear of a gap). The server, with replies to carry its ACKs,
-# acknowledges at once, and its timers allow for the client's delay.
+# Delayed ACKs, as TCP's (RFC 1122, 4.2.3.2): a client acknowledges every second packet,
+# a lone one ACK_DELAY later, a gap or a copy at once; the server's timers allow for it.
 ACK_EVERY, ACK_DELAY = 2, 0.01
 
 
 def sack_bitmap(cumulative: int, held) -> int:
-    """Return the bitmap of the numbers `held`: bit i stands for number cumulative + 2 + i.
-
-    Number cumulative + 1 is, by definition, the one missing; numbers beyond the 32 bits
-    are left out, to be acknowledged later.
-    """
+    """Return the bitmap of the numbers `held`: bit i stands for number cumulative + 2 + i."""
+    # cumulative + 1 is, by definition, the one missing; those beyond 32 bits wait their turn.
     bits = [seq - cumulative - 2 for seq in held]
     return sum(1 << bit for bit in bits if 0 <= bit < 32)
 
@@ -531,7 +428,7 @@ class InFlight:
     deadline: float = 0.0
     sends: int = 0
     timeouts: int = 0
-    # When it was last sent, counted in transmissions; packets sent after it confirmed.
+    # Its place among all our transmissions; confirmed packets sent after it since.
     order: int = 0
     passed: int = 0
 
@@ -539,27 +436,14 @@ class InFlight:
 class Channel:
     """A reliable, ordered channel to one peer over UDP: Selective Repeat, both halves.
 
-    `send(type, payload)` queues a packet and returns its number (0: the queue is full);
-    `receive(packet, now)` takes one from the peer and returns what happened to it and the
-    packets now in order; `poll(now)` returns the datagrams to send now; `next_wakeup()`
-    when to poll again. Callers also read `failed` (the peer is gone), `idle()`,
-    `delivered(seq)`, `waiting`, `acknowledgement()` and `stats`. A session has two: the
-    chat's, and the file stream, whose `flags` are FLAG_FILE_STREAM. Stop-and-wait is
-    this class with a window of 1.
-
-        channel = Channel(make_cipher("none"))
-        channel.send(PacketType.SAY, pack_fields("hi"))
-        datagrams = channel.poll(now=0.0)     # what to send now
-        channel.next_wakeup()                 # when to call poll again, at the latest
+    `send()` queues a packet, `receive()` takes one from the peer, `poll(now)` returns the
+    datagrams to send now, `next_wakeup()` when to poll again. A session has two: the chat's
+    and the file stream's. Stop-and-wait is this class with a window of 1.
     """
 
-    # At most 32 in flight (the bitmap speaks for 32 beyond a gap), 1000 waiting behind them.
-    WINDOW, MAX_QUEUE = 32, 1000
-    # No ACK for 20 sends of one packet: the peer is gone. At 30% loss each way one send in
-    # two fails, and all of 20 once in a million.
-    MAX_SENDS = 20
-    # Overtaken by 2 packets, one is lost, not late (KCP's "fastresend 2"). After a run of
-    # timeouts, still probe with two packets at once.
+    # 32 in flight (the bitmap's bits), 1000 waiting; 20 sends unacknowledged: the peer is
+    # gone. Overtaken by 2 packets, one is lost, not late (KCP's "fastresend 2").
+    WINDOW, MAX_QUEUE, MAX_SENDS = 32, 1000, 20
     FAST_RETRANSMIT_AFTER, MIN_CONGESTION_WINDOW = 2, 2
 
     def __init__(self, cipher, token: bytes = NO_TOKEN, *, window: int = WINDOW,
@@ -568,24 +452,19 @@ class Channel:
                  first_seq: int = 1, flags: int = 0):
         if not 1 <= window <= self.WINDOW:
             raise ValueError(f"the window must be from 1 to {self.WINDOW}")
-        self.cipher, self.token, self.flags = cipher, token, flags
+        self.cipher, self.token, self.flags, self.rto = cipher, token, flags, rto or RtoEstimator()
         self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
-        self.rto = rto or RtoEstimator()
         self.ack_delay, self.ack_every = ack_delay, ack_every
-        # Sending. The retransmission queue is kept by number, oldest first, as dicts keep
-        # their order. highest_sacked, the highest number the peer has beyond a gap, tells
-        # random loss from a burst.
-        self.next_seq, self.transmissions, self.failed = first_seq, 0, False
+        # Sending: the retransmission queue by number, oldest first; timer_at, its earliest
+        # timer or earlier (a server asks every session's next_wakeup(): it must not scan);
+        # highest_sacked, the highest number the peer has beyond a gap: a loss before it is
+        # random loss, not a burst.
+        self.next_seq, self.failed, self.timer_at = first_seq, False, float("inf")
         self.in_flight: dict[int, InFlight] = {}
         self.waiting: collections.deque[InFlight] = collections.deque()
         self.congestion_window, self.highest_sacked = window, 0
-        # The earliest timer in flight, or earlier (a packet acknowledged since): poll()
-        # looks at the timers only then, so a busy server does not scan them per datagram.
-        self.timer_at = float("inf")
-        # Receiving: the next number to deliver, those arrived early, and how many arrived
-        # since our last acknowledgement, which must leave by ack_due.
-        self.expected, self.held = 1, {}
-        self.unacked, self.ack_due = 0, float("inf")
+        # Receiving: the next number to deliver, those come early, and the acknowledgement owed.
+        self.expected, self.held, self.unacked, self.ack_due = 1, {}, 0, float("inf")
         self.stats = collections.Counter()
 
     def send(self, ptype: PacketType, payload: bytes | Body) -> int:
@@ -602,7 +481,7 @@ class Channel:
 
     def delivered(self, seq: int) -> bool:
         """Has the peer acknowledged packet number `seq` (a number send() returned)?"""
-        return seq < self._base()
+        return seq < next(iter(self.in_flight), self.next_seq)
 
     def buffered_bytes(self) -> int:
         """Return the payload bytes held here: in flight, waiting, or held for a gap."""
@@ -611,27 +490,25 @@ class Channel:
 
     def poll(self, now: float) -> list[bytes]:
         """Return the datagrams to send now: retransmissions, new packets, or a bare ACK."""
-        if self.failed:
-            return []
         timers_ran = self.timer_at <= now
-        expired = self._expired(now) if timers_ran else []
-        out = [self._transmit(seq, entry, now) for seq, entry in expired]
-        if self.failed:
+        due = self._expired(now) if timers_ran and not self.failed else []
+        if self.failed or any(entry.sends >= self.max_sends for _, entry in due):
+            self.failed = True
             return []
+        out = [self._transmit(seq, entry, now) for seq, entry in due]
         while self._has_room():
             self.in_flight[self.next_seq] = entry = self.waiting.popleft()
             out.append(self._transmit(self.next_seq, entry, now))
             self.next_seq += 1
         if self.ack_due <= now and not out:
-            cumulative, bitmap = self.acknowledgement()
-            ack = Packet(PacketType.ACK, 0, cumulative, bitmap, self.token, self.flags)
+            ack = Packet(PacketType.ACK, 0, *self.acknowledgement(), self.token, self.flags)
             out.append(encode_packet(ack, self.cipher))
             self.stats["bare acks"] += 1
         # Every datagram carries the acknowledgement: none is owed any more.
         if out:
             self.unacked, self.ack_due = 0, float("inf")
         if out or timers_ran:
-            deadlines = (entry.deadline for entry in self.in_flight.values())
+            deadlines = [entry.deadline for entry in self.in_flight.values()]
             self.timer_at = min(deadlines, default=float("inf"))
         return out
 
@@ -639,26 +516,20 @@ class Channel:
         """Return the time poll() next has work to do (inf: nothing until a packet comes)."""
         if self.failed:
             return float("inf")
-        if self._has_room():
-            return 0.0
-        return min(self.timer_at, self.ack_due)
+        return 0.0 if self._has_room() else min(self.timer_at, self.ack_due)
 
     def _has_room(self) -> bool:
         """May a waiting packet go now? Both windows must have room for it."""
-        limit = self._base() + min(self.window, self.congestion_window)
+        limit = next(iter(self.in_flight), self.next_seq) + min(self.window, self.congestion_window)
         return bool(self.waiting) and self.next_seq < limit
-
-    def _base(self) -> int:
-        """Return the oldest unacknowledged number (the window's left edge)."""
-        return next(iter(self.in_flight), self.next_seq)
 
     def _expired(self, now: float) -> list[tuple[int, InFlight]]:
         """Return the packets whose timers fired; halve the congestion window if congested."""
         due = [(seq, entry) for seq, entry in self.in_flight.items() if entry.deadline <= now]
         congested = False
         for seq, entry in due:
-            # A fast retransmit is no timeout: not backed off. A timeout with no gap reported
-            # beyond it is a burst of loss or a peer that cannot keep up: slow down.
+            # A fast retransmit is not backed off. A timeout with no gap reported beyond it
+            # is a burst of loss or a peer that cannot keep up: slow down.
             if entry.passed < self.FAST_RETRANSMIT_AFTER:
                 entry.timeouts += 1
                 congested |= seq > self.highest_sacked
@@ -667,63 +538,48 @@ class Channel:
             self.congestion_window = max(self.MIN_CONGESTION_WINDOW, self.congestion_window // 2)
         return due
 
-    def _transmit(self, seq: int, entry: InFlight, now: float) -> bytes | None:
-        """Return the datagram for packet `seq` and start its timer; None if we give up."""
-        if entry.sends >= self.max_sends:
-            self.failed = True
-            return None
-        self.stats["retransmitted" if entry.sends else "sent"] += 1
-        flags = self.flags | (FLAG_RETRANSMIT if entry.sends else 0)
+    def _transmit(self, seq: int, entry: InFlight, now: float) -> bytes:
+        """Return the datagram for packet `seq` and start its timer."""
+        again = entry.sends > 0
+        self.stats["retransmitted" if again else "sent"] += 1
         entry.sends += 1
-        self.transmissions += 1
-        entry.order, entry.sent_at = self.transmissions, now
-        missing = entry.sends > 1 and seq < self.highest_sacked
-        wait = self.rto.gap_timeout if missing else self.rto.timeout
+        entry.order, entry.sent_at = self.stats["sent"] + self.stats["retransmitted"], now
+        # The peer acknowledges at once what fills a gap: no room for a delayed ACK then.
+        wait = self.rto.gap_timeout if again and seq < self.highest_sacked else self.rto.timeout
         entry.deadline = now + wait(entry.timeouts)
-        cumulative, bitmap = self.acknowledgement()
-        packet = Packet(entry.ptype, seq, cumulative, bitmap, self.token, flags)
+        flags = self.flags | (FLAG_RETRANSMIT if again else 0)
+        packet = Packet(entry.ptype, seq, *self.acknowledgement(), self.token, flags)
         return encode_packet(packet, self.cipher, entry.body)
 
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
-        """Forget what the peer confirmed, and open the congestion window by as many."""
-        done = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
-        if not done:
-            return
-        orders = []
-        for seq in done:
-            entry = self.in_flight.pop(seq)
-            orders.append(entry.order)
-            # Karn's rule: only a packet sent once gives an unambiguous round trip.
+        """Forget what the peer confirmed; count what overtook each packet it still lacks."""
+        confirmed = [seq for seq in self.in_flight if acknowledged(seq, cumulative, bitmap)]
+        done = [self.in_flight.pop(seq) for seq in confirmed]
+        # Karn's rule: only a packet sent once gives an unambiguous round trip.
+        for entry in done:
             if entry.sends == 1:
                 self.rto.observe(now - entry.sent_at)
         self.congestion_window = min(self.window, self.congestion_window + len(done))
         if not self.in_flight:
             self.timer_at = float("inf")
-        if bitmap:
-            self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
-            self._count_overtaking(sorted(orders), now)
-
-    def _count_overtaking(self, orders: list[int], now: float) -> None:
-        """Count, for each packet the peer lacks, the confirmed packets sent after it.
-
-        Packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty. Overtaken
-        FAST_RETRANSMIT_AFTER times, a packet is sent again at the next poll.
-        """
+        if not (bitmap and done):
+            return
+        self.highest_sacked = max(self.highest_sacked, cumulative + 1 + bitmap.bit_length())
+        # Packets, not ACKs, as RFC 6675 counts: one ACK may confirm twenty.
+        orders = sorted(entry.order for entry in done)
         for entry in self.in_flight.values():
             before = entry.passed
             entry.passed += len(orders) - bisect.bisect_right(orders, entry.order)
+            # Overtaken FAST_RETRANSMIT_AFTER times, it goes again at the next poll.
             if before < self.FAST_RETRANSMIT_AFTER <= entry.passed:
                 entry.deadline = self.timer_at = now
                 self.stats["fast retransmits"] += 1
 
     def receive(self, packet: Packet, now: float) -> tuple[str, list[Packet]]:
-        """Take a packet from the peer; return what happened to it and what is now in order.
-
-        Its acknowledgement is read first. A packet numbered 0 is on no channel (an ACK,
-        an answer before login) and is handed back at once.
-        """
+        """Take a packet from the peer; return what happened to it and what is now in order."""
         self._on_acknowledgement(packet.ack, packet.sack, now)
         seq = packet.seq
+        # Numbered 0, it is on no channel (an ACK, an answer before login): handed back.
         if seq == 0:
             return "unsequenced", [packet]
         # A copy: the acknowledgement that covered it was lost, so repeat it now.
@@ -742,33 +598,26 @@ class Channel:
             self.expected += 1
         self.unacked += 1
         # A gap opened or filled, or enough have come: the peer is told at once.
-        gap = len(ready) != 1 or self.held
-        at_once = gap or self.unacked >= self.ack_every
+        at_once = len(ready) != 1 or self.held or self.unacked >= self.ack_every
         self.ack_due = now if at_once else min(self.ack_due, now + self.ack_delay)
         return ("in order" if ready else "held: a gap before it"), ready
 
     def acknowledgement(self) -> tuple[int, int]:
         """Return (cumulative, bitmap): what to tell the peer we have."""
-        cumulative = self.expected - 1
-        return cumulative, sack_bitmap(cumulative, self.held)
+        return self.expected - 1, sack_bitmap(self.expected - 1, self.held)
 
 
 # === 4. Lab tools: a lossy socket, the shared options ============================
 
 
 class LossySocket:
-    """A UDP socket that drops each datagram, in or out, with probability `loss`.
-
-    With a fixed `seed` the same datagrams are dropped on every run, so a class can watch
-    retransmission recover, and a failing test repeats. Each direction and `side` has its
-    own generator: a server and a client given one seed must not drop in lockstep.
-    Everything else passes through to the real socket.
-    """
+    """A UDP socket that drops each datagram, in or out, with probability `loss`."""
 
     def __init__(self, sock, loss: float, seed: int | None = None, on_drop=None, side=""):
         if not 0.0 <= loss < 1.0:
             raise ValueError("loss must be at least 0 and below 1")
         self.sock, self.loss, self.dropped = sock, loss, 0
+        # With a seed, the same datagrams each run; each direction and side its own generator.
         self.randoms = {way: random.Random(None if seed is None else f"{side}/{seed}/{way}")
                         for way in ("in", "out")}
         self.on_drop = on_drop or (lambda direction, data: None)
@@ -825,7 +674,6 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
 
 def loss_share(text: str) -> float:
     """Read --loss: a share of datagrams, at least 0 and below 1 (1 would drop everything)."""
-    # float() raises ValueError on bad text: argparse reports it as an invalid value.
     share = float(text)
     if not 0 <= share < 1:
         raise argparse.ArgumentTypeError("must be at least 0 and below 1")
