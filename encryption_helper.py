@@ -31,6 +31,8 @@ import bisect
 import collections
 import dataclasses
 import enum
+import hashlib
+import hmac
 import random
 import re
 import struct
@@ -99,8 +101,6 @@ def make_cipher(name: str, key: str | None = None):
 # B = k*v + g^b: both ends reach S = g^(b*(a + u*x)), never sent. M1 proves the password, M2 the
 # verifier; A, B, M1, M2 test no guess offline, a fake server gets one guess per login; an A or B
 # of 0 mod N (S known) is refused. NOT protected: making an account (a fake server gets v).
-import hashlib  # noqa: E402
-import hmac  # noqa: E402
 
 # RFC 5054 appendix A's 2048-bit group (N = 2q + 1, q prime; g = 2); k = H(N | PAD(g)).
 SRP_N = int(
@@ -122,16 +122,19 @@ def srp_hash(*parts: bytes | int) -> bytes:
     data = b"".join(p.to_bytes(size, "big") if isinstance(p, int) else p for p in parts)
     return hashlib.new(SRP_HASH, data).digest()
 
+
 def srp_client(x: int, a: int, A: int, B: int) -> int:
     """Return S = (B - k*g^x)^(a + u*x), where A = g^a and u = H(A | B)."""
     u = int.from_bytes(srp_hash(A, B), "big")
     return pow(B - SRP_K * pow(SRP_G, x, SRP_N), a + u * x, SRP_N)
+
 
 def srp_server(v: int, b: int, A: int) -> tuple[int, int]:
     """Return B = k*v + g^b and S = (A * v^u)^b: the client's S if its x made v."""
     B = (SRP_K * v + pow(SRP_G, b, SRP_N)) % SRP_N
     u = int.from_bytes(srp_hash(A, B), "big")
     return B, pow(A * pow(v, u, SRP_N), b, SRP_N)
+
 
 def srp_proofs(name: str, salt: bytes, A: int, B: int, S: int) -> tuple[bytes, bytes, bytes]:
     """Return K = H(S), M1 = H(H(name) | salt | A | B | K) and M2 = H(A | M1 | K)."""
@@ -141,8 +144,11 @@ def srp_proofs(name: str, salt: bytes, A: int, B: int, S: int) -> tuple[bytes, b
     M1 = srp_hash(srp_hash(name.lower().encode()), salt, A, B, K)
     return K, M1, srp_hash(A, M1, K)
 
+
 def session_tag(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of `data` under the session key, cut to TAG_BYTES."""
     return hmac.new(key, data, "sha256").digest()[:TAG_BYTES]
+
 
 def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:
     """Compared in constant time: how long it takes tells no byte of the right tag."""
