@@ -190,7 +190,8 @@ class Requests:
         self.name = self.room = self.file_stream = None
         self.channel = self.new_channel()
         self.files = FileTransfers(downloads, lambda *both: self.emit("transfer", more=both),
-                                   lambda number: self.send(PacketType.FILE_CANCEL, [str(number)]))
+                                   lambda number, *answer: self.send(PacketType.FILE_CANCEL,
+                                                                     [str(number), *answer]))
         # Getting back in: the last login and room with their passwords, the refusal told
         # already, when to try next and since when; back in a room its past comes again:
         # the time of the newest line shown.
@@ -613,6 +614,7 @@ def read_event(payload: bytes) -> Event:
 #       FILE_OFFER [bob, name, size, sha] ->
 #                                   <- OK [re, 7]   (or ERROR: too big, no such user...)
 #                                            EVENT "file" [..., 7, name, size, sha] ->
+#                                                      <- FILE_CANCEL [7, "accept"] (/accept 7)
 #       FILE_CHUNK [7, 0, data]  ~~~~>  transfers/7.part  ~~~~>  FILE_CHUNK [7, 0, data]
 #       FILE_CHUNK [7, 1152, ...] ~~~>    (on disk)        ~~~>  downloads/name.part
 #                          <- EVENT "file-done" [..., 7]         SHA-256 checked, renamed
@@ -622,7 +624,8 @@ def read_event(payload: bytes) -> Event:
 # wait for that chunk's resend (head-of-line blocking; QUIC gives each stream its own
 # numbers for the same reason). The receiver writes NAME.part, checks the SHA-256 once
 # every byte is there, and only then renames it: a crash leaves at most a .part file.
-# A name comes from another user, so it is treated as hostile (`safe_file_name`).
+# A name comes from another user, so it is treated as hostile (`safe_file_name`), and
+# nothing is written before the user accepts (the server sends no chunk before that).
 
 # A saved file's name is cut to 200 bytes: room is left for " (12)" and ".part". Windows will
 # not create a file with a reserved name, whatever its extension ("con.txt" too), nor one
@@ -633,6 +636,11 @@ RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
                     for n in "0123456789\u00b9\u00b2\u00b3")}
 FORBIDDEN = set('<>:"/\\|?*')
 UNPRINTABLE = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"}
+# Types a double-click runs (Windows, macOS, Linux desktops): saved with HARMLESS added, so
+# that "tugas.pdf.exe" (Windows hides ".exe") opens as nothing. Not .py: the course's own.
+EXECUTABLE_TYPES = set("""exe bat cmd com scr pif cpl msi msp ps1 psm1 vbs vbe js jse wsf wsh hta
+    lnk url scf reg inf jar sh bash run desktop app command appimage""".split())
+HARMLESS = ".download"
 
 
 @dataclasses.dataclass(eq=False)
@@ -683,6 +691,11 @@ def safe_file_name(name: str) -> str:
     if name.split(".")[0].upper().rstrip(" ") in RESERVED_NAMES:
         name = "_" + name
     return shorten(name, SAFE_NAME_BYTES)
+
+
+def executable(name: str) -> bool:
+    """Is the type of `name` one a double-click runs? ("x.EXE", "x .exe", "résumé.scr")"""
+    return "." in name and name.rsplit(".", 1)[1].strip().lower() in EXECUTABLE_TYPES
 
 
 def unprintable(character: str) -> bool:
@@ -757,14 +770,17 @@ class FileTransfers:
 
     Narrow interface: `emit(then, live)` reports a change (started, another whole percent,
     ended: the transfer as it was, shown later on another thread, and the live one),
-    `cancel(number)` tells the server a transfer of ours stopped. Entry points: `answered`
-    (the server's answer to an offer), `fill` (chunks into the file stream while it has
-    room), `offer_arrived` and `receive_chunk` (a file coming to us), `event` (the server
-    cancelled one), `cancel_mine`, `end_all`. `offers` by ticket, `transfers` in order.
+    `cancel(number)` tells the server a transfer of ours stopped, `cancel(number, "accept")`
+    that we take an offer. Entry points: `answered` (the server's answer to an offer),
+    `fill` (chunks into the file stream while it has room), `offer_arrived`, `answer_offer`
+    and `receive_chunk` (a file coming to us), `event` (the server cancelled one),
+    `cancel_mine`, `end_all`. `offers` by ticket, `transfers` in order; `accept_files`: take
+    every offer unasked (only for scripts that opt in, such as the benchmarks).
     """
 
-    def __init__(self, downloads: str, emit, cancel):
+    def __init__(self, downloads: str, emit, cancel, accept_files: bool = False):
         self.downloads, self.report, self.cancel = downloads, emit, cancel
+        self.accept_files = accept_files
         self.offers: dict[int, Transfer] = {}
         self.transfers: list[Transfer] = []
 
@@ -791,7 +807,8 @@ class FileTransfers:
 
     def start(self, transfer: Transfer, opener, trouble: str) -> None:
         """Open the transfer's file and let bytes move; an empty download is done at once."""
-        self.transfers.append(transfer)
+        if transfer not in self.transfers:
+            self.transfers.append(transfer)
         try:
             transfer.file = opener()
         except OSError as error:
@@ -834,12 +851,27 @@ class FileTransfers:
             self.emit(transfer)
 
     def offer_arrived(self, sender: str, more: list[str]) -> None:
-        """An EVENT "file" [id, name, size, sha]: make NAME.part and wait for its chunks."""
+        """An EVENT "file" [id, name, size, sha]: an offer that waits for /accept or /decline."""
         readable = len(more) == 4 and more[0].isdigit() and more[2].isdigit()
         if readable and wire.SHA_HEX.fullmatch(more[3]):
             transfer = Transfer("receive", sender, more[1], int(more[2]), more[3], "", int(more[0]))
+            self.transfers.append(transfer)
+            if self.accept_files:
+                self.answer_offer(transfer.number, True)
+
+    def answer_offer(self, number: int, accept: bool) -> Transfer | None:
+        """Accept (make NAME.part, ask for the chunks) or decline the offer numbered (0: the
+        newest); return it, or None if no such offer waits."""
+        transfer = next((t for t in reversed(self.transfers) if t.direction == "receive"
+                         and t.state == "offered" and number in (0, t.number)), None)
+        if transfer and not accept:
+            self.end(transfer, "cancelled", "you declined it", tell=True)
+        elif transfer:
+            # First: a part that cannot be made says no again with FILE_CANCEL [id].
+            self.cancel(transfer.number, "accept")
             self.start(transfer, lambda: self.create_part(transfer),
                        f"cannot save in {self.downloads}")
+        return transfer
 
     def create_part(self, transfer: Transfer):
         """Create NAME.part (or NAME (1).part...) and return it open for writing. O_EXCL: the
@@ -848,7 +880,8 @@ class FileTransfers:
         os.makedirs(self.downloads, exist_ok=True)
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         while True:
-            name = unused_path(self.downloads, safe_file_name(transfer.name), ".part")
+            name = safe_file_name(transfer.name)
+            name = unused_path(self.downloads, name + HARMLESS * executable(name), ".part")
             transfer.path = name + ".part"
             # 0o644 (less the umask): a file from someone else is never made executable;
             # FileExistsError: another download took that name a moment ago
@@ -863,7 +896,7 @@ class FileTransfers:
             return
         transfer = self.find(number)
         # none: cancelled, failed or unknown; its chunks still in flight are dropped
-        if transfer is None or transfer.direction != "receive":
+        if transfer is None or transfer.direction != "receive" or transfer.state != "moving":
             return
         fits = offset < transfer.size and len(data) == wire.chunk_length(transfer.size, offset)
         if offset % wire.CHUNK_SIZE or not fits:
@@ -894,7 +927,8 @@ class FileTransfers:
             return self.end(transfer, "failed", f"cannot save it: {error.strerror or error}",
                             tell=True)
         transfer.path = final
-        self.end(transfer, "done", "SHA-256 checked")
+        renamed = f"; an executable type, so {HARMLESS} was added"
+        self.end(transfer, "done", "SHA-256 checked" + renamed * executable(final[:-len(HARMLESS)]))
 
     def end(self, transfer: Transfer, state: str, note: str, tell: bool = False) -> None:
         """Finish a transfer; a download's partial file is removed unless it is done."""
@@ -957,13 +991,15 @@ class ChatClient:
     def __init__(self, host: str, port: int, cipher: str = wire.DEFAULT_CIPHER,
                  key: str | None = None, *, timing: Timing | None = None, loss: float = 0.0,
                  seed: int | None = None, on_event=None, trace=None, downloads: str = "downloads",
-                 rejoin: bool = True):
+                 rejoin: bool = True, accept_files: bool = False):
         self.host, self.port, self.timing = host, port, timing or Timing()
         self.events: queue.Queue = queue.Queue()
         self.on_event = on_event or self.events.put
         self.protocol = ClientProtocol(wire.make_cipher(cipher, key), self.timing, time.monotonic(),
                                        loss, trace, f"{host}:{port}", downloads, rejoin)
         self.protocol.wall_offset = time.time() - time.monotonic()
+        # True only in scripts that opt in: every file offered is saved unasked.
+        self.protocol.files.accept_files = accept_files
         # the protocol is shared by the callers' threads and ours; futures by ticket
         self.lock, self.futures = threading.Lock(), {}
         self.closed, self.closed_reason = threading.Event(), ""
@@ -1056,6 +1092,13 @@ class ChatClient:
         # the network thread tells the server, and hands the events on, in order
         self.wake()
         return stopped
+
+    def answer_offer(self, number: int = 0, accept: bool = True) -> Transfer | None:
+        """Accept (or decline) the file offered as `number` (0: the newest); None if no such."""
+        with self.lock:
+            offer = self.protocol.files.answer_offer(number, accept)
+        self.wake()
+        return offer
 
     def transfers(self) -> list[Transfer]:
         """Return this session's transfers: in progress first, then those ended."""
@@ -1486,7 +1529,7 @@ def describe_transfer(transfer: Transfer, final: bool = False) -> str:
              else f"sending {name} ({size}) to {peer} as number {number}"}
     if final:
         return printable(lines.get(transfer.state, name))
-    how = f"{transfer.percent}%" if transfer.active else transfer.state
+    how = f"{transfer.percent}%" if transfer.state == "moving" else transfer.state
     how += f" ({transfer.note})" if transfer.note and not transfer.active else ""
     # no number: the server never took it
     return printable(f"{'#' + str(number) + ' ' if number else ''}{name} "
@@ -1692,6 +1735,8 @@ HELP = f"""Commands:
   /msg USER TEXT - a private message to one user
   /send USER FILE - send a file to one user ("quotes" optional around a name with spaces)
   /share FILE - send a file to everyone in your room
+  /accept or /decline - the newest file offered to you (/accept N: number N); nothing is saved
+    before you accept, and an offer lapses after a minute
   /files - files in progress and finished; /cancel stops yours (/cancel N: number N)
   exit or /quit - leave
 Anything else is sent to everyone in your room. A line over {MAX_TEXT_BYTES} bytes (UTF-8) goes as
@@ -1817,6 +1862,15 @@ def cancel_files(client: ChatClient, rest: str, face) -> None:
                   else "No file of yours is on its way.")
 
 
+def answer_offer(client: ChatClient, rest: str, face, accept: bool = True) -> None:
+    """/accept or /decline, the newest offer or /accept N."""
+    number = rest.lstrip("#")
+    if number and not wire.whole_number(number):
+        face.show(f"Usage: /{'accept' if accept else 'decline'}, or with N as the offer says it")
+    elif not client.answer_offer(int(number or 0), accept):
+        face.show(f"No file offer numbered {number} waits." if number else "No file offer waits.")
+
+
 def unquote(text: str) -> str:
     """Return a path as typed: quotes around it dropped, ~ expanded; backslashes kept (Windows)."""
     text = text.strip()
@@ -1827,7 +1881,9 @@ def unquote(text: str) -> str:
 
 COMMANDS = {"say": send_lines, "/help": lambda client, rest, face: face.show(HELP),
             "/rooms": show_rooms, "/who": show_who, "/join": join_room, "/msg": send_private,
-            "/send": send_file, "/share": share_file, "/files": list_files, "/cancel": cancel_files}
+            "/send": send_file, "/share": share_file, "/files": list_files, "/cancel": cancel_files,
+            "/accept": answer_offer,
+            "/decline": lambda client, rest, face: answer_offer(client, rest, face, False)}
 
 
 # --- The window: python client.py --gui -----------------------------------------------
@@ -1948,9 +2004,12 @@ class ChatWindow:
         self.entry.bind("<Return>", self.submit)
         files = grid(ttk.Frame(frame), 2, columnspan=3, sticky="ew")
         grid(ttk.Button(files, text="Send file...", command=self.pick_file))
-        self.bar = grid(ttk.Progressbar(files, length=120), 0, 1, padx=6)
-        self.bar_label = grid(ttk.Label(files, text="No file on its way", width=20), 0, 2)
-        grid(ttk.Button(files, text="Log out", command=self.log_out), 0, 3)
+        # The newest file offered to us; /accept N and /decline N are typed.
+        grid(ttk.Button(files, text="Accept file", command=lambda: self.jobs.put(
+            lambda: self.run_line("/accept"))), 0, 1)
+        self.bar = grid(ttk.Progressbar(files, length=120), 0, 2, padx=6)
+        self.bar_label = grid(ttk.Label(files, text="No file on its way", width=20), 0, 3)
+        grid(ttk.Button(files, text="Log out", command=self.log_out), 0, 4)
         return frame
 
     def show_frame(self, chatting: bool) -> None:

@@ -81,8 +81,12 @@ MAX_NAME_BYTES = 64
 COOKIE_PERIOD = 30.0
 # Answers to REGISTER and LOGIN kept for retries, the oldest forgotten first.
 RETRY_CACHE_SIZE = 4096
-# Files: 3 at once per member, 20 on the server; an upload idle for 60 s is cancelled.
-DEFAULT_MAX_FILE_MB, MAX_FILES_PER_MEMBER, MAX_TRANSFERS, UPLOAD_IDLE_LIMIT = 20, 3, 20, 60.0
+# Files: 2 at once per member, 20 on the server (when all are taken, a member holding fewer
+# takes the place of the idlest file of one holding the most: a fair share each); an upload
+# with no chunk for 15 s is cancelled, so a sender that trickles loses its place.
+DEFAULT_MAX_FILE_MB, MAX_FILES_PER_MEMBER, MAX_TRANSFERS, UPLOAD_IDLE_LIMIT = 20, 2, 20, 15.0
+# An offer not accepted in a minute lapses; at most 5 offers, 100 MB, wait for one receiver.
+OFFER_LAPSE, MAX_OFFERS_WAITING, MAX_WAITING_MB = 60.0, 5, 100
 # The loop's longest sleep (on Windows, Ctrl+C waits for select() to return), and how
 # often it looks for finished password checks while one runs.
 MAX_WAIT, CHECK_POLL = 0.5, 0.01
@@ -771,7 +775,9 @@ def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
     refuse(chat, request.address, f"sent a FIND, {why}; dropped", count="finds dropped")
 
 def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
-    """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file."""
+    """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file and
+    answers FILE_CANCEL [id, "accept"] (or [id]: no); a receiver with too much waiting is
+    left out, and the sender told."""
     session = request.session
     to, name, size, sha = wire.unpack_fields(request.packet.payload, 4)
     room = room_of(chat, session)
@@ -782,22 +788,31 @@ def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
     if not receivers:
         raise Refused("nobody", "Nobody else is in the room to share it with.")
     upload = chat.files.open(session, name, size, sha, receivers, request.now)
-    text = f"{session.name} is sending {name} ({wire.describe_size(upload.size)})"
+    number, described = upload.id, wire.describe_size(upload.size)
+    text = f"{session.name} offers {name} ({described}): /accept {number} or /decline {number}"
     for member in receivers:
         where = chat.rooms[member.room].name if member.room else ""
-        event = chat.event("file", where, session.name, text, upload.id, name, upload.size, sha)
-        # No chunk goes before the offer arrived (the file stream could overtake it); a
-        # receiver whose channel had no room for the offer is left out.
-        offer = chat.tell(member, event)
-        if offer:
-            upload.receivers[member] = Receiver(offer)
+        event = chat.event("file", where, session.name, text, number, name, upload.size, sha)
+        # A receiver whose channel had no room for the offer is left out.
+        if member in upload.receivers and not chat.tell(member, event):
+            del upload.receivers[member]
+        elif member not in upload.receivers:
+            chat.notify(session, "file-declined", member.name, f"{name} not offered to "
+                        f"{member.name}: too many offers wait for an answer", number)
     chat.files.settle(upload)
-    return [str(upload.id)]
+    return [str(number)]
 
 def handle_file_cancel(chat: ChatServer, request: Request) -> list[str]:
-    """FILE_CANCEL [id]: the sender's ends the transfer for all; a receiver's, for itself."""
-    (number,) = wire.unpack_fields(request.packet.payload, 1)
-    chat.files.cancel_by(request.session, int(number) if wire.whole_number(number) else 0)
+    """FILE_CANCEL [id]: the sender's ends the transfer for all; a receiver's, for itself.
+    FILE_CANCEL [id, "accept"]: a receiver takes the offer, and its chunks start."""
+    fields = wire.unpack_fields(request.packet.payload)
+    if not 1 <= len(fields) <= 2 or fields[1:] not in ([], ["accept"]):
+        raise Refused("bad-request", 'A FILE_CANCEL is [id], or [id, "accept"].')
+    number = int(fields[0]) if wire.whole_number(fields[0]) else 0
+    if fields[1:]:
+        chat.files.accept(request.session, number)
+        return ["accepted"]
+    chat.files.cancel_by(request.session, number)
     return ["cancelled"]
 
 def refuse(chat: ChatServer, address: Address, what: str, count: str = "bad") -> None:
@@ -1030,13 +1045,17 @@ def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
 
 @dataclasses.dataclass
 class Receiver:
-    """Where one receiver is in one file: numbers on its own two channels, and bytes sent."""
+    """Where one receiver is in one file: its consent, and bytes sent on its file stream."""
 
-    # The "file" EVENT's number on its chat channel: no chunk goes before that arrived.
-    offer_seq: int
+    # When the offer lapses unless accepted; never, once accepted: only then chunks go.
+    lapses_at: float
     sent: int = 0
     # The file stream's number of the last chunk put in.
     last_seq: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        return self.lapses_at == float("inf")
 
 
 @dataclasses.dataclass(eq=False)
@@ -1061,9 +1080,9 @@ class FileRelay:
     """Uploads stored to disk, then relayed to each receiver on its own file stream.
 
     Its interface: `open` (an offer), `receive` (a sender's file stream), `fill` (a
-    receiver's), `settle`, `cancel_by`, `drop`, `expire`, `remove`. It speaks to members
-    only through `notify(session, kind, user, text, id)`. A receiver gets chunks once it
-    acknowledged the "file" EVENT, and while its file stream has fewer than FILL waiting.
+    receiver's), `settle`, `accept`, `cancel_by`, `drop`, `expire`, `remove`. It speaks to
+    members only through `notify(session, kind, user, text, id)`. A receiver gets chunks
+    once it accepted the offer, and while its file stream has fewer than FILL waiting.
     """
 
     def __init__(self, folder: str, max_file_mb: float, notify, log: ServerLog):
@@ -1076,18 +1095,24 @@ class FileRelay:
                 os.remove(os.path.join(folder, name))
 
     def open(self, sender, name: str, size: str, sha: str, receivers, now: float) -> Upload:
-        """Start an upload for `receivers`; refuse a bad offer, a file too big, or too many."""
+        """Start an upload for the `receivers` with room for one more offer waiting; refuse a
+        bad offer, a file too big, too many, or one nobody has room for."""
         if not (wire.whole_number(size) and wire.SHA_HEX.fullmatch(sha)
                 and 0 < len(name.encode()) <= wire.MAX_FILE_NAME_BYTES):
             raise Refused("bad-request", "A file offer is [to, name (1-255 bytes), size, SHA-256].")
         if int(size) > self.max_file_mb * wire.MB:
             raise Refused("too-big", f"That file is {int(size):,} bytes; the limit is "
                                      f"{self.max_file_mb:g} MB.")
-        if sum(upload.sender is sender for upload in self.uploads.values()) >= MAX_FILES_PER_MEMBER:
+        mine = sum(upload.sender is sender for upload in self.uploads.values())
+        if mine >= MAX_FILES_PER_MEMBER:
             raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; "
                                       "wait for one to finish.")
+        welcome = [member for member in receivers if self.may_wait(member, int(size))]
+        if receivers and not welcome:
+            raise Refused("offers-waiting", f"Too many offers wait for an answer there (at most "
+                          f"{MAX_OFFERS_WAITING}, {MAX_WAITING_MB} MB); try again later.")
         if len(self.uploads) >= MAX_TRANSFERS:
-            raise Refused("busy", "The server is busy with other files; try again in a while.")
+            self.make_room(mine)
         path = os.path.join(self.folder, f"{self.next_id}.part")
         try:
             file = open(path, "w+b", buffering=0)
@@ -1098,9 +1123,29 @@ class FileRelay:
         upload = self.uploads[self.next_id] = Upload(self.next_id, sender, name, int(size), sha,
                                                      file, now)
         self.next_id += 1
-        names = ", ".join(member.name for member in receivers)
+        names = ", ".join(member.name for member in welcome)
+        upload.receivers = {member: Receiver(now + OFFER_LAPSE) for member in welcome}
         self.log_file(upload, f"offered to {names}, {wire.describe_size(upload.size)}")
         return upload
+
+    def may_wait(self, member, size: int) -> bool:
+        """Has `member` room for one more offer (of `size` bytes) waiting for its answer?"""
+        waiting = [upload.size for upload in self.uploads.values()
+                   if member in upload.receivers and not upload.receivers[member].accepted]
+        return (len(waiting) < MAX_OFFERS_WAITING
+                and sum(waiting) + size <= MAX_WAITING_MB * wire.MB)
+
+    def make_room(self, mine: int) -> None:
+        """Every place is taken: cancel the idlest upload of a member holding the most, if
+        that is more than the `mine` of the one asking (a fair share each); else refuse."""
+        held = collections.Counter(upload.sender for upload in self.uploads.values())
+        most = max(held.values())
+        if most <= mine:
+            raise Refused("busy", "The server is busy with other files; try again in a while.")
+        # One still uploading, and the longest without a chunk, goes first.
+        idlest = min((upload for upload in self.uploads.values() if held[upload.sender] == most),
+                     key=lambda upload: (upload.checked, upload.last_progress))
+        self.cancel(idlest, "the server needed its place for another member's file")
 
     def receive(self, session, packet: Packet, now: float) -> list:
         """A packet on a member's file stream: acknowledgements, and chunks of its uploads.
@@ -1150,15 +1195,15 @@ class FileRelay:
     def fill(self, session) -> None:
         """Note the files `session` has whole; put chunks in its file stream while it has
         room, one file after the other in turn."""
-        stream, chat = session.file_stream, session.channel
+        stream = session.file_stream
         mine = [(upload, upload.receivers[session]) for upload in list(self.uploads.values())
                 if session in upload.receivers]
         for upload, where in mine:
             if (upload.checked and where.sent == upload.size and stream.delivered(where.last_seq)
-                    and chat.delivered(where.offer_seq)):
+                    and where.accepted):
                 self.forget(upload, session, "file-done", f"{session.name} has {upload.name}")
         ready = [(upload, where) for upload, where in mine if session in upload.receivers
-                 and where.sent < upload.received and chat.delivered(where.offer_seq)]
+                 and where.sent < upload.received and where.accepted]
         while ready and len(stream.waiting) < wire.FILL:
             for upload, where in list(ready):
                 upload.file.seek(where.sent)
@@ -1168,6 +1213,15 @@ class FileRelay:
                 where.sent += len(data)
                 if where.sent >= upload.received or not data:
                     ready.remove((upload, where))
+
+    def accept(self, session, number: int) -> None:
+        """A receiver's FILE_CANCEL [id, "accept"]: chunks go to it from now on."""
+        upload = self.uploads.get(number)
+        if upload is None or session not in upload.receivers:
+            raise Refused("no-such-transfer", "No such offer (lapsed or cancelled?).")
+        if not upload.receivers[session].accepted:
+            upload.receivers[session].lapses_at = float("inf")
+            self.log_file(upload, f"accepted by {session.name}")
 
     def cancel_by(self, session, number: int) -> None:
         """A FILE_CANCEL: the sender's ends the transfer; a receiver's, its own part."""
@@ -1219,10 +1273,17 @@ class FileRelay:
             self.log.problem(f"cannot delete {upload.file.name}: {error}")
 
     def expire(self, now: float) -> None:
-        """Cancel the uploads that gained no byte for UPLOAD_IDLE_LIMIT seconds."""
+        """Cancel the uploads that gained no byte for UPLOAD_IDLE_LIMIT seconds; end the
+        offers not accepted in OFFER_LAPSE seconds, each receiver on its own."""
         for upload in list(self.uploads.values()):
             if not upload.checked and now - upload.last_progress > UPLOAD_IDLE_LIMIT:
                 self.cancel(upload, f"no part of it came for {UPLOAD_IDLE_LIMIT:.0f} s")
+                continue
+            for member in [m for m, where in upload.receivers.items() if where.lapses_at <= now]:
+                self.notify(member, "file-cancelled", upload.sender.name, f"{upload.name} from "
+                            f"{upload.sender.name} lapsed: not accepted in time", upload.id)
+                self.forget(upload, member, "file-declined",
+                            f"{member.name} did not accept {upload.name} within a minute")
 
     def log_file(self, upload: Upload, what: str) -> None:
         sender = upload.sender

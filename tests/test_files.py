@@ -110,13 +110,14 @@ class FakeStream:
 
 
 class Files(FileTransfers):
-    """FileTransfers with its two callbacks recorded: `news` (state, transfer), `cancels` (ids)."""
+    """FileTransfers with its two callbacks recorded: `news` (state, transfer), `cancels` (ids),
+    `accepts` (ids)."""
 
     def __init__(self, downloads: str):
-        self.news, self.cancels = [], []
+        self.news, self.cancels, self.accepts = [], [], []
         # A change comes as the transfer then, and the live one.
         super().__init__(downloads, lambda then, live: self.news.append((then.state, live)),
-                         self.cancels.append)
+                         lambda number, *answer: (self.accepts if answer else self.cancels).append(number))
 
 
 def chunks_of(tmp_path, data: bytes) -> tuple[Files, list[str], list[bytes]]:
@@ -134,9 +135,15 @@ def chunks_of(tmp_path, data: bytes) -> tuple[Files, list[str], list[bytes]]:
     return sender, client.offer_fields(transfer), stream.sent
 
 
+def accept(receiver: FileTransfers, offer: list[str]) -> None:
+    """The offer arrives as transfer 7, and the user accepts it."""
+    receiver.offer_arrived("alice", ["7", *offer[1:]])
+    receiver.answer_offer(7, True)
+
+
 def receive(tmp_path, offer: list[str], chunks: list[bytes]) -> Files:
     receiver = Files(str(tmp_path / "downloads"))
-    receiver.offer_arrived("alice", ["7", *offer[1:]])
+    accept(receiver, offer)
     for chunk in chunks:
         receiver.receive_chunk(chunk)
     return receiver
@@ -216,7 +223,7 @@ def test_two_downloads_of_one_name_at_once_keep_its_extension(tmp_path):
     _, offer, chunks = chunks_of(tmp_path, b"same name")
     first, second = Files(str(tmp_path / "downloads")), Files(str(tmp_path / "downloads"))
     for receiver in (first, second):  # both under way before either is finished
-        receiver.offer_arrived("alice", ["7", *offer[1:]])
+        accept(receiver, offer)
     for receiver in (first, second):
         for chunk in chunks:
             receiver.receive_chunk(chunk)
@@ -226,7 +233,7 @@ def test_two_downloads_of_one_name_at_once_keep_its_extension(tmp_path):
 def test_a_download_that_cannot_be_written_fails_alone_and_says_why(tmp_path, monkeypatch):
     _, offer, chunks = chunks_of(tmp_path, bytes(3 * CHUNK_SIZE))
     receiver = Files(str(tmp_path / "downloads"))
-    receiver.offer_arrived("alice", ["7", *offer[1:]])
+    accept(receiver, offer)
     (transfer,) = receiver.transfers
 
     def full_disk(data):
@@ -250,8 +257,8 @@ def test_a_terminal_shows_a_few_lines_of_progress_and_a_last_one(tmp_path):
         terminal.show_event(client.Event("transfer", 0.0, more=(then, live)), "bob")
 
     _, offer, chunks = chunks_of(tmp_path, bytes(100 * CHUNK_SIZE))
-    receiver = FileTransfers(str(tmp_path / "downloads"), show, lambda number: None)
-    receiver.offer_arrived("alice", ["7", *offer[1:]])
+    receiver = FileTransfers(str(tmp_path / "downloads"), show, lambda number, *answer: None)
+    accept(receiver, offer)
     for chunk in chunks:
         receiver.receive_chunk(chunk)
     path = tmp_path / "downloads" / "original.bin"
@@ -286,6 +293,8 @@ def outcome(made: client.ChatClient, timeout: float = 60.0) -> tuple[str, client
 
 
 def friends(make_client, chat_server, tmp_path, *names, **options) -> list[client.ChatClient]:
+    """Members that accept every file offered (test_hostile_files.py covers asking first)."""
+    options.setdefault("accept_files", True)
     return [member(make_client, chat_server.address, name, downloads=str(tmp_path / name), **options)
             for name in names]
 
@@ -300,7 +309,8 @@ def test_a_file_reaches_one_member_byte_for_byte(chat_server, make_client, tmp_p
     path, data = random_file(tmp_path, size)
     transfer = alice.send_file("bob", path)
     assert transfer.number > 0  # the server's number for it
-    assert next_event(bob, "file").text == f"alice is sending data.bin ({encryption_helper.describe_size(size)})"
+    offered = f"alice offers data.bin ({encryption_helper.describe_size(size)})"
+    assert next_event(bob, "file").text == f"{offered}: /accept {transfer.number} or /decline {transfer.number}"
     what, received = outcome(bob)
     assert what == "done" and open(received.path, "rb").read() == data
     assert outcome(alice)[0] == "done"
@@ -546,7 +556,9 @@ def test_send_in_the_scripted_client_lands_in_the_downloads_folder(chat_server, 
         alice.type("/register", "alice", "pass", "pass", "/login", "alice", "pass", "juara")
         alice.expect("joined lobby: bob here")
         alice.type(f'/send bob "{path}"')
-        assert bob.expect("alice is sending").endswith("alice is sending my notes.pdf (293.0 KB)")
+        offered = "alice offers my notes.pdf (293.0 KB): /accept 1 or /decline 1"
+        assert bob.expect("alice offers").endswith(offered)
+        bob.type("/accept 1")
         saved = bob.expect("saved ")
         assert saved == f"saved {tmp_path / 'bob' / 'my notes.pdf'} (293.0 KB, SHA-256 checked)"
         assert alice.expect("sent my notes.pdf") == "sent my notes.pdf (293.0 KB) to bob"
