@@ -582,6 +582,8 @@ def test_a_receiver_killed_mid_transfer_leaves_only_a_part_file(chat_server, mak
         alice, = friends(make_client, chat_server, tmp_path, "alice")
         hold_upload(alice, 30)
         alice.send_file("bob", random_file(tmp_path, 200_000, "photo.jpg")[0])
+        bob.expect("alice offers photo.jpg")
+        bob.type("/accept 1")
         wait_until(lambda: os.path.exists(tmp_path / "bob" / "photo.jpg.part") and
                    os.path.getsize(tmp_path / "bob" / "photo.jpg.part"), what="a partial download")
     finally:
