@@ -1230,7 +1230,8 @@ class FileRelay:
             return self.cancel(upload, f"{session.name} cancelled it", tell_sender=False)
         if upload is None or session not in upload.receivers:
             raise Refused("no-such-transfer", "No such transfer (finished already?).")
-        self.forget(upload, session, "file-declined", f"{session.name} cancelled {upload.name}")
+        said = "cancelled" if upload.receivers[session].accepted else "declined"
+        self.forget(upload, session, "file-declined", f"{session.name} {said} {upload.name}")
 
     def drop(self, session) -> None:
         """A session ended: its unchecked uploads stop (a checked one goes on being relayed),
@@ -1283,7 +1284,7 @@ class FileRelay:
                 self.notify(member, "file-cancelled", upload.sender.name, f"{upload.name} from "
                             f"{upload.sender.name} lapsed: not accepted in time", upload.id)
                 self.forget(upload, member, "file-declined",
-                            f"{member.name} did not accept {upload.name} within a minute")
+                            f"{member.name} did not accept {upload.name} in {OFFER_LAPSE:.0f} s")
 
     def log_file(self, upload: Upload, what: str) -> None:
         sender = upload.sender

@@ -576,7 +576,7 @@ def test_send_file_goes_to_the_member_chosen_byte_for_byte_with_the_bar(
         chat_server, make_client, open_window, tmp_path, monkeypatch):
     window = open_window(chat_server.address)
     log_in(window, "alice")
-    bob = member(make_client, chat_server.address, "bob", downloads=str(tmp_path / "bob"))
+    bob = member(make_client, chat_server.address, "bob", downloads=str(tmp_path / "bob"), accept_files=True)
     path, data = random_file(tmp_path, 300_000)
     asked = choose_file(monkeypatch, path)
     pump(window, lambda: "bob" in members_shown(window), "bob in the member list")
@@ -596,7 +596,7 @@ def test_send_file_with_no_member_chosen_shares_with_the_room(chat_server, make_
                                                                tmp_path, monkeypatch):
     window = open_window(chat_server.address)
     log_in(window, "alice")
-    bob = member(make_client, chat_server.address, "bob", downloads=str(tmp_path / "bob"))
+    bob = member(make_client, chat_server.address, "bob", downloads=str(tmp_path / "bob"), accept_files=True)
     path, data = random_file(tmp_path, 5000, "notes.txt")
     asked = choose_file(monkeypatch, path)
     press(window, "Send file...")
@@ -623,6 +623,9 @@ def test_a_file_sent_to_the_window_lands_in_its_downloads_folder(chat_server, ma
     bob = member(make_client, chat_server.address, "bob")
     path, data = random_file(tmp_path, 200_000)
     bob.send_file("alice", path)
+    pump(window, lambda: "bob offers photo.bin" in messages(window), "the offer")
+    assert not (tmp_path / "alice").exists()  # nothing saved before the button says so
+    press(window, "Accept file")
     saved = tmp_path / "alice" / "photo.bin"
     pump(window, lambda: f"saved {saved} ({client.describe_size(len(data))}" in messages(window), "the saved line")
     assert saved.read_bytes() == data and window.bar_label.cget("text") == "No file on its way"
