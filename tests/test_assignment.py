@@ -461,6 +461,8 @@ def test_optional_binary_file_arrives_byte_identical(lab, tmp_path):
     original = tmp_path / "photo.bin"
     original.write_bytes(bytes(range(256)) * 64 + random.Random(24).randbytes(100_000))
     alice.type(f"/send bob {original}")
+    bob.expect("alice offers photo.bin", "bob was not offered the file alice sent")
+    bob.type("/accept 1")
     bob.expect("saved", "bob did not save the file alice sent", 30.0)
     received = list((tmp_path / "bob's downloads").iterdir())
     assert [path.name for path in received] == ["photo.bin"], f"bob's downloads hold {received}"

@@ -782,13 +782,14 @@ def test_an_upload_the_server_cannot_open_is_refused_and_leaves_no_file_behind(h
 
 
 def test_the_log_follows_a_file_from_offer_to_receiver(harness):
-    alice, _ = member(harness, 1, "alice"), member(harness, 2, "bob")
+    alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
     empty = hashlib.sha256(b"").hexdigest()  # an empty file: complete as soon as it is offered
     assert alice.ask(PacketType.FILE_OFFER, "bob", "a.txt", "0", empty) == (OK, ["1"])
+    assert bob.ask(PacketType.FILE_CANCEL, "1", "accept") == (OK, ["accepted"])
     harness.settle()
     files = [line.split(" FILE  ", 1)[1] for line in harness.log if " FILE " in line]
     assert files == ["#1 'a.txt' offered to bob, 0 B", "#1 'a.txt' arrived whole, SHA-256 checked",
-                     "#1 'a.txt' bob has it all"]
+                     "#1 'a.txt' accepted by bob", "#1 'a.txt' bob has it all"]
 
 
 def test_a_file_just_over_the_limit_is_refused_in_bytes(harness):

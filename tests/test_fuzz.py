@@ -524,7 +524,8 @@ class ChatServerMachine(RuleBasedStateMachine):
         fields = {PacketType.JOIN: [room, password], PacketType.SAY: [text], PacketType.PRIVATE: [to, text],
                   PacketType.FILE_OFFER: [to if seq[0] != "next" else "", text[:20], str(seq[1] % 5000),
                                           SHA_OF_NOTHING],
-                  PacketType.FILE_CANCEL: [str(seq[1] % 4)]}
+                  # an odd number accepts the offer ([id, "accept"]), an even one cancels it
+                  PacketType.FILE_CANCEL: [str(seq[1] % 4)] + ["accept"] * (seq[1] % 2)}
         payload = pack_fields(*fields.get(ptype, [])) if damaged is None else damaged
         packet = Packet(ptype, self.member_seq(address, seq), 0, 0, self.token_for(address, token), 0, payload)
         self.send(packet, address, True)
