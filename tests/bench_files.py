@@ -9,6 +9,7 @@ it. Loss is simulated (LossySocket, seeded) at the server and at every client, b
 so a datagram crosses two lossy hops. Printed per row: seconds from the offer until every
 receiver has checked its SHA-256, MB/s, chunks resent per chunk sent, and the most file
 bytes the server held in memory at once (its file streams' buffered_bytes, after every fill).
+The receivers accept every offer unasked (ChatClient(accept_files=True)): a user types /accept.
 """
 
 import argparse
@@ -53,7 +54,8 @@ def run(size_mb: float, loss: float, receivers: int, folder: str) -> tuple:
         names = ["alice"] + [f"bob{n}" for n in range(receivers)]
         for number, name in enumerate(names):
             chat = client.ChatClient(*loop.address, timing=timing(loss), loss=loss, seed=number,
-                                     downloads=os.path.join(folder, name), rejoin=False)
+                                     downloads=os.path.join(folder, name), rejoin=False,
+                                     accept_files=True)
             made.append(chat)
             chat.register(name, "pw")
             chat.login(name, "pw")

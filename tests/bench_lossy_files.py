@@ -11,10 +11,11 @@ the end, also on Ctrl+C or a failure). Every process runs inside it on 127.0.0.1
 
 **Ours.** A real server (server.py, its own process, default settings but quiet), a
 process with the sender (a ChatClient, alice) and a process with the receivers (bob0,
-bob1, ... each a ChatClient with its own downloads folder). All log in and join the
-lobby while the loss is 0; then the loss is set, alice calls send_file (to bob0, or to
-the room when there are several), and the time runs from that call (the file is hashed
-in it) to the moment the last receiver has its file saved, SHA-256 checked by the
+bob1, ... each a ChatClient with its own downloads folder, accepting every offer unasked:
+accept_files=True, where a user types /accept). All log in and join the lobby while
+the loss is 0; then the loss is set, alice calls send_file (to bob0, or to the room
+when there are several), and the time runs from that call (the file is hashed in it)
+to the moment the last receiver has its file saved, SHA-256 checked by the
 client, and checked once more here against the file that was sent.
 
 **TCP.** The same bytes, in the same namespace at the same loss, through a TCP relay
@@ -153,7 +154,8 @@ def role_file_receivers(args) -> None:
     for number in range(args.count):
         name = f"bob{number}"
         chat = client.ChatClient("127.0.0.1", args.port, downloads=os.path.join(args.data_dir, name),
-                                 on_event=lambda event, name=name: on_event(event, name))
+                                 on_event=lambda event, name=name: on_event(event, name),
+                                 accept_files=True)
         bench_lossy.enter_lobby(chat, name)
         chats.append(chat)
     say("READY")
