@@ -1103,16 +1103,7 @@ class FileRelay:
         if int(size) > self.max_file_mb * wire.MB:
             raise Refused("too-big", f"That file is {int(size):,} bytes; the limit is "
                                      f"{self.max_file_mb:g} MB.")
-        mine = sum(upload.sender is sender for upload in self.uploads.values())
-        if mine >= MAX_FILES_PER_MEMBER:
-            raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; "
-                                      "wait for one to finish.")
-        welcome = [member for member in receivers if self.may_wait(member, int(size))]
-        if receivers and not welcome:
-            raise Refused("offers-waiting", f"Too many offers wait for an answer there (at most "
-                          f"{MAX_OFFERS_WAITING}, {MAX_WAITING_MB} MB); try again later.")
-        if len(self.uploads) >= MAX_TRANSFERS:
-            self.make_room(mine)
+        welcome = self.find_place(sender, receivers, int(size))
         path = os.path.join(self.folder, f"{self.next_id}.part")
         try:
             file = open(path, "w+b", buffering=0)
@@ -1127,6 +1118,21 @@ class FileRelay:
         upload.receivers = {member: Receiver(now + OFFER_LAPSE) for member in welcome}
         self.log_file(upload, f"offered to {names}, {wire.describe_size(upload.size)}")
         return upload
+
+    def find_place(self, sender, receivers, size: int) -> list:
+        """Return the receivers with room for one more offer waiting; refuse a sender with
+        its fair share of places, or an offer none of them has room for."""
+        mine = sum(upload.sender is sender for upload in self.uploads.values())
+        if mine >= MAX_FILES_PER_MEMBER:
+            raise Refused("too-many", f"You are sending {MAX_FILES_PER_MEMBER} files already; "
+                                      "wait for one to finish.")
+        welcome = [member for member in receivers if self.may_wait(member, size)]
+        if receivers and not welcome:
+            raise Refused("offers-waiting", f"Too many offers wait for an answer there (at most "
+                          f"{MAX_OFFERS_WAITING}, {MAX_WAITING_MB} MB); try again later.")
+        if len(self.uploads) >= MAX_TRANSFERS:
+            self.make_room(mine)
+        return welcome
 
     def may_wait(self, member, size: int) -> bool:
         """Has `member` room for one more offer (of `size` bytes) waiting for its answer?"""

@@ -81,7 +81,7 @@ def test_offers_waiting_for_one_receiver_are_capped(chat_server, make_client, tm
 @pytest.mark.parametrize("sent, saved", [
     ("tugas.pdf.exe", "tugas.pdf.exe.download"),
     ("résumé.scr", "résumé.scr.download"),
-    ("tugas.pdf                                        .exe", "tugas.pdf" + " " * 40 + ".exe.download"),
+    ("tugas.pdf" + " " * 40 + ".exe", "tugas.pdf" + " " * 40 + ".exe.download"),
     ("setup.EXE. . .", "setup.EXE.download"),
     ("run.sh", "run.sh.download"),
     ("notes.pdf", "notes.pdf"),
@@ -115,7 +115,7 @@ def test_an_honest_send_gets_a_place_while_attackers_hold_all_the_others(
     names = [f"mal{n}" for n in range(server.MAX_TRANSFERS // server.MAX_FILES_PER_MEMBER)]
     bob, alice, *attackers = victim_and(make_client, chat_server, tmp_path, "alice", *names)
     path, data = random_file(tmp_path, 100_000)
-    for attacker, target in zip(attackers, names[1:] + names[:1]):
+    for attacker, target in zip(attackers, names[1:] + names[:1], strict=True):
         hold_upload(attacker, 1)  # trickling: a chunk, then nothing for now
         for _ in range(server.MAX_FILES_PER_MEMBER):
             attacker.send_file(target, path)
