@@ -43,6 +43,7 @@ import queue
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -330,6 +331,8 @@ class Requests:
 
     def give_up(self, reason: str) -> None:
         """No answer for too long: a session is lost (and got back if we can); else close."""
+        if self.logged_in and self.unreachable:
+            reason = f"The server at {self.server} has stopped (nothing is listening on its port)"
         if self.logged_in:
             self.notice(f"[WARN] {reason}.")
             self.lose_session(SessionLost(f"{reason}."), told=True)
@@ -573,16 +576,16 @@ class ClientProtocol(Requests):
         self.lose_session(Refused("not-sent", why), told=True)
 
     def port_unreachable(self) -> None:
-        """The OS reported an ICMP "port unreachable": nobody listens there (yet). One report
-        may be left over from an earlier server; two with nothing heard between mean the
-        server is not running: in a session that is news at once."""
+        """The OS reported an ICMP "port unreachable": nobody listens there (yet). Before
+        login two with nothing heard between mean no server. In a session it is only a hint,
+        since anyone on the LAN can forge one: we ask the server (a PING, resent as usual),
+        and only its silence ends the session (check_contact); the give-up then says why."""
         self.unreachable += 1
-        if self.unreachable < 2 or self.state == "reconnecting":
+        if self.state == "reconnecting":
             return
-        if self.logged_in:
-            self.give_up(f"The server at {self.server} has stopped "
-                         "(nothing is listening on its port)")
-        elif self.pending:
+        if self.logged_in and self.channel.idle():
+            self.send(PacketType.PING, ())
+        elif not self.logged_in and self.unreachable >= 2 and self.pending:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
 
@@ -1434,10 +1437,40 @@ def printable(text: str) -> str:
     """
     for line_break in ("\r\n", "\r", "\u2028", "\u2029"):
         text = text.replace(line_break, "\n")
+    return without_controls(text).replace("\n", "\n    ")
+
+
+def without_controls(text: str) -> str:
+    """Return `text` with every control but a line break as '?', a tab as four spaces."""
     unsafe = {"Cc", "Cs"}
-    text = "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
+    return "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
                    else c for c in text.replace("\t", "    "))
-    return text.replace("\n", "\n    ")
+
+
+# Our own codes (the colours, the bell at a line's end): the only controls the terminal is sent.
+OWN_CODES = re.compile("(\x1b\\[(?:1;33|35|0)m|\a$)")
+
+
+def screen_text(text: str, width: int = 0) -> str:
+    """Return a line as it may reach the screen: the last check at its door, whichever way the
+    text came, and with `width`, broken into rows of at most that many columns, each row after
+    a line's first indented. A terminal wrapping a long line itself would start a row at column
+    0 with whatever the sender put there: a forged `[07:36] bob: ...` or `[WARN] ...`."""
+    rows = []
+    for line in text.split("\n"):
+        row, used = "", 0
+        for piece in OWN_CODES.split(line):
+            if OWN_CODES.fullmatch(piece):
+                row += piece
+                continue
+            for c in without_controls(piece):
+                # counted wide where a terminal might draw it wide: a row never overflows
+                wide = 2 if unicodedata.east_asian_width(c) in "WFA" else 1
+                if width and used + wide > width:
+                    rows, row, used = rows + [row], "    ", 4
+                row, used = row + c, used + wide
+        rows.append(row)
+    return "\n".join(rows)
 
 
 def format_event(event: Event, me: str | None = None) -> str:
@@ -1625,6 +1658,7 @@ class Terminal:
             typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
             self.prompt = self.prompt if again is None else again
+            text = screen_text(text, self.interactive and shutil.get_terminal_size().columns - 1)
             # OSError: a program reading our output stopped, or the terminal closed (EIO)
             with contextlib.suppress(OSError):
                 sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
@@ -1847,7 +1881,8 @@ POLL_EVERY = 50
 # How the marks of line_marks (and of the client's notices) look; a later tag wins.
 LINE_TAGS = {"notice": {"foreground": "#505050"}, "warn": {"foreground": "#b00020"},
              "history": {"foreground": "#707070"}, "own": {"foreground": "#1f5fbf"},
-             "mention": {"background": "#fff1b8"}, "private": {"background": "#fde0ef"}}
+             "mention": {"background": "#fff1b8"}, "private": {"background": "#fde0ef"},
+             "line": {"lmargin2": 24}}
 
 
 def load_tkinter() -> None:
@@ -2054,13 +2089,14 @@ class ChatWindow:
         if self.chatting:
             self.add_line(text, notice_marks(text))
         else:
-            self.reply.configure(text=text)
+            self.reply.configure(text=screen_text(text))
 
     def add_line(self, text: str, marks: tuple[str, ...] = ()) -> None:
         """Append a line; keep the newest in sight, unless the user scrolled up to read."""
         following = self.messages.yview()[1] >= 0.999
         self.messages.configure(state="normal")
-        self.messages.insert("end", text + "\n", marks)
+        # wrapped rows of a line are indented ("line"): none passes for a line of its own
+        self.messages.insert("end", screen_text(text) + "\n", (*marks, "line"))
         self.messages.configure(state="disabled")
         if following:
             self.messages.see("end")

@@ -967,12 +967,15 @@ class HistoryFile:
 
         2026-12-01 07:46:05 UTC  #lobby  alice: two lines:\\nthe second
 
-    A backslash or line break in a message is written escaped (`\\\\`, `\\n`, `\\r`), so each
-    message stays one line and reads back exactly as it was said.
+    A backslash or line break in a message is written escaped (`\\\\`, `\\n`, `\\r`), and any
+    other control character as `\\uXXXX` (ESC is `\\u001b`), so each message stays one line,
+    `tail` on a terminal shows no escape sequence at work, and it reads back exactly as said.
     """
 
     LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC  #(\S+)  (\S+?): (.*)")
-    ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+    ESCAPES = {"\n": "\\n", "\r": "\\r"}
+    # C0 and C1 controls, DEL, the Unicode line breaks and the bidi controls
+    CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
     def __init__(self, path: str):
         self.path, self.file = path, open(path, "a+b")
@@ -985,7 +988,8 @@ class HistoryFile:
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
-        escaped = "".join(self.ESCAPES.get(c, c) for c in text)
+        escaped = self.CONTROLS.sub(lambda m: self.ESCAPES.get(m[0]) or f"\\u{ord(m[0]):04x}",
+                                    text.replace("\\", "\\\\"))
         self.file.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n".encode())
         # In the OS's hands now: survives the server being killed.
         self.file.flush()
@@ -1001,10 +1005,15 @@ class HistoryFile:
                 if found:
                     stamp, room, user, text = found.groups()
                     when = calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
-                    text = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), text)
+                    text = re.sub(r"\\(u[0-9a-f]{4}|.)", cls.unescape, text)
                     yield float(when), room, user, text
                 elif line.strip():
                     warn(f"{path} line {number} is damaged (a crash mid-write?); skipped")
+
+    @staticmethod
+    def unescape(found: re.Match) -> str:
+        code = found[1]
+        return chr(int(code[1:], 16)) if len(code) == 5 else {"n": "\n", "r": "\r"}.get(code, code)
 
     def close(self) -> None:
         self.file.close()
