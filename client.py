@@ -1260,6 +1260,9 @@ def connect_udp(host: str, port: int) -> socket.socket:
 # time, a third of it apart, as DHCP resends its DISCOVER
 SEARCH_TIME, SEARCH_TRIES = 1.0, 3
 NOTHING_FOUND = "no server answered on this network; type its IP"
+# Anyone on the LAN can answer a FIND: with several answers the student chooses, knowingly.
+SEVERAL_FOUND = ("several servers answered: a classmate's program can pose as one, so choose "
+                 "yours by comparing the list with the banner on the server's PC")
 OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
 # A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
 # forwards it. But a system sends it only where a route leads (the default route, if any):
@@ -1405,15 +1408,18 @@ def find_servers(port: int, cipher, show) -> list[FoundServer]:
         show(f"{address}:{other_port} answered, but uses another --cipher or --key")
     if not search.found:
         show(OTHER_KEYS_ONLY if search.other_key else NOTHING_FOUND)
+    elif len(search.found) > 1:
+        show(SEVERAL_FOUND)
     return search.servers()
 
 
 def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
     """Return (host, port if known) for an answer to the Server IP prompt; None if no choice.
-    Enter takes the first server found (127.0.0.1 if none), a number one from the list,
-    anything else is an address."""
+    Enter takes the one server found (127.0.0.1 if none; never one of several), a number one
+    from the list, anything else is an address."""
     if not answer:
-        return (found[0].host, found[0].port) if found else (DEFAULT_HOST, None)
+        return None if len(found) > 1 else (found[0].host, found[0].port) if found else (
+            DEFAULT_HOST, None)
     if found and wire.whole_number(answer):
         chosen = found[int(answer) - 1] if 0 < int(answer) <= len(found) else None
         return (chosen.host, chosen.port) if chosen else None
@@ -1953,7 +1959,8 @@ class ChatWindow:
             # Enter logs in, except in the second password field, which is there to register.
             entry.bind("<Return>", lambda event: self.enter(event.widget is self.again))
         # Filled by Find servers: a click on one puts its IP and port in the fields.
-        self.servers = grid(tk.Listbox(frame, width=34, height=6), 1, 2, rowspan=4, padx=8)
+        self.servers, self.found = grid(tk.Listbox(frame, width=34, height=6), 1, 2, rowspan=4,
+                                        padx=8), []
         self.servers.bind("<<ListboxSelect>>", self.choose_server)
         grid(ttk.Button(frame, text="Find servers", command=self.search), 0, 2, padx=(8, 0))
         grid(ttk.Button(frame, text="Register", command=lambda: self.enter(True)), 5, pady=8)
@@ -2072,15 +2079,16 @@ class ChatWindow:
             self.show_servers, find_servers(wire.port_number(port), cipher, self.show))))
 
     def show_servers(self, found: list) -> None:
-        fill(self.servers, [f"{server.host}:{server.port}  {printable(server.name)}  "
-                            f"{server.online} online" for server in found])
+        self.found = found
+        fill(self.servers, [str(server) for server in found])
         if found:
-            self.say("Click a server in the list to use it.")
+            self.say(("Several servers answered: " if len(found) > 1 else "")
+                     + "Click a server in the list to use it.")
 
     def choose_server(self, event=None) -> None:
         for index in self.servers.curselection():
-            address = self.servers.get(index).split()[0].rsplit(":", 1)
-            for entry, text in zip((self.host, self.port), address, strict=True):
+            server = self.found[index]
+            for entry, text in zip((self.host, self.port), (server.host, str(server.port)), strict=True):
                 entry.delete(0, "end")
                 entry.insert(0, text)
 
@@ -2358,7 +2366,8 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
     while True:
         default = found[0].host if found else DEFAULT_HOST
         hint = "" if found else " (? searches the network)"
-        answer = terminal.ask(f"Server IP [{default}]{hint}: ").strip()
+        several = f"Server number (1-{len(found)}) or IP: " if len(found) > 1 else ""
+        answer = terminal.ask(several or f"Server IP [{default}]{hint}: ").strip()
         if answer == "?":
             cipher = wire.make_cipher(args.cipher, args.key)
             found = find_servers(args.port or DEFAULT_PORT, cipher, terminal.show)
