@@ -581,6 +581,8 @@ class ClientProtocol(Requests):
         since anyone on the LAN can forge one: we ask the server (a PING, resent as usual),
         and only its silence ends the session (check_contact); the give-up then says why."""
         self.unreachable += 1
+        if self.trace:
+            self.trace('[trace] in  ICMP "port unreachable": a hint, the server is asked')
         if self.state == "reconnecting":
             return
         if self.logged_in and self.channel.idle():
@@ -2088,7 +2090,8 @@ class ChatWindow:
     def choose_server(self, event=None) -> None:
         for index in self.servers.curselection():
             server = self.found[index]
-            for entry, text in zip((self.host, self.port), (server.host, str(server.port)), strict=True):
+            chosen = (server.host, str(server.port))
+            for entry, text in zip((self.host, self.port), chosen, strict=True):
                 entry.delete(0, "end")
                 entry.insert(0, text)
 
