@@ -13,6 +13,7 @@ import re
 
 import pytest
 from conftest import member
+
 # `lan`: a fixture, the LAN of namespaces
 from test_lan import PORT, SERVER_NAME, join_chat, lan, start_chat_server  # noqa: F401
 from test_terminal import ScreenModel
