@@ -1419,9 +1419,10 @@ def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None]
     """Return (host, port if known) for an answer to the Server IP prompt; None if no choice.
     Enter takes the one server found (127.0.0.1 if none; never one of several), a number one
     from the list, anything else is an address."""
+    if not answer and len(found) > 1:
+        return None
     if not answer:
-        return None if len(found) > 1 else (found[0].host, found[0].port) if found else (
-            DEFAULT_HOST, None)
+        return (found[0].host, found[0].port) if found else (DEFAULT_HOST, None)
     if found and wire.whole_number(answer):
         chosen = found[int(answer) - 1] if 0 < int(answer) <= len(found) else None
         return (chosen.host, chosen.port) if chosen else None
@@ -1472,8 +1473,9 @@ def screen_text(text: str, width: int = 0) -> str:
                 row += piece
                 continue
             for c in without_controls(piece):
-                # counted wide where a terminal might draw it wide: a row never overflows
-                wide = 2 if unicodedata.east_asian_width(c) in "WFA" else 1
+                # a wide character (CJK, most emoji) takes two columns; a combining one,
+                # counted as one, only makes the row end early: it never overflows
+                wide = 2 if unicodedata.east_asian_width(c) in "WF" else 1
                 if width and used + wide > width:
                     rows, row, used = rows + [row], "    ", 4
                 row, used = row + c, used + wide
