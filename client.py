@@ -43,6 +43,7 @@ import queue
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -331,6 +332,8 @@ class Requests:
 
     def give_up(self, reason: str) -> None:
         """No answer for too long: a session is lost (and got back if we can); else close."""
+        if self.logged_in and self.unreachable:
+            reason = f"The server at {self.server} has stopped (nothing is listening on its port)"
         if self.logged_in:
             self.notice(f"[WARN] {reason}.")
             self.lose_session(SessionLost(f"{reason}."), told=True)
@@ -574,16 +577,18 @@ class ClientProtocol(Requests):
         self.lose_session(Refused("not-sent", why), told=True)
 
     def port_unreachable(self) -> None:
-        """The OS reported an ICMP "port unreachable": nobody listens there (yet). One report
-        may be left over from an earlier server; two with nothing heard between mean the
-        server is not running: in a session that is news at once."""
+        """The OS reported an ICMP "port unreachable": nobody listens there (yet). Before
+        login two with nothing heard between mean no server. In a session it is only a hint,
+        since anyone on the LAN can forge one: we ask the server (a PING, resent as usual),
+        and only its silence ends the session (check_contact); the give-up then says why."""
         self.unreachable += 1
-        if self.unreachable < 2 or self.state == "reconnecting":
+        if self.trace:
+            self.trace('[trace] in  ICMP "port unreachable": a hint, the server is asked')
+        if self.state == "reconnecting":
             return
-        if self.logged_in:
-            self.give_up(f"The server at {self.server} has stopped "
-                         "(nothing is listening on its port)")
-        elif self.pending:
+        if self.logged_in and self.channel.idle():
+            self.send(PacketType.PING, ())
+        elif not self.logged_in and self.unreachable >= 2 and self.pending:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
 
@@ -1300,6 +1305,9 @@ def connect_udp(host: str, port: int) -> socket.socket:
 # time, a third of it apart, as DHCP resends its DISCOVER
 SEARCH_TIME, SEARCH_TRIES = 1.0, 3
 NOTHING_FOUND = "no server answered on this network; type its IP"
+# Anyone on the LAN can answer a FIND: with several answers the student chooses, knowingly.
+SEVERAL_FOUND = ("several servers answered: a classmate's program can pose as one, so choose "
+                 "yours by comparing the list with the banner on the server's PC")
 OTHER_KEYS_ONLY = "no server with this --cipher and --key answered; start the client with theirs"
 # A datagram to 255.255.255.255 reaches every host on the link it leaves by, and no router
 # forwards it. But a system sends it only where a route leads (the default route, if any):
@@ -1445,13 +1453,17 @@ def find_servers(port: int, cipher, show) -> list[FoundServer]:
         show(f"{address}:{other_port} answered, but uses another --cipher or --key")
     if not search.found:
         show(OTHER_KEYS_ONLY if search.other_key else NOTHING_FOUND)
+    elif len(search.found) > 1:
+        show(SEVERAL_FOUND)
     return search.servers()
 
 
 def pick_server(answer: str, found: list[FoundServer]) -> tuple[str, int | None] | None:
     """Return (host, port if known) for an answer to the Server IP prompt; None if no choice.
-    Enter takes the first server found (127.0.0.1 if none), a number one from the list,
-    anything else is an address."""
+    Enter takes the one server found (127.0.0.1 if none; never one of several), a number one
+    from the list, anything else is an address."""
+    if not answer and len(found) > 1:
+        return None
     if not answer:
         return (found[0].host, found[0].port) if found else (DEFAULT_HOST, None)
     if found and wire.whole_number(answer):
@@ -1477,10 +1489,41 @@ def printable(text: str) -> str:
     """
     for line_break in ("\r\n", "\r", "\u2028", "\u2029"):
         text = text.replace(line_break, "\n")
+    return without_controls(text).replace("\n", "\n    ")
+
+
+def without_controls(text: str) -> str:
+    """Return `text` with every control but a line break as '?', a tab as four spaces."""
     unsafe = {"Cc", "Cs"}
-    text = "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
+    return "".join("?" if c != "\n" and (unicodedata.category(c) in unsafe or c in BIDI_CONTROLS)
                    else c for c in text.replace("\t", "    "))
-    return text.replace("\n", "\n    ")
+
+
+# Our own codes (the colours, the bell at a line's end): the only controls the terminal is sent.
+OWN_CODES = re.compile("(\x1b\\[(?:1;33|35|0)m|\a$)")
+
+
+def screen_text(text: str, width: int = 0) -> str:
+    """Return a line as it may reach the screen: the last check at its door, whichever way the
+    text came, and with `width`, broken into rows of at most that many columns, each row after
+    a line's first indented. A terminal wrapping a long line itself would start a row at column
+    0 with whatever the sender put there: a forged `[07:36] bob: ...` or `[WARN] ...`."""
+    rows = []
+    for line in text.split("\n"):
+        row, used = "", 0
+        for piece in OWN_CODES.split(line):
+            if OWN_CODES.fullmatch(piece):
+                row += piece
+                continue
+            for c in without_controls(piece):
+                # a wide character (CJK, most emoji) takes two columns; a combining one,
+                # counted as one, only makes the row end early: it never overflows
+                wide = 2 if unicodedata.east_asian_width(c) in "WF" else 1
+                if width and used + wide > width:
+                    rows, row, used = rows + [row], "    ", 4
+                row, used = row + c, used + wide
+        rows.append(row)
+    return "\n".join(rows)
 
 
 def format_event(event: Event, me: str | None = None) -> str:
@@ -1668,6 +1711,7 @@ class Terminal:
             typed = readline.get_line_buffer() if shown else ""
             wipe = "\r" + " " * (len(self.prompt) + len(typed)) + "\r" if self.prompt else ""
             self.prompt = self.prompt if again is None else again
+            text = screen_text(text, self.interactive and shutil.get_terminal_size().columns - 1)
             # OSError: a program reading our output stopped, or the terminal closed (EIO)
             with contextlib.suppress(OSError):
                 sys.stdout.write(wipe + (text + "\n" if text else "") + self.prompt + typed)
@@ -1903,7 +1947,8 @@ POLL_EVERY = 50
 # How the marks of line_marks (and of the client's notices) look; a later tag wins.
 LINE_TAGS = {"notice": {"foreground": "#505050"}, "warn": {"foreground": "#b00020"},
              "history": {"foreground": "#707070"}, "own": {"foreground": "#1f5fbf"},
-             "mention": {"background": "#fff1b8"}, "private": {"background": "#fde0ef"}}
+             "mention": {"background": "#fff1b8"}, "private": {"background": "#fde0ef"},
+             "line": {"lmargin2": 24}}
 
 
 def load_tkinter() -> None:
@@ -1974,7 +2019,8 @@ class ChatWindow:
             # Enter logs in, except in the second password field, which is there to register.
             entry.bind("<Return>", lambda event: self.enter(event.widget is self.again))
         # Filled by Find servers: a click on one puts its IP and port in the fields.
-        self.servers = grid(tk.Listbox(frame, width=34, height=6), 1, 2, rowspan=4, padx=8)
+        self.servers, self.found = grid(tk.Listbox(frame, width=34, height=6), 1, 2, rowspan=4,
+                                        padx=8), []
         self.servers.bind("<<ListboxSelect>>", self.choose_server)
         grid(ttk.Button(frame, text="Find servers", command=self.search), 0, 2, padx=(8, 0))
         grid(ttk.Button(frame, text="Register", command=lambda: self.enter(True)), 5, pady=8)
@@ -2096,15 +2142,17 @@ class ChatWindow:
             self.show_servers, find_servers(wire.port_number(port), cipher, self.show))))
 
     def show_servers(self, found: list) -> None:
-        fill(self.servers, [f"{server.host}:{server.port}  {printable(server.name)}  "
-                            f"{server.online} online" for server in found])
+        self.found = found
+        fill(self.servers, [str(server) for server in found])
         if found:
-            self.say("Click a server in the list to use it.")
+            self.say(("Several servers answered: " if len(found) > 1 else "")
+                     + "Click a server in the list to use it.")
 
     def choose_server(self, event=None) -> None:
         for index in self.servers.curselection():
-            address = self.servers.get(index).split()[0].rsplit(":", 1)
-            for entry, text in zip((self.host, self.port), address, strict=True):
+            server = self.found[index]
+            chosen = (server.host, str(server.port))
+            for entry, text in zip((self.host, self.port), chosen, strict=True):
                 entry.delete(0, "end")
                 entry.insert(0, text)
 
@@ -2113,13 +2161,14 @@ class ChatWindow:
         if self.chatting:
             self.add_line(text, notice_marks(text))
         else:
-            self.reply.configure(text=text)
+            self.reply.configure(text=screen_text(text))
 
     def add_line(self, text: str, marks: tuple[str, ...] = ()) -> None:
         """Append a line; keep the newest in sight, unless the user scrolled up to read."""
         following = self.messages.yview()[1] >= 0.999
         self.messages.configure(state="normal")
-        self.messages.insert("end", text + "\n", marks)
+        # wrapped rows of a line are indented ("line"): none passes for a line of its own
+        self.messages.insert("end", screen_text(text) + "\n", (*marks, "line"))
         self.messages.configure(state="disabled")
         if following:
             self.messages.see("end")
@@ -2381,7 +2430,8 @@ def ask_host(args: argparse.Namespace, terminal: Terminal) -> tuple[str, int | N
     while True:
         default = found[0].host if found else DEFAULT_HOST
         hint = "" if found else " (? searches the network)"
-        answer = terminal.ask(f"Server IP [{default}]{hint}: ").strip()
+        several = f"Server number (1-{len(found)}) or IP: " if len(found) > 1 else ""
+        answer = terminal.ask(several or f"Server IP [{default}]{hint}: ").strip()
         if answer == "?":
             cipher = wire.make_cipher(args.cipher, args.key)
             found = find_servers(args.port or DEFAULT_PORT, cipher, terminal.show)

@@ -71,10 +71,14 @@ LOGIN_FAILURES, FAILURE_PERIOD = 5, 60.0
 REGISTRATIONS_PER_ADDRESS = 20
 # Each password check costs a quarter of a second: past 16 waiting, a login hears "busy".
 MAX_PENDING_CHECKS = 16
-# A lab of 40 PCs with room to spare; at 50 rooms the empty one quiet longest is forgotten.
-MAX_SESSIONS, MAX_ROOMS = 500, 50
-# FIND answers for the whole server: a class of forty searching at once, then 10 a second.
-FIND_BURST, FIND_RATE = 50, 10.0
+# A lab of 40 PCs with room to spare. Rooms: 5 made per account, 200 in all (40 students'
+# worth); a room is never forgotten to make one more: whoever made one of its name would
+# own its members' room, with his own password.
+MAX_SESSIONS, MAX_ROOMS, ROOMS_PER_ACCOUNT = 500, 200, 5
+# FIND answers per asking address (a search is 3 FINDs to each of 2 broadcast addresses):
+# 10 at once, then 2 a second. A flood from one PC starves only that PC. The table keeps the
+# FIND_ADDRESSES latest askers (the least recently seen forgotten).
+FIND_BURST, FIND_RATE, FIND_ADDRESSES = 10, 2.0, 1000
 # The name FIND answers with: short enough that the answer stays smaller than the FIND.
 MAX_NAME_BYTES = 64
 # A cookie is good in the 30-second period it was made in and the next one.
@@ -240,7 +244,7 @@ class ChatServer:
         self.failed_logins = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
         self.wrong_room_passwords = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
-        self.find_bucket = TokenBucket(FIND_RATE, FIND_BURST, 0.0)
+        self.find_buckets: collections.OrderedDict = collections.OrderedDict()
         self.name, self.port = config.name or host_name(), config.port
         self.outbox, self.password_jobs, self.stats = [], [], collections.Counter()
         self.pending_checks, self.stopping, self.next_housekeeping = 0, False, 0.0
@@ -642,7 +646,7 @@ def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
         return [room.name, str(len(room.members)), f"You are in {room.name} already."]
     check_room_lock(chat, request)
     if room is None:
-        make_room_for_one(chat)
+        check_room_space(chat, request.session)
         return start_check(chat, request, finish_join, auth.new_record, name, password,
                            chat.users.iterations)
     # The lobby's password is the one on the command line; a room's is hashed, so slow.
@@ -664,8 +668,8 @@ def finish_join(chat: ChatServer, job: PasswordJob) -> list[str]:
         if room is None or room.record is not job.record:
             raise Refused("taken", f"{name} changed a moment ago; /join it again.")
         return enter_room(chat, request, room, job.result)
-    make_room_for_one(chat)
-    record = {**job.result, "created": int(chat.wall_clock())}
+    check_room_space(chat, request.session)
+    record = {**job.result, "created": int(chat.wall_clock()), "by": request.session.name.lower()}
     saved(chat, chat.room_store.add, record, what="the room")
     room = chat.rooms[record["name"].lower()] = Room(record["name"], record)
     return enter_room(chat, request, room, True, " (new room)")
@@ -704,18 +708,15 @@ def leave_room(chat: ChatServer, session: Session, reason: str) -> None:
     session.room = None
     chat.publish(room, "leave", session.name, reason)
 
-def make_room_for_one(chat: ChatServer) -> None:
-    """Before a room is made: at MAX_ROOMS, forget the empty one quiet longest (since its
-    last message, or since it was made)."""
-    if len(chat.rooms) < MAX_ROOMS:
-        return
-    empty = [room for key, room in chat.rooms.items() if key != LOBBY and not room.members]
-    if not empty:
+def check_room_space(chat: ChatServer, session: Session) -> None:
+    """Before a room is made: refuse an account's sixth room, and any past MAX_ROOMS."""
+    maker = session.name.lower()
+    made = sum((room.record or {}).get("by") == maker for room in chat.rooms.values())
+    if made >= ROOMS_PER_ACCOUNT:
+        raise Refused("too-many-rooms", f"You have made {ROOMS_PER_ACCOUNT} rooms already; "
+                      "join one of them (/rooms lists them all).")
+    if len(chat.rooms) >= MAX_ROOMS:
         raise Refused("full", "Server full: no more rooms can be made.")
-    quietest = min(empty, key=lambda room: max([room.record.get("created", 0)] + [
-        when for when, _, _ in room.history]))
-    saved(chat, chat.room_store.remove, quietest.name, what=ROOMS_FILE)
-    del chat.rooms[quietest.name.lower()]
 
 def handle_say(chat: ChatServer, request: Request) -> list[str]:
     session, (text,) = request.session, wire.unpack_fields(request.packet.payload, 1)
@@ -769,10 +770,18 @@ def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
     if request.size >= wire.MIN_FIND_SIZE:
         # The padding, and nothing else.
         wire.unpack_fields(request.packet.payload, 1)
-        if not chat.find_bucket.take(request.now):
+        if not find_bucket(chat, request.address[0], request.now).take(request.now):
             return [chat.name, str(chat.port), str(len(chat.online))]
-        why = "over the server's rate of answers"
+        why = "over its address's rate of answers"
     refuse(chat, request.address, f"sent a FIND, {why}; dropped", count="finds dropped")
+
+def find_bucket(chat: ChatServer, host: str, now: float) -> "TokenBucket":
+    """Return the FIND bucket of one asking address, made full if it is new (or forgotten)."""
+    bucket = chat.find_buckets.pop(host, None) or TokenBucket(FIND_RATE, FIND_BURST, now)
+    chat.find_buckets[host] = bucket
+    if len(chat.find_buckets) > FIND_ADDRESSES:
+        chat.find_buckets.popitem(last=False)
+    return bucket
 
 def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
     """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file and
@@ -982,12 +991,15 @@ class HistoryFile:
 
         2026-12-01 07:46:05 UTC  #lobby  alice: two lines:\\nthe second
 
-    A backslash or line break in a message is written escaped (`\\\\`, `\\n`, `\\r`), so each
-    message stays one line and reads back exactly as it was said.
+    A backslash or line break in a message is written escaped (`\\\\`, `\\n`, `\\r`), and any
+    other control character as `\\uXXXX` (ESC is `\\u001b`), so each message stays one line,
+    `tail` on a terminal shows no escape sequence at work, and it reads back exactly as said.
     """
 
     LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC  #(\S+)  (\S+?): (.*)")
-    ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+    ESCAPES = {"\n": "\\n", "\r": "\\r"}
+    # C0 and C1 controls, DEL, the Unicode line breaks and the bidi controls
+    CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
     def __init__(self, path: str):
         self.path, self.file = path, open(path, "a+b")
@@ -1000,7 +1012,8 @@ class HistoryFile:
 
     def append(self, when: float, room: str, user: str, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
-        escaped = "".join(self.ESCAPES.get(c, c) for c in text)
+        escaped = self.CONTROLS.sub(lambda m: self.ESCAPES.get(m[0]) or f"\\u{ord(m[0]):04x}",
+                                    text.replace("\\", "\\\\"))
         self.file.write(f"{stamp} UTC  #{room}  {user}: {escaped}\n".encode())
         # In the OS's hands now: survives the server being killed.
         self.file.flush()
@@ -1016,10 +1029,15 @@ class HistoryFile:
                 if found:
                     stamp, room, user, text = found.groups()
                     when = calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
-                    text = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), text)
+                    text = re.sub(r"\\(u[0-9a-f]{4}|.)", cls.unescape, text)
                     yield float(when), room, user, text
                 elif line.strip():
                     warn(f"{path} line {number} is damaged (a crash mid-write?); skipped")
+
+    @staticmethod
+    def unescape(found: re.Match) -> str:
+        code = found[1]
+        return chr(int(code[1:], 16)) if len(code) == 5 else {"n": "\n", "r": "\r"}.get(code, code)
 
     def close(self) -> None:
         self.file.close()
@@ -1027,8 +1045,8 @@ class HistoryFile:
 
 def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
     """Return the rooms by lower-case name, the lobby first, each with its last messages.
-    A room forgotten when the server was full leaves its lines in chat_history.txt: one
-    made later with that name starts without them."""
+    A room taken out of rooms.json leaves its lines in chat_history.txt: one made later
+    with that name starts without them."""
     rooms = {LOBBY: Room(LOBBY, None)}
     for key, record in store.records.items():
         rooms.setdefault(key, Room(record["name"], record))

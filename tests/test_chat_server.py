@@ -690,50 +690,40 @@ def test_rooms_are_bounded(make_harness, monkeypatch):
     assert alice.ask(PacketType.JOIN, "third", "pw") == (ERROR, ["full", "Server full: no more rooms can be made."])
 
 
-def test_a_full_server_forgets_the_room_quiet_longest_that_nobody_is_in(make_harness, monkeypatch, tmp_path):
+def test_a_full_server_keeps_every_room_and_refuses_a_new_one(make_harness, monkeypatch, tmp_path):
     monkeypatch.setattr(server, "MAX_ROOMS", 3)
     harness = make_harness(tmp_path)
     alice = member(harness, 1, "alice", room="old", password="pw")
-    alice.ask(PacketType.JOIN, "busy", "pw")
-    alice.ask(PacketType.SAY, "busy is newer")
-    alice.ask(PacketType.JOIN, "lobby", "juara")  # both rooms empty now; "old" quiet longest
-    assert alice.ask(PacketType.JOIN, "new", "pw")[0] == OK
-    assert sorted(harness.chat.rooms) == ["busy", "lobby", "new"]
-    assert "old" not in (tmp_path / server.ROOMS_FILE).read_text(encoding="utf-8")
+    alice.ask(PacketType.JOIN, "lobby", "juara")  # "old" empty now: still alice's room, kept
+    mallory = member(harness, 2, "mallory", room="filler", password="pw")
+    assert mallory.ask(PacketType.JOIN, "more", "pw") == (ERROR, ["full", "Server full: no more rooms can be made."])
+    assert sorted(harness.chat.rooms) == ["filler", "lobby", "old"]
+    assert mallory.ask(PacketType.JOIN, "old", "mallory's") == (ERROR, ["wrong-room-password", "Wrong room password."])
+
+
+def test_an_account_makes_at_most_rooms_per_account(make_harness):
+    harness = make_harness()
+    mallory = member(harness, 2, "mallory")
+    for number in range(server.ROOMS_PER_ACCOUNT):
+        assert mallory.ask(PacketType.JOIN, f"room{number}", "pw")[0] == OK
+    assert mallory.ask(PacketType.JOIN, "onemore", "pw")[1][0] == "too-many-rooms"
+    assert member(harness, 3, "carol").ask(PacketType.JOIN, "onemore", "pw")[0] == OK  # others still can
 
 
 def set_wall_clock(harness, when: float) -> None:
     harness.chat.wall_clock = lambda: when
 
 
-def test_a_room_just_made_is_not_taken_for_one_quiet_for_a_month(make_harness, monkeypatch):
-    monkeypatch.setattr(server, "MAX_ROOMS", 3)
-    harness = make_harness()
-    alice = member(harness, 1, "alice", room="old", password="pw")
-    alice.ask(PacketType.SAY, "a month ago")
-    set_wall_clock(harness, WALL_CLOCK + 30 * 86400)
-    alice.ask(PacketType.JOIN, "fresh", "pw")  # nothing said in it yet
-    alice.ask(PacketType.JOIN, "lobby", "juara")
-    assert alice.ask(PacketType.JOIN, "third", "pw")[0] == OK
-    assert sorted(harness.chat.rooms) == ["fresh", "lobby", "third"]
-
-
-def test_a_room_made_again_after_it_was_forgotten_has_no_past(make_harness, monkeypatch, tmp_path):
-    monkeypatch.setattr(server, "MAX_ROOMS", 3)
+def test_a_room_made_again_after_it_was_taken_off_file_has_no_past(make_harness, tmp_path):
     harness = make_harness(tmp_path)
     alice = member(harness, 1, "alice", room="secret", password="alice's")
     alice.ask(PacketType.SAY, "the exam answers are 42")
-    alice.ask(PacketType.JOIN, "lobby", "juara")
-    set_wall_clock(harness, WALL_CLOCK + 60)
-    mallory = member(harness, 2, "mallory", room="filler", password="pw")
-    mallory.ask(PacketType.JOIN, "more", "pw")  # the server is full: "secret", quiet longest, is forgotten
-    mallory.ask(PacketType.JOIN, "secret", "mallory's")  # and "filler" for this one
-    assert sorted(harness.chat.rooms) == ["lobby", "more", "secret"]
     harness.chat.close()
-    assert "the exam answers are 42" in (tmp_path / server.HISTORY_FILE).read_text(encoding="utf-8")
+    server.auth.UserStore(str(tmp_path / server.ROOMS_FILE), kind="rooms").remove("secret")  # the teacher's cleanup
     restarted = make_harness(tmp_path)
+    set_wall_clock(restarted, WALL_CLOCK + 60)
     peer = Peer(restarted, 2)
-    assert peer.login("mallory").type == OK
+    assert peer.register("mallory") == "Registration successful." and peer.login("mallory").type == OK
     mallory = restarted.members[peer.address]
     assert mallory.ask(PacketType.JOIN, "secret", "mallory's")[0] == OK
     assert mallory.texts("history") == []

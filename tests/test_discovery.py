@@ -71,16 +71,25 @@ def test_an_unpadded_find_is_dropped_counted_and_logged(make_harness):
     assert any("sent a FIND, unpadded (127 B); dropped" in line for line in harness.log)
 
 
-def test_finds_over_the_servers_rate_are_dropped_until_it_refills(make_harness, monkeypatch):
+def test_finds_over_an_addresss_rate_are_dropped_until_it_refills(make_harness, monkeypatch):
     monkeypatch.setattr(server, "FIND_BURST", 3)
     monkeypatch.setattr(server, "FIND_RATE", 1.0)
     harness = make_harness()
-    answered = [harness.deliver(find(seq), ("10.0.0.9", 40000 + seq)) for seq in range(1, 6)]  # five senders
-    assert [len(out) for out in answered] == [1, 1, 1, 0, 0]  # the bucket is the server's, not a sender's
+    answered = [harness.deliver(find(seq), ("10.0.0.9", 40000 + seq)) for seq in range(1, 6)]  # five ports
+    assert [len(out) for out in answered] == [1, 1, 1, 0, 0]  # the bucket is the address's, not a port's
     assert harness.chat.stats["finds dropped"] == 2
-    assert any("over the server's rate of answers; dropped" in line for line in harness.log)
+    assert any("over its address's rate of answers; dropped" in line for line in harness.log)
+    assert len(harness.deliver(find(6), ("10.0.0.8", 40000))) == 1  # another PC is not starved
     harness.now += 1.0
-    assert len(harness.deliver(find(6), STRANGER)) == 1
+    assert len(harness.deliver(find(7), ("10.0.0.9", 40000))) == 1
+
+
+def test_the_find_table_is_bounded(make_harness, monkeypatch):
+    monkeypatch.setattr(server, "FIND_ADDRESSES", 5)
+    harness = make_harness()
+    for number in range(20):
+        harness.deliver(find(number + 1), (f"10.0.1.{number}", 5000))
+    assert len(harness.chat.find_buckets) == 5
 
 
 def test_the_longest_answer_is_no_larger_than_the_find(make_harness, monkeypatch):
@@ -160,7 +169,8 @@ FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2), client.FoundServ
 
 
 @pytest.mark.parametrize("answer, found, chosen", [
-    ("", FOUND, ("10.77.0.1", 5000)),
+    ("", FOUND, None),  # several answered: never one picked silently
+    ("", FOUND[:1], ("10.77.0.1", 5000)),
     ("", [], ("127.0.0.1", None)),
     ("2", FOUND, ("10.77.0.8", 9999)),
     ("3", FOUND, None),
@@ -168,7 +178,7 @@ FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2), client.FoundServ
     ("10.77.0.8", FOUND, ("10.77.0.8", 9999)),
     ("192.168.1.5", FOUND, ("192.168.1.5", None)),
 ])
-def test_enter_takes_the_first_server_a_number_one_from_the_list(answer, found, chosen):
+def test_enter_takes_the_one_server_a_number_one_from_the_list(answer, found, chosen):
     assert client.pick_server(answer, found) == chosen
 
 
@@ -213,15 +223,17 @@ def fake_network(monkeypatch):
     return types.SimpleNamespace(answers=answers, searched=searched)
 
 
-def test_question_mark_searches_lists_and_offers_the_first_as_default(fake_network):
+def test_question_mark_searches_lists_all_and_the_student_picks_by_number(fake_network):
     fake_network.answers += [(("10.77.0.1", 5000), ["lab-pc-07", "5000", "2"]),
                              (("10.77.0.8", 5000), ["kelas", "5000", "0"])]
-    terminal = ScriptedTerminal("?", "", "")
-    assert client.ask_address(client.parse_args([]), terminal) == ("10.77.0.1", 5000)  # the port it named
-    assert terminal.prompts == ["Server IP [127.0.0.1] (? searches the network): ", "Server IP [10.77.0.1]: ",
-                                "Server port [5000]: "]
+    terminal = ScriptedTerminal("?", "", "2", "")
+    assert client.ask_address(client.parse_args([]), terminal) == ("10.77.0.8", 5000)  # the port it named
+    assert terminal.prompts == ["Server IP [127.0.0.1] (? searches the network): ",
+                                "Server number (1-2) or IP: ", "Server number (1-2) or IP: ", "Server port [5000]: "]
     assert "1) lab-pc-07  10.77.0.1:5000  2 online" in terminal.shown
     assert "2) kelas  10.77.0.8:5000  0 online" in terminal.shown
+    assert client.SEVERAL_FOUND in terminal.shown
+    assert "Type a number from 1 to 2, an IP address, or ? to search again." in terminal.shown
     assert fake_network.searched == [(["10.77.0.255", "255.255.255.255"], 9999)]
 
 

@@ -342,7 +342,7 @@ def test_find_servers_finds_the_server_on_the_port_typed(start_server, open_wind
     window.host.delete(0, "end")
     press(window, "Find servers")
     pump(window, lambda: window.servers.size(), "the list of servers")
-    assert list(window.servers.get(0, "end")) == [f"127.0.0.1:{running.address[1]}  lab-pc-07  0 online"]
+    assert list(window.servers.get(0, "end")) == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
     [(targets, thread)] = searches.made
     assert targets == ["10.77.0.255", "255.255.255.255"] and thread is not threading.current_thread()
     click(window, window.servers, 0)
@@ -356,8 +356,9 @@ def test_find_servers_lists_every_server_and_a_click_chooses_one(chat_server, op
     window = open_window(chat_server.address)
     press(window, "Find servers")
     pump(window, lambda: window.servers.size() == 2, "the list of servers")
-    assert list(window.servers.get(0, "end")) == ["10.77.0.1:5000  lab-pc-07  2 online",
-                                                  "10.77.0.8:6000  kelas  0 online"]
+    assert list(window.servers.get(0, "end")) == [str(server) for server in window.found]
+    assert [server.host for server in window.found] == ["10.77.0.1", "10.77.0.8"]
+    assert reply(window) == "Several servers answered: Click a server in the list to use it."
     click(window, window.servers, 1)
     assert (window.host.get(), window.port.get()) == ("10.77.0.8", "6000")
 
