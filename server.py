@@ -67,6 +67,10 @@ HISTORY_ON_JOIN = 20
 MESSAGE_BURST, MESSAGE_RATE, MAX_BACKLOG = 20, 5.0, 100
 # 5 wrong passwords of an account (or room passwords of an account on a PC) in 60 s lock it.
 LOGIN_FAILURES, FAILURE_PERIOD = 5, 60.0
+# Logins (auth.LoginLimiter): 5 wrong for an account from one address lock that address out
+# of it, not its owner at another PC; 20 wrong from an address in 5 minutes (4 a minute, over
+# all accounts) lock that address: a guesser's, or a NAT's with 4 students locked at once.
+LOGIN_FAILURES_PER_ADDRESS, LOGIN_PERIOD = 20, 300.0
 # A class registering at once is fine; a script making thousands of accounts is not.
 REGISTRATIONS_PER_ADDRESS = 20
 # Each password check costs a quarter of a second: past 16 waiting, a login hears "busy".
@@ -233,7 +237,8 @@ class ChatServer:
         # The retry cache: the answer to each REGISTER and LOGIN, by retry_key().
         self.replies: collections.OrderedDict = collections.OrderedDict()
         self.cookie_secret, self.registering = secrets.token_bytes(16), set()
-        self.failed_logins = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
+        self.failed_logins = auth.LoginLimiter(LOGIN_FAILURES, LOGIN_FAILURES_PER_ADDRESS,
+                                               LOGIN_PERIOD)
         self.wrong_room_passwords = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
         self.find_bucket = TokenBucket(FIND_RATE, FIND_BURST, 0.0)
@@ -273,7 +278,7 @@ class ChatServer:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, session = job.request, job.request.session
         request.now, self.pending_checks = now, self.pending_checks - 1
-        self.registering.discard(request.user.lower())
+        self.registering.discard(auth.name_skeleton(request.user))
         if session:
             session.checking = False
         if job.error:
@@ -546,7 +551,8 @@ def handle_register(chat: ChatServer, request: Request) -> None:
         raise Refused("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
     if not password:
         raise Refused("bad-password", "The password must not be empty.")
-    if chat.users.exists(name) or name.lower() in chat.registering:
+    # A look-alike of a name in use (aIice for alice) is taken too: before any slow work.
+    if chat.users.taken(name) or auth.name_skeleton(name) in chat.registering:
         raise Refused("taken", "Username already taken.")
     wait = chat.registrations.locked_for(request.address[0], request.now)
     if wait:
@@ -555,7 +561,7 @@ def handle_register(chat: ChatServer, request: Request) -> None:
     start_check(chat, request, finish_register, auth.new_record, name, password,
                 chat.users.iterations)
     chat.registrations.add(request.address[0], request.now)
-    chat.registering.add(name.lower())
+    chat.registering.add(auth.name_skeleton(name))
 
 def finish_register(chat: ChatServer, job: PasswordJob) -> list[str]:
     # On disk before we say so: a confirmed registration survives a crash.
@@ -567,8 +573,9 @@ def handle_login(chat: ChatServer, request: Request) -> None:
     if request.session is not None:
         raise Refused("already-logged-in", "This client is logged in already; log out first.")
     password, name = check_credentials(chat, request), request.user
-    # Checked before hashing: a locked account costs the guesser, not the server.
-    wait = chat.failed_logins.locked_for(name.lower(), request.now)
+    # Checked before hashing: a lockout costs the guesser, not the server. It locks the
+    # guesser's address (for this account, or for all), never the owner at another PC.
+    wait = chat.failed_logins.locked_for(name, request.address[0], request.now)
     if wait:
         raise Refused("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
     # An unknown name is checked against a dummy record: its answer takes as long.
@@ -579,8 +586,9 @@ def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
     """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
     request = job.request
     if not (job.result and job.record["name"]):
-        chat.failed_logins.add(request.user.lower(), request.now)
+        chat.failed_logins.failed(request.user, request.address[0], request.now)
         raise Refused("invalid-login", "Invalid username or password.")
+    chat.failed_logins.succeeded(request.user, request.address[0], request.now)
     # As registered, whatever the case typed.
     name = job.record["name"]
     here, elsewhere = chat.sessions.get(request.address), chat.online.get(name.lower())
