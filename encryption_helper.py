@@ -8,7 +8,7 @@ stays readable, as IP and UDP headers do).
 
     bytes  field (docs/PROTOCOL.md draws it)
     0-1    magic "UC" (0x55 0x43): a datagram that does not start so is not ours
-    2      version (4)
+    2      version (5)
     3      type (PacketType)
     4-5    flags (FLAG_...)
     6-7    payload length
@@ -162,7 +162,7 @@ HEADER_FORMAT = "!2sBBHHIII8sI"
 HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
 MAGIC = b"UC"
-VERSION = 4
+VERSION = 5
 # 1200 bytes is never split into IP fragments (IPv6 guarantees 1280); QUIC chose the same.
 MAX_DATAGRAM = 1200
 MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE

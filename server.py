@@ -236,7 +236,11 @@ class ChatServer:
         self.sessions, self.online = {}, {}
         # The retry cache: the answer to each REGISTER and LOGIN, by retry_key().
         self.replies: collections.OrderedDict = collections.OrderedDict()
-        self.cookie_secret, self.registering = secrets.token_bytes(16), set()
+        self.cookie_secret = secrets.token_bytes(16)
+        # LOGINs half way, by (address, lower-case name): (A, M1, M2, record, when).
+        self.challenges: collections.OrderedDict = collections.OrderedDict()
+        # The verifier of every unknown name: v = g^x for an x nobody knows.
+        self.fake_verifier = format(pow(wire.SRP_G, secrets.randbits(256), wire.SRP_N), "x")
         self.failed_logins = auth.LoginLimiter(LOGIN_FAILURES, LOGIN_FAILURES_PER_ADDRESS,
                                                LOGIN_PERIOD)
         self.wrong_room_passwords = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
@@ -278,7 +282,6 @@ class ChatServer:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, session = job.request, job.request.session
         request.now, self.pending_checks = now, self.pending_checks - 1
-        self.registering.discard(auth.name_skeleton(request.user))
         if session:
             session.checking = False
         if job.error:
@@ -519,78 +522,120 @@ class ChatServer:
 # no answer now (a password check runs; or nothing is answered); or raises Refused.
 
 def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
-    """HELLO -> OK [cookie]: only a client really at its address sees it (as in DTLS)."""
+    """HELLO -> OK [cookie, iterations]: only a client really at its address sees it (as in
+    DTLS); the iterations are those a new account's slow hash must run."""
     if request.session is None and request.size < wire.MIN_HELLO_SIZE:
         return refuse(chat, request.address, f"sent an unpadded HELLO ({request.size} B); dropped")
-    return [make_cookie(chat, request.address, int(request.now // COOKIE_PERIOD))]
+    period = int(request.now // COOKIE_PERIOD)
+    return [make_cookie(chat, request.address, period), str(chat.users.iterations)]
 
 def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
     """Return an HMAC of the address and the period: nothing to store per client."""
     message = f"{address[0]}|{address[1]}|{period}".encode()
     return hmac.new(chat.cookie_secret, message, "sha256").hexdigest()[:32]
 
-def check_credentials(chat: ChatServer, request: Request) -> str:
-    """Return the password of a REGISTER or LOGIN whose cookie is good; note its user."""
+def check_cookie(chat: ChatServer, request: Request, *counts: int) -> list[str]:
+    """Return the fields of a REGISTER or LOGIN [cookie, name, ...] whose cookie is good."""
     fields = wire.unpack_fields(request.packet.payload)
-    if len(fields) < 3 or fields[3:] not in ([], ["rejoin"]):
-        raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', "
-                          f"got {len(fields)} fields")
-    cookie, request.user, password = fields[:3]
-    request.rejoin = fields[3:] == ["rejoin"]
-    period = int(request.now // COOKIE_PERIOD)
+    if len(fields) not in counts:
+        raise PacketError(f"expected {' or '.join(map(str, counts))} fields, got {len(fields)}")
+    request.user, period = fields[1], int(request.now // COOKIE_PERIOD)
     # As bytes: compare_digest refuses text that is not ASCII.
-    if not any(hmac.compare_digest(cookie.encode(), make_cookie(chat, request.address, p).encode())
+    if not any(hmac.compare_digest(fields[0].encode(),
+                                   make_cookie(chat, request.address, p).encode())
                for p in (period, period - 1)):
         raise Refused("stale-cookie", "Say HELLO again.")
     request.proven = True
-    return password
+    return fields
 
-def handle_register(chat: ChatServer, request: Request) -> None:
-    password, name = check_credentials(chat, request), request.user
+def srp_number(text: str, what: str) -> int:
+    """Return a number sent in hex, if 1 < it < N - 1 (0, 1 and -1 mod N would give S away)."""
+    if not re.fullmatch(r"[0-9a-f]{1,512}", text) or not 1 < int(text, 16) < wire.SRP_N - 1:
+        raise Refused("bad-request", f"{what} is not a number of the group in hex.")
+    return int(text, 16)
+
+def handle_register(chat: ChatServer, request: Request) -> list[str]:
+    """REGISTER [cookie, name, salt, iterations, verifier]: the client made v = g^x; stored."""
+    _, name, salt, iterations, verifier = check_cookie(chat, request, 5)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-    if not password:
-        raise Refused("bad-password", "The password must not be empty.")
-    # A look-alike of a name in use (aIice for alice) is taken too: before any slow work.
-    if chat.users.taken(name) or auth.name_skeleton(name) in chat.registering:
+    # A look-alike of a name in use (aIice for alice) is taken too.
+    if chat.users.taken(name):
         raise Refused("taken", "Username already taken.")
     wait = chat.registrations.locked_for(request.address[0], request.now)
     if wait:
         raise Refused("slow-down", f"Too many registrations from your address; "
                                    f"try again in {wait:.0f} s.")
-    start_check(chat, request, finish_register, auth.new_record, name, password,
-                chat.users.iterations)
+    # Fewer iterations than ours would make the stored verifier cheap to guess against.
+    if not (wire.whole_number(iterations) and int(iterations) >= chat.users.iterations
+            and re.fullmatch(r"[0-9a-f]{32,128}", salt)):
+        raise Refused("bad-request", f"The salt must be 16-64 bytes in hex, the iterations "
+                                     f"at least {chat.users.iterations}.")
+    record = {"name": name, "kdf": auth.VERIFIER_KDF, "iterations": int(iterations),
+              "salt": salt, "verifier": format(srp_number(verifier, "The verifier"), "x")}
     chat.registrations.add(request.address[0], request.now)
-    chat.registering.add(auth.name_skeleton(name))
-
-def finish_register(chat: ChatServer, job: PasswordJob) -> list[str]:
     # On disk before we say so: a confirmed registration survives a crash.
-    if not saved(chat, chat.users.add, job.result, what="your account"):
+    if not saved(chat, chat.users.add, record, what="your account"):
         raise Refused("taken", "Username already taken.")
     return ["Registration successful."]
 
-def handle_login(chat: ChatServer, request: Request) -> None:
+def handle_login(chat: ChatServer, request: Request) -> list[str] | None:
+    """LOGIN [cookie, name, A] -> [salt, iterations, B]; then LOGIN [cookie, name, A, M1]
+    (and maybe 'rejoin') -> [name, room, welcome, M2] and the session's token."""
     if request.session is not None:
         raise Refused("already-logged-in", "This client is logged in already; log out first.")
-    password, name = check_credentials(chat, request), request.user
-    # Checked before hashing: a lockout costs the guesser, not the server. It locks the
-    # guesser's address (for this account, or for all), never the owner at another PC.
-    wait = chat.failed_logins.locked_for(name, request.address[0], request.now)
+    fields = check_cookie(chat, request, 3, 4, 5)
+    # Checked before any modular exponentiation: a lockout costs the guesser, not the server.
+    # It locks the guesser's address (for this account, or for all), not the owner elsewhere.
+    wait = chat.failed_logins.locked_for(request.user, request.address[0], request.now)
     if wait:
         raise Refused("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
-    # An unknown name is checked against a dummy record: its answer takes as long.
-    record = chat.users.get(name) or auth.dummy_record(chat.users.iterations)
-    start_check(chat, request, finish_login, auth.check_password, password, record, record=record)
+    if len(fields) > 3:
+        return check_proof(chat, request, fields)
+    record = chat.users.get(request.user)
+    if record and "verifier" not in record:
+        chat.log.problem(f"{record['name']} has a password hash of protocol 4, which cannot "
+                         "log in: remove the account from the users file to register it again")
+    # An unknown name gets a salt of its own, always the same, and a random verifier: its
+    # answer looks like any other, and the proof that follows is wrong, as a bad password's.
+    if not (record and "verifier" in record):
+        salt = hmac.new(chat.cookie_secret, request.user.lower().encode(), "sha256").digest()
+        record = {"name": "", "iterations": chat.users.iterations, "salt": salt[:16].hex(),
+                  "verifier": chat.fake_verifier}
+    start_check(chat, request, finish_challenge, srp_challenge, request.user,
+                srp_number(fields[2], "A"), record, record=record)
 
-def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
-    """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
-    request = job.request
-    if not (job.result and job.record["name"]):
-        chat.failed_logins.failed(request.user, request.address[0], request.now)
+def srp_challenge(name: str, A: int, record: dict) -> tuple[int, bytes, bytes]:
+    """The worker's part of a LOGIN: return B, and the proofs M1 and M2 its password gives."""
+    B, S = wire.srp_server(int(record["verifier"], 16), secrets.randbits(256), A)
+    return (B, *wire.srp_proofs(name, bytes.fromhex(record["salt"]), A, B, S)[1:])
+
+def finish_challenge(chat: ChatServer, job: PasswordJob) -> list[str]:
+    """Keep what the proof must be (for a minute, bounded); send the salt and B."""
+    request, (B, M1, M2) = job.request, job.result
+    fields = wire.unpack_fields(request.packet.payload)
+    key = (request.address, request.user.lower())
+    chat.challenges[key] = (fields[2], M1.hex(), M2.hex(), job.record, request.now)
+    chat.challenges.move_to_end(key)
+    if len(chat.challenges) > RETRY_CACHE_SIZE:
+        chat.challenges.popitem(last=False)
+    return [job.record["salt"], str(job.record["iterations"]), format(B, "x")]
+
+def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[str]:
+    """LOGIN's second step: M1 right, a session and M2 (the server knew the verifier)."""
+    _, name, A, M1, *rejoin = fields
+    request.rejoin = rejoin == ["rejoin"]
+    challenge = chat.challenges.pop((request.address, name.lower()), None)
+    if not challenge or challenge[0] != A or request.now - challenge[4] > 2 * COOKIE_PERIOD:
+        raise Refused("stale-cookie", "Say HELLO again.")
+    if not (challenge[3]["name"] and hmac.compare_digest(M1.encode(), challenge[1].encode())):
+        chat.failed_logins.failed(name, request.address[0], request.now)
         raise Refused("invalid-login", "Invalid username or password.")
-    chat.failed_logins.succeeded(request.user, request.address[0], request.now)
-    # As registered, whatever the case typed.
-    name = job.record["name"]
+    chat.failed_logins.succeeded(name, request.address[0], request.now)
+    return [*open_login(chat, request, challenge[3]["name"]), challenge[2]]
+
+def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
+    """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
     here, elsewhere = chat.sessions.get(request.address), chat.online.get(name.lower())
     if chat.stopping:
         raise Refused("stopping", "The server is stopping; try again in a moment.")
