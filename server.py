@@ -536,16 +536,17 @@ def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
 
 def check_cookie(chat: ChatServer, request: Request, *counts: int) -> list[str]:
     """Return the fields of a REGISTER or LOGIN [cookie, name, ...] whose cookie is good."""
-    fields = wire.unpack_fields(request.packet.payload)
-    if len(fields) not in counts:
-        raise PacketError(f"expected {' or '.join(map(str, counts))} fields, got {len(fields)}")
-    request.user, period = fields[1], int(request.now // COOKIE_PERIOD)
+    fields = wire.unpack_fields(request.packet.payload) + [""]
+    period = int(request.now // COOKIE_PERIOD)
     # As bytes: compare_digest refuses text that is not ASCII.
     if not any(hmac.compare_digest(fields[0].encode(),
                                    make_cookie(chat, request.address, p).encode())
                for p in (period, period - 1)):
         raise Refused("stale-cookie", "Say HELLO again.")
-    request.proven = True
+    request.proven, fields = True, fields[:-1]
+    if len(fields) not in counts:
+        raise PacketError(f"expected {' or '.join(map(str, counts))} fields, got {len(fields)}")
+    request.user = fields[1]
     return fields
 
 def srp_number(text: str, what: str) -> int:
