@@ -25,8 +25,8 @@ casual glance) are defined once, in encryption_helper.py.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
-    55 43 04 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v4 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 d5 41 e2 e8   sack=0, token, CRC-32, then the payload:
+    55 43 05 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v5 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 e9 21 01 e0   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 """
 

@@ -1,16 +1,27 @@
-"""A hostile classmate against the login: guessing passwords locks out the guesser, not the owner.
+"""A hostile classmate against the login: no password on the wire, no login by a fake server,
+and guessing locks out the guesser, not the owner.
+
+Login is SRP-6a (docs/PROTOCOL.md): a capture of REGISTER and LOGIN holds no password under any
+decoding of the toy ciphers, a replayed proof is refused, and a server that does not hold the
+account's verifier cannot make the M2 the client checks.
 
 The lockouts count failed logins per account and address, and per address across accounts
-(auth.LoginLimiter), checked before any slow hash: an owner at another PC still gets in while the
-guesser's address is locked, and one address tries at most a few passwords a minute over all
-accounts. A new name that looks like one in use (`aIice` beside `alice`) is refused as taken.
+(auth.LoginLimiter), checked before any modular exponentiation: an owner at another PC still gets
+in while the guesser's address is locked, and one address tries at most a few passwords a minute
+over all accounts. A new name that looks like one in use (`aIice` beside `alice`) is taken.
 The last test runs the real server and clients on a LAN of network namespaces (tests/test_lan.py).
 """
 
+import socket
+import threading
+
 import pytest
+from conftest import FAST_HASH, member
 from test_chat_server import ACCOUNT, OK, Harness, Peer
 from test_lan import PORT, lan, start_chat_server  # noqa: F401 - `lan` is the fixture used below
 
+import auth
+import client
 import encryption_helper as wire
 import server
 from encryption_helper import PacketType, unpack_fields
@@ -36,6 +47,128 @@ def hashes(monkeypatch):
 
 def refusal(answer) -> list[str]:
     return unpack_fields(answer.payload)[1:]
+
+
+class Wiretap:
+    """A relay between one client and the server that keeps a copy of every datagram."""
+
+    def __init__(self, server_address):
+        self.front, self.back = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+        for sock in (self.front, self.back):
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(0.01)
+        self.address, self.server, self.client, self.seen = self.front.getsockname(), server_address, None, []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.is_set():
+            for sock in (self.front, self.back):
+                try:
+                    data, sender = sock.recvfrom(65535)
+                except (TimeoutError, ConnectionResetError):
+                    continue
+                self.seen.append(data)
+                if sock is self.front:
+                    self.client = sender
+                    self.back.sendto(data, self.server)
+                elif self.client:
+                    self.front.sendto(data, self.client)
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join()
+        self.front.close()
+        self.back.close()
+
+
+def readable_anywhere(secret: str, datagrams: list[bytes]) -> bool:
+    """Is `secret` in some datagram as sent, or under the default XOR key, or any Caesar shift?"""
+    ciphers = [wire.make_cipher("xor")] + [wire.CaesarCipher(shift) for shift in range(256)]
+    return any(secret.encode() in cipher.decrypt(data[wire.HEADER_SIZE:])
+               for data in datagrams for cipher in ciphers)
+
+
+# --- A: the password never crosses the wire; a fake server cannot complete a login ----------------
+
+
+def test_a_capture_of_register_and_login_holds_no_password(start_server, make_client):
+    running = start_server()
+    tap = Wiretap(running.address)
+    try:
+        bob = make_client(tap.address)
+        assert bob.register("bob", "builder-42") == "Registration successful."
+        assert bob.login("bob", "builder-42") == "Welcome, bob."
+        bob.join("lobby", "juara")
+        assert readable_anywhere("juara", tap.seen)  # the test can read: the room password shows
+        assert not readable_anywhere("builder-42", tap.seen)
+        record = running.chat.users.get("bob")
+        assert "hash" not in record and record["iterations"] == FAST_HASH  # v, not a hash that logs in
+        assert "builder-42" not in repr(bob.protocol.login)  # kept for rejoins: x, not the password
+    finally:
+        tap.close()
+
+
+def test_a_server_without_the_verifier_cannot_complete_a_login(start_server, make_client, monkeypatch):
+    def let_anyone_in(chat, request, fields):  # a fake server: any proof will do, M2 made up
+        request.rejoin = False
+        return [*server.open_login(chat, request, fields[1]), "00" * 32]
+
+    running = start_server()
+    member(make_client, running.address, "alice")
+    monkeypatch.setattr(server, "check_proof", let_anyone_in)
+    victim = make_client(running.address)
+    with pytest.raises(client.Refused) as refused:
+        victim.login("alice", "any guess")
+    assert refused.value.code == "bad-proof" and not victim.logged_in
+
+
+def test_a_replayed_proof_is_refused(harness):
+    Peer(harness, 1).register("alice")
+    alice = Peer(harness, 2)
+    assert alice.login("alice").type == OK
+    proof = alice.last_request
+    harness.now += 1
+    assert refusal(harness.deliver(proof, alice.address)[0][0])[0] == "alice"  # a retry: the same answer
+    harness.chat.replies.clear()  # forgotten: now it is a replay
+    assert refusal(harness.deliver(proof, alice.address)[0][0])[0] == "stale-cookie"
+
+
+def test_an_unknown_name_looks_like_a_known_one_with_a_wrong_password(harness):
+    Peer(harness, 1).register("alice")
+    answers = {}
+    for name in ("alice", "nobody", "nobody"):
+        peer = Peer(harness, len(answers) + 10)
+        first = peer.answer(PacketType.LOGIN, peer.cookie(), name, client.public_key(3))
+        answers.setdefault(name, []).append(unpack_fields(first.payload)[1:])
+        assert refusal(peer.login(name, "wrong"))[0] == "invalid-login"
+    (known,), unknown = answers["alice"], answers["nobody"]
+    assert [len(field) for field in unknown[0][:2]] == [len(field) for field in known[:2]]
+    assert unknown[0][:2] == unknown[1][:2] and unknown[0][2] != unknown[1][2]  # a stable salt, a new B
+
+
+def test_a_register_below_the_servers_iterations_or_with_a_bad_verifier_is_refused(harness):
+    peer = Peer(harness, 1)
+    salt, _, verifier = ACCOUNT
+    for iterations, v in ((str(FAST_HASH - 1), verifier), (str(FAST_HASH), "1"), (str(FAST_HASH), "zz")):
+        assert peer.fields(PacketType.REGISTER, peer.cookie(), "alice", salt, iterations, v)[0] == "bad-request"
+    assert not harness.chat.users.exists("alice")
+
+
+def test_an_account_of_protocol_4_is_told_to_register_again(tmp_path):
+    made = Harness(tmp_path / "data")
+    made.chat.users.add(auth.new_record("old", "pw", FAST_HASH))
+    made.chat.close()
+    harness = Harness(tmp_path / "data")
+    try:
+        assert refusal(Peer(harness, 1).login("old"))[0] == "invalid-login"
+        assert any("old has a password hash of protocol 4" in line for line in harness.log)
+    finally:
+        harness.chat.close()
+
+
+# --- B: lockouts ------------------------------------------------------------------------------------
 
 
 def test_guessing_locks_the_guessers_address_and_the_owner_still_gets_in(harness, hashes):
