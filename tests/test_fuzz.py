@@ -935,7 +935,8 @@ def test_login_answer_survives_retry_cache_eviction(tmp_path, monkeypatch):
     chat = small_server(tmp_path)
     try:
         for address, name in ((("10.0.0.1", 40001), "alice"), (("10.0.0.2", 40001), "bob")):
-            login = Packet(PacketType.LOGIN, 2, payload=pack_fields(get_cookie(chat, address), name, client.public_key(3)))
+            first_step = pack_fields(get_cookie(chat, address), name, client.public_key(3))
+            login = Packet(PacketType.LOGIN, 2, payload=first_step)
             chat.handle_datagram(encode_packet(login, chat.cipher), address, START)
         for job in chat.password_jobs:  # both checks were queued before either finished
             chat.finish_password_job(job.run(), START)
