@@ -187,8 +187,9 @@ MIN_HELLO_SIZE = MIN_FIND_SIZE = 128
 class PacketType(enum.IntEnum):
     """What a packet asks or tells. OK and ERROR answer a request and name it (field `re`)."""
 
-    # The handshake, before a session: HELLO [padding] -> OK [re, cookie]; REGISTER and
-    # LOGIN [cookie, username, password]; LOGIN's OK carries the session token.
+    # The handshake, before a session: HELLO [padding] -> OK [re, cookie, iterations];
+    # REGISTER [cookie, username, salt, iterations, v]; LOGIN [cookie, username, A] -> OK [re,
+    # salt, iterations, B], then LOGIN [.., A, M1] -> OK [re, .., M2] with the session token.
     HELLO, REGISTER, LOGIN = 1, 2, 3
     # A member's requests: JOIN [room, password], SAY [text], PRIVATE [user, text],
     # ROOMS [] and WHO [] (lists), PING [] (the heartbeat), BYE [] (the session ends).

@@ -10,7 +10,7 @@ socket: UDP needs no listen() or accept(), every datagram arrives on that socket
 with its sender's (ip, port). The protocol, `ChatServer`, never touches a socket: it is
 handed datagrams and the time and fills `outbox`, so tests and the notebook drive it
 without a network. Before login a client is in the handshake: HELLO earns a cookie that
-proves its address, then REGISTER or LOGIN (the slow hash runs on a worker thread). A
+proves its address, then REGISTER or LOGIN by SRP-6a (its math on a worker thread). A
 member has a session: a token, and a reliable `Channel` (encryption_helper.py) each way,
 so that requests, answers and EVENTs arrive once and in order; a second one carries files.
 
@@ -73,7 +73,8 @@ LOGIN_FAILURES, FAILURE_PERIOD = 5, 60.0
 LOGIN_FAILURES_PER_ADDRESS, LOGIN_PERIOD = 20, 300.0
 # A class registering at once is fine; a script making thousands of accounts is not.
 REGISTRATIONS_PER_ADDRESS = 20
-# Each password check costs a quarter of a second: past 16 waiting, a login hears "busy".
+# A room password's check costs a quarter of a second, a LOGIN's SRP-6a step some milliseconds:
+# past 16 waiting, a login hears "busy".
 MAX_PENDING_CHECKS = 16
 # A lab of 40 PCs with room to spare; at 50 rooms the empty one quiet longest is forgotten.
 MAX_SESSIONS, MAX_ROOMS = 500, 50
@@ -660,7 +661,7 @@ def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
     return [here.name, LOBBY, f"Welcome, {here.name}."]
 
 def start_check(chat: ChatServer, request: Request, then, work, *args, record=None) -> None:
-    """Queue `work(*args)`, a slow hash, for the worker; `then` answers when it is done.
+    """Queue `work(*args)`, slow work (a hash, SRP's powers), for the worker; `then` answers.
     Until then a member's next requests wait, and a handshake's retries get no answer."""
     if chat.pending_checks >= MAX_PENDING_CHECKS:
         raise Refused("busy", "Server busy; try again in a moment.")
