@@ -200,8 +200,9 @@ class Requests:
         self.login, self.joined, self.told, self.retry_at, self.since = (), (), "", 0.0, 0.0
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
         # SRP-6a (PROTOCOL.md 4): M2 expected by the M1 sent, with the login it would make
-        # (name, x, salt, iterations); that login, once M2 checked; a rejoin's secret a.
-        self.proofs, self.login_try, self.rejoin_key = {}, (), 0
+        # (name, x, salt, iterations) and the session's key; that login, once M2 checked, and
+        # the key (JOIN's room password is sealed with it); a rejoin's secret a.
+        self.proofs, self.login_try, self.rejoin_key, self.session_key = {}, (), 0, b""
 
     def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
         """A session's channel; before login a stop-and-wait one, a try a second (every
@@ -282,7 +283,11 @@ class Requests:
         if ptype == PacketType.HELLO:
             # padding: the server answers no HELLO under 128 bytes (no amplification)
             fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
-        payload = wire.pack_fields(*fields)
+        sent = list(fields)
+        if ptype == PacketType.JOIN:
+            # the room's password, sealed with this session's key: a listener cannot read it
+            sent[1] = wire.seal_text(self.session_key, sent[1])
+        payload = wire.pack_fields(*sent)
         if len(payload) > wire.MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
         if self.channel.idle():
@@ -427,20 +432,20 @@ class ClientProtocol(Requests):
     def prove(self, challenge: list, cookie: str, name: str, A: str, a: int, x: int,
               *rejoin: str) -> tuple:
         """Return LOGIN's second step for the server's [salt, iterations, B]; expect its M2."""
-        M1, M2 = login_proofs(name, x, a, challenge)
-        self.proofs = {M1: (M2, (name, x, *challenge[:2]))}
+        M1, M2, K = login_proofs(name, x, a, challenge)
+        self.proofs = {M1: (M2, (name, x, *challenge[:2]), wire.srp_hash(b"seal", K))}
         return (cookie, name, A, M1, *rejoin)
 
     def check_welcome(self, asked: tuple, fields: list, token: bytes):
         """Return the welcome of a LOGIN's second step without its M2, if M2 proves that the
         server holds our verifier (a fake server cannot make it); else a refusal."""
-        expected, self.login_try = self.proofs.pop(asked[3], ("", ())), ()
+        expected, self.login_try = self.proofs.pop(asked[3], ("", (), b"")), ()
         if not (len(fields) == 4 and token != NO_TOKEN):
             return Refused("bad-reply", "The server's welcome could not be read.")
         if not secrets.compare_digest(fields[3].encode(), expected[0].encode()):
             return Refused("bad-proof", "The server could not prove that it holds your "
                                         "account: not logged in (is it the real server?).")
-        self.login_try = expected[1]
+        self.login_try, self.session_key = expected[1:]
         return fields[:3]
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
@@ -644,13 +649,14 @@ def read_challenge(challenge: list) -> tuple[bytes, int]:
     return salt, iterations
 
 
-def login_proofs(name: str, x: int, a: int, challenge: list) -> tuple[str, str]:
-    """Return SRP's M1 and M2 in hex for the server's [salt, iterations, B]."""
+def login_proofs(name: str, x: int, a: int, challenge: list) -> tuple[str, str, bytes]:
+    """Return SRP's M1 and M2 in hex, and the key K, for the server's [salt, iterations, B]."""
     salt, A = read_challenge(challenge)[0], pow(wire.SRP_G, a, wire.SRP_N)
     try:
         B = int(challenge[2], 16)
         S = wire.srp_client(x, a, A, B)
-        return tuple(proof.hex() for proof in wire.srp_proofs(name, salt, A, B, S)[1:])
+        K, M1, M2 = wire.srp_proofs(name, salt, A, B, S)
+        return M1.hex(), M2.hex(), K
     except ValueError:
         raise Refused("bad-reply", "The server's answer could not be read.") from None
 

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import random
 import re
+import secrets
 import struct
 
 # === 1. Toy ciphers ===============================================================
@@ -153,6 +154,29 @@ def session_tag(key: bytes, data: bytes) -> bytes:
 def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:
     """Compared in constant time: how long it takes tells no byte of the right tag."""
     return hmac.compare_digest(session_tag(key, data), tag)
+
+
+def seal(key: bytes, nonce: bytes, data: bytes) -> bytes:
+    """XOR `data` with SHAKE-256 of key and nonce, a pad never used twice; it undoes itself."""
+    pad = hashlib.shake_256(key + nonce).digest(len(data))
+    return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(len(data), "big")
+
+
+def seal_text(key: bytes, text: str) -> str:
+    """Return `text` sealed under a session's key, in hex: 16 random bytes of nonce, then it."""
+    nonce = secrets.token_bytes(16)
+    return (nonce + seal(key, nonce, text.encode("utf-8"))).hex()
+
+
+def open_text(key: bytes, sealed: str) -> str:
+    """Return the text that seal_text sealed; PacketError if it cannot be one."""
+    if not re.fullmatch(r"([0-9a-f]{2}){16,}", sealed):
+        raise PacketError("a sealed field must be hex: a 16-byte nonce, then the sealed text")
+    data = bytes.fromhex(sealed)
+    try:
+        return seal(key, data[:16], data[16:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PacketError("a sealed field did not open: another session's key?") from None
 
 
 # === 2. The packet format =========================================================

@@ -155,6 +155,8 @@ class Session:
     checking: bool = False
     # Its channel's queue was full: it cannot keep up, and its session ends.
     behind: bool = False
+    # From SRP-6a's K, known to the member's client alone: what JOIN's room password is sealed with.
+    key: bytes = b""
 
 
 @dataclasses.dataclass(eq=False)
@@ -238,7 +240,7 @@ class ChatServer:
         # The retry cache: the answer to each REGISTER and LOGIN, by retry_key().
         self.replies: collections.OrderedDict = collections.OrderedDict()
         self.cookie_secret = secrets.token_bytes(16)
-        # LOGINs half way, by (address, lower-case name): (A, M1, M2, record, when).
+        # LOGINs half way, by (address, lower-case name): (A, M1, M2, record, when, K).
         self.challenges: collections.OrderedDict = collections.OrderedDict()
         # The verifier of every unknown name: v = g^x for an x nobody knows.
         self.fake_verifier = format(pow(wire.SRP_G, secrets.randbits(256), wire.SRP_N), "x")
@@ -607,17 +609,17 @@ def handle_login(chat: ChatServer, request: Request) -> list[str] | None:
     start_check(chat, request, finish_challenge, srp_challenge, request.user,
                 srp_number(fields[2], "A"), record, record=record)
 
-def srp_challenge(name: str, A: int, record: dict) -> tuple[int, bytes, bytes]:
-    """The worker's part of a LOGIN: return B, and the proofs M1 and M2 its password gives."""
+def srp_challenge(name: str, A: int, record: dict) -> tuple[int, bytes, bytes, bytes]:
+    """The worker's part of a LOGIN: return B, the key K, and the proofs M1 and M2."""
     B, S = wire.srp_server(int(record["verifier"], 16), secrets.randbits(256), A)
-    return (B, *wire.srp_proofs(name, bytes.fromhex(record["salt"]), A, B, S)[1:])
+    return (B, *wire.srp_proofs(name, bytes.fromhex(record["salt"]), A, B, S))
 
 def finish_challenge(chat: ChatServer, job: PasswordJob) -> list[str]:
     """Keep what the proof must be (for a minute, bounded); send the salt and B."""
-    request, (B, M1, M2) = job.request, job.result
+    request, (B, K, M1, M2) = job.request, job.result
     fields = wire.unpack_fields(request.packet.payload)
     key = (request.address, request.user.lower())
-    chat.challenges[key] = (fields[2], M1.hex(), M2.hex(), job.record, request.now)
+    chat.challenges[key] = (fields[2], M1.hex(), M2.hex(), job.record, request.now, K)
     chat.challenges.move_to_end(key)
     if len(chat.challenges) > RETRY_CACHE_SIZE:
         chat.challenges.popitem(last=False)
@@ -634,7 +636,9 @@ def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[s
         chat.failed_logins.failed(name, request.address[0], request.now)
         raise Refused("invalid-login", "Invalid username or password.")
     chat.failed_logins.succeeded(name, request.address[0], request.now)
-    return [*open_login(chat, request, challenge[3]["name"]), challenge[2]]
+    welcome = open_login(chat, request, challenge[3]["name"])
+    chat.sessions[request.address].key = wire.srp_hash(b"seal", challenge[5])
+    return [*welcome, challenge[2]]
 
 def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
     """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
@@ -685,7 +689,9 @@ def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
         raise Refused("server-error", f"The server could not save {what}; {after}.") from None
 
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
-    name, password = wire.unpack_fields(request.packet.payload, 2)
+    """JOIN [room, password sealed with the session's key]: a listener cannot read it."""
+    name, sealed = wire.unpack_fields(request.packet.payload, 2)
+    password = wire.open_text(request.session.key, sealed)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
     room = chat.rooms.get(name.lower())

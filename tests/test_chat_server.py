@@ -163,19 +163,20 @@ class Peer:
             return first
         challenge = unpack_fields(first.payload)[1:]
         x = auth.password_key(name, password, bytes.fromhex(challenge[0]), int(challenge[1]))
-        proof, expected = client.login_proofs(name, x, a, challenge)
+        proof, expected, key = client.login_proofs(name, x, a, challenge)
         answer = self.answer(PacketType.LOGIN, cookie, name, client.public_key(a), proof, *rejoin)
         if answer.type == OK:
             assert unpack_fields(answer.payload)[-1] == expected  # the server holds the verifier
-            self.harness.members[self.address] = Member(self.harness, self.address, answer.token)
+            self.harness.members[self.address] = Member(self.harness, self.address, answer.token,
+                                                         client.wire.srp_hash(b"seal", key))
         return answer
 
 
 class Member:
     """A logged-in client: its requests and the server's replies and EVENTs on one Channel."""
 
-    def __init__(self, harness: Harness, address, token: bytes):
-        self.harness, self.address, self.token = harness, address, token
+    def __init__(self, harness: Harness, address, token: bytes, key: bytes = b""):
+        self.harness, self.address, self.token, self.key = harness, address, token, key
         self.channel = Channel(CIPHER, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
                                max_sends=Channel.MAX_SENDS)
         self.replies: dict[int, tuple[PacketType, list[str]]] = {}  # request number -> (OK/ERROR, fields after re)
@@ -197,7 +198,10 @@ class Member:
                 self.heard.append((EVENT, fields))
 
     def send(self, ptype, *fields, raw: bytes | None = None) -> int:
-        """Queue a request without sending it; return its number."""
+        """Queue a request without sending it; return its number. A JOIN's room password is
+        sealed with the session's key, as the client does."""
+        if ptype == PacketType.JOIN and len(fields) == 2:
+            fields = (fields[0], client.wire.seal_text(self.key, fields[1]))
         return self.channel.send(ptype, pack_fields(*fields) if raw is None else raw)
 
     def flush(self) -> list[bytes]:

@@ -291,7 +291,9 @@ def test_back_in_after_a_stop_the_protocol_logs_in_joins_and_sends_what_waited()
     assert steps[1][1][:2] == ["cookie-2", "alice"] and steps[2][1][-1] == "rejoin"  # x kept: no password
     server = SessionEnd()
     (rejoin,) = server.take(protocol.poll(1.2), 1.2)
-    assert (rejoin.type, rejoin.payload) == (PacketType.JOIN, pack_fields("kelas", "rahasia"))
+    room, sealed = unpack_fields(rejoin.payload)
+    assert (rejoin.type, room) == (PacketType.JOIN, "kelas")
+    assert wire.open_text(protocol.session_key, sealed) == "rahasia"  # sealed with the new session's key
     server.answer(rejoin.seq, "kelas", "1", "joined kelas, 1 here")
     server.tell(protocol, 1.3)
     (held,) = server.take(protocol.poll(1.3), 1.3)

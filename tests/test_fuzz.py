@@ -260,8 +260,8 @@ class RecordingServer(server.ChatServer):
 class HonestClient:
     """What client.py keeps once logged in: the token, and the session's channel."""
 
-    def __init__(self, token: bytes, cipher):
-        self.token = token
+    def __init__(self, token: bytes, cipher, key: bytes = b""):
+        self.token, self.key = token, key  # key: what a JOIN's room password is sealed with
         self.channel = Channel(cipher, token, window=WINDOW, max_queue=1000, max_sends=1000)
         self.inbox: list[Packet] = []  # what the server sent, not read yet
 
@@ -345,6 +345,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         # Honest LOGINs half way: (cookie, name, secret a) by address; the first step's answers.
         self.logins: dict = {}
         self.challenged: dict = {}
+        self.keys: dict = {}  # the key of each address's last second step, for its session
         self.seen_tokens: list[bytes] = []  # session tokens that went over the wire
         self.expected_room: dict[bytes, str] = {}  # token -> room key, from OK answers to JOINs
         self.sessions_seen: dict[bytes, object] = {}  # token -> Session, also after it ended
@@ -454,7 +455,8 @@ class ChatServerMachine(RuleBasedStateMachine):
             return
         challenge, (cookie, name, secret) = self.challenged.pop(address), self.logins.pop(address)
         x = auth.password_key(name, PASSWORD, bytes.fromhex(challenge[0]), int(challenge[1]))
-        proof = client.login_proofs(name, x, secret, challenge)[0]
+        proof, _, key = client.login_proofs(name, x, secret, challenge)
+        self.keys[address] = wire.srp_hash(b"seal", key)
         payload = pack_fields(cookie, name, client.public_key(secret), proof)
         self.send(Packet(PacketType.LOGIN, self.stranger_seq(address), payload=payload), address, True)
 
@@ -474,7 +476,8 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def join(self, address, room: str, right: bool) -> None:
         password = (LOBBY_PASSWORD if room.lower() == server.LOBBY else PASSWORD) if right else "wrong"
-        self.send_as_member(address, PacketType.JOIN, room, password)
+        sealed = wire.seal_text(self.clients[address].key, password)
+        self.send_as_member(address, PacketType.JOIN, room, sealed)
 
     @precondition(lambda self: self.honest_members())
     @rule(pick=st.integers(0, 2**16), lines=st.integers(1, 8))
@@ -712,7 +715,7 @@ class ChatServerMachine(RuleBasedStateMachine):
                     self.challenged[to] = fields[1:]  # salt, iterations, B: the second step may go
                 elif len(fields) == 5 and fields[3].startswith("Welcome") and packet.token != NO_TOKEN:
                     if client is None or client.token != packet.token:
-                        self.clients[to] = client = HonestClient(packet.token, self.cipher)
+                        self.clients[to] = client = HonestClient(packet.token, self.cipher, self.keys.get(to, b""))
             if client is not None and packet.token == client.token:
                 client.inbox.append(packet)
 
@@ -766,7 +769,8 @@ class ChatServerMachine(RuleBasedStateMachine):
             self.answered.add(key)
             if request.packet.type != PacketType.JOIN or isinstance(result, server.Refused):
                 continue
-            asked, password = unpack_fields(request.packet.payload, 2)
+            asked, sealed = unpack_fields(request.packet.payload, 2)
+            password = wire.open_text(request.session.key, sealed)
             granted, _, text = result
             room = granted.lower()
             assert room == asked.lower(), f"asked to join {asked!r}, was put in {granted!r}"
@@ -889,8 +893,9 @@ def get_cookie(chat: server.ChatServer, address, seq: int = 1) -> str:
     return unpack_fields(decode_packet(reply, chat.cipher).payload)[1]
 
 
-def log_in(chat: server.ChatServer, address, name: str) -> Channel:
-    """Log `name` in from `address` (both steps); return the client's end of the session's channel."""
+def log_in(chat: server.ChatServer, address, name: str) -> tuple[Channel, bytes]:
+    """Log `name` in from `address` (both steps); return the client's end of the session's
+    channel, and the session's key."""
     cookie, secret = get_cookie(chat, address), 3
     first = Packet(PacketType.LOGIN, 2, payload=pack_fields(cookie, name, client.public_key(secret)))
     chat.handle_datagram(encode_packet(first, chat.cipher), address, START)
@@ -899,13 +904,15 @@ def log_in(chat: server.ChatServer, address, name: str) -> Channel:
     chat.outbox.clear()
     challenge = unpack_fields(decode_packet(answer, chat.cipher).payload)[1:]
     x = auth.password_key(name, "pw", bytes.fromhex(challenge[0]), int(challenge[1]))
-    proof = client.login_proofs(name, x, secret, challenge)[0]
+    proof, _, key = client.login_proofs(name, x, secret, challenge)
     second = Packet(PacketType.LOGIN, 3, payload=pack_fields(cookie, name, client.public_key(secret), proof))
     chat.handle_datagram(encode_packet(second, chat.cipher), address, START)
     (welcome, _), = chat.outbox
     chat.outbox.clear()
     token = decode_packet(welcome, chat.cipher).token
-    return Channel(chat.cipher, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE, max_sends=Channel.MAX_SENDS)
+    channel = Channel(chat.cipher, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
+                      max_sends=Channel.MAX_SENDS)
+    return channel, wire.srp_hash(b"seal", key)
 
 
 def request(chat: server.ChatServer, address, channel: Channel, ptype: PacketType, *fields: str) -> None:
@@ -981,9 +988,10 @@ def test_two_members_too_slow_at_once_do_not_crash_the_server(tmp_path, monkeypa
     chat = small_server(tmp_path)
     alice, bob = ("10.0.0.1", 40001), ("10.0.0.2", 40001)
     try:
-        channels = {address: log_in(chat, address, name) for address, name in ((alice, "alice"), (bob, "bob"))}
-        for address in (alice, bob):
-            request(chat, address, channels[address], PacketType.JOIN, "lab", "pw")
+        sessions = {address: log_in(chat, address, name) for address, name in ((alice, "alice"), (bob, "bob"))}
+        channels = {address: channel for address, (channel, _) in sessions.items()}
+        for address, (channel, key) in sessions.items():
+            request(chat, address, channel, PacketType.JOIN, "lab", wire.seal_text(key, "pw"))
         # Neither acknowledges anything: each one's window holds its JOIN's answer, and
         # alice's queue holds "bob joined". bob's message is one too many for alice, and
         # the "alice left" that follows one too many for bob.

@@ -93,16 +93,18 @@ def readable_anywhere(secret: str, datagrams: list[bytes]) -> bool:
 # --- A: the password never crosses the wire; a fake server cannot complete a login ----------------
 
 
-def test_a_capture_of_register_and_login_holds_no_password(start_server, make_client):
+def test_a_capture_of_register_login_and_join_holds_no_password(start_server, make_client):
     running = start_server()
     tap = Wiretap(running.address)
     try:
         bob = make_client(tap.address)
         assert bob.register("bob", "builder-42") == "Registration successful."
         assert bob.login("bob", "builder-42") == "Welcome, bob."
-        bob.join("lobby", "juara")
-        assert readable_anywhere("juara", tap.seen)  # the test can read: the room password shows
-        assert not readable_anywhere("builder-42", tap.seen)
+        assert bob.join("lobby", "juara") == "joined lobby, 1 here"
+        bob.say("a line the toy cipher shows")  # answered: the SAY went through the tap
+        assert readable_anywhere("a line the toy cipher shows", tap.seen)  # the search can read
+        assert not readable_anywhere("builder-42", tap.seen)  # the account's password
+        assert not readable_anywhere("juara", tap.seen)  # the room's, sealed with the session key
         record = running.chat.users.get("bob")
         assert "hash" not in record and record["iterations"] == FAST_HASH  # v, not a hash that logs in
         assert "builder-42" not in repr(bob.protocol.login)  # kept for rejoins: x, not the password
