@@ -74,8 +74,9 @@ LOGIN_FAILURES_PER_ADDRESS, LOGIN_PERIOD = 20, 300.0
 # A class registering at once is fine; a script making thousands of accounts is not.
 REGISTRATIONS_PER_ADDRESS = 20
 # A room password's check costs a quarter of a second, a LOGIN's SRP-6a step some milliseconds:
-# past 16 waiting, a login hears "busy".
-MAX_PENDING_CHECKS = 16
+# past 256 waiting, a login hears "busy". They wait their turn fairly (queue_fairly): a flood
+# from one address, or at one account, delays itself, not the class.
+MAX_PENDING_CHECKS = 256
 # A lab of 40 PCs with room to spare; at 50 rooms the empty one quiet longest is forgotten.
 MAX_SESSIONS, MAX_ROOMS = 500, 50
 # FIND answers for the whole server: a class of forty searching at once, then 10 a second.
@@ -109,6 +110,8 @@ QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND, PacketType.RO
                PacketType.WHO}
 # The retry cache's mark for a request whose password check is still running.
 PENDING = b""
+# The verifier of every unknown name: g^x for an x nobody knows, drawn when the server starts.
+FAKE_VERIFIER = format(pow(wire.SRP_G, secrets.randbits(256), wire.SRP_N), "x")
 
 
 @dataclasses.dataclass
@@ -237,13 +240,10 @@ class ChatServer:
                                self.notify, self.log)
         # Sessions by address, and the same sessions by lower-case user name.
         self.sessions, self.online = {}, {}
-        # The retry cache: the answer to each REGISTER and LOGIN, by retry_key().
-        self.replies: collections.OrderedDict = collections.OrderedDict()
+        # The retry cache: the answer to each REGISTER and LOGIN, by retry_key(); LOGINs half
+        # way by (address, lower-case name): (A, M1, M2, record, when, K).
+        self.replies, self.challenges = collections.OrderedDict(), collections.OrderedDict()
         self.cookie_secret = secrets.token_bytes(16)
-        # LOGINs half way, by (address, lower-case name): (A, M1, M2, record, when, K).
-        self.challenges: collections.OrderedDict = collections.OrderedDict()
-        # The verifier of every unknown name: v = g^x for an x nobody knows.
-        self.fake_verifier = format(pow(wire.SRP_G, secrets.randbits(256), wire.SRP_N), "x")
         self.failed_logins = auth.LoginLimiter(LOGIN_FAILURES, LOGIN_FAILURES_PER_ADDRESS,
                                                LOGIN_PERIOD)
         self.wrong_room_passwords = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
@@ -605,7 +605,7 @@ def handle_login(chat: ChatServer, request: Request) -> list[str] | None:
     if not (record and "verifier" in record):
         salt = hmac.new(chat.cookie_secret, request.user.lower().encode(), "sha256").digest()
         record = {"name": "", "iterations": chat.users.iterations, "salt": salt[:16].hex(),
-                  "verifier": chat.fake_verifier}
+                  "verifier": FAKE_VERIFIER}
     start_check(chat, request, finish_challenge, srp_challenge, request.user,
                 srp_number(fields[2], "A"), record, record=record)
 
@@ -674,7 +674,27 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
         request.session.checking = True
     else:
         remember(chat, request, PENDING)
-    chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
+    queue_fairly(chat.password_jobs, PasswordJob(request, lambda: work(*args), then, record))
+
+def queue_fairly(jobs: list, job: PasswordJob) -> None:
+    """Queue `job` in its round: how many jobs its address, or its account, has waiting.
+    Each round goes before the next, so a source's tenth check waits behind everyone's first."""
+    def sources(queued: PasswordJob) -> tuple:
+        request = queued.request
+        account = request.session.name if request.session else request.user
+        return request.address[0], account.lower()
+    address, user = sources(job)
+    mine = max(sum(sources(queued)[0] == address for queued in jobs),
+               sum(sources(queued)[1] == user for queued in jobs))
+    seen, position = collections.Counter(), len(jobs)
+    for index, queued in enumerate(jobs):
+        ahead = sources(queued)
+        if max(seen[0, ahead[0]], seen[1, ahead[1]]) > mine:
+            position = index
+            break
+        seen[0, ahead[0]] += 1
+        seen[1, ahead[1]] += 1
+    jobs.insert(position, job)
 
 def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
     """A password check that raised (a damaged record, say): the client may try again."""
@@ -1385,9 +1405,9 @@ class ServerLoop:
             except OSError as error:
                 self.chat.log.problem(f"sending to {describe_address(address)} failed: {error}")
         self.chat.outbox.clear()
-        for job in self.chat.password_jobs:
-            self.checks.append(self.worker.submit(job.run))
-        self.chat.password_jobs.clear()
+        # One check at a time, the next when it is done: the queue's fair order holds.
+        if not self.checks and self.chat.password_jobs:
+            self.checks.append(self.worker.submit(self.chat.password_jobs.pop(0).run))
 
     def shut_down(self, grace: float = STOP_GRACE) -> None:
         """Tell every member the server stops; wait up to `grace` s till all have heard."""

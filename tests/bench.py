@@ -577,13 +577,12 @@ class Receivers:
 
 
 class LoginFlood:
-    """Wrong-password LOGINs for unknown names from other sockets, as fast as the server takes them.
+    """LOGINs' first steps for unknown names from other sockets, as fast as the server takes them.
 
-    Each socket sends one LOGIN, waits for its answer and sends the next: the server checks
-    at most MAX_PENDING_CHECKS (16) at once, so 3 sockets keep its hash worker busy
-    all the time. A "busy" answer costs the server no hash; the socket
-    tries again 20 ms later. Unknown names are checked against a dummy record at the
-    server's kdf_iterations (600,000), as slow as a real one, and never lock an account.
+    Each socket sends one LOGIN, waits for its answer and sends the next, so 3 sockets keep
+    the server's worker busy all the time. A "busy" answer costs the server nothing; the
+    socket tries again 20 ms later. An unknown name's first step costs the server as much
+    as a real one's (SRP-6a's powers, with a random verifier) and never locks an account.
     """
 
     def __init__(self, address, sockets: int = 3):

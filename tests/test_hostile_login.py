@@ -17,7 +17,7 @@ import threading
 
 import pytest
 from conftest import FAST_HASH, member
-from test_chat_server import ACCOUNT, OK, Harness, Peer
+from test_chat_server import ACCOUNT, OK, A, Harness, Peer
 from test_lan import PORT, lan, start_chat_server  # noqa: F401 - `lan` is the fixture used below
 
 import auth
@@ -168,6 +168,30 @@ def test_an_account_of_protocol_4_is_told_to_register_again(tmp_path):
         assert any("old has a password hash of protocol 4" in line for line in harness.log)
     finally:
         harness.chat.close()
+
+
+# --- F: fair password checks ------------------------------------------------------------------------
+
+
+def test_a_flood_of_checks_from_one_address_delays_that_address_not_an_honest_login(harness):
+    Peer(harness, 1, ip=OWNER).register("alice")
+    flood = Peer(harness, 2, ip=ATTACKER)
+    for number in range(200):  # a flood of first steps from one address: each a check for the worker
+        assert flood.send(PacketType.LOGIN, flood.cookie(), f"nobody{number}", A, run_jobs=False) == []
+    honest = Peer(harness, 3, ip=OWNER)
+    assert honest.send(PacketType.LOGIN, honest.cookie(), "alice", A, run_jobs=False) == []
+    answered = [to for _, to, _ in harness.run_jobs()]
+    assert len(answered) == 201 and answered.index(honest.address) <= 1  # behind one of the flood at most
+
+
+def test_a_flood_at_one_account_from_many_addresses_delays_that_account(harness):
+    for number in range(50):
+        peer = Peer(harness, 1, ip=f"10.9.{number}.1")
+        assert peer.send(PacketType.LOGIN, peer.cookie(), "alice", A, run_jobs=False) == []
+    honest = Peer(harness, 2, ip=OWNER)
+    assert honest.send(PacketType.LOGIN, honest.cookie(), "bob", A, run_jobs=False) == []
+    answered = [to for _, to, _ in harness.run_jobs()]
+    assert answered.index(honest.address) <= 1
 
 
 # --- B: lockouts ------------------------------------------------------------------------------------
