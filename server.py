@@ -1406,7 +1406,7 @@ class ServerLoop:
                 self.chat.log.problem(f"sending to {describe_address(address)} failed: {error}")
         self.chat.outbox.clear()
         # One check at a time, the next when it is done: the queue's fair order holds.
-        if not self.checks and self.chat.password_jobs:
+        if self.chat.password_jobs and not self.checks:
             self.checks.append(self.worker.submit(self.chat.password_jobs.pop(0).run))
 
     def shut_down(self, grace: float = STOP_GRACE) -> None:
