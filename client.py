@@ -25,8 +25,8 @@ casual glance) are defined once, in encryption_helper.py.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
-    55 43 04 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v4 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 d5 41 e2 e8   sack=0, token, CRC-32, then the payload:
+    55 43 05 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v5 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 e9 21 01 e0   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 """
 
@@ -80,6 +80,9 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9999
 MAX_WAIT, FIRST_CONTACT_RETRY, REJOIN_EVERY, ELSEWHERE_PATIENCE = 0.5, 1.0, 2.0, 60.0
 # characters this client asks of a new account's password (the server takes any)
 MIN_PASSWORD = 4
+# The most iterations of the slow hash a server may ask (600,000 take about 0.4 s): more
+# would keep the client hashing for a minute.
+MAX_ITERATIONS = 60_000_000
 # Requests the server never did when it says it stops, and which may wait for a rejoin.
 RESENDABLE = {PacketType.SAY, PacketType.PRIVATE, PacketType.JOIN, PacketType.ROOMS, PacketType.WHO}
 # Refusals of a LOGIN that end by themselves: a lockout, a busy server, an old session of
@@ -198,6 +201,10 @@ class Requests:
         # the time of the newest line shown.
         self.login, self.joined, self.told, self.retry_at, self.since = (), (), "", 0.0, 0.0
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
+        # SRP-6a (PROTOCOL.md 4): M2 expected by the M1 sent, with the login it would make
+        # (name, x, salt, iterations) and the session's key; that login, once M2 checked, and
+        # the key (JOIN's room password is sealed with it); a rejoin's secret a.
+        self.proofs, self.login_try, self.rejoin_key, self.session_key = {}, (), 0, b""
 
     def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
         """A session's channel; before login a stop-and-wait one, a try a second (every
@@ -278,7 +285,11 @@ class Requests:
         if ptype == PacketType.HELLO:
             # padding: the server answers no HELLO under 128 bytes (no amplification)
             fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
-        payload = wire.pack_fields(*fields)
+        sent = list(fields)
+        if ptype == PacketType.JOIN:
+            # the room's password, sealed with this session's key: a listener cannot read it
+            sent[1] = wire.seal_text(self.session_key, sent[1])
+        payload = wire.pack_fields(*sent)
         if len(payload) > wire.MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
         if self.channel.idle():
@@ -412,23 +423,42 @@ class ClientProtocol(Requests):
         result = fields
         if packet.type == PacketType.ERROR:
             result = Refused(*fields[:2]) if len(fields) >= 2 else Refused("error", "Refused.")
-        elif ptype == PacketType.LOGIN and not (fields and packet.token != NO_TOKEN):
-            result = Refused("bad-reply", "The server's welcome could not be read.")
+        elif ptype == PacketType.LOGIN and len(asked) > 3:
+            result = self.check_welcome(asked, fields, packet.token)
         if ptype == PacketType.FILE_OFFER:
             self.files.answered(ticket, result)
         self.answer(ticket, result)
         if isinstance(result, list):
-            self.accepted(ticket, ptype, asked, fields, packet.token)
+            self.accepted(ticket, ptype, asked, result, packet.token)
         if not ticket and self.state == "reconnecting":
-            self.step_back(ptype, result)
+            self.step_back(ptype, result, asked)
+
+    def prove(self, challenge: list, cookie: str, name: str, A: str, a: int, x: int,
+              *rejoin: str) -> tuple:
+        """Return LOGIN's second step for the server's [salt, iterations, B]; expect its M2."""
+        M1, M2, K = login_proofs(name, x, a, challenge)
+        self.proofs = {M1: (M2, (name, x, *challenge[:2]), wire.srp_hash(b"seal", K))}
+        return (cookie, name, A, M1, *rejoin)
+
+    def check_welcome(self, asked: tuple, fields: list, token: bytes):
+        """Return the welcome of a LOGIN's second step without its M2, if M2 proves that the
+        server holds our verifier (a fake server cannot make it); else a refusal."""
+        expected, self.login_try = self.proofs.pop(asked[3], ("", (), b"")), ()
+        if not (len(fields) == 4 and token != NO_TOKEN):
+            return Refused("bad-reply", "The server's welcome could not be read.")
+        if not secrets.compare_digest(fields[3].encode(), expected[0].encode()):
+            return Refused("bad-proof", "The server could not prove that it holds your "
+                                        "account: not logged in (is it the real server?).")
+        self.login_try, self.session_key = expected[1:]
+        return fields[:3]
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
         """The server did what we asked: note what that changes, show our own line."""
-        if ptype == PacketType.LOGIN:
+        if ptype == PacketType.LOGIN and len(asked) > 3:
             self.start_session(token, fields[0])
-            # the user's login, not ours getting back in: the one to remember
+            # the user's login, not ours getting back in: the one to remember (x, no password)
             if ticket:
-                self.login, self.joined, self.returning = asked[1:3], (), False
+                self.login, self.joined, self.returning = self.login_try, (), False
         elif ptype == PacketType.JOIN:
             # a room the user chose: all its past is news
             self.room, self.joined, self.returning = fields[0], asked, self.returning and not ticket
@@ -530,7 +560,7 @@ class ClientProtocol(Requests):
                 self.notice(f"[WARN] {error}")
             self.set_state("not logged in")
 
-    def step_back(self, ptype: PacketType, result) -> None:
+    def step_back(self, ptype: PacketType, result, asked: tuple) -> None:
         """Getting back in: take the answer to our HELLO, LOGIN or JOIN; send what comes next."""
         done, code = isinstance(result, list), getattr(result, "code", "")
         # A lockout ends, and so does an old session of ours that the server keeps at our
@@ -538,7 +568,10 @@ class ClientProtocol(Requests):
         patient = code in WORTH_WAITING and (code != "logged-in-elsewhere"
                                              or self.now - self.since < ELSEWHERE_PATIENCE)
         if ptype == PacketType.HELLO and done:
-            self.send(PacketType.LOGIN, (result[0], *self.login, "rejoin"))
+            self.rejoin_key = secrets.randbits(256)
+            self.send(PacketType.LOGIN, (result[0], self.login[0], public_key(self.rejoin_key)))
+        elif ptype == PacketType.LOGIN and done and len(asked) == 3:
+            self.prove_again(result, asked)
         elif ptype == PacketType.LOGIN and done:
             self.notice(f"[INFO] Back in as {self.name}.")
             self.returning = bool(self.joined)
@@ -557,6 +590,18 @@ class ClientProtocol(Requests):
             if code in ("locked", "logged-in-elsewhere") and code != self.told:
                 self.told = code
                 self.notice(f"[WARN] Not back in yet: {result.text} (still trying)")
+
+    def prove_again(self, challenge: list, asked: tuple) -> None:
+        """Getting back in: LOGIN's second step with the x kept from the user's login (no
+        password, and no slow hash, needed); an account made anew means logging in again."""
+        name, x, *made = self.login
+        try:
+            if challenge[:2] != made:
+                raise Refused("bad-reply", "The account was made anew; log in again.")
+            self.send(PacketType.LOGIN, self.prove(challenge, *asked, self.rejoin_key, x, "rejoin"))
+        except Refused as refusal:
+            self.notice(f"[WARN] Could not get back in: {refusal.text}")
+            self.log_out(NOT_SENT)
 
     def back_in(self) -> None:
         """Back in the chat: send what the user asked for meanwhile, in order."""
@@ -591,6 +636,35 @@ class ClientProtocol(Requests):
         elif not self.logged_in and self.unreachable >= 2 and self.pending:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
+
+
+def public_key(a: int) -> str:
+    """Return SRP's A = g^a mod N in hex: a LOGIN's first step sends it, a kept secret."""
+    return format(pow(wire.SRP_G, a, wire.SRP_N), "x")
+
+
+def read_challenge(challenge: list) -> tuple[bytes, int]:
+    """Return the salt and iterations of a LOGIN's [salt, iterations, B] (or a HELLO's
+    iterations, salt ''); a number of iterations no lab PC hashes in a minute is refused."""
+    try:
+        salt, iterations = bytes.fromhex(challenge[0]), int(challenge[1])
+    except (ValueError, IndexError):
+        raise Refused("bad-reply", "The server's answer could not be read.") from None
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise Refused("bad-reply", f"The server asks for {iterations} iterations of the hash.")
+    return salt, iterations
+
+
+def login_proofs(name: str, x: int, a: int, challenge: list) -> tuple[str, str, bytes]:
+    """Return SRP's M1 and M2 in hex, and the key K, for the server's [salt, iterations, B]."""
+    salt, A = read_challenge(challenge)[0], pow(wire.SRP_G, a, wire.SRP_N)
+    try:
+        B = int(challenge[2], 16)
+        S = wire.srp_client(x, a, A, B)
+        K, M1, M2 = wire.srp_proofs(name, salt, A, B, S)
+        return M1.hex(), M2.hex(), K
+    except ValueError:
+        raise Refused("bad-reply", "The server's answer could not be read.") from None
 
 
 def expected(packet: wire.Packet, token: bytes, stream: Channel | None) -> bool:
@@ -1036,12 +1110,27 @@ class ChatClient:
     # --- Requests: what the user can do ---
 
     def register(self, name: str, password: str) -> str:
-        """Create an account; return the server's "Registration successful."."""
-        return self.with_cookie(PacketType.REGISTER, name, password)[-1]
+        """Create an account; return the server's "Registration successful.". The password
+        stays here: the server is sent the salt, the iterations it asked, and v = g^x."""
+        def attempt(cookie: str, iterations: str) -> list[str]:
+            rounds = read_challenge(["", iterations])[1]
+            record = auth.new_verifier(name, password, (wire.SRP_N, wire.SRP_G), rounds)
+            return self.call(PacketType.REGISTER, cookie, name, record["salt"], iterations,
+                             record["verifier"])
+        return self.with_cookie(attempt)[-1]
 
     def login(self, name: str, password: str) -> str:
-        """Log in; return the welcome text. Later requests go on the session's channel."""
-        return self.with_cookie(PacketType.LOGIN, name, password)[-1]
+        """Log in by SRP-6a, the password never sent; return the welcome text. The slow hash
+        runs here, on the caller's thread; later requests go on the session's channel."""
+        def attempt(cookie: str, _) -> list[str]:
+            a = secrets.randbits(256)
+            challenge = self.call(PacketType.LOGIN, cookie, name, public_key(a))
+            salt, iterations = read_challenge(challenge)
+            x = auth.password_key(name, password, salt, iterations)
+            with self.lock:
+                fields = self.protocol.prove(challenge, cookie, name, public_key(a), a, x)
+            return self.call(PacketType.LOGIN, *fields)
+        return self.with_cookie(attempt)[-1]
 
     def join(self, room: str, password: str) -> str:
         """Enter a room (created with this password if new); return the server's words."""
@@ -1071,14 +1160,14 @@ class ChatClient:
         """Ask for a cookie: proof for the server that we really are at our address."""
         return self.call(PacketType.HELLO)[0]
 
-    def with_cookie(self, ptype: PacketType, name: str, password: str) -> list[str]:
-        """HELLO, then the request with the cookie; once more if the cookie went stale."""
+    def with_cookie(self, attempt) -> list[str]:
+        """HELLO, then attempt(cookie, iterations); once more if the cookie went stale."""
         try:
-            return self.call(ptype, self.hello(), name, password)
+            return attempt(*(self.call(PacketType.HELLO) + ["", ""])[:2])
         except Refused as refusal:
             if refusal.code != "stale-cookie":
                 raise
-        return self.call(ptype, self.hello(), name, password)
+        return attempt(*(self.call(PacketType.HELLO) + ["", ""])[:2])
 
     def send_file(self, to: str, path: str) -> Transfer:
         """Offer a file to `to` ('' = the room); return it once the server took the offer:

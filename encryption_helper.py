@@ -8,7 +8,7 @@ stays readable, as IP and UDP headers do).
 
     bytes  field (docs/PROTOCOL.md draws it)
     0-1    magic "UC" (0x55 0x43): a datagram that does not start so is not ours
-    2      version (4)
+    2      version (5)
     3      type (PacketType)
     4-5    flags (FLAG_...)
     6-7    payload length
@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import random
 import re
+import secrets
 import struct
 
 # === 1. Toy ciphers ===============================================================
@@ -155,6 +156,29 @@ def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:
     return hmac.compare_digest(session_tag(key, data), tag)
 
 
+def seal(key: bytes, nonce: bytes, data: bytes) -> bytes:
+    """XOR `data` with SHAKE-256 of key and nonce, a pad never used twice; it undoes itself."""
+    pad = hashlib.shake_256(key + nonce).digest(len(data))
+    return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(len(data), "big")
+
+
+def seal_text(key: bytes, text: str) -> str:
+    """Return `text` sealed under a session's key, in hex: 16 random bytes of nonce, then it."""
+    nonce = secrets.token_bytes(16)
+    return (nonce + seal(key, nonce, text.encode("utf-8"))).hex()
+
+
+def open_text(key: bytes, sealed: str) -> str:
+    """Return the text that seal_text sealed; PacketError if it cannot be one."""
+    if not re.fullmatch(r"([0-9a-f]{2}){16,}", sealed):
+        raise PacketError("a sealed field must be hex: a 16-byte nonce, then the sealed text")
+    data = bytes.fromhex(sealed)
+    try:
+        return seal(key, data[:16], data[16:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PacketError("a sealed field did not open: another session's key?") from None
+
+
 # === 2. The packet format =========================================================
 
 # The header of the table above; "!" is network byte order.
@@ -162,7 +186,7 @@ HEADER_FORMAT = "!2sBBHHIII8sI"
 HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
 MAGIC = b"UC"
-VERSION = 4
+VERSION = 5
 # 1200 bytes is never split into IP fragments (IPv6 guarantees 1280); QUIC chose the same.
 MAX_DATAGRAM = 1200
 MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
@@ -187,8 +211,9 @@ MIN_HELLO_SIZE = MIN_FIND_SIZE = 128
 class PacketType(enum.IntEnum):
     """What a packet asks or tells. OK and ERROR answer a request and name it (field `re`)."""
 
-    # The handshake, before a session: HELLO [padding] -> OK [re, cookie]; REGISTER and
-    # LOGIN [cookie, username, password]; LOGIN's OK carries the session token.
+    # The handshake, before a session: HELLO [padding] -> OK [re, cookie, iterations];
+    # REGISTER [cookie, username, salt, iterations, v]; LOGIN [cookie, username, A] -> OK [re,
+    # salt, iterations, B], then LOGIN [.., A, M1] -> OK [re, .., M2] with the session token.
     HELLO, REGISTER, LOGIN = 1, 2, 3
     # A member's requests: JOIN [room, password], SAY [text], PRIVATE [user, text],
     # ROOMS [] and WHO [] (lists), PING [] (the heartbeat), BYE [] (the session ends).

@@ -10,14 +10,14 @@ socket: UDP needs no listen() or accept(), every datagram arrives on that socket
 with its sender's (ip, port). The protocol, `ChatServer`, never touches a socket: it is
 handed datagrams and the time and fills `outbox`, so tests and the notebook drive it
 without a network. Before login a client is in the handshake: HELLO earns a cookie that
-proves its address, then REGISTER or LOGIN (the slow hash runs on a worker thread). A
+proves its address, then REGISTER or LOGIN by SRP-6a (its math on a worker thread). A
 member has a session: a token, and a reliable `Channel` (encryption_helper.py) each way,
 so that requests, answers and EVENTs arrive once and in order; a second one carries files.
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
-    55 43 04 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v4 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 d5 41 e2 e8   sack=0, token, CRC-32, then the payload:
+    55 43 05 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v5 SAY flags=0 len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 e9 21 01 e0   sack=0, token, CRC-32, then the payload:
     49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
 
 The life of a SAY, from recvfrom to sendto:
@@ -67,10 +67,16 @@ HISTORY_ON_JOIN = 20
 MESSAGE_BURST, MESSAGE_RATE, MAX_BACKLOG = 20, 5.0, 100
 # 5 wrong passwords of an account (or room passwords of an account on a PC) in 60 s lock it.
 LOGIN_FAILURES, FAILURE_PERIOD = 5, 60.0
+# Logins (auth.LoginLimiter): 5 wrong for an account from one address lock that address out
+# of it, not its owner at another PC; 20 wrong from an address in 5 minutes (4 a minute, over
+# all accounts) lock that address: a guesser's, or a NAT's with 4 students locked at once.
+LOGIN_FAILURES_PER_ADDRESS, LOGIN_PERIOD = 20, 300.0
 # A class registering at once is fine; a script making thousands of accounts is not.
 REGISTRATIONS_PER_ADDRESS = 20
-# Each password check costs a quarter of a second: past 16 waiting, a login hears "busy".
-MAX_PENDING_CHECKS = 16
+# A room password's check costs a quarter of a second, a LOGIN's SRP-6a step some milliseconds:
+# past 256 waiting, a login hears "busy". They wait their turn fairly (queue_fairly): a flood
+# from one address, or at one account, delays itself, not the class.
+MAX_PENDING_CHECKS = 256
 # A lab of 40 PCs with room to spare. Rooms: 5 made per account, 200 in all (40 students'
 # worth); a room is never forgotten to make one more: whoever made one of its name would
 # own its members' room, with his own password.
@@ -112,6 +118,8 @@ QUIET_TYPES = {PacketType.PING, PacketType.HELLO, PacketType.FIND, PacketType.RO
                PacketType.WHO}
 # The retry cache's mark for a request whose password check is still running.
 PENDING = b""
+# The verifier of every unknown name: g^x for an x nobody knows, drawn when the server starts.
+FAKE_VERIFIER = format(pow(wire.SRP_G, secrets.randbits(256), wire.SRP_N), "x")
 
 
 @dataclasses.dataclass
@@ -158,6 +166,8 @@ class Session:
     checking: bool = False
     # Its channel's queue was full: it cannot keep up, and its session ends.
     behind: bool = False
+    # From SRP-6a's K, known to the member's client alone: what JOIN's room password is sealed with.
+    key: bytes = b""
 
 
 @dataclasses.dataclass(eq=False)
@@ -238,10 +248,12 @@ class ChatServer:
                                self.notify, self.log)
         # Sessions by address, and the same sessions by lower-case user name.
         self.sessions, self.online = {}, {}
-        # The retry cache: the answer to each REGISTER and LOGIN, by retry_key().
-        self.replies: collections.OrderedDict = collections.OrderedDict()
-        self.cookie_secret, self.registering = secrets.token_bytes(16), set()
-        self.failed_logins = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
+        # The retry cache: the answer to each REGISTER and LOGIN, by retry_key(); LOGINs half
+        # way by (address, lower-case name): (A, M1, M2, record, when, K).
+        self.replies, self.challenges = collections.OrderedDict(), collections.OrderedDict()
+        self.cookie_secret = secrets.token_bytes(16)
+        self.failed_logins = auth.LoginLimiter(LOGIN_FAILURES, LOGIN_FAILURES_PER_ADDRESS,
+                                               LOGIN_PERIOD)
         self.wrong_room_passwords = auth.FailureCounter(LOGIN_FAILURES, FAILURE_PERIOD)
         self.registrations = auth.FailureCounter(REGISTRATIONS_PER_ADDRESS, FAILURE_PERIOD)
         self.find_buckets: collections.OrderedDict = collections.OrderedDict()
@@ -281,7 +293,6 @@ class ChatServer:
         """A password check the worker finished: answer its request, then serve what waited."""
         request, session = job.request, job.request.session
         request.now, self.pending_checks = now, self.pending_checks - 1
-        self.registering.discard(request.user.lower())
         if session:
             session.checking = False
         if job.error:
@@ -522,75 +533,123 @@ class ChatServer:
 # no answer now (a password check runs; or nothing is answered); or raises Refused.
 
 def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
-    """HELLO -> OK [cookie]: only a client really at its address sees it (as in DTLS)."""
+    """HELLO -> OK [cookie, iterations]: only a client really at its address sees it (as in
+    DTLS); the iterations are those a new account's slow hash must run."""
     if request.session is None and request.size < wire.MIN_HELLO_SIZE:
         return refuse(chat, request.address, f"sent an unpadded HELLO ({request.size} B); dropped")
-    return [make_cookie(chat, request.address, int(request.now // COOKIE_PERIOD))]
+    period = int(request.now // COOKIE_PERIOD)
+    return [make_cookie(chat, request.address, period), str(chat.users.iterations)]
 
 def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
     """Return an HMAC of the address and the period: nothing to store per client."""
     message = f"{address[0]}|{address[1]}|{period}".encode()
     return hmac.new(chat.cookie_secret, message, "sha256").hexdigest()[:32]
 
-def check_credentials(chat: ChatServer, request: Request) -> str:
-    """Return the password of a REGISTER or LOGIN whose cookie is good; note its user."""
-    fields = wire.unpack_fields(request.packet.payload)
-    if len(fields) < 3 or fields[3:] not in ([], ["rejoin"]):
-        raise PacketError(f"expected [cookie, name, password] and maybe 'rejoin', "
-                          f"got {len(fields)} fields")
-    cookie, request.user, password = fields[:3]
-    request.rejoin = fields[3:] == ["rejoin"]
+def check_cookie(chat: ChatServer, request: Request, *counts: int) -> list[str]:
+    """Return the fields of a REGISTER or LOGIN [cookie, name, ...] whose cookie is good."""
+    fields = wire.unpack_fields(request.packet.payload) + [""]
     period = int(request.now // COOKIE_PERIOD)
     # As bytes: compare_digest refuses text that is not ASCII.
-    if not any(hmac.compare_digest(cookie.encode(), make_cookie(chat, request.address, p).encode())
+    if not any(hmac.compare_digest(fields[0].encode(),
+                                   make_cookie(chat, request.address, p).encode())
                for p in (period, period - 1)):
         raise Refused("stale-cookie", "Say HELLO again.")
-    request.proven = True
-    return password
+    request.proven, fields = True, fields[:-1]
+    if len(fields) not in counts:
+        raise PacketError(f"expected {' or '.join(map(str, counts))} fields, got {len(fields)}")
+    request.user = fields[1]
+    return fields
 
-def handle_register(chat: ChatServer, request: Request) -> None:
-    password, name = check_credentials(chat, request), request.user
+def srp_number(text: str, what: str) -> int:
+    """Return a number sent in hex, if 1 < it < N - 1 (0, 1 and -1 mod N would give S away)."""
+    if not re.fullmatch(r"[0-9a-f]{1,512}", text) or not 1 < int(text, 16) < wire.SRP_N - 1:
+        raise Refused("bad-request", f"{what} is not a number of the group in hex.")
+    return int(text, 16)
+
+def handle_register(chat: ChatServer, request: Request) -> list[str]:
+    """REGISTER [cookie, name, salt, iterations, verifier]: the client made v = g^x; stored."""
+    _, name, salt, iterations, verifier = check_cookie(chat, request, 5)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
-    if not password:
-        raise Refused("bad-password", "The password must not be empty.")
-    if chat.users.exists(name) or name.lower() in chat.registering:
+    # A look-alike of a name in use (aIice for alice) is taken too.
+    if chat.users.taken(name):
         raise Refused("taken", "Username already taken.")
     wait = chat.registrations.locked_for(request.address[0], request.now)
     if wait:
         raise Refused("slow-down", f"Too many registrations from your address; "
                                    f"try again in {wait:.0f} s.")
-    start_check(chat, request, finish_register, auth.new_record, name, password,
-                chat.users.iterations)
+    # Fewer iterations than ours would make the stored verifier cheap to guess against.
+    if not (wire.whole_number(iterations) and int(iterations) >= chat.users.iterations
+            and re.fullmatch(r"[0-9a-f]{32,128}", salt)):
+        raise Refused("bad-request", f"The salt must be 16-64 bytes in hex, the iterations "
+                                     f"at least {chat.users.iterations}.")
+    record = {"name": name, "kdf": auth.VERIFIER_KDF, "iterations": int(iterations),
+              "salt": salt, "verifier": format(srp_number(verifier, "The verifier"), "x")}
     chat.registrations.add(request.address[0], request.now)
-    chat.registering.add(name.lower())
-
-def finish_register(chat: ChatServer, job: PasswordJob) -> list[str]:
     # On disk before we say so: a confirmed registration survives a crash.
-    if not saved(chat, chat.users.add, job.result, what="your account"):
+    if not saved(chat, chat.users.add, record, what="your account"):
         raise Refused("taken", "Username already taken.")
     return ["Registration successful."]
 
-def handle_login(chat: ChatServer, request: Request) -> None:
+def handle_login(chat: ChatServer, request: Request) -> list[str] | None:
+    """LOGIN [cookie, name, A] -> [salt, iterations, B]; then LOGIN [cookie, name, A, M1]
+    (and maybe 'rejoin') -> [name, room, welcome, M2] and the session's token."""
     if request.session is not None:
         raise Refused("already-logged-in", "This client is logged in already; log out first.")
-    password, name = check_credentials(chat, request), request.user
-    # Checked before hashing: a locked account costs the guesser, not the server.
-    wait = chat.failed_logins.locked_for(name.lower(), request.now)
+    fields = check_cookie(chat, request, 3, 4, 5)
+    # Checked before any modular exponentiation: a lockout costs the guesser, not the server.
+    # It locks the guesser's address (for this account, or for all), not the owner elsewhere.
+    wait = chat.failed_logins.locked_for(request.user, request.address[0], request.now)
     if wait:
         raise Refused("locked", f"Too many failed attempts; try again in {wait:.0f} s.")
-    # An unknown name is checked against a dummy record: its answer takes as long.
-    record = chat.users.get(name) or auth.dummy_record(chat.users.iterations)
-    start_check(chat, request, finish_login, auth.check_password, password, record, record=record)
+    if len(fields) > 3:
+        return check_proof(chat, request, fields)
+    record = chat.users.get(request.user)
+    if record and "verifier" not in record:
+        chat.log.problem(f"{record['name']} has a password hash of protocol 4, which cannot "
+                         "log in: remove the account from the users file to register it again")
+    # An unknown name gets a salt of its own, always the same, and a random verifier: its
+    # answer looks like any other, and the proof that follows is wrong, as a bad password's.
+    if not (record and "verifier" in record):
+        salt = hmac.new(chat.cookie_secret, request.user.lower().encode(), "sha256").digest()
+        record = {"name": "", "iterations": chat.users.iterations, "salt": salt[:16].hex(),
+                  "verifier": FAKE_VERIFIER}
+    start_check(chat, request, finish_challenge, srp_challenge, request.user,
+                srp_number(fields[2], "A"), record, record=record)
 
-def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
-    """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
-    request = job.request
-    if not (job.result and job.record["name"]):
-        chat.failed_logins.add(request.user.lower(), request.now)
+def srp_challenge(name: str, A: int, record: dict) -> tuple[int, bytes, bytes, bytes]:
+    """The worker's part of a LOGIN: return B, the key K, and the proofs M1 and M2."""
+    B, S = wire.srp_server(int(record["verifier"], 16), secrets.randbits(256), A)
+    return (B, *wire.srp_proofs(name, bytes.fromhex(record["salt"]), A, B, S))
+
+def finish_challenge(chat: ChatServer, job: PasswordJob) -> list[str]:
+    """Keep what the proof must be (for a minute, bounded); send the salt and B."""
+    request, (B, K, M1, M2) = job.request, job.result
+    fields = wire.unpack_fields(request.packet.payload)
+    key = (request.address, request.user.lower())
+    chat.challenges[key] = (fields[2], M1.hex(), M2.hex(), job.record, request.now, K)
+    chat.challenges.move_to_end(key)
+    if len(chat.challenges) > RETRY_CACHE_SIZE:
+        chat.challenges.popitem(last=False)
+    return [job.record["salt"], str(job.record["iterations"]), format(B, "x")]
+
+def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[str]:
+    """LOGIN's second step: M1 right, a session and M2 (the server knew the verifier)."""
+    _, name, A, M1, *rejoin = fields
+    request.rejoin = rejoin == ["rejoin"]
+    challenge = chat.challenges.pop((request.address, name.lower()), None)
+    if not challenge or challenge[0] != A or request.now - challenge[4] > 2 * COOKIE_PERIOD:
+        raise Refused("stale-cookie", "Say HELLO again.")
+    if not (challenge[3]["name"] and hmac.compare_digest(M1.encode(), challenge[1].encode())):
+        chat.failed_logins.failed(name, request.address[0], request.now)
         raise Refused("invalid-login", "Invalid username or password.")
-    # As registered, whatever the case typed.
-    name = job.record["name"]
+    chat.failed_logins.succeeded(name, request.address[0], request.now)
+    welcome = open_login(chat, request, challenge[3]["name"])
+    chat.sessions[request.address].key = wire.srp_hash(b"seal", challenge[5])
+    return [*welcome, challenge[2]]
+
+def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
+    """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
     here, elsewhere = chat.sessions.get(request.address), chat.online.get(name.lower())
     if chat.stopping:
         raise Refused("stopping", "The server is stopping; try again in a moment.")
@@ -614,7 +673,7 @@ def finish_login(chat: ChatServer, job: PasswordJob) -> list[str]:
     return [here.name, LOBBY, f"Welcome, {here.name}."]
 
 def start_check(chat: ChatServer, request: Request, then, work, *args, record=None) -> None:
-    """Queue `work(*args)`, a slow hash, for the worker; `then` answers when it is done.
+    """Queue `work(*args)`, slow work (a hash, SRP's powers), for the worker; `then` answers.
     Until then a member's next requests wait, and a handshake's retries get no answer."""
     if chat.pending_checks >= MAX_PENDING_CHECKS:
         raise Refused("busy", "Server busy; try again in a moment.")
@@ -623,7 +682,27 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
         request.session.checking = True
     else:
         remember(chat, request, PENDING)
-    chat.password_jobs.append(PasswordJob(request, lambda: work(*args), then, record))
+    queue_fairly(chat.password_jobs, PasswordJob(request, lambda: work(*args), then, record))
+
+def queue_fairly(jobs: list, job: PasswordJob) -> None:
+    """Queue `job` in its round: how many jobs its address, or its account, has waiting.
+    Each round goes before the next, so a source's tenth check waits behind everyone's first."""
+    def sources(queued: PasswordJob) -> tuple:
+        request = queued.request
+        account = request.session.name if request.session else request.user
+        return request.address[0], account.lower()
+    address, user = sources(job)
+    mine = max(sum(sources(queued)[0] == address for queued in jobs),
+               sum(sources(queued)[1] == user for queued in jobs))
+    seen, position = collections.Counter(), len(jobs)
+    for index, queued in enumerate(jobs):
+        ahead = sources(queued)
+        if max(seen[0, ahead[0]], seen[1, ahead[1]]) > mine:
+            position = index
+            break
+        seen[0, ahead[0]] += 1
+        seen[1, ahead[1]] += 1
+    jobs.insert(position, job)
 
 def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
     """A password check that raised (a damaged record, say): the client may try again."""
@@ -638,7 +717,9 @@ def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
         raise Refused("server-error", f"The server could not save {what}; {after}.") from None
 
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
-    name, password = wire.unpack_fields(request.packet.payload, 2)
+    """JOIN [room, password sealed with the session's key]: a listener cannot read it."""
+    name, sealed = wire.unpack_fields(request.packet.payload, 2)
+    password = wire.open_text(request.session.key, sealed)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
     room = chat.rooms.get(name.lower())
@@ -1410,9 +1491,9 @@ class ServerLoop:
             except OSError as error:
                 self.chat.log.problem(f"sending to {describe_address(address)} failed: {error}")
         self.chat.outbox.clear()
-        for job in self.chat.password_jobs:
-            self.checks.append(self.worker.submit(job.run))
-        self.chat.password_jobs.clear()
+        # One check at a time, the next when it is done: the queue's fair order holds.
+        if self.chat.password_jobs and not self.checks:
+            self.checks.append(self.worker.submit(self.chat.password_jobs.pop(0).run))
 
     def shut_down(self, grace: float = STOP_GRACE) -> None:
         """Tell every member the server stops; wait up to `grace` s till all have heard."""

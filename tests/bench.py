@@ -273,7 +273,8 @@ def start_server(workdir: str, settings: dict, name: str = "server", constants: 
 def create_accounts(data_dir: str, names: list[str], iterations: int = CHEAP_HASH) -> None:
     """Write users.json with an account for each name, as the server would have stored it."""
     os.makedirs(data_dir, exist_ok=True)
-    records = [auth.new_record(name, PASSWORD, iterations) for name in names]
+    records = [auth.new_verifier(name, PASSWORD, (client.wire.SRP_N, client.wire.SRP_G), iterations)
+               for name in names]
     content = {"version": auth.FILE_VERSION, "users": records}
     auth.write_atomically(os.path.join(data_dir, server.USERS_FILE), json.dumps(content))
 
@@ -576,13 +577,12 @@ class Receivers:
 
 
 class LoginFlood:
-    """Wrong-password LOGINs for unknown names from other sockets, as fast as the server takes them.
+    """LOGINs' first steps for unknown names from other sockets, as fast as the server takes them.
 
-    Each socket sends one LOGIN, waits for its answer and sends the next: the server checks
-    at most MAX_PENDING_CHECKS (16) at once, so 3 sockets keep its hash worker busy
-    all the time. A "busy" answer costs the server no hash; the socket
-    tries again 20 ms later. Unknown names are checked against a dummy record at the
-    server's kdf_iterations (600,000), as slow as a real one, and never lock an account.
+    Each socket sends one LOGIN, waits for its answer and sends the next, so 3 sockets keep
+    the server's worker busy all the time. A "busy" answer costs the server nothing; the
+    socket tries again 20 ms later. An unknown name's first step costs the server as much
+    as a real one's (SRP-6a's powers, with a random verifier) and never locks an account.
     """
 
     def __init__(self, address, sockets: int = 3):
@@ -632,7 +632,10 @@ class LoginFlood:
             cookie = self.ask(sock, seq, PacketType.HELLO, "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2))[0]
             while not self.stopping.is_set():
                 seq += 1
-                answer = self.ask(sock, seq, PacketType.LOGIN, cookie, f"nobody{index}x{seq}", "wrong")[0]
+                # A LOGIN's first step: the server's half of SRP-6a runs on its worker.
+                answer = self.ask(sock, seq, PacketType.LOGIN, cookie, f"nobody{index}x{seq}",
+                                  client.public_key(seq))
+                answer = "checked" if len(answer) == 3 else answer[0]  # salt, iterations, B
                 with self.lock:
                     self.answers[answer] = self.answers.get(answer, 0) + 1
                 if answer == "busy":
@@ -642,10 +645,10 @@ class LoginFlood:
                     cookie = self.ask(sock, seq, PacketType.HELLO, "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2))[0]
 
     def summary(self) -> str:
-        checked = self.answers.get("invalid-login", 0)
+        checked = self.answers.get("checked", 0)
         busy = self.answers.get("busy", 0)
-        return (f"{checked} wrong-password LOGINs checked in {self.elapsed:.1f} s ({checked / self.elapsed:.1f}/s, "
-                f"each {server.ServerConfig.kdf_iterations:,} PBKDF2 iterations), {busy} more refused as busy")
+        return (f"{checked} LOGINs' first steps answered in {self.elapsed:.1f} s ({checked / self.elapsed:.1f}/s, "
+                f"each the server's half of SRP-6a), {busy} more refused as busy")
 
 
 # --- Rows ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import binascii
 import collections
 import os
 import random
+import secrets
 import socket
 import string
 import sys
@@ -47,7 +48,9 @@ from bench import ROOT, kernel_drops, machine, megabytes, start_server
 
 sys.path.insert(0, ROOT)
 
-import client  # noqa: E402  (after the path is set: the chat's modules live one folder up)
+import auth  # noqa: E402  (after the path is set: the chat's modules live one folder up)
+import client  # noqa: E402
+import encryption_helper as wire  # noqa: E402
 import server  # noqa: E402
 from encryption_helper import (  # noqa: E402
     HEADER,
@@ -182,11 +185,21 @@ class BareClient:
         return unpack_fields(self.ask(PacketType.HELLO, HELLO_PADDING, tries=tries).payload)[1]
 
     def register(self, name: str, password: str = PASSWORD) -> list[str]:
-        reply = self.ask(PacketType.REGISTER, self.hello(), name, password)
+        """REGISTER as client.py does: the verifier made here, with the iterations HELLO names."""
+        cookie, iterations = unpack_fields(self.ask(PacketType.HELLO, HELLO_PADDING).payload)[1:3]
+        record = auth.new_verifier(name, password, (wire.SRP_N, wire.SRP_G), int(iterations))
+        reply = self.ask(PacketType.REGISTER, cookie, name, record["salt"], iterations, record["verifier"])
         return [reply.type.name] + unpack_fields(reply.payload)[1:]
 
     def login(self, name: str, password: str = PASSWORD) -> list[str]:
-        reply = self.ask(PacketType.LOGIN, self.hello(), name, password)
+        """Both steps of SRP-6a's LOGIN, as client.py takes them."""
+        cookie, secret = self.hello(), secrets.randbits(256)
+        reply = self.ask(PacketType.LOGIN, cookie, name, client.public_key(secret))
+        if reply.type == OK:
+            challenge = unpack_fields(reply.payload)[1:]
+            x = auth.password_key(name, password, bytes.fromhex(challenge[0]), int(challenge[1]))
+            proof = client.login_proofs(name, x, secret, challenge)[0]
+            reply = self.ask(PacketType.LOGIN, cookie, name, client.public_key(secret), proof)
         if reply.type == OK:
             self.token, self.name, self.channel = reply.token, name, Channel(CIPHER, reply.token)
         return [reply.type.name] + unpack_fields(reply.payload)[1:]
@@ -755,7 +768,8 @@ def session_limit(workdir: str) -> str:
     """What the default MAX_SESSIONS (500) tells the 501st client."""
     limit = server.MAX_SESSIONS
     constants = {"REGISTRATIONS_PER_ADDRESS": 5 * limit}
-    settings = fuzz_settings(os.path.join(workdir, "limit"))
+    # Silent sessions must not time out while the 501 log in (two round trips each).
+    settings = fuzz_settings(os.path.join(workdir, "limit"), session_timeout=600.0)
     with start_server(workdir, settings, name="limit", constants=constants) as process:
         outcomes, clients = log_in_many(process.address, limit + 1, "user")
         for bare in clients:

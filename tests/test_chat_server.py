@@ -12,12 +12,14 @@ Password checks run in line: `job.run()`, then `finish_password_job`.
 import binascii
 import hashlib
 import os
+import secrets
 import types
 
 import pytest
 from conftest import fast_config
 
 import auth
+import client
 import server
 from encryption_helper import (
     FLAG_RETRANSMIT,
@@ -44,6 +46,8 @@ CIPHER = make_cipher("xor")
 WALL_CLOCK = 1_700_000_000.0
 STAMP = str(int(WALL_CLOCK))  # the time field of every EVENT here
 HELLO_PADDING = "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)
+A = client.public_key(5)  # a LOGIN's first step: g^5, a number of the group
+ACCOUNT = ("00" * 16, "1000", client.public_key(7))  # a REGISTER's salt, iterations and verifier
 OK, ERROR, EVENT = PacketType.OK, PacketType.ERROR, PacketType.EVENT
 
 
@@ -145,21 +149,34 @@ class Peer:
         return self.fields(PacketType.HELLO, run_jobs=False)[0]  # leaves the worker's queue alone
 
     def register(self, name: str, password: str = "pw") -> str:
-        return self.text(PacketType.REGISTER, self.cookie(), name, password)
+        """REGISTER as the client does: v = g^x made here, with the iterations HELLO names."""
+        cookie, iterations = self.fields(PacketType.HELLO, run_jobs=False)
+        record = auth.new_verifier(name, password, (client.wire.SRP_N, client.wire.SRP_G), int(iterations))
+        return self.text(PacketType.REGISTER, cookie, name, record["salt"], iterations, record["verifier"])
 
-    def login(self, name: str, password: str = "pw") -> Packet:
-        """LOGIN; on OK a Member starts reading this address, on the token the answer carries."""
-        answer = self.answer(PacketType.LOGIN, self.cookie(), name, password)
+    def login(self, name: str, password: str = "pw", *rejoin: str) -> Packet:
+        """Both LOGINs of SRP-6a; the second's answer, or the first's ERROR. On OK, M2 checked,
+        a Member starts reading this address, on the token the answer carries."""
+        cookie, a = self.cookie(), secrets.randbits(256)
+        first = self.answer(PacketType.LOGIN, cookie, name, client.public_key(a))
+        if first.type != OK:
+            return first
+        challenge = unpack_fields(first.payload)[1:]
+        x = auth.password_key(name, password, bytes.fromhex(challenge[0]), int(challenge[1]))
+        proof, expected, key = client.login_proofs(name, x, a, challenge)
+        answer = self.answer(PacketType.LOGIN, cookie, name, client.public_key(a), proof, *rejoin)
         if answer.type == OK:
-            self.harness.members[self.address] = Member(self.harness, self.address, answer.token)
+            assert unpack_fields(answer.payload)[-1] == expected  # the server holds the verifier
+            self.harness.members[self.address] = Member(self.harness, self.address, answer.token,
+                                                         client.wire.srp_hash(b"seal", key))
         return answer
 
 
 class Member:
     """A logged-in client: its requests and the server's replies and EVENTs on one Channel."""
 
-    def __init__(self, harness: Harness, address, token: bytes):
-        self.harness, self.address, self.token = harness, address, token
+    def __init__(self, harness: Harness, address, token: bytes, key: bytes = b""):
+        self.harness, self.address, self.token, self.key = harness, address, token, key
         self.channel = Channel(CIPHER, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
                                max_sends=Channel.MAX_SENDS)
         self.replies: dict[int, tuple[PacketType, list[str]]] = {}  # request number -> (OK/ERROR, fields after re)
@@ -181,7 +198,10 @@ class Member:
                 self.heard.append((EVENT, fields))
 
     def send(self, ptype, *fields, raw: bytes | None = None) -> int:
-        """Queue a request without sending it; return its number."""
+        """Queue a request without sending it; return its number. A JOIN's room password is
+        sealed with the session's key, as the client does."""
+        if ptype == PacketType.JOIN and len(fields) == 2:
+            fields = (fields[0], client.wire.seal_text(self.key, fields[1]))
         return self.channel.send(ptype, pack_fields(*fields) if raw is None else raw)
 
     def flush(self) -> list[bytes]:
@@ -286,7 +306,7 @@ def test_exact_reply_texts(harness):
     assert peer.register("ALICE") == "Username already taken."
     assert unpack_fields(peer.login("alice", "wrong").payload)[1:] == ["invalid-login", "Invalid username or password."]
     assert unpack_fields(peer.login("nobody").payload)[1:] == ["invalid-login", "Invalid username or password."]
-    assert unpack_fields(peer.login("Alice").payload)[1:] == ["alice", "lobby", "Welcome, alice."]
+    assert unpack_fields(peer.login("Alice").payload)[1:4] == ["alice", "lobby", "Welcome, alice."]  # then M2
 
 
 def test_login_issues_a_random_token(harness):
@@ -311,7 +331,7 @@ def test_a_new_login_takes_the_account_over_and_the_old_session_is_told(harness)
 def test_a_client_logging_in_again_never_takes_over_a_newer_session(harness):
     member(harness, 1, "alice")
     peer = Peer(harness, 2)
-    answer = peer.answer(PacketType.LOGIN, peer.cookie(), "alice", "pw", "rejoin")
+    answer = peer.login("alice", "pw", "rejoin")
     assert answer.type == ERROR
     assert unpack_fields(answer.payload)[1:] == ["logged-in-elsewhere", "alice logged in elsewhere."]
     assert len(harness.chat.sessions) == 1
@@ -339,17 +359,18 @@ def test_login_replayed_from_another_address_is_refused(harness):
     assert len(harness.chat.sessions) == 1
 
 
-def test_five_failures_lock_the_account_without_hashing(harness, hashes):
+def test_five_failures_lock_the_account_from_that_address_without_hashing(harness, hashes):
     peer = Peer(harness, 1)
     peer.register("alice")
     for _ in range(5):
         peer.login("alice", "guess")
     assert len(hashes) == 1 + 5  # the registration, and every guess
-    answer = Peer(harness, 2, ip="10.0.0.2").login("alice", "pw")  # the right one, from anywhere
-    assert unpack_fields(answer.payload)[1:] == ["locked", "Too many failed attempts; try again in 60 s."]
+    answer = Peer(harness, 2).login("alice", "pw")  # the right one, from the guesser's address
+    assert unpack_fields(answer.payload)[1:] == ["locked", "Too many failed attempts; try again in 300 s."]
     assert len(hashes) == 6 and not harness.chat.password_jobs
-    harness.now += 61
-    assert Peer(harness, 3).login("alice").type == OK
+    assert Peer(harness, 3, ip="10.0.0.2").login("alice").type == OK  # the owner at another PC
+    harness.now += 301
+    assert Peer(harness, 4).login("alice").type == OK
 
 
 def test_registrations_per_address_are_limited(make_harness, monkeypatch):
@@ -364,15 +385,16 @@ def test_registrations_per_address_are_limited(make_harness, monkeypatch):
 
 def test_a_password_check_that_fails_is_answered_and_frees_its_place(harness, monkeypatch):
     def broken(*args):
-        raise KeyError("hash")  # as a damaged record in users.json would
+        raise KeyError("verifier")  # as a damaged record in users.json would
 
-    monkeypatch.setattr(auth, "new_record", broken)
-    peer = Peer(harness, 1)
-    assert peer.fields(PacketType.REGISTER, peer.cookie(), "alice", "pw") == [
+    Peer(harness, 1).register("alice")
+    monkeypatch.setattr(server, "srp_challenge", broken)
+    peer = Peer(harness, 2)
+    assert unpack_fields(peer.login("alice").payload)[1:] == [
         "server-error", "The server could not check that; try again."]
-    assert not harness.chat.pending_checks and not harness.chat.registering  # nothing held
+    assert not harness.chat.pending_checks  # nothing held
     monkeypatch.undo()
-    assert peer.register("alice") == "Registration successful."  # the name was not left taken
+    assert peer.login("alice").type == OK
 
 
 def test_hash_queue_is_bounded_overall(make_harness, monkeypatch):
@@ -381,12 +403,12 @@ def test_hash_queue_is_bounded_overall(make_harness, monkeypatch):
     Peer(harness, 1).register("alice")
     for number in range(3):
         peer = Peer(harness, 1, ip=f"10.0.1.{number}")
-        assert peer.send(PacketType.LOGIN, peer.cookie(), "alice", "guess", run_jobs=False) == []
+        assert peer.send(PacketType.LOGIN, peer.cookie(), "alice", A, run_jobs=False) == []
     late = Peer(harness, 1, ip="10.0.2.1")
-    assert late.fields(PacketType.LOGIN, late.cookie(), "alice", "pw", run_jobs=False) == [
+    assert late.fields(PacketType.LOGIN, late.cookie(), "alice", A, run_jobs=False) == [
         "busy", "Server busy; try again in a moment."]
     assert len(harness.run_jobs()) == 3  # each queued check is answered once it is done
-    assert late.fields(PacketType.LOGIN, late.cookie(), "alice", "pw")[0] == "alice"  # the queue has room again
+    assert late.login("alice").type == OK  # the queue has room again
 
 
 def test_server_full(make_harness, monkeypatch):
@@ -416,14 +438,14 @@ def test_a_retried_register_gets_the_same_answer_and_makes_one_account(harness, 
     assert len(harness.chat.users) == 1 and len(hashes) == 1
 
 
-def test_a_retry_while_the_hash_runs_starts_no_second_hash(harness, hashes):
+def test_a_retry_while_the_check_runs_starts_no_second_check(harness):
+    Peer(harness, 9).register("alice")
     peer = Peer(harness, 1)
-    assert peer.send(PacketType.REGISTER, peer.cookie(), "alice", "pw", run_jobs=False) == []
+    assert peer.send(PacketType.LOGIN, peer.cookie(), "alice", A, run_jobs=False) == []
     assert harness.deliver(peer.last_request, peer.address, run_jobs=False) == []  # still checking
     assert len(harness.chat.password_jobs) == 1
     (answer, _, _), = harness.run_jobs()
-    assert unpack_fields(answer.payload)[1] == "Registration successful."
-    assert len(hashes) == 1 and len(harness.chat.users) == 1
+    assert len(unpack_fields(answer.payload)) == 4  # re, salt, iterations, B
 
 
 def test_a_retried_login_gets_the_same_welcome_and_token(harness):
@@ -444,9 +466,11 @@ def test_a_lost_welcome_forgotten_by_the_server_starts_a_fresh_session(make_harn
     old = alice.login("alice").token
     login = alice.last_request
     Peer(harness, 2).register("bob")  # pushes alice's welcome out of the one remembered answer
-    (again, _, _), = harness.deliver(login, alice.address)
-    assert again.type == OK and again.token not in (NO_TOKEN, old)
-    assert [session.token for session in harness.chat.sessions.values()] == [again.token]
+    (again, _, _), = harness.deliver(login, alice.address)  # its proof was used: start again
+    assert unpack_fields(again.payload)[1:] == ["stale-cookie", "Say HELLO again."]
+    fresh = alice.login("alice")
+    assert fresh.type == OK and fresh.token not in (NO_TOKEN, old)
+    assert [session.token for session in harness.chat.sessions.values()] == [fresh.token]
 
 
 def test_a_login_replayed_against_a_session_in_use_does_not_silently_cut_it_off(make_harness, monkeypatch):
@@ -471,8 +495,8 @@ def test_a_login_replayed_against_a_session_in_use_does_not_silently_cut_it_off(
 def test_a_different_request_reusing_a_number_is_not_taken_for_a_retry(harness):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
-    assert peer.text(PacketType.REGISTER, cookie, "alice", "pw", seq=7) == "Registration successful."
-    assert peer.text(PacketType.REGISTER, cookie, "bob", "pw", seq=7) == "Registration successful."
+    assert peer.text(PacketType.REGISTER, cookie, "alice", *ACCOUNT, seq=7) == "Registration successful."
+    assert peer.text(PacketType.REGISTER, cookie, "bob", *ACCOUNT, seq=7) == "Registration successful."
     assert harness.chat.users.exists("alice") and harness.chat.users.exists("bob")
 
 
@@ -482,7 +506,7 @@ def test_the_retry_cache_is_bounded(make_harness, monkeypatch):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
     for number in range(50):
-        assert peer.text(PacketType.REGISTER, cookie, "bad name", str(number)).startswith("Usernames are")
+        assert peer.text(PacketType.REGISTER, cookie, "bad name", *ACCOUNT[:2], str(number)).startswith("Usernames")
     assert len(harness.chat.replies) == 8
 
 
@@ -1068,7 +1092,7 @@ def test_a_client_back_with_a_new_channel_gets_a_new_session_at_the_same_address
     old = harness.chat.sessions[alice.address].token
     peer = Peer(harness, 1)
     peer.seq = 100  # numbers before login go on counting
-    answer = peer.answer(PacketType.LOGIN, peer.cookie(), "alice", "pw", "rejoin")
+    answer = peer.login("alice", "pw", "rejoin")
     assert answer.type == OK and answer.token != old  # not the old one, whose numbers it no longer follows
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import client
+import encryption_helper as wire
 from encryption_helper import (
     NO_TOKEN,
     Channel,
@@ -20,10 +21,26 @@ from encryption_helper import (
     encode_packet,
     make_cipher,
     pack_fields,
+    unpack_fields,
 )
 
 CIPHER = make_cipher("xor")
 TOKEN = b"sessionT"
+SALT, X = "00" * 16, 12345  # alice's salt and x (the slow hash of her password), made up
+VERIFIER = pow(wire.SRP_G, X, wire.SRP_N)
+
+
+def challenge_for(A: int, b: int = 5) -> tuple[list[str], str]:
+    """A server end holding alice's verifier: its answer to a LOGIN's first step with A, and
+    the M2 it will send if the second step's M1 is right."""
+    B, S = wire.srp_server(VERIFIER, b, A)
+    return [SALT, "1000", format(B, "x")], wire.srp_proofs("alice", bytes.fromhex(SALT), A, B, S)[2].hex()
+
+
+def second_step(protocol: client.ClientProtocol, a: int = 3) -> tuple[list[str], str]:
+    """LOGIN's second step as the protocol makes it, and the M2 that answers it."""
+    challenge, m2 = challenge_for(pow(wire.SRP_G, a, wire.SRP_N))
+    return list(protocol.prove(challenge, "cookie", "alice", client.public_key(a), a, X)), m2
 
 
 def answer(re: int, *fields: str, ptype=PacketType.OK, token=NO_TOKEN, cipher=CIPHER) -> bytes:
@@ -75,9 +92,10 @@ def wire_seq(protocol: client.ClientProtocol, ticket: int) -> int:
 def logged_in(timing: client.Timing | None = None, **options) -> tuple[client.ClientProtocol, SessionEnd]:
     """A protocol that has just logged in as alice at time 0, and the server's end of its session."""
     protocol = client.ClientProtocol(CIPHER, timing, **options)
-    login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
+    fields, m2 = second_step(protocol)
+    login = protocol.request(PacketType.LOGIN, fields, 0.0)
     protocol.poll(0.0)
-    protocol.receive(answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", token=TOKEN), 0.0)
+    protocol.receive(answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", m2, token=TOKEN), 0.0)
     out = Out(protocol)
     assert out.answers == {login: ["alice", "lobby", "Welcome, alice."]} and out.states == ["connected"]
     assert protocol.logged_in and protocol.token == TOKEN and protocol.state == "connected"
@@ -269,17 +287,25 @@ def test_back_in_after_a_stop_the_protocol_logs_in_joins_and_sends_what_waited()
     server.tell(protocol, 0.6)
     typed = protocol.request(PacketType.SAY, ("typed while it was down",), 0.7)
     assert Out(protocol).answers == {join: ["kelas", "1", "joined kelas, 1 here"]}
-    steps = []
-    for now, fields in [(1.0, ["cookie-2"]), (1.1, ["alice", "lobby", "Welcome back."])]:
+    steps, m2 = [], ""
+    for now in (1.0, 1.1, 1.2):
         (request,) = [decode_packet(data, CIPHER) for data in protocol.poll(now)
                       if decode_packet(data, CIPHER).seq]
-        steps.append((request.type, request.payload))
-        protocol.receive(answer(request.seq, *fields, token=TOKEN if fields[0] == "alice" else NO_TOKEN), now)
-    assert [ptype for ptype, _ in steps] == [PacketType.HELLO, PacketType.LOGIN]
-    assert steps[1][1] == pack_fields("cookie-2", "alice", "pw", "rejoin")
+        steps.append((request.type, unpack_fields(request.payload)))
+        if request.type == PacketType.HELLO:
+            protocol.receive(answer(request.seq, "cookie-2", "1000"), now)
+        elif len(steps[-1][1]) == 3:  # LOGIN's first step: the server's salt, iterations and B
+            challenge, m2 = challenge_for(int(steps[-1][1][2], 16))
+            protocol.receive(answer(request.seq, *challenge), now)
+        else:
+            protocol.receive(answer(request.seq, "alice", "lobby", "Welcome back.", m2, token=TOKEN), now)
+    assert [ptype for ptype, _ in steps] == [PacketType.HELLO, PacketType.LOGIN, PacketType.LOGIN]
+    assert steps[1][1][:2] == ["cookie-2", "alice"] and steps[2][1][-1] == "rejoin"  # x kept: no password
     server = SessionEnd()
     (rejoin,) = server.take(protocol.poll(1.2), 1.2)
-    assert (rejoin.type, rejoin.payload) == (PacketType.JOIN, pack_fields("kelas", "rahasia"))
+    room, sealed = unpack_fields(rejoin.payload)
+    assert (rejoin.type, room) == (PacketType.JOIN, "kelas")
+    assert wire.open_text(protocol.session_key, sealed) == "rahasia"  # sealed with the new session's key
     server.answer(rejoin.seq, "kelas", "1", "joined kelas, 1 here")
     server.tell(protocol, 1.3)
     (held,) = server.take(protocol.poll(1.3), 1.3)
@@ -315,9 +341,10 @@ def test_events_are_shown_as_the_user_sees_them():
 
 def test_a_repeated_login_answer_acknowledges_nothing_on_the_session():
     protocol = client.ClientProtocol(CIPHER)
-    login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
+    fields, m2 = second_step(protocol)
+    login = protocol.request(PacketType.LOGIN, fields, 0.0)
     protocol.poll(0.0)
-    welcome = answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", token=TOKEN)
+    welcome = answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", m2, token=TOKEN)
     protocol.receive(welcome, 0.01)
     protocol.request(PacketType.JOIN, ("lobby", "juara"), 0.02)
     protocol.poll(0.02)  # the JOIN, numbered 1 on the session, is lost on the way
@@ -331,10 +358,11 @@ def test_a_repeated_login_answer_acknowledges_nothing_on_the_session():
 
 def test_a_request_queued_behind_the_login_is_answered_not_lost():
     protocol = client.ClientProtocol(CIPHER)
-    login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
+    fields, m2 = second_step(protocol)
+    login = protocol.request(PacketType.LOGIN, fields, 0.0)
     behind = protocol.request(PacketType.HELLO, (), 0.0)  # waits: before login, one request at a time
     protocol.poll(0.0)
-    protocol.receive(answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", token=TOKEN), 0.0)
+    protocol.receive(answer(wire_seq(protocol, login), "alice", "lobby", "Welcome, alice.", m2, token=TOKEN), 0.0)
     answered = Out(protocol).answers
     assert answered[login] == ["alice", "lobby", "Welcome, alice."]
     assert isinstance(answered[behind], client.Refused) and answered[behind].code == "not-sent"
@@ -368,7 +396,7 @@ def test_a_late_answer_to_a_given_up_request_is_not_taken_for_a_new_one():
 
 def test_a_welcome_without_fields_or_token_is_refused_not_fatal():
     protocol = client.ClientProtocol(CIPHER)
-    login = protocol.request(PacketType.LOGIN, ["cookie", "alice", "pw"], 0.0)
+    login = protocol.request(PacketType.LOGIN, second_step(protocol)[0], 0.0)
     protocol.poll(0.0)
     protocol.receive(answer(wire_seq(protocol, login), token=TOKEN), 0.0)  # nothing but its number
     assert Out(protocol).answers[login].code == "bad-reply" and not protocol.logged_in

@@ -36,6 +36,8 @@ from hypothesis.stateful import (  # noqa: E402
 )
 
 import auth  # noqa: E402
+import client  # noqa: E402
+import encryption_helper as wire  # noqa: E402
 import server  # noqa: E402
 from encryption_helper import (  # noqa: E402
     CIPHER_NAMES,
@@ -206,7 +208,11 @@ STEP = 0.05  # seconds the clock moves with every datagram
 HELLO_PADDING = "." * (MIN_HELLO_SIZE - HEADER_SIZE - 2)
 WINDOW = 3  # the channels' window, both ends, in the state machine
 # Built once: PBKDF2 even at 1000 iterations is worth not repeating for every example.
-RECORDS = [auth.new_record(name, "secret", 1000) for name in ACCOUNTS]
+GROUP = (wire.SRP_N, wire.SRP_G)
+# The SRP-6a record each honest name registers with (the same for "dave" and "Dave": x hashes
+# the name in lower case); those of ACCOUNTS are in the users file from the start.
+VERIFIERS = {name.lower(): auth.new_verifier(name, PASSWORD, GROUP, 1000) for name in HONEST_NAMES}
+RECORDS = [VERIFIERS[name] for name in ACCOUNTS]
 
 
 @pytest.fixture
@@ -254,8 +260,8 @@ class RecordingServer(server.ChatServer):
 class HonestClient:
     """What client.py keeps once logged in: the token, and the session's channel."""
 
-    def __init__(self, token: bytes, cipher):
-        self.token = token
+    def __init__(self, token: bytes, cipher, key: bytes = b""):
+        self.token, self.key = token, key  # key: what a JOIN's room password is sealed with
         self.channel = Channel(cipher, token, window=WINDOW, max_queue=1000, max_sends=1000)
         self.inbox: list[Packet] = []  # what the server sent, not read yet
 
@@ -336,6 +342,10 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.stranger_counter = {address: 0 for address in ADDRESSES}  # numbers before login: 1, 2, 3...
         self.clients: dict = {}  # address -> HonestClient, once a LOGIN there was welcomed
         self.cookies: dict = {address: [] for address in ADDRESSES}  # issued to each, newest last
+        # Honest LOGINs half way: (cookie, name, secret a) by address; the first step's answers.
+        self.logins: dict = {}
+        self.challenged: dict = {}
+        self.keys: dict = {}  # the key of each address's last second step, for its session
         self.seen_tokens: list[bytes] = []  # session tokens that went over the wire
         self.expected_room: dict[bytes, str] = {}  # token -> room key, from OK answers to JOINs
         self.sessions_seen: dict[bytes, object] = {}  # token -> Session, also after it ended
@@ -418,11 +428,37 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.with_cookie(ADDRESSES[a], PacketType.REGISTER, name, run)
 
     def with_cookie(self, address, ptype: PacketType, name: str, run: bool) -> None:
+        """HELLO, then REGISTER with the name's verifier, or LOGIN's first step; its second
+        step goes as soon as the first is answered (now, or when the worker catches up)."""
         hello = Packet(PacketType.HELLO, self.stranger_seq(address), payload=pack_fields(HELLO_PADDING))
         self.send(hello, address, True)
-        if self.cookies[address]:
-            payload = pack_fields(self.cookies[address][-1], name, PASSWORD)
-            self.send(Packet(ptype, self.stranger_seq(address), payload=payload), address, run)
+        if not self.cookies[address]:
+            return
+        cookie, record = self.cookies[address][-1], VERIFIERS[name.lower()]
+        fields = [cookie, name, record["salt"], str(record["iterations"]), record["verifier"]]
+        if ptype == PacketType.LOGIN:
+            secret = 3 + ADDRESSES.index(address)
+            self.logins[address] = (cookie, name, secret)
+            fields = [cookie, name, client.public_key(secret)]
+        self.send(Packet(ptype, self.stranger_seq(address), payload=pack_fields(*fields)), address, run)
+        self.send_proof(address)
+
+    @precondition(lambda self: self.challenged)
+    @rule(a=addresses)
+    def finish_login(self, a):
+        """A LOGIN's second step, for a first step the worker has answered meanwhile."""
+        self.send_proof(sorted(self.challenged)[a % len(self.challenged)])
+
+    def send_proof(self, address) -> None:
+        """LOGIN's second step, as client.py makes it, if its first step was answered."""
+        if address not in self.challenged or address not in self.logins:
+            return
+        challenge, (cookie, name, secret) = self.challenged.pop(address), self.logins.pop(address)
+        x = auth.password_key(name, PASSWORD, bytes.fromhex(challenge[0]), int(challenge[1]))
+        proof, _, key = client.login_proofs(name, x, secret, challenge)
+        self.keys[address] = wire.srp_hash(b"seal", key)
+        payload = pack_fields(cookie, name, client.public_key(secret), proof)
+        self.send(Packet(PacketType.LOGIN, self.stranger_seq(address), payload=payload), address, True)
 
     def honest_members(self) -> list:
         """Addresses whose client holds the token of the session the server has for it."""
@@ -440,7 +476,8 @@ class ChatServerMachine(RuleBasedStateMachine):
 
     def join(self, address, room: str, right: bool) -> None:
         password = (LOBBY_PASSWORD if room.lower() == server.LOBBY else PASSWORD) if right else "wrong"
-        self.send_as_member(address, PacketType.JOIN, room, password)
+        sealed = wire.seal_text(self.clients[address].key, password)
+        self.send_as_member(address, PacketType.JOIN, room, sealed)
 
     @precondition(lambda self: self.honest_members())
     @rule(pick=st.integers(0, 2**16), lines=st.integers(1, 8))
@@ -673,11 +710,13 @@ class ChatServerMachine(RuleBasedStateMachine):
                 continue
             if packet.seq == 0 and packet.type == PacketType.OK:
                 fields = unpack_fields(packet.payload)
-                if len(fields) == 2 and len(fields[1]) == 32 and fields[1].isalnum():
+                if len(fields) == 3 and len(fields[1]) == 32 and fields[1].isalnum():
                     self.cookies[to].append(fields[1])
-                elif len(fields) == 4 and fields[3].startswith("Welcome") and packet.token != NO_TOKEN:
+                elif len(fields) == 4 and packet.token == NO_TOKEN and to in self.logins:
+                    self.challenged[to] = fields[1:]  # salt, iterations, B: the second step may go
+                elif len(fields) == 5 and fields[3].startswith("Welcome") and packet.token != NO_TOKEN:
                     if client is None or client.token != packet.token:
-                        self.clients[to] = client = HonestClient(packet.token, self.cipher)
+                        self.clients[to] = client = HonestClient(packet.token, self.cipher, self.keys.get(to, b""))
             if client is not None and packet.token == client.token:
                 client.inbox.append(packet)
 
@@ -731,7 +770,8 @@ class ChatServerMachine(RuleBasedStateMachine):
             self.answered.add(key)
             if request.packet.type != PacketType.JOIN or isinstance(result, server.Refused):
                 continue
-            asked, password = unpack_fields(request.packet.payload, 2)
+            asked, sealed = unpack_fields(request.packet.payload, 2)
+            password = wire.open_text(request.session.key, sealed)
             granted, _, text = result
             room = granted.lower()
             assert room == asked.lower(), f"asked to join {asked!r}, was put in {granted!r}"
@@ -841,8 +881,8 @@ def small_server(data_dir) -> server.ChatServer:
     """Return a ChatServer on `data_dir` where alice and bob (password "pw") exist."""
     config = server.ServerConfig(data_dir=str(data_dir), kdf_iterations=1000, quiet=True)
     chat = server.ChatServer(config, log=lambda line: None)
-    chat.users.add(auth.new_record("alice", "pw", 1000))
-    chat.users.add(auth.new_record("bob", "pw", 1000))
+    chat.users.add(auth.new_verifier("alice", "pw", GROUP, 1000))
+    chat.users.add(auth.new_verifier("bob", "pw", GROUP, 1000))
     return chat
 
 
@@ -854,15 +894,26 @@ def get_cookie(chat: server.ChatServer, address, seq: int = 1) -> str:
     return unpack_fields(decode_packet(reply, chat.cipher).payload)[1]
 
 
-def log_in(chat: server.ChatServer, address, name: str) -> Channel:
-    """Log `name` in from `address`; return the client's end of the session's channel."""
-    login = Packet(PacketType.LOGIN, 2, payload=pack_fields(get_cookie(chat, address), name, "pw"))
-    chat.handle_datagram(encode_packet(login, chat.cipher), address, START)
+def log_in(chat: server.ChatServer, address, name: str) -> tuple[Channel, bytes]:
+    """Log `name` in from `address` (both steps); return the client's end of the session's
+    channel, and the session's key."""
+    cookie, secret = get_cookie(chat, address), 3
+    first = Packet(PacketType.LOGIN, 2, payload=pack_fields(cookie, name, client.public_key(secret)))
+    chat.handle_datagram(encode_packet(first, chat.cipher), address, START)
     run_password_jobs(chat)
+    (answer, _), = chat.outbox
+    chat.outbox.clear()
+    challenge = unpack_fields(decode_packet(answer, chat.cipher).payload)[1:]
+    x = auth.password_key(name, "pw", bytes.fromhex(challenge[0]), int(challenge[1]))
+    proof, _, key = client.login_proofs(name, x, secret, challenge)
+    second = Packet(PacketType.LOGIN, 3, payload=pack_fields(cookie, name, client.public_key(secret), proof))
+    chat.handle_datagram(encode_packet(second, chat.cipher), address, START)
     (welcome, _), = chat.outbox
     chat.outbox.clear()
     token = decode_packet(welcome, chat.cipher).token
-    return Channel(chat.cipher, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE, max_sends=Channel.MAX_SENDS)
+    channel = Channel(chat.cipher, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
+                      max_sends=Channel.MAX_SENDS)
+    return channel, wire.srp_hash(b"seal", key)
 
 
 def request(chat: server.ChatServer, address, channel: Channel, ptype: PacketType, *fields: str) -> None:
@@ -892,11 +943,13 @@ def test_login_answer_survives_retry_cache_eviction(tmp_path, monkeypatch):
     chat = small_server(tmp_path)
     try:
         for address, name in ((("10.0.0.1", 40001), "alice"), (("10.0.0.2", 40001), "bob")):
-            login = Packet(PacketType.LOGIN, 2, payload=pack_fields(get_cookie(chat, address), name, "pw"))
+            first_step = pack_fields(get_cookie(chat, address), name, client.public_key(3))
+            login = Packet(PacketType.LOGIN, 2, payload=first_step)
             chat.handle_datagram(encode_packet(login, chat.cipher), address, START)
-        for job in chat.password_jobs:  # both hashes were queued before either finished
+        for job in chat.password_jobs:  # both checks were queued before either finished
             chat.finish_password_job(job.run(), START)
-        assert sorted(session.name for session in chat.sessions.values()) == ["alice", "bob"]
+        answers = [unpack_fields(decode_packet(data, chat.cipher).payload) for data, _ in chat.outbox]
+        assert [len(fields) for fields in answers] == [4, 4]  # re, salt, iterations, B: each answered
     finally:
         chat.close()
 
@@ -936,9 +989,10 @@ def test_two_members_too_slow_at_once_do_not_crash_the_server(tmp_path, monkeypa
     chat = small_server(tmp_path)
     alice, bob = ("10.0.0.1", 40001), ("10.0.0.2", 40001)
     try:
-        channels = {address: log_in(chat, address, name) for address, name in ((alice, "alice"), (bob, "bob"))}
-        for address in (alice, bob):
-            request(chat, address, channels[address], PacketType.JOIN, "lab", "pw")
+        sessions = {address: log_in(chat, address, name) for address, name in ((alice, "alice"), (bob, "bob"))}
+        channels = {address: channel for address, (channel, _) in sessions.items()}
+        for address, (channel, key) in sessions.items():
+            request(chat, address, channel, PacketType.JOIN, "lab", wire.seal_text(key, "pw"))
         # Neither acknowledges anything: each one's window holds its JOIN's answer, and
         # alice's queue holds "bob joined". bob's message is one too many for alice, and
         # the "alice left" that follows one too many for bob.

@@ -191,7 +191,7 @@ def test_back_in_ones_own_lines_are_not_shown_again_as_the_rooms_past(start_serv
 
 
 def test_a_rejoin_waits_out_a_lockout_of_its_account(start_server, make_client, monkeypatch):
-    monkeypatch.setattr(server, "FAILURE_PERIOD", 5.0)  # locked for 5 s, not 60
+    monkeypatch.setattr(server, "LOGIN_PERIOD", 5.0)  # locked for 5 s, not 300
     monkeypatch.setattr(client, "REJOIN_EVERY", 0.2)
     running = start_server(session_timeout=1.0)
     # Silent (no heartbeat for a minute): the server will time her out.

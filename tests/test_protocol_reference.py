@@ -90,7 +90,7 @@ def test_every_datagram_of_the_annotated_exchange_is_valid_and_as_captioned():
     """Each hex block follows a caption naming its type in bold: the bytes decode as that type."""
     text = reference()
     blocks = list(re.finditer(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text))
-    assert len(blocks) == 12
+    assert len(blocks) == 14
     cipher = make_cipher("xor")
     for block in blocks:
         caption = re.findall(r"\*\*([A-Z]+)\*\*", text[: block.start()])[-1]  # the last type named before it

@@ -510,18 +510,18 @@ def test_a_message_arriving_while_typing_keeps_what_was_typed(chat_server, make_
 @pty_only
 def test_a_password_typed_before_its_prompt_is_never_echoed(chat_server, make_client, terminal_session,
                                                              monkeypatch):
-    import auth
+    import server
 
     alice = terminal_session("alice")
     checking, go_on = threading.Event(), threading.Event()
-    slow_hash = auth.hash_password
+    slow_check = server.srp_challenge
 
-    def held_hash(*args):
+    def held_check(*args):
         checking.set()
         go_on.wait(timeout=EVENT_WAIT)  # the login takes as long as the test wants
-        return slow_hash(*args)
+        return slow_check(*args)
 
-    monkeypatch.setattr(auth, "hash_password", held_hash)
+    monkeypatch.setattr(server, "srp_challenge", held_check)
     for prompt, answer in [("Type /register or /login", "/login"), ("Username:", "alice"), ("Password:", "pass")]:
         alice.wait_for(lambda screen, prompt=prompt: screen.cursor_line().startswith(prompt), prompt)
         alice.type(answer + "\r")

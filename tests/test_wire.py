@@ -51,7 +51,7 @@ def forge(version: int = VERSION, ptype: int = PacketType.OK, payload: bytes = b
 def test_header_is_32_bytes_in_network_byte_order():
     assert HEADER_SIZE == struct.calcsize(HEADER_FORMAT) == 32
     data = encode_packet(SAY, make_cipher("none"))  # the payload as it is
-    assert data[:2] == b"UC" and data[2] == VERSION == 4 and data[3] == PacketType.SAY
+    assert data[:2] == b"UC" and data[2] == VERSION == 5 and data[3] == PacketType.SAY
     assert data[4:6] == b"\x00\x01"  # flags
     assert data[6:8] == b"\x00\x07"  # payload length
     assert data[8:12] == b"\x00\x00\x00\x07"  # seq, big-endian
