@@ -12,6 +12,7 @@ import linecache
 import math
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ def serve(port):
     print("listening on", sock.getsockname(), flush=True)
     while True:
         data, sender = sock.recvfrom(65535)
+        print(sender, data, flush=True)
         REPLY
 """
 WRONG_SERVERS = {
@@ -84,6 +86,10 @@ WRONG_SERVERS = {
     "echoes without capitals": SERVER.replace("HOST", '"0.0.0.0"').replace("REPLY", "sock.sendto(data, sender)"),
     "bound to loopback only": SERVER.replace("HOST", '"127.0.0.1"').replace(
         "REPLY", "sock.sendto(data.upper(), sender)"),
+    "bound to loopback, prints all interfaces": SERVER.replace("HOST", '"127.0.0.1"').replace(
+        '", sock.getsockname()', '", ("0.0.0.0", port)').replace("REPLY", "sock.sendto(data.upper(), sender)"),
+    "does not print what it got": SERVER.replace("HOST", '"0.0.0.0"').replace(
+        "REPLY", "sock.sendto(data.upper(), sender)").replace("print(sender, data, flush=True)", "pass"),
     "answers from another socket": SERVER.replace("HOST", '"0.0.0.0"').replace(
         "REPLY", "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(data.upper(), sender)"),
 }
@@ -149,8 +155,32 @@ def test_exercise2_rejects_a_sender_fooled_by_a_late_ack(notebook_namespace):
 
 
 def test_exercise2_rejects_a_wrong_count_of_sends(notebook_namespace):
-    with pytest.raises(AssertionError, match="sendto was called"):
+    with pytest.raises(AssertionError, match="returned"):
         notebook_namespace["check_exercise2"](miscounts(notebook_namespace))
+
+
+def repeats_blindly(sock, address, lines, timeout=0.2):
+    """Sends each line 8 times and never reads an ACK: every line arrives, by luck."""
+    for number, line in enumerate(lines):
+        for _ in range(8):
+            sock.sendto(f"{number} {line}".encode(), address)
+    return 8 * len(lines)
+
+
+def blocks_for_ever(sock, address, lines, timeout=0.2):
+    """Waits for an ACK with no timeout: stuck once one is lost."""
+    sock.settimeout(None)
+    threading.Event().wait()
+
+
+def test_exercise2_rejects_blind_repetition(notebook_namespace):
+    with pytest.raises(AssertionError, match="not 6 \\+ 2 resends"):
+        notebook_namespace["check_exercise2"](repeats_blindly)
+
+
+def test_exercise2_fails_a_sender_that_blocks_instead_of_hanging(notebook_namespace):
+    with pytest.raises(AssertionError, match="block for ever"):
+        notebook_namespace["check_exercise2"](blocks_for_ever, patience=1)
 
 
 # --- Exercise 3: reading an acknowledgement ---------------------------------------------------
