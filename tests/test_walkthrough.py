@@ -235,6 +235,22 @@ def seven_bytes_of_stream(notebook_namespace):
     return lambda datagram: bytes(a ^ b for a, b in zip(datagram[ns["HEADER_SIZE"]:][:len(known)], known, strict=True))
 
 
+def shortest_period(notebook_namespace):
+    """Takes the stream's shortest period for the key, never asking the checksum."""
+    ns = notebook_namespace
+    known = ns["pack_fields"]("lobby")
+
+    def find(datagram):
+        stream = bytes(a ^ b for a, b in zip(datagram[ns["HEADER_SIZE"]:], known))
+        return stream[:next(p for p in range(1, 8) if stream[p:] == stream[:len(stream) - p])]
+    return find
+
+
+def test_exercise5_rejects_the_shortest_period_unchecked(notebook_namespace):
+    with pytest.raises(AssertionError, match="not the key"):
+        notebook_namespace["check_exercise5"](shortest_period(notebook_namespace))
+
+
 def test_exercise5_rejects_the_default_key(notebook_namespace):
     with pytest.raises(AssertionError):
         notebook_namespace["check_exercise5"](lambda datagram: b"II2120")
