@@ -27,7 +27,9 @@ PUBLIC_NAMES = {
     "client": {"ChatClient", "format_event", "Timing"},
     "encryption_helper": {"make_cipher", "XorCipher", "CaesarCipher", "Packet", "PacketType",
                           "encode_packet", "decode_packet", "pack_fields", "unpack_fields",
-                          "HEADER_FORMAT", "HEADER_SIZE", "Channel", "RtoEstimator", "LossySocket"},
+                          "HEADER_FORMAT", "HEADER_SIZE", "Channel", "RtoEstimator", "LossySocket",
+                          "ACK_DELAY", "ACK_EVERY", "SRP_G", "SRP_N"},
+    "auth": {"password_key"},
 }
 
 # Run before the notebook's first cell: remember the threads already running, and every

@@ -12,6 +12,8 @@ import linecache
 import math
 import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,7 @@ def serve(port):
     print("listening on", sock.getsockname(), flush=True)
     while True:
         data, sender = sock.recvfrom(65535)
+        print(sender, data, flush=True)
         REPLY
 """
 WRONG_SERVERS = {
@@ -84,6 +87,10 @@ WRONG_SERVERS = {
     "echoes without capitals": SERVER.replace("HOST", '"0.0.0.0"').replace("REPLY", "sock.sendto(data, sender)"),
     "bound to loopback only": SERVER.replace("HOST", '"127.0.0.1"').replace(
         "REPLY", "sock.sendto(data.upper(), sender)"),
+    "bound to loopback, prints all interfaces": SERVER.replace("HOST", '"127.0.0.1"').replace(
+        '", sock.getsockname()', '", ("0.0.0.0", port)').replace("REPLY", "sock.sendto(data.upper(), sender)"),
+    "does not print what it got": SERVER.replace("HOST", '"0.0.0.0"').replace(
+        "REPLY", "sock.sendto(data.upper(), sender)").replace("print(sender, data, flush=True)", "pass"),
     "answers from another socket": SERVER.replace("HOST", '"0.0.0.0"').replace(
         "REPLY", "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(data.upper(), sender)"),
 }
@@ -149,8 +156,33 @@ def test_exercise2_rejects_a_sender_fooled_by_a_late_ack(notebook_namespace):
 
 
 def test_exercise2_rejects_a_wrong_count_of_sends(notebook_namespace):
-    with pytest.raises(AssertionError, match="sendto was called"):
+    with pytest.raises(AssertionError, match="returned"):
         notebook_namespace["check_exercise2"](miscounts(notebook_namespace))
+
+
+def repeats_blindly(sock, address, lines, timeout=0.2):
+    """Sends each line 8 times and never reads an ACK: every line arrives, by luck."""
+    for number, line in enumerate(lines):
+        for _ in range(8):
+            sock.sendto(f"{number} {line}".encode(), address)
+        time.sleep(0.1)  # the receiver reads them all before the check stops it
+    return 8 * len(lines)
+
+
+def blocks_for_ever(sock, address, lines, timeout=0.2):
+    """Waits for an ACK with no timeout: stuck once one is lost."""
+    sock.settimeout(None)
+    threading.Event().wait()
+
+
+def test_exercise2_rejects_blind_repetition(notebook_namespace):
+    with pytest.raises(AssertionError, match="not 6 \\+ 2 resends"):
+        notebook_namespace["check_exercise2"](repeats_blindly)
+
+
+def test_exercise2_fails_a_sender_that_blocks_instead_of_hanging(notebook_namespace):
+    with pytest.raises(AssertionError, match="block for ever"):
+        notebook_namespace["check_exercise2"](blocks_for_ever, patience=1)
 
 
 # --- Exercise 3: reading an acknowledgement ---------------------------------------------------
@@ -203,6 +235,22 @@ def seven_bytes_of_stream(notebook_namespace):
     ns = notebook_namespace
     known = ns["pack_fields"]("lobby")
     return lambda datagram: bytes(a ^ b for a, b in zip(datagram[ns["HEADER_SIZE"]:][:len(known)], known, strict=True))
+
+
+def shortest_period(notebook_namespace):
+    """Takes the stream's shortest period for the key, never asking the checksum."""
+    ns = notebook_namespace
+    known = ns["pack_fields"]("lobby")
+
+    def find(datagram):
+        stream = bytes(a ^ b for a, b in zip(datagram[ns["HEADER_SIZE"]:], known, strict=False))
+        return stream[:next(p for p in range(1, 8) if stream[p:] == stream[:len(stream) - p])]
+    return find
+
+
+def test_exercise5_rejects_the_shortest_period_unchecked(notebook_namespace):
+    with pytest.raises(AssertionError, match="not the key"):
+        notebook_namespace["check_exercise5"](shortest_period(notebook_namespace))
 
 
 def test_exercise5_rejects_the_default_key(notebook_namespace):
