@@ -436,6 +436,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             return
         cookie, record = self.cookies[address][-1], VERIFIERS[name.lower()]
         fields = [cookie, name, record["salt"], str(record["iterations"]), record["verifier"]]
+        fields = client.registration(fields, self.chat.key[1])[0]
         if ptype == PacketType.LOGIN:
             secret = 3 + ADDRESSES.index(address)
             self.logins[address] = (cookie, name, secret)
