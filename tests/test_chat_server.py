@@ -511,7 +511,8 @@ def test_the_retry_cache_is_bounded(make_harness, monkeypatch):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
     for number in range(50):
-        assert peer.text(PacketType.REGISTER, *peer.tagged(cookie, "bad name", *ACCOUNT[:2], str(number))).startswith("Usernames")
+        fields = peer.tagged(cookie, "bad name", *ACCOUNT[:2], str(number))
+        assert peer.text(PacketType.REGISTER, *fields).startswith("Usernames")
     assert len(harness.chat.replies) == 8
 
 

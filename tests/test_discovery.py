@@ -171,7 +171,8 @@ def test_a_server_with_another_key_is_noted_not_listed():
     assert list(search.found.values()) == [] and search.other_key == {("192.168.1.10", 9999)}
 
 
-FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2, KEY), client.FoundServer("kelas", "10.77.0.8", 9999, 0, KEY)]
+FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2, KEY),
+         client.FoundServer("kelas", "10.77.0.8", 9999, 0, KEY)]
 
 
 @pytest.mark.parametrize("answer, found, chosen", [
@@ -323,7 +324,7 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
                            (answer_to(search, "lab-pc-07", "9999", "1"), ("10.77.0.1", 9999))])
     monkeypatch.setattr(client.socket, "socket", lambda *args: fake)
     client.search_network(search, ["10.77.0.255", "255.255.255.255"], 9999)
-    assert [str(found) for found in search.found.values()] == ["lab-pc-07  10.77.0.1:9999  1 online  3f2a-91c0-7b4e-d215"]
+    assert [str(found) for found in search.found.values()] == [f"lab-pc-07  10.77.0.1:9999  1 online  {KEY}"]
     assert fake.options[socket.SO_BROADCAST] == 1 and fake.sent == [("10.77.0.255", 9999)] * client.SEARCH_TRIES
 
 
@@ -333,7 +334,8 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
 def test_a_server_answers_a_find_sent_to_it_on_loopback(start_server):
     running = start_server(name="lab-pc-07")
     search = client.search_network(client.ServerSearch(CIPHER), ["127.0.0.1"], running.address[1])
-    assert [str(found) for found in search.found.values()] == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online  {fingerprint(running.chat.key[1])}"]
+    assert [str(found) for found in search.found.values()] == [
+        f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online  {fingerprint(running.chat.key[1])}"]
 
 
 def test_a_server_with_another_key_is_reported_on_loopback(start_server):

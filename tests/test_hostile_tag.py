@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from test_hostile_login import Wiretap
 
 import client
 import encryption_helper as wire
-from conftest import ROOT
 from encryption_helper import PacketType
 
 CIPHER = wire.make_cipher("xor")
