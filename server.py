@@ -241,7 +241,7 @@ class ChatServer:
         self.config, self.wall_clock = config, wall_clock
         self.cipher = wire.make_cipher(config.cipher, config.key)
         self.log = ServerLog(log, config.quiet, config.verbose)
-        os.makedirs(config.data_dir, exist_ok=True)
+        self.key = load_server_key(config.data_dir)
         path = os.path.join
         self.users = auth.UserStore(path(config.data_dir, USERS_FILE), config.kdf_iterations)
         self.room_store = auth.UserStore(path(config.data_dir, ROOMS_FILE), kind="rooms")
@@ -249,7 +249,6 @@ class ChatServer:
         self.rooms = load_rooms(self.room_store, self.history.path, self.log.problem)
         self.files = FileRelay(path(config.data_dir, "transfers"), config.max_file_mb,
                                self.notify, self.log)
-        self.key = load_server_key(path(config.data_dir, KEY_FILE))
         # Sessions by address, and the same sessions by lower-case user name.
         self.sessions, self.online = {}, {}
         # The retry cache: the answer to each REGISTER and LOGIN, by retry_key(); LOGINs half
@@ -545,9 +544,11 @@ def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
     return [make_cookie(chat, request.address, period), str(chat.users.iterations),
             format(chat.key[1], "x")]
 
-def load_server_key(path: str) -> tuple[int, int]:
-    """Return (y, Y = g^y): the server's key, made at first start and kept in the data folder,
-    so that its fingerprint, shown in the banner and FIND answers, never changes."""
+def load_server_key(folder: str) -> tuple[int, int]:
+    """Return (y, Y = g^y): the server's key, made at first start and kept in the data folder
+    (made if new), so that its fingerprint, shown in the banner and FIND answers, stays."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, KEY_FILE)
     try:
         with open(path, encoding="utf-8") as file:
             y = int(json.load(file)["y"], 16)
@@ -588,8 +589,7 @@ def handle_register(chat: ChatServer, request: Request) -> list[str]:
     """REGISTER [cookie, name, salt, iterations, verifier, A, tag]: the client made v = g^x;
     stored. The tag, under Z = A^y = Y^a, and the answer's prove that the server holding y
     (its fingerprint) took this very verifier: a relay without y can forge neither."""
-    fields = check_cookie(chat, request, 7)
-    _, name, salt, iterations, verifier, A, tag = fields
+    _, name, salt, iterations, verifier, A, tag = fields = check_cookie(chat, request, 7)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
     # A look-alike of a name in use (aIice for alice) is taken too.
@@ -604,12 +604,13 @@ def handle_register(chat: ChatServer, request: Request) -> list[str]:
             and re.fullmatch(r"[0-9a-f]{32,128}", salt)):
         raise Refused("bad-request", f"The salt must be 16-64 bytes in hex, the iterations "
                                      f"at least {chat.users.iterations}.")
+    # Counted before the power (5 ms): 20 a minute per address, however they end.
+    chat.registrations.add(request.address[0], request.now)
     Z = pow(srp_number(A, "A"), chat.key[0], wire.SRP_N)
     if not hmac.compare_digest(tag.encode(), wire.register_tag(Z, fields[:6]).encode()):
         raise Refused("bad-request", "The registration's tag is wrong: changed on the way?")
     record = {"name": name, "kdf": auth.VERIFIER_KDF, "iterations": int(iterations),
               "salt": salt, "verifier": format(srp_number(verifier, "The verifier"), "x")}
-    chat.registrations.add(request.address[0], request.now)
     # On disk before we say so: a confirmed registration survives a crash.
     if not saved(chat, chat.users.add, record, what="your account"):
         raise Refused("taken", "Username already taken.")
