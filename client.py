@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import getpass
 import hashlib
+import hmac
 import math
 import os
 import queue
@@ -283,7 +284,7 @@ class Requests:
     def send_request(self, ticket: int, ptype: PacketType, fields) -> None:
         """Put a request on the channel, or raise Refused if it cannot go."""
         if ptype == PacketType.HELLO:
-            # padding: the server answers no HELLO under 128 bytes (no amplification)
+            # padding: the server answers no HELLO under 640 bytes (no amplification)
             fields = ["." * (wire.MIN_HELLO_SIZE - wire.HEADER_SIZE - 2)]
         sent = list(fields)
         if ptype == PacketType.JOIN:
@@ -636,6 +637,22 @@ class ClientProtocol(Requests):
         elif not self.logged_in and self.unreachable >= 2 and self.pending:
             self.fail_pending(ServerNotResponding(f"Server not responding at {self.server} "
                                                   "(nothing is listening on that port)"))
+
+
+def read_server_key(text: str) -> int:
+    """Return the server's key Y from HELLO's answer; 0, 1 or -1 mod N would make Z known."""
+    if not re.fullmatch(r"[0-9a-f]{1,512}", text) or not 1 < int(text, 16) < wire.SRP_N - 1:
+        raise Refused("bad-reply", "The server sent no key of the group: not a chat server?")
+    return int(text, 16)
+
+
+def registration(fields: list[str], Y: int) -> tuple[list[str], int]:
+    """Return REGISTER's [cookie, name, salt, iterations, verifier] with A = g^a and the tag
+    added, and Z = Y^a: the key of the tags, which the server finds as A^y."""
+    a = secrets.randbits(256)
+    fields = [*fields, public_key(a)]
+    Z = pow(Y, a, wire.SRP_N)
+    return [*fields, wire.register_tag(Z, fields)], Z
 
 
 def public_key(a: int) -> str:
@@ -1111,18 +1128,28 @@ class ChatClient:
 
     def register(self, name: str, password: str) -> str:
         """Create an account; return the server's "Registration successful.". The password
-        stays here: the server is sent the salt, the iterations it asked, and v = g^x."""
-        def attempt(cookie: str, iterations: str) -> list[str]:
-            rounds = read_challenge(["", iterations])[1]
+        stays here: the server is sent the salt, the iterations it asked, and v = g^x; and
+        A = g^a, tagged under Z = Y^a: only the holder of the server's key y can match it."""
+        def attempt(cookie: str, iterations: str, server_key: str) -> list[str]:
+            rounds, Y = read_challenge(["", iterations])[1], read_server_key(server_key)
+            with self.lock:
+                self.protocol.notice(f"Registering at server {wire.fingerprint(Y)}: "
+                                     "compare it with the server's banner.")
             record = auth.new_verifier(name, password, (wire.SRP_N, wire.SRP_G), rounds)
-            return self.call(PacketType.REGISTER, cookie, name, record["salt"], iterations,
-                             record["verifier"])
+            fields, Z = registration(
+                [cookie, name, record["salt"], iterations, record["verifier"]], Y)
+            answer = self.call(PacketType.REGISTER, *fields)
+            if not hmac.compare_digest(answer[0].encode(),
+                                       wire.register_tag(Z, [fields[-1], answer[-1]]).encode()):
+                raise Refused("bad-reply", "The answer is not from the server with that "
+                                           "fingerprint: a fake server? Nothing is registered.")
+            return answer
         return self.with_cookie(attempt)[-1]
 
     def login(self, name: str, password: str) -> str:
         """Log in by SRP-6a, the password never sent; return the welcome text. The slow hash
         runs here, on the caller's thread; later requests go on the session's channel."""
-        def attempt(cookie: str, _) -> list[str]:
+        def attempt(cookie: str, *_) -> list[str]:
             a = secrets.randbits(256)
             challenge = self.call(PacketType.LOGIN, cookie, name, public_key(a))
             salt, iterations = read_challenge(challenge)
@@ -1161,13 +1188,13 @@ class ChatClient:
         return self.call(PacketType.HELLO)[0]
 
     def with_cookie(self, attempt) -> list[str]:
-        """HELLO, then attempt(cookie, iterations); once more if the cookie went stale."""
+        """HELLO, then attempt(cookie, iterations, server key); again if the cookie went stale."""
         try:
-            return attempt(*(self.call(PacketType.HELLO) + ["", ""])[:2])
+            return attempt(*(self.call(PacketType.HELLO) + ["", "", ""])[:3])
         except Refused as refusal:
             if refusal.code != "stale-cookie":
                 raise
-        return attempt(*(self.call(PacketType.HELLO) + ["", ""])[:2])
+        return attempt(*(self.call(PacketType.HELLO) + ["", "", ""])[:3])
 
     def send_file(self, to: str, path: str) -> Transfer:
         """Offer a file to `to` ('' = the room); return it once the server took the offer:
@@ -1409,15 +1436,17 @@ SIOCGIFADDR, SIOCGIFNETMASK = 0x8915, 0x891B
 @dataclasses.dataclass(frozen=True)
 class FoundServer:
     """A chat server that answered a FIND: its name, the IP its answer came from (the one
-    to type), its port and how many members are logged in."""
+    to type), its port, how many members are logged in, and its key's fingerprint."""
 
     name: str
     host: str
     port: int
     online: int
+    fingerprint: str = ""
 
     def __str__(self) -> str:
-        return f"{printable(self.name)}  {self.host}:{self.port}  {self.online} online"
+        return (f"{printable(self.name)}  {self.host}:{self.port}  {self.online} online  "
+                f"{printable(self.fingerprint)}")
 
 
 class ServerSearch:
@@ -1446,7 +1475,7 @@ class ServerSearch:
         """Take a datagram that came back; return the server it tells of, if it is a new one."""
         try:
             packet = wire.decode_packet(data, self.cipher)
-            number, name, port, online = wire.unpack_fields(packet.payload, 4)
+            number, name, port, online, key = wire.unpack_fields(packet.payload, 5)
         except wire.ChecksumError:
             # a chat server whose key differs from ours
             return self.other_key.add(address)
@@ -1458,7 +1487,7 @@ class ServerSearch:
                 or (address[0], int(port)) in self.found):
             return None
         server = self.found[address[0], int(port)] = FoundServer(name, address[0], int(port),
-                                                                 int(online))
+                                                                 int(online), key)
         return server
 
     def servers(self) -> list[FoundServer]:
@@ -2543,7 +2572,8 @@ def print_servers_found(args: argparse.Namespace) -> int:
         print(f"[ERROR] {error}", file=sys.stderr)
         return 1
     for server in found:
-        print(f"{server.host}:{server.port}  {printable(server.name)}  {server.online} online")
+        print(f"{server.host}:{server.port}  {printable(server.name)}  {server.online} online  "
+              f"{printable(server.fingerprint)}")
     # as ping does: a script can tell "none" from "some"
     return 0 if found else 1
 

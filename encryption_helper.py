@@ -156,6 +156,17 @@ def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:
     return hmac.compare_digest(session_tag(key, data), tag)
 
 
+def fingerprint(Y: int) -> str:
+    """The server key Y's fingerprint, 4 groups of 4 hex digits: short to compare by eye."""
+    digits = srp_hash(Y)[:8].hex()
+    return "-".join(digits[i:i + 4] for i in range(0, 16, 4))
+
+
+def register_tag(Z: int, fields: list[str]) -> str:
+    """The tag of a REGISTER, or of its answer: only the client (a) and server (y) know Z."""
+    return session_tag(srp_hash(b"register", Z), pack_fields(*fields)).hex()
+
+
 def seal(key: bytes, nonce: bytes, data: bytes) -> bytes:
     """XOR `data` with SHAKE-256 of key and nonce, a pad never used twice; it undoes itself."""
     pad = hashlib.shake_256(key + nonce).digest(len(data))
@@ -203,9 +214,9 @@ FLAG_RETRANSMIT = 0x0001
 # On every packet of a session's file stream, its second channel: a chat line never waits
 # behind a lost file chunk.
 FLAG_FILE_STREAM = 0x0002
-# A HELLO or FIND, whose source may be forged, is padded to at least the size of the answer:
-# nobody can use the server as an amplifier.
-MIN_HELLO_SIZE = MIN_FIND_SIZE = 128
+# A HELLO or FIND, whose source may be forged, is padded to at least the size of the answer
+# (HELLO's carries the server's key Y): nobody can use the server as an amplifier.
+MIN_HELLO_SIZE, MIN_FIND_SIZE = 640, 160
 
 
 class PacketType(enum.IntEnum):

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -87,6 +88,8 @@ MAX_SESSIONS, MAX_ROOMS, ROOMS_PER_ACCOUNT = 500, 200, 5
 FIND_BURST, FIND_RATE, FIND_ADDRESSES = 10, 2.0, 1000
 # The name FIND answers with: short enough that the answer stays smaller than the FIND.
 MAX_NAME_BYTES = 64
+# The server's key y, whose fingerprint clients compare (kept in the data folder).
+KEY_FILE = "server_key.json"
 # A cookie is good in the 30-second period it was made in and the next one.
 COOKIE_PERIOD = 30.0
 # Answers to REGISTER and LOGIN kept for retries, the oldest forgotten first.
@@ -238,7 +241,7 @@ class ChatServer:
         self.config, self.wall_clock = config, wall_clock
         self.cipher = wire.make_cipher(config.cipher, config.key)
         self.log = ServerLog(log, config.quiet, config.verbose)
-        os.makedirs(config.data_dir, exist_ok=True)
+        self.key = load_server_key(config.data_dir)
         path = os.path.join
         self.users = auth.UserStore(path(config.data_dir, USERS_FILE), config.kdf_iterations)
         self.room_store = auth.UserStore(path(config.data_dir, ROOMS_FILE), kind="rooms")
@@ -533,12 +536,28 @@ class ChatServer:
 # no answer now (a password check runs; or nothing is answered); or raises Refused.
 
 def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
-    """HELLO -> OK [cookie, iterations]: only a client really at its address sees it (as in
-    DTLS); the iterations are those a new account's slow hash must run."""
+    """HELLO -> OK [cookie, iterations, Y]: only a client really at its address sees it (as in
+    DTLS); the iterations are those a new account's slow hash must run; Y, our key."""
     if request.session is None and request.size < wire.MIN_HELLO_SIZE:
         return refuse(chat, request.address, f"sent an unpadded HELLO ({request.size} B); dropped")
     period = int(request.now // COOKIE_PERIOD)
-    return [make_cookie(chat, request.address, period), str(chat.users.iterations)]
+    return [make_cookie(chat, request.address, period), str(chat.users.iterations),
+            format(chat.key[1], "x")]
+
+def load_server_key(folder: str) -> tuple[int, int]:
+    """Return (y, Y = g^y): the server's key, made at first start and kept in the data folder
+    (made if new), so that its fingerprint, shown in the banner and FIND answers, stays."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, KEY_FILE)
+    try:
+        with open(path, encoding="utf-8") as file:
+            y = int(json.load(file)["y"], 16)
+    except FileNotFoundError:
+        y = secrets.randbits(256)
+        auth.write_atomically(path, json.dumps({"y": format(y, "x")}) + "\n")
+        # Whoever reads y can answer registrations as this server.
+        os.chmod(path, 0o600)
+    return y, pow(wire.SRP_G, y, wire.SRP_N)
 
 def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
     """Return an HMAC of the address and the period: nothing to store per client."""
@@ -567,8 +586,10 @@ def srp_number(text: str, what: str) -> int:
     return int(text, 16)
 
 def handle_register(chat: ChatServer, request: Request) -> list[str]:
-    """REGISTER [cookie, name, salt, iterations, verifier]: the client made v = g^x; stored."""
-    _, name, salt, iterations, verifier = check_cookie(chat, request, 5)
+    """REGISTER [cookie, name, salt, iterations, verifier, A, tag]: the client made v = g^x;
+    stored. The tag, under Z = A^y = Y^a, and the answer's prove that the server holding y
+    (its fingerprint) took this very verifier: a relay without y can forge neither."""
+    _, name, salt, iterations, verifier, A, tag = fields = check_cookie(chat, request, 7)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Usernames are 1-20 letters, digits, '_', '.' or '-'.")
     # A look-alike of a name in use (aIice for alice) is taken too.
@@ -583,13 +604,17 @@ def handle_register(chat: ChatServer, request: Request) -> list[str]:
             and re.fullmatch(r"[0-9a-f]{32,128}", salt)):
         raise Refused("bad-request", f"The salt must be 16-64 bytes in hex, the iterations "
                                      f"at least {chat.users.iterations}.")
+    # Counted before the power (5 ms): 20 a minute per address, however they end.
+    chat.registrations.add(request.address[0], request.now)
+    Z = pow(srp_number(A, "A"), chat.key[0], wire.SRP_N)
+    if not hmac.compare_digest(tag.encode(), wire.register_tag(Z, fields[:6]).encode()):
+        raise Refused("bad-request", "The registration's tag is wrong: changed on the way?")
     record = {"name": name, "kdf": auth.VERIFIER_KDF, "iterations": int(iterations),
               "salt": salt, "verifier": format(srp_number(verifier, "The verifier"), "x")}
-    chat.registrations.add(request.address[0], request.now)
     # On disk before we say so: a confirmed registration survives a crash.
     if not saved(chat, chat.users.add, record, what="your account"):
         raise Refused("taken", "Username already taken.")
-    return ["Registration successful."]
+    return [wire.register_tag(Z, [tag, "Registration successful."]), "Registration successful."]
 
 def handle_login(chat: ChatServer, request: Request) -> list[str] | None:
     """LOGIN [cookie, name, A] -> [salt, iterations, B]; then LOGIN [cookie, name, A, M1]
@@ -846,13 +871,13 @@ def handle_bye(chat: ChatServer, request: Request) -> list[str]:
     return ["goodbye"]
 
 def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
-    """FIND -> OK [name, port, members online]; unpadded, or over the rate: dropped."""
+    """FIND -> OK [name, port, members online, fingerprint]; unpadded, over the rate: dropped."""
     why = f"unpadded ({request.size} B)"
     if request.size >= wire.MIN_FIND_SIZE:
         # The padding, and nothing else.
         wire.unpack_fields(request.packet.payload, 1)
         if not find_bucket(chat, request.address[0], request.now).take(request.now):
-            return [chat.name, str(chat.port), str(len(chat.online))]
+            return [chat.name, str(chat.port), str(len(chat.online)), wire.fingerprint(chat.key[1])]
         why = "over its address's rate of answers"
     refuse(chat, request.address, f"sent a FIND, {why}; dropped", count="finds dropped")
 
@@ -1612,7 +1637,7 @@ def parse_args(argv: list[str]) -> ServerConfig:
     return ServerConfig(**vars(parser.parse_args(argv)))
 
 
-def print_banner(config: ServerConfig, address: Address, name: str) -> None:
+def print_banner(config: ServerConfig, address: Address, name: str, fingerprint: str = "") -> None:
     """Say where clients find this server: what to answer at the client's prompts."""
     port, everywhere = address[1], config.host in ("0.0.0.0", "")
     addresses = lan_addresses() if everywhere else [config.host]
@@ -1630,6 +1655,7 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
     # A socket bound to one address hears no broadcasts.
     if everywhere:
         print(f"Clients who answer ? at the Server IP prompt find this server as: {name}")
+    print(f"Server fingerprint: {fingerprint} (a registering client shows it: compare)")
     print(f"Lobby room password: {config.room_password}")
     print(f"Cipher: {config.cipher} (a teaching toy, not real security; clients must use the same)")
     print(f"Accounts and history kept in: {config.data_dir}")
@@ -1639,7 +1665,7 @@ def print_banner(config: ServerConfig, address: Address, name: str) -> None:
 def serve_until_stopped(loop: ServerLoop, config: ServerConfig) -> None:
     """Serve until Ctrl+C, then tell the members; a second Ctrl+C stops at once."""
     try:
-        print_banner(config, loop.address, loop.chat.name)
+        print_banner(config, loop.address, loop.chat.name, wire.fingerprint(loop.chat.key[1]))
         try:
             loop.serve_forever()
         # Ctrl+C: the normal way to stop.

@@ -186,9 +186,10 @@ class BareClient:
 
     def register(self, name: str, password: str = PASSWORD) -> list[str]:
         """REGISTER as client.py does: the verifier made here, with the iterations HELLO names."""
-        cookie, iterations = unpack_fields(self.ask(PacketType.HELLO, HELLO_PADDING).payload)[1:3]
+        cookie, iterations, key = unpack_fields(self.ask(PacketType.HELLO, HELLO_PADDING).payload)[1:4]
         record = auth.new_verifier(name, password, (wire.SRP_N, wire.SRP_G), int(iterations))
-        reply = self.ask(PacketType.REGISTER, cookie, name, record["salt"], iterations, record["verifier"])
+        fields = client.registration([cookie, name, record["salt"], iterations, record["verifier"]], int(key, 16))[0]
+        reply = self.ask(PacketType.REGISTER, *fields)
         return [reply.type.name] + unpack_fields(reply.payload)[1:]
 
     def login(self, name: str, password: str = PASSWORD) -> list[str]:

@@ -150,9 +150,14 @@ class Peer:
 
     def register(self, name: str, password: str = "pw") -> str:
         """REGISTER as the client does: v = g^x made here, with the iterations HELLO names."""
-        cookie, iterations = self.fields(PacketType.HELLO, run_jobs=False)
+        cookie, iterations, _ = self.fields(PacketType.HELLO, run_jobs=False)
         record = auth.new_verifier(name, password, (client.wire.SRP_N, client.wire.SRP_G), int(iterations))
-        return self.text(PacketType.REGISTER, cookie, name, record["salt"], iterations, record["verifier"])
+        return self.fields(PacketType.REGISTER, *self.tagged(cookie, name, record["salt"], iterations,
+                                                             record["verifier"]))[-1]
+
+    def tagged(self, *fields: str) -> list[str]:
+        """REGISTER's [cookie, name, salt, iterations, verifier] with A and the tag added."""
+        return client.registration(list(fields), self.harness.chat.key[1])[0]
 
     def login(self, name: str, password: str = "pw", *rejoin: str) -> Packet:
         """Both LOGINs of SRP-6a; the second's answer, or the first's ERROR. On OK, M2 checked,
@@ -495,8 +500,8 @@ def test_a_login_replayed_against_a_session_in_use_does_not_silently_cut_it_off(
 def test_a_different_request_reusing_a_number_is_not_taken_for_a_retry(harness):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
-    assert peer.text(PacketType.REGISTER, cookie, "alice", *ACCOUNT, seq=7) == "Registration successful."
-    assert peer.text(PacketType.REGISTER, cookie, "bob", *ACCOUNT, seq=7) == "Registration successful."
+    assert peer.text(PacketType.REGISTER, *peer.tagged(cookie, "alice", *ACCOUNT), seq=7) == "Registration successful."
+    assert peer.text(PacketType.REGISTER, *peer.tagged(cookie, "bob", *ACCOUNT), seq=7) == "Registration successful."
     assert harness.chat.users.exists("alice") and harness.chat.users.exists("bob")
 
 
@@ -506,7 +511,8 @@ def test_the_retry_cache_is_bounded(make_harness, monkeypatch):
     peer = Peer(harness, 1)
     cookie = peer.cookie()
     for number in range(50):
-        assert peer.text(PacketType.REGISTER, cookie, "bad name", *ACCOUNT[:2], str(number)).startswith("Usernames")
+        fields = peer.tagged(cookie, "bad name", *ACCOUNT[:2], str(number))
+        assert peer.text(PacketType.REGISTER, *fields).startswith("Usernames")
     assert len(harness.chat.replies) == 8
 
 

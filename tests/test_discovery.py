@@ -23,6 +23,7 @@ from encryption_helper import (
     PacketType,
     decode_packet,
     encode_packet,
+    fingerprint,
     make_cipher,
     pack_fields,
     unpack_fields,
@@ -59,7 +60,7 @@ def test_a_padded_find_is_answered_with_name_port_and_members_online(make_harnes
     request = find(seq=77)
     [(answer, to, size)] = harness.deliver(request, STRANGER)
     assert to == STRANGER and answer.type == PacketType.OK and answer.seq == 0 and answer.ack == 77
-    assert unpack_fields(answer.payload) == ["77", "lab-pc-07", "5000", "1"]
+    assert unpack_fields(answer.payload) == ["77", "lab-pc-07", "5000", "1", fingerprint(harness.chat.key[1])]
     assert size <= len(request)  # nobody can aim our answers at a victim for profit
     assert not any("FIND" in line for line in harness.log)  # forty students searching: logged only with --verbose
 
@@ -68,7 +69,7 @@ def test_an_unpadded_find_is_dropped_counted_and_logged(make_harness):
     harness = make_harness()
     assert harness.deliver(find(size=MIN_FIND_SIZE - 1), STRANGER) == []
     assert harness.chat.stats["finds dropped"] == 1
-    assert any("sent a FIND, unpadded (127 B); dropped" in line for line in harness.log)
+    assert any(f"sent a FIND, unpadded ({MIN_FIND_SIZE - 1} B); dropped" in line for line in harness.log)
 
 
 def test_finds_over_an_addresss_rate_are_dropped_until_it_refills(make_harness, monkeypatch):
@@ -102,7 +103,7 @@ def test_the_longest_answer_is_no_larger_than_the_find(make_harness, monkeypatch
 
 def test_a_find_that_is_not_only_padding_is_refused_no_larger(make_harness):
     harness = make_harness()
-    request = encode_packet(Packet(PacketType.FIND, 5, payload=pack_fields("x", "." * 100)), CIPHER)
+    request = encode_packet(Packet(PacketType.FIND, 5, payload=pack_fields("x", "." * 130)), CIPHER)
     [(answer, _, size)] = harness.deliver(request, STRANGER)
     assert answer.type == PacketType.ERROR and unpack_fields(answer.payload)[1] == "bad-request"
     assert size <= len(request)
@@ -123,8 +124,13 @@ def test_a_name_too_long_for_an_answer_is_refused(capsys):
 # --- The client's side, without sockets ------------------------------------------------------
 
 
+KEY = "3f2a-91c0-7b4e-d215"
+
+
 def answer_to(search: client.ServerSearch, *fields: str, ptype=PacketType.OK, ack=None, cipher=CIPHER) -> bytes:
     number = search.number if ack is None else ack
+    # a fourth field: the fingerprint of the server's key
+    fields = (*fields, KEY) if len(fields) == 3 else fields
     return encode_packet(Packet(ptype, 0, number, payload=pack_fields(str(number), *fields)), cipher)
 
 
@@ -139,7 +145,7 @@ def test_the_find_is_padded_and_carries_the_searchs_number():
 def test_answers_are_listed_once_each_in_the_order_they_came():
     search = client.ServerSearch(CIPHER, number=9)
     first = search.receive(answer_to(search, "lab-pc-07", "9999", "12"), ("192.168.1.10", 9999))
-    assert str(first) == "lab-pc-07  192.168.1.10:9999  12 online"
+    assert str(first) == "lab-pc-07  192.168.1.10:9999  12 online  3f2a-91c0-7b4e-d215"
     assert search.receive(answer_to(search, "lab-pc-07", "9999", "12"), ("192.168.1.10", 9999)) is None
     search.receive(answer_to(search, "kelas", "9999", "0"), ("192.168.1.3", 9999))
     assert [server.host for server in search.found.values()] == ["192.168.1.10", "192.168.1.3"]
@@ -165,7 +171,8 @@ def test_a_server_with_another_key_is_noted_not_listed():
     assert list(search.found.values()) == [] and search.other_key == {("192.168.1.10", 9999)}
 
 
-FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2), client.FoundServer("kelas", "10.77.0.8", 9999, 0)]
+FOUND = [client.FoundServer("lab-pc-07", "10.77.0.1", 5000, 2, KEY),
+         client.FoundServer("kelas", "10.77.0.8", 9999, 0, KEY)]
 
 
 @pytest.mark.parametrize("answer, found, chosen", [
@@ -230,8 +237,8 @@ def test_question_mark_searches_lists_all_and_the_student_picks_by_number(fake_n
     assert client.ask_address(client.parse_args([]), terminal) == ("10.77.0.8", 5000)  # the port it named
     assert terminal.prompts == ["Server IP [127.0.0.1] (? searches the network): ",
                                 "Server number (1-2) or IP: ", "Server number (1-2) or IP: ", "Server port [5000]: "]
-    assert "1) lab-pc-07  10.77.0.1:5000  2 online" in terminal.shown
-    assert "2) kelas  10.77.0.8:5000  0 online" in terminal.shown
+    assert "1) lab-pc-07  10.77.0.1:5000  2 online  3f2a-91c0-7b4e-d215" in terminal.shown
+    assert "2) kelas  10.77.0.8:5000  0 online  3f2a-91c0-7b4e-d215" in terminal.shown
     assert client.SEVERAL_FOUND in terminal.shown
     assert "Type a number from 1 to 2, an IP address, or ? to search again." in terminal.shown
     assert fake_network.searched == [(["10.77.0.255", "255.255.255.255"], 9999)]
@@ -255,7 +262,7 @@ def test_find_option_prints_one_server_a_line_starting_ip_port(fake_network, cap
     fake_network.answers.append((("10.77.0.1", 9999), ["lab-pc-07", "9999", "3"]))
     assert client.main(["--find"]) == 0
     out, err = capsys.readouterr()
-    assert out == "10.77.0.1:9999  lab-pc-07  3 online\n"
+    assert out == "10.77.0.1:9999  lab-pc-07  3 online  3f2a-91c0-7b4e-d215\n"
     assert "Searching this network" in err
 
 
@@ -317,7 +324,7 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
                            (answer_to(search, "lab-pc-07", "9999", "1"), ("10.77.0.1", 9999))])
     monkeypatch.setattr(client.socket, "socket", lambda *args: fake)
     client.search_network(search, ["10.77.0.255", "255.255.255.255"], 9999)
-    assert [str(found) for found in search.found.values()] == ["lab-pc-07  10.77.0.1:9999  1 online"]
+    assert [str(found) for found in search.found.values()] == [f"lab-pc-07  10.77.0.1:9999  1 online  {KEY}"]
     assert fake.options[socket.SO_BROADCAST] == 1 and fake.sent == [("10.77.0.255", 9999)] * client.SEARCH_TRIES
 
 
@@ -327,7 +334,8 @@ def test_the_search_survives_windows_resets_and_a_target_it_cannot_reach(monkeyp
 def test_a_server_answers_a_find_sent_to_it_on_loopback(start_server):
     running = start_server(name="lab-pc-07")
     search = client.search_network(client.ServerSearch(CIPHER), ["127.0.0.1"], running.address[1])
-    assert [str(found) for found in search.found.values()] == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
+    assert [str(found) for found in search.found.values()] == [
+        f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online  {fingerprint(running.chat.key[1])}"]
 
 
 def test_a_server_with_another_key_is_reported_on_loopback(start_server):

@@ -436,6 +436,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             return
         cookie, record = self.cookies[address][-1], VERIFIERS[name.lower()]
         fields = [cookie, name, record["salt"], str(record["iterations"]), record["verifier"]]
+        fields = client.registration(fields, self.chat.key[1])[0]
         if ptype == PacketType.LOGIN:
             secret = 3 + ADDRESSES.index(address)
             self.logins[address] = (cookie, name, secret)
@@ -710,7 +711,7 @@ class ChatServerMachine(RuleBasedStateMachine):
                 continue
             if packet.seq == 0 and packet.type == PacketType.OK:
                 fields = unpack_fields(packet.payload)
-                if len(fields) == 3 and len(fields[1]) == 32 and fields[1].isalnum():
+                if len(fields) == 4 and fields[3] == format(self.chat.key[1], "x"):  # HELLO's: Y last
                     self.cookies[to].append(fields[1])
                 elif len(fields) == 4 and packet.token == NO_TOKEN and to in self.logins:
                     self.challenged[to] = fields[1:]  # salt, iterations, B: the second step may go

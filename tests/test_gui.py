@@ -32,6 +32,7 @@ from conftest import EVENT_WAIT, fast_timing, member, next_event, wait_until
 from test_discovery import answer_to
 
 import client
+from encryption_helper import fingerprint
 
 
 def missing(reason: str):
@@ -342,7 +343,8 @@ def test_find_servers_finds_the_server_on_the_port_typed(start_server, open_wind
     window.host.delete(0, "end")
     press(window, "Find servers")
     pump(window, lambda: window.servers.size(), "the list of servers")
-    assert list(window.servers.get(0, "end")) == [f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online"]
+    shown = f"lab-pc-07  127.0.0.1:{running.address[1]}  0 online  {fingerprint(running.chat.key[1])}"
+    assert list(window.servers.get(0, "end")) == [shown]
     [(targets, thread)] = searches.made
     assert targets == ["10.77.0.255", "255.255.255.255"] and thread is not threading.current_thread()
     click(window, window.servers, 0)

@@ -154,7 +154,8 @@ def test_a_register_below_the_servers_iterations_or_with_a_bad_verifier_is_refus
     peer = Peer(harness, 1)
     salt, _, verifier = ACCOUNT
     for iterations, v in ((str(FAST_HASH - 1), verifier), (str(FAST_HASH), "1"), (str(FAST_HASH), "zz")):
-        assert peer.fields(PacketType.REGISTER, peer.cookie(), "alice", salt, iterations, v)[0] == "bad-request"
+        fields = peer.tagged(peer.cookie(), "alice", salt, iterations, v)
+        assert peer.fields(PacketType.REGISTER, *fields)[0] == "bad-request"
     assert not harness.chat.users.exists("alice")
 
 
@@ -232,7 +233,8 @@ def test_a_name_that_looks_like_one_in_use_is_taken(harness, look_alike):
     peer = Peer(harness, 1)
     for name in ("alice", "mallory"):
         peer.register(name)
-    assert peer.text(PacketType.REGISTER, peer.cookie(), look_alike, *ACCOUNT) == "Username already taken."
+    fields = peer.tagged(peer.cookie(), look_alike, *ACCOUNT)
+    assert peer.text(PacketType.REGISTER, *fields) == "Username already taken."
     assert len(harness.chat.users) == 2
 
 

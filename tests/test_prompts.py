@@ -13,6 +13,7 @@ from test_e2e import client_args, programs  # noqa: F401 - programs is a fixture
 from test_terminal import RecordingTerminal
 
 import client
+import encryption_helper as wire
 
 
 class Conversation(types.SimpleNamespace):
@@ -47,8 +48,11 @@ def test_registration_asks_the_password_twice_and_refuses_a_short_one(chat_serve
     chat, terminal = conversation(make_client, chat_server.address,
                                   "/register", "alice", "abc", "abcd", "abce", "abcd", "abcd")
     run(chat)
+    shown = wire.fingerprint(chat_server.chat.key[1])
     assert terminal.shown == ["Too short: a password has at least 4 characters.",
-                              "The two passwords differ; type it again.", "Registration successful."]
+                              "The two passwords differ; type it again.",
+                              f"Registering at server {shown}: compare it with the server's banner.",
+                              "Registration successful."]
     assert terminal.prompts[2:7] == ["Password (at least 4 characters): "] * 2 + ["Password again: ",
                                      "Password (at least 4 characters): ", "Password again: "]
 
