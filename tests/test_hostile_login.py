@@ -72,9 +72,13 @@ class Wiretap:
                 self.seen.append(data)
                 if sock is self.front:
                     self.client = sender
-                    self.back.sendto(data, self.server)
+                    self.from_client(data)
                 elif self.client:
                     self.front.sendto(data, self.client)
+
+    def from_client(self, data: bytes) -> None:
+        """Pass a client's datagram on to the server (a forging relay may answer it itself)."""
+        self.back.sendto(data, self.server)
 
     def close(self):
         self.stopping.set()

@@ -28,23 +28,14 @@ class ForgingRelay(Wiretap):
         self.forge = forge
         super().__init__(server_address)
 
-    def run(self):
-        while not self.stopping.is_set():
-            for sock in (self.front, self.back):
-                try:
-                    data, sender = sock.recvfrom(65535)
-                except (TimeoutError, ConnectionResetError):
-                    continue
-                if sock is self.back:
-                    self.front.sendto(data, self.client)
-                    continue
-                self.client, packet = sender, wire.decode_packet(data, CIPHER)
-                if packet.type == PacketType.REGISTER:
-                    data, to = self.forge(packet)
-                    if to == "client":
-                        self.front.sendto(data, sender)
-                        continue
-                self.back.sendto(data, self.server)
+    def from_client(self, data: bytes) -> None:
+        packet = wire.decode_packet(data, CIPHER)
+        if packet.type == PacketType.REGISTER:
+            data, to = self.forge(packet)
+            if to == "client":
+                self.front.sendto(data, self.client)
+                return
+        self.back.sendto(data, self.server)
 
 
 def answer_itself(packet):
