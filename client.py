@@ -365,6 +365,7 @@ class Requests:
             wakeups.append(self.file_stream.next_wakeup())
         return min(wakeups)
 
+
 class ClientProtocol(Requests):
     """One user's side of the chat: datagrams and the time in, datagrams and Events out.
 

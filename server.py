@@ -149,6 +149,7 @@ class ServerConfig:
 
 # === State ===================================================================================
 
+
 @dataclasses.dataclass(eq=False)
 class Session:
     """A logged-in member, known by its address and proven by the token it carries."""
@@ -228,6 +229,7 @@ def describe_address(address: Address) -> str:
 
 
 # === The protocol ============================================================================
+
 
 class ChatServer:
     """The chat protocol: datagrams and the time in, datagrams to send out; no socket, no thread.
@@ -535,6 +537,7 @@ class ChatServer:
 # Each takes the ChatServer and a Request, and returns the OK's fields; None, when there is
 # no answer now (a password check runs; or nothing is answered); or raises Refused.
 
+
 def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
     """HELLO -> OK [cookie, iterations, Y]: only a client really at its address sees it (as in
     DTLS); the iterations are those a new account's slow hash must run; Y, our key."""
@@ -543,6 +546,7 @@ def handle_hello(chat: ChatServer, request: Request) -> list[str] | None:
     period = int(request.now // COOKIE_PERIOD)
     return [make_cookie(chat, request.address, period), str(chat.users.iterations),
             format(chat.key[1], "x")]
+
 
 def load_server_key(folder: str) -> tuple[int, int]:
     """Return (y, Y = g^y): the server's key, made at first start and kept in the data folder
@@ -559,10 +563,12 @@ def load_server_key(folder: str) -> tuple[int, int]:
         os.chmod(path, 0o600)
     return y, pow(wire.SRP_G, y, wire.SRP_N)
 
+
 def make_cookie(chat: ChatServer, address: Address, period: int) -> str:
     """Return an HMAC of the address and the period: nothing to store per client."""
     message = f"{address[0]}|{address[1]}|{period}".encode()
     return hmac.new(chat.cookie_secret, message, "sha256").hexdigest()[:32]
+
 
 def check_cookie(chat: ChatServer, request: Request, *counts: int) -> list[str]:
     """Return the fields of a REGISTER or LOGIN [cookie, name, ...] whose cookie is good."""
@@ -579,11 +585,13 @@ def check_cookie(chat: ChatServer, request: Request, *counts: int) -> list[str]:
     request.user = fields[1]
     return fields
 
+
 def srp_number(text: str, what: str) -> int:
     """Return a number sent in hex, if 1 < it < N - 1 (0, 1 and -1 mod N would give S away)."""
     if not re.fullmatch(r"[0-9a-f]{1,512}", text) or not 1 < int(text, 16) < wire.SRP_N - 1:
         raise Refused("bad-request", f"{what} is not a number of the group in hex.")
     return int(text, 16)
+
 
 def handle_register(chat: ChatServer, request: Request) -> list[str]:
     """REGISTER [cookie, name, salt, iterations, verifier, A, tag]: the client made v = g^x;
@@ -616,6 +624,7 @@ def handle_register(chat: ChatServer, request: Request) -> list[str]:
         raise Refused("taken", "Username already taken.")
     return [wire.register_tag(Z, [tag, "Registration successful."]), "Registration successful."]
 
+
 def handle_login(chat: ChatServer, request: Request) -> list[str] | None:
     """LOGIN [cookie, name, A] -> [salt, iterations, B]; then LOGIN [cookie, name, A, M1]
     (and maybe 'rejoin') -> [name, room, welcome, M2] and the session's token."""
@@ -642,10 +651,12 @@ def handle_login(chat: ChatServer, request: Request) -> list[str] | None:
     start_check(chat, request, finish_challenge, srp_challenge, request.user,
                 srp_number(fields[2], "A"), record, record=record)
 
+
 def srp_challenge(name: str, A: int, record: dict) -> tuple[int, bytes, bytes, bytes]:
     """The worker's part of a LOGIN: return B, the key K, and the proofs M1 and M2."""
     B, S = wire.srp_server(int(record["verifier"], 16), secrets.randbits(256), A)
     return (B, *wire.srp_proofs(name, bytes.fromhex(record["salt"]), A, B, S))
+
 
 def finish_challenge(chat: ChatServer, job: PasswordJob) -> list[str]:
     """Keep what the proof must be (for a minute, bounded); send the salt and B."""
@@ -657,6 +668,7 @@ def finish_challenge(chat: ChatServer, job: PasswordJob) -> list[str]:
     if len(chat.challenges) > RETRY_CACHE_SIZE:
         chat.challenges.popitem(last=False)
     return [job.record["salt"], str(job.record["iterations"]), format(B, "x")]
+
 
 def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[str]:
     """LOGIN's second step: M1 right, a session and M2 (the server knew the verifier)."""
@@ -672,6 +684,7 @@ def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[s
     welcome = open_login(chat, request, challenge[3]["name"])
     chat.sessions[request.address].key = wire.srp_hash(b"seal", challenge[5])
     return [*welcome, challenge[2]]
+
 
 def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
     """Open a session; one elsewhere is replaced, unless this is a client's rejoin."""
@@ -697,6 +710,7 @@ def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
     request.reply_token = here.token
     return [here.name, LOBBY, f"Welcome, {here.name}."]
 
+
 def start_check(chat: ChatServer, request: Request, then, work, *args, record=None) -> None:
     """Queue `work(*args)`, slow work (a hash, SRP's powers), for the worker; `then` answers.
     Until then a member's next requests wait, and a handshake's retries get no answer."""
@@ -708,6 +722,7 @@ def start_check(chat: ChatServer, request: Request, then, work, *args, record=No
     else:
         remember(chat, request, PENDING)
     queue_fairly(chat.password_jobs, PasswordJob(request, lambda: work(*args), then, record))
+
 
 def queue_fairly(jobs: list, job: PasswordJob) -> None:
     """Queue `job` in its round: how many jobs its address, or its account, has waiting.
@@ -729,9 +744,11 @@ def queue_fairly(jobs: list, job: PasswordJob) -> None:
         seen[1, ahead[1]] += 1
     jobs.insert(position, job)
 
+
 def refuse_failed_check(chat: ChatServer, job: PasswordJob) -> None:
     """A password check that raised (a damaged record, say): the client may try again."""
     raise Refused("server-error", "The server could not check that; try again.")
+
 
 def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
     """Return change(*args), a write to a file; if the disk fails, refuse (`what` not saved)."""
@@ -740,6 +757,7 @@ def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
     except OSError as error:
         chat.log.problem(f"a write to disk failed ({what}): {error}")
         raise Refused("server-error", f"The server could not save {what}; {after}.") from None
+
 
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
     """JOIN [room, password sealed with the session's key]: a listener cannot read it."""
@@ -762,6 +780,7 @@ def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
     return start_check(chat, request, finish_join, auth.check_password, password, room.record,
                        record=room.record)
 
+
 def finish_join(chat: ChatServer, job: PasswordJob) -> list[str]:
     """The password check of a JOIN came back: enter the room, or make it."""
     # The room's name: as it was made, or as the new room's record says it.
@@ -780,6 +799,7 @@ def finish_join(chat: ChatServer, job: PasswordJob) -> list[str]:
     room = chat.rooms[record["name"].lower()] = Room(record["name"], record)
     return enter_room(chat, request, room, True, " (new room)")
 
+
 def check_room_lock(chat: ChatServer, request: Request, wrong: bool = False) -> None:
     """Count a wrong room password (if `wrong`); refuse an account that guessed 5 wrong.
     It counts for the account on its PC: a new login starts no new count, and other
@@ -790,6 +810,7 @@ def check_room_lock(chat: ChatServer, request: Request, wrong: bool = False) -> 
     wait = chat.wrong_room_passwords.locked_for(guesser, request.now)
     if wait:
         raise Refused("locked", f"Too many wrong room passwords; try again in {wait:.0f} s.")
+
 
 def enter_room(chat: ChatServer, request: Request, room: Room, password_ok, made="") -> list[str]:
     """Move the member to `room`: it is shown the room's past, the others hear of it."""
@@ -808,11 +829,13 @@ def enter_room(chat: ChatServer, request: Request, room: Room, password_ok, made
     count = len(room.members)
     return [room.name, str(count), f"joined {room.name}{made}, {count} here"]
 
+
 def leave_room(chat: ChatServer, session: Session, reason: str) -> None:
     room = chat.rooms[session.room]
     del room.members[session.name.lower()]
     session.room = None
     chat.publish(room, "leave", session.name, reason)
+
 
 def check_room_space(chat: ChatServer, session: Session) -> None:
     """Before a room is made: refuse an account's sixth room, and any past MAX_ROOMS."""
@@ -823,6 +846,7 @@ def check_room_space(chat: ChatServer, session: Session) -> None:
                       "join one of them (/rooms lists them all).")
     if len(chat.rooms) >= MAX_ROOMS:
         raise Refused("full", "Server full: no more rooms can be made.")
+
 
 def handle_say(chat: ChatServer, request: Request) -> list[str]:
     session, (text,) = request.session, wire.unpack_fields(request.packet.payload, 1)
@@ -840,6 +864,7 @@ def handle_say(chat: ChatServer, request: Request) -> list[str]:
     others = len(room.members) - 1
     return [f"to {room.name}, {others} other{'' if others == 1 else 's'}"]
 
+
 def handle_private(chat: ChatServer, request: Request) -> list[str]:
     target_name, text = wire.unpack_fields(request.packet.payload, 2)
     # A room's password is the way into the chat: private messages too.
@@ -849,26 +874,31 @@ def handle_private(chat: ChatServer, request: Request) -> list[str]:
     chat.tell(target, chat.event("private", "", request.session.name, text))
     return [f"private to {target.name}"]
 
+
 def handle_rooms(chat: ChatServer, request: Request) -> list[str]:
     """ROOMS -> OK [room, count, room, count...]: every room, empty ones with their 0."""
     wire.unpack_fields(request.packet.payload, 0)
     pairs = [[room.name, str(len(room.members))] for room in chat.rooms.values()]
     return fit_fields([field for pair in pairs for field in pair], step=2)
 
+
 def handle_who(chat: ChatServer, request: Request) -> list[str]:
     wire.unpack_fields(request.packet.payload, 0)
     room = room_of(chat, request.session)
     return fit_fields([room.name] + sorted(member.name for member in room.members.values()))
+
 
 def handle_ping(chat: ChatServer, request: Request) -> list[str]:
     """PING -> OK []: a heartbeat, "still here"; that it came is all that counts."""
     wire.unpack_fields(request.packet.payload, 0)
     return []
 
+
 def handle_bye(chat: ChatServer, request: Request) -> list[str]:
     wire.unpack_fields(request.packet.payload, 0)
     chat.end_session(request.session, "", request.now)
     return ["goodbye"]
+
 
 def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
     """FIND -> OK [name, port, members online, fingerprint]; unpadded, over the rate: dropped."""
@@ -881,6 +911,7 @@ def handle_find(chat: ChatServer, request: Request) -> list[str] | None:
         why = "over its address's rate of answers"
     refuse(chat, request.address, f"sent a FIND, {why}; dropped", count="finds dropped")
 
+
 def find_bucket(chat: ChatServer, host: str, now: float) -> "TokenBucket":
     """Return the FIND bucket of one asking address, made full if it is new (or forgotten)."""
     bucket = chat.find_buckets.pop(host, None) or TokenBucket(FIND_RATE, FIND_BURST, now)
@@ -888,6 +919,7 @@ def find_bucket(chat: ChatServer, host: str, now: float) -> "TokenBucket":
     if len(chat.find_buckets) > FIND_ADDRESSES:
         chat.find_buckets.popitem(last=False)
     return bucket
+
 
 def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
     """FILE_OFFER [to, name, size, SHA-256] -> OK [id]; each receiver gets EVENT file and
@@ -917,6 +949,7 @@ def handle_file_offer(chat: ChatServer, request: Request) -> list[str]:
     chat.files.settle(upload)
     return [str(number)]
 
+
 def handle_file_cancel(chat: ChatServer, request: Request) -> list[str]:
     """FILE_CANCEL [id]: the sender's ends the transfer for all; a receiver's, for itself.
     FILE_CANCEL [id, "accept"]: a receiver takes the offer, and its chunks start."""
@@ -930,10 +963,12 @@ def handle_file_cancel(chat: ChatServer, request: Request) -> list[str]:
     chat.files.cancel_by(request.session, number)
     return ["cancelled"]
 
+
 def refuse(chat: ChatServer, address: Address, what: str, count: str = "bad") -> None:
     """Count a datagram that is not handled, and log what it was."""
     chat.stats[count] += 1
     chat.log.problem(f"{describe_address(address)} {what}")
+
 
 def refuse_stranger(chat: ChatServer, request: Request, session: Session | None) -> None:
     """A member's packet with no session behind it: RESET, if nobody is at that address."""
@@ -952,6 +987,7 @@ def refuse_stranger(chat: ChatServer, request: Request, session: Session | None)
     # believes it only if that token was its own.
     reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
     chat.send(wire.encode_packet(reset, chat.cipher), request.address)
+
 
 def refuse_misplaced(chat: ChatServer, request: Request) -> None:
     """A numbered ACK or a FILE_CHUNK on the chat channel (a client's bug) is refused; what
@@ -974,11 +1010,13 @@ HANDLERS = {ptype: globals().get(f"handle_{ptype.name.lower()}", refuse_misplace
 
 # --- What the handlers share ---
 
+
 def room_of(chat: ChatServer, session: Session) -> Room:
     """Return the member's room; refuse if it is in none."""
     if session.room is None:
         raise Refused("not-in-room", "Join a room first: /join ROOM")
     return chat.rooms[session.room]
+
 
 def find_member(chat: ChatServer, name: str) -> Session:
     """Return the session of the user named; refuse if no such user, or not online."""
@@ -989,12 +1027,14 @@ def find_member(chat: ChatServer, name: str) -> Session:
     # The name may be anything: never echoed.
     raise Refused("unknown-user", "No such user.")
 
+
 def check_text(text: str) -> None:
     """Refuse an empty message, or one too long for an EVENT."""
     if not text.strip():
         raise Refused("empty", "Empty message; nothing sent.")
     if wire.oversize_text(text):
         raise Refused("too-long", wire.oversize_text(text))
+
 
 def fit_fields(fields: list[str], step: int = 1) -> list[str]:
     """Return as many whole groups of `step` fields as fit in one answer, then '+N'."""
@@ -1004,9 +1044,11 @@ def fit_fields(fields: list[str], step: int = 1) -> list[str]:
             return fields[:end - step] + [f"+{(len(fields) - end + step) // step}"]
     return fields
 
+
 def retry_key(request: Request) -> tuple:
     """Who asked what: a retry has the same address, number and bytes as the first try."""
     return request.address, request.packet.seq, hash((request.packet.type, request.packet.payload))
+
 
 def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
     """Keep the answer (or PENDING) to a REGISTER or LOGIN for its retries; bounded."""
@@ -1016,6 +1058,7 @@ def remember(chat: ChatServer, request: Request, answer: bytes) -> None:
     if len(chat.replies) > RETRY_CACHE_SIZE:
         chat.replies.popitem(last=False)
 
+
 def host_name() -> str:
     """Return this PC's host name, cut to MAX_NAME_BYTES (never half a character)."""
     name = socket.gethostname() or "chat server"
@@ -1023,6 +1066,7 @@ def host_name() -> str:
 
 
 # === Helpers: the log, flood control, the history file =======================================
+
 
 class ServerLog:
     """The log: a line per action (time, peer, user, type, size, outcome), and problems."""
@@ -1166,6 +1210,7 @@ def load_rooms(store: auth.UserStore, history: str, warn) -> dict[str, Room]:
 # === The file relay ==========================================================================
 # A FILE_OFFER's upload is stored in DATA_DIR/transfers/ID.part as its chunks come on the
 # sender's file stream, checked (SHA-256), then relayed to each receiver from that file.
+
 
 @dataclasses.dataclass
 class Receiver:
@@ -1423,6 +1468,7 @@ class FileRelay:
 
 # === The socket loop =========================================================================
 
+
 def open_socket(host: str, port: int) -> socket.socket:
     """Return a UDP socket bound to (host, port)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -1573,6 +1619,7 @@ def wrap_socket(sock, config: ServerConfig, chat: ChatServer):
 
 
 # === The command line ========================================================================
+
 
 def lan_addresses() -> list[str]:
     """Return this PC's IPv4 addresses other than loopback, as far as it can tell.
