@@ -25,9 +25,10 @@ casual glance) are defined once, in encryption_helper.py.
 
 A SAY datagram, as this client sends it (XOR-scrambled payload, readable header):
 
-    55 43 05 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v5 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 e9 21 01 e0   sack=0, token, CRC-32, then the payload:
-    49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
+    55 43 06 05 00 04 00 07  00 00 00 07 00 00 00 02   "UC" v6 SAY flags=TAGGED len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 cc c1 4f bd   sack=0, token, CRC-32, then the payload:
+    49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120",
+    20 e8 14 30 52 5f 66 bf  13 19 a3 bb b0 95 73 58   and the tag (K of PROTOCOL.md's example)
 """
 
 import argparse
@@ -203,9 +204,10 @@ class Requests:
         self.login, self.joined, self.told, self.retry_at, self.since = (), (), "", 0.0, 0.0
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
         # SRP-6a (PROTOCOL.md 4): M2 expected by the M1 sent, with the login it would make
-        # (name, x, salt, iterations) and the session's key; that login, once M2 checked, and
-        # the key (JOIN's room password is sealed with it); a rejoin's secret a.
-        self.proofs, self.login_try, self.rejoin_key, self.session_key = {}, (), 0, b""
+        # (name, x, salt, iterations) and its key K; that login, once M2 checked; a rejoin's
+        # secret a. From K: JOIN's sealing key, the tag keys (ours, the server's); a RESET's proof.
+        self.proofs, self.login_try, self.rejoin_key = {}, (), 0
+        self.session_key, self.tag_keys, self.reset_proof = b"", (b"", b""), b""
 
     def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
         """A session's channel; before login a stop-and-wait one, a try a second (every
@@ -213,8 +215,11 @@ class Requests:
         if token != NO_TOKEN:
             timing = self.timing
             rto = wire.RtoEstimator(timing.initial_rto, timing.min_rto, timing.max_rto)
-            return Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
-                           ack_every=wire.ACK_EVERY, flags=flags)
+            channel = Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
+                              ack_every=wire.ACK_EVERY, flags=flags)
+            # every packet of the session tagged: the server drops any other with our token
+            channel.key = self.tag_keys[0]
+            return channel
         back = self.state == "reconnecting"
         retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
         return Channel(self.cipher, window=1, max_sends=tries,
@@ -393,11 +398,13 @@ class ClientProtocol(Requests):
                 # every answer is unreadable
                 self.fail_pending(ServerNotResponding(KEY_MISMATCH))
             return
+        if self.logged_in and packet.token == self.token and not self.authentic(data, packet):
+            return self.trace_packet("in ", data, ": not from our server (forged?), dropped")
         self.last_heard, self.unreachable = now, 0
         files = bool(packet.flags & wire.FLAG_FILE_STREAM)
         stream = self.file_stream if files else self.channel
         if packet.type == PacketType.RESET and self.logged_in and packet.token == self.token:
-            # the server has no session with the token it echoes: believed if it is ours
+            # the server has no session with the token it echoes, and proved it is ours
             self.trace_packet("in ", data)
             return self.lose_session(SessionLost(SESSION_LOST))
         if packet.type == PacketType.RESET or not expected(packet, self.token, stream):
@@ -405,6 +412,10 @@ class ClientProtocol(Requests):
         outcome, ready = stream.receive(packet, now)
         self.trace_packet("in ", data, "" if outcome in ("in order", "unsequenced") else
                           ": " + outcome)
+        self.deliver(ready, files)
+
+    def deliver(self, ready: list[wire.Packet], files: bool) -> None:
+        """Hand what a stream put in order to its handler: chunks, EVENTs, answers."""
         for got in ready:
             if files and got.seq and got.type == PacketType.FILE_CHUNK:
                 self.files.receive_chunk(got.payload)
@@ -412,6 +423,14 @@ class ClientProtocol(Requests):
                 self.receive_event(got)
             elif not files and got.type in (PacketType.OK, PacketType.ERROR):
                 self.receive_answer(got)
+
+    def authentic(self, data: bytes, packet: wire.Packet) -> bool:
+        """Is this packet with our token from our server? Anyone can read the token off the
+        wire; only the two ends know K. So a packet must carry the tag made from K; a RESET,
+        which a restarted server cannot tag, the proof our login's answer sealed for us."""
+        if packet.type == PacketType.RESET:
+            return secrets.compare_digest(packet.payload, self.reset_proof)
+        return wire.tagged_by(data, self.tag_keys[1])
 
     def receive_answer(self, packet: wire.Packet) -> None:
         """An OK or ERROR, found by the request number in its first field: the answer to a
@@ -439,19 +458,26 @@ class ClientProtocol(Requests):
               *rejoin: str) -> tuple:
         """Return LOGIN's second step for the server's [salt, iterations, B]; expect its M2."""
         M1, M2, K = login_proofs(name, x, a, challenge)
-        self.proofs = {M1: (M2, (name, x, *challenge[:2]), wire.srp_hash(b"seal", K))}
+        self.proofs = {M1: (M2, (name, x, *challenge[:2]), K)}
         return (cookie, name, A, M1, *rejoin)
 
     def check_welcome(self, asked: tuple, fields: list, token: bytes):
         """Return the welcome of a LOGIN's second step without its M2, if M2 proves that the
         server holds our verifier (a fake server cannot make it); else a refusal."""
         expected, self.login_try = self.proofs.pop(asked[3], ("", (), b"")), ()
-        if not (len(fields) == 4 and token != NO_TOKEN):
+        if not (len(fields) == 5 and token != NO_TOKEN):
             return Refused("bad-reply", "The server's welcome could not be read.")
         if not secrets.compare_digest(fields[3].encode(), expected[0].encode()):
             return Refused("bad-proof", "The server could not prove that it holds your "
                                         "account: not logged in (is it the real server?).")
-        self.login_try, self.session_key = expected[1:]
+        login, K = expected[1:]
+        self.session_key = wire.srp_hash(b"seal", K)
+        try:
+            proof = bytes.fromhex(wire.open_text(self.session_key, fields[4]))
+        except (wire.PacketError, ValueError):
+            return Refused("bad-reply", "The server's welcome could not be read.")
+        self.login_try, self.reset_proof = login, proof
+        self.tag_keys = wire.srp_hash(wire.TO_SERVER, K), wire.srp_hash(wire.TO_CLIENT, K)
         return fields[:3]
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):
@@ -481,7 +507,7 @@ class ClientProtocol(Requests):
             # a last ACK at once, so the server knows we heard
             cumulative, bitmap = self.channel.acknowledgement()
             ack = wire.Packet(PacketType.ACK, 0, cumulative, bitmap, self.token)
-            self.outbox.append(wire.encode_packet(ack, self.cipher))
+            self.outbox.append(wire.encode_packet(ack, self.cipher, key=self.channel.key))
             self.notice("[INFO] The server was stopped.")
             self.lose_session(SessionLost("The server was stopped."), stopped=True)
         elif event.kind == "replaced":

@@ -8,7 +8,7 @@ stays readable, as IP and UDP headers do).
 
     bytes  field (docs/PROTOCOL.md draws it)
     0-1    magic "UC" (0x55 0x43): a datagram that does not start so is not ours
-    2      version (5)
+    2      version (6)
     3      type (PacketType)
     4-5    flags (FLAG_...)
     6-7    payload length
@@ -18,6 +18,7 @@ stays readable, as IP and UDP headers do).
     20-27  session token
     28-31  CRC-32 of the plain payload, then of the header with this field zero
     32-    payload: length-prefixed fields, scrambled
+    then   in a session, with FLAG_TAGGED: a 16-byte tag, HMAC-SHA256 of all before it
 
 A payload is a run of fields, each a 2-byte length and that many bytes of UTF-8, so any
 text survives and nothing needs escaping: a SAY of "hi :)" ends in `00 05 68 69 20 3a 29`.
@@ -115,6 +116,8 @@ SRP_G, SRP_HASH = 2, "sha256"
 SRP_K = int("05B9E8EF059C6B32EA59FC1D322D37F04AA30BAE5AA9003B8321E21DDB04E300", 16)
 # A session's packets carry HMAC-SHA256 cut to 16 bytes: a forgery passes once in 2^128.
 TAG_BYTES = 16
+# A session's tag keys, one per direction: a packet cannot be sent back to its sender.
+TO_SERVER, TO_CLIENT = b"tag: client to server", b"tag: server to client"
 
 
 def srp_hash(*parts: bytes | int) -> bytes:
@@ -154,6 +157,13 @@ def session_tag(key: bytes, data: bytes) -> bytes:
 def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:
     """Compared in constant time: how long it takes tells no byte of the right tag."""
     return hmac.compare_digest(session_tag(key, data), tag)
+
+
+def tagged_by(data: bytes, key: bytes) -> bool:
+    """Does datagram `data` end in the right tag under `key`? Only the two ends know the
+    key (from K): a classmate who read the token off the wire still cannot forge a packet."""
+    flags = int.from_bytes(data[4:6], "big") if len(data) >= HEADER_SIZE + TAG_BYTES else 0
+    return bool(flags & FLAG_TAGGED) and tag_matches(key, data[:-TAG_BYTES], data[-TAG_BYTES:])
 
 
 def fingerprint(Y: int) -> str:
@@ -197,10 +207,11 @@ HEADER_FORMAT = "!2sBBHHIII8sI"
 HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = HEADER.size
 MAGIC = b"UC"
-VERSION = 5
-# 1200 bytes is never split into IP fragments (IPv6 guarantees 1280); QUIC chose the same.
-MAX_DATAGRAM = 1200
-MAX_PAYLOAD = MAX_DATAGRAM - HEADER_SIZE
+VERSION = 6
+# With the header and a session's tag, 1216 bytes; with IPv6's and UDP's headers 1264, within
+# the 1280 that every IPv6 link carries: never split into IP fragments (QUIC keeps 1200).
+MAX_PAYLOAD = 1168
+MAX_DATAGRAM = HEADER_SIZE + MAX_PAYLOAD + TAG_BYTES
 # recvfrom() needs room for any UDP datagram: less raises WinError 10040, or Linux cuts it.
 RECV_BUFFER = 65535
 # A message's text, in UTF-8 bytes: room is left for the other fields of its EVENT.
@@ -214,6 +225,8 @@ FLAG_RETRANSMIT = 0x0001
 # On every packet of a session's file stream, its second channel: a chat line never waits
 # behind a lost file chunk.
 FLAG_FILE_STREAM = 0x0002
+# A tag follows the payload (the length field counts the payload alone): a session's packets.
+FLAG_TAGGED = 0x0004
 # A HELLO or FIND, whose source may be forged, is padded to at least the size of the answer
 # (HELLO's carries the server's key Y): nobody can use the server as an amplifier.
 MIN_HELLO_SIZE, MIN_FIND_SIZE = 640, 160
@@ -275,14 +288,17 @@ def prepare_body(payload: bytes, cipher) -> Body:
     return Body(payload, cipher.encrypt(payload), binascii.crc32(payload))
 
 
-def encode_packet(packet: Packet, cipher, body: Body | None = None) -> bytes:
-    """Return the datagram for `packet`; `body` may carry its payload already prepared."""
+def encode_packet(packet: Packet, cipher, body: Body | None = None, key: bytes = b"") -> bytes:
+    """Return the datagram for `packet`; `body` may carry its payload already prepared; with
+    a session's `key`, tagged (FLAG_TAGGED)."""
     body = body or prepare_body(packet.payload, cipher)
-    header = HEADER.pack(MAGIC, VERSION, packet.type, packet.flags, len(body.plain),
+    flags = packet.flags & ~FLAG_TAGGED | (FLAG_TAGGED if key else 0)
+    header = HEADER.pack(MAGIC, VERSION, packet.type, flags, len(body.plain),
                          packet.seq, packet.ack, packet.sack, packet.token, 0)
     # The payload's CRC, continued over the header with its CRC field zero.
     crc = binascii.crc32(header, body.crc)
-    return header[:-4] + crc.to_bytes(4, "big") + body.scrambled
+    data = header[:-4] + crc.to_bytes(4, "big") + body.scrambled
+    return data + session_tag(key, data) if key else data
 
 
 def decode_packet(data: bytes, cipher) -> Packet:
@@ -296,9 +312,13 @@ def decode_packet(data: bytes, cipher) -> Packet:
         raise PacketError(f"not a chat packet: starts with {magic!r}, not {MAGIC!r}")
     if version != VERSION:
         raise PacketError(f"protocol version {version}, this program speaks {VERSION}")
-    if length != len(data) - HEADER_SIZE:
-        raise PacketError(f"length field says {length}, datagram holds {len(data) - HEADER_SIZE}")
-    payload = cipher.decrypt(data[HEADER_SIZE:])
+    # The tag is checked by the end that knows the session's key (tagged_by).
+    room = len(data) - HEADER_SIZE - (TAG_BYTES if flags & FLAG_TAGGED else 0)
+    if length != room:
+        raise PacketError(f"length field says {length}, datagram holds {room}")
+    if length > MAX_PAYLOAD:
+        raise PacketError(f"too long: a payload of {length} bytes, the limit is {MAX_PAYLOAD}")
+    payload = cipher.decrypt(data[HEADER_SIZE:HEADER_SIZE + length])
     if binascii.crc32(data[:HEADER_SIZE - 4] + bytes(4), binascii.crc32(payload)) != crc:
         raise ChecksumError("bad checksum: damaged on the way, or the ends use different keys")
     if ptype not in PACKET_TYPES:
@@ -315,7 +335,8 @@ def describe_datagram(data: bytes) -> str:
     stream = " [file stream]" if flags & FLAG_FILE_STREAM else ""
     sack_text = f" sack={sack:#b}" if sack else ""
     retransmit = " retransmitted" if flags & FLAG_RETRANSMIT else ""
-    return f"{name}{stream} seq={seq} ack={ack}{sack_text} {len(data)} B{retransmit}"
+    tagged = " tagged" if flags & FLAG_TAGGED else ""
+    return f"{name}{stream} seq={seq} ack={ack}{sack_text} {len(data)} B{tagged}{retransmit}"
 
 
 def pack_fields(*fields: str) -> bytes:
@@ -480,7 +501,8 @@ class Channel:
 
     `send()` queues a packet, `receive()` takes one from the peer, `poll(now)` returns the
     datagrams to send now, `next_wakeup()` when to poll again. A session has two: the chat's
-    and the file stream's. Stop-and-wait is this class with a window of 1.
+    and the file stream's. Stop-and-wait is this class with a window of 1. `key`, once
+    set, tags every datagram it sends (a session's, FLAG_TAGGED).
     """
 
     # 32 in flight (the bitmap's bits), 1000 waiting; 20 sends unacknowledged: the peer is
@@ -495,6 +517,7 @@ class Channel:
         if not 1 <= window <= self.WINDOW:
             raise ValueError(f"the window must be from 1 to {self.WINDOW}")
         self.cipher, self.token, self.flags, self.rto = cipher, token, flags, rto or RtoEstimator()
+        self.key = b""
         self.window, self.max_queue, self.max_sends = window, max_queue, max_sends
         self.ack_delay, self.ack_every = ack_delay, ack_every
         # Sending: the retransmission queue by number, oldest first; timer_at, its earliest
@@ -544,7 +567,7 @@ class Channel:
             self.next_seq += 1
         if self.ack_due <= now and not out:
             ack = Packet(PacketType.ACK, 0, *self.acknowledgement(), self.token, self.flags)
-            out.append(encode_packet(ack, self.cipher))
+            out.append(encode_packet(ack, self.cipher, key=self.key))
             self.stats["bare acks"] += 1
         # Every datagram carries the acknowledgement: none is owed any more.
         if out:
@@ -591,7 +614,7 @@ class Channel:
         entry.deadline = now + wait(entry.timeouts)
         flags = self.flags | (FLAG_RETRANSMIT if again else 0)
         packet = Packet(entry.ptype, seq, *self.acknowledgement(), self.token, flags)
-        return encode_packet(packet, self.cipher, entry.body)
+        return encode_packet(packet, self.cipher, entry.body, self.key)
 
     def _on_acknowledgement(self, cumulative: int, bitmap: int, now: float) -> None:
         """Forget what the peer confirmed; count what overtook each packet it still lacks."""

@@ -16,9 +16,10 @@ so that requests, answers and EVENTs arrive once and in order; a second one carr
 
 A SAY datagram, as it leaves a client (XOR-scrambled payload, readable header):
 
-    55 43 05 05 00 00 00 07  00 00 00 07 00 00 00 02   "UC" v5 SAY flags=0 len=7 seq=7 ack=2
-    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 e9 21 01 e0   sack=0, token, CRC-32, then the payload:
-    49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120"
+    55 43 06 05 00 04 00 07  00 00 00 07 00 00 00 02   "UC" v6 SAY flags=TAGGED len=7 seq=7 ack=2
+    00 00 00 00 3e 1a 2c 5e  5e 77 90 12 cc c1 4f bd   sack=0, token, CRC-32, then the payload:
+    49 4c 5a 58 12 0a 60                               [5]"hi :)" XORed with the key "II2120",
+    20 e8 14 30 52 5f 66 bf  13 19 a3 bb b0 95 73 58   and the tag (K of PROTOCOL.md's example)
 
 The life of a SAY, from recvfrom to sendto:
 
@@ -170,8 +171,10 @@ class Session:
     checking: bool = False
     # Its channel's queue was full: it cannot keep up, and its session ends.
     behind: bool = False
-    # From SRP-6a's K, known to the member's client alone: what JOIN's room password is sealed with.
+    # From SRP-6a's K, known to the member's client alone: what JOIN's room password is sealed
+    # with, and what the tag of each of its packets must be made with (tagged_by).
     key: bytes = b""
+    tag_key: bytes = b""
 
 
 @dataclasses.dataclass(eq=False)
@@ -288,7 +291,7 @@ class ChatServer:
             return
         request = Request(packet, address, len(data), now)
         if packet.type not in HANDSHAKE_TYPES or packet.token != wire.NO_TOKEN:
-            self.handle_member_packet(request)
+            self.handle_member_packet(request, data)
         # A stopping server opens no sessions: the client tries the restarted one.
         elif not self.stopping:
             self.handle_handshake(request)
@@ -365,12 +368,12 @@ class ChatServer:
             self.log.action(request.address, "", request.packet.type.name, "a retry, answered "
                             "again" if remembered else "a retry, still checking", request.size)
 
-    def handle_member_packet(self, request: Request) -> None:
+    def handle_member_packet(self, request: Request, data: bytes) -> None:
         """A packet on a member's channel: acknowledgements first, then requests in order."""
         packet, address = request.packet, request.address
-        session = self.sessions.get(address)
-        if session is None or not hmac.compare_digest(session.token, packet.token):
-            return refuse_stranger(self, request, session)
+        session = member_of(self, request, data)
+        if session is None:
+            return
         session.last_heard, self.due[session] = request.now, None
         if packet.flags & wire.FLAG_FILE_STREAM:
             # New bytes of its uploads may go on to their receivers.
@@ -682,8 +685,19 @@ def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[s
         raise Refused("invalid-login", "Invalid username or password.")
     chat.failed_logins.succeeded(name, request.address[0], request.now)
     welcome = open_login(chat, request, challenge[3]["name"])
-    chat.sessions[request.address].key = wire.srp_hash(b"seal", challenge[5])
-    return [*welcome, challenge[2]]
+    session, K = chat.sessions[request.address], challenge[5]
+    session.key, session.tag_key = wire.srp_hash(b"seal", K), wire.srp_hash(wire.TO_SERVER, K)
+    session.channel.key = session.file_stream.key = wire.srp_hash(wire.TO_CLIENT, K)
+    # The RESET that will end this session, if we lose it, sealed: only its client learns it.
+    proof = reset_proof(chat, session.token).hex()
+    return [*welcome, challenge[2], wire.seal_text(session.key, proof)]
+
+
+def reset_proof(chat: ChatServer, token: bytes) -> bytes:
+    """The 16 bytes a RESET for this token carries (QUIC's stateless reset): made from our key
+    y, so a restarted server, which knows no session, can still make them. It is sent only
+    once no session has the token: then it can end nothing the server still has."""
+    return wire.srp_hash(b"reset", chat.key[0], token)[:16]
 
 
 def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
@@ -970,6 +984,19 @@ def refuse(chat: ChatServer, address: Address, what: str, count: str = "bad") ->
     chat.log.problem(f"{describe_address(address)} {what}")
 
 
+def member_of(chat: ChatServer, request: Request, data: bytes) -> Session | None:
+    """Return the session a member's packet is for, if it is the member's; else refuse it."""
+    session = chat.sessions.get(request.address)
+    if session is None or not hmac.compare_digest(session.token, request.packet.token):
+        return refuse_stranger(chat, request, session)
+    # The token is on the wire for anyone to read; only the member's client can make the tag.
+    # A forgery is dropped unanswered, and the session goes on.
+    if not wire.tagged_by(data, session.tag_key):
+        return refuse(chat, request.address, f"sent {request.packet.type.name} with the token "
+                                             f"of {session.name} but a wrong tag; dropped")
+    return session
+
+
 def refuse_stranger(chat: ChatServer, request: Request, session: Session | None) -> None:
     """A member's packet with no session behind it: RESET, if nobody is at that address."""
     chat.stats["no-session"] += 1
@@ -981,12 +1008,18 @@ def refuse_stranger(chat: ChatServer, request: Request, session: Session | None)
     if session is not None:
         return chat.log.problem(f"{describe_address(request.address)} {sender} with a "
                                 "wrong session token; dropped")
+    # A session's token from another address: its member moved (its session times out, then
+    # this is answered), or someone read the token. A RESET's proof must not reach them.
+    if any(hmac.compare_digest(other.token, packet.token) for other in chat.sessions.values()):
+        return chat.log.problem(f"{describe_address(request.address)} {sender} with the token "
+                                "of a session at another address; dropped")
     chat.log.problem(f"{describe_address(request.address)} {sender} but has no session; "
                      "told to log in")
-    # A bare header, never larger than the packet; it echoes the token, so a client
-    # believes it only if that token was its own.
-    reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token)
-    chat.send(wire.encode_packet(reset, chat.cipher), request.address)
+    # It echoes the token and carries the proof that the login sealed for that token: a
+    # client believes only that. Never larger than a tagged packet (48 bytes).
+    proof = reset_proof(chat, packet.token)
+    reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token, payload=proof)
+    chat.send(wire.encode_packet(reset, chat.cipher), request.address, limit=request.size)
 
 
 def refuse_misplaced(chat: ChatServer, request: Request) -> None:

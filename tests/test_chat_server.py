@@ -171,25 +171,27 @@ class Peer:
         proof, expected, key = client.login_proofs(name, x, a, challenge)
         answer = self.answer(PacketType.LOGIN, cookie, name, client.public_key(a), proof, *rejoin)
         if answer.type == OK:
-            assert unpack_fields(answer.payload)[-1] == expected  # the server holds the verifier
-            self.harness.members[self.address] = Member(self.harness, self.address, answer.token,
-                                                         client.wire.srp_hash(b"seal", key))
+            assert unpack_fields(answer.payload)[-2] == expected  # the server holds the verifier
+            self.harness.members[self.address] = Member(self.harness, self.address, answer.token, key)
         return answer
 
 
 class Member:
     """A logged-in client: its requests and the server's replies and EVENTs on one Channel."""
 
-    def __init__(self, harness: Harness, address, token: bytes, key: bytes = b""):
-        self.harness, self.address, self.token, self.key = harness, address, token, key
+    def __init__(self, harness: Harness, address, token: bytes, K: bytes = b""):
+        """K, the login's SRP-6a key: the room password is sealed, every packet tagged, with keys from it."""
+        self.harness, self.address, self.token = harness, address, token
+        self.key = client.wire.srp_hash(b"seal", K)
         self.channel = Channel(CIPHER, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
                                max_sends=Channel.MAX_SENDS)
+        self.channel.key = client.wire.srp_hash(client.wire.TO_SERVER, K)
         self.replies: dict[int, tuple[PacketType, list[str]]] = {}  # request number -> (OK/ERROR, fields after re)
         self.heard: list[tuple] = []  # in the order delivered: (OK/ERROR, re) or (EVENT, fields)
         self.deaf = False  # True: hears nothing, so acknowledges nothing
 
     def hear(self, packet: Packet) -> None:
-        if self.deaf or packet.token != self.token:
+        if self.deaf or packet.token != self.token or packet.type == PacketType.RESET:
             return
         _, ready = self.channel.receive(packet, self.harness.now)
         for delivered in ready:
@@ -527,6 +529,7 @@ def test_a_client_without_a_session_never_gets_more_bytes_than_it_sent(harness):
              b"UC" + bytes(HEADER_SIZE - 2),
              encode_packet(Packet(PacketType.HELLO, 3, payload=bytes(100)), CIPHER),
              encode_packet(Packet(PacketType.SAY, 4, token=b"forged!!"), CIPHER),
+             encode_packet(Packet(PacketType.SAY, 4, token=b"forged!!"), CIPHER, key=bytes(32)),
              datagram(99)]
     answered = 0
     for data in tries:
@@ -549,10 +552,16 @@ def test_a_bad_datagram_that_looks_like_ours_is_told_what_is_wrong(harness, bad,
 
 
 def test_chat_before_login_is_answered_with_reset(harness):
-    (answer, to, size), = Peer(harness, 1).send(PacketType.SAY, "hi", seq=5, token=b"tokenXYZ")
-    assert answer.type == PacketType.RESET and answer.payload == b"" and size == HEADER_SIZE
+    say = Packet(PacketType.SAY, 5, token=b"tokenXYZ", payload=pack_fields("hi"))
+    (answer, to, size), = harness.deliver(encode_packet(say, CIPHER, key=bytes(32)), ("10.0.0.1", 1))
+    assert answer.type == PacketType.RESET and size == HEADER_SIZE + 16
     assert (answer.ack, answer.token) == (5, b"tokenXYZ")  # names the request and the token it came with
+    # The reset proof: from the server's key y and the token, so no other can make it.
+    assert answer.payload == server.reset_proof(harness.chat, b"tokenXYZ") != server.reset_proof(
+        harness.chat, b"tokenXYY")
     assert not harness.chat.sessions
+    # Untagged, the SAY is smaller than the RESET would be: no answer (no amplification).
+    assert harness.deliver(encode_packet(say, CIPHER), ("10.0.0.1", 1)) == []
 
 
 @pytest.mark.parametrize("ptype", sorted(SERVER_ONLY))
@@ -611,13 +620,18 @@ def test_forged_token_from_a_members_address_changes_nothing(harness):
     assert bob.texts() == ["real"]
 
 
-def test_a_request_captured_and_sent_from_another_address_is_reset(harness):
+def test_a_request_captured_and_sent_from_another_address_is_dropped_until_the_session_ends(harness):
     alice, bob = member(harness, 1, "alice"), member(harness, 2, "bob")
     alice.send(PacketType.SAY, "captured")
     (captured,) = alice.flush()
-    out = harness.deliver(captured, ("10.9.9.9", 4444))  # alice's token, from elsewhere
-    assert [(packet.type, to) for packet, to, _ in out] == [(PacketType.RESET, ("10.9.9.9", 4444))]
+    # alice's token, from elsewhere: no RESET, whose proof could end alice's session
+    assert harness.deliver(captured, ("10.9.9.9", 4444)) == []
     assert bob.texts() == ["captured"]
+    alice.send(PacketType.BYE)
+    alice.flush()  # her session is over: now the RESET, with its proof, tells the truth
+    out = harness.deliver(captured, ("10.9.9.9", 4444))
+    assert [(packet.type, to, packet.payload) for packet, to, _ in out] == [
+        (PacketType.RESET, ("10.9.9.9", 4444), server.reset_proof(harness.chat, alice.token))]
 
 
 def test_a_replayed_request_acts_once_however_late(harness):

@@ -28,13 +28,18 @@ CIPHER = make_cipher("xor")
 TOKEN = b"sessionT"
 SALT, X = "00" * 16, 12345  # alice's salt and x (the slow hash of her password), made up
 VERIFIER = pow(wire.SRP_G, X, wire.SRP_N)
+RESET_PROOF = bytes(range(16))  # what this made-up server's RESETs carry
+KEYS: dict[str, bytes] = {}  # M2 -> K: the session key of the login that M2 answers
 
 
 def challenge_for(A: int, b: int = 5) -> tuple[list[str], str]:
     """A server end holding alice's verifier: its answer to a LOGIN's first step with A, and
     the M2 it will send if the second step's M1 is right."""
     B, S = wire.srp_server(VERIFIER, b, A)
-    return [SALT, "1000", format(B, "x")], wire.srp_proofs("alice", bytes.fromhex(SALT), A, B, S)[2].hex()
+    K, _, M2 = wire.srp_proofs("alice", bytes.fromhex(SALT), A, B, S)
+    KEYS.pop(M2.hex(), None)  # put last: the newest login's
+    KEYS[M2.hex()] = K
+    return [SALT, "1000", format(B, "x")], M2.hex()
 
 
 def second_step(protocol: client.ClientProtocol, a: int = 3) -> tuple[list[str], str]:
@@ -44,24 +49,31 @@ def second_step(protocol: client.ClientProtocol, a: int = 3) -> tuple[list[str],
 
 
 def answer(re: int, *fields: str, ptype=PacketType.OK, token=NO_TOKEN, cipher=CIPHER) -> bytes:
-    """The server's unsequenced answer to a stranger's request number `re`."""
+    """The server's unsequenced answer to a stranger's request number `re`; a welcome (M2 last)
+    gets the reset proof, sealed with the session's key, as its last field."""
+    if token != NO_TOKEN and fields and fields[-1] in KEYS:
+        fields = (*fields, wire.seal_text(wire.srp_hash(b"seal", KEYS[fields[-1]]), RESET_PROOF.hex()))
     return encode_packet(Packet(ptype, 0, re, 0, token, 0, pack_fields(str(re), *fields)), cipher)
 
 
-def reset(token: bytes) -> bytes:
-    return encode_packet(Packet(PacketType.RESET, 0, 0, 0, token), CIPHER)
+def reset(token: bytes, proof: bytes = RESET_PROOF) -> bytes:
+    return encode_packet(Packet(PacketType.RESET, 0, 0, 0, token, 0, proof), CIPHER)
 
 
 class SessionEnd:
-    """The server's end of a session: a Channel that takes requests and sends answers."""
+    """The server's end of the newest login's session: a Channel that takes requests (each must
+    be tagged with the client's key) and sends answers, tagged with the server's."""
 
     def __init__(self):
+        K = list(KEYS.values())[-1]
         self.channel = Channel(CIPHER, TOKEN)
+        self.channel.key, self.client_key = wire.srp_hash(wire.TO_CLIENT, K), wire.srp_hash(wire.TO_SERVER, K)
 
     def take(self, datagrams: list[bytes], now: float) -> list[Packet]:
         """Return the requests among the client's `datagrams`, in order."""
         requests = []
         for data in datagrams:
+            assert wire.tagged_by(data, self.client_key)
             requests += [packet for packet in self.channel.receive(decode_packet(data, CIPHER), now)[1] if packet.seq]
         return requests
 
@@ -143,6 +155,29 @@ def test_reset_for_our_session_fails_what_is_pending_but_a_goodbye():
     assert out.answers[bye] == ["goodbye"]  # the session is over, which is what BYE asked for
     assert not protocol.logged_in and protocol.state == "not logged in"
     assert out.notices == [f"[WARN] {client.SESSION_LOST}"]
+
+
+def test_a_reset_with_our_token_but_not_our_proof_is_ignored():
+    """Anyone on the LAN reads our token; only our server can make the proof our login sealed."""
+    protocol, server = logged_in()
+    for proof in (b"", bytes(16), RESET_PROOF[::-1]):
+        protocol.receive(reset(TOKEN, proof), 1.01)
+    assert protocol.logged_in and Out(protocol).events == []
+
+
+def test_a_packet_with_our_token_and_a_wrong_tag_is_dropped():
+    protocol, server = logged_in()
+    forger = Channel(CIPHER, TOKEN)
+    forger.key = bytes(32)  # any key but the session's
+    forger.send(PacketType.EVENT, pack_fields("chat", "0", "lobby", "bob", "forged"))
+    untagged = encode_packet(Packet(PacketType.EVENT, 1, 0, 0, TOKEN, 0,
+                                    pack_fields("chat", "0", "lobby", "bob", "untagged")), CIPHER)
+    for data in forger.poll(1.0) + [untagged]:
+        protocol.receive(data, 1.0)
+    assert Out(protocol).events == [] and protocol.channel.expected == 1  # its number still free
+    server.channel.send(PacketType.EVENT, pack_fields("chat", "0", "lobby", "bob", "real"))
+    server.tell(protocol, 1.1)
+    assert [event.text for event in Out(protocol).shown] == ["real"]
 
 
 def test_reset_for_another_session_is_ignored():

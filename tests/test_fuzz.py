@@ -77,7 +77,8 @@ packets = st.builds(
     ack=st.integers(0, 2**32 - 1),
     sack=st.integers(0, 2**32 - 1),
     token=tokens,
-    flags=st.integers(0, 2**16 - 1),
+    # FLAG_TAGGED says a tag follows: encode_packet sets it exactly when it is given a key.
+    flags=st.integers(0, 2**16 - 1).map(lambda flags: flags & ~wire.FLAG_TAGGED),
     payload=st.binary(max_size=MAX_PAYLOAD),
 )
 
@@ -165,11 +166,14 @@ def test_decode_packet_rejects_extended_packets(cipher_name, packet, extra):
 
 @pytest.mark.parametrize("cipher_name", CIPHER_NAMES)
 @FUZZ
-@given(packet=packets)
-def test_encode_then_decode_returns_the_same_packet(cipher_name, packet):
-    data = encode_packet(packet, CIPHERS[cipher_name])
-    assert len(data) == HEADER_SIZE + len(packet.payload) <= MAX_DATAGRAM
-    assert decode_packet(data, CIPHERS[cipher_name]) == packet
+@given(packet=packets, key=st.sampled_from([b"", bytes(range(32))]))
+def test_encode_then_decode_returns_the_same_packet(cipher_name, packet, key):
+    data = encode_packet(packet, CIPHERS[cipher_name], key=key)
+    tag = wire.TAG_BYTES if key else 0
+    assert len(data) == HEADER_SIZE + len(packet.payload) + tag <= MAX_DATAGRAM
+    assert decode_packet(data, CIPHERS[cipher_name]) == packet._replace(
+        flags=packet.flags | (wire.FLAG_TAGGED if key else 0))
+    assert wire.tagged_by(data, key) == bool(key)
 
 
 @FUZZ
@@ -260,9 +264,11 @@ class RecordingServer(server.ChatServer):
 class HonestClient:
     """What client.py keeps once logged in: the token, and the session's channel."""
 
-    def __init__(self, token: bytes, cipher, key: bytes = b""):
-        self.token, self.key = token, key  # key: what a JOIN's room password is sealed with
+    def __init__(self, token: bytes, cipher, K: bytes = b""):
+        """K, the login's SRP-6a key: a JOIN's room password is sealed, every packet tagged, with keys from it."""
+        self.token, self.key = token, wire.srp_hash(b"seal", K)
         self.channel = Channel(cipher, token, window=WINDOW, max_queue=1000, max_sends=1000)
+        self.channel.key = wire.srp_hash(wire.TO_SERVER, K)
         self.inbox: list[Packet] = []  # what the server sent, not read yet
 
 
@@ -345,7 +351,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         # Honest LOGINs half way: (cookie, name, secret a) by address; the first step's answers.
         self.logins: dict = {}
         self.challenged: dict = {}
-        self.keys: dict = {}  # the key of each address's last second step, for its session
+        self.keys: dict = {}  # K of each address's last second step, for its session
         self.seen_tokens: list[bytes] = []  # session tokens that went over the wire
         self.expected_room: dict[bytes, str] = {}  # token -> room key, from OK answers to JOINs
         self.sessions_seen: dict[bytes, object] = {}  # token -> Session, also after it ended
@@ -457,7 +463,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         challenge, (cookie, name, secret) = self.challenged.pop(address), self.logins.pop(address)
         x = auth.password_key(name, PASSWORD, bytes.fromhex(challenge[0]), int(challenge[1]))
         proof, _, key = client.login_proofs(name, x, secret, challenge)
-        self.keys[address] = wire.srp_hash(b"seal", key)
+        self.keys[address] = key
         payload = pack_fields(cookie, name, client.public_key(secret), proof)
         self.send(Packet(PacketType.LOGIN, self.stranger_seq(address), payload=payload), address, True)
 
@@ -715,7 +721,7 @@ class ChatServerMachine(RuleBasedStateMachine):
                     self.cookies[to].append(fields[1])
                 elif len(fields) == 4 and packet.token == NO_TOKEN and to in self.logins:
                     self.challenged[to] = fields[1:]  # salt, iterations, B: the second step may go
-                elif len(fields) == 5 and fields[3].startswith("Welcome") and packet.token != NO_TOKEN:
+                elif len(fields) == 6 and fields[3].startswith("Welcome") and packet.token != NO_TOKEN:
                     if client is None or client.token != packet.token:
                         self.clients[to] = client = HonestClient(packet.token, self.cipher, self.keys.get(to, b""))
             if client is not None and packet.token == client.token:
@@ -914,6 +920,7 @@ def log_in(chat: server.ChatServer, address, name: str) -> tuple[Channel, bytes]
     token = decode_packet(welcome, chat.cipher).token
     channel = Channel(chat.cipher, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
                       max_sends=Channel.MAX_SENDS)
+    channel.key = wire.srp_hash(wire.TO_SERVER, key)  # the session's packets are tagged
     return channel, wire.srp_hash(b"seal", key)
 
 

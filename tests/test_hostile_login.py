@@ -119,7 +119,7 @@ def test_a_capture_of_register_login_and_join_holds_no_password(start_server, ma
 def test_a_server_without_the_verifier_cannot_complete_a_login(start_server, make_client, monkeypatch):
     def let_anyone_in(chat, request, fields):  # a fake server: any proof will do, M2 made up
         request.rejoin = False
-        return [*server.open_login(chat, request, fields[1]), "00" * 32]
+        return [*server.open_login(chat, request, fields[1]), "00" * 32, "00" * 32]  # and a "sealed" proof
 
     running = start_server()
     member(make_client, running.address, "alice")

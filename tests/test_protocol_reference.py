@@ -10,6 +10,7 @@ from pathlib import Path
 
 import auth
 import encryption_helper
+import encryption_helper as wire
 import server
 from encryption_helper import PacketType, decode_packet, make_cipher
 
@@ -96,3 +97,29 @@ def test_every_datagram_of_the_annotated_exchange_is_valid_and_as_captioned():
         caption = re.findall(r"\*\*([A-Z]+)\*\*", text[: block.start()])[-1]  # the last type named before it
         packet = decode_packet(bytes.fromhex(block[1]), cipher)
         assert packet.type.name == caption
+
+
+def test_the_session_part_of_the_exchange_is_tagged_and_sealed_with_the_k_it_states():
+    """From the welcome on, each datagram's tag verifies under the key of its direction made from
+    the K the text states; the welcome's sealed reset proof and the JOIN's room password open."""
+    text = reference()
+    K = bytes.fromhex(re.search(r"K =\s*`([0-9a-f]{64})`", text)[1])
+    keys = {"client -> server": wire.srp_hash(wire.TO_SERVER, K), "server -> client": wire.srp_hash(wire.TO_CLIENT, K)}
+    cipher, tagged = make_cipher("xor"), 0
+    for block in re.finditer(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text):
+        direction = re.findall(r"(client -> server|server -> client)", text[: block.start()])[-1]
+        data = bytes.fromhex(block[1])
+        packet = decode_packet(data, cipher)
+        fields = wire.unpack_fields(packet.payload) if packet.payload else []
+        if packet.token == wire.NO_TOKEN or packet.type == PacketType.OK and packet.seq == 0:
+            assert not packet.flags & wire.FLAG_TAGGED  # the handshake: no session key yet
+        else:
+            assert wire.tagged_by(data, keys[direction]) and not wire.tagged_by(data, keys[
+                "server -> client" if direction == "client -> server" else "client -> server"])
+            tagged += 1
+        if packet.type == PacketType.OK and packet.token != wire.NO_TOKEN and packet.seq == 0:  # the welcome
+            proof = re.search(r"a RESET\s+of this session would carry \(`([0-9a-f]{32})`\)", text)[1]
+            assert wire.open_text(wire.srp_hash(b"seal", K), fields[-1]) == proof
+        if packet.type == PacketType.JOIN:
+            assert wire.open_text(wire.srp_hash(b"seal", K), fields[1]) == "juara"
+    assert tagged == 8  # steps 7 to 14

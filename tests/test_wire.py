@@ -14,6 +14,8 @@ from encryption_helper import (
     MAX_DATAGRAM,
     MAX_PAYLOAD,
     NO_TOKEN,
+    TAG_BYTES,
+    TO_SERVER,
     VERSION,
     CaesarCipher,
     LossySocket,
@@ -30,6 +32,8 @@ from encryption_helper import (
     pack_fields,
     prepare_body,
     sack_bitmap,
+    srp_hash,
+    tagged_by,
     unpack_fields,
 )
 
@@ -51,7 +55,7 @@ def forge(version: int = VERSION, ptype: int = PacketType.OK, payload: bytes = b
 def test_header_is_32_bytes_in_network_byte_order():
     assert HEADER_SIZE == struct.calcsize(HEADER_FORMAT) == 32
     data = encode_packet(SAY, make_cipher("none"))  # the payload as it is
-    assert data[:2] == b"UC" and data[2] == VERSION == 5 and data[3] == PacketType.SAY
+    assert data[:2] == b"UC" and data[2] == VERSION == 6 and data[3] == PacketType.SAY
     assert data[4:6] == b"\x00\x01"  # flags
     assert data[6:8] == b"\x00\x07"  # payload length
     assert data[8:12] == b"\x00\x00\x00\x07"  # seq, big-endian
@@ -102,9 +106,36 @@ def test_only_the_payload_is_scrambled():
 
 def test_largest_packet_fits_the_datagram_limit():
     biggest = Packet(PacketType.SAY, payload=bytes(MAX_PAYLOAD))
-    assert len(encode_packet(biggest, XOR)) == MAX_DATAGRAM == 1200
+    assert len(encode_packet(biggest, XOR)) == MAX_DATAGRAM - TAG_BYTES == 1200
+    assert len(encode_packet(biggest, XOR, key=bytes(32))) == MAX_DATAGRAM == 1216  # a session's
     with pytest.raises(ValueError):
         encode_packet(Packet(PacketType.SAY, payload=bytes(MAX_PAYLOAD + 1)), XOR)
+
+
+KEY = bytes(range(32))
+
+
+def test_a_tagged_packet_decodes_as_the_same_packet_and_only_its_key_verifies_it():
+    data = encode_packet(SAY, XOR, key=KEY)
+    assert len(data) == len(encode_packet(SAY, XOR)) + TAG_BYTES
+    assert decode_packet(data, XOR) == SAY._replace(flags=SAY.flags | 0x0004)
+    assert tagged_by(data, KEY)
+    assert not tagged_by(data, bytes(32))  # another session's key
+    assert not tagged_by(encode_packet(SAY, XOR), KEY)  # no tag at all
+    assert not tagged_by(encode_packet(SAY, XOR) + data[-TAG_BYTES:], KEY)  # a tag without the flag
+
+
+def test_a_tag_catches_a_flipped_bit_anywhere_even_in_the_token_or_the_tag():
+    data = encode_packet(SAY, XOR, key=KEY)
+    for position in range(len(data)):
+        assert not tagged_by(flip_bit(data, position), KEY), position
+
+
+def test_an_empty_tagged_packet_verifies():
+    """A PING or an ACK: a header and a tag, 48 bytes, nothing between."""
+    data = encode_packet(Packet(PacketType.ACK, 0, 5, 0, b"12345678"), XOR, key=KEY)
+    assert len(data) == HEADER_SIZE + TAG_BYTES and tagged_by(data, KEY)
+    assert decode_packet(data, XOR).payload == b""
 
 
 def flip_bit(data: bytes, position: int) -> bytes:
@@ -116,7 +147,9 @@ GOOD = encode_packet(SAY, XOR)
 MALFORMED = {
     "empty": (b"", "too short"),
     "shorter than a header": (GOOD[:31], "too short"),
-    "over 1200 bytes": (GOOD + bytes(1200), "too long"),
+    "over 1216 bytes": (GOOD + bytes(1200), "too long"),
+    "an untagged payload over 1168 bytes": (encode_packet(SAY, XOR)[:6] + (1169).to_bytes(2, "big")
+                                            + encode_packet(SAY, XOR)[8:HEADER_SIZE] + bytes(1169), "too long"),
     "wrong magic": (b"XX" + GOOD[2:], "not a chat packet"),
     "wrong version": (forge(version=1), "protocol version 1"),
     "length field too big": (GOOD[:6] + b"\x00\x08" + GOOD[8:], "length field says 8"),
@@ -308,6 +341,8 @@ def test_the_datagram_shown_in_the_docstrings_is_real():
     import client
     import server
 
-    expected = encode_packet(DOCUMENTED_SAY, XOR).hex(" ")
+    # Tagged as alice's client tags it in docs/PROTOCOL.md's complete exchange.
+    K = bytes.fromhex("c85a02c04d53d32567438ffef37994dcb0a40eb9f0e144f7ac3a8b8145e1d25f")
+    expected = encode_packet(DOCUMENTED_SAY, XOR, key=srp_hash(TO_SERVER, K)).hex(" ")
     for module in (server, client):
         assert dumped_bytes(module.__doc__) == expected, f"the SAY in {module.__name__}.py's docstring"
