@@ -178,6 +178,9 @@ class Requests:
     PING) have ticket 0.
     """
 
+    # The datagram being read: check_welcome checks its tag.
+    datagram = b""
+
     def __init__(self, cipher, timing: Timing | None = None, now: float = 0.0, loss: float = 0.0,
                  trace=None, server: str = "the server", downloads: str = "downloads",
                  rejoin: bool = True):
@@ -389,7 +392,7 @@ class ClientProtocol(Requests):
 
     def receive(self, data: bytes, now: float) -> None:
         """Take one datagram from the server."""
-        self.now = now
+        self.now, self.datagram = now, data
         try:
             packet = wire.decode_packet(data, self.cipher)
         except wire.PacketError as error:
@@ -398,12 +401,12 @@ class ClientProtocol(Requests):
                 # every answer is unreadable
                 self.fail_pending(ServerNotResponding(KEY_MISMATCH))
             return
-        if self.logged_in and packet.token == self.token and not self.authentic(data, packet):
-            return self.trace_packet("in ", data, ": not from our server (forged?), dropped")
+        if self.logged_in and not (packet.token == self.token and self.authentic(data, packet)):
+            return self.trace_packet("in ", data, ": not from our session's server, dropped")
         self.last_heard, self.unreachable = now, 0
         files = bool(packet.flags & wire.FLAG_FILE_STREAM)
         stream = self.file_stream if files else self.channel
-        if packet.type == PacketType.RESET and self.logged_in and packet.token == self.token:
+        if packet.type == PacketType.RESET and self.logged_in:
             # the server has no session with the token it echoes, and proved it is ours
             self.trace_packet("in ", data)
             return self.lose_session(SessionLost(SESSION_LOST))
@@ -464,20 +467,25 @@ class ClientProtocol(Requests):
     def check_welcome(self, asked: tuple, fields: list, token: bytes):
         """Return the welcome of a LOGIN's second step without its M2, if M2 proves that the
         server holds our verifier (a fake server cannot make it); else a refusal."""
-        expected, self.login_try = self.proofs.pop(asked[3], ("", (), b"")), ()
-        if not (len(fields) == 5 and token != NO_TOKEN):
-            return Refused("bad-reply", "The server's welcome could not be read.")
+        expected, self.login_try = self.proofs.pop(asked[3], None), ()
+        unreadable = Refused("bad-reply", "The server's welcome could not be read.")
+        if not (expected and len(fields) == 5 and token != NO_TOKEN):
+            return unreadable
         if not secrets.compare_digest(fields[3].encode(), expected[0].encode()):
             return Refused("bad-proof", "The server could not prove that it holds your "
                                         "account: not logged in (is it the real server?).")
         login, K = expected[1:]
-        self.session_key = wire.srp_hash(b"seal", K)
+        seal_key = wire.srp_hash(b"seal", K)
+        keys = wire.srp_hash(wire.TO_SERVER, K), wire.srp_hash(wire.TO_CLIENT, K)
         try:
-            proof = bytes.fromhex(wire.open_text(self.session_key, fields[4]))
+            proof = bytes.fromhex(wire.open_text(seal_key, fields[4]))
         except (wire.PacketError, ValueError):
-            return Refused("bad-reply", "The server's welcome could not be read.")
+            return unreadable
+        # M2 proves K; the welcome's tag, made from K, proves the token and the reset proof.
+        if len(proof) != 16 or not wire.tagged_by(self.datagram, keys[1]):
+            return unreadable
         self.login_try, self.reset_proof = login, proof
-        self.tag_keys = wire.srp_hash(wire.TO_SERVER, K), wire.srp_hash(wire.TO_CLIENT, K)
+        self.session_key, self.tag_keys = seal_key, keys
         return fields[:3]
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):

@@ -249,7 +249,8 @@ class PacketType(enum.IntEnum):
     # FILE_CHUNK, on the file stream, is binary (FILE_CHUNK_HEAD); FILE_CANCEL [id].
     FILE_OFFER, FILE_CHUNK, FILE_CANCEL = 13, 14, 15
     # Only a server sends these: OK [re, ...], ERROR [re, code, text], EVENT [kind, time,
-    # room, user, text, ...], RESET [] ("I have no session for you", like TCP's RST).
+    # room, user, text, ...], RESET [16 bytes, the reset proof] ("I have no session for
+    # you", like TCP's RST).
     OK, ERROR, EVENT, RESET = 20, 21, 22, 23
 
 

@@ -202,7 +202,9 @@ class Request:
     proven: bool = False
     user: str = ""
     rejoin: bool = False
+    # A LOGIN's welcome: the new session's token, and the key its answer is tagged with.
     reply_token: bytes = wire.NO_TOKEN
+    reply_key: bytes = b""
     # What the answer's log line shows besides it (a SAY's words, cut short).
     note: str = ""
 
@@ -438,7 +440,7 @@ class ChatServer:
             self.due[request.session] = None
             return
         reply = Packet(ptype, 0, request.packet.seq, 0, request.reply_token, 0, payload)
-        data = wire.encode_packet(reply, self.cipher)
+        data = wire.encode_packet(reply, self.cipher, key=request.reply_key)
         if request.proven:
             remember(self, request, data)
         self.send(data, request.address, limit=None if request.proven else request.size)
@@ -688,6 +690,8 @@ def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[s
     session, K = chat.sessions[request.address], challenge[5]
     session.key, session.tag_key = wire.srp_hash(b"seal", K), wire.srp_hash(wire.TO_SERVER, K)
     session.channel.key = session.file_stream.key = wire.srp_hash(wire.TO_CLIENT, K)
+    # M2 proves K; the welcome's tag, made from it, proves the token and all the rest.
+    request.reply_key = session.channel.key
     # The RESET that will end this session, if we lose it, sealed: only its client learns it.
     proof = reset_proof(chat, session.token).hex()
     return [*welcome, challenge[2], wire.seal_text(session.key, proof)]
@@ -712,14 +716,13 @@ def open_login(chat: ChatServer, request: Request, name: str) -> list[str]:
         if request.rejoin:
             raise Refused("logged-in-elsewhere", f"{name} logged in elsewhere.")
         chat.end_session(elsewhere, "logged in elsewhere", request.now, tell="replaced")
-    # The same LOGIN again: a replay, if the session is in use (it stands); else its
-    # welcome was lost, and it starts afresh.
-    if not (here and here.channel.expected > 1 and not request.rejoin):
-        if here:
-            chat.end_session(here, "", request.now)
-        if len(chat.sessions) >= MAX_SESSIONS:
-            raise Refused("full", "Server full; try again later.")
-        here = chat.open_session(name, request.address, request.now)
+    # A new login from this address starts afresh: new keys, channels from 1. (A replayed
+    # LOGIN never gets here: each proof answers one challenge.)
+    if here:
+        chat.end_session(here, "", request.now)
+    if len(chat.sessions) >= MAX_SESSIONS:
+        raise Refused("full", "Server full; try again later.")
+    here = chat.open_session(name, request.address, request.now)
     # The session's token goes in the answer's header.
     request.reply_token = here.token
     return [here.name, LOBBY, f"Welcome, {here.name}."]

@@ -480,6 +480,18 @@ def test_a_lost_welcome_forgotten_by_the_server_starts_a_fresh_session(make_harn
     assert [session.token for session in harness.chat.sessions.values()] == [fresh.token]
 
 
+def test_a_new_login_from_the_address_of_a_session_in_use_starts_a_fresh_session(harness):
+    """Only a client that knows the password gets here (each proof answers one challenge): it
+    starts its channels from 1 with the new keys, so the old session must not stand."""
+    alice = member(harness, 1, "alice")
+    assert alice.ask(PacketType.SAY, "the session is in use")[0] == OK
+    peer = Peer(harness, 1)
+    assert peer.login("alice").type == OK
+    again = harness.members[peer.address]
+    assert again.token != alice.token and harness.chat.sessions[peer.address].token == again.token
+    assert again.ask(PacketType.JOIN, "lobby", "juara")[0] == OK  # numbered from 1, tagged anew
+
+
 def test_a_login_replayed_against_a_session_in_use_does_not_silently_cut_it_off(make_harness, monkeypatch):
     monkeypatch.setattr(server, "RETRY_CACHE_SIZE", 1)
     harness = make_harness()

@@ -50,10 +50,13 @@ def second_step(protocol: client.ClientProtocol, a: int = 3) -> tuple[list[str],
 
 def answer(re: int, *fields: str, ptype=PacketType.OK, token=NO_TOKEN, cipher=CIPHER) -> bytes:
     """The server's unsequenced answer to a stranger's request number `re`; a welcome (M2 last)
-    gets the reset proof, sealed with the session's key, as its last field."""
+    gets the reset proof, sealed with the session's key, as its last field, and a tag."""
+    key = b""
     if token != NO_TOKEN and fields and fields[-1] in KEYS:
-        fields = (*fields, wire.seal_text(wire.srp_hash(b"seal", KEYS[fields[-1]]), RESET_PROOF.hex()))
-    return encode_packet(Packet(ptype, 0, re, 0, token, 0, pack_fields(str(re), *fields)), cipher)
+        K = KEYS[fields[-1]]
+        fields = (*fields, wire.seal_text(wire.srp_hash(b"seal", K), RESET_PROOF.hex()))
+        key = wire.srp_hash(wire.TO_CLIENT, K)
+    return encode_packet(Packet(ptype, 0, re, 0, token, 0, pack_fields(str(re), *fields)), cipher, key=key)
 
 
 def reset(token: bytes, proof: bytes = RESET_PROOF) -> bytes:
@@ -155,6 +158,31 @@ def test_reset_for_our_session_fails_what_is_pending_but_a_goodbye():
     assert out.answers[bye] == ["goodbye"]  # the session is over, which is what BYE asked for
     assert not protocol.logged_in and protocol.state == "not logged in"
     assert out.notices == [f"[WARN] {client.SESSION_LOST}"]
+
+
+@pytest.mark.parametrize("change", ["no tag", "another token", "proof cut to its nonce", "no M2"])
+def test_a_welcome_changed_on_the_way_is_refused(change):
+    """M2 proves the session's key K; the welcome's tag, made from K, proves the rest."""
+    protocol = client.ClientProtocol(CIPHER)
+    fields, m2 = second_step(protocol)
+    login = protocol.request(PacketType.LOGIN, fields, 0.0)
+    protocol.poll(0.0)
+    re = wire_seq(protocol, login)
+    genuine = answer(re, "alice", "lobby", "Welcome, alice.", m2, token=TOKEN)
+    welcome = decode_packet(genuine, CIPHER)
+    sealed = unpack_fields(welcome.payload)[-1]
+    head = (str(re), "alice", "lobby", "Welcome, alice.")
+    payload = {"proof cut to its nonce": pack_fields(*head, m2, sealed[:32]),
+               "no M2": pack_fields(*head, "", sealed)}.get(change, welcome.payload)
+    changed = welcome._replace(token=b"mallory!" if change == "another token" else TOKEN, payload=payload)
+    if change == "no tag":
+        forged = encode_packet(changed, CIPHER)
+    else:  # the checksum is anyone's to make; the tag is the genuine one, the only one she has
+        forged = encode_packet(changed, CIPHER, key=bytes(32))[:-wire.TAG_BYTES] + genuine[-wire.TAG_BYTES:]
+    protocol.receive(forged, 0.0)
+    result = Out(protocol).answers[login]
+    assert isinstance(result, client.Refused) and result.code in ("bad-reply", "bad-proof")
+    assert not protocol.logged_in
 
 
 def test_a_reset_with_our_token_but_not_our_proof_is_ignored():
