@@ -208,9 +208,9 @@ class Requests:
         self.returning, self.shown_until, self.last_second = False, 0.0, set()
         # SRP-6a (PROTOCOL.md 4): M2 expected by the M1 sent, with the login it would make
         # (name, x, salt, iterations) and its key K; that login, once M2 checked; a rejoin's
-        # secret a. From K: JOIN's sealing key, the tag keys (ours, the server's); a RESET's proof.
+        # secret a. From K: the session's keys (wire.session_keys); a RESET's proof.
         self.proofs, self.login_try, self.rejoin_key = {}, (), 0
-        self.session_key, self.tag_keys, self.reset_proof = b"", (b"", b""), b""
+        self.keys, self.reset_proof = wire.SessionKeys(b"", b"", b""), b""
 
     def new_channel(self, token: bytes = NO_TOKEN, flags: int = 0) -> Channel:
         """A session's channel; before login a stop-and-wait one, a try a second (every
@@ -221,7 +221,7 @@ class Requests:
             channel = Channel(self.cipher, token, rto=rto, ack_delay=wire.ACK_DELAY,
                               ack_every=wire.ACK_EVERY, flags=flags)
             # every packet of the session tagged: the server drops any other with our token
-            channel.key = self.tag_keys[0]
+            channel.key = self.keys.to_server
             return channel
         back = self.state == "reconnecting"
         retry, tries = (REJOIN_EVERY, 10**9) if back else (FIRST_CONTACT_RETRY, self.connect_tries)
@@ -297,7 +297,7 @@ class Requests:
         sent = list(fields)
         if ptype == PacketType.JOIN:
             # the room's password, sealed with this session's key: a listener cannot read it
-            sent[1] = wire.seal_text(self.session_key, sent[1])
+            sent[1] = wire.seal_text(self.keys.seal, sent[1])
         payload = wire.pack_fields(*sent)
         if len(payload) > wire.MAX_PAYLOAD:
             raise Refused("too-long", "That is too long to send in one packet; not sent.")
@@ -433,7 +433,7 @@ class ClientProtocol(Requests):
         which a restarted server cannot tag, the proof our login's answer sealed for us."""
         if packet.type == PacketType.RESET:
             return secrets.compare_digest(packet.payload, self.reset_proof)
-        return wire.tagged_by(data, self.tag_keys[1])
+        return wire.tagged_by(data, self.keys.to_client)
 
     def receive_answer(self, packet: wire.Packet) -> None:
         """An OK or ERROR, found by the request number in its first field: the answer to a
@@ -474,18 +474,15 @@ class ClientProtocol(Requests):
         if not secrets.compare_digest(fields[3].encode(), expected[0].encode()):
             return Refused("bad-proof", "The server could not prove that it holds your "
                                         "account: not logged in (is it the real server?).")
-        login, K = expected[1:]
-        seal_key = wire.srp_hash(b"seal", K)
-        keys = wire.srp_hash(wire.TO_SERVER, K), wire.srp_hash(wire.TO_CLIENT, K)
+        login, keys = expected[1], wire.session_keys(expected[2])
         try:
-            proof = bytes.fromhex(wire.open_text(seal_key, fields[4]))
+            proof = bytes.fromhex(wire.open_text(keys.seal, fields[4]))
         except (wire.PacketError, ValueError):
             return unreadable
         # M2 proves K; the welcome's tag, made from K, proves the token and the reset proof.
-        if len(proof) != 16 or not wire.tagged_by(self.datagram, keys[1]):
+        if len(proof) != 16 or not wire.tagged_by(self.datagram, keys.to_client):
             return unreadable
-        self.login_try, self.reset_proof = login, proof
-        self.session_key, self.tag_keys = seal_key, keys
+        self.login_try, self.reset_proof, self.keys = login, proof, keys
         return fields[:3]
 
     def accepted(self, ticket: int, ptype: PacketType, asked: tuple, fields: list, token: bytes):

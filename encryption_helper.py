@@ -116,8 +116,6 @@ SRP_G, SRP_HASH = 2, "sha256"
 SRP_K = int("05B9E8EF059C6B32EA59FC1D322D37F04AA30BAE5AA9003B8321E21DDB04E300", 16)
 # A session's packets carry HMAC-SHA256 cut to 16 bytes: a forgery passes once in 2^128.
 TAG_BYTES = 16
-# A session's tag keys, one per direction: a packet cannot be sent back to its sender.
-TO_SERVER, TO_CLIENT = b"tag: client to server", b"tag: server to client"
 
 
 def srp_hash(*parts: bytes | int) -> bytes:
@@ -152,6 +150,17 @@ def srp_proofs(name: str, salt: bytes, A: int, B: int, S: int) -> tuple[bytes, b
 def session_tag(key: bytes, data: bytes) -> bytes:
     """HMAC-SHA256 of `data` under the session key, cut to TAG_BYTES."""
     return hmac.new(key, data, "sha256").digest()[:TAG_BYTES]
+
+
+# What a session's K gives both ends: the key JOIN's room password is sealed with, and one
+# tag key per direction (a packet cannot be sent back to its sender).
+SessionKeys = collections.namedtuple("SessionKeys", "seal to_server to_client")
+
+
+def session_keys(K: bytes) -> SessionKeys:
+    """The session's keys from SRP-6a's K, made here so that both ends make the same."""
+    return SessionKeys(srp_hash(b"seal", K), srp_hash(b"tag: client to server", K),
+                       srp_hash(b"tag: server to client", K))
 
 
 def tag_matches(key: bytes, data: bytes, tag: bytes) -> bool:

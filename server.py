@@ -173,8 +173,7 @@ class Session:
     behind: bool = False
     # From SRP-6a's K, known to the member's client alone: what JOIN's room password is sealed
     # with, and what the tag of each of its packets must be made with (tagged_by).
-    key: bytes = b""
-    tag_key: bytes = b""
+    keys: wire.SessionKeys = wire.SessionKeys(b"", b"", b"")
 
 
 @dataclasses.dataclass(eq=False)
@@ -688,13 +687,13 @@ def check_proof(chat: ChatServer, request: Request, fields: list[str]) -> list[s
     chat.failed_logins.succeeded(name, request.address[0], request.now)
     welcome = open_login(chat, request, challenge[3]["name"])
     session, K = chat.sessions[request.address], challenge[5]
-    session.key, session.tag_key = wire.srp_hash(b"seal", K), wire.srp_hash(wire.TO_SERVER, K)
-    session.channel.key = session.file_stream.key = wire.srp_hash(wire.TO_CLIENT, K)
+    session.keys = wire.session_keys(K)
+    session.channel.key = session.file_stream.key = session.keys.to_client
     # M2 proves K; the welcome's tag, made from it, proves the token and all the rest.
     request.reply_key = session.channel.key
     # The RESET that will end this session, if we lose it, sealed: only its client learns it.
     proof = reset_proof(chat, session.token).hex()
-    return [*welcome, challenge[2], wire.seal_text(session.key, proof)]
+    return [*welcome, challenge[2], wire.seal_text(session.keys.seal, proof)]
 
 
 def reset_proof(chat: ChatServer, token: bytes) -> bytes:
@@ -779,7 +778,7 @@ def saved(chat: ChatServer, change, *args, what: str, after: str = "try again"):
 def handle_join(chat: ChatServer, request: Request) -> list[str] | None:
     """JOIN [room, password sealed with the session's key]: a listener cannot read it."""
     name, sealed = wire.unpack_fields(request.packet.payload, 2)
-    password = wire.open_text(request.session.key, sealed)
+    password = wire.open_text(request.session.keys.seal, sealed)
     if not auth.valid_username(name):
         raise Refused("bad-name", "Room names are 1-20 letters, digits, '_', '.' or '-'.")
     room = chat.rooms.get(name.lower())
@@ -994,7 +993,7 @@ def member_of(chat: ChatServer, request: Request, data: bytes) -> Session | None
         return refuse_stranger(chat, request, session)
     # The token is on the wire for anyone to read; only the member's client can make the tag.
     # A forgery is dropped unanswered, and the session goes on.
-    if not wire.tagged_by(data, session.tag_key):
+    if not wire.tagged_by(data, session.keys.to_server):
         return refuse(chat, request.address, f"sent {request.packet.type.name} with the token "
                                              f"of {session.name} but a wrong tag; dropped")
     return session

@@ -203,7 +203,7 @@ class BareClient:
             reply = self.ask(PacketType.LOGIN, cookie, name, client.public_key(secret), proof)
         if reply.type == OK:
             self.token, self.name, self.channel = reply.token, name, Channel(CIPHER, reply.token)
-            self.channel.key = wire.srp_hash(wire.TO_SERVER, K)  # every packet of the session tagged
+            self.channel.key = wire.session_keys(K).to_server  # every packet of the session tagged
         return [reply.type.name] + unpack_fields(reply.payload)[1:]
 
     def close(self) -> None:

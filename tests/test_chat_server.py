@@ -182,10 +182,11 @@ class Member:
     def __init__(self, harness: Harness, address, token: bytes, K: bytes = b""):
         """K, the login's SRP-6a key: the room password is sealed, every packet tagged, with keys from it."""
         self.harness, self.address, self.token = harness, address, token
-        self.key = client.wire.srp_hash(b"seal", K)
+        keys = client.wire.session_keys(K)
+        self.key = keys.seal
         self.channel = Channel(CIPHER, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
                                max_sends=Channel.MAX_SENDS)
-        self.channel.key = client.wire.srp_hash(client.wire.TO_SERVER, K)
+        self.channel.key = keys.to_server
         self.replies: dict[int, tuple[PacketType, list[str]]] = {}  # request number -> (OK/ERROR, fields after re)
         self.heard: list[tuple] = []  # in the order delivered: (OK/ERROR, re) or (EVENT, fields)
         self.deaf = False  # True: hears nothing, so acknowledges nothing

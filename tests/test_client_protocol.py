@@ -54,8 +54,8 @@ def answer(re: int, *fields: str, ptype=PacketType.OK, token=NO_TOKEN, cipher=CI
     key = b""
     if token != NO_TOKEN and fields and fields[-1] in KEYS:
         K = KEYS[fields[-1]]
-        fields = (*fields, wire.seal_text(wire.srp_hash(b"seal", K), RESET_PROOF.hex()))
-        key = wire.srp_hash(wire.TO_CLIENT, K)
+        keys = wire.session_keys(K)
+        fields, key = (*fields, wire.seal_text(keys.seal, RESET_PROOF.hex())), keys.to_client
     return encode_packet(Packet(ptype, 0, re, 0, token, 0, pack_fields(str(re), *fields)), cipher, key=key)
 
 
@@ -70,7 +70,8 @@ class SessionEnd:
     def __init__(self):
         K = list(KEYS.values())[-1]
         self.channel = Channel(CIPHER, TOKEN)
-        self.channel.key, self.client_key = wire.srp_hash(wire.TO_CLIENT, K), wire.srp_hash(wire.TO_SERVER, K)
+        keys = wire.session_keys(K)
+        self.channel.key, self.client_key = keys.to_client, keys.to_server
 
     def take(self, datagrams: list[bytes], now: float) -> list[Packet]:
         """Return the requests among the client's `datagrams`, in order."""
@@ -368,7 +369,7 @@ def test_back_in_after_a_stop_the_protocol_logs_in_joins_and_sends_what_waited()
     (rejoin,) = server.take(protocol.poll(1.2), 1.2)
     room, sealed = unpack_fields(rejoin.payload)
     assert (rejoin.type, room) == (PacketType.JOIN, "kelas")
-    assert wire.open_text(protocol.session_key, sealed) == "rahasia"  # sealed with the new session's key
+    assert wire.open_text(protocol.keys.seal, sealed) == "rahasia"  # sealed with the new session's key
     server.answer(rejoin.seq, "kelas", "1", "joined kelas, 1 here")
     server.tell(protocol, 1.3)
     (held,) = server.take(protocol.poll(1.3), 1.3)

@@ -266,9 +266,10 @@ class HonestClient:
 
     def __init__(self, token: bytes, cipher, K: bytes = b""):
         """K, the login's SRP-6a key: a JOIN's room password is sealed, every packet tagged, with keys from it."""
-        self.token, self.key = token, wire.srp_hash(b"seal", K)
+        keys = wire.session_keys(K)
+        self.token, self.key = token, keys.seal
         self.channel = Channel(cipher, token, window=WINDOW, max_queue=1000, max_sends=1000)
-        self.channel.key = wire.srp_hash(wire.TO_SERVER, K)
+        self.channel.key = keys.to_server
         self.inbox: list[Packet] = []  # what the server sent, not read yet
 
 
@@ -778,7 +779,7 @@ class ChatServerMachine(RuleBasedStateMachine):
             if request.packet.type != PacketType.JOIN or isinstance(result, server.Refused):
                 continue
             asked, sealed = unpack_fields(request.packet.payload, 2)
-            password = wire.open_text(request.session.key, sealed)
+            password = wire.open_text(request.session.keys.seal, sealed)
             granted, _, text = result
             room = granted.lower()
             assert room == asked.lower(), f"asked to join {asked!r}, was put in {granted!r}"
@@ -920,8 +921,9 @@ def log_in(chat: server.ChatServer, address, name: str) -> tuple[Channel, bytes]
     token = decode_packet(welcome, chat.cipher).token
     channel = Channel(chat.cipher, token, window=Channel.WINDOW, max_queue=Channel.MAX_QUEUE,
                       max_sends=Channel.MAX_SENDS)
-    channel.key = wire.srp_hash(wire.TO_SERVER, key)  # the session's packets are tagged
-    return channel, wire.srp_hash(b"seal", key)
+    keys = wire.session_keys(key)
+    channel.key = keys.to_server  # the session's packets are tagged
+    return channel, keys.seal
 
 
 def request(chat: server.ChatServer, address, channel: Channel, ptype: PacketType, *fields: str) -> None:

@@ -104,7 +104,8 @@ def test_the_session_part_of_the_exchange_is_tagged_and_sealed_with_the_k_it_sta
     the K the text states; the welcome's sealed reset proof and the JOIN's room password open."""
     text = reference()
     K = bytes.fromhex(re.search(r"K =\s*`([0-9a-f]{64})`", text)[1])
-    keys = {"client -> server": wire.srp_hash(wire.TO_SERVER, K), "server -> client": wire.srp_hash(wire.TO_CLIENT, K)}
+    session = wire.session_keys(K)
+    keys = {"client -> server": session.to_server, "server -> client": session.to_client}
     cipher, tagged = make_cipher("xor"), 0
     for block in re.finditer(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text):
         direction = re.findall(r"(client -> server|server -> client)", text[: block.start()])[-1]
@@ -119,7 +120,7 @@ def test_the_session_part_of_the_exchange_is_tagged_and_sealed_with_the_k_it_sta
             tagged += 1
         if packet.type == PacketType.OK and packet.token != wire.NO_TOKEN and packet.seq == 0:  # the welcome
             proof = re.search(r"a RESET\s+of this session would carry \(`([0-9a-f]{32})`\)", text)[1]
-            assert wire.open_text(wire.srp_hash(b"seal", K), fields[-1]) == proof
+            assert wire.open_text(session.seal, fields[-1]) == proof
         if packet.type == PacketType.JOIN:
-            assert wire.open_text(wire.srp_hash(b"seal", K), fields[1]) == "juara"
+            assert wire.open_text(session.seal, fields[1]) == "juara"
     assert tagged == 9  # steps 6 (the welcome, with the token) to 14

@@ -15,7 +15,6 @@ from encryption_helper import (
     MAX_PAYLOAD,
     NO_TOKEN,
     TAG_BYTES,
-    TO_SERVER,
     VERSION,
     CaesarCipher,
     LossySocket,
@@ -32,7 +31,7 @@ from encryption_helper import (
     pack_fields,
     prepare_body,
     sack_bitmap,
-    srp_hash,
+    session_keys,
     tagged_by,
     unpack_fields,
 )
@@ -343,6 +342,6 @@ def test_the_datagram_shown_in_the_docstrings_is_real():
 
     # Tagged as alice's client tags it in docs/PROTOCOL.md's complete exchange.
     K = bytes.fromhex("c85a02c04d53d32567438ffef37994dcb0a40eb9f0e144f7ac3a8b8145e1d25f")
-    expected = encode_packet(DOCUMENTED_SAY, XOR, key=srp_hash(TO_SERVER, K)).hex(" ")
+    expected = encode_packet(DOCUMENTED_SAY, XOR, key=session_keys(K).to_server).hex(" ")
     for module in (server, client):
         assert dumped_bytes(module.__doc__) == expected, f"the SAY in {module.__name__}.py's docstring"
