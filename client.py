@@ -1030,7 +1030,9 @@ class FileTransfers:
         if offset % wire.CHUNK_SIZE or not fits:
             return self.end(transfer, "failed", "a chunk did not fit the file", tell=True)
         try:
-            transfer.file.seek(offset)
+            # chunks come in order; a seek would empty the file's write buffer for each one
+            if transfer.file.tell() != offset:
+                transfer.file.seek(offset)
             transfer.file.write(data)
         except OSError as error:
             # a full disk, say: this file fails, the chat goes on

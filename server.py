@@ -31,7 +31,8 @@ The life of a SAY, from recvfrom to sendto:
     .respond -> handle_say       HistoryFile.append(); publish() -> tell(): an EVENT chat
                                  on each other member's Channel
     .answer                      OK [re, "to lobby, 1 other"] on the sender's Channel
-    .flush                       Channel.poll() turns what each channel has into datagrams
+    ServerLoop.send_due          after every SEND_AFTER datagrams read, or when none wait:
+    ChatServer.flush             Channel.poll() turns what each channel has into datagrams
     ServerLoop.send_all          sendto() each datagram of `outbox`
 """
 
@@ -105,8 +106,10 @@ OFFER_LAPSE, MAX_OFFERS_WAITING, MAX_WAITING_MB = 60.0, 5, 100
 # often it looks for finished password checks while one runs.
 MAX_WAIT, CHECK_POLL = 0.5, 0.01
 # The kernel's queue for our socket (asked for, not promised), and datagrams read per
-# turn of the loop, so that timers still run during a flood.
-RECEIVE_BUFFER_BYTES, RECEIVE_BATCH = 4 << 20, 256
+# turn of the loop, so that timers still run during a flood. After every SEND_AFTER of
+# them the channels send what they owe: one ACK answers several packets (fewer datagrams
+# to make, tag and send), and data waits no longer than SEND_AFTER datagrams take.
+RECEIVE_BUFFER_BYTES, RECEIVE_BATCH, SEND_AFTER = 4 << 20, 256, 8
 # Seconds between sweeps for silent sessions; seconds a stopping server waits for its
 # members to acknowledge EVENT stop.
 HOUSEKEEPING_EVERY, STOP_GRACE = 1.0, 2.0
@@ -238,10 +241,10 @@ def describe_address(address: Address) -> str:
 class ChatServer:
     """The chat protocol: datagrams and the time in, datagrams to send out; no socket, no thread.
 
-    Entry points: `handle_datagram(data, address, now)`; `finish_password_job(job, now)` once
-    the worker checked a password; `on_timers(now)` at `next_deadline()`; `announce_stop(now)`
-    then `stop_heard()`. Outputs: `outbox`, (datagram, address) pairs to send; `password_jobs`,
-    checks for the worker thread."""
+    Entry points: `handle_datagram(data, address, now)`, then `flush(now)` after one or more;
+    `finish_password_job(job, now)` once the worker checked a password; `on_timers(now)` at
+    `next_deadline()`; `announce_stop(now)` then `stop_heard()`. Outputs: `outbox`, (datagram,
+    address) pairs to send; `password_jobs`, checks for the worker thread."""
 
     def __init__(self, config: ServerConfig, log=print, wall_clock=time.time):
         self.config, self.wall_clock = config, wall_clock
@@ -276,7 +279,8 @@ class ChatServer:
     # --- Entry points ---
 
     def handle_datagram(self, data: bytes, address: Address, now: float) -> None:
-        """Handle one datagram from `address`. Nothing it contains can raise out of here."""
+        """Handle one datagram from `address`: flush() sends what it calls for. Nothing it
+        contains can raise out of here."""
         self.stats["datagrams"] += 1
         self.log.trace("in ", data, address)
         try:
@@ -296,7 +300,6 @@ class ChatServer:
         # A stopping server opens no sessions: the client tries the restarted one.
         elif not self.stopping:
             self.handle_handshake(request)
-        self.flush(now)
 
     def finish_password_job(self, job: PasswordJob, now: float) -> None:
         """A password check the worker finished: answer its request, then serve what waited."""
@@ -1550,7 +1553,7 @@ class ServerLoop:
         # Timers set meanwhile are later than this one: none can fall due before it.
         deadline = self.chat.next_deadline()
         if self.selector.select(min(max(deadline - time.monotonic(), 0.0), longest)):
-            self.receive_all(time.monotonic())
+            self.receive_all()
         now = time.monotonic()
         for future in [future for future in self.checks if future.done()]:
             self.checks.remove(future)
@@ -1559,20 +1562,30 @@ class ServerLoop:
             self.survive(self.chat.on_timers, now, where="the timers")
         self.send_all()
 
-    def receive_all(self, now: float) -> None:
-        """Read and handle what the socket holds, up to RECEIVE_BATCH datagrams."""
-        for _ in range(RECEIVE_BATCH):
+    def receive_all(self) -> None:
+        """Read and handle what the socket holds, up to RECEIVE_BATCH datagrams; send what
+        they call for after every SEND_AFTER of them, and at the end. The clock is read for
+        each: a timer started late in a long batch must not count from its beginning."""
+        for count in range(1, RECEIVE_BATCH + 1):
             try:
                 size, address = self.sock.recvfrom_into(self.buffer)
             except BlockingIOError:
-                return
+                break
             # Windows reports "port unreachable" for an earlier sendto() this way; it says
             # nothing about the datagram we are reading, so read on.
             except ConnectionResetError:
                 continue
+            now = time.monotonic()
             self.survive(self.chat.handle_datagram, bytes(self.view[:size]), address, now,
                          where=f"a datagram from {describe_address(address)}")
-            self.send_all()
+            if count % SEND_AFTER == 0:
+                self.send_due(now)
+        self.send_due(time.monotonic())
+
+    def send_due(self, now: float) -> None:
+        """Send what the channels owe, and the outbox."""
+        self.survive(self.chat.flush, now, where="sending")
+        self.send_all()
 
     def survive(self, work, *args, where: str) -> None:
         """Run `work(*args)`; if it raises, report the bug and carry on.

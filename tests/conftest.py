@@ -16,7 +16,7 @@ import pytest
 
 import client
 import server
-from encryption_helper import Channel, RtoEstimator
+from encryption_helper import RECV_BUFFER, Channel, RtoEstimator
 
 FAST_HASH = 1000  # PBKDF2 iterations in tests; the real default is 600,000
 EVENT_WAIT = 10.0  # seconds before a missing event fails a test (a bound, not a sleep)
@@ -102,6 +102,15 @@ class ServerHandle:
 
     def stop(self) -> None:
         self.loop.stop()
+
+
+def bare_loop(chat, sock) -> server.ServerLoop:
+    """Return a ServerLoop with just the parts receive_all uses, around a fake socket."""
+    loop = server.ServerLoop.__new__(server.ServerLoop)
+    loop.chat, loop.sock = chat, sock
+    loop.buffer = bytearray(RECV_BUFFER)
+    loop.view = memoryview(loop.buffer)
+    return loop
 
 
 @pytest.fixture

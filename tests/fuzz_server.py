@@ -594,6 +594,7 @@ def find_culprit(batch, data_dir: str) -> str:
         for kind, address, data in batch:
             try:
                 chat.handle_datagram(data, address, time.monotonic())
+                chat.flush(time.monotonic())
                 for job in chat.password_jobs:
                     chat.finish_password_job(job.run(), time.monotonic())
                 chat.password_jobs.clear()

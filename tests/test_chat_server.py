@@ -11,17 +11,20 @@ Password checks run in line: `job.run()`, then `finish_password_job`.
 
 import binascii
 import hashlib
+import itertools
 import os
 import secrets
 import types
 
 import pytest
-from conftest import fast_config
+from conftest import bare_loop, fast_config
 
 import auth
 import client
 import server
 from encryption_helper import (
+    CHUNK_SIZE,
+    FLAG_FILE_STREAM,
     FLAG_RETRANSMIT,
     HEADER,
     HEADER_SIZE,
@@ -38,6 +41,7 @@ from encryption_helper import (
     decode_packet,
     encode_packet,
     make_cipher,
+    pack_chunk,
     pack_fields,
     unpack_fields,
 )
@@ -65,6 +69,7 @@ class Harness:
     def deliver(self, data: bytes, address, run_jobs: bool = True) -> list[tuple[Packet, tuple, int]]:
         """Hand the server one datagram; return what it sends as (packet, to, size)."""
         self.chat.handle_datagram(data, address, self.now)
+        self.chat.flush(self.now)
         out = self.collect()
         if run_jobs:
             out += self.run_jobs()
@@ -837,6 +842,74 @@ def test_the_log_follows_a_file_from_offer_to_receiver(harness):
     files = [line.split(" FILE  ", 1)[1] for line in harness.log if " FILE " in line]
     assert files == ["#1 'a.txt' offered to bob, 0 B", "#1 'a.txt' arrived whole, SHA-256 checked",
                      "#1 'a.txt' accepted by bob", "#1 'a.txt' bob has it all"]
+
+
+def test_chunks_read_together_cost_the_sender_one_ack(harness):
+    # ServerLoop hands the server up to SEND_AFTER datagrams, then flushes once: the chunks
+    # among them are answered by one ACK, where a flush after each sends an ACK each.
+    alice, _ = member(harness, 1, "alice"), member(harness, 2, "bob")
+    data = os.urandom(8 * CHUNK_SIZE)
+    offer = ("bob", "a.bin", str(len(data)), hashlib.sha256(data).hexdigest())
+    assert alice.ask(PacketType.FILE_OFFER, *offer) == (OK, ["1"])
+    stream = Channel(CIPHER, alice.token, flags=FLAG_FILE_STREAM)
+    stream.key = alice.channel.key
+    for offset in range(0, len(data), CHUNK_SIZE):
+        stream.send(PacketType.FILE_CHUNK, pack_chunk(1, offset, data[offset:offset + CHUNK_SIZE]))
+    chunks = stream.poll(harness.now)
+    assert len(chunks) == 8
+
+    def acks(chunks, flush_each: bool) -> list[Packet]:
+        for chunk in chunks:
+            harness.chat.handle_datagram(chunk, alice.address, harness.now)
+            if flush_each:
+                harness.chat.flush(harness.now)
+        harness.chat.flush(harness.now)
+        return [packet for packet, to, _ in harness.collect() if to == alice.address]
+
+    assert [(ack.type, ack.ack) for ack in acks(chunks[:4], True)] == [(PacketType.ACK, n) for n in range(1, 5)]
+    assert [(ack.type, ack.ack) for ack in acks(chunks[4:], False)] == [(PacketType.ACK, 8)]
+    assert harness.chat.files.uploads[1].received == len(data)  # every chunk was taken
+
+
+class WaitingSocket:
+    """A non-blocking socket with datagrams waiting; it notes how many datagrams had been
+    sent at each read."""
+
+    def __init__(self, datagrams):
+        self.waiting, self.sent, self.sent_at_read = list(datagrams), [], []
+
+    def recvfrom_into(self, buffer):
+        self.sent_at_read.append(len(self.sent))
+        if not self.waiting:
+            raise BlockingIOError
+        data, address = self.waiting.pop(0)
+        buffer[:len(data)] = data
+        return len(data), address
+
+    def sendto(self, data, address):
+        self.sent.append((data, address))
+
+
+def test_the_loop_sends_after_every_send_after_datagrams_and_when_the_socket_is_empty(harness):
+    hello = encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields(HELLO_PADDING)), CIPHER)
+    count, group = 2 * server.SEND_AFTER + 3, server.SEND_AFTER
+    sock = WaitingSocket([(hello, ("10.0.0.9", 5000 + n)) for n in range(count)])
+    bare_loop(harness.chat, sock).receive_all()
+    # Before read n, the answers to every whole group of SEND_AFTER before it are out.
+    assert sock.sent_at_read == [n // group * group for n in range(count + 1)]
+    assert [to for _, to in sock.sent] == [("10.0.0.9", 5000 + n) for n in range(count)]
+
+
+def test_the_loop_reads_the_clock_for_each_datagram(harness, monkeypatch):
+    # A timer started after a long batch counts from then, not from the batch's first read.
+    clock = itertools.count(100.0, 0.25)
+    monkeypatch.setattr(server.time, "monotonic", lambda: next(clock))
+    seen, handle = [], harness.chat.handle_datagram
+    monkeypatch.setattr(harness.chat, "handle_datagram",
+                        lambda data, address, now: seen.append(now) or handle(data, address, now))
+    hello = encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields(HELLO_PADDING)), CIPHER)
+    bare_loop(harness.chat, WaitingSocket([(hello, ("10.0.0.9", 5000 + n)) for n in range(3)])).receive_all()
+    assert len(seen) == 3 and seen[0] < seen[1] < seen[2]
 
 
 def test_a_file_just_over_the_limit_is_refused_in_bytes(harness):

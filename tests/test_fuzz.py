@@ -657,6 +657,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         before = self.snapshot()
         self.sent.append(data)
         self.chat.handle_datagram(data, address, self.now)
+        self.chat.flush(self.now)
         packet = try_decode(data, self.cipher)
         self.check_no_amplification(data, address, packet, before)
         self.check_wrong_token_changes_nothing(packet, address, before)
@@ -931,6 +932,7 @@ def request(chat: server.ChatServer, address, channel: Channel, ptype: PacketTyp
     channel.send(ptype, pack_fields(*fields))
     for data in channel.poll(START):
         chat.handle_datagram(data, address, START)
+    chat.flush(START)
     run_password_jobs(chat)
     chat.outbox.clear()
 

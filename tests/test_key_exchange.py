@@ -6,6 +6,7 @@ M2. Each side computes with what it alone holds (the password; the stored verifi
 """
 
 import hashlib
+import hmac
 import secrets
 
 import pytest
@@ -161,6 +162,15 @@ def test_a_tag_is_16_bytes_of_hmac_sha256():
     tag = wire.session_tag(key, data)
     assert len(tag) == wire.TAG_BYTES == 16
     assert wire.tag_matches(key, data, tag)
+
+
+@pytest.mark.parametrize("key_bytes", [0, 1, 32, 64, 65, 100])
+def test_a_tag_begun_once_per_key_is_rfc_2104s_hmac(key_bytes):
+    # session_tag hashes the padded keys once (hmac_begun); the tag must not change by it.
+    key = secrets.token_bytes(key_bytes)
+    for data in (b"", b"UC", secrets.token_bytes(wire.MAX_DATAGRAM)):
+        assert wire.session_tag(key, data) == hmac.new(key, data, "sha256").digest()[:16]
+        assert wire.session_tag(key, data) == hmac.new(key, data, "sha256").digest()[:16]  # cached
 
 
 def test_tags_reject_a_flipped_bit_anywhere():

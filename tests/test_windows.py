@@ -12,13 +12,12 @@ import itertools
 import queue
 
 import pytest
-from conftest import fast_config, fast_timing, member, next_event, wait_until
+from conftest import bare_loop, fast_config, fast_timing, member, next_event, wait_until
 
 import client
 import server
 from encryption_helper import (
     MIN_HELLO_SIZE,
-    RECV_BUFFER,
     Packet,
     PacketType,
     RtoEstimator,
@@ -52,20 +51,11 @@ class WindowsLikeSocket:
         return len(data)
 
 
-def bare_loop(chat, sock) -> server.ServerLoop:
-    """Return a ServerLoop with just the parts receive_all uses, around a fake socket."""
-    loop = server.ServerLoop.__new__(server.ServerLoop)
-    loop.chat, loop.sock = chat, sock
-    loop.buffer = bytearray(RECV_BUFFER)
-    loop.view = memoryview(loop.buffer)
-    return loop
-
-
 def test_server_loop_reads_on_after_connection_reset(tmp_path):
     chat = server.ChatServer(fast_config(tmp_path), log=lambda line: None)
     hello = encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields("." * (MIN_HELLO_SIZE - 34))), CIPHER)
     fake = WindowsLikeSocket(hello, ("10.0.0.5", 5000))
-    bare_loop(chat, fake).receive_all(now=1.0)
+    bare_loop(chat, fake).receive_all()
     (reply, to), = fake.sent
     assert to == ("10.0.0.5", 5000) and decode_packet(reply, CIPHER).type == PacketType.OK
     chat.close()
@@ -291,7 +281,7 @@ def test_server_loop_survives_a_bug_in_the_protocol(tmp_path):
         raise ZeroDivisionError("a bug")
 
     chat.handle_datagram = buggy
-    bare_loop(chat, WindowsLikeSocket(b"any", ("10.0.0.5", 5000))).receive_all(now=1.0)  # does not raise
+    bare_loop(chat, WindowsLikeSocket(b"any", ("10.0.0.5", 5000))).receive_all()  # does not raise
     assert chat.stats["internal-errors"] == 1
     assert "10.0.0.5:5000" in problems[0] and "ZeroDivisionError" in problems[0]
     chat.close()
