@@ -1021,7 +1021,9 @@ def refuse_stranger(chat: ChatServer, request: Request, session: Session | None)
     chat.log.problem(f"{describe_address(request.address)} {sender} but has no session; "
                      "told to log in")
     # It echoes the token and carries the proof that the login sealed for that token: a
-    # client believes only that. Never larger than a tagged packet (48 bytes).
+    # client believes only that. Never larger than a tagged packet (48 bytes). What a session
+    # ended in this batch still owes goes first: "replaced" must not come after a RESET.
+    chat.flush(request.now)
     proof = reset_proof(chat, packet.token)
     reset = Packet(PacketType.RESET, 0, packet.seq, 0, packet.token, payload=proof)
     chat.send(wire.encode_packet(reset, chat.cipher), request.address, limit=request.size)

@@ -871,6 +871,21 @@ def test_chunks_read_together_cost_the_sender_one_ack(harness):
     assert harness.chat.files.uploads[1].received == len(data)  # every chunk was taken
 
 
+def test_a_session_replaced_within_a_batch_hears_why_before_its_reset(harness, monkeypatch):
+    # bob logs in at a second PC; his first PC's PING comes in the same batch, before flush().
+    bob = member(harness, 1, "bob")
+    bob.send(PacketType.PING)
+    ping = bob.channel.poll(harness.now)
+    with monkeypatch.context() as batch:
+        batch.setattr(harness.chat, "flush", lambda now: None)
+        assert Peer(harness, 2).login("bob").type == OK
+    harness.chat.handle_datagram(ping[0], bob.address, harness.now)
+    harness.chat.flush(harness.now)
+    to_first_pc = [packet for packet, to, _ in harness.collect() if to == bob.address]
+    kinds = [unpack_fields(p.payload)[0] if p.type == EVENT else p.type.name for p in to_first_pc]
+    assert kinds == ["replaced", "RESET"]
+
+
 class WaitingSocket:
     """A non-blocking socket with datagrams waiting; it notes how many datagrams had been
     sent at each read."""

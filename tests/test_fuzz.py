@@ -656,6 +656,7 @@ class ChatServerMachine(RuleBasedStateMachine):
         self.after_step(self.snapshot())
         before = self.snapshot()
         self.sent.append(data)
+        # Then flush(), as the loop does after each batch (here, a batch of one).
         self.chat.handle_datagram(data, address, self.now)
         self.chat.flush(self.now)
         packet = try_decode(data, self.cipher)
