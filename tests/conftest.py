@@ -104,6 +104,28 @@ class ServerHandle:
         self.loop.stop()
 
 
+class WaitingSocket:
+    """A non-blocking server socket: its reads return what waits, a (datagram, address) or
+    an exception to raise, then nothing (BlockingIOError). It keeps what is sent, and how
+    many datagrams had been sent at each read."""
+
+    def __init__(self, reads):
+        self.reads, self.sent, self.sent_at_read = list(reads), [], []
+
+    def recvfrom_into(self, buffer):
+        self.sent_at_read.append(len(self.sent))
+        result = self.reads.pop(0) if self.reads else BlockingIOError()
+        if isinstance(result, BaseException):
+            raise result
+        data, address = result
+        buffer[:len(data)] = data
+        return len(data), address
+
+    def sendto(self, data, address):
+        self.sent.append((data, address))
+        return len(data)
+
+
 def bare_loop(chat, sock) -> server.ServerLoop:
     """Return a ServerLoop with just the parts receive_all uses, around a fake socket."""
     loop = server.ServerLoop.__new__(server.ServerLoop)

@@ -17,7 +17,7 @@ import secrets
 import types
 
 import pytest
-from conftest import bare_loop, fast_config
+from conftest import WaitingSocket, bare_loop, fast_config
 
 import auth
 import client
@@ -884,25 +884,6 @@ def test_a_session_replaced_within_a_batch_hears_why_before_its_reset(harness, m
     to_first_pc = [packet for packet, to, _ in harness.collect() if to == bob.address]
     kinds = [unpack_fields(p.payload)[0] if p.type == EVENT else p.type.name for p in to_first_pc]
     assert kinds == ["replaced", "RESET"]
-
-
-class WaitingSocket:
-    """A non-blocking socket with datagrams waiting; it notes how many datagrams had been
-    sent at each read."""
-
-    def __init__(self, datagrams):
-        self.waiting, self.sent, self.sent_at_read = list(datagrams), [], []
-
-    def recvfrom_into(self, buffer):
-        self.sent_at_read.append(len(self.sent))
-        if not self.waiting:
-            raise BlockingIOError
-        data, address = self.waiting.pop(0)
-        buffer[:len(data)] = data
-        return len(data), address
-
-    def sendto(self, data, address):
-        self.sent.append((data, address))
 
 
 def test_the_loop_sends_after_every_send_after_datagrams_and_when_the_socket_is_empty(harness):

@@ -12,7 +12,7 @@ import itertools
 import queue
 
 import pytest
-from conftest import bare_loop, fast_config, fast_timing, member, next_event, wait_until
+from conftest import WaitingSocket, bare_loop, fast_config, fast_timing, member, next_event, wait_until
 
 import client
 import server
@@ -30,31 +30,16 @@ from encryption_helper import (
 CIPHER = make_cipher("xor")
 
 
-class WindowsLikeSocket:
-    """A non-blocking server socket whose reads go: reset, a datagram, reset, nothing."""
-
-    def __init__(self, datagram, address):
-        self.reads = [ConnectionResetError(10054, "An existing connection was forcibly closed"),
-                      (datagram, address), ConnectionResetError(10054, "again"), BlockingIOError()]
-        self.sent = []
-
-    def recvfrom_into(self, buffer):
-        result = self.reads.pop(0) if self.reads else BlockingIOError()
-        if isinstance(result, BaseException):
-            raise result
-        data, address = result
-        buffer[:len(data)] = data
-        return len(data), address
-
-    def sendto(self, data, address):
-        self.sent.append((data, address))
-        return len(data)
+def windows_like_socket(datagram, address) -> WaitingSocket:
+    """A server socket whose reads go: reset, a datagram, reset, nothing."""
+    return WaitingSocket([ConnectionResetError(10054, "An existing connection was forcibly closed"),
+                          (datagram, address), ConnectionResetError(10054, "again")])
 
 
 def test_server_loop_reads_on_after_connection_reset(tmp_path):
     chat = server.ChatServer(fast_config(tmp_path), log=lambda line: None)
     hello = encode_packet(Packet(PacketType.HELLO, 1, payload=pack_fields("." * (MIN_HELLO_SIZE - 34))), CIPHER)
-    fake = WindowsLikeSocket(hello, ("10.0.0.5", 5000))
+    fake = windows_like_socket(hello, ("10.0.0.5", 5000))
     bare_loop(chat, fake).receive_all()
     (reply, to), = fake.sent
     assert to == ("10.0.0.5", 5000) and decode_packet(reply, CIPHER).type == PacketType.OK
@@ -281,7 +266,7 @@ def test_server_loop_survives_a_bug_in_the_protocol(tmp_path):
         raise ZeroDivisionError("a bug")
 
     chat.handle_datagram = buggy
-    bare_loop(chat, WindowsLikeSocket(b"any", ("10.0.0.5", 5000))).receive_all()  # does not raise
+    bare_loop(chat, windows_like_socket(b"any", ("10.0.0.5", 5000))).receive_all()  # does not raise
     assert chat.stats["internal-errors"] == 1
     assert "10.0.0.5:5000" in problems[0] and "ZeroDivisionError" in problems[0]
     chat.close()
